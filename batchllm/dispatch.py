@@ -1,0 +1,341 @@
+"""The worker pool: N workers over one client, pulling work, pacing, retrying, journaling.
+
+Work is pulled, not pushed: every worker takes the next ``WorkItem`` from one shared synchronous
+iterator (the runner's plan, which reads the input a batch at a time and skips what the journal
+already has). Tasks on one event loop never run it concurrently, so no queue is needed, and memory
+holds one input batch however long the input is.
+
+Per row: reserve its worst-case cost (``--max-cost``), wait for the rate limiter, send; on a
+retryable failure back off and try again (429s pause the whole pool through the limiter and do not
+count against ``--max-attempts``); on success or a final failure, record the row in the journal.
+Nothing raised by one row escapes its worker: a row ends ``ok``, ``error`` (recorded), or, when
+the run stops first, pending (not recorded, sent again by the next run).
+
+A stop (signal, budget, ``--max-runtime``, bad key or quota, too many errors) stops new requests at
+once; requests in flight get ``--grace`` seconds to finish and be recorded, then are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .budget import Budget
+from .client import Client, Completion
+from .errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
+from .journal import Journal
+from .pricing import Model
+from .ratelimit import Backoff, RateLimiter
+from .tokens import TokenCounter
+
+
+class WorkItem(NamedTuple):
+    row_id: str
+    content_hash: str
+    body: bytes
+    prompt_tokens: int  # exact estimate, or 0 when not counted
+    worst_pico: int  # prompt cost + max_tokens at the output price; 0 when no budget
+
+
+class StopReason(enum.Enum):
+    INTERRUPTED = "interrupted"
+    API = "api"
+    ERROR_RATE = "error_rate"
+    BUDGET = "budget"
+    RUNTIME = "runtime"
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of this run, read by the progress display; plain ints, updated per row."""
+
+    ok: int = 0
+    error: int = 0
+    rejected: int = 0  # recorded as errors without a request (over the window, null prompt)
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_pico: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.error
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        client: Client,
+        journal: Journal,
+        model: Model,
+        max_tokens: int,
+        concurrency: int,
+        limiter: RateLimiter,
+        backoff: Backoff,
+        budget: Budget,
+        counter: TokenCounter | None,
+        max_error_rate: float,
+        error_window: int,
+        tpm_enabled: bool = False,
+        grace: float = 10.0,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.journal = journal
+        self.model = model
+        self.max_tokens = max_tokens
+        self.concurrency = concurrency
+        self.limiter = limiter
+        self.backoff = backoff
+        self.budget = budget
+        self.counter = counter
+        self.grace = grace
+        self.tpm_enabled = tpm_enabled
+        self._sleep = sleep
+        self._in_pico = model.input_pico_per_token
+        self._out_pico = model.output_pico_per_token
+        self.stats = Stats()
+        self.stop_reason: StopReason | None = None
+        self.stop_message: str | None = None
+        self.failure: BaseException | None = None
+        self._stopped = asyncio.Event()
+        self._window = [False] * error_window
+        self._window_pos = 0
+        self._window_filled = 0
+        self._window_errors = 0
+        self._max_errors = max_error_rate * error_window
+        self._items: Iterator[WorkItem] = iter(())
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: StopReason, message: str) -> None:
+        """Stop sending; the first reason given is the one reported."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_message = message
+        self._stopped.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    async def run(self, items: Iterator[WorkItem], hard_stop: asyncio.Event | None = None) -> None:
+        """Process ``items`` until they run out or a stop; returns when every worker is done."""
+        self._items = items
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
+        all_done = asyncio.ensure_future(asyncio.gather(*workers, return_exceptions=True))
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            await asyncio.wait({all_done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not all_done.done():
+                # Stopping: in-flight requests get the grace period, or less on a second signal.
+                waits: set[asyncio.Future[Any]] = {all_done}
+                hard = asyncio.create_task(hard_stop.wait()) if hard_stop is not None else None
+                if hard is not None:
+                    waits.add(hard)
+                await asyncio.wait(waits, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED)
+                if hard is not None:
+                    hard.cancel()
+                for w in workers:
+                    w.cancel()
+                await all_done
+        finally:
+            stopped.cancel()
+            for w in workers:
+                w.cancel()
+            self.journal.flush()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _worker(self) -> None:
+        while not self.stopping:
+            try:
+                item = next(self._items, None)
+            except BaseException as exc:  # noqa: BLE001 - bad input found mid-run stops the run
+                self.failure = exc
+                self.request_stop(StopReason.API, str(exc))
+                return
+            if item is None:
+                return
+            try:
+                await self._process(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not lose the other rows
+                self.failure = exc
+                self.request_stop(StopReason.API, f"internal error: {exc!r}")
+                return
+
+    async def _process(self, item: WorkItem) -> None:
+        budget = self.budget
+        reserved = 0
+        if budget.cap is not None:
+            if not await budget.reserve(item.worst_pico):
+                self.request_stop(StopReason.BUDGET, "budget reached")
+                return
+            reserved = item.worst_pico
+        billed = 0
+        try:
+            billed = await self._send(item)
+        finally:
+            if reserved or budget.cap is None:
+                budget.settle(reserved, billed)
+
+    async def _send(self, item: WorkItem) -> int:
+        """Send one row until it succeeds or fails for good; returns what it cost (picodollars)."""
+        stats, limiter, backoff = self.stats, self.limiter, self.backoff
+        tokens = item.prompt_tokens + self.max_tokens if self.tpm_enabled else 0
+        attempt = failures = 0
+        first = time.monotonic()
+        while True:
+            await limiter.acquire(tokens)
+            if self.stopping:
+                return 0
+            attempt += 1
+            stats.requests += 1
+            t0 = time.perf_counter()
+            try:
+                completion = await self.client.complete(item.body)
+            except RetryableAPIError as exc:
+                elapsed = time.monotonic() - first
+                if exc.throttled:
+                    stats.throttled += 1
+                    limiter.on_throttle(exc.retry_after)
+                    delay, give_up = 0.0, elapsed > backoff.max_total
+                else:
+                    failures += 1
+                    delay = backoff.delay(failures, exc.retry_after)
+                    give_up = backoff.gives_up(failures, elapsed, delay)
+                if give_up:
+                    self._record_error(item, exc, attempt)
+                    return 0
+                if self.stopping:
+                    return 0
+                stats.retries += 1
+                if delay > 0:
+                    await self._sleep(delay)
+                continue
+            except RunStopError as exc:
+                # Not the row's fault: leave it pending for the run that follows the fix.
+                self.request_stop(StopReason.API, exc.describe())
+                return 0
+            except FatalAPIError as exc:
+                self._record_error(item, exc, attempt)
+                return 0
+            return self._record_ok(item, completion, attempt, (time.perf_counter() - t0) * 1000.0, tokens)
+
+    def _record_ok(self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int) -> int:
+        prompt_tokens = c.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = item.prompt_tokens
+        completion_tokens = c.completion_tokens
+        if completion_tokens is None:
+            completion_tokens = self._count_completion(c.response)
+        in_cost = prompt_tokens * self._in_pico
+        out_cost = completion_tokens * self._out_pico
+        self.journal.add(
+            (
+                item.row_id,
+                item.content_hash,
+                "ok",
+                c.response,
+                prompt_tokens,
+                completion_tokens,
+                in_cost,
+                out_cost,
+                None,
+                None,
+                attempts,
+                latency_ms,
+                time.time(),
+                self.model.name,
+            )
+        )
+        stats = self.stats
+        stats.ok += 1
+        stats.prompt_tokens += prompt_tokens
+        stats.completion_tokens += completion_tokens
+        stats.cost_pico += in_cost + out_cost
+        self.limiter.on_success()
+        if reserved_tokens:
+            self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
+        self._track(False)
+        return in_cost + out_cost
+
+    def _count_completion(self, text: str) -> int:
+        if self.counter is not None and self.counter.exact:
+            return len(self.counter.encode_ordinary(text))
+        return max(1, len(text.encode("utf-8")) // 4)
+
+    def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
+        self.journal.add(
+            (
+                item.row_id,
+                item.content_hash,
+                "error",
+                None,
+                None,
+                None,
+                None,
+                None,
+                exc.describe(),
+                type(exc).__name__,
+                attempts,
+                None,
+                time.time(),
+                self.model.name,
+            )
+        )
+        self.stats.error += 1
+        self._track(True)
+
+    def record_rejected(self, row_id: str, content_hash: str, error_class: str, message: str) -> None:
+        """A row refused before any request (over the window, no prompt): an error, not sent."""
+        self.journal.add(
+            (
+                row_id,
+                content_hash,
+                "error",
+                None,
+                None,
+                None,
+                None,
+                None,
+                f"{error_class}: {message}",
+                error_class,
+                0,
+                None,
+                time.time(),
+                self.model.name,
+            )
+        )
+        self.stats.error += 1
+        self.stats.rejected += 1
+
+    def _track(self, failed: bool) -> None:
+        """Sliding window of the last N sent rows; too many failures stop the run."""
+        window = self._window
+        pos = self._window_pos
+        if self._window_filled == len(window):
+            self._window_errors -= window[pos]
+        else:
+            self._window_filled += 1
+        window[pos] = failed
+        self._window_errors += failed
+        self._window_pos = (pos + 1) % len(window)
+        if failed and self._window_filled == len(window) and self._window_errors > self._max_errors:
+            self.request_stop(
+                StopReason.ERROR_RATE,
+                f"too many errors: {self._window_errors} of the last {len(window)} rows failed "
+                "(--max-error-rate); see the error column",
+            )

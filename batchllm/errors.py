@@ -1,0 +1,124 @@
+"""The exception tree, and the exit codes it maps to.
+
+    BatchLLMError                      anything batchllm raises on purpose
+    ├── JobError                       bad flags, job file or input: exit 2, nothing sent
+    │   └── SettingsMismatch           the journal was written with other settings
+    ├── LockedError                    another run holds the checkpoint: exit 75
+    └── APIError                       what the HTTP boundary (client.py) raises, and only it
+        ├── RetryableAPIError          408/409/429/5xx, timeouts, dropped connections, garbled bodies;
+        │                              carries ``retry_after`` when the server named a wait
+        └── FatalAPIError              400/404/413 and other client errors: this row fails for good
+            └── RunStopError           bad key (401/403/10000) or exhausted quota (3036/4006):
+                                       no further row can succeed, so the whole run stops (exit 4)
+
+A row that fails for good is not an exception that escapes: the dispatcher records it on its row
+(``status = "error"``) with ``APIError.describe()`` and carries on.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes, one table for the README, ``--help`` and the scheduler."""
+
+    OK = 0  # every row ok
+    ROW_ERRORS = 1  # finished, some rows failed
+    USAGE = 2  # usage, configuration or input error
+    BUDGET = 3  # --max-cost reached
+    API_STOP = 4  # stopped by the API: bad key, quota, too many errors
+    TEMPFAIL = 75  # locked by another run, or --max-runtime reached: try again later
+    INTERRUPTED = 130  # SIGINT / SIGTERM
+
+
+EXIT_CODE_TABLE = """\
+Exit codes:
+  0    every row ok
+  1    finished, some rows failed (see the error column)
+  2    usage, configuration or input error (nothing was sent)
+  3    budget (--max-cost) reached; a later run with a higher cap resumes
+  4    stopped by the API: bad key, exhausted quota, or too many errors
+  75   locked by another run, or --max-runtime reached: try again later
+  130  interrupted (SIGINT/SIGTERM); run the same command again to resume"""
+
+
+class BatchLLMError(Exception):
+    """Base of every error batchllm raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+
+class JobError(BatchLLMError):
+    """Bad flags, job file or input; raised before anything is sent (exit 2)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class SettingsMismatch(JobError):
+    """The journal on disk was written by a run with other request settings."""
+
+
+class LockedError(BatchLLMError):
+    """Another live process holds this checkpoint (exit 75)."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
+class APIError(BatchLLMError):
+    """A request that did not produce a usable completion.
+
+    ``status`` is the HTTP status (None when no response arrived), ``code`` the API's error code
+    when the body carried one, ``message`` the API's own text, kept raw for the row's ``error``.
+    """
+
+    exit_code = ExitCode.API_STOP
+    kind = "api_error"
+
+    def __init__(self, message: str, status: int | None = None, code: int | str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+    def describe(self) -> str:
+        """One line for the row's ``error`` column: class, HTTP status, API code, message."""
+        parts = [type(self).__name__]
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}")
+        if self.code is not None:
+            parts.append(f"code {self.code}")
+        return f"{' '.join(parts)}: {self.message}"
+
+
+class RetryableAPIError(APIError):
+    """Transient: the same request may succeed later."""
+
+    kind = "retryable"
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: int | str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status, code)
+        self.retry_after = retry_after
+
+    @property
+    def throttled(self) -> bool:
+        """The server said it is over capacity (429): the whole pool should slow down."""
+        return self.status == 429
+
+
+class FatalAPIError(APIError):
+    """The API rejected this request for good; retrying would fail (and maybe bill) again."""
+
+    kind = "fatal"
+
+
+class RunStopError(FatalAPIError):
+    """No request can succeed until a person acts: bad key or exhausted quota."""
+
+    kind = "run_stop"

@@ -1,0 +1,143 @@
+"""CSV and Parquet input, streamed in record batches; never read whole into memory.
+
+CSV columns are read as text, exactly as written (a zip code "00123" stays "00123"): a CSV carries
+no types, and guessing them block by block breaks on the first odd value a million rows in. Parquet
+columns keep their types. Every failure to read is a ``JobError`` naming the file and, for a ragged
+CSV row, its line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import JobError
+
+BATCH_ROWS = 8192
+_CSV_BLOCK = 1 << 20
+
+
+class InputFile:
+    """One input file: its schema, its row count, and its rows as a stream of batches."""
+
+    def __init__(self, path: Path, fmt: str | None = None) -> None:
+        self.path = path
+        self.format = fmt or _format_of(path)
+        if not path.exists():
+            raise JobError(f"{path}: no such file")
+        if path.is_dir():
+            raise JobError(f"{path}: is a directory, not a CSV or Parquet file")
+        if path.stat().st_size == 0:
+            raise JobError(f"{path}: the file is empty")
+        self.schema = self._open_schema()
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    def _open_schema(self) -> pa.Schema:
+        if self.format == "parquet":
+            try:
+                return pq.ParquetFile(self.path).schema_arrow
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
+        bad_rows: list[pacsv.InvalidRow] = []
+        try:
+            reader = self._open_csv(None, bad_rows)
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+            raise self._csv_error(exc, bad_rows) from None
+        names = reader.schema.names
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise JobError(f"{self.path}: column {dup!r} appears twice in the header")
+        return pa.schema([(name, pa.string()) for name in names])
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most ``BATCH_ROWS`` rows, in file order."""
+        if self.format == "parquet":
+            yield from self._parquet_batches(columns)
+        else:
+            yield from self._csv_batches(columns)
+
+    def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        try:
+            parquet = pq.ParquetFile(self.path)
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                yield batch
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise JobError(f"{self.path}: cannot read Parquet data ({_first_line(exc)})") from None
+
+    def _open_csv(self, columns: list[str] | None, bad_rows: list[pacsv.InvalidRow]) -> pacsv.CSVStreamingReader:
+        def on_invalid(row: pacsv.InvalidRow) -> str:
+            bad_rows.append(row)
+            return "error"
+
+        convert = None
+        if columns is not None or getattr(self, "schema", None) is not None:
+            convert = pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in self.schema.names},
+                strings_can_be_null=False,
+                include_columns=columns,
+            )
+        return pacsv.open_csv(
+            self.path,
+            # One thread: row numbers in errors are only known when parsing in order.
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            convert_options=convert,
+        )
+
+    def _csv_error(self, exc: BaseException, bad_rows: list[pacsv.InvalidRow]) -> JobError:
+        if bad_rows:
+            row = bad_rows[0]
+            where = f"line {row.number}" if row.number is not None else "a row"
+            return JobError(
+                f"{self.path}: {where} has {row.actual_columns} fields but the header has {row.expected_columns}"
+            )
+        return JobError(f"{self.path}: not a readable CSV file ({_first_line(exc)})")
+
+    def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        bad_rows: list[pacsv.InvalidRow] = []
+        try:
+            for batch in self._open_csv(columns or self.schema.names, bad_rows):
+                # Blocks are ~1 MiB: re-slice so memory per batch is bounded in rows too.
+                for start in range(0, batch.num_rows, BATCH_ROWS):
+                    yield batch.slice(start, BATCH_ROWS)
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+            raise self._csv_error(exc, bad_rows) from None
+
+    def count_rows(self) -> int:
+        """Rows in the file; for CSV this reads it through once, which also validates every line."""
+        if self.format == "parquet":
+            try:
+                return pq.ParquetFile(self.path).metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
+        first = self.schema.names[:1]
+        return sum(b.num_rows for b in self.batches(first))
+
+    def require_columns(self, wanted: list[str], what: str) -> None:
+        missing = [c for c in wanted if c not in self.schema.names]
+        if missing:
+            raise JobError(
+                f"{self.path}: no column {missing[0]!r} ({what}); the columns are: "
+                + ", ".join(repr(c) for c in self.schema.names)
+            )
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise JobError(f"{path}: cannot tell the format from the extension; pass --input-format csv|parquet")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

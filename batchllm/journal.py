@@ -1,0 +1,259 @@
+"""The durable checkpoint: one SQLite database (WAL mode) next to the output.
+
+Every finished row, ok or error, is written as it arrives: results are appended to a pending list
+and one flush, scheduled with ``loop.call_soon``, commits all that arrived in the same turn of the
+event loop in a single transaction (group commit). A reply is thus committed before the loop does
+anything else, so a SIGKILL loses at most replies still on the wire; at thousands of rows/s the
+transactions grow instead of multiplying. WAL with ``synchronous=NORMAL`` survives any process crash;
+an OS crash or power loss may lose the last transactions, never corrupt the file.
+
+Rows are keyed by ``row_id`` (see prompts.py), which is what makes resume, incremental runs and
+changed-row detection one lookup per input batch (``states``) without holding every id in memory.
+``meta`` holds the request settings the journal was written with; a run with other settings is
+refused (``SettingsMismatch``) unless it passes ``--restart``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import JobError, SettingsMismatch
+
+SCHEMA_VERSION = 1
+DB_NAME = "journal.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    row_id TEXT PRIMARY KEY,
+    content_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    response TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    input_cost_pico INTEGER,
+    output_cost_pico INTEGER,
+    error TEXT,
+    error_class TEXT,
+    attempts INTEGER NOT NULL,
+    latency_ms REAL,
+    finished_at REAL NOT NULL,
+    model TEXT
+) WITHOUT ROWID;
+"""
+COLUMNS = (
+    "row_id",
+    "content_hash",
+    "status",
+    "response",
+    "prompt_tokens",
+    "completion_tokens",
+    "input_cost_pico",
+    "output_cost_pico",
+    "error",
+    "error_class",
+    "attempts",
+    "latency_ms",
+    "finished_at",
+    "model",
+)
+_INSERT = f"INSERT OR REPLACE INTO rows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+Record = tuple[Any, ...]  # one value per COLUMNS entry
+
+
+def db_path(journal_dir: Path) -> Path:
+    return journal_dir / DB_NAME
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class Journal:
+    """Open with ``Journal.open``; ``add`` records a finished row; ``flush`` commits."""
+
+    def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
+        self.directory = directory
+        self.conn = conn
+        self._pending: list[Record] = []
+        self._scheduled = False
+        self.rows_before = self.count()
+
+    @classmethod
+    def open(cls, directory: Path, settings: dict[str, Any], *, restart: bool = False) -> Journal:
+        """Open or create the journal in ``directory``; refuse one written with other settings."""
+        if restart and directory.exists():
+            for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
+                (directory / name).unlink(missing_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            conn = _connect(db_path(directory))
+            conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise JobError(f"{directory}: cannot open the checkpoint journal: {exc}") from None
+        journal = cls(directory, conn)
+        stored = journal.get_meta("settings")
+        if stored is None:
+            journal.set_meta("settings", settings)
+            journal.set_meta("schema_version", SCHEMA_VERSION)
+            journal.set_meta("created_at", time.time())
+        else:
+            diffs = settings_diff(stored, settings)
+            if diffs:
+                conn.close()
+                raise SettingsMismatch(
+                    f"{directory} was written with other settings ("
+                    + "; ".join(diffs)
+                    + "): run with --restart to discard it, or with the same settings to resume"
+                )
+        return journal
+
+    @classmethod
+    def open_readonly(cls, directory: Path) -> Journal:
+        path = db_path(directory)
+        if not path.exists():
+            raise JobError(f"{directory}: no batchllm journal here")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise JobError(f"{path}: cannot read the journal: {exc}") from None
+        return cls(directory, conn)
+
+    # -- meta --------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, orjson.dumps(value).decode())
+        )
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(self, record: Record) -> None:
+        """Record a finished row; committed with the others of this loop turn."""
+        self._pending.append(record)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (library use from sync code): commit now
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        conn = self.conn
+        conn.execute("BEGIN")
+        conn.executemany(_INSERT, pending)
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
+        self.conn.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+
+    def states(self, row_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """row_id -> (status, content_hash) for those of ``row_ids`` the journal has."""
+        cur = self.conn.execute(
+            "SELECT row_id, status, content_hash FROM rows WHERE row_id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(list(row_ids)),),
+        )
+        return {r[0]: (r[1], r[2]) for r in cur}
+
+    def fetch(self, row_ids: Sequence[str]) -> dict[str, Record]:
+        """Full records for ``row_ids`` (those the journal has)."""
+        cur = self.conn.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM rows WHERE row_id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(list(row_ids)),),
+        )
+        return {r[0]: r for r in cur}
+
+    def totals(self) -> dict[str, int]:
+        row = self.conn.execute(
+            "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "
+            "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0), MAX(finished_at) "
+            "FROM rows"
+        ).fetchone()
+        return {
+            "rows": row[0],
+            "ok": row[1] or 0,
+            "error": row[2] or 0,
+            "prompt_tokens": row[3],
+            "completion_tokens": row[4],
+            "input_cost_pico": row[5],
+            "output_cost_pico": row[6],
+            "last_written": row[7],
+        }
+
+    def spent_pico(self) -> int:
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM rows"
+        ).fetchone()
+        return int(row[0])
+
+    def iter_records(self, batch: int = 10_000) -> Iterator[list[Record]]:
+        cur = self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM rows")
+        while True:
+            rows = cur.fetchmany(batch)
+            if not rows:
+                return
+            yield rows
+
+
+def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human lines naming each request setting that differs: ``template: 'a' -> 'b'``."""
+    flat_old, flat_new = _flatten(stored), _flatten(current)
+    diffs = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        old, new = flat_old.get(key), flat_new.get(key)
+        if old != new:
+            diffs.append(f"{key}: journal has {_show(old)}, this run has {_show(new)}")
+    return diffs
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, ""))
+        elif value is not None:
+            out[prefix + key] = value
+    return out
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def remove_journal(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""Input + journal -> the output Parquet, in input order, written atomically.
+
+The input is streamed again batch by batch; each batch's results are fetched from the journal by
+``row_id`` and appended as columns, so memory holds one batch, never the whole output. The file is
+written to a temporary name beside the target and renamed over it only once complete (and fsynced),
+so the output path holds either the previous complete file or the new one, never a partial one.
+
+Rows the journal does not have (a stopped run) get ``status = "pending"`` and nulls.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import JobError
+from .inputs import InputFile
+from .journal import COLUMNS, Journal
+from .pricing import PICO_PER_USD
+from .prompts import PromptBuilder
+
+RESULT_FIELDS = [
+    pa.field("row_id", pa.string()),
+    pa.field("response", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("input_cost_usd", pa.float64()),
+    pa.field("output_cost_usd", pa.float64()),
+    pa.field("cost_usd", pa.float64()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("attempts", pa.int64()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("truncated", pa.bool_()),
+    pa.field("model", pa.string()),
+    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+]
+RESULT_NAMES = [f.name for f in RESULT_FIELDS]
+METADATA_KEY = b"batchllm"
+_I = {name: i for i, name in enumerate(COLUMNS)}
+
+
+def check_no_clash(columns: list[str], source: str) -> None:
+    clash = [c for c in columns if c in RESULT_NAMES]
+    if clash:
+        raise JobError(
+            f"{source}: input column {clash[0]!r} has the name of an output column; rename it "
+            f"(output columns: {', '.join(RESULT_NAMES)})"
+        )
+
+
+class Totals:
+    """Exact sums over the rows written, for the summary and the file's metadata."""
+
+    def __init__(self) -> None:
+        self.rows = self.ok = self.error = self.pending = self.truncated = 0
+        self.prompt_tokens = self.completion_tokens = 0
+        self.input_cost_pico = self.output_cost_pico = 0
+
+    @property
+    def cost_pico(self) -> int:
+        return self.input_cost_pico + self.output_cost_pico
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "ok": self.ok,
+            "error": self.error,
+            "pending": self.pending,
+            "truncated": self.truncated,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "input_cost_pico": self.input_cost_pico,
+            "output_cost_pico": self.output_cost_pico,
+        }
+
+
+def write_output(
+    path: Path,
+    source: InputFile,
+    builder: PromptBuilder,
+    journal: Journal,
+    max_tokens: int,
+    metadata: Callable[[Totals], dict[str, Any]],
+) -> Totals:
+    """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it."""
+    schema = pa.schema(list(source.schema) + RESULT_FIELDS)
+    totals = Totals()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            position = 0
+            for batch in source.batches():
+                prompts = builder.build(batch.select(builder.read_columns), position)
+                position += batch.num_rows
+                results = _result_columns(prompts.row_ids, journal.fetch(prompts.row_ids), max_tokens, totals)
+                arrays = list(batch.columns) + results
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+            writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
+        finally:
+            writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return totals
+
+
+def _result_columns(row_ids: list[str], records: dict[str, tuple[Any, ...]], max_tokens: int, totals: Totals) -> list[pa.Array]:
+    n = len(row_ids)
+    cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_NAMES}
+    cols["row_id"] = row_ids
+    status = cols["status"]
+    for i, row_id in enumerate(row_ids):
+        rec = records.get(row_id)
+        if rec is None:
+            status[i] = "pending"
+            totals.pending += 1
+            continue
+        status[i] = rec[_I["status"]]
+        cols["response"][i] = rec[_I["response"]]
+        cols["error"][i] = rec[_I["error"]]
+        cols["attempts"][i] = rec[_I["attempts"]]
+        cols["latency_ms"][i] = rec[_I["latency_ms"]]
+        cols["model"][i] = rec[_I["model"]]
+        cols["finished_at"][i] = int(rec[_I["finished_at"]] * 1000)
+        if status[i] == "ok":
+            pt, ct = rec[_I["prompt_tokens"]], rec[_I["completion_tokens"]]
+            ic, oc = rec[_I["input_cost_pico"]], rec[_I["output_cost_pico"]]
+            cols["prompt_tokens"][i] = pt
+            cols["completion_tokens"][i] = ct
+            cols["total_tokens"][i] = pt + ct
+            cols["input_cost_usd"][i] = ic / PICO_PER_USD
+            cols["output_cost_usd"][i] = oc / PICO_PER_USD
+            cols["cost_usd"][i] = (ic + oc) / PICO_PER_USD
+            cols["truncated"][i] = ct >= max_tokens
+            totals.ok += 1
+            totals.prompt_tokens += pt
+            totals.completion_tokens += ct
+            totals.input_cost_pico += ic
+            totals.output_cost_pico += oc
+            totals.truncated += ct >= max_tokens
+        else:
+            totals.error += 1
+    totals.rows += n
+    return [pa.array(cols[f.name], type=f.type) for f in RESULT_FIELDS]
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """The run summary stored in an output file's metadata, if any."""
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except (pa.ArrowInvalid, OSError):
+        return None
+    raw = meta.get(METADATA_KEY)
+    return orjson.loads(raw) if raw else None

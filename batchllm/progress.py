@@ -1,0 +1,138 @@
+"""What a run tells the person or the scheduler watching it, on stderr.
+
+Three shapes, chosen once: a tqdm bar when stderr is a terminal; plain progress lines every few
+seconds when it is not (cron, CI, a pipe); or with ``--log-format json`` one JSON object per line
+(start, progress, warning, error, summary), for log collectors. The reporter only reads the
+dispatcher's counters on a timer; nothing here runs per row.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import orjson
+from tqdm import tqdm
+
+from .pricing import format_usd
+
+
+class Reporter:
+    """Text reporter: a bar on a terminal, else a line every ``line_interval`` seconds."""
+
+    interval = 0.25
+
+    def __init__(self, mode: str = "auto", stream: TextIO | None = None, line_interval: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
+        self.line_interval = line_interval
+        self._bar: tqdm | None = None
+        self._last_line = 0.0
+        self._total = 0
+
+    def _write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def start(self, info: dict[str, Any]) -> None:
+        self._total = info["todo"]
+        done_before = info["rows"] - info["todo"]
+        self._write(
+            f"batchllm: {info['rows']:,} rows in {info['input']}, {info['todo']:,} to send"
+            + (f" ({done_before:,} already done)" if done_before else "")
+            + f"; model {info['model']}; output {info['output']}"
+        )
+        if self.mode == "bar":
+            self._bar = tqdm(total=self._total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1)
+        self._last_line = time.monotonic()
+
+    def progress(self, snap: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.n = snap["done"]
+            self._bar.set_postfix_str(
+                f"tok {snap['tokens']:,} {format_usd(snap['cost_pico'])} err {snap['error']}", refresh=False
+            )
+            self._bar.refresh()
+            return
+        if self.mode != "lines":
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.line_interval:
+            self._last_line = now
+            self._write(_progress_line(snap, self._total))
+
+    def warning(self, message: str) -> None:
+        self._write(f"warning: {message}")
+
+    def error(self, message: str) -> None:
+        self._write(f"error: {message}")
+
+    def info(self, message: str) -> None:
+        self._write(message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def summary(self, summary: dict[str, Any], text: str) -> None:
+        self.close()
+        print(text, file=self.stream, flush=True)
+
+
+class JsonReporter(Reporter):
+    """``--log-format json``: one object per line on stderr, never a bar, never colour."""
+
+    def __init__(self, stream: TextIO | None = None, line_interval: float = 10.0) -> None:
+        super().__init__("none", stream, line_interval)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
+        self.stream.write(orjson.dumps(record).decode() + "\n")
+        self.stream.flush()
+
+    def start(self, info: dict[str, Any]) -> None:
+        self._total = info["todo"]
+        self._last_line = time.monotonic()
+        self._emit("start", **info)
+
+    def progress(self, snap: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self._last_line >= self.line_interval:
+            self._last_line = now
+            self._emit("progress", total=self._total, **_public(snap))
+
+    def warning(self, message: str) -> None:
+        self._emit("warning", message=message)
+
+    def error(self, message: str) -> None:
+        self._emit("error", message=message)
+
+    def info(self, message: str) -> None:
+        self._emit("info", message=message)
+
+    def summary(self, summary: dict[str, Any], text: str) -> None:
+        self._emit("summary", **summary)
+
+
+def _public(snap: dict[str, Any]) -> dict[str, Any]:
+    out = dict(snap)
+    out["cost_usd"] = format_usd(out.pop("cost_pico")).lstrip("$")
+    return out
+
+
+def _progress_line(snap: dict[str, Any], total: int) -> str:
+    rate = snap["rows_per_s"]
+    eta = f", ~{(total - snap['done']) / rate:,.0f} s left" if rate > 0 and total > snap["done"] else ""
+    return (
+        f"progress: {snap['done']:,}/{total:,} rows (ok {snap['ok']:,}, errors {snap['error']:,}), "
+        f"{rate:,.1f} rows/s, {snap['tokens']:,} tokens, {format_usd(snap['cost_pico'])}{eta}"
+    )
+
+
+def make_reporter(log_format: str, progress: str) -> Reporter:
+    return JsonReporter() if log_format == "json" else Reporter(progress)

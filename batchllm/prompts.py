@@ -1,0 +1,171 @@
+"""Rows -> prompts -> request bodies. Pure functions of the job and the data; no I/O.
+
+A prompt is either one column's text (``--prompt-column``) or a template filled from columns
+(``--template "Classify: {review}"``). Templates are compiled once to positional ``str.format``
+strings, so filling a row is one C-level call.
+
+Every row gets a ``row_id`` that is stable across runs: the ``--id-column`` value when given, or
+else ``<position>-<hash of the prompt>``, so rows appended to an input keep the ids of those before
+them and an edited row gets a new id (and is sent again). ``content_hash`` is the prompt's hash
+alone, kept by the journal to notice an edited row under an unchanged ``--id-column`` value.
+
+Request bodies are the page's shape, built as bytes around one JSON-encoded string per row: the
+prefix (model, system message) and suffix (parameters) are encoded once per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from .errors import JobError
+from .job import Job
+
+
+@dataclass(frozen=True, slots=True)
+class PromptBatch:
+    """One input batch made ready to send: per row its id, content hash and user text.
+
+    ``users[i]`` is None when the row has no prompt (a null cell in the prompt column).
+    """
+
+    start: int
+    row_ids: list[str]
+    hashes: list[str]
+    users: list[str | None]
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a template refers to, in order of first use."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise JobError(f"--template: {exc} (write a literal brace as {{{{ or }}}})") from None
+    names: list[str] = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise JobError("--template: every {} must name a column, e.g. {review}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _positional(template: str, names: list[str]) -> str:
+    out = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is not None:
+            out.append("{" + str(names.index(name)))
+            if conversion:
+                out.append("!" + conversion)
+            if spec:
+                out.append(":" + spec)
+            out.append("}")
+    return "".join(out)
+
+
+def content_hash(text: str | None) -> str:
+    if text is None:
+        return "null"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+class PromptBuilder:
+    """Turns record batches into ``PromptBatch``es for one job."""
+
+    def __init__(self, job: Job, columns: list[str], source: str) -> None:
+        self.template = job.template
+        self.id_column = job.id_column
+        if job.template is not None:
+            self.columns = template_fields(job.template)
+            if not self.columns:
+                raise JobError("--template names no column: every row would get the same prompt")
+            self._format = _positional(job.template, self.columns).format
+            what = "named in --template"
+        else:
+            self.columns = [job.prompt_column]
+            what = "the --prompt-column"
+        missing = [c for c in self.columns if c not in columns]
+        if missing:
+            raise JobError(
+                f"{source}: no column {missing[0]!r} ({what}); the columns are: "
+                + ", ".join(repr(c) for c in columns)
+            )
+        if job.id_column is not None and job.id_column not in columns:
+            raise JobError(
+                f"{source}: no column {job.id_column!r} (the --id-column); the columns are: "
+                + ", ".join(repr(c) for c in columns)
+            )
+        self.source = source
+
+    @property
+    def read_columns(self) -> list[str]:
+        """The input columns needed to build prompts and ids."""
+        cols = list(self.columns)
+        if self.id_column is not None and self.id_column not in cols:
+            cols.append(self.id_column)
+        return cols
+
+    def users(self, batch: pa.RecordBatch) -> list[str | None]:
+        if self.template is None:
+            values = batch.column(self.columns[0]).to_pylist()
+            return [v if v is None or isinstance(v, str) else str(v) for v in values]
+        cols = [_text_column(batch.column(name)) for name in self.columns]
+        fmt = self._format
+        return [fmt(*vals) for vals in zip(*cols, strict=True)]
+
+    def build(self, batch: pa.RecordBatch, start: int) -> PromptBatch:
+        users = self.users(batch)
+        hashes = [content_hash(u) for u in users]
+        if self.id_column is None:
+            ids = [f"{start + i}-{h}" for i, h in enumerate(hashes)]
+        else:
+            raw = batch.column(self.id_column).to_pylist()
+            for i, value in enumerate(raw):
+                if value is None or value == "":
+                    raise JobError(
+                        f"{self.source}: row {start + i + 1} has no value in the --id-column "
+                        f"{self.id_column!r}"
+                    )
+            ids = [v if isinstance(v, str) else str(v) for v in raw]
+        return PromptBatch(start, ids, hashes, users)
+
+
+def _text_column(column: pa.Array) -> list[str]:
+    """A column as template values: text as is, nulls as "", other types via str()."""
+    values = column.to_pylist()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return ["" if v is None else v for v in values]
+    return ["" if v is None else str(v) for v in values]
+
+
+class RequestEncoder:
+    """Builds the JSON body of a request: ``{"model", "data": {"messages", ...params}}``."""
+
+    def __init__(self, job: Job) -> None:
+        system = b""
+        if job.system is not None:
+            system = b'{"role":"system","content":' + orjson.dumps(job.system) + b"},"
+        self._prefix = (
+            b'{"model":'
+            + orjson.dumps(job.model)
+            + b',"data":{"messages":['
+            + system
+            + b'{"role":"user","content":'
+        )
+        params = job.params()
+        self._suffix = b"}]" + (b"," + orjson.dumps(params)[1:-1] if params else b"") + b"}}"
+
+    def encode(self, user: str) -> bytes:
+        return self._prefix + orjson.dumps(user) + self._suffix
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)

@@ -1,0 +1,48 @@
+"""``batchllm status``: how far a run has got, read from its journal without disturbing it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import JobError
+from .journal import DB_NAME, Journal
+from .lock import holder
+from .pricing import format_usd
+
+
+def find_journal(path: Path) -> Path:
+    """The journal folder for an output file, a journal folder, or the database itself."""
+    candidates = [path, path.with_name(path.name + ".batchllm")]
+    if path.name == DB_NAME:
+        candidates.insert(0, path.parent)
+    for c in candidates:
+        if (c / DB_NAME).is_file():
+            return c
+    raise JobError(f"{path}: no batchllm journal here or at {path.name}.batchllm/")
+
+
+def status_text(path: Path) -> str:
+    directory = find_journal(path)
+    journal = Journal.open_readonly(directory)
+    try:
+        t = journal.totals()
+        run = journal.get_meta("last_run") or {}
+    finally:
+        journal.conn.close()
+    lines = [f"journal: {directory}"]
+    total_rows = run.get("input_rows")
+    remaining = f", {max(0, total_rows - t['ok'] - t['error']):,} remaining of {total_rows:,}" if total_rows else ""
+    lines.append(f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error){remaining}")
+    lines.append(
+        f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
+        f"cost so far: {format_usd(t['input_cost_pico'] + t['output_cost_pico'])}"
+    )
+    if t["last_written"]:
+        ago = time.time() - t["last_written"]
+        lines.append(f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t['last_written']))} ({ago:,.0f} s ago)")
+    who = holder(directory)
+    lines.append(f"running now: {who}" if who else "running now: no")
+    if run.get("command"):
+        lines.append(f"resume with: {run['command']}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Shared fixtures: the sandbox over real loopback HTTP, and helpers to run the CLI.
+
+The sandbox runs in a thread with its own event loop, so the CLI under test (which calls
+``asyncio.run`` itself) talks to it over a real socket exactly as it would to the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from batchllm.cli import cli
+from batchllm.sandbox import Sandbox, SandboxConfig, start_sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent / "batchllm"
+TEST_KEY = "test-key-0f9e8d7c6b5a"
+
+
+class SandboxThread:
+    """A sandbox served from a background thread; ``url`` and ``key`` for clients."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.url = ""
+        self.box: Sandbox | None = None
+        self._stop: asyncio.Event | None = None
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    async def _main(self) -> None:
+        runner, self.box, self.url = await start_sandbox(self.config)
+        self._stop = asyncio.Event()
+        self.ready.set()
+        await self._stop.wait()
+        await runner.shutdown()
+        await runner.cleanup()
+
+    def start(self) -> SandboxThread:
+        self.thread.start()
+        assert self.ready.wait(10), "sandbox did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(10)
+
+    @property
+    def key(self) -> str:
+        return self.config.api_key
+
+    @property
+    def sandbox(self) -> Sandbox:
+        assert self.box is not None
+        return self.box
+
+    def log(self) -> list[tuple[float, int, str]]:
+        return list(self.sandbox.log)
+
+    def count(self, status: int | None = None) -> int:
+        stats = self.sandbox.stats
+        return stats["requests"] if status is None else stats[str(status)]
+
+    def env(self) -> dict[str, str]:
+        return {"DATAOORTS_ENDPOINT": self.url, "DATAOORTS_API_KEY": self.key}
+
+
+@pytest.fixture
+def sandbox_factory() -> Iterator[Callable[..., SandboxThread]]:
+    started: list[SandboxThread] = []
+
+    def make(**options: Any) -> SandboxThread:
+        options.setdefault("api_key", TEST_KEY)
+        box = SandboxThread(SandboxConfig(**options)).start()
+        started.append(box)
+        return box
+
+    yield make
+    for box in started:
+        box.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_factory: Callable[..., SandboxThread]) -> SandboxThread:
+    return sandbox_factory()
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> Result:
+    """Run the CLI in-process, as ``main()`` would, returning its exit code and output."""
+    runner = CliRunner()
+    full_env = {"DATAOORTS_API_KEY": "", "DATAOORTS_ENDPOINT": "", **(env or {})}
+    result = runner.invoke(cli, args, env=full_env, catch_exceptions=False, standalone_mode=False)
+    # standalone_mode=False returns the command's value as the exit code, as main() does.
+    if isinstance(result.return_value, int):
+        result.exit_code = result.return_value
+    return result
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+    """Start the real ``batchllm`` executable as a subprocess."""
+    full_env = {**os.environ, "DATAOORTS_API_KEY": "", "DATAOORTS_ENDPOINT": "", **(env or {})}
+    return subprocess.Popen(
+        [str(BIN), *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def prompts_csv(path: Path, n: int, start: int = 0) -> Path:
+    return write_csv(path, [{"id": f"id{i}", "prompt": f"Question number {i}: what is {i} + {i}?"} for i in range(start, start + n)])
+
+
+def read_output(path: Path) -> pa.Table:
+    return pq.read_table(path)
+
+
+def summary_of(path: Path) -> dict[str, Any]:
+    meta = pq.read_metadata(path).metadata
+    return orjson.loads(meta[b"batchllm"])

@@ -1,0 +1,158 @@
+"""End to end through the CLI against the sandbox over loopback HTTP (issue 2)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm.output import RESULT_NAMES
+
+from .conftest import ROOT, run_cli, summary_of, write_csv
+
+SAMPLE = ROOT / "sample_data" / "reviews.csv"
+TEMPLATE = "Classify the sentiment of this review as positive, negative or neutral: {review}"
+
+
+def test_sample_run_costs_and_totals(sandbox, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(SAMPLE), "-o", str(out), "--template", TEMPLATE, "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    table = pq.read_table(out)
+    source = pq.read_table(ROOT / "sample_data" / "reviews.parquet")
+    assert table.num_rows == source.num_rows == 200
+    assert table.column_names == ["review_id", "product", "category", "rating", "review", *RESULT_NAMES]
+    assert table.column("review_id").to_pylist() == source.column("review_id").to_pylist()
+    rows = table.to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        exact = Decimal(r["prompt_tokens"]) * Decimal("0.31e-6") + Decimal(r["completion_tokens"]) * Decimal("0.34e-6")
+        assert r["cost_usd"] == float(exact)
+        assert r["total_tokens"] == r["prompt_tokens"] + r["completion_tokens"]
+        assert r["error"] is None and r["attempts"] == 1 and r["model"] == "meta/llama-3.1-70b-instruct"
+    summary = summary_of(out)
+    assert summary["rows"]["ok"] == 200
+    assert summary["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in rows)
+    assert summary["tokens"]["completion"] == sum(r["completion_tokens"] for r in rows)
+    exact_total = sum(
+        Decimal(r["prompt_tokens"]) * Decimal("0.31e-6") + Decimal(r["completion_tokens"]) * Decimal("0.34e-6") for r in rows
+    )
+    assert Decimal(summary["cost_usd"]["total"]) == exact_total
+    assert summary["prices"] == {"input_usd_per_million_tokens": "0.31", "output_usd_per_million_tokens": "0.34"}
+    assert sandbox.key not in json.dumps(summary)
+    assert "done (complete): 200 ok" in result.stderr
+
+
+def test_request_body_has_the_page_shape(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(keep_bodies=True)
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "What is Deep Learning"}])
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--system", "You are an expert deep learning engineer"]
+    args += ["--temperature", "0.1", "--top-p", "0.9", "--top-k", "40", "--max-tokens", "512"]
+    assert run_cli(args, env=box.env()).exit_code == 0
+    page_example = {
+        "model": "meta/llama-3.1-70b-instruct",
+        "data": {
+            "messages": [
+                {"role": "system", "content": "You are an expert deep learning engineer"},
+                {"role": "user", "content": "What is Deep Learning"},
+            ],
+            "temperature": 0.1,
+            "top_p": 0.9,
+            "top_k": 40,
+            "max_tokens": 512,
+        },
+    }
+    assert box.sandbox.bodies == [json.dumps(page_example, separators=(",", ":")).encode()]
+    row = pq.read_table(out).to_pylist()[0]
+    assert row["prompt_tokens"] == 27
+
+
+ODD = [
+    "naïve café — Grüße, 你好, مرحبا",
+    "emoji 😀🎉👍🏽 and ZWJ 👩‍👩‍👧",
+    'quotes "double" and \'single\', commas, and semicolons;',
+    "line one\nline two\r\nline three",
+    "x" * 50_000,
+    "",
+    "  leading and trailing spaces  ",
+    "tabs\tand backslashes \\ and braces {not a field}",
+]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_odd_content_survives_byte_for_byte(sandbox_factory, tmp_path: Path, fmt: str) -> None:
+    box = sandbox_factory(keep_bodies=True)
+    if fmt == "csv":
+        src = write_csv(tmp_path / "odd.csv", [{"n": i, "prompt": t} for i, t in enumerate(ODD)])
+    else:
+        src = tmp_path / "odd.parquet"
+        pq.write_table(pa.table({"n": list(range(len(ODD) + 1)), "prompt": [*ODD, None]}), src)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=box.env())
+    sent = sorted(orjson.loads(b)["data"]["messages"][-1]["content"] for b in box.sandbox.bodies)
+    assert sent == sorted(ODD)
+    table = pq.read_table(out).to_pylist()
+    assert [r["prompt"] for r in table[: len(ODD)]] == ODD
+    assert all(r["status"] == "ok" for r in table[: len(ODD)])
+    if fmt == "parquet":
+        null_row = table[-1]
+        assert null_row["prompt"] is None and null_row["status"] == "error"
+        assert "NoPrompt" in null_row["error"] and null_row["attempts"] == 0
+        assert result.exit_code == 1
+    else:
+        assert result.exit_code == 0, result.stderr
+
+
+BAD_INPUTS = [
+    ("missing.csv", None, [], "no such file"),
+    ("empty.csv", b"", [], "the file is empty"),
+    ("ragged.csv", b"prompt,x\nhello,1\nworld,2,3\n", [], "line 3 has 3 fields but the header has 2"),
+    ("header_only.csv", b"prompt\n", [], "no rows"),
+    ("fake.parquet", b"this is not parquet at all", [], "not a readable Parquet file"),
+    ("nocol.csv", b"text\nhello\n", [], "no column 'prompt'"),
+    ("ok.csv", b"review\nhello\n", ["--template", "Say {missing}"], "no column 'missing'"),
+    ("ok.csv", b"prompt\nhello\n", ["--temperature", "7"], "--temperature must be a number from 0 to 5"),
+    ("ok.csv", b"prompt\nhello\n", ["--top-k", "0"], "--top-k must be an integer from 1 to 50"),
+    ("ok.csv", b"prompt\nhello\n", ["--model", "meta/llama-9-900b"], "unknown model 'meta/llama-9-900b'"),
+    ("ok.csv", b"prompt\nhello\n", ["--endpoint", "http://example.com/api/v1"], "plain http is allowed only for loopback"),
+    ("ok.csv", b"prompt\nhello\n", ["--max-cost", "lots"], "--max-cost"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "extra", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, name: str, content: bytes | None, extra: list[str], message: str) -> None:
+    src = tmp_path / name
+    if content is not None:
+        src.write_bytes(content)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--sandbox", *extra])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batchllm: error:"), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name] if content is not None else [])
+
+
+def test_no_key_and_no_sandbox(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hi"}])
+    result = run_cli(["run", str(src), "-o", str(tmp_path / "o.parquet")])
+    assert result.exit_code == 2
+    assert "DATAOORTS_API_KEY" in result.stderr and "--sandbox" in result.stderr
+
+
+def test_every_command_help_ends_with_an_example() -> None:
+    from batchllm.cli import cli
+
+    for name in [None, *cli.commands]:
+        args = ["--help"] if name is None else [name, "--help"]
+        result = run_cli(args)
+        assert result.exit_code in (0, None)
+        text = result.stdout
+        assert "Example" in text[text.rindex("Show this message and exit") :], name
