@@ -8,6 +8,7 @@ Every command is a thin client of the library (``run_job``, ``estimate``, ``repo
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -270,10 +271,16 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
     return ExitCode.USAGE if bad else 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Until a run installs its graceful handlers, SIGTERM stops like Ctrl-C: exit 130, no traceback.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = cli.main(standalone_mode=False, prog_name="batchllm")
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("batchllm: aborted", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as exc:

@@ -9,12 +9,13 @@ order, woken by a single timer (no polling loop); with no limit set, ``acquire``
 Adaptive control (one instance serves the whole pool, so a 429 slows every worker):
 
 - a 429 pauses departures for ``Retry-After`` when the server sent it, else for a short backoff
-  that doubles while 429s keep coming; and cuts the rate (multiplicative decrease) to 85% of the
-  rate the server was actually accepting, measured from recent successes;
-- while no 429 comes and the limiter is what holds requests back, the rate grows again: first in
-  "slow start" (x1.15 per half second, doubling in ~2.5 s, from the provider's documented
-  300/min), after the first 429 additively, fast up to just under the rate where the last 429 came
-  and slowly above it, so it settles just under whatever the server enforces;
+  that doubles while 429s keep coming; and cuts the rate to 97% of the limit it reveals (in slow
+  start the last rate that drew no 429, after it the rate that did), held there for 10 s;
+- while no 429 comes and the limiter is what holds requests back, the rate grows: first in "slow
+  start" from the provider's documented 300/min, linearly for 5 s up to four times that (the
+  account may be shared, so 429s can come below it: CONTRACT.md), then doubling every ~2.5 s;
+  after the first 429, held 15 s and then probing up by 0.5% of the limit per second, so it
+  settles just under whatever the server enforces and still finds a raised limit;
 - ``--rpm N`` is a hard ceiling the rate never exceeds; ``--rpm auto`` has none; ``--rpm 0`` turns
   pacing off (a 429 still pauses the pool).
 
@@ -33,11 +34,14 @@ from collections.abc import Awaitable, Callable
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-SLOW_START_FACTOR = 1.15
 STEP = 0.5  # seconds between rate increases
-DECREASE = 0.85
+LINEAR_STEPS = 10  # slow start: +30% of the starting rate per step for 5 s (4x after 5 s) ...
+LINEAR_GROWTH = 0.3
+SLOW_START_FACTOR = 1.15  # ... then x1.15 per step (doubling every ~2.5 s)
+DECREASE = 0.97  # of the rate that drew the 429
+HOLD = 15.0  # seconds at the reduced rate before probing again
+PROBE = 0.0025  # of the limit estimate per STEP: +0.5%/s
 MIN_RPM = 6.0
-_RATE_WINDOW = 2.0  # seconds of successes used to measure what the server accepts
 
 
 class RateLimiter:
@@ -66,10 +70,13 @@ class RateLimiter:
         self._timer: asyncio.TimerHandle | None = None
         self._last_step = clock()
         self._bound = False  # did the limiter hold a request back since the last step?
-        self._last_cut = -math.inf
-        self._throttle_rate = math.inf  # accepted rate when the last 429 came
+        self._no_cut_until = -math.inf
+        self._hold_until = -math.inf
+        self._safe_rate: float | None = None  # slow start: the last rate that drew no 429
+        self._start_rate = start_rpm
+        self._steps = 0
+        self._limit_estimate = self.rate or 0.0
         self._consecutive_throttles = 0
-        self._successes: deque[float] = deque()
         self.throttles = 0
 
     # -- acquiring ---------------------------------------------------------------------------
@@ -146,32 +153,28 @@ class RateLimiter:
 
     def on_success(self) -> None:
         self._consecutive_throttles = 0
-        if not self.auto and (self.rate is None or self.rate >= self.ceiling):
+        if self.rate is None or self.rate >= self.ceiling:
             return
         now = self.clock()
-        self._successes.append(now)
-        while self._successes and self._successes[0] < now - _RATE_WINDOW:
-            self._successes.popleft()
         if now - self._last_step < STEP:
             return
         self._last_step = now
-        if not self._bound or self.rate is None:
-            return  # the limiter is not what holds the pool back: growing would mean nothing
+        if not self._bound or now < self._hold_until:
+            # The limiter is not what holds the pool back (growing would mean nothing), or we
+            # are holding just under the rate that drew the last 429.
+            self._bound = False
+            return
         self._bound = False
         if self.slow_start:
-            rate = self.rate * SLOW_START_FACTOR
-        elif self.rate < 0.97 * self._throttle_rate:
-            rate = self.rate + 0.05 * self._throttle_rate  # back quickly to just under the last 429
+            self._safe_rate = self.rate
+            self._steps += 1
+            if self._steps <= LINEAR_STEPS:
+                rate = self.rate + LINEAR_GROWTH * self._start_rate
+            else:
+                rate = self.rate * SLOW_START_FACTOR
         else:
-            rate = self.rate * 1.01  # then probe gently above it
+            rate = self.rate + PROBE * self._limit_estimate
         self.rate = min(self.ceiling, rate)
-
-    def accepted_rpm(self) -> float:
-        """Requests/min the server accepted over the last couple of seconds."""
-        if len(self._successes) < 2:
-            return 0.0
-        span = max(self.clock() - self._successes[0], 0.25)
-        return len(self._successes) * 60.0 / span
 
     def on_throttle(self, retry_after: float | None) -> float:
         """A 429: pause the pool, cut the rate. Returns the pause in seconds."""
@@ -183,14 +186,16 @@ class RateLimiter:
         else:
             pause = min(30.0, 0.25 * 2 ** min(self._consecutive_throttles - 1, 8))
         self._paused_until = max(self._paused_until, now + pause)
-        # 429s from requests already in flight when we cut say nothing new: one cut per window.
-        if self.rate is not None and now - self._last_cut > max(1.0, 2 * 60.0 / self.rate):
-            self._last_cut = now
-            accepted = self.accepted_rpm() or self.rate
-            self._throttle_rate = min(self.rate, accepted)
-            self.rate = max(MIN_RPM, min(self.ceiling, DECREASE * self._throttle_rate))
+        # 429s from requests sent before the cut say nothing new: one cut per reaction window.
+        if self.rate is not None and now >= self._no_cut_until:
+            # In slow start the last step's rate drew no 429; after it, the current rate is the
+            # first one that did. Either way settle a little under it, hold, then probe gently.
+            limit = self._safe_rate if self.slow_start and self._safe_rate else self.rate
+            self._limit_estimate = limit
+            self.rate = max(MIN_RPM, min(self.ceiling, DECREASE * limit))
             self.slow_start = False
-            self._successes.clear()
+            self._hold_until = now + pause + HOLD
+            self._no_cut_until = now + pause + max(0.5, 2 * 60.0 / self.rate)
         self._rearm()
         return pause
 
