@@ -140,7 +140,8 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
         return _report_error(exc, log_format)
     reporter = make_reporter(job.log_format, job.progress)
     try:
-        result = asyncio.run(run_job(job, reporter=reporter, command=command_line(), handle_signals=True))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            result = runner.run(run_job(job, reporter=reporter, command=command_line(), handle_signals=True))
     except BatchLLMError as exc:
         reporter.close()
         return _report_error(exc, job.log_format)
@@ -149,6 +150,15 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
         return _fail("interrupted before the run started", ExitCode.INTERRUPTED)
     reporter.summary(result.summary, format_summary(result.summary))
     return int(result.exit_code)
+
+
+def _loop_factory() -> Any:
+    """uvloop when installed: the same asyncio API, measurably faster per request (make bench)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _report_error(exc: BatchLLMError, log_format: str) -> int:
@@ -184,6 +194,7 @@ def _report_error(exc: BatchLLMError, log_format: str) -> int:
 @click.option("--fail-garbled", default=0.0, type=float, show_default=True, help="Share of replies cut in half.")
 @click.option("--fail-3040", default=0.0, type=float, show_default=True, help="Share answered 429/3040 without Retry-After.")
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
+@click.option("--keep-log/--no-keep-log", default=True, show_default=True, help="Keep the request log behind GET /_sandbox/log.")
 @click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), help="Write the bound port here once listening.")
 def sandbox_cmd(port_file: Path | None, host: str, port: int, reply_tokens: str, **options: Any) -> int:
     """Serve a local emulator of the Dataoorts API (CONTRACT.md) until interrupted."""
@@ -219,7 +230,8 @@ def sandbox_cmd(port_file: Path | None, host: str, port: int, reply_tokens: str,
             await runner.cleanup()
 
     try:
-        asyncio.run(serve())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve())
     except OSError as exc:
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror}")
     return 0

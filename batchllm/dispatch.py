@@ -106,6 +106,7 @@ class Dispatcher:
         self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
         self.failure: BaseException | None = None
+        self.stop_error: RunStopError | None = None
         self._stopped = asyncio.Event()
         self._window = [False] * error_window
         self._window_pos = 0
@@ -227,6 +228,7 @@ class Dispatcher:
                 continue
             except RunStopError as exc:
                 # Not the row's fault: leave it pending for the run that follows the fix.
+                self.stop_error = exc
                 self.request_stop(StopReason.API, exc.describe())
                 return 0
             except FatalAPIError as exc:

@@ -31,7 +31,8 @@ from . import __version__
 from .budget import Budget
 from .client import Client
 from .dispatch import Dispatcher, StopReason, WorkItem
-from .errors import ExitCode, JobError
+from .client import QUOTA_CODES
+from .errors import ExitCode, JobError, RunStopError
 from .inputs import InputFile
 from .job import MAX_CONTENT_CHARS, PROVIDER_RPM, Job, resolve_api_key
 from .journal import Journal
@@ -325,6 +326,8 @@ class Run:
                 f"budget reached: this output has cost {format_usd(budget.spent)} of the "
                 f"{format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
             )
+        if reason is StopReason.API and dispatcher.stop_error is not None:
+            dispatcher.stop_message = self._run_stop_advice(dispatcher.stop_error)
         totals: Totals | None = None
         output: Path | None = None
         summary: dict[str, Any] = {}
@@ -347,6 +350,19 @@ class Run:
             code = ExitCode.OK
         summary = self._summary(totals, dispatcher, reason, started_at, code)
         return RunResult(code, summary, output)
+
+    def _run_stop_advice(self, exc: RunStopError) -> str:
+        job = self.job
+        if exc.code in QUOTA_CODES:
+            return (
+                f"the API says the quota is used up ({exc.describe()}); rows not yet sent stay "
+                "pending: run the same command again once the quota resets or is raised"
+            )
+        source = f"--api-key-file {job.api_key_file}" if job.api_key_file else f"the environment variable {job.api_key_env}"
+        return (
+            f"the API rejected the key ({exc.describe()}): check {source}, then run the same "
+            "command again to resume"
+        )
 
     def _summary(
         self,

@@ -138,6 +138,8 @@ class Sandbox:
         self.stats: Counter[str] = Counter()
         self.log: list[tuple[float, int, str]] = []  # (time, status, hash of the last user message)
         self.bodies: list[bytes] = []
+        self.first_at: float | None = None  # wall-clock time of the first and last answer
+        self.last_at: float | None = None
         self.started = time.monotonic()
         self._auth = f"Bearer {self.config.api_key}"
 
@@ -146,15 +148,28 @@ class Sandbox:
         app.router.add_post("/api/v1", self.handle)
         app.router.add_get("/_sandbox/stats", self.handle_stats)
         app.router.add_get("/_sandbox/log", self.handle_log)
+        app.router.add_post("/_sandbox/reset", self.handle_reset)
         return app
 
     async def handle_stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(dict(self.stats)), content_type="application/json")
+        body = {**self.stats, "first_at": self.first_at, "last_at": self.last_at}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def handle_reset(self, request: web.Request) -> web.Response:
+        self.stats.clear()
+        self.log.clear()
+        self.bodies.clear()
+        self.first_at = self.last_at = None
+        return web.Response(text="reset")
 
     async def handle_log(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.log), content_type="application/json")
 
     def _record(self, status: int, key: str) -> None:
+        now = time.time()
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
         self.stats["requests"] += 1
         self.stats[str(status)] += 1
         if self.config.keep_log:

@@ -1,0 +1,266 @@
+"""`make bench`: throughput, memory and resume figures against the sandbox, in one run.
+
+Each figure is measured here, now, on this machine, next to its baseline, so ratios compare like
+with like. The sandbox runs as its own process (the API is not in the client's process either), and
+throughput is measured as the sandbox sees it: from its first to its last answer. Sizes can be
+scaled down for a quick look with BENCH_SCALE=0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent / "batchllm"
+KEY = "bench-key"
+SCALE = float(os.environ.get("BENCH_SCALE", "1"))
+WORK = Path(tempfile.mkdtemp(prefix="batchllm-bench-"))
+
+
+def n(rows: int) -> int:
+    return max(100, int(rows * SCALE))
+
+
+class Sandbox:
+    def __init__(self, *args: str) -> None:
+        port_file = WORK / f"port-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(
+            [str(BIN), "sandbox", "--port", "0", "--port-file", str(port_file), "--api-key", KEY, *args],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("sandbox did not start")
+            time.sleep(0.05)
+        self.base = f"http://127.0.0.1:{port_file.read_text()}"
+        self.url = self.base + "/api/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.base + "/_sandbox/stats") as r:
+            return json.load(r)
+
+    def log(self) -> list:
+        with urllib.request.urlopen(self.base + "/_sandbox/log") as r:
+            return json.load(r)
+
+    def reset(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(self.base + "/_sandbox/reset", method="POST")).read()
+
+    def span(self) -> float:
+        s = self.stats()
+        return s["last_at"] - s["first_at"]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DATAOORTS_ENDPOINT": self.url, "DATAOORTS_API_KEY": KEY}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def make_input(rows: int, name: str) -> Path:
+    path = WORK / name
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "prompt"])
+        for i in range(rows):
+            w.writerow([f"id{i}", f"Classify the sentiment of review {i}: the product arrived on time and works well."])
+    return path
+
+
+def run_batchllm(box: Sandbox, src: Path, out: Path, *args: str) -> tuple[int, float, int]:
+    """(exit code, wall seconds, peak RSS in MB) of one `batchllm run` process."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(BIN), "run", str(src), "-o", str(out), "--progress", "none", *args],
+        env=box.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode not in (0, 1):
+        print(err, file=sys.stderr)
+    return proc.returncode, time.monotonic() - started, usage.ru_maxrss // 1024
+
+
+def bare_loop(box: Sandbox, src: Path, concurrency: int) -> float:
+    """The baseline: one session, a semaphore and a list of the same bodies, nothing else."""
+    code = f"""
+import asyncio, csv, aiohttp
+from batchllm.job import build_job
+from batchllm.prompts import RequestEncoder
+enc = RequestEncoder(build_job({{"input": "x.csv", "output": "x.parquet"}}))
+bodies = [enc.encode(r["prompt"]) for r in csv.DictReader(open({str(src)!r}))]
+async def main():
+    sem = asyncio.Semaphore({concurrency})
+    headers = {{"Authorization": "Bearer {KEY}", "Content-Type": "application/json"}}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit={concurrency}), headers=headers) as s:
+        async def one(b):
+            async with sem:
+                async with s.post({box.url!r}, data=b) as r:
+                    await r.read()
+        await asyncio.gather(*(one(b) for b in bodies))
+asyncio.run(main())
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return box.span()
+
+
+def throughput(rows: int, latency: float, concurrency: int) -> dict:
+    box = Sandbox("--latency", str(latency), "--no-keep-log")
+    try:
+        src = make_input(rows, f"tp-{rows}.csv")
+        box.reset()
+        bare = bare_loop(box, src, concurrency)
+        box.reset()
+        code, wall, rss = run_batchllm(box, src, WORK / f"tp-{rows}-{latency}.parquet", "--rpm", "0", "--concurrency", str(concurrency), "--restart")
+        ours = box.span()
+        assert code == 0, code
+    finally:
+        box.close()
+    return {
+        "rows": rows,
+        "latency_s": latency,
+        "concurrency": concurrency,
+        "bare_rows_per_s": round(rows / bare),
+        "batchllm_rows_per_s": round(rows / ours),
+        "ratio": round(bare / ours, 3),
+        "batchllm_wall_s": round(wall, 2),
+        "batchllm_peak_rss_mb": rss,
+        "ideal_rows_per_s": round(concurrency / latency) if latency else None,
+    }
+
+
+def journal_cost(rows: int) -> dict:
+    """rows/s with and without journal writes, in-process, same sandbox, same input."""
+    from batchllm import build_job, run_job
+    from batchllm.journal import Journal
+
+    box = Sandbox("--no-keep-log")
+    src = make_input(rows, f"jc-{rows}.csv")
+    spans = {}
+    try:
+        real_flush = Journal.flush
+        for mode in ("without", "with", "without ", "with "):
+            if mode.strip() == "without":
+                Journal.flush = lambda self: self._pending.clear()  # type: ignore[method-assign]
+            else:
+                Journal.flush = real_flush  # type: ignore[method-assign]
+            box.reset()
+            job = build_job(
+                {"input": str(src), "output": str(WORK / "jc.parquet"), "rpm": 0, "concurrency": 256, "restart": True, "progress": "none"},
+                environ={"DATAOORTS_ENDPOINT": box.url, "DATAOORTS_API_KEY": KEY},
+            )
+            os.environ["DATAOORTS_API_KEY"] = KEY
+            asyncio.run(run_job(job))
+            spans.setdefault(mode.strip(), []).append(box.span())
+        Journal.flush = real_flush  # type: ignore[method-assign]
+    finally:
+        box.close()
+    best = {k: min(v) for k, v in spans.items()}
+    return {
+        "rows": rows,
+        "rows_per_s_with_journal": round(rows / best["with"]),
+        "rows_per_s_without_journal": round(rows / best["without"]),
+        "ratio": round(best["without"] / best["with"], 3),
+    }
+
+
+def memory_and_resume(sizes: list[int]) -> dict:
+    box = Sandbox("--no-keep-log")
+    figures: dict = {}
+    try:
+        for rows in sizes:
+            src = make_input(rows, f"mem-{rows}.csv")
+            out = WORK / f"mem-{rows}.parquet"
+            code, wall, rss = run_batchllm(box, src, out, "--rpm", "0", "--concurrency", "256", "--restart")
+            assert code == 0, code
+            figures[f"peak_rss_mb_{rows}"] = rss
+            figures[f"wall_s_{rows}"] = round(wall, 1)
+        # Resume over the largest journal: 10 new rows appended; time to the first new request.
+        rows = sizes[-1]
+        src = WORK / f"mem-{rows}.csv"
+        with open(src, "a", newline="") as fh:
+            w = csv.writer(fh)
+            for i in range(rows, rows + 10):
+                w.writerow([f"id{i}", f"A new review {i}"])
+        box.reset()
+        started = time.time()
+        code, wall, rss = run_batchllm(box, src, WORK / f"mem-{rows}.parquet", "--rpm", "0")
+        assert code == 0, code
+        stats = box.stats()
+        figures["resume_rows_in_journal"] = rows
+        figures["resume_s_to_first_new_request"] = round(stats["first_at"] - started, 2)
+        figures["resume_requests_sent"] = stats["requests"]
+        figures["resume_wall_s"] = round(wall, 1)
+        figures["resume_peak_rss_mb"] = rss
+    finally:
+        box.close()
+    return figures
+
+
+def rate_limits() -> dict:
+    figures = {}
+    src = make_input(600, "rate.csv")
+    for rpm in ("1200", "auto"):
+        box = Sandbox("--rate-limit", "20")
+        try:
+            code, wall, _ = run_batchllm(box, src, WORK / f"rate-{rpm}.parquet", "--rpm", rpm, "--restart")
+            log = box.log()
+        finally:
+            box.close()
+        t0 = log[0][0]
+        ok = [t - t0 for t, s, _ in log if s == 200]
+        figures[f"rpm_{rpm}"] = {
+            "exit": code,
+            "ok": len(ok),
+            "429s": sum(1 for _, s, _ in log if s == 429),
+            "achieved_per_s": round(len(ok) / ok[-1], 2),
+            "share_of_limit": round(len(ok) / ok[-1] / 20, 3),
+        }
+    return figures
+
+
+def main() -> None:
+    which = sys.argv[1:] or ["throughput", "latency", "journal", "rates", "memory"]
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    if "throughput" in which:
+        results["zero_latency_20k"] = throughput(n(20_000), 0.0, 256)
+        print(json.dumps(results["zero_latency_20k"]), flush=True)
+    if "latency" in which:
+        results["latency_200ms_2000_in_flight"] = throughput(n(20_000), 0.2, 2000)
+        print(json.dumps(results["latency_200ms_2000_in_flight"]), flush=True)
+    if "journal" in which:
+        results["journal_cost"] = journal_cost(n(20_000))
+        print(json.dumps(results["journal_cost"]), flush=True)
+    if "rates" in which:
+        results["rate_limits"] = rate_limits()
+        print(json.dumps(results["rate_limits"]), flush=True)
+    if "memory" in which:
+        sizes = [n(20_000), n(200_000), n(1_000_000)]
+        results["memory_resume"] = memory_and_resume(sizes)
+        print(json.dumps(results["memory_resume"]), flush=True)
+    out = ROOT / "out" / "bench.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"figures written to {out}")
+    _ = resource  # rusage comes from os.wait4
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Rate limiting and fault tolerance end to end against the sandbox (issue 3)."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import prompts_csv, run_cli, write_csv
+
+LIMIT = 20  # requests/s enforced by the sandbox
+
+
+def _rate_figures(log: list[tuple[float, int, str]]) -> tuple[float, float, int]:
+    """(share of 429s, achieved ok rate / limit, most requests in any 1 s window of the first 5 s)."""
+    t0 = log[0][0]
+    times = [t - t0 for t, _, _ in log]
+    ok = [t - t0 for t, status, _ in log if status == 200]
+    throttled = sum(1 for _, status, _ in log if status == 429)
+    achieved = len(ok) / ok[-1] / LIMIT
+    first = max(bisect.bisect_left(times, a + 1.0) - i for i, a in enumerate(times) if a < 4.0)
+    return throttled / len(log), achieved, first
+
+
+@pytest.mark.parametrize(("rpm", "max_429", "min_rate"), [("1200", 0.01, 0.95), ("auto", 0.05, 0.85)])
+def test_rate_limit_is_held(sandbox_factory, tmp_path: Path, rpm: str, max_429: float, min_rate: float) -> None:
+    box = sandbox_factory(rate_limit=LIMIT)
+    src = prompts_csv(tmp_path / "in.csv", 600)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", rpm], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 600}
+    share_429, achieved, first_window = _rate_figures(box.log())
+    assert share_429 <= max_429
+    assert achieved >= min_rate, f"achieved {achieved:.1%} of the limit"
+    assert first_window <= LIMIT + 1  # +1: the sandbox's burst tolerance of one request
+
+
+def test_faults_lose_no_row(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(fail_5xx=0.05, fail_drop=0.01, fail_hang=0.01, fail_garbled=0.01, fail_3040=0.02, seed=3)
+    src = prompts_csv(tmp_path / "in.csv", 2000)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--timeout", "5", "--rpm", "0", "--concurrency", "64"], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    table = pq.read_table(out)
+    ids = table.column("id").to_pylist()
+    assert ids == [f"id{i}" for i in range(2000)]  # none missing, none duplicated, in order
+    assert Counter(table.column("status").to_pylist()) == {"ok": 2000}
+    stats = box.sandbox.stats
+    assert stats["500"] + stats["503"] > 0 and stats["429"] > 0 and stats["0"] > 0  # faults did happen
+    assert max(table.column("attempts").to_pylist()) > 1
+
+
+def test_rejected_rows_are_recorded_and_the_run_completes(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory()
+    rows = [{"prompt": f"fine {i}"} for i in range(20)]
+    rows[5]["prompt"] = "y" * 140_000  # over the API's 131,072 characters: refused before sending
+    rows[9]["prompt"] = "word " * 26_000  # over the 25,000-token window: refused before sending
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=box.env())
+    assert result.exit_code == 1
+    table = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in table].count("ok") == 18
+    assert "PromptTooLong" in table[5]["error"]
+    assert "ContextWindowExceeded" in table[9]["error"] and "25,000" in table[9]["error"]
+    assert box.count() == 18
+
+
+def test_api_rejections_are_recorded_with_the_api_message(sandbox_factory, tmp_path: Path) -> None:
+    """400 and 413 from the API itself (the client's own checks bypassed by a model the sandbox
+    windows smaller than the price table says) land on their rows with the API's message."""
+    from batchllm.pricing import Model
+
+    box = sandbox_factory()
+    small = dict(box.sandbox.models)
+    big = small["meta/llama-3.1-70b-instruct"]
+    small[big.name] = Model(big.name, big.input_price_per_million, big.output_price_per_million, 300)
+    box.sandbox.models = small
+    rows = [{"prompt": "short"}, {"prompt": "word " * 200}, {"prompt": "ok again"}]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--max-tokens", "150"], env=box.env())
+    assert result.exit_code == 1
+    table = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in table] == ["ok", "error", "ok"]
+    error = table[1]["error"]
+    assert error.startswith("FatalAPIError HTTP 413 code 5021: AiError: Ai: The estimated number of input")
+    assert table[1]["attempts"] == 1
+
+
+def test_wrong_key_stops_the_run(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory()
+    src = prompts_csv(tmp_path / "in.csv", 500)
+    out = tmp_path / "out.parquet"
+    env = {**box.env(), "DATAOORTS_API_KEY": "wrong-key-123456"}
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "8"], env=env)
+    assert result.exit_code == 4
+    assert box.count() <= 8
+    assert "DATAOORTS_API_KEY" in result.stderr
+    assert "wrong-key-123456" not in result.stderr
+    statuses = Counter(pq.read_table(out).column("status").to_pylist())
+    assert statuses == {"pending": 500}  # nothing recorded as failed: the rows were never really tried
+    # Fixed key: the run resumes and completes.
+    assert run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=box.env()).exit_code == 0
+
+
+def test_quota_stops_the_run_and_resumes(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(quota=50)
+    src = prompts_csv(tmp_path / "in.csv", 200)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4"]
+    result = run_cli(args, env=box.env())
+    assert result.exit_code == 4
+    assert "quota" in result.stderr.lower() or "allocation" in result.stderr
+    statuses = Counter(pq.read_table(out).column("status").to_pylist())
+    assert statuses["ok"] == 50 and statuses["error"] == 0
+    box.sandbox.config.quota = 0
+    assert run_cli(args, env=box.env()).exit_code == 0
+
+
+def test_too_many_errors_stop_the_run(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory()
+    src = prompts_csv(tmp_path / "in.csv", 400)
+    out = tmp_path / "out.parquet"
+    # An unknown model on the server side: every request is a 400/5007.
+    box.sandbox.models = {}
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4"], env=box.env())
+    assert result.exit_code == 4
+    assert "too many errors" in result.stderr
+    assert box.count() < 150
