@@ -343,7 +343,7 @@ async def start_sandbox(
 ) -> tuple[web.AppRunner, Sandbox, str]:
     """Start the sandbox in the running loop; returns (runner, sandbox, endpoint URL)."""
     sandbox = Sandbox(config)
-    runner = web.AppRunner(sandbox.app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(sandbox.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()

@@ -1,0 +1,155 @@
+"""Cron-ready jobs: job files, validate, incremental runs, the lock, --max-runtime, JSON logs (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import ROOT, prompts_csv, run_cli, spawn
+
+JOBS = sorted((ROOT / "jobs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
+def test_example_jobs_run_against_the_sandbox(sandbox, tmp_path: Path, job: Path) -> None:
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    args = ["run", "--job", str(job), "-o", str(out), "--summary-json", str(summary), "--rpm", "0"]
+    result = run_cli(args, env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(out).num_rows == 200
+    assert json.loads(summary.read_text())["exit_code"] == 0
+
+
+def test_validate_accepts_the_examples_and_names_bad_keys(tmp_path: Path) -> None:
+    result = run_cli(["validate", *map(str, JOBS)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("ok: ") == len(JOBS)
+    cases = {
+        "unknown.toml": ('colour = "blue"\n', "unknown key 'colour'"),
+        "type.toml": ('max_tokens = "lots"\n', "key 'max_tokens' must be an integer"),
+        "range.toml": ("temperature = 9\n", "key 'temperature' must be a number from 0 to 5"),
+    }
+    for name, (extra, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(f'input = "{ROOT / "sample_data/reviews.csv"}"\noutput = "o.parquet"\nprompt_column = "review"\n{extra}')
+        result = run_cli(["validate", str(path)])
+        assert result.exit_code == 2
+        assert name in result.stderr and message in result.stderr, result.stderr
+        run = run_cli(["run", "--job", str(path), "--sandbox"])
+        assert run.exit_code == 2 and message in run.stderr
+
+
+def test_flags_override_the_job_file(sandbox, tmp_path: Path) -> None:
+    job = tmp_path / "j.toml"
+    src = prompts_csv(tmp_path / "in.csv", 5)
+    job.write_text(f'input = "in.csv"\noutput = "o.parquet"\nmax_tokens = 4\n')
+    assert src.exists()
+    result = run_cli(["run", "--job", str(job), "--max-tokens", "3", "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(tmp_path / "o.parquet").column("completion_tokens").to_pylist() == [3] * 5
+
+
+def test_appending_rows_sends_only_the_new_ones(sandbox, tmp_path: Path) -> None:
+    src = prompts_csv(tmp_path / "in.csv", 100)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--id-column", "id", "--rpm", "0"]
+    assert run_cli(args, env=sandbox.env()).exit_code == 0
+    before = sandbox.count()
+    with open(src, "a") as fh:
+        for i in range(100, 150):
+            fh.write(f"id{i},Question number {i}: what is {i} + {i}?\n")
+    assert run_cli(args, env=sandbox.env()).exit_code == 0
+    assert sandbox.count() - before == 50
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [f"id{i}" for i in range(150)]
+    assert Counter(table.column("status").to_pylist()) == {"ok": 150}
+
+
+def test_changed_rows_rerun_only_with_refresh_changed(sandbox, tmp_path: Path) -> None:
+    src = prompts_csv(tmp_path / "in.csv", 10)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--id-column", "id", "--rpm", "0"]
+    assert run_cli(args, env=sandbox.env()).exit_code == 0
+    src.write_text(src.read_text().replace("Question number 3:", "Edited question 3:"))
+    before = sandbox.count()
+    result = run_cli(args, env=sandbox.env())
+    assert result.exit_code == 0 and sandbox.count() == before
+    assert "1 rows changed under the same --id-column value" in result.stderr
+    assert run_cli([*args, "--refresh-changed"], env=sandbox.env()).exit_code == 0
+    assert sandbox.count() == before + 1
+
+
+def test_one_run_at_a_time_and_stale_lock_takeover(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.5)
+    src = prompts_csv(tmp_path / "in.csv", 400)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "10"]
+    first = spawn(args, env=box.env())
+    lock = tmp_path / "out.parquet.batchllm" / "lock"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.05)
+    started = time.monotonic()
+    second = spawn(args, env=box.env())
+    _, err = second.communicate(timeout=10)
+    assert second.returncode == 75, err
+    assert time.monotonic() - started < 3  # exits at once (interpreter start included)
+    assert f"pid {first.pid}" in err
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=10)
+    third = spawn(args, env=box.env())
+    _, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err
+    assert "took over the lock" in err
+
+
+def test_max_runtime_exits_75_and_the_next_run_finishes(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=1.0)
+    src = prompts_csv(tmp_path / "in.csv", 300)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "20", "--grace", "3"]
+    started = time.monotonic()
+    result = run_cli([*args, "--max-runtime", "5s"], env=box.env())
+    assert result.exit_code == 75
+    assert time.monotonic() - started < 5 + 3 + 3
+    statuses = Counter(pq.read_table(out).column("status").to_pylist())
+    assert statuses["pending"] > 0 and statuses["ok"] > 0
+    result = run_cli([*args, "--concurrency", "300"], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 300}
+
+
+def test_json_logs_and_the_key_never_appears(sandbox_factory, tmp_path: Path) -> None:
+    key = "sk-DISTINCTIVE-7f3a9c2e1b"
+    box = sandbox_factory(api_key=key)
+    src = prompts_csv(tmp_path / "in.csv", 50)
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    args = ["run", str(src), "-o", str(out), "--log-format", "json", "--summary-json", str(summary), "--rpm", "0"]
+    proc = spawn(args, env=box.env())
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    events = [json.loads(line) for line in stderr.splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "summary"
+    assert events[-1]["exit_code"] == 0 and events[-1]["rows"]["ok"] == 50
+    assert json.loads(summary.read_text())["cost_usd"] == events[-1]["cost_usd"]
+    # A wrong key: the error is JSON too, and neither key is printed.
+    wrong_args = [a if a != str(out) else str(tmp_path / "out2.parquet") for a in args]
+    wrong = spawn(wrong_args, env={**box.env(), "DATAOORTS_API_KEY": "sk-WRONG-0000"})
+    _, err2 = wrong.communicate(timeout=60)
+    assert wrong.returncode == 4
+    assert all(json.loads(line) for line in err2.splitlines())
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written
+    for path in written:
+        data = path.read_bytes()
+        assert key.encode() not in data and b"sk-WRONG-0000" not in data, path
+    for text in (stdout, stderr, err2):
+        assert key not in text and "sk-WRONG-0000" not in text

@@ -1,0 +1,115 @@
+"""Pricing, token counting, job validation and prompt building: the pure pieces."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from batchllm.errors import JobError
+from batchllm.job import build_job, load_job_file, parse_duration
+from batchllm.pricing import format_usd, get_model, load_models, parse_usd, to_usd
+from batchllm.prompts import PromptBuilder, template_fields
+from batchllm.tokens import get_counter
+
+
+def test_page_example_cost_is_exact() -> None:
+    model = get_model("meta/llama-3.1-70b-instruct")
+    inp, out = model.cost_pico(27, 512)
+    assert format_usd(inp + out) == "$0.00018245"
+    assert Decimal(inp + out) / 10**12 == Decimal("0.00018245")
+    assert to_usd(inp + out) == 0.00018245
+
+
+def test_prices_as_data() -> None:
+    models = load_models()
+    assert models["meta/llama-3.1-8b-instruct"].context_window == 8000
+    assert models["meta/llama-3.1-8b-instruct"].input_price_per_million == Decimal("0.07")
+    with pytest.raises(JobError, match="unknown model"):
+        get_model("nope")
+
+
+def test_bad_price_table(tmp_path: Path) -> None:
+    p = tmp_path / "m.toml"
+    p.write_text('[models.x]\ninput_price_per_million = "0.0000001"\noutput_price_per_million = "1"\ncontext_window = 10\n')
+    with pytest.raises(JobError, match="6 decimal places"):
+        load_models(p)
+
+
+def test_sums_are_exact_over_many_rows() -> None:
+    model = get_model("meta/llama-3.1-70b-instruct")
+    total = sum(sum(model.cost_pico(13, 7)) for _ in range(1_000_000))
+    assert format_usd(total) == "$6.41"
+    assert parse_usd("$1.50") == 1_500_000_000_000
+
+
+def test_token_count_matches_the_page() -> None:
+    counter = get_counter()
+    assert counter.exact
+    assert counter.count("What is Deep Learning", "You are an expert deep learning engineer") == 27
+    assert counter.texts_tokens(["What is Deep Learning", "hi"]) == [counter.text_tokens("What is Deep Learning"), counter.text_tokens("hi")]
+
+
+def test_job_ranges_and_messages() -> None:
+    base = {"input": "a.csv", "output": "o.parquet"}
+    for key, value, message in [
+        ("temperature", 5.5, "--temperature must be a number from 0 to 5"),
+        ("top_k", 0, "--top-k must be an integer from 1 to 50"),
+        ("seed", 0, "--seed must be an integer from 1 to 1e+10"),
+        ("concurrency", 0, "--concurrency must be an integer"),
+        ("rpm", "fast", "--rpm must be an integer"),
+        ("max_runtime", "soon", "--max-runtime must be a duration"),
+        ("max_error_rate", 2, "--max-error-rate must be a number from 0 to 1"),
+    ]:
+        with pytest.raises(JobError, match=message.replace("+", r"\+")):
+            build_job({**base, key: value})
+    job = build_job({**base, "rpm": "auto", "max_runtime": "1h30m", "max_cost": "2.50"})
+    assert job.rpm is None and job.max_runtime == 5400 and job.max_cost_pico == 2_500_000_000_000
+    assert build_job({**base, "rpm": 0}).rpm == 0
+    assert parse_duration("5s") == 5 and parse_duration(90) == 90
+
+
+def test_job_file_keys_types_and_paths(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    good = jobs / "good.toml"
+    good.write_text('input = "../data/in.csv"\noutput = "../out/o.parquet"\nmax_tokens = 16\n')
+    values = load_job_file(good)
+    assert values["input"] == str(tmp_path / "data" / "in.csv")
+    bad = jobs / "bad.toml"
+    bad.write_text('input = "a.csv"\noutput = "o.parquet"\ncolour = "blue"\n')
+    with pytest.raises(JobError, match=r"bad.toml: unknown key 'colour'"):
+        load_job_file(bad)
+    typed = jobs / "typed.toml"
+    typed.write_text('input = "a.csv"\noutput = "o.parquet"\nmax_tokens = "many"\n')
+    with pytest.raises(JobError, match=r"typed.toml: key 'max_tokens' must be an integer"):
+        build_job(load_job_file(typed), job_file=typed)
+    secret = jobs / "secret.toml"
+    secret.write_text('input = "a.csv"\noutput = "o.parquet"\napi_key = "sk-123"\n')
+    with pytest.raises(JobError, match="must not hold the key") as info:
+        load_job_file(secret)
+    assert "sk-123" not in str(info.value)
+
+
+def test_template_fields_and_rendering() -> None:
+    assert template_fields("Classify {review} from {product} ({review})") == ["review", "product"]
+    with pytest.raises(JobError):
+        template_fields("bad {")
+    job = build_job({"input": "a.csv", "output": "o.parquet", "template": "{a} and {{literal}} {b:>3}"})
+    builder = PromptBuilder(job, ["a", "b"], "a.csv")
+    batch = pa.record_batch({"a": ["x", None], "b": [1, 22]})
+    assert builder.users(batch) == ["x and {literal}   1", " and {literal}  22"]
+    with pytest.raises(JobError, match="no column 'c'"):
+        PromptBuilder(build_job({"input": "a.csv", "output": "o.parquet", "template": "{c}"}), ["a"], "a.csv")
+
+
+def test_row_ids_are_stable_and_content_sensitive() -> None:
+    job = build_job({"input": "a.csv", "output": "o.parquet"})
+    builder = PromptBuilder(job, ["prompt"], "a.csv")
+    first = builder.build(pa.record_batch({"prompt": ["a", "b", "c"]}), 0)
+    again = builder.build(pa.record_batch({"prompt": ["a", "b", "c", "d"]}), 0)
+    edited = builder.build(pa.record_batch({"prompt": ["a", "B", "c"]}), 0)
+    assert again.row_ids[:3] == first.row_ids
+    assert edited.row_ids[0] == first.row_ids[0] and edited.row_ids[1] != first.row_ids[1]
