@@ -28,7 +28,11 @@ def _fail(message: str, code: int = ExitCode.USAGE) -> int:
     return code
 
 
-@click.group(context_settings=CONTEXT, epilog=EXIT_CODE_TABLE.replace("\n", "\n\n") + "\n\nExample:\n\n  batchllm run sample_data/reviews.csv -o out/reviews.parquet --template 'Classify: {review}' --sandbox")
+@click.group(
+    context_settings=CONTEXT,
+    epilog=EXIT_CODE_TABLE.replace("\n", "\n\n")
+    + "\n\nExample:\n\n  batchllm run sample_data/reviews.csv -o out/reviews.parquet --template 'Classify: {review}' --sandbox",
+)
 @click.version_option(__version__, prog_name="batchllm")
 def cli() -> None:
     """Run a file of prompts through an LLM API: resumable, rate-limited, exactly costed.
@@ -41,17 +45,34 @@ def cli() -> None:
 # --- run --------------------------------------------------------------------------------------
 
 _PROMPT_OPTIONS = [
-    click.option("--input-format", type=click.Choice(["csv", "parquet"]), help="Input format, when the extension does not say."),
+    click.option(
+        "--input-format",
+        type=click.Choice(["csv", "parquet"]),
+        help="Input format, when the extension does not say.",
+    ),
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
     click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
-    click.option("--template-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the template from a file."),
+    click.option(
+        "--template-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Read the template from a file.",
+    ),
     click.option("--system", help="System prompt sent with every row."),
-    click.option("--model", help="Model name (see `batchllm models`).  [default: meta/llama-3.1-70b-instruct]"),
+    click.option(
+        "--model", help="Model name (see `batchllm models`).  [default: meta/llama-3.1-70b-instruct]"
+    ),
     click.option("--max-tokens", type=int, help="Most completion tokens per row.  [default: 256]"),
 ]
 _RUN_OPTIONS = [
-    click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML job file (see jobs/); flags override it."),
-    click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output Parquet file."),
+    click.option(
+        "--job",
+        "job_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML job file (see jobs/); flags override it.",
+    ),
+    click.option(
+        "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output Parquet file."
+    ),
     *_PROMPT_OPTIONS,
     click.option("--id-column", help="Column with a stable, unique id per row (enables incremental runs)."),
     click.option("--temperature", type=float, help="0 to 5."),
@@ -61,27 +82,64 @@ _RUN_OPTIONS = [
     click.option("--repetition-penalty", type=float, help="0 to 2."),
     click.option("--frequency-penalty", type=float, help="0 to 2."),
     click.option("--presence-penalty", type=float, help="0 to 2."),
-    click.option("--endpoint", help="API URL.  [env: DATAOORTS_ENDPOINT; default: https://cloud.dataoorts.com/api/v1]"),
+    click.option(
+        "--endpoint", help="API URL.  [env: DATAOORTS_ENDPOINT; default: https://cloud.dataoorts.com/api/v1]"
+    ),
     click.option("--api-key-env", help="Environment variable holding the key.  [default: DATAOORTS_API_KEY]"),
-    click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the key from this file."),
-    click.option("--sandbox", is_flag=True, default=None, help="Use the built-in emulator: no key, no network."),
+    click.option(
+        "--api-key-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the key from this file."
+    ),
+    click.option(
+        "--sandbox", is_flag=True, default=None, help="Use the built-in emulator: no key, no network."
+    ),
     click.option("--concurrency", type=int, help="Requests in flight at most.  [default: 128]"),
-    click.option("--rpm", help="Requests/min: a number (hard ceiling), 0 (off), or auto (adaptive).  [default: auto]"),
-    click.option("--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."),
+    click.option(
+        "--rpm", help="Requests/min: a number (hard ceiling), 0 (off), or auto (adaptive).  [default: auto]"
+    ),
+    click.option(
+        "--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."
+    ),
     click.option("--max-attempts", type=int, help="Attempts per row for transient failures.  [default: 6]"),
     click.option("--timeout", type=float, help="Seconds per request.  [default: 120]"),
-    click.option("--max-error-rate", type=float, help="Stop when this share of the last --error-window rows failed.  [default: 0.5]"),
+    click.option(
+        "--max-error-rate",
+        type=float,
+        help="Stop when this share of the last --error-window rows failed.  [default: 0.5]",
+    ),
     click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
     click.option("--max-cost", help="Dollar cap on what this output may cost in all (exit 3 when reached)."),
     click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
-    click.option("--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"),
-    click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), help="Journal folder.  [default: OUTPUT.batchllm/]"),
-    click.option("--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."),
+    click.option(
+        "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"
+    ),
+    click.option(
+        "--checkpoint",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Journal folder.  [default: OUTPUT.batchllm/]",
+    ),
+    click.option(
+        "--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."
+    ),
     click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
-    click.option("--refresh-changed", is_flag=True, default=None, help="Re-send rows whose prompt changed under the same --id-column value."),
-    click.option("--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object per line on stderr."),
-    click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), help="Also write the final summary to this file."),
-    click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), help="Progress display.  [default: auto]"),
+    click.option(
+        "--refresh-changed",
+        is_flag=True,
+        default=None,
+        help="Re-send rows whose prompt changed under the same --id-column value.",
+    ),
+    click.option(
+        "--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object per line on stderr."
+    ),
+    click.option(
+        "--summary-json",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Also write the final summary to this file.",
+    ),
+    click.option(
+        "--progress",
+        type=click.Choice(["auto", "bar", "lines", "none"]),
+        help="Progress display.  [default: auto]",
+    ),
 ]
 
 
@@ -94,7 +152,9 @@ def _apply(options: list[Any]) -> Any:
     return decorate
 
 
-def _collect(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) -> tuple[dict[str, Any], Path | None, frozenset[str]]:
+def _collect(
+    ctx: click.Context, input_path: Path | None, params: dict[str, Any]
+) -> tuple[dict[str, Any], Path | None, frozenset[str]]:
     """Merge the job file (if any) with the flags actually given on the command line."""
     job_file = params.pop("job_file", None)
     values: dict[str, Any] = load_job_file(job_file) if job_file is not None else {}
@@ -111,7 +171,11 @@ def _collect(ctx: click.Context, input_path: Path | None, params: dict[str, Any]
     return values, job_file, frozenset(given)
 
 
-@cli.command("run", context_settings=CONTEXT, epilog=EXIT_CODE_TABLE.replace("\n", "\n\n") + """
+@cli.command(
+    "run",
+    context_settings=CONTEXT,
+    epilog=EXIT_CODE_TABLE.replace("\n", "\n\n")
+    + """
 
 Examples:
 
@@ -119,8 +183,11 @@ Examples:
 
   DATAOORTS_API_KEY=... batchllm run prompts.parquet -o out.parquet --max-cost 5
 
-  batchllm run --job jobs/label_reviews.toml""")
-@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path))
+  batchllm run --job jobs/label_reviews.toml""",
+)
+@click.argument(
+    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
+)
 @_apply(_RUN_OPTIONS)
 @click.pass_context
 def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
@@ -170,32 +237,141 @@ def _report_error(exc: BatchLLMError, log_format: str) -> int:
     return _fail(str(exc), exc.exit_code)
 
 
+# --- estimate ---------------------------------------------------------------------------------
+
+
+@cli.command(
+    "estimate",
+    context_settings=CONTEXT,
+    epilog="""Example:
+
+  batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --max-tokens 16
+
+  batchllm estimate prompts.csv --system 'You are an expert deep learning engineer' --max-tokens 512 --format json""",
+)
+@click.argument(
+    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Take the prompt settings from a job file.",
+)
+@_apply(_PROMPT_OPTIONS)
+@click.option("--rpm", help="Requests/min to time the batch at.  [default: 300, the provider's limit]")
+@click.option("--tpm", type=int, help="Tokens/min to time the batch at.")
+@click.option(
+    "--from-run",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Expected cost from a previous run's output.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True
+)
+@click.pass_context
+def estimate_cmd(
+    ctx: click.Context, input_path: Path | None, from_run: Path | None, fmt: str, **params: Any
+) -> int:
+    """What running INPUT would cost: exact prompt tokens, worst case, expected, and time."""
+    from .estimate import estimate, format_estimate
+
+    try:
+        values, job_file, given = _collect(ctx, input_path, params)
+        values.setdefault("output", "estimate.parquet")
+        job = build_job(values, job_file=job_file, flag_names=given)
+        click.echo(format_estimate(estimate(job, from_run), fmt))
+    except BatchLLMError as exc:
+        return _fail(str(exc), exc.exit_code)
+    return 0
+
+
 # --- sandbox ----------------------------------------------------------------------------------
 
 
-@cli.command("sandbox", context_settings=CONTEXT, epilog="""Example:
+@cli.command(
+    "sandbox",
+    context_settings=CONTEXT,
+    epilog="""Example:
 
   batchllm sandbox --port 8787 --api-key test-key --latency 0.2 --rate-limit 20
 
-  DATAOORTS_ENDPOINT=http://127.0.0.1:8787/api/v1 DATAOORTS_API_KEY=test-key batchllm run sample_data/reviews.csv -o out/r.parquet --template 'Classify: {review}'""")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only is wise).")
+  DATAOORTS_ENDPOINT=http://127.0.0.1:8787/api/v1 DATAOORTS_API_KEY=test-key batchllm run sample_data/reviews.csv -o out/r.parquet --template 'Classify: {review}'""",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only is wise)."
+)
 @click.option("--port", default=8787, show_default=True, type=int, help="Port; 0 picks a free one.")
-@click.option("--api-key", envvar="BATCHLLM_SANDBOX_KEY", help="Key clients must send.  [env: BATCHLLM_SANDBOX_KEY; default: random, printed]")
+@click.option(
+    "--api-key",
+    envvar="BATCHLLM_SANDBOX_KEY",
+    help="Key clients must send.  [env: BATCHLLM_SANDBOX_KEY; default: random, printed]",
+)
 @click.option("--latency", default=0.0, type=float, show_default=True, help="Seconds before each reply.")
-@click.option("--latency-per-token", default=0.0, type=float, show_default=True, help="Extra seconds per completion token.")
+@click.option(
+    "--latency-per-token",
+    default=0.0,
+    type=float,
+    show_default=True,
+    help="Extra seconds per completion token.",
+)
 @click.option("--jitter", default=0.0, type=float, show_default=True, help="+/- fraction of the latency.")
-@click.option("--reply-tokens", default="8-64", show_default=True, help="Natural reply length range in tokens (cut at max_tokens).")
-@click.option("--rate-limit", default=0.0, type=float, show_default=True, help="Requests/second before 429/3040; 0 = none.")
-@click.option("--rate-burst", default=2, type=int, show_default=True, help="Requests allowed back to back under --rate-limit.")
-@click.option("--quota", default=0, type=int, show_default=True, help="Successful requests before 429/3036 (quota used up); 0 = none.")
-@click.option("--fail-5xx", default=0.0, type=float, show_default=True, help="Share of requests answered 500/503.")
+@click.option(
+    "--reply-tokens",
+    default="8-64",
+    show_default=True,
+    help="Natural reply length range in tokens (cut at max_tokens).",
+)
+@click.option(
+    "--rate-limit",
+    default=0.0,
+    type=float,
+    show_default=True,
+    help="Requests/second before 429/3040; 0 = none.",
+)
+@click.option(
+    "--rate-burst",
+    default=2,
+    type=int,
+    show_default=True,
+    help="Requests allowed back to back under --rate-limit.",
+)
+@click.option(
+    "--quota",
+    default=0,
+    type=int,
+    show_default=True,
+    help="Successful requests before 429/3036 (quota used up); 0 = none.",
+)
+@click.option(
+    "--fail-5xx", default=0.0, type=float, show_default=True, help="Share of requests answered 500/503."
+)
 @click.option("--fail-drop", default=0.0, type=float, show_default=True, help="Share of connections dropped.")
-@click.option("--fail-hang", default=0.0, type=float, show_default=True, help="Share of requests never answered.")
-@click.option("--fail-garbled", default=0.0, type=float, show_default=True, help="Share of replies cut in half.")
-@click.option("--fail-3040", default=0.0, type=float, show_default=True, help="Share answered 429/3040 without Retry-After.")
+@click.option(
+    "--fail-hang", default=0.0, type=float, show_default=True, help="Share of requests never answered."
+)
+@click.option(
+    "--fail-garbled", default=0.0, type=float, show_default=True, help="Share of replies cut in half."
+)
+@click.option(
+    "--fail-3040",
+    default=0.0,
+    type=float,
+    show_default=True,
+    help="Share answered 429/3040 without Retry-After.",
+)
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
-@click.option("--keep-log/--no-keep-log", default=True, show_default=True, help="Keep the request log behind GET /_sandbox/log.")
-@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), help="Write the bound port here once listening.")
+@click.option(
+    "--keep-log/--no-keep-log",
+    default=True,
+    show_default=True,
+    help="Keep the request log behind GET /_sandbox/log.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound port here once listening.",
+)
 def sandbox_cmd(port_file: Path | None, host: str, port: int, reply_tokens: str, **options: Any) -> int:
     """Serve a local emulator of the Dataoorts API (CONTRACT.md) until interrupted."""
     from .sandbox import SandboxConfig, start_sandbox
@@ -247,7 +423,9 @@ def models_cmd() -> int:
 
     click.echo(f"{'model':<32} {'input $/M':>10} {'output $/M':>11} {'window':>8}")
     for m in load_models().values():
-        click.echo(f"{m.name:<32} {m.input_price_per_million!s:>10} {m.output_price_per_million!s:>11} {m.context_window:>8,}")
+        click.echo(
+            f"{m.name:<32} {m.input_price_per_million!s:>10} {m.output_price_per_million!s:>11} {m.context_window:>8,}"
+        )
     return 0
 
 
@@ -277,7 +455,9 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
             prepared = prepare(job)
         except BatchLLMError as exc:
             bad += 1
-            click.echo(f"invalid: {exc}" if str(exc).startswith(str(path)) else f"invalid: {path}: {exc}", err=True)
+            click.echo(
+                f"invalid: {exc}" if str(exc).startswith(str(path)) else f"invalid: {path}: {exc}", err=True
+            )
             continue
         click.echo(f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, model {job.model})")
     return ExitCode.USAGE if bad else 0

@@ -11,7 +11,6 @@ includes headers, so it cannot leak into a row's ``error`` or a log line.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from collections.abc import Mapping
@@ -121,9 +120,7 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
     return Completion(result["response"], prompt, completion)
 
 
-def _raise_for(
-    status: int, code: int | str | None, message: str, retry_after: float | None
-) -> Completion:
+def _raise_for(status: int, code: int | str | None, message: str, retry_after: float | None) -> Completion:
     message = message[:_MAX_MESSAGE]
     if status in (401, 403) or code in AUTH_CODES:
         raise RunStopError(message, status, code)
@@ -173,7 +170,7 @@ class Client:
                 return parse_response(resp.status, resp.headers, raw)
         except APIError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RetryableAPIError(f"no response within {self._timeout:g} s (timeout)") from None
         except aiohttp.ClientResponseError as exc:
             raise RetryableAPIError(f"bad HTTP response: {exc.message}", exc.status) from None

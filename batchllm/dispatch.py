@@ -236,7 +236,9 @@ class Dispatcher:
                 return 0
             return self._record_ok(item, completion, attempt, (time.perf_counter() - t0) * 1000.0, tokens)
 
-    def _record_ok(self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int) -> int:
+    def _record_ok(
+        self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
+    ) -> int:
         prompt_tokens = c.prompt_tokens
         if prompt_tokens is None:
             prompt_tokens = item.prompt_tokens

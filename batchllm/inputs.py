@@ -66,12 +66,13 @@ class InputFile:
     def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         try:
             parquet = pq.ParquetFile(self.path)
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                yield batch
+            yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise JobError(f"{self.path}: cannot read Parquet data ({_first_line(exc)})") from None
 
-    def _open_csv(self, columns: list[str] | None, bad_rows: list[pacsv.InvalidRow]) -> pacsv.CSVStreamingReader:
+    def _open_csv(
+        self, columns: list[str] | None, bad_rows: list[pacsv.InvalidRow]
+    ) -> pacsv.CSVStreamingReader:
         def on_invalid(row: pacsv.InvalidRow) -> str:
             bad_rows.append(row)
             return "error"

@@ -288,9 +288,7 @@ def load_job_file(path: Path) -> dict[str, Any]:
         )
     unknown = sorted(set(raw) - set(_PARSERS))
     if unknown:
-        raise JobError(
-            f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_PARSERS))}"
-        )
+        raise JobError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_PARSERS))}")
     for key in _PATH_KEYS & set(raw):
         if isinstance(raw[key], str):
             raw[key] = os.path.normpath(path.parent / Path(raw[key]).expanduser())

@@ -16,6 +16,7 @@ refused (``SettingsMismatch``) unless it passes ``--restart``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import time
@@ -167,10 +168,8 @@ class Journal:
 
     def close(self) -> None:
         self.flush()
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error:
-            pass
         self.conn.close()
 
     # -- reading -----------------------------------------------------------------------------

@@ -41,7 +41,9 @@ class RunLock:
         if previous:
             self.took_over_from = previous
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n".encode(), 0
+        )
         self._fd = fd
         return self
 

@@ -120,7 +120,9 @@ def write_output(
     return totals
 
 
-def _result_columns(row_ids: list[str], records: dict[str, tuple[Any, ...]], max_tokens: int, totals: Totals) -> list[pa.Array]:
+def _result_columns(
+    row_ids: list[str], records: dict[str, tuple[Any, ...]], max_tokens: int, totals: Totals
+) -> list[pa.Array]:
     n = len(row_ids)
     cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_NAMES}
     cols["row_id"] = row_ids

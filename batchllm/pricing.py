@@ -97,9 +97,7 @@ def get_model(name: str, models: dict[str, Model] | None = None) -> Model:
         return models[name]
     except KeyError:
         known = ", ".join(sorted(models))
-        raise JobError(
-            f"unknown model {name!r}: batchllm knows {known} (see `batchllm models`)"
-        ) from None
+        raise JobError(f"unknown model {name!r}: batchllm knows {known} (see `batchllm models`)") from None
 
 
 def to_usd(pico: int) -> float:

@@ -47,7 +47,9 @@ class Reporter:
             + f"; model {info['model']}; output {info['output']}"
         )
         if self.mode == "bar":
-            self._bar = tqdm(total=self._total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=self._total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1
+            )
         self._last_line = time.monotonic()
 
     def progress(self, snap: dict[str, Any]) -> None:

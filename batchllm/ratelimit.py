@@ -25,6 +25,7 @@ Clock and sleep are injectable, so tests drive the limiter and the backoff witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -112,10 +113,8 @@ class RateLimiter:
                 # Woken and cancelled at once: the slot was taken; nothing to give back safely.
                 pass
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove((future, tokens))
-                except ValueError:
-                    pass
             raise
 
     def _arm(self) -> None:

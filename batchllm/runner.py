@@ -29,9 +29,8 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .budget import Budget
-from .client import Client
+from .client import QUOTA_CODES, Client
 from .dispatch import Dispatcher, StopReason, WorkItem
-from .client import QUOTA_CODES
 from .errors import ExitCode, JobError, RunStopError
 from .inputs import InputFile
 from .job import MAX_CONTENT_CHARS, PROVIDER_RPM, Job, resolve_api_key
@@ -76,7 +75,9 @@ def prepare(job: Job) -> Prepared:
     """Check the job against its input: model, file, columns, ids. Raises ``JobError``."""
     model = get_model(job.model)
     if job.max_tokens >= model.context_window:
-        raise JobError(f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of {model.context_window:,} tokens")
+        raise JobError(
+            f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of {model.context_window:,} tokens"
+        )
     source = InputFile(job.input, job.input_format)
     builder = PromptBuilder(job, source.columns, str(job.input))
     check_no_clash(source.columns, str(job.input))
@@ -130,7 +131,9 @@ class Run:
 
     # -- the plan: which rows to send, lazily, a batch at a time ----------------------------
 
-    def _decide(self, journal: Journal) -> Iterator[tuple[int, list[str], list[str], list[str | None], list[int]]]:
+    def _decide(
+        self, journal: Journal
+    ) -> Iterator[tuple[int, list[str], list[str], list[str | None], list[int]]]:
         """Per input batch: its start, ids, hashes, prompts, and the indexes of rows to send."""
         job, builder = self.job, self.p.builder
         position = shared = changed_kept = 0
@@ -206,7 +209,10 @@ class Run:
                 user = texts[i]
                 if user is None:
                     dispatcher.record_rejected(
-                        row_ids[i], hashes[i], "NoPrompt", f"column {column!r} is null in row {start + i + 1} (not sent)"
+                        row_ids[i],
+                        hashes[i],
+                        "NoPrompt",
+                        f"column {column!r} is null in row {start + i + 1} (not sent)",
                     )
                     continue
                 if len(user) > MAX_CONTENT_CHARS:
@@ -245,12 +251,19 @@ class Run:
         lock.acquire(self.command)
         try:
             if lock.took_over_from:
-                self.warn(f"took over the lock left by a run that is no longer running ({lock.took_over_from})")
+                self.warn(
+                    f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
+                )
             journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
             self.journal = journal
             journal.set_meta(
                 "last_run",
-                {"command": self.command, "input": str(job.input), "input_rows": self.p.rows, "started_at": started_at},
+                {
+                    "command": self.command,
+                    "input": str(job.input),
+                    "input_rows": self.p.rows,
+                    "started_at": started_at,
+                },
             )
             try:
                 return await self._execute(journal, sandbox, started_at)
@@ -318,7 +331,9 @@ class Run:
             await asyncio.sleep(self.reporter.interval)
             self.reporter.progress(snapshot(dispatcher))
 
-    def _finish(self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float) -> RunResult:
+    def _finish(
+        self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float
+    ) -> RunResult:
         job = self.job
         reason = dispatcher.stop_reason
         if reason is StopReason.BUDGET:
@@ -358,7 +373,11 @@ class Run:
                 f"the API says the quota is used up ({exc.describe()}); rows not yet sent stay "
                 "pending: run the same command again once the quota resets or is raised"
             )
-        source = f"--api-key-file {job.api_key_file}" if job.api_key_file else f"the environment variable {job.api_key_env}"
+        source = (
+            f"--api-key-file {job.api_key_file}"
+            if job.api_key_file
+            else f"the environment variable {job.api_key_env}"
+        )
         return (
             f"the API rejected the key ({exc.describe()}): check {source}, then run the same "
             "command again to resume"
@@ -477,7 +496,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}"
         )
-        lines.append(f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); this run ${summary['this_run']['cost_usd']}")
+        lines.append(
+            f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); this run ${summary['this_run']['cost_usd']}"
+        )
     t = summary["this_run"]
     lines.append(
         f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "

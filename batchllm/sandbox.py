@@ -54,14 +54,80 @@ _RANGES: dict[str, tuple[type, float, float]] = {
 }
 # Each is a single Llama 3 token both as " word" and as "Word" (checked by the tests), so a reply
 # of n words is exactly n completion tokens.
-_WORDS = (
-    "the data model system value result process first answer review product quality service "
-    "price good great poor simple clear strong small large fast slow better common general local "
-    "final total overall rating customer order delivery support design feature battery screen "
-    "sound size color material experience issue problem solution option level point part case "
-    "example report summary sample label class category positive negative neutral because while "
-    "however also very quite rather often usually"
-).split()
+_WORDS = [
+    "the",
+    "data",
+    "model",
+    "system",
+    "value",
+    "result",
+    "process",
+    "first",
+    "answer",
+    "review",
+    "product",
+    "quality",
+    "service",
+    "price",
+    "good",
+    "great",
+    "poor",
+    "simple",
+    "clear",
+    "strong",
+    "small",
+    "large",
+    "fast",
+    "slow",
+    "better",
+    "common",
+    "general",
+    "local",
+    "final",
+    "total",
+    "overall",
+    "rating",
+    "customer",
+    "order",
+    "delivery",
+    "support",
+    "design",
+    "feature",
+    "battery",
+    "screen",
+    "sound",
+    "size",
+    "color",
+    "material",
+    "experience",
+    "issue",
+    "problem",
+    "solution",
+    "option",
+    "level",
+    "point",
+    "part",
+    "case",
+    "example",
+    "report",
+    "summary",
+    "sample",
+    "label",
+    "class",
+    "category",
+    "positive",
+    "negative",
+    "neutral",
+    "because",
+    "while",
+    "however",
+    "also",
+    "very",
+    "quite",
+    "rather",
+    "often",
+    "usually",
+]
 
 
 @dataclass
@@ -134,7 +200,9 @@ class Sandbox:
         self.models = models or load_models()
         self.counter = get_counter()
         self.rng = random.Random(self.config.seed)
-        self.limiter = _Gcra(self.config.rate_limit, self.config.rate_burst) if self.config.rate_limit > 0 else None
+        self.limiter = (
+            _Gcra(self.config.rate_limit, self.config.rate_burst) if self.config.rate_limit > 0 else None
+        )
         self.stats: Counter[str] = Counter()
         self.log: list[tuple[float, int, str]] = []  # (time, status, hash of the last user message)
         self.bodies: list[bytes] = []
@@ -220,7 +288,11 @@ class Sandbox:
             return None
         if fault == "5xx":
             status = self.rng.choice((500, 503))
-            return web.Response(status=status, text=f"<html><body>{status} upstream error</body></html>", content_type="text/html")
+            return web.Response(
+                status=status,
+                text=f"<html><body>{status} upstream error</body></html>",
+                content_type="text/html",
+            )
         if fault == "3040":
             return _error(429, 3040, "AiError: Capacity temporarily exceeded, please try again.")
 
@@ -268,13 +340,19 @@ class Sandbox:
             "messages": [],
             "result": {
                 "response": text,
-                "usage": {"completion_tokens": n, "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n},
+                "usage": {
+                    "completion_tokens": n,
+                    "prompt_tokens": prompt_tokens,
+                    "total_tokens": prompt_tokens + n,
+                },
             },
             "success": True,
         }
         encoded = orjson.dumps(result, option=orjson.OPT_SORT_KEYS)
         if fault == "garbled":
-            return web.Response(status=200, body=encoded[: len(encoded) // 2], content_type="application/json")
+            return web.Response(
+                status=200, body=encoded[: len(encoded) // 2], content_type="application/json"
+            )
         return web.Response(status=200, body=encoded, content_type="application/json")
 
     def _fault(self) -> str | None:
@@ -331,7 +409,11 @@ def _validate(data: dict[str, Any]) -> str | None:
         if name not in data:
             continue
         value = data[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not isinstance(value, int))
+        ):
             return f"Type mismatch of '/{name}', '{type(value).__name__}' not in '{kind.__name__}'"
         if not lo <= value <= hi:
             return f"Value of '/{name}' must be between {lo:g} and {hi:g}, got {value}"

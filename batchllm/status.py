@@ -32,7 +32,9 @@ def status_text(path: Path) -> str:
         journal.conn.close()
     lines = [f"journal: {directory}"]
     total_rows = run.get("input_rows")
-    remaining = f", {max(0, total_rows - t['ok'] - t['error']):,} remaining of {total_rows:,}" if total_rows else ""
+    remaining = (
+        f", {max(0, total_rows - t['ok'] - t['error']):,} remaining of {total_rows:,}" if total_rows else ""
+    )
     lines.append(f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error){remaining}")
     lines.append(
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
@@ -40,7 +42,9 @@ def status_text(path: Path) -> str:
     )
     if t["last_written"]:
         ago = time.time() - t["last_written"]
-        lines.append(f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t['last_written']))} ({ago:,.0f} s ago)")
+        lines.append(
+            f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t['last_written']))} ({ago:,.0f} s ago)"
+        )
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
     if run.get("command"):

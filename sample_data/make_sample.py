@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).parent
 PRODUCTS = [
     ("kitchen", "Blender Pro 900"),
-    ("kitchen", "Cast-iron skillet, 12\""),
+    ("kitchen", 'Cast-iron skillet, 12"'),
     ("electronics", "Noise-cancelling headphones"),
     ("electronics", "USB-C charger 65W"),
     ("home", "Memory foam pillow"),
@@ -23,7 +23,12 @@ PRODUCTS = [
     ("outdoors", "Insulated water bottle"),
 ]
 OPENINGS = {
-    5: ["Absolutely love it.", "Best purchase this year!", "Exceeded my expectations.", "Five stars, no question."],
+    5: [
+        "Absolutely love it.",
+        "Best purchase this year!",
+        "Exceeded my expectations.",
+        "Five stars, no question.",
+    ],
     4: ["Really good overall.", "Works well, with one small gripe.", "Solid value for the price."],
     3: ["It's okay.", "Mixed feelings about this one.", "Does the job, nothing more."],
     2: ["Disappointed, honestly.", "Not what I hoped for.", "Had problems from day one."],
@@ -64,7 +69,15 @@ def main() -> None:
         else:
             details = rng.sample(DETAILS, rng.randint(1, 3))
             text = f"{rng.choice(OPENINGS[rating])} {', '.join(details).capitalize()}."
-        rows.append({"review_id": f"R{1000 + i}", "product": product, "category": category, "rating": rating, "review": text})
+        rows.append(
+            {
+                "review_id": f"R{1000 + i}",
+                "product": product,
+                "category": category,
+                "rating": rating,
+                "review": text,
+            }
+        )
     with open(HERE / "reviews.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -137,7 +137,13 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def prompts_csv(path: Path, n: int, start: int = 0) -> Path:
-    return write_csv(path, [{"id": f"id{i}", "prompt": f"Question number {i}: what is {i} + {i}?"} for i in range(start, start + n)])
+    return write_csv(
+        path,
+        [
+            {"id": f"id{i}", "prompt": f"Question number {i}: what is {i} + {i}?"}
+            for i in range(start, start + n)
+        ],
+    )
 
 
 def read_output(path: Path) -> pa.Table:

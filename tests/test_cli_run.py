@@ -21,7 +21,9 @@ TEMPLATE = "Classify the sentiment of this review as positive, negative or neutr
 
 def test_sample_run_costs_and_totals(sandbox, tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
-    result = run_cli(["run", str(SAMPLE), "-o", str(out), "--template", TEMPLATE, "--rpm", "0"], env=sandbox.env())
+    result = run_cli(
+        ["run", str(SAMPLE), "-o", str(out), "--template", TEMPLATE, "--rpm", "0"], env=sandbox.env()
+    )
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     source = pq.read_table(ROOT / "sample_data" / "reviews.parquet")
@@ -31,7 +33,9 @@ def test_sample_run_costs_and_totals(sandbox, tmp_path: Path) -> None:
     rows = table.to_pylist()
     assert all(r["status"] == "ok" for r in rows)
     for r in rows:
-        exact = Decimal(r["prompt_tokens"]) * Decimal("0.31e-6") + Decimal(r["completion_tokens"]) * Decimal("0.34e-6")
+        exact = Decimal(r["prompt_tokens"]) * Decimal("0.31e-6") + Decimal(r["completion_tokens"]) * Decimal(
+            "0.34e-6"
+        )
         assert r["cost_usd"] == float(exact)
         assert r["total_tokens"] == r["prompt_tokens"] + r["completion_tokens"]
         assert r["error"] is None and r["attempts"] == 1 and r["model"] == "meta/llama-3.1-70b-instruct"
@@ -40,10 +44,15 @@ def test_sample_run_costs_and_totals(sandbox, tmp_path: Path) -> None:
     assert summary["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in rows)
     assert summary["tokens"]["completion"] == sum(r["completion_tokens"] for r in rows)
     exact_total = sum(
-        Decimal(r["prompt_tokens"]) * Decimal("0.31e-6") + Decimal(r["completion_tokens"]) * Decimal("0.34e-6") for r in rows
+        Decimal(r["prompt_tokens"]) * Decimal("0.31e-6")
+        + Decimal(r["completion_tokens"]) * Decimal("0.34e-6")
+        for r in rows
     )
     assert Decimal(summary["cost_usd"]["total"]) == exact_total
-    assert summary["prices"] == {"input_usd_per_million_tokens": "0.31", "output_usd_per_million_tokens": "0.34"}
+    assert summary["prices"] == {
+        "input_usd_per_million_tokens": "0.31",
+        "output_usd_per_million_tokens": "0.34",
+    }
     assert sandbox.key not in json.dumps(summary)
     assert "done (complete): 200 ok" in result.stderr
 
@@ -76,7 +85,7 @@ def test_request_body_has_the_page_shape(sandbox_factory, tmp_path: Path) -> Non
 ODD = [
     "naïve café — Grüße, 你好, مرحبا",
     "emoji 😀🎉👍🏽 and ZWJ 👩‍👩‍👧",
-    'quotes "double" and \'single\', commas, and semicolons;',
+    "quotes \"double\" and 'single', commas, and semicolons;",
     "line one\nline two\r\nline three",
     "x" * 50_000,
     "",
@@ -120,13 +129,20 @@ BAD_INPUTS = [
     ("ok.csv", b"prompt\nhello\n", ["--temperature", "7"], "--temperature must be a number from 0 to 5"),
     ("ok.csv", b"prompt\nhello\n", ["--top-k", "0"], "--top-k must be an integer from 1 to 50"),
     ("ok.csv", b"prompt\nhello\n", ["--model", "meta/llama-9-900b"], "unknown model 'meta/llama-9-900b'"),
-    ("ok.csv", b"prompt\nhello\n", ["--endpoint", "http://example.com/api/v1"], "plain http is allowed only for loopback"),
+    (
+        "ok.csv",
+        b"prompt\nhello\n",
+        ["--endpoint", "http://example.com/api/v1"],
+        "plain http is allowed only for loopback",
+    ),
     ("ok.csv", b"prompt\nhello\n", ["--max-cost", "lots"], "--max-cost"),
 ]
 
 
 @pytest.mark.parametrize(("name", "content", "extra", "message"), BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, name: str, content: bytes | None, extra: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2_nothing_written(
+    tmp_path: Path, name: str, content: bytes | None, extra: list[str], message: str
+) -> None:
     src = tmp_path / name
     if content is not None:
         src.write_bytes(content)

@@ -35,7 +35,14 @@ def test_success_without_usage_leaves_counting_to_the_caller() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"<html>oops</html>", OK[: len(OK) // 2], b'{"result":{"usage":{}},"success":true}', b'{"foo":1}', b"[]"],
+    [
+        b"",
+        b"<html>oops</html>",
+        OK[: len(OK) // 2],
+        b'{"result":{"usage":{}},"success":true}',
+        b'{"foo":1}',
+        b"[]",
+    ],
 )
 def test_garbled_200s_are_retryable(body: bytes) -> None:
     with pytest.raises(RetryableAPIError):
@@ -86,7 +93,9 @@ def test_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     now = 1_700_000_000.0
-    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(
+        30, abs=1
+    )
     with pytest.raises(RetryableAPIError) as info:
         parse_response(429, {"Retry-After": "7"}, err(3040))
     assert info.value.retry_after == 7.0

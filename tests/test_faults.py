@@ -26,7 +26,9 @@ def _rate_figures(log: list[tuple[float, int, str]]) -> tuple[float, float, int]
 
 
 @pytest.mark.parametrize(("rpm", "max_429", "min_rate"), [("1200", 0.01, 0.95), ("auto", 0.05, 0.85)])
-def test_rate_limit_is_held(sandbox_factory, tmp_path: Path, rpm: str, max_429: float, min_rate: float) -> None:
+def test_rate_limit_is_held(
+    sandbox_factory, tmp_path: Path, rpm: str, max_429: float, min_rate: float
+) -> None:
     box = sandbox_factory(rate_limit=LIMIT)
     src = prompts_csv(tmp_path / "in.csv", 600)
     out = tmp_path / "out.parquet"
@@ -40,10 +42,15 @@ def test_rate_limit_is_held(sandbox_factory, tmp_path: Path, rpm: str, max_429: 
 
 
 def test_faults_lose_no_row(sandbox_factory, tmp_path: Path) -> None:
-    box = sandbox_factory(fail_5xx=0.05, fail_drop=0.01, fail_hang=0.01, fail_garbled=0.01, fail_3040=0.02, seed=3)
+    box = sandbox_factory(
+        fail_5xx=0.05, fail_drop=0.01, fail_hang=0.01, fail_garbled=0.01, fail_3040=0.02, seed=3
+    )
     src = prompts_csv(tmp_path / "in.csv", 2000)
     out = tmp_path / "out.parquet"
-    result = run_cli(["run", str(src), "-o", str(out), "--timeout", "5", "--rpm", "0", "--concurrency", "64"], env=box.env())
+    result = run_cli(
+        ["run", str(src), "-o", str(out), "--timeout", "5", "--rpm", "0", "--concurrency", "64"],
+        env=box.env(),
+    )
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     ids = table.column("id").to_pylist()

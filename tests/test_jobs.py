@@ -38,7 +38,9 @@ def test_validate_accepts_the_examples_and_names_bad_keys(tmp_path: Path) -> Non
     }
     for name, (extra, message) in cases.items():
         path = tmp_path / name
-        path.write_text(f'input = "{ROOT / "sample_data/reviews.csv"}"\noutput = "o.parquet"\nprompt_column = "review"\n{extra}')
+        path.write_text(
+            f'input = "{ROOT / "sample_data/reviews.csv"}"\noutput = "o.parquet"\nprompt_column = "review"\n{extra}'
+        )
         result = run_cli(["validate", str(path)])
         assert result.exit_code == 2
         assert name in result.stderr and message in result.stderr, result.stderr
@@ -49,7 +51,7 @@ def test_validate_accepts_the_examples_and_names_bad_keys(tmp_path: Path) -> Non
 def test_flags_override_the_job_file(sandbox, tmp_path: Path) -> None:
     job = tmp_path / "j.toml"
     src = prompts_csv(tmp_path / "in.csv", 5)
-    job.write_text(f'input = "in.csv"\noutput = "o.parquet"\nmax_tokens = 4\n')
+    job.write_text('input = "in.csv"\noutput = "o.parquet"\nmax_tokens = 4\n')
     assert src.exists()
     result = run_cli(["run", "--job", str(job), "--max-tokens", "3", "--rpm", "0"], env=sandbox.env())
     assert result.exit_code == 0, result.stderr
@@ -132,7 +134,18 @@ def test_json_logs_and_the_key_never_appears(sandbox_factory, tmp_path: Path) ->
     src = prompts_csv(tmp_path / "in.csv", 50)
     out = tmp_path / "out.parquet"
     summary = tmp_path / "summary.json"
-    args = ["run", str(src), "-o", str(out), "--log-format", "json", "--summary-json", str(summary), "--rpm", "0"]
+    args = [
+        "run",
+        str(src),
+        "-o",
+        str(out),
+        "--log-format",
+        "json",
+        "--summary-json",
+        str(summary),
+        "--rpm",
+        "0",
+    ]
     proc = spawn(args, env=box.env())
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr

@@ -51,7 +51,12 @@ def test_sigkill_five_times_then_finish(sandbox_factory, tmp_path: Path) -> None
     assert all(r["status"] == "ok" for r in rows)
     # Same responses as an uninterrupted run into a fresh output.
     clean = tmp_path / "clean.parquet"
-    assert run_cli(["run", str(src), "-o", str(clean), "--rpm", "0", "--concurrency", "200"], env=box.env()).exit_code == 0
+    assert (
+        run_cli(
+            ["run", str(src), "-o", str(clean), "--rpm", "0", "--concurrency", "200"], env=box.env()
+        ).exit_code
+        == 0
+    )
     assert [r["response"] for r in rows] == pq.read_table(clean).column("response").to_pylist()
     # The sandbox answered no row twice beyond what was in flight at the kills.
     answered = Counter(key for _, status, key in box.log() if status == 200)
@@ -88,7 +93,9 @@ def test_second_interrupt_stops_at_once(sandbox_factory, tmp_path: Path) -> None
     box = sandbox_factory(latency=2.0)
     src = prompts_csv(tmp_path / "in.csv", 500)
     out = tmp_path / "out.parquet"
-    proc = spawn(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "20", "--grace", "30"], env=box.env())
+    proc = spawn(
+        ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "20", "--grace", "30"], env=box.env()
+    )
     _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 20)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
@@ -113,7 +120,9 @@ def test_changed_template_is_refused_then_restart(sandbox, tmp_path: Path) -> No
     assert "--restart" in result.stderr
     result = run_cli([*base, "--template", "B: {prompt}", "--restart"], env=sandbox.env())
     assert result.exit_code == 0, result.stderr
-    assert all(r.startswith("B: ") for r in pq.read_table(out).column("prompt").to_pylist()) is False  # input unchanged
+    assert (
+        all(r.startswith("B: ") for r in pq.read_table(out).column("prompt").to_pylist()) is False
+    )  # input unchanged
     assert sandbox.count(200) == 40
 
 

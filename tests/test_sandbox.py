@@ -16,7 +16,9 @@ MODEL = "meta/llama-3.1-70b-instruct"
 
 def post(box, body: object, key: str | None = "use-box", raw: bytes | None = None) -> tuple[int, dict, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(box.url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        box.url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
     if key is not None:
         req.add_header("Authorization", f"Bearer {box.key if key == 'use-box' else key}")
     try:
@@ -163,13 +165,16 @@ def test_quota_429_3036(sandbox_factory) -> None:
 
 def test_injected_5xx_and_garbled(sandbox_factory) -> None:
     box = sandbox_factory(fail_5xx=1.0)
-    req_ = urllib.request.Request(box.url, data=json.dumps(req()).encode(), headers={"Authorization": f"Bearer {box.key}"})
+    req_ = urllib.request.Request(
+        box.url, data=json.dumps(req()).encode(), headers={"Authorization": f"Bearer {box.key}"}
+    )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req_, timeout=5)
     assert info.value.code in (500, 503)
     info.value.close()
     box2 = sandbox_factory(fail_garbled=1.0)
-    req2 = urllib.request.Request(box2.url, data=json.dumps(req()).encode(), headers={"Authorization": f"Bearer {box2.key}"})
-    with urllib.request.urlopen(req2, timeout=5) as r:
-        with pytest.raises(json.JSONDecodeError):
-            json.loads(r.read())
+    req2 = urllib.request.Request(
+        box2.url, data=json.dumps(req()).encode(), headers={"Authorization": f"Bearer {box2.key}"}
+    )
+    with urllib.request.urlopen(req2, timeout=5) as r, pytest.raises(json.JSONDecodeError):
+        json.loads(r.read())

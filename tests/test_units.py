@@ -33,7 +33,9 @@ def test_prices_as_data() -> None:
 
 def test_bad_price_table(tmp_path: Path) -> None:
     p = tmp_path / "m.toml"
-    p.write_text('[models.x]\ninput_price_per_million = "0.0000001"\noutput_price_per_million = "1"\ncontext_window = 10\n')
+    p.write_text(
+        '[models.x]\ninput_price_per_million = "0.0000001"\noutput_price_per_million = "1"\ncontext_window = 10\n'
+    )
     with pytest.raises(JobError, match="6 decimal places"):
         load_models(p)
 
@@ -49,7 +51,10 @@ def test_token_count_matches_the_page() -> None:
     counter = get_counter()
     assert counter.exact
     assert counter.count("What is Deep Learning", "You are an expert deep learning engineer") == 27
-    assert counter.texts_tokens(["What is Deep Learning", "hi"]) == [counter.text_tokens("What is Deep Learning"), counter.text_tokens("hi")]
+    assert counter.texts_tokens(["What is Deep Learning", "hi"]) == [
+        counter.text_tokens("What is Deep Learning"),
+        counter.text_tokens("hi"),
+    ]
 
 
 def test_job_ranges_and_messages() -> None:

@@ -76,7 +76,12 @@ def make_input(rows: int, name: str) -> Path:
         w = csv.writer(fh)
         w.writerow(["id", "prompt"])
         for i in range(rows):
-            w.writerow([f"id{i}", f"Classify the sentiment of review {i}: the product arrived on time and works well."])
+            w.writerow(
+                [
+                    f"id{i}",
+                    f"Classify the sentiment of review {i}: the product arrived on time and works well.",
+                ]
+            )
     return path
 
 
@@ -128,7 +133,16 @@ def throughput(rows: int, latency: float, concurrency: int) -> dict:
         box.reset()
         bare = bare_loop(box, src, concurrency)
         box.reset()
-        code, wall, rss = run_batchllm(box, src, WORK / f"tp-{rows}-{latency}.parquet", "--rpm", "0", "--concurrency", str(concurrency), "--restart")
+        code, wall, rss = run_batchllm(
+            box,
+            src,
+            WORK / f"tp-{rows}-{latency}.parquet",
+            "--rpm",
+            "0",
+            "--concurrency",
+            str(concurrency),
+            "--restart",
+        )
         ours = box.span()
         assert code == 0, code
     finally:
@@ -163,7 +177,14 @@ def journal_cost(rows: int) -> dict:
                 Journal.flush = real_flush  # type: ignore[method-assign]
             box.reset()
             job = build_job(
-                {"input": str(src), "output": str(WORK / "jc.parquet"), "rpm": 0, "concurrency": 256, "restart": True, "progress": "none"},
+                {
+                    "input": str(src),
+                    "output": str(WORK / "jc.parquet"),
+                    "rpm": 0,
+                    "concurrency": 256,
+                    "restart": True,
+                    "progress": "none",
+                },
                 environ={"DATAOORTS_ENDPOINT": box.url, "DATAOORTS_API_KEY": KEY},
             )
             os.environ["DATAOORTS_API_KEY"] = KEY

@@ -1,0 +1,107 @@
+"""Cost you can trust: exact estimates and a budget that is never exceeded (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .conftest import ROOT, prompts_csv, run_cli, summary_of, write_csv
+
+TEMPLATE = "Classify the sentiment of this review: {review}"
+
+
+def test_estimate_of_the_page_example(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "page.csv", [{"prompt": "What is Deep Learning"}])
+    result = run_cli(
+        [
+            "estimate",
+            str(src),
+            "--system",
+            "You are an expert deep learning engineer",
+            "--max-tokens",
+            "512",
+            "--format",
+            "json",
+        ]
+    )
+    assert result.exit_code == 0, result.stderr
+    e = json.loads(result.stdout)
+    assert e["prompt_tokens"]["total"] == 27
+    assert e["cost_usd"]["worst_case"] == "0.00018245"
+    text = run_cli(
+        ["estimate", str(src), "--system", "You are an expert deep learning engineer", "--max-tokens", "512"]
+    )
+    assert "27" in text.stdout and "$0.00018245" in text.stdout
+
+
+def test_estimate_equals_what_the_api_bills_row_by_row(sandbox, tmp_path: Path) -> None:
+    sample = ROOT / "sample_data" / "reviews.csv"
+    out = tmp_path / "out.parquet"
+    est = run_cli(["estimate", str(sample), "--template", TEMPLATE, "--format", "json"])
+    assert est.exit_code == 0, est.stderr
+    run = run_cli(
+        ["run", str(sample), "-o", str(out), "--template", TEMPLATE, "--rpm", "0"], env=sandbox.env()
+    )
+    assert run.exit_code == 0, run.stderr
+    billed = pq.read_table(out).column("prompt_tokens").to_pylist()
+    assert json.loads(est.stdout)["prompt_tokens"]["total"] == sum(billed)
+    # Row by row: the counter the estimate uses against the sandbox's usage.
+    from batchllm.tokens import get_counter
+
+    reviews = pq.read_table(out).column("review").to_pylist()
+    assert [get_counter().count(TEMPLATE.format(review=r)) for r in reviews] == billed
+    expected = run_cli(
+        ["estimate", str(sample), "--template", TEMPLATE, "--from-run", str(out), "--format", "json"]
+    )
+    assert "expected" in json.loads(expected.stdout)["cost_usd"]
+
+
+def test_rows_over_the_window_are_listed_and_never_sent(sandbox, tmp_path: Path) -> None:
+    rows = [{"id": f"r{i}", "prompt": "short"} for i in range(5)]
+    rows[2]["prompt"] = "word " * 25_000
+    src = write_csv(tmp_path / "in.csv", rows)
+    result = run_cli(["estimate", str(src), "--format", "json"])
+    e = json.loads(result.stdout)
+    assert e["rows_over_window"] == 1 and e["rows_over_window_ids"][0].startswith("2-")
+    out = tmp_path / "out.parquet"
+    assert run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env()).exit_code == 1
+    assert sandbox.count() == 4
+
+
+def test_max_cost_is_never_exceeded(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(reply_tokens=(150, 400))
+    src = prompts_csv(tmp_path / "in.csv", 60)
+    rng = random.Random(11)
+    for i in range(20):
+        cap = Decimal(rng.randint(200, 2000)) / Decimal(10**6)  # $0.0002 .. $0.002
+        out = tmp_path / f"out{i}.parquet"
+        args = [
+            "run",
+            str(src),
+            "-o",
+            str(out),
+            "--rpm",
+            "0",
+            "--max-tokens",
+            "400",
+            "--max-cost",
+            str(cap),
+            "--concurrency",
+            "16",
+        ]
+        result = run_cli(args, env=box.env())
+        assert result.exit_code == 3, result.stderr
+        total = Decimal(summary_of(out)["cost_usd"]["total"])
+        assert 0 < total <= cap
+        assert "budget reached" in result.stderr and "--max-cost" in result.stderr
+    # Raising the cap resumes without re-sending finished rows.
+    before = Counter(pq.read_table(out).column("status").to_pylist())["ok"]
+    sent = box.count()
+    result = run_cli([*args[:-4], "--max-cost", "1", "--concurrency", "16"], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    assert box.count() - sent == 60 - before
