@@ -134,8 +134,10 @@ class Dispatcher:
         """Process ``items`` until they run out or a stop; returns when every worker is done."""
         self._items = items
         workers = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
-        all_done = asyncio.ensure_future(asyncio.gather(*workers, return_exceptions=True))
-        stopped = asyncio.create_task(self._stopped.wait())
+        all_done: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*workers, return_exceptions=True)
+        )
+        stopped: asyncio.Future[Any] = asyncio.create_task(self._stopped.wait())
         try:
             await asyncio.wait({all_done, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not all_done.done():

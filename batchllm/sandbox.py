@@ -429,8 +429,9 @@ async def start_sandbox(
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    bound = server.sockets[0].getsockname()[1]
+    # The bound port (port 0 picks a free one): aiohttp exposes it only through the server.
+    sockets = getattr(site._server, "sockets", None)
+    assert sockets, "the sandbox did not bind"
+    bound = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     return runner, sandbox, f"http://{shown}:{bound}/api/v1"

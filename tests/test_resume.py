@@ -170,3 +170,18 @@ def test_kill_during_output_write_leaves_previous_file(sandbox, tmp_path: Path) 
         assert out.read_bytes() == before
         assert pq.read_table(out).num_rows == 60_000
     assert killed >= 1
+
+
+def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path) -> None:
+    src = prompts_csv(tmp_path / "in.csv", 40)
+    out = tmp_path / "out.parquet"
+    assert run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env()).exit_code == 0
+    for path in (out, tmp_path / "out.parquet.batchllm"):
+        result = run_cli(["status", str(path)])
+        assert result.exit_code == 0, result.stderr
+        text = result.stdout
+        assert "rows: 40 done (40 ok, 0 error), 0 remaining of 40" in text
+        assert "cost so far: $" in text and "running now: no" in text
+        assert "resume with: batchllm" in text
+    missing = run_cli(["status", str(tmp_path / "nothing.parquet")])
+    assert missing.exit_code == 2 and "no batchllm journal" in missing.stderr

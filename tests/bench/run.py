@@ -257,8 +257,53 @@ def rate_limits() -> dict:
     return figures
 
 
+def estimate_speed(sizes: list[int]) -> dict:
+    """`batchllm estimate` on rows of ~150 tokens: rows/s, tokens/s and peak RSS per size."""
+    words = [
+        "the",
+        "product",
+        "arrived",
+        "on",
+        "time",
+        "and",
+        "works",
+        "well",
+        "but",
+        "the",
+        "battery",
+        "life",
+        "could",
+        "be",
+        "better",
+        "overall",
+    ]
+    figures = {}
+    for rows in sizes:
+        path = WORK / f"est-{rows}.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["prompt"])
+            for i in range(rows):
+                w.writerow([f"Review {i}: " + " ".join(words[(i + k) % len(words)] for k in range(140))])
+        started = time.monotonic()
+        proc = subprocess.Popen([str(BIN), "estimate", str(path), "--format", "json"], stdout=subprocess.PIPE)
+        out = proc.stdout.read() if proc.stdout else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - started
+        tokens = json.loads(out)["prompt_tokens"]["total"]
+        figures[str(rows)] = {
+            "rows_per_s": round(rows / wall),
+            "tokens_per_s": round(tokens / wall),
+            "mean_tokens": round(tokens / rows, 1),
+            "wall_s": round(wall, 1),
+            "peak_rss_mb": usage.ru_maxrss // 1024,
+        }
+        path.unlink()
+    return figures
+
+
 def main() -> None:
-    which = sys.argv[1:] or ["throughput", "latency", "journal", "rates", "memory"]
+    which = sys.argv[1:] or ["throughput", "latency", "journal", "rates", "memory", "estimate"]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
         results["zero_latency_20k"] = throughput(n(20_000), 0.0, 256)
@@ -276,6 +321,9 @@ def main() -> None:
         sizes = [n(20_000), n(200_000), n(1_000_000)]
         results["memory_resume"] = memory_and_resume(sizes)
         print(json.dumps(results["memory_resume"]), flush=True)
+    if "estimate" in which:
+        results["estimate"] = estimate_speed([n(100_000), n(1_000_000)])
+        print(json.dumps(results["estimate"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
