@@ -286,6 +286,35 @@ def estimate_cmd(
     return 0
 
 
+# --- report -----------------------------------------------------------------------------------
+
+
+@cli.command("report", context_settings=CONTEXT, epilog="""Examples:
+
+  batchllm report out/reviews_labeled.parquet --by category
+
+  batchllm report out/reviews_labeled.parquet --by product --html out/cost_review.html""")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--by", help="Break everything down by this input column.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "csv"]), default="text", show_default=True)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a self-contained HTML page with plots.")
+def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -> int:
+    """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
+    from .report import build_report, format_report
+
+    try:
+        report = build_report(output, by)
+        click.echo(format_report(report, fmt))
+        if html_path is not None:
+            from .report_html import write_html
+
+            write_html(html_path, output, by)
+            click.echo(f"HTML report: {html_path}", err=True)
+    except BatchLLMError as exc:
+        return _fail(str(exc), exc.exit_code)
+    return 0
+
+
 # --- sandbox ----------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,22 +141,24 @@ class Run:
         for batch in self.p.source.batches(builder.read_columns):
             pb = builder.build(batch, position)
             position += batch.num_rows
-            states = journal.states(pb.row_ids) if resuming else {}
+            if not resuming:
+                yield pb.start, pb.row_ids, pb.hashes, pb.users, range(len(pb.row_ids))
+                continue
+            # Position-derived ids embed the content hash; --id-column values do not.
+            unfinished = journal.unfinished(pb.row_ids, pb.hashes if job.id_column else None)
             send: list[int] = []
-            for i, row_id in enumerate(pb.row_ids):
-                state = states.get(row_id)
-                if state is not None:
-                    shared += 1
-                    status, old_hash = state
-                    if status == "ok":
-                        if old_hash == pb.hashes[i]:
-                            continue
-                        if not job.refresh_changed:
-                            changed_kept += 1
-                            continue
-                    elif not job.retry_errors:
+            new = 0
+            for i, status, old_hash in unfinished:
+                if status is None:
+                    new += 1
+                elif status == "ok":  # same id, other content
+                    if not job.refresh_changed:
+                        changed_kept += 1
                         continue
+                elif not job.retry_errors:
+                    continue
                 send.append(i)
+            shared += len(pb.row_ids) - new
             yield pb.start, pb.row_ids, pb.hashes, pb.users, send
         if resuming and shared == 0:
             self.warn(
@@ -173,8 +175,8 @@ class Run:
         """Rows left to send, for the progress bar: without a second pass over the input."""
         if journal.rows_before == 0:
             return self.p.rows
-        t = journal.totals()
-        done = t["ok"] if self.job.retry_errors else t["ok"] + t["error"]
+        counts = journal.done_counts()
+        done = counts.get("ok", 0) + (0 if self.job.retry_errors else counts.get("error", 0))
         return max(0, self.p.rows - done)
 
     def plan(self, journal: Journal, dispatcher: Dispatcher) -> Iterator[WorkItem]:

@@ -1,0 +1,200 @@
+"""``batchllm report``: what a run did cost, overall and by any input column.
+
+Reads an output Parquet (only the columns it needs) and recomputes every cost from the token
+columns and the prices stored in the file's metadata, in integer picodollars, so totals are exact
+and agree with the ``cost_usd`` column (which holds the same values rounded to float64). Rendered
+as text, Markdown, JSON or CSV here; ``report_html`` draws the page with plots.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from .errors import JobError
+from .output import read_summary
+from .pricing import PICO_PER_USD, format_usd, get_model
+
+_BASE_COLUMNS = ["status", "prompt_tokens", "completion_tokens", "error", "latency_ms", "truncated", "model", "finished_at"]
+_CLASS = re.compile(r"^(\w+)")
+
+
+def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise JobError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in _BASE_COLUMNS if c not in schema.names]
+    if missing:
+        raise JobError(f"{path}: not a batchllm output (no column {missing[0]!r})")
+    columns = list(_BASE_COLUMNS)
+    if by is not None:
+        if by not in schema.names:
+            raise JobError(f"{path}: no column {by!r} for --by; the columns are: " + ", ".join(repr(c) for c in schema.names))
+        columns.append(by)
+    frame = pq.read_table(path, columns=columns).to_pandas()
+    summary = read_summary(path) or {}
+    prices = summary.get("prices")
+    if prices:
+        in_pico = int(Decimal(prices["input_usd_per_million_tokens"]) * 10**6)
+        out_pico = int(Decimal(prices["output_usd_per_million_tokens"]) * 10**6)
+    else:
+        model = get_model(str(frame["model"].dropna().iloc[0])) if frame["model"].notna().any() else get_model(summary.get("model", ""))
+        in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
+    pt = frame["prompt_tokens"].fillna(0).astype("int64")
+    ct = frame["completion_tokens"].fillna(0).astype("int64")
+    frame["cost_pico"] = pt * in_pico + ct * out_pico  # exact: int64 holds up to $9.2M per row
+    frame["error_class"] = frame["error"].astype("object").map(lambda e: _CLASS.match(e).group(1) if isinstance(e, str) and _CLASS.match(e) else None)
+    return frame, summary
+
+
+def _stats(frame: pd.DataFrame) -> dict[str, Any]:
+    ok = frame[frame["status"] == "ok"]
+    costs = ok["cost_pico"].to_numpy(dtype=np.int64)
+    latency = ok["latency_ms"].dropna().to_numpy(dtype=float)
+    total_pico = int(costs.sum())
+
+    def pct(values: np.ndarray, q: float) -> float:
+        return float(np.percentile(values, q)) if values.size else 0.0
+
+    counts = frame["status"].value_counts()
+    return {
+        "rows": int(len(frame)),
+        "ok": int(counts.get("ok", 0)),
+        "error": int(counts.get("error", 0)),
+        "pending": int(counts.get("pending", 0)),
+        "truncated": int(ok["truncated"].fillna(False).astype(bool).sum()),
+        "prompt_tokens": int(ok["prompt_tokens"].sum()),
+        "completion_tokens": int(ok["completion_tokens"].sum()),
+        "cost_usd": format_usd(total_pico).lstrip("$"),
+        "cost_per_row_usd": {
+            "mean": format_usd(round(total_pico / costs.size) if costs.size else 0).lstrip("$"),
+            "p50": format_usd(int(pct(costs, 50))).lstrip("$"),
+            "p95": format_usd(int(pct(costs, 95))).lstrip("$"),
+            "max": format_usd(int(costs.max()) if costs.size else 0).lstrip("$"),
+        },
+        "latency_ms": {"p50": round(pct(latency, 50), 1), "p95": round(pct(latency, 95), 1), "p99": round(pct(latency, 99), 1)},
+        "errors_by_class": {str(k): int(v) for k, v in frame["error_class"].value_counts().items()},
+        "_cost_pico": total_pico,
+    }
+
+
+def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
+    frame, summary = load(path, by)
+    report: dict[str, Any] = {"output": str(path), "model": summary.get("model"), "overall": _stats(frame)}
+    if by is not None:
+        groups = {}
+        for key, part in frame.groupby(frame[by].astype("object").where(frame[by].notna(), "(null)"), sort=True):
+            groups[str(key)] = _stats(part)
+        report["by"] = {"column": by, "groups": groups}
+    estimate = summary.get("estimate")
+    if estimate:
+        overall = report["overall"]
+        report["estimate_vs_actual"] = {
+            "prompt_tokens": {"estimated": estimate["prompt_tokens"]["total"], "actual": overall["prompt_tokens"]},
+            "cost_usd": {
+                "worst_case": estimate["cost_usd"]["worst_case"],
+                "expected": estimate["cost_usd"].get("expected"),
+                "actual": overall["cost_usd"],
+            },
+        }
+    return report
+
+
+def _public(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if not k.startswith("_")}
+
+
+def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    c, lat = stats["cost_per_row_usd"], stats["latency_ms"]
+    errors = ", ".join(f"{k} {v:,}" for k, v in stats["errors_by_class"].items()) or "none"
+    return [
+        ("rows", f"{stats['rows']:,} ({stats['ok']:,} ok, {stats['error']:,} error, {stats['pending']:,} pending)"),
+        ("tokens", f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"),
+        ("cost", f"${stats['cost_usd']}"),
+        ("cost per row", f"mean ${c['mean']}, p50 ${c['p50']}, p95 ${c['p95']}, max ${c['max']}"),
+        ("truncated replies", f"{stats['truncated']:,}"),
+        ("latency", f"p50 {lat['p50']:,} ms, p95 {lat['p95']:,} ms, p99 {lat['p99']:,} ms"),
+        ("errors by class", errors),
+    ]
+
+
+_FLAT = ["rows", "ok", "error", "pending", "truncated", "prompt_tokens", "completion_tokens", "cost_usd"]
+
+
+def format_report(report: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        import orjson
+
+        clean = {**report, "overall": _public(report["overall"])}
+        if "by" in report:
+            clean["by"] = {"column": report["by"]["column"], "groups": {k: _public(v) for k, v in report["by"]["groups"].items()}}
+        return orjson.dumps(clean, option=orjson.OPT_INDENT_2).decode()
+    if fmt == "csv":
+        buf = io.StringIO()
+        label = report["by"]["column"] if "by" in report else "group"
+        buf.write(",".join([label, *_FLAT, "cost_per_row_mean_usd", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]) + "\n")
+        sections = [("(all)", report["overall"])] + list(report.get("by", {}).get("groups", {}).items())
+        for name, s in sections:
+            values = [s[k] for k in _FLAT] + [s["cost_per_row_usd"]["mean"], *s["latency_ms"].values()]
+            buf.write(",".join(_csv_cell(v) for v in [name, *values]) + "\n")
+        return buf.getvalue().rstrip("\n")
+    lines: list[str] = []
+    md = fmt == "markdown"
+    lines.append(f"# Cost report: {report['output']}" if md else f"report for {report['output']} ({report['model']})")
+    lines += _table(_rows(report["overall"]), md)
+    if "by" in report:
+        col = report["by"]["column"]
+        lines.append("")
+        lines.append(f"## By {col}" if md else f"by {col}:")
+        header = [col, "rows", "ok", "error", "tokens", "cost", "mean/row", "p95 latency ms"]
+        body = [
+            [k, f"{s['rows']:,}", f"{s['ok']:,}", f"{s['error']:,}", f"{s['prompt_tokens'] + s['completion_tokens']:,}", f"${s['cost_usd']}", f"${s['cost_per_row_usd']['mean']}", f"{s['latency_ms']['p95']:,}"]
+            for k, s in report["by"]["groups"].items()
+        ]
+        lines += _grid(header, body, md)
+    if "estimate_vs_actual" in report:
+        e = report["estimate_vs_actual"]
+        lines.append("")
+        lines.append("## Estimate vs actual" if md else "estimate vs actual:")
+        lines += _table(
+            [
+                ("prompt tokens", f"estimated {e['prompt_tokens']['estimated']:,}, actual {e['prompt_tokens']['actual']:,}"),
+                ("cost", f"worst case ${e['cost_usd']['worst_case']}" + (f", expected ${e['cost_usd']['expected']}" if e["cost_usd"]["expected"] else "") + f", actual ${e['cost_usd']['actual']}"),
+            ],
+            md,
+        )
+    return "\n".join(lines)
+
+
+def _csv_cell(v: object) -> str:
+    text = str(v)
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def _table(rows: list[tuple[str, str]], md: bool) -> list[str]:
+    if md:
+        return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    width = max(len(k) for k, _ in rows)
+    return [f"  {k:<{width}}  {v}" for k, v in rows]
+
+
+def _grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
+    if md:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in body]]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
+
+
+def usd(pico: int) -> float:
+    return pico / PICO_PER_USD
