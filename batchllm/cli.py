@@ -243,24 +243,23 @@ def _report_error(exc: BatchLLMError, log_format: str) -> int:
 @cli.command(
     "estimate",
     context_settings=CONTEXT,
-    epilog="""Example:
+    epilog="""Examples:
 
   batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --max-tokens 16
 
-  batchllm estimate prompts.csv --system 'You are an expert deep learning engineer' --max-tokens 512 --format json""",
+  batchllm estimate prompts.csv --system 'You are an expert deep learning engineer' --max-tokens 512 --format json
+
+  batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --pilot 20 -o out/r.parquet --sandbox""",
 )
 @click.argument(
     "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
 )
+@_apply(_RUN_OPTIONS)
 @click.option(
-    "--job",
-    "job_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Take the prompt settings from a job file.",
+    "--pilot",
+    type=click.IntRange(1, 100_000),
+    help="Run N sampled rows for real (into -o's journal) and project from them.",
 )
-@_apply(_PROMPT_OPTIONS)
-@click.option("--rpm", help="Requests/min to time the batch at.  [default: 300, the provider's limit]")
-@click.option("--tpm", type=int, help="Tokens/min to time the batch at.")
 @click.option(
     "--from-run",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -271,16 +270,55 @@ def _report_error(exc: BatchLLMError, log_format: str) -> int:
 )
 @click.pass_context
 def estimate_cmd(
-    ctx: click.Context, input_path: Path | None, from_run: Path | None, fmt: str, **params: Any
+    ctx: click.Context,
+    input_path: Path | None,
+    pilot: int | None,
+    from_run: Path | None,
+    fmt: str,
+    **params: Any,
 ) -> int:
-    """What running INPUT would cost: exact prompt tokens, worst case, expected, and time."""
-    from .estimate import estimate, format_estimate
+    """What running INPUT would cost: exact prompt tokens, worst case, expected, and time.
+
+    Takes the same options as `run`. With -o, the estimate is kept in that output's journal and
+    the run's report compares it with what the run cost; --pilot also pays for N sampled rows,
+    which the full run then does not send again.
+    """
+    from .estimate import completions_of_journal, estimate, format_estimate, pilot_positions, record_estimate
+    from .journal import Journal
+    from .progress import make_reporter
+    from .runner import command_line, prepare, run_job
 
     try:
         values, job_file, given = _collect(ctx, input_path, params)
+        keep = "output" in values
+        if pilot is not None and not keep:
+            raise JobError("--pilot needs -o OUTPUT.parquet: the pilot's rows are kept in its journal")
         values.setdefault("output", "estimate.parquet")
         job = build_job(values, job_file=job_file, flag_names=given)
-        click.echo(format_estimate(estimate(job, from_run), fmt))
+        observed = None
+        if pilot is not None:
+            positions = pilot_positions(prepare(job).rows, pilot)
+            reporter = make_reporter(job.log_format, job.progress)
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                result = runner.run(
+                    run_job(
+                        job, reporter=reporter, command=command_line(), only=positions, write_output=False
+                    )
+                )
+            reporter.close()
+            if result.exit_code not in (ExitCode.OK, ExitCode.ROW_ERRORS):
+                return _fail(f"the pilot stopped: {result.summary.get('message')}", result.exit_code)
+            journal = Journal.open_readonly(job.journal_dir)
+            try:
+                observed = completions_of_journal(journal)
+            finally:
+                journal.conn.close()
+        report = estimate(job, from_run, observed)
+        if pilot is not None:
+            report["expected_from"] = f"a pilot of {pilot:,} rows"
+        if keep:
+            record_estimate(job, report)
+        click.echo(format_estimate(report, fmt))
     except BatchLLMError as exc:
         return _fail(str(exc), exc.exit_code)
     return 0
@@ -289,15 +327,30 @@ def estimate_cmd(
 # --- report -----------------------------------------------------------------------------------
 
 
-@cli.command("report", context_settings=CONTEXT, epilog="""Examples:
+@cli.command(
+    "report",
+    context_settings=CONTEXT,
+    epilog="""Examples:
 
   batchllm report out/reviews_labeled.parquet --by category
 
-  batchllm report out/reviews_labeled.parquet --by product --html out/cost_review.html""")
+  batchllm report out/reviews_labeled.parquet --by product --html out/cost_review.html""",
+)
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--by", help="Break everything down by this input column.")
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "csv"]), default="text", show_default=True)
-@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a self-contained HTML page with plots.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json", "csv"]),
+    default="text",
+    show_default=True,
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a self-contained HTML page with plots.",
+)
 def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -> int:
     """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
     from .report import build_report, format_report

@@ -11,6 +11,7 @@ row) for the percentiles, so memory stays flat in practice.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .errors import JobError
 from .job import MAX_CONTENT_CHARS, PROVIDER_RPM, Job
+from .journal import Journal
 from .pricing import format_usd
 from .runner import prepare
 from .tokens import get_counter
@@ -26,7 +28,8 @@ from .tokens import get_counter
 MAX_LISTED = 20
 
 
-def estimate(job: Job, from_run: Path | None = None) -> dict[str, Any]:
+def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None = None) -> dict[str, Any]:
+    """The estimate; ``observed`` completion lengths (a pilot's) or ``from_run`` give "expected"."""
     p = prepare(job)
     counter = get_counter()
     model = p.model
@@ -85,19 +88,54 @@ def estimate(job: Job, from_run: Path | None = None) -> dict[str, Any]:
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
     }
     if from_run is not None:
-        result["cost_usd"].update(_expected(from_run, rows_sent, prompt_cost, out_pico, job.max_tokens))
+        observed = completions_of_run(from_run)
+        result["expected_from"] = f"the run in {from_run}"
+    if observed is not None:
+        result["cost_usd"].update(
+            _expected(
+                np.asarray(observed, dtype=np.float64), rows_sent, prompt_cost, out_pico, job.max_tokens
+            )
+        )
     return result
 
 
-def _expected(path: Path, rows: int, prompt_cost: int, out_pico: int, max_tokens: int) -> dict[str, Any]:
+def completions_of_run(path: Path) -> list[int]:
     try:
         table = pq.read_table(path, columns=["status", "completion_tokens"])
     except (OSError, ValueError) as exc:
         raise JobError(f"--from-run {path}: cannot read it ({exc})") from None
     ok = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "ok")
-    observed = ok.column("completion_tokens").to_numpy().astype(np.float64)
-    if observed.size == 0:
+    values = [int(v) for v in ok.column("completion_tokens").to_pylist()]
+    if not values:
         raise JobError(f"--from-run {path}: no ok rows to learn completion lengths from")
+    return values
+
+
+def completions_of_journal(journal: Journal) -> list[int]:
+    """Completion lengths of every ok row a journal holds (a pilot's, and any earlier run's)."""
+    cur = journal.conn.execute("SELECT completion_tokens FROM rows WHERE status = 'ok'")
+    return [int(r[0]) for r in cur]
+
+
+def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
+    """A fixed random sample of input positions, the same every time for the same input size."""
+    return frozenset(random.Random(seed).sample(range(rows), min(n, rows)))
+
+
+def record_estimate(job: Job, result: dict[str, Any]) -> None:
+    """Keep the estimate in the output's journal, so the run and its report can compare."""
+    journal = Journal.open(job.journal_dir, job.request_settings())
+    try:
+        journal.set_meta("estimate", result)
+    finally:
+        journal.close()
+
+
+def _expected(
+    observed: np.ndarray, rows: int, prompt_cost: int, out_pico: int, max_tokens: int
+) -> dict[str, Any]:
+    if observed.size == 0:
+        raise JobError("no completed rows to learn completion lengths from")
     observed = np.minimum(observed, max_tokens)
     mean, sd = float(observed.mean()), float(observed.std(ddof=1)) if observed.size > 1 else 0.0
     # 95% interval for the batch total: the sum of `rows` draws from the observed distribution.
@@ -138,7 +176,7 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
     if "expected" in cost:
         rows.append(
             (
-                f"expected (from {cost['observed_rows']:,} observed replies)",
+                f"expected (from {cost['observed_rows']:,} observed replies, mean {cost['observed_mean_completion_tokens']:,})",
                 f"${cost['expected']} (95%: ${cost['expected_low']} to ${cost['expected_high']})",
             )
         )

@@ -179,8 +179,8 @@ class Journal:
 
     def unfinished(
         self, row_ids: Sequence[str], hashes: Sequence[str] | None = None
-    ) -> list[tuple[int, str | None, str | None]]:
-        """The rows of a batch that are not done: (index, status, stored hash), status None if new.
+    ) -> list[tuple[int, str | None]]:
+        """The rows of a batch that are not done: (index, status), status None for a new row.
 
         "Done" is ``ok`` and, when ``hashes`` are given (ids that do not embed the content hash,
         i.e. ``--id-column``), with the same content hash. The join runs inside SQLite, so resuming
@@ -188,14 +188,14 @@ class Journal:
         """
         if hashes is None:
             cur = self.conn.execute(
-                "SELECT i.key, r.status, r.content_hash FROM json_each(?) AS i "
+                "SELECT i.key, r.status FROM json_each(?) AS i "
                 "LEFT JOIN rows AS r ON r.row_id = i.value "
                 "WHERE r.row_id IS NULL OR r.status != 'ok'",
                 (orjson.dumps(list(row_ids)),),
             )
         else:
             cur = self.conn.execute(
-                "SELECT i.key, r.status, r.content_hash FROM json_each(?) AS i "
+                "SELECT i.key, r.status FROM json_each(?) AS i "
                 "LEFT JOIN rows AS r ON r.row_id = json_extract(i.value, '$[0]') "
                 "WHERE r.row_id IS NULL OR r.status != 'ok' OR r.content_hash != json_extract(i.value, '$[1]')",
                 (orjson.dumps(list(zip(row_ids, hashes, strict=True))),),
@@ -204,14 +204,6 @@ class Journal:
 
     def done_counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status").fetchall())
-
-    def states(self, row_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """row_id -> (status, content_hash) for those of ``row_ids`` the journal has."""
-        cur = self.conn.execute(
-            "SELECT row_id, status, content_hash FROM rows WHERE row_id IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(list(row_ids)),),
-        )
-        return {r[0]: (r[1], r[2]) for r in cur}
 
     def fetch(self, row_ids: Sequence[str]) -> dict[str, Record]:
         """Full records for ``row_ids`` (those the journal has)."""

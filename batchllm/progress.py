@@ -40,7 +40,7 @@ class Reporter:
 
     def start(self, info: dict[str, Any]) -> None:
         self._total = info["todo"]
-        done_before = info["rows"] - info["todo"]
+        done_before = info["done_before"]
         self._write(
             f"batchllm: {info['rows']:,} rows in {info['input']}, {info['todo']:,} to send"
             + (f" ({done_before:,} already done)" if done_before else "")

@@ -22,7 +22,16 @@ from .errors import JobError
 from .output import read_summary
 from .pricing import PICO_PER_USD, format_usd, get_model
 
-_BASE_COLUMNS = ["status", "prompt_tokens", "completion_tokens", "error", "latency_ms", "truncated", "model", "finished_at"]
+_BASE_COLUMNS = [
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+    "latency_ms",
+    "truncated",
+    "model",
+    "finished_at",
+]
 _CLASS = re.compile(r"^(\w+)")
 
 
@@ -39,7 +48,10 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     columns = list(_BASE_COLUMNS)
     if by is not None:
         if by not in schema.names:
-            raise JobError(f"{path}: no column {by!r} for --by; the columns are: " + ", ".join(repr(c) for c in schema.names))
+            raise JobError(
+                f"{path}: no column {by!r} for --by; the columns are: "
+                + ", ".join(repr(c) for c in schema.names)
+            )
         columns.append(by)
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
@@ -48,12 +60,20 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
         in_pico = int(Decimal(prices["input_usd_per_million_tokens"]) * 10**6)
         out_pico = int(Decimal(prices["output_usd_per_million_tokens"]) * 10**6)
     else:
-        model = get_model(str(frame["model"].dropna().iloc[0])) if frame["model"].notna().any() else get_model(summary.get("model", ""))
+        model = (
+            get_model(str(frame["model"].dropna().iloc[0]))
+            if frame["model"].notna().any()
+            else get_model(summary.get("model", ""))
+        )
         in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
     pt = frame["prompt_tokens"].fillna(0).astype("int64")
     ct = frame["completion_tokens"].fillna(0).astype("int64")
     frame["cost_pico"] = pt * in_pico + ct * out_pico  # exact: int64 holds up to $9.2M per row
-    frame["error_class"] = frame["error"].astype("object").map(lambda e: _CLASS.match(e).group(1) if isinstance(e, str) and _CLASS.match(e) else None)
+    frame["error_class"] = (
+        frame["error"]
+        .astype("object")
+        .map(lambda e: _CLASS.match(e).group(1) if isinstance(e, str) and _CLASS.match(e) else None)
+    )
     return frame, summary
 
 
@@ -82,7 +102,11 @@ def _stats(frame: pd.DataFrame) -> dict[str, Any]:
             "p95": format_usd(int(pct(costs, 95))).lstrip("$"),
             "max": format_usd(int(costs.max()) if costs.size else 0).lstrip("$"),
         },
-        "latency_ms": {"p50": round(pct(latency, 50), 1), "p95": round(pct(latency, 95), 1), "p99": round(pct(latency, 99), 1)},
+        "latency_ms": {
+            "p50": round(pct(latency, 50), 1),
+            "p95": round(pct(latency, 95), 1),
+            "p99": round(pct(latency, 99), 1),
+        },
         "errors_by_class": {str(k): int(v) for k, v in frame["error_class"].value_counts().items()},
         "_cost_pico": total_pico,
     }
@@ -93,14 +117,19 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"output": str(path), "model": summary.get("model"), "overall": _stats(frame)}
     if by is not None:
         groups = {}
-        for key, part in frame.groupby(frame[by].astype("object").where(frame[by].notna(), "(null)"), sort=True):
+        for key, part in frame.groupby(
+            frame[by].astype("object").where(frame[by].notna(), "(null)"), sort=True
+        ):
             groups[str(key)] = _stats(part)
         report["by"] = {"column": by, "groups": groups}
     estimate = summary.get("estimate")
     if estimate:
         overall = report["overall"]
         report["estimate_vs_actual"] = {
-            "prompt_tokens": {"estimated": estimate["prompt_tokens"]["total"], "actual": overall["prompt_tokens"]},
+            "prompt_tokens": {
+                "estimated": estimate["prompt_tokens"]["total"],
+                "actual": overall["prompt_tokens"],
+            },
             "cost_usd": {
                 "worst_case": estimate["cost_usd"]["worst_case"],
                 "expected": estimate["cost_usd"].get("expected"),
@@ -118,7 +147,10 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
     c, lat = stats["cost_per_row_usd"], stats["latency_ms"]
     errors = ", ".join(f"{k} {v:,}" for k, v in stats["errors_by_class"].items()) or "none"
     return [
-        ("rows", f"{stats['rows']:,} ({stats['ok']:,} ok, {stats['error']:,} error, {stats['pending']:,} pending)"),
+        (
+            "rows",
+            f"{stats['rows']:,} ({stats['ok']:,} ok, {stats['error']:,} error, {stats['pending']:,} pending)",
+        ),
         ("tokens", f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"),
         ("cost", f"${stats['cost_usd']}"),
         ("cost per row", f"mean ${c['mean']}, p50 ${c['p50']}, p95 ${c['p95']}, max ${c['max']}"),
@@ -137,12 +169,20 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
 
         clean = {**report, "overall": _public(report["overall"])}
         if "by" in report:
-            clean["by"] = {"column": report["by"]["column"], "groups": {k: _public(v) for k, v in report["by"]["groups"].items()}}
+            clean["by"] = {
+                "column": report["by"]["column"],
+                "groups": {k: _public(v) for k, v in report["by"]["groups"].items()},
+            }
         return orjson.dumps(clean, option=orjson.OPT_INDENT_2).decode()
     if fmt == "csv":
         buf = io.StringIO()
         label = report["by"]["column"] if "by" in report else "group"
-        buf.write(",".join([label, *_FLAT, "cost_per_row_mean_usd", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]) + "\n")
+        buf.write(
+            ",".join(
+                [label, *_FLAT, "cost_per_row_mean_usd", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
+            )
+            + "\n"
+        )
         sections = [("(all)", report["overall"])] + list(report.get("by", {}).get("groups", {}).items())
         for name, s in sections:
             values = [s[k] for k in _FLAT] + [s["cost_per_row_usd"]["mean"], *s["latency_ms"].values()]
@@ -150,7 +190,9 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         return buf.getvalue().rstrip("\n")
     lines: list[str] = []
     md = fmt == "markdown"
-    lines.append(f"# Cost report: {report['output']}" if md else f"report for {report['output']} ({report['model']})")
+    lines.append(
+        f"# Cost report: {report['output']}" if md else f"report for {report['output']} ({report['model']})"
+    )
     lines += _table(_rows(report["overall"]), md)
     if "by" in report:
         col = report["by"]["column"]
@@ -158,7 +200,16 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         lines.append(f"## By {col}" if md else f"by {col}:")
         header = [col, "rows", "ok", "error", "tokens", "cost", "mean/row", "p95 latency ms"]
         body = [
-            [k, f"{s['rows']:,}", f"{s['ok']:,}", f"{s['error']:,}", f"{s['prompt_tokens'] + s['completion_tokens']:,}", f"${s['cost_usd']}", f"${s['cost_per_row_usd']['mean']}", f"{s['latency_ms']['p95']:,}"]
+            [
+                k,
+                f"{s['rows']:,}",
+                f"{s['ok']:,}",
+                f"{s['error']:,}",
+                f"{s['prompt_tokens'] + s['completion_tokens']:,}",
+                f"${s['cost_usd']}",
+                f"${s['cost_per_row_usd']['mean']}",
+                f"{s['latency_ms']['p95']:,}",
+            ]
             for k, s in report["by"]["groups"].items()
         ]
         lines += _grid(header, body, md)
@@ -168,8 +219,16 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         lines.append("## Estimate vs actual" if md else "estimate vs actual:")
         lines += _table(
             [
-                ("prompt tokens", f"estimated {e['prompt_tokens']['estimated']:,}, actual {e['prompt_tokens']['actual']:,}"),
-                ("cost", f"worst case ${e['cost_usd']['worst_case']}" + (f", expected ${e['cost_usd']['expected']}" if e["cost_usd"]["expected"] else "") + f", actual ${e['cost_usd']['actual']}"),
+                (
+                    "prompt tokens",
+                    f"estimated {e['prompt_tokens']['estimated']:,}, actual {e['prompt_tokens']['actual']:,}",
+                ),
+                (
+                    "cost",
+                    f"worst case ${e['cost_usd']['worst_case']}"
+                    + (f", expected ${e['cost_usd']['expected']}" if e["cost_usd"]["expected"] else "")
+                    + f", actual ${e['cost_usd']['actual']}",
+                ),
             ],
             md,
         )
@@ -190,7 +249,11 @@ def _table(rows: list[tuple[str, str]], md: bool) -> list[str]:
 
 def _grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
     if md:
-        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in body]]
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in body],
+        ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,9 @@ class Run:
         self.dispatcher: Dispatcher | None = None
         self.todo = 0
         self.warnings: list[str] = []
+        # A pilot runs only these input positions and writes no output (estimate.py).
+        self.only: frozenset[int] | None = None
+        self.write = True
 
     def _counter(self) -> TokenCounter:
         if self.counter is None:
@@ -142,13 +145,16 @@ class Run:
             pb = builder.build(batch, position)
             position += batch.num_rows
             if not resuming:
-                yield pb.start, pb.row_ids, pb.hashes, pb.users, range(len(pb.row_ids))
+                every = range(len(pb.row_ids))
+                if self.only is not None:
+                    every = [i for i in every if pb.start + i in self.only]  # type: ignore[assignment]
+                yield pb.start, pb.row_ids, pb.hashes, pb.users, every
                 continue
             # Position-derived ids embed the content hash; --id-column values do not.
             unfinished = journal.unfinished(pb.row_ids, pb.hashes if job.id_column else None)
             send: list[int] = []
             new = 0
-            for i, status, old_hash in unfinished:
+            for i, status in unfinished:
                 if status is None:
                     new += 1
                 elif status == "ok":  # same id, other content
@@ -159,6 +165,8 @@ class Run:
                     continue
                 send.append(i)
             shared += len(pb.row_ids) - new
+            if self.only is not None:
+                send = [i for i in send if pb.start + i in self.only]
             yield pb.start, pb.row_ids, pb.hashes, pb.users, send
         if resuming and shared == 0:
             self.warn(
@@ -173,6 +181,8 @@ class Run:
 
     def estimate_todo(self, journal: Journal) -> int:
         """Rows left to send, for the progress bar: without a second pass over the input."""
+        if self.only is not None:
+            return len(self.only)
         if journal.rows_before == 0:
             return self.p.rows
         counts = journal.done_counts()
@@ -284,6 +294,7 @@ class Run:
                     "output": str(job.output),
                     "rows": self.p.rows,
                     "todo": self.todo,
+                    "done_before": sum(journal.done_counts().values()) if journal.rows_before else 0,
                     "model": model.name,
                     "endpoint": endpoint,
                     "checkpoint": str(job.journal_dir),
@@ -348,7 +359,7 @@ class Run:
         totals: Totals | None = None
         output: Path | None = None
         summary: dict[str, Any] = {}
-        if not self.hard_stop.is_set():
+        if self.write and not self.hard_stop.is_set():
             journal.flush()
             totals = write_output(
                 job.output,
@@ -422,6 +433,8 @@ class Run:
             },
             "warnings": self.warnings,
         }
+        if self.journal is not None and (estimate := self.journal.get_meta("estimate")):
+            out["estimate"] = estimate
         if totals is not None:
             out["rows"] = {
                 "total": totals.rows,
@@ -527,10 +540,17 @@ async def run_job(
     sandbox: SandboxConfig | None = None,
     command: str | None = None,
     handle_signals: bool = False,
+    only: frozenset[int] | None = None,
+    write_output: bool = True,
 ) -> RunResult:
-    """Run a job to the end (or to a stop) and write its output. The library's entry point."""
+    """Run a job to the end (or to a stop) and write its output. The library's entry point.
+
+    ``only`` restricts the run to those input positions and ``write_output=False`` leaves the
+    output file alone: together they are ``batchllm estimate --pilot``.
+    """
     prepared = prepare(job)
     run = Run(prepared, reporter or Reporter("none"), command or command_line())
+    run.only, run.write = only, write_output
     loop = asyncio.get_running_loop()
     installed = []
     if handle_signals and threading.current_thread() is threading.main_thread():

@@ -105,3 +105,57 @@ def test_max_cost_is_never_exceeded(sandbox_factory, tmp_path: Path) -> None:
     result = run_cli([*args[:-4], "--max-cost", "1", "--concurrency", "16"], env=box.env())
     assert result.exit_code == 0, result.stderr
     assert box.count() - sent == 60 - before
+
+
+def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) -> None:
+    sample = ROOT / "sample_data" / "reviews.csv"
+    out = tmp_path / "out.parquet"
+    common = [str(sample), "-o", str(out), "--template", TEMPLATE, "--max-tokens", "64", "--rpm", "0"]
+    est = run_cli(["estimate", *common, "--pilot", "20", "--format", "json"], env=sandbox.env())
+    assert est.exit_code == 0, est.stderr
+    e = json.loads(est.stdout)
+    assert e["cost_usd"]["observed_rows"] == 20 and sandbox.count() == 20
+    assert (
+        Decimal(e["cost_usd"]["expected_low"])
+        <= Decimal(e["cost_usd"]["expected"])
+        <= Decimal(e["cost_usd"]["expected_high"])
+    )
+    assert run_cli(["run", *common], env=sandbox.env()).exit_code == 0
+    assert sandbox.count() == 200  # the 20 pilot rows were not sent again
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    versus = report["estimate_vs_actual"]
+    assert versus["prompt_tokens"]["estimated"] == versus["prompt_tokens"]["actual"]
+    assert versus["cost_usd"]["expected"] == e["cost_usd"]["expected"]
+
+
+def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
+    sample = ROOT / "sample_data" / "reviews.csv"
+    out = tmp_path / "out.parquet"
+    assert (
+        run_cli(
+            ["run", str(sample), "-o", str(out), "--template", TEMPLATE, "--rpm", "0"], env=sandbox.env()
+        ).exit_code
+        == 0
+    )
+    table = pq.read_table(out)
+    column_sum = sum(Decimal(repr(v)) for v in table.column("cost_usd").to_pylist())
+    result = run_cli(["report", str(out), "--by", "category", "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    total = Decimal(report["overall"]["cost_usd"])
+    assert abs(total - column_sum) < Decimal("1e-15")
+    assert Decimal(report["overall"]["cost_usd"]) == Decimal(summary_of(out)["cost_usd"]["total"])
+    assert report["overall"]["prompt_tokens"] == sum(table.column("prompt_tokens").to_pylist())
+    groups = report["by"]["groups"]
+    assert set(groups) == set(table.column("category").to_pylist())
+    assert sum(Decimal(g["cost_usd"]) for g in groups.values()) == total
+    for fmt in ("text", "markdown", "csv"):
+        shown = run_cli(["report", str(out), "--by", "category", "--format", fmt])
+        assert shown.exit_code == 0 and report["overall"]["cost_usd"] in shown.stdout
+    html = tmp_path / "report.html"
+    assert run_cli(["report", str(out), "--by", "category", "--html", str(html)]).exit_code == 0
+    page = html.read_text()
+    assert page.count("<svg") == 5 and "<script" not in page and "http" not in page.split("<body>")[1]
+    assert report["overall"]["cost_usd"] in page
+    bad = run_cli(["report", str(out), "--by", "nope"])
+    assert bad.exit_code == 2 and "no column 'nope'" in bad.stderr
