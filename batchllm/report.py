@@ -69,12 +69,14 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     pt = frame["prompt_tokens"].fillna(0).astype("int64")
     ct = frame["completion_tokens"].fillna(0).astype("int64")
     frame["cost_pico"] = pt * in_pico + ct * out_pico  # exact: int64 holds up to $9.2M per row
-    frame["error_class"] = (
-        frame["error"]
-        .astype("object")
-        .map(lambda e: _CLASS.match(e).group(1) if isinstance(e, str) and _CLASS.match(e) else None)
-    )
+    frame["error_class"] = frame["error"].astype("object").map(_error_class)
     return frame, summary
+
+
+def _error_class(error: object) -> str | None:
+    """``FatalAPIError HTTP 413 ...`` -> ``FatalAPIError``; ``ContextWindowExceeded: ...`` likewise."""
+    match = _CLASS.match(error) if isinstance(error, str) else None
+    return match.group(1) if match else None
 
 
 def _stats(frame: pd.DataFrame) -> dict[str, Any]:

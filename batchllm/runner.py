@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,7 @@ class Run:
 
     def _decide(
         self, journal: Journal
-    ) -> Iterator[tuple[int, list[str], list[str], list[str | None], list[int]]]:
+    ) -> Iterator[tuple[int, list[str], list[str], list[str | None], Sequence[int]]]:
         """Per input batch: its start, ids, hashes, prompts, and the indexes of rows to send."""
         job, builder = self.job, self.p.builder
         position = shared = changed_kept = 0
@@ -145,9 +145,9 @@ class Run:
             pb = builder.build(batch, position)
             position += batch.num_rows
             if not resuming:
-                every = range(len(pb.row_ids))
+                every: Sequence[int] = range(len(pb.row_ids))
                 if self.only is not None:
-                    every = [i for i in every if pb.start + i in self.only]  # type: ignore[assignment]
+                    every = [i for i in every if pb.start + i in self.only]
                 yield pb.start, pb.row_ids, pb.hashes, pb.users, every
                 continue
             # Position-derived ids embed the content hash; --id-column values do not.
