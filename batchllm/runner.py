@@ -335,6 +335,7 @@ class Run:
                     await dispatcher.run(self.plan(journal, dispatcher), self.hard_stop)
                 finally:
                     ticker.cancel()
+                    self.reporter.progress(snapshot(dispatcher))
                     if deadline is not None:
                         deadline.cancel()
         return self._finish(journal, dispatcher, budget, started_at)
