@@ -283,49 +283,18 @@ class Dispatcher:
             return len(self.counter.encode_ordinary(text))
         return max(1, len(text.encode("utf-8")) // 4)
 
-    def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
-        self.journal.add(
-            (
-                item.row_id,
-                item.content_hash,
-                "error",
-                None,
-                None,
-                None,
-                None,
-                None,
-                exc.describe(),
-                type(exc).__name__,
-                attempts,
-                None,
-                time.time(),
-                self.model.name,
-            )
-        )
+    def _add_error(self, row_id: str, content_hash: str, error: str, error_class: str, attempts: int) -> None:
+        record = (row_id, content_hash, "error", None, None, None, None, None)
+        self.journal.add((*record, error, error_class, attempts, None, time.time(), self.model.name))
         self.stats.error += 1
+
+    def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
+        self._add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts)
         self._track(True)
 
     def record_rejected(self, row_id: str, content_hash: str, error_class: str, message: str) -> None:
         """A row refused before any request (over the window, no prompt): an error, not sent."""
-        self.journal.add(
-            (
-                row_id,
-                content_hash,
-                "error",
-                None,
-                None,
-                None,
-                None,
-                None,
-                f"{error_class}: {message}",
-                error_class,
-                0,
-                None,
-                time.time(),
-                self.model.name,
-            )
-        )
-        self.stats.error += 1
+        self._add_error(row_id, content_hash, f"{error_class}: {message}", error_class, 0)
         self.stats.rejected += 1
 
     def _track(self, failed: bool) -> None:

@@ -76,6 +76,9 @@ class Reporter:
     def info(self, message: str) -> None:
         self._write(message)
 
+    def stopped(self, reason: str, message: str) -> None:
+        """A run-level stop; the text summary says it, so only machine logs get an event."""
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -116,6 +119,9 @@ class JsonReporter(Reporter):
 
     def info(self, message: str) -> None:
         self._emit("info", message=message)
+
+    def stopped(self, reason: str, message: str) -> None:
+        self._emit("error" if reason in ("api", "error_rate") else "warning", reason=reason, message=message)
 
     def summary(self, summary: dict[str, Any], text: str) -> None:
         self._emit("summary", **summary)

@@ -357,6 +357,8 @@ class Run:
             )
         if reason is StopReason.API and dispatcher.stop_error is not None:
             dispatcher.stop_message = self._run_stop_advice(dispatcher.stop_error)
+        if reason is not None:
+            self.reporter.stopped(reason.value, dispatcher.stop_message or reason.value)
         totals: Totals | None = None
         output: Path | None = None
         summary: dict[str, Any] = {}
