@@ -101,7 +101,11 @@ class Job:
     def request_settings(self) -> dict[str, Any]:
         """What shapes a request: a journal written with other values cannot be resumed."""
         prompt = {"template": self.template} if self.template else {"prompt_column": self.prompt_column}
-        return {"model": self.model, "system": self.system, **prompt, "params": self.params()}
+        settings = {"model": self.model, "system": self.system, **prompt, "params": self.params()}
+        if self.sandbox:
+            # Emulated replies must never pass for real ones: a real run refuses such a journal.
+            settings["sandbox"] = True
+        return settings
 
 
 _PARAM_ORDER = (

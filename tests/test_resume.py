@@ -185,3 +185,16 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
         assert "resume with: batchllm" in text
     missing = run_cli(["status", str(tmp_path / "nothing.parquet")])
     assert missing.exit_code == 2 and "no batchllm journal" in missing.stderr
+
+
+def test_a_sandbox_journal_is_not_resumed_by_a_real_run(sandbox, tmp_path: Path) -> None:
+    src = prompts_csv(tmp_path / "in.csv", 5)
+    out = tmp_path / "out.parquet"
+    assert run_cli(["run", str(src), "-o", str(out), "--sandbox", "--rpm", "0"]).exit_code == 0
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 2 and "sandbox: journal has True, this run has none" in result.stderr
+    assert (
+        run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--restart"], env=sandbox.env()).exit_code
+        == 0
+    )
+    assert sandbox.count() == 5
