@@ -101,7 +101,12 @@ class Job:
     def request_settings(self) -> dict[str, Any]:
         """What shapes a request: a journal written with other values cannot be resumed."""
         prompt = {"template": self.template} if self.template else {"prompt_column": self.prompt_column}
-        settings = {"model": self.model, "system": self.system, **prompt, "params": self.params()}
+        settings: dict[str, Any] = {
+            "model": self.model,
+            "system": self.system,
+            **prompt,
+            "params": self.params(),
+        }
         if self.sandbox:
             # Emulated replies must never pass for real ones: a real run refuses such a journal.
             settings["sandbox"] = True

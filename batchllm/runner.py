@@ -199,26 +199,24 @@ class Run:
         in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
         budget = job.max_cost_pico is not None
         column = job.prompt_column
+
+        def needs_count(text: str | None) -> bool:
+            # Without a budget or tpm, only rows that might not fit the window are counted:
+            # a token is at least one UTF-8 byte, and a character at most four.
+            if text is None or len(text) > MAX_CONTENT_CHARS:
+                return False
+            return count_all or bound_overhead + 4 * len(text) + 2 + max_tokens > window
+
         for start, row_ids, hashes, users, send in self._decide(journal):
-            texts = {i: users[i] for i in send}
             exact: dict[int, int] = {}
-            if count_all:
-                countable = [i for i in send if texts[i] is not None and len(texts[i]) <= MAX_CONTENT_CHARS]  # type: ignore[arg-type]
-            else:
-                countable = [
-                    i
-                    for i in send
-                    if texts[i] is not None
-                    and len(texts[i]) <= MAX_CONTENT_CHARS  # type: ignore[arg-type]
-                    and bound_overhead + 4 * len(texts[i]) + 2 + max_tokens > window  # type: ignore[arg-type]
-                ]
+            countable = [i for i in send if needs_count(users[i])]
             if countable:
                 counter = self._counter()
                 overhead = counter.overhead(job.system)
-                counts = counter.texts_tokens([texts[i] for i in countable])  # type: ignore[misc]
+                counts = counter.texts_tokens([users[i] or "" for i in countable])
                 exact = {i: overhead + n for i, n in zip(countable, counts, strict=True)}
             for i in send:
-                user = texts[i]
+                user = users[i]
                 if user is None:
                     dispatcher.record_rejected(
                         row_ids[i],
