@@ -53,7 +53,3 @@ class Budget:
         self.in_flight -= 1
         self.spent += actual_pico
         self._released.set()
-
-    @property
-    def spent_this_run(self) -> int:
-        return self.spent - self.spent_before

@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -399,7 +399,3 @@ def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str:
             "FILE), or use --sandbox to try batchllm against the built-in emulator"
         )
     return key
-
-
-def job_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Job))

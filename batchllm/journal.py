@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,14 +236,6 @@ class Journal:
         ).fetchone()
         return int(row[0])
 
-    def iter_records(self, batch: int = 10_000) -> Iterator[list[Record]]:
-        cur = self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM rows")
-        while True:
-            rows = cur.fetchmany(batch)
-            if not rows:
-                return
-            yield rows
-
 
 def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming each request setting that differs: ``template: 'a' -> 'b'``."""
@@ -272,7 +263,3 @@ def _show(value: Any) -> str:
         return "none"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "...'"
-
-
-def remove_journal(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

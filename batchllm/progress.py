@@ -73,9 +73,6 @@ class Reporter:
     def error(self, message: str) -> None:
         self._write(f"error: {message}")
 
-    def info(self, message: str) -> None:
-        self._write(message)
-
     def stopped(self, reason: str, message: str) -> None:
         """A run-level stop; the text summary says it, so only machine logs get an event."""
 
@@ -116,9 +113,6 @@ class JsonReporter(Reporter):
 
     def error(self, message: str) -> None:
         self._emit("error", message=message)
-
-    def info(self, message: str) -> None:
-        self._emit("info", message=message)
 
     def stopped(self, reason: str, message: str) -> None:
         self._emit("error" if reason in ("api", "error_rate") else "warning", reason=reason, message=message)

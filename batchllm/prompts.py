@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import string
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -165,7 +164,3 @@ class RequestEncoder:
 
     def encode(self, user: str) -> bytes:
         return self._prefix + orjson.dumps(user) + self._suffix
-
-
-def dumps(value: Any) -> bytes:
-    return orjson.dumps(value)

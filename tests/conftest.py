@@ -27,6 +27,20 @@ from batchllm.sandbox import Sandbox, SandboxConfig, start_sandbox
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "batchllm"
 TEST_KEY = "test-key-0f9e8d7c6b5a"
+# The request on the provider's page (dataoorts-llama-3.1-70b-instruct.md), as JSON.
+PAGE_EXAMPLE = {
+    "model": "meta/llama-3.1-70b-instruct",
+    "data": {
+        "messages": [
+            {"role": "system", "content": "You are an expert deep learning engineer"},
+            {"role": "user", "content": "What is Deep Learning"},
+        ],
+        "temperature": 0.1,
+        "top_p": 0.9,
+        "top_k": 40,
+        "max_tokens": 512,
+    },
+}
 
 
 class SandboxThread:

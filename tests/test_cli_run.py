@@ -13,7 +13,7 @@ import pytest
 
 from batchllm.output import RESULT_NAMES
 
-from .conftest import ROOT, run_cli, summary_of, write_csv
+from .conftest import PAGE_EXAMPLE, ROOT, run_cli, summary_of, write_csv
 
 SAMPLE = ROOT / "sample_data" / "reviews.csv"
 TEMPLATE = "Classify the sentiment of this review as positive, negative or neutral: {review}"
@@ -64,20 +64,7 @@ def test_request_body_has_the_page_shape(sandbox_factory, tmp_path: Path) -> Non
     args = ["run", str(src), "-o", str(out), "--system", "You are an expert deep learning engineer"]
     args += ["--temperature", "0.1", "--top-p", "0.9", "--top-k", "40", "--max-tokens", "512"]
     assert run_cli(args, env=box.env()).exit_code == 0
-    page_example = {
-        "model": "meta/llama-3.1-70b-instruct",
-        "data": {
-            "messages": [
-                {"role": "system", "content": "You are an expert deep learning engineer"},
-                {"role": "user", "content": "What is Deep Learning"},
-            ],
-            "temperature": 0.1,
-            "top_p": 0.9,
-            "top_k": 40,
-            "max_tokens": 512,
-        },
-    }
-    assert box.sandbox.bodies == [json.dumps(page_example, separators=(",", ":")).encode()]
+    assert box.sandbox.bodies == [json.dumps(PAGE_EXAMPLE, separators=(",", ":")).encode()]
     row = pq.read_table(out).to_pylist()[0]
     assert row["prompt_tokens"] == 27
 

@@ -11,6 +11,8 @@ import pytest
 from batchllm.sandbox import _WORDS
 from batchllm.tokens import get_counter
 
+from .conftest import PAGE_EXAMPLE
+
 MODEL = "meta/llama-3.1-70b-instruct"
 
 
@@ -34,19 +36,7 @@ def req(**data: object) -> dict:
 
 
 def test_page_example(sandbox) -> None:
-    body = {
-        "model": MODEL,
-        "data": {
-            "messages": [
-                {"role": "system", "content": "You are an expert deep learning engineer"},
-                {"role": "user", "content": "What is Deep Learning"},
-            ],
-            "temperature": 0.1,
-            "top_p": 0.9,
-            "top_k": 40,
-            "max_tokens": 512,
-        },
-    }
+    body = PAGE_EXAMPLE
     status, _, payload = post(sandbox, body)
     assert status == 200
     assert list(payload) == ["errors", "messages", "result", "success"]  # keys sorted
