@@ -557,6 +557,10 @@ def main() -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("batchllm: aborted", err=True)
         sys.exit(ExitCode.INTERRUPTED)
+    except click.UsageError as exc:
+        # One line, like every other error: what is wrong and where to read more.
+        command = exc.ctx.command_path if exc.ctx is not None else "batchllm"
+        sys.exit(_fail(f"{exc.format_message()} (see `{command} --help`)", exc.exit_code))
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -159,3 +159,14 @@ def test_every_command_help_ends_with_an_example() -> None:
         assert result.exit_code in (0, None)
         text = result.stdout
         assert "Example" in text[text.rindex("Show this message and exit") :], name
+
+
+def test_usage_errors_are_one_line_too(tmp_path: Path) -> None:
+    from .conftest import spawn
+
+    for args in (["run", "x.csv", "--temperature", "abc"], ["run", "x.csv", "--bogus"], ["frobnicate"]):
+        proc = spawn(args)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("batchllm: error:"), err
