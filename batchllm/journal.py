@@ -89,7 +89,9 @@ class Journal:
         self.conn = conn
         self._pending: list[Record] = []
         self._scheduled = False
-        self.rows_before = self.count()
+        # Rows by status when opened: one scan serves the resume decision and the progress total.
+        self.counts_before = self.status_counts()
+        self.rows_before = sum(self.counts_before.values())
 
     @classmethod
     def open(cls, directory: Path, settings: dict[str, Any], *, restart: bool = False) -> Journal:
@@ -173,9 +175,6 @@ class Journal:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
-
     def unfinished(
         self, row_ids: Sequence[str], hashes: Sequence[str] | None = None
     ) -> list[tuple[int, str | None]]:
@@ -201,7 +200,7 @@ class Journal:
             )
         return cur.fetchall()
 
-    def done_counts(self) -> dict[str, int]:
+    def status_counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status").fetchall())
 
     def fetch(self, row_ids: Sequence[str]) -> dict[str, Record]:

@@ -185,7 +185,7 @@ class Run:
             return len(self.only)
         if journal.rows_before == 0:
             return self.p.rows
-        counts = journal.done_counts()
+        counts = journal.counts_before
         done = counts.get("ok", 0) + (0 if self.job.retry_errors else counts.get("error", 0))
         return max(0, self.p.rows - done)
 
@@ -292,7 +292,7 @@ class Run:
                     "output": str(job.output),
                     "rows": self.p.rows,
                     "todo": self.todo,
-                    "done_before": sum(journal.done_counts().values()) if journal.rows_before else 0,
+                    "done_before": journal.rows_before,
                     "model": model.name,
                     "endpoint": endpoint,
                     "checkpoint": str(job.journal_dir),
