@@ -8,6 +8,7 @@ dispatcher's counters on a timer; nothing here runs per row.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -47,8 +48,17 @@ class Reporter:
             + f"; model {info['model']}; output {info['output']}"
         )
         if self.mode == "bar":
+            # A terminal that reports its size as 0x0 (a fresh pty, `script`) would make tqdm
+            # hide the bar as if it were below the screen: give it a size then.
+            width, height = _terminal_size(self.stream)
             self._bar = tqdm(
-                total=self._total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1
+                total=self._total,
+                file=self.stream,
+                unit="row",
+                dynamic_ncols=width > 0,
+                ncols=None if width > 0 else int(os.environ.get("COLUMNS") or 100),
+                nrows=None if height > 0 else 24,
+                smoothing=0.1,
             )
         self._last_line = time.monotonic()
 
@@ -119,6 +129,14 @@ class JsonReporter(Reporter):
 
     def summary(self, summary: dict[str, Any], text: str) -> None:
         self._emit("summary", **summary)
+
+
+def _terminal_size(stream: TextIO) -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 def _public(snap: dict[str, Any]) -> dict[str, Any]:

@@ -170,3 +170,51 @@ def test_usage_errors_are_one_line_too(tmp_path: Path) -> None:
         assert proc.returncode == 2
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("batchllm: error:"), err
+
+
+def test_progress_bar_on_a_terminal_and_none_in_a_pipe(sandbox_factory, tmp_path: Path) -> None:
+    import os
+    import pty
+    import subprocess
+
+    from .conftest import BIN, prompts_csv
+
+    box = sandbox_factory(latency=0.05)
+    src = prompts_csv(tmp_path / "in.csv", 60)
+    args = [
+        str(BIN),
+        "run",
+        str(src),
+        "-o",
+        str(tmp_path / "tty.parquet"),
+        "--rpm",
+        "0",
+        "--concurrency",
+        "4",
+    ]
+    leader, follower = pty.openpty()
+    env = {**os.environ, **box.env(), "COLUMNS": "120"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(30) == 0
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "row/s" in shown and "60/60" in shown and "$0.0" in shown  # rows, rate, dollars
+    piped = subprocess.run(
+        [*args[:4], str(tmp_path / "pipe.parquet"), *args[5:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert piped.returncode == 0
+    assert "row/s" not in piped.stderr and "\r" not in piped.stderr
