@@ -529,9 +529,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def command_line() -> str:
-    """The command as typed, for resume hints (never contains the key: keys come from env/files)."""
-    return " ".join(shlex.quote(a) for a in ["batchllm", *sys.argv[1:]])
+def command_line(argv: list[str] | None = None) -> str:
+    """The command to resume with: as typed, less ``--restart`` (which would discard the journal).
+
+    It never contains the key: keys come from the environment or a file, never from a flag.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["batchllm", *(a for a in args if a != "--restart")])
 
 
 async def run_job(

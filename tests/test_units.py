@@ -118,3 +118,10 @@ def test_row_ids_are_stable_and_content_sensitive() -> None:
     edited = builder.build(pa.record_batch({"prompt": ["a", "B", "c"]}), 0)
     assert again.row_ids[:3] == first.row_ids
     assert edited.row_ids[0] == first.row_ids[0] and edited.row_ids[1] != first.row_ids[1]
+
+
+def test_resume_hint_drops_restart() -> None:
+    from batchllm.runner import command_line
+
+    hint = command_line(["run", "in put.csv", "-o", "o.parquet", "--restart", "--rpm", "0"])
+    assert hint == "batchllm run 'in put.csv' -o o.parquet --rpm 0"
