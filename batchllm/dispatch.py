@@ -47,6 +47,7 @@ class StopReason(enum.Enum):
     ERROR_RATE = "error_rate"
     BUDGET = "budget"
     RUNTIME = "runtime"
+    JOURNAL = "journal"
 
 
 @dataclass(slots=True)
@@ -162,6 +163,10 @@ class Dispatcher:
 
     async def _worker(self) -> None:
         while not self.stopping:
+            if self.journal.write_error is not None:
+                # Replies can no longer be made durable: stop paying for more.
+                self.request_stop(StopReason.JOURNAL, f"cannot write the journal: {self.journal.write_error}")
+                return
             try:
                 item = next(self._items, None)
             except BaseException as exc:  # noqa: BLE001 - bad input found mid-run stops the run

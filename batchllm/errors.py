@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # usage, configuration or input error
     BUDGET = 3  # --max-cost reached
     API_STOP = 4  # stopped by the API: bad key, quota, too many errors
+    IO_ERROR = 74  # the checkpoint could not be written (disk full?)
     TEMPFAIL = 75  # locked by another run, or --max-runtime reached: try again later
     INTERRUPTED = 130  # SIGINT / SIGTERM
 
@@ -39,6 +40,7 @@ Exit codes:
   2    usage, configuration or input error (nothing was sent)
   3    budget (--max-cost) reached; a later run with a higher cap resumes
   4    stopped by the API: bad key, exhausted quota, or too many errors
+  74   the checkpoint could not be written (disk full?): replies were rescued
   75   locked by another run, or --max-runtime reached: try again later
   130  interrupted (SIGINT/SIGTERM); run the same command again to resume"""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from .errors import JobError, SettingsMismatch
 
 SCHEMA_VERSION = 1
 DB_NAME = "journal.sqlite"
+RESCUE_NAME = "rescued-rows.jsonl"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,6 +91,10 @@ class Journal:
         self.conn = conn
         self._pending: list[Record] = []
         self._scheduled = False
+        self.write_error: sqlite3.Error | None = None
+        self.rescued = 0  # rows written to the rescue file instead
+        self.imported = 0  # rows a previous run rescued, imported at open
+        self.unsaved: list[Record] = []  # rows that could not be written anywhere
         # Rows by status when opened: one scan serves the resume decision and the progress total.
         self.counts_before = self.status_counts()
         self.rows_before = sum(self.counts_before.values())
@@ -107,6 +113,11 @@ class Journal:
             raise JobError(f"{directory}: cannot open the checkpoint journal: {exc}") from None
         journal = cls(directory, conn)
         stored = journal.get_meta("settings")
+        if stored is not None and stored == settings:
+            journal.imported = journal._import_rescued()
+            if journal.imported:
+                journal.counts_before = journal.status_counts()
+                journal.rows_before = sum(journal.counts_before.values())
         if stored is None:
             journal.set_meta("settings", settings)
             journal.set_meta("schema_version", SCHEMA_VERSION)
@@ -163,9 +174,40 @@ class Journal:
             return
         pending, self._pending = self._pending, []
         conn = self.conn
-        conn.execute("BEGIN")
-        conn.executemany(_INSERT, pending)
-        conn.execute("COMMIT")
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(_INSERT, pending)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Disk full, I/O error...: these replies are paid for. Keep them in a plain file the
+            # next run imports, and tell the dispatcher (``write_error``) to stop sending.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if self.write_error is None:
+                self.write_error = exc
+            self._rescue(pending)
+
+    def _rescue(self, records: list[Record]) -> None:
+        try:
+            with open(self.directory / RESCUE_NAME, "ab") as fh:
+                fh.write(b"".join(orjson.dumps(list(r)) + b"\n" for r in records))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.rescued += len(records)
+        except OSError:
+            self.unsaved.extend(records)
+
+    def _import_rescued(self) -> int:
+        """Rows a previous run could not commit (see ``flush``): into the journal, then gone."""
+        path = self.directory / RESCUE_NAME
+        if not path.exists():
+            return 0
+        records = [tuple(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+        self.conn.execute("BEGIN")
+        self.conn.executemany(_INSERT, records)
+        self.conn.execute("COMMIT")
+        path.unlink()
+        return len(records)
 
     def close(self) -> None:
         self.flush()

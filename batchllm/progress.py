@@ -125,7 +125,11 @@ class JsonReporter(Reporter):
         self._emit("error", message=message)
 
     def stopped(self, reason: str, message: str) -> None:
-        self._emit("error" if reason in ("api", "error_rate") else "warning", reason=reason, message=message)
+        self._emit(
+            "error" if reason in ("api", "error_rate", "journal") else "warning",
+            reason=reason,
+            message=message,
+        )
 
     def summary(self, summary: dict[str, Any], text: str) -> None:
         self._emit("summary", **summary)

@@ -34,7 +34,7 @@ from .dispatch import Dispatcher, StopReason, WorkItem
 from .errors import ExitCode, JobError, RunStopError
 from .inputs import InputFile
 from .job import MAX_CONTENT_CHARS, PROVIDER_RPM, Job, resolve_api_key
-from .journal import Journal
+from .journal import RESCUE_NAME, Journal
 from .lock import RunLock
 from .output import Totals, check_no_clash, write_output
 from .pricing import Model, format_usd, get_model
@@ -50,6 +50,7 @@ _STOP_EXIT = {
     StopReason.ERROR_RATE: ExitCode.API_STOP,
     StopReason.BUDGET: ExitCode.BUDGET,
     StopReason.RUNTIME: ExitCode.TEMPFAIL,
+    StopReason.JOURNAL: ExitCode.IO_ERROR,
 }
 
 
@@ -265,6 +266,10 @@ class Run:
                     f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
                 )
             journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+            if journal.imported:
+                self.warn(
+                    f"imported {journal.imported:,} replies an earlier run could not write to the journal"
+                )
             self.journal = journal
             journal.set_meta(
                 "last_run",
@@ -355,12 +360,25 @@ class Run:
             )
         if reason is StopReason.API and dispatcher.stop_error is not None:
             dispatcher.stop_message = self._run_stop_advice(dispatcher.stop_error)
+        if reason is StopReason.JOURNAL:
+            journal.flush()
+            dispatcher.stop_message = (
+                f"cannot write the journal in {journal.directory} ({journal.write_error}): stopped sending; "
+                f"{journal.rescued:,} replies were saved to {journal.directory / RESCUE_NAME} and the next run "
+                "imports them"
+                + (
+                    f"; {len(journal.unsaved):,} replies could not be saved anywhere"
+                    if journal.unsaved
+                    else ""
+                )
+            )
         if reason is not None:
             self.reporter.stopped(reason.value, dispatcher.stop_message or reason.value)
         totals: Totals | None = None
         output: Path | None = None
         summary: dict[str, Any] = {}
-        if self.write and not self.hard_stop.is_set():
+        # With the journal unwritable the disk is likely full: leave the output as it was.
+        if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
             journal.flush()
             totals = write_output(
                 job.output,

@@ -1,0 +1,97 @@
+"""The journal: group commit, resume lookups, and no paid reply lost when it cannot be written."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from batchllm.budget import Budget
+from batchllm.client import Client
+from batchllm.dispatch import Dispatcher, StopReason, WorkItem
+from batchllm.job import build_job
+from batchllm.journal import RESCUE_NAME, Journal, settings_diff
+from batchllm.pricing import get_model
+from batchllm.prompts import RequestEncoder
+from batchllm.ratelimit import Backoff, RateLimiter
+
+SETTINGS = {"model": "m", "system": None, "prompt_column": "prompt", "params": {"max_tokens": 16}}
+
+
+def record(i: int, status: str = "ok", size: int = 10) -> tuple:
+    return (f"{i}-h", "h", status, "x" * size, 1, 2, 3, 4, None, None, 1, 1.0, time.time(), "m")
+
+
+def test_unfinished_returns_only_rows_to_send(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path, SETTINGS)
+    for i in range(5):
+        journal.add(record(i, "ok" if i % 2 == 0 else "error"))
+    journal.flush()
+    ids = [f"{i}-h" for i in range(7)]
+    assert journal.unfinished(ids) == [(1, "error"), (3, "error"), (5, None), (6, None)]
+    assert journal.unfinished(ids[:3], ["h", "other", "other"]) == [(1, "error"), (2, "ok")]
+    journal.close()
+    again = Journal.open(tmp_path, SETTINGS)
+    assert again.counts_before == {"ok": 3, "error": 2}
+    again.close()
+
+
+def test_settings_diff_names_each_difference() -> None:
+    other = {**SETTINGS, "model": "n", "params": {"max_tokens": 32}}
+    assert settings_diff(SETTINGS, other) == [
+        "max_tokens: journal has 16, this run has 32",
+        "model: journal has 'm', this run has 'n'",
+    ]
+
+
+def test_a_full_disk_rescues_replies_and_the_next_open_imports_them(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path, SETTINGS)
+    pages = journal.conn.execute("PRAGMA page_count").fetchone()[0]
+    journal.conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLite's own "disk is full"
+    for i in range(40):
+        journal.add(record(i, size=4000))  # no event loop: each add commits at once
+    assert journal.write_error is not None and "full" in str(journal.write_error)
+    assert journal.rescued > 0 and not journal.unsaved
+    assert (tmp_path / RESCUE_NAME).exists()
+    journal.close()
+    reopened = Journal.open(tmp_path, SETTINGS)  # a new connection: no page limit
+    assert reopened.imported == journal.rescued
+    assert reopened.counts_before == {"ok": 40}
+    assert not (tmp_path / RESCUE_NAME).exists()
+    reopened.close()
+
+
+def test_the_dispatcher_stops_when_the_journal_cannot_be_written(sandbox, tmp_path: Path) -> None:
+    job = build_job({"input": "in.csv", "output": str(tmp_path / "o.parquet")})
+    journal = Journal.open(tmp_path / "j", job.request_settings())
+    pages = journal.conn.execute("PRAGMA page_count").fetchone()[0]
+    journal.conn.execute(f"PRAGMA max_page_count = {pages + 3}")
+    encoder = RequestEncoder(job)
+    items = (WorkItem(f"{i}-h", "h", encoder.encode(f"question {i} " * 200), 0, 0) for i in range(2000))
+
+    async def go() -> Dispatcher:
+        async with Client(sandbox.url, sandbox.key, concurrency=8, timeout=10) as client:
+            dispatcher = Dispatcher(
+                client=client,
+                journal=journal,
+                model=get_model(job.model),
+                max_tokens=job.max_tokens,
+                concurrency=8,
+                limiter=RateLimiter(0),
+                backoff=Backoff(3),
+                budget=Budget(None),
+                counter=None,
+                max_error_rate=0.5,
+                error_window=100,
+            )
+            await dispatcher.run(items)
+            return dispatcher
+
+    dispatcher = asyncio.run(go())
+    assert dispatcher.stop_reason is StopReason.JOURNAL
+    sent = sandbox.count(200)
+    assert sent < 2000
+    journal.close()
+    reopened = Journal.open(tmp_path / "j", job.request_settings())
+    assert reopened.rows_before == sent  # every reply received is in the journal after the import
+    reopened.close()
