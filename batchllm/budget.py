@@ -18,7 +18,6 @@ class Budget:
     def __init__(self, cap_pico: int | None, spent_before_pico: int = 0) -> None:
         self.cap = cap_pico
         self.spent = spent_before_pico
-        self.spent_before = spent_before_pico
         self.reserved = 0
         self.in_flight = 0
         self._released = asyncio.Event()

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .errors import JobError
 from .inputs import InputFile
 from .journal import COLUMNS, Journal
-from .pricing import PICO_PER_USD
+from .pricing import to_usd
 from .prompts import PromptBuilder
 
 RESULT_FIELDS = [
@@ -146,9 +146,9 @@ def _result_columns(
             cols["prompt_tokens"][i] = pt
             cols["completion_tokens"][i] = ct
             cols["total_tokens"][i] = pt + ct
-            cols["input_cost_usd"][i] = ic / PICO_PER_USD
-            cols["output_cost_usd"][i] = oc / PICO_PER_USD
-            cols["cost_usd"][i] = (ic + oc) / PICO_PER_USD
+            cols["input_cost_usd"][i] = to_usd(ic)
+            cols["output_cost_usd"][i] = to_usd(oc)
+            cols["cost_usd"][i] = to_usd(ic + oc)
             cols["truncated"][i] = ct >= max_tokens
             totals.ok += 1
             totals.prompt_tokens += pt

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from .errors import JobError
 from .output import read_summary
-from .pricing import PICO_PER_USD, format_usd, get_model
+from .pricing import Model, format_usd, get_model
 
 _BASE_COLUMNS = [
     "status",
@@ -56,16 +56,18 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
     prices = summary.get("prices")
-    if prices:
-        in_pico = int(Decimal(prices["input_usd_per_million_tokens"]) * 10**6)
-        out_pico = int(Decimal(prices["output_usd_per_million_tokens"]) * 10**6)
-    else:
-        model = (
-            get_model(str(frame["model"].dropna().iloc[0]))
-            if frame["model"].notna().any()
-            else get_model(summary.get("model", ""))
+    if prices:  # the prices the run used, not today's table
+        model = Model(
+            str(summary.get("model")),
+            Decimal(prices["input_usd_per_million_tokens"]),
+            Decimal(prices["output_usd_per_million_tokens"]),
+            0,
         )
-        in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
+    elif frame["model"].notna().any():
+        model = get_model(str(frame["model"].dropna().iloc[0]))
+    else:
+        model = get_model(summary.get("model", ""))
+    in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
     pt = frame["prompt_tokens"].fillna(0).astype("int64")
     ct = frame["completion_tokens"].fillna(0).astype("int64")
     frame["cost_pico"] = pt * in_pico + ct * out_pico  # exact: int64 holds up to $9.2M per row
@@ -259,7 +261,3 @@ def _grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
-
-
-def usd(pico: int) -> float:
-    return pico / PICO_PER_USD

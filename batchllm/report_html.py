@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .report import _rows, build_report, load, usd
+from .pricing import to_usd as usd
+from .report import _rows, build_report, load
 
 W, H, PAD = 560, 260, 72
 COLOUR = "#3b6ea5"
