@@ -9,12 +9,46 @@ Library use mirrors the CLI::
                      "template": "Classify: {review}", "sandbox": True})
     result = asyncio.run(run_job(job))
     print(result.exit_code, result.summary["cost_usd"])
+
+Names are imported on first use, so ``import batchllm.records`` (or the sandbox) stays light.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .errors import BatchLLMError, ExitCode, JobError  # noqa: E402
-from .job import Job, build_job  # noqa: E402
-from .runner import RunResult, run_job  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BatchLLMError", "ExitCode", "Job", "JobError", "RunResult", "__version__", "build_job", "run_job"]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "BatchLLMError": "errors",
+    "ExitCode": "errors",
+    "JobError": "errors",
+    "Job": "job",
+    "build_job": "job",
+    "load_job_file": "job",
+    "Request": "records",
+    "Message": "records",
+    "Completion": "records",
+    "RunResult": "engine.runner",
+    "run_job": "api",
+    "get_provider": "providers",
+}
+
+if TYPE_CHECKING:
+    from .api import run_job
+    from .engine.runner import RunResult
+    from .errors import BatchLLMError, ExitCode, JobError
+    from .job import Job, build_job, load_job_file
+    from .providers import get_provider
+    from .records import Completion, Message, Request
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__all__ = ["__version__", *_EXPORTS]

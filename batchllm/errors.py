@@ -4,12 +4,13 @@
     ├── JobError                       bad flags, job file or input: exit 2, nothing sent
     │   └── SettingsMismatch           the journal was written with other settings
     ├── LockedError                    another run holds the checkpoint: exit 75
-    └── APIError                       what the HTTP boundary (client.py) raises, and only it
+    └── APIError                       raised at the HTTP boundary only: a provider's ``parse``
+        │                              (providers/) and the transport (engine/client.py)
         ├── RetryableAPIError          408/409/429/5xx, timeouts, dropped connections, garbled bodies;
         │                              carries ``retry_after`` when the server named a wait
         └── FatalAPIError              400/404/413 and other client errors: this row fails for good
-            └── RunStopError           bad key (401/403/10000) or exhausted quota (3036/4006):
-                                       no further row can succeed, so the whole run stops (exit 4)
+            └── RunStopError           a rejected key or an exhausted quota (``reason``): no
+                                       further row can succeed, so the whole run stops (exit 4)
 
 A row that fails for good is not an exception that escapes: the dispatcher records it on its row
 (``status = "error"``) with ``APIError.describe()`` and carries on.
@@ -121,6 +122,12 @@ class FatalAPIError(APIError):
 
 
 class RunStopError(FatalAPIError):
-    """No request can succeed until a person acts: bad key or exhausted quota."""
+    """No request can succeed until a person acts: ``reason`` is "auth" (the key) or "quota"."""
 
     kind = "run_stop"
+
+    def __init__(
+        self, message: str, status: int | None = None, code: int | str | None = None, *, reason: str = "auth"
+    ):
+        super().__init__(message, status, code)
+        self.reason = reason

@@ -1,20 +1,19 @@
 """The job: every setting of a run, its default and its allowed range, validated once.
 
 A job comes from flags, from a TOML job file (``jobs/*.toml``), or both (flags win). Either way it
-passes through ``build_job``, the one place that knows types, ranges and defaults, so the CLI, job
-files and library users get the same checks and the same messages. Each message names where the
-value came from (``--temperature`` or ``jobs/x.toml: temperature``) and what is allowed.
+passes through ``build_job``, the one place that knows types and defaults, so the CLI, job files
+and library users get the same checks and the same messages. Each message names where the value
+came from (``--temperature`` or ``jobs/x.toml: key 'temperature'``) and what is allowed.
 
-The parameter ranges are the API's (CONTRACT.md); a request is never sent with a value the API
-would reject as a whole batch of 400s.
+Sampling parameters and their ranges are the provider's (providers/): ``build_job`` asks the
+chosen provider to parse each one, so a request is never sent with a value the API would reject
+as a whole batch of 400s, and a parameter the provider does not take is a usage error.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,22 +21,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import values as v
 from .errors import JobError
-from .pricing import DEFAULT_MODEL, parse_usd
+from .pricing import Prices, parse_price, parse_usd
+from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
 
-DEFAULT_ENDPOINT = "https://cloud.dataoorts.com/api/v1"
-DEFAULT_KEY_ENV = "DATAOORTS_API_KEY"
-ENDPOINT_ENV = "DATAOORTS_ENDPOINT"
-# The API's default when max_tokens is left out (CONTRACT.md); we always send it explicitly.
-DEFAULT_MAX_TOKENS = 256
-# 300 requests/min x 15-25 s per reply (CONTRACT.md) needs ~100 in flight; a little headroom.
+DEFAULT_MODEL = "meta/llama-3.1-70b-instruct"
+# 300 requests/min x 15-25 s per reply (docs/api.md) needs ~100 in flight; a little headroom.
 DEFAULT_CONCURRENCY = 128
-# Replies of 512 tokens take 15-25 s, more under load; 120 s is CONTRACT.md's upper figure.
+# Replies of 512 tokens take 15-25 s, more under load; 120 s is the contract's upper figure.
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_MAX_ATTEMPTS = 6
-# The provider's documented limit (CONTRACT.md): where `--rpm auto` starts probing.
-PROVIDER_RPM = 300
-MAX_CONTENT_CHARS = 131_072
+# Sampling parameters any provider may take; which ones, and their ranges, are the provider's.
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,17 +56,14 @@ class Job:
     template: str | None = None
     system: str | None = None
     id_column: str | None = None
+    provider: str = DEFAULT_PROVIDER
     model: str = DEFAULT_MODEL
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    endpoint: str = DEFAULT_ENDPOINT
-    api_key_env: str = DEFAULT_KEY_ENV
+    max_tokens: int = 256
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # validated by the provider
+    extra_body: Mapping[str, Any] | None = None  # passed through as is (openai provider)
+    prices: Prices | None = None  # --input-price/--output-price: win over the model table's
+    endpoint: str = ""  # the provider's default (or its environment variable) when not given
+    api_key_env: str | None = None  # the provider's own variable when not given
     api_key_file: Path | None = None
     sandbox: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
@@ -89,13 +91,19 @@ class Job:
             return self.checkpoint
         return self.output.with_name(self.output.name + ".batchllm")
 
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or get_provider(self.provider).key_env
+
     def params(self) -> dict[str, Any]:
-        """The sampling parameters sent in ``data``, in the page's order, unset ones left out."""
+        """The parameters sent with every request, in the provider's order, unset ones left out."""
         out: dict[str, Any] = {}
-        for name in _PARAM_ORDER:
-            value = self.max_tokens if name == "max_tokens" else getattr(self, name)
+        for name in get_provider(self.provider).params:
+            value = self.max_tokens if name == "max_tokens" else self.sampling.get(name)
             if value is not None:
                 out[name] = value
+        if self.extra_body:
+            out.update(self.extra_body)
         return out
 
     def request_settings(self) -> dict[str, Any]:
@@ -107,177 +115,100 @@ class Job:
             **prompt,
             "params": self.params(),
         }
+        if self.provider != DEFAULT_PROVIDER:
+            # Journals written before providers existed were Dataoorts': they still resume.
+            settings["provider"] = self.provider
         if self.sandbox:
             # Emulated replies must never pass for real ones: a real run refuses such a journal.
             settings["sandbox"] = True
         return settings
 
 
-_PARAM_ORDER = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_tokens",
-    "seed",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-)
-
-
-# --- value parsers: each takes the raw value and returns the typed one or raises ValueError ---
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("must be a string")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("must be true or false")
-    return v
-
-
-def _int(lo: int | None, hi: int | None) -> Callable[[Any], int]:
-    def parse(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
-                v = int(v)
-            else:
-                raise ValueError(f"must be an integer{_range(lo, hi)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ValueError(f"must be an integer{_range(lo, hi)}, got {v}")
-        return v
-
-    return parse
-
-
-def _float(lo: float | None, hi: float | None, lo_open: bool = False) -> Callable[[Any], float]:
-    def parse(v: Any) -> float:
-        if isinstance(v, bool):
-            raise ValueError(f"must be a number{_range(lo, hi)}")
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be a number{_range(lo, hi)}") from None
-        bad_lo = lo is not None and (x <= lo if lo_open else x < lo)
-        if not math.isfinite(x) or bad_lo or (hi is not None and x > hi):
-            what = f" > {lo:g}" if lo_open else _range(lo, hi)
-            raise ValueError(f"must be a number{what}, got {v}")
-        return x
-
-    return parse
-
-
-def _range(lo: float | None, hi: float | None) -> str:
-    if lo is not None and hi is not None:
-        return f" from {lo:g} to {hi:g}"
-    if lo is not None:
-        return f" >= {lo:g}"
-    return ""
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(v: Any) -> str:
-        if v not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {v!r}")
-        return str(v)
-
-    return parse
-
-
-def _rpm(v: Any) -> int | None:
-    if v == "auto" or v is None:
+def _rpm(raw: Any) -> int | None:
+    if raw == "auto" or raw is None:
         return None
-    return _int(0, None)(v)
+    return v.integer(0, None)(raw)
 
 
-def _optional_off(v: Any) -> int | None:
-    n = _int(0, None)(v)
+def _optional_off(raw: Any) -> int | None:
+    n = v.integer(0, None)(raw)
     return n or None
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(v: Any) -> float:
-    """``90``, ``"90s"``, ``"50m"``, ``"1h30m"`` -> seconds."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        seconds = float(v)
-    elif isinstance(v, str):
-        text = v.strip().replace(" ", "")
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
-        elif text and _DURATION.sub("", text) == "":
-            seconds = sum(float(n) * _UNIT[u] for n, u in _DURATION.findall(text))
-        else:
-            raise ValueError(f"must be a duration like 90s, 50m or 1h30m, got {v!r}")
-    else:
-        raise ValueError("must be a duration like 90s, 50m or 1h30m")
-    if seconds <= 0:
-        raise ValueError(f"must be a positive duration, got {v!r}")
-    return seconds
-
-
-def _usd(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+def _usd(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ValueError("must be a dollar amount such as 5 or 0.25")
     try:
-        return parse_usd(str(v))
+        return parse_usd(str(raw))
     except JobError as exc:
         raise ValueError(str(exc)) from None
 
 
-def _path(v: Any) -> Path:
-    return Path(_str(v))
+def _price(raw: Any) -> Any:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError("must be a price in USD per million tokens, such as 0.31")
+    try:
+        return parse_price(raw, "price")
+    except JobError as exc:
+        raise ValueError(str(exc).removeprefix("price: ")) from None
+
+
+def _table(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError("must be a table of request fields, e.g. [extra_body] with top_k = 40")
+    return dict(raw)
+
+
+def _path(raw: Any) -> Path:
+    return Path(v.text(raw))
+
+
+def _sampling(raw: Any) -> Any:
+    return raw  # parsed by the provider once it is known (``build_job``)
 
 
 # name in flags/TOML -> (Job attribute, parser). Keys are named like their flags, with underscores.
 _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "input": ("input", _path),
     "output": ("output", _path),
-    "input_format": ("input_format", _choice("csv", "parquet")),
-    "prompt_column": ("prompt_column", _str),
-    "template": ("template", _str),
+    "input_format": ("input_format", v.choice("csv", "parquet")),
+    "prompt_column": ("prompt_column", v.text),
+    "template": ("template", v.text),
     "template_file": ("template", _path),  # read below
-    "system": ("system", _str),
-    "id_column": ("id_column", _str),
-    "model": ("model", _str),
-    "max_tokens": ("max_tokens", _int(1, None)),
-    "temperature": ("temperature", _float(0, 5)),
-    "top_p": ("top_p", _float(0, 2)),
-    "top_k": ("top_k", _int(1, 50)),
-    "seed": ("seed", _int(1, 9_999_999_999)),
-    "repetition_penalty": ("repetition_penalty", _float(0, 2)),
-    "frequency_penalty": ("frequency_penalty", _float(0, 2)),
-    "presence_penalty": ("presence_penalty", _float(0, 2)),
-    "endpoint": ("endpoint", _str),
-    "api_key_env": ("api_key_env", _str),
+    "system": ("system", v.text),
+    "id_column": ("id_column", v.text),
+    "provider": ("provider", v.choice(*PROVIDERS)),
+    "model": ("model", v.text),
+    "max_tokens": ("max_tokens", v.integer(1, None)),
+    **{key: (key, _sampling) for key in SAMPLING_KEYS},
+    "extra_body": ("extra_body", _table),
+    "input_price": ("input_price", _price),
+    "output_price": ("output_price", _price),
+    "endpoint": ("endpoint", v.text),
+    "api_key_env": ("api_key_env", v.text),
     "api_key_file": ("api_key_file", _path),
-    "sandbox": ("sandbox", _bool),
-    "concurrency": ("concurrency", _int(1, 10_000)),
+    "sandbox": ("sandbox", v.boolean),
+    "concurrency": ("concurrency", v.integer(1, 10_000)),
     "rpm": ("rpm", _rpm),
     "tpm": ("tpm", _optional_off),
-    "max_attempts": ("max_attempts", _int(1, 100)),
-    "timeout": ("timeout", _float(0, 3600, lo_open=True)),
-    "max_error_rate": ("max_error_rate", _float(0, 1)),
-    "error_window": ("error_window", _int(1, 1_000_000)),
+    "max_attempts": ("max_attempts", v.integer(1, 100)),
+    "timeout": ("timeout", v.number(0, 3600, lo_open=True)),
+    "max_error_rate": ("max_error_rate", v.number(0, 1)),
+    "error_window": ("error_window", v.integer(1, 1_000_000)),
     "max_cost": ("max_cost_pico", _usd),
-    "max_runtime": ("max_runtime", parse_duration),
-    "grace": ("grace", _float(0, 3600)),
+    "max_runtime": ("max_runtime", v.duration),
+    "grace": ("grace", v.number(0, 3600)),
     "checkpoint": ("checkpoint", _path),
-    "retry_errors": ("retry_errors", _bool),
-    "restart": ("restart", _bool),
-    "refresh_changed": ("refresh_changed", _bool),
-    "log_format": ("log_format", _choice("text", "json")),
+    "retry_errors": ("retry_errors", v.boolean),
+    "restart": ("restart", v.boolean),
+    "refresh_changed": ("refresh_changed", v.boolean),
+    "log_format": ("log_format", v.choice("text", "json")),
     "summary_json": ("summary_json", _path),
-    "progress": ("progress", _choice("auto", "bar", "lines", "none")),
+    "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
 }
 JOB_KEYS = tuple(_PARSERS)
 _PATH_KEYS = {"input", "output", "template_file", "api_key_file", "checkpoint", "summary_json"}
+parse_duration = v.duration
 
 
 def load_job_file(path: Path) -> dict[str, Any]:
@@ -336,6 +267,15 @@ def build_job(
         except ValueError as exc:
             raise JobError(f"{where(key)} {exc}") from None
 
+    provider = get_provider(kwargs.get("provider", DEFAULT_PROVIDER))
+    kwargs["sampling"] = _sampling_params(provider, kwargs, where)
+    if "extra_body" in kwargs and provider.name == DEFAULT_PROVIDER:
+        raise JobError(
+            f"{where('extra_body')}: the {provider.name} provider takes only its documented "
+            f"parameters ({', '.join(provider.params)})"
+        )
+    kwargs["prices"] = _prices(kwargs.pop("input_price", None), kwargs.pop("output_price", None), where)
+
     if values.get("template") is not None and values.get("template_file") is not None:
         raise JobError("give --template or --template-file, not both")
     if values.get("template_file") is not None:
@@ -349,26 +289,53 @@ def build_job(
     for key in ("input", "output"):
         if key not in kwargs:
             raise JobError(f"missing {where(key)}: say which file to {'read' if key == 'input' else 'write'}")
-    if "endpoint" not in kwargs and environ.get(ENDPOINT_ENV):
-        kwargs["endpoint"] = environ[ENDPOINT_ENV]
-    kwargs["endpoint"] = check_endpoint(kwargs.get("endpoint", DEFAULT_ENDPOINT))
+    if "endpoint" not in kwargs:
+        kwargs["endpoint"] = environ.get(provider.endpoint_env) or provider.default_endpoint
+    kwargs["endpoint"] = check_endpoint(kwargs["endpoint"])
     if kwargs["output"].suffix.lower() != ".parquet":
         raise JobError(f"{where('output')}: {kwargs['output']} must end in .parquet")
-    if kwargs.get("system") is not None and len(kwargs["system"]) > MAX_CONTENT_CHARS:
-        raise JobError(f"{where('system')}: the system prompt is over {MAX_CONTENT_CHARS:,} characters")
+    limit = provider.max_content_chars
+    if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
+        raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")
+    kwargs.setdefault("max_tokens", provider.default_max_tokens)
     return Job(job_file=job_file, **kwargs)
 
 
+def _sampling_params(provider: Provider, kwargs: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    """The sampling parameters given, parsed by the provider's own ranges."""
+    out: dict[str, Any] = {}
+    for key in SAMPLING_KEYS:
+        raw = kwargs.pop(key, None)
+        if raw is None:
+            continue
+        parse = provider.params.get(key)
+        if parse is None:
+            others = [p.name for p in map(get_provider, PROVIDERS) if key in p.params]
+            hint = f" (it is a parameter of: {', '.join(others)})" if others else ""
+            if provider.name != DEFAULT_PROVIDER:
+                hint += "; pass server-specific fields in the job file's [extra_body] table"
+            raise JobError(f"{where(key)}: not a parameter of the {provider.name} provider{hint}")
+        try:
+            out[key] = parse(raw)
+        except ValueError as exc:
+            raise JobError(f"{where(key)} {exc}") from None
+    return out
+
+
+def _prices(inp: Any, out: Any, where: Callable[[str], str]) -> Prices | None:
+    if inp is None and out is None:
+        return None
+    if inp is None or out is None:
+        missing = "input_price" if inp is None else "output_price"
+        raise JobError(f"{where(missing)} is missing: give --input-price and --output-price together")
+    return Prices(inp, out)
+
+
 def check_endpoint(url: str) -> str:
-    """https anywhere; plain http only to this machine (a key must never cross a network in clear)."""
+    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise JobError(f"--endpoint {url!r} is not an http(s) URL")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise JobError(
-            f"--endpoint {url!r}: plain http is allowed only for loopback hosts (127.0.0.1, ::1, "
-            "localhost); use https"
-        )
     return url
 
 
@@ -381,9 +348,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str:
-    """The key, from ``--api-key-file`` or the job's environment variable; never logged."""
+def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str | None:
+    """The key, from ``--api-key-file`` or the key variable; never logged.
+
+    None when the provider needs none (a local server) and none is set. A key is never sent in
+    clear text across a network: plain http carries one only to this machine.
+    """
     environ = os.environ if environ is None else environ
+    provider = get_provider(job.provider)
+    key: str | None
     if job.api_key_file is not None:
         try:
             key = job.api_key_file.read_text("utf-8").strip()
@@ -391,11 +364,24 @@ def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str:
             raise JobError(f"--api-key-file {job.api_key_file}: {exc.strerror}") from None
         if not key:
             raise JobError(f"--api-key-file {job.api_key_file} is empty")
-        return key
-    key = environ.get(job.api_key_env, "").strip()
-    if not key:
+    else:
+        key = environ.get(job.key_env, "").strip() or None
+    if key is None and (provider.key_required or job.api_key_env):
         raise JobError(
-            f"no API key: set the environment variable {job.api_key_env} (or pass --api-key-file "
+            f"no API key: set the environment variable {job.key_env} (or pass --api-key-file "
             "FILE), or use --sandbox to try batchllm against the built-in emulator"
         )
+    parts = urlsplit(job.endpoint)
+    if key is not None and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise JobError(
+            f"--endpoint {job.endpoint!r}: plain http would send the key in clear text; use https, "
+            f"or unset {job.key_env} for a server that needs no key"
+        )
     return key
+
+
+def key_source(job: Job) -> str:
+    """Where the key comes from, for messages: never the key itself."""
+    if job.api_key_file is not None:
+        return f"--api-key-file {job.api_key_file}"
+    return f"the environment variable {job.key_env}"

@@ -1,68 +1,97 @@
-"""Models and prices as data, and the exact cost of a usage.
+"""Models and prices as data, and the one function that turns a usage into money.
 
 Money never touches a float until it is stored. A price of $P per million tokens is P * 10**6
 picodollars (1e-12 USD) per token, an integer as long as P has at most six decimal places (checked
-when the table is loaded). Costs are integers in picodollars, so sums over a million rows are exact;
+when a price is read). Costs are integers in picodollars, so sums over a million rows are exact;
 ``to_usd`` turns one into a float64 only for the Parquet column, and ``format_usd`` into text.
+
+``cost`` is the only place a cost is computed: the dispatcher books replies with it, ``estimate``
+prices prompts with it, and ``report`` recomputes totals with it. A model without a price (an
+unlisted model on an OpenAI-compatible server, run without ``--input-price``) costs None, never a
+guess.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import JobError
+
+# Token counts: an int, or a whole integer column (report.py prices a frame in one call).
+N = TypeVar("N")
 
 PICO_PER_USD = 10**12
 _PICO_PER_TOKEN_PER_USD_PER_MILLION = 10**6
 
-DEFAULT_MODEL = "meta/llama-3.1-70b-instruct"
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """US dollars per million tokens, exact; per-token prices in picodollars are integers."""
+
+    input_per_million: Decimal
+    output_per_million: Decimal
+
+    @property
+    def input_pico(self) -> int:
+        return int(self.input_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+
+    @property
+    def output_pico(self) -> int:
+        return int(self.output_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "input_usd_per_million_tokens": str(self.input_per_million),
+            "output_usd_per_million_tokens": str(self.output_per_million),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> Prices | None:
+        if not raw:
+            return None
+        return cls(
+            parse_price(raw["input_usd_per_million_tokens"], "prices"),
+            parse_price(raw["output_usd_per_million_tokens"], "prices"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Model:
+    """A model as one provider serves it. ``prices`` and ``context_window`` may be unknown."""
+
     name: str
-    input_price_per_million: Decimal
-    output_price_per_million: Decimal
-    context_window: int
-
-    @property
-    def input_pico_per_token(self) -> int:
-        return int(self.input_price_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
-
-    @property
-    def output_pico_per_token(self) -> int:
-        return int(self.output_price_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
-
-    def cost_pico(self, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
-        """(input, output) cost in picodollars of one usage: exact integers."""
-        return (
-            prompt_tokens * self.input_pico_per_token,
-            completion_tokens * self.output_pico_per_token,
-        )
-
-    def prices(self) -> dict[str, str]:
-        return {
-            "input_usd_per_million_tokens": str(self.input_price_per_million),
-            "output_usd_per_million_tokens": str(self.output_price_per_million),
-        }
+    provider: str
+    prices: Prices | None
+    context_window: int | None
 
 
-def _price(raw: object, where: str) -> Decimal:
+def cost(prices: Prices | None, prompt_tokens: N, completion_tokens: N) -> tuple[N | None, N | None]:
+    """(input, output) cost in picodollars of a usage: exact integers, or None without prices.
+
+    Token counts may be ints or integer arrays (int64 holds up to $9.2M per row).
+    """
+    if prices is None:
+        return None, None
+    return prompt_tokens * prices.input_pico, completion_tokens * prices.output_pico  # type: ignore[operator]
+
+
+def parse_price(raw: object, where: str) -> Decimal:
     try:
-        value = Decimal(str(raw))
+        value = Decimal(str(raw).strip().lstrip("$"))
     except InvalidOperation:
         raise JobError(f"{where}: price {raw!r} is not a number") from None
-    if value < 0 or (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 != 0:
+    if not value.is_finite() or value < 0 or (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 != 0:
         raise JobError(f"{where}: price {raw!r} must be >= 0 with at most 6 decimal places")
     return value
 
 
-def load_models(path: Path | None = None) -> dict[str, Model]:
-    """Read the model table: the packaged ``models.toml`` unless a path is given."""
+def load_models(provider: str | None = None, path: Path | None = None) -> dict[str, Model]:
+    """The model table (the packaged ``models.toml`` unless a path is given), for one provider or all."""
     if path is None:
         text = resources.files("batchllm").joinpath("models.toml").read_text("utf-8")
         where = "batchllm/models.toml"
@@ -73,31 +102,52 @@ def load_models(path: Path | None = None) -> dict[str, Model]:
             raise JobError(f"{path}: cannot read the model table: {exc.strerror}") from None
         where = str(path)
     try:
-        table = tomllib.loads(text).get("models", {})
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{where}: {exc}") from None
-    models = {}
-    for name, spec in table.items():
-        here = f"{where} [models.{name!r}]"
-        try:
-            models[name] = Model(
-                name=name,
-                input_price_per_million=_price(spec["input_price_per_million"], here),
-                output_price_per_million=_price(spec["output_price_per_million"], here),
-                context_window=int(spec["context_window"]),
-            )
-        except KeyError as exc:
-            raise JobError(f"{here}: missing key {exc.args[0]}") from None
+    models: dict[str, Model] = {}
+    for prov, section in table.items():
+        if provider is not None and prov != provider:
+            continue
+        for name, spec in section.get("models", {}).items():
+            here = f"{where} [{prov}.models.{name!r}]"
+            try:
+                prices = Prices(
+                    parse_price(spec["input_price_per_million"], here),
+                    parse_price(spec["output_price_per_million"], here),
+                )
+                window = int(spec["context_window"])
+            except KeyError as exc:
+                raise JobError(f"{here}: missing key {exc.args[0]}") from None
+            key = name if provider is not None else f"{prov}:{name}"
+            models[key] = Model(name, prov, prices, window)
     return models
 
 
-def get_model(name: str, models: dict[str, Model] | None = None) -> Model:
-    models = load_models() if models is None else models
-    try:
-        return models[name]
-    except KeyError:
+def resolve_model(
+    provider: str,
+    name: str,
+    *,
+    prices: Prices | None = None,
+    unlisted_ok: bool = False,
+    models: dict[str, Model] | None = None,
+) -> Model:
+    """The model a job runs: the table's entry (explicit ``prices`` win), or an unlisted one.
+
+    A provider that bills by a published table (Dataoorts) refuses unlisted models; an
+    OpenAI-compatible server may serve anything, at the prices the user gives or at none.
+    """
+    models = load_models(provider) if models is None else models
+    model = models.get(name)
+    if model is not None:
+        return model if prices is None else replace(model, prices=prices)
+    if not unlisted_ok:
         known = ", ".join(sorted(models))
-        raise JobError(f"unknown model {name!r}: batchllm knows {known} (see `batchllm models`)") from None
+        raise JobError(
+            f"unknown model {name!r} for the {provider} provider: batchllm knows {known} "
+            "(see `batchllm models`)"
+        )
+    return Model(name, provider, prices, None)
 
 
 def to_usd(pico: int) -> float:
@@ -109,11 +159,18 @@ def usd_decimal(pico: int) -> Decimal:
     return Decimal(pico) / PICO_PER_USD
 
 
-def format_usd(pico: int) -> str:
+def format_usd(pico: int | None) -> str:
     """Exact dollars, trailing zeros trimmed but at least two decimals: $0.00018245, $1.50."""
+    if pico is None:
+        return "unknown (no price)"
     text = f"{usd_decimal(pico):.12f}".rstrip("0")
     whole, _, frac = text.partition(".")
     return f"${whole}.{frac.ljust(2, '0')}"
+
+
+def usd_text(pico: int | None) -> str | None:
+    """Exact dollars without the sign, for JSON; None when unknown."""
+    return None if pico is None else format_usd(pico).lstrip("$")
 
 
 def parse_usd(text: str) -> int:

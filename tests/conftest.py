@@ -27,7 +27,7 @@ from batchllm.sandbox import Sandbox, SandboxConfig, start_sandbox
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "batchllm"
 TEST_KEY = "test-key-0f9e8d7c6b5a"
-# The request on the provider's page (dataoorts-llama-3.1-70b-instruct.md), as JSON.
+# The request on the provider's page for the model (docs/api.md), as JSON.
 PAGE_EXAMPLE = {
     "model": "meta/llama-3.1-70b-instruct",
     "data": {
@@ -43,6 +43,10 @@ PAGE_EXAMPLE = {
 }
 
 
+# No test inherits a key or an endpoint from the machine it runs on.
+_CLEAN_ENV = {"DATAOORTS_API_KEY": "", "DATAOORTS_ENDPOINT": "", "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
+
+
 class SandboxThread:
     """A sandbox served from a background thread; ``url`` and ``key`` for clients."""
 
@@ -51,7 +55,9 @@ class SandboxThread:
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.url = ""
+        self.base = ""
+        self.url = ""  # the Dataoorts face
+        self.openai_url = ""  # the OpenAI provider's endpoint (base URL)
         self.box: Sandbox | None = None
         self._stop: asyncio.Event | None = None
 
@@ -64,7 +70,9 @@ class SandboxThread:
             self.loop.close()
 
     async def _main(self) -> None:
-        runner, self.box, self.url = await start_sandbox(self.config)
+        runner, self.box, self.base = await start_sandbox(self.config)
+        self.url = self.base + "/api/v1"
+        self.openai_url = self.base + "/v1"
         self._stop = asyncio.Event()
         self.ready.set()
         await self._stop.wait()
@@ -100,6 +108,9 @@ class SandboxThread:
     def env(self) -> dict[str, str]:
         return {"DATAOORTS_ENDPOINT": self.url, "DATAOORTS_API_KEY": self.key}
 
+    def openai_env(self) -> dict[str, str]:
+        return {"OPENAI_BASE_URL": self.openai_url, "OPENAI_API_KEY": self.key}
+
 
 @pytest.fixture
 def sandbox_factory() -> Iterator[Callable[..., SandboxThread]]:
@@ -124,7 +135,7 @@ def sandbox(sandbox_factory: Callable[..., SandboxThread]) -> SandboxThread:
 def run_cli(args: list[str], env: dict[str, str] | None = None) -> Result:
     """Run the CLI in-process, as ``main()`` would, returning its exit code and output."""
     runner = CliRunner()
-    full_env = {"DATAOORTS_API_KEY": "", "DATAOORTS_ENDPOINT": "", **(env or {})}
+    full_env = {**_CLEAN_ENV, **(env or {})}
     result = runner.invoke(cli, args, env=full_env, catch_exceptions=False, standalone_mode=False)
     # standalone_mode=False returns the command's value as the exit code, as main() does.
     if isinstance(result.return_value, int):
@@ -134,7 +145,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> Result:
 
 def spawn(args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
     """Start the real ``batchllm`` executable as a subprocess."""
-    full_env = {**os.environ, "DATAOORTS_API_KEY": "", "DATAOORTS_ENDPOINT": "", **(env or {})}
+    full_env = {**os.environ, **_CLEAN_ENV, **(env or {})}
     return subprocess.Popen(
         [str(BIN), *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
     )

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm.output import RESULT_NAMES
+from batchllm.engine.output import RESULT_NAMES
 
 from .conftest import PAGE_EXAMPLE, ROOT, run_cli, summary_of, write_csv
 
@@ -119,8 +119,8 @@ BAD_INPUTS = [
     (
         "ok.csv",
         b"prompt\nhello\n",
-        ["--endpoint", "http://example.com/api/v1"],
-        "plain http is allowed only for loopback",
+        ["--endpoint", "ftp://example.com/api/v1"],
+        "is not an http(s) URL",
     ),
     ("ok.csv", b"prompt\nhello\n", ["--max-cost", "lots"], "--max-cost"),
 ]

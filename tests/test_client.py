@@ -1,4 +1,4 @@
-"""Every response shape of CONTRACT.md through ``parse_response``, and the transport over HTTP."""
+"""Every Dataoorts response shape of docs/api.md through the provider's ``parse``, and the transport."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import email.utils
 
 import pytest
 
-from batchllm.client import Client, parse_response, parse_retry_after
+from batchllm.engine.client import Client
+from batchllm.providers.base import parse_retry_after
+from batchllm.providers.dataoorts import Dataoorts
+
+parse_response = Dataoorts().parse
 from batchllm.errors import FatalAPIError, RetryableAPIError, RunStopError
 
 OK = b'{"errors":[],"messages":[],"result":{"response":"Deep learning is","usage":{"completion_tokens":512,"prompt_tokens":27,"total_tokens":539}},"success":true}'
@@ -20,12 +24,12 @@ def err(code: object, message: str = "m", result: str = "{}") -> bytes:
 
 def test_success() -> None:
     c = parse_response(200, {}, OK)
-    assert (c.response, c.prompt_tokens, c.completion_tokens) == ("Deep learning is", 27, 512)
+    assert (c.text, c.prompt_tokens, c.completion_tokens) == ("Deep learning is", 27, 512)
 
 
 def test_success_with_unknown_keys_and_tool_calls() -> None:
     body = b'{"errors":[],"extra":1,"result":{"response":"x","tool_calls":[],"usage":{"completion_tokens":1,"prompt_tokens":2,"total_tokens":3,"new":0}},"success":true}'
-    assert parse_response(200, {}, body).response == "x"
+    assert parse_response(200, {}, body).text == "x"
 
 
 def test_success_without_usage_leaves_counting_to_the_caller() -> None:
@@ -111,10 +115,10 @@ def test_transport_failures_become_retryable(sandbox_factory) -> None:
     box = sandbox_factory(fail_drop=1.0)
 
     async def go() -> None:
-        async with Client(box.url, box.key, concurrency=2, timeout=5) as client:
+        async with Client(Dataoorts(), box.url, box.key, concurrency=2, timeout=5) as client:
             with pytest.raises(RetryableAPIError, match="connection"):
                 await client.complete(b'{"model":"meta/llama-3.1-70b-instruct","data":{"prompt":"hi"}}')
-        async with Client("http://127.0.0.1:1/api/v1", "k", concurrency=2, timeout=5) as client:
+        async with Client(Dataoorts(), "http://127.0.0.1:1/api/v1", "k", concurrency=2, timeout=5) as client:
             with pytest.raises(RetryableAPIError, match="connection failed"):
                 await client.complete(b"{}")
 
@@ -125,7 +129,7 @@ def test_timeout_is_retryable(sandbox_factory) -> None:
     box = sandbox_factory(fail_hang=1.0)
 
     async def go() -> None:
-        async with Client(box.url, box.key, concurrency=2, timeout=0.3) as client:
+        async with Client(Dataoorts(), box.url, box.key, concurrency=2, timeout=0.3) as client:
             with pytest.raises(RetryableAPIError, match="timeout"):
                 await client.complete(b'{"model":"meta/llama-3.1-70b-instruct","data":{"prompt":"hi"}}')
 

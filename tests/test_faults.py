@@ -85,7 +85,7 @@ def test_api_rejections_are_recorded_with_the_api_message(sandbox_factory, tmp_p
     box = sandbox_factory()
     small = dict(box.sandbox.models)
     big = small["meta/llama-3.1-70b-instruct"]
-    small[big.name] = Model(big.name, big.input_price_per_million, big.output_price_per_million, 300)
+    small[big.name] = Model(big.name, big.provider, big.prices, 300)
     box.sandbox.models = small
     rows = [{"prompt": "short"}, {"prompt": "word " * 200}, {"prompt": "ok again"}]
     src = write_csv(tmp_path / "in.csv", rows)

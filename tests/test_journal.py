@@ -6,20 +6,23 @@ import asyncio
 import time
 from pathlib import Path
 
-from batchllm.budget import Budget
-from batchllm.client import Client
-from batchllm.dispatch import Dispatcher, StopReason, WorkItem
+from batchllm.engine.budget import Budget
+from batchllm.engine.client import Client
+from batchllm.engine.dispatch import Dispatcher, StopReason
+from batchllm.engine.plan import WorkItem
 from batchllm.job import build_job
-from batchllm.journal import RESCUE_NAME, Journal, settings_diff
-from batchllm.pricing import get_model
-from batchllm.prompts import RequestEncoder
-from batchllm.ratelimit import Backoff, RateLimiter
+from batchllm.engine.journal import RESCUE_NAME, Journal, settings_diff
+from batchllm.pricing import resolve_model
+from batchllm.prompts import RequestMaker
+from batchllm.providers import get_provider
+from batchllm.records import Entry
+from batchllm.engine.ratelimit import Backoff, RateLimiter
 
 SETTINGS = {"model": "m", "system": None, "prompt_column": "prompt", "params": {"max_tokens": 16}}
 
 
-def record(i: int, status: str = "ok", size: int = 10) -> tuple:
-    return (f"{i}-h", "h", status, "x" * size, 1, 2, 3, 4, None, None, 1, 1.0, time.time(), "m")
+def record(i: int, status: str = "ok", size: int = 10) -> Entry:
+    return Entry(f"{i}-h", "h", status, "x" * size, 1, 2, 3, 4, None, None, 1, 1.0, time.time(), "m", False, False)
 
 
 def test_unfinished_returns_only_rows_to_send(tmp_path: Path) -> None:
@@ -66,21 +69,22 @@ def test_the_dispatcher_stops_when_the_journal_cannot_be_written(sandbox, tmp_pa
     journal = Journal.open(tmp_path / "j", job.request_settings())
     pages = journal.conn.execute("PRAGMA page_count").fetchone()[0]
     journal.conn.execute(f"PRAGMA max_page_count = {pages + 3}")
-    encoder = RequestEncoder(job)
-    items = (WorkItem(f"{i}-h", "h", encoder.encode(f"question {i} " * 200), 0, 0) for i in range(2000))
+    maker, provider = RequestMaker(job), get_provider(job.provider)
+    requests = (maker.make(f"question {i} " * 200) for i in range(2000))
+    items = (WorkItem(f"{i}-h", "h", r, provider.encode(r), 0, 0) for i, r in enumerate(requests))
 
     async def go() -> Dispatcher:
-        async with Client(sandbox.url, sandbox.key, concurrency=8, timeout=10) as client:
+        async with Client(provider, sandbox.url, sandbox.key, concurrency=8, timeout=10) as client:
             dispatcher = Dispatcher(
                 client=client,
+                provider=provider,
                 journal=journal,
-                model=get_model(job.model),
+                model=resolve_model(job.provider, job.model),
                 max_tokens=job.max_tokens,
                 concurrency=8,
                 limiter=RateLimiter(0),
                 backoff=Backoff(3),
                 budget=Budget(None),
-                counter=None,
                 max_error_rate=0.5,
                 error_window=100,
             )

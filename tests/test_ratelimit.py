@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from batchllm.ratelimit import DECREASE, Backoff, RateLimiter
+from batchllm.engine.ratelimit import DECREASE, Backoff, RateLimiter
 
 
 class Clock:

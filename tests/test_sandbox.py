@@ -1,4 +1,4 @@
-"""The sandbox honours the contract (CONTRACT.md) over real loopback HTTP."""
+"""The sandbox honours the contract (docs/api.md) over real loopback HTTP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from batchllm.sandbox import _WORDS
+from batchllm.sandbox import WORDS as _WORDS
 from batchllm.tokens import get_counter
 
 from .conftest import PAGE_EXAMPLE
@@ -60,14 +60,14 @@ def test_default_max_tokens_is_256_and_replies_are_cut_exactly(sandbox_factory) 
     assert usage["completion_tokens"] == 256
     payload = post(box, req(max_tokens=7))[2]
     assert payload["result"]["usage"]["completion_tokens"] == 7
-    assert len(get_counter().encode_ordinary(payload["result"]["response"])) == 7
+    assert get_counter().completion_tokens(payload["result"]["response"]) == 7
 
 
 def test_reply_words_are_single_tokens() -> None:
     enc = get_counter()
     for w in _WORDS:
-        assert len(enc.encode_ordinary(" " + w)) == 1, w
-        assert len(enc.encode_ordinary(w.capitalize())) == 1, w
+        assert enc.completion_tokens(" " + w) == 1, w
+        assert enc.completion_tokens(w.capitalize()) == 1, w
 
 
 @pytest.mark.parametrize(

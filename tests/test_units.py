@@ -10,39 +10,44 @@ import pytest
 
 from batchllm.errors import JobError
 from batchllm.job import build_job, load_job_file, parse_duration
-from batchllm.pricing import format_usd, get_model, load_models, parse_usd, to_usd
+from batchllm.pricing import cost, format_usd, load_models, parse_usd, resolve_model, to_usd
 from batchllm.prompts import PromptBuilder, template_fields
 from batchllm.tokens import get_counter
 
 
 def test_page_example_cost_is_exact() -> None:
-    model = get_model("meta/llama-3.1-70b-instruct")
-    inp, out = model.cost_pico(27, 512)
+    model = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct")
+    inp, out = cost(model.prices, 27, 512)
+    assert inp is not None and out is not None
     assert format_usd(inp + out) == "$0.00018245"
     assert Decimal(inp + out) / 10**12 == Decimal("0.00018245")
     assert to_usd(inp + out) == 0.00018245
 
 
 def test_prices_as_data() -> None:
-    models = load_models()
+    models = load_models("dataoorts")
     assert models["meta/llama-3.1-8b-instruct"].context_window == 8000
-    assert models["meta/llama-3.1-8b-instruct"].input_price_per_million == Decimal("0.07")
+    prices = models["meta/llama-3.1-8b-instruct"].prices
+    assert prices is not None and prices.input_per_million == Decimal("0.07")
     with pytest.raises(JobError, match="unknown model"):
-        get_model("nope")
+        resolve_model("dataoorts", "nope")
+    # An OpenAI-compatible server may serve anything: at the prices given, or at none.
+    assert resolve_model("openai", "nope", unlisted_ok=True).prices is None
+    assert cost(None, 10, 10) == (None, None)
 
 
 def test_bad_price_table(tmp_path: Path) -> None:
     p = tmp_path / "m.toml"
     p.write_text(
-        '[models.x]\ninput_price_per_million = "0.0000001"\noutput_price_per_million = "1"\ncontext_window = 10\n'
+        '[dataoorts.models.x]\ninput_price_per_million = "0.0000001"\noutput_price_per_million = "1"\ncontext_window = 10\n'
     )
     with pytest.raises(JobError, match="6 decimal places"):
-        load_models(p)
+        load_models(path=p)
 
 
 def test_sums_are_exact_over_many_rows() -> None:
-    model = get_model("meta/llama-3.1-70b-instruct")
-    total = sum(sum(model.cost_pico(13, 7)) for _ in range(1_000_000))
+    prices = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct").prices
+    total = sum(sum(cost(prices, 13, 7)) for _ in range(1_000_000))  # type: ignore[arg-type]
     assert format_usd(total) == "$6.41"
     assert parse_usd("$1.50") == 1_500_000_000_000
 
@@ -121,7 +126,7 @@ def test_row_ids_are_stable_and_content_sensitive() -> None:
 
 
 def test_resume_hint_drops_restart() -> None:
-    from batchllm.runner import command_line
+    from batchllm.cli import command_line
 
     hint = command_line(["run", "in put.csv", "-o", "o.parquet", "--restart", "--rpm", "0"])
     assert hint == "batchllm run 'in put.csv' -o o.parquet --rpm 0"

@@ -5,7 +5,8 @@ The input is streamed again batch by batch; each batch's results are fetched fro
 written to a temporary name beside the target and renamed over it only once complete (and fsynced),
 so the output path holds either the previous complete file or the new one, never a partial one.
 
-Rows the journal does not have (a stopped run) get ``status = "pending"`` and nulls.
+Rows the journal does not have (a stopped run) get ``status = "pending"`` and nulls. The schema is
+the same whichever provider answered; cost columns are null for a model without a price.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import JobError
-from .inputs import InputFile
-from .journal import COLUMNS, Journal
-from .pricing import to_usd
-from .prompts import PromptBuilder
+from ..errors import JobError
+from ..inputs import InputFile
+from ..pricing import to_usd
+from ..prompts import PromptBuilder
+from ..records import Entry
+from .journal import Journal
 
 RESULT_FIELDS = [
     pa.field("row_id", pa.string()),
@@ -40,12 +42,12 @@ RESULT_FIELDS = [
     pa.field("attempts", pa.int64()),
     pa.field("latency_ms", pa.float64()),
     pa.field("truncated", pa.bool_()),
+    pa.field("tokens_counted", pa.bool_()),  # the server reported no usage: batchllm counted
     pa.field("model", pa.string()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
 METADATA_KEY = b"batchllm"
-_I = {name: i for i, name in enumerate(COLUMNS)}
 
 
 def check_no_clash(columns: list[str], source: str) -> None:
@@ -64,10 +66,15 @@ class Totals:
         self.rows = self.ok = self.error = self.pending = self.truncated = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.input_cost_pico = self.output_cost_pico = 0
+        self.unpriced = 0  # ok rows without a cost (no price for the model)
 
     @property
     def cost_pico(self) -> int:
         return self.input_cost_pico + self.output_cost_pico
+
+    def cost_or_none(self, pico: int) -> int | None:
+        """A cost total, or None when every ok row lacks a price (nothing was priced)."""
+        return None if self.unpriced and self.unpriced == self.ok else pico
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +87,7 @@ class Totals:
             "completion_tokens": self.completion_tokens,
             "input_cost_pico": self.input_cost_pico,
             "output_cost_pico": self.output_cost_pico,
+            "unpriced": self.unpriced,
         }
 
 
@@ -88,7 +96,6 @@ def write_output(
     source: InputFile,
     builder: PromptBuilder,
     journal: Journal,
-    max_tokens: int,
     metadata: Callable[[Totals], dict[str, Any]],
 ) -> Totals:
     """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it."""
@@ -105,7 +112,7 @@ def write_output(
             for batch in source.batches():
                 prompts = builder.build(batch.select(builder.read_columns), position)
                 position += batch.num_rows
-                results = _result_columns(prompts.row_ids, journal.fetch(prompts.row_ids), max_tokens, totals)
+                results = _result_columns(prompts.row_ids, journal.fetch(prompts.row_ids), totals)
                 arrays = list(batch.columns) + results
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
@@ -120,44 +127,46 @@ def write_output(
     return totals
 
 
-def _result_columns(
-    row_ids: list[str], records: dict[str, tuple[Any, ...]], max_tokens: int, totals: Totals
-) -> list[pa.Array]:
+def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Totals) -> list[pa.Array]:
     n = len(row_ids)
     cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_NAMES}
     cols["row_id"] = row_ids
     status = cols["status"]
     for i, row_id in enumerate(row_ids):
-        rec = records.get(row_id)
-        if rec is None:
+        e = entries.get(row_id)
+        if e is None:
             status[i] = "pending"
             totals.pending += 1
             continue
-        status[i] = rec[_I["status"]]
-        cols["response"][i] = rec[_I["response"]]
-        cols["error"][i] = rec[_I["error"]]
-        cols["attempts"][i] = rec[_I["attempts"]]
-        cols["latency_ms"][i] = rec[_I["latency_ms"]]
-        cols["model"][i] = rec[_I["model"]]
-        cols["finished_at"][i] = int(rec[_I["finished_at"]] * 1000)
-        if status[i] == "ok":
-            pt, ct = rec[_I["prompt_tokens"]], rec[_I["completion_tokens"]]
-            ic, oc = rec[_I["input_cost_pico"]], rec[_I["output_cost_pico"]]
-            cols["prompt_tokens"][i] = pt
-            cols["completion_tokens"][i] = ct
-            cols["total_tokens"][i] = pt + ct
-            cols["input_cost_usd"][i] = to_usd(ic)
-            cols["output_cost_usd"][i] = to_usd(oc)
-            cols["cost_usd"][i] = to_usd(ic + oc)
-            cols["truncated"][i] = ct >= max_tokens
-            totals.ok += 1
-            totals.prompt_tokens += pt
-            totals.completion_tokens += ct
-            totals.input_cost_pico += ic
-            totals.output_cost_pico += oc
-            totals.truncated += ct >= max_tokens
-        else:
+        status[i] = e.status
+        cols["response"][i] = e.response
+        cols["error"][i] = e.error
+        cols["attempts"][i] = e.attempts
+        cols["latency_ms"][i] = e.latency_ms
+        cols["model"][i] = e.model
+        cols["finished_at"][i] = int(e.finished_at * 1000)
+        if e.status != "ok":
             totals.error += 1
+            continue
+        pt, ct = e.prompt_tokens or 0, e.completion_tokens or 0
+        cols["prompt_tokens"][i] = pt
+        cols["completion_tokens"][i] = ct
+        cols["total_tokens"][i] = pt + ct
+        cols["truncated"][i] = bool(e.truncated)
+        cols["tokens_counted"][i] = bool(e.tokens_counted)
+        totals.ok += 1
+        totals.prompt_tokens += pt
+        totals.completion_tokens += ct
+        totals.truncated += bool(e.truncated)
+        ic, oc = e.input_cost_pico, e.output_cost_pico
+        if ic is None or oc is None:
+            totals.unpriced += 1
+            continue
+        cols["input_cost_usd"][i] = to_usd(ic)
+        cols["output_cost_usd"][i] = to_usd(oc)
+        cols["cost_usd"][i] = to_usd(ic + oc)
+        totals.input_cost_pico += ic
+        totals.output_cost_pico += oc
     totals.rows += n
     return [pa.array(cols[f.name], type=f.type) for f in RESULT_FIELDS]
 

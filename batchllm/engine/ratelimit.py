@@ -16,6 +16,10 @@ Adaptive control (one instance serves the whole pool, so a 429 slows every worke
   account may be shared, so 429s can come below it: CONTRACT.md), then doubling every ~2.5 s;
   after the first 429, held 15 s and then probing up by 0.5% of the limit per second, so it
   settles just under whatever the server enforces and still finds a raised limit;
+- a server that states its limit (``RateHints`` from ``x-ratelimit-limit-requests``, per minute)
+  is paced evenly at 98% of it from the first reply that says so, before any 429, and never
+  above it; pacing evenly matters because servers may enforce a per-minute limit over shorter
+  windows, so spending ``remaining`` in one burst would draw 429s;
 - ``--rpm N`` is a hard ceiling the rate never exceeds; ``--rpm auto`` has none; ``--rpm 0`` turns
   pacing off (a 429 still pauses the pool).
 
@@ -32,6 +36,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from ..records import RateHints
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -43,6 +49,7 @@ DECREASE = 0.97  # of the rate that drew the 429
 HOLD = 15.0  # seconds at the reduced rate before probing again
 PROBE = 0.0025  # of the limit estimate per STEP: +0.5%/s
 MIN_RPM = 6.0
+STATED = 0.98  # of a limit the server states in its headers
 
 
 class RateLimiter:
@@ -60,6 +67,8 @@ class RateLimiter:
         self.clock = clock
         self.auto = auto
         self.ceiling = math.inf if auto else (rpm or math.inf)
+        self._user_ceiling = self.ceiling
+        self._stated: float | None = None  # STATED x the limit the server's headers give
         # rate None: no pacing at all (``--rpm 0``); auto starts at the provider's documented rate.
         self.rate: float | None = start_rpm if auto else (rpm or None)
         self.tpm = tpm or None
@@ -148,6 +157,22 @@ class RateLimiter:
         if self.tpm is None or used >= reserved:
             return
         self._tok_next = max(self.clock(), self._tok_next - (reserved - used) * 60.0 / self.tpm)
+        self._rearm()
+
+    def on_hints(self, hints: RateHints) -> None:
+        """A reply stated the account's limit: pace evenly just under it, and never above it."""
+        limit = hints.limit_requests
+        if not limit or self.rate is None:
+            return
+        target = STATED * limit
+        if target == self._stated:
+            return
+        self._stated = target
+        self.ceiling = min(self._user_ceiling, target)
+        if self.auto or self.rate > self.ceiling:
+            self.rate = self.ceiling
+            self._limit_estimate = self.ceiling
+            self.slow_start = False
         self._rearm()
 
     def on_success(self) -> None:

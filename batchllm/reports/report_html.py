@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .pricing import to_usd as usd
+from ..pricing import to_usd as usd
 from .report import _rows, build_report, load
 
 W, H, PAD = 560, 260, 72

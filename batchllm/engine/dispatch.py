@@ -1,7 +1,7 @@
 """The worker pool: N workers over one client, pulling work, pacing, retrying, journaling.
 
 Work is pulled, not pushed: every worker takes the next ``WorkItem`` from one shared synchronous
-iterator (the runner's plan, which reads the input a batch at a time and skips what the journal
+iterator (the plan, plan.py, which reads the input a batch at a time and skips what the journal
 already has). Tasks on one event loop never run it concurrently, so no queue is needed, and memory
 holds one input batch however long the input is.
 
@@ -22,23 +22,18 @@ import enum
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
+from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
+from ..pricing import Model, cost
+from ..providers import Provider
+from ..records import Completion, Entry
+from ..tokens import counter_for
 from .budget import Budget
-from .client import Client, Completion
-from .errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
+from .client import Client
 from .journal import Journal
-from .pricing import Model
+from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
-from .tokens import TokenCounter
-
-
-class WorkItem(NamedTuple):
-    row_id: str
-    content_hash: str
-    body: bytes
-    prompt_tokens: int  # exact estimate, or 0 when not counted
-    worst_pico: int  # prompt cost + max_tokens at the output price; 0 when no budget
 
 
 class StopReason(enum.Enum):
@@ -75,6 +70,7 @@ class Dispatcher:
         self,
         *,
         client: Client,
+        provider: Provider,
         journal: Journal,
         model: Model,
         max_tokens: int,
@@ -82,7 +78,6 @@ class Dispatcher:
         limiter: RateLimiter,
         backoff: Backoff,
         budget: Budget,
-        counter: TokenCounter | None,
         max_error_rate: float,
         error_window: int,
         tpm_enabled: bool = False,
@@ -90,6 +85,7 @@ class Dispatcher:
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self.client = client
+        self.provider = provider
         self.journal = journal
         self.model = model
         self.max_tokens = max_tokens
@@ -97,12 +93,10 @@ class Dispatcher:
         self.limiter = limiter
         self.backoff = backoff
         self.budget = budget
-        self.counter = counter
         self.grace = grace
         self.tpm_enabled = tpm_enabled
         self._sleep = sleep
-        self._in_pico = model.input_pico_per_token
-        self._out_pico = model.output_pico_per_token
+        self._prices = model.prices
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
@@ -246,60 +240,78 @@ class Dispatcher:
     def _record_ok(
         self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
     ) -> int:
-        prompt_tokens = c.prompt_tokens
-        if prompt_tokens is None:
-            prompt_tokens = item.prompt_tokens
-        completion_tokens = c.completion_tokens
-        if completion_tokens is None:
-            completion_tokens = self._count_completion(c.response)
-        in_cost = prompt_tokens * self._in_pico
-        out_cost = completion_tokens * self._out_pico
+        prompt_tokens, completion_tokens = c.prompt_tokens, c.completion_tokens
+        counted = prompt_tokens is None or completion_tokens is None
+        if counted:  # the server reported no usage: count it, and say so on the row
+            counter = counter_for(self.model.name)
+            if prompt_tokens is None:
+                prompt_tokens = item.prompt_tokens or counter.count_messages(item.request.messages)
+            if completion_tokens is None:
+                completion_tokens = counter.completion_tokens(c.text)
+        assert prompt_tokens is not None and completion_tokens is not None
+        in_cost, out_cost = cost(self._prices, prompt_tokens, completion_tokens)
         self.journal.add(
-            (
-                item.row_id,
-                item.content_hash,
-                "ok",
-                c.response,
-                prompt_tokens,
-                completion_tokens,
-                in_cost,
-                out_cost,
-                None,
-                None,
-                attempts,
-                latency_ms,
-                time.time(),
-                self.model.name,
+            Entry(
+                row_id=item.row_id,
+                content_hash=item.content_hash,
+                status="ok",
+                response=c.text,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                input_cost_pico=in_cost,
+                output_cost_pico=out_cost,
+                error=None,
+                error_class=None,
+                attempts=attempts,
+                latency_ms=latency_ms,
+                finished_at=time.time(),
+                model=self.model.name,
+                truncated=self.provider.truncated(c, self.max_tokens),
+                tokens_counted=counted,
             )
         )
+        billed = (in_cost or 0) + (out_cost or 0)
         stats = self.stats
         stats.ok += 1
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
-        stats.cost_pico += in_cost + out_cost
+        stats.cost_pico += billed
         self.limiter.on_success()
         if reserved_tokens:
             self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
         self._track(False)
-        return in_cost + out_cost
-
-    def _count_completion(self, text: str) -> int:
-        if self.counter is not None and self.counter.exact:
-            return len(self.counter.encode_ordinary(text))
-        return max(1, len(text.encode("utf-8")) // 4)
+        return billed
 
     def _add_error(self, row_id: str, content_hash: str, error: str, error_class: str, attempts: int) -> None:
-        record = (row_id, content_hash, "error", None, None, None, None, None)
-        self.journal.add((*record, error, error_class, attempts, None, time.time(), self.model.name))
+        self.journal.add(
+            Entry(
+                row_id=row_id,
+                content_hash=content_hash,
+                status="error",
+                response=None,
+                prompt_tokens=None,
+                completion_tokens=None,
+                input_cost_pico=None,
+                output_cost_pico=None,
+                error=error,
+                error_class=error_class,
+                attempts=attempts,
+                latency_ms=None,
+                finished_at=time.time(),
+                model=self.model.name,
+                truncated=None,
+                tokens_counted=None,
+            )
+        )
         self.stats.error += 1
 
     def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
         self._add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts)
         self._track(True)
 
-    def record_rejected(self, row_id: str, content_hash: str, error_class: str, message: str) -> None:
+    def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:
         """A row refused before any request (over the window, no prompt): an error, not sent."""
-        self._add_error(row_id, content_hash, f"{error_class}: {message}", error_class, 0)
+        self._add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
         self.stats.rejected += 1
 
     def _track(self, failed: bool) -> None:

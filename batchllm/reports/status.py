@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import JobError
-from .journal import DB_NAME, Journal
-from .lock import holder
-from .pricing import format_usd
+from ..engine.journal import DB_NAME, Journal
+from ..engine.lock import holder
+from ..errors import JobError
+from ..pricing import format_usd
 
 
 def find_journal(path: Path) -> Path:

@@ -7,10 +7,15 @@ anything else, so a SIGKILL loses at most replies still on the wire; at thousand
 transactions grow instead of multiplying. WAL with ``synchronous=NORMAL`` survives any process crash;
 an OS crash or power loss may lose the last transactions, never corrupt the file.
 
-Rows are keyed by ``row_id`` (see prompts.py), which is what makes resume, incremental runs and
+Each row is an ``Entry`` (records.py), stored column for column. Rows are keyed by ``row_id``
+(see prompts.py), which is what makes resume, incremental runs and
 changed-row detection one lookup per input batch (``states``) without holding every id in memory.
 ``meta`` holds the request settings the journal was written with; a run with other settings is
-refused (``SettingsMismatch``) unless it passes ``--restart``.
+refused (``SettingsMismatch``) unless it passes ``--restart``. SQL lives in this module only.
+
+Schema 2 added ``truncated`` and ``tokens_counted``; a schema-1 journal (every row Dataoorts')
+is migrated when opened, its ``truncated`` filled from the Dataoorts rule (completion_tokens equal
+to max_tokens), so it resumes.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from typing import Any
 
 import orjson
 
-from .errors import JobError, SettingsMismatch
+from ..errors import JobError, SettingsMismatch
+from ..records import Entry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -48,27 +54,14 @@ CREATE TABLE IF NOT EXISTS rows (
     attempts INTEGER NOT NULL,
     latency_ms REAL,
     finished_at REAL NOT NULL,
-    model TEXT
+    model TEXT,
+    truncated INTEGER,
+    tokens_counted INTEGER
 ) WITHOUT ROWID;
 """
-COLUMNS = (
-    "row_id",
-    "content_hash",
-    "status",
-    "response",
-    "prompt_tokens",
-    "completion_tokens",
-    "input_cost_pico",
-    "output_cost_pico",
-    "error",
-    "error_class",
-    "attempts",
-    "latency_ms",
-    "finished_at",
-    "model",
-)
+COLUMNS = Entry._fields
 _INSERT = f"INSERT OR REPLACE INTO rows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-Record = tuple[Any, ...]  # one value per COLUMNS entry
+_ADDED_IN_2 = ("truncated", "tokens_counted")
 
 
 def db_path(journal_dir: Path) -> Path:
@@ -89,12 +82,12 @@ class Journal:
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
         self.directory = directory
         self.conn = conn
-        self._pending: list[Record] = []
+        self._pending: list[Entry] = []
         self._scheduled = False
         self.write_error: sqlite3.Error | None = None
         self.rescued = 0  # rows written to the rescue file instead
         self.imported = 0  # rows a previous run rescued, imported at open
-        self.unsaved: list[Record] = []  # rows that could not be written anywhere
+        self.unsaved: list[Entry] = []  # rows that could not be written anywhere
         # Rows by status when opened: one scan serves the resume decision and the progress total.
         self.counts_before = self.status_counts()
         self.rows_before = sum(self.counts_before.values())
@@ -109,6 +102,7 @@ class Journal:
             directory.mkdir(parents=True, exist_ok=True)
             conn = _connect(db_path(directory))
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except (OSError, sqlite3.Error) as exc:
             raise JobError(f"{directory}: cannot open the checkpoint journal: {exc}") from None
         journal = cls(directory, conn)
@@ -158,7 +152,7 @@ class Journal:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def add(self, record: Record) -> None:
+    def add(self, record: Entry) -> None:
         """Record a finished row; committed with the others of this loop turn."""
         self._pending.append(record)
         if not self._scheduled:
@@ -187,7 +181,7 @@ class Journal:
                 self.write_error = exc
             self._rescue(pending)
 
-    def _rescue(self, records: list[Record]) -> None:
+    def _rescue(self, records: list[Entry]) -> None:
         try:
             with open(self.directory / RESCUE_NAME, "ab") as fh:
                 fh.write(b"".join(orjson.dumps(list(r)) + b"\n" for r in records))
@@ -202,7 +196,7 @@ class Journal:
         path = self.directory / RESCUE_NAME
         if not path.exists():
             return 0
-        records = [tuple(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+        records = [_entry(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
         self.conn.execute("BEGIN")
         self.conn.executemany(_INSERT, records)
         self.conn.execute("COMMIT")
@@ -245,13 +239,17 @@ class Journal:
     def status_counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status").fetchall())
 
-    def fetch(self, row_ids: Sequence[str]) -> dict[str, Record]:
-        """Full records for ``row_ids`` (those the journal has)."""
+    def fetch(self, row_ids: Sequence[str]) -> dict[str, Entry]:
+        """Full entries for ``row_ids`` (those the journal has)."""
         cur = self.conn.execute(
             f"SELECT {', '.join(COLUMNS)} FROM rows WHERE row_id IN (SELECT value FROM json_each(?))",
             (orjson.dumps(list(row_ids)),),
         )
-        return {r[0]: r for r in cur}
+        return {r[0]: Entry._make(r) for r in cur}
+
+    def completion_lengths(self) -> list[int]:
+        """Completion tokens of every ok row (an estimate's observed lengths)."""
+        return [int(r[0]) for r in self.conn.execute("SELECT completion_tokens FROM rows WHERE status = 'ok'")]
 
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(
@@ -276,6 +274,31 @@ class Journal:
             "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM rows"
         ).fetchone()
         return int(row[0])
+
+
+def _entry(values: list[Any]) -> Entry:
+    """A rescued row; one written by schema 1 lacks the columns added since."""
+    return Entry(*values, *([None] * (len(COLUMNS) - len(values))))
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a schema-1 journal up to date: add the new columns and fill ``truncated``."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(rows)")}
+    missing = [c for c in _ADDED_IN_2 if c not in have]
+    if not missing:
+        return
+    conn.execute("BEGIN")
+    for column in missing:
+        conn.execute(f"ALTER TABLE rows ADD COLUMN {column} INTEGER")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
+    max_tokens = (orjson.loads(row[0]).get("params") or {}).get("max_tokens") if row else None
+    if isinstance(max_tokens, int):
+        conn.execute(
+            "UPDATE rows SET truncated = (completion_tokens >= ?), tokens_counted = 0 WHERE status = 'ok'",
+            (max_tokens,),
+        )
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("COMMIT")
 
 
 def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

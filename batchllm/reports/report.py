@@ -1,7 +1,7 @@
 """``batchllm report``: what a run did cost, overall and by any input column.
 
 Reads an output Parquet (only the columns it needs) and recomputes every cost from the token
-columns and the prices stored in the file's metadata, in integer picodollars, so totals are exact
+columns and the prices stored in the file's metadata with ``pricing.cost``, in integer picodollars, so totals are exact
 and agree with the ``cost_usd`` column (which holds the same values rounded to float64). Rendered
 as text, Markdown, JSON or CSV here; ``report_html`` draws the page with plots.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import re
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .errors import JobError
-from .output import read_summary
-from .pricing import Model, format_usd, get_model
+from ..engine.output import read_summary
+from ..errors import JobError
+from ..pricing import Prices, cost, format_usd, load_models, usd_text
 
 _BASE_COLUMNS = [
     "status",
@@ -55,24 +54,27 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
         columns.append(by)
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
-    prices = summary.get("prices")
-    if prices:  # the prices the run used, not today's table
-        model = Model(
-            str(summary.get("model")),
-            Decimal(prices["input_usd_per_million_tokens"]),
-            Decimal(prices["output_usd_per_million_tokens"]),
-            0,
-        )
-    elif frame["model"].notna().any():
-        model = get_model(str(frame["model"].dropna().iloc[0]))
-    else:
-        model = get_model(summary.get("model", ""))
-    in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
+    prices = _prices_of(summary, frame)
     pt = frame["prompt_tokens"].fillna(0).astype("int64")
     ct = frame["completion_tokens"].fillna(0).astype("int64")
-    frame["cost_pico"] = pt * in_pico + ct * out_pico  # exact: int64 holds up to $9.2M per row
+    in_cost, out_cost = cost(prices, pt, ct)
+    frame["cost_pico"] = 0 if in_cost is None or out_cost is None else in_cost + out_cost
+    summary["_priced"] = prices is not None
     frame["error_class"] = frame["error"].astype("object").map(_error_class)
     return frame, summary
+
+
+def _prices_of(summary: dict[str, Any], frame: pd.DataFrame) -> Prices | None:
+    """The prices the run used (stored in the file), not today's table; None: the model had none."""
+    if "prices" in summary:
+        return Prices.from_dict(summary["prices"])
+    # An output written before prices were stored: the Dataoorts table of the day.
+    names = frame["model"].dropna()
+    name = str(names.iloc[0]) if len(names) else str(summary.get("model", ""))
+    model = load_models("dataoorts").get(name)
+    if model is None:
+        raise JobError(f"no prices for model {name!r}: the output does not say what it was priced at")
+    return model.prices
 
 
 def _error_class(error: object) -> str | None:
@@ -81,7 +83,7 @@ def _error_class(error: object) -> str | None:
     return match.group(1) if match else None
 
 
-def _stats(frame: pd.DataFrame) -> dict[str, Any]:
+def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
     ok = frame[frame["status"] == "ok"]
     costs = ok["cost_pico"].to_numpy(dtype=np.int64)
     latency = ok["latency_ms"].dropna().to_numpy(dtype=float)
@@ -99,12 +101,12 @@ def _stats(frame: pd.DataFrame) -> dict[str, Any]:
         "truncated": int(ok["truncated"].fillna(False).astype(bool).sum()),
         "prompt_tokens": int(ok["prompt_tokens"].sum()),
         "completion_tokens": int(ok["completion_tokens"].sum()),
-        "cost_usd": format_usd(total_pico).lstrip("$"),
+        "cost_usd": usd_text(total_pico if priced else None),
         "cost_per_row_usd": {
-            "mean": format_usd(round(total_pico / costs.size) if costs.size else 0).lstrip("$"),
-            "p50": format_usd(int(pct(costs, 50))).lstrip("$"),
-            "p95": format_usd(int(pct(costs, 95))).lstrip("$"),
-            "max": format_usd(int(costs.max()) if costs.size else 0).lstrip("$"),
+            "mean": usd_text((round(total_pico / costs.size) if costs.size else 0) if priced else None),
+            "p50": usd_text(int(pct(costs, 50)) if priced else None),
+            "p95": usd_text(int(pct(costs, 95)) if priced else None),
+            "max": usd_text((int(costs.max()) if costs.size else 0) if priced else None),
         },
         "latency_ms": {
             "p50": round(pct(latency, 50), 1),
@@ -118,13 +120,18 @@ def _stats(frame: pd.DataFrame) -> dict[str, Any]:
 
 def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     frame, summary = load(path, by)
-    report: dict[str, Any] = {"output": str(path), "model": summary.get("model"), "overall": _stats(frame)}
+    priced = summary.pop("_priced")
+    report: dict[str, Any] = {
+        "output": str(path),
+        "model": summary.get("model"),
+        "overall": _stats(frame, priced),
+    }
     if by is not None:
         groups = {}
         for key, part in frame.groupby(
             frame[by].astype("object").where(frame[by].notna(), "(null)"), sort=True
         ):
-            groups[str(key)] = _stats(part)
+            groups[str(key)] = _stats(part, priced)
         report["by"] = {"column": by, "groups": groups}
     estimate = summary.get("estimate")
     if estimate:
@@ -156,12 +163,19 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
             f"{stats['rows']:,} ({stats['ok']:,} ok, {stats['error']:,} error, {stats['pending']:,} pending)",
         ),
         ("tokens", f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"),
-        ("cost", f"${stats['cost_usd']}"),
-        ("cost per row", f"mean ${c['mean']}, p50 ${c['p50']}, p95 ${c['p95']}, max ${c['max']}"),
+        ("cost", _usd(stats["cost_usd"])),
+        (
+            "cost per row",
+            f"mean {_usd(c['mean'])}, p50 {_usd(c['p50'])}, p95 {_usd(c['p95'])}, max {_usd(c['max'])}",
+        ),
         ("truncated replies", f"{stats['truncated']:,}"),
         ("latency", f"p50 {lat['p50']:,} ms, p95 {lat['p95']:,} ms, p99 {lat['p99']:,} ms"),
         ("errors by class", errors),
     ]
+
+
+def _usd(text: str | None) -> str:
+    return format_usd(None) if text is None else f"${text}"
 
 
 _FLAT = ["rows", "ok", "error", "pending", "truncated", "prompt_tokens", "completion_tokens", "cost_usd"]
@@ -210,8 +224,8 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
                 f"{s['ok']:,}",
                 f"{s['error']:,}",
                 f"{s['prompt_tokens'] + s['completion_tokens']:,}",
-                f"${s['cost_usd']}",
-                f"${s['cost_per_row_usd']['mean']}",
+                _usd(s["cost_usd"]),
+                _usd(s["cost_per_row_usd"]["mean"]),
                 f"{s['latency_ms']['p95']:,}",
             ]
             for k, s in report["by"]["groups"].items()

@@ -1,8 +1,8 @@
 """``batchllm estimate``: what a batch will cost before it runs, from exact token counts.
 
-The input is streamed once; each batch's prompts are rendered exactly as ``run`` renders them and
-counted with the real Llama 3 tokenizer (tokens.py), so the estimated prompt tokens equal what the
-API will bill. Completion tokens are unknown before a run: the worst case prices every row at
+The input is streamed once; each batch's prompts are rendered exactly as ``run`` renders them,
+counted with the model family's tokenizer (tokens.py: exact for Llama 3.x, so the estimated prompt
+tokens equal what the API will bill) and admitted by the same rules (engine/plan.py). Completion tokens are unknown before a run: the worst case prices every row at
 ``max_tokens``; ``--from-run`` prices them at the completion lengths a previous run observed (mean,
 with a 95% interval for the total). Per-row counts are kept as a compact int32 array (4 bytes a
 row) for the percentiles, so memory stays flat in practice.
@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .errors import JobError
-from .job import MAX_CONTENT_CHARS, PROVIDER_RPM, Job
-from .journal import Journal
-from .pricing import format_usd
-from .runner import prepare
-from .tokens import get_counter
+from ..engine.journal import Journal
+from ..engine.plan import Admission, prepare
+from ..errors import JobError
+from ..job import Job
+from ..pricing import cost, usd_text
 
 MAX_LISTED = 20
 
@@ -31,43 +30,44 @@ MAX_LISTED = 20
 def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None = None) -> dict[str, Any]:
     """The estimate; ``observed`` completion lengths (a pilot's) or ``from_run`` give "expected"."""
     p = prepare(job)
-    counter = get_counter()
-    model = p.model
-    overhead = counter.overhead(job.system)
+    model, admission = p.model, Admission(p, count_all=True)
     counts = np.zeros(p.rows, dtype=np.int32)
     over: list[str] = []
     over_count = empty = 0
     position = 0
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
-        texts = [u if u is not None and len(u) <= MAX_CONTENT_CHARS else "" for u in pb.users]
-        n = counter.texts_tokens(texts)
-        for i, u in enumerate(pb.users):
-            tokens = overhead + n[i]
-            if u is None or len(u) > MAX_CONTENT_CHARS:
-                empty += 1
+        sendable_text = [admission.needs_count(u) for u in pb.users]
+        n = admission.count([u if ok and u is not None else "" for u, ok in zip(pb.users, sendable_text, strict=True)])
+        for i, user in enumerate(pb.users):
+            refused = admission.reject(user, n[i], position + i + 1)
+            tokens = n[i]
+            if refused is not None:
                 tokens = 0
-            elif tokens + job.max_tokens > model.context_window:
-                over_count += 1
-                if len(over) < MAX_LISTED:
-                    over.append(pb.row_ids[i])
-                tokens = 0
+                if refused.error_class == "ContextWindowExceeded":
+                    over_count += 1
+                    if len(over) < MAX_LISTED:
+                        over.append(pb.row_ids[i])
+                else:
+                    empty += 1
             counts[position + i] = tokens
         position += batch.num_rows
     sendable = counts[counts > 0]
     rows_sent = int(sendable.size)
     prompt_tokens = int(sendable.sum())
-    in_pico, out_pico = model.input_pico_per_token, model.output_pico_per_token
-    prompt_cost = prompt_tokens * in_pico
-    worst = prompt_cost + rows_sent * job.max_tokens * out_pico
-    rpm = job.rpm or PROVIDER_RPM
+    prompt_cost, _ = cost(model.prices, prompt_tokens, 0)
+    worst = None
+    if prompt_cost is not None:
+        worst = prompt_cost + (cost(model.prices, 0, rows_sent * job.max_tokens)[1] or 0)
+    rpm = job.rpm or int(p.provider.documented_rpm)
     minutes = rows_sent / rpm
     if job.tpm:
         minutes = max(minutes, (prompt_tokens + rows_sent * job.max_tokens) / job.tpm)
     result: dict[str, Any] = {
         "input": str(job.input),
+        "provider": p.provider.name,
         "model": model.name,
-        "token_counts": counter.label,
+        "token_counts": admission.counter.label,
         "rows": p.rows,
         "rows_to_send": rows_sent,
         "rows_over_window": over_count,
@@ -81,19 +81,20 @@ def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None 
             "max": int(sendable.max()) if rows_sent else 0,
         },
         "max_tokens": job.max_tokens,
-        "cost_usd": {
-            "prompt": format_usd(prompt_cost).lstrip("$"),
-            "worst_case": format_usd(worst).lstrip("$"),
-        },
+        "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
     }
     if from_run is not None:
         observed = completions_of_run(from_run)
         result["expected_from"] = f"the run in {from_run}"
-    if observed is not None:
+    if observed is not None and model.prices is not None and prompt_cost is not None:
         result["cost_usd"].update(
             _expected(
-                np.asarray(observed, dtype=np.float64), rows_sent, prompt_cost, out_pico, job.max_tokens
+                np.asarray(observed, dtype=np.float64),
+                rows_sent,
+                prompt_cost,
+                model.prices.output_pico,
+                job.max_tokens,
             )
         )
     return result
@@ -113,8 +114,7 @@ def completions_of_run(path: Path) -> list[int]:
 
 def completions_of_journal(journal: Journal) -> list[int]:
     """Completion lengths of every ok row a journal holds (a pilot's, and any earlier run's)."""
-    cur = journal.conn.execute("SELECT completion_tokens FROM rows WHERE status = 'ok'")
-    return [int(r[0]) for r in cur]
+    return journal.completion_lengths()
 
 
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
@@ -143,12 +143,16 @@ def _expected(
     total = rows * mean
     low, high = math.floor(max(0.0, total - half)), math.ceil(min(rows * max_tokens, total + half))
     return {
-        "expected": format_usd(prompt_cost + round(total) * out_pico).lstrip("$"),
-        "expected_low": format_usd(prompt_cost + low * out_pico).lstrip("$"),
-        "expected_high": format_usd(prompt_cost + high * out_pico).lstrip("$"),
+        "expected": usd_text(prompt_cost + round(total) * out_pico),
+        "expected_low": usd_text(prompt_cost + low * out_pico),
+        "expected_high": usd_text(prompt_cost + high * out_pico),
         "observed_rows": int(observed.size),
         "observed_mean_completion_tokens": round(mean, 1),
     }
+
+
+def _usd(text: str | None) -> str:
+    return "unknown (no price: give --input-price and --output-price)" if text is None else f"${text}"
 
 
 def format_estimate(e: dict[str, Any], fmt: str) -> str:
@@ -156,7 +160,7 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
         import orjson
 
         return orjson.dumps(e, option=orjson.OPT_INDENT_2).decode()
-    pt, cost = e["prompt_tokens"], e["cost_usd"]
+    pt, money = e["prompt_tokens"], e["cost_usd"]
     rows = [
         ("rows", f"{e['rows']:,}"),
         ("rows to send", f"{e['rows_to_send']:,}"),
@@ -170,14 +174,14 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             "prompt tokens",
             f"{pt['total']:,} (mean {pt['mean']:,}, p50 {pt['p50']:,}, p95 {pt['p95']:,}, max {pt['max']:,})",
         ),
-        ("prompt cost", f"${cost['prompt']}"),
-        (f"worst case (every reply {e['max_tokens']:,} tokens)", f"${cost['worst_case']}"),
+        ("prompt cost", _usd(money["prompt"])),
+        (f"worst case (every reply {e['max_tokens']:,} tokens)", _usd(money["worst_case"])),
     ]
-    if "expected" in cost:
+    if "expected" in money:
         rows.append(
             (
-                f"expected (from {cost['observed_rows']:,} observed replies, mean {cost['observed_mean_completion_tokens']:,})",
-                f"${cost['expected']} (95%: ${cost['expected_low']} to ${cost['expected_high']})",
+                f"expected (from {money['observed_rows']:,} observed replies, mean {money['observed_mean_completion_tokens']:,})",
+                f"${money['expected']} (95%: ${money['expected_low']} to ${money['expected_high']})",
             )
         )
     t = e["time"]

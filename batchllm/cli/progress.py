@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import orjson
 from tqdm import tqdm
 
-from .pricing import format_usd
+from ..pricing import format_usd
 
 
 class Reporter:

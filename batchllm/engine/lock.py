@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import LockedError
+from ..errors import LockedError
 
 LOCK_NAME = "lock"
 

@@ -1,0 +1,77 @@
+"""The library's entry point: run a job against its endpoint, or against a sandbox started for it.
+
+The engine is handed an ``Endpoint``; deciding which one (the job's URL and key, or an in-process
+sandbox for ``sandbox = true``) happens here, so the engine never imports the emulator and the CLI
+is one more caller of ``run_job``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from .engine.journal import Journal
+from .engine.observer import Observer
+from .engine.plan import prepare
+from .engine.runner import Endpoint, RunResult
+from .engine.runner import run_job as run_engine
+from .errors import ExitCode
+from .job import Job, resolve_api_key
+from .reports.estimate import pilot_positions
+from .sandbox import SandboxConfig, endpoint_for, start_sandbox
+
+
+@contextlib.asynccontextmanager
+async def open_endpoint(job: Job, sandbox: SandboxConfig | None = None) -> AsyncIterator[Endpoint]:
+    """The URL and key to use: an in-process sandbox for ``--sandbox``, else the job's."""
+    if not job.sandbox:
+        yield Endpoint(job.endpoint, resolve_api_key(job))
+        return
+    runner, box, base = await start_sandbox(sandbox or SandboxConfig())
+    try:
+        yield Endpoint(endpoint_for(base, job.provider), box.config.api_key)
+    finally:
+        await runner.cleanup()
+
+
+async def run_job(
+    job: Job,
+    *,
+    observer: Observer | None = None,
+    sandbox: SandboxConfig | None = None,
+    command: str = "batchllm run",
+    handle_signals: bool = False,
+    only: frozenset[int] | None = None,
+    write_output: bool = True,
+) -> RunResult:
+    """Run a job to the end (or to a stop) and write its output; see ``engine.runner.run_job``."""
+    prepared = prepare(job)  # bad input is reported before a missing key
+    async with open_endpoint(job, sandbox) as endpoint:
+        return await run_engine(
+            prepared,
+            endpoint,
+            observer=observer,
+            command=command,
+            handle_signals=handle_signals,
+            only=only,
+            write_output=write_output,
+        )
+
+
+async def run_pilot(
+    job: Job, rows: int, observer: Observer | None = None, command: str = "batchllm estimate"
+) -> tuple[ExitCode, str | None, list[int]]:
+    """``estimate --pilot``: run ``rows`` sampled rows for real into the output's journal.
+
+    Returns the exit code, the stop message, and the completion lengths the journal now holds
+    (the pilot's and any earlier run's); no output file is written, and the full run will not send
+    those rows again.
+    """
+    positions = pilot_positions(prepare(job).rows, rows)
+    result = await run_job(job, observer=observer, command=command, only=positions, write_output=False)
+    journal = Journal.open_readonly(job.journal_dir)
+    try:
+        observed = journal.completion_lengths()
+    finally:
+        journal.conn.close()
+    return result.exit_code, result.summary.get("message"), observed

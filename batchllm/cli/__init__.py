@@ -1,0 +1,120 @@
+"""The command line: parse flags, call the library, turn errors into exit codes. Nothing else.
+
+Every command is a thin client of the library (``batchllm.api.run_job``, ``reports.estimate``,
+``reports.report``...); ``asyncio.run`` appears here and nowhere else. Every command maps errors
+the same way (``handles_errors``): a ``BatchLLMError`` found before anything was sent is printed
+as one line (no traceback, or one JSON object with ``--log-format json``) with its exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from .. import __version__
+from ..errors import EXIT_CODE_TABLE, BatchLLMError, ExitCode, JobError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = ExitCode.USAGE) -> int:
+    click.echo(f"batchllm: error: {message}", err=True)
+    return int(code)
+
+
+def report_error(exc: BatchLLMError, log_format: str | None = "text") -> int:
+    if log_format == "json":
+        from .progress import JsonReporter
+
+        JsonReporter().error(str(exc))
+        return int(exc.exit_code)
+    return fail(str(exc), exc.exit_code)
+
+
+def handles_errors(command: Callable[..., int]) -> Callable[..., int]:
+    """The one place a command's ``BatchLLMError`` becomes its exit code, text or JSON."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return command(*args, **kwargs)
+        except BatchLLMError as exc:
+            return report_error(exc, kwargs.get("log_format"))
+
+    return wrapper
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when installed: the same asyncio API, measurably faster per request."""
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command to resume with: as typed, less ``--restart`` (which would discard the journal).
+
+    It never contains the key: keys come from the environment or a file, never from a flag.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["batchllm", *(a for a in args if a != "--restart")])
+
+
+@click.group(
+    context_settings=CONTEXT,
+    epilog=EXIT_CODE_TABLE.replace("\n", "\n\n")
+    + "\n\nExample:\n\n  batchllm run sample_data/reviews.csv -o out/reviews.parquet --template 'Classify: {review}' --sandbox",
+)
+@click.version_option(__version__, prog_name="batchllm")
+def cli() -> None:
+    """Run a file of prompts through an LLM API: resumable, rate-limited, exactly costed.
+
+    Reads CSV or Parquet, sends one request per row to the Dataoorts API, any OpenAI-compatible
+    server (--provider openai), or the built-in sandbox, and writes every input row back to
+    Parquet with its response, token usage and cost.
+    """
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    # Until a run installs its graceful handlers, SIGTERM stops like Ctrl-C: exit 130, no traceback.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        code = cli.main(standalone_mode=False, prog_name="batchllm")
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("batchllm: aborted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.UsageError as exc:
+        # One line, like every other error: what is wrong and where to read more.
+        command = exc.ctx.command_path if exc.ctx is not None else "batchllm"
+        sys.exit(fail(f"{exc.format_message()} (see `{command} --help`)", exc.exit_code))
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except JobError as exc:
+        sys.exit(fail(str(exc)))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# The commands register themselves on ``cli``.
+from . import run as _run  # noqa: E402,F401
+from . import tools as _tools  # noqa: E402,F401
+
+if __name__ == "__main__":
+    main()

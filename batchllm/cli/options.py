@@ -1,0 +1,142 @@
+"""The flags shared by `run` and `estimate`, and how flags and a job file become raw job values.
+
+Help texts name defaults and ranges as the job and the providers declare them, so ``--help``
+cannot drift from what ``build_job`` enforces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, JOB_KEYS, load_job_file
+from ..providers import DEFAULT_PROVIDER, PROVIDERS
+
+
+def _ranges(name: str) -> str:
+    """``0 to 5 (dataoorts); 0 to 2 (openai)``, from each provider's parameter table."""
+    parts = []
+    for provider in PROVIDERS.values():
+        parse = provider.params.get(name)
+        if parse is not None:
+            parts.append(f"{(parse.__doc__ or '').split(' ', 1)[-1].removeprefix('from ')} ({provider.name})")
+    return "; ".join(parts).strip()
+
+
+def _keys() -> str:
+    return "; ".join(f"{p.name}: {p.key_env}" for p in PROVIDERS.values())
+
+
+PROMPT_OPTIONS = [
+    click.option(
+        "--input-format", type=click.Choice(["csv", "parquet"]), help="Input format, when the extension does not say."
+    ),
+    click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
+    click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
+    click.option(
+        "--template-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the template from a file."
+    ),
+    click.option("--system", help="System prompt sent with every row."),
+    click.option(
+        "--provider",
+        type=click.Choice(list(PROVIDERS)),
+        help=f"The API to speak: dataoorts, or openai for any OpenAI-compatible server.  [default: {DEFAULT_PROVIDER}]",
+    ),
+    click.option("--model", help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]"),
+    click.option("--max-tokens", type=int, help="Most completion tokens per row.  [default: 256]"),
+    click.option("--input-price", help="USD per million input tokens (a model not in the table, or your own price)."),
+    click.option("--output-price", help="USD per million output tokens (give with --input-price)."),
+]
+
+RUN_OPTIONS = [
+    click.option(
+        "--job",
+        "job_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML job file (see jobs/); flags override it.",
+    ),
+    click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output Parquet file."),
+    *PROMPT_OPTIONS,
+    click.option("--id-column", help="Column with a stable, unique id per row (enables incremental runs)."),
+    click.option("--temperature", type=float, help=_ranges("temperature") + "."),
+    click.option("--top-p", type=float, help=_ranges("top_p") + "."),
+    click.option("--top-k", type=int, help=_ranges("top_k") + "."),
+    click.option("--seed", type=int, help=_ranges("seed") + "."),
+    click.option("--repetition-penalty", type=float, help=_ranges("repetition_penalty") + "."),
+    click.option("--frequency-penalty", type=float, help=_ranges("frequency_penalty") + "."),
+    click.option("--presence-penalty", type=float, help=_ranges("presence_penalty") + "."),
+    click.option("--stop", multiple=True, help="A stop sequence; repeat for up to 4 (openai)."),
+    click.option(
+        "--endpoint",
+        help="API URL; for openai the base URL, e.g. http://127.0.0.1:8000/v1.  "
+        "[env: DATAOORTS_ENDPOINT or OPENAI_BASE_URL; default: the provider's]",
+    ),
+    click.option("--api-key-env", help=f"Environment variable holding the key.  [default: {_keys()}]"),
+    click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the key from this file."),
+    click.option("--sandbox", is_flag=True, default=None, help="Use the built-in emulator: no key, no network."),
+    click.option("--concurrency", type=int, help=f"Requests in flight at most.  [default: {DEFAULT_CONCURRENCY}]"),
+    click.option("--rpm", help="Requests/min: a number (hard ceiling), 0 (off), or auto (adaptive).  [default: auto]"),
+    click.option("--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."),
+    click.option(
+        "--max-attempts", type=int, help=f"Attempts per row for transient failures.  [default: {DEFAULT_MAX_ATTEMPTS}]"
+    ),
+    click.option("--timeout", type=float, help="Seconds per request.  [default: 120]"),
+    click.option(
+        "--max-error-rate", type=float, help="Stop when this share of the last --error-window rows failed.  [default: 0.5]"
+    ),
+    click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
+    click.option("--max-cost", help="Dollar cap on what this output may cost in all (exit 3 when reached)."),
+    click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
+    click.option("--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"),
+    click.option(
+        "--checkpoint", type=click.Path(file_okay=False, path_type=Path), help="Journal folder.  [default: OUTPUT.batchllm/]"
+    ),
+    click.option("--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."),
+    click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+    click.option(
+        "--refresh-changed",
+        is_flag=True,
+        default=None,
+        help="Re-send rows whose prompt changed under the same --id-column value.",
+    ),
+    click.option("--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object per line on stderr."),
+    click.option(
+        "--summary-json", type=click.Path(dir_okay=False, path_type=Path), help="Also write the final summary to this file."
+    ),
+    click.option(
+        "--progress", type=click.Choice(["auto", "bar", "lines", "none"]), help="Progress display.  [default: auto]"
+    ),
+]
+
+
+def apply(options: list[Any]) -> Any:
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def collect(
+    ctx: click.Context, input_path: Path | None, params: dict[str, Any]
+) -> tuple[dict[str, Any], Path | None, frozenset[str]]:
+    """Merge the job file (if any) with the flags actually given on the command line."""
+    job_file = params.pop("job_file", None)
+    values: dict[str, Any] = load_job_file(job_file) if job_file is not None else {}
+    given = set()
+    for name, value in params.items():
+        if name not in JOB_KEYS:
+            continue
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            if name == "stop" and not value:
+                continue
+            given.add(name)
+            values[name] = str(value) if isinstance(value, Path) else (list(value) if name == "stop" else value)
+    if input_path is not None:
+        values["input"] = str(input_path)
+        given.add("input")
+    return values, job_file, frozenset(given)

@@ -1,0 +1,121 @@
+"""`batchllm run` and `batchllm estimate`: flags in, the library called, an exit code out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import EXIT_CODE_TABLE, BatchLLMError, ExitCode, JobError
+from ..job import Job, build_job
+from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
+from .options import RUN_OPTIONS, apply, collect
+
+
+def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) -> Job:
+    values, job_file, given = collect(ctx, input_path, params)
+    return build_job(values, job_file=job_file, flag_names=given)
+
+
+@cli.command(
+    "run",
+    context_settings=CONTEXT,
+    epilog=EXIT_CODE_TABLE.replace("\n", "\n\n")
+    + """
+
+Examples:
+
+  batchllm run sample_data/reviews.csv -o out/reviews.parquet --template 'Classify the sentiment of: {review}' --sandbox
+
+  DATAOORTS_API_KEY=... batchllm run prompts.parquet -o out.parquet --max-cost 5
+
+  batchllm run prompts.csv -o out.parquet --provider openai --endpoint http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct
+
+  batchllm run --job jobs/label_reviews.toml""",
+)
+@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@apply(RUN_OPTIONS)
+@click.pass_context
+def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
+    """Send every row of INPUT (CSV or Parquet) and write the results to OUTPUT (Parquet).
+
+    Re-running the same command resumes: rows already done are not sent (or paid for) again.
+    """
+    from ..api import run_job
+    from ..engine.summary import format_summary
+    from .progress import make_reporter
+
+    log_format = params.get("log_format")
+    try:
+        job = _job(ctx, input_path, params)
+    except BatchLLMError as exc:
+        return report_error(exc, log_format)
+    reporter = make_reporter(job.log_format, job.progress)
+    try:
+        result = run_async(run_job(job, observer=reporter, command=command_line(), handle_signals=True))
+    except BatchLLMError as exc:
+        reporter.close()
+        return report_error(exc, job.log_format)
+    except KeyboardInterrupt:
+        reporter.close()
+        return fail("interrupted before the run started", ExitCode.INTERRUPTED)
+    reporter.summary(result.summary, format_summary(result.summary))
+    return int(result.exit_code)
+
+
+@cli.command(
+    "estimate",
+    context_settings=CONTEXT,
+    epilog="""Examples:
+
+  batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --max-tokens 16
+
+  batchllm estimate prompts.csv --system 'You are an expert deep learning engineer' --max-tokens 512 --format json
+
+  batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --pilot 20 -o out/r.parquet --sandbox""",
+)
+@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@apply(RUN_OPTIONS)
+@click.option(
+    "--pilot", type=click.IntRange(1, 100_000), help="Run N sampled rows for real (into -o's journal) and project from them."
+)
+@click.option("--from-run", type=click.Path(dir_okay=False, path_type=Path), help="Expected cost from a previous run's output.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+@click.pass_context
+@handles_errors
+def estimate_cmd(
+    ctx: click.Context, input_path: Path | None, pilot: int | None, from_run: Path | None, fmt: str, **params: Any
+) -> int:
+    """What running INPUT would cost: exact prompt tokens, worst case, expected, and time.
+
+    Takes the same options as `run`. With -o, the estimate is kept in that output's journal and
+    the run's report compares it with what the run cost; --pilot also pays for N sampled rows,
+    which the full run then does not send again.
+    """
+    from ..api import run_pilot
+    from ..reports.estimate import estimate, format_estimate, record_estimate
+    from .progress import make_reporter
+
+    values, job_file, given = collect(ctx, input_path, params)
+    keep = "output" in values  # -o (or the job file's output): keep the estimate in its journal
+    values.setdefault("output", "estimate.parquet")
+    job = build_job(values, job_file=job_file, flag_names=given)
+    observed = None
+    if pilot is not None:
+        if not keep:
+            raise JobError("--pilot needs -o OUTPUT.parquet: the pilot's rows are kept in its journal")
+        reporter = make_reporter(job.log_format, job.progress)
+        try:
+            code, message, observed = run_async(run_pilot(job, pilot, reporter, command_line()))
+        finally:
+            reporter.close()
+        if code not in (ExitCode.OK, ExitCode.ROW_ERRORS):
+            return fail(f"the pilot stopped: {message}", code)
+    report = estimate(job, from_run, observed)
+    if pilot is not None:
+        report["expected_from"] = f"a pilot of {pilot:,} rows"
+    if keep:
+        record_estimate(job, report)
+    click.echo(format_estimate(report, fmt))
+    return 0

@@ -1,0 +1,161 @@
+"""`report`, `status`, `models`, `validate` and `sandbox`: each parses flags and calls the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import BatchLLMError, ExitCode
+from ..job import build_job, load_job_file
+from . import CONTEXT, cli, fail, handles_errors, run_async
+
+
+@cli.command(
+    "report",
+    context_settings=CONTEXT,
+    epilog="""Examples:
+
+  batchllm report out/reviews_labeled.parquet --by category
+
+  batchllm report out/reviews_labeled.parquet --by product --html out/cost_review.html""",
+)
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--by", help="Break everything down by this input column.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "markdown", "json", "csv"]), default="text", show_default=True
+)
+@click.option(
+    "--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a self-contained HTML page with plots."
+)
+@handles_errors
+def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -> int:
+    """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
+    from ..reports.report import build_report, format_report
+
+    report = build_report(output, by)
+    click.echo(format_report(report, fmt))
+    if html_path is not None:
+        from ..reports.report_html import write_html
+
+        write_html(html_path, output, by)
+        click.echo(f"HTML report: {html_path}", err=True)
+    return 0
+
+
+@cli.command(
+    "sandbox",
+    context_settings=CONTEXT,
+    epilog="""Example:
+
+  batchllm sandbox --port 8787 --api-key test-key --latency 0.2 --rate-limit 20
+
+  DATAOORTS_ENDPOINT=http://127.0.0.1:8787/api/v1 DATAOORTS_API_KEY=test-key batchllm run sample_data/reviews.csv -o out/r.parquet --template 'Classify: {review}'
+
+  OPENAI_API_KEY=test-key batchllm run sample_data/reviews.csv -o out/r.parquet --template 'Classify: {review}' --provider openai --endpoint http://127.0.0.1:8787/v1 --input-price 0.31 --output-price 0.34""",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only is wise).")
+@click.option("--port", default=8787, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option(
+    "--api-key", envvar="BATCHLLM_SANDBOX_KEY", help="Key clients must send.  [env: BATCHLLM_SANDBOX_KEY; default: random, printed]"
+)
+@click.option("--no-auth", "no_auth", is_flag=True, help="Accept any key or none, like a local server.")
+@click.option("--latency", default=0.0, type=float, show_default=True, help="Seconds before each reply.")
+@click.option("--latency-per-token", default=0.0, type=float, show_default=True, help="Extra seconds per completion token.")
+@click.option("--jitter", default=0.0, type=float, show_default=True, help="+/- fraction of the latency.")
+@click.option("--reply-tokens", default="8-64", show_default=True, help="Natural reply length range in tokens (cut at max_tokens).")
+@click.option("--rate-limit", default=0.0, type=float, show_default=True, help="Requests/second before 429s; 0 = none.")
+@click.option("--rate-burst", default=2, type=int, show_default=True, help="Requests allowed back to back under --rate-limit.")
+@click.option("--throttle-first", default=0, type=int, show_default=True, help="Answer the first N requests 429.")
+@click.option("--throttle-ms", default=1000, type=int, show_default=True, help="The wait those 429s ask for, in ms.")
+@click.option("--quota", default=0, type=int, show_default=True, help="Successful requests before 429 quota used up; 0 = none.")
+@click.option("--fail-5xx", default=0.0, type=float, show_default=True, help="Share of requests answered 500/503.")
+@click.option("--fail-drop", default=0.0, type=float, show_default=True, help="Share of connections dropped.")
+@click.option("--fail-hang", default=0.0, type=float, show_default=True, help="Share of requests never answered.")
+@click.option("--fail-garbled", default=0.0, type=float, show_default=True, help="Share of replies cut in half.")
+@click.option("--fail-3040", default=0.0, type=float, show_default=True, help="Share answered 429 without a wait.")
+@click.option("--no-usage", default=0.0, type=float, show_default=True, help="Share of replies without usage.")
+@click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
+@click.option("--keep-log/--no-keep-log", default=True, show_default=True, help="Keep the request log behind GET /_sandbox/log.")
+@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), help="Write the bound port here once listening.")
+def sandbox_cmd(
+    port_file: Path | None, host: str, port: int, reply_tokens: str, no_auth: bool, **options: Any
+) -> int:
+    """Serve a local emulator of the Dataoorts API (/api/v1) and of OpenAI's (/v1) until interrupted."""
+    from ..sandbox import SandboxConfig, serve
+
+    try:
+        low, _, high = reply_tokens.partition("-")
+        tokens = (int(low), int(high or low))
+    except ValueError:
+        return fail(f"--reply-tokens {reply_tokens!r} must be N or MIN-MAX")
+    rates = [k for k in options if (k.startswith("fail_") or k == "no_usage") and not 0 <= options[k] <= 1]
+    if rates:
+        return fail(f"--{rates[0].replace('_', '-')} must be a share from 0 to 1")
+    if options["api_key"] is None:
+        options.pop("api_key")
+    config = SandboxConfig(reply_tokens=tokens, require_key=not no_auth, **options)
+
+    def ready(base: str) -> None:
+        if port_file is not None:
+            port_file.write_text(base.rsplit(":", 1)[1])
+        key = "any" if no_auth else config.api_key
+        click.echo(
+            f"batchllm sandbox listening on {base} (dataoorts: {base}/api/v1, openai: {base}/v1; key: {key})",
+            err=True,
+        )
+
+    try:
+        run_async(serve(config, host, port, ready))
+    except OSError as exc:
+        return fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    return 0
+
+
+@cli.command("models", context_settings=CONTEXT, epilog="Example:\n\n  batchllm models")
+def models_cmd() -> int:
+    """List the models batchllm knows per provider, with prices and context windows."""
+    from ..pricing import load_models
+
+    click.echo(f"{'provider':<10} {'model':<32} {'input $/M':>10} {'output $/M':>11} {'window':>8}")
+    for m in load_models().values():
+        assert m.prices is not None and m.context_window is not None
+        click.echo(
+            f"{m.provider:<10} {m.name:<32} {m.prices.input_per_million!s:>10} "
+            f"{m.prices.output_per_million!s:>11} {m.context_window:>8,}"
+        )
+    click.echo("\nWith --provider openai, other models run too: give --input-price and --output-price to cost them.")
+    return 0
+
+
+@cli.command("status", context_settings=CONTEXT, epilog="Example:\n\n  batchllm status out/reviews.parquet")
+@click.argument("path", type=click.Path(path_type=Path))
+@handles_errors
+def status_cmd(path: Path) -> int:
+    """Show how far the run behind PATH (an output file or its journal folder) has got."""
+    from ..reports.status import status_text
+
+    click.echo(status_text(path))
+    return 0
+
+
+@cli.command("validate", context_settings=CONTEXT, epilog="Example:\n\n  batchllm validate jobs/*.toml")
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate_cmd(job_files: tuple[Path, ...]) -> int:
+    """Check job files (keys, types, ranges, input and columns) without running them."""
+    from ..engine.plan import prepare
+
+    bad = 0
+    for path in job_files:
+        try:
+            job = build_job(load_job_file(path), job_file=path)
+            prepared = prepare(job)
+        except BatchLLMError as exc:
+            bad += 1
+            click.echo(f"invalid: {exc}" if str(exc).startswith(str(path)) else f"invalid: {path}: {exc}", err=True)
+            continue
+        click.echo(
+            f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {job.provider} model {job.model})"
+        )
+    return ExitCode.USAGE if bad else 0

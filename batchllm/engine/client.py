@@ -1,0 +1,80 @@
+"""The HTTP boundary: one aiohttp session, and the only place where transport failures become
+batchllm's exceptions (errors.py). What a response means is the provider's business
+(``Provider.parse``); the client posts bodies, hands the provider each response, and passes any
+rate-limit hints from the headers to whoever listens (the limiter).
+
+The key lives in the session's default headers only; no message or exception built here
+includes headers, so it cannot leak into a row's ``error`` or a log line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiohttp
+
+from ..errors import APIError, RetryableAPIError
+from ..providers import Provider
+from ..records import Completion, RateHints
+
+
+class Client:
+    """One session, a connector sized to the concurrency, the key in its default headers."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        endpoint: str,
+        api_key: str | None,
+        *,
+        concurrency: int,
+        timeout: float,
+        on_hints: Callable[[RateHints], None] | None = None,
+    ) -> None:
+        self.provider = provider
+        self.url = provider.url(endpoint)
+        self._api_key = api_key
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._on_hints = on_hints
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=False
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self.provider.headers(self._api_key),
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            skip_auto_headers=("User-Agent",),
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, body: bytes) -> Completion:
+        """POST one request body; return its completion or raise an ``APIError``."""
+        assert self._session is not None, "use `async with Client(...)`"
+        provider = self.provider
+        try:
+            async with self._session.post(self.url, data=body) as resp:
+                raw = await resp.read()
+                if self._on_hints is not None:
+                    hints = provider.rate_hints(resp.headers)
+                    if hints is not None:
+                        self._on_hints(hints)
+                return provider.parse(resp.status, resp.headers, raw)
+        except APIError:
+            raise
+        except TimeoutError:
+            raise RetryableAPIError(f"no response within {self._timeout:g} s (timeout)") from None
+        except aiohttp.ClientResponseError as exc:
+            raise RetryableAPIError(f"bad HTTP response: {exc.message}", exc.status) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise RetryableAPIError(f"connection failed: {detail}") from None

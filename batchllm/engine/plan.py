@@ -1,0 +1,262 @@
+"""What a job will send: the checks before anything leaves, and the work, a batch at a time.
+
+    prepare(job)  -> Prepared   provider, model and prices, input, columns, ids (JobError if bad)
+    Admission                   per row: refused before sending (no prompt, too long, over the
+                                window) and the worst case it may cost; shared by run and estimate
+    Plan.items(journal)         rows not done yet -> WorkItems, lazily, one input batch at a time
+
+The plan is pulled by the dispatcher's workers, so memory holds one input batch however long the
+input is, and rows the journal already has cost one SQLite join per batch, not Python per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import JobError
+from ..inputs import InputFile
+from ..job import Job
+from ..pricing import Model, resolve_model
+from ..providers import Provider, get_provider
+from ..prompts import PromptBuilder, RequestMaker
+from ..records import Request
+from ..tokens import TokenCounter, counter_for
+from .journal import Journal
+from .output import check_no_clash
+
+
+class WorkItem(NamedTuple):
+    row_id: str
+    content_hash: str
+    request: Request
+    body: bytes
+    prompt_tokens: int  # exact estimate, or 0 when not counted
+    worst_pico: int  # the most this row may cost; 0 when no budget
+
+
+@dataclass
+class Prepared:
+    """Everything checked before a request may leave."""
+
+    job: Job
+    provider: Provider
+    model: Model
+    source: InputFile
+    builder: PromptBuilder
+    rows: int
+
+
+def prepare(job: Job) -> Prepared:
+    """Check the job against its provider and input: model, prices, file, columns, ids."""
+    provider = get_provider(job.provider)
+    model = resolve_model(provider.name, job.model, prices=job.prices, unlisted_ok=provider.unlisted_models)
+    if model.context_window is not None and job.max_tokens >= model.context_window:
+        raise JobError(
+            f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of "
+            f"{model.context_window:,} tokens"
+        )
+    if job.max_cost_pico is not None and model.prices is None:
+        raise JobError(
+            f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
+            "give --input-price and --output-price (USD per million tokens)"
+        )
+    source = InputFile(job.input, job.input_format)
+    builder = PromptBuilder(job, source.columns, str(job.input))
+    check_no_clash(source.columns, str(job.input))
+    rows = source.count_rows()
+    if rows == 0:
+        raise JobError(f"{job.input}: the file has a header but no rows")
+    if job.id_column is not None:
+        _check_unique_ids(source, job.id_column)
+    return Prepared(job, provider, model, source, builder, rows)
+
+
+def _check_unique_ids(source: InputFile, column: str) -> None:
+    chunks = [b.column(0).cast(pa.string()) for b in source.batches([column])]
+    ids = pa.chunked_array(chunks, type=pa.string())
+    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+    first = pc.index(ids, dup).as_py()
+    raise JobError(
+        f"{source.path}: the --id-column {column!r} value {dup!r} appears more than once "
+        f"(first at row {first + 1}); ids must be unique"
+    )
+
+
+class Rejection(NamedTuple):
+    error_class: str
+    message: str
+
+
+class Admission:
+    """Which rows may be sent, and what each may cost at most: the same rules for run and estimate."""
+
+    def __init__(self, p: Prepared, *, count_all: bool) -> None:
+        job, model = p.job, p.model
+        self.column = job.prompt_column
+        self.max_tokens = job.max_tokens
+        self.window = model.context_window
+        self.max_chars = p.provider.max_content_chars
+        self.prices = model.prices
+        self.system = job.system
+        self.count_all = count_all
+        self.model_name = model.name
+        # Template tokens without the tokenizer, an upper bound: a token is at least one UTF-8
+        # byte and a character at most four.
+        self.bound_overhead = 14 + 4 * len(job.system or "") + 2
+        # What the server's own chat template may add to our count (the budget reserves it).
+        self.slack = p.provider.template_slack
+        self._counter: TokenCounter | None = None
+        self._overhead = 0
+
+    @property
+    def counter(self) -> TokenCounter:
+        """The model family's counter, loaded on first use (a few hundred ms for Llama 3)."""
+        if self._counter is None:
+            self._counter = counter_for(self.model_name)
+            self._overhead = self._counter.overhead(self.system)
+        return self._counter
+
+    def needs_count(self, text: str | None) -> bool:
+        """Count this row exactly? Always for a budget or tpm; else only if it might not fit."""
+        if text is None or (self.max_chars is not None and len(text) > self.max_chars):
+            return False
+        if self.count_all:
+            return True
+        if self.window is None:
+            return False
+        return self.bound_overhead + 4 * len(text) + 2 + self.max_tokens > self.window
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """Exact prompt tokens of whole requests, one per user text."""
+        counts = self.counter.texts_tokens(texts)
+        return [self._overhead + n for n in counts]
+
+    def reject(self, user: str | None, prompt_tokens: int, row: int) -> Rejection | None:
+        """Why a row is refused without a request (``row`` is 1-based), or None to send it."""
+        if user is None:
+            return Rejection("NoPrompt", f"column {self.column!r} is null in row {row} (not sent)")
+        if self.max_chars is not None and len(user) > self.max_chars:
+            return Rejection(
+                "PromptTooLong",
+                f"the prompt has {len(user):,} characters, over the API's {self.max_chars:,} (not sent)",
+            )
+        if self.window is not None and prompt_tokens + self.max_tokens > self.window:
+            return Rejection(
+                "ContextWindowExceeded",
+                f"{prompt_tokens:,} prompt tokens + max_tokens {self.max_tokens:,} = "
+                f"{prompt_tokens + self.max_tokens:,} exceed {self.model_name}'s context window of "
+                f"{self.window:,} (not sent)",
+            )
+        return None
+
+    def worst_pico(self, user: str, prompt_tokens: int) -> int:
+        """The most a row may cost: its prompt (exact, or a bound) and max_tokens of reply."""
+        if self.prices is None:
+            return 0
+        counter = self._counter
+        if counter is not None and counter.exact and prompt_tokens:
+            tokens = prompt_tokens
+        else:  # not counted exactly: an upper bound
+            tokens = self.bound_overhead + len(user.encode("utf-8")) + 2
+        return (tokens + self.slack) * self.prices.input_pico + self.max_tokens * self.prices.output_pico
+
+
+class Plan:
+    """The rows one run sends, decided against the journal as the dispatcher pulls them."""
+
+    def __init__(self, p: Prepared, warn: Callable[[str], None], only: frozenset[int] | None = None) -> None:
+        self.p = p
+        self.job = p.job
+        self.warn = warn
+        self.only = only  # a pilot runs only these input positions (reports/estimate.py)
+        self.admission = Admission(p, count_all=p.job.max_cost_pico is not None or p.job.tpm is not None)
+
+    def _decide(
+        self, journal: Journal
+    ) -> Iterator[tuple[int, list[str], list[str], list[str | None], Sequence[int]]]:
+        """Per input batch: its start, ids, hashes, prompts, and the indexes of rows to send."""
+        job, builder = self.job, self.p.builder
+        position = shared = changed_kept = 0
+        resuming = journal.rows_before > 0
+        for batch in self.p.source.batches(builder.read_columns):
+            pb = builder.build(batch, position)
+            position += batch.num_rows
+            if not resuming:
+                every: Sequence[int] = range(len(pb.row_ids))
+                if self.only is not None:
+                    every = [i for i in every if pb.start + i in self.only]
+                yield pb.start, pb.row_ids, pb.hashes, pb.users, every
+                continue
+            # Position-derived ids embed the content hash; --id-column values do not.
+            unfinished = journal.unfinished(pb.row_ids, pb.hashes if job.id_column else None)
+            send: list[int] = []
+            new = 0
+            for i, status in unfinished:
+                if status is None:
+                    new += 1
+                elif status == "ok":  # same id, other content
+                    if not job.refresh_changed:
+                        changed_kept += 1
+                        continue
+                elif not job.retry_errors:
+                    continue
+                send.append(i)
+            shared += len(pb.row_ids) - new
+            if self.only is not None:
+                send = [i for i in send if pb.start + i in self.only]
+            yield pb.start, pb.row_ids, pb.hashes, pb.users, send
+        if resuming and shared == 0:
+            self.warn(
+                f"the input shares no rows with the journal in {journal.directory} "
+                "(did the input or --id-column change?): every row is sent as new"
+            )
+        if changed_kept:
+            self.warn(
+                f"{changed_kept:,} rows changed under the same --id-column value and kept their "
+                "earlier results; pass --refresh-changed to send them again"
+            )
+
+    def todo(self, journal: Journal) -> int:
+        """Rows left to send, for the progress bar: without a second pass over the input."""
+        if self.only is not None:
+            return len(self.only)
+        if journal.rows_before == 0:
+            return self.p.rows
+        counts = journal.counts_before
+        done = counts.get("ok", 0) + (0 if self.job.retry_errors else counts.get("error", 0))
+        return max(0, self.p.rows - done)
+
+    def items(self, journal: Journal, reject: Callable[[str, str, Rejection], None]) -> Iterator[WorkItem]:
+        """WorkItems for the rows to send; rows refused before sending go to ``reject``."""
+        admission, provider = self.admission, self.p.provider
+        maker = RequestMaker(self.job)
+        budget = self.job.max_cost_pico is not None
+        warned = False
+        for start, row_ids, hashes, users, send in self._decide(journal):
+            exact: dict[int, int] = {}
+            countable = [i for i in send if admission.needs_count(users[i])]
+            if countable:
+                if not admission.counter.exact and not warned:
+                    warned = True
+                    self.warn(f"token counts are {admission.counter.label}")
+                counts = admission.count([users[i] or "" for i in countable])
+                exact = dict(zip(countable, counts, strict=True))
+            for i in send:
+                user = users[i]
+                prompt_tokens = exact.get(i, 0)
+                refused = admission.reject(user, prompt_tokens, start + i + 1)
+                if refused is not None:
+                    reject(row_ids[i], hashes[i], refused)
+                    continue
+                assert user is not None
+                request = maker.make(user)
+                worst = admission.worst_pico(user, prompt_tokens) if budget else 0
+                yield WorkItem(row_ids[i], hashes[i], request, provider.encode(request), prompt_tokens, worst)

@@ -1,0 +1,265 @@
+"""One run, wired: lock, journal, plan, limiter, client, dispatcher, output. Wiring only.
+
+    input + job -> plan.py (prepare, admission, what the journal already has)
+                -> dispatch.py (limiter, retries, budget) -> journal.py -> output.py
+                -> summary.py
+
+``run_job`` is the engine's entry point: it is handed the endpoint to talk to (the real API, or a
+sandbox the caller started: see ``batchllm.api``) and an observer, and returns a ``RunResult``
+with the exit code and the summary. It raises ``BatchLLMError`` only for problems found before
+anything was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .. import __version__
+from ..errors import ExitCode
+from ..job import key_source
+from .summary import build_summary, snapshot, stop_message
+from .budget import Budget
+from .client import Client
+from .dispatch import Dispatcher, StopReason
+from .journal import Journal
+from .lock import RunLock
+from .observer import Observer, Silent
+from .output import Totals, write_output
+from .plan import Plan, Prepared
+from .ratelimit import Backoff, RateLimiter
+
+_STOP_EXIT = {
+    StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
+    StopReason.API: ExitCode.API_STOP,
+    StopReason.ERROR_RATE: ExitCode.API_STOP,
+    StopReason.BUDGET: ExitCode.BUDGET,
+    StopReason.RUNTIME: ExitCode.TEMPFAIL,
+    StopReason.JOURNAL: ExitCode.IO_ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where requests go and the key they carry (None: the server needs none)."""
+
+    url: str
+    key: str | None
+
+
+@dataclass
+class RunResult:
+    exit_code: ExitCode
+    summary: dict[str, Any]
+    output: Path | None
+
+
+class Run:
+    """The state of one run; ``execute`` drives it."""
+
+    def __init__(
+        self, prepared: Prepared, observer: Observer, command: str, only: frozenset[int] | None, write: bool
+    ) -> None:
+        self.p = prepared
+        self.job = prepared.job
+        self.observer = observer
+        self.command = command
+        self.hard_stop = asyncio.Event()
+        self.dispatcher: Dispatcher | None = None
+        self.warnings: list[str] = []
+        self.plan = Plan(prepared, self.warn, only)
+        self.write = write  # a pilot writes no output (reports/estimate.py)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.observer.warning(message)
+
+    async def execute(self, endpoint: Endpoint) -> RunResult:
+        job = self.job
+        started_at = time.time()
+        lock = RunLock(job.journal_dir)
+        lock.acquire(self.command)
+        try:
+            if lock.took_over_from:
+                self.warn(f"took over the lock left by a run that is no longer running ({lock.took_over_from})")
+            journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+            if journal.imported:
+                self.warn(f"imported {journal.imported:,} replies an earlier run could not write to the journal")
+            journal.set_meta(
+                "last_run",
+                {"command": self.command, "input": str(job.input), "input_rows": self.p.rows, "started_at": started_at},
+            )
+            try:
+                return await self._execute(journal, endpoint, started_at)
+            finally:
+                journal.close()
+        finally:
+            lock.release()
+
+    async def _execute(self, journal: Journal, endpoint: Endpoint, started_at: float) -> RunResult:
+        job, p = self.job, self.p
+        self.observer.start(
+            {
+                "input": str(job.input),
+                "output": str(job.output),
+                "rows": p.rows,
+                "todo": self.plan.todo(journal),
+                "done_before": journal.rows_before,
+                "provider": p.provider.name,
+                "model": p.model.name,
+                "endpoint": endpoint.url,
+                "checkpoint": str(job.journal_dir),
+                "version": __version__,
+            }
+        )
+        if p.model.prices is None:
+            self.warn(
+                f"{p.model.name!r} has no price in the {p.provider.name} model table and none was "
+                "given (--input-price/--output-price): cost columns will be null"
+            )
+        limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
+        budget = Budget(job.max_cost_pico, journal.spent_pico())
+        client = Client(
+            p.provider,
+            endpoint.url,
+            endpoint.key,
+            concurrency=job.concurrency,
+            timeout=job.timeout,
+            on_hints=limiter.on_hints,
+        )
+        async with client:
+            dispatcher = Dispatcher(
+                client=client,
+                provider=p.provider,
+                journal=journal,
+                model=p.model,
+                max_tokens=job.max_tokens,
+                concurrency=job.concurrency,
+                limiter=limiter,
+                backoff=Backoff(job.max_attempts),
+                budget=budget,
+                max_error_rate=job.max_error_rate,
+                error_window=job.error_window,
+                tpm_enabled=job.tpm is not None,
+                grace=job.grace,
+            )
+            self.dispatcher = dispatcher
+            ticker = asyncio.create_task(self._tick(dispatcher))
+            deadline = None
+            if job.max_runtime is not None:
+                deadline = asyncio.get_running_loop().call_later(
+                    job.max_runtime,
+                    dispatcher.request_stop,
+                    StopReason.RUNTIME,
+                    f"--max-runtime {job.max_runtime:g} s reached",
+                )
+            try:
+                await dispatcher.run(self.plan.items(journal, dispatcher.record_rejected), self.hard_stop)
+            finally:
+                ticker.cancel()
+                self.observer.progress(snapshot(dispatcher.stats))
+                if deadline is not None:
+                    deadline.cancel()
+        return self._finish(journal, dispatcher, budget, started_at)
+
+    async def _tick(self, dispatcher: Dispatcher) -> None:
+        while True:
+            await asyncio.sleep(self.observer.interval)
+            self.observer.progress(snapshot(dispatcher.stats))
+
+    def _finish(self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float) -> RunResult:
+        job = self.job
+        reason = dispatcher.stop_reason
+        if reason is not None:
+            if reason is StopReason.JOURNAL:
+                journal.flush()
+            message = stop_message(
+                reason, dispatcher, budget, job, journal, self.p.provider, key_source(job)
+            )
+            dispatcher.stop_message = message
+            self.observer.stopped(reason.value, message)
+        totals: Totals | None = None
+        output: Path | None = None
+
+        def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
+            return build_summary(
+                self.p, t, dispatcher, reason, started_at, code, self.warnings, journal, self.command
+            )
+
+        # With the journal unwritable the disk is likely full: leave the output as it was.
+        if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
+            journal.flush()
+            totals = write_output(
+                job.output, self.p.source, self.p.builder, journal, lambda t: summary(t, None)
+            )
+            output = job.output
+        if reason is not None:
+            code = _STOP_EXIT[reason]
+        elif totals is not None and totals.error:
+            code = ExitCode.ROW_ERRORS
+        else:
+            code = ExitCode.OK
+        return RunResult(code, summary(totals, code), output)
+
+
+async def run_job(
+    prepared: Prepared,
+    endpoint: Endpoint,
+    *,
+    observer: Observer | None = None,
+    command: str = "batchllm run",
+    handle_signals: bool = False,
+    only: frozenset[int] | None = None,
+    write_output: bool = True,
+) -> RunResult:
+    """Run a prepared job (plan.prepare) against ``endpoint`` to the end (or a stop); write its output.
+
+    ``only`` restricts the run to those input positions and ``write_output=False`` leaves the
+    output file alone: together they are ``batchllm estimate --pilot``.
+    """
+    job = prepared.job
+    run = Run(prepared, observer or Silent(), command, only, write_output)
+    loop = asyncio.get_running_loop()
+    installed = []
+    if handle_signals and threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int) -> None:
+            d = run.dispatcher
+            name = signal.Signals(signum).name
+            if d is not None and d.stopping and d.stop_reason is StopReason.INTERRUPTED:
+                run.hard_stop.set()
+                run.observer.warning("second interrupt: stopping now")
+            elif d is not None:
+                run.observer.warning(
+                    f"{name}: finishing requests in flight (up to {job.grace:g} s); interrupt again to stop at once"
+                )
+                d.request_stop(StopReason.INTERRUPTED, f"interrupted by {name}")
+            else:
+                raise KeyboardInterrupt
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+    try:
+        result = await run.execute(endpoint)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    if job.summary_json is not None:
+        _write_atomic(job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2))
+    return result
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,181 @@
+"""What a run says when it ends: the summary (JSON, and the text a person reads) and stop advice.
+
+The summary is built from the output's exact totals (output.py) and this run's counters
+(dispatch.py); it is stored in the output file's metadata, printed, and written by
+``--summary-json``. Money stays exact: every figure is formatted from integer picodollars.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..errors import ExitCode
+from ..job import Job
+from ..pricing import format_usd, usd_text
+from ..providers import Provider
+from .budget import Budget
+from .dispatch import Dispatcher, Stats, StopReason
+from .journal import RESCUE_NAME, Journal
+from .output import Totals
+
+if TYPE_CHECKING:
+    from .plan import Prepared
+
+
+def stop_message(
+    reason: StopReason,
+    dispatcher: Dispatcher,
+    budget: Budget,
+    job: Job,
+    journal: Journal,
+    provider: Provider,
+    key_source: str,
+) -> str:
+    """One line saying why the run stopped and what to do next."""
+    if reason is StopReason.BUDGET:
+        return (
+            f"budget reached: this output has cost {format_usd(budget.spent)} of the "
+            f"{format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
+        )
+    if reason is StopReason.API and dispatcher.stop_error is not None:
+        return provider.advice(dispatcher.stop_error, key_source)
+    if reason is StopReason.JOURNAL:
+        unsaved = len(journal.unsaved)
+        return (
+            f"cannot write the journal in {journal.directory} ({journal.write_error}): stopped sending; "
+            f"{journal.rescued:,} replies were saved to {journal.directory / RESCUE_NAME} and the next run "
+            "imports them" + (f"; {unsaved:,} replies could not be saved anywhere" if unsaved else "")
+        )
+    return dispatcher.stop_message or reason.value
+
+
+def build_summary(
+    p: Prepared,
+    totals: Totals | None,
+    dispatcher: Dispatcher,
+    reason: StopReason | None,
+    started_at: float,
+    code: ExitCode | None,
+    warnings: list[str],
+    journal: Journal,
+    command: str,
+) -> dict[str, Any]:
+    job, model, stats = p.job, p.model, dispatcher.stats
+    finished = time.time()
+    priced = model.prices is not None
+    out: dict[str, Any] = {
+        "batchllm_version": __version__,
+        "input": str(job.input),
+        "output": str(job.output),
+        "checkpoint": str(job.journal_dir),
+        "provider": p.provider.name,
+        "model": model.name,
+        "settings": job.request_settings(),
+        "prices": model.prices.as_dict() if model.prices else None,
+        "complete": reason is None,
+        "stop_reason": reason.value if reason else None,
+        "message": dispatcher.stop_message,
+        "started_at": _iso(started_at),
+        "finished_at": _iso(finished),
+        "duration_s": round(finished - started_at, 3),
+        "this_run": {
+            "rows_sent_ok": stats.ok,
+            "rows_failed": stats.error,
+            "rows_rejected_unsent": stats.rejected,
+            "requests": stats.requests,
+            "retries": stats.retries,
+            "throttled": stats.throttled,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "cost_usd": usd_text(stats.cost_pico if priced else None),
+        },
+        "warnings": warnings,
+    }
+    if estimate := journal.get_meta("estimate"):
+        out["estimate"] = estimate
+    if totals is not None:
+        out["rows"] = {
+            "total": totals.rows,
+            "ok": totals.ok,
+            "error": totals.error,
+            "pending": totals.pending,
+            "truncated": totals.truncated,
+        }
+        out["tokens"] = {
+            "prompt": totals.prompt_tokens,
+            "completion": totals.completion_tokens,
+            "total": totals.prompt_tokens + totals.completion_tokens,
+        }
+        out["cost_usd"] = {
+            "input": usd_text(totals.cost_or_none(totals.input_cost_pico)),
+            "output": usd_text(totals.cost_or_none(totals.output_cost_pico)),
+            "total": usd_text(totals.cost_or_none(totals.cost_pico)),
+        }
+    if job.max_cost_pico is not None:
+        out["max_cost_usd"] = usd_text(job.max_cost_pico)
+    if code is not None:
+        out["exit_code"] = int(code)
+    if not out["complete"]:
+        out["resume"] = command
+    return out
+
+
+def snapshot(s: Stats) -> dict[str, Any]:
+    """This run's counters for the progress display."""
+    elapsed = max(time.monotonic() - s.started, 1e-9)
+    return {
+        "done": s.done,
+        "ok": s.ok,
+        "error": s.error,
+        "requests": s.requests,
+        "retries": s.retries,
+        "throttled": s.throttled,
+        "tokens": s.prompt_tokens + s.completion_tokens,
+        "cost_pico": s.cost_pico,
+        "rows_per_s": s.done / elapsed,
+    }
+
+
+def _dollars(text: str | None) -> str:
+    return "unknown (no price)" if text is None else f"${text}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human summary printed at the end of a run."""
+    lines = []
+    rows = summary.get("rows")
+    if rows:
+        state = "complete" if summary["complete"] else "INCOMPLETE"
+        lines.append(
+            f"done ({state}): {rows['ok']:,} ok, {rows['error']:,} failed"
+            + (f", {rows['pending']:,} pending" if rows["pending"] else "")
+            + f" of {rows['total']:,} rows"
+            + (f"; {rows['truncated']:,} replies cut at max_tokens" if rows["truncated"] else "")
+        )
+        tok, cost = summary["tokens"], summary["cost_usd"]
+        lines.append(f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}")
+        if cost["total"] is None:
+            lines.append("cost: unknown (no price for the model: give --input-price and --output-price)")
+        else:
+            lines.append(
+                f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); "
+                f"this run {_dollars(summary['this_run']['cost_usd'])}"
+            )
+    t = summary["this_run"]
+    lines.append(
+        f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "
+        f"{summary['duration_s']:,.1f} s"
+    )
+    if summary.get("message"):
+        lines.append(f"stopped: {summary['message']}")
+    if rows:
+        lines.append(f"output: {summary['output']}")
+    if not summary["complete"]:
+        lines.append(f"to resume, run the same command again: {summary['resume']}")
+    return "\n".join(lines)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -1,0 +1,115 @@
+"""What a provider is: everything batchllm knows about one API, behind one interface.
+
+A provider turns a ``Request`` into the bytes its API wants (``encode``), and one HTTP response
+into a ``Completion`` or an exception of the tree in errors.py (``parse``, a pure function of
+status, headers and body, so every response shape is tested without a server). It also owns its
+parameter names, ranges and order, its default endpoint and key variable, whether its replies say
+they were truncated, what its headers say about rate limits, and how to advise a person when the
+API stops a run. Nothing outside a provider's module knows its envelope, error codes or ranges.
+
+The engine sees only this interface; adding a provider is one module and one line in
+``providers/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ..errors import RunStopError
+from ..records import Completion, RateHints, Request
+from ..values import Parser
+
+MAX_MESSAGE = 500
+
+
+class Provider:
+    """Base class: class attributes describe the API, methods speak it."""
+
+    name: ClassVar[str]
+    default_endpoint: ClassVar[str]
+    endpoint_env: ClassVar[str]  # environment variable that may name the endpoint
+    key_env: ClassVar[str]  # environment variable that holds the key, by default
+    key_required: ClassVar[bool] = True  # local OpenAI-compatible servers often need none
+    documented_rpm: ClassVar[float] = 300.0  # where ``--rpm auto`` starts when no header says
+    unlisted_models: ClassVar[bool] = False  # may a model missing from models.toml run?
+    max_content_chars: ClassVar[int | None] = None  # longest message content the API accepts
+    default_max_tokens: ClassVar[int] = 256
+    # Parameters in the order they are sent, each with its parser (range and type).
+    params: ClassVar[dict[str, Parser]] = {}
+    # Prompt tokens the server's chat template may add beyond the Llama 3 count: reserved against
+    # --max-cost, so a budget holds even when the template is not the one we count.
+    template_slack: ClassVar[int] = 0
+
+    def url(self, endpoint: str) -> str:
+        """The URL requests are posted to, from the endpoint the user gave."""
+        return endpoint
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def encode(self, request: Request) -> bytes:
+        raise NotImplementedError
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
+        raise NotImplementedError
+
+    def rate_hints(self, headers: Mapping[str, str]) -> RateHints | None:
+        """Limits stated by a response's headers, or None when it states none."""
+        return None
+
+    def truncated(self, completion: Completion, max_tokens: int) -> bool:
+        """Was the reply cut at max_tokens? The server's word when it gives one."""
+        if completion.finish_reason is not None:
+            return completion.finish_reason == "length"
+        return completion.completion_tokens is not None and completion.completion_tokens >= max_tokens
+
+    def advice(self, exc: RunStopError, key_source: str) -> str:
+        """What a person should do after the API stopped the run, naming where the key comes from."""
+        if exc.reason == "quota":
+            return (
+                f"the API says the quota of the key in {key_source} is used up ({exc.describe()}); "
+                "rows not yet sent stay pending: run the same command again once the quota resets "
+                "or is raised"
+            )
+        return (
+            f"the API rejected the key ({exc.describe()}): check {key_source}, then run the same "
+            "command again to resume"
+        )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def snippet(body: bytes) -> str:
+    """The start of a body as one line, for an error message."""
+    text = body[:MAX_MESSAGE].decode("utf-8", "replace").strip()
+    return " ".join(text.split()) or "(empty body)"
+
+
+def usage_int(raw: Any) -> int | None:
+    """A token count as the API reported it, or None when it is missing or not a count."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    return None

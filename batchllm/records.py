@@ -1,0 +1,102 @@
+"""The values that cross modules: what is asked, what comes back, what is kept.
+
+    Request     provider, model, messages, parameters; ``key()`` hashes the canonical form
+    Completion  a reply as the provider reported it: text, usage (or None), finish_reason
+    RateHints   what a reply's headers say about the account's limits
+    Entry       one finished row in the journal (a NamedTuple: SQLite takes it as it is)
+
+A ``Request`` is provider-neutral: each provider encodes it into its own body (providers/). Its
+``key`` is the same for the same request in any run or process (sorted keys, no whitespace, UTF-8),
+so it can name a request across runs (a cache, duplicate detection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat turn. orjson encodes it as ``{"role": ..., "content": ...}``, in that order."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One chat request: the unit a provider encodes and the key a cache would use.
+
+    ``params`` holds the sampling parameters in the order the provider sends them; one mapping is
+    shared by every row of a job, so treat it as read-only.
+    """
+
+    provider: str
+    model: str
+    messages: tuple[Message, ...]
+    params: Mapping[str, Any]
+
+    def key(self) -> str:
+        """Hex digest of the canonical request: stable across runs, processes and param order."""
+        canonical = orjson.dumps(
+            [self.provider, self.model, self.messages, self.params], option=orjson.OPT_SORT_KEYS
+        )
+        return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+    @property
+    def max_tokens(self) -> int | None:
+        value = self.params.get("max_tokens")
+        return value if isinstance(value, int) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A successful reply. A usage field is None when the server did not report it."""
+
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateHints:
+    """Limits a server stated in its headers; per minute, as OpenAI documents them."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+
+class Entry(NamedTuple):
+    """One finished row as the journal keeps it (column for column, see engine/journal.py).
+
+    Costs are integer picodollars, or None when the model has no price. ``truncated`` is what
+    the provider said (or, for one that does not say, what its contract implies);
+    ``tokens_counted`` is True when the server reported no usage and batchllm counted it.
+    """
+
+    row_id: str
+    content_hash: str
+    status: str  # "ok" or "error"
+    response: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    input_cost_pico: int | None
+    output_cost_pico: int | None
+    error: str | None
+    error_class: str | None
+    attempts: int
+    latency_ms: float | None
+    finished_at: float
+    model: str | None
+    truncated: bool | None
+    tokens_counted: bool | None
