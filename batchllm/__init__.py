@@ -51,4 +51,18 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "BatchLLMError",
+    "Completion",
+    "ExitCode",
+    "Job",
+    "JobError",
+    "Message",
+    "Request",
+    "RunResult",
+    "__version__",
+    "build_job",
+    "get_provider",
+    "load_job_file",
+    "run_job",
+]

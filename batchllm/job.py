@@ -301,7 +301,9 @@ def build_job(
     return Job(job_file=job_file, **kwargs)
 
 
-def _sampling_params(provider: Provider, kwargs: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+def _sampling_params(
+    provider: Provider, kwargs: dict[str, Any], where: Callable[[str], str]
+) -> dict[str, Any]:
     """The sampling parameters given, parsed by the provider's own ranges."""
     out: dict[str, Any] = {}
     for key in SAMPLING_KEYS:

@@ -77,7 +77,7 @@ def cost(prices: Prices | None, prompt_tokens: N, completion_tokens: N) -> tuple
     """
     if prices is None:
         return None, None
-    return prompt_tokens * prices.input_pico, completion_tokens * prices.output_pico  # type: ignore[operator]
+    return prompt_tokens * prices.input_pico, completion_tokens * prices.output_pico  # type: ignore[operator,return-value]
 
 
 def parse_price(raw: object, where: str) -> Decimal:

@@ -8,11 +8,11 @@ import email.utils
 import pytest
 
 from batchllm.engine.client import Client
+from batchllm.errors import FatalAPIError, RetryableAPIError, RunStopError
 from batchllm.providers.base import parse_retry_after
 from batchllm.providers.dataoorts import Dataoorts
 
 parse_response = Dataoorts().parse
-from batchllm.errors import FatalAPIError, RetryableAPIError, RunStopError
 
 OK = b'{"errors":[],"messages":[],"result":{"response":"Deep learning is","usage":{"completion_tokens":512,"prompt_tokens":27,"total_tokens":539}},"success":true}'
 

@@ -9,20 +9,22 @@ from pathlib import Path
 from batchllm.engine.budget import Budget
 from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
-from batchllm.engine.plan import WorkItem
-from batchllm.job import build_job
 from batchllm.engine.journal import RESCUE_NAME, Journal, settings_diff
+from batchllm.engine.plan import WorkItem
+from batchllm.engine.ratelimit import Backoff, RateLimiter
+from batchllm.job import build_job
 from batchllm.pricing import resolve_model
 from batchllm.prompts import RequestMaker
 from batchllm.providers import get_provider
 from batchllm.records import Entry
-from batchllm.engine.ratelimit import Backoff, RateLimiter
 
 SETTINGS = {"model": "m", "system": None, "prompt_column": "prompt", "params": {"max_tokens": 16}}
 
 
 def record(i: int, status: str = "ok", size: int = 10) -> Entry:
-    return Entry(f"{i}-h", "h", status, "x" * size, 1, 2, 3, 4, None, None, 1, 1.0, time.time(), "m", False, False)
+    return Entry(
+        f"{i}-h", "h", status, "x" * size, 1, 2, 3, 4, None, None, 1, 1.0, time.time(), "m", False, False
+    )
 
 
 def test_unfinished_returns_only_rows_to_send(tmp_path: Path) -> None:
@@ -99,3 +101,29 @@ def test_the_dispatcher_stops_when_the_journal_cannot_be_written(sandbox, tmp_pa
     reopened = Journal.open(tmp_path / "j", job.request_settings())
     assert reopened.rows_before == sent  # every reply received is in the journal after the import
     reopened.close()
+
+
+def test_a_schema_1_journal_is_migrated_and_resumes(tmp_path: Path) -> None:
+    """Journals written before providers existed: two columns added, truncated filled from max_tokens."""
+    import sqlite3
+
+    import orjson
+
+    conn = sqlite3.connect(tmp_path / "journal.sqlite")
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE rows (row_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL, status TEXT NOT NULL,"
+        " response TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, input_cost_pico INTEGER,"
+        " output_cost_pico INTEGER, error TEXT, error_class TEXT, attempts INTEGER NOT NULL, latency_ms REAL,"
+        " finished_at REAL NOT NULL, model TEXT) WITHOUT ROWID;"
+    )
+    conn.execute("INSERT INTO meta VALUES ('settings', ?)", (orjson.dumps(SETTINGS).decode(),))
+    conn.execute("INSERT INTO rows VALUES ('a', 'h', 'ok', 'x', 5, 16, 1, 2, NULL, NULL, 1, 1.0, 0, 'm')")
+    conn.execute("INSERT INTO rows VALUES ('b', 'h', 'ok', 'y', 5, 3, 1, 2, NULL, NULL, 1, 1.0, 0, 'm')")
+    conn.commit()
+    conn.close()
+    journal = Journal.open(tmp_path, SETTINGS)
+    entries = journal.fetch(["a", "b"])
+    assert entries["a"].truncated == 1 and entries["b"].truncated == 0
+    assert journal.counts_before == {"ok": 2}
+    journal.close()

@@ -32,12 +32,16 @@ def _keys() -> str:
 
 PROMPT_OPTIONS = [
     click.option(
-        "--input-format", type=click.Choice(["csv", "parquet"]), help="Input format, when the extension does not say."
+        "--input-format",
+        type=click.Choice(["csv", "parquet"]),
+        help="Input format, when the extension does not say.",
     ),
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
     click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
     click.option(
-        "--template-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the template from a file."
+        "--template-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Read the template from a file.",
     ),
     click.option("--system", help="System prompt sent with every row."),
     click.option(
@@ -47,7 +51,9 @@ PROMPT_OPTIONS = [
     ),
     click.option("--model", help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]"),
     click.option("--max-tokens", type=int, help="Most completion tokens per row.  [default: 256]"),
-    click.option("--input-price", help="USD per million input tokens (a model not in the table, or your own price)."),
+    click.option(
+        "--input-price", help="USD per million input tokens (a model not in the table, or your own price)."
+    ),
     click.option("--output-price", help="USD per million output tokens (give with --input-price)."),
 ]
 
@@ -58,7 +64,9 @@ RUN_OPTIONS = [
         type=click.Path(dir_okay=False, path_type=Path),
         help="TOML job file (see jobs/); flags override it.",
     ),
-    click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output Parquet file."),
+    click.option(
+        "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output Parquet file."
+    ),
     *PROMPT_OPTIONS,
     click.option("--id-column", help="Column with a stable, unique id per row (enables incremental runs)."),
     click.option("--temperature", type=float, help=_ranges("temperature") + "."),
@@ -75,26 +83,46 @@ RUN_OPTIONS = [
         "[env: DATAOORTS_ENDPOINT or OPENAI_BASE_URL; default: the provider's]",
     ),
     click.option("--api-key-env", help=f"Environment variable holding the key.  [default: {_keys()}]"),
-    click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the key from this file."),
-    click.option("--sandbox", is_flag=True, default=None, help="Use the built-in emulator: no key, no network."),
-    click.option("--concurrency", type=int, help=f"Requests in flight at most.  [default: {DEFAULT_CONCURRENCY}]"),
-    click.option("--rpm", help="Requests/min: a number (hard ceiling), 0 (off), or auto (adaptive).  [default: auto]"),
-    click.option("--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."),
     click.option(
-        "--max-attempts", type=int, help=f"Attempts per row for transient failures.  [default: {DEFAULT_MAX_ATTEMPTS}]"
+        "--api-key-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the key from this file."
+    ),
+    click.option(
+        "--sandbox", is_flag=True, default=None, help="Use the built-in emulator: no key, no network."
+    ),
+    click.option(
+        "--concurrency", type=int, help=f"Requests in flight at most.  [default: {DEFAULT_CONCURRENCY}]"
+    ),
+    click.option(
+        "--rpm", help="Requests/min: a number (hard ceiling), 0 (off), or auto (adaptive).  [default: auto]"
+    ),
+    click.option(
+        "--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."
+    ),
+    click.option(
+        "--max-attempts",
+        type=int,
+        help=f"Attempts per row for transient failures.  [default: {DEFAULT_MAX_ATTEMPTS}]",
     ),
     click.option("--timeout", type=float, help="Seconds per request.  [default: 120]"),
     click.option(
-        "--max-error-rate", type=float, help="Stop when this share of the last --error-window rows failed.  [default: 0.5]"
+        "--max-error-rate",
+        type=float,
+        help="Stop when this share of the last --error-window rows failed.  [default: 0.5]",
     ),
     click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
     click.option("--max-cost", help="Dollar cap on what this output may cost in all (exit 3 when reached)."),
     click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
-    click.option("--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"),
     click.option(
-        "--checkpoint", type=click.Path(file_okay=False, path_type=Path), help="Journal folder.  [default: OUTPUT.batchllm/]"
+        "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"
     ),
-    click.option("--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."),
+    click.option(
+        "--checkpoint",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Journal folder.  [default: OUTPUT.batchllm/]",
+    ),
+    click.option(
+        "--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."
+    ),
     click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
     click.option(
         "--refresh-changed",
@@ -102,12 +130,18 @@ RUN_OPTIONS = [
         default=None,
         help="Re-send rows whose prompt changed under the same --id-column value.",
     ),
-    click.option("--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object per line on stderr."),
     click.option(
-        "--summary-json", type=click.Path(dir_okay=False, path_type=Path), help="Also write the final summary to this file."
+        "--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object per line on stderr."
     ),
     click.option(
-        "--progress", type=click.Choice(["auto", "bar", "lines", "none"]), help="Progress display.  [default: auto]"
+        "--summary-json",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Also write the final summary to this file.",
+    ),
+    click.option(
+        "--progress",
+        type=click.Choice(["auto", "bar", "lines", "none"]),
+        help="Progress display.  [default: auto]",
     ),
 ]
 
@@ -135,7 +169,9 @@ def collect(
             if name == "stop" and not value:
                 continue
             given.add(name)
-            values[name] = str(value) if isinstance(value, Path) else (list(value) if name == "stop" else value)
+            values[name] = (
+                str(value) if isinstance(value, Path) else (list(value) if name == "stop" else value)
+            )
     if input_path is not None:
         values["input"] = str(input_path)
         given.add("input")

@@ -34,7 +34,9 @@ Examples:
 
   batchllm run --job jobs/label_reviews.toml""",
 )
-@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument(
+    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
+)
 @apply(RUN_OPTIONS)
 @click.pass_context
 def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
@@ -75,17 +77,32 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 
   batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --pilot 20 -o out/r.parquet --sandbox""",
 )
-@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument(
+    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
+)
 @apply(RUN_OPTIONS)
 @click.option(
-    "--pilot", type=click.IntRange(1, 100_000), help="Run N sampled rows for real (into -o's journal) and project from them."
+    "--pilot",
+    type=click.IntRange(1, 100_000),
+    help="Run N sampled rows for real (into -o's journal) and project from them.",
 )
-@click.option("--from-run", type=click.Path(dir_okay=False, path_type=Path), help="Expected cost from a previous run's output.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+@click.option(
+    "--from-run",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Expected cost from a previous run's output.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True
+)
 @click.pass_context
 @handles_errors
 def estimate_cmd(
-    ctx: click.Context, input_path: Path | None, pilot: int | None, from_run: Path | None, fmt: str, **params: Any
+    ctx: click.Context,
+    input_path: Path | None,
+    pilot: int | None,
+    from_run: Path | None,
+    fmt: str,
+    **params: Any,
 ) -> int:
     """What running INPUT would cost: exact prompt tokens, worst case, expected, and time.
 

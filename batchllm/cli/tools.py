@@ -24,10 +24,17 @@ from . import CONTEXT, cli, fail, handles_errors, run_async
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--by", help="Break everything down by this input column.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "markdown", "json", "csv"]), default="text", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json", "csv"]),
+    default="text",
+    show_default=True,
 )
 @click.option(
-    "--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a self-contained HTML page with plots."
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a self-contained HTML page with plots.",
 )
 @handles_errors
 def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -> int:
@@ -55,35 +62,88 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
 
   OPENAI_API_KEY=test-key batchllm run sample_data/reviews.csv -o out/r.parquet --template 'Classify: {review}' --provider openai --endpoint http://127.0.0.1:8787/v1 --input-price 0.31 --output-price 0.34""",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only is wise).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only is wise)."
+)
 @click.option("--port", default=8787, show_default=True, type=int, help="Port; 0 picks a free one.")
 @click.option(
-    "--api-key", envvar="BATCHLLM_SANDBOX_KEY", help="Key clients must send.  [env: BATCHLLM_SANDBOX_KEY; default: random, printed]"
+    "--api-key",
+    envvar="BATCHLLM_SANDBOX_KEY",
+    help="Key clients must send.  [env: BATCHLLM_SANDBOX_KEY; default: random, printed]",
 )
 @click.option("--no-auth", "no_auth", is_flag=True, help="Accept any key or none, like a local server.")
 @click.option("--latency", default=0.0, type=float, show_default=True, help="Seconds before each reply.")
-@click.option("--latency-per-token", default=0.0, type=float, show_default=True, help="Extra seconds per completion token.")
+@click.option(
+    "--latency-per-token",
+    default=0.0,
+    type=float,
+    show_default=True,
+    help="Extra seconds per completion token.",
+)
 @click.option("--jitter", default=0.0, type=float, show_default=True, help="+/- fraction of the latency.")
-@click.option("--reply-tokens", default="8-64", show_default=True, help="Natural reply length range in tokens (cut at max_tokens).")
-@click.option("--rate-limit", default=0.0, type=float, show_default=True, help="Requests/second before 429s; 0 = none.")
-@click.option("--rate-burst", default=2, type=int, show_default=True, help="Requests allowed back to back under --rate-limit.")
-@click.option("--throttle-first", default=0, type=int, show_default=True, help="Answer the first N requests 429.")
-@click.option("--throttle-ms", default=1000, type=int, show_default=True, help="The wait those 429s ask for, in ms.")
-@click.option("--quota", default=0, type=int, show_default=True, help="Successful requests before 429 quota used up; 0 = none.")
-@click.option("--fail-5xx", default=0.0, type=float, show_default=True, help="Share of requests answered 500/503.")
+@click.option(
+    "--reply-tokens",
+    default="8-64",
+    show_default=True,
+    help="Natural reply length range in tokens (cut at max_tokens).",
+)
+@click.option(
+    "--rate-limit", default=0.0, type=float, show_default=True, help="Requests/second before 429s; 0 = none."
+)
+@click.option(
+    "--rate-burst",
+    default=2,
+    type=int,
+    show_default=True,
+    help="Requests allowed back to back under --rate-limit.",
+)
+@click.option(
+    "--throttle-first", default=0, type=int, show_default=True, help="Answer the first N requests 429."
+)
+@click.option(
+    "--throttle-ms", default=1000, type=int, show_default=True, help="The wait those 429s ask for, in ms."
+)
+@click.option(
+    "--quota",
+    default=0,
+    type=int,
+    show_default=True,
+    help="Successful requests before 429 quota used up; 0 = none.",
+)
+@click.option(
+    "--fail-5xx", default=0.0, type=float, show_default=True, help="Share of requests answered 500/503."
+)
 @click.option("--fail-drop", default=0.0, type=float, show_default=True, help="Share of connections dropped.")
-@click.option("--fail-hang", default=0.0, type=float, show_default=True, help="Share of requests never answered.")
-@click.option("--fail-garbled", default=0.0, type=float, show_default=True, help="Share of replies cut in half.")
-@click.option("--fail-3040", default=0.0, type=float, show_default=True, help="Share answered 429 without a wait.")
-@click.option("--no-usage", default=0.0, type=float, show_default=True, help="Share of replies without usage.")
+@click.option(
+    "--fail-hang", default=0.0, type=float, show_default=True, help="Share of requests never answered."
+)
+@click.option(
+    "--fail-garbled", default=0.0, type=float, show_default=True, help="Share of replies cut in half."
+)
+@click.option(
+    "--fail-3040", default=0.0, type=float, show_default=True, help="Share answered 429 without a wait."
+)
+@click.option(
+    "--no-usage", default=0.0, type=float, show_default=True, help="Share of replies without usage."
+)
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
-@click.option("--keep-log/--no-keep-log", default=True, show_default=True, help="Keep the request log behind GET /_sandbox/log.")
-@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), help="Write the bound port here once listening.")
+@click.option(
+    "--keep-log/--no-keep-log",
+    default=True,
+    show_default=True,
+    help="Keep the request log behind GET /_sandbox/log.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound port here once listening.",
+)
 def sandbox_cmd(
     port_file: Path | None, host: str, port: int, reply_tokens: str, no_auth: bool, **options: Any
 ) -> int:
     """Serve a local emulator of the Dataoorts API (/api/v1) and of OpenAI's (/v1) until interrupted."""
     from ..sandbox import SandboxConfig, serve
+    from ..tokens import get_counter
 
     try:
         low, _, high = reply_tokens.partition("-")
@@ -105,6 +165,9 @@ def sandbox_cmd(
             f"batchllm sandbox listening on {base} (dataoorts: {base}/api/v1, openai: {base}/v1; key: {key})",
             err=True,
         )
+        counter = get_counter()
+        if not counter.exact:
+            click.echo(f"batchllm sandbox: usage token counts are {counter.label}", err=True)
 
     try:
         run_async(serve(config, host, port, ready))
@@ -125,7 +188,9 @@ def models_cmd() -> int:
             f"{m.provider:<10} {m.name:<32} {m.prices.input_per_million!s:>10} "
             f"{m.prices.output_per_million!s:>11} {m.context_window:>8,}"
         )
-    click.echo("\nWith --provider openai, other models run too: give --input-price and --output-price to cost them.")
+    click.echo(
+        "\nWith --provider openai, other models run too: give --input-price and --output-price to cost them."
+    )
     return 0
 
 
@@ -153,7 +218,9 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
             prepared = prepare(job)
         except BatchLLMError as exc:
             bad += 1
-            click.echo(f"invalid: {exc}" if str(exc).startswith(str(path)) else f"invalid: {path}: {exc}", err=True)
+            click.echo(
+                f"invalid: {exc}" if str(exc).startswith(str(path)) else f"invalid: {path}: {exc}", err=True
+            )
             continue
         click.echo(
             f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {job.provider} model {job.model})"

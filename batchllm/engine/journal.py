@@ -249,13 +249,16 @@ class Journal:
 
     def completion_lengths(self) -> list[int]:
         """Completion tokens of every ok row (an estimate's observed lengths)."""
-        return [int(r[0]) for r in self.conn.execute("SELECT completion_tokens FROM rows WHERE status = 'ok'")]
+        return [
+            int(r[0]) for r in self.conn.execute("SELECT completion_tokens FROM rows WHERE status = 'ok'")
+        ]
 
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(
             "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "
             "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-            "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0), MAX(finished_at) "
+            "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0), MAX(finished_at), "
+            "SUM(status = 'ok' AND input_cost_pico IS NULL) "
             "FROM rows"
         ).fetchone()
         return {
@@ -267,7 +270,28 @@ class Journal:
             "input_cost_pico": row[5],
             "output_cost_pico": row[6],
             "last_written": row[7],
+            "unpriced": row[8] or 0,
         }
+
+    def reprice(self, prices: dict[str, str] | None, input_pico: int | None, output_pico: int | None) -> int:
+        """Keep every row's cost at the prices of this run; returns how many rows were re-priced.
+
+        Costs derive exactly from tokens, so a resume with other prices (``--input-price``, or a
+        model table that changed) re-prices the rows already done instead of mixing two prices in
+        one output. Without prices, costs become null.
+        """
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'prices'").fetchone()
+        if row is not None and orjson.loads(row[0]) == prices:
+            return 0
+        self.set_meta("prices", prices)
+        if row is None:  # a new journal, or one written before prices were kept: costed as now
+            return 0
+        cur = self.conn.execute(
+            "UPDATE rows SET input_cost_pico = prompt_tokens * ?, output_cost_pico = completion_tokens * ? "
+            "WHERE status = 'ok'",
+            (input_pico, output_pico),
+        )
+        return cur.rowcount
 
     def spent_pico(self) -> int:
         row = self.conn.execute(
@@ -297,7 +321,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "UPDATE rows SET truncated = (completion_tokens >= ?), tokens_counted = 0 WHERE status = 'ok'",
             (max_tokens,),
         )
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+    )
     conn.execute("COMMIT")
 
 

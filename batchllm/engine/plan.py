@@ -22,8 +22,8 @@ from ..errors import JobError
 from ..inputs import InputFile
 from ..job import Job
 from ..pricing import Model, resolve_model
-from ..providers import Provider, get_provider
 from ..prompts import PromptBuilder, RequestMaker
+from ..providers import Provider, get_provider
 from ..records import Request
 from ..tokens import TokenCounter, counter_for
 from .journal import Journal

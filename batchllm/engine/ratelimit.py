@@ -13,7 +13,7 @@ Adaptive control (one instance serves the whole pool, so a 429 slows every worke
   start the last rate that drew no 429, after it the rate that did), held there for 10 s;
 - while no 429 comes and the limiter is what holds requests back, the rate grows: first in "slow
   start" from the provider's documented 300/min, linearly for 5 s up to four times that (the
-  account may be shared, so 429s can come below it: CONTRACT.md), then doubling every ~2.5 s;
+  account may be shared, so 429s can come below it: docs/api.md), then doubling every ~2.5 s;
   after the first 429, held 15 s and then probing up by 0.5% of the limit per second, so it
   settles just under whatever the server enforces and still finds a raised limit;
 - a server that states its limit (``RateHints`` from ``x-ratelimit-limit-requests``, per minute)

@@ -26,7 +26,6 @@ import orjson
 from .. import __version__
 from ..errors import ExitCode
 from ..job import key_source
-from .summary import build_summary, snapshot, stop_message
 from .budget import Budget
 from .client import Client
 from .dispatch import Dispatcher, StopReason
@@ -36,6 +35,7 @@ from .observer import Observer, Silent
 from .output import Totals, write_output
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
+from .summary import build_summary, snapshot, stop_message
 
 _STOP_EXIT = {
     StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
@@ -89,13 +89,30 @@ class Run:
         lock.acquire(self.command)
         try:
             if lock.took_over_from:
-                self.warn(f"took over the lock left by a run that is no longer running ({lock.took_over_from})")
+                self.warn(
+                    f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
+                )
             journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
             if journal.imported:
-                self.warn(f"imported {journal.imported:,} replies an earlier run could not write to the journal")
+                self.warn(
+                    f"imported {journal.imported:,} replies an earlier run could not write to the journal"
+                )
+            prices = self.p.model.prices
+            repriced = journal.reprice(
+                prices.as_dict() if prices else None,
+                prices.input_pico if prices else None,
+                prices.output_pico if prices else None,
+            )
+            if repriced:
+                self.warn(f"re-priced the {repriced:,} rows already done at this run's prices")
             journal.set_meta(
                 "last_run",
-                {"command": self.command, "input": str(job.input), "input_rows": self.p.rows, "started_at": started_at},
+                {
+                    "command": self.command,
+                    "input": str(job.input),
+                    "input_rows": self.p.rows,
+                    "started_at": started_at,
+                },
             )
             try:
                 return await self._execute(journal, endpoint, started_at)
@@ -175,15 +192,15 @@ class Run:
             await asyncio.sleep(self.observer.interval)
             self.observer.progress(snapshot(dispatcher.stats))
 
-    def _finish(self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float) -> RunResult:
+    def _finish(
+        self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float
+    ) -> RunResult:
         job = self.job
         reason = dispatcher.stop_reason
         if reason is not None:
             if reason is StopReason.JOURNAL:
                 journal.flush()
-            message = stop_message(
-                reason, dispatcher, budget, job, journal, self.p.provider, key_source(job)
-            )
+            message = stop_message(reason, dispatcher, budget, job, journal, self.p.provider, key_source(job))
             dispatcher.stop_message = message
             self.observer.stopped(reason.value, message)
         totals: Totals | None = None

@@ -155,7 +155,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f"; {rows['truncated']:,} replies cut at max_tokens" if rows["truncated"] else "")
         )
         tok, cost = summary["tokens"], summary["cost_usd"]
-        lines.append(f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}")
+        lines.append(
+            f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}"
+        )
         if cost["total"] is None:
             lines.append("cost: unknown (no price for the model: give --input-price and --output-price)")
         else:

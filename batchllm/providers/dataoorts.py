@@ -50,7 +50,9 @@ class Dataoorts(Provider):
     }
 
     def encode(self, request: Request) -> bytes:
-        return orjson.dumps({"model": request.model, "data": {"messages": request.messages, **request.params}})
+        return orjson.dumps(
+            {"model": request.model, "data": {"messages": request.messages, **request.params}}
+        )
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
         try:

@@ -38,7 +38,9 @@ def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None 
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
         sendable_text = [admission.needs_count(u) for u in pb.users]
-        n = admission.count([u if ok and u is not None else "" for u, ok in zip(pb.users, sendable_text, strict=True)])
+        n = admission.count(
+            [u if ok and u is not None else "" for u, ok in zip(pb.users, sendable_text, strict=True)]
+        )
         for i, user in enumerate(pb.users):
             refused = admission.reject(user, n[i], position + i + 1)
             tokens = n[i]

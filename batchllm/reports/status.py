@@ -38,7 +38,7 @@ def status_text(path: Path) -> str:
     lines.append(f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error){remaining}")
     lines.append(
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
-        f"cost so far: {format_usd(t['input_cost_pico'] + t['output_cost_pico'])}"
+        f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
     )
     if t["last_written"]:
         ago = time.time() - t["last_written"]

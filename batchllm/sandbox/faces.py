@@ -23,20 +23,27 @@ MAX_CHARS = 131_072
 class Parsed:
     """What the core needs of a valid request."""
 
-    model: str
+    model: Any  # as sent; an unknown or malformed one is answered by the core
     messages: list[dict[str, Any]]
     max_tokens: int
     seed_material: Any  # what the deterministic reply is derived from
 
 
-def _json(status: int, payload: Any, headers: dict[str, str] | None = None, sort: bool = False) -> web.Response:
+def _json(
+    status: int, payload: Any, headers: dict[str, str] | None = None, sort: bool = False
+) -> web.Response:
     option = orjson.OPT_SORT_KEYS if sort else 0
     return web.Response(
-        status=status, body=orjson.dumps(payload, option=option), content_type="application/json", headers=headers
+        status=status,
+        body=orjson.dumps(payload, option=option),
+        content_type="application/json",
+        headers=headers,
     )
 
 
-def _check_ranges(data: dict[str, Any], ranges: dict[str, tuple[type, float, float]], prefix: str) -> str | None:
+def _check_ranges(
+    data: dict[str, Any], ranges: dict[str, tuple[type, float, float]], prefix: str
+) -> str | None:
     for name, (kind, lo, hi) in ranges.items():
         if name not in data:
             continue
@@ -69,8 +76,15 @@ class DataoortsFace:
         "max_tokens": (int, 1, 1_000_000),
     }
 
-    def _error(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-        body = {"errors": [{"code": code, "message": message}], "messages": [], "result": {}, "success": False}
+    def _error(
+        self, status: int, code: int, message: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        body = {
+            "errors": [{"code": code, "message": message}],
+            "messages": [],
+            "result": {},
+            "success": False,
+        }
         return _json(status, body, headers, sort=True)
 
     def auth_error(self, status: int) -> web.Response:
@@ -125,7 +139,9 @@ class DataoortsFace:
                 return "Type mismatch of '/messages', expected a non-empty array"
             for i, m in enumerate(messages):
                 if not isinstance(m, dict) or m.get("role") not in self.roles:
-                    return f"oneOf at '/messages/{i}' not met, role must be one of system, user, assistant, tool"
+                    return (
+                        f"oneOf at '/messages/{i}' not met, role must be one of system, user, assistant, tool"
+                    )
                 if not isinstance(m.get("content"), str):
                     return f"Type mismatch of '/messages/{i}/content', 'array' not in 'string'"
                 if len(m["content"]) > MAX_CHARS:
@@ -179,14 +195,22 @@ class OpenAIFace:
         headers: dict[str, str] | None = None,
         param: str | None = None,
     ) -> web.Response:
-        return _json(status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers)
+        return _json(
+            status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers
+        )
 
     def auth_error(self, status: int) -> web.Response:
         return self._error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
     def throttled(self, wait: float, *, bare: bool = False) -> web.Response:
-        headers = None if bare else {"retry-after-ms": str(round(wait * 1000)), "retry-after": str(max(1, math.ceil(wait)))}
-        return self._error(429, "Rate limit reached for requests.", "requests", "rate_limit_exceeded", headers)
+        headers = (
+            None
+            if bare
+            else {"retry-after-ms": str(round(wait * 1000)), "retry-after": str(max(1, math.ceil(wait)))}
+        )
+        return self._error(
+            429, "Rate limit reached for requests.", "requests", "rate_limit_exceeded", headers
+        )
 
     def quota_error(self) -> web.Response:
         return self._error(
@@ -200,7 +224,9 @@ class OpenAIFace:
         return self._error(400, detail, "invalid_request_error", None)
 
     def unknown_model(self, name: Any) -> web.Response:
-        return self._error(404, f"The model `{name}` does not exist.", "invalid_request_error", "model_not_found")
+        return self._error(
+            404, f"The model `{name}` does not exist.", "invalid_request_error", "model_not_found"
+        )
 
     def window_error(self, needed: int, window: int) -> web.Response:
         return self._error(
@@ -235,14 +261,17 @@ class OpenAIFace:
             return problem
         stop = payload.get("stop")
         if stop is not None and not (
-            isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))
+            isinstance(stop, str)
+            or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))
         ):
             return "'stop' must be a string or a list of at most 4 strings"
         if not isinstance(payload.get("model"), str):
             return "'model' is required"
         seed_material = {k: v for k, v in payload.items() if k != "model"}
         seed_material["messages"] = flat
-        return Parsed(payload["model"], flat, payload.get("max_tokens", self.default_max_tokens), seed_material)
+        return Parsed(
+            payload["model"], flat, payload.get("max_tokens", self.default_max_tokens), seed_material
+        )
 
     def success(
         self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool
@@ -261,7 +290,11 @@ class OpenAIFace:
             ],
         }
         if usage:
-            body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            body["usage"] = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+            }
         return _json(200, body)
 
     def rate_headers(self, limit_rpm: int, remaining: int, reset_s: float) -> dict[str, str]:
