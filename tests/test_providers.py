@@ -219,7 +219,7 @@ def test_auto_paces_under_the_limit_the_headers_state(sandbox_factory, tmp_path:
     assert statuses.count(429) <= 2  # at most 1%
 
 
-def test_prices_given_later_reprice_the_rows_already_done(sandbox, tmp_path: Path) -> None:
+def test_prices_given_later_price_the_rows_done_without_one(sandbox, tmp_path: Path) -> None:
     out = tmp_path / "o.parquet"
     src = ROOT / "sample_data" / "reviews.csv"
     args = ["run", str(src), "-o", str(out), "--template", "Label: {review}", "--max-tokens", "8"]
@@ -228,7 +228,7 @@ def test_prices_given_later_reprice_the_rows_already_done(sandbox, tmp_path: Pat
     sent = sandbox.count()
     result = run_cli([*args, *PRICES], env=sandbox.openai_env())
     assert result.exit_code == 0, result.output
-    assert "re-priced the 200 rows" in result.output
+    assert "priced the 200 rows done earlier without a price" in result.output
     assert sandbox.count() == sent  # nothing sent again
     rows = pq.read_table(out).to_pylist()
     assert all(

@@ -273,22 +273,15 @@ class Journal:
             "unpriced": row[8] or 0,
         }
 
-    def reprice(self, prices: dict[str, str] | None, input_pico: int | None, output_pico: int | None) -> int:
-        """Keep every row's cost at the prices of this run; returns how many rows were re-priced.
+    def price_unpriced(self, input_pico: int, output_pico: int) -> int:
+        """Give rows done without a price (an unlisted model) this run's prices; returns how many.
 
-        Costs derive exactly from tokens, so a resume with other prices (``--input-price``, or a
-        model table that changed) re-prices the rows already done instead of mixing two prices in
-        one output. Without prices, costs become null.
+        A known cost is never changed: a row costs what it cost when it was answered (live, or at
+        a batch discount), so one output may hold rows at several prices.
         """
-        row = self.conn.execute("SELECT value FROM meta WHERE key = 'prices'").fetchone()
-        if row is not None and orjson.loads(row[0]) == prices:
-            return 0
-        self.set_meta("prices", prices)
-        if row is None:  # a new journal, or one written before prices were kept: costed as now
-            return 0
         cur = self.conn.execute(
             "UPDATE rows SET input_cost_pico = prompt_tokens * ?, output_cost_pico = completion_tokens * ? "
-            "WHERE status = 'ok'",
+            "WHERE status = 'ok' AND (input_cost_pico IS NULL OR output_cost_pico IS NULL)",
             (input_pico, output_pico),
         )
         return cur.rowcount

@@ -98,13 +98,8 @@ class Run:
                     f"imported {journal.imported:,} replies an earlier run could not write to the journal"
                 )
             prices = self.p.model.prices
-            repriced = journal.reprice(
-                prices.as_dict() if prices else None,
-                prices.input_pico if prices else None,
-                prices.output_pico if prices else None,
-            )
-            if repriced:
-                self.warn(f"re-priced the {repriced:,} rows already done at this run's prices")
+            if prices is not None and (priced := journal.price_unpriced(prices.input_pico, prices.output_pico)):
+                self.warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
             journal.set_meta(
                 "last_run",
                 {

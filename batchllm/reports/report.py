@@ -1,7 +1,7 @@
 """``batchllm report``: what a run did cost, overall and by any input column.
 
-Reads an output Parquet (only the columns it needs) and recomputes every cost from the token
-columns and the prices stored in the file's metadata with ``pricing.cost``, in integer picodollars, so totals are exact
+Reads an output Parquet (only the columns it needs) and sums every row's cost (computed once, by
+``pricing.cost``, when the row was answered) back in integer picodollars, so totals are exact
 and agree with the ``cost_usd`` column (which holds the same values rounded to float64). Rendered
 as text, Markdown, JSON or CSV here; ``report_html`` draws the page with plots.
 """
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..engine.output import read_summary
 from ..errors import JobError
-from ..pricing import Prices, cost, format_usd, load_models, usd_text
+from ..pricing import PICO_PER_USD, format_usd, usd_text
 
 _BASE_COLUMNS = [
     "status",
@@ -30,6 +30,8 @@ _BASE_COLUMNS = [
     "truncated",
     "model",
     "finished_at",
+    "input_cost_usd",
+    "output_cost_usd",
 ]
 _CLASS = re.compile(r"^(\w+)")
 
@@ -54,27 +56,18 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
         columns.append(by)
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
-    prices = _prices_of(summary, frame)
-    pt = frame["prompt_tokens"].fillna(0).astype("int64")
-    ct = frame["completion_tokens"].fillna(0).astype("int64")
-    in_cost, out_cost = cost(prices, pt, ct)
-    frame["cost_pico"] = 0 if in_cost is None or out_cost is None else in_cost + out_cost
-    summary["_priced"] = prices is not None
+    # Each row's cost is what it cost when answered (live, or at a batch discount): read back
+    # exactly as integer picodollars (a float64 of pico / 1e12 round-trips below $9,000 a row).
+    ok = frame["status"] == "ok"
+    unpriced = frame["input_cost_usd"].isna() | frame["output_cost_usd"].isna()
+    summary["_priced"] = not bool((ok & unpriced).any())
+    frame["cost_pico"] = _pico(frame["input_cost_usd"]) + _pico(frame["output_cost_usd"])
     frame["error_class"] = frame["error"].astype("object").map(_error_class)
     return frame, summary
 
 
-def _prices_of(summary: dict[str, Any], frame: pd.DataFrame) -> Prices | None:
-    """The prices the run used (stored in the file), not today's table; None: the model had none."""
-    if "prices" in summary:
-        return Prices.from_dict(summary["prices"])
-    # An output written before prices were stored: the Dataoorts table of the day.
-    names = frame["model"].dropna()
-    name = str(names.iloc[0]) if len(names) else str(summary.get("model", ""))
-    model = load_models("dataoorts").get(name)
-    if model is None:
-        raise JobError(f"no prices for model {name!r}: the output does not say what it was priced at")
-    return model.prices
+def _pico(usd: pd.Series) -> pd.Series:
+    return (usd.astype("float64").fillna(0.0) * PICO_PER_USD).round().astype("int64")
 
 
 def _error_class(error: object) -> str | None:
