@@ -1,9 +1,12 @@
-"""CSV and Parquet input, streamed in record batches; never read whole into memory.
+"""CSV, Parquet and OpenAI batch request files, streamed in record batches; never read whole.
 
 CSV columns are read as text, exactly as written (a zip code "00123" stays "00123"): a CSV carries
 no types, and guessing them block by block breaks on the first odd value a million rows in. Parquet
-columns keep their types. Every failure to read is a ``JobError`` naming the file and, for a ragged
-CSV row, its line.
+columns keep their types. A request file (``.jsonl``, OpenAI's batch input format: one
+``{"custom_id", "method", "url", "body"}`` per line) reads as three columns: ``custom_id``, the
+line's raw ``request`` and its ``line`` number; only ``custom_id`` goes to the output, and the
+request is validated and built by backends/openai_batch.py. Every failure to read is a
+``JobError`` naming the file and, for a ragged CSV row or a bad JSON line, its line.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -19,6 +23,7 @@ from .errors import JobError
 
 BATCH_ROWS = 8192
 _CSV_BLOCK = 1 << 20
+REQUEST_FILE_SCHEMA = pa.schema([("custom_id", pa.string()), ("request", pa.string()), ("line", pa.int64())])
 
 
 class InputFile:
@@ -39,7 +44,14 @@ class InputFile:
     def columns(self) -> list[str]:
         return list(self.schema.names)
 
+    @property
+    def output_columns(self) -> list[str]:
+        """The input columns the output keeps: all of them, or a request file's ``custom_id``."""
+        return ["custom_id"] if self.format == "jsonl" else self.columns
+
     def _open_schema(self) -> pa.Schema:
+        if self.format == "jsonl":
+            return REQUEST_FILE_SCHEMA
         if self.format == "parquet":
             try:
                 return pq.ParquetFile(self.path).schema_arrow
@@ -60,8 +72,44 @@ class InputFile:
         """Record batches of at most ``BATCH_ROWS`` rows, in file order."""
         if self.format == "parquet":
             yield from self._parquet_batches(columns)
+        elif self.format == "jsonl":
+            yield from self._jsonl_batches(columns)
         else:
             yield from self._csv_batches(columns)
+
+    def _jsonl_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        ids: list[str] = []
+        lines: list[str] = []
+        numbers: list[int] = []
+
+        def flush() -> pa.RecordBatch:
+            batch = pa.record_batch([ids, lines, numbers], schema=REQUEST_FILE_SCHEMA)
+            ids.clear()
+            lines.clear()
+            numbers.clear()
+            return batch.select(columns) if columns is not None else batch
+
+        try:
+            with open(self.path, "rb") as fh:
+                for number, raw in enumerate(fh, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = orjson.loads(raw)
+                    except orjson.JSONDecodeError as exc:
+                        raise JobError(f"{self.path}: line {number} is not valid JSON ({exc.msg})") from None
+                    custom_id = record.get("custom_id") if isinstance(record, dict) else None
+                    if not isinstance(custom_id, str) or not custom_id:
+                        raise JobError(f"{self.path}: line {number} has no custom_id (a non-empty string)")
+                    ids.append(custom_id)
+                    lines.append(raw.decode("utf-8"))
+                    numbers.append(number)
+                    if len(ids) == BATCH_ROWS:
+                        yield flush()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise JobError(f"{self.path}: cannot read the request file ({_first_line(exc)})") from None
+        if ids:
+            yield flush()
 
     def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         try:
@@ -118,8 +166,24 @@ class InputFile:
                 return pq.ParquetFile(self.path).metadata.num_rows
             except (pa.ArrowInvalid, OSError) as exc:
                 raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
+        if self.format == "jsonl":
+            return self._check_request_ids()
         first = self.schema.names[:1]
         return sum(b.num_rows for b in self.batches(first))
+
+    def _check_request_ids(self) -> int:
+        """One pass over a request file: valid JSON, a custom_id on every line, none twice."""
+        seen: dict[str, int] = {}
+        for batch in self.batches(["custom_id", "line"]):
+            for custom_id, number in zip(
+                batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
+            ):
+                first = seen.setdefault(custom_id, number)
+                if first != number:
+                    raise JobError(
+                        f"{self.path}: line {number}: custom_id {custom_id!r} is a duplicate (first on line {first})"
+                    )
+        return len(seen)
 
     def require_columns(self, wanted: list[str], what: str) -> None:
         missing = [c for c in wanted if c not in self.schema.names]
@@ -136,7 +200,11 @@ def _format_of(path: Path) -> str:
         return "csv"
     if suffix in (".parquet", ".pq"):
         return "parquet"
-    raise JobError(f"{path}: cannot tell the format from the extension; pass --input-format csv|parquet")
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise JobError(
+        f"{path}: cannot tell the format from the extension; pass --input-format csv|parquet|jsonl"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -58,6 +58,7 @@ class Job:
     id_column: str | None = None
     provider: str = DEFAULT_PROVIDER
     model: str = DEFAULT_MODEL
+    model_given: bool = field(default=False, compare=False)  # named by the user, not the default
     max_tokens: int = 256
     sampling: Mapping[str, Any] = field(default_factory=dict)  # validated by the provider
     extra_body: Mapping[str, Any] | None = None  # passed through as is (openai provider)
@@ -171,7 +172,7 @@ def _sampling(raw: Any) -> Any:
 _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "input": ("input", _path),
     "output": ("output", _path),
-    "input_format": ("input_format", v.choice("csv", "parquet")),
+    "input_format": ("input_format", v.choice("csv", "parquet", "jsonl")),
     "prompt_column": ("prompt_column", v.text),
     "template": ("template", v.text),
     "template_file": ("template", _path),  # read below
@@ -298,7 +299,21 @@ def build_job(
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
         raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")
     kwargs.setdefault("max_tokens", provider.default_max_tokens)
+    kwargs["model_given"] = "model" in kwargs
+    if _is_request_file(kwargs):
+        for key in ("template", "system", "prompt_column", "id_column"):
+            if key in kwargs:
+                flag = "template_file" if key == "template" and "template_file" in values else key
+                raise JobError(
+                    f"{where(flag)}: {kwargs['input']} is a request file: its lines carry their own "
+                    "messages and custom_ids"
+                )
     return Job(job_file=job_file, **kwargs)
+
+
+def _is_request_file(kwargs: Mapping[str, Any]) -> bool:
+    fmt = kwargs.get("input_format")
+    return fmt == "jsonl" or (fmt is None and kwargs["input"].suffix.lower() in (".jsonl", ".ndjson"))
 
 
 def _sampling_params(

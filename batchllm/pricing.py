@@ -68,6 +68,7 @@ class Model:
     provider: str
     prices: Prices | None
     context_window: int | None
+    batch_prices: Prices | None = None  # a batch API's discounted prices, if the provider has one
 
 
 def cost(prices: Prices | None, prompt_tokens: N, completion_tokens: N) -> tuple[N | None, N | None]:
@@ -117,10 +118,16 @@ def load_models(provider: str | None = None, path: Path | None = None) -> dict[s
                     parse_price(spec["output_price_per_million"], here),
                 )
                 window = int(spec["context_window"])
+                batch = None
+                if "batch_input_price_per_million" in spec:
+                    batch = Prices(
+                        parse_price(spec["batch_input_price_per_million"], here),
+                        parse_price(spec["batch_output_price_per_million"], here),
+                    )
             except KeyError as exc:
                 raise JobError(f"{here}: missing key {exc.args[0]}") from None
             key = name if provider is not None else f"{prov}:{name}"
-            models[key] = Model(name, prov, prices, window)
+            models[key] = Model(name, prov, prices, window, batch)
     return models
 
 

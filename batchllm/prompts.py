@@ -32,12 +32,15 @@ class PromptBatch:
     """One input batch made ready to send: per row its id, content hash and user text.
 
     ``users[i]`` is None when the row has no prompt (a null cell in the prompt column).
+    ``requests`` is set when the input carries whole requests (a request file): then
+    ``users[i]`` is all of the request's message text, for size bounds.
     """
 
     start: int
     row_ids: list[str]
     hashes: list[str]
     users: list[str | None]
+    requests: list[Request] | None = None
 
 
 def template_fields(template: str) -> list[str]:
@@ -81,6 +84,9 @@ class PromptBuilder:
     """Turns record batches into ``PromptBatch``es for one job."""
 
     def __init__(self, job: Job, columns: list[str], source: str) -> None:
+        # Position-derived ids embed the content hash; --id-column values do not, so resume
+        # compares the hash too (an edited row under the same id).
+        self.ids_embed_hash = job.id_column is None
         self.template = job.template
         self.id_column = job.id_column
         if job.template is not None:

@@ -33,7 +33,7 @@ def _keys() -> str:
 PROMPT_OPTIONS = [
     click.option(
         "--input-format",
-        type=click.Choice(["csv", "parquet"]),
+        type=click.Choice(["csv", "parquet", "jsonl"]),
         help="Input format, when the extension does not say.",
     ),
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),

@@ -196,7 +196,7 @@ class Dispatcher:
     async def _send(self, item: WorkItem) -> int:
         """Send one row until it succeeds or fails for good; returns what it cost (picodollars)."""
         stats, limiter, backoff = self.stats, self.limiter, self.backoff
-        tokens = item.prompt_tokens + self.max_tokens if self.tpm_enabled else 0
+        tokens = item.prompt_tokens + (item.request.max_tokens or self.max_tokens) if self.tpm_enabled else 0
         attempt = failures = 0
         first = time.monotonic()
         while True:
@@ -266,7 +266,7 @@ class Dispatcher:
                 latency_ms=latency_ms,
                 finished_at=time.time(),
                 model=self.model.name,
-                truncated=self.provider.truncated(c, self.max_tokens),
+                truncated=self.provider.truncated(c, item.request.max_tokens or self.max_tokens),
                 tokens_counted=counted,
             )
         )

@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
@@ -24,9 +24,11 @@ import pyarrow.parquet as pq
 from ..errors import JobError
 from ..inputs import InputFile
 from ..pricing import to_usd
-from ..prompts import PromptBuilder
 from ..records import Entry
 from .journal import Journal
+
+if TYPE_CHECKING:
+    from .plan import Builder
 
 RESULT_FIELDS = [
     pa.field("row_id", pa.string()),
@@ -94,12 +96,13 @@ class Totals:
 def write_output(
     path: Path,
     source: InputFile,
-    builder: PromptBuilder,
+    builder: Builder,
     journal: Journal,
     metadata: Callable[[Totals], dict[str, Any]],
 ) -> Totals:
     """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it."""
-    schema = pa.schema(list(source.schema) + RESULT_FIELDS)
+    kept = source.output_columns
+    schema = pa.schema([source.schema.field(name) for name in kept] + RESULT_FIELDS)
     totals = Totals()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -113,7 +116,7 @@ def write_output(
                 prompts = builder.build(batch.select(builder.read_columns), position)
                 position += batch.num_rows
                 results = _result_columns(prompts.row_ids, journal.fetch(prompts.row_ids), totals)
-                arrays = list(batch.columns) + results
+                arrays = [batch.column(name) for name in kept] + results
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
         finally:

@@ -12,8 +12,8 @@ input is, and rows the journal already has cost one SQLite join per batch, not P
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +22,7 @@ from ..errors import JobError
 from ..inputs import InputFile
 from ..job import Job
 from ..pricing import Model, resolve_model
-from ..prompts import PromptBuilder, RequestMaker
+from ..prompts import PromptBatch, PromptBuilder, RequestMaker
 from ..providers import Provider, get_provider
 from ..records import Request
 from ..tokens import TokenCounter, counter_for
@@ -39,6 +39,18 @@ class WorkItem(NamedTuple):
     worst_pico: int  # the most this row may cost; 0 when no budget
 
 
+class Builder(Protocol):
+    """Turns input batches into ``PromptBatch``es: ``prompts.PromptBuilder`` for CSV and Parquet
+    rows, ``backends.openai_batch.RequestFileBuilder`` for request files."""
+
+    ids_embed_hash: bool
+
+    @property
+    def read_columns(self) -> list[str]: ...
+
+    def build(self, batch: pa.RecordBatch, start: int) -> PromptBatch: ...
+
+
 @dataclass
 class Prepared:
     """Everything checked before a request may leave."""
@@ -47,13 +59,34 @@ class Prepared:
     provider: Provider
     model: Model
     source: InputFile
-    builder: PromptBuilder
+    builder: Builder
     rows: int
 
 
 def prepare(job: Job) -> Prepared:
     """Check the job against its provider and input: model, prices, file, columns, ids."""
     provider = get_provider(job.provider)
+    source = InputFile(job.input, job.input_format)
+    builder: Builder
+    if source.format == "jsonl":
+        from ..backends.openai_batch import RequestFileBuilder
+
+        rows = source.count_rows()  # valid JSON, custom_ids present and unique
+        if rows == 0:
+            raise JobError(f"{job.input}: the request file has no lines")
+        request_builder = RequestFileBuilder(job, provider, source)
+        model_name = request_builder.check(source)
+        if model_name != job.model:
+            job = replace(job, model=model_name)
+        builder = request_builder
+    else:
+        builder = PromptBuilder(job, source.columns, str(job.input))
+        check_no_clash(source.columns, str(job.input))
+        rows = source.count_rows()
+        if rows == 0:
+            raise JobError(f"{job.input}: the file has a header but no rows")
+        if job.id_column is not None:
+            _check_unique_ids(source, job.id_column)
     model = resolve_model(provider.name, job.model, prices=job.prices, unlisted_ok=provider.unlisted_models)
     if model.context_window is not None and job.max_tokens >= model.context_window:
         raise JobError(
@@ -65,14 +98,6 @@ def prepare(job: Job) -> Prepared:
             f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
             "give --input-price and --output-price (USD per million tokens)"
         )
-    source = InputFile(job.input, job.input_format)
-    builder = PromptBuilder(job, source.columns, str(job.input))
-    check_no_clash(source.columns, str(job.input))
-    rows = source.count_rows()
-    if rows == 0:
-        raise JobError(f"{job.input}: the file has a header but no rows")
-    if job.id_column is not None:
-        _check_unique_ids(source, job.id_column)
     return Prepared(job, provider, model, source, builder, rows)
 
 
@@ -139,25 +164,36 @@ class Admission:
         counts = self.counter.texts_tokens(texts)
         return [self._overhead + n for n in counts]
 
-    def reject(self, user: str | None, prompt_tokens: int, row: int) -> Rejection | None:
-        """Why a row is refused without a request (``row`` is 1-based), or None to send it."""
+    def reject(
+        self,
+        user: str | None,
+        prompt_tokens: int,
+        row: int,
+        whole: bool = False,
+        max_tokens: int | None = None,
+    ) -> Rejection | None:
+        """Why a row is refused without a request (``row`` is 1-based), or None to send it.
+
+        ``whole``: the row is a whole request from a request file, its messages checked already.
+        """
         if user is None:
             return Rejection("NoPrompt", f"column {self.column!r} is null in row {row} (not sent)")
-        if self.max_chars is not None and len(user) > self.max_chars:
+        if not whole and self.max_chars is not None and len(user) > self.max_chars:
             return Rejection(
                 "PromptTooLong",
                 f"the prompt has {len(user):,} characters, over the API's {self.max_chars:,} (not sent)",
             )
-        if self.window is not None and prompt_tokens + self.max_tokens > self.window:
+        max_tokens = max_tokens or self.max_tokens
+        if self.window is not None and prompt_tokens + max_tokens > self.window:
             return Rejection(
                 "ContextWindowExceeded",
-                f"{prompt_tokens:,} prompt tokens + max_tokens {self.max_tokens:,} = "
-                f"{prompt_tokens + self.max_tokens:,} exceed {self.model_name}'s context window of "
+                f"{prompt_tokens:,} prompt tokens + max_tokens {max_tokens:,} = "
+                f"{prompt_tokens + max_tokens:,} exceed {self.model_name}'s context window of "
                 f"{self.window:,} (not sent)",
             )
         return None
 
-    def worst_pico(self, user: str, prompt_tokens: int) -> int:
+    def worst_pico(self, user: str, prompt_tokens: int, max_tokens: int | None = None) -> int:
         """The most a row may cost: its prompt (exact, or a bound) and max_tokens of reply."""
         if self.prices is None:
             return 0
@@ -166,7 +202,9 @@ class Admission:
             tokens = prompt_tokens
         else:  # not counted exactly: an upper bound
             tokens = self.bound_overhead + len(user.encode("utf-8")) + 2
-        return (tokens + self.slack) * self.prices.input_pico + self.max_tokens * self.prices.output_pico
+        return (tokens + self.slack) * self.prices.input_pico + (
+            max_tokens or self.max_tokens
+        ) * self.prices.output_pico
 
 
 class Plan:
@@ -179,10 +217,8 @@ class Plan:
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
         self.admission = Admission(p, count_all=p.job.max_cost_pico is not None or p.job.tpm is not None)
 
-    def _decide(
-        self, journal: Journal
-    ) -> Iterator[tuple[int, list[str], list[str], list[str | None], Sequence[int]]]:
-        """Per input batch: its start, ids, hashes, prompts, and the indexes of rows to send."""
+    def _decide(self, journal: Journal) -> Iterator[tuple[PromptBatch, Sequence[int]]]:
+        """Per input batch: the batch made ready, and the indexes of its rows to send."""
         job, builder = self.job, self.p.builder
         position = shared = changed_kept = 0
         resuming = journal.rows_before > 0
@@ -193,10 +229,9 @@ class Plan:
                 every: Sequence[int] = range(len(pb.row_ids))
                 if self.only is not None:
                     every = [i for i in every if pb.start + i in self.only]
-                yield pb.start, pb.row_ids, pb.hashes, pb.users, every
+                yield pb, every
                 continue
-            # Position-derived ids embed the content hash; --id-column values do not.
-            unfinished = journal.unfinished(pb.row_ids, pb.hashes if job.id_column else None)
+            unfinished = journal.unfinished(pb.row_ids, None if builder.ids_embed_hash else pb.hashes)
             send: list[int] = []
             new = 0
             for i, status in unfinished:
@@ -212,7 +247,7 @@ class Plan:
             shared += len(pb.row_ids) - new
             if self.only is not None:
                 send = [i for i in send if pb.start + i in self.only]
-            yield pb.start, pb.row_ids, pb.hashes, pb.users, send
+            yield pb, send
         if resuming and shared == 0:
             self.warn(
                 f"the input shares no rows with the journal in {journal.directory} "
@@ -240,9 +275,13 @@ class Plan:
         maker = RequestMaker(self.job)
         budget = self.job.max_cost_pico is not None
         warned = False
-        for start, row_ids, hashes, users, send in self._decide(journal):
+        for pb, send in self._decide(journal):
+            start, row_ids, hashes, users, requests = pb.start, pb.row_ids, pb.hashes, pb.users, pb.requests
             exact: dict[int, int] = {}
             countable = [i for i in send if admission.needs_count(users[i])]
+            if requests is not None:  # whole requests: count them all, exactly as sent
+                exact = {i: admission.counter.count_messages(requests[i].messages) for i in send}
+                countable = []
             if countable:
                 if not admission.counter.exact and not warned:
                     warned = True
@@ -252,11 +291,13 @@ class Plan:
             for i in send:
                 user = users[i]
                 prompt_tokens = exact.get(i, 0)
-                refused = admission.reject(user, prompt_tokens, start + i + 1)
+                given = requests[i] if requests is not None else None
+                max_tokens = given.max_tokens if given is not None else None
+                refused = admission.reject(user, prompt_tokens, start + i + 1, given is not None, max_tokens)
                 if refused is not None:
                     reject(row_ids[i], hashes[i], refused)
                     continue
                 assert user is not None
-                request = maker.make(user)
-                worst = admission.worst_pico(user, prompt_tokens) if budget else 0
+                request = maker.make(user) if given is None else given
+                worst = admission.worst_pico(user, prompt_tokens, max_tokens) if budget else 0
                 yield WorkItem(row_ids[i], hashes[i], request, provider.encode(request), prompt_tokens, worst)

@@ -98,7 +98,9 @@ class Run:
                     f"imported {journal.imported:,} replies an earlier run could not write to the journal"
                 )
             prices = self.p.model.prices
-            if prices is not None and (priced := journal.price_unpriced(prices.input_pico, prices.output_pico)):
+            if prices is not None and (
+                priced := journal.price_unpriced(prices.input_pico, prices.output_pico)
+            ):
                 self.warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
             journal.set_meta(
                 "last_run",
@@ -203,7 +205,16 @@ class Run:
 
         def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
             return build_summary(
-                self.p, t, dispatcher, reason, started_at, code, self.warnings, journal, self.command
+                self.p,
+                t,
+                dispatcher.stats,
+                reason,
+                dispatcher.stop_message,
+                started_at,
+                code,
+                self.warnings,
+                journal,
+                self.command,
             )
 
         # With the journal unwritable the disk is likely full: leave the output as it was.

@@ -54,15 +54,16 @@ def stop_message(
 def build_summary(
     p: Prepared,
     totals: Totals | None,
-    dispatcher: Dispatcher,
+    stats: Stats,
     reason: StopReason | None,
+    message: str | None,
     started_at: float,
     code: ExitCode | None,
     warnings: list[str],
     journal: Journal,
     command: str,
 ) -> dict[str, Any]:
-    job, model, stats = p.job, p.model, dispatcher.stats
+    job, model = p.job, p.model
     finished = time.time()
     priced = model.prices is not None
     out: dict[str, Any] = {
@@ -76,7 +77,7 @@ def build_summary(
         "prices": model.prices.as_dict() if model.prices else None,
         "complete": reason is None,
         "stop_reason": reason.value if reason else None,
-        "message": dispatcher.stop_message,
+        "message": message,
         "started_at": _iso(started_at),
         "finished_at": _iso(finished),
         "duration_s": round(finished - started_at, 3),

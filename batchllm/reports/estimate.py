@@ -37,12 +37,15 @@ def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None 
     position = 0
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
-        sendable_text = [admission.needs_count(u) for u in pb.users]
-        n = admission.count(
-            [u if ok and u is not None else "" for u, ok in zip(pb.users, sendable_text, strict=True)]
-        )
+        if pb.requests is not None:  # a request file: whole requests, counted as sent
+            n = [admission.counter.count_messages(r.messages) for r in pb.requests]
+        else:
+            countable = [admission.needs_count(u) for u in pb.users]
+            n = admission.count(
+                [u if c and u is not None else "" for u, c in zip(pb.users, countable, strict=True)]
+            )
         for i, user in enumerate(pb.users):
-            refused = admission.reject(user, n[i], position + i + 1)
+            refused = admission.reject(user, n[i], position + i + 1, whole=pb.requests is not None)
             tokens = n[i]
             if refused is not None:
                 tokens = 0

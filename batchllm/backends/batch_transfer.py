@@ -1,0 +1,304 @@
+"""Moving a job between the live and the batch path: ``export-batch`` and ``import-batch``.
+
+    export:  input + job [+ an output's journal] -> request file(s), one line per row still to do
+    import:  result file(s) + input + job -> the output's journal, exactly as if a run had received
+             them -> the output Parquet
+
+Both go through the same seams as a run: ``plan.prepare`` checks the job, ``Admission`` refuses
+what a run would refuse, the rows' ``Request`` values are what a run would send, and imported
+replies become journal ``Entry`` values costed by ``pricing.cost``. Hence a later ``batchllm run``
+of the same job sends only what is still pending, and ``status`` and ``report`` count every row
+once, whichever path answered it.
+
+Importing is idempotent: a row the journal already holds as ok is never replaced, and an error
+row only by a success, so importing the same file twice changes nothing. Expired, cancelled,
+throttled (429) and server-error (5xx) results stay pending, for the live run to retry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..engine.dispatch import Stats
+from ..engine.journal import Journal
+from ..engine.lock import RunLock
+from ..engine.output import Totals, write_output
+from ..engine.plan import Admission, Prepared, prepare
+from ..engine.summary import build_summary
+from ..errors import APIError, ExitCode, JobError
+from ..job import Job
+from ..pricing import Prices, cost
+from ..prompts import RequestMaker
+from ..providers import get_provider
+from ..records import Entry, Request
+from ..reports.status import find_journal
+from ..tokens import counter_for
+from .openai_batch import batch_line, iter_lines, result_body
+
+MAX_LINES = 50_000  # the OpenAI Batch API's limits per file
+MAX_BYTES = 200 * 1024 * 1024
+_PENDING_CODES = {"batch_expired", "batch_cancelled", "expired", "cancelled"}
+
+
+@dataclass
+class Exported:
+    files: list[Path] = field(default_factory=list)
+    lines: int = 0
+    skipped_done: int = 0
+    refused: int = 0
+
+
+def _rows(p: Prepared, journal: Journal | None) -> Any:
+    """(row_id, content_hash, Request | None) for every input row a run would send, in order."""
+    admission = Admission(p, count_all=False)
+    maker = RequestMaker(p.job)
+    position = 0
+    for batch in p.source.batches(p.builder.read_columns):
+        pb = p.builder.build(batch, position)
+        position += batch.num_rows
+        keep: range | list[int] = range(len(pb.row_ids))
+        if journal is not None:
+            hashes = None if p.builder.ids_embed_hash else pb.hashes
+            keep = [i for i, status in journal.unfinished(pb.row_ids, hashes) if status is None]
+        for i in keep:
+            request = pb.requests[i] if pb.requests is not None else None
+            user = pb.users[i]
+            if request is None and user is not None:
+                request = maker.make(user)
+            tokens = 0
+            if request is not None and admission.window is not None:
+                tokens = admission.counter.count_messages(request.messages)
+            max_tokens = request.max_tokens if request is not None else None
+            refused = admission.reject(user, tokens, pb.start + i + 1, pb.requests is not None, max_tokens)
+            yield pb.row_ids[i], pb.hashes[i], None if refused else request
+
+
+def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int, max_bytes: int) -> Exported:
+    """Write the requests a run would send as OpenAI batch request lines, split to fit the limits."""
+    p = prepare(job)
+    journal = Journal.open_readonly(find_journal(skip_done)) if skip_done is not None else None
+    result = Exported()
+    parts: list[Path] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = None
+    lines = size = 0
+    try:
+        for row_id, _, request in _rows(p, journal):
+            if request is None:
+                result.refused += 1
+                continue
+            line = batch_line(row_id, request)
+            if out is None or lines + 1 > max_lines or size + len(line) > max_bytes:
+                if out is not None:
+                    out.close()
+                parts.append(path.with_name(f".{path.name}.part{len(parts) + 1}.tmp"))
+                out = open(parts[-1], "wb")  # noqa: SIM115 - closed as parts roll over
+                lines = size = 0
+            out.write(line)
+            lines += 1
+            size += len(line)
+            result.lines += 1
+    finally:
+        if out is not None:
+            out.close()
+        if journal is not None:
+            result.skipped_done = sum(journal.status_counts().values())
+            journal.conn.close()
+    if len(parts) == 1:
+        result.files = [path]
+    else:
+        result.files = [path.with_name(f"{path.stem}.{k:03d}{path.suffix}") for k in range(1, len(parts) + 1)]
+    for tmp, final in zip(parts, result.files, strict=True):
+        os.replace(tmp, final)
+    if not parts:  # nothing left to do: an empty file says so
+        path.write_bytes(b"")
+        result.files = [path]
+    return result
+
+
+@dataclass
+class Imported:
+    ok: int = 0
+    error: int = 0
+    pending: int = 0  # expired, cancelled, 429/5xx: for the live run
+    unchanged: int = 0  # already in the journal (an import done before)
+    cut: list[str] = field(default_factory=list)  # files whose last line was cut off
+    exit_code: ExitCode = ExitCode.OK
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> Imported:
+    """Record result lines in the output's journal as a run would, then write the output."""
+    started = time.time()
+    p = prepare(job)
+    provider = get_provider(job.provider)
+    prices = job.prices or p.model.batch_prices
+    if prices is None:
+        warn(
+            f"no batch prices for {p.model.name!r} in the {provider.name} model table and none given "
+            "(--input-price/--output-price): cost columns of imported rows will be null"
+        )
+    wanted = {row_id: (h, r) for row_id, h, r in _rows(p, None)}
+    entries, outcome = _read_results(results, wanted, p, prices, warn)
+    lock = RunLock(job.journal_dir)
+    lock.acquire(command)
+    try:
+        journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+        try:
+            have = journal.fetch(list(entries))
+            for row_id, entry in entries.items():
+                old = have.get(row_id)
+                if old is not None and (old.status == "ok" or entry.status == "error"):
+                    outcome.unchanged += 1
+                    continue
+                journal.add(entry)
+                if entry.status == "ok":
+                    outcome.ok += 1
+                else:
+                    outcome.error += 1
+            journal.flush()
+            stats = Stats(ok=outcome.ok, error=outcome.error)
+            for e in entries.values():
+                if e.status == "ok" and e.row_id not in have:
+                    stats.prompt_tokens += e.prompt_tokens or 0
+                    stats.completion_tokens += e.completion_tokens or 0
+                    stats.cost_pico += (e.input_cost_pico or 0) + (e.output_cost_pico or 0)
+
+            def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
+                out = build_summary(p, t, stats, None, None, started, code, [], journal, command)
+                out["imported_from"] = [str(r) for r in results]
+                out["prices"] = prices.as_dict() if prices else None
+                return out
+
+            totals = write_output(job.output, p.source, p.builder, journal, lambda t: summary(t, None))
+            outcome.exit_code = ExitCode.ROW_ERRORS if totals.error else ExitCode.OK
+            outcome.pending = totals.pending
+            outcome.summary = summary(totals, outcome.exit_code)
+        finally:
+            journal.close()
+    finally:
+        lock.release()
+    return outcome
+
+
+def _read_results(
+    results: list[Path],
+    wanted: dict[str, tuple[str, Request | None]],
+    p: Prepared,
+    prices: Prices | None,
+    warn: Any,
+) -> tuple[dict[str, Entry], Imported]:
+    """Every result line, checked before anything is written: unknown custom_ids are bad input."""
+    outcome = Imported()
+    entries: dict[str, Entry] = {}
+    for path in results:
+        try:
+            numbered = list(iter_lines(path))
+        except OSError as exc:
+            raise JobError(f"{path}: cannot read the results file ({exc.strerror})") from None
+        for k, (number, raw) in enumerate(numbered):
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                if k == len(numbered) - 1 and not raw.endswith(b"\n"):
+                    warn(f"{path}: line {number} is cut off (not imported): {exc.msg}")
+                    outcome.cut.append(str(path))
+                    continue
+                raise JobError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+            custom_id = record.get("custom_id") if isinstance(record, dict) else None
+            if not isinstance(custom_id, str) or custom_id not in wanted:
+                raise JobError(
+                    f"{path}: line {number}: custom_id {custom_id!r} is not a row of {p.job.input} "
+                    "(nothing was imported)"
+                )
+            content_hash, request = wanted[custom_id]
+            entry = _entry(custom_id, content_hash, request, record, p, prices)
+            if entry is None:  # pending: whatever another line or file said stands
+                continue
+            previous = entries.get(custom_id)
+            if previous is None or previous.status != "ok":
+                entries[custom_id] = entry
+    return entries, outcome
+
+
+def _entry(
+    row_id: str,
+    content_hash: str,
+    request: Request | None,
+    record: dict[str, Any],
+    p: Prepared,
+    prices: Prices | None,
+) -> Entry | None:
+    """A result line as a journal entry; None when the row stays pending (expired, 429, 5xx)."""
+    status, body = result_body(record)
+    error = record.get("error")
+    now = time.time()
+    model = p.model.name
+    if status == 200 and isinstance(body, dict):
+        try:
+            completion = p.provider.parse(200, {}, orjson.dumps(body))
+        except APIError:
+            return None  # a garbled success: the live run asks again
+        pt, ct = completion.prompt_tokens, completion.completion_tokens
+        counted = pt is None or ct is None
+        if counted:
+            counter = counter_for(model)
+            pt = pt if pt is not None else counter.count_messages(request.messages if request else ())
+            ct = ct if ct is not None else counter.completion_tokens(completion.text)
+        assert pt is not None and ct is not None
+        in_cost, out_cost = cost(prices, pt, ct)
+        max_tokens = (request.max_tokens if request else None) or p.job.max_tokens
+        created = body.get("created")
+        return Entry(
+            row_id,
+            content_hash,
+            "ok",
+            completion.text,
+            pt,
+            ct,
+            in_cost,
+            out_cost,
+            None,
+            None,
+            1,
+            None,
+            float(created) if isinstance(created, (int, float)) and created > 0 else now,
+            str(body.get("model") or model),
+            p.provider.truncated(completion, max_tokens),
+            counted,
+        )
+    if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+        message = _message(body, error) or f"HTTP {status}"
+        return Entry(
+            row_id, content_hash, "error", None, None, None, None, None,
+            f"BatchError HTTP {status}: {message}", "BatchError", 1, None, now, model, None, None,
+        )  # fmt: skip
+    code = error.get("code") if isinstance(error, dict) else None
+    if status is None and error is not None and code not in _PENDING_CODES:
+        # A failure that is not HTTP's and not an expiry: the request itself was refused.
+        message = _message(None, error) or "error"
+        return Entry(
+            row_id, content_hash, "error", None, None, None, None, None,
+            f"BatchError: {message}", "BatchError", 1, None, now, model, None, None,
+        )  # fmt: skip
+    return None  # expired, cancelled, 408/409/429/5xx: the live run sends it
+
+
+def _message(body: Any, error: Any) -> str | None:
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(error, str) and error:
+        return error
+    return None

@@ -1,0 +1,130 @@
+"""`export-batch` and `import-batch`: a job handed to a batch API, and its results brought home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..job import build_job
+from . import CONTEXT, cli, handles_errors
+from .options import RUN_OPTIONS, apply, collect
+
+
+@cli.command(
+    "export-batch",
+    context_settings=CONTEXT,
+    epilog="""Examples:
+
+  batchllm export-batch --job jobs/label_reviews.toml -o out/requests.jsonl
+
+  batchllm export-batch --job jobs/label_reviews.toml -o out/rest.jsonl --skip-done out/reviews_labeled.parquet""",
+)
+@click.argument(
+    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
+)
+@apply(RUN_OPTIONS)
+@click.option(
+    "--skip-done",
+    type=click.Path(path_type=Path),
+    help="Leave out the rows this output's journal already has (ok or failed).",
+)
+@click.option(
+    "--max-lines", type=click.IntRange(1, None), default=50_000, show_default=True, help="Lines per file."
+)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(1, None),
+    default=200 * 1024 * 1024,
+    show_default=True,
+    help="Bytes per file.",
+)
+@click.pass_context
+@handles_errors
+def export_cmd(
+    ctx: click.Context,
+    input_path: Path | None,
+    skip_done: Path | None,
+    max_lines: int,
+    max_bytes: int,
+    **params: Any,
+) -> int:
+    """Write the requests a run of INPUT would send as an OpenAI batch request file (-o FILE.jsonl).
+
+    Each line is {"custom_id": row_id, "method": "POST", "url": "/v1/chat/completions", "body": ...}
+    with exactly the messages and parameters `run` sends. A larger export is split into numbered
+    parts (FILE.001.jsonl, ...) to fit --max-lines and --max-bytes; one that fits keeps the name.
+    """
+    from ..backends.batch_transfer import export_batch
+    from ..errors import JobError
+
+    values, job_file, given = collect(ctx, input_path, params)
+    target = values.pop("output", None)
+    if target is None:
+        raise JobError("missing -o FILE.jsonl: say where to write the requests")
+    target = Path(target)
+    values["output"] = (
+        str(skip_done) if skip_done is not None and str(skip_done).endswith(".parquet") else "x.parquet"
+    )
+    values.pop("max_cost", None)  # nothing is spent here
+    job = build_job(values, job_file=job_file, flag_names=given)
+    done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes)
+    files = ", ".join(str(f) for f in done.files)
+    click.echo(
+        f"exported {done.lines:,} requests to {files}"
+        + (
+            f"; {done.refused:,} rows a run would refuse (no prompt, too long) left out"
+            if done.refused
+            else ""
+        )
+    )
+    return 0
+
+
+@cli.command(
+    "import-batch",
+    context_settings=CONTEXT,
+    epilog="""Examples:
+
+  batchllm import-batch results.jsonl errors.jsonl --input sample_data/reviews.csv --job jobs/label_reviews.toml
+
+  batchllm import-batch vllm_results.jsonl --input prompts.jsonl -o out/results.parquet --provider openai""",
+)
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--input", "input_path", type=click.Path(dir_okay=False, path_type=Path), help="The job's input."
+)
+@apply(RUN_OPTIONS)
+@click.pass_context
+@handles_errors
+def import_cmd(ctx: click.Context, results: tuple[Path, ...], input_path: Path | None, **params: Any) -> int:
+    """Record batch RESULTS (OpenAI output and error files, or vLLM's) in OUTPUT as a run would.
+
+    Rows are joined by custom_id; rows with no result, expired ones and 429/5xx results stay
+    pending, so `batchllm run` with the same job sends only those. Importing twice changes nothing.
+    Costs are at the model's batch prices (models.toml) or --input-price/--output-price.
+    """
+    from ..backends.batch_transfer import import_batch
+    from ..engine.summary import format_summary
+    from . import command_line
+
+    values, job_file, given = collect(ctx, input_path, params)
+    values.pop("max_cost", None)  # the batch API spent it already: nothing is sent here
+    job = build_job(values, job_file=job_file, flag_names=given)
+
+    def warn(message: str) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    done = import_batch(job, list(results), command=command_line(), warn=warn)
+    click.echo(
+        f"imported {done.ok:,} replies and {done.error:,} failed requests"
+        + (f"; {done.unchanged:,} were in the journal already" if done.unchanged else ""),
+        err=True,
+    )
+    click.echo(format_summary(done.summary), err=True)
+    if done.pending:
+        click.echo(
+            f"{done.pending:,} rows are pending: `batchllm run` with the same job sends only those", err=True
+        )
+    return int(done.exit_code)
