@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 demo: install
 	@mkdir -p out
 	@# The sandbox has no rate limit, so the demo lifts the job's 1200/min ceiling to finish in seconds.
-	$(BIN)/batchllm run --job jobs/label_reviews.toml --sandbox --rpm 6000 --summary-json out/reviews_labeled.summary.json
+	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --rpm 6000 --summary-json out/reviews_sentiment.summary.json
 	@echo
-	@echo "Parquet output:  out/reviews_labeled.parquet"
-	@echo "Cost summary:    out/reviews_labeled.summary.json"
-	@echo "Cost report:     $(BIN)/batchllm report out/reviews_labeled.parquet"
+	$(BIN)/batchllm eval out/reviews_sentiment.parquet --gold human_label
+	@echo
+	@echo "Parquet output:  out/reviews_sentiment.parquet"
+	@echo "Cost summary:    out/reviews_sentiment.summary.json"
+	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment.parquet"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .engine.journal import Journal
 from .engine.observer import Observer
@@ -18,6 +19,7 @@ from .engine.runner import run_job as run_engine
 from .errors import ExitCode
 from .job import Job, resolve_api_key
 from .reports.estimate import pilot_positions
+from .reports.eval import pilot_accuracy
 from .sandbox import SandboxConfig, endpoint_for, start_sandbox
 
 
@@ -59,19 +61,25 @@ async def run_job(
 
 
 async def run_pilot(
-    job: Job, rows: int, observer: Observer | None = None, command: str = "batchllm estimate"
-) -> tuple[ExitCode, str | None, list[int]]:
+    job: Job,
+    rows: int,
+    observer: Observer | None = None,
+    command: str = "batchllm estimate",
+    gold: str | None = None,
+) -> tuple[ExitCode, str | None, list[int], dict[str, Any] | None]:
     """``estimate --pilot``: run ``rows`` sampled rows for real into the output's journal.
 
     Returns the exit code, the stop message, and the completion lengths the journal now holds
-    (the pilot's and any earlier run's); no output file is written, and the full run will not send
-    those rows again.
+    (the pilot's and any earlier run's), and with ``gold`` the pilot's accuracy; no output file
+    is written, and the full run will not send those rows again.
     """
-    positions = pilot_positions(prepare(job).rows, rows)
+    prepared = prepare(job)
+    positions = pilot_positions(prepared.rows, rows)
     result = await run_job(job, observer=observer, command=command, only=positions, write_output=False)
     journal = Journal.open_readonly(job.journal_dir)
     try:
         observed = journal.completion_lengths()
+        accuracy = pilot_accuracy(prepared, journal, positions, gold) if gold else None
     finally:
         journal.conn.close()
-    return result.exit_code, result.summary.get("message"), observed
+    return result.exit_code, result.summary.get("message"), observed, accuracy

@@ -12,6 +12,7 @@ as a whole batch of 400s, and a parameter the provider does not take is a usage 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 
 from . import values as v
 from .errors import JobError
+from .labeling.spec import Labeling, load_schema, parse_labels
 from .pricing import Prices, parse_price, parse_usd
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
 
@@ -81,6 +83,10 @@ class Job:
     retry_errors: bool = False
     restart: bool = False
     refresh_changed: bool = False
+    labeling: Labeling | None = None  # --labels / --labels-file / --json-schema, with re-asks, samples
+    examples: Path | None = None  # few-shot turns (prompts.load_examples)
+    examples_digest: str | None = None
+    reparse: bool = False
     log_format: str = "text"
     summary_json: Path | None = None
     progress: str = "auto"
@@ -91,6 +97,14 @@ class Job:
         if self.checkpoint is not None:
             return self.checkpoint
         return self.output.with_name(self.output.name + ".batchllm")
+
+    @property
+    def full_system(self) -> str | None:
+        """The system prompt sent: the job's, then the labeling instruction."""
+        if self.labeling is None:
+            return self.system
+        instruction = self.labeling.instruction()
+        return instruction if not self.system else f"{self.system}\n\n{instruction}"
 
     @property
     def key_env(self) -> str:
@@ -119,6 +133,10 @@ class Job:
         if self.provider != DEFAULT_PROVIDER:
             # Journals written before providers existed were Dataoorts': they still resume.
             settings["provider"] = self.provider
+        if self.labeling is not None:
+            settings["labeling"] = self.labeling.settings()
+        if self.examples_digest is not None:
+            settings["examples"] = self.examples_digest
         if self.sandbox:
             # Emulated replies must never pass for real ones: a real run refuses such a journal.
             settings["sandbox"] = True
@@ -203,12 +221,30 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "retry_errors": ("retry_errors", v.boolean),
     "restart": ("restart", v.boolean),
     "refresh_changed": ("refresh_changed", v.boolean),
+    "labels": ("labels", v.text),
+    "labels_file": ("labels_file", _path),
+    "json_schema": ("json_schema", _path),
+    "reask": ("reask", v.integer(0, 10)),
+    "samples": ("samples", v.integer(1, 25)),
+    "adaptive": ("adaptive", v.boolean),
+    "examples": ("examples", _path),
+    "reparse": ("reparse", v.boolean),
     "log_format": ("log_format", v.choice("text", "json")),
     "summary_json": ("summary_json", _path),
     "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
 }
 JOB_KEYS = tuple(_PARSERS)
-_PATH_KEYS = {"input", "output", "template_file", "api_key_file", "checkpoint", "summary_json"}
+_PATH_KEYS = {
+    "input",
+    "output",
+    "template_file",
+    "api_key_file",
+    "checkpoint",
+    "summary_json",
+    "labels_file",
+    "json_schema",
+    "examples",
+}
 parse_duration = v.duration
 
 
@@ -276,6 +312,18 @@ def build_job(
             f"parameters ({', '.join(provider.params)})"
         )
     kwargs["prices"] = _prices(kwargs.pop("input_price", None), kwargs.pop("output_price", None), where)
+    kwargs["labeling"] = _labeling(kwargs, where)
+    if "examples" in kwargs:
+        if kwargs["labeling"] is None:
+            raise JobError(f"{where('examples')}: few-shot examples go with --labels or --json-schema")
+        try:
+            kwargs["examples_digest"] = hashlib.blake2b(
+                kwargs["examples"].read_bytes(), digest_size=8
+            ).hexdigest()
+        except OSError as exc:
+            raise JobError(f"{where('examples')} {kwargs['examples']}: {exc.strerror}") from None
+    if kwargs.get("reparse") and kwargs["labeling"] is None:
+        raise JobError(f"{where('reparse')}: re-reading stored replies needs --labels or --json-schema")
 
     if values.get("template") is not None and values.get("template_file") is not None:
         raise JobError("give --template or --template-file, not both")
@@ -314,6 +362,40 @@ def build_job(
 def _is_request_file(kwargs: Mapping[str, Any]) -> bool:
     fmt = kwargs.get("input_format")
     return fmt == "jsonl" or (fmt is None and kwargs["input"].suffix.lower() in (".jsonl", ".ndjson"))
+
+
+def _labeling(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeling | None:
+    labels, labels_file, schema = (
+        kwargs.pop("labels", None),
+        kwargs.pop("labels_file", None),
+        kwargs.pop("json_schema", None),
+    )
+    options = {k: kwargs.pop(k) for k in ("reask", "samples", "adaptive") if k in kwargs}
+    given = [
+        k
+        for k, x in (("labels", labels), ("labels_file", labels_file), ("json_schema", schema))
+        if x is not None
+    ]
+    if len(given) > 1:
+        raise JobError(f"{where(given[1])}: give one of --labels, --labels-file and --json-schema")
+    if not given:
+        if options:
+            raise JobError(f"{where(next(iter(options)))}: goes with --labels or --json-schema")
+        return None
+    if options.get("adaptive") and options.get("samples", 1) < 3:
+        raise JobError(f"{where('adaptive')}: needs --samples 3 or more")
+    if labels is not None:
+        names, descriptions = parse_labels(labels, where("labels"))
+        return Labeling(labels=names, descriptions=descriptions, **options)
+    if labels_file is not None:
+        try:
+            text = labels_file.read_text("utf-8")
+        except OSError as exc:
+            raise JobError(f"{where('labels_file')} {labels_file}: {exc.strerror}") from None
+        names, descriptions = parse_labels(text if "\n" in text.strip() else text + "\n", str(labels_file))
+        return Labeling(labels=names, descriptions=descriptions, **options)
+    raw, fields, required = load_schema(schema)
+    return Labeling(fields=fields, required=required, schema=raw, **options)
 
 
 def _sampling_params(

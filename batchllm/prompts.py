@@ -16,10 +16,12 @@ it into its body (providers/).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import string
 from dataclasses import dataclass
 
+import orjson
 import pyarrow as pa
 
 from .errors import JobError
@@ -153,13 +155,49 @@ def _text_column(column: pa.Array) -> list[str]:
 
 
 class RequestMaker:
-    """Makes the ``Request`` for one prompt: ``[system], user`` with the job's parameters."""
+    """Makes the ``Request`` for one prompt: ``[system], [examples], user`` with the job's parameters.
 
-    def __init__(self, job: Job) -> None:
+    The system prompt carries the labeling instruction (``Job.full_system``); few-shot examples
+    are prior user/assistant turns (``load_examples``).
+    """
+
+    def __init__(self, job: Job, examples: tuple[Message, ...] = ()) -> None:
         self.provider = job.provider
         self.model = job.model
         self.params = job.params()
-        self.system: tuple[Message, ...] = () if job.system is None else (Message("system", job.system),)
+        system = job.full_system
+        self.prefix: tuple[Message, ...] = (() if system is None else (Message("system", system),)) + examples
 
     def make(self, user: str) -> Request:
-        return Request(self.provider, self.model, (*self.system, Message("user", user)), self.params)
+        return Request(self.provider, self.model, (*self.prefix, Message("user", user)), self.params)
+
+
+def load_examples(job: Job) -> tuple[Message, ...]:
+    """Few-shot turns from ``--examples``: each row's prompt (the job's template or prompt column)
+    as a user turn, its ``label`` column (or the schema's fields, as JSON) as the answer."""
+    from .inputs import InputFile
+
+    if job.examples is None or job.labeling is None:
+        return ()
+    source = InputFile(job.examples)
+    builder = PromptBuilder(dataclasses.replace(job, id_column=None), source.columns, str(job.examples))
+    labeling = job.labeling
+    wanted = [f.name for f in labeling.fields] if labeling.is_schema else ["label"]
+    missing = [c for c in wanted if c not in source.columns]
+    if missing:
+        raise JobError(f"{job.examples}: no column {missing[0]!r} (the examples' answers)")
+    turns: list[Message] = []
+    for batch in source.batches():
+        users = builder.users(batch.select(builder.read_columns))
+        answers = batch.select(wanted).to_pylist()
+        for n, (user, answer) in enumerate(zip(users, answers, strict=True), 1):
+            if user is None:
+                raise JobError(f"{job.examples}: example {n} has no prompt")
+            if labeling.is_schema:
+                text = orjson.dumps({k: answer[k] for k in wanted}).decode()
+            else:
+                text = str(answer["label"])
+                if text not in labeling.labels:
+                    raise JobError(f"{job.examples}: example {n}'s label {text!r} is not in the label set")
+            turns += [Message("user", user), Message("assistant", text)]
+    return tuple(turns)

@@ -81,12 +81,14 @@ class Entry(NamedTuple):
 
     Costs are integer picodollars, or None when the model has no price. ``truncated`` is what
     the provider said (or, for one that does not say, what its contract implies);
-    ``tokens_counted`` is True when the server reported no usage and batchllm counted it.
+    ``tokens_counted`` is True when the server reported no usage and batchllm counted it. For a
+    labeling job, tokens and costs are the sums over all the row's requests (re-asks and samples
+    included) and ``extra`` holds the labeling result as JSON (labeling/rows.py).
     """
 
     row_id: str
     content_hash: str
-    status: str  # "ok" or "error"
+    status: str  # "ok", "error", or "invalid" (a labeling answer that never validated)
     response: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -100,3 +102,4 @@ class Entry(NamedTuple):
     model: str | None
     truncated: bool | None
     tokens_counted: bool | None
+    extra: str | None = None

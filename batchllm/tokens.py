@@ -103,6 +103,10 @@ class TokenCounter:
             total += _PER_MESSAGE + self.text_tokens(system)
         return total
 
+    def prefix_overhead(self, prefix: Sequence[Any]) -> int:
+        """Tokens of everything but the user message body, for messages ``prefix`` + one user turn."""
+        return self.count_messages(prefix) + _PER_MESSAGE
+
     def count(self, user: str, system: str | None = None) -> int:
         """The API's ``prompt_tokens`` for one request."""
         return self.overhead(system) + self.text_tokens(user)

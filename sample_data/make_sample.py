@@ -1,5 +1,9 @@
 """Regenerate the sample: 200 product reviews to label (reviews.csv and reviews.parquet).
 
+Each review carries a ``human_label`` (positive, negative or neutral), as an annotator gave it:
+mostly what the rating says, with the disagreements real annotation has (a few reviewers rate
+what they wrote about differently); ``batchllm eval --gold human_label`` scores a run against it.
+
 Deterministic (fixed seed). Some reviews carry what real exports carry: commas, quotes, line
 breaks inside a cell, non-ASCII text and emoji, a very long review and an empty one.
 """
@@ -60,6 +64,7 @@ SPECIAL = [
 
 def main() -> None:
     rng = random.Random(20261126)
+    annotator = random.Random(7)  # its own stream: the reviews stay as they were
     rows = []
     for i in range(200):
         category, product = PRODUCTS[rng.randrange(len(PRODUCTS))]
@@ -69,6 +74,9 @@ def main() -> None:
         else:
             details = rng.sample(DETAILS, rng.randint(1, 3))
             text = f"{rng.choice(OPENINGS[rating])} {', '.join(details).capitalize()}."
+        label = "positive" if rating >= 4 else "neutral" if rating == 3 else "negative"
+        if annotator.random() < 0.08:  # annotators disagree with the stars now and then
+            label = annotator.choice([x for x in ("positive", "negative", "neutral") if x != label])
         rows.append(
             {
                 "review_id": f"R{1000 + i}",
@@ -76,6 +84,7 @@ def main() -> None:
                 "category": category,
                 "rating": rating,
                 "review": text,
+                "human_label": label,
             }
         )
     with open(HERE / "reviews.csv", "w", newline="", encoding="utf-8") as fh:

@@ -28,7 +28,7 @@ def test_sample_run_costs_and_totals(sandbox, tmp_path: Path) -> None:
     table = pq.read_table(out)
     source = pq.read_table(ROOT / "sample_data" / "reviews.parquet")
     assert table.num_rows == source.num_rows == 200
-    assert table.column_names == ["review_id", "product", "category", "rating", "review", *RESULT_NAMES]
+    assert table.column_names == ["review_id", "product", "category", "rating", "review", "human_label", *RESULT_NAMES]
     assert table.column("review_id").to_pylist() == source.column("review_id").to_pylist()
     rows = table.to_pylist()
     assert all(r["status"] == "ok" for r in rows)

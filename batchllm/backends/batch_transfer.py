@@ -34,7 +34,6 @@ from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..job import Job
 from ..pricing import Prices, cost
-from ..prompts import RequestMaker
 from ..providers import get_provider
 from ..records import Entry, Request
 from ..reports.status import find_journal
@@ -57,7 +56,7 @@ class Exported:
 def _rows(p: Prepared, journal: Journal | None) -> Any:
     """(row_id, content_hash, Request | None) for every input row a run would send, in order."""
     admission = Admission(p, count_all=False)
-    maker = RequestMaker(p.job)
+    maker = p.maker()
     position = 0
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
@@ -176,7 +175,9 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
                 out["prices"] = prices.as_dict() if prices else None
                 return out
 
-            totals = write_output(job.output, p.source, p.builder, journal, lambda t: summary(t, None))
+            totals = write_output(
+                job.output, p.source, p.builder, journal, lambda t: summary(t, None), job.labeling
+            )
             outcome.exit_code = ExitCode.ROW_ERRORS if totals.error else ExitCode.OK
             outcome.pending = totals.pending
             outcome.summary = summary(totals, outcome.exit_code)

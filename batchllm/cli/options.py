@@ -55,6 +55,35 @@ PROMPT_OPTIONS = [
         "--input-price", help="USD per million input tokens (a model not in the table, or your own price)."
     ),
     click.option("--output-price", help="USD per million output tokens (give with --input-price)."),
+    click.option(
+        "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
+    ),
+    click.option(
+        "--labels-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Labels one a line, optionally 'label: description'.",
+    ),
+    click.option(
+        "--json-schema",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="JSON Schema object file: each property becomes a typed column.",
+    ),
+    click.option(
+        "--reask", type=int, help="Re-asks for a reply that does not validate (0 to 10).  [default: 1]"
+    ),
+    click.option(
+        "--samples",
+        type=int,
+        help="Ask N times with distinct seeds; the label is the majority.  [default: 1]",
+    ),
+    click.option(
+        "--adaptive", is_flag=True, default=None, help="With --samples: stop once the majority cannot change."
+    ),
+    click.option(
+        "--examples",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Few-shot examples (CSV/Parquet with the template's columns and a label column).",
+    ),
 ]
 
 RUN_OPTIONS = [
@@ -124,6 +153,12 @@ RUN_OPTIONS = [
         "--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."
     ),
     click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+    click.option(
+        "--reparse",
+        is_flag=True,
+        default=None,
+        help="Read stored replies again under a changed label set or schema; send nothing.",
+    ),
     click.option(
         "--refresh-changed",
         is_flag=True,

@@ -91,6 +91,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Expected cost from a previous run's output.",
 )
+@click.option("--gold", help="With --pilot: the column of human labels to score the pilot's labels against.")
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True
 )
@@ -101,6 +102,7 @@ def estimate_cmd(
     input_path: Path | None,
     pilot: int | None,
     from_run: Path | None,
+    gold: str | None,
     fmt: str,
     **params: Any,
 ) -> int:
@@ -118,20 +120,26 @@ def estimate_cmd(
     keep = "output" in values  # -o (or the job file's output): keep the estimate in its journal
     values.setdefault("output", "estimate.parquet")
     job = build_job(values, job_file=job_file, flag_names=given)
-    observed = None
+    observed, accuracy = None, None
     if pilot is not None:
         if not keep:
             raise JobError("--pilot needs -o OUTPUT.parquet: the pilot's rows are kept in its journal")
         reporter = make_reporter(job.log_format, job.progress)
         try:
-            code, message, observed = run_async(run_pilot(job, pilot, reporter, command_line()))
+            code, message, observed, accuracy = run_async(
+                run_pilot(job, pilot, reporter, command_line(), gold)
+            )
         finally:
             reporter.close()
         if code not in (ExitCode.OK, ExitCode.ROW_ERRORS):
             return fail(f"the pilot stopped: {message}", code)
+    if gold is not None and (pilot is None or job.labeling is None):
+        raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
     report = estimate(job, from_run, observed)
     if pilot is not None:
         report["expected_from"] = f"a pilot of {pilot:,} rows"
+        if accuracy is not None:
+            report["pilot_accuracy"] = accuracy
     if keep:
         record_estimate(job, report)
     click.echo(format_estimate(report, fmt))

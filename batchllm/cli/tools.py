@@ -52,6 +52,30 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
 
 
 @cli.command(
+    "eval",
+    context_settings=CONTEXT,
+    epilog="""Examples:
+
+  batchllm eval out/reviews_labeled.parquet --gold human_label
+
+  batchllm eval out/reviews_labeled.parquet --gold human_label --by category --format json""",
+)
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--gold", required=True, help="Column with the human (gold) labels.")
+@click.option("--by", help="Also score each group of this column.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True
+)
+@handles_errors
+def eval_cmd(output: Path, gold: str, by: str | None, fmt: str) -> int:
+    """How good a labeling run's labels are against gold: accuracy, F1, kappa, confusion, $/correct."""
+    from ..reports.eval import evaluate, format_eval
+
+    click.echo(format_eval(evaluate(output, gold, by), fmt))
+    return 0
+
+
+@cli.command(
     "sandbox",
     context_settings=CONTEXT,
     epilog="""Example:
@@ -126,6 +150,21 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
 @click.option(
     "--no-usage", default=0.0, type=float, show_default=True, help="Share of replies without usage."
 )
+@click.option(
+    "--label-wrong", default=0.0, type=float, show_default=True, help="Labeling: share answered wrong."
+)
+@click.option(
+    "--label-prose", default=0.0, type=float, show_default=True, help="Labeling: share wrapped in prose."
+)
+@click.option(
+    "--label-out-of-set", default=0.0, type=float, show_default=True, help="Labeling: share outside the set."
+)
+@click.option(
+    "--label-invalid-json", default=0.0, type=float, show_default=True, help="Labeling: share of broken JSON."
+)
+@click.option(
+    "--label-truncated", default=0.0, type=float, show_default=True, help="Labeling: share cut at max_tokens."
+)
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
 @click.option(
     "--keep-log/--no-keep-log",
@@ -150,7 +189,11 @@ def sandbox_cmd(
         tokens = (int(low), int(high or low))
     except ValueError:
         return fail(f"--reply-tokens {reply_tokens!r} must be N or MIN-MAX")
-    rates = [k for k in options if (k.startswith("fail_") or k == "no_usage") and not 0 <= options[k] <= 1]
+    rates = [
+        k
+        for k in options
+        if (k.startswith(("fail_", "label_")) or k == "no_usage") and not 0 <= options[k] <= 1
+    ]
     if rates:
         return fail(f"--{rates[0].replace('_', '-')} must be a share from 0 to 1")
     if options["api_key"] is None:

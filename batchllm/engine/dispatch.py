@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
+from ..labeling.spec import Labeling
 from ..pricing import Model, cost
 from ..providers import Provider
-from ..records import Completion, Entry
-from ..tokens import counter_for
+from ..records import Completion, Entry, Request
+from ..tokens import TokenCounter, counter_for
 from .budget import Budget
 from .client import Client
 from .journal import Journal
+from .labeled import label_row
 from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
 
@@ -51,6 +53,7 @@ class Stats:
 
     ok: int = 0
     error: int = 0
+    invalid: int = 0  # labeling rows whose answers never validated
     rejected: int = 0  # recorded as errors without a request (over the window, null prompt)
     requests: int = 0
     retries: int = 0
@@ -62,7 +65,7 @@ class Stats:
 
     @property
     def done(self) -> int:
-        return self.ok + self.error
+        return self.ok + self.error + self.invalid
 
 
 class Dispatcher:
@@ -80,6 +83,7 @@ class Dispatcher:
         budget: Budget,
         max_error_rate: float,
         error_window: int,
+        labeling: Labeling | None = None,
         tpm_enabled: bool = False,
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
@@ -95,6 +99,8 @@ class Dispatcher:
         self.budget = budget
         self.grace = grace
         self.tpm_enabled = tpm_enabled
+        self.labeling = labeling
+        self.stop_budget = StopReason.BUDGET
         self._sleep = sleep
         self._prices = model.prices
         self.stats = Stats()
@@ -179,6 +185,9 @@ class Dispatcher:
                 return
 
     async def _process(self, item: WorkItem) -> None:
+        if self.labeling is not None:
+            await label_row(self, item)
+            return
         budget = self.budget
         reserved = 0
         if budget.cap is not None:
@@ -195,19 +204,30 @@ class Dispatcher:
 
     async def _send(self, item: WorkItem) -> int:
         """Send one row until it succeeds or fails for good; returns what it cost (picodollars)."""
-        stats, limiter, backoff = self.stats, self.limiter, self.backoff
         tokens = item.prompt_tokens + (item.request.max_tokens or self.max_tokens) if self.tpm_enabled else 0
+        result, attempts, latency_ms = await self.call(item.body, tokens)
+        if result is None:
+            return 0
+        if isinstance(result, APIError):
+            self._record_error(item, result, attempts)
+            return 0
+        return self._record_ok(item, result, attempts, latency_ms, tokens)
+
+    async def call(self, body: bytes, tokens: int) -> tuple[Completion | APIError | None, int, float]:
+        """One request until it succeeds or fails for good: (completion or final error, attempts,
+        latency of the last attempt in ms). None when the run stops first (the row stays pending)."""
+        stats, limiter, backoff = self.stats, self.limiter, self.backoff
         attempt = failures = 0
         first = time.monotonic()
         while True:
             await limiter.acquire(tokens)
             if self.stopping:
-                return 0
+                return None, attempt, 0.0
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
             try:
-                completion = await self.client.complete(item.body)
+                completion = await self.client.complete(body)
             except RetryableAPIError as exc:
                 elapsed = time.monotonic() - first
                 if exc.throttled:
@@ -219,10 +239,9 @@ class Dispatcher:
                     delay = backoff.delay(failures, exc.retry_after)
                     give_up = backoff.gives_up(failures, elapsed, delay)
                 if give_up:
-                    self._record_error(item, exc, attempt)
-                    return 0
+                    return exc, attempt, 0.0
                 if self.stopping:
-                    return 0
+                    return None, attempt, 0.0
                 stats.retries += 1
                 if delay > 0:
                     await self._sleep(delay)
@@ -231,24 +250,32 @@ class Dispatcher:
                 # Not the row's fault: leave it pending for the run that follows the fix.
                 self.stop_error = exc
                 self.request_stop(StopReason.API, exc.describe())
-                return 0
+                return None, attempt, 0.0
             except FatalAPIError as exc:
-                self._record_error(item, exc, attempt)
-                return 0
-            return self._record_ok(item, completion, attempt, (time.perf_counter() - t0) * 1000.0, tokens)
+                return exc, attempt, 0.0
+            return completion, attempt, (time.perf_counter() - t0) * 1000.0
 
-    def _record_ok(
-        self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
-    ) -> int:
+    @property
+    def counter(self) -> TokenCounter:
+        return counter_for(self.model.name)
+
+    def usage(self, request: Request, c: Completion, prompt_estimate: int = 0) -> tuple[int, int, bool]:
+        """(prompt, completion tokens, counted): the server's usage, or our count when it sent none."""
         prompt_tokens, completion_tokens = c.prompt_tokens, c.completion_tokens
         counted = prompt_tokens is None or completion_tokens is None
         if counted:  # the server reported no usage: count it, and say so on the row
             counter = counter_for(self.model.name)
             if prompt_tokens is None:
-                prompt_tokens = item.prompt_tokens or counter.count_messages(item.request.messages)
+                prompt_tokens = prompt_estimate or counter.count_messages(request.messages)
             if completion_tokens is None:
                 completion_tokens = counter.completion_tokens(c.text)
         assert prompt_tokens is not None and completion_tokens is not None
+        return prompt_tokens, completion_tokens, counted
+
+    def _record_ok(
+        self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
+    ) -> int:
+        prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
         in_cost, out_cost = cost(self._prices, prompt_tokens, completion_tokens)
         self.journal.add(
             Entry(
@@ -279,10 +306,10 @@ class Dispatcher:
         self.limiter.on_success()
         if reserved_tokens:
             self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
-        self._track(False)
+        self.track(False)
         return billed
 
-    def _add_error(self, row_id: str, content_hash: str, error: str, error_class: str, attempts: int) -> None:
+    def add_error(self, row_id: str, content_hash: str, error: str, error_class: str, attempts: int) -> None:
         self.journal.add(
             Entry(
                 row_id=row_id,
@@ -306,15 +333,15 @@ class Dispatcher:
         self.stats.error += 1
 
     def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
-        self._add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts)
-        self._track(True)
+        self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts)
+        self.track(True)
 
     def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:
         """A row refused before any request (over the window, no prompt): an error, not sent."""
-        self._add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
+        self.add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
         self.stats.rejected += 1
 
-    def _track(self, failed: bool) -> None:
+    def track(self, failed: bool) -> None:
         """Sliding window of the last N sent rows; too many failures stop the run."""
         window = self._window
         pos = self._window_pos

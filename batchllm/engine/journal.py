@@ -15,7 +15,9 @@ refused (``SettingsMismatch``) unless it passes ``--restart``. SQL lives in this
 
 Schema 2 added ``truncated`` and ``tokens_counted``; a schema-1 journal (every row Dataoorts')
 is migrated when opened, its ``truncated`` filled from the Dataoorts rule (completion_tokens equal
-to max_tokens), so it resumes.
+to max_tokens), so it resumes. Schema 3 added ``extra`` (a labeling row's result) and the
+``attempts`` table: every request of a labeling row (first answer, re-ask, sample) is committed as
+it comes back, with the rows, so a crash between a row's requests never pays for one twice.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from typing import Any
 import orjson
 
 from ..errors import JobError, SettingsMismatch
+from ..labeling.rows import Attempt
 from ..records import Entry
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -56,12 +59,27 @@ CREATE TABLE IF NOT EXISTS rows (
     finished_at REAL NOT NULL,
     model TEXT,
     truncated INTEGER,
-    tokens_counted INTEGER
+    tokens_counted INTEGER,
+    extra TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    row_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sample INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    input_cost_pico INTEGER,
+    output_cost_pico INTEGER,
+    truncated INTEGER NOT NULL,
+    PRIMARY KEY (row_id, seq)
 ) WITHOUT ROWID;
 """
 COLUMNS = Entry._fields
 _INSERT = f"INSERT OR REPLACE INTO rows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_ADDED_IN_2 = ("truncated", "tokens_counted")
+_ADDED = {"truncated": "INTEGER", "tokens_counted": "INTEGER", "extra": "TEXT"}
+_INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def db_path(journal_dir: Path) -> Path:
@@ -83,6 +101,7 @@ class Journal:
         self.directory = directory
         self.conn = conn
         self._pending: list[Entry] = []
+        self._pending_attempts: list[tuple[Any, ...]] = []
         self._scheduled = False
         self.write_error: sqlite3.Error | None = None
         self.rescued = 0  # rows written to the rescue file instead
@@ -91,10 +110,20 @@ class Journal:
         # Rows by status when opened: one scan serves the resume decision and the progress total.
         self.counts_before = self.status_counts()
         self.rows_before = sum(self.counts_before.values())
+        try:
+            self.has_attempts = conn.execute("SELECT EXISTS (SELECT 1 FROM attempts)").fetchone()[0] == 1
+        except sqlite3.OperationalError:  # an older journal, opened read-only
+            self.has_attempts = False
 
     @classmethod
-    def open(cls, directory: Path, settings: dict[str, Any], *, restart: bool = False) -> Journal:
-        """Open or create the journal in ``directory``; refuse one written with other settings."""
+    def open(
+        cls, directory: Path, settings: dict[str, Any], *, restart: bool = False, relabel: bool = False
+    ) -> Journal:
+        """Open or create the journal in ``directory``; refuse one written with other settings.
+
+        ``relabel`` (``--reparse``) accepts another label set or schema: the stored replies are
+        read again under the new one, and nothing is sent.
+        """
         if restart and directory.exists():
             for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
                 (directory / name).unlink(missing_ok=True)
@@ -107,6 +136,9 @@ class Journal:
             raise JobError(f"{directory}: cannot open the checkpoint journal: {exc}") from None
         journal = cls(directory, conn)
         stored = journal.get_meta("settings")
+        if relabel and stored is not None and stored.get("labeling") != settings.get("labeling"):
+            stored = {**stored, "labeling": settings.get("labeling")}
+            journal.set_meta("settings", stored)
         if stored is not None and stored == settings:
             journal.imported = journal._import_rescued()
             if journal.imported:
@@ -155,6 +187,17 @@ class Journal:
     def add(self, record: Entry) -> None:
         """Record a finished row; committed with the others of this loop turn."""
         self._pending.append(record)
+        self._schedule()
+
+    def add_attempt(self, row_id: str, seq: int, a: Attempt) -> None:
+        """Record one request of a labeling row as it comes back (committed like ``add``)."""
+        self._pending_attempts.append(
+            (row_id, seq, a.sample, a.kind, a.text, a.prompt_tokens, a.completion_tokens,
+             a.input_cost_pico, a.output_cost_pico, a.truncated)
+        )  # fmt: skip
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             try:
@@ -164,12 +207,15 @@ class Journal:
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self._pending:
+        if not self._pending and not self._pending_attempts:
             return
         pending, self._pending = self._pending, []
+        attempts, self._pending_attempts = self._pending_attempts, []
         conn = self.conn
         try:
             conn.execute("BEGIN")
+            if attempts:
+                conn.executemany(_INSERT_ATTEMPT, attempts)
             conn.executemany(_INSERT, pending)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -179,12 +225,14 @@ class Journal:
                 conn.execute("ROLLBACK")
             if self.write_error is None:
                 self.write_error = exc
-            self._rescue(pending)
+            self._rescue(pending, attempts)
 
-    def _rescue(self, records: list[Entry]) -> None:
+    def _rescue(self, records: list[Entry], attempts: list[tuple[Any, ...]] | None = None) -> None:
+        lines = [orjson.dumps(list(r)) for r in records]
+        lines += [orjson.dumps({"attempt": list(a)}) for a in attempts or ()]
         try:
             with open(self.directory / RESCUE_NAME, "ab") as fh:
-                fh.write(b"".join(orjson.dumps(list(r)) + b"\n" for r in records))
+                fh.write(b"".join(line + b"\n" for line in lines))
                 fh.flush()
                 os.fsync(fh.fileno())
             self.rescued += len(records)
@@ -196,8 +244,11 @@ class Journal:
         path = self.directory / RESCUE_NAME
         if not path.exists():
             return 0
-        records = [_entry(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+        loaded = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        records = [_entry(x) for x in loaded if isinstance(x, list)]
+        attempts = [tuple(x["attempt"]) for x in loaded if isinstance(x, dict)]
         self.conn.execute("BEGIN")
+        self.conn.executemany(_INSERT_ATTEMPT, attempts)
         self.conn.executemany(_INSERT, records)
         self.conn.execute("COMMIT")
         path.unlink()
@@ -287,10 +338,32 @@ class Journal:
         return cur.rowcount
 
     def spent_pico(self) -> int:
+        """All this output has paid for: finished rows, and requests of rows not finished yet."""
         row = self.conn.execute(
             "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM rows"
         ).fetchone()
-        return int(row[0])
+        partial = self.conn.execute(
+            "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM attempts "
+            "WHERE row_id NOT IN (SELECT row_id FROM rows)"
+        ).fetchone()
+        return int(row[0]) + int(partial[0])
+
+    def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
+        """The journaled requests of these rows, in order (a labeling row resumes from them)."""
+        cur = self.conn.execute(
+            "SELECT row_id, sample, kind, text, prompt_tokens, completion_tokens, input_cost_pico, "
+            "output_cost_pico, truncated FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY row_id, seq",
+            (orjson.dumps(list(row_ids)),),
+        )
+        out: dict[str, list[Attempt]] = {}
+        for r in cur:
+            out.setdefault(r[0], []).append(Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])))
+        return out
+
+    def labeled_rows(self) -> list[str]:
+        """Rows with journaled labeling requests (``--reparse`` reads them again)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT row_id FROM attempts")]
 
 
 def _entry(values: list[Any]) -> Entry:
@@ -301,15 +374,15 @@ def _entry(values: list[Any]) -> Entry:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a schema-1 journal up to date: add the new columns and fill ``truncated``."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(rows)")}
-    missing = [c for c in _ADDED_IN_2 if c not in have]
+    missing = [c for c in _ADDED if c not in have]
     if not missing:
         return
     conn.execute("BEGIN")
     for column in missing:
-        conn.execute(f"ALTER TABLE rows ADD COLUMN {column} INTEGER")
+        conn.execute(f"ALTER TABLE rows ADD COLUMN {column} {_ADDED[column]}")
     row = conn.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
     max_tokens = (orjson.loads(row[0]).get("params") or {}).get("max_tokens") if row else None
-    if isinstance(max_tokens, int):
+    if isinstance(max_tokens, int) and "truncated" in missing:
         conn.execute(
             "UPDATE rows SET truncated = (completion_tokens >= ?), tokens_counted = 0 WHERE status = 'ok'",
             (max_tokens,),

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..inputs import InputFile
+from ..labeling.spec import Labeling
 from ..pricing import to_usd
 from ..records import Entry
 from .journal import Journal
@@ -68,21 +69,24 @@ class Totals:
         self.rows = self.ok = self.error = self.pending = self.truncated = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.input_cost_pico = self.output_cost_pico = 0
-        self.unpriced = 0  # ok rows without a cost (no price for the model)
+        self.invalid = 0  # labeling rows whose answers never validated
+        self.priced = 0  # rows with a cost
+        self.unpriced = 0  # answered rows without a cost (no price for the model)
 
     @property
     def cost_pico(self) -> int:
         return self.input_cost_pico + self.output_cost_pico
 
     def cost_or_none(self, pico: int) -> int | None:
-        """A cost total, or None when every ok row lacks a price (nothing was priced)."""
-        return None if self.unpriced and self.unpriced == self.ok else pico
+        """A cost total, or None when no answered row had a price."""
+        return None if self.unpriced and not self.priced else pico
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "rows": self.rows,
             "ok": self.ok,
             "error": self.error,
+            "invalid": self.invalid,
             "pending": self.pending,
             "truncated": self.truncated,
             "prompt_tokens": self.prompt_tokens,
@@ -99,10 +103,12 @@ def write_output(
     builder: Builder,
     journal: Journal,
     metadata: Callable[[Totals], dict[str, Any]],
+    labeling: Labeling | None = None,
 ) -> Totals:
     """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it."""
     kept = source.output_columns
-    schema = pa.schema([source.schema.field(name) for name in kept] + RESULT_FIELDS)
+    extra = labeling.columns() if labeling is not None else []
+    schema = pa.schema([source.schema.field(name) for name in kept] + RESULT_FIELDS + extra)
     totals = Totals()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -115,7 +121,10 @@ def write_output(
             for batch in source.batches():
                 prompts = builder.build(batch.select(builder.read_columns), position)
                 position += batch.num_rows
-                results = _result_columns(prompts.row_ids, journal.fetch(prompts.row_ids), totals)
+                entries = journal.fetch(prompts.row_ids)
+                results = _result_columns(prompts.row_ids, entries, totals)
+                if labeling is not None:
+                    results += label_columns(prompts.row_ids, entries, labeling)
                 arrays = [batch.column(name) for name in kept] + results
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
@@ -148,8 +157,13 @@ def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Total
         cols["latency_ms"][i] = e.latency_ms
         cols["model"][i] = e.model
         cols["finished_at"][i] = int(e.finished_at * 1000)
-        if e.status != "ok":
+        if e.status == "error":
             totals.error += 1
+        elif e.status == "invalid":
+            totals.invalid += 1
+        else:
+            totals.ok += 1
+        if e.prompt_tokens is None:  # refused, or failed before any reply: nothing billed
             continue
         pt, ct = e.prompt_tokens or 0, e.completion_tokens or 0
         cols["prompt_tokens"][i] = pt
@@ -157,7 +171,6 @@ def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Total
         cols["total_tokens"][i] = pt + ct
         cols["truncated"][i] = bool(e.truncated)
         cols["tokens_counted"][i] = bool(e.tokens_counted)
-        totals.ok += 1
         totals.prompt_tokens += pt
         totals.completion_tokens += ct
         totals.truncated += bool(e.truncated)
@@ -168,10 +181,39 @@ def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Total
         cols["input_cost_usd"][i] = to_usd(ic)
         cols["output_cost_usd"][i] = to_usd(oc)
         cols["cost_usd"][i] = to_usd(ic + oc)
+        totals.priced += 1
         totals.input_cost_pico += ic
         totals.output_cost_pico += oc
     totals.rows += n
     return [pa.array(cols[f.name], type=f.type) for f in RESULT_FIELDS]
+
+
+def label_columns(row_ids: list[str], entries: dict[str, Entry], labeling: Labeling) -> list[pa.Array]:
+    """A labeling job's columns from each row's ``extra``: the label or the schema's typed fields,
+    parse_error, reasks, agreement and votes, and what re-asks and extra samples cost."""
+    fields = labeling.columns()
+    cols: dict[str, list[Any]] = {f.name: [None] * len(row_ids) for f in fields}
+    for i, row_id in enumerate(row_ids):
+        e = entries.get(row_id)
+        if e is None or e.extra is None:
+            continue
+        x = orjson.loads(e.extra)
+        value = x.get("value")
+        if labeling.is_schema:
+            for f in labeling.fields:
+                cols[f.name][i] = value.get(f.name) if isinstance(value, dict) else None
+        else:
+            cols["label"][i] = value
+        cols["parse_error"][i] = x.get("parse_error")
+        cols["reasks"][i] = x.get("reasks")
+        if "agreement" in cols:
+            cols["agreement"][i] = x.get("agreement")
+            votes = x.get("votes")
+            cols["label_votes"][i] = list(votes.items()) if votes else None
+        for kind in ("reask", "sample"):
+            pico = x.get(f"{kind}_cost_pico")
+            cols[f"{kind}_cost_usd"][i] = None if pico is None else to_usd(pico)
+    return [pa.array(cols[f.name], type=f.type) for f in fields]
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:

@@ -21,10 +21,11 @@ import pyarrow.compute as pc
 from ..errors import JobError
 from ..inputs import InputFile
 from ..job import Job
+from ..labeling.rows import Attempt
 from ..pricing import Model, resolve_model
-from ..prompts import PromptBatch, PromptBuilder, RequestMaker
+from ..prompts import PromptBatch, PromptBuilder, RequestMaker, load_examples
 from ..providers import Provider, get_provider
-from ..records import Request
+from ..records import Message, Request
 from ..tokens import TokenCounter, counter_for
 from .journal import Journal
 from .output import check_no_clash
@@ -37,6 +38,8 @@ class WorkItem(NamedTuple):
     body: bytes
     prompt_tokens: int  # exact estimate, or 0 when not counted
     worst_pico: int  # the most this row may cost; 0 when no budget
+    prior: tuple[Attempt, ...] = ()  # a labeling row's requests journaled by an earlier run
+    retry: bool = False  # sent again after it ended invalid (--retry-errors): fresh re-asks
 
 
 class Builder(Protocol):
@@ -61,6 +64,10 @@ class Prepared:
     source: InputFile
     builder: Builder
     rows: int
+    examples: tuple[Message, ...] = ()
+
+    def maker(self) -> RequestMaker:
+        return RequestMaker(self.job, self.examples)
 
 
 def prepare(job: Job) -> Prepared:
@@ -98,7 +105,13 @@ def prepare(job: Job) -> Prepared:
             f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
             "give --input-price and --output-price (USD per million tokens)"
         )
-    return Prepared(job, provider, model, source, builder, rows)
+    if job.labeling is not None:
+        clash = [c.name for c in job.labeling.columns() if c.name in source.output_columns]
+        if clash:
+            raise JobError(
+                f"{job.input}: input column {clash[0]!r} has the name of a labeling output column; rename it"
+            )
+    return Prepared(job, provider, model, source, builder, rows, load_examples(job))
 
 
 def _check_unique_ids(source: InputFile, column: str) -> None:
@@ -130,12 +143,12 @@ class Admission:
         self.window = model.context_window
         self.max_chars = p.provider.max_content_chars
         self.prices = model.prices
-        self.system = job.system
+        self.prefix = p.maker().prefix
         self.count_all = count_all
         self.model_name = model.name
         # Template tokens without the tokenizer, an upper bound: a token is at least one UTF-8
         # byte and a character at most four.
-        self.bound_overhead = 14 + 4 * len(job.system or "") + 2
+        self.bound_overhead = 14 + sum(4 * len(m.content) + 6 for m in self.prefix) + 2
         # What the server's own chat template may add to our count (the budget reserves it).
         self.slack = p.provider.template_slack
         self._counter: TokenCounter | None = None
@@ -146,7 +159,7 @@ class Admission:
         """The model family's counter, loaded on first use (a few hundred ms for Llama 3)."""
         if self._counter is None:
             self._counter = counter_for(self.model_name)
-            self._overhead = self._counter.overhead(self.system)
+            self._overhead = self._counter.prefix_overhead(self.prefix)
         return self._counter
 
     def needs_count(self, text: str | None) -> bool:
@@ -217,8 +230,9 @@ class Plan:
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
         self.admission = Admission(p, count_all=p.job.max_cost_pico is not None or p.job.tpm is not None)
 
-    def _decide(self, journal: Journal) -> Iterator[tuple[PromptBatch, Sequence[int]]]:
-        """Per input batch: the batch made ready, and the indexes of its rows to send."""
+    def _decide(self, journal: Journal) -> Iterator[tuple[PromptBatch, Sequence[int], set[int]]]:
+        """Per input batch: the batch made ready, the indexes of its rows to send, and which of
+        those are sent again after their answers never validated."""
         job, builder = self.job, self.p.builder
         position = shared = changed_kept = 0
         resuming = journal.rows_before > 0
@@ -229,10 +243,11 @@ class Plan:
                 every: Sequence[int] = range(len(pb.row_ids))
                 if self.only is not None:
                     every = [i for i in every if pb.start + i in self.only]
-                yield pb, every
+                yield pb, every, set()
                 continue
             unfinished = journal.unfinished(pb.row_ids, None if builder.ids_embed_hash else pb.hashes)
             send: list[int] = []
+            invalid: set[int] = set()
             new = 0
             for i, status in unfinished:
                 if status is None:
@@ -243,11 +258,13 @@ class Plan:
                         continue
                 elif not job.retry_errors:
                     continue
+                elif status == "invalid":
+                    invalid.add(i)
                 send.append(i)
             shared += len(pb.row_ids) - new
             if self.only is not None:
                 send = [i for i in send if pb.start + i in self.only]
-            yield pb, send
+            yield pb, send, invalid
         if resuming and shared == 0:
             self.warn(
                 f"the input shares no rows with the journal in {journal.directory} "
@@ -272,11 +289,15 @@ class Plan:
     def items(self, journal: Journal, reject: Callable[[str, str, Rejection], None]) -> Iterator[WorkItem]:
         """WorkItems for the rows to send; rows refused before sending go to ``reject``."""
         admission, provider = self.admission, self.p.provider
-        maker = RequestMaker(self.job)
+        maker = self.p.maker()
         budget = self.job.max_cost_pico is not None
         warned = False
-        for pb, send in self._decide(journal):
+        labeling = self.job.labeling is not None
+        for pb, send, invalid in self._decide(journal):
             start, row_ids, hashes, users, requests = pb.start, pb.row_ids, pb.hashes, pb.users, pb.requests
+            prior: dict[str, list[Attempt]] = {}
+            if labeling and journal.has_attempts:
+                prior = journal.attempts_for([row_ids[i] for i in send])
             exact: dict[int, int] = {}
             countable = [i for i in send if admission.needs_count(users[i])]
             if requests is not None:  # whole requests: count them all, exactly as sent
@@ -300,4 +321,13 @@ class Plan:
                 assert user is not None
                 request = maker.make(user) if given is None else given
                 worst = admission.worst_pico(user, prompt_tokens, max_tokens) if budget else 0
-                yield WorkItem(row_ids[i], hashes[i], request, provider.encode(request), prompt_tokens, worst)
+                yield WorkItem(
+                    row_ids[i],
+                    hashes[i],
+                    request,
+                    provider.encode(request),
+                    prompt_tokens,
+                    worst,
+                    tuple(prior.get(row_ids[i], ())),
+                    i in invalid,
+                )

@@ -30,6 +30,7 @@ from .budget import Budget
 from .client import Client
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
+from .labeled import reparse
 from .lock import RunLock
 from .observer import Observer, Silent
 from .output import Totals, write_output
@@ -92,7 +93,9 @@ class Run:
                 self.warn(
                     f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
                 )
-            journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+            journal = Journal.open(
+                job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse
+            )
             if journal.imported:
                 self.warn(
                     f"imported {journal.imported:,} replies an earlier run could not write to the journal"
@@ -162,6 +165,7 @@ class Run:
                 budget=budget,
                 max_error_rate=job.max_error_rate,
                 error_window=job.error_window,
+                labeling=job.labeling,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
             )
@@ -176,7 +180,12 @@ class Run:
                     f"--max-runtime {job.max_runtime:g} s reached",
                 )
             try:
-                await dispatcher.run(self.plan.items(journal, dispatcher.record_rejected), self.hard_stop)
+                if job.reparse and job.labeling is not None:  # read stored replies again; send nothing
+                    self.warn(
+                        f"read {reparse(journal, job.labeling, p.model.name):,} rows again under the new labels"
+                    )
+                else:
+                    await dispatcher.run(self.plan.items(journal, dispatcher.record_rejected), self.hard_stop)
             finally:
                 ticker.cancel()
                 self.observer.progress(snapshot(dispatcher.stats))
@@ -221,12 +230,12 @@ class Run:
         if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
             journal.flush()
             totals = write_output(
-                job.output, self.p.source, self.p.builder, journal, lambda t: summary(t, None)
+                job.output, self.p.source, self.p.builder, journal, lambda t: summary(t, None), job.labeling
             )
             output = job.output
         if reason is not None:
             code = _STOP_EXIT[reason]
-        elif totals is not None and totals.error:
+        elif totals is not None and (totals.error or totals.invalid):
             code = ExitCode.ROW_ERRORS
         else:
             code = ExitCode.OK

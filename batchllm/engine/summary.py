@@ -84,6 +84,7 @@ def build_summary(
         "this_run": {
             "rows_sent_ok": stats.ok,
             "rows_failed": stats.error,
+            "rows_invalid": stats.invalid,
             "rows_rejected_unsent": stats.rejected,
             "requests": stats.requests,
             "retries": stats.retries,
@@ -101,6 +102,7 @@ def build_summary(
             "total": totals.rows,
             "ok": totals.ok,
             "error": totals.error,
+            "invalid": totals.invalid,
             "pending": totals.pending,
             "truncated": totals.truncated,
         }
@@ -151,6 +153,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         state = "complete" if summary["complete"] else "INCOMPLETE"
         lines.append(
             f"done ({state}): {rows['ok']:,} ok, {rows['error']:,} failed"
+            + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
             + f" of {rows['total']:,} rows"
             + (f"; {rows['truncated']:,} replies cut at max_tokens" if rows["truncated"] else "")

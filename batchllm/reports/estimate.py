@@ -197,6 +197,14 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
         )
     )
     rows.append(("token counts", e["token_counts"]))
+    if "pilot_accuracy" in e:
+        a = e["pilot_accuracy"]
+        rows.append(
+            (
+                f"pilot accuracy ({a['rows']:,} rows with gold)",
+                f"{a['accuracy']:.1%} (95%: {a['low']:.1%} to {a['high']:.1%})",
+            )
+        )
     if fmt == "markdown":
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     width = max(len(k) for k, _ in rows)

@@ -33,6 +33,7 @@ _BASE_COLUMNS = [
     "input_cost_usd",
     "output_cost_usd",
 ]
+_SPLIT = ["reask_cost_usd", "sample_cost_usd"]  # a labeling run's spend beyond first answers
 _CLASS = re.compile(r"^(\w+)")
 
 
@@ -54,6 +55,7 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
                 + ", ".join(repr(c) for c in schema.names)
             )
         columns.append(by)
+    columns += [c for c in _SPLIT if c in schema.names]
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
     # Each row's cost is what it cost when answered (live, or at a batch discount): read back
@@ -64,6 +66,21 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     frame["cost_pico"] = _pico(frame["input_cost_usd"]) + _pico(frame["output_cost_usd"])
     frame["error_class"] = frame["error"].astype("object").map(_error_class)
     return frame, summary
+
+
+def _split(frame: pd.DataFrame, total_pico: int, priced: bool) -> dict[str, Any]:
+    """A labeling run's spend: first answers, re-asks and extra samples."""
+    if "reask_cost_usd" not in frame.columns or not priced:
+        return {}
+    reasks = int(_pico(frame["reask_cost_usd"]).sum())
+    samples = int(_pico(frame["sample_cost_usd"]).sum())
+    return {
+        "spend_usd": {
+            "first_answers": usd_text(total_pico - reasks - samples),
+            "reasks": usd_text(reasks),
+            "extra_samples": usd_text(samples),
+        }
+    }
 
 
 def _pico(usd: pd.Series) -> pd.Series:
@@ -107,6 +124,7 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
             "p99": round(pct(latency, 99), 1),
         },
         "errors_by_class": {str(k): int(v) for k, v in frame["error_class"].value_counts().items()},
+        **_split(frame, total_pico, priced),
         "_cost_pico": total_pico,
     }
 
@@ -164,7 +182,17 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
         ("truncated replies", f"{stats['truncated']:,}"),
         ("latency", f"p50 {lat['p50']:,} ms, p95 {lat['p95']:,} ms, p99 {lat['p99']:,} ms"),
         ("errors by class", errors),
-    ]
+    ] + (
+        [
+            (
+                "spend",
+                f"first answers ${stats['spend_usd']['first_answers']}, re-asks ${stats['spend_usd']['reasks']}, "
+                f"extra samples ${stats['spend_usd']['extra_samples']}",
+            )
+        ]
+        if "spend_usd" in stats
+        else []
+    )
 
 
 def _usd(text: str | None) -> str:

@@ -42,6 +42,7 @@ from aiohttp import web
 
 from ..pricing import Model, load_models
 from ..tokens import get_counter
+from . import labeler
 from .faces import DataoortsFace, OpenAIFace, Parsed
 
 # Each is a single Llama 3 token both as " word" and as "Word" (checked by the tests), so a reply
@@ -141,6 +142,13 @@ class SandboxConfig:
     fail_garbled: float = 0.0
     fail_3040: float = 0.0  # bare 429s, without a wait
     no_usage: float = 0.0  # share of replies that leave usage out
+    # As a labeling model (labeler.py): shares of first answers that are wrong, wrapped in prose,
+    # outside the label set (or of the wrong type), broken JSON, or cut off at max_tokens.
+    label_wrong: float = 0.0
+    label_prose: float = 0.0
+    label_out_of_set: float = 0.0
+    label_invalid_json: float = 0.0
+    label_truncated: float = 0.0
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
@@ -316,23 +324,54 @@ class Sandbox:
         if prompt_tokens + parsed.max_tokens > window:
             return face.window_error(prompt_tokens + parsed.max_tokens, window)
 
-        text, n = reply_text(parsed.seed_material, model.name, *cfg.reply_tokens)
-        truncated = n > parsed.max_tokens
-        if n > parsed.max_tokens:
-            text = " ".join(text.split(" ")[: parsed.max_tokens])
-            n = parsed.max_tokens
+        labeled = labeler.answer(parsed.messages, parsed.seed_material, self.label_rates)
+        if labeled is not None:
+            text, which, reask = labeled
+            self.stats["labeling_reasks" if reask else f"label_{which or 'clean'}"] += 1
+            text, n, truncated = self._cut(text, parsed.max_tokens)
+        else:
+            text, n = reply_text(parsed.seed_material, model.name, *cfg.reply_tokens)
+            truncated = n > parsed.max_tokens
+            if n > parsed.max_tokens:
+                text = " ".join(text.split(" ")[: parsed.max_tokens])
+                n = parsed.max_tokens
         delay = cfg.latency + cfg.latency_per_token * n
         if delay > 0:
             if cfg.jitter:
                 delay *= 1 + cfg.jitter * (2 * self.rng.random() - 1)
             await asyncio.sleep(delay)
         usage = not (cfg.no_usage and self.rng.random() < cfg.no_usage)
+        if not garbled:  # what the emulated provider bills
+            self.stats["prompt_tokens"] += prompt_tokens
+            self.stats["completion_tokens"] += n
         response = face.success(text, prompt_tokens, n, truncated, model.name, usage)
         response.headers.update(self._rate_headers(face))
         if garbled:
             assert isinstance(response.body, bytes)
             response.body = response.body[: len(response.body) // 2]
         return response
+
+    @property
+    def label_rates(self) -> list[tuple[str, float]]:
+        cfg = self.config
+        return [
+            ("wrong", cfg.label_wrong),
+            ("prose", cfg.label_prose),
+            ("out_of_set", cfg.label_out_of_set),
+            ("invalid_json", cfg.label_invalid_json),
+            ("truncated", cfg.label_truncated),
+        ]
+
+    def _cut(self, text: str, max_tokens: int) -> tuple[str, int, bool]:
+        """A labeling reply cut at max_tokens, word by word (counted with the real tokenizer)."""
+        n = self.counter.completion_tokens(text)
+        if n <= max_tokens:
+            return text, n, False
+        words = text.split(" ")
+        while len(words) > 1 and self.counter.completion_tokens(" ".join(words)) > max_tokens:
+            words.pop()
+        text = " ".join(words)
+        return text, self.counter.completion_tokens(text), True
 
     def _fault(self) -> str | None:
         cfg = self.config

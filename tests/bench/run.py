@@ -295,6 +295,50 @@ def rate_limits() -> dict:
     return figures
 
 
+def labeling_cost(rows: int, rounds: int = 3) -> dict:
+    """rows/s at zero latency with --labels and with --json-schema, next to a plain run, alternating."""
+    box = Sandbox("--no-keep-log")
+    src = make_input(rows, f"lab-{rows}.csv")
+    schema = WORK / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {
+                    "sentiment": {"enum": ["positive", "negative", "neutral"]},
+                    "stars": {"type": "integer"},
+                },
+                "required": ["sentiment"],
+            }
+        )
+    )
+    modes = {
+        "plain": [],
+        "labels": ["--labels", "positive,negative,neutral"],
+        "json_schema": ["--json-schema", str(schema)],
+    }
+    spans: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for _ in range(rounds):
+            for mode, extra in modes.items():
+                box.reset()
+                code, _, _ = run_batchllm(
+                    box, src, WORK / f"lab-{mode}.parquet", "--rpm", "0", "--concurrency", "256", "--restart",
+                    "--max-tokens", "32", *extra,
+                )  # fmt: skip
+                assert code in (0, 1), code
+                spans[mode].append(box.span())
+    finally:
+        box.close()
+    best = {m: min(v) for m, v in spans.items()}
+    return {
+        "rows": rows,
+        **{f"rows_per_s_{m}": round(rows / t) for m, t in best.items()},
+        "ratio_labels": round(best["plain"] / best["labels"], 3),
+        "ratio_json_schema": round(best["plain"] / best["json_schema"], 3),
+    }
+
+
 def estimate_speed(sizes: list[int]) -> dict:
     """`batchllm estimate` on rows of ~150 tokens: rows/s, tokens/s and peak RSS per size."""
     words = [
@@ -341,7 +385,7 @@ def estimate_speed(sizes: list[int]) -> dict:
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["throughput", "latency", "journal", "rates", "memory", "estimate"]
+    which = sys.argv[1:] or ["throughput", "latency", "journal", "rates", "labeling", "memory", "estimate"]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
         results["zero_latency_20k"] = throughput(n(20_000), 0.0, 256)
@@ -357,6 +401,9 @@ def main() -> None:
     if "rates" in which:
         results["rate_limits"] = rate_limits()
         print(json.dumps(results["rate_limits"]), flush=True)
+    if "labeling" in which:
+        results["labeling"] = labeling_cost(n(20_000))
+        print(json.dumps(results["labeling"]), flush=True)
     if "memory" in which:
         sizes = [n(20_000), n(200_000), n(1_000_000)]
         results["memory_resume"] = memory_and_resume(sizes)

@@ -1,0 +1,194 @@
+"""A labeling row in the worker pool: requests until its answer validates, each one journaled.
+
+The next request is always decided by ``labeling.rows.RowLabeler`` from the attempts so far (a
+resumed row starts from the attempts its earlier run journaled), so this module only does what
+needs the engine: reserve each request's worst case against ``--max-cost`` before it leaves,
+send it through the dispatcher's retrying ``call``, journal the reply as an attempt at once, and
+book the row once its outcome is known, with the tokens and costs of every request summed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ..errors import APIError
+from ..labeling.rows import Attempt, RowLabeler
+from ..labeling.spec import Labeling
+from ..pricing import cost
+from ..records import Entry, Request
+from .journal import Journal
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+    from .plan import WorkItem
+
+
+def worst_pico(d: Dispatcher, request: Request, max_tokens: int) -> int:
+    """The most one request may cost: its prompt (counted, or bounded by its bytes) and max_tokens."""
+    prices = d.model.prices
+    if prices is None:
+        return 0
+    counter = d.counter
+    if counter.exact:
+        tokens = counter.count_messages(request.messages)
+    else:
+        tokens = sum(len(m.content.encode("utf-8")) + 8 for m in request.messages) + 16
+    return (tokens + d.provider.template_slack) * prices.input_pico + max_tokens * prices.output_pico
+
+
+async def label_row(d: Dispatcher, item: WorkItem) -> None:
+    assert d.labeling is not None
+    labeler = RowLabeler(d.labeling, item.request, d.labeling.reask if item.retry else 0)
+    attempts = list(item.prior)
+    calls, latency_ms = 0, 0.0
+    budget, stats = d.budget, d.stats
+    while (step := labeler.next_request(attempts)) is not None:
+        max_tokens = step.request.max_tokens or d.max_tokens
+        body = item.body if step.request is item.request else d.provider.encode(step.request)
+        worst = worst_pico(d, step.request, max_tokens) if budget.cap is not None else 0
+        if budget.cap is not None and not await budget.reserve(worst):
+            d.request_stop(d.stop_budget, "budget reached")
+            return
+        billed = 0
+        try:
+            result, n, latency_ms = await d.call(body, 0)
+            calls += n
+            if result is None:
+                return  # stopping: the attempts so far are journaled; the row resumes from them
+            if isinstance(result, APIError):
+                _book(d, item, attempts, calls, latency_ms, error=result)
+                return
+            pt, ct, counted = d.usage(step.request, result)
+            in_cost, out_cost = cost(d.model.prices, pt, ct)
+            attempt = Attempt(
+                step.sample,
+                step.kind,
+                result.text,
+                pt,
+                ct,
+                in_cost,
+                out_cost,
+                d.provider.truncated(result, max_tokens),
+            )
+            d.journal.add_attempt(item.row_id, len(attempts), attempt)
+            attempts.append(attempt)
+            billed = (in_cost or 0) + (out_cost or 0)
+            stats.prompt_tokens += pt
+            stats.completion_tokens += ct
+            stats.cost_pico += billed
+            d.limiter.on_success()
+        finally:
+            if budget.cap is None or worst:
+                budget.settle(worst, billed)
+    _book(d, item, attempts, calls, latency_ms)
+
+
+def _book(
+    d: Dispatcher,
+    item: WorkItem,
+    attempts: list[Attempt],
+    calls: int,
+    latency_ms: float,
+    error: APIError | None = None,
+) -> None:
+    """The row's entry: the outcome, with the tokens and costs of every request it took."""
+    assert d.labeling is not None
+    pt = sum(a.prompt_tokens for a in attempts)
+    ct = sum(a.completion_tokens for a in attempts)
+    priced = all(a.input_cost_pico is not None for a in attempts)
+    in_cost = sum(a.input_cost_pico or 0 for a in attempts) if priced else None
+    out_cost = sum(a.output_cost_pico or 0 for a in attempts) if priced else None
+
+    def spent(kind: str) -> int | None:
+        if not priced:
+            return None
+        return sum((a.input_cost_pico or 0) + (a.output_cost_pico or 0) for a in attempts if a.kind == kind)
+
+    extra: dict[str, object] = {"reask_cost_pico": spent("reask"), "sample_cost_pico": spent("sample")}
+    text: str | None
+    message: str | None
+    error_class: str | None
+    if error is not None:
+        status, text, message, error_class = "error", None, error.describe(), type(error).__name__
+        extra.update(reasks=sum(a.kind == "reask" for a in attempts))
+        d.stats.error += 1
+        d.track(True)
+    else:
+        outcome = RowLabeler(d.labeling, item.request).outcome(attempts)
+        status, text = outcome.status, outcome.text
+        message = None if outcome.error is None else f"invalid: {outcome.error}"
+        error_class = None if outcome.error is None else "Invalid"
+        extra.update(
+            value=outcome.value,
+            parse_error=outcome.error,
+            reasks=outcome.reasks,
+            agreement=outcome.agreement,
+            votes=outcome.votes,
+        )
+        if status == "ok":
+            d.stats.ok += 1
+        else:
+            d.stats.invalid += 1
+        d.track(False)
+    d.journal.add(
+        Entry(
+            row_id=item.row_id,
+            content_hash=item.content_hash,
+            status=status,
+            response=text,
+            prompt_tokens=pt if attempts else None,
+            completion_tokens=ct if attempts else None,
+            input_cost_pico=in_cost if attempts else None,
+            output_cost_pico=out_cost if attempts else None,
+            error=message,
+            error_class=error_class,
+            attempts=calls,
+            latency_ms=latency_ms or None,
+            finished_at=time.time(),
+            model=d.model.name,
+            truncated=attempts[-1].truncated if attempts else None,
+            tokens_counted=None,
+            extra=orjson.dumps(extra).decode(),
+        )
+    )
+
+
+def reparse(journal: Journal, labeling: Labeling, model: str) -> int:
+    """``--reparse``: read every stored reply again under this label set or schema; no request.
+
+    Rows keep their tokens, costs and attempts; their label, status and parse error are redone.
+    Returns how many rows were read again.
+    """
+    rows = journal.labeled_rows()
+    done = 0
+    for start in range(0, len(rows), 8192):
+        chunk = rows[start : start + 8192]
+        attempts, entries = journal.attempts_for(chunk), journal.fetch(chunk)
+        for row_id in chunk:
+            entry = entries.get(row_id)
+            if entry is None or entry.status == "error":
+                continue  # unfinished rows resume in a run; failed requests have no reply to read
+            base = Request("", model, (), {})
+            outcome = RowLabeler(labeling, base).outcome(attempts[row_id])
+            extra = orjson.loads(entry.extra or "{}")
+            extra.update(
+                value=outcome.value,
+                parse_error=outcome.error,
+                agreement=outcome.agreement,
+                votes=outcome.votes,
+            )
+            journal.add(
+                entry._replace(
+                    status=outcome.status,
+                    response=outcome.text,
+                    error=None if outcome.error is None else f"invalid: {outcome.error}",
+                    error_class=None if outcome.error is None else "Invalid",
+                    extra=orjson.dumps(extra).decode(),
+                )
+            )
+            done += 1
+        journal.flush()
+    return done

@@ -1,0 +1,135 @@
+"""Reading a reply into a label or a typed object: free deterministic repair, then validation.
+
+Labels: the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
+punctuation) and matched against the set; failing that, a single allowed label standing as a
+whole word inside prose ("Sure! The label is: positive.") is taken. Anything else is an error
+code, never a guess. JSON: the first JSON object in the reply (in prose or a code fence) is cut
+out by bracket matching, never completed: a reply cut off mid-object is ``invalid_json``.
+
+Error codes are stable strings: ``not_in_set:<value>``, ``no_json``, ``invalid_json``,
+``schema:<field>``, ``truncated`` (and ``no_majority`` from votes.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from .spec import Field, Labeling
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+_STRIP = " \t\r\n*_`'\".,;:!?()[]{}<>"
+
+
+def clean(text: str) -> str:
+    return _FENCE.sub("", text.strip()).strip(_STRIP)
+
+
+def parse_label(text: str, labels: tuple[str, ...], truncated: bool) -> tuple[str | None, str | None]:
+    """(label, None) or (None, error code)."""
+    by_lower = {label.lower(): label for label in labels}
+    cleaned = clean(text)
+    exact = by_lower.get(" ".join(cleaned.split()).lower())
+    if exact is not None:
+        return exact, None
+    pattern = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
+    found = {
+        m.group(0).lower() for m in re.finditer(rf"(?<![\w-])(?:{pattern})(?![\w-])", text, re.IGNORECASE)
+    }
+    if len(found) == 1:
+        return by_lower[found.pop()], None
+    if truncated:
+        return None, "truncated"
+    value = " ".join(cleaned.split())[:40] or "(empty)"
+    return None, f"not_in_set:{value}"
+
+
+def first_object(text: str) -> tuple[str | None, str | None]:
+    """The first balanced ``{...}`` in ``text`` (strings respected), or an error code."""
+    start = text.find("{")
+    if start < 0:
+        return None, "no_json"
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1], None
+    return None, "invalid_json"  # cut off mid-object: never completed by guessing
+
+
+def _valid(f: Field, value: Any) -> bool:
+    if f.type == "string":
+        ok = isinstance(value, str)
+    elif f.type == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif f.type == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif f.type == "boolean":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return ok and (f.enum is None or value in f.enum)
+
+
+def parse_object(
+    text: str, fields: tuple[Field, ...], required: tuple[str, ...]
+) -> tuple[dict[str, Any] | None, str | None]:
+    raw, error = first_object(text)
+    if raw is None:
+        return None, error
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, "invalid_json"
+    if not isinstance(obj, dict):
+        return None, "invalid_json"
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.name not in obj or obj[f.name] is None:
+            if f.name in required:
+                return None, f"schema:{f.name}"
+            out[f.name] = None
+            continue
+        if not _valid(f, obj[f.name]):
+            return None, f"schema:{f.name}"
+        out[f.name] = float(obj[f.name]) if f.type == "number" else obj[f.name]
+    return out, None
+
+
+def parse(labeling: Labeling, text: str, truncated: bool) -> tuple[Any, str | None]:
+    """A reply under a job's labeling: (label or object, None) or (None, error code)."""
+    if labeling.is_schema:
+        return parse_object(text, labeling.fields, labeling.required)
+    return parse_label(text, labeling.labels, truncated)
+
+
+def feedback(labeling: Labeling, error: str) -> str:
+    """Why an answer was rejected, and what to answer instead: the re-ask's user turn."""
+    kind, _, detail = error.partition(":")
+    if labeling.is_schema:
+        what = {
+            "no_json": "Your answer contained no JSON object.",
+            "invalid_json": "Your answer was not one complete, valid JSON object.",
+            "schema": f"In your answer, field {detail!r} was missing or had a wrong type or value.",
+        }.get(kind, "Your answer could not be read.")
+        return what + " Answer again with one JSON object only, matching the schema."
+    if kind == "truncated":
+        what = "Your answer was cut off."
+    else:
+        what = f"Your answer {detail!r} is not one of the allowed labels."
+    return f"{what} Answer again with exactly one of: {', '.join(labeling.labels)}."

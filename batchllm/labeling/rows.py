@@ -1,0 +1,146 @@
+"""One row's labeling, as a pure state machine over its journaled attempts.
+
+    attempts so far -> next_request() -> a Request to send (first answer, re-ask, or sample)
+                    -> outcome()      -> the row's label (or object), agreement, error, costs
+
+Because the next step is a function of the attempts alone, a row interrupted by a crash resumes
+exactly where it was: every attempt is journaled as it comes back, so none is paid for twice.
+Sample k asks with its own seed; each sample is re-asked (the model's answer and why it was
+rejected, then the question again) until it parses or ``reask`` re-asks are spent; ``adaptive``
+stops sampling once the remaining samples cannot change the majority.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..records import Message, Request
+from .parse import feedback, parse
+from .spec import Labeling
+from .votes import majority, settled
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One request of a row and its reply, as the journal keeps it."""
+
+    sample: int
+    kind: str  # "first", "reask" or "sample"
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    input_cost_pico: int | None
+    output_cost_pico: int | None
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    request: Request
+    sample: int
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str  # "ok" or "invalid"
+    value: Any  # the label, or the object's fields
+    error: str | None
+    text: str  # the reply the value was read from (or the last one)
+    reasks: int
+    agreement: float | None
+    votes: dict[str, int] | None
+
+
+class RowLabeler:
+    def __init__(self, labeling: Labeling, base: Request, extra_reasks: int = 0) -> None:
+        self.labeling = labeling
+        self.base = base
+        # A later run re-asking invalid rows (--retry-errors) gets a fresh allowance.
+        self.extra_reasks = extra_reasks
+
+    def _chains(self, attempts: list[Attempt]) -> list[list[Attempt]]:
+        chains: list[list[Attempt]] = [[] for _ in range(self.labeling.samples)]
+        for a in attempts:
+            if a.sample < len(chains):
+                chains[a.sample].append(a)
+        return chains
+
+    def _read(self, a: Attempt) -> tuple[Any, str | None]:
+        return parse(self.labeling, a.text, a.truncated)
+
+    def _done(self, chain: list[Attempt]) -> bool:
+        if not chain:
+            return False
+        if self._read(chain[-1])[1] is None:
+            return True
+        return len(chain) - 1 >= self.labeling.reask + self.extra_reasks
+
+    def _values(self, chains: list[list[Attempt]]) -> list[str]:
+        return [v for c in chains if c and (v := self._vote(c[-1])) is not None]
+
+    def next_request(self, attempts: list[Attempt]) -> Step | None:
+        chains = self._chains(attempts)
+        for k, chain in enumerate(chains):
+            if self._done(chain):
+                continue
+            if not chain:
+                if (
+                    k > 0
+                    and self.labeling.adaptive
+                    and settled(self._values(chains[:k]), self.labeling.samples)
+                ):
+                    return None
+                return Step(self._sample_request(k), k, "first" if k == 0 else "sample")
+            return Step(self._reask_request(k, chain), k, "reask")
+        return None
+
+    def _sample_request(self, k: int) -> Request:
+        if self.labeling.samples == 1:
+            return self.base
+        params = dict(self.base.params)
+        params["seed"] = int(params.get("seed") or 1) + k  # distinct seeds, one per sample
+        return Request(self.base.provider, self.base.model, self.base.messages, params)
+
+    def _reask_request(self, k: int, chain: list[Attempt]) -> Request:
+        first = self._sample_request(k)
+        turns = list(first.messages)
+        for a in chain:
+            _, error = self._read(a)
+            turns.append(Message("assistant", a.text))
+            turns.append(Message("user", feedback(self.labeling, error or "invalid_json")))
+        return Request(first.provider, first.model, tuple(turns), first.params)
+
+    def outcome(self, attempts: list[Attempt]) -> Outcome:
+        chains = [c for c in self._chains(attempts) if c]
+        reasks = sum(a.kind == "reask" for a in attempts)
+        last = attempts[-1].text if attempts else ""
+        if self.labeling.samples == 1:
+            value, error = self._read(chains[0][-1])
+            status = "ok" if error is None else "invalid"
+            return Outcome(status, value, error, chains[0][-1].text, reasks, None, None)
+        values = self._values(chains)
+        top, agreement, votes = majority(values)
+        if top is None:
+            errors = [self._read(c[-1])[1] for c in chains]
+            error = "no_majority" if values else next((e for e in errors if e), "no_majority")
+            return Outcome("invalid", None, error, last, reasks, agreement if values else None, votes)
+        voted = next(c[-1].text for c in chains if self._vote(c[-1]) == top)
+        return Outcome(
+            "ok",
+            top if not self.labeling.is_schema else orjson.loads(top),
+            None,
+            voted,
+            reasks,
+            agreement,
+            votes,
+        )
+
+    def _vote(self, a: Attempt) -> str | None:
+        value, error = self._read(a)
+        if error is not None:
+            return None
+        return value if isinstance(value, str) else orjson.dumps(value).decode()

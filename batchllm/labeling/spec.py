@@ -1,0 +1,138 @@
+"""What a labeling job asks for: a label set or a JSON schema, and how to say so to the model.
+
+A ``Labeling`` is built once per job (from ``--labels``, ``--labels-file`` or ``--json-schema``)
+and is all the rest of the package needs: the instruction appended to the system prompt (so
+``estimate`` shows and counts it), the output columns it adds, and the settings the journal keeps.
+The schema subset is what labeling needs and what can be checked without a dependency: an object
+whose properties are strings, integers, numbers, booleans, arrays of strings, or ``enum``s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from ..errors import JobError
+
+_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    type: str  # string, integer, number, boolean, array
+    enum: tuple[Any, ...] | None = None
+
+    @property
+    def arrow(self) -> pa.DataType:
+        return pa.list_(pa.string()) if self.type == "array" else _TYPES[self.type]
+
+
+@dataclass(frozen=True)
+class Labeling:
+    """A label set (``labels``) or a schema (``fields``), with re-ask and sampling settings."""
+
+    labels: tuple[str, ...] = ()
+    descriptions: tuple[tuple[str, str], ...] = ()
+    fields: tuple[Field, ...] = ()
+    required: tuple[str, ...] = ()
+    schema: dict[str, Any] = field(default_factory=dict, compare=False)
+    reask: int = 1
+    samples: int = 1
+    adaptive: bool = False
+
+    @property
+    def is_schema(self) -> bool:
+        return bool(self.fields)
+
+    def instruction(self) -> str:
+        """The text appended to the system prompt."""
+        if self.is_schema:
+            return (
+                "Answer with one JSON object and nothing else, matching this JSON Schema:\n"
+                + orjson.dumps(self.schema).decode()
+            )
+        text = "Answer with exactly one label from this list: " + ", ".join(self.labels) + "."
+        if self.descriptions:
+            text += "\n" + "\n".join(f"- {name}: {desc}" for name, desc in self.descriptions)
+        return text
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the requests, for the journal (``--reparse`` may change it)."""
+        out: dict[str, Any] = {"instruction": self.instruction()}
+        if self.samples > 1:
+            out["samples"] = self.samples
+        return out
+
+    def columns(self) -> list[pa.Field]:
+        cols = (
+            [pa.field(f.name, f.arrow) for f in self.fields]
+            if self.is_schema
+            else [pa.field("label", pa.string())]
+        )
+        cols += [pa.field("parse_error", pa.string()), pa.field("reasks", pa.int64())]
+        if self.samples > 1:
+            cols += [
+                pa.field("agreement", pa.float64()),
+                pa.field("label_votes", pa.map_(pa.string(), pa.int64())),
+            ]
+        cols += [pa.field("reask_cost_usd", pa.float64()), pa.field("sample_cost_usd", pa.float64())]
+        return cols
+
+
+def parse_labels(text: str, where: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """``"a,b,c"`` or a file's lines (``label`` or ``label: description``) -> labels, descriptions."""
+    labels: list[str] = []
+    descriptions: list[tuple[str, str]] = []
+    lines = text.splitlines() if "\n" in text.strip() else text.split(",")
+    for raw in lines:
+        name, _, desc = raw.partition(":") if "\n" in text.strip() else (raw, "", "")
+        name = name.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name.lower() in (x.lower() for x in labels):
+            raise JobError(f"{where}: label {name!r} appears twice")
+        labels.append(name)
+        if desc.strip():
+            descriptions.append((name, desc.strip()))
+    if len(labels) < 2:
+        raise JobError(f"{where}: give at least two labels, e.g. positive,negative,neutral")
+    return tuple(labels), tuple(descriptions)
+
+
+def load_schema(path: Path) -> tuple[dict[str, Any], tuple[Field, ...], tuple[str, ...]]:
+    """A JSON Schema object file -> (schema, fields, required); a usage error names what is wrong."""
+    try:
+        schema = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise JobError(f"--json-schema {path}: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise JobError(f"--json-schema {path}: not valid JSON ({exc.msg})") from None
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(props, dict) or not props:
+        raise JobError(f"--json-schema {path}: needs an object schema with 'properties'")
+    fields = []
+    for name, spec in props.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        enum = spec.get("enum") if isinstance(spec, dict) else None
+        if kind is None and isinstance(enum, list):
+            kind = "string"
+        if kind == "array":
+            items = spec.get("items") or {}
+            if items.get("type") != "string":
+                raise JobError(f"--json-schema {path}: property {name!r}: arrays must be of strings")
+        elif kind not in _TYPES:
+            raise JobError(
+                f"--json-schema {path}: property {name!r} has type {kind!r}; supported: string, integer, "
+                "number, boolean, array of strings, enum"
+            )
+        fields.append(Field(name, kind, tuple(enum) if isinstance(enum, list) else None))
+    required = schema.get("required") or []
+    unknown = [r for r in required if r not in props]
+    if unknown:
+        raise JobError(f"--json-schema {path}: required {unknown[0]!r} is not a property")
+    return schema, tuple(fields), tuple(required)

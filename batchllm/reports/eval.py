@@ -1,0 +1,197 @@
+"""``batchllm eval``: how good the labels are against human ("gold") labels, and what each cost.
+
+Reads a labeling run's output (the ``label`` column, ``status``, costs and, with samples,
+``agreement``) and a gold column, and computes accuracy, coverage, per-label precision, recall,
+F1 and support, macro-F1, Cohen's kappa and the confusion matrix. Rows without a label (invalid,
+failed, pending) count as wrong and appear in the matrix as ``(none)``; rows without a gold label
+are left out. Money is exact: the spend is summed in integer picodollars, re-asks and samples
+included, and divided by the number of correct labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ..engine.journal import Journal
+from ..engine.plan import Prepared
+from ..errors import JobError
+from ..pricing import PICO_PER_USD, format_usd, usd_text
+
+NONE = "(none)"
+
+
+def load(path: Path, gold: str, by: str | None) -> pd.DataFrame:
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError) as exc:
+        raise JobError(f"{path}: not a readable Parquet file ({exc})") from None
+    for column, what in ((gold, "--gold"), ("label", "a labeling run's output"), (by, "--by")):
+        if column is not None and column not in names:
+            raise JobError(f"{path}: no column {column!r} ({what}); the columns are: {', '.join(names)}")
+    wanted = ["label", "status", "input_cost_usd", "output_cost_usd", gold]
+    wanted += [c for c in ("agreement",) if c in names] + ([by] if by and by not in wanted else [])
+    return pq.read_table(path, columns=list(dict.fromkeys(wanted))).to_pandas()
+
+
+def metrics(gold: list[str], predicted: list[str | None], cost_pico: int) -> dict[str, Any]:
+    """Accuracy, coverage, per-label scores, macro-F1, kappa and the confusion matrix."""
+    n = len(gold)
+    pred = [p if p is not None else NONE for p in predicted]
+    correct = sum(g == p for g, p in zip(gold, pred, strict=True))
+    labels = sorted(set(gold) | {p for p in pred if p != NONE})
+    per_label: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(gold, pred, strict=True))
+        predicted_n, support = pred.count(label), gold.count(label)
+        precision = tp / predicted_n if predicted_n else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    with_support = [v["f1"] for v in per_label.values() if v["support"]]
+    gold_share, pred_share = Counter(gold), Counter(pred)
+    expected = sum(gold_share[k] * pred_share[k] for k in gold_share) / (n * n) if n else 0.0
+    accuracy = correct / n if n else 0.0
+    kappa = (accuracy - expected) / (1 - expected) if expected < 1 else 1.0
+    confusion: dict[str, dict[str, int]] = {}
+    for g, p in zip(gold, pred, strict=True):
+        confusion.setdefault(g, {}).setdefault(p, 0)
+        confusion[g][p] += 1
+    return {
+        "n": n,
+        "accuracy": accuracy,
+        "coverage": sum(p != NONE for p in pred) / n if n else 0.0,
+        "correct": correct,
+        "macro_f1": sum(with_support) / len(with_support) if with_support else 0.0,
+        "kappa": kappa,
+        "per_label": per_label,
+        "confusion": confusion,
+        "cost_usd": usd_text(cost_pico),
+        "cost_per_correct_usd": usd_text(round(cost_pico / correct)) if correct else None,
+    }
+
+
+def _pico(frame: pd.DataFrame) -> int:
+    total = 0
+    for column in ("input_cost_usd", "output_cost_usd"):
+        total += int(
+            (frame[column].astype("float64").fillna(0.0) * PICO_PER_USD).round().astype("int64").sum()
+        )
+    return total
+
+
+def evaluate(path: Path, gold: str, by: str | None = None) -> dict[str, Any]:
+    frame = load(path, gold, by)
+    spent = _pico(frame)  # every row's spend, rows without gold included
+    frame = frame[frame[gold].notna()]
+    if frame.empty:
+        raise JobError(f"{path}: no row has a gold label in {gold!r}")
+
+    def scored(part: pd.DataFrame, cost: int) -> dict[str, Any]:
+        labels = [
+            x if s == "ok" and isinstance(x, str) else None
+            for x, s in zip(part["label"], part["status"], strict=True)
+        ]
+        return metrics([str(g) for g in part[gold]], labels, cost)
+
+    out = {"output": str(path), "gold": gold, **scored(frame, spent)}
+    if "agreement" in frame.columns:
+        levels: dict[str, Any] = {}
+        for level, part in frame.groupby(frame["agreement"].round(3), sort=True):
+            m = scored(part, 0)
+            levels[f"{level:g}"] = {"n": m["n"], "accuracy": m["accuracy"]}
+        out["by_agreement"] = levels
+    if by is not None:
+        out["by"] = {str(k): scored(part, _pico(part)) for k, part in frame.groupby(by, sort=True)}
+    return out
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval for an accuracy measured on ``n`` rows (Wilson score)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_eval(e: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps(e, option=orjson.OPT_INDENT_2).decode()
+    md = fmt == "markdown"
+    head = [
+        ("rows with gold", f"{e['n']:,}"),
+        ("accuracy", f"{e['accuracy']:.1%} ({e['correct']:,} correct)"),
+        ("coverage", f"{e['coverage']:.1%}"),
+        ("macro-F1", f"{e['macro_f1']:.3f}"),
+        ("Cohen's kappa", f"{e['kappa']:.3f}"),
+        ("cost", format_usd(None) if e["cost_usd"] is None else f"${e['cost_usd']}"),
+        (
+            "cost per correct label",
+            "n/a" if e["cost_per_correct_usd"] is None else f"${e['cost_per_correct_usd']}",
+        ),
+    ]
+    lines = [
+        f"# Evaluation of {e['output']} against {e['gold']}"
+        if md
+        else f"eval of {e['output']} against {e['gold']}"
+    ]
+    width = max(len(k) for k, _ in head)
+    lines += (
+        ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in head]]
+        if md
+        else [f"  {k:<{width}}  {v}" for k, v in head]
+    )
+    rows = [
+        [k, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["support"])]
+        for k, v in e["per_label"].items()
+    ]
+    lines += ["", *_grid(["label", "precision", "recall", "F1", "support"], rows, md)]
+    predicted = sorted({p for row in e["confusion"].values() for p in row})
+    matrix = [[g, *[str(e["confusion"][g].get(p, 0)) for p in predicted]] for g in sorted(e["confusion"])]
+    lines += ["", "confusion (rows: gold, columns: predicted)", *_grid(["gold", *predicted], matrix, md)]
+    if "by_agreement" in e:
+        agree = [[k, str(v["n"]), f"{v['accuracy']:.1%}"] for k, v in e["by_agreement"].items()]
+        lines += ["", *_grid(["agreement", "rows", "accuracy"], agree, md)]
+    return "\n".join(lines)
+
+
+def _grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
+    if md:
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in body],
+        ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
+
+
+def pilot_accuracy(p: Prepared, journal: Journal, positions: frozenset[int], gold: str) -> dict[str, Any]:
+    """``estimate --pilot N --gold COLUMN``: the pilot rows' accuracy, with a 95% interval."""
+    if gold not in p.source.columns:
+        raise JobError(f"{p.job.input}: no column {gold!r} (--gold)")
+    correct = n = position = 0
+    for batch in p.source.batches([*p.builder.read_columns, gold]):
+        pb = p.builder.build(batch.select(p.builder.read_columns), position)
+        golds = batch.column(gold).to_pylist()
+        picked = [i for i in range(batch.num_rows) if position + i in positions and golds[i] is not None]
+        position += batch.num_rows
+        entries = journal.fetch([pb.row_ids[i] for i in picked])
+        for i in picked:
+            e = entries.get(pb.row_ids[i])
+            label = (
+                orjson.loads(e.extra).get("value") if e is not None and e.extra and e.status == "ok" else None
+            )
+            n += 1
+            correct += label == str(golds[i])
+    low, high = wilson(correct, n)
+    return {"rows": n, "accuracy": correct / n if n else 0.0, "low": low, "high": high}

@@ -1,0 +1,149 @@
+"""The sandbox as a labeling model: it answers from the label set or schema the request states.
+
+It reads the instruction batchllm appends to the system prompt (labeling/spec.py), picks the
+"true" answer for the row's text deterministically (``truth``: a keyword sentiment reading for
+sentiment label sets, a hash otherwise), and then, per (text, seed), may answer wrong, wrap the
+answer in prose, answer outside the set, send broken JSON, or ramble past max_tokens, at the rates
+``SandboxConfig`` gives. A re-ask (a conversation whose last user turn is batchllm's feedback)
+gets a well-formed answer. Tests compute the expected outcome with the same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import orjson
+
+_LABELS = re.compile(r"Answer with exactly one label from this list: (.+?)\.(?:\n|$)")
+_SCHEMA = re.compile(r"matching this JSON Schema:\n(\{.*\})\s*$", re.DOTALL)
+REASK_PREFIX = "Your answer"
+# A reader of tone: strong phrases weigh 2, details 1; a hedging phrase reads as neutral.
+_POSITIVE = {"love": 2, "best": 2, "exceeded": 2, "five stars": 2, "really good": 2, "works well": 2,
+             "solid value": 2, "great": 1, "recommande": 2, "sehr gut": 2, "良い": 2, "happy": 1, "👍": 2,
+             "sturdy": 1, "answered within": 1, "fast": 1}  # fmt: skip
+_NEGATIVE = {"disappointed": 2, "not what i hoped": 2, "problems": 2, "broke": 2, "do not buy": 2,
+             "returned": 2, "leaks": 1, "scratch": 1, "confusing": 1, "louder than": 1, "shorter than": 1,
+             "price went up": 1}  # fmt: skip
+_NEUTRAL = ("okay", "mixed feelings", "does the job", "nothing more", "small gripe")
+RAMBLE = (
+    "Let me think about this carefully before I give my final answer, weighing every detail of "
+    "the text and the tone of the writer in each sentence that they wrote here today"
+)
+
+
+def _fraction(*parts: Any) -> float:
+    digest = hashlib.sha256(orjson.dumps(parts)).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def truth(text: str, labels: list[str]) -> str:
+    """The answer the emulated model believes is right for this text."""
+    lower = [x.lower() for x in labels]
+    if "positive" in lower and "negative" in lower:
+        t = text.lower()
+        if "neutral" in lower and any(w in t for w in _NEUTRAL):
+            return labels[lower.index("neutral")]
+        score = sum(v for w, v in _POSITIVE.items() if w in t) - sum(
+            v for w, v in _NEGATIVE.items() if w in t
+        )
+        if score > 0:
+            return labels[lower.index("positive")]
+        if score < 0:
+            return labels[lower.index("negative")]
+        return labels[lower.index("neutral")] if "neutral" in lower else labels[lower.index("negative")]
+    return labels[int(_fraction("truth", text) * len(labels))]
+
+
+def fault(text: str, seed: Any, rates: list[tuple[str, float]]) -> str | None:
+    """Which fault (if any) the first answer to (text, seed) has: ``rates`` in a fixed order."""
+    roll = _fraction("fault", text, seed)
+    for name, rate in rates:
+        if roll < rate:
+            return name
+        roll -= rate
+    return None
+
+
+def expected_label(text: str, labels: list[str], seed: Any, rates: list[tuple[str, float]]) -> str:
+    """The label a run ends with for this text (every fault but "wrong" is repaired or re-asked)."""
+    right = truth(text, labels)
+    if fault(text, seed, rates) == "wrong":
+        others = [x for x in labels if x != right]
+        return others[int(_fraction("wrong", text, seed) * len(others))]
+    return right
+
+
+def answer(
+    messages: list[dict[str, Any]], params: dict[str, Any], rates: list[tuple[str, float]]
+) -> tuple[str, str | None, bool] | None:
+    """(reply, fault, is a re-ask) for a labeling request; None when it states no label set or schema."""
+    reply = _answer(messages, params, rates)
+    if reply is None:
+        return None
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    reask = bool(users) and users[-1].startswith(REASK_PREFIX)
+    text = next((u for u in reversed(users) if not u.startswith(REASK_PREFIX)), "")
+    return reply, None if reask else fault(text, params.get("seed"), rates), reask
+
+
+def _answer(
+    messages: list[dict[str, Any]], params: dict[str, Any], rates: list[tuple[str, float]]
+) -> str | None:
+    system = next((m["content"] for m in messages if m.get("role") == "system"), "")
+    labels_match, schema_match = _LABELS.search(system), _SCHEMA.search(system)
+    if labels_match is None and schema_match is None:
+        return None
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    reask = bool(users) and users[-1].startswith(REASK_PREFIX)
+    text = next((u for u in reversed(users) if not u.startswith(REASK_PREFIX)), "")
+    seed = params.get("seed")
+    which = None if reask else fault(text, seed, rates)
+    if labels_match is not None:
+        labels = [x.strip() for x in labels_match.group(1).split(",")]
+        label = expected_label(text, labels, seed, rates) if which in (None, "wrong") else truth(text, labels)
+        if reask:
+            label = expected_label(text, labels, seed, rates)
+        return {
+            None: label,
+            "wrong": label,
+            "prose": f"Sure! After reading the review, the label is: **{label}**.",
+            "out_of_set": "mixed",
+            "invalid_json": "unsure",
+            "truncated": RAMBLE,
+        }[which]
+    schema = orjson.loads(schema_match.group(1)) if schema_match else {}
+    obj = _object(text, schema, seed, wrong=which == "wrong")
+    body = orjson.dumps(obj).decode()
+    if which == "prose":
+        return f"Here is the JSON you asked for:\n```json\n{body}\n```"
+    if which == "out_of_set" and obj:
+        first = next(iter(obj))
+        obj[first] = [1, 2] if isinstance(obj[first], str) else "not a valid value"
+        return orjson.dumps(obj).decode()
+    if which == "invalid_json":
+        return body[: len(body) // 2]
+    if which == "truncated":
+        return RAMBLE
+    return body
+
+
+def _object(text: str, schema: dict[str, Any], seed: Any, wrong: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, spec in (schema.get("properties") or {}).items():
+        f = _fraction("field", text, name, seed if wrong else None)
+        kind = spec.get("type", "string")
+        if "enum" in spec:
+            out[name] = spec["enum"][int(f * len(spec["enum"]))]
+        elif kind == "integer":
+            out[name] = int(f * 5) + 1
+        elif kind == "number":
+            out[name] = round(f * 10, 2)
+        elif kind == "boolean":
+            out[name] = f < 0.5
+        elif kind == "array":
+            out[name] = ["quality", "price"][: 1 + int(f * 2)]
+        else:
+            out[name] = "summary of the text"
+    return out

@@ -1,0 +1,253 @@
+"""Labeling: label sets, typed JSON fields, re-asks, samples, eval, against the sandbox's labeling model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchllm.labeling.parse import parse_label, parse_object
+from batchllm.labeling.spec import Field
+from batchllm.labeling.votes import majority, settled
+from batchllm.sandbox.labeler import expected_label, fault, truth
+
+from .conftest import run_cli, spawn, write_csv
+
+LABELS = ["positive", "negative", "neutral"]
+FAULTS = {"label_wrong": 0.10, "label_prose": 0.10, "label_out_of_set": 0.05, "label_invalid_json": 0.05}
+RATES = [("wrong", 0.10), ("prose", 0.10), ("out_of_set", 0.05), ("invalid_json", 0.05), ("truncated", 0.0)]
+WORDS = ["love it", "broke after a week", "it's okay", "great value", "disappointed", "works well", "meh"]
+
+
+def texts(n: int) -> list[str]:
+    return [f"Review {i}: {WORDS[i % len(WORDS)]}, item {i * 7919 % 1000}" for i in range(n)]
+
+
+def labeling_input(tmp_path: Path, n: int) -> Path:
+    return write_csv(tmp_path / "in.csv", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts(n))])
+
+
+def run_labels(box, src: Path, out: Path, *extra: str) -> object:
+    args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--labels", ",".join(LABELS)]
+    return run_cli([*args, "--rpm", "0", "--max-tokens", "16", "--id-column", "id", *extra], env=box.env())
+
+
+def test_repair_and_validation() -> None:
+    labels = ("positive", "negative", "neutral")
+    assert parse_label("  **Positive**. ", labels, False) == ("positive", None)
+    assert parse_label("```\nnegative\n```", labels, False) == ("negative", None)
+    assert parse_label("Sure! The label is: neutral.", labels, False) == ("neutral", None)
+    assert parse_label("mixed", labels, False) == (None, "not_in_set:mixed")
+    assert parse_label("positive or negative", labels, False)[1] == "not_in_set:positive or negative"
+    assert parse_label("Let me think", labels, True) == (None, "truncated")
+    fields = (Field("score", "integer"), Field("tone", "string", ("up", "down")), Field("tags", "array"))
+    assert parse_object(
+        'Here: ```json\n{"score": 3, "tone": "up", "tags": ["a"]}\n```', fields, ("score",)
+    ) == (
+        {"score": 3, "tone": "up", "tags": ["a"]},
+        None,
+    )
+    assert parse_object('{"score": "3", "tone": "up"}', fields, ()) == (None, "schema:score")
+    assert parse_object('{"score": 3, "tone": "sideways"}', fields, ()) == (None, "schema:tone")
+    assert parse_object('{"score": 3, "tone": "u', fields, ()) == (None, "invalid_json")
+    assert parse_object("no object here", fields, ()) == (None, "no_json")
+    assert majority(["a", "b", "a"]) == ("a", 2 / 3, {"a": 2, "b": 1})
+    assert majority(["a", "b"])[0] is None
+    assert settled(["a", "a"], 3) and not settled(["a", "b"], 3)
+
+
+def test_faulty_answers_are_repaired_reasked_or_invalid(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**FAULTS)
+    src, out = labeling_input(tmp_path, 2000), tmp_path / "o.parquet"
+    result = run_labels(box, src, out, "--reask", "1", "--concurrency", "64")
+    assert result.exit_code in (0, 1), result.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 2000
+    for r in rows:
+        assert (r["status"] == "ok" and r["label"] in LABELS) or (
+            r["status"] == "invalid" and r["parse_error"]
+        )
+    stats = box.sandbox.stats
+    reasked = sum(1 for r in rows if r["reasks"])
+    assert box.count() == 2000 + reasked  # requests sent = rows + rows re-asked, exactly
+    assert stats["labeling_reasks"] == reasked
+    # prose-wrapped answers are repaired without a re-ask; the others are re-asked once
+    assert reasked == stats["label_out_of_set"] + stats["label_invalid_json"]
+    prose = [r for r in rows if r["response"].startswith("Sure!")]
+    assert len(prose) == stats["label_prose"] and all(r["reasks"] == 0 and r["label"] for r in prose)
+    # money: every request, re-asks included, at the prices
+    total_pico = sum(round(r["cost_usd"] * 1e12) for r in rows)
+    assert total_pico == stats["prompt_tokens"] * 310_000 + stats["completion_tokens"] * 340_000
+    assert sum(r["prompt_tokens"] for r in rows) == stats["prompt_tokens"]
+    report = run_cli(["report", str(out), "--format", "json"])
+    spend = json.loads(report.output)["overall"]["spend_usd"]
+    assert float(spend["reasks"]) > 0
+
+
+def test_eval_reproduces_the_known_accuracy_and_confusion(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**FAULTS)
+    n = 600
+    all_texts = texts(n)
+    users = [f"Classify: {t}" for t in all_texts]
+    gold = [truth(u, LABELS) for u in users]
+    src = write_csv(
+        tmp_path / "in.csv",
+        [{"id": f"r{i}", "text": t, "gold": g} for i, (t, g) in enumerate(zip(all_texts, gold, strict=True))],
+    )
+    out = tmp_path / "o.parquet"
+    run_labels(box, src, out, "--reask", "1")
+    e = json.loads(run_cli(["eval", str(out), "--gold", "gold", "--format", "json"]).output)
+    predicted = [expected_label(u, LABELS, None, RATES) for u in users]
+    correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
+    assert correct < n  # the sandbox's 10% wrong answers are in there
+    assert e["accuracy"] == correct / n and e["n"] == n and e["coverage"] == 1.0
+    confusion: dict[str, Counter[str]] = {}
+    for g, p in zip(gold, predicted, strict=True):
+        confusion.setdefault(g, Counter())[p] += 1
+    assert e["confusion"] == {g: dict(c) for g, c in confusion.items()}
+    assert set(e) >= {"macro_f1", "kappa", "per_label", "cost_usd", "cost_per_correct_usd"}
+    assert e["per_label"]["positive"]["support"] == gold.count("positive")
+
+
+def test_samples_and_adaptive(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.3)
+    n = 120
+    src = labeling_input(tmp_path, n)
+    users = [f"Classify: {t}" for t in texts(n)]
+    rates = [("wrong", 0.3)]
+    result = run_labels(box, src, tmp_path / "a.parquet", "--samples", "3")
+    assert result.exit_code in (0, 1), result.output
+    assert box.count() == 3 * n
+    rows = pq.read_table(tmp_path / "a.parquet").to_pylist()
+    assert all(r["agreement"] is not None and sum(dict(r["label_votes"]).values()) == 3 for r in rows)
+    before = box.count()
+    run_labels(box, src, tmp_path / "b.parquet", "--samples", "3", "--adaptive")
+    agree = sum(expected_label(u, LABELS, 1, rates) == expected_label(u, LABELS, 2, rates) for u in users)
+    assert box.count() - before == 2 * agree + 3 * (n - agree)
+    assert 0 < agree < n
+
+
+def test_schema_gives_typed_columns(sandbox_factory, tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "stars": {"type": "integer"},
+            "tone": {"enum": ["happy", "unhappy", "unsure"]},
+            "topics": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["stars", "tone"],
+    }
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    box = sandbox_factory()
+    src, out = labeling_input(tmp_path, 30), tmp_path / "o.parquet"
+    args = [
+        "run",
+        str(src),
+        "-o",
+        str(out),
+        "--template",
+        "Read: {text}",
+        "--json-schema",
+        str(path),
+        "--rpm",
+        "0",
+    ]
+    result = run_cli([*args, "--max-tokens", "64"], env=box.env())
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.schema.field("stars").type == pa.int64()
+    assert table.schema.field("tone").type == pa.string()
+    assert table.schema.field("topics").type == pa.list_(pa.string())
+    assert all(
+        r["tone"] in ("happy", "unhappy", "unsure") and isinstance(r["stars"], int) for r in table.to_pylist()
+    )
+    bad = sandbox_factory(label_out_of_set=1.0)  # the first property gets a string
+    out2 = tmp_path / "o2.parquet"
+    result = run_cli([*args[:3], str(out2), *args[4:], "--max-tokens", "64", "--reask", "0"], env=bad.env())
+    assert result.exit_code == 1
+    assert {r["parse_error"] for r in pq.read_table(out2).to_pylist()} == {"schema:stars"}
+
+
+def test_reparse_reads_stored_replies_again_without_requests(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_out_of_set=0.2)
+    src, out = labeling_input(tmp_path, 100), tmp_path / "o.parquet"
+    first = run_labels(box, src, out, "--reask", "0")
+    assert first.exit_code == 1  # some answered "mixed": invalid
+    invalid = [r for r in pq.read_table(out).to_pylist() if r["status"] == "invalid"]
+    assert invalid and all(r["parse_error"] == "not_in_set:mixed" for r in invalid)
+    sent = box.count()
+    args = [
+        "run",
+        str(src),
+        "-o",
+        str(out),
+        "--template",
+        "Classify: {text}",
+        "--labels",
+        "positive,negative,neutral,mixed",
+    ]
+    result = run_cli(
+        [*args, "--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--reask", "0", "--reparse"],
+        env=box.env(),
+    )
+    assert result.exit_code == 0, result.output
+    assert box.count() == sent
+    relabeled = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert all(relabeled[r["id"]]["label"] == "mixed" for r in invalid)
+
+
+def test_sigkill_during_reasks_resumes_without_paying_twice(sandbox_factory, tmp_path: Path) -> None:
+    n = 300
+    src = labeling_input(tmp_path, n)
+    reference = sandbox_factory(label_out_of_set=0.5)
+    run_labels(reference, src, tmp_path / "ref.parquet", "--reask", "1")
+    expected_requests = reference.count()
+    box = sandbox_factory(label_out_of_set=0.5, latency=0.05)
+    out = tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--labels", ",".join(LABELS)]
+    args += ["--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--reask", "1", "--concurrency", "8"]
+    proc = spawn(args, env=box.env())
+    deadline = time.monotonic() + 60
+    while box.sandbox.stats["labeling_reasks"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert box.sandbox.stats["labeling_reasks"] >= 20
+    result = run_cli(args, env=box.env())
+    assert result.exit_code == 0, result.output
+    done, ref = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "ref.parquet").to_pylist()
+    keys = ("id", "label", "response", "reasks", "prompt_tokens", "completion_tokens", "cost_usd", "status")
+    assert [{k: r[k] for k in keys} for r in done] == [{k: r[k] for k in keys} for r in ref]
+    # Every reply received before the kill was journaled and reused: only requests in flight
+    # at the kill (at most --concurrency) were sent again.
+    assert expected_requests <= box.count() <= expected_requests + 8
+
+
+def test_bad_labeling_flags(sandbox, tmp_path: Path) -> None:
+    src = labeling_input(tmp_path, 3)
+    base = ["run", str(src), "-o", str(tmp_path / "o.parquet"), "--template", "C: {text}"]
+    for extra, message in [
+        (["--labels", "onlyone"], "at least two labels"),
+        (["--reask", "2"], "goes with --labels or --json-schema"),
+        (["--labels", "a,b", "--samples", "2", "--adaptive"], "--samples 3 or more"),
+        (["--json-schema", str(tmp_path / "nope.json")], "nope.json"),
+    ]:
+        result = run_cli([*base, *extra], env=sandbox.env())
+        assert result.exit_code == 2 and message in result.output, result.output
+    clash = write_csv(tmp_path / "clash.csv", [{"text": "x", "label": "y"}])
+    result = run_cli(
+        ["run", str(clash), "-o", str(tmp_path / "c.parquet"), "--template", "C: {text}", "--labels", "a,b"]
+    )
+    assert result.exit_code == 2 and "'label'" in result.output
+
+
+def test_sandbox_faults_are_deterministic() -> None:
+    assert fault("x", None, RATES) == fault("x", None, RATES)
+    assert orjson.dumps(truth("I love it", LABELS)) == b'"positive"'
