@@ -77,6 +77,7 @@ class Job:
     max_error_rate: float = 0.5
     error_window: int = 100
     max_cost_pico: int | None = None
+    max_cost_per_run_pico: int | None = None
     max_runtime: float | None = None
     grace: float = 10.0
     checkpoint: Path | None = None
@@ -87,6 +88,8 @@ class Job:
     examples: Path | None = None  # few-shot turns (prompts.load_examples)
     examples_digest: str | None = None
     reparse: bool = False
+    cache: str = "auto"  # off, auto (temperature 0 or a seed), always
+    cache_dir: Path | None = None  # the user's cache directory when not given
     log_format: str = "text"
     summary_json: Path | None = None
     progress: str = "auto"
@@ -97,6 +100,11 @@ class Job:
         if self.checkpoint is not None:
             return self.checkpoint
         return self.output.with_name(self.output.name + ".batchllm")
+
+    @property
+    def budgeted(self) -> bool:
+        """Is spending capped (``--max-cost`` or ``--max-cost-per-run``)?"""
+        return self.max_cost_pico is not None or self.max_cost_per_run_pico is not None
 
     @property
     def full_system(self) -> str | None:
@@ -215,6 +223,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_error_rate": ("max_error_rate", v.number(0, 1)),
     "error_window": ("error_window", v.integer(1, 1_000_000)),
     "max_cost": ("max_cost_pico", _usd),
+    "max_cost_per_run": ("max_cost_per_run_pico", _usd),
     "max_runtime": ("max_runtime", v.duration),
     "grace": ("grace", v.number(0, 3600)),
     "checkpoint": ("checkpoint", _path),
@@ -229,6 +238,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "adaptive": ("adaptive", v.boolean),
     "examples": ("examples", _path),
     "reparse": ("reparse", v.boolean),
+    "cache": ("cache", v.text),
     "log_format": ("log_format", v.choice("text", "json")),
     "summary_json": ("summary_json", _path),
     "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
@@ -322,6 +332,8 @@ def build_job(
             ).hexdigest()
         except OSError as exc:
             raise JobError(f"{where('examples')} {kwargs['examples']}: {exc.strerror}") from None
+    if kwargs.get("cache") not in (None, "off", "auto", "always"):
+        kwargs["cache_dir"] = Path(kwargs.pop("cache")).expanduser()
     if kwargs.get("reparse") and kwargs["labeling"] is None:
         raise JobError(f"{where('reparse')}: re-reading stored replies needs --labels or --json-schema")
 

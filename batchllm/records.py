@@ -84,6 +84,9 @@ class Entry(NamedTuple):
     ``tokens_counted`` is True when the server reported no usage and batchllm counted it. For a
     labeling job, tokens and costs are the sums over all the row's requests (re-asks and samples
     included) and ``extra`` holds the labeling result as JSON (labeling/rows.py).
+    ``request_key`` is the row's ``Request.key()``; a row answered without a request of its own
+    has ``answered_by`` (the row in this output whose identical request paid) or ``cached``
+    (served from the response cache), and costs nothing.
     """
 
     row_id: str
@@ -103,3 +106,6 @@ class Entry(NamedTuple):
     truncated: bool | None
     tokens_counted: bool | None
     extra: str | None = None
+    request_key: str | None = None
+    answered_by: str | None = None
+    cached: bool | None = None

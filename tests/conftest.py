@@ -112,6 +112,14 @@ class SandboxThread:
         return {"OPENAI_BASE_URL": self.openai_url, "OPENAI_API_KEY": self.key}
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own response cache (never the user's, never another test's)."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder / "batchllm"
+
+
 @pytest.fixture
 def sandbox_factory() -> Iterator[Callable[..., SandboxThread]]:
     started: list[SandboxThread] = []

@@ -140,6 +140,7 @@ RUN_OPTIONS = [
     ),
     click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
     click.option("--max-cost", help="Dollar cap on what this output may cost in all (exit 3 when reached)."),
+    click.option("--max-cost-per-run", help="Dollar cap on what this run may spend (exit 3 when reached)."),
     click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
     click.option(
         "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"
@@ -153,6 +154,11 @@ RUN_OPTIONS = [
         "--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."
     ),
     click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+    click.option(
+        "--cache",
+        help="Response cache: auto (temperature 0 or a seed), always, off, or a folder.  "
+        "[default: auto in $XDG_CACHE_HOME/batchllm]",
+    ),
     click.option(
         "--reparse",
         is_flag=True,

@@ -269,3 +269,64 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
             f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {job.provider} model {job.model})"
         )
     return ExitCode.USAGE if bad else 0
+
+
+@cli.group(
+    "cache",
+    context_settings=CONTEXT,
+    epilog="Examples:\n\n  batchllm cache stats\n\n  batchllm cache clear --older-than 30d",
+)
+def cache_group() -> None:
+    """The response cache shared by every run: what it holds, and clearing it."""
+
+
+_DIR = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The cache folder.  [default: $XDG_CACHE_HOME/batchllm or ~/.cache/batchllm]",
+)
+
+
+@cache_group.command("stats", context_settings=CONTEXT, epilog="Example:\n\n  batchllm cache stats")
+@_DIR
+@handles_errors
+def cache_stats_cmd(directory: Path | None) -> int:
+    """How many replies the cache holds and how much disk it takes."""
+    import time
+
+    from ..engine.cache import ResponseCache, default_dir
+
+    cache = ResponseCache(directory or default_dir())
+    try:
+        s = cache.stats()
+    finally:
+        cache.close()
+    when = "" if s["oldest"] is None else f", oldest {time.strftime('%Y-%m-%d', time.localtime(s['oldest']))}"
+    click.echo(f"{s['directory']}: {s['entries']:,} replies, {s['bytes'] / 1e6:,.1f} MB{when}")
+    return 0
+
+
+@cache_group.command(
+    "clear", context_settings=CONTEXT, epilog="Examples:\n\n  batchllm cache clear --older-than 30d"
+)
+@_DIR
+@click.option("--older-than", help="Only replies older than this, e.g. 30d or 12h.")
+@handles_errors
+def cache_clear_cmd(directory: Path | None, older_than: str | None) -> int:
+    """Forget cached replies: all of them, or those older than a duration."""
+    from ..engine.cache import ResponseCache, default_dir
+    from ..errors import JobError
+    from ..values import duration
+
+    try:
+        seconds = duration(older_than) if older_than is not None else None
+    except ValueError as exc:
+        raise JobError(f"--older-than {exc}") from None
+    cache = ResponseCache(directory or default_dir())
+    try:
+        removed = cache.clear(seconds)
+    finally:
+        cache.close()
+    click.echo(f"removed {removed:,} cached replies from {cache.directory}")
+    return 0

@@ -7,6 +7,7 @@ Everything is integer picodollars (see pricing.py), so the comparison is exact.
 
 The cap covers the whole output: what earlier runs of the same journal spent counts too, so
 ``--max-cost 5`` means "this output may cost $5 in all", and a later run with a higher cap resumes.
+``--max-cost-per-run`` caps what this run spends, for nightly incremental jobs; both hold at once.
 """
 
 from __future__ import annotations
@@ -15,26 +16,43 @@ import asyncio
 
 
 class Budget:
-    def __init__(self, cap_pico: int | None, spent_before_pico: int = 0) -> None:
+    def __init__(
+        self, cap_pico: int | None, spent_before_pico: int = 0, run_cap_pico: int | None = None
+    ) -> None:
         self.cap = cap_pico
-        self.spent = spent_before_pico
+        self.run_cap = run_cap_pico
+        self.spent = spent_before_pico  # the whole output's, this run's included
+        self.spent_run = 0
         self.reserved = 0
         self.in_flight = 0
         self._released = asyncio.Event()
 
     @property
-    def remaining(self) -> int | None:
-        return None if self.cap is None else self.cap - self.spent - self.reserved
+    def active(self) -> bool:
+        """Is any cap set (so requests reserve their worst case)?"""
+        return self.cap is not None or self.run_cap is not None
+
+    def _fits(self, worst_pico: int) -> bool:
+        if self.cap is not None and self.spent + self.reserved + worst_pico > self.cap:
+            return False
+        return self.run_cap is None or self.spent_run + self.reserved + worst_pico <= self.run_cap
+
+    @property
+    def run_cap_reached(self) -> bool:
+        """Which cap stopped the run: this run's, rather than the output's."""
+        return self.run_cap is not None and (
+            self.cap is None or self.cap - self.spent > self.run_cap - self.spent_run
+        )
 
     async def reserve(self, worst_pico: int) -> bool:
         """Reserve ``worst_pico``, waiting for in-flight reservations to settle if that helps.
 
         False when it cannot fit even with nothing in flight: the budget is spent.
         """
-        if self.cap is None:
+        if not self.active:
             return True
         while True:
-            if self.spent + self.reserved + worst_pico <= self.cap:
+            if self._fits(worst_pico):
                 self.reserved += worst_pico
                 self.in_flight += 1
                 return True
@@ -44,11 +62,11 @@ class Budget:
             await self._released.wait()
 
     def settle(self, reserved_pico: int, actual_pico: int) -> None:
-        """A reserved request ended: ``actual_pico`` was billed (0 if it failed)."""
-        if self.cap is None:
-            self.spent += actual_pico
+        """A request ended: ``actual_pico`` was billed (0 if it failed); release its reservation."""
+        self.spent += actual_pico
+        self.spent_run += actual_pico
+        if not self.active:
             return
         self.reserved -= reserved_pico
         self.in_flight -= 1
-        self.spent += actual_pico
         self._released.set()

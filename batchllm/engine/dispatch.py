@@ -36,6 +36,7 @@ from .journal import Journal
 from .labeled import label_row
 from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
+from .reuse import Reuse
 
 
 class StopReason(enum.Enum):
@@ -84,6 +85,7 @@ class Dispatcher:
         max_error_rate: float,
         error_window: int,
         labeling: Labeling | None = None,
+        reuse: Reuse | None = None,
         tpm_enabled: bool = False,
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
@@ -100,6 +102,7 @@ class Dispatcher:
         self.grace = grace
         self.tpm_enabled = tpm_enabled
         self.labeling = labeling
+        self.reuse = reuse
         self.stop_budget = StopReason.BUDGET
         self._sleep = sleep
         self._prices = model.prices
@@ -185,12 +188,37 @@ class Dispatcher:
                 return
 
     async def _process(self, item: WorkItem) -> None:
+        try:
+            await self._one(item)
+        finally:
+            if self.reuse is not None:
+                self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
+
+    def record(self, item: WorkItem, entry: Entry) -> None:
+        """Journal a row's entry; rows waiting for the same request get its reply."""
+        entry = entry._replace(request_key=item.key or None)
+        self.journal.add(entry)
+        if self.reuse is not None and item.key:
+            self.reuse.finished(item.key, entry)
+
+    def record_copy(self, entry: Entry) -> None:
+        """A row answered by another row's reply, or by the cache (reuse.py)."""
+        self.journal.add(entry)
+        stats = self.stats
+        if entry.status == "ok":
+            stats.ok += 1
+        elif entry.status == "invalid":
+            stats.invalid += 1
+        else:
+            stats.error += 1
+
+    async def _one(self, item: WorkItem) -> None:
         if self.labeling is not None:
             await label_row(self, item)
             return
         budget = self.budget
         reserved = 0
-        if budget.cap is not None:
+        if budget.active:
             if not await budget.reserve(item.worst_pico):
                 self.request_stop(StopReason.BUDGET, "budget reached")
                 return
@@ -199,13 +227,13 @@ class Dispatcher:
         try:
             billed = await self._send(item)
         finally:
-            if reserved or budget.cap is None:
+            if reserved or not budget.active:
                 budget.settle(reserved, billed)
 
     async def _send(self, item: WorkItem) -> int:
         """Send one row until it succeeds or fails for good; returns what it cost (picodollars)."""
         tokens = item.prompt_tokens + (item.request.max_tokens or self.max_tokens) if self.tpm_enabled else 0
-        result, attempts, latency_ms = await self.call(item.body, tokens)
+        result, attempts, latency_ms = await self.call(item.body, tokens, item.row_id, item.worst_pico)
         if result is None:
             return 0
         if isinstance(result, APIError):
@@ -213,15 +241,32 @@ class Dispatcher:
             return 0
         return self._record_ok(item, result, attempts, latency_ms, tokens)
 
-    async def call(self, body: bytes, tokens: int) -> tuple[Completion | APIError | None, int, float]:
+    def worst_bound(self, body: bytes, max_tokens: int) -> int:
+        """A cheap upper bound of one request's cost: every body byte a prompt token, and max_tokens."""
+        prices = self.model.prices
+        if prices is None:
+            return 0
+        return (len(body) + 64) * prices.input_pico + max_tokens * prices.output_pico
+
+    async def call(
+        self, body: bytes, tokens: int, row_id: str, worst_pico: int = 0
+    ) -> tuple[Completion | APIError | None, int, float]:
         """One request until it succeeds or fails for good: (completion or final error, attempts,
-        latency of the last attempt in ms). None when the run stops first (the row stays pending)."""
+        latency of the last attempt in ms). None when the run stops first (the row stays pending).
+
+        Each attempt is marked in the journal as sent, and committed, before it leaves: what a
+        crash may have been billed for is then known (journal.py).
+        """
         stats, limiter, backoff = self.stats, self.limiter, self.backoff
+        worst = worst_pico or self.worst_bound(body, self.max_tokens)
         attempt = failures = 0
         first = time.monotonic()
         while True:
             await limiter.acquire(tokens)
             if self.stopping:
+                return None, attempt, 0.0
+            if not await self.journal.sent(row_id, worst):
+                self.request_stop(StopReason.JOURNAL, f"cannot write the journal: {self.journal.write_error}")
                 return None, attempt, 0.0
             attempt += 1
             stats.requests += 1
@@ -277,7 +322,8 @@ class Dispatcher:
     ) -> int:
         prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
         in_cost, out_cost = cost(self._prices, prompt_tokens, completion_tokens)
-        self.journal.add(
+        self.record(
+            item,
             Entry(
                 row_id=item.row_id,
                 content_hash=item.content_hash,
@@ -295,7 +341,7 @@ class Dispatcher:
                 model=self.model.name,
                 truncated=self.provider.truncated(c, item.request.max_tokens or self.max_tokens),
                 tokens_counted=counted,
-            )
+            ),
         )
         billed = (in_cost or 0) + (out_cost or 0)
         stats = self.stats
@@ -309,31 +355,41 @@ class Dispatcher:
         self.track(False)
         return billed
 
-    def add_error(self, row_id: str, content_hash: str, error: str, error_class: str, attempts: int) -> None:
-        self.journal.add(
-            Entry(
-                row_id=row_id,
-                content_hash=content_hash,
-                status="error",
-                response=None,
-                prompt_tokens=None,
-                completion_tokens=None,
-                input_cost_pico=None,
-                output_cost_pico=None,
-                error=error,
-                error_class=error_class,
-                attempts=attempts,
-                latency_ms=None,
-                finished_at=time.time(),
-                model=self.model.name,
-                truncated=None,
-                tokens_counted=None,
-            )
+    def add_error(
+        self,
+        row_id: str,
+        content_hash: str,
+        error: str,
+        error_class: str,
+        attempts: int,
+        item: WorkItem | None = None,
+    ) -> None:
+        entry = Entry(
+            row_id=row_id,
+            content_hash=content_hash,
+            status="error",
+            response=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            input_cost_pico=None,
+            output_cost_pico=None,
+            error=error,
+            error_class=error_class,
+            attempts=attempts,
+            latency_ms=None,
+            finished_at=time.time(),
+            model=self.model.name,
+            truncated=None,
+            tokens_counted=None,
         )
+        if item is not None:
+            self.record(item, entry)
+        else:
+            self.journal.add(entry)
         self.stats.error += 1
 
     def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
-        self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts)
+        self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts, item)
         self.track(True)
 
     def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:

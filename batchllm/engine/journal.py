@@ -18,6 +18,13 @@ is migrated when opened, its ``truncated`` filled from the Dataoorts rule (compl
 to max_tokens), so it resumes. Schema 3 added ``extra`` (a labeling row's result) and the
 ``attempts`` table: every request of a labeling row (first answer, re-ask, sample) is committed as
 it comes back, with the rows, so a crash between a row's requests never pays for one twice.
+
+Every request is also marked as sent (``inflight``) and committed before it leaves (``sent``
+waits for the group commit), and unmarked in the transaction that records its reply. What a
+crash leaves marked are requests that may have been billed without a saved reply: ``status``
+counts them with their worst-case cost, and the next run adds them to ``maybe_billed`` (kept in
+``meta`` for the report) before it sends them again. Schema 4 added ``request_key`` (indexed),
+``answered_by`` and ``cached``: a row whose request another row (or the cache) answered.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from ..errors import JobError, SettingsMismatch
 from ..labeling.rows import Attempt
 from ..records import Entry
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -60,7 +67,15 @@ CREATE TABLE IF NOT EXISTS rows (
     model TEXT,
     truncated INTEGER,
     tokens_counted INTEGER,
-    extra TEXT
+    extra TEXT,
+    request_key TEXT,
+    answered_by TEXT,
+    cached INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inflight (
+    row_id TEXT PRIMARY KEY,
+    worst_pico INTEGER NOT NULL,
+    sent_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
     row_id TEXT NOT NULL,
@@ -78,7 +93,14 @@ CREATE TABLE IF NOT EXISTS attempts (
 """
 COLUMNS = Entry._fields
 _INSERT = f"INSERT OR REPLACE INTO rows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_ADDED = {"truncated": "INTEGER", "tokens_counted": "INTEGER", "extra": "TEXT"}
+_ADDED = {
+    "truncated": "INTEGER",
+    "tokens_counted": "INTEGER",
+    "extra": "TEXT",
+    "request_key": "TEXT",
+    "answered_by": "TEXT",
+    "cached": "INTEGER",
+}
 _INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
@@ -102,6 +124,8 @@ class Journal:
         self.conn = conn
         self._pending: list[Entry] = []
         self._pending_attempts: list[tuple[Any, ...]] = []
+        self._pending_sent: list[tuple[str, int, float]] = []
+        self._sent_waiters: list[asyncio.Future[bool]] = []
         self._scheduled = False
         self.write_error: sqlite3.Error | None = None
         self.rescued = 0  # rows written to the rescue file instead
@@ -132,6 +156,7 @@ class Journal:
             conn = _connect(db_path(directory))
             conn.executescript(_SCHEMA)
             _migrate(conn)
+            conn.execute("CREATE INDEX IF NOT EXISTS rows_by_key ON rows (request_key)")
         except (OSError, sqlite3.Error) as exc:
             raise JobError(f"{directory}: cannot open the checkpoint journal: {exc}") from None
         journal = cls(directory, conn)
@@ -197,6 +222,15 @@ class Journal:
         )  # fmt: skip
         self._schedule()
 
+    def sent(self, row_id: str, worst_pico: int) -> asyncio.Future[bool]:
+        """Mark a request as sent; the future says, once committed, that it may leave (False: the
+        journal cannot be written, so it must not)."""
+        self._pending_sent.append((row_id, worst_pico, time.time()))
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._sent_waiters.append(future)
+        self._schedule()
+        return future
+
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
@@ -207,17 +241,26 @@ class Journal:
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self._pending and not self._pending_attempts:
+        if not self._pending and not self._pending_attempts and not self._pending_sent:
             return
         pending, self._pending = self._pending, []
         attempts, self._pending_attempts = self._pending_attempts, []
+        sent, self._pending_sent = self._pending_sent, []
+        waiters, self._sent_waiters = self._sent_waiters, []
         conn = self.conn
+        ok = False
         try:
             conn.execute("BEGIN")
             if attempts:
                 conn.executemany(_INSERT_ATTEMPT, attempts)
-            conn.executemany(_INSERT, pending)
+                conn.executemany("DELETE FROM inflight WHERE row_id = ?", [(a[0],) for a in attempts])
+            if pending:
+                conn.executemany(_INSERT, pending)
+                conn.executemany("DELETE FROM inflight WHERE row_id = ?", [(e.row_id,) for e in pending])
+            if sent:
+                conn.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?, ?)", sent)
             conn.execute("COMMIT")
+            ok = True
         except sqlite3.Error as exc:
             # Disk full, I/O error...: these replies are paid for. Keep them in a plain file the
             # next run imports, and tell the dispatcher (``write_error``) to stop sending.
@@ -226,6 +269,10 @@ class Journal:
             if self.write_error is None:
                 self.write_error = exc
             self._rescue(pending, attempts)
+        finally:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(ok)
 
     def _rescue(self, records: list[Entry], attempts: list[tuple[Any, ...]] | None = None) -> None:
         lines = [orjson.dumps(list(r)) for r in records]
@@ -347,6 +394,45 @@ class Journal:
             "WHERE row_id NOT IN (SELECT row_id FROM rows)"
         ).fetchone()
         return int(row[0]) + int(partial[0])
+
+    def answered(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """Rows of this output already answered (ok) for these request keys: key -> entry."""
+        cur = self.conn.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM rows WHERE status = 'ok' AND answered_by IS NULL AND request_key IN "
+            "(SELECT value FROM json_each(?))",
+            (orjson.dumps(list(keys)),),
+        )
+        out: dict[str, Entry] = {}
+        for r in cur:
+            e = Entry._make(r)
+            if e.request_key is not None:
+                out.setdefault(e.request_key, e)
+        return out
+
+    def inflight(self) -> tuple[int, int]:
+        """Requests marked sent without a saved reply: (count, worst-case picodollars)."""
+        try:
+            row = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(worst_pico), 0) FROM inflight").fetchone()
+        except sqlite3.OperationalError:  # an older journal, opened read-only
+            return 0, 0
+        return int(row[0]), int(row[1])
+
+    def maybe_billed(self) -> dict[str, int]:
+        """Every crash's unsaved requests so far (taken in by ``settle_inflight``), and the current ones."""
+        kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
+        now, worst = self.inflight()
+        return {"requests": kept["requests"] + now, "worst_pico": kept["worst_pico"] + worst}
+
+    def settle_inflight(self) -> tuple[int, int]:
+        """At the start of a run: what a crashed run left in flight goes into ``maybe_billed``."""
+        count, worst = self.inflight()
+        if count:
+            total = self.maybe_billed()
+            self.conn.execute("BEGIN")
+            self.set_meta("maybe_billed", total)
+            self.conn.execute("DELETE FROM inflight")
+            self.conn.execute("COMMIT")
+        return count, worst
 
     def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""

@@ -48,13 +48,13 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
     while (step := labeler.next_request(attempts)) is not None:
         max_tokens = step.request.max_tokens or d.max_tokens
         body = item.body if step.request is item.request else d.provider.encode(step.request)
-        worst = worst_pico(d, step.request, max_tokens) if budget.cap is not None else 0
-        if budget.cap is not None and not await budget.reserve(worst):
+        worst = worst_pico(d, step.request, max_tokens) if budget.active else 0
+        if budget.active and not await budget.reserve(worst):
             d.request_stop(d.stop_budget, "budget reached")
             return
         billed = 0
         try:
-            result, n, latency_ms = await d.call(body, 0)
+            result, n, latency_ms = await d.call(body, 0, item.row_id, worst)
             calls += n
             if result is None:
                 return  # stopping: the attempts so far are journaled; the row resumes from them
@@ -81,7 +81,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
             stats.cost_pico += billed
             d.limiter.on_success()
         finally:
-            if budget.cap is None or worst:
+            if not budget.active or worst:
                 budget.settle(worst, billed)
     _book(d, item, attempts, calls, latency_ms)
 
@@ -133,7 +133,8 @@ def _book(
         else:
             d.stats.invalid += 1
         d.track(False)
-    d.journal.add(
+    d.record(
+        item,
         Entry(
             row_id=item.row_id,
             content_hash=item.content_hash,
@@ -152,7 +153,7 @@ def _book(
             truncated=attempts[-1].truncated if attempts else None,
             tokens_counted=None,
             extra=orjson.dumps(extra).decode(),
-        )
+        ),
     )
 
 

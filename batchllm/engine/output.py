@@ -46,6 +46,8 @@ RESULT_FIELDS = [
     pa.field("latency_ms", pa.float64()),
     pa.field("truncated", pa.bool_()),
     pa.field("tokens_counted", pa.bool_()),  # the server reported no usage: batchllm counted
+    pa.field("answered_by", pa.string()),  # the row whose identical request paid for this reply
+    pa.field("cached", pa.bool_()),  # answered from the response cache, at no cost
     pa.field("model", pa.string()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
@@ -156,6 +158,8 @@ def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Total
         cols["attempts"][i] = e.attempts
         cols["latency_ms"][i] = e.latency_ms
         cols["model"][i] = e.model
+        cols["answered_by"][i] = e.answered_by
+        cols["cached"][i] = bool(e.cached)
         cols["finished_at"][i] = int(e.finished_at * 1000)
         if e.status == "error":
             totals.error += 1

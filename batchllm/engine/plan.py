@@ -29,6 +29,7 @@ from ..records import Message, Request
 from ..tokens import TokenCounter, counter_for
 from .journal import Journal
 from .output import check_no_clash
+from .reuse import Reuse
 
 
 class WorkItem(NamedTuple):
@@ -40,6 +41,7 @@ class WorkItem(NamedTuple):
     worst_pico: int  # the most this row may cost; 0 when no budget
     prior: tuple[Attempt, ...] = ()  # a labeling row's requests journaled by an earlier run
     retry: bool = False  # sent again after it ended invalid (--retry-errors): fresh re-asks
+    key: str = ""  # Request.key(): identical rows share one request (reuse.py)
 
 
 class Builder(Protocol):
@@ -100,7 +102,7 @@ def prepare(job: Job) -> Prepared:
             f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of "
             f"{model.context_window:,} tokens"
         )
-    if job.max_cost_pico is not None and model.prices is None:
+    if job.budgeted and model.prices is None:
         raise JobError(
             f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
             "give --input-price and --output-price (USD per million tokens)"
@@ -228,7 +230,7 @@ class Plan:
         self.job = p.job
         self.warn = warn
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
-        self.admission = Admission(p, count_all=p.job.max_cost_pico is not None or p.job.tpm is not None)
+        self.admission = Admission(p, count_all=p.job.budgeted or p.job.tpm is not None)
 
     def _decide(self, journal: Journal) -> Iterator[tuple[PromptBatch, Sequence[int], set[int]]]:
         """Per input batch: the batch made ready, the indexes of its rows to send, and which of
@@ -286,11 +288,14 @@ class Plan:
         done = counts.get("ok", 0) + (0 if self.job.retry_errors else counts.get("error", 0))
         return max(0, self.p.rows - done)
 
-    def items(self, journal: Journal, reject: Callable[[str, str, Rejection], None]) -> Iterator[WorkItem]:
-        """WorkItems for the rows to send; rows refused before sending go to ``reject``."""
+    def items(
+        self, journal: Journal, reject: Callable[[str, str, Rejection], None], reuse: Reuse | None = None
+    ) -> Iterator[WorkItem]:
+        """WorkItems for the rows to send; rows refused before sending go to ``reject``, and rows
+        another row or the cache answers are recorded by ``reuse`` instead of being sent."""
         admission, provider = self.admission, self.p.provider
         maker = self.p.maker()
-        budget = self.job.max_cost_pico is not None
+        budget = self.job.budgeted
         warned = False
         labeling = self.job.labeling is not None
         for pb, send, invalid in self._decide(journal):
@@ -309,6 +314,7 @@ class Plan:
                     self.warn(f"token counts are {admission.counter.label}")
                 counts = admission.count([users[i] or "" for i in countable])
                 exact = dict(zip(countable, counts, strict=True))
+            ready: list[tuple[int, Request, int, int]] = []
             for i in send:
                 user = users[i]
                 prompt_tokens = exact.get(i, 0)
@@ -321,6 +327,13 @@ class Plan:
                 assert user is not None
                 request = maker.make(user) if given is None else given
                 worst = admission.worst_pico(user, prompt_tokens, max_tokens) if budget else 0
+                ready.append((i, request, prompt_tokens, worst))
+            keys: Sequence[str | None] = [""] * len(ready)
+            if reuse is not None and ready:
+                keys = reuse.screen([(row_ids[i], hashes[i], r) for i, r, _, _ in ready])
+            for (i, request, prompt_tokens, worst), key in zip(ready, keys, strict=True):
+                if key is None:
+                    continue  # answered by another row, or by the cache
                 yield WorkItem(
                     row_ids[i],
                     hashes[i],
@@ -330,4 +343,5 @@ class Plan:
                     worst,
                     tuple(prior.get(row_ids[i], ())),
                     i in invalid,
+                    key,
                 )

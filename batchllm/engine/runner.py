@@ -26,7 +26,9 @@ import orjson
 from .. import __version__
 from ..errors import ExitCode
 from ..job import key_source
+from ..pricing import format_usd, usd_text
 from .budget import Budget
+from .cache import ResponseCache, default_dir
 from .client import Client
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
@@ -36,6 +38,7 @@ from .observer import Observer, Silent
 from .output import Totals, write_output
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
+from .reuse import Reuse
 from .summary import build_summary, snapshot, stop_message
 
 _STOP_EXIT = {
@@ -75,6 +78,7 @@ class Run:
         self.command = command
         self.hard_stop = asyncio.Event()
         self.dispatcher: Dispatcher | None = None
+        self.reuse: Reuse | None = None
         self.warnings: list[str] = []
         self.plan = Plan(prepared, self.warn, only)
         self.write = write  # a pilot writes no output (reports/estimate.py)
@@ -96,6 +100,12 @@ class Run:
             journal = Journal.open(
                 job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse
             )
+            lost, lost_pico = journal.settle_inflight()
+            if lost:
+                self.warn(
+                    f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
+                    f"been billed (at most {format_usd(lost_pico)}); they are sent again"
+                )
             if journal.imported:
                 self.warn(
                     f"imported {journal.imported:,} replies an earlier run could not write to the journal"
@@ -143,7 +153,7 @@ class Run:
                 "given (--input-price/--output-price): cost columns will be null"
             )
         limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
-        budget = Budget(job.max_cost_pico, journal.spent_pico())
+        budget = Budget(job.max_cost_pico, journal.spent_pico(), job.max_cost_per_run_pico)
         client = Client(
             p.provider,
             endpoint.url,
@@ -152,6 +162,9 @@ class Run:
             timeout=job.timeout,
             on_hints=limiter.on_hints,
         )
+        cache = None
+        if job.cache != "off" and job.labeling is None:
+            cache = ResponseCache(job.cache_dir or default_dir(), job.cache)
         async with client:
             dispatcher = Dispatcher(
                 client=client,
@@ -185,8 +198,15 @@ class Run:
                         f"read {reparse(journal, job.labeling, p.model.name):,} rows again under the new labels"
                     )
                 else:
-                    await dispatcher.run(self.plan.items(journal, dispatcher.record_rejected), self.hard_stop)
+                    endpoint_id = "sandbox" if job.sandbox else endpoint.url.rstrip("/")
+                    reuse = Reuse(journal, cache, endpoint_id, p.model, dispatcher.record_copy)
+                    dispatcher.reuse = self.reuse = reuse
+                    await dispatcher.run(
+                        self.plan.items(journal, dispatcher.record_rejected, reuse), self.hard_stop
+                    )
             finally:
+                if cache is not None:
+                    cache.close()
                 ticker.cancel()
                 self.observer.progress(snapshot(dispatcher.stats))
                 if deadline is not None:
@@ -213,7 +233,7 @@ class Run:
         output: Path | None = None
 
         def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
-            return build_summary(
+            out = build_summary(
                 self.p,
                 t,
                 dispatcher.stats,
@@ -225,6 +245,13 @@ class Run:
                 journal,
                 self.command,
             )
+            if self.reuse is not None:
+                out["this_run"].update(
+                    answered_by_other_rows=self.reuse.copies,
+                    cache_hits=self.reuse.hits,
+                    cache_saved_usd=usd_text(self.reuse.saved_pico),
+                )
+            return out
 
         # With the journal unwritable the disk is likely full: leave the output as it was.
         if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:

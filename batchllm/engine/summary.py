@@ -34,6 +34,11 @@ def stop_message(
     key_source: str,
 ) -> str:
     """One line saying why the run stopped and what to do next."""
+    if reason is StopReason.BUDGET and budget.run_cap_reached:
+        return (
+            f"budget reached: this run has spent {format_usd(budget.spent_run)} of its "
+            f"{format_usd(job.max_cost_per_run_pico or 0)} cap (--max-cost-per-run); the next run continues"
+        )
     if reason is StopReason.BUDGET:
         return (
             f"budget reached: this output has cost {format_usd(budget.spent)} of the "
@@ -97,6 +102,9 @@ def build_summary(
     }
     if estimate := journal.get_meta("estimate"):
         out["estimate"] = estimate
+    lost = journal.maybe_billed()
+    if lost["requests"]:
+        out["maybe_billed"] = {"requests": lost["requests"], "worst_case_usd": usd_text(lost["worst_pico"])}
     if totals is not None:
         out["rows"] = {
             "total": totals.rows,
@@ -118,6 +126,8 @@ def build_summary(
         }
     if job.max_cost_pico is not None:
         out["max_cost_usd"] = usd_text(job.max_cost_pico)
+    if job.max_cost_per_run_pico is not None:
+        out["max_cost_per_run_usd"] = usd_text(job.max_cost_per_run_pico)
     if code is not None:
         out["exit_code"] = int(code)
     if not out["complete"]:
@@ -174,6 +184,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "
         f"{summary['duration_s']:,.1f} s"
     )
+    if t.get("answered_by_other_rows") or t.get("cache_hits"):
+        lines.append(
+            f"never paid twice: {t['answered_by_other_rows']:,} rows answered by an identical row's reply, "
+            f"{t['cache_hits']:,} from the cache (saved ${t['cache_saved_usd']})"
+        )
     if summary.get("message"):
         lines.append(f"stopped: {summary['message']}")
     if rows:

@@ -83,6 +83,24 @@ def _split(frame: pd.DataFrame, total_pico: int, priced: bool) -> dict[str, Any]
     }
 
 
+def _maybe_billed(path: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Requests a crash may have had billed without a saved reply: from the journal beside the
+    output when it is there (it knows of a crash the output has not seen yet), else the summary."""
+    from ..engine.journal import DB_NAME, Journal
+
+    directory = path.with_name(path.name + ".batchllm")
+    if (directory / DB_NAME).is_file():
+        journal = Journal.open_readonly(directory)
+        try:
+            lost = journal.maybe_billed()
+        finally:
+            journal.conn.close()
+        if not lost["requests"]:
+            return None
+        return {"requests": lost["requests"], "worst_case_usd": usd_text(lost["worst_pico"])}
+    return summary.get("maybe_billed")
+
+
 def _pico(usd: pd.Series) -> pd.Series:
     return (usd.astype("float64").fillna(0.0) * PICO_PER_USD).round().astype("int64")
 
@@ -144,6 +162,9 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
         ):
             groups[str(key)] = _stats(part, priced)
         report["by"] = {"column": by, "groups": groups}
+    lost = _maybe_billed(path, summary)
+    if lost:
+        report["maybe_billed"] = lost
     estimate = summary.get("estimate")
     if estimate:
         overall = report["overall"]
@@ -252,6 +273,13 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             for k, s in report["by"]["groups"].items()
         ]
         lines += _grid(header, body, md)
+    if "maybe_billed" in report:
+        lost = report["maybe_billed"]
+        lines.append("")
+        lines.append(
+            f"up to {lost['requests']:,} requests, at most ${lost['worst_case_usd']}, may have been billed "
+            "without a saved reply (in flight when a run died)"
+        )
     if "estimate_vs_actual" in report:
         e = report["estimate_vs_actual"]
         lines.append("")

@@ -28,6 +28,7 @@ def status_text(path: Path) -> str:
     try:
         t = journal.totals()
         run = journal.get_meta("last_run") or {}
+        lost = journal.maybe_billed()
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]
@@ -45,8 +46,17 @@ def status_text(path: Path) -> str:
         lines.append(
             f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t['last_written']))} ({ago:,.0f} s ago)"
         )
+    if lost["requests"]:
+        lines.append(maybe_billed_line(lost["requests"], lost["worst_pico"]))
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
     if run.get("command"):
         lines.append(f"resume with: {run['command']}")
     return "\n".join(lines)
+
+
+def maybe_billed_line(requests: int, worst_pico: int) -> str:
+    return (
+        f"up to {requests:,} requests, at most {format_usd(worst_pico)}, may have been billed without a "
+        "saved reply (in flight when a run died; the next run sends them again)"
+    )

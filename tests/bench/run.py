@@ -26,6 +26,7 @@ BIN = Path(sys.executable).parent / "batchllm"
 KEY = "bench-key"
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 WORK = Path(tempfile.mkdtemp(prefix="batchllm-bench-"))
+os.environ["XDG_CACHE_HOME"] = str(WORK / "cache")  # never the user's cache
 
 
 def n(rows: int) -> int:
@@ -339,6 +340,65 @@ def labeling_cost(rows: int, rounds: int = 3) -> dict:
     }
 
 
+def cache_cost(rows: int, entries: int, rounds: int = 3) -> dict:
+    """rows/s at zero latency with the cache on (every lookup a miss, every reply stored) next to
+    --cache off; then lookups in a cache of ``entries`` replies, and its size on disk."""
+    import shutil
+
+    from batchllm.engine.cache import ResponseCache
+
+    box = Sandbox("--no-keep-log")
+    src = make_input(rows, f"cache-{rows}.csv")
+    spans: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for k in range(rounds):
+            for mode in ("off", "on"):
+                folder = WORK / f"cache-run-{k}"
+                shutil.rmtree(folder, ignore_errors=True)
+                box.reset()
+                cache = ["--cache", "off"] if mode == "off" else ["--cache", str(folder)]
+                code, _, _ = run_batchllm(
+                    box, src, WORK / f"cache-{mode}.parquet", "--rpm", "0", "--concurrency", "256", "--restart",
+                    "--temperature", "0", *cache,
+                )  # fmt: skip
+                assert code == 0, code
+                spans[mode].append(box.span())
+    finally:
+        box.close()
+    best = {m: min(v) for m, v in spans.items()}
+    big = ResponseCache(WORK / "cache-big", "always")
+    batch = []
+    started = time.monotonic()
+    for i in range(entries):
+        batch.append((f"{i:032x}", f"A reply of a few words, number {i}.", 40, 12, 0, time.time()))
+        if len(batch) == 50_000 or i == entries - 1:
+            big.conn.execute("BEGIN")
+            big.conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", batch)
+            big.conn.execute("COMMIT")
+            batch.clear()
+    fill_s = time.monotonic() - started
+    big.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    keys = [f"{(i * 7919) % (2 * entries):032x}" for i in range(8192)]  # half hits, half misses
+    started = time.monotonic()
+    for _ in range(10):
+        found = big.get_many(keys)
+    lookup_s = (time.monotonic() - started) / 10
+    size = big.stats()["bytes"]
+    big.close()
+    return {
+        "rows": rows,
+        "rows_per_s_cache_off": round(rows / best["off"]),
+        "rows_per_s_cache_on_all_misses": round(rows / best["on"]),
+        "ratio": round(best["off"] / best["on"], 3),
+        "cache_entries": entries,
+        "fill_s": round(fill_s, 1),
+        "lookup_ms_per_8192_keys": round(lookup_s * 1000, 1),
+        "lookup_us_per_key": round(lookup_s / 8192 * 1e6, 2),
+        "hits_in_lookup": len(found),
+        "size_mb": round(size / 1e6, 1),
+    }
+
+
 def estimate_speed(sizes: list[int]) -> dict:
     """`batchllm estimate` on rows of ~150 tokens: rows/s, tokens/s and peak RSS per size."""
     words = [
@@ -385,7 +445,16 @@ def estimate_speed(sizes: list[int]) -> dict:
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["throughput", "latency", "journal", "rates", "labeling", "memory", "estimate"]
+    which = sys.argv[1:] or [
+        "throughput",
+        "latency",
+        "journal",
+        "rates",
+        "labeling",
+        "cache",
+        "memory",
+        "estimate",
+    ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
         results["zero_latency_20k"] = throughput(n(20_000), 0.0, 256)
@@ -404,6 +473,9 @@ def main() -> None:
     if "labeling" in which:
         results["labeling"] = labeling_cost(n(20_000))
         print(json.dumps(results["labeling"]), flush=True)
+    if "cache" in which:
+        results["cache"] = cache_cost(n(20_000), n(1_000_000))
+        print(json.dumps(results["cache"]), flush=True)
     if "memory" in which:
         sizes = [n(20_000), n(200_000), n(1_000_000)]
         results["memory_resume"] = memory_and_resume(sizes)

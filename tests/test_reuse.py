@@ -1,0 +1,133 @@
+"""Never pay twice: duplicates sent once, the response cache, what a crash may have cost, per-run caps."""
+
+from __future__ import annotations
+
+import signal
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .conftest import run_cli, spawn, summary_of, write_csv
+
+
+def run(box, src: Path, out: Path, *extra: str):
+    return run_cli(
+        ["run", str(src), "-o", str(out), "--rpm", "0", "--max-tokens", "8", *extra], env=box.env()
+    )
+
+
+def test_duplicates_are_sent_once(sandbox, tmp_path: Path) -> None:
+    unique = [f"Question {i}: what is {i} squared?" for i in range(7000)]
+    prompts = unique + [unique[(i * 7) % 7000] for i in range(3000)]  # 3,000 repeats of other rows
+    src = write_csv(tmp_path / "in.csv", [{"prompt": p} for p in prompts])
+    out = tmp_path / "o.parquet"
+    result = run(sandbox, src, out, "--concurrency", "64")
+    assert result.exit_code == 0, result.output
+    assert sandbox.count() == 7000
+    rows = pq.read_table(out).to_pylist()
+    by_prompt = {r["prompt"]: r for r in rows if not r["answered_by"]}
+    assert len(by_prompt) == 7000
+    for r in rows:
+        assert r["response"] == by_prompt[r["prompt"]]["response"]
+        if r["answered_by"]:
+            assert r["cost_usd"] == 0 and r["attempts"] == 0
+    stats = sandbox.sandbox.stats
+    billed = Decimal(stats["prompt_tokens"]) * Decimal("0.31") + Decimal(
+        stats["completion_tokens"]
+    ) * Decimal("0.34")
+    assert Decimal(summary_of(out)["cost_usd"]["total"]) == billed / 10**6
+    assert "3,000 rows answered by an identical row's reply" in result.output
+
+
+def test_the_cache_serves_repeatable_requests_across_outputs(sandbox, tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Tell me about item {i}"} for i in range(50)])
+    assert run(sandbox, src, tmp_path / "a.parquet", "--temperature", "0").exit_code == 0
+    assert sandbox.count() == 50
+    again = run(sandbox, src, tmp_path / "b.parquet", "--temperature", "0")
+    assert again.exit_code == 0 and sandbox.count() == 50  # all from the cache
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    first = pq.read_table(tmp_path / "a.parquet").to_pylist()
+    assert all(r["cached"] and r["cost_usd"] == 0 for r in rows)
+    assert [r["response"] for r in rows] == [r["response"] for r in first]
+    assert "50 from the cache" in again.output
+    assert run(sandbox, src, tmp_path / "c.parquet", "--temperature", "0", "--cache", "off").exit_code == 0
+    assert sandbox.count() == 100  # --cache off: every request sent
+    # Not meant to be repeatable (temperature 0.7, no seed): not served, unless --cache always.
+    assert run(sandbox, src, tmp_path / "d.parquet", "--temperature", "0.7").exit_code == 0
+    assert sandbox.count() == 150
+    assert run(sandbox, src, tmp_path / "e.parquet", "--temperature", "0.7").exit_code == 0
+    assert sandbox.count() == 200
+    assert (
+        run(sandbox, src, tmp_path / "f.parquet", "--temperature", "0.7", "--cache", "always").exit_code == 0
+    )
+    assert sandbox.count() == 200
+    stats = run_cli(["cache", "stats"])
+    assert stats.exit_code == 0 and "replies" in stats.output
+    cleared = run_cli(["cache", "clear"])
+    assert cleared.exit_code == 0 and "removed" in cleared.output
+
+
+def test_a_template_change_sends_only_the_changed_half(sandbox, tmp_path: Path) -> None:
+    rows = [{"a": f"text {i}", "b": f"text {i}" if i % 2 else f"other text {i}"} for i in range(100)]
+    src = write_csv(tmp_path / "in.csv", rows)
+    common = ["--temperature", "0"]
+    assert run(sandbox, src, tmp_path / "one.parquet", "--template", "Say: {a}", *common).exit_code == 0
+    before = sandbox.count()
+    assert run(sandbox, src, tmp_path / "two.parquet", "--template", "Say: {b}", *common).exit_code == 0
+    assert sandbox.count() - before == 50
+
+
+def test_replies_are_not_served_to_another_endpoint(sandbox_factory, tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Item {i}"} for i in range(20)])
+    first, second = sandbox_factory(), sandbox_factory()
+    assert run(first, src, tmp_path / "a.parquet", "--temperature", "0").exit_code == 0
+    assert run(second, src, tmp_path / "b.parquet", "--temperature", "0").exit_code == 0
+    assert second.count() == 20
+    sandboxed = run_cli(
+        ["run", str(src), "-o", str(tmp_path / "s.parquet"), "--sandbox", "--temperature", "0"]
+    )
+    assert sandboxed.exit_code == 0
+    assert run(second, src, tmp_path / "c.parquet", "--temperature", "0").exit_code == 0
+    assert second.count() == 20  # its own replies, from the cache; never the in-process sandbox's
+
+
+def test_a_crash_reports_what_may_have_been_billed(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.2)
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Question {i}"} for i in range(3000)])
+    out = tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--max-tokens", "8", "--concurrency", "500"]
+    proc = spawn(args, env=box.env())
+    deadline = time.monotonic() + 60
+    while box.count() < 600 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    status = run_cli(["status", str(out)])
+    assert status.exit_code == 0
+    line = next(x for x in status.output.splitlines() if "may have been billed" in x)
+    count = int(line.split()[2].replace(",", ""))
+    assert 0 < count <= 500
+    assert "at most $" in line
+    resumed = run_cli(args, env=box.env())
+    assert resumed.exit_code == 0, resumed.output
+    assert "may have been billed" in resumed.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 3000 and all(r["status"] == "ok" for r in rows)
+    report = run_cli(["report", str(out)])
+    assert f"up to {count:,} requests" in report.output
+    assert summary_of(out)["maybe_billed"]["requests"] == count
+
+
+def test_max_cost_per_run(sandbox, tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Question {i} " * 20} for i in range(100)])
+    out = tmp_path / "o.parquet"
+    result = run(sandbox, src, out, "--max-cost-per-run", "0.0003", "--concurrency", "4")
+    assert result.exit_code == 3, result.output
+    assert "--max-cost-per-run" in result.output
+    this_run = Decimal(summary_of(out)["this_run"]["cost_usd"])
+    assert 0 < this_run <= Decimal("0.0003")
+    sent = sandbox.count()
+    again = run(sandbox, src, out, "--max-cost-per-run", "0.0003", "--concurrency", "4")
+    assert again.exit_code in (0, 3) and sandbox.count() > sent  # the next run goes on
