@@ -11,13 +11,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .access import resolve_api_key
 from .engine.journal import Journal
 from .engine.observer import Observer
 from .engine.plan import prepare
 from .engine.runner import Endpoint, RunResult
 from .engine.runner import run_job as run_engine
 from .errors import ExitCode
-from .job import Job, resolve_api_key
+from .job import Job
 from .reports.estimate import pilot_positions
 from .reports.eval import pilot_accuracy
 from .sandbox import SandboxConfig, endpoint_for, start_sandbox

@@ -13,18 +13,17 @@ as a whole batch of 400s, and a parameter the provider does not take is a usage 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import values as v
+from .access import check_endpoint
 from .errors import JobError
-from .labeling.spec import Labeling, load_schema, parse_labels
+from .labeling.spec import Labeling, labeling_from
 from .pricing import Prices, parse_price, parse_usd
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
 
@@ -322,7 +321,7 @@ def build_job(
             f"parameters ({', '.join(provider.params)})"
         )
     kwargs["prices"] = _prices(kwargs.pop("input_price", None), kwargs.pop("output_price", None), where)
-    kwargs["labeling"] = _labeling(kwargs, where)
+    kwargs["labeling"] = labeling_from(kwargs, where)
     if "examples" in kwargs:
         if kwargs["labeling"] is None:
             raise JobError(f"{where('examples')}: few-shot examples go with --labels or --json-schema")
@@ -376,40 +375,6 @@ def _is_request_file(kwargs: Mapping[str, Any]) -> bool:
     return fmt == "jsonl" or (fmt is None and kwargs["input"].suffix.lower() in (".jsonl", ".ndjson"))
 
 
-def _labeling(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeling | None:
-    labels, labels_file, schema = (
-        kwargs.pop("labels", None),
-        kwargs.pop("labels_file", None),
-        kwargs.pop("json_schema", None),
-    )
-    options = {k: kwargs.pop(k) for k in ("reask", "samples", "adaptive") if k in kwargs}
-    given = [
-        k
-        for k, x in (("labels", labels), ("labels_file", labels_file), ("json_schema", schema))
-        if x is not None
-    ]
-    if len(given) > 1:
-        raise JobError(f"{where(given[1])}: give one of --labels, --labels-file and --json-schema")
-    if not given:
-        if options:
-            raise JobError(f"{where(next(iter(options)))}: goes with --labels or --json-schema")
-        return None
-    if options.get("adaptive") and options.get("samples", 1) < 3:
-        raise JobError(f"{where('adaptive')}: needs --samples 3 or more")
-    if labels is not None:
-        names, descriptions = parse_labels(labels, where("labels"))
-        return Labeling(labels=names, descriptions=descriptions, **options)
-    if labels_file is not None:
-        try:
-            text = labels_file.read_text("utf-8")
-        except OSError as exc:
-            raise JobError(f"{where('labels_file')} {labels_file}: {exc.strerror}") from None
-        names, descriptions = parse_labels(text if "\n" in text.strip() else text + "\n", str(labels_file))
-        return Labeling(labels=names, descriptions=descriptions, **options)
-    raw, fields, required = load_schema(schema)
-    return Labeling(fields=fields, required=required, schema=raw, **options)
-
-
 def _sampling_params(
     provider: Provider, kwargs: dict[str, Any], where: Callable[[str], str]
 ) -> dict[str, Any]:
@@ -440,59 +405,3 @@ def _prices(inp: Any, out: Any, where: Callable[[str], str]) -> Prices | None:
         missing = "input_price" if inp is None else "output_price"
         raise JobError(f"{where(missing)} is missing: give --input-price and --output-price together")
     return Prices(inp, out)
-
-
-def check_endpoint(url: str) -> str:
-    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobError(f"--endpoint {url!r} is not an http(s) URL")
-    return url
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str | None:
-    """The key, from ``--api-key-file`` or the key variable; never logged.
-
-    None when the provider needs none (a local server) and none is set. A key is never sent in
-    clear text across a network: plain http carries one only to this machine.
-    """
-    environ = os.environ if environ is None else environ
-    provider = get_provider(job.provider)
-    key: str | None
-    if job.api_key_file is not None:
-        try:
-            key = job.api_key_file.read_text("utf-8").strip()
-        except OSError as exc:
-            raise JobError(f"--api-key-file {job.api_key_file}: {exc.strerror}") from None
-        if not key:
-            raise JobError(f"--api-key-file {job.api_key_file} is empty")
-    else:
-        key = environ.get(job.key_env, "").strip() or None
-    if key is None and (provider.key_required or job.api_key_env):
-        raise JobError(
-            f"no API key: set the environment variable {job.key_env} (or pass --api-key-file "
-            "FILE), or use --sandbox to try batchllm against the built-in emulator"
-        )
-    parts = urlsplit(job.endpoint)
-    if key is not None and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
-        raise JobError(
-            f"--endpoint {job.endpoint!r}: plain http would send the key in clear text; use https, "
-            f"or unset {job.key_env} for a server that needs no key"
-        )
-    return key
-
-
-def key_source(job: Job) -> str:
-    """Where the key comes from, for messages: never the key itself."""
-    if job.api_key_file is not None:
-        return f"--api-key-file {job.api_key_file}"
-    return f"the environment variable {job.key_env}"

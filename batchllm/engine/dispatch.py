@@ -18,10 +18,8 @@ once; requests in flight get ``--grace`` seconds to finish and be recorded, then
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
@@ -37,36 +35,9 @@ from .labeled import label_row
 from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
+from .stats import ErrorWindow, Stats, StopReason
 
-
-class StopReason(enum.Enum):
-    INTERRUPTED = "interrupted"
-    API = "api"
-    ERROR_RATE = "error_rate"
-    BUDGET = "budget"
-    RUNTIME = "runtime"
-    JOURNAL = "journal"
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters of this run, read by the progress display; plain ints, updated per row."""
-
-    ok: int = 0
-    error: int = 0
-    invalid: int = 0  # labeling rows whose answers never validated
-    rejected: int = 0  # recorded as errors without a request (over the window, null prompt)
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_pico: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return self.ok + self.error + self.invalid
+__all__ = ["Dispatcher", "Stats", "StopReason"]
 
 
 class Dispatcher:
@@ -112,11 +83,7 @@ class Dispatcher:
         self.failure: BaseException | None = None
         self.stop_error: RunStopError | None = None
         self._stopped = asyncio.Event()
-        self._window = [False] * error_window
-        self._window_pos = 0
-        self._window_filled = 0
-        self._window_errors = 0
-        self._max_errors = max_error_rate * error_window
+        self.errors = ErrorWindow(error_window, max_error_rate)
         self._items: Iterator[WorkItem] = iter(())
 
     # -- stopping ----------------------------------------------------------------------------
@@ -399,18 +366,5 @@ class Dispatcher:
 
     def track(self, failed: bool) -> None:
         """Sliding window of the last N sent rows; too many failures stop the run."""
-        window = self._window
-        pos = self._window_pos
-        if self._window_filled == len(window):
-            self._window_errors -= window[pos]
-        else:
-            self._window_filled += 1
-        window[pos] = failed
-        self._window_errors += failed
-        self._window_pos = (pos + 1) % len(window)
-        if failed and self._window_filled == len(window) and self._window_errors > self._max_errors:
-            self.request_stop(
-                StopReason.ERROR_RATE,
-                f"too many errors: {self._window_errors} of the last {len(window)} rows failed "
-                "(--max-error-rate); see the error column",
-            )
+        if self.errors.add(failed):
+            self.request_stop(StopReason.ERROR_RATE, self.errors.message())

@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from .. import __version__
+from ..access import key_source
 from ..errors import ExitCode
-from ..job import key_source
 from ..pricing import format_usd, usd_text
 from .budget import Budget
 from .cache import ResponseCache, default_dir

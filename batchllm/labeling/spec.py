@@ -9,6 +9,7 @@ whose properties are strings, integers, numbers, booleans, arrays of strings, or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,38 @@ def load_schema(path: Path) -> tuple[dict[str, Any], tuple[Field, ...], tuple[st
     if unknown:
         raise JobError(f"--json-schema {path}: required {unknown[0]!r} is not a property")
     return schema, tuple(fields), tuple(required)
+
+
+def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeling | None:
+    """The job's labeling from its raw settings (popped from ``kwargs``); ``where`` names a key."""
+    labels, labels_file, schema = (
+        kwargs.pop("labels", None),
+        kwargs.pop("labels_file", None),
+        kwargs.pop("json_schema", None),
+    )
+    options = {k: kwargs.pop(k) for k in ("reask", "samples", "adaptive") if k in kwargs}
+    given = [
+        k
+        for k, x in (("labels", labels), ("labels_file", labels_file), ("json_schema", schema))
+        if x is not None
+    ]
+    if len(given) > 1:
+        raise JobError(f"{where(given[1])}: give one of --labels, --labels-file and --json-schema")
+    if not given:
+        if options:
+            raise JobError(f"{where(next(iter(options)))}: goes with --labels or --json-schema")
+        return None
+    if options.get("adaptive") and options.get("samples", 1) < 3:
+        raise JobError(f"{where('adaptive')}: needs --samples 3 or more")
+    if labels is not None:
+        names, descriptions = parse_labels(labels, where("labels"))
+        return Labeling(labels=names, descriptions=descriptions, **options)
+    if labels_file is not None:
+        try:
+            text = labels_file.read_text("utf-8")
+        except OSError as exc:
+            raise JobError(f"{where('labels_file')} {labels_file}: {exc.strerror}") from None
+        names, descriptions = parse_labels(text if "\n" in text.strip() else text + "\n", str(labels_file))
+        return Labeling(labels=names, descriptions=descriptions, **options)
+    raw, fields, required = load_schema(schema)
+    return Labeling(fields=fields, required=required, schema=raw, **options)

@@ -1,0 +1,141 @@
+"""The journal's storage: the SQLite schema, its migrations, and how settings are compared.
+
+journal.py holds the behaviour (group commit, resume lookups, rescue); this module holds what the
+file looks like on disk, so that a schema change is one edit here and one migration step.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..records import Entry
+
+SCHEMA_VERSION = 4
+DB_NAME = "journal.sqlite"
+RESCUE_NAME = "rescued-rows.jsonl"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    row_id TEXT PRIMARY KEY,
+    content_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    response TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    input_cost_pico INTEGER,
+    output_cost_pico INTEGER,
+    error TEXT,
+    error_class TEXT,
+    attempts INTEGER NOT NULL,
+    latency_ms REAL,
+    finished_at REAL NOT NULL,
+    model TEXT,
+    truncated INTEGER,
+    tokens_counted INTEGER,
+    extra TEXT,
+    request_key TEXT,
+    answered_by TEXT,
+    cached INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inflight (
+    row_id TEXT PRIMARY KEY,
+    worst_pico INTEGER NOT NULL,
+    sent_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    row_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sample INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    input_cost_pico INTEGER,
+    output_cost_pico INTEGER,
+    truncated INTEGER NOT NULL,
+    PRIMARY KEY (row_id, seq)
+) WITHOUT ROWID;
+"""
+COLUMNS = Entry._fields
+INSERT_ROW = f"INSERT OR REPLACE INTO rows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_ADDED = {
+    "truncated": "INTEGER",
+    "tokens_counted": "INTEGER",
+    "extra": "TEXT",
+    "request_key": "TEXT",
+    "answered_by": "TEXT",
+    "cached": "INTEGER",
+}
+INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def db_path(journal_dir: Path) -> Path:
+    return journal_dir / DB_NAME
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def entry_of(values: list[Any]) -> Entry:
+    """A rescued row; one written by schema 1 lacks the columns added since."""
+    return Entry(*values, *([None] * (len(COLUMNS) - len(values))))
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a schema-1 journal up to date: add the new columns and fill ``truncated``."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(rows)")}
+    missing = [c for c in _ADDED if c not in have]
+    if not missing:
+        return
+    conn.execute("BEGIN")
+    for column in missing:
+        conn.execute(f"ALTER TABLE rows ADD COLUMN {column} {_ADDED[column]}")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
+    max_tokens = (orjson.loads(row[0]).get("params") or {}).get("max_tokens") if row else None
+    if isinstance(max_tokens, int) and "truncated" in missing:
+        conn.execute(
+            "UPDATE rows SET truncated = (completion_tokens >= ?), tokens_counted = 0 WHERE status = 'ok'",
+            (max_tokens,),
+        )
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+    )
+    conn.execute("COMMIT")
+
+
+def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human lines naming each request setting that differs: ``template: 'a' -> 'b'``."""
+    flat_old, flat_new = _flatten(stored), _flatten(current)
+    diffs = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        old, new = flat_old.get(key), flat_new.get(key)
+        if old != new:
+            diffs.append(f"{key}: journal has {_show(old)}, this run has {_show(new)}")
+    return diffs
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, ""))
+        elif value is not None:
+            out[prefix + key] = value
+    return out
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"

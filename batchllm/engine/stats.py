@@ -1,0 +1,64 @@
+"""What one run counts, and why it stopped: read by the progress display and the summary."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class StopReason(enum.Enum):
+    INTERRUPTED = "interrupted"
+    API = "api"
+    ERROR_RATE = "error_rate"
+    BUDGET = "budget"
+    RUNTIME = "runtime"
+    JOURNAL = "journal"
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of this run, read by the progress display; plain ints, updated per row."""
+
+    ok: int = 0
+    error: int = 0
+    invalid: int = 0  # labeling rows whose answers never validated
+    rejected: int = 0  # recorded as errors without a request (over the window, null prompt)
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_pico: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.error + self.invalid
+
+
+class ErrorWindow:
+    """The last ``size`` sent rows, failed or not: too large a share failed stops the run."""
+
+    def __init__(self, size: int, max_rate: float) -> None:
+        self.window = [False] * size
+        self.pos = self.filled = self.errors = 0
+        self.max_errors = max_rate * size
+
+    def add(self, failed: bool) -> bool:
+        """Record one row; True when the share of failures is over the limit."""
+        window, pos = self.window, self.pos
+        if self.filled == len(window):
+            self.errors -= window[pos]
+        else:
+            self.filled += 1
+        window[pos] = failed
+        self.errors += failed
+        self.pos = (pos + 1) % len(window)
+        return failed and self.filled == len(window) and self.errors > self.max_errors
+
+    def message(self) -> str:
+        return (
+            f"too many errors: {self.errors} of the last {len(self.window)} rows failed "
+            "(--max-error-rate); see the error column"
+        )
