@@ -14,7 +14,7 @@ guess.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
@@ -35,14 +35,17 @@ class Prices:
 
     input_per_million: Decimal
     output_per_million: Decimal
+    # Per-token prices in picodollars, computed once: ``cost`` runs once per reply.
+    input_pico: int = field(init=False, compare=False)
+    output_pico: int = field(init=False, compare=False)
 
-    @property
-    def input_pico(self) -> int:
-        return int(self.input_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
-
-    @property
-    def output_pico(self) -> int:
-        return int(self.output_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "input_pico", int(self.input_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+        )
+        object.__setattr__(
+            self, "output_pico", int(self.output_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+        )
 
     def as_dict(self) -> dict[str, str]:
         return {

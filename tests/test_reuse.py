@@ -59,10 +59,12 @@ def test_the_cache_serves_repeatable_requests_across_outputs(sandbox, tmp_path: 
     assert sandbox.count() == 150
     assert run(sandbox, src, tmp_path / "e.parquet", "--temperature", "0.7").exit_code == 0
     assert sandbox.count() == 200
-    assert (
-        run(sandbox, src, tmp_path / "f.parquet", "--temperature", "0.7", "--cache", "always").exit_code == 0
-    )
-    assert sandbox.count() == 200
+    # --cache always keeps and serves any reply.
+    always = ["--temperature", "0.7", "--cache", "always"]
+    assert run(sandbox, src, tmp_path / "f.parquet", *always).exit_code == 0
+    assert sandbox.count() == 250
+    assert run(sandbox, src, tmp_path / "g.parquet", *always).exit_code == 0
+    assert sandbox.count() == 250
     stats = run_cli(["cache", "stats"])
     assert stats.exit_code == 0 and "replies" in stats.output
     cleared = run_cli(["cache", "clear"])
@@ -108,7 +110,9 @@ def test_a_crash_reports_what_may_have_been_billed(sandbox_factory, tmp_path: Pa
     assert status.exit_code == 0
     line = next(x for x in status.output.splitlines() if "may have been billed" in x)
     count = int(line.split()[2].replace(",", ""))
-    assert 0 < count <= 500
+    # In flight (at most --concurrency), plus replies received in the last event-loop turn that
+    # the group commit had not saved yet: those are unsaved too, and counted.
+    assert 0 < count <= 500 + 64
     assert "at most $" in line
     resumed = run_cli(args, env=box.env())
     assert resumed.exit_code == 0, resumed.output

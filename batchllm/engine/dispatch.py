@@ -163,10 +163,9 @@ class Dispatcher:
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         """Journal a row's entry; rows waiting for the same request get its reply."""
-        entry = entry._replace(request_key=item.key or None)
         self.journal.add(entry)
         if self.reuse is not None and item.key:
-            self.reuse.finished(item.key, entry)
+            self.reuse.finished(item.key, entry, item.request)
 
     def record_copy(self, entry: Entry) -> None:
         """A row answered by another row's reply, or by the cache (reuse.py)."""
@@ -221,8 +220,8 @@ class Dispatcher:
         """One request until it succeeds or fails for good: (completion or final error, attempts,
         latency of the last attempt in ms). None when the run stops first (the row stays pending).
 
-        Each attempt is marked in the journal as sent, and committed, before it leaves: what a
-        crash may have been billed for is then known (journal.py).
+        Each attempt is written down as sent before it leaves: what a crash may have been billed
+        for is then known (inflight.py).
         """
         stats, limiter, backoff = self.stats, self.limiter, self.backoff
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
@@ -232,9 +231,7 @@ class Dispatcher:
             await limiter.acquire(tokens)
             if self.stopping:
                 return None, attempt, 0.0
-            if not await self.journal.sent(row_id, worst):
-                self.request_stop(StopReason.JOURNAL, f"cannot write the journal: {self.journal.write_error}")
-                return None, attempt, 0.0
+            self.journal.sent(row_id, worst)  # written down before it leaves (inflight.py)
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
@@ -308,6 +305,7 @@ class Dispatcher:
                 model=self.model.name,
                 truncated=self.provider.truncated(c, item.request.max_tokens or self.max_tokens),
                 tokens_counted=counted,
+                request_key=item.key or None,
             ),
         )
         billed = (in_cost or 0) + (out_cost or 0)
@@ -348,6 +346,7 @@ class Dispatcher:
             model=self.model.name,
             truncated=None,
             tokens_counted=None,
+            request_key=item.key or None if item is not None else None,
         )
         if item is not None:
             self.record(item, entry)

@@ -19,11 +19,10 @@ to max_tokens), so it resumes. Schema 3 added ``extra`` (a labeling row's result
 ``attempts`` table: every request of a labeling row (first answer, re-ask, sample) is committed as
 it comes back, with the rows, so a crash between a row's requests never pays for one twice.
 
-Every request is also marked as sent (``inflight``) and committed before it leaves (``sent``
-waits for the group commit), and unmarked in the transaction that records its reply. What a
-crash leaves marked are requests that may have been billed without a saved reply: ``status``
-counts them with their worst-case cost, and the next run adds them to ``maybe_billed`` (kept in
-``meta`` for the report) before it sends them again. Schema 4 added ``request_key`` (indexed),
+Every request is also written down as sent before it leaves, and as done when its row is
+recorded (inflight.py). What a crash leaves sent but not done may have been billed without a
+saved reply: ``status`` counts it with its worst-case cost, and the next run adds it to
+``maybe_billed`` (kept in ``meta`` for the report) before it sends those rows again. Schema 4 added ``request_key`` (indexed),
 ``answered_by`` and ``cached``: a row whose request another row (or the cache) answered.
 """
 
@@ -43,6 +42,7 @@ import orjson
 from ..errors import JobError, SettingsMismatch
 from ..labeling.rows import Attempt
 from ..records import Entry
+from .inflight import LOG_NAME, InflightLog, replay
 from .journal_schema import (
     COLUMNS,
     DB_NAME,
@@ -69,8 +69,7 @@ class Journal:
         self.conn = conn
         self._pending: list[Entry] = []
         self._pending_attempts: list[tuple[Any, ...]] = []
-        self._pending_sent: list[tuple[str, int, float]] = []
-        self._sent_waiters: list[asyncio.Future[bool]] = []
+        self.inflight_log: InflightLog | None = None  # opened by a run (``start_inflight``)
         self._scheduled = False
         self.write_error: sqlite3.Error | None = None
         self.rescued = 0  # rows written to the rescue file instead
@@ -167,14 +166,10 @@ class Journal:
         )  # fmt: skip
         self._schedule()
 
-    def sent(self, row_id: str, worst_pico: int) -> asyncio.Future[bool]:
-        """Mark a request as sent; the future says, once committed, that it may leave (False: the
-        journal cannot be written, so it must not)."""
-        self._pending_sent.append((row_id, worst_pico, time.time()))
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._sent_waiters.append(future)
-        self._schedule()
-        return future
+    def sent(self, row_id: str, worst_pico: int) -> None:
+        """Write down that a request for this row is leaving now (before it does)."""
+        if self.inflight_log is not None:
+            self.inflight_log.sent(row_id, worst_pico)
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -186,26 +181,19 @@ class Journal:
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self._pending and not self._pending_attempts and not self._pending_sent:
+        if not self._pending and not self._pending_attempts:
             return
         pending, self._pending = self._pending, []
         attempts, self._pending_attempts = self._pending_attempts, []
-        sent, self._pending_sent = self._pending_sent, []
-        waiters, self._sent_waiters = self._sent_waiters, []
         conn = self.conn
-        ok = False
         try:
             conn.execute("BEGIN")
             if attempts:
                 conn.executemany(INSERT_ATTEMPT, attempts)
-                conn.executemany("DELETE FROM inflight WHERE row_id = ?", [(a[0],) for a in attempts])
-            if pending:
-                conn.executemany(INSERT_ROW, pending)
-                conn.executemany("DELETE FROM inflight WHERE row_id = ?", [(e.row_id,) for e in pending])
-            if sent:
-                conn.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?, ?)", sent)
+            conn.executemany(INSERT_ROW, pending)
             conn.execute("COMMIT")
-            ok = True
+            if self.inflight_log is not None:  # committed: no longer at risk
+                self.inflight_log.done([e.row_id for e in pending] + [a[0] for a in attempts])
         except sqlite3.Error as exc:
             # Disk full, I/O error...: these replies are paid for. Keep them in a plain file the
             # next run imports, and tell the dispatcher (``write_error``) to stop sending.
@@ -214,10 +202,6 @@ class Journal:
             if self.write_error is None:
                 self.write_error = exc
             self._rescue(pending, attempts)
-        finally:
-            for w in waiters:
-                if not w.done():
-                    w.set_result(ok)
 
     def _rescue(self, records: list[Entry], attempts: list[tuple[Any, ...]] | None = None) -> None:
         lines = [orjson.dumps(list(r)) for r in records]
@@ -248,6 +232,7 @@ class Journal:
 
     def close(self) -> None:
         self.flush()
+        self.stop_inflight()
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self.conn.close()
@@ -355,29 +340,42 @@ class Journal:
         return out
 
     def inflight(self) -> tuple[int, int]:
-        """Requests marked sent without a saved reply: (count, worst-case picodollars)."""
-        try:
-            row = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(worst_pico), 0) FROM inflight").fetchone()
-        except sqlite3.OperationalError:  # an older journal, opened read-only
+        """Requests a dead run left sent without a saved reply: (count, worst-case picodollars)."""
+        if self.inflight_log is not None:  # this run's own are in flight, not lost
             return 0, 0
-        return int(row[0]), int(row[1])
+        lost = replay(self.directory / LOG_NAME)
+        return len(lost), sum(lost.values())
 
-    def maybe_billed(self) -> dict[str, int]:
-        """Every crash's unsaved requests so far (taken in by ``settle_inflight``), and the current ones."""
+    def maybe_billed(self, current: bool = True) -> dict[str, int]:
+        """Every crash's unsaved requests so far (taken in by ``start_inflight``), and, with
+        ``current``, those of a run that died and no run has taken in yet."""
         kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
-        now, worst = self.inflight()
+        now, worst = self.inflight() if current else (0, 0)
         return {"requests": kept["requests"] + now, "worst_pico": kept["worst_pico"] + worst}
 
-    def settle_inflight(self) -> tuple[int, int]:
-        """At the start of a run: what a crashed run left in flight goes into ``maybe_billed``."""
+    def _keep_lost(self, count: int, worst: int) -> None:
+        kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
+        self.set_meta(
+            "maybe_billed", {"requests": kept["requests"] + count, "worst_pico": kept["worst_pico"] + worst}
+        )
+
+    def start_inflight(self) -> tuple[int, int]:
+        """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a
+        fresh log is opened for this run's requests. Returns the dead run's (count, worst)."""
         count, worst = self.inflight()
         if count:
-            total = self.maybe_billed()
-            self.conn.execute("BEGIN")
-            self.set_meta("maybe_billed", total)
-            self.conn.execute("DELETE FROM inflight")
-            self.conn.execute("COMMIT")
+            self._keep_lost(count, worst)
+        self.inflight_log = InflightLog(self.directory)
         return count, worst
+
+    def stop_inflight(self) -> None:
+        """At the end of a run: requests cancelled in flight (a stop) may have been billed too."""
+        log, self.inflight_log = self.inflight_log, None
+        if log is None:
+            return
+        if log.pending:
+            self._keep_lost(len(log.pending), sum(log.pending.values()))
+        log.close()
 
     def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""

@@ -42,11 +42,6 @@ CREATE TABLE IF NOT EXISTS rows (
     answered_by TEXT,
     cached INTEGER
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inflight (
-    row_id TEXT PRIMARY KEY,
-    worst_pico INTEGER NOT NULL,
-    sent_at REAL NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
     row_id TEXT NOT NULL,
     seq INTEGER NOT NULL,

@@ -153,6 +153,7 @@ def _book(
             truncated=attempts[-1].truncated if attempts else None,
             tokens_counted=None,
             extra=orjson.dumps(extra).decode(),
+            request_key=item.key or None,
         ),
     )
 

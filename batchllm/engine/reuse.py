@@ -1,6 +1,8 @@
 """Rows answered without a request of their own: never pay twice for the same request.
 
-Before a batch of rows is sent, each row's ``Request.key()`` is checked, in this order:
+Before a batch of rows is sent, each row's key is checked, in this order (the key is the row's
+content hash: within one journal every row is built with the same settings, so identical
+content means an identical request; the cache, shared across jobs, uses ``Request.key()``):
 
 1. a row with the same key is in flight in this run: this row waits for its reply (a follower);
 2. a row of this output already answered the same key (this run or an earlier one): its reply;
@@ -43,13 +45,13 @@ class Reuse:
     def screen(self, rows: Sequence[tuple[str, str, Request]]) -> list[str | None]:
         """Per row (row_id, content_hash, request): its key if it must be sent, None if answered."""
         self.journal.flush()  # replies recorded this turn are visible to the lookup below
-        keys = [r.key() for _, _, r in rows]
+        keys = [h for _, h, _ in rows]
         fresh = [k for k in keys if k not in self.waiting]
         done = self.journal.answered(fresh) if fresh else {}
         hits: dict[str, Cached] = {}
         if self.cache is not None:
             wanted = {
-                cache_key(self.endpoint_id, k): k
+                cache_key(self.endpoint_id, r.key()): k
                 for k, (_, _, r) in zip(keys, rows, strict=True)
                 if k not in self.waiting and k not in done and self.cache.serves(r)
             }
@@ -70,18 +72,21 @@ class Reuse:
                 out.append(key)
         return out
 
-    def finished(self, key: str, entry: Entry) -> None:
-        """A leader's row was recorded: its followers get its reply; the cache keeps it."""
+    def finished(self, key: str, entry: Entry, request: Request) -> None:
+        """A leader's row was recorded: its followers get its reply; the cache keeps it if it
+        could ever serve it (a request meant to be repeatable, or any with ``--cache always``)."""
         for row_id, content_hash in self.waiting.pop(key, ()):
             self._copy(row_id, content_hash, entry)
+        cache = self.cache
         if (
-            self.cache is not None
+            cache is not None
+            and cache.serves(request)
             and entry.status == "ok"
             and entry.response is not None
             and entry.extra is None
         ):
-            self.cache.put(
-                cache_key(self.endpoint_id, key),
+            cache.put(
+                cache_key(self.endpoint_id, request.key()),
                 entry.response,
                 entry.prompt_tokens or 0,
                 entry.completion_tokens or 0,

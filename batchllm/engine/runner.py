@@ -100,7 +100,7 @@ class Run:
             journal = Journal.open(
                 job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse
             )
-            lost, lost_pico = journal.settle_inflight()
+            lost, lost_pico = journal.start_inflight()
             if lost:
                 self.warn(
                     f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "

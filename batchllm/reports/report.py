@@ -34,6 +34,7 @@ _BASE_COLUMNS = [
     "output_cost_usd",
 ]
 _SPLIT = ["reask_cost_usd", "sample_cost_usd"]  # a labeling run's spend beyond first answers
+_REUSE = ["answered_by", "cached"]  # rows answered without a request of their own
 _CLASS = re.compile(r"^(\w+)")
 
 
@@ -55,7 +56,7 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
                 + ", ".join(repr(c) for c in schema.names)
             )
         columns.append(by)
-    columns += [c for c in _SPLIT if c in schema.names]
+    columns += [c for c in _SPLIT + _REUSE if c in schema.names]
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
     # Each row's cost is what it cost when answered (live, or at a batch discount): read back
@@ -66,6 +67,16 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     frame["cost_pico"] = _pico(frame["input_cost_usd"]) + _pico(frame["output_cost_usd"])
     frame["error_class"] = frame["error"].astype("object").map(_error_class)
     return frame, summary
+
+
+def _reused(frame: pd.DataFrame) -> dict[str, Any]:
+    """Rows that cost nothing because an identical row or the cache had the reply."""
+    if "cached" not in frame.columns:
+        return {}
+    return {
+        "rows_answered_by_identical_rows": int(frame["answered_by"].notna().sum()),
+        "rows_from_cache": int(frame["cached"].fillna(False).astype(bool).sum()),
+    }
 
 
 def _split(frame: pd.DataFrame, total_pico: int, priced: bool) -> dict[str, Any]:
@@ -142,6 +153,7 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
             "p99": round(pct(latency, 99), 1),
         },
         "errors_by_class": {str(k): int(v) for k, v in frame["error_class"].value_counts().items()},
+        **_reused(frame),
         **_split(frame, total_pico, priced),
         "_cost_pico": total_pico,
     }
@@ -162,6 +174,7 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
         ):
             groups[str(key)] = _stats(part, priced)
         report["by"] = {"column": by, "groups": groups}
+    report["cache_saved_usd"] = (summary.get("this_run") or {}).get("cache_saved_usd")
     lost = _maybe_billed(path, summary)
     if lost:
         report["maybe_billed"] = lost
@@ -273,6 +286,14 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             for k, s in report["by"]["groups"].items()
         ]
         lines += _grid(header, body, md)
+    overall = report["overall"]
+    if overall.get("rows_answered_by_identical_rows") or overall.get("rows_from_cache"):
+        saved = report.get("cache_saved_usd") or "0"
+        lines.append("")
+        lines.append(
+            f"never paid twice: {overall['rows_answered_by_identical_rows']:,} rows answered by an identical "
+            f"row's reply, {overall['rows_from_cache']:,} from the cache (the last run's cache hits saved ${saved})"
+        )
     if "maybe_billed" in report:
         lost = report["maybe_billed"]
         lines.append("")

@@ -28,7 +28,9 @@ def status_text(path: Path) -> str:
     try:
         t = journal.totals()
         run = journal.get_meta("last_run") or {}
-        lost = journal.maybe_billed()
+        running = holder(directory)
+        # While a run holds the journal, its log holds requests in flight now, not lost ones.
+        lost = journal.maybe_billed(current=running is None)
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]

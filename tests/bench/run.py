@@ -144,7 +144,7 @@ asyncio.run(main())
 
 
 def throughput(
-    rows: int, latency: float, concurrency: int, rounds: int = 3, provider: str = "dataoorts"
+    rows: int, latency: float, concurrency: int, rounds: int = 5, provider: str = "dataoorts"
 ) -> dict:
     """Alternating rounds of the bare loop and batchllm; the best of each (the least disturbed)."""
     box = Sandbox("--latency", str(latency), "--no-keep-log")
