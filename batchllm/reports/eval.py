@@ -23,6 +23,7 @@ from ..engine.journal import Journal
 from ..engine.plan import Prepared
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
+from .report import grid as _grid
 
 NONE = "(none)"
 
@@ -161,18 +162,6 @@ def format_eval(e: dict[str, Any], fmt: str) -> str:
         agree = [[k, str(v["n"]), f"{v['accuracy']:.1%}"] for k, v in e["by_agreement"].items()]
         lines += ["", *_grid(["agreement", "rows", "accuracy"], agree, md)]
     return "\n".join(lines)
-
-
-def _grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
-    if md:
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in body],
-        ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
 
 
 def pilot_accuracy(p: Prepared, journal: Journal, positions: frozenset[int], gold: str) -> dict[str, Any]:

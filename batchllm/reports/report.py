@@ -285,7 +285,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             ]
             for k, s in report["by"]["groups"].items()
         ]
-        lines += _grid(header, body, md)
+        lines += grid(header, body, md)
     overall = report["overall"]
     if overall.get("rows_answered_by_identical_rows") or overall.get("rows_from_cache"):
         saved = report.get("cache_saved_usd") or "0"
@@ -335,7 +335,7 @@ def _table(rows: list[tuple[str, str]], md: bool) -> list[str]:
     return [f"  {k:<{width}}  {v}" for k, v in rows]
 
 
-def _grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
+def grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
     if md:
         return [
             "| " + " | ".join(header) + " |",
