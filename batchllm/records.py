@@ -20,7 +20,9 @@ from typing import Any, NamedTuple
 import orjson
 
 
-@dataclass(frozen=True, slots=True)
+# Message and Request are built once per row on the hot path: plain slotted dataclasses, since a
+# frozen one pays an ``object.__setattr__`` per field. Treat them as immutable all the same.
+@dataclass(slots=True)
 class Message:
     """One chat turn. orjson encodes it as ``{"role": ..., "content": ...}``, in that order."""
 
@@ -28,7 +30,7 @@ class Message:
     content: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """One chat request: the unit a provider encodes and the key a cache would use.
 
