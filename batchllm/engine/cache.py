@@ -30,6 +30,7 @@ from ..errors import JobError
 from ..records import Request
 
 DB_NAME = "responses.sqlite"
+FLUSH_EVERY_S = 0.25
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -104,7 +105,9 @@ class ResponseCache:
         if not self._scheduled:
             self._scheduled = True
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                # Not the journal: losing the last fraction of a second costs a later run a
+                # request, never a reply, so commit a few times a second, not every loop turn.
+                asyncio.get_running_loop().call_later(FLUSH_EVERY_S, self.flush)
             except RuntimeError:
                 self.flush()
 

@@ -391,5 +391,5 @@ class Journal:
         return out
 
     def labeled_rows(self) -> list[str]:
-        """Rows with journaled labeling requests (``--reparse`` reads them again)."""
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT row_id FROM attempts")]
+        """Rows of a labeling job (``--reparse`` reads their replies again)."""
+        return [r[0] for r in self.conn.execute("SELECT row_id FROM rows WHERE extra IS NOT NULL")]

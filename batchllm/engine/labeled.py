@@ -73,8 +73,11 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
                 out_cost,
                 d.provider.truncated(result, max_tokens),
             )
-            d.journal.add_attempt(item.row_id, len(attempts), attempt)
             attempts.append(attempt)
+            if len(attempts) > 1 or labeler.next_request(attempts) is not None:
+                # Kept so a crash resumes after it and --reparse can read every reply; a row done
+                # in one request is saved whole by its entry, in the same commit (half the writes).
+                d.journal.add_attempt(item.row_id, len(attempts) - 1, attempt)
             billed = (in_cost or 0) + (out_cost or 0)
             stats.prompt_tokens += pt
             stats.completion_tokens += ct
@@ -166,6 +169,7 @@ def reparse(journal: Journal, labeling: Labeling, model: str) -> int:
     """
     rows = journal.labeled_rows()
     done = 0
+    base = Request("", model, (), {})
     for start in range(0, len(rows), 8192):
         chunk = rows[start : start + 8192]
         attempts, entries = journal.attempts_for(chunk), journal.fetch(chunk)
@@ -173,8 +177,11 @@ def reparse(journal: Journal, labeling: Labeling, model: str) -> int:
             entry = entries.get(row_id)
             if entry is None or entry.status == "error":
                 continue  # unfinished rows resume in a run; failed requests have no reply to read
-            base = Request("", model, (), {})
-            outcome = RowLabeler(labeling, base).outcome(attempts[row_id])
+            # A row answered in one request kept no attempt: its entry holds the reply.
+            tried = attempts.get(row_id) or [
+                Attempt(0, "first", entry.response or "", 0, 0, None, None, bool(entry.truncated))
+            ]
+            outcome = RowLabeler(labeling, base).outcome(tried)
             extra = orjson.loads(entry.extra or "{}")
             extra.update(
                 value=outcome.value,
