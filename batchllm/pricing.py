@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .errors import JobError
 
@@ -52,15 +52,6 @@ class Prices:
             "input_usd_per_million_tokens": str(self.input_per_million),
             "output_usd_per_million_tokens": str(self.output_per_million),
         }
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> Prices | None:
-        if not raw:
-            return None
-        return cls(
-            parse_price(raw["input_usd_per_million_tokens"], "prices"),
-            parse_price(raw["output_usd_per_million_tokens"], "prices"),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,6 @@ class Dispatcher:
         self.tpm_enabled = tpm_enabled
         self.labeling = labeling
         self.reuse = reuse
-        self.stop_budget = StopReason.BUDGET
         self._sleep = sleep
         self._prices = model.prices
         self.stats = Stats()

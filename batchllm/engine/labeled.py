@@ -20,6 +20,7 @@ from ..labeling.spec import Labeling
 from ..pricing import cost
 from ..records import Entry, Request
 from .journal import Journal
+from .stats import StopReason
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -50,7 +51,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
         body = item.body if step.request is item.request else d.provider.encode(step.request)
         worst = worst_pico(d, step.request, max_tokens) if budget.active else 0
         if budget.active and not await budget.reserve(worst):
-            d.request_stop(d.stop_budget, "budget reached")
+            d.request_stop(StopReason.BUDGET, "budget reached")
             return
         billed = 0
         try:

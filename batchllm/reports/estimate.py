@@ -125,11 +125,6 @@ def completions_of_run(path: Path) -> list[int]:
     return values
 
 
-def completions_of_journal(journal: Journal) -> list[int]:
-    """Completion lengths of every ok row a journal holds (a pilot's, and any earlier run's)."""
-    return journal.completion_lengths()
-
-
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
     """A fixed random sample of input positions, the same every time for the same input size."""
     return frozenset(random.Random(seed).sample(range(rows), min(n, rows)))
