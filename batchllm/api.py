@@ -47,7 +47,16 @@ async def run_job(
     only: frozenset[int] | None = None,
     write_output: bool = True,
 ) -> RunResult:
-    """Run a job to the end (or to a stop) and write its output; see ``engine.runner.run_job``."""
+    """Run a job to the end (or to a stop) and write its output; see ``engine.runner.run_job``
+    (``--engine ray``: ``cluster.driver.run_on_ray``)."""
+    if job.engine == "ray":
+        from .cluster.driver import check_input, run_on_ray
+
+        check_input(job)  # bad input is reported before a missing key
+        async with open_endpoint(job, sandbox) as endpoint:
+            return await run_on_ray(
+                job, endpoint=endpoint, observer=observer, command=command, handle_signals=handle_signals
+            )
     prepared = prepare(job)  # bad input is reported before a missing key
     async with open_endpoint(job, sandbox) as endpoint:
         return await run_engine(

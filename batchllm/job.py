@@ -92,6 +92,9 @@ class Job:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: str = "auto"
+    engine: str = "local"  # or "ray": the same job on Ray Data (batchllm/cluster/)
+    ray_address: str | None = None  # an existing Ray cluster; None starts a local one
+    actors: int = 2  # Ray actors sending requests
     job_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -241,6 +244,9 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "log_format": ("log_format", v.choice("text", "json")),
     "summary_json": ("summary_json", _path),
     "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
+    "engine": ("engine", v.choice("local", "ray")),
+    "ray_address": ("ray_address", v.text),
+    "actors": ("actors", v.integer(1, 1024)),
 }
 JOB_KEYS = tuple(_PARSERS)
 _PATH_KEYS = {
@@ -352,8 +358,14 @@ def build_job(
     if "endpoint" not in kwargs:
         kwargs["endpoint"] = environ.get(provider.endpoint_env) or provider.default_endpoint
     kwargs["endpoint"] = check_endpoint(kwargs["endpoint"])
-    if kwargs["output"].suffix.lower() != ".parquet":
-        raise JobError(f"{where('output')}: {kwargs['output']} must end in .parquet")
+    if kwargs.get("engine", "local") == "local":
+        if kwargs["output"].suffix.lower() != ".parquet":
+            raise JobError(f"{where('output')}: {kwargs['output']} must end in .parquet")
+        if kwargs["output"].is_dir():
+            raise JobError(f"{where('output')}: {kwargs['output']} is a directory")
+        for key in ("ray_address", "actors"):
+            if key in kwargs:
+                raise JobError(f"{where(key)} goes with --engine ray")
     limit = provider.max_content_chars
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
         raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")

@@ -55,7 +55,7 @@ class Exported:
 
 def _rows(p: Prepared, journal: Journal | None) -> Any:
     """(row_id, content_hash, Request | None) for every input row a run would send, in order."""
-    admission = Admission(p, count_all=False)
+    admission = Admission.of(p, count_all=False)
     maker = p.maker()
     position = 0
     for batch in p.source.batches(p.builder.read_columns):

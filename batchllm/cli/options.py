@@ -94,7 +94,10 @@ RUN_OPTIONS = [
         help="TOML job file (see jobs/); flags override it.",
     ),
     click.option(
-        "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output Parquet file."
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path),
+        help="Output Parquet file (with --engine ray: a directory of Parquet files).",
     ),
     *PROMPT_OPTIONS,
     click.option("--id-column", help="Column with a stable, unique id per row (enables incremental runs)."),

@@ -34,15 +34,22 @@ Examples:
 
   batchllm run --job jobs/label_reviews.toml""",
 )
-@click.argument(
-    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
-)
+@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(path_type=Path))
 @apply(RUN_OPTIONS)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    help="local, or ray: the same job on Ray Data (pip install 'batchllm[ray]'); INPUT and OUTPUT "
+    "may then be directories of Parquet files.  [default: local]",
+)
+@click.option("--ray-address", help="With --engine ray: the cluster to join.  [default: start a local Ray]")
+@click.option("--actors", type=int, help="With --engine ray: actors sending requests.  [default: 2]")
 @click.pass_context
 def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     """Send every row of INPUT (CSV or Parquet) and write the results to OUTPUT (Parquet).
 
     Re-running the same command resumes: rows already done are not sent (or paid for) again.
+    With --engine ray, INPUT may be a directory or glob of files and OUTPUT is a directory.
     """
     from ..api import run_job
     from ..engine.summary import format_summary

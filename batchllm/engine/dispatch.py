@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
 from ..labeling.spec import Labeling
@@ -40,19 +40,57 @@ from .stats import ErrorWindow, Stats, StopReason
 __all__ = ["Dispatcher", "Stats", "StopReason"]
 
 
+class Pacer(Protocol):
+    """What the pool needs of a rate limiter: ``ratelimit.RateLimiter`` on one machine, a lease
+    of the cluster's limiter on Ray (cluster/worker.py)."""
+
+    async def acquire(self, tokens: int = 0) -> None: ...
+    def on_throttle(self, retry_after: float | None) -> float: ...
+    def on_success(self) -> None: ...
+    def refund_tokens(self, reserved: int, used: int) -> None: ...
+
+
+class Purse(Protocol):
+    """What the pool needs of a budget: ``budget.Budget``, or the cluster's (cluster/worker.py)."""
+
+    @property
+    def active(self) -> bool: ...
+    async def reserve(self, worst_pico: int) -> bool: ...
+    def settle(self, reserved_pico: int, actual_pico: int) -> None: ...
+
+
+class Gate(Protocol):
+    """Holds a new row back while too many rows are begun and not yet durable (cluster/worker.py:
+    an actor killed then loses at most that many replies)."""
+
+    async def enter(self, row_id: str, stopped: asyncio.Event) -> None: ...
+    def done(self, row_id: str) -> None: ...
+
+
+class Ledger(Protocol):
+    """Where finished rows go: the journal, or a cluster actor's batch (cluster/worker.py)."""
+
+    write_error: BaseException | None
+
+    def add(self, record: Entry) -> None: ...
+    def add_attempt(self, row_id: str, seq: int, a: Any) -> None: ...
+    def sent(self, row_id: str, worst_pico: int) -> None: ...
+    def flush(self) -> None: ...
+
+
 class Dispatcher:
     def __init__(
         self,
         *,
         client: Client,
         provider: Provider,
-        journal: Journal,
+        journal: Journal | Ledger,
         model: Model,
         max_tokens: int,
         concurrency: int,
-        limiter: RateLimiter,
+        limiter: RateLimiter | Pacer,
         backoff: Backoff,
-        budget: Budget,
+        budget: Budget | Purse,
         max_error_rate: float,
         error_window: int,
         labeling: Labeling | None = None,
@@ -60,6 +98,7 @@ class Dispatcher:
         tpm_enabled: bool = False,
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        gate: Gate | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -75,6 +114,7 @@ class Dispatcher:
         self.labeling = labeling
         self.reuse = reuse
         self._sleep = sleep
+        self.gate = gate
         self._prices = model.prices
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
@@ -144,6 +184,8 @@ class Dispatcher:
                 return
             if item is None:
                 return
+            if self.gate is not None:
+                await self.gate.enter(item.row_id, self._stopped)
             try:
                 await self._process(item)
             except asyncio.CancelledError:
@@ -159,6 +201,8 @@ class Dispatcher:
         finally:
             if self.reuse is not None:
                 self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
+            if self.gate is not None:
+                self.gate.done(item.row_id)
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         """Journal a row's entry; rows waiting for the same request get its reply."""

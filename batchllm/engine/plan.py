@@ -56,6 +56,14 @@ class Builder(Protocol):
     def build(self, batch: pa.RecordBatch, start: int) -> PromptBatch: ...
 
 
+class Setup(Protocol):
+    """What a summary needs of a run's preparation (``Prepared``, or a cluster run's)."""
+
+    job: Job
+    provider: Provider
+    model: Model
+
+
 @dataclass
 class Prepared:
     """Everything checked before a request may leave."""
@@ -96,6 +104,13 @@ def prepare(job: Job) -> Prepared:
             raise JobError(f"{job.input}: the file has a header but no rows")
         if job.id_column is not None:
             _check_unique_ids(source, job.id_column)
+    model = check_model(job, provider)
+    check_labeling_clash(job, source.output_columns, str(job.input))
+    return Prepared(job, provider, model, source, builder, rows, load_examples(job))
+
+
+def check_model(job: Job, provider: Provider) -> Model:
+    """The job's model and prices, checked against its max_tokens and budget."""
     model = resolve_model(provider.name, job.model, prices=job.prices, unlisted_ok=provider.unlisted_models)
     if model.context_window is not None and job.max_tokens >= model.context_window:
         raise JobError(
@@ -107,13 +122,16 @@ def prepare(job: Job) -> Prepared:
             f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
             "give --input-price and --output-price (USD per million tokens)"
         )
+    return model
+
+
+def check_labeling_clash(job: Job, columns: Sequence[str], source: str) -> None:
     if job.labeling is not None:
-        clash = [c.name for c in job.labeling.columns() if c.name in source.output_columns]
+        clash = [c.name for c in job.labeling.columns() if c.name in columns]
         if clash:
             raise JobError(
-                f"{job.input}: input column {clash[0]!r} has the name of a labeling output column; rename it"
+                f"{source}: input column {clash[0]!r} has the name of a labeling output column; rename it"
             )
-    return Prepared(job, provider, model, source, builder, rows, load_examples(job))
 
 
 def _check_unique_ids(source: InputFile, column: str) -> None:
@@ -138,23 +156,25 @@ class Rejection(NamedTuple):
 class Admission:
     """Which rows may be sent, and what each may cost at most: the same rules for run and estimate."""
 
-    def __init__(self, p: Prepared, *, count_all: bool) -> None:
-        job, model = p.job, p.model
+    def __init__(
+        self, job: Job, provider: Provider, model: Model, prefix: tuple[Message, ...], *, count_all: bool
+    ) -> None:
         self.column = job.prompt_column
         self.max_tokens = job.max_tokens
         self.window = model.context_window
-        self.max_chars = p.provider.max_content_chars
+        self.max_chars = provider.max_content_chars
         self.prices = model.prices
-        self.prefix = p.maker().prefix
+        self.prefix = prefix
         self.count_all = count_all
         self.model_name = model.name
         # Template tokens without the tokenizer, an upper bound: a token is at least one UTF-8
         # byte and a character at most four.
         self.bound_overhead = 14 + sum(4 * len(m.content) + 6 for m in self.prefix) + 2
         # What the server's own chat template may add to our count (the budget reserves it).
-        self.slack = p.provider.template_slack
+        self.slack = provider.template_slack
         self._counter: TokenCounter | None = None
         self._overhead = 0
+        self._warned = False
 
     @property
     def counter(self) -> TokenCounter:
@@ -163,6 +183,10 @@ class Admission:
             self._counter = counter_for(self.model_name)
             self._overhead = self._counter.prefix_overhead(self.prefix)
         return self._counter
+
+    @classmethod
+    def of(cls, p: Prepared, *, count_all: bool) -> Admission:
+        return cls(p.job, p.provider, p.model, p.maker().prefix, count_all=count_all)
 
     def needs_count(self, text: str | None) -> bool:
         """Count this row exactly? Always for a budget or tpm; else only if it might not fit."""
@@ -208,6 +232,45 @@ class Admission:
             )
         return None
 
+    def admit(
+        self,
+        pb: PromptBatch,
+        send: Sequence[int],
+        maker: RequestMaker,
+        reject: Callable[[str, str, Rejection], None],
+        budgeted: bool,
+        warn: Callable[[str], None],
+    ) -> list[tuple[int, Request, int, int]]:
+        """The rows ``send`` of a batch that may leave: (index, request, exact prompt tokens or 0,
+        worst-case cost or 0); the others go to ``reject``."""
+        users, requests = pb.users, pb.requests
+        exact: dict[int, int] = {}
+        countable = [i for i in send if self.needs_count(users[i])]
+        if requests is not None:  # whole requests: count them all, exactly as sent
+            exact = {i: self.counter.count_messages(requests[i].messages) for i in send}
+            countable = []
+        if countable:
+            if not self.counter.exact and not self._warned:
+                self._warned = True
+                warn(f"token counts are {self.counter.label}")
+            counts = self.count([users[i] or "" for i in countable])
+            exact = dict(zip(countable, counts, strict=True))
+        ready: list[tuple[int, Request, int, int]] = []
+        for i in send:
+            user = users[i]
+            prompt_tokens = exact.get(i, 0)
+            given = requests[i] if requests is not None else None
+            max_tokens = given.max_tokens if given is not None else None
+            refused = self.reject(user, prompt_tokens, pb.start + i + 1, given is not None, max_tokens)
+            if refused is not None:
+                reject(pb.row_ids[i], pb.hashes[i], refused)
+                continue
+            assert user is not None
+            request = maker.make(user) if given is None else given
+            worst = self.worst_pico(user, prompt_tokens, max_tokens) if budgeted else 0
+            ready.append((i, request, prompt_tokens, worst))
+        return ready
+
     def worst_pico(self, user: str, prompt_tokens: int, max_tokens: int | None = None) -> int:
         """The most a row may cost: its prompt (exact, or a bound) and max_tokens of reply."""
         if self.prices is None:
@@ -230,7 +293,7 @@ class Plan:
         self.job = p.job
         self.warn = warn
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
-        self.admission = Admission(p, count_all=p.job.budgeted or p.job.tpm is not None)
+        self.admission = Admission.of(p, count_all=p.job.budgeted or p.job.tpm is not None)
 
     def _decide(self, journal: Journal) -> Iterator[tuple[PromptBatch, Sequence[int], set[int]]]:
         """Per input batch: the batch made ready, the indexes of its rows to send, and which of
@@ -296,38 +359,13 @@ class Plan:
         admission, provider = self.admission, self.p.provider
         maker = self.p.maker()
         budget = self.job.budgeted
-        warned = False
         labeling = self.job.labeling is not None
         for pb, send, invalid in self._decide(journal):
-            start, row_ids, hashes, users, requests = pb.start, pb.row_ids, pb.hashes, pb.users, pb.requests
+            row_ids, hashes = pb.row_ids, pb.hashes
             prior: dict[str, list[Attempt]] = {}
             if labeling and journal.has_attempts:
                 prior = journal.attempts_for([row_ids[i] for i in send])
-            exact: dict[int, int] = {}
-            countable = [i for i in send if admission.needs_count(users[i])]
-            if requests is not None:  # whole requests: count them all, exactly as sent
-                exact = {i: admission.counter.count_messages(requests[i].messages) for i in send}
-                countable = []
-            if countable:
-                if not admission.counter.exact and not warned:
-                    warned = True
-                    self.warn(f"token counts are {admission.counter.label}")
-                counts = admission.count([users[i] or "" for i in countable])
-                exact = dict(zip(countable, counts, strict=True))
-            ready: list[tuple[int, Request, int, int]] = []
-            for i in send:
-                user = users[i]
-                prompt_tokens = exact.get(i, 0)
-                given = requests[i] if requests is not None else None
-                max_tokens = given.max_tokens if given is not None else None
-                refused = admission.reject(user, prompt_tokens, start + i + 1, given is not None, max_tokens)
-                if refused is not None:
-                    reject(row_ids[i], hashes[i], refused)
-                    continue
-                assert user is not None
-                request = maker.make(user) if given is None else given
-                worst = admission.worst_pico(user, prompt_tokens, max_tokens) if budget else 0
-                ready.append((i, request, prompt_tokens, worst))
+            ready = admission.admit(pb, send, maker, reject, budget, self.warn)
             keys: Sequence[str | None] = [""] * len(ready)
             if reuse is not None and ready:
                 keys = reuse.screen([(row_ids[i], hashes[i], r) for i, r, _, _ in ready])

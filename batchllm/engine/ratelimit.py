@@ -126,6 +126,22 @@ class RateLimiter:
                     self._waiters.remove((future, tokens))
             raise
 
+    def ready_at(self, tokens: int = 0) -> float:
+        """When the next request of ``tokens`` could leave (this limiter's clock)."""
+        return max(self.clock(), self._ready_at(tokens))
+
+    def slot(self, tokens: int = 0) -> float:
+        """Reserve the next departure on the grid without waiting: the time (this limiter's clock)
+        at which one request of ``tokens`` may leave. For a limiter shared by other processes,
+        which sleep until their slot (cluster/coordinator.py); a slot never used is capacity
+        lost, never a burst later."""
+        now = self.clock()
+        at = max(now, self._ready_at(tokens))
+        if at > now:
+            self._bound = True
+        self._take(at, tokens)
+        return at
+
     def _arm(self) -> None:
         if self._timer is not None or not self._waiters:
             return

@@ -41,7 +41,7 @@ from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .summary import build_summary, snapshot, stop_message
 
-_STOP_EXIT = {
+STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
     StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
     StopReason.API: ExitCode.API_STOP,
     StopReason.ERROR_RATE: ExitCode.API_STOP,
@@ -261,7 +261,7 @@ class Run:
             )
             output = job.output
         if reason is not None:
-            code = _STOP_EXIT[reason]
+            code = STOP_EXIT[reason]
         elif totals is not None and (totals.error or totals.invalid):
             code = ExitCode.ROW_ERRORS
         else:

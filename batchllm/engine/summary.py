@@ -21,7 +21,7 @@ from .journal import RESCUE_NAME, Journal
 from .output import Totals
 
 if TYPE_CHECKING:
-    from .plan import Prepared
+    from .plan import Prepared, Setup
 
 
 def stop_message(
@@ -57,7 +57,7 @@ def stop_message(
 
 
 def build_summary(
-    p: Prepared,
+    p: Prepared | Setup,
     totals: Totals | None,
     stats: Stats,
     reason: StopReason | None,

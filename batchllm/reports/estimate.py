@@ -30,7 +30,7 @@ MAX_LISTED = 20
 def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None = None) -> dict[str, Any]:
     """The estimate; ``observed`` completion lengths (a pilot's) or ``from_run`` give "expected"."""
     p = prepare(job)
-    model, admission = p.model, Admission(p, count_all=True)
+    model, admission = p.model, Admission.of(p, count_all=True)
     counts = np.zeros(p.rows, dtype=np.int32)
     # Identical requests are sent once (engine/reuse.py): rows are told apart by their content
     # hash, 8 bytes a row, so memory stays flat.

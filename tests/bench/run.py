@@ -444,6 +444,45 @@ def estimate_speed(sizes: list[int]) -> dict:
     return figures
 
 
+def ray_scaling(rows: int, latency: float = 0.2, concurrency: int = 512) -> dict:
+    """`--engine ray` with 1, 2 and 4 actors next to a local run, at 200 ms latency: rows/s as the
+    sandbox sees them (first to last answer), Ray's fixed cost (wall time not spent answering),
+    and the driver's own peak memory (from the run's summary)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return {"skipped": "ray is not installed (pip install 'batchllm[ray]')"}
+    box = Sandbox("--latency", str(latency), "--no-keep-log")
+    src = make_input(rows, f"ray-{rows}.csv")
+    out: dict = {"rows": rows, "latency_s": latency, "concurrency": concurrency}
+    try:
+        for name, extra in [
+            ("local", []),
+            *[(f"ray_{a}", ["--engine", "ray", "--actors", str(a)]) for a in (1, 2, 4)],
+        ]:
+            box.reset()
+            target = WORK / (f"ray-{name}.parquet" if name == "local" else f"ray-{name}")
+            summary = WORK / f"ray-{name}.json"
+            code, wall, rss = run_batchllm(
+                box, src, target, "--rpm", "0", "--concurrency", str(concurrency), "--restart",
+                "--summary-json", str(summary), *extra,
+            )  # fmt: skip
+            assert code == 0, code
+            span = box.span()
+            engine = json.loads(summary.read_text()).get("engine", {})
+            out[name] = {
+                "rows_per_s": round(rows / span),
+                "wall_s": round(wall, 2),
+                "fixed_cost_s": round(wall - span, 2),
+                "driver_peak_rss_mb": engine.get("driver_peak_rss_mb", rss),
+            }
+    finally:
+        box.close()
+    for name in ("ray_1", "ray_2", "ray_4"):
+        out[name]["vs_local"] = round(out[name]["rows_per_s"] / out["local"]["rows_per_s"], 3)
+    return out
+
+
 def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
@@ -454,6 +493,7 @@ def main() -> None:
         "cache",
         "memory",
         "estimate",
+        "ray",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -483,6 +523,9 @@ def main() -> None:
     if "estimate" in which:
         results["estimate"] = estimate_speed([n(100_000), n(1_000_000)])
         print(json.dumps(results["estimate"]), flush=True)
+    if "ray" in which:
+        results["ray"] = ray_scaling(n(10_000))
+        print(json.dumps(results["ray"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

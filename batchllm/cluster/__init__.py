@@ -1,0 +1,22 @@
+"""The same job on Ray Data: ``batchllm run --engine ray``, and ``complete`` for pipelines.
+
+Optional: ``pip install 'batchllm[ray]'``; nothing here is imported by a local run.
+
+    driver.py       the run: check, start or join Ray, read, complete, write, summarise
+    worker.py       the map_batches UDF: the local engine's dispatcher behind leased seams
+    coordinator.py  one actor: the cluster's rate limit, budget and journal
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["complete", "run_on_ray"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import driver
+
+        return getattr(driver, name)
+    raise AttributeError(name)

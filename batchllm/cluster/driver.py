@@ -1,0 +1,441 @@
+"""``--engine ray``: the job on Ray Data, and ``complete`` for pipelines that already have a Dataset.
+
+    input files -> ray.data.read_* -> map_batches(Completer, actor pool) -> write_parquet(dir)
+                                          |  slots, budget, rows
+                                     Coordinator (one actor, on this node, with the journal)
+
+The driver checks the job against the input's schema before Ray starts (a missing column is the
+same one-line error as a local run's), starts a local Ray or joins ``--ray-address``, creates the
+coordinator next to the journal, and writes the output into a temporary directory that replaces
+OUTPUT only when complete. Resume is the journal's: a second run finds every row done and sends
+nothing (and rewrites the same output). Ray Data's own checkpointing is not used: it commits per
+written block, so every row of a block in flight at a crash would be paid for again, and it needs
+a unique id column; the journal keeps each reply as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import glob
+import logging
+import os
+import resource
+import shutil
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ..access import resolve_api_key
+from ..engine.journal import Journal
+from ..engine.lock import RunLock
+from ..engine.observer import Observer, Silent
+from ..engine.output import Totals, check_no_clash
+from ..engine.plan import check_labeling_clash, check_model
+from ..engine.runner import STOP_EXIT, Endpoint, RunResult
+from ..engine.stats import Stats, StopReason
+from ..engine.summary import build_summary
+from ..errors import ExitCode, JobError
+from ..inputs import InputFile
+from ..job import Job
+from ..pricing import Model, format_usd, usd_text
+from ..prompts import PromptBuilder, load_examples
+from ..providers import Provider, get_provider
+from .coordinator import Coordinator
+from .worker import Completer, per_actor
+
+RAY_HINT = "--engine ray needs Ray: pip install 'batchllm[ray]'"
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise JobError(RAY_HINT) from None
+    return ray
+
+
+@dataclasses.dataclass
+class ClusterSetup:
+    """What a summary needs of the run's preparation (engine/plan.Setup)."""
+
+    job: Job
+    provider: Provider
+    model: Model
+
+
+def input_files(path: Path, fmt: str | None) -> tuple[list[str], InputFile]:
+    """The files of INPUT (a file, a directory of files, or a glob) and the first, opened."""
+    text = str(path)
+    if any(c in text for c in "*?["):
+        files = sorted(p for p in glob.glob(text) if os.path.isfile(p))
+    elif path.is_dir():
+        files = sorted(
+            str(p)
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in (".parquet", ".csv")
+            and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        )
+    else:
+        files = [text]
+    if not files:
+        raise JobError(f"{path}: no CSV or Parquet files there")
+    first = InputFile(Path(files[0]), fmt)
+    if first.format == "jsonl":
+        raise JobError(f"{path}: request files run on the local engine (leave out --engine ray)")
+    for name in files[1:]:
+        other = InputFile(Path(name), fmt)
+        if other.format != first.format or other.columns != first.columns:
+            raise JobError(f"{name}: its columns or format differ from {files[0]}'s")
+    return files, first
+
+
+def _absolute(job: Job) -> Job:
+    """Actors on other nodes (or in another directory) must see the same paths."""
+    return dataclasses.replace(
+        job,
+        input=Path(os.path.abspath(job.input)),
+        output=Path(os.path.abspath(job.output)),
+        checkpoint=Path(os.path.abspath(job.journal_dir)),
+    )
+
+
+def check_input(job: Job) -> tuple[list[str], InputFile, Provider, Model]:
+    """Everything checked before Ray starts: Ray itself, the files, columns, model and prices."""
+    import_ray()
+    files, source = input_files(job.input, job.input_format)
+    provider = get_provider(job.provider)
+    model = check_model(job, provider)
+    PromptBuilder(job, source.columns, str(job.input))
+    check_no_clash(source.columns, str(job.input))
+    check_labeling_clash(job, source.columns, str(job.input))
+    if job.output.exists() and not job.output.is_dir():
+        raise JobError(f"{job.output}: is a file; --engine ray writes a directory of Parquet files there")
+    return files, source, provider, model
+
+
+def complete(
+    ds: Any,
+    job: Job,
+    *,
+    endpoint: Endpoint | None = None,
+    coordinator: Any = None,
+    columns: list[str] | None = None,
+    batch_size: int | None = None,
+) -> Any:
+    """``ds`` with the job's output columns added: a lazy ``ray.data.Dataset``.
+
+    For pipelines: ``complete(ray.data.read_parquet(...), build_job({...}))``. Without a
+    coordinator one is started on this node with the journal in ``job.journal_dir``; it lives as
+    long as the returned dataset does. ``job.actors`` actors share ``job.concurrency`` requests
+    in flight, one rate limit and one budget.
+    """
+    ray = import_ray()
+    job = _absolute(job)
+    provider = get_provider(job.provider)
+    check_model(job, provider)
+    names = columns if columns is not None else list(ds.schema().names)
+    PromptBuilder(job, names, str(job.input))
+    check_no_clash(names, str(job.input))
+    check_labeling_clash(job, names, str(job.input))
+    if endpoint is None:
+        endpoint = Endpoint(job.endpoint, resolve_api_key(job))
+    if coordinator is None:
+        coordinator = start_coordinator(ray, job)
+    concurrency = per_actor(job.concurrency, job.actors)
+    return ds.map_batches(
+        Completer,
+        fn_constructor_kwargs={
+            "job": job,
+            "url": endpoint.url,
+            "key": endpoint.key,
+            "coordinator": coordinator,
+            "columns": names,
+            "examples": load_examples(job),
+            "concurrency": concurrency,
+        },
+        batch_size=batch_size or min(1024, max(16, 2 * concurrency)),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            size=job.actors, max_tasks_in_flight_per_actor=2, max_concurrent_calls_per_actor=2
+        ),
+        num_cpus=0.25,  # I/O-bound: leave the CPUs to reading and writing
+        udf_modifying_row_count=False,
+    )
+
+
+def start_coordinator(ray: Any, job: Job) -> Any:
+    """The coordinator actor, on this node (the journal is on its disk)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(Coordinator).options(
+        num_cpus=0,
+        max_concurrency=1000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    )
+    return actor.remote(job)
+
+
+def _init_ray(ray: Any, address: str | None) -> None:
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"}
+    if address is None:
+        # A private Ray for this run, on loopback only; actors take a quarter CPU each.
+        options["num_cpus"] = max(4, os.cpu_count() or 1)
+        options["_node_ip_address"] = "127.0.0.1"
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise JobError(f"--ray-address {address}: cannot join the cluster ({exc})") from None
+
+
+def _quiet() -> None:
+    """Ray Data reports progress and advice of its own on stderr; the CLI's observer reports ours."""
+    for name in ("ray", "ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray\..*")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _read(ray: Any, files: list[str], source: InputFile) -> Any:
+    if source.format == "parquet":
+        return ray.data.read_parquet(files)
+    # As on one machine, CSV columns are text exactly as written (inputs.py).
+    types = {name: pa.string() for name in source.columns}
+    return ray.data.read_csv(files, convert_options=pacsv.ConvertOptions(column_types=types))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+async def run_on_ray(
+    job: Job,
+    *,
+    endpoint: Endpoint,
+    observer: Observer | None = None,
+    command: str = "batchllm run",
+    handle_signals: bool = False,
+) -> RunResult:
+    """Run a job on Ray to the end (or a stop) and write OUTPUT as a directory of Parquet files."""
+    ray = import_ray()
+    job = _absolute(job)
+    files, source, provider, model = check_input(job)
+    observer = observer or Silent()
+    lock = RunLock(job.journal_dir)
+    lock.acquire(command)
+    try:
+        return await _run(ray, job, files, source, ClusterSetup(job, provider, model), endpoint, observer,
+                          command, handle_signals)  # fmt: skip
+    finally:
+        lock.release()
+
+
+async def _run(
+    ray: Any,
+    job: Job,
+    files: list[str],
+    source: InputFile,
+    setup: ClusterSetup,
+    endpoint: Endpoint,
+    observer: Observer,
+    command: str,
+    handle_signals: bool,
+) -> RunResult:
+    started_at, t0 = time.time(), time.monotonic()
+    _quiet()
+    own = not ray.is_initialized()
+    if own:
+        await asyncio.to_thread(_init_ray, ray, job.ray_address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the output in input order
+        ctx.enable_progress_bars = False
+        coordinator = start_coordinator(ray, job)
+        ds = complete(_read(ray, files, source), job, endpoint=endpoint, coordinator=coordinator,
+                      columns=source.columns)  # fmt: skip
+        rows = _count_rows(files, source)
+        observer.start(
+            {
+                "input": str(job.input),
+                "output": str(job.output),
+                "rows": rows,
+                "todo": rows,
+                "done_before": 0,
+                "provider": setup.provider.name,
+                "model": setup.model.name,
+                "endpoint": endpoint.url,
+                "checkpoint": str(job.journal_dir),
+                "engine": f"ray ({job.actors} actors)",
+                "startup_s": round(time.monotonic() - t0, 3),
+            }
+        )
+        tmp = job.output.with_name(f".{job.output.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        stop = _Stopper(coordinator, job)
+        uninstall = stop.install(handle_signals)
+        writer = asyncio.ensure_future(asyncio.to_thread(ds.write_parquet, str(tmp)))
+        try:
+            while not writer.done():
+                await asyncio.wait({writer}, timeout=observer.interval)
+                observer.progress(await coordinator.snapshot.remote())
+            writer.result()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            uninstall()
+        _replace_dir(tmp, job.output)
+        done = await coordinator.finish.remote()
+    finally:
+        if own:
+            ray.shutdown()
+    return _result(job, setup, done, started_at, command, observer)
+
+
+class _Stopper:
+    """Signals and ``--max-runtime`` stop the whole cluster through the coordinator."""
+
+    def __init__(self, coordinator: Any, job: Job) -> None:
+        self.coordinator = coordinator
+        self.job = job
+
+    def install(self, handle_signals: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        timer = None
+        if self.job.max_runtime is not None:
+            timer = loop.call_later(
+                self.job.max_runtime,
+                lambda: self.coordinator.stop.remote(
+                    StopReason.RUNTIME.value, f"--max-runtime {self.job.max_runtime:g} s reached"
+                ),
+            )
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+
+        def uninstall() -> None:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            if timer is not None:
+                timer.cancel()
+
+        return uninstall
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        self.coordinator.stop.remote(StopReason.INTERRUPTED.value, f"interrupted by {name}")
+
+
+def _count_rows(files: list[str], source: InputFile) -> int:
+    if source.format != "parquet":
+        return sum(InputFile(Path(f), source.format).count_rows() for f in files)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # footers only
+
+
+def _result(
+    job: Job, setup: ClusterSetup, done: dict[str, Any], started_at: float, command: str, observer: Observer
+) -> RunResult:
+    counts = done["counts"]
+    stats = Stats(
+        ok=counts.get("ok", 0),
+        error=counts.get("error", 0),
+        invalid=counts.get("invalid", 0),
+        rejected=counts.get("rejected", 0),
+        requests=counts.get("requests", 0),
+        retries=counts.get("retries", 0),
+        throttled=counts.get("throttled", 0),
+        prompt_tokens=counts.get("prompt_tokens", 0),
+        completion_tokens=counts.get("completion_tokens", 0),
+        cost_pico=counts.get("cost_pico", 0),
+    )
+    totals = _totals(job.output, done["totals"])
+    reason = message = None
+    if done["stop"] is not None:
+        reason, message = StopReason(done["stop"][0]), done["stop"][1]
+        if reason is StopReason.BUDGET:
+            message = _budget_message(job, done)
+        observer.stopped(reason.value, message)
+    if reason is not None:
+        code = STOP_EXIT[reason]
+    elif totals.error or totals.invalid:
+        code = ExitCode.ROW_ERRORS
+    else:
+        code = ExitCode.OK
+    warnings = []
+    lost, lost_pico = done["lost_before"]
+    if lost:
+        warnings.append(
+            f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
+            f"been billed (at most {format_usd(lost_pico)}); they are sent again"
+        )
+        observer.warning(warnings[-1])
+    journal = Journal.open_readonly(job.journal_dir)
+    try:
+        summary = build_summary(
+            setup, totals, stats, reason, message, started_at, code, warnings, journal, command
+        )
+    finally:
+        journal.conn.close()
+    summary["engine"] = {
+        "name": "ray",
+        "actors": job.actors,
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    }
+    requests, worst = done["maybe_billed"]
+    if requests:
+        summary["maybe_billed"] = {"requests": requests, "worst_case_usd": usd_text(worst)}
+    if job.summary_json is not None:
+        job.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        job.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return RunResult(code, summary, job.output)
+
+
+def _totals(output: Path, journal_totals: dict[str, int]) -> Totals:
+    """Row counts from the output's status column; tokens and costs, exact, from the journal."""
+    totals = Totals()
+    table = pq.read_table(output, columns=["status", "truncated"])
+    statuses = table.column("status").to_pylist()
+    totals.rows = len(statuses)
+    totals.ok = statuses.count("ok")
+    totals.error = statuses.count("error")
+    totals.invalid = statuses.count("invalid")
+    totals.pending = statuses.count("pending")
+    totals.truncated = sum(1 for t in table.column("truncated").to_pylist() if t)
+    totals.prompt_tokens = journal_totals["prompt_tokens"]
+    totals.completion_tokens = journal_totals["completion_tokens"]
+    totals.input_cost_pico = journal_totals["input_cost_pico"]
+    totals.output_cost_pico = journal_totals["output_cost_pico"]
+    totals.unpriced = journal_totals["unpriced"]
+    totals.priced = journal_totals["ok"] - journal_totals["unpriced"]
+    return totals
+
+
+def _budget_message(job: Job, done: dict[str, Any]) -> str:
+    if done["run_cap_reached"]:
+        return (
+            f"budget reached: this run has spent {format_usd(done['spent_run_pico'])} of its "
+            f"{format_usd(job.max_cost_per_run_pico or 0)} cap (--max-cost-per-run); the next run continues"
+        )
+    return (
+        f"budget reached: this output has cost {format_usd(done['spent_pico'])} of the "
+        f"{format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
+    )

@@ -1,0 +1,316 @@
+"""``--engine ray``: the same job on Ray Data, against the sandbox over loopback HTTP.
+
+Each run is the real ``batchllm`` executable in a subprocess. One test starts a private local Ray
+(no ``--ray-address``) as a user's first run would; the others join a Ray started once for this
+module with ``ray start --head``, as on an existing cluster, to keep Ray's start-up (seconds) out
+of every test. Checked: every row once and the same replies and costs as a local run, no window
+over the rate limit, a second run sends nothing, ``--max-cost`` over 4 actors never exceeded,
+an actor killed mid-run, labeling columns, and bad input before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm.pricing import resolve_model
+
+from .conftest import ROOT, SandboxThread, prompts_csv, spawn, write_csv
+
+ray = pytest.importorskip("ray")
+
+RAY = Path(sys.executable).parent / "ray"
+PRICES = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct").prices
+assert PRICES is not None
+RUN_TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray head on this machine, as an existing cluster would be; stopped at the end."""
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", "4", "--include-dashboard", "false", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield "auto"
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = RUN_TIMEOUT) -> tuple[int, str, str]:
+    proc = spawn(args, env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the run did not finish in {timeout} s: {err[-2000:]}") from None
+    return proc.returncode, out, err
+
+
+def max_in_window(times: list[float], width: float) -> int:
+    """The most requests that arrived within any window of ``width`` seconds."""
+    times = sorted(times)
+    best = lo = 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def billed_pico(box: SandboxThread) -> int:
+    stats = box.sandbox.stats
+    return stats["prompt_tokens"] * PRICES.input_pico + stats["completion_tokens"] * PRICES.output_pico
+
+
+def read_dir(path: Path) -> pa.Table:
+    return pq.read_table(path)
+
+
+def test_ray_run_matches_local_stays_under_the_limit_and_resumes(sandbox_factory, tmp_path: Path) -> None:
+    """3,000 rows, 4 actors, the sandbox limiting at 6,000/min: every row once, the same replies
+    and costs as a local run, no 1 s or 60 s window over the limit by more than 1%; run again:
+    nothing sent. This one starts (and stops) its own local Ray, as a first run would."""
+    data = prompts_csv(tmp_path / "in.csv", 3000)
+    limited = sandbox_factory(rate_limit=100.0, rate_burst=2)
+    out = tmp_path / "ray_out"
+    args = ["run", str(data), "-o", str(out), "--engine", "ray", "--actors", "4", "--rpm", "6000",
+            "--progress", "none", "--max-tokens", "32"]  # fmt: skip
+    code, _, err = run(args, limited.env())
+    assert code == 0, err[-3000:]
+    table = read_dir(out).to_pandas()
+    assert (
+        len(table) == 3000 and table["id"].is_unique and set(table["id"]) == {f"id{i}" for i in range(3000)}
+    )
+    assert (table["status"] == "ok").all()
+
+    arrivals = [t for t, _, _ in limited.log()]
+    assert max_in_window(arrivals, 1.0) <= 101, max_in_window(arrivals, 1.0)
+    assert max_in_window(arrivals, 60.0) <= 6060
+    sent = limited.count()
+
+    free = sandbox_factory()
+    local = tmp_path / "local.parquet"
+    code, _, err = run(["run", str(data), "-o", str(local), "--rpm", "0", "--progress", "none",
+                        "--max-tokens", "32"], free.env())  # fmt: skip
+    assert code == 0, err
+    expected = pq.read_table(local).to_pandas().set_index("id").loc[table["id"]]
+    assert list(table["response"]) == list(expected["response"])
+    assert list(table["prompt_tokens"]) == list(expected["prompt_tokens"])
+    assert list(table["cost_usd"]) == list(expected["cost_usd"])
+    assert list(table["id"]) == [f"id{i}" for i in range(3000)]  # input order
+
+    code, _, err = run(args, limited.env())
+    assert code == 0, err[-3000:]
+    assert limited.count() == sent, "a second run sent requests"
+    again = read_dir(out).to_pandas()
+    assert list(again["response"]) == list(table["response"])
+
+
+def test_ray_budget_is_never_exceeded_over_four_actors(sandbox_factory, cluster: str, tmp_path: Path) -> None:
+    """Ten runs, each with a random --max-cost: what the sandbox billed never passes the cap."""
+    data = write_csv(
+        tmp_path / "in.csv",
+        [{"id": f"r{i}", "prompt": f"Tell me about item {i}. " * (1 + i % 7)} for i in range(240)],
+    )
+    rng = random.Random(1234)
+    stopped = 0
+    for n in range(10):
+        box = sandbox_factory(reply_tokens=(20, 120))
+        micro = rng.randint(50, 2500)  # $0.00005 .. $0.0025
+        cap, cap_pico = f"0.{micro:06d}", micro * 1_000_000
+        out = tmp_path / f"out{n}"
+        code, _, err = run(
+            ["run", str(data), "-o", str(out), "--engine", "ray", "--ray-address", cluster, "--actors", "4",
+             "--max-cost", cap, "--max-tokens", "128", "--rpm", "0", "--progress", "none"],
+            box.env(),
+        )  # fmt: skip
+        assert code in (0, 3), err[-3000:]
+        billed = billed_pico(box)
+        assert billed <= cap_pico, (n, billed, cap)
+        table = read_dir(out).to_pandas()
+        assert len(table) == 240 and table["id"].is_unique
+        paid = table["cost_usd"].fillna(0).sum()
+        assert paid <= float(cap) + 1e-12
+        if code == 3:
+            stopped += 1
+            assert (table["status"] == "pending").any()
+    assert stopped >= 3, "the caps were too high to test anything"
+
+
+def _map_workers() -> list[int]:
+    """Process ids of this machine's Ray actors running the Completer UDF."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"MapWorker(MapBatches(Completer))" in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+def test_ray_actor_killed_mid_run(sandbox_factory, cluster: str, tmp_path: Path) -> None:
+    """SIGKILL one of two actors mid-run: the run completes, every row once, and the requests
+    sent twice are at most what that actor had in flight (its share of --concurrency)."""
+    data = prompts_csv(tmp_path / "in.csv", 1200)
+    box = sandbox_factory(latency=0.2)
+    out = tmp_path / "out"
+    proc = spawn(
+        ["run", str(data), "-o", str(out), "--engine", "ray", "--ray-address", cluster, "--actors", "2",
+         "--concurrency", "32", "--rpm", "0", "--progress", "none", "--max-tokens", "16"],
+        box.env(),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while box.count() < 250 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = _map_workers()
+    assert workers, "no actor found to kill"
+    os.kill(workers[0], signal.SIGKILL)
+    killed_at = box.count()
+    out_text, err = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, err[-3000:]
+    assert killed_at < 1200, "the run ended before the kill"
+    table = read_dir(out).to_pandas()
+    assert len(table) == 1200 and table["id"].is_unique and (table["status"] == "ok").all()
+    keys = [k for _, status, k in box.log() if status == 200]
+    resent = len(keys) - len(set(keys))
+    assert resent <= 16, f"{resent} requests sent again; the actor had at most 16 in flight"
+
+
+def test_ray_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None:
+    """The sample labeling job on Ray writes its label columns, like a local run."""
+    box = sandbox_factory()
+    out = tmp_path / "labels"
+    code, _, err = run(
+        ["run", "--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--engine", "ray",
+         "--ray-address", cluster, "--progress", "none", "--rpm", "0"],
+        box.env(),
+    )  # fmt: skip
+    assert code in (0, 1), err[-3000:]
+    table = read_dir(out).to_pandas()
+    assert len(table) == 200 and table["review_id"].is_unique
+    assert {"label", "parse_error", "reasks"} <= set(table.columns)
+    assert table["label"].isin(["positive", "negative", "neutral"]).sum() >= 180
+
+
+def test_ray_bad_input_is_one_line_before_ray_starts(sandbox, tmp_path: Path) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 5)
+    code, _, err = run(
+        ["run", str(data), "-o", str(tmp_path / "o"), "--engine", "ray", "--template", "Q: {question}"],
+        sandbox.env(),
+        timeout=60,
+    )
+    assert code == 2
+    assert "no column 'question'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run(
+        ["run", str(tmp_path / "nothing" / "*.parquet"), "-o", str(tmp_path / "o"), "--engine", "ray"],
+        sandbox.env(),
+        timeout=60,
+    )
+    assert code == 2 and "no CSV or Parquet files" in err and "Traceback" not in err
+    code, _, err = run(["run", str(data), "-o", str(tmp_path / "o.parquet"), "--actors", "3"], sandbox.env())
+    assert code == 2 and "--engine ray" in err
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_coordinator_leases_expire_and_the_cap_holds(tmp_path: Path) -> None:
+    """The coordinator's own logic, without Ray: slots follow one grid whoever asks; a silent
+    actor's budget reservations expire as spent (maybe billed), so the cap still holds and the
+    run does not wait for them for ever; a late settle puts the truth back."""
+    import asyncio
+
+    from batchllm.cluster.coordinator import Coordinator
+    from batchllm.job import build_job
+
+    job = build_job(
+        {"input": str(tmp_path / "in.csv"), "output": str(tmp_path / "out"), "engine": "ray",
+         "rpm": "600", "max_cost": "0.000010"}
+    )  # fmt: skip
+    clock = FakeClock()
+    c = Coordinator(job, ttl=5.0, clock=clock)
+    a, _, _ = c.lease("actor-a", [0, 0, 0])
+    b, _, _ = c.lease("actor-b", [0])
+    slots = sorted(a + b)
+    gaps = [y - x for x, y in zip(slots, slots[1:], strict=False)]
+    assert len(slots) == 4 and min(gaps) >= 60 / (600 * 0.98) - 1e-9  # one grid for both actors
+
+    async def scenario() -> None:
+        assert await c.reserve("actor-a", 6_000_000) is True  # $0.000006 of $0.00001
+        assert await c.reserve("actor-b", 6_000_000, wait=0.05) is None  # waits on a's reservation
+        clock.now += 6.0  # actor-a falls silent: taken for dead
+        c.hello("actor-b")
+        assert c.budget.spent == 6_000_000 and c.maybe_billed == [1, 6_000_000]
+        assert await c.reserve("actor-b", 6_000_000) is False  # the cap holds: 6 + 6 > 10
+        assert c.stop_reason is not None and c.stop_reason.value == "budget"
+        c.settle("actor-a", 6_000_000, 1_000_000)  # it was alive after all: the truth comes back
+        assert c.budget.spent == 1_000_000 and c.maybe_billed == [0, 0]
+
+    asyncio.run(scenario())
+    c.finish()
+
+
+LIBRARY_SCRIPT = """
+import json, sys
+import ray
+from batchllm.cluster import complete
+from batchllm.engine.runner import Endpoint
+from batchllm.job import build_job
+
+src, out, url, key = sys.argv[1:5]
+ray.init(address="auto", logging_level="error", log_to_driver=False)
+job = build_job({"input": src, "output": out, "engine": "ray", "actors": 2, "rpm": "0",
+                 "template": "Summarise: {text}", "max_tokens": 16})
+ds = ray.data.from_items([{"key": i, "text": f"item {i} " * (i % 5 + 1)} for i in range(60)])
+rows = complete(ds, job, endpoint=Endpoint(url, key)).take_all()
+print(json.dumps([[r["key"], r["status"], r["response"], r["cost_usd"]] for r in rows]))
+"""
+
+
+def test_ray_library_entry_adds_the_output_columns(sandbox, cluster: str, tmp_path: Path) -> None:
+    """``batchllm.cluster.complete`` on a Dataset a pipeline already has (here from_items)."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-c", LIBRARY_SCRIPT, "in-memory", str(tmp_path / "out"), sandbox.url, sandbox.key],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(r[0] for r in rows) == list(range(60))
+    assert all(r[1] == "ok" and r[2] and r[3] > 0 for r in rows)
+    assert sandbox.count() == 60 - 0  # distinct prompts: one request each
+    assert sandbox.key not in proc.stdout + proc.stderr
