@@ -35,7 +35,9 @@ class InputFile:
         if not path.exists():
             raise JobError(f"{path}: no such file")
         if path.is_dir():
-            raise JobError(f"{path}: is a directory, not a CSV or Parquet file")
+            raise JobError(
+                f"{path}: is a directory, not a CSV or Parquet file (--engine ray reads directories)"
+            )
         if path.stat().st_size == 0:
             raise JobError(f"{path}: the file is empty")
         self.schema = self._open_schema()

@@ -179,7 +179,7 @@ def test_ray_actor_killed_mid_run(sandbox_factory, cluster: str, tmp_path: Path)
     """SIGKILL one of two actors mid-run: the run completes, every row once, and the requests
     sent twice are at most what that actor had in flight (its share of --concurrency)."""
     data = prompts_csv(tmp_path / "in.csv", 1200)
-    box = sandbox_factory(latency=0.2)
+    box = sandbox_factory(latency=0.2, fail_5xx=0.02, seed=7)  # and a few faults, retried
     out = tmp_path / "out"
     proc = spawn(
         ["run", str(data), "-o", str(out), "--engine", "ray", "--ray-address", cluster, "--actors", "2",
@@ -217,6 +217,22 @@ def test_ray_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None
     assert len(table) == 200 and table["review_id"].is_unique
     assert {"label", "parse_error", "reasks"} <= set(table.columns)
     assert table["label"].isin(["positive", "negative", "neutral"]).sum() >= 180
+
+
+def test_ray_wrong_key_stops_every_actor_with_exit_4(sandbox, cluster: str, tmp_path: Path) -> None:
+    data = prompts_csv(tmp_path / "in.csv", 400)
+    env = {**sandbox.env(), "DATAOORTS_API_KEY": "not-the-key-1234"}
+    code, out, err = run(
+        ["run", str(data), "-o", str(tmp_path / "o"), "--engine", "ray", "--ray-address", cluster,
+         "--actors", "2", "--rpm", "0", "--progress", "none"],
+        env,
+    )  # fmt: skip
+    assert code == 4, err[-3000:]
+    assert "DATAOORTS_API_KEY" in err and "Traceback" not in err
+    assert "not-the-key-1234" not in out + err
+    assert sandbox.count() <= 128  # what was in flight when the first refusal came back
+    table = read_dir(tmp_path / "o").to_pandas()
+    assert len(table) == 400 and (table["status"] == "pending").all()  # no row failed for it
 
 
 def test_ray_bad_input_is_one_line_before_ray_starts(sandbox, tmp_path: Path) -> None:

@@ -89,7 +89,9 @@ class LeasedLimiter:
 
     async def _lease(self) -> None:
         try:
-            while self._waiters:
+            for _ in range(MAX_WAIT_ROUNDS):
+                if not self._waiters:
+                    return
                 batch = [t for _, t in list(self._waiters)[:256]]
                 successes, refunded = self._successes, self._refunded
                 self._successes = self._refunded = 0
@@ -315,10 +317,13 @@ class Completer:
             self.busy -= 1
 
     async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT)
-            if self.busy:
+        """Tell the coordinator this actor lives, while it has batches (its claims and budget)."""
+        try:
+            while self.busy:
                 self.coordinator.hello.remote(self.owner, *self.claimants)
+                await asyncio.sleep(HEARTBEAT)
+        finally:
+            self._heart = None
 
     async def _complete(self, table: pa.Table) -> pa.Table:
         job = self.job
