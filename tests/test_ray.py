@@ -10,6 +10,7 @@ an actor killed mid-run, labeling columns, and bad input before Ray starts.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -217,6 +218,15 @@ def test_ray_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None
     assert len(table) == 200 and table["review_id"].is_unique
     assert {"label", "parse_error", "reasks"} <= set(table.columns)
     assert table["label"].isin(["positive", "negative", "neutral"]).sum() >= 180
+    # `report` and `eval` read an output directory as they read a file.
+    code, text, err = run(["report", str(out), "--format", "json"], box.env(), timeout=60)
+    assert code == 0, err
+    report = json.loads(text)
+    summary = json.loads((out / "_batchllm_summary.json").read_text())
+    assert report["overall"]["rows"] == 200 == summary["rows"]["total"]
+    assert report["overall"]["cost_usd"] == summary["cost_usd"]["total"]  # exact, from row costs
+    code, text, err = run(["eval", str(out), "--gold", "human_label"], box.env(), timeout=60)
+    assert code == 0 and "accuracy" in text, err
 
 
 def test_ray_wrong_key_stops_every_actor_with_exit_4(sandbox, cluster: str, tmp_path: Path) -> None:
@@ -318,8 +328,6 @@ print(json.dumps([[r["key"], r["status"], r["response"], r["cost_usd"]] for r in
 
 def test_ray_library_entry_adds_the_output_columns(sandbox, cluster: str, tmp_path: Path) -> None:
     """``batchllm.cluster.complete`` on a Dataset a pipeline already has (here from_items)."""
-    import json
-
     proc = subprocess.run(
         [sys.executable, "-c", LIBRARY_SCRIPT, "in-memory", str(tmp_path / "out"), sandbox.url, sandbox.key],
         capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path,

@@ -21,7 +21,7 @@ from . import CONTEXT, cli, fail, handles_errors, run_async
 
   batchllm report out/reviews_labeled.parquet --by product --html out/cost_review.html""",
 )
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
 @click.option("--by", help="Break everything down by this input column.")
 @click.option(
     "--format",
@@ -60,7 +60,7 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
 
   batchllm eval out/reviews_labeled.parquet --gold human_label --by category --format json""",
 )
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
 @click.option("--gold", required=True, help="Column with the human (gold) labels.")
 @click.option("--by", help="Also score each group of this column.")
 @click.option(

@@ -270,6 +270,15 @@ class Coordinator:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def done_before(self) -> int:
+        """Rows earlier runs finished (not sent again), for the progress display."""
+        counts = self.journal.counts_before
+        return (
+            counts.get("ok", 0)
+            + counts.get("invalid", 0)
+            + (0 if self.job.retry_errors else counts.get("error", 0))
+        )
+
     def snapshot(self) -> dict[str, Any]:
         """This run's counters, for the progress display."""
         c = self.counts

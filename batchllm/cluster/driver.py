@@ -38,9 +38,9 @@ from ..access import resolve_api_key
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.observer import Observer, Silent
-from ..engine.output import Totals, check_no_clash
+from ..engine.output import SUMMARY_NAME, Totals, check_no_clash
 from ..engine.plan import check_labeling_clash, check_model
-from ..engine.runner import STOP_EXIT, Endpoint, RunResult
+from ..engine.runner import STOP_EXIT, Endpoint, RunResult, write_atomic
 from ..engine.stats import Stats, StopReason
 from ..engine.summary import build_summary
 from ..errors import ExitCode, JobError
@@ -271,13 +271,14 @@ async def _run(
         ds = complete(_read(ray, files, source), job, endpoint=endpoint, coordinator=coordinator,
                       columns=source.columns)  # fmt: skip
         rows = _count_rows(files, source)
+        done_before = await coordinator.done_before.remote()
         observer.start(
             {
                 "input": str(job.input),
                 "output": str(job.output),
                 "rows": rows,
-                "todo": rows,
-                "done_before": 0,
+                "todo": max(0, rows - done_before),
+                "done_before": done_before,
                 "provider": setup.provider.name,
                 "model": setup.model.name,
                 "endpoint": endpoint.url,
@@ -403,9 +404,10 @@ def _result(
     requests, worst = done["maybe_billed"]
     if requests:
         summary["maybe_billed"] = {"requests": requests, "worst_case_usd": usd_text(worst)}
+    text = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
+    write_atomic(job.output / SUMMARY_NAME, text)  # what `report` reads, as from a file's metadata
     if job.summary_json is not None:
-        job.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        job.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        write_atomic(job.summary_json, text)
     return RunResult(code, summary, job.output)
 
 

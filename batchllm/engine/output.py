@@ -220,8 +220,26 @@ def label_columns(row_ids: list[str], entries: dict[str, Entry], labeling: Label
     return [pa.array(cols[f.name], type=f.type) for f in fields]
 
 
+SUMMARY_NAME = "_batchllm_summary.json"  # in an output directory (--engine ray)
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """An output's schema: a Parquet file's, or a directory of them (--engine ray)."""
+    if path.is_dir():
+        import pyarrow.dataset as pads
+
+        return pads.dataset(path, format="parquet").schema
+    return pq.read_schema(path)
+
+
 def read_summary(path: Path) -> dict[str, Any] | None:
-    """The run summary stored in an output file's metadata, if any."""
+    """The run summary stored in an output file's metadata (or an output directory's summary
+    file), if any."""
+    if path.is_dir():
+        try:
+            return orjson.loads((path / SUMMARY_NAME).read_bytes())  # type: ignore[no-any-return]
+        except (OSError, orjson.JSONDecodeError):
+            return None
     try:
         meta = pq.read_metadata(path).metadata or {}
     except (pa.ArrowInvalid, OSError):

@@ -313,11 +313,11 @@ async def run_job(
         for sig in installed:
             loop.remove_signal_handler(sig)
     if job.summary_json is not None:
-        _write_atomic(job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2))
+        write_atomic(job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2))
     return result
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..engine.journal import Journal
+from ..engine.output import read_schema
 from ..engine.plan import Prepared
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
@@ -30,7 +31,7 @@ NONE = "(none)"
 
 def load(path: Path, gold: str, by: str | None) -> pd.DataFrame:
     try:
-        names = pq.read_schema(path).names
+        names = read_schema(path).names
     except (OSError, ValueError) as exc:
         raise JobError(f"{path}: not a readable Parquet file ({exc})") from None
     for column, what in ((gold, "--gold"), ("label", "a labeling run's output"), (by, "--by")):

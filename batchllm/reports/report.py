@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..engine.output import read_summary
+from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
 
@@ -40,7 +40,7 @@ _CLASS = re.compile(r"^(\w+)")
 
 def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     try:
-        schema = pq.read_schema(path)
+        schema = read_schema(path)
     except FileNotFoundError:
         raise JobError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
