@@ -68,6 +68,13 @@ class LockedError(BatchLLMError):
     exit_code = ExitCode.TEMPFAIL
 
 
+class ClusterError(BatchLLMError):
+    """The Ray job itself failed (a lost node or coordinator, not a row): try again later (exit 75);
+    every reply received is in the journal, so the next run resumes."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
 class APIError(BatchLLMError):
     """A request that did not produce a usable completion.
 

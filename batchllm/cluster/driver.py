@@ -43,7 +43,7 @@ from ..engine.plan import check_labeling_clash, check_model
 from ..engine.runner import STOP_EXIT, Endpoint, RunResult, write_atomic
 from ..engine.stats import Stats, StopReason
 from ..engine.summary import build_summary
-from ..errors import ExitCode, JobError
+from ..errors import ClusterError, ExitCode, JobError
 from ..inputs import InputFile
 from ..job import Job
 from ..pricing import Model, format_usd, usd_text
@@ -243,6 +243,12 @@ async def run_on_ray(
     try:
         return await _run(ray, job, files, source, ClusterSetup(job, provider, model), endpoint, observer,
                           command, handle_signals)  # fmt: skip
+    except ray.exceptions.RayError as exc:  # the cluster failed, not a row: one line, exit 75
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].split(". ")[0][:200]
+        raise ClusterError(
+            f"the Ray job failed ({first}); every reply received is in {job.journal_dir}: "
+            "run the same command again to resume"
+        ) from None
     finally:
         lock.release()
 
