@@ -42,7 +42,7 @@ Exit codes:
   3    budget (--max-cost) reached; a later run with a higher cap resumes
   4    stopped by the API: bad key, exhausted quota, or too many errors
   74   the checkpoint could not be written (disk full?): replies were rescued
-  75   locked by another run, or --max-runtime reached: try again later
+  75   locked by another run, --max-runtime reached, or the Ray job failed: try again later
   130  interrupted (SIGINT/SIGTERM); run the same command again to resume"""
 
 

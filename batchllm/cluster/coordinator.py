@@ -196,14 +196,18 @@ class Coordinator:
             return {r: e for r, e in found.items() if e.status != "error" or e.finished_at >= self.since}
         return found
 
-    def lookup(self, owner: str, row_ids: list[str]) -> tuple[dict[str, Entry], list[str], list[str]]:
-        """Rows already done (entries), rows another live batch is sending (to ``wait`` for), and
-        which of the done rows another batch shows (to show as copies); the rest are claimed for
-        ``owner``."""
+    def lookup(
+        self, owner: str, row_ids: list[str]
+    ) -> tuple[dict[str, Entry], list[str], list[str], tuple[str, str] | None]:
+        """Rows already done (entries), rows another live batch is sending (to ``wait`` for),
+        which of the done rows another batch shows (to show as copies), and the stop if the run
+        is stopping (then nothing is claimed); the rest are claimed for ``owner``."""
         self.hello(owner)
         done = self._done(row_ids)
+        if self.stop_reason is not None:
+            return done, [], self._copies(owner, list(done)), self.stopped()
         _, waiting = self._claim(owner, row_ids, done)
-        return done, waiting, self._copies(owner, list(done))
+        return done, waiting, self._copies(owner, list(done)), None
 
     def _claim(self, owner: str, row_ids: list[str], done: dict[str, Entry]) -> tuple[list[str], list[str]]:
         """Claim the rows not done and not held by another batch: (claimed, held by others)."""

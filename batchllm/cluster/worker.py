@@ -99,7 +99,7 @@ class LeasedLimiter:
                     self.owner, batch, successes, refunded
                 )
                 if stop is not None:
-                    self._stopped(stop)
+                    self.stopped(stop)
                 if not paced or stop is not None:
                     if not paced:
                         self._free_until = time.monotonic() + 1.0
@@ -120,7 +120,7 @@ class LeasedLimiter:
         finally:
             self._leasing = None
 
-    def _stopped(self, stop: tuple[str, str]) -> None:
+    def stopped(self, stop: tuple[str, str]) -> None:
         self.stop = stop
         for d in self.dispatchers:
             d.request_stop(StopReason(stop[0]), stop[1])
@@ -353,10 +353,16 @@ class Completer:
         for i, row_id in enumerate(row_ids):
             first.setdefault(row_id, i)
         if first and self.limiter.stop is None:
-            done, waiting, copies = await self.coordinator.lookup.remote(claimant, list(first))
+            done, waiting, copies, stop = await self.coordinator.lookup.remote(claimant, list(first))
             entries.update(done)
             shown_elsewhere.update(copies)
-            mine = [i for r, i in first.items() if r not in done and r not in waiting]
+            if stop is not None:
+                self.limiter.stopped(stop)
+            mine = (
+                []
+                if stop is not None
+                else [i for r, i in first.items() if r not in done and r not in waiting]
+            )
             await self._send(pb, mine, ledger)
             for _ in range(MAX_WAIT_ROUNDS):
                 if not waiting or self.limiter.stop is not None:
@@ -413,10 +419,12 @@ class Completer:
             counts = {"requests": stats.requests, "retries": stats.retries, "rejected": stats.rejected}
             self.coordinator.record.remote(ledger.owner, [], counts)
         if d.stop_reason is not None and self.limiter.stop is None:
-            # This actor's own stop (a bad key, too many errors): the whole run stops.
+            # This actor's own stop (a bad key, too many errors): the whole run stops, and this
+            # actor's other batch at once.
             message = d.stop_message or d.stop_reason.value
             if d.stop_error is not None:
                 message = self.provider.advice(d.stop_error, key_source(job))
+            self.limiter.stopped((d.stop_reason.value, message))
             self.coordinator.stop.remote(d.stop_reason.value, message)
 
     def _output(
