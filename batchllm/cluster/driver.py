@@ -190,6 +190,9 @@ def start_coordinator(ray: Any, job: Job) -> Any:
 def _init_ray(ray: Any, address: str | None) -> None:
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"}
     if address is None:
+        # "local": a new Ray even when a cluster runs on this machine (``ray start``), which a
+        # bare ray.init() would join.
+        address = "local"
         # A private Ray for this run, on loopback only; actors take a quarter CPU each.
         options["num_cpus"] = max(4, os.cpu_count() or 1)
         options["_node_ip_address"] = "127.0.0.1"
