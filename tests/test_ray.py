@@ -190,6 +190,7 @@ def test_ray_actor_killed_mid_run(sandbox_factory, cluster: str, tmp_path: Path)
     data = prompts_csv(tmp_path / "in.csv", 1200)
     box = sandbox_factory(latency=0.2, fail_5xx=0.02, seed=7)  # and a few faults, retried
     out = tmp_path / "out"
+    earlier = set(_map_workers())  # actors of earlier tests' runs still exiting: not this run's
     proc = spawn(
         ["run", str(data), "-o", str(out), "--engine", "ray", "--ray-address", cluster, "--actors", "2",
          "--concurrency", "32", "--rpm", "0", "--progress", "none", "--max-tokens", "16"],
@@ -198,7 +199,7 @@ def test_ray_actor_killed_mid_run(sandbox_factory, cluster: str, tmp_path: Path)
     deadline = time.monotonic() + 120
     while box.count() < 400 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    workers = _map_workers()
+    workers = [pid for pid in _map_workers() if pid not in earlier]
     assert workers, "no actor found to kill"
     os.kill(workers[0], signal.SIGKILL)
     killed_at = box.count()
