@@ -44,6 +44,7 @@ from ..pricing import cost
 from ..prompts import PromptBatch, PromptBuilder, RequestMaker
 from ..providers import get_provider
 from ..records import Entry, Message, RateHints
+from .coordinator import FREE_FOR
 
 FLUSH_EVERY = 0.005  # seconds between groups of replies sent to the journal
 HEARTBEAT = 1.0  # seconds between "still alive" calls while the actor holds claims or budget
@@ -102,7 +103,7 @@ class LeasedLimiter:
                     self.stopped(stop)
                 if not paced or stop is not None:
                     if not paced:
-                        self._free_until = time.monotonic() + 1.0
+                        self._free_until = time.monotonic() + FREE_FOR
                     while self._waiters:
                         future, _ = self._waiters.popleft()
                         if not future.done():
