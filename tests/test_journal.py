@@ -9,7 +9,8 @@ from pathlib import Path
 from batchllm.engine.budget import Budget
 from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
-from batchllm.engine.journal import RESCUE_NAME, Journal, settings_diff
+from batchllm.engine.inflight import LOG_NAME, InflightLog, replay
+from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, Journal, settings_diff
 from batchllm.engine.plan import WorkItem
 from batchllm.engine.ratelimit import Backoff, RateLimiter
 from batchllm.job import build_job
@@ -39,6 +40,72 @@ def test_unfinished_returns_only_rows_to_send(tmp_path: Path) -> None:
     again = Journal.open(tmp_path, SETTINGS)
     assert again.counts_before == {"ok": 3, "error": 2}
     again.close()
+
+
+def test_answered_finds_rows_before_and_after_the_last_bulk_index(tmp_path: Path) -> None:
+    """The request-key index is built in bulk every KEY_BATCH rows: a row is found either way."""
+    journal = Journal.open(tmp_path, SETTINGS)
+    total = KEY_BATCH + 50
+    for i in range(total):
+        status = "error" if i == 7 else "ok"
+        journal.add(record(i, status)._replace(request_key=f"k{i}", answered_by="0-h" if i == 9 else None))
+        if i % 100 == 99:
+            journal.flush()
+    journal.flush()
+    assert 0 < journal.keyed_to < total  # some rows indexed, the last ones not yet
+    wanted = ["k0", "k7", "k9", f"k{total - 1}", "missing"]
+    found = journal.answered(wanted)
+    assert sorted(found) == ["k0", f"k{total - 1}"]  # errors and copies answer nothing
+    assert found["k0"].row_id == "0-h" and found[f"k{total - 1}"].row_id == f"{total - 1}-h"
+    journal.close()
+    again = Journal.open(tmp_path, SETTINGS)
+    assert again.keyed_to == total  # what was left unindexed is indexed at open
+    assert sorted(again.answered(wanted)) == ["k0", f"k{total - 1}"]
+    again.close()
+
+
+def test_a_schema_4_journal_is_rebuilt_and_its_rows_still_answer(tmp_path: Path) -> None:
+    import sqlite3
+
+    import orjson
+
+    conn = sqlite3.connect(tmp_path / "journal.sqlite")
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE rows (row_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL, status TEXT NOT NULL,"
+        " response TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, input_cost_pico INTEGER,"
+        " output_cost_pico INTEGER, error TEXT, error_class TEXT, attempts INTEGER NOT NULL, latency_ms REAL,"
+        " finished_at REAL NOT NULL, model TEXT, truncated INTEGER, tokens_counted INTEGER, extra TEXT,"
+        " request_key TEXT, answered_by TEXT, cached INTEGER) WITHOUT ROWID;"
+        "CREATE INDEX rows_by_key ON rows (request_key);"
+    )
+    conn.execute("INSERT INTO meta VALUES ('settings', ?)", (orjson.dumps(SETTINGS).decode(),))
+    for i in range(3):
+        conn.execute("INSERT INTO rows VALUES (?, 'h', 'ok', 'x', 5, 3, 1, 2, NULL, NULL, 1, 1.0, ?, 'm',"
+                     " 0, 0, NULL, ?, NULL, NULL)", (f"{i}-h", float(i), f"k{i}"))  # fmt: skip
+    conn.commit()
+    conn.close()
+    journal = Journal.open(tmp_path, SETTINGS)
+    assert journal.counts_before == {"ok": 3} and journal.keyed_to == 3
+    assert sorted(journal.answered(["k0", "k2", "k3"])) == ["k0", "k2"]
+    assert journal.fetch(["1-h"])["1-h"].request_key == "k1"
+    journal.close()
+
+
+def test_the_inflight_log_replays_what_was_sent_and_not_done(tmp_path: Path) -> None:
+    log = InflightLog(tmp_path)
+    for i in range(200_000):  # ~6 MB of lines: the 4 MB log is rewritten when it fills
+        log.sent(f"row-{i}", i)
+        if i % 1000 != 7:
+            log.done([f"row-{i}"])
+    expected = {f"row-{i}": i for i in range(200_000) if i % 1000 == 7}
+    assert log.pending == expected
+    assert replay(tmp_path / LOG_NAME) == expected  # what a kill right now would leave
+    log.close()
+    assert replay(tmp_path / LOG_NAME) == {}
+    # A kill in the middle of a line leaves it without its newline (then zeros): not sent yet.
+    (tmp_path / LOG_NAME).write_bytes(b"S\ta\t5\nS\tb\t7\nD\ta\nS\tc\t12" + bytes(100))
+    assert replay(tmp_path / LOG_NAME) == {"b": 7}
 
 
 def test_settings_diff_names_each_difference() -> None:

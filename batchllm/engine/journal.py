@@ -13,24 +13,20 @@ changed-row detection one lookup per input batch (``states``) without holding ev
 ``meta`` holds the request settings the journal was written with; a run with other settings is
 refused (``SettingsMismatch``) unless it passes ``--restart``. SQL lives in this module only.
 
-Schema 2 added ``truncated`` and ``tokens_counted``; a schema-1 journal (every row Dataoorts')
-is migrated when opened, its ``truncated`` filled from the Dataoorts rule (completion_tokens equal
-to max_tokens), so it resumes. Schema 3 added ``extra`` (a labeling row's result) and the
-``attempts`` table: every request of a labeling row (first answer, re-ask, sample) is committed as
-it comes back, with the rows, so a crash between a row's requests never pays for one twice.
-
 Every request is also written down as sent before it leaves, and as done when its row is
 recorded (inflight.py). What a crash leaves sent but not done may have been billed without a
 saved reply: ``status`` counts it with its worst-case cost, and the next run adds it to
-``maybe_billed`` (kept in ``meta`` for the report) before it sends those rows again. Schema 4 added ``request_key`` (indexed),
-``answered_by`` and ``cached``: a row whose request another row (or the cache) answered.
+``maybe_billed`` (kept in ``meta`` for the report) before it sends those rows again.
+
+``answered`` finds the rows of this output that already answered a request key (reuse.py). The
+key index is kept in bulk, every ``KEY_BATCH`` rows (``index_keys``); the rows written since are
+scanned. The file's layout and its history are in journal_schema.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -53,12 +49,17 @@ from .journal_schema import (
     SCHEMA_VERSION,
     connect,
     db_path,
-    entry_of,
     migrate,
+    read_rescued,
     settings_diff,
+    write_rescued,
 )
 
 __all__ = ["COLUMNS", "DB_NAME", "RESCUE_NAME", "Journal", "db_path", "settings_diff"]
+
+_TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
+           "output_cost_pico", "last_written", "unpriced")  # fmt: skip
+KEY_BATCH = 8192  # rows written between two bulk updates of the request-key index
 
 
 class Journal:
@@ -75,6 +76,8 @@ class Journal:
         self.rescued = 0  # rows written to the rescue file instead
         self.imported = 0  # rows a previous run rescued, imported at open
         self.unsaved: list[Entry] = []  # rows that could not be written anywhere
+        self.keyed_to = 0  # rows up to this ``seq`` are in the request-key index (``index_keys``)
+        self._unkeyed = 0
         # Rows by status when opened: one scan serves the resume decision and the progress total.
         self.counts_before = self.status_counts()
         self.rows_before = sum(self.counts_before.values())
@@ -100,7 +103,6 @@ class Journal:
             conn = connect(db_path(directory))
             conn.executescript(SCHEMA)
             migrate(conn)
-            conn.execute("CREATE INDEX IF NOT EXISTS rows_by_key ON rows (request_key)")
         except (OSError, sqlite3.Error) as exc:
             raise JobError(f"{directory}: cannot open the checkpoint journal: {exc}") from None
         journal = cls(directory, conn)
@@ -126,6 +128,7 @@ class Journal:
                     + "; ".join(diffs)
                     + "): run with --restart to discard it, or with the same settings to resume"
                 )
+        journal.index_keys()  # what an earlier run left unindexed (or a migration)
         return journal
 
     @classmethod
@@ -191,7 +194,11 @@ class Journal:
             if attempts:
                 conn.executemany(INSERT_ATTEMPT, attempts)
             conn.executemany(INSERT_ROW, pending)
+            self._unkeyed += len(pending)
+            keyed_to = self._index_keys() if self._unkeyed >= KEY_BATCH else None
             conn.execute("COMMIT")
+            if keyed_to is not None:
+                self.keyed_to, self._unkeyed = keyed_to, 0
             if self.inflight_log is not None:  # committed: no longer at risk
                 self.inflight_log.done([e.row_id for e in pending] + [a[0] for a in attempts])
         except sqlite3.Error as exc:
@@ -203,14 +210,30 @@ class Journal:
                 self.write_error = exc
             self._rescue(pending, attempts)
 
+    def index_keys(self) -> None:
+        """Index the request keys of the rows not indexed yet, in one transaction."""
+        self.keyed_to = int(self.get_meta("keyed_to") or 0)
+        self.conn.execute("BEGIN")
+        keyed_to = self._index_keys()
+        self.conn.execute("COMMIT")
+        self.keyed_to, self._unkeyed = keyed_to, 0
+
+    def _index_keys(self) -> int:
+        # Sorted, a few thousand at a time, each index page is written once per batch; kept row
+        # by row, every commit rewrote a page per row (half of a row's journal cost: make bench).
+        conn = self.conn
+        top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM rows").fetchone()[0]
+        conn.execute(
+            "INSERT OR IGNORE INTO keyed (key, seq) SELECT request_key, seq FROM rows WHERE seq > ? "
+            "AND request_key IS NOT NULL AND status = 'ok' AND answered_by IS NULL ORDER BY request_key",
+            (self.keyed_to,),
+        )
+        self.set_meta("keyed_to", top)
+        return int(top)
+
     def _rescue(self, records: list[Entry], attempts: list[tuple[Any, ...]] | None = None) -> None:
-        lines = [orjson.dumps(list(r)) for r in records]
-        lines += [orjson.dumps({"attempt": list(a)}) for a in attempts or ()]
         try:
-            with open(self.directory / RESCUE_NAME, "ab") as fh:
-                fh.write(b"".join(line + b"\n" for line in lines))
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_rescued(self.directory / RESCUE_NAME, records, attempts or [])
             self.rescued += len(records)
         except OSError:
             self.unsaved.extend(records)
@@ -220,9 +243,7 @@ class Journal:
         path = self.directory / RESCUE_NAME
         if not path.exists():
             return 0
-        loaded = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-        records = [entry_of(x) for x in loaded if isinstance(x, list)]
-        attempts = [tuple(x["attempt"]) for x in loaded if isinstance(x, dict)]
+        records, attempts = read_rescued(path)
         self.conn.execute("BEGIN")
         self.conn.executemany(INSERT_ATTEMPT, attempts)
         self.conn.executemany(INSERT_ROW, records)
@@ -289,17 +310,9 @@ class Journal:
             "SUM(status = 'ok' AND input_cost_pico IS NULL) "
             "FROM rows"
         ).fetchone()
-        return {
-            "rows": row[0],
-            "ok": row[1] or 0,
-            "error": row[2] or 0,
-            "prompt_tokens": row[3],
-            "completion_tokens": row[4],
-            "input_cost_pico": row[5],
-            "output_cost_pico": row[6],
-            "last_written": row[7],
-            "unpriced": row[8] or 0,
-        }
+        totals = {k: v or 0 for k, v in zip(_TOTALS, row, strict=True)}
+        totals["last_written"] = row[7]  # None for an empty journal
+        return totals
 
     def price_unpriced(self, input_pico: int, output_pico: int) -> int:
         """Give rows done without a price (an unlisted model) this run's prices; returns how many.
@@ -326,11 +339,18 @@ class Journal:
         return int(row[0]) + int(partial[0])
 
     def answered(self, keys: Sequence[str]) -> dict[str, Entry]:
-        """Rows of this output already answered (ok) for these request keys: key -> entry."""
+        """Rows of this output already answered (ok) for these request keys: key -> entry.
+
+        Rows up to ``keyed_to`` are found through the index, the few written since by a scan.
+        """
+        columns = ", ".join(f"r.{c}" for c in COLUMNS)
         cur = self.conn.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM rows WHERE status = 'ok' AND answered_by IS NULL AND request_key IN "
-            "(SELECT value FROM json_each(?))",
-            (orjson.dumps(list(keys)),),
+            f"SELECT {columns} FROM keyed AS k JOIN rows AS r ON r.seq = k.seq "
+            "WHERE k.key IN (SELECT value FROM json_each(?1)) AND r.request_key = k.key "
+            "AND r.status = 'ok' AND r.answered_by IS NULL "
+            f"UNION ALL SELECT {columns} FROM rows AS r WHERE r.seq > ?2 AND r.status = 'ok' "
+            "AND r.answered_by IS NULL AND r.request_key IN (SELECT value FROM json_each(?1))",
+            (orjson.dumps(list(keys)), self.keyed_to),
         )
         out: dict[str, Entry] = {}
         for r in cur:
@@ -346,25 +366,22 @@ class Journal:
         lost = replay(self.directory / LOG_NAME)
         return len(lost), sum(lost.values())
 
-    def maybe_billed(self, current: bool = True) -> dict[str, int]:
-        """Every crash's unsaved requests so far (taken in by ``start_inflight``), and, with
-        ``current``, those of a run that died and no run has taken in yet."""
+    def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
+        """Every crash's unsaved requests so far (taken in by ``start_inflight``), with
+        ``current`` those of a run that died and no run has taken in yet, and ``add``."""
         kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
         now, worst = self.inflight() if current else (0, 0)
-        return {"requests": kept["requests"] + now, "worst_pico": kept["worst_pico"] + worst}
-
-    def _keep_lost(self, count: int, worst: int) -> None:
-        kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
-        self.set_meta(
-            "maybe_billed", {"requests": kept["requests"] + count, "worst_pico": kept["worst_pico"] + worst}
-        )
+        return {
+            "requests": kept["requests"] + now + add[0],
+            "worst_pico": kept["worst_pico"] + worst + add[1],
+        }
 
     def start_inflight(self) -> tuple[int, int]:
         """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a
         fresh log is opened for this run's requests. Returns the dead run's (count, worst)."""
         count, worst = self.inflight()
         if count:
-            self._keep_lost(count, worst)
+            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(count, worst)))
         self.inflight_log = InflightLog(self.directory)
         return count, worst
 
@@ -374,7 +391,8 @@ class Journal:
         if log is None:
             return
         if log.pending:
-            self._keep_lost(len(log.pending), sum(log.pending.values()))
+            lost = (len(log.pending), sum(log.pending.values()))
+            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=lost))
         log.close()
 
     def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
