@@ -42,6 +42,31 @@ def test_unfinished_returns_only_rows_to_send(tmp_path: Path) -> None:
     again.close()
 
 
+def test_every_kind_of_row_reads_back_as_written_alone_or_mixed(tmp_path: Path) -> None:
+    """A flush whose rows are all alike leaves out their empty columns; mixed ones write all."""
+    kinds = [
+        record(0)._replace(request_key="k0"),  # an answer of its own
+        record(1)._replace(extra='{"label": "a"}', request_key="k1"),  # a labeling row
+        record(2, "error")._replace(response=None, error="boom", error_class="FatalAPIError"),
+        record(3)._replace(answered_by="0-h", request_key="k0", input_cost_pico=0, output_cost_pico=0),
+        record(4)._replace(cached=True, request_key="k4"),
+    ]
+    journal = Journal.open(tmp_path, SETTINGS)
+    for e in kinds:  # one kind per flush
+        journal.add(e)
+        journal.flush()
+    alone = journal.fetch([e.row_id for e in kinds])
+    journal.close()
+    journal = Journal.open(tmp_path / "mixed", SETTINGS)
+    for e in kinds:
+        journal.add(e)
+    journal.flush()
+    mixed = journal.fetch([e.row_id for e in kinds])
+    journal.close()
+    for e in kinds:
+        assert alone[e.row_id] == mixed[e.row_id] == e  # bools read back as 0/1, equal to them
+
+
 def test_answered_finds_rows_before_and_after_the_last_bulk_index(tmp_path: Path) -> None:
     """The request-key index is built in bulk every KEY_BATCH rows: a row is found either way."""
     journal = Journal.open(tmp_path, SETTINGS)

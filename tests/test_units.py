@@ -130,3 +130,19 @@ def test_resume_hint_drops_restart() -> None:
 
     hint = command_line(["run", "in put.csv", "-o", "o.parquet", "--restart", "--rpm", "0"])
     assert hint == "batchllm run 'in put.csv' -o o.parquet --rpm 0"
+
+
+def test_the_error_window_counts_the_last_n_rows_like_a_plain_list() -> None:
+    import random
+
+    from batchllm.engine.stats import ErrorWindow
+
+    for seed in range(50):
+        rnd = random.Random(seed)
+        window, seen = ErrorWindow(20, 0.3), []
+        for i in range(300):  # long runs of successes, then a burst of failures
+            failed = rnd.random() < (0.05 if i < 150 else 0.5)
+            seen.append(failed)
+            over = window.add(failed)
+            assert window.errors == sum(seen[-20:])
+            assert over == (failed and len(seen) >= 20 and sum(seen[-20:]) > 6)

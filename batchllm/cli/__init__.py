@@ -53,15 +53,9 @@ def handles_errors(command: Callable[..., int]) -> Callable[..., int]:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when installed: the same asyncio API, measurably faster per request."""
-    try:
-        import uvloop
-    except ImportError:
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
+    """Run on the standard asyncio loop. uvloop was tried and measured slower here, for the run
+    (20,000 rows at zero latency, and 2,000 in flight at 200 ms) and for the sandbox alike."""
+    return asyncio.run(coro)
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -193,22 +193,18 @@ class Dispatcher:
             if self.gate is not None:
                 await self.gate.enter(item.row_id, self._stopped)
             try:
-                await self._process(item)
+                await self._one(item)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug must not lose the other rows
                 self.failure = exc
                 self.request_stop(StopReason.API, f"internal error: {exc!r}")
                 return
-
-    async def _process(self, item: WorkItem) -> None:
-        try:
-            await self._one(item)
-        finally:
-            if self.reuse is not None:
-                self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
-            if self.gate is not None:
-                self.gate.done(item.row_id)
+            finally:
+                if self.reuse is not None:
+                    self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
+                if self.gate is not None:
+                    self.gate.done(item.row_id)
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         """Journal a row's entry; rows waiting for the same request get its reply."""
@@ -238,23 +234,20 @@ class Dispatcher:
                 self.request_stop(StopReason.BUDGET, "budget reached")
                 return
             reserved = item.worst_pico
-        billed = 0
+        billed = 0  # picodollars
         try:
-            billed = await self._send(item)
+            # Until it succeeds or fails for good; None when the run stopped first.
+            tokens = (
+                item.prompt_tokens + (item.request.max_tokens or self.max_tokens) if self.tpm_enabled else 0
+            )
+            result, attempts, latency_ms = await self.call(item.body, tokens, item.row_id, item.worst_pico)
+            if isinstance(result, Completion):
+                billed = self._record_ok(item, result, attempts, latency_ms, tokens)
+            elif result is not None:
+                self._record_error(item, result, attempts)
         finally:
             if reserved or not budget.active:
                 budget.settle(reserved, billed)
-
-    async def _send(self, item: WorkItem) -> int:
-        """Send one row until it succeeds or fails for good; returns what it cost (picodollars)."""
-        tokens = item.prompt_tokens + (item.request.max_tokens or self.max_tokens) if self.tpm_enabled else 0
-        result, attempts, latency_ms = await self.call(item.body, tokens, item.row_id, item.worst_pico)
-        if result is None:
-            return 0
-        if isinstance(result, APIError):
-            self._record_error(item, result, attempts)
-            return 0
-        return self._record_ok(item, result, attempts, latency_ms, tokens)
 
     def worst_bound(self, body: bytes, max_tokens: int) -> int:
         """A cheap upper bound of one request's cost: every body byte a prompt token, and max_tokens."""
@@ -333,30 +326,20 @@ class Dispatcher:
     def _record_ok(
         self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
     ) -> int:
-        prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
+        prompt_tokens, completion_tokens = c.prompt_tokens, c.completion_tokens
+        counted = prompt_tokens is None or completion_tokens is None
+        if counted:
+            prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
+        assert prompt_tokens is not None and completion_tokens is not None
         in_cost, out_cost = cost(self._prices, prompt_tokens, completion_tokens)
+        truncated = self.provider.truncated(c, item.request.max_tokens or self.max_tokens)
+        # Positional (per row, keywords cost half as much again): the fields of records.Entry.
         self.record(
             item,
-            Entry(
-                row_id=item.row_id,
-                content_hash=item.content_hash,
-                status="ok",
-                response=c.text,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                input_cost_pico=in_cost,
-                output_cost_pico=out_cost,
-                error=None,
-                error_class=None,
-                attempts=attempts,
-                latency_ms=latency_ms,
-                finished_at=time.time(),
-                model=self.model.name,
-                truncated=self.provider.truncated(c, item.request.max_tokens or self.max_tokens),
-                tokens_counted=counted,
-                request_key=item.key or None,
-            ),
-        )
+            Entry(item.row_id, item.content_hash, "ok", c.text, prompt_tokens, completion_tokens, in_cost,
+                  out_cost, None, None, attempts, latency_ms, time.time(), self.model.name, truncated,
+                  counted, None, item.key or None),
+        )  # fmt: skip
         billed = (in_cost or 0) + (out_cost or 0)
         stats = self.stats
         stats.ok += 1

@@ -49,6 +49,7 @@ from .journal_schema import (
     SCHEMA_VERSION,
     connect,
     db_path,
+    insert_rows,
     migrate,
     read_rescued,
     settings_diff,
@@ -78,6 +79,7 @@ class Journal:
         self.unsaved: list[Entry] = []  # rows that could not be written anywhere
         self.keyed_to = 0  # rows up to this ``seq`` are in the request-key index (``index_keys``)
         self._unkeyed = 0
+        self._tail: dict[str, str] = {}  # request key -> row_id of the answers written since
         # Rows by status when opened: one scan serves the resume decision and the progress total.
         self.counts_before = self.status_counts()
         self.rows_before = sum(self.counts_before.values())
@@ -193,12 +195,18 @@ class Journal:
             conn.execute("BEGIN")
             if attempts:
                 conn.executemany(INSERT_ATTEMPT, attempts)
-            conn.executemany(INSERT_ROW, pending)
+            conn.executemany(*insert_rows(pending))
             self._unkeyed += len(pending)
             keyed_to = self._index_keys() if self._unkeyed >= KEY_BATCH else None
             conn.execute("COMMIT")
             if keyed_to is not None:
                 self.keyed_to, self._unkeyed = keyed_to, 0
+                self._tail.clear()
+            else:
+                tail = self._tail
+                for e in pending:
+                    if e.request_key is not None and e.status == "ok" and e.answered_by is None:
+                        tail[e.request_key] = e.row_id
             if self.inflight_log is not None:  # committed: no longer at risk
                 self.inflight_log.done([e.row_id for e in pending] + [a[0] for a in attempts])
         except sqlite3.Error as exc:
@@ -217,6 +225,7 @@ class Journal:
         keyed_to = self._index_keys()
         self.conn.execute("COMMIT")
         self.keyed_to, self._unkeyed = keyed_to, 0
+        self._tail.clear()
 
     def _index_keys(self) -> int:
         # Sorted, a few thousand at a time, each index page is written once per batch; kept row
@@ -341,21 +350,25 @@ class Journal:
     def answered(self, keys: Sequence[str]) -> dict[str, Entry]:
         """Rows of this output already answered (ok) for these request keys: key -> entry.
 
-        Rows up to ``keyed_to`` are found through the index, the few written since by a scan.
+        Rows up to ``keyed_to`` are found through the index, the few written since (this run's,
+        as the journal is opened with everything indexed) through ``_tail``.
         """
-        columns = ", ".join(f"r.{c}" for c in COLUMNS)
-        cur = self.conn.execute(
-            f"SELECT {columns} FROM keyed AS k JOIN rows AS r ON r.seq = k.seq "
-            "WHERE k.key IN (SELECT value FROM json_each(?1)) AND r.request_key = k.key "
-            "AND r.status = 'ok' AND r.answered_by IS NULL "
-            f"UNION ALL SELECT {columns} FROM rows AS r WHERE r.seq > ?2 AND r.status = 'ok' "
-            "AND r.answered_by IS NULL AND r.request_key IN (SELECT value FROM json_each(?1))",
-            (orjson.dumps(list(keys)), self.keyed_to),
-        )
+        found: list[Entry] = []
+        if self.keyed_to:  # about a microsecond a key: not while nothing is indexed
+            columns = ", ".join(f"r.{c}" for c in COLUMNS)
+            cur = self.conn.execute(
+                f"SELECT {columns} FROM keyed AS k JOIN rows AS r ON r.seq = k.seq "
+                "WHERE k.key IN (SELECT value FROM json_each(?)) AND r.request_key = k.key "
+                "AND r.status = 'ok' AND r.answered_by IS NULL",
+                (orjson.dumps(list(keys)),),
+            )
+            found = [Entry._make(r) for r in cur]
+        recent = [self._tail[k] for k in keys if k in self._tail]
+        if recent:
+            found += self.fetch(recent).values()
         out: dict[str, Entry] = {}
-        for r in cur:
-            e = Entry._make(r)
-            if e.request_key is not None:
+        for e in found:
+            if e.request_key is not None and e.status == "ok" and e.answered_by is None:
                 out.setdefault(e.request_key, e)
         return out
 

@@ -47,6 +47,10 @@ class ErrorWindow:
 
     def add(self, failed: bool) -> bool:
         """Record one row; True when the share of failures is over the limit."""
+        if not failed and not self.errors:  # all successes: where the next failure goes is moot
+            if self.filled < len(self.window):
+                self.filled += 1
+            return False
         window, pos = self.window, self.pos
         if self.filled == len(window):
             self.errors -= window[pos]
