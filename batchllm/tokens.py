@@ -64,6 +64,7 @@ class TokenCounter:
         self.family = family
         self.exact = path is not None
         self._encoding = None
+        self._known: dict[str, int] = {}  # counts of leading messages (``count_messages``)
         if path is not None:
             import tiktoken
             from tiktoken.load import load_tiktoken_bpe
@@ -112,11 +113,25 @@ class TokenCounter:
         return self.overhead(system) + self.text_tokens(user)
 
     def count_messages(self, messages: Sequence[Any]) -> int:
-        """``prompt_tokens`` for any message list: ``Message`` values or ``{role, content}`` dicts."""
+        """``prompt_tokens`` for any message list: ``Message`` values or ``{role, content}`` dicts.
+
+        Every message but the last is counted once per text: a job's system prompt and examples
+        open every request, and were most of a labeling request's count.
+        """
         total = _FIXED
-        for m in messages:
-            content = m.get("content", "") if isinstance(m, dict) else m.content
-            total += _PER_MESSAGE + self.text_tokens(str(content))
+        last = len(messages) - 1
+        known = self._known
+        for i, m in enumerate(messages):
+            content = str(m.get("content", "") if isinstance(m, dict) else m.content)
+            if i < last:
+                n = known.get(content)
+                if n is None:
+                    if len(known) >= _KNOWN_MAX:  # re-asks carry their own turns: stay bounded
+                        known.clear()
+                    n = known[content] = self.text_tokens(content)
+            else:
+                n = self.text_tokens(content)
+            total += _PER_MESSAGE + n
         return total
 
     def completion_tokens(self, text: str) -> int:
@@ -132,6 +147,9 @@ _LLAMA3 = re.compile(r"llama[-_ .]?3", re.IGNORECASE)
 def family_of(model: str) -> str | None:
     """The tokenizer family of a model name: ``llama3`` for any Llama 3.x, else None (unknown)."""
     return "llama3" if _LLAMA3.search(model) else None
+
+
+_KNOWN_MAX = 4096
 
 
 @cache

@@ -116,6 +116,9 @@ class ResponseCache:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        # In key order, each page of the (randomly keyed) table is written once per commit, not
+        # once per reply.
+        pending.sort()
         # A cache that cannot be written costs a later run a request, never a reply: go on.
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("BEGIN")

@@ -210,7 +210,7 @@ class Dispatcher:
         """Journal a row's entry; rows waiting for the same request get its reply."""
         self.journal.add(entry)
         if self.reuse is not None and item.key:
-            self.reuse.finished(item.key, entry, item.request)
+            self.reuse.finished(item.key, entry)
 
     def record_copy(self, entry: Entry) -> None:
         """A row answered by another row's reply, or by the cache (reuse.py)."""

@@ -46,7 +46,8 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
     attempts = list(item.prior)
     calls, latency_ms = 0, 0.0
     budget, stats = d.budget, d.stats
-    while (step := labeler.next_request(attempts)) is not None:
+    step = labeler.next_request(attempts)
+    while step is not None:
         max_tokens = step.request.max_tokens or d.max_tokens
         body = item.body if step.request is item.request else d.provider.encode(step.request)
         worst = worst_pico(d, step.request, max_tokens) if budget.active else 0
@@ -75,7 +76,8 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
                 d.provider.truncated(result, max_tokens),
             )
             attempts.append(attempt)
-            if len(attempts) > 1 or labeler.next_request(attempts) is not None:
+            step = labeler.next_request(attempts)
+            if len(attempts) > 1 or step is not None:
                 # Kept so a crash resumes after it and --reparse can read every reply; a row done
                 # in one request is saved whole by its entry, in the same commit (half the writes).
                 d.journal.add_attempt(item.row_id, len(attempts) - 1, attempt)
@@ -87,7 +89,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
         finally:
             if not budget.active or worst:
                 budget.settle(worst, billed)
-    _book(d, item, attempts, calls, latency_ms)
+    _book(d, item, attempts, calls, latency_ms, labeler=labeler)
 
 
 def _book(
@@ -97,31 +99,38 @@ def _book(
     calls: int,
     latency_ms: float,
     error: APIError | None = None,
+    labeler: RowLabeler | None = None,
 ) -> None:
     """The row's entry: the outcome, with the tokens and costs of every request it took."""
     assert d.labeling is not None
-    pt = sum(a.prompt_tokens for a in attempts)
-    ct = sum(a.completion_tokens for a in attempts)
-    priced = all(a.input_cost_pico is not None for a in attempts)
-    in_cost = sum(a.input_cost_pico or 0 for a in attempts) if priced else None
-    out_cost = sum(a.output_cost_pico or 0 for a in attempts) if priced else None
-
-    def spent(kind: str) -> int | None:
-        if not priced:
-            return None
-        return sum((a.input_cost_pico or 0) + (a.output_cost_pico or 0) for a in attempts if a.kind == kind)
-
-    extra: dict[str, object] = {"reask_cost_pico": spent("reask"), "sample_cost_pico": spent("sample")}
+    # One pass over the row's requests (a few microseconds a row at thousands of rows/s).
+    pt = ct = in_cost = out_cost = reasks = 0
+    priced = True
+    spent = {"first": 0, "reask": 0, "sample": 0}
+    for a in attempts:
+        pt += a.prompt_tokens
+        ct += a.completion_tokens
+        reasks += a.kind == "reask"
+        if a.input_cost_pico is None or a.output_cost_pico is None:
+            priced = False
+        else:
+            in_cost += a.input_cost_pico
+            out_cost += a.output_cost_pico
+            spent[a.kind] = spent.get(a.kind, 0) + a.input_cost_pico + a.output_cost_pico
+    extra: dict[str, object] = {
+        "reask_cost_pico": spent["reask"] if priced else None,
+        "sample_cost_pico": spent["sample"] if priced else None,
+    }
     text: str | None
     message: str | None
     error_class: str | None
     if error is not None:
         status, text, message, error_class = "error", None, error.describe(), type(error).__name__
-        extra.update(reasks=sum(a.kind == "reask" for a in attempts))
+        extra.update(reasks=reasks)
         d.stats.error += 1
         d.track(True)
     else:
-        outcome = RowLabeler(d.labeling, item.request).outcome(attempts)
+        outcome = (labeler or RowLabeler(d.labeling, item.request)).outcome(attempts)
         status, text = outcome.status, outcome.text
         message = None if outcome.error is None else f"invalid: {outcome.error}"
         error_class = None if outcome.error is None else "Invalid"
@@ -137,29 +146,15 @@ def _book(
         else:
             d.stats.invalid += 1
         d.track(False)
+    some = bool(attempts)
     d.record(
         item,
-        Entry(
-            row_id=item.row_id,
-            content_hash=item.content_hash,
-            status=status,
-            response=text,
-            prompt_tokens=pt if attempts else None,
-            completion_tokens=ct if attempts else None,
-            input_cost_pico=in_cost if attempts else None,
-            output_cost_pico=out_cost if attempts else None,
-            error=message,
-            error_class=error_class,
-            attempts=calls,
-            latency_ms=latency_ms or None,
-            finished_at=time.time(),
-            model=d.model.name,
-            truncated=attempts[-1].truncated if attempts else None,
-            tokens_counted=None,
-            extra=orjson.dumps(extra).decode(),
-            request_key=item.key or None,
-        ),
-    )
+        Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
+              in_cost if some and priced else None, out_cost if some and priced else None, message,
+              error_class, calls, latency_ms or None, time.time(), d.model.name,
+              attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
+              item.key or None),
+    )  # fmt: skip
 
 
 def reparse(journal: Journal, labeling: Labeling, model: str) -> int:

@@ -38,6 +38,7 @@ class Reuse:
         self.model = model
         self.record = record
         self.waiting: dict[str, list[tuple[str, str]]] = {}  # key of a leader in flight -> followers
+        self.cache_keys: dict[str, str] = {}  # key of a leader in flight -> its cache key
         self.copies = 0  # rows answered by another row's reply
         self.hits = 0  # rows answered from the cache
         self.saved_pico = 0  # what the cache hits would have cost
@@ -56,6 +57,7 @@ class Reuse:
                 if k not in self.waiting and k not in done and self.cache.serves(r)
             }
             hits = {wanted[ck]: v for ck, v in self.cache.get_many(list(wanted)).items()}
+        missed = {k: ck for ck, k in wanted.items() if k not in hits} if self.cache is not None else {}
         out: list[str | None] = []
         for key, (row_id, content_hash, _) in zip(keys, rows, strict=True):
             if key in self.waiting:
@@ -69,24 +71,26 @@ class Reuse:
                 out.append(None)
             else:
                 self.waiting[key] = []
+                if key in missed:
+                    self.cache_keys[key] = missed[key]
                 out.append(key)
         return out
 
-    def finished(self, key: str, entry: Entry, request: Request) -> None:
+    def finished(self, key: str, entry: Entry) -> None:
         """A leader's row was recorded: its followers get its reply; the cache keeps it if it
         could ever serve it (a request meant to be repeatable, or any with ``--cache always``)."""
         for row_id, content_hash in self.waiting.pop(key, ()):
             self._copy(row_id, content_hash, entry)
-        cache = self.cache
+        ck = self.cache_keys.pop(key, None)  # set when screened for this cache
         if (
-            cache is not None
-            and cache.serves(request)
+            ck is not None
+            and self.cache is not None
             and entry.status == "ok"
             and entry.response is not None
             and entry.extra is None
         ):
-            cache.put(
-                cache_key(self.endpoint_id, request.key()),
+            self.cache.put(
+                ck,
                 entry.response,
                 entry.prompt_tokens or 0,
                 entry.completion_tokens or 0,
@@ -96,6 +100,7 @@ class Reuse:
     def abandoned(self, key: str) -> None:
         """A leader ended without a reply (the run stopped): its followers stay pending too."""
         self.waiting.pop(key, None)
+        self.cache_keys.pop(key, None)
 
     def _free(self) -> tuple[int | None, int | None]:
         return cost(self.model.prices, 0, 0)

@@ -61,6 +61,9 @@ class RowLabeler:
         self.base = base
         # A later run re-asking invalid rows (--retry-errors) gets a fresh allowance.
         self.extra_reasks = extra_reasks
+        # Each reply is read once (a JSON schema's validation is most of a row's labeling cost),
+        # however often deciding the next request and the outcome ask about it.
+        self._read_cache: dict[int, tuple[Attempt, tuple[Any, str | None]]] = {}
 
     def _chains(self, attempts: list[Attempt]) -> list[list[Attempt]]:
         chains: list[list[Attempt]] = [[] for _ in range(self.labeling.samples)]
@@ -70,7 +73,12 @@ class RowLabeler:
         return chains
 
     def _read(self, a: Attempt) -> tuple[Any, str | None]:
-        return parse(self.labeling, a.text, a.truncated)
+        hit = self._read_cache.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        result = parse(self.labeling, a.text, a.truncated)
+        self._read_cache[id(a)] = (a, result)  # the attempt is kept: its id stays its own
+        return result
 
     def _done(self, chain: list[Attempt]) -> bool:
         if not chain:

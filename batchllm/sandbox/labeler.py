@@ -10,6 +10,7 @@ gets a well-formed answer. Tests compute the expected outcome with the same func
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Any
@@ -88,20 +89,27 @@ def answer(
     return reply, None if reask else fault(text, params.get("seed"), rates), reask
 
 
+@functools.lru_cache(maxsize=64)
+def _instruction(system: str) -> tuple[list[str] | None, dict[str, Any] | None]:
+    """The label set or schema a system prompt states (read once per prompt, not per request)."""
+    labels_match, schema_match = _LABELS.search(system), _SCHEMA.search(system)
+    labels = [x.strip() for x in labels_match.group(1).split(",")] if labels_match else None
+    return labels, orjson.loads(schema_match.group(1)) if schema_match else None
+
+
 def _answer(
     messages: list[dict[str, Any]], params: dict[str, Any], rates: list[tuple[str, float]]
 ) -> str | None:
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
-    labels_match, schema_match = _LABELS.search(system), _SCHEMA.search(system)
-    if labels_match is None and schema_match is None:
+    labels, schema = _instruction(system)
+    if labels is None and schema is None:
         return None
     users = [m["content"] for m in messages if m.get("role") == "user"]
     reask = bool(users) and users[-1].startswith(REASK_PREFIX)
     text = next((u for u in reversed(users) if not u.startswith(REASK_PREFIX)), "")
     seed = params.get("seed")
     which = None if reask else fault(text, seed, rates)
-    if labels_match is not None:
-        labels = [x.strip() for x in labels_match.group(1).split(",")]
+    if labels is not None:
         label = expected_label(text, labels, seed, rates) if which in (None, "wrong") else truth(text, labels)
         if reask:
             label = expected_label(text, labels, seed, rates)
@@ -113,8 +121,7 @@ def _answer(
             "invalid_json": "unsure",
             "truncated": RAMBLE,
         }[which]
-    schema = orjson.loads(schema_match.group(1)) if schema_match else {}
-    obj = _object(text, schema, seed, wrong=which == "wrong")
+    obj = _object(text, schema or {}, seed, wrong=which == "wrong")
     body = orjson.dumps(obj).decode()
     if which == "prose":
         return f"Here is the JSON you asked for:\n```json\n{body}\n```"
