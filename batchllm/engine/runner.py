@@ -160,7 +160,8 @@ class Run:
             endpoint.key,
             concurrency=job.concurrency,
             timeout=job.timeout,
-            on_hints=limiter.on_hints,
+            # Unpaced (--rpm 0) the limiter never paces: reading each reply's headers is waste.
+            on_hints=limiter.on_hints if limiter.rate is not None else None,
         )
         cache = None
         if job.cache != "off" and job.labeling is None:
