@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 LOG_NAME = "inflight.log"
 _CAPACITY = 4 << 20
@@ -83,6 +84,56 @@ class InflightLog:
         self._map.close()
         os.close(self._fd)
         self.path.unlink(missing_ok=True)
+
+
+class InflightBook:
+    """What a journal knows of requests that may have been billed without a saved reply: mixed
+    into ``journal.Journal``, whose ``meta`` keeps the count across runs."""
+
+    directory: Path
+    inflight_log: InflightLog | None
+
+    def get_meta(self, key: str) -> Any:
+        raise NotImplementedError  # the journal's
+
+    def set_meta(self, key: str, value: Any) -> None:
+        raise NotImplementedError
+
+    def inflight(self) -> tuple[int, int]:
+        """Requests a dead run left sent without a saved reply: (count, worst-case picodollars)."""
+        if self.inflight_log is not None:  # this run's own are in flight, not lost
+            return 0, 0
+        lost = replay(self.directory / LOG_NAME)
+        return len(lost), sum(lost.values())
+
+    def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
+        """Every crash's unsaved requests so far (taken in by ``start_inflight``), with
+        ``current`` those of a run that died and no run has taken in yet, and ``add``."""
+        kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
+        now, worst = self.inflight() if current else (0, 0)
+        return {
+            "requests": kept["requests"] + now + add[0],
+            "worst_pico": kept["worst_pico"] + worst + add[1],
+        }
+
+    def start_inflight(self) -> tuple[int, int]:
+        """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a
+        fresh log is opened for this run's requests. Returns the dead run's (count, worst)."""
+        count, worst = self.inflight()
+        if count:
+            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(count, worst)))
+        self.inflight_log = InflightLog(self.directory)
+        return count, worst
+
+    def stop_inflight(self) -> None:
+        """At the end of a run: requests cancelled in flight (a stop) may have been billed too."""
+        log, self.inflight_log = self.inflight_log, None
+        if log is None:
+            return
+        if log.pending:
+            lost = (len(log.pending), sum(log.pending.values()))
+            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=lost))
+        log.close()
 
 
 def _create(path: Path, content: bytes, capacity: int) -> tuple[int, mmap.mmap]:

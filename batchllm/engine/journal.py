@@ -38,7 +38,7 @@ import orjson
 from ..errors import JobError, SettingsMismatch
 from ..labeling.rows import Attempt
 from ..records import Entry
-from .inflight import LOG_NAME, InflightLog, replay
+from .inflight import InflightBook, InflightLog
 from .journal_schema import (
     COLUMNS,
     DB_NAME,
@@ -63,7 +63,7 @@ _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_c
 KEY_BATCH = 8192  # rows written between two bulk updates of the request-key index
 
 
-class Journal:
+class Journal(InflightBook):
     """Open with ``Journal.open``; ``add`` records a finished row; ``flush`` commits."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
@@ -371,42 +371,6 @@ class Journal:
             if e.request_key is not None and e.status == "ok" and e.answered_by is None:
                 out.setdefault(e.request_key, e)
         return out
-
-    def inflight(self) -> tuple[int, int]:
-        """Requests a dead run left sent without a saved reply: (count, worst-case picodollars)."""
-        if self.inflight_log is not None:  # this run's own are in flight, not lost
-            return 0, 0
-        lost = replay(self.directory / LOG_NAME)
-        return len(lost), sum(lost.values())
-
-    def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
-        """Every crash's unsaved requests so far (taken in by ``start_inflight``), with
-        ``current`` those of a run that died and no run has taken in yet, and ``add``."""
-        kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
-        now, worst = self.inflight() if current else (0, 0)
-        return {
-            "requests": kept["requests"] + now + add[0],
-            "worst_pico": kept["worst_pico"] + worst + add[1],
-        }
-
-    def start_inflight(self) -> tuple[int, int]:
-        """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a
-        fresh log is opened for this run's requests. Returns the dead run's (count, worst)."""
-        count, worst = self.inflight()
-        if count:
-            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(count, worst)))
-        self.inflight_log = InflightLog(self.directory)
-        return count, worst
-
-    def stop_inflight(self) -> None:
-        """At the end of a run: requests cancelled in flight (a stop) may have been billed too."""
-        log, self.inflight_log = self.inflight_log, None
-        if log is None:
-            return
-        if log.pending:
-            lost = (len(log.pending), sum(log.pending.values()))
-            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=lost))
-        log.close()
 
     def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""
