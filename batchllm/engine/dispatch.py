@@ -326,11 +326,7 @@ class Dispatcher:
     def _record_ok(
         self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
     ) -> int:
-        prompt_tokens, completion_tokens = c.prompt_tokens, c.completion_tokens
-        counted = prompt_tokens is None or completion_tokens is None
-        if counted:
-            prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
-        assert prompt_tokens is not None and completion_tokens is not None
+        prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
         in_cost, out_cost = cost(self._prices, prompt_tokens, completion_tokens)
         truncated = self.provider.truncated(c, item.request.max_tokens or self.max_tokens)
         # Positional (per row, keywords cost half as much again): the fields of records.Entry.

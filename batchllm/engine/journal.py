@@ -19,8 +19,8 @@ saved reply: ``status`` counts it with its worst-case cost, and the next run add
 ``maybe_billed`` (kept in ``meta`` for the report) before it sends those rows again.
 
 ``answered`` finds the rows of this output that already answered a request key (reuse.py). The
-key index is kept in bulk, every ``KEY_BATCH`` rows (``index_keys``); the rows written since are
-scanned. The file's layout and its history are in journal_schema.py.
+key index is kept in bulk, every ``KEY_BATCH`` rows (``index_keys``); the answers written since
+are kept in memory (``_tail``). The file's layout and its history are in journal_schema.py.
 """
 
 from __future__ import annotations
