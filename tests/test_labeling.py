@@ -46,6 +46,7 @@ def test_repair_and_validation() -> None:
     assert parse_label("mixed", labels, False) == (None, "not_in_set:mixed")
     assert parse_label("positive or negative", labels, False)[1] == "not_in_set:positive or negative"
     assert parse_label("Let me think", labels, True) == (None, "truncated")
+    assert parse_label("Negative", labels, False) == ("negative", None)  # nothing to repair
     fields = (Field("score", "integer"), Field("tone", "string", ("up", "down")), Field("tags", "array"))
     assert parse_object(
         'Here: ```json\n{"score": 3, "tone": "up", "tags": ["a"]}\n```', fields, ("score",)
@@ -57,6 +58,16 @@ def test_repair_and_validation() -> None:
     assert parse_object('{"score": 3, "tone": "sideways"}', fields, ()) == (None, "schema:tone")
     assert parse_object('{"score": 3, "tone": "u', fields, ()) == (None, "invalid_json")
     assert parse_object("no object here", fields, ()) == (None, "no_json")
+    # A reply that is one object and nothing else is read whole; two objects: the first is taken.
+    assert parse_object(' {"score": 2, "tags": ["}"]}\n', fields, ()) == (
+        {"score": 2, "tone": None, "tags": ["}"]},
+        None,
+    )
+    assert parse_object('{"score": 1} {"score": 2}', fields, ())[0] == {
+        "score": 1,
+        "tone": None,
+        "tags": None,
+    }
     assert majority(["a", "b", "a"]) == ("a", 2 / 3, {"a": 2, "b": 1})
     assert majority(["a", "b"])[0] is None
     assert settled(["a", "a"], 3) and not settled(["a", "b"], 3)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import APIError
-from ..labeling.rows import Attempt, RowLabeler
+from ..labeling.rows import Attempt, Outcome, RowLabeler, Step
 from ..labeling.spec import Labeling
 from ..pricing import cost
 from ..records import Entry, Request
@@ -46,12 +46,14 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
     attempts = list(item.prior)
     calls, latency_ms = 0, 0.0
     budget, stats = d.budget, d.stats
-    step = labeler.next_request(attempts)
-    while step is not None:
+    capped = budget.active  # a cap is set for the whole run, or not at all
+    todo = labeler.next(attempts)
+    while isinstance(todo, Step):
+        step = todo
         max_tokens = step.request.max_tokens or d.max_tokens
         body = item.body if step.request is item.request else d.provider.encode(step.request)
-        worst = worst_pico(d, step.request, max_tokens) if budget.active else 0
-        if budget.active and not await budget.reserve(worst):
+        worst = worst_pico(d, step.request, max_tokens) if capped else 0
+        if capped and not await budget.reserve(worst):
             d.request_stop(StopReason.BUDGET, "budget reached")
             return
         billed = 0
@@ -76,8 +78,8 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
                 d.provider.truncated(result, max_tokens),
             )
             attempts.append(attempt)
-            step = labeler.next_request(attempts)
-            if len(attempts) > 1 or step is not None:
+            todo = labeler.next(attempts)
+            if len(attempts) > 1 or isinstance(todo, Step):
                 # Kept so a crash resumes after it and --reparse can read every reply; a row done
                 # in one request is saved whole by its entry, in the same commit (half the writes).
                 d.journal.add_attempt(item.row_id, len(attempts) - 1, attempt)
@@ -87,9 +89,9 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
             stats.cost_pico += billed
             d.limiter.on_success()
         finally:
-            if not budget.active or worst:
+            if not capped or worst:
                 budget.settle(worst, billed)
-    _book(d, item, attempts, calls, latency_ms, labeler=labeler)
+    _book(d, item, attempts, calls, latency_ms, outcome=todo)
 
 
 def _book(
@@ -99,48 +101,51 @@ def _book(
     calls: int,
     latency_ms: float,
     error: APIError | None = None,
-    labeler: RowLabeler | None = None,
+    outcome: Outcome | None = None,
 ) -> None:
     """The row's entry: the outcome, with the tokens and costs of every request it took."""
-    assert d.labeling is not None
     # One pass over the row's requests (a few microseconds a row at thousands of rows/s).
-    pt = ct = in_cost = out_cost = reasks = 0
+    pt = ct = in_cost = out_cost = reask_cost = sample_cost = 0
     priced = True
-    spent = {"first": 0, "reask": 0, "sample": 0}
     for a in attempts:
         pt += a.prompt_tokens
         ct += a.completion_tokens
-        reasks += a.kind == "reask"
-        if a.input_cost_pico is None or a.output_cost_pico is None:
+        ic, oc = a.input_cost_pico, a.output_cost_pico
+        if ic is None or oc is None:
             priced = False
-        else:
-            in_cost += a.input_cost_pico
-            out_cost += a.output_cost_pico
-            spent[a.kind] = spent.get(a.kind, 0) + a.input_cost_pico + a.output_cost_pico
-    extra: dict[str, object] = {
-        "reask_cost_pico": spent["reask"] if priced else None,
-        "sample_cost_pico": spent["sample"] if priced else None,
-    }
+            continue
+        in_cost += ic
+        out_cost += oc
+        if a.kind == "reask":
+            reask_cost += ic + oc
+        elif a.kind == "sample":
+            sample_cost += ic + oc
     text: str | None
     message: str | None
     error_class: str | None
     if error is not None:
         status, text, message, error_class = "error", None, error.describe(), type(error).__name__
-        extra.update(reasks=reasks)
+        extra: dict[str, object] = {
+            "reask_cost_pico": reask_cost if priced else None,
+            "sample_cost_pico": sample_cost if priced else None,
+            "reasks": [a.kind for a in attempts].count("reask"),
+        }
         d.stats.error += 1
         d.track(True)
     else:
-        outcome = (labeler or RowLabeler(d.labeling, item.request)).outcome(attempts)
+        assert outcome is not None
         status, text = outcome.status, outcome.text
         message = None if outcome.error is None else f"invalid: {outcome.error}"
         error_class = None if outcome.error is None else "Invalid"
-        extra.update(
-            value=outcome.value,
-            parse_error=outcome.error,
-            reasks=outcome.reasks,
-            agreement=outcome.agreement,
-            votes=outcome.votes,
-        )
+        extra = {
+            "reask_cost_pico": reask_cost if priced else None,
+            "sample_cost_pico": sample_cost if priced else None,
+            "value": outcome.value,
+            "parse_error": outcome.error,
+            "reasks": outcome.reasks,
+            "agreement": outcome.agreement,
+            "votes": outcome.votes,
+        }
         if status == "ok":
             d.stats.ok += 1
         else:

@@ -13,6 +13,7 @@ Error codes are stable strings: ``not_in_set:<value>``, ``no_json``, ``invalid_j
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -27,17 +28,25 @@ def clean(text: str) -> str:
     return _FENCE.sub("", text.strip()).strip(_STRIP)
 
 
+@lru_cache(maxsize=16)
+def _matcher(labels: tuple[str, ...]) -> tuple[dict[str, str], re.Pattern[str]]:
+    """A label set's lookup by lower case, and the pattern finding one of its labels in prose."""
+    by_lower = {label.lower(): label for label in labels}
+    pattern = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
+    return by_lower, re.compile(rf"(?<![\w-])(?:{pattern})(?![\w-])", re.IGNORECASE)
+
+
 def parse_label(text: str, labels: tuple[str, ...], truncated: bool) -> tuple[str | None, str | None]:
     """(label, None) or (None, error code)."""
-    by_lower = {label.lower(): label for label in labels}
+    by_lower, inside = _matcher(labels)
+    exact = by_lower.get(text.lower())  # the reply as it should be: nothing to repair
+    if exact is not None:
+        return exact, None
     cleaned = clean(text)
     exact = by_lower.get(" ".join(cleaned.split()).lower())
     if exact is not None:
         return exact, None
-    pattern = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
-    found = {
-        m.group(0).lower() for m in re.finditer(rf"(?<![\w-])(?:{pattern})(?![\w-])", text, re.IGNORECASE)
-    }
+    found = {m.group(0).lower() for m in inside.finditer(text)}
     if len(found) == 1:
         return by_lower[found.pop()], None
     if truncated:
@@ -89,13 +98,21 @@ def _valid(f: Field, value: Any) -> bool:
 def parse_object(
     text: str, fields: tuple[Field, ...], required: tuple[str, ...]
 ) -> tuple[dict[str, Any] | None, str | None]:
-    raw, error = first_object(text)
-    if raw is None:
-        return None, error
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None, "invalid_json"
+    obj: Any = None
+    whole = text.strip()
+    if whole[:1] == "{" and whole[-1:] == "}":
+        try:  # the reply as it should be, one object and nothing else: no need to look for it
+            obj = orjson.loads(whole)
+        except orjson.JSONDecodeError:
+            obj = None  # looked for below, as in prose
+    if not isinstance(obj, dict):
+        raw, error = first_object(text)
+        if raw is None:
+            return None, error
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None, "invalid_json"
     if not isinstance(obj, dict):
         return None, "invalid_json"
     out: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """One row's labeling, as a pure state machine over its journaled attempts.
 
-    attempts so far -> next_request() -> a Request to send (first answer, re-ask, or sample)
-                    -> outcome()      -> the row's label (or object), agreement, error, costs
+    attempts so far -> next() -> a Request to send (first answer, re-ask, or sample),
+                               or, when none is left, the row's outcome: its label (or object),
+                               agreement and error
 
 Because the next step is a function of the attempts alone, a row interrupted by a crash resumes
 exactly where it was: every attempt is journaled as it comes back, so none is paid for twice.
@@ -12,8 +13,7 @@ stops sampling once the remaining samples cannot change the majority.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -23,8 +23,7 @@ from .spec import Labeling
 from .votes import majority, settled
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
     """One request of a row and its reply, as the journal keeps it."""
 
     sample: int
@@ -37,15 +36,13 @@ class Attempt:
     truncated: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
     request: Request
     sample: int
     kind: str
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     status: str  # "ok" or "invalid"
     value: Any  # the label, or the object's fields
     error: str | None
@@ -66,6 +63,9 @@ class RowLabeler:
         self._read_cache: dict[int, tuple[Attempt, tuple[Any, str | None]]] = {}
 
     def _chains(self, attempts: list[Attempt]) -> list[list[Attempt]]:
+        """Each sample's requests, in order (sample 0 only, for a job of one sample)."""
+        if self.labeling.samples == 1:
+            return [[a for a in attempts if a.sample == 0]]
         chains: list[list[Attempt]] = [[] for _ in range(self.labeling.samples)]
         for a in attempts:
             if a.sample < len(chains):
@@ -90,20 +90,26 @@ class RowLabeler:
     def _values(self, chains: list[list[Attempt]]) -> list[str]:
         return [v for c in chains if c and (v := self._vote(c[-1])) is not None]
 
-    def next_request(self, attempts: list[Attempt]) -> Step | None:
+    def next(self, attempts: list[Attempt]) -> Step | Outcome:
+        """The next request to send, or the row's outcome once no request is left."""
         chains = self._chains(attempts)
+        step = self._step(chains)
+        return step if step is not None else self._outcome(chains, attempts)
+
+    def outcome(self, attempts: list[Attempt]) -> Outcome:
+        """The row's outcome from the replies it has (``--reparse`` reads stored ones again)."""
+        return self._outcome(self._chains(attempts), attempts)
+
+    def _step(self, chains: list[list[Attempt]]) -> Step | None:
         for k, chain in enumerate(chains):
-            if self._done(chain):
-                continue
             if not chain:
-                if (
-                    k > 0
-                    and self.labeling.adaptive
-                    and settled(self._values(chains[:k]), self.labeling.samples)
-                ):
+                if k == 0:
+                    return Step(self._sample_request(0), 0, "first")
+                if self.labeling.adaptive and settled(self._values(chains[:k]), self.labeling.samples):
                     return None
-                return Step(self._sample_request(k), k, "first" if k == 0 else "sample")
-            return Step(self._reask_request(k, chain), k, "reask")
+                return Step(self._sample_request(k), k, "sample")
+            if not self._done(chain):
+                return Step(self._reask_request(k, chain), k, "reask")
         return None
 
     def _sample_request(self, k: int) -> Request:
@@ -122,14 +128,16 @@ class RowLabeler:
             turns.append(Message("user", feedback(self.labeling, error or "invalid_json")))
         return Request(first.provider, first.model, tuple(turns), first.params)
 
-    def outcome(self, attempts: list[Attempt]) -> Outcome:
-        chains = [c for c in self._chains(attempts) if c]
-        reasks = sum(a.kind == "reask" for a in attempts)
-        last = attempts[-1].text if attempts else ""
+    def _outcome(self, chains: list[list[Attempt]], attempts: list[Attempt]) -> Outcome:
+        reasks = [a.kind for a in attempts].count("reask")
         if self.labeling.samples == 1:
-            value, error = self._read(chains[0][-1])
-            status = "ok" if error is None else "invalid"
-            return Outcome(status, value, error, chains[0][-1].text, reasks, None, None)
+            answer = chains[0][-1]
+            value, error = self._read(answer)
+            return Outcome(
+                "ok" if error is None else "invalid", value, error, answer.text, reasks, None, None
+            )
+        chains = [c for c in chains if c]
+        last = attempts[-1].text if attempts else ""
         values = self._values(chains)
         top, agreement, votes = majority(values)
         if top is None:
