@@ -45,53 +45,58 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
     labeler = RowLabeler(d.labeling, item.request, d.labeling.reask if item.retry else 0)
     attempts = list(item.prior)
     calls, latency_ms = 0, 0.0
-    budget, stats = d.budget, d.stats
-    capped = budget.active  # a cap is set for the whole run, or not at all
     todo = labeler.next(attempts)
     while isinstance(todo, Step):
-        step = todo
-        max_tokens = step.request.max_tokens or d.max_tokens
-        body = item.body if step.request is item.request else d.provider.encode(step.request)
-        worst = worst_pico(d, step.request, max_tokens) if capped else 0
-        if capped and not await budget.reserve(worst):
-            d.request_stop(StopReason.BUDGET, "budget reached")
+        result, n, latency_ms = await _ask(d, item, todo)
+        calls += n
+        if result is None:
+            return  # stopping: the attempts so far are journaled; the row resumes from them
+        if isinstance(result, APIError):
+            _book(d, item, attempts, calls, latency_ms, error=result)
             return
-        billed = 0
-        try:
-            result, n, latency_ms = await d.call(body, 0, item.row_id, worst)
-            calls += n
-            if result is None:
-                return  # stopping: the attempts so far are journaled; the row resumes from them
-            if isinstance(result, APIError):
-                _book(d, item, attempts, calls, latency_ms, error=result)
-                return
-            pt, ct, counted = d.usage(step.request, result)
-            in_cost, out_cost = cost(d.model.prices, pt, ct)
-            attempt = Attempt(
-                step.sample,
-                step.kind,
-                result.text,
-                pt,
-                ct,
-                in_cost,
-                out_cost,
-                d.provider.truncated(result, max_tokens),
-            )
-            attempts.append(attempt)
-            todo = labeler.next(attempts)
-            if len(attempts) > 1 or isinstance(todo, Step):
-                # Kept so a crash resumes after it and --reparse can read every reply; a row done
-                # in one request is saved whole by its entry, in the same commit (half the writes).
-                d.journal.add_attempt(item.row_id, len(attempts) - 1, attempt)
-            billed = (in_cost or 0) + (out_cost or 0)
-            stats.prompt_tokens += pt
-            stats.completion_tokens += ct
-            stats.cost_pico += billed
-            d.limiter.on_success()
-        finally:
-            if not capped or worst:
-                budget.settle(worst, billed)
+        attempts.append(result)
+        todo = labeler.next(attempts)
+        if len(attempts) > 1 or isinstance(todo, Step):
+            # Kept so a crash resumes after it and --reparse can read every reply; a row done
+            # in one request is saved whole by its entry, in the same commit (half the writes).
+            d.journal.add_attempt(item.row_id, len(attempts) - 1, result)
     _book(d, item, attempts, calls, latency_ms, outcome=todo)
+
+
+async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | APIError | None, int, float]:
+    """One request of a row, its worst case reserved against ``--max-cost`` while it is out:
+    (the reply as an attempt, or the final error, or None when the run stops; requests made;
+    latency in ms)."""
+    budget = d.budget
+    capped = budget.active
+    max_tokens = step.request.max_tokens or d.max_tokens
+    body = item.body if step.request is item.request else d.provider.encode(step.request)
+    worst = worst_pico(d, step.request, max_tokens) if capped else 0
+    if capped and not await budget.reserve(worst):
+        d.request_stop(StopReason.BUDGET, "budget reached")
+        return None, 0, 0.0
+    billed = 0
+    try:
+        result, n, latency_ms = await d.call(body, 0, item.row_id, worst)
+        if result is None or isinstance(result, APIError):
+            return result, n, latency_ms
+        pt, ct, _ = d.usage(step.request, result)
+        in_cost, out_cost = cost(d.model.prices, pt, ct)
+        billed = (in_cost or 0) + (out_cost or 0)
+        stats = d.stats
+        stats.prompt_tokens += pt
+        stats.completion_tokens += ct
+        stats.cost_pico += billed
+        d.limiter.on_success()
+        truncated = d.provider.truncated(result, max_tokens)
+        return (
+            Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated),
+            n,
+            latency_ms,
+        )
+    finally:
+        if not capped or worst:
+            budget.settle(worst, billed)
 
 
 def _book(

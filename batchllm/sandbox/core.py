@@ -134,6 +134,14 @@ class Sandbox:
         self.started = time.monotonic()
         self._auth = f"Bearer {self.config.api_key}"
         self._arrived = 0
+        cfg = self.config
+        self.label_rates = [
+            ("wrong", cfg.label_wrong),
+            ("prose", cfg.label_prose),
+            ("out_of_set", cfg.label_out_of_set),
+            ("invalid_json", cfg.label_invalid_json),
+            ("truncated", cfg.label_truncated),
+        ]
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -274,17 +282,6 @@ class Sandbox:
             assert isinstance(response.body, bytes)
             response.body = response.body[: len(response.body) // 2]
         return response
-
-    @property
-    def label_rates(self) -> list[tuple[str, float]]:
-        cfg = self.config
-        return [
-            ("wrong", cfg.label_wrong),
-            ("prose", cfg.label_prose),
-            ("out_of_set", cfg.label_out_of_set),
-            ("invalid_json", cfg.label_invalid_json),
-            ("truncated", cfg.label_truncated),
-        ]
 
     def _cut(self, text: str, max_tokens: int) -> tuple[str, int, bool]:
         """A labeling reply cut at max_tokens, word by word (counted with the real tokenizer)."""

@@ -59,6 +59,8 @@ def truth(text: str, labels: list[str]) -> str:
 
 def fault(text: str, seed: Any, rates: list[tuple[str, float]]) -> str | None:
     """Which fault (if any) the first answer to (text, seed) has: ``rates`` in a fixed order."""
+    if not any(rate for _, rate in rates):
+        return None  # no roll to make (a hash a request, at zero latency)
     roll = _fraction("fault", text, seed)
     for name, rate in rates:
         if roll < rate:
@@ -80,26 +82,6 @@ def answer(
     messages: list[dict[str, Any]], params: dict[str, Any], rates: list[tuple[str, float]]
 ) -> tuple[str, str | None, bool] | None:
     """(reply, fault, is a re-ask) for a labeling request; None when it states no label set or schema."""
-    reply = _answer(messages, params, rates)
-    if reply is None:
-        return None
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    reask = bool(users) and users[-1].startswith(REASK_PREFIX)
-    text = next((u for u in reversed(users) if not u.startswith(REASK_PREFIX)), "")
-    return reply, None if reask else fault(text, params.get("seed"), rates), reask
-
-
-@functools.lru_cache(maxsize=64)
-def _instruction(system: str) -> tuple[list[str] | None, dict[str, Any] | None]:
-    """The label set or schema a system prompt states (read once per prompt, not per request)."""
-    labels_match, schema_match = _LABELS.search(system), _SCHEMA.search(system)
-    labels = [x.strip() for x in labels_match.group(1).split(",")] if labels_match else None
-    return labels, orjson.loads(schema_match.group(1)) if schema_match else None
-
-
-def _answer(
-    messages: list[dict[str, Any]], params: dict[str, Any], rates: list[tuple[str, float]]
-) -> str | None:
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     labels, schema = _instruction(system)
     if labels is None and schema is None:
@@ -110,18 +92,34 @@ def _answer(
     seed = params.get("seed")
     which = None if reask else fault(text, seed, rates)
     if labels is not None:
-        label = expected_label(text, labels, seed, rates) if which in (None, "wrong") else truth(text, labels)
-        if reask:
-            label = expected_label(text, labels, seed, rates)
-        return {
-            None: label,
-            "wrong": label,
-            "prose": f"Sure! After reading the review, the label is: **{label}**.",
-            "out_of_set": "mixed",
-            "invalid_json": "unsure",
-            "truncated": RAMBLE,
-        }[which]
-    obj = _object(text, schema or {}, seed, wrong=which == "wrong")
+        return _label_reply(text, labels, seed, rates, which, reask), which, reask
+    return _object_reply(text, schema or {}, seed, which), which, reask
+
+
+@functools.lru_cache(maxsize=64)
+def _instruction(system: str) -> tuple[list[str] | None, dict[str, Any] | None]:
+    """The label set or schema a system prompt states (read once per prompt, not per request)."""
+    labels_match, schema_match = _LABELS.search(system), _SCHEMA.search(system)
+    labels = [x.strip() for x in labels_match.group(1).split(",")] if labels_match else None
+    return labels, orjson.loads(schema_match.group(1)) if schema_match else None
+
+
+def _label_reply(
+    text: str, labels: list[str], seed: Any, rates: list[tuple[str, float]], which: str | None, reask: bool
+) -> str:
+    label = expected_label(text, labels, seed, rates) if reask or which == "wrong" else truth(text, labels)
+    return {
+        None: label,
+        "wrong": label,
+        "prose": f"Sure! After reading the review, the label is: **{label}**.",
+        "out_of_set": "mixed",
+        "invalid_json": "unsure",
+        "truncated": RAMBLE,
+    }[which]
+
+
+def _object_reply(text: str, schema: dict[str, Any], seed: Any, which: str | None) -> str:
+    obj = _object(text, schema, seed, wrong=which == "wrong")
     body = orjson.dumps(obj).decode()
     if which == "prose":
         return f"Here is the JSON you asked for:\n```json\n{body}\n```"

@@ -296,8 +296,13 @@ def rate_limits() -> dict:
     return figures
 
 
-def labeling_cost(rows: int, rounds: int = 3) -> dict:
-    """rows/s at zero latency with --labels and with --json-schema, next to a plain run, alternating."""
+def labeling_cost(rows: int, rounds: int = 5) -> dict:
+    """rows/s at zero latency with --labels and with --json-schema, next to a plain run.
+
+    The three alternate, in an order that rotates every round (none always runs first after the
+    sandbox's reset); the ratio is of the best of each (the least disturbed), with each round's
+    own ratios beside it, since this machine's speed drifts from minute to minute.
+    """
     box = Sandbox("--no-keep-log")
     src = make_input(rows, f"lab-{rows}.csv")
     schema = WORK / "schema.json"
@@ -318,25 +323,32 @@ def labeling_cost(rows: int, rounds: int = 3) -> dict:
         "labels": ["--labels", "positive,negative,neutral"],
         "json_schema": ["--json-schema", str(schema)],
     }
+    order = list(modes)
     spans: dict[str, list[float]] = {m: [] for m in modes}
     try:
-        for _ in range(rounds):
-            for mode, extra in modes.items():
+        for k in range(rounds):
+            for mode in order[k % 3 :] + order[: k % 3]:
                 box.reset()
                 code, _, _ = run_batchllm(
                     box, src, WORK / f"lab-{mode}.parquet", "--rpm", "0", "--concurrency", "256", "--restart",
-                    "--max-tokens", "32", *extra,
+                    "--max-tokens", "32", *modes[mode],
                 )  # fmt: skip
                 assert code in (0, 1), code
                 spans[mode].append(box.span())
     finally:
         box.close()
     best = {m: min(v) for m, v in spans.items()}
+    per_round = {
+        m: [round(p / t, 3) for p, t in zip(spans["plain"], spans[m], strict=True)]
+        for m in ("labels", "json_schema")
+    }
     return {
         "rows": rows,
         **{f"rows_per_s_{m}": round(rows / t) for m, t in best.items()},
         "ratio_labels": round(best["plain"] / best["labels"], 3),
         "ratio_json_schema": round(best["plain"] / best["json_schema"], 3),
+        "ratios_per_round_labels": per_round["labels"],
+        "ratios_per_round_json_schema": per_round["json_schema"],
     }
 
 
