@@ -63,9 +63,7 @@ class RowLabeler:
         self._read_cache: dict[int, tuple[Attempt, tuple[Any, str | None]]] = {}
 
     def _chains(self, attempts: list[Attempt]) -> list[list[Attempt]]:
-        """Each sample's requests, in order (sample 0 only, for a job of one sample)."""
-        if self.labeling.samples == 1:
-            return [[a for a in attempts if a.sample == 0]]
+        """Each sample's requests, in order."""
         chains: list[list[Attempt]] = [[] for _ in range(self.labeling.samples)]
         for a in attempts:
             if a.sample < len(chains):
