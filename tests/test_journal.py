@@ -34,8 +34,8 @@ def test_unfinished_returns_only_rows_to_send(tmp_path: Path) -> None:
         journal.add(record(i, "ok" if i % 2 == 0 else "error"))
     journal.flush()
     ids = [f"{i}-h" for i in range(7)]
-    assert journal.unfinished(ids) == [(1, "error"), (3, "error"), (5, None), (6, None)]
-    assert journal.unfinished(ids[:3], ["h", "other", "other"]) == [(1, "error"), (2, "ok")]
+    assert journal.unfinished(ids) == [(1, "error", 1), (3, "error", 1), (5, None, 1), (6, None, 1)]
+    assert journal.unfinished(ids[:3], ["h", "other", "other"]) == [(1, "error", 0), (2, "ok", 0)]
     journal.close()
     again = Journal.open(tmp_path, SETTINGS)
     assert again.counts_before == {"ok": 3, "error": 2}

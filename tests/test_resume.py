@@ -180,7 +180,7 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
         result = run_cli(["status", str(path)])
         assert result.exit_code == 0, result.stderr
         text = result.stdout
-        assert "rows: 40 done (40 ok, 0 error), 0 remaining of 40" in text
+        assert "rows: 40 done (40 ok, 0 error), 0 not done of 40" in text
         assert "cost so far: $" in text and "running now: no" in text
         assert "resume with: batchllm" in text
     missing = run_cli(["status", str(tmp_path / "nothing.parquet")])

@@ -64,7 +64,7 @@ def _rows(p: Prepared, journal: Journal | None) -> Any:
         keep: range | list[int] = range(len(pb.row_ids))
         if journal is not None:
             hashes = None if p.builder.ids_embed_hash else pb.hashes
-            keep = [i for i, status in journal.unfinished(pb.row_ids, hashes) if status is None]
+            keep = [i for i, status, _ in journal.unfinished(pb.row_ids, hashes) if status is None]
         for i in keep:
             request = pb.requests[i] if pb.requests is not None else None
             user = pb.users[i]

@@ -64,7 +64,7 @@ class Coordinator:
         )
         self.journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
         self.lost = self.journal.start_inflight()  # a killed local run's requests in flight
-        self.budget = Budget(job.max_cost_pico, self.journal.spent_pico(), job.max_cost_per_run_pico)
+        self.budget = Budget(job.max_cost_pico, self.journal.committed_pico(), job.max_cost_per_run_pico)
         self.counts: Counter[str] = Counter()
         self.claims: dict[str, str] = {}  # row_id -> owner
         # Without --id-column identical prompts share a row id: which batch shows the row's cost

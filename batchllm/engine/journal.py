@@ -18,6 +18,15 @@ recorded (inflight.py). What a crash leaves sent but not done may have been bill
 saved reply: ``status`` counts it with its worst-case cost, and the next run adds it to
 ``maybe_billed`` (kept in ``meta`` for the report) before it sends those rows again.
 
+A row sent again while the journal holds an entry for it (``--retry-errors``,
+``--refresh-changed``) must not lose what its earlier answers cost: the plan marks it in
+``replacing`` and, the moment its first request leaves (``sent``) or another entry takes its
+place (``add``), ``supersede`` moves the old entry's tokens and costs into the ``carried`` table
+(or, for a labeling row resuming from its attempts, keeps them as attempts) and removes the
+entry, in the same group commit. Every cost a row ever had thus stays in exactly one place:
+its entry, its attempts while it has no entry, or ``carried``; ``spent_pico``, ``totals`` and
+the output add all three.
+
 ``answered`` finds the rows of this output that already answered a request key (reuse.py). The
 key index is kept in bulk, every ``KEY_BATCH`` rows (``index_keys``); the answers written since
 are kept in memory (``_tail``). The file's layout and its history are in journal_schema.py.
@@ -40,6 +49,8 @@ from ..labeling.rows import Attempt
 from ..records import Entry
 from .inflight import InflightBook, InflightLog
 from .journal_schema import (
+    AS_ATTEMPT,
+    CARRY,
     COLUMNS,
     DB_NAME,
     INSERT_ATTEMPT,
@@ -58,6 +69,7 @@ from .journal_schema import (
 
 __all__ = ["COLUMNS", "DB_NAME", "RESCUE_NAME", "Journal", "db_path", "settings_diff"]
 
+CARRY_ENTRY, RESUME_ATTEMPTS = 1, 2  # how ``supersede`` keeps a replaced entry's cost
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
            "output_cost_pico", "last_written", "unpriced")  # fmt: skip
 KEY_BATCH = 8192  # rows written between two bulk updates of the request-key index
@@ -71,6 +83,9 @@ class Journal(InflightBook):
         self.conn = conn
         self._pending: list[Entry] = []
         self._pending_attempts: list[tuple[Any, ...]] = []
+        self._superseded: list[tuple[str, int]] = []
+        # Rows the plan sends again while they have an entry: row_id -> CARRY or RESUME.
+        self.replacing: dict[str, int] = {}
         self.inflight_log: InflightLog | None = None  # opened by a run (``start_inflight``)
         self._scheduled = False
         self.write_error: sqlite3.Error | None = None
@@ -160,7 +175,16 @@ class Journal(InflightBook):
 
     def add(self, record: Entry) -> None:
         """Record a finished row; committed with the others of this loop turn."""
+        if self.replacing and (how := self.replacing.pop(record.row_id, 0)):
+            # Answered without a request of its own (a copy) or refused: nothing resumes.
+            self._superseded.append((record.row_id, CARRY_ENTRY))
         self._pending.append(record)
+        self._schedule()
+
+    def supersede(self, row_id: str, how: int) -> None:
+        """The row's entry is about to be replaced: keep its cost (``CARRY_ENTRY``: in
+        ``carried``; ``RESUME_ATTEMPTS``: as its attempts) and remove it, with the next commit."""
+        self._superseded.append((row_id, how))
         self._schedule()
 
     def add_attempt(self, row_id: str, seq: int, a: Attempt) -> None:
@@ -173,6 +197,8 @@ class Journal(InflightBook):
 
     def sent(self, row_id: str, worst_pico: int) -> None:
         """Write down that a request for this row is leaving now (before it does)."""
+        if self.replacing and (how := self.replacing.pop(row_id, 0)):
+            self.supersede(row_id, how)
         if self.inflight_log is not None:
             self.inflight_log.sent(row_id, worst_pico)
 
@@ -186,13 +212,16 @@ class Journal(InflightBook):
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self._pending and not self._pending_attempts:
+        if not self._pending and not self._pending_attempts and not self._superseded:
             return
         pending, self._pending = self._pending, []
         attempts, self._pending_attempts = self._pending_attempts, []
+        superseded, self._superseded = self._superseded, []
         conn = self.conn
         try:
             conn.execute("BEGIN")
+            for row_id, how in superseded:  # before this commit's new attempts and entries
+                self._supersede(row_id, how)
             if attempts:
                 conn.executemany(INSERT_ATTEMPT, attempts)
             conn.executemany(*insert_rows(pending))
@@ -216,7 +245,18 @@ class Journal(InflightBook):
                 conn.execute("ROLLBACK")
             if self.write_error is None:
                 self.write_error = exc
+            # The superseded entries stay as they were: the rescued rows replace them on import,
+            # so their earlier cost goes with them (a rescued row is kept whole, not carried).
             self._rescue(pending, attempts)
+
+    def _supersede(self, row_id: str, how: int) -> None:
+        conn = self.conn
+        if how == RESUME_ATTEMPTS:
+            conn.execute(AS_ATTEMPT, (row_id,))
+        else:
+            conn.execute(CARRY, (row_id,))
+            conn.execute("DELETE FROM attempts WHERE row_id = ?", (row_id,))
+        conn.execute("DELETE FROM rows WHERE row_id = ?", (row_id,))
 
     def index_keys(self) -> None:
         """Index the request keys of the rows not indexed yet, in one transaction."""
@@ -271,8 +311,9 @@ class Journal(InflightBook):
 
     def unfinished(
         self, row_ids: Sequence[str], hashes: Sequence[str] | None = None
-    ) -> list[tuple[int, str | None]]:
-        """The rows of a batch that are not done: (index, status), status None for a new row.
+    ) -> list[tuple[int, str | None, bool]]:
+        """The rows of a batch that are not done: (index, status, same content), status None for
+        a new row.
 
         "Done" is ``ok`` and, when ``hashes`` are given (ids that do not embed the content hash,
         i.e. ``--id-column``), with the same content hash. The join runs inside SQLite, so resuming
@@ -280,15 +321,15 @@ class Journal(InflightBook):
         """
         if hashes is None:
             cur = self.conn.execute(
-                "SELECT i.key, r.status FROM json_each(?) AS i "
+                "SELECT i.key, r.status, 1 FROM json_each(?) AS i "
                 "LEFT JOIN rows AS r ON r.row_id = i.value "
                 "WHERE r.row_id IS NULL OR r.status != 'ok'",
                 (orjson.dumps(list(row_ids)),),
             )
         else:
             cur = self.conn.execute(
-                "SELECT i.key, r.status FROM json_each(?) AS i "
-                "LEFT JOIN rows AS r ON r.row_id = json_extract(i.value, '$[0]') "
+                "SELECT i.key, r.status, r.content_hash IS json_extract(i.value, '$[1]') "
+                "FROM json_each(?) AS i LEFT JOIN rows AS r ON r.row_id = json_extract(i.value, '$[0]') "
                 "WHERE r.row_id IS NULL OR r.status != 'ok' OR r.content_hash != json_extract(i.value, '$[1]')",
                 (orjson.dumps(list(zip(row_ids, hashes, strict=True))),),
             )
@@ -321,7 +362,66 @@ class Journal(InflightBook):
         ).fetchone()
         totals = {k: v or 0 for k, v in zip(_TOTALS, row, strict=True)}
         totals["last_written"] = row[7]  # None for an empty journal
+        # What rows not finished yet paid for: earlier answers of rows sent again, and the
+        # journaled requests of labeling rows with no entry (yet).
+        carried = self._carried_sums()
+        partial = self._partial_sums()
+        for k, name in enumerate(("prompt_tokens", "completion_tokens", "input_cost_pico", "output_cost_pico")):
+            totals[name] += carried[k] + partial[k]
         return totals
+
+    def _carried_sums(self) -> tuple[int, int, int, int]:
+        try:
+            row = self.conn.execute(
+                "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+                "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM carried"
+            ).fetchone()
+        except sqlite3.OperationalError:  # a journal from before schema 6, opened read-only
+            return 0, 0, 0, 0
+        return tuple(int(v) for v in row)  # type: ignore[return-value]
+
+    def _partial_sums(self) -> tuple[int, int, int, int]:
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM attempts "
+            "WHERE row_id NOT IN (SELECT row_id FROM rows)"
+        ).fetchone()
+        return tuple(int(v) for v in row)  # type: ignore[return-value]
+
+    def unsettled(self, row_ids: Sequence[str]) -> dict[str, tuple[int, int, int, int]]:
+        """What rows paid for beyond their entry (or with no entry yet): earlier answers of rows
+        sent again and the attempts of labeling rows not finished: row_id -> (prompt tokens,
+        completion tokens, input and output picodollars). Empty when no row has any."""
+        out: dict[str, tuple[int, int, int, int]] = {}
+        if not self._has_unsettled():
+            return out
+        ids = orjson.dumps(list(row_ids))
+        for r in self.conn.execute(
+            "SELECT row_id, prompt_tokens, completion_tokens, input_cost_pico, output_cost_pico FROM carried "
+            "WHERE row_id IN (SELECT value FROM json_each(?))",
+            (ids,),
+        ):
+            out[r[0]] = (r[1], r[2], r[3], r[4])
+        for r in self.conn.execute(
+            "SELECT row_id, SUM(prompt_tokens), SUM(completion_tokens), COALESCE(SUM(input_cost_pico), 0), "
+            "COALESCE(SUM(output_cost_pico), 0) FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) "
+            "AND row_id NOT IN (SELECT row_id FROM rows) GROUP BY row_id",
+            (ids,),
+        ):
+            old = out.get(r[0], (0, 0, 0, 0))
+            out[r[0]] = (old[0] + r[1], old[1] + r[2], old[2] + r[3], old[3] + r[4])
+        return out
+
+    def _has_unsettled(self) -> bool:
+        try:
+            return bool(
+                self.conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM carried) OR EXISTS (SELECT 1 FROM attempts "
+                    "WHERE row_id NOT IN (SELECT row_id FROM rows))"
+                ).fetchone()[0]
+            )
+        except sqlite3.OperationalError:  # before schema 6
+            return False
 
     def price_unpriced(self, input_pico: int, output_pico: int) -> int:
         """Give rows done without a price (an unlisted model) this run's prices; returns how many.
@@ -337,15 +437,18 @@ class Journal(InflightBook):
         return cur.rowcount
 
     def spent_pico(self) -> int:
-        """All this output has paid for: finished rows, and requests of rows not finished yet."""
+        """All this output has paid for: finished rows, what rows sent again had cost before,
+        and requests of rows not finished yet."""
         row = self.conn.execute(
             "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM rows"
         ).fetchone()
-        partial = self.conn.execute(
-            "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM attempts "
-            "WHERE row_id NOT IN (SELECT row_id FROM rows)"
-        ).fetchone()
-        return int(row[0]) + int(partial[0])
+        carried, partial = self._carried_sums(), self._partial_sums()
+        return int(row[0]) + carried[2] + carried[3] + partial[2] + partial[3]
+
+    def committed_pico(self) -> int:
+        """What the cap must count: all this output paid for, and the worst case of every
+        request a crash left in flight without a saved reply (it may have been billed)."""
+        return self.spent_pico() + self.maybe_billed(current=False)["worst_pico"]
 
     def answered(self, keys: Sequence[str]) -> dict[str, Entry]:
         """Rows of this output already answered (ok) for these request keys: key -> entry.
@@ -384,6 +487,18 @@ class Journal(InflightBook):
         for r in cur:
             out.setdefault(r[0], []).append(Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])))
         return out
+
+    def first_attempts(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
+        """A labeling row answered in one request keeps no attempt (its entry has the reply):
+        that reply as its attempt 0, as ``supersede`` stores it when the row is re-asked."""
+        if not row_ids:
+            return {}
+        return {
+            r: [Attempt(0, "first", e.response, e.prompt_tokens or 0, e.completion_tokens or 0,
+                        e.input_cost_pico, e.output_cost_pico, bool(e.truncated))]
+            for r, e in self.fetch(row_ids).items()
+            if e.response is not None
+        }  # fmt: skip
 
     def labeled_rows(self) -> list[str]:
         """Rows of a labeling job (``--reparse`` reads their replies again)."""

@@ -12,7 +12,8 @@ it comes back, with the rows, so a crash between a row's requests never pays for
 Schema 4 added ``request_key``, ``answered_by`` and ``cached``: a row whose request another row
 (or the cache) answered. Schema 5 gave rows an integer ``seq`` and moved the request-key index
 into ``keyed``, built in bulk: indexed row by row, it rewrote an index page per row at every
-commit, half of a row's journal cost (make bench). Older journals are rebuilt once when opened.
+commit, half of a row's journal cost (make bench). Older journals are rebuilt once when opened. Schema 6 added the ``carried`` table (what rows
+sent again had cost before); it is created in any older journal when opened.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -74,7 +75,34 @@ CREATE TABLE IF NOT EXISTS attempts (
     truncated INTEGER NOT NULL,
     PRIMARY KEY (row_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS carried (
+    row_id TEXT PRIMARY KEY,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    input_cost_pico INTEGER NOT NULL,
+    output_cost_pico INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+# A row sent again (--retry-errors, --refresh-changed) keeps what its earlier answers cost
+# (journal.py, ``supersede``): ``carried`` adds the entry's tokens and costs up per row, then the
+# entry goes (the row is pending until its new answer). A labeling row that resumes from its
+# attempts keeps them instead: its one-request entry becomes attempt 0 first.
+CARRY = (
+    "INSERT INTO carried SELECT row_id, attempts, COALESCE(prompt_tokens, 0), "
+    "COALESCE(completion_tokens, 0), COALESCE(input_cost_pico, 0), COALESCE(output_cost_pico, 0) "
+    "FROM rows WHERE row_id = ?1 AND true ON CONFLICT (row_id) DO UPDATE SET "
+    "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "input_cost_pico = input_cost_pico + excluded.input_cost_pico, "
+    "output_cost_pico = output_cost_pico + excluded.output_cost_pico"
+)
+AS_ATTEMPT = (
+    "INSERT INTO attempts SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
+    "COALESCE(completion_tokens, 0), input_cost_pico, output_cost_pico, COALESCE(truncated, 0) "
+    "FROM rows WHERE row_id = ?1 AND response IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM attempts WHERE row_id = ?1)"
+)
 COLUMNS = Entry._fields
 
 

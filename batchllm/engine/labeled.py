@@ -42,7 +42,9 @@ def worst_pico(d: Dispatcher, request: Request, max_tokens: int) -> int:
 
 async def label_row(d: Dispatcher, item: WorkItem) -> None:
     assert d.labeling is not None
-    labeler = RowLabeler(d.labeling, item.request, d.labeling.reask if item.retry else 0)
+    # --retry-errors gives an invalid row a fresh allowance of re-asks, at least one (with
+    # --reask 0 it would otherwise have nothing left to try).
+    labeler = RowLabeler(d.labeling, item.request, max(1, d.labeling.reask) if item.retry else 0)
     attempts = list(item.prior)
     calls, latency_ms = 0, 0.0
     todo = labeler.next(attempts)
@@ -179,14 +181,15 @@ def reparse(journal: Journal, labeling: Labeling, model: str) -> int:
     for start in range(0, len(rows), 8192):
         chunk = rows[start : start + 8192]
         attempts, entries = journal.attempts_for(chunk), journal.fetch(chunk)
+        firsts = journal.first_attempts([r for r in chunk if r not in attempts])
         for row_id in chunk:
             entry = entries.get(row_id)
             if entry is None or entry.status == "error":
                 continue  # unfinished rows resume in a run; failed requests have no reply to read
             # A row answered in one request kept no attempt: its entry holds the reply.
-            tried = attempts.get(row_id) or [
-                Attempt(0, "first", entry.response or "", 0, 0, None, None, bool(entry.truncated))
-            ]
+            tried = attempts.get(row_id) or firsts.get(row_id)
+            if not tried:
+                continue
             outcome = RowLabeler(labeling, base).outcome(tried)
             extra = orjson.loads(entry.extra or "{}")
             extra.update(

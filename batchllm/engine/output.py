@@ -114,6 +114,8 @@ def write_output(
     totals = Totals()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600; the output is shared like any file the user writes (umask).
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -124,7 +126,7 @@ def write_output(
                 prompts = builder.build(batch.select(builder.read_columns), position)
                 position += batch.num_rows
                 entries = journal.fetch(prompts.row_ids)
-                results = _result_columns(prompts.row_ids, entries, totals)
+                results = _result_columns(prompts.row_ids, entries, totals, journal.unsettled(prompts.row_ids))
                 if labeling is not None:
                     results += label_columns(prompts.row_ids, entries, labeling)
                 arrays = [batch.column(name) for name in kept] + results
@@ -141,7 +143,24 @@ def write_output(
     return totals
 
 
-def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Totals) -> list[pa.Array]:
+_NOTHING = (0, 0, 0, 0)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _result_columns(
+    row_ids: list[str],
+    entries: dict[str, Entry],
+    totals: Totals,
+    unsettled: dict[str, tuple[int, int, int, int]],
+) -> list[pa.Array]:
+    """The result columns of one batch. A row's tokens and costs are everything it paid for:
+    its entry, plus what it cost before it was sent again and the requests of a labeling row
+    not finished yet (``unsettled``, journal.py), so the rows' costs add up to what was billed."""
     n = len(row_ids)
     cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_NAMES}
     cols["row_id"] = row_ids
@@ -151,6 +170,10 @@ def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Total
         if e is None:
             status[i] = "pending"
             totals.pending += 1
+            paid = unsettled.get(row_id)
+            if paid is not None:
+                e = Entry(row_id, "", "pending", None, *paid, None, None, 0, None, 0.0, None, None, None)
+                _costs(cols, i, e, totals, _NOTHING)
             continue
         status[i] = e.status
         cols["response"][i] = e.response
@@ -167,29 +190,39 @@ def _result_columns(row_ids: list[str], entries: dict[str, Entry], totals: Total
             totals.invalid += 1
         else:
             totals.ok += 1
-        if e.prompt_tokens is None:  # refused, or failed before any reply: nothing billed
-            continue
-        pt, ct = e.prompt_tokens or 0, e.completion_tokens or 0
-        cols["prompt_tokens"][i] = pt
-        cols["completion_tokens"][i] = ct
-        cols["total_tokens"][i] = pt + ct
-        cols["truncated"][i] = bool(e.truncated)
-        cols["tokens_counted"][i] = bool(e.tokens_counted)
-        totals.prompt_tokens += pt
-        totals.completion_tokens += ct
-        totals.truncated += bool(e.truncated)
-        ic, oc = e.input_cost_pico, e.output_cost_pico
-        if ic is None or oc is None:
-            totals.unpriced += 1
-            continue
-        cols["input_cost_usd"][i] = to_usd(ic)
-        cols["output_cost_usd"][i] = to_usd(oc)
-        cols["cost_usd"][i] = to_usd(ic + oc)
-        totals.priced += 1
-        totals.input_cost_pico += ic
-        totals.output_cost_pico += oc
+        _costs(cols, i, e, totals, unsettled.get(row_id, _NOTHING) if unsettled else _NOTHING)
     totals.rows += n
     return [pa.array(cols[f.name], type=f.type) for f in RESULT_FIELDS]
+
+
+def _costs(
+    cols: dict[str, list[Any]], i: int, e: Entry, totals: Totals, before: tuple[int, int, int, int]
+) -> None:
+    if e.prompt_tokens is None and before is _NOTHING:  # refused, or failed before any reply
+        return
+    pt, ct = (e.prompt_tokens or 0) + before[0], (e.completion_tokens or 0) + before[1]
+    cols["prompt_tokens"][i] = pt
+    cols["completion_tokens"][i] = ct
+    cols["total_tokens"][i] = pt + ct
+    if e.prompt_tokens is not None:
+        cols["truncated"][i] = bool(e.truncated)
+        cols["tokens_counted"][i] = bool(e.tokens_counted)
+        totals.truncated += bool(e.truncated)
+    totals.prompt_tokens += pt
+    totals.completion_tokens += ct
+    ic, oc = e.input_cost_pico, e.output_cost_pico
+    if e.prompt_tokens is None:  # no reply of its own: only what it paid before
+        ic, oc = 0, 0
+    if ic is None or oc is None:
+        totals.unpriced += 1
+        return
+    ic, oc = ic + before[2], oc + before[3]
+    cols["input_cost_usd"][i] = to_usd(ic)
+    cols["output_cost_usd"][i] = to_usd(oc)
+    cols["cost_usd"][i] = to_usd(ic + oc)
+    totals.priced += 1
+    totals.input_cost_pico += ic
+    totals.output_cost_pico += oc
 
 
 def label_columns(row_ids: list[str], entries: dict[str, Entry], labeling: Labeling) -> list[pa.Array]:

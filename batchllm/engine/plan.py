@@ -27,7 +27,7 @@ from ..prompts import PromptBatch, PromptBuilder, RequestMaker, load_examples
 from ..providers import Provider, get_provider
 from ..records import Message, Request
 from ..tokens import TokenCounter, counter_for
-from .journal import Journal
+from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, Journal
 from .output import check_no_clash
 from .reuse import Reuse
 
@@ -300,39 +300,49 @@ class Plan:
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
         self.admission = Admission.of(p, count_all=p.job.budgeted or p.job.tpm is not None)
 
-    def _decide(self, journal: Journal) -> Iterator[tuple[PromptBatch, Sequence[int], set[int]]]:
-        """Per chunk of input: the chunk made ready, the indexes of its rows to send, and which of
-        those are sent again after their answers never validated."""
+    def _decide(
+        self, journal: Journal
+    ) -> Iterator[tuple[PromptBatch, Sequence[int], set[int], dict[int, int]]]:
+        """Per chunk of input: the chunk made ready, the indexes of its rows to send, which of
+        those are sent again after their answers never validated, and the rows sent again while
+        the journal holds an entry for them (index -> how the entry's cost is kept, journal.py)."""
         job, builder = self.job, self.p.builder
         shared = changed_kept = 0
         resuming = journal.rows_before > 0
+        labeling = job.labeling is not None
         for pb in self._built():
             if not resuming:
                 every: Sequence[int] = range(len(pb.row_ids))
                 if self.only is not None:
                     every = [i for i in every if pb.start + i in self.only]
-                yield pb, every, set()
+                yield pb, every, set(), {}
                 continue
             unfinished = journal.unfinished(pb.row_ids, None if builder.ids_embed_hash else pb.hashes)
             send: list[int] = []
             invalid: set[int] = set()
+            replaces: dict[int, int] = {}
             new = 0
-            for i, status in unfinished:
+            for i, status, same in unfinished:
                 if status is None:
                     new += 1
                 elif status == "ok":  # same id, other content
                     if not job.refresh_changed:
                         changed_kept += 1
                         continue
+                    replaces[i] = CARRY_ENTRY
                 elif not job.retry_errors:
                     continue
-                elif status == "invalid":
-                    invalid.add(i)
+                else:
+                    if status == "invalid":
+                        invalid.add(i)
+                    # A labeling row with the same content goes on from its replies (a re-ask);
+                    # any other row starts over, its earlier cost carried.
+                    replaces[i] = RESUME_ATTEMPTS if labeling and same else CARRY_ENTRY
                 send.append(i)
             shared += len(pb.row_ids) - new
             if self.only is not None:
                 send = [i for i in send if pb.start + i in self.only]
-            yield pb, send, invalid
+            yield pb, send, invalid, replaces
         if resuming and shared == 0:
             self.warn(
                 f"the input shares no rows with the journal in {journal.directory} "
@@ -372,11 +382,15 @@ class Plan:
         maker = self.p.maker()
         budget = self.job.budgeted
         labeling = self.job.labeling is not None
-        for pb, send, invalid in self._decide(journal):
+        for pb, send, invalid, replaces in self._decide(journal):
             row_ids, hashes = pb.row_ids, pb.hashes
             prior: dict[str, list[Attempt]] = {}
-            if labeling and journal.has_attempts:
-                prior = journal.attempts_for([row_ids[i] for i in send])
+            if labeling and (journal.has_attempts or replaces):
+                resumed = [row_ids[i] for i in send if replaces.get(i, RESUME_ATTEMPTS) == RESUME_ATTEMPTS]
+                prior = journal.attempts_for(resumed)
+                prior.update(journal.first_attempts([r for r in resumed if r not in prior]))
+            for i, how in replaces.items():
+                journal.replacing[row_ids[i]] = how
             ready = admission.admit(pb, send, maker, reject, budget, self.warn)
             keys: Sequence[str | None] = [""] * len(ready)
             if reuse is not None and ready:

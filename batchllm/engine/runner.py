@@ -153,7 +153,7 @@ class Run:
                 "given (--input-price/--output-price): cost columns will be null"
             )
         limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
-        budget = Budget(job.max_cost_pico, journal.spent_pico(), job.max_cost_per_run_pico)
+        budget = Budget(job.max_cost_pico, journal.committed_pico(), job.max_cost_per_run_pico)
         client = Client(
             p.provider,
             endpoint.url,

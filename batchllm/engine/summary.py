@@ -40,9 +40,11 @@ def stop_message(
             f"{format_usd(job.max_cost_per_run_pico or 0)} cap (--max-cost-per-run); the next run continues"
         )
     if reason is StopReason.BUDGET:
+        lost = journal.maybe_billed(current=False)["worst_pico"]
         return (
-            f"budget reached: this output has cost {format_usd(budget.spent)} of the "
-            f"{format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
+            f"budget reached: this output has cost {format_usd(budget.spent - lost)}"
+            + (f" and up to {format_usd(lost)} more may have been billed in flight at a crash," if lost else "")
+            + f" of the {format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
         )
     if reason is StopReason.API and dispatcher.stop_error is not None:
         return provider.advice(dispatcher.stop_error, key_source)

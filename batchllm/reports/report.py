@@ -124,7 +124,11 @@ def _error_class(error: object) -> str | None:
 
 def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
     ok = frame[frame["status"] == "ok"]
-    costs = ok["cost_pico"].to_numpy(dtype=np.int64)
+    # Every row's spend counts, whatever its status: an invalid row's answers, a failed row's
+    # re-asks and a pending row's earlier answers were billed too. Per-row figures are over the
+    # rows that cost anything.
+    paid = frame["input_cost_usd"].notna()
+    costs = frame.loc[paid, "cost_pico"].to_numpy(dtype=np.int64)
     latency = ok["latency_ms"].dropna().to_numpy(dtype=float)
     total_pico = int(costs.sum())
 
@@ -138,8 +142,9 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
         "error": int(counts.get("error", 0)),
         "pending": int(counts.get("pending", 0)),
         "truncated": int(ok["truncated"].fillna(False).astype(bool).sum()),
-        "prompt_tokens": int(ok["prompt_tokens"].sum()),
-        "completion_tokens": int(ok["completion_tokens"].sum()),
+        "invalid": int(counts.get("invalid", 0)),
+        "prompt_tokens": int(frame["prompt_tokens"].fillna(0).sum()),
+        "completion_tokens": int(frame["completion_tokens"].fillna(0).sum()),
         "cost_usd": usd_text(total_pico if priced else None),
         "cost_per_row_usd": {
             "mean": usd_text((round(total_pico / costs.size) if costs.size else 0) if priced else None),
@@ -205,7 +210,9 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (
             "rows",
-            f"{stats['rows']:,} ({stats['ok']:,} ok, {stats['error']:,} error, {stats['pending']:,} pending)",
+            f"{stats['rows']:,} ({stats['ok']:,} ok, {stats['error']:,} error, "
+            + (f"{stats['invalid']:,} invalid, " if stats.get("invalid") else "")
+            + f"{stats['pending']:,} pending)",
         ),
         ("tokens", f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"),
         ("cost", _usd(stats["cost_usd"])),

@@ -35,10 +35,13 @@ def status_text(path: Path) -> str:
         journal.conn.close()
     lines = [f"journal: {directory}"]
     total_rows = run.get("input_rows")
-    remaining = (
-        f", {max(0, total_rows - t['ok'] - t['error']):,} remaining of {total_rows:,}" if total_rows else ""
+    remaining = f", {max(0, total_rows - t['rows']):,} not done of {total_rows:,}" if total_rows else ""
+    invalid = t["rows"] - t["ok"] - t["error"]
+    lines.append(
+        f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error"
+        + (f", {invalid:,} invalid" if invalid else "")
+        + f"){remaining}"
     )
-    lines.append(f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error){remaining}")
     lines.append(
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
