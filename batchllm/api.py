@@ -19,7 +19,7 @@ from .engine.runner import Endpoint, RunResult
 from .engine.runner import run_job as run_engine
 from .errors import ExitCode
 from .job import Job
-from .reports.estimate import pilot_positions
+from .reports.estimate import Observed, pilot_positions
 from .reports.eval import pilot_accuracy
 from .sandbox import SandboxConfig, endpoint_for, start_sandbox
 
@@ -76,7 +76,7 @@ async def run_pilot(
     observer: Observer | None = None,
     command: str = "batchllm estimate",
     gold: str | None = None,
-) -> tuple[ExitCode, str | None, list[int], dict[str, Any] | None]:
+) -> tuple[ExitCode, str | None, Observed, dict[str, Any] | None]:
     """``estimate --pilot``: run ``rows`` sampled rows for real into the output's journal.
 
     Returns the exit code, the stop message, and the completion lengths the journal now holds
@@ -88,7 +88,7 @@ async def run_pilot(
     result = await run_job(job, observer=observer, command=command, only=positions, write_output=False)
     journal = Journal.open_readonly(job.journal_dir)
     try:
-        observed = journal.completion_lengths()
+        observed = Observed(*journal.observed())
         accuracy = pilot_accuracy(prepared, journal, positions, gold) if gold else None
     finally:
         journal.conn.close()

@@ -9,8 +9,9 @@
         ├── RetryableAPIError          408/409/429/5xx, timeouts, dropped connections, garbled bodies;
         │                              carries ``retry_after`` when the server named a wait
         └── FatalAPIError              400/404/413 and other client errors: this row fails for good
-            └── RunStopError           a rejected key or an exhausted quota (``reason``): no
-                                       further row can succeed, so the whole run stops (exit 4)
+            └── RunStopError           a rejected key, an exhausted quota or a model the server
+                                       does not have (``reason``): no further row can succeed,
+                                       so the whole run stops (exit 4)
 
 A row that fails for good is not an exception that escapes: the dispatcher records it on its row
 (``status = "error"``) with ``APIError.describe()`` and carries on.
@@ -129,7 +130,8 @@ class FatalAPIError(APIError):
 
 
 class RunStopError(FatalAPIError):
-    """No request can succeed until a person acts: ``reason`` is "auth" (the key) or "quota"."""
+    """No request can succeed until a person acts: ``reason`` is "auth" (the key), "quota" or
+    "model" (the server does not serve the job's model)."""
 
     kind = "run_stop"
 

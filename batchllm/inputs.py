@@ -29,9 +29,10 @@ REQUEST_FILE_SCHEMA = pa.schema([("custom_id", pa.string()), ("request", pa.stri
 class InputFile:
     """One input file: its schema, its row count, and its rows as a stream of batches."""
 
-    def __init__(self, path: Path, fmt: str | None = None) -> None:
+    def __init__(self, path: Path, fmt: str | None = None, delimiter: str = ",") -> None:
         self.path = path
         self.format = fmt or _format_of(path)
+        self.delimiter = delimiter
         if not path.exists():
             raise JobError(f"{path}: no such file")
         if path.is_dir():
@@ -138,7 +139,9 @@ class InputFile:
             self.path,
             # One thread: row numbers in errors are only known when parsing in order.
             read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            parse_options=pacsv.ParseOptions(
+                delimiter=self.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
+            ),
             convert_options=convert,
         )
 
@@ -193,7 +196,20 @@ class InputFile:
             raise JobError(
                 f"{self.path}: no column {missing[0]!r} ({what}); the columns are: "
                 + ", ".join(repr(c) for c in self.schema.names)
+                + delimiter_hint(self.schema.names)
             )
+
+
+def delimiter_hint(columns: list[str]) -> str:
+    """A CSV read whole into one column was likely separated by something else: say what."""
+    if len(columns) != 1:
+        return ""
+    header = columns[0]
+    for sep, name in ((";", "';'"), ("\t", "tab"), ("|", "'|'")):
+        if header.count(sep) >= 1:
+            flag = "--delimiter tab" if name == "tab" else f"--delimiter '{sep}'"
+            return f" (the header reads as one column: is the file separated by {name}? pass {flag})"
+    return ""
 
 
 def _format_of(path: Path) -> str:

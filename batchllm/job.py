@@ -12,6 +12,7 @@ as a whole batch of 400s, and a parameter the provider does not take is a usage 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import tomllib
@@ -71,6 +72,7 @@ class Job:
     concurrency: int = DEFAULT_CONCURRENCY
     rpm: int | None = None  # None: auto (adaptive, no ceiling); 0: off
     tpm: int | None = None  # None or 0: off
+    delimiter: str = ","  # CSV field separator
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
     max_error_rate: float = 0.5
@@ -156,7 +158,10 @@ class Job:
 def _rpm(raw: Any) -> int | None:
     if raw == "auto" or raw is None:
         return None
-    return v.integer(0, None)(raw)
+    try:
+        return v.integer(0, None)(raw)
+    except ValueError:
+        raise ValueError(f"must be auto, 0 (no pacing) or requests per minute, got {raw!r}") from None
 
 
 def _optional_off(raw: Any) -> int | None:
@@ -192,6 +197,16 @@ def _path(raw: Any) -> Path:
     return Path(v.text(raw))
 
 
+def _delimiter(raw: Any) -> str:
+    """A CSV field separator: one character, or ``tab``."""
+    text = v.text(raw)
+    if text in ("tab", "\\t", "\t"):
+        return "\t"
+    if len(text) != 1 or text in ('"', "\n", "\r"):
+        raise ValueError(f"must be one character (or tab), got {text!r}")
+    return text
+
+
 def _sampling(raw: Any) -> Any:
     return raw  # parsed by the provider once it is known (``build_job``)
 
@@ -201,6 +216,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "input": ("input", _path),
     "output": ("output", _path),
     "input_format": ("input_format", v.choice("csv", "parquet", "jsonl")),
+    "delimiter": ("delimiter", _delimiter),
     "prompt_column": ("prompt_column", v.text),
     "template": ("template", v.text),
     "template_file": ("template", _path),  # read below
@@ -280,11 +296,55 @@ def load_job_file(path: Path) -> dict[str, Any]:
         )
     unknown = sorted(set(raw) - set(_PARSERS))
     if unknown:
-        raise JobError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_PARSERS))}")
+        raise JobError(unknown_key(path, unknown[0]))
     for key in _PATH_KEYS & set(raw):
         if isinstance(raw[key], str):
             raw[key] = os.path.normpath(path.parent / Path(raw[key]).expanduser())
     return raw
+
+
+def unknown_key(path: Path, key: str) -> str:
+    """The message for a key a job file may not have, with the nearest allowed key."""
+    near = difflib.get_close_matches(key, list(_PARSERS), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; allowed keys: {', '.join(sorted(_PARSERS))}"
+    return f"{path}: unknown key {key!r}{hint}"
+
+
+def job_file_problems(path: Path) -> list[str]:
+    """Every problem of a job file, one line each (``batchllm validate``): unknown keys, each
+    bad value (quoted), then what the keys that are good say together."""
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return [f"{path}: job file not found"]
+    except OSError as exc:
+        return [f"{path}: cannot read the job file: {exc.strerror}"]
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return [f"{path}: not valid TOML: {exc}"]
+    problems = []
+    if "api_key" in raw:
+        problems.append(
+            f"{path}: key 'api_key': a job file must not hold the key; name the environment "
+            "variable that holds it with api_key_env"
+        )
+    good: dict[str, Any] = {}
+    for key in sorted(raw):
+        if key == "api_key":
+            continue
+        if key not in _PARSERS:
+            problems.append(unknown_key(path, key))
+            continue
+        try:
+            build_job({key: raw[key]}, job_file=path, partial=True)
+            good[key] = raw[key]
+        except JobError as exc:
+            problems.append(str(exc))
+    if not problems:
+        try:
+            build_job(load_job_file(path), job_file=path)
+        except JobError as exc:
+            problems.append(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
+    return problems
 
 
 def build_job(
@@ -293,11 +353,13 @@ def build_job(
     job_file: Path | None = None,
     flag_names: frozenset[str] = frozenset(),
     environ: Mapping[str, str] | None = None,
+    partial: bool = False,
 ) -> Job:
     """Validate raw values (from a job file and/or flags) into a ``Job``.
 
     ``flag_names`` are the keys that came from the command line, so that a message names the flag
-    (``--top-k``) rather than the job file's key.
+    (``--top-k``) rather than the job file's key. ``partial`` checks only the values given, one
+    at a time (``job_file_problems``), and builds nothing.
     """
     environ = os.environ if environ is None else environ
 
@@ -317,7 +379,15 @@ def build_job(
         try:
             kwargs[attr] = parse(raw)
         except ValueError as exc:
-            raise JobError(f"{where(key)} {exc}") from None
+            shown = repr(raw)
+            got = "" if shown in str(exc) or str(raw) in str(exc) else f" (got {shown})"
+            raise JobError(f"{where(key)} {exc}{got}") from None
+    if partial:
+        if "cache" in kwargs:
+            _cache_setting(kwargs["cache"], where)
+        if set(SAMPLING_KEYS) & set(kwargs):
+            _sampling_params(get_provider(kwargs.get("provider", DEFAULT_PROVIDER)), dict(kwargs), where)
+        return None  # type: ignore[return-value]
 
     provider = get_provider(kwargs.get("provider", DEFAULT_PROVIDER))
     kwargs["sampling"] = _sampling_params(provider, kwargs, where)
@@ -337,8 +407,10 @@ def build_job(
             ).hexdigest()
         except OSError as exc:
             raise JobError(f"{where('examples')} {kwargs['examples']}: {exc.strerror}") from None
-    if kwargs.get("cache") not in (None, "off", "auto", "always"):
-        kwargs["cache_dir"] = Path(kwargs.pop("cache")).expanduser()
+    if kwargs.get("cache") is not None:
+        kwargs["cache"], cache_dir = _cache_setting(kwargs["cache"], where)
+        if cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
     if kwargs.get("reparse") and kwargs["labeling"] is None:
         raise JobError(f"{where('reparse')}: re-reading stored replies needs --labels or --json-schema")
 
@@ -380,6 +452,23 @@ def build_job(
                     "messages and custom_ids"
                 )
     return Job(job_file=job_file, **kwargs)
+
+
+CACHE_POLICIES = ("off", "auto", "always")
+
+
+def _cache_setting(value: str, where: Callable[[str], str]) -> tuple[str, Path | None]:
+    """``--cache``: a policy, or a folder (a path with a ``/``, or a directory that exists); any
+    other word is a typo, not a folder to create."""
+    if value in CACHE_POLICIES:
+        return value, None
+    path = Path(value).expanduser()
+    if "/" in value or os.sep in value or path.is_dir():
+        return "auto", path
+    raise JobError(
+        f"{where('cache')} must be off, auto, always or a folder (a path with a '/', or an existing "
+        f"directory), got {value!r}"
+    )
 
 
 def _is_request_file(kwargs: Mapping[str, Any]) -> bool:

@@ -25,6 +25,7 @@ import orjson
 import pyarrow as pa
 
 from .errors import JobError
+from .inputs import delimiter_hint
 from .job import Job
 from .records import Message, Request
 
@@ -105,11 +106,13 @@ class PromptBuilder:
             raise JobError(
                 f"{source}: no column {missing[0]!r} ({what}); the columns are: "
                 + ", ".join(repr(c) for c in columns)
+                + delimiter_hint(columns)
             )
         if job.id_column is not None and job.id_column not in columns:
             raise JobError(
                 f"{source}: no column {job.id_column!r} (the --id-column); the columns are: "
                 + ", ".join(repr(c) for c in columns)
+                + delimiter_hint(columns)
             )
         self.source = source
 

@@ -66,6 +66,12 @@ class SandboxThread:
         try:
             self.loop.run_until_complete(self._main())
         finally:
+            # Handlers still running (a hang fault sleeps for an hour) end with the loop, as
+            # asyncio.run would end them, instead of being destroyed pending.
+            left = asyncio.all_tasks(self.loop)
+            for task in left:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 

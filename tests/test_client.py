@@ -61,7 +61,7 @@ def test_garbled_200s_are_retryable(body: bytes) -> None:
         (429, err(4006), RunStopError, 4006),
         (400, err(5006, "AiError: Bad input: Error: oneOf at '/' not met"), FatalAPIError, 5006),
         (413, err(5021, "AiError: Ai: The estimated number ..."), FatalAPIError, 5021),
-        (400, err(5007, "No such model x or task"), FatalAPIError, 5007),
+        (400, err(5007, "No such model x or task"), RunStopError, 5007),  # no row can succeed
         (401, err(10000, "Authentication error"), RunStopError, 10000),
         (403, err(10000, "Authentication error"), RunStopError, 10000),
         (403, b"Forbidden", RunStopError, None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -129,13 +130,45 @@ def test_quota_stops_the_run_and_resumes(sandbox_factory, tmp_path: Path) -> Non
     assert run_cli(args, env=box.env()).exit_code == 0
 
 
+def _small_window(box, window: int) -> None:
+    """The server's window is smaller than the model table says: every request is refused."""
+    box.sandbox.models = {n: dataclasses.replace(m, context_window=window) for n, m in box.sandbox.models.items()}
+
+
 def test_too_many_errors_stop_the_run(sandbox_factory, tmp_path: Path) -> None:
     box = sandbox_factory()
     src = prompts_csv(tmp_path / "in.csv", 400)
     out = tmp_path / "out.parquet"
-    # An unknown model on the server side: every request is a 400/5007.
-    box.sandbox.models = {}
+    # Every request is a 413/5021, each message with its own request id: rows failing, not alike.
+    _small_window(box, 10)
     result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4"], env=box.env())
     assert result.exit_code == 4
     assert "too many errors" in result.stderr
     assert box.count() < 150
+
+
+def test_an_unknown_model_stops_at_once_naming_it(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory()
+    src = prompts_csv(tmp_path / "in.csv", 400)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--provider", "openai", "--model", "no-such-model", "--rpm", "0"]
+    result = run_cli([*args, "--concurrency", "8"], env=box.openai_env())
+    assert result.exit_code == 4
+    assert "no-such-model" in result.stderr and "does not serve the model" in result.stderr
+    assert "run the same command again" not in result.stderr
+    assert 1 <= box.count() <= 8  # at most what was in flight when the first answer came
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 400}
+
+
+def test_the_first_rows_failing_alike_stop_the_run(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory()
+    # Prompts of one length: the OpenAI face's window message is then the same for every row.
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Question {c}"} for c in "ABCDEFGHIJKLMNOPQRST" * 10])
+    out = tmp_path / "out.parquet"
+    _small_window(box, 8)
+    args = ["run", str(src), "-o", str(out), "--provider", "openai", "--rpm", "0", "--concurrency", "2"]
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 4
+    assert "each of the first 5 rows failed with the same error" in result.stderr
+    assert "maximum context length" in result.stderr
+    assert box.count() <= 5 + 2

@@ -138,10 +138,19 @@ def test_samples_and_adaptive(sandbox_factory, tmp_path: Path) -> None:
     rows = pq.read_table(tmp_path / "a.parquet").to_pylist()
     assert all(r["agreement"] is not None and sum(dict(r["label_votes"]).values()) == 3 for r in rows)
     before = box.count()
-    run_labels(box, src, tmp_path / "b.parquet", "--samples", "3", "--adaptive")
+    run_labels(box, src, tmp_path / "b.parquet", "--samples", "3", "--adaptive", "--cache", "off")
     agree = sum(expected_label(u, LABELS, 1, rates) == expected_label(u, LABELS, 2, rates) for u in users)
     assert box.count() - before == 2 * agree + 3 * (n - agree)
     assert 0 < agree < n
+    # Seeded samples are repeatable: another output of the same job is answered by the cache,
+    # request by request, for nothing, with the same labels and votes.
+    before = box.count()
+    result = run_labels(box, src, tmp_path / "c.parquet", "--samples", "3")
+    assert box.count() == before
+    assert "from the cache" in result.stderr
+    again = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    assert [(r["label"], r["label_votes"]) for r in again] == [(r["label"], r["label_votes"]) for r in rows]
+    assert all(r["cost_usd"] == 0 for r in again)
 
 
 def test_schema_gives_typed_columns(sandbox_factory, tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def litellm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def test_the_sample_job_against_litellm(litellm: str, sandbox, tmp_path: Path) -> None:
     out, reference = tmp_path / "o.parquet", tmp_path / "d.parquet"
-    job = ["run", "--job", str(ROOT / "jobs" / "label_reviews.toml"), "--rpm", "0"]
+    job = ["run", "--job", str(ROOT / "jobs" / "one_word_sentiment.toml"), "--rpm", "0"]
     assert run_cli([*job, "-o", str(reference)], env=sandbox.env()).exit_code == 0
     env = {"OPENAI_API_KEY": MASTER_KEY}
     result = run_cli(
@@ -126,7 +126,7 @@ def test_a_missing_key_stops_with_exit_4(litellm: str, tmp_path: Path) -> None:
     """No key is sent (none is set, and openai servers may need none): LiteLLM answers 401."""
     out = tmp_path / "o.parquet"
     result = run_cli(
-        ["run", "--job", str(ROOT / "jobs" / "label_reviews.toml"), "-o", str(out), "--provider", "openai"]
+        ["run", "--job", str(ROOT / "jobs" / "one_word_sentiment.toml"), "-o", str(out), "--provider", "openai"]
         + ["--endpoint", litellm, "--input-price", "0.31", "--output-price", "0.34"],
     )
     assert result.exit_code == 4, result.output

@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import ROOT, run_cli
 
-JOB = ["--job", str(ROOT / "jobs" / "label_reviews.toml"), "--provider", "openai"]
+JOB = ["--job", str(ROOT / "jobs" / "one_word_sentiment.toml"), "--provider", "openai"]
 LIVE_PRICES = ["--input-price", "0.31", "--output-price", "0.34"]
 BATCH_PRICES = ["--input-price", "0.155", "--output-price", "0.17"]
 TIMING_AND_COST = {"latency_ms", "finished_at", "input_cost_usd", "output_cost_usd", "cost_usd"}

@@ -18,7 +18,7 @@ from .conftest import ROOT, run_cli
 
 openai = get_provider("openai")
 OK = b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"positive"},"finish_reason":"length"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}'
-JOB = ["run", "--job", str(ROOT / "jobs" / "label_reviews.toml")]
+JOB = ["run", "--job", str(ROOT / "jobs" / "one_word_sentiment.toml")]
 PRICES = ["--input-price", "0.31", "--output-price", "0.34"]
 
 
@@ -46,7 +46,8 @@ def test_openai_success_and_finish_reason() -> None:
         (429, error(None), {"retry-after": "2"}, RetryableAPIError, 2.0),
         (503, b"<html>busy</html>", {}, RetryableAPIError, None),
         (400, error("context_length_exceeded"), {}, FatalAPIError, None),
-        (404, b'{"error":"model not found"}', {}, FatalAPIError, None),
+        (404, b'{"error":"model not found"}', {}, RunStopError, None),  # no row can succeed
+        (404, b'{"error":"no such route"}', {}, FatalAPIError, None),
         (422, b'{"detail":"bad field"}', {}, FatalAPIError, None),
         (200, b"{not json", {}, RetryableAPIError, None),
         (200, b'{"choices":[]}', {}, RetryableAPIError, None),

@@ -33,6 +33,8 @@ from ..engine.plan import Admission, Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..job import Job
+from ..labeling.rows import Attempt, RowLabeler
+from ..labeling.spec import Labeling
 from ..pricing import Prices, cost
 from ..providers import get_provider
 from ..records import Entry, Request
@@ -121,9 +123,15 @@ def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int
     return result
 
 
+class Unreadable(Exception):
+    """A success line whose reply cannot be read: left pending, and counted."""
+
+
 @dataclass
 class Imported:
     ok: int = 0
+    invalid: int = 0  # labeling rows whose imported answer did not validate
+    unreadable: int = 0  # success lines with no readable reply: left pending, for the live run
     error: int = 0
     pending: int = 0  # expired, cancelled, 429/5xx: for the live run
     unchanged: int = 0  # already in the journal (an import done before)
@@ -159,12 +167,18 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
                 journal.add(entry)
                 if entry.status == "ok":
                     outcome.ok += 1
+                elif entry.status == "invalid":
+                    outcome.invalid += 1
                 else:
                     outcome.error += 1
+            journal.set_meta(
+                "last_run",
+                {"command": command, "input": str(job.input), "input_rows": p.rows, "started_at": started},
+            )
             journal.flush()
-            stats = Stats(ok=outcome.ok, error=outcome.error)
+            stats = Stats(ok=outcome.ok, error=outcome.error, invalid=outcome.invalid)
             for e in entries.values():
-                if e.status == "ok" and e.row_id not in have:
+                if e.status in ("ok", "invalid") and e.row_id not in have:
                     stats.prompt_tokens += e.prompt_tokens or 0
                     stats.completion_tokens += e.completion_tokens or 0
                     stats.cost_pico += (e.input_cost_pico or 0) + (e.output_cost_pico or 0)
@@ -178,7 +192,7 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
             totals = write_output(
                 job.output, p.source, p.builder, journal, lambda t: summary(t, None), job.labeling
             )
-            outcome.exit_code = ExitCode.ROW_ERRORS if totals.error else ExitCode.OK
+            outcome.exit_code = ExitCode.ROW_ERRORS if totals.error or totals.invalid else ExitCode.OK
             outcome.pending = totals.pending
             outcome.summary = summary(totals, outcome.exit_code)
         finally:
@@ -219,9 +233,17 @@ def _read_results(
                     "(nothing was imported)"
                 )
             content_hash, request = wanted[custom_id]
-            entry = _entry(custom_id, content_hash, request, record, p, prices)
+            try:
+                entry = _entry(custom_id, content_hash, request, record, p, prices)
+            except Unreadable as exc:
+                outcome.unreadable += 1
+                if outcome.unreadable == 1:
+                    warn(f"{path}: line {number}: a success whose reply cannot be read ({exc}); left pending")
+                continue
             if entry is None:  # pending: whatever another line or file said stands
                 continue
+            if p.job.labeling is not None and entry.status == "ok":
+                entry = labeled_entry(entry, p.job.labeling)
             previous = entries.get(custom_id)
             if previous is None or previous.status != "ok":
                 entries[custom_id] = entry
@@ -242,10 +264,13 @@ def _entry(
     now = time.time()
     model = p.model.name
     if status == 200 and isinstance(body, dict):
+        # A result line says what it is, whatever the job's provider: an OpenAI chat completion
+        # (the Batch API's, vLLM's) has ``choices``; anything else is read by the job's provider.
+        reader = get_provider("openai") if "choices" in body else p.provider
         try:
-            completion = p.provider.parse(200, {}, orjson.dumps(body))
-        except APIError:
-            return None  # a garbled success: the live run asks again
+            completion = reader.parse(200, {}, orjson.dumps(body))
+        except APIError as exc:
+            raise Unreadable(exc.message) from None
         pt, ct = completion.prompt_tokens, completion.completion_tokens
         counted = pt is None or ct is None
         if counted:
@@ -289,6 +314,29 @@ def _entry(
             f"BatchError: {message}", "BatchError", 1, None, now, model, None, None,
         )  # fmt: skip
     return None  # expired, cancelled, 408/409/429/5xx: the live run sends it
+
+
+def labeled_entry(entry: Entry, labeling: Labeling) -> Entry:
+    """An imported reply of a labeling job, read like a run reads it: label (or fields), status
+    ``ok`` or ``invalid`` with its parse error (``run --retry-errors`` re-asks those)."""
+    attempt = Attempt(0, "first", entry.response or "", entry.prompt_tokens or 0, entry.completion_tokens or 0,
+                      entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated))  # fmt: skip
+    outcome = RowLabeler(labeling, Request("", "", (), {})).outcome([attempt])
+    extra = {
+        "reask_cost_pico": 0 if entry.input_cost_pico is not None else None,
+        "sample_cost_pico": 0 if entry.input_cost_pico is not None else None,
+        "value": outcome.value,
+        "parse_error": outcome.error,
+        "reasks": 0,
+        "agreement": outcome.agreement,
+        "votes": outcome.votes,
+    }
+    return entry._replace(
+        status=outcome.status,
+        error=None if outcome.error is None else f"invalid: {outcome.error}",
+        error_class=None if outcome.error is None else "Invalid",
+        extra=orjson.dumps(extra).decode(),
+    )
 
 
 def _message(body: Any, error: Any) -> str | None:

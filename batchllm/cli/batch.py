@@ -9,7 +9,7 @@ import click
 
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
-from .options import RUN_OPTIONS, apply, collect
+from .options import CHECKPOINT_OPTION, JOB_OPTION, REQUEST_OPTIONS, apply, collect
 
 
 @cli.command(
@@ -17,14 +17,25 @@ from .options import RUN_OPTIONS, apply, collect
     context_settings=CONTEXT,
     epilog="""Examples:
 
-  batchllm export-batch --job jobs/label_reviews.toml -o out/requests.jsonl
+  batchllm export-batch --job jobs/one_word_sentiment.toml -o out/requests.jsonl
 
-  batchllm export-batch --job jobs/label_reviews.toml -o out/rest.jsonl --skip-done out/reviews_labeled.parquet""",
+  batchllm export-batch --job jobs/one_word_sentiment.toml -o out/rest.jsonl --skip-done out/reviews_one_word.parquet""",
 )
 @click.argument(
     "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
 )
-@apply(RUN_OPTIONS)
+@apply(
+    [
+        JOB_OPTION,
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="The request file to write (FILE.jsonl; numbered parts when it is split).",
+        ),
+        *REQUEST_OPTIONS,
+    ]
+)
 @click.option(
     "--skip-done",
     type=click.Path(path_type=Path),
@@ -69,6 +80,12 @@ def export_cmd(
     )
     values.pop("max_cost", None)  # nothing is spent here
     job = build_job(values, job_file=job_file, flag_names=given)
+    if job.labeling is not None and job.labeling.samples > 1:
+        raise JobError(
+            f"--samples {job.labeling.samples}: a batch file holds one request per row, and votes over "
+            "several answers need `batchllm run`; export with --samples 1 (invalid answers imported "
+            "are re-asked by `batchllm run --retry-errors`)"
+        )
     done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes)
     files = ", ".join(str(f) for f in done.files)
     click.echo(
@@ -87,7 +104,7 @@ def export_cmd(
     context_settings=CONTEXT,
     epilog="""Examples:
 
-  batchllm import-batch results.jsonl errors.jsonl --input sample_data/reviews.csv --job jobs/label_reviews.toml
+  batchllm import-batch results.jsonl errors.jsonl --job jobs/one_word_sentiment.toml
 
   batchllm import-batch vllm_results.jsonl --input prompts.jsonl -o out/results.parquet --provider openai""",
 )
@@ -95,7 +112,17 @@ def export_cmd(
 @click.option(
     "--input", "input_path", type=click.Path(dir_okay=False, path_type=Path), help="The job's input."
 )
-@apply(RUN_OPTIONS)
+@apply(
+    [
+        JOB_OPTION,
+        click.option(
+            "-o", "--output", type=click.Path(path_type=Path), help="The job's output Parquet file."
+        ),
+        *REQUEST_OPTIONS,
+        CHECKPOINT_OPTION,
+        click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+    ]
+)
 @click.pass_context
 @handles_errors
 def import_cmd(ctx: click.Context, results: tuple[Path, ...], input_path: Path | None, **params: Any) -> int:
@@ -118,8 +145,19 @@ def import_cmd(ctx: click.Context, results: tuple[Path, ...], input_path: Path |
 
     done = import_batch(job, list(results), command=command_line(), warn=warn)
     click.echo(
-        f"imported {done.ok:,} replies and {done.error:,} failed requests"
-        + (f"; {done.unchanged:,} were in the journal already" if done.unchanged else ""),
+        f"imported {done.ok + done.invalid:,} replies"
+        + (
+            f" ({done.invalid:,} did not validate: `batchllm run --retry-errors` re-asks them)"
+            if done.invalid
+            else ""
+        )
+        + f" and {done.error:,} failed requests"
+        + (f"; {done.unchanged:,} were in the journal already" if done.unchanged else "")
+        + (
+            f"; {done.unreadable:,} success lines had no readable reply (left pending)"
+            if done.unreadable
+            else ""
+        ),
         err=True,
     )
     click.echo(format_summary(done.summary), err=True)

@@ -36,6 +36,7 @@ PROMPT_OPTIONS = [
         type=click.Choice(["csv", "parquet", "jsonl"]),
         help="Input format, when the extension does not say.",
     ),
+    click.option("--delimiter", help="CSV field separator: one character, or tab.  [default: ,]"),
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
     click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
     click.option(
@@ -86,19 +87,15 @@ PROMPT_OPTIONS = [
     ),
 ]
 
-RUN_OPTIONS = [
-    click.option(
-        "--job",
-        "job_file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="TOML job file (see jobs/); flags override it.",
-    ),
-    click.option(
-        "-o",
-        "--output",
-        type=click.Path(path_type=Path),
-        help="Output Parquet file (with --engine ray: a directory of Parquet files).",
-    ),
+JOB_OPTION = click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML job file (see jobs/); flags override it.",
+)
+
+# What shapes the requests: shared by run, estimate, export-batch and import-batch.
+REQUEST_OPTIONS = [
     *PROMPT_OPTIONS,
     click.option("--id-column", help="Column with a stable, unique id per row (enables incremental runs)."),
     click.option("--temperature", type=float, help=_ranges("temperature") + "."),
@@ -109,6 +106,10 @@ RUN_OPTIONS = [
     click.option("--frequency-penalty", type=float, help=_ranges("frequency_penalty") + "."),
     click.option("--presence-penalty", type=float, help=_ranges("presence_penalty") + "."),
     click.option("--stop", multiple=True, help="A stop sequence; repeat for up to 4 (openai)."),
+]
+
+# How a live run sends: run and estimate (a pilot) only.
+SEND_OPTIONS = [
     click.option(
         "--endpoint",
         help="API URL; for openai the base URL, e.g. http://127.0.0.1:8000/v1.  "
@@ -148,11 +149,15 @@ RUN_OPTIONS = [
     click.option(
         "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"
     ),
-    click.option(
-        "--checkpoint",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Journal folder.  [default: OUTPUT.batchllm/]",
-    ),
+]
+
+CHECKPOINT_OPTION = click.option(
+    "--checkpoint",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Journal folder.  [default: OUTPUT.batchllm/]",
+)
+
+JOURNAL_OPTIONS = [
     click.option(
         "--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."
     ),
@@ -187,6 +192,20 @@ RUN_OPTIONS = [
         type=click.Choice(["auto", "bar", "lines", "none"]),
         help="Progress display.  [default: auto]",
     ),
+]
+
+RUN_OPTIONS = [
+    JOB_OPTION,
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path),
+        help="Output Parquet file (with --engine ray: a directory of Parquet files).",
+    ),
+    *REQUEST_OPTIONS,
+    *SEND_OPTIONS,
+    CHECKPOINT_OPTION,
+    *JOURNAL_OPTIONS,
 ]
 
 

@@ -32,7 +32,7 @@ Examples:
 
   batchllm run prompts.csv -o out.parquet --provider openai --endpoint http://127.0.0.1:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct
 
-  batchllm run --job jobs/label_reviews.toml""",
+  batchllm run --job jobs/one_word_sentiment.toml""",
 )
 @click.argument("input_path", metavar="INPUT", required=False, type=click.Path(path_type=Path))
 @apply(RUN_OPTIONS)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..errors import BatchLLMError, ExitCode
-from ..job import build_job, load_job_file
+from ..job import build_job, job_file_problems, load_job_file
 from . import CONTEXT, cli, fail, handles_errors, run_async
 
 
@@ -17,9 +17,9 @@ from . import CONTEXT, cli, fail, handles_errors, run_async
     context_settings=CONTEXT,
     epilog="""Examples:
 
-  batchllm report out/reviews_labeled.parquet --by category
+  batchllm report out/reviews_sentiment.parquet --by category
 
-  batchllm report out/reviews_labeled.parquet --by product --html out/cost_review.html""",
+  batchllm report out/reviews_sentiment.parquet --by product --html out/cost_review.html""",
 )
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--by", help="Break everything down by this input column.")
@@ -56,22 +56,30 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
     context_settings=CONTEXT,
     epilog="""Examples:
 
-  batchllm eval out/reviews_labeled.parquet --gold human_label
+  batchllm eval out/reviews_sentiment.parquet --gold human_label
 
-  batchllm eval out/reviews_labeled.parquet --gold human_label --by category --format json""",
+  batchllm eval out/reviews_sentiment.parquet --gold human_label --by category --format json
+
+  batchllm eval out/fields.parquet --gold human_label --field sentiment""",
 )
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--gold", required=True, help="Column with the human (gold) labels.")
+@click.option(
+    "--field",
+    default="label",
+    show_default=True,
+    help="The output column to score: label, or a --json-schema field (enum, boolean or string).",
+)
 @click.option("--by", help="Also score each group of this column.")
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True
 )
 @handles_errors
-def eval_cmd(output: Path, gold: str, by: str | None, fmt: str) -> int:
+def eval_cmd(output: Path, gold: str, field: str, by: str | None, fmt: str) -> int:
     """How good a labeling run's labels are against gold: accuracy, F1, kappa, confusion, $/correct."""
     from ..reports.eval import evaluate, format_eval
 
-    click.echo(format_eval(evaluate(output, gold, by), fmt))
+    click.echo(format_eval(evaluate(output, gold, by, field), fmt))
     return 0
 
 
@@ -251,19 +259,25 @@ def status_cmd(path: Path) -> int:
 @cli.command("validate", context_settings=CONTEXT, epilog="Example:\n\n  batchllm validate jobs/*.toml")
 @click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate_cmd(job_files: tuple[Path, ...]) -> int:
-    """Check job files (keys, types, ranges, input and columns) without running them."""
+    """Check job files (keys, types, ranges, input and columns) without running them.
+
+    Every problem of a file is listed, one line each, with the nearest key for an unknown one.
+    """
     from ..engine.plan import prepare
 
     bad = 0
     for path in job_files:
-        try:
-            job = build_job(load_job_file(path), job_file=path)
-            prepared = prepare(job)
-        except BatchLLMError as exc:
+        problems = job_file_problems(path)
+        if not problems:
+            try:
+                job = build_job(load_job_file(path), job_file=path)
+                prepared = prepare(job)
+            except BatchLLMError as exc:
+                problems = [str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"]
+        if problems:
             bad += 1
-            click.echo(
-                f"invalid: {exc}" if str(exc).startswith(str(path)) else f"invalid: {path}: {exc}", err=True
-            )
+            for problem in problems:
+                click.echo(f"invalid: {problem}", err=True)
             continue
         click.echo(
             f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {job.provider} model {job.model})"
@@ -320,6 +334,10 @@ def cache_clear_cmd(directory: Path | None, older_than: str | None) -> int:
     from ..values import duration
 
     try:
+        if older_than is not None and older_than.strip().replace(".", "", 1).isdigit():
+            raise ValueError(
+                f"needs a unit, like {older_than.strip()}d or {older_than.strip()}h, got {older_than!r}"
+            )
         seconds = duration(older_than) if older_than is not None else None
     except ValueError as exc:
         raise JobError(f"--older-than {exc}") from None

@@ -73,7 +73,7 @@ class ClusterSetup:
     model: Model
 
 
-def input_files(path: Path, fmt: str | None) -> tuple[list[str], InputFile]:
+def input_files(path: Path, fmt: str | None, delimiter: str = ",") -> tuple[list[str], InputFile]:
     """The files of INPUT (a file, a directory of files, or a glob) and the first, opened."""
     text = str(path)
     if any(c in text for c in "*?["):
@@ -90,11 +90,11 @@ def input_files(path: Path, fmt: str | None) -> tuple[list[str], InputFile]:
         files = [text]
     if not files:
         raise JobError(f"{path}: no CSV or Parquet files there")
-    first = InputFile(Path(files[0]), fmt)
+    first = InputFile(Path(files[0]), fmt, delimiter)
     if first.format == "jsonl":
         raise JobError(f"{path}: request files run on the local engine (leave out --engine ray)")
     for name in files[1:]:
-        other = InputFile(Path(name), fmt)
+        other = InputFile(Path(name), fmt, delimiter)
         if other.format != first.format or other.columns != first.columns:
             raise JobError(f"{name}: its columns or format differ from {files[0]}'s")
     return files, first
@@ -113,7 +113,7 @@ def _absolute(job: Job) -> Job:
 def check_input(job: Job) -> tuple[list[str], InputFile, Provider, Model]:
     """Everything checked before Ray starts: Ray itself, the files, columns, model and prices."""
     import_ray()
-    files, source = input_files(job.input, job.input_format)
+    files, source = input_files(job.input, job.input_format, job.delimiter)
     provider = get_provider(job.provider)
     model = check_model(job, provider)
     PromptBuilder(job, source.columns, str(job.input))
@@ -215,7 +215,11 @@ def _read(ray: Any, files: list[str], source: InputFile) -> Any:
         return ray.data.read_parquet(files)
     # As on one machine, CSV columns are text exactly as written (inputs.py).
     types = {name: pa.string() for name in source.columns}
-    return ray.data.read_csv(files, convert_options=pacsv.ConvertOptions(column_types=types))
+    return ray.data.read_csv(
+        files,
+        convert_options=pacsv.ConvertOptions(column_types=types),
+        parse_options=pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True),
+    )
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -357,7 +361,7 @@ class _Stopper:
 
 def _count_rows(files: list[str], source: InputFile) -> int:
     if source.format != "parquet":
-        return sum(InputFile(Path(f), source.format).count_rows() for f in files)
+        return sum(InputFile(Path(f), source.format, source.delimiter).count_rows() for f in files)
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # footers only
 
 

@@ -36,7 +36,7 @@ from .labeled import label_row
 from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
-from .stats import ErrorWindow, Stats, StopReason
+from .stats import ErrorWindow, FirstFailures, Stats, StopReason
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
@@ -126,7 +126,9 @@ class Dispatcher:
         self.stop_error: RunStopError | None = None
         self._stopped = asyncio.Event()
         self.errors = ErrorWindow(error_window, max_error_rate)
+        self.first = FirstFailures()
         self._items: Iterator[WorkItem] = iter(())
+        self._on_wire: set[asyncio.Task[Any] | None] = set()  # workers awaiting a reply
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -164,7 +166,12 @@ class Dispatcher:
         try:
             await asyncio.wait({all_done, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not all_done.done():
-                # Stopping: in-flight requests get the grace period, or less on a second signal.
+                # Stopping: a worker with no request on the wire (waiting for a slot, the budget,
+                # or a retry's backoff) ends now; requests in flight get the grace period, or
+                # less on a second signal. With nothing in flight, the run ends at once.
+                for w in workers:
+                    if w not in self._on_wire:
+                        w.cancel()
                 waits: set[asyncio.Future[Any]] = {all_done}
                 hard = asyncio.create_task(hard_stop.wait()) if hard_stop is not None else None
                 if hard is not None:
@@ -278,7 +285,10 @@ class Dispatcher:
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
         attempt = failures = 0
         first = time.monotonic()
+        on_wire = self._on_wire
         while True:
+            if self.stopping:
+                return None, attempt, 0.0
             await limiter.acquire(tokens)
             if self.stopping:
                 return None, attempt, 0.0
@@ -286,8 +296,13 @@ class Dispatcher:
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
+            task = asyncio.current_task()
+            on_wire.add(task)
             try:
-                completion = await self.client.complete(body)
+                try:
+                    completion = await self.client.complete(body)
+                finally:
+                    on_wire.discard(task)
             except RetryableAPIError as exc:
                 elapsed = time.monotonic() - first
                 if exc.throttled:
@@ -393,14 +408,17 @@ class Dispatcher:
 
     def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
         self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts, item)
-        self.track(True)
+        self.track(True, exc)
 
     def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:
         """A row refused before any request (over the window, no prompt): an error, not sent."""
         self.add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
         self.stats.rejected += 1
 
-    def track(self, failed: bool) -> None:
-        """Sliding window of the last N sent rows; too many failures stop the run."""
+    def track(self, failed: bool, error: APIError | None = None) -> None:
+        """Sliding window of the last N sent rows; too many failures stop the run, and so do the
+        first rows all failing alike (``FirstFailures``)."""
+        if self.first.active and self.first.add(error):
+            self.request_stop(StopReason.API, self.first.message())
         if self.errors.add(failed):
             self.request_stop(StopReason.ERROR_RATE, self.errors.message())

@@ -175,7 +175,7 @@ class Journal(InflightBook):
 
     def add(self, record: Entry) -> None:
         """Record a finished row; committed with the others of this loop turn."""
-        if self.replacing and (how := self.replacing.pop(record.row_id, 0)):
+        if self.replacing and self.replacing.pop(record.row_id, 0):
             # Answered without a request of its own (a copy) or refused: nothing resumes.
             self._superseded.append((record.row_id, CARRY_ENTRY))
         self._pending.append(record)
@@ -346,11 +346,13 @@ class Journal(InflightBook):
         )
         return {r[0]: Entry._make(r) for r in cur}
 
-    def completion_lengths(self) -> list[int]:
-        """Completion tokens of every ok row (an estimate's observed lengths)."""
-        return [
-            int(r[0]) for r in self.conn.execute("SELECT completion_tokens FROM rows WHERE status = 'ok'")
-        ]
+    def observed(self) -> tuple[list[int], list[int]]:
+        """Completion tokens and requests of every answered row (what an estimate learns from)."""
+        rows = self.conn.execute(
+            "SELECT completion_tokens, attempts FROM rows WHERE completion_tokens IS NOT NULL "
+            "AND answered_by IS NULL AND cached IS NOT 1"
+        ).fetchall()
+        return [int(r[0]) for r in rows], [int(r[1]) for r in rows]
 
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(
@@ -366,7 +368,9 @@ class Journal(InflightBook):
         # journaled requests of labeling rows with no entry (yet).
         carried = self._carried_sums()
         partial = self._partial_sums()
-        for k, name in enumerate(("prompt_tokens", "completion_tokens", "input_cost_pico", "output_cost_pico")):
+        for k, name in enumerate(
+            ("prompt_tokens", "completion_tokens", "input_cost_pico", "output_cost_pico")
+        ):
             totals[name] += carried[k] + partial[k]
         return totals
 
@@ -499,6 +503,13 @@ class Journal(InflightBook):
             for r, e in self.fetch(row_ids).items()
             if e.response is not None
         }  # fmt: skip
+
+    def known_rows(self) -> list[str]:
+        """Every row the journal has an entry for, or a cost: answered, or paid for and pending."""
+        sql = "SELECT row_id FROM rows UNION SELECT row_id FROM attempts"
+        if self._has_unsettled():
+            sql += " UNION SELECT row_id FROM carried"
+        return [r[0] for r in self.conn.execute(sql)]
 
     def labeled_rows(self) -> list[str]:
         """Rows of a labeling job (``--reparse`` reads their replies again)."""

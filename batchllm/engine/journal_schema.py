@@ -214,9 +214,32 @@ def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     diffs = []
     for key in sorted(set(flat_old) | set(flat_new)):
         old, new = flat_old.get(key), flat_new.get(key)
-        if old != new:
+        if old == new:
+            continue
+        if isinstance(old, str) and isinstance(new, str):
+            a, b = _where_they_differ(old, new)
+            diffs.append(f"{key}: journal has {a}, this run has {b}")
+        else:
             diffs.append(f"{key}: journal has {_show(old)}, this run has {_show(new)}")
     return diffs
+
+
+def _where_they_differ(old: str, new: str, context: int = 20, width: int = 60) -> tuple[str, str]:
+    """Two long texts shown where they first differ (a common start is elided), so a message
+    never shows the same prefix for both sides."""
+    if len(old) <= width and len(new) <= width:
+        return repr(old), repr(new)
+    start = 0
+    while start < min(len(old), len(new)) and old[start] == new[start]:
+        start += 1
+    begin = max(0, start - context)
+
+    def piece(text: str) -> str:
+        part = text[begin : begin + width]
+        shown = repr(part)
+        return ("..." if begin else "") + shown + ("..." if begin + width < len(text) else "")
+
+    return piece(old), piece(new)
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -46,8 +46,16 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
     # --reask 0 it would otherwise have nothing left to try).
     labeler = RowLabeler(d.labeling, item.request, max(1, d.labeling.reask) if item.retry else 0)
     attempts = list(item.prior)
+    reuse = d.reuse
+    if reuse is not None and reuse.first_hits and not attempts:
+        hit = reuse.first_hits.pop(item.key, None)
+        if hit is not None:  # the cache had the first reply: it costs nothing
+            zero_in, zero_out = cost(d.model.prices, 0, 0)
+            attempts.append(Attempt(0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated))
     calls, latency_ms = 0, 0.0
     todo = labeler.next(attempts)
+    if attempts and attempts[-1].kind == "cached" and len(attempts) == 1 and isinstance(todo, Step):
+        d.journal.add_attempt(item.row_id, 0, attempts[0])  # not journaled yet: the row goes on
     while isinstance(todo, Step):
         result, n, latency_ms = await _ask(d, item, todo)
         calls += n
@@ -78,11 +86,26 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         d.request_stop(StopReason.BUDGET, "budget reached")
         return None, 0, 0.0
     billed = 0
+    first = step.request is item.request
     try:
+        reuse = d.reuse
+        if reuse is not None and not first:
+            hit = reuse.lookup(step.request)
+            if hit is not None:  # a re-ask or sample the cache has answered before: free
+                zero_in, zero_out = cost(d.model.prices, 0, 0)
+                return (
+                    Attempt(step.sample, step.kind, hit.response, 0, 0, zero_in, zero_out, hit.truncated),
+                    0,
+                    0.0,
+                )
         result, n, latency_ms = await d.call(body, 0, item.row_id, worst)
         if result is None or isinstance(result, APIError):
             return result, n, latency_ms
         pt, ct, _ = d.usage(step.request, result)
+        truncated = d.provider.truncated(result, max_tokens)
+        if reuse is not None:
+            reuse.keep(step.request, reuse.cache_keys.pop(item.key, None) if first else None,
+                       result.text, pt, ct, truncated)  # fmt: skip
         in_cost, out_cost = cost(d.model.prices, pt, ct)
         billed = (in_cost or 0) + (out_cost or 0)
         stats = d.stats
@@ -90,7 +113,6 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         stats.completion_tokens += ct
         stats.cost_pico += billed
         d.limiter.on_success()
-        truncated = d.provider.truncated(result, max_tokens)
         return (
             Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated),
             n,
@@ -138,7 +160,7 @@ def _book(
             "reasks": [a.kind for a in attempts].count("reask"),
         }
         d.stats.error += 1
-        d.track(True)
+        d.track(True, error)
     else:
         assert outcome is not None
         status, text = outcome.status, outcome.text
@@ -165,7 +187,7 @@ def _book(
               in_cost if some and priced else None, out_cost if some and priced else None, message,
               error_class, calls, latency_ms or None, time.time(), d.model.name,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
-              item.key or None),
+              item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None),
     )  # fmt: skip
 
 

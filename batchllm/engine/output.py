@@ -126,7 +126,9 @@ def write_output(
                 prompts = builder.build(batch.select(builder.read_columns), position)
                 position += batch.num_rows
                 entries = journal.fetch(prompts.row_ids)
-                results = _result_columns(prompts.row_ids, entries, totals, journal.unsettled(prompts.row_ids))
+                results = _result_columns(
+                    prompts.row_ids, entries, totals, journal.unsettled(prompts.row_ids)
+                )
                 if labeling is not None:
                     results += label_columns(prompts.row_ids, entries, labeling)
                 arrays = [batch.column(name) for name in kept] + results
@@ -156,7 +158,7 @@ def _result_columns(
     row_ids: list[str],
     entries: dict[str, Entry],
     totals: Totals,
-    unsettled: dict[str, tuple[int, int, int, int]],
+    unsettled: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> list[pa.Array]:
     """The result columns of one batch. A row's tokens and costs are everything it paid for:
     its entry, plus what it cost before it was sent again and the requests of a labeling row
@@ -165,6 +167,7 @@ def _result_columns(
     cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_NAMES}
     cols["row_id"] = row_ids
     status = cols["status"]
+    unsettled = unsettled or {}
     for i, row_id in enumerate(row_ids):
         e = entries.get(row_id)
         if e is None:
@@ -251,6 +254,35 @@ def label_columns(row_ids: list[str], entries: dict[str, Entry], labeling: Label
             pico = x.get(f"{kind}_cost_pico")
             cols[f"{kind}_cost_usd"][i] = None if pico is None else to_usd(pico)
     return [pa.array(cols[f.name], type=f.type) for f in fields]
+
+
+def journal_table(journal: Journal) -> pa.Table:
+    """The result columns of every row the journal knows (answered, or paid for and not finished),
+    with what re-asks and extra samples cost: ``report`` reads it when the output is not
+    written yet (a run died before writing it)."""
+    tables = []
+    ids = journal.known_rows()
+    for start in range(0, len(ids), 8192):
+        chunk = ids[start : start + 8192]
+        entries = journal.fetch(chunk)
+        arrays = _result_columns(chunk, entries, Totals(), journal.unsettled(chunk))
+        split: dict[str, list[float | None]] = {"reask_cost_usd": [], "sample_cost_usd": []}
+        for row_id in chunk:
+            e = entries.get(row_id)
+            x = orjson.loads(e.extra) if e is not None and e.extra else {}
+            for kind in ("reask", "sample"):
+                pico = x.get(f"{kind}_cost_pico")
+                split[f"{kind}_cost_usd"].append(None if pico is None else to_usd(pico))
+        tables.append(
+            pa.Table.from_arrays(
+                arrays + [pa.array(v, type=pa.float64()) for v in split.values()],
+                names=RESULT_NAMES + list(split),
+            )
+        )
+    if not tables:
+        empty = Totals()
+        return pa.Table.from_arrays(_result_columns([], {}, empty, {}), names=RESULT_NAMES)
+    return pa.concat_tables(tables)
 
 
 SUMMARY_NAME = "_batchllm_summary.json"  # in an output directory (--engine ray)

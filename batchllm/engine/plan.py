@@ -88,7 +88,7 @@ class Prepared:
 def prepare(job: Job) -> Prepared:
     """Check the job against its provider and input: model, prices, file, columns, ids."""
     provider = get_provider(job.provider)
-    source = InputFile(job.input, job.input_format)
+    source = InputFile(job.input, job.input_format, job.delimiter)
     builder: Builder
     if source.format == "jsonl":
         from ..backends.openai_batch import RequestFileBuilder
@@ -301,7 +301,7 @@ class Plan:
         self.admission = Admission.of(p, count_all=p.job.budgeted or p.job.tpm is not None)
 
     def _decide(
-        self, journal: Journal
+        self, journal: Journal, quiet: bool = False
     ) -> Iterator[tuple[PromptBatch, Sequence[int], set[int], dict[int, int]]]:
         """Per chunk of input: the chunk made ready, the indexes of its rows to send, which of
         those are sent again after their answers never validated, and the rows sent again while
@@ -343,6 +343,8 @@ class Plan:
             if self.only is not None:
                 send = [i for i in send if pb.start + i in self.only]
             yield pb, send, invalid, replaces
+        if quiet:
+            return
         if resuming and shared == 0:
             self.warn(
                 f"the input shares no rows with the journal in {journal.directory} "
@@ -364,13 +366,20 @@ class Plan:
                 position += piece.num_rows
 
     def todo(self, journal: Journal) -> int:
-        """Rows left to send, for the progress bar: without a second pass over the input."""
+        """Rows left to send, for the progress bar: from the journal's counts, without a second
+        pass over the input, except with --refresh-changed (which rows changed, only a pass says)."""
+        if self.job.reparse:
+            return 0  # replies are read again; nothing is sent
         if self.only is not None:
             return len(self.only)
         if journal.rows_before == 0:
             return self.p.rows
+        if self.job.refresh_changed:
+            return sum(len(send) for _, send, _, _ in self._decide(journal, quiet=True))
         counts = journal.counts_before
-        done = counts.get("ok", 0) + (0 if self.job.retry_errors else counts.get("error", 0))
+        done = counts.get("ok", 0) + (
+            0 if self.job.retry_errors else counts.get("error", 0) + counts.get("invalid", 0)
+        )
         return max(0, self.p.rows - done)
 
     def items(

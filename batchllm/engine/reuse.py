@@ -30,9 +30,23 @@ Record = Callable[[Entry], None]
 
 class Reuse:
     def __init__(
-        self, journal: Journal, cache: ResponseCache | None, endpoint_id: str, model: Model, record: Record
+        self,
+        journal: Journal,
+        cache: ResponseCache | None,
+        endpoint_id: str,
+        model: Model,
+        record: Record,
+        labeling: bool = False,
+        first_is_request: bool = True,
     ) -> None:
         self.journal = journal
+        # A labeling row's reply is read, and maybe re-asked, by its worker (engine/labeled.py):
+        # a cache hit becomes its first attempt (``first_hits``) instead of a finished row.
+        self.labeling = labeling
+        self.first_hits: dict[str, Cached] = {}
+        # With several samples a row's first request carries a seed its own request lacks: the
+        # cache is then asked per request (``lookup``), not per row.
+        self.screen_cache = cache is not None and (not labeling or first_is_request)
         self.cache = cache
         self.endpoint_id = endpoint_id
         self.model = model
@@ -50,15 +64,17 @@ class Reuse:
         fresh = [k for k in keys if k not in self.waiting]
         done = self.journal.answered(fresh) if fresh else {}
         hits: dict[str, Cached] = {}
-        if self.cache is not None:
+        wanted: dict[str, str] = {}
+        if self.cache is not None and self.screen_cache:
             wanted = {
                 cache_key(self.endpoint_id, r.key()): k
                 for k, (_, _, r) in zip(keys, rows, strict=True)
                 if k not in self.waiting and k not in done and self.cache.serves(r)
             }
             hits = {wanted[ck]: v for ck, v in self.cache.get_many(list(wanted)).items()}
-        missed = {k: ck for ck, k in wanted.items() if k not in hits} if self.cache is not None else {}
+        missed = {k: ck for ck, k in wanted.items() if k not in hits}
         out: list[str | None] = []
+        served: dict[str, Entry] = {}  # cache hits of this batch: identical rows copy the first
         for key, (row_id, content_hash, _) in zip(keys, rows, strict=True):
             if key in self.waiting:
                 self.waiting[key].append((row_id, content_hash))
@@ -66,8 +82,16 @@ class Reuse:
             elif key in done:
                 self._copy(row_id, content_hash, done[key])
                 out.append(None)
+            elif key in served:
+                self._copy(row_id, content_hash, served[key])
+                out.append(None)
+            elif key in hits and self.labeling:
+                self.first_hits[key] = hits[key]  # read by the row's worker, as its first reply
+                self.waiting[key] = []
+                self._saved(hits[key])
+                out.append(key)
             elif key in hits:
-                self._cached(row_id, content_hash, key, hits[key])
+                served[key] = self._cached(row_id, content_hash, key, hits[key])
                 out.append(None)
             else:
                 self.waiting[key] = []
@@ -123,30 +147,51 @@ class Reuse:
         )
         self.copies += 1
 
-    def _cached(self, row_id: str, content_hash: str, key: str, hit: Cached) -> None:
-        zero_in, zero_out = self._free()
+    def _saved(self, hit: Cached) -> None:
         would_in, would_out = cost(self.model.prices, hit.prompt_tokens, hit.completion_tokens)
         self.saved_pico += (would_in or 0) + (would_out or 0)
         self.hits += 1
-        self.record(
-            Entry(
-                row_id=row_id,
-                content_hash=content_hash,
-                status="ok",
-                response=hit.response,
-                prompt_tokens=0,
-                completion_tokens=0,
-                input_cost_pico=zero_in,
-                output_cost_pico=zero_out,
-                error=None,
-                error_class=None,
-                attempts=0,
-                latency_ms=None,
-                finished_at=time.time(),
-                model=self.model.name,
-                truncated=hit.truncated,
-                tokens_counted=False,
-                request_key=key,
-                cached=True,
-            )
+
+    def lookup(self, request: Request) -> Cached | None:
+        """A labeling re-ask or sample: the cache's reply for it, if its policy serves it."""
+        if self.cache is None or not self.cache.serves(request):
+            return None
+        ck = cache_key(self.endpoint_id, request.key())
+        hit = self.cache.get_many([ck]).get(ck)
+        if hit is not None:
+            self._saved(hit)
+        return hit
+
+    def keep(self, request: Request, key: str | None, text: str, pt: int, ct: int, truncated: bool) -> None:
+        """A labeling request's reply, into the cache if its policy could ever serve it (``key``:
+        the cache key ``screen`` found missing for a row's first request, else computed)."""
+        if self.cache is None or not self.cache.serves(request):
+            return
+        ck = key or cache_key(self.endpoint_id, request.key())
+        self.cache.put(ck, text, pt, ct, truncated)
+
+    def _cached(self, row_id: str, content_hash: str, key: str, hit: Cached) -> Entry:
+        zero_in, zero_out = self._free()
+        self._saved(hit)
+        entry = Entry(
+            row_id=row_id,
+            content_hash=content_hash,
+            status="ok",
+            response=hit.response,
+            prompt_tokens=0,
+            completion_tokens=0,
+            input_cost_pico=zero_in,
+            output_cost_pico=zero_out,
+            error=None,
+            error_class=None,
+            attempts=0,
+            latency_ms=None,
+            finished_at=time.time(),
+            model=self.model.name,
+            truncated=hit.truncated,
+            tokens_counted=False,
+            request_key=key,
+            cached=True,
         )
+        self.record(entry)
+        return entry

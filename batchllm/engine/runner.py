@@ -39,7 +39,7 @@ from .output import Totals, write_output
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
-from .summary import build_summary, snapshot, stop_message
+from .summary import build_summary, next_step, snapshot, stop_message
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
     StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
@@ -164,7 +164,7 @@ class Run:
             on_hints=limiter.on_hints if limiter.rate is not None else None,
         )
         cache = None
-        if job.cache != "off" and job.labeling is None:
+        if job.cache != "off":
             cache = ResponseCache(job.cache_dir or default_dir(), job.cache)
         async with client:
             dispatcher = Dispatcher(
@@ -200,7 +200,16 @@ class Run:
                     )
                 else:
                     endpoint_id = "sandbox" if job.sandbox else endpoint.url.rstrip("/")
-                    reuse = Reuse(journal, cache, endpoint_id, p.model, dispatcher.record_copy)
+                    labeling = job.labeling
+                    reuse = Reuse(
+                        journal,
+                        cache,
+                        endpoint_id,
+                        p.model,
+                        dispatcher.record_copy,
+                        labeling=labeling is not None,
+                        first_is_request=labeling is None or labeling.samples == 1,
+                    )
                     dispatcher.reuse = self.reuse = reuse
                     await dispatcher.run(
                         self.plan.items(journal, dispatcher.record_rejected, reuse), self.hard_stop
@@ -246,6 +255,8 @@ class Run:
                 journal,
                 self.command,
             )
+            if not out["complete"]:
+                out["next"] = next_step(reason, dispatcher, budget)
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,

@@ -6,6 +6,10 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ..errors import APIError, FatalAPIError
+
+FIRST_ROWS = 5  # rows that all fail alike before a run stops (``FirstFailures``)
+
 
 class StopReason(enum.Enum):
     INTERRUPTED = "interrupted"
@@ -65,4 +69,46 @@ class ErrorWindow:
         return (
             f"too many errors: {self.errors} of the last {len(self.window)} rows failed "
             "(--max-error-rate); see the error column"
+        )
+
+
+class FirstFailures:
+    """The first rows of a run: when each of the first ``FIRST_ROWS`` fails with the same client
+    error (a 4xx with one status, code and message), the job is wrong, not the rows, and every
+    further request would be paid for nothing. Off after the first row that does not."""
+
+    def __init__(self, rows: int = FIRST_ROWS) -> None:
+        self.rows = rows
+        self.seen = 0
+        self.active = True
+        self.error: APIError | None = None
+
+    def add(self, error: APIError | None) -> bool:
+        """Record one finished row (its final error, or None); True when the run should stop."""
+        same = (
+            isinstance(error, FatalAPIError)
+            and error.status is not None
+            and 400 <= error.status < 500
+            and (
+                self.error is None
+                or (error.status, error.code, error.message)
+                == (self.error.status, self.error.code, self.error.message)
+            )
+        )
+        if not same:
+            self.active = False
+            return False
+        self.error = error
+        self.seen += 1
+        if self.seen >= self.rows:
+            self.active = False
+            return True
+        return False
+
+    def message(self) -> str:
+        assert self.error is not None
+        return (
+            f"each of the first {self.seen} rows failed with the same error ({self.error.describe()}): "
+            "the job, not the rows, looks wrong (model, parameters, endpoint), so nothing more was sent; "
+            "fix it, then run the command again"
         )

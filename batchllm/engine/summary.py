@@ -43,7 +43,11 @@ def stop_message(
         lost = journal.maybe_billed(current=False)["worst_pico"]
         return (
             f"budget reached: this output has cost {format_usd(budget.spent - lost)}"
-            + (f" and up to {format_usd(lost)} more may have been billed in flight at a crash," if lost else "")
+            + (
+                f" and up to {format_usd(lost)} more may have been billed in flight at a crash,"
+                if lost
+                else ""
+            )
             + f" of the {format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
         )
     if reason is StopReason.API and dispatcher.stop_error is not None:
@@ -56,6 +60,22 @@ def stop_message(
             "imports them" + (f"; {unsaved:,} replies could not be saved anywhere" if unsaved else "")
         )
     return dispatcher.stop_message or reason.value
+
+
+def next_step(reason: StopReason | None, dispatcher: Dispatcher, budget: Budget) -> str:
+    """What the person should do before running the command again (said with the command)."""
+    if reason is StopReason.BUDGET:
+        if budget.run_cap_reached:
+            return "the next run continues"
+        return "to continue, run it with a higher --max-cost"
+    if reason is StopReason.API:
+        stop = dispatcher.stop_error
+        if stop is not None and stop.reason == "quota":
+            return "once the quota resets or is raised, run the same command again"
+        return "once the cause above is fixed, run the command again"
+    if reason is StopReason.JOURNAL:
+        return "once there is room on the disk, run the same command again"
+    return "to resume, run the same command again"
 
 
 def build_summary(
@@ -82,7 +102,7 @@ def build_summary(
         "model": model.name,
         "settings": job.request_settings(),
         "prices": model.prices.as_dict() if model.prices else None,
-        "complete": reason is None,
+        "complete": reason is None and (totals is None or totals.pending == 0),
         "stop_reason": reason.value if reason else None,
         "message": message,
         "started_at": _iso(started_at),
@@ -121,10 +141,12 @@ def build_summary(
             "completion": totals.completion_tokens,
             "total": totals.prompt_tokens + totals.completion_tokens,
         }
+        # Unknown, not $0, when the model has no price and no row brought one (a batch import can).
+        known = priced or totals.priced > 0
         out["cost_usd"] = {
-            "input": usd_text(totals.cost_or_none(totals.input_cost_pico)),
-            "output": usd_text(totals.cost_or_none(totals.output_cost_pico)),
-            "total": usd_text(totals.cost_or_none(totals.cost_pico)),
+            "input": usd_text(totals.cost_or_none(totals.input_cost_pico) if known else None),
+            "output": usd_text(totals.cost_or_none(totals.output_cost_pico) if known else None),
+            "total": usd_text(totals.cost_or_none(totals.cost_pico) if known else None),
         }
     if job.max_cost_pico is not None:
         out["max_cost_usd"] = usd_text(job.max_cost_pico)
@@ -195,8 +217,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"stopped: {summary['message']}")
     if rows:
         lines.append(f"output: {summary['output']}")
-    if not summary["complete"]:
-        lines.append(f"to resume, run the same command again: {summary['resume']}")
+    if not summary["complete"] and "resume" in summary:
+        lines.append(f"{summary.get('next') or 'to resume, run the same command again'}: {summary['resume']}")
     return "\n".join(lines)
 
 

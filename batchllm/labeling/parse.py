@@ -135,6 +135,14 @@ def parse(labeling: Labeling, text: str, truncated: bool) -> tuple[Any, str | No
     return parse_label(text, labeling.labels, truncated)
 
 
+def feedback_kinds(labeling: Labeling) -> list[str]:
+    """Every shape of re-ask feedback, with the model's answer left out (``estimate`` bounds a
+    re-ask's prompt with the longest)."""
+    if labeling.is_schema:
+        return [feedback(labeling, k) for k in ("no_json", "invalid_json", "schema:", "other")]
+    return [feedback(labeling, k) for k in ("truncated", "not_in_set:")]
+
+
 def feedback(labeling: Labeling, error: str) -> str:
     """Why an answer was rejected, and what to answer instead: the re-ask's user turn."""
     kind, _, detail = error.partition(":")

@@ -71,6 +71,12 @@ class Provider:
 
     def advice(self, exc: RunStopError, key_source: str) -> str:
         """What a person should do after the API stopped the run, naming where the key comes from."""
+        if exc.reason == "model":
+            return (
+                f"the server does not serve the model this job asks for ({exc.describe()}): every row "
+                "would fail alike, so nothing more was sent; choose a model it serves (--model, or the "
+                "job file's model; `batchllm models` lists the known ones), then run the command again"
+            )
         if exc.reason == "quota":
             return (
                 f"the API says the quota of the key in {key_source} is used up ({exc.describe()}); "

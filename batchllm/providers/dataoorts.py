@@ -24,6 +24,7 @@ from .base import MAX_MESSAGE, Provider, parse_retry_after, snippet, usage_int
 
 AUTH_CODES = {10000}
 QUOTA_CODES = {3036, 4006}
+MODEL_CODES = {5007}  # "No such model ... or task": no row can succeed (docs/api.md)
 CAPACITY_CODE = 3040
 RETRYABLE_CODES = {CAPACITY_CODE, 3007, 3008}
 
@@ -115,6 +116,8 @@ def _raise_for(status: int, code: int | str | None, message: str, retry_after: f
         raise RunStopError(message, status, code, reason="auth")
     if code in QUOTA_CODES:
         raise RunStopError(message, status, code, reason="quota")
+    if code in MODEL_CODES:
+        raise RunStopError(message, status, code, reason="model")
     if status in (408, 409, 429) or status >= 500 or code in RETRYABLE_CODES:
         # A capacity error inside a 200 is still the server asking us to slow down.
         effective = 429 if code == CAPACITY_CODE else status

@@ -129,6 +129,8 @@ def _raise_for(status: int, payload: Any, body: bytes, headers: Mapping[str, str
         raise RunStopError(message, status, code, reason="auth")
     if QUOTA in (code, kind):
         raise RunStopError(message, status, code, reason="quota")
+    if code == "model_not_found" or (status == 404 and "model" in message.lower()):
+        raise RunStopError(message, status, code, reason="model")
     if status in (408, 409, 429) or status >= 500:
         raise RetryableAPIError(message, status, code, _retry_after(headers))
     raise FatalAPIError(message, status, code)

@@ -4,7 +4,10 @@ The input is streamed once; each batch's prompts are rendered exactly as ``run``
 counted with the model family's tokenizer (tokens.py: exact for Llama 3.x, so the estimated prompt
 tokens equal what the API will bill) and admitted by the same rules (engine/plan.py). Completion tokens are unknown before a run: the worst case prices every row at
 ``max_tokens``; ``--from-run`` prices them at the completion lengths a previous run observed (mean,
-with a 95% interval for the total). Per-row counts are kept as a compact int32 array (4 bytes a
+with a 95% interval for the total). A labeling job's worst case is every request a row may take:
+each of ``--samples`` asked and re-asked ``--reask`` times, every re-ask's prompt grown by the
+model's answer (``max_tokens``) and the longest feedback, every reply ``max_tokens`` long; its
+expected cost and time use the requests per row a pilot or a previous run observed. Per-row counts are kept as a compact int32 array (4 bytes a
 row) for the percentiles, so memory stays flat in practice.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,12 +25,39 @@ from ..engine.journal import Journal
 from ..engine.plan import Admission, prepare
 from ..errors import JobError
 from ..job import Job
+from ..labeling.parse import feedback_kinds
+from ..labeling.spec import Labeling
 from ..pricing import cost, usd_text
+from ..tokens import TokenCounter
 
 MAX_LISTED = 20
+PER_MESSAGE = 4  # a chat turn's header and end tokens (Llama 3 template, tokens.py)
 
 
-def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None = None) -> dict[str, Any]:
+class Observed(NamedTuple):
+    """What finished rows of this job (a pilot's, or a previous run's) say: per row, completion
+    tokens (all its requests) and requests made."""
+
+    completions: list[int]
+    requests: list[int]
+
+
+def reask_growth(labeling: Labeling, counter: TokenCounter, max_tokens: int) -> int:
+    """The most one re-ask adds to a request's prompt: the model's answer as an assistant turn
+    (at most ``max_tokens``, with a margin for re-tokenizing it), and the feedback turn, which
+    quotes the answer (escaped: at most twice its tokens)."""
+    longest = max(counter.text_tokens(text) for text in feedback_kinds(labeling))
+    return (max_tokens + 8) + (longest + 2 * max_tokens + 8) + 2 * PER_MESSAGE
+
+
+def row_requests(labeling: Labeling | None) -> int:
+    """The most requests one row may take: every sample, each re-asked to the limit."""
+    if labeling is None:
+        return 1
+    return labeling.samples * (labeling.reask + 1)
+
+
+def estimate(job: Job, from_run: Path | None = None, observed: Observed | None = None) -> dict[str, Any]:
     """The estimate; ``observed`` completion lengths (a pilot's) or ``from_run`` give "expected"."""
     p = prepare(job)
     model, admission = p.model, Admission.of(p, count_all=True)
@@ -68,13 +98,23 @@ def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None 
     rows_sent = int(sendable.size)
     prompt_tokens = int(sendable.sum())
     prompt_cost, _ = cost(model.prices, prompt_tokens, 0)
+    labeling, mt = job.labeling, job.max_tokens
+    per_row = row_requests(labeling)
+    # Worst-case prompt tokens: each of a row's requests, re-ask k carrying k answers and feedbacks.
+    worst_prompt = prompt_tokens * per_row
+    if labeling is not None and labeling.reask:
+        r = labeling.reask
+        growth = reask_growth(labeling, admission.counter, mt)
+        worst_prompt += rows_sent * labeling.samples * growth * r * (r + 1) // 2
+    worst_requests = rows_sent * per_row
     worst = None
     if prompt_cost is not None:
-        worst = prompt_cost + (cost(model.prices, 0, rows_sent * job.max_tokens)[1] or 0)
+        in_cost, out_cost = cost(model.prices, worst_prompt, worst_requests * mt)
+        worst = (in_cost or 0) + (out_cost or 0)
     rpm = job.rpm or int(p.provider.documented_rpm)
-    minutes = rows_sent / rpm
+    minutes = worst_requests / rpm
     if job.tpm:
-        minutes = max(minutes, (prompt_tokens + rows_sent * job.max_tokens) / job.tpm)
+        minutes = max(minutes, (worst_prompt + worst_requests * mt) / job.tpm)
     result: dict[str, Any] = {
         "input": str(job.input),
         "provider": p.provider.name,
@@ -94,6 +134,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None 
             "max": int(sendable.max()) if rows_sent else 0,
         },
         "max_tokens": job.max_tokens,
+        "requests": {"per_row_worst_case": per_row, "worst_case": worst_requests},
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
     }
@@ -101,28 +142,34 @@ def estimate(job: Job, from_run: Path | None = None, observed: list[int] | None 
         observed = completions_of_run(from_run)
         result["expected_from"] = f"the run in {from_run}"
     if observed is not None and model.prices is not None and prompt_cost is not None:
+        # A row's requests as observed (a labeling row's re-asks and samples), the first request's
+        # exact prompt cost for each of them; no more than the worst case allows.
+        mean_requests = min(float(np.mean(observed.requests)) if observed.requests else 1.0, per_row)
+        result["requests"]["expected_per_row"] = round(mean_requests, 3)
         result["cost_usd"].update(
             _expected(
-                np.asarray(observed, dtype=np.float64),
+                np.asarray(observed.completions, dtype=np.float64),
                 rows_sent,
-                prompt_cost,
+                round(prompt_cost * max(mean_requests, 1.0)),
                 model.prices.output_pico,
-                job.max_tokens,
+                mt * per_row,
             )
         )
+        result["time"]["expected_minutes"] = round(rows_sent * max(mean_requests, 1.0) / rpm, 1)
     return result
 
 
-def completions_of_run(path: Path) -> list[int]:
+def completions_of_run(path: Path) -> Observed:
     try:
-        table = pq.read_table(path, columns=["status", "completion_tokens"])
+        table = pq.read_table(path, columns=["status", "completion_tokens", "attempts"])
     except (OSError, ValueError) as exc:
         raise JobError(f"--from-run {path}: cannot read it ({exc})") from None
-    ok = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "ok")
+    ok = table.filter(table.column("status").to_numpy(zero_copy_only=False) != "pending")
+    ok = ok.filter(ok.column("completion_tokens").is_valid())
     values = [int(v) for v in ok.column("completion_tokens").to_pylist()]
     if not values:
-        raise JobError(f"--from-run {path}: no ok rows to learn completion lengths from")
-    return values
+        raise JobError(f"--from-run {path}: no answered rows to learn completion lengths from")
+    return Observed(values, [int(v or 0) for v in ok.column("attempts").to_pylist()])
 
 
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
@@ -184,7 +231,10 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             f"{pt['total']:,} (mean {pt['mean']:,}, p50 {pt['p50']:,}, p95 {pt['p95']:,}, max {pt['max']:,})",
         ),
         ("prompt cost", _usd(money["prompt"])),
-        (f"worst case (every reply {e['max_tokens']:,} tokens)", _usd(money["worst_case"])),
+        (
+            f"worst case (every request re-asked, every reply {e['max_tokens']:,} tokens)",
+            _usd(money["worst_case"]),
+        ),
     ]
     if "expected" in money:
         rows.append(
@@ -193,11 +243,21 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
                 f"${money['expected']} (95%: ${money['expected_low']} to ${money['expected_high']})",
             )
         )
+    req = e.get("requests") or {}
+    if req.get("per_row_worst_case", 1) > 1:
+        rows.append(
+            (
+                "requests (samples x (1 + re-asks))",
+                f"at most {req['worst_case']:,} ({req['per_row_worst_case']} a row)"
+                + (f", expected {req['expected_per_row']:g} a row" if "expected_per_row" in req else ""),
+            )
+        )
     t = e["time"]
     rows.append(
         (
             "time at " + (f"{t['rpm']:,} requests/min" + (f", {t['tpm']:,} tokens/min" if t["tpm"] else "")),
-            f"{t['minutes']:,} min",
+            (f"expected {t['expected_minutes']:,} min, " if "expected_minutes" in t else "")
+            + f"at most {t['minutes']:,} min",
         )
     )
     rows.append(("token counts", e["token_counts"]))

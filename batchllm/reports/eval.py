@@ -29,15 +29,25 @@ from .report import grid as _grid
 NONE = "(none)"
 
 
-def load(path: Path, gold: str, by: str | None) -> pd.DataFrame:
+def load(path: Path, gold: str, by: str | None, field: str = "label") -> pd.DataFrame:
     try:
         names = read_schema(path).names
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
         raise JobError(f"{path}: not a readable Parquet file ({exc})") from None
-    for column, what in ((gold, "--gold"), ("label", "a labeling run's output"), (by, "--by")):
+    what_field = "a labeling run's label column" if field == "label" else "--field"
+    for column, what in ((gold, "--gold"), (field, what_field), (by, "--by")):
         if column is not None and column not in names:
-            raise JobError(f"{path}: no column {column!r} ({what}); the columns are: {', '.join(names)}")
-    wanted = ["label", "status", "input_cost_usd", "output_cost_usd", gold]
+            hint = (
+                " (an output of a job with --labels has one; for a --json-schema output, pass --field NAME)"
+                if column == "label"
+                else ""
+            )
+            raise JobError(
+                f"{path}: no column {column!r} ({what}); the columns are: {', '.join(names)}{hint}"
+            )
+    wanted = [field, "status", "input_cost_usd", "output_cost_usd", gold]
     wanted += [c for c in ("agreement",) if c in names] + ([by] if by and by not in wanted else [])
     return pq.read_table(path, columns=list(dict.fromkeys(wanted))).to_pandas()
 
@@ -88,8 +98,19 @@ def _pico(frame: pd.DataFrame) -> int:
     return total
 
 
-def evaluate(path: Path, gold: str, by: str | None = None) -> dict[str, Any]:
-    frame = load(path, gold, by)
+def _as_label(value: Any) -> str | None:
+    """A label, a schema field's enum value, string or boolean, as the text it is scored as
+    (booleans as ``true``/``false``, whichever way the gold column writes them)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    return text.lower() if text.lower() in ("true", "false") else text
+
+
+def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label") -> dict[str, Any]:
+    frame = load(path, gold, by, field)
     spent = _pico(frame)  # every row's spend, rows without gold included
     frame = frame[frame[gold].notna()]
     if frame.empty:
@@ -97,12 +118,11 @@ def evaluate(path: Path, gold: str, by: str | None = None) -> dict[str, Any]:
 
     def scored(part: pd.DataFrame, cost: int) -> dict[str, Any]:
         labels = [
-            x if s == "ok" and isinstance(x, str) else None
-            for x, s in zip(part["label"], part["status"], strict=True)
+            _as_label(x) if s == "ok" else None for x, s in zip(part[field], part["status"], strict=True)
         ]
-        return metrics([str(g) for g in part[gold]], labels, cost)
+        return metrics([_as_label(g) or "" for g in part[gold]], labels, cost)
 
-    out = {"output": str(path), "gold": gold, **scored(frame, spent)}
+    out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent)}
     if "agreement" in frame.columns:
         levels: dict[str, Any] = {}
         for level, part in frame.groupby(frame["agreement"].round(3), sort=True):

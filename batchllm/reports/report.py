@@ -38,11 +38,65 @@ _REUSE = ["answered_by", "cached"]  # rows answered without a request of their o
 _CLASS = re.compile(r"^(\w+)")
 
 
+def _from_journal(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """A run that died before writing its output: the same figures, from its journal."""
+    from ..engine.journal import DB_NAME, Journal
+    from ..engine.output import journal_table
+
+    directory = path.with_name(path.name + ".batchllm")
+    if not (directory / DB_NAME).is_file():
+        return None
+    if by is not None:
+        raise JobError(
+            f"{path}: not written yet (its run stopped before writing it), so there are no input columns "
+            "for --by; run the same command again to write it, or leave out --by"
+        )
+    journal = Journal.open_readonly(directory)
+    try:
+        table = journal_table(journal)
+        settings = journal.get_meta("settings") or {}
+        run = journal.get_meta("last_run") or {}
+    finally:
+        journal.conn.close()
+    frame = table.to_pandas()
+    pending = max(0, int(run.get("input_rows") or 0) - len(frame))
+    if pending:
+        frame = pd.concat([frame, pd.DataFrame({"status": ["pending"] * pending})], ignore_index=True)
+    summary = {"model": settings.get("model"), "from_journal": str(directory)}
+    return frame, summary
+
+
+def _stale(path: Path) -> bool:
+    """Has the journal beside a file output taken rows since the output was written (a run that
+    died, or one running now)?"""
+    from ..engine.journal import DB_NAME, Journal
+
+    directory = path.with_name(path.name + ".batchllm")
+    if path.is_dir() or not (directory / DB_NAME).is_file():
+        return False
+    journal = Journal.open_readonly(directory)
+    try:
+        last = journal.totals()["last_written"]
+    finally:
+        journal.conn.close()
+    return last is not None and last > path.stat().st_mtime + 1.0
+
+
 def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    if by is None and path.is_file() and _stale(path):
+        found = _from_journal(path, by)
+        if found is not None:
+            frame, summary = found
+            summary["from_journal"] += " (it has rows the output does not have yet)"
+            return _prepared(frame, summary), summary
     try:
         schema = read_schema(path)
     except FileNotFoundError:
-        raise JobError(f"{path}: no such file") from None
+        found = _from_journal(path, by)
+        if found is None:
+            raise JobError(f"{path}: no such file, and no batchllm journal at {path}.batchllm/") from None
+        frame, summary = found
+        return _prepared(frame, summary), summary
     except (OSError, ValueError) as exc:
         raise JobError(f"{path}: not a readable Parquet file ({exc})") from None
     missing = [c for c in _BASE_COLUMNS if c not in schema.names]
@@ -59,6 +113,10 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     columns += [c for c in _SPLIT + _REUSE if c in schema.names]
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
+    return _prepared(frame, summary), summary
+
+
+def _prepared(frame: pd.DataFrame, summary: dict[str, Any]) -> pd.DataFrame:
     # Each row's cost is what it cost when answered (live, or at a batch discount): read back
     # exactly as integer picodollars (a float64 of pico / 1e12 round-trips below $9,000 a row).
     ok = frame["status"] == "ok"
@@ -66,7 +124,7 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     summary["_priced"] = not bool((ok & unpriced).any())
     frame["cost_pico"] = _pico(frame["input_cost_usd"]) + _pico(frame["output_cost_usd"])
     frame["error_class"] = frame["error"].astype("object").map(_error_class)
-    return frame, summary
+    return frame
 
 
 def _reused(frame: pd.DataFrame) -> dict[str, Any]:
@@ -170,6 +228,7 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "output": str(path),
         "model": summary.get("model"),
+        **({"from_journal": summary["from_journal"]} if "from_journal" in summary else {}),
         "overall": _stats(frame, priced),
     }
     if by is not None:
@@ -273,6 +332,11 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
     lines.append(
         f"# Cost report: {report['output']}" if md else f"report for {report['output']} ({report['model']})"
     )
+    if report.get("from_journal"):
+        lines.append(
+            f"(the output is not written yet: read from its journal, {report['from_journal']}; "
+            "run the same command again to write it)"
+        )
     lines += _table(_rows(report["overall"]), md)
     if "by" in report:
         col = report["by"]["column"]

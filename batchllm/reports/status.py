@@ -19,7 +19,9 @@ def find_journal(path: Path) -> Path:
     for c in candidates:
         if (c / DB_NAME).is_file():
             return c
-    raise JobError(f"{path}: no batchllm journal here or at {path.name}.batchllm/")
+    if not path.exists():
+        raise JobError(f"{path}: no such file, and no batchllm journal at {path}.batchllm/")
+    raise JobError(f"{path}: no batchllm journal here or at {path}.batchllm/")
 
 
 def status_text(path: Path) -> str:
