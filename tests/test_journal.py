@@ -123,14 +123,31 @@ def test_the_inflight_log_replays_what_was_sent_and_not_done(tmp_path: Path) -> 
         log.sent(f"row-{i}", i)
         if i % 1000 != 7:
             log.done([f"row-{i}"])
-    expected = {f"row-{i}": i for i in range(200_000) if i % 1000 == 7}
+    expected = {f"row-{i}": [i] for i in range(200_000) if i % 1000 == 7}
     assert log.pending == expected
     assert replay(tmp_path / LOG_NAME) == expected  # what a kill right now would leave
     log.close()
     assert replay(tmp_path / LOG_NAME) == {}
     # A kill in the middle of a line leaves it without its newline (then zeros): not sent yet.
     (tmp_path / LOG_NAME).write_bytes(b"S\ta\t5\nS\tb\t7\nD\ta\nS\tc\t12" + bytes(100))
-    assert replay(tmp_path / LOG_NAME) == {"b": 7}
+    assert replay(tmp_path / LOG_NAME) == {"b": [7]}
+
+
+def test_a_rows_next_request_may_leave_before_its_last_reply_is_committed(tmp_path: Path) -> None:
+    # A labeling row: its re-ask leaves while the first reply's commit is still to come. That
+    # commit closes the first request only; the re-ask stays in flight, with its own worst case.
+    log = InflightLog(tmp_path)
+    log.sent("r", 5)
+    log.sent("r", 9)
+    log.done(["r", "r"])  # the row's attempt and its entry in one commit: one reply
+    assert log.pending == {"r": [9]} == replay(tmp_path / LOG_NAME)
+    # A retry after an error answer is the same request; after no answer, maybe a second bill.
+    log.sent("r", 9, again=True)
+    assert log.pending == {"r": [9]}
+    log.sent("s", 3)
+    log.sent("s", 3, again=False)
+    assert replay(tmp_path / LOG_NAME) == {"r": [9], "s": [3, 3]}
+    log.close()
 
 
 def test_settings_diff_names_each_difference() -> None:

@@ -231,8 +231,11 @@ class BatchLedger:
     def add_attempt(self, row_id: str, seq: int, a: Any) -> None:
         """A labeling row's single requests are not kept apart: a row is redone whole."""
 
-    def sent(self, row_id: str, worst_pico: int) -> None:
+    def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:
         """Requests in flight are bounded by the lease; nothing to write per request."""
+
+    def resumed(self, row_id: str) -> None:
+        """Rows are redone whole on a cluster (``add_attempt``): nothing resumes."""
 
     def flush(self) -> None:
         """Sending happens in ``_flush_soon`` and ``drain``."""

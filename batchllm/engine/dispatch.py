@@ -77,7 +77,8 @@ class Ledger(Protocol):
 
     def add(self, record: Entry) -> None: ...
     def add_attempt(self, row_id: str, seq: int, a: Any) -> None: ...
-    def sent(self, row_id: str, worst_pico: int) -> None: ...
+    def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None: ...
+    def resumed(self, row_id: str) -> None: ...
     def flush(self) -> None: ...
 
 
@@ -284,6 +285,7 @@ class Dispatcher:
         stats, limiter, backoff = self.stats, self.limiter, self.backoff
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
         attempt = failures = 0
+        answered = False  # the last attempt got an answer from the server (an error status)
         first = time.monotonic()
         on_wire = self._on_wire
         while True:
@@ -292,7 +294,9 @@ class Dispatcher:
             await limiter.acquire(tokens)
             if self.stopping:
                 return None, attempt, 0.0
-            self.journal.sent(row_id, worst)  # written down before it leaves (inflight.py)
+            # Written down before it leaves (inflight.py); a retry after the server answered with
+            # an error is the same request, one after no answer (a timeout) may have been billed.
+            self.journal.sent(row_id, worst, answered)
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
@@ -304,6 +308,7 @@ class Dispatcher:
                 finally:
                     on_wire.discard(task)
             except RetryableAPIError as exc:
+                answered = exc.status is not None
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1

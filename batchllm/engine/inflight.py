@@ -1,9 +1,14 @@
 """Requests in flight, written down before they leave: what a crash may have been billed for.
 
 A log beside the journal (``inflight.log``): ``S <row_id> <worst_pico>`` is written before a
-request goes out, ``D <row_id>`` once its row's reply or error is committed (all of a commit's at
-once). Replaying the log after a crash leaves exactly the requests that were sent without a saved
-reply, with the most each could cost.
+request goes out, ``D <row_id>`` once its reply (or its row's error) is committed (all of a
+commit's at once). Replaying the log after a crash leaves exactly the requests that were sent
+without a saved reply, with the most each could cost.
+
+A labeling row sends its requests one after another, and its next request may leave before the
+commit of the previous reply: so a row can have two ``S`` open, and a ``D`` closes the oldest.
+A retry of the same request (after a 5xx or a timeout) opens no second ``S``: the first stands
+for it, with the same worst case.
 
 The log is a memory-mapped file, so writing a line is a copy into the page cache, not a system
 call (one per request was a tenth of batchllm's own cost per row: make bench). The kernel owns
@@ -25,37 +30,59 @@ LOG_NAME = "inflight.log"
 _CAPACITY = 4 << 20
 
 
-def replay(path: Path) -> dict[str, int]:
-    """The requests a log says are in flight: row_id -> worst-case picodollars."""
+def replay(path: Path) -> dict[str, list[int]]:
+    """The requests a log says are in flight: row_id -> their worst-case picodollars, oldest first."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return {}
     data = data.split(b"\0", 1)[0]
-    out: dict[str, int] = {}
+    out: dict[str, list[int]] = {}
     for line in data.split(b"\n")[:-1]:  # the last piece has no newline: not a whole line
         parts = line.split(b"\t")
         if parts[0] == b"S" and len(parts) == 3 and parts[2].isdigit():
-            out[parts[1].decode("utf-8", "replace")] = int(parts[2])
+            out.setdefault(parts[1].decode("utf-8", "replace"), []).append(int(parts[2]))
         elif parts[0] == b"D" and len(parts) == 2:
-            out.pop(parts[1].decode("utf-8", "replace"), None)
+            _close(out, parts[1].decode("utf-8", "replace"))
     return out
+
+
+def _close(open_: dict[str, list[int]], row_id: str) -> bool:
+    """Close the oldest open request of a row; False when it had none."""
+    worsts = open_.get(row_id)
+    if not worsts:
+        return False
+    if len(worsts) == 1:
+        del open_[row_id]
+    else:
+        worsts.pop(0)
+    return True
+
+
+def count(open_: dict[str, list[int]]) -> tuple[int, int]:
+    """(requests, their worst cases summed)."""
+    return sum(map(len, open_.values())), sum(map(sum, open_.values()))
 
 
 class InflightLog:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOG_NAME
-        self.pending: dict[str, int] = {}
+        self.pending: dict[str, list[int]] = {}
         self._fd, self._map = _create(self.path, b"", _CAPACITY)
         self._pos = 0
 
-    def sent(self, row_id: str, worst_pico: int) -> None:
-        self.pending[row_id] = worst_pico
+    def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:
+        """A request is leaving; ``again``: a retry of one already written down."""
+        if again and row_id in self.pending:
+            return
+        self.pending.setdefault(row_id, []).append(worst_pico)
         self._write(f"S\t{_clean(row_id)}\t{worst_pico}\n".encode())
 
     def done(self, row_ids: list[str]) -> None:
-        """Rows whose replies were just committed (one copy for all of them)."""
-        lines = [f"D\t{_clean(r)}\n" for r in row_ids if self.pending.pop(r, None) is not None]
+        """Rows a commit just saved a reply (or an error) of (one copy for all of them); a row's
+        entry and its last attempt, saved together, are one reply."""
+        pending = self.pending
+        lines = [f"D\t{_clean(r)}\n" for r in dict.fromkeys(row_ids) if _close(pending, r)]
         if lines:
             self._write("".join(lines).encode())
 
@@ -71,7 +98,9 @@ class InflightLog:
     def _rotate(self, room: int) -> None:
         """Rewrite the log with only the requests in flight (and at least ``room`` bytes free);
         if that fails (a full disk) the old log is left as it was and the error stops the run."""
-        content = b"".join(f"S\t{_clean(r)}\t{w}\n".encode() for r, w in self.pending.items())
+        content = b"".join(
+            f"S\t{_clean(r)}\t{w}\n".encode() for r, worsts in self.pending.items() for w in worsts
+        )
         tmp = self.path.with_name(LOG_NAME + ".tmp")
         fd, mapped = _create(tmp, content, max(_CAPACITY, 2 * (len(content) + room)))
         os.replace(tmp, self.path)
@@ -103,8 +132,7 @@ class InflightBook:
         """Requests a dead run left sent without a saved reply: (count, worst-case picodollars)."""
         if self.inflight_log is not None:  # this run's own are in flight, not lost
             return 0, 0
-        lost = replay(self.directory / LOG_NAME)
-        return len(lost), sum(lost.values())
+        return count(replay(self.directory / LOG_NAME))
 
     def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
         """Every crash's unsaved requests so far (taken in by ``start_inflight``), with
@@ -131,7 +159,7 @@ class InflightBook:
         if log is None:
             return
         if log.pending:
-            lost = (len(log.pending), sum(log.pending.values()))
+            lost = count(log.pending)
             self.set_meta("maybe_billed", self.maybe_billed(current=False, add=lost))
         log.close()
 

@@ -181,6 +181,13 @@ class Journal(InflightBook):
         self._pending.append(record)
         self._schedule()
 
+    def resumed(self, row_id: str) -> None:
+        """A labeling row sent again is booked from all its attempts, even when it needed no new
+        request: its old entry's cost lives on in them (the new entry sums them)."""
+        if self.replacing and self.replacing.get(row_id) == RESUME_ATTEMPTS:
+            del self.replacing[row_id]
+            self.supersede(row_id, RESUME_ATTEMPTS)
+
     def supersede(self, row_id: str, how: int) -> None:
         """The row's entry is about to be replaced: keep its cost (``CARRY_ENTRY``: in
         ``carried``; ``RESUME_ATTEMPTS``: as its attempts) and remove it, with the next commit."""
@@ -195,12 +202,13 @@ class Journal(InflightBook):
         )  # fmt: skip
         self._schedule()
 
-    def sent(self, row_id: str, worst_pico: int) -> None:
-        """Write down that a request for this row is leaving now (before it does)."""
+    def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:
+        """Write down that a request for this row is leaving now (before it does); ``again``:
+        a retry of the request written down last."""
         if self.replacing and (how := self.replacing.pop(row_id, 0)):
             self.supersede(row_id, how)
         if self.inflight_log is not None:
-            self.inflight_log.sent(row_id, worst_pico)
+            self.inflight_log.sent(row_id, worst_pico, again)
 
     def _schedule(self) -> None:
         if not self._scheduled:

@@ -62,6 +62,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
         if result is None:
             return  # stopping: the attempts so far are journaled; the row resumes from them
         if isinstance(result, APIError):
+            d.journal.resumed(item.row_id)
             _book(d, item, attempts, calls, latency_ms, error=result)
             return
         attempts.append(result)
@@ -70,6 +71,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
             # Kept so a crash resumes after it and --reparse can read every reply; a row done
             # in one request is saved whole by its entry, in the same commit (half the writes).
             d.journal.add_attempt(item.row_id, len(attempts) - 1, result)
+    d.journal.resumed(item.row_id)  # booked from every attempt, old ones included
     _book(d, item, attempts, calls, latency_ms, outcome=todo)
 
 
