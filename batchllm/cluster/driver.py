@@ -20,7 +20,6 @@ import dataclasses
 import glob
 import logging
 import os
-import resource
 import shutil
 import signal
 import threading
@@ -29,27 +28,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..access import resolve_api_key
-from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.observer import Observer, Silent
-from ..engine.output import SUMMARY_NAME, Totals, check_no_clash
+from ..engine.output import check_no_clash
 from ..engine.plan import check_labeling_clash, check_model
-from ..engine.runner import STOP_EXIT, Endpoint, RunResult, write_atomic
-from ..engine.stats import Stats, StopReason
-from ..engine.summary import build_summary
-from ..errors import ClusterError, ExitCode, JobError
+from ..engine.runner import Endpoint, RunResult
+from ..engine.stats import StopReason
+from ..errors import ClusterError, JobError
 from ..inputs import InputFile
 from ..job import Job
-from ..pricing import Model, format_usd, usd_text
+from ..pricing import Model
 from ..prompts import PromptBuilder, load_examples
 from ..providers import Provider, get_provider
 from .coordinator import Coordinator
+from .results import ClusterSetup, answered_already, result
 from .worker import Completer, per_actor
 
 RAY_HINT = "--engine ray needs Ray: pip install 'batchllm[ray]'"
@@ -62,15 +59,6 @@ def import_ray() -> Any:
     except ImportError:
         raise JobError(RAY_HINT) from None
     return ray
-
-
-@dataclasses.dataclass
-class ClusterSetup:
-    """What a summary needs of the run's preparation (engine/plan.Setup)."""
-
-    job: Job
-    provider: Provider
-    model: Model
 
 
 def input_files(path: Path, fmt: str | None, delimiter: str = ",") -> tuple[list[str], InputFile]:
@@ -203,11 +191,17 @@ def _init_ray(ray: Any, address: str | None) -> None:
 
 
 def _quiet() -> None:
-    """Ray Data reports progress and advice of its own on stderr; the CLI's observer reports ours."""
+    """Ray Data reports progress and advice of its own on stderr; the CLI's observer reports ours.
+
+    Ray's C++ core worker logs at error level that Ray Data's actors keep their constructor
+    arguments in the object store (ray-project/ray#53727): true of every run, and no error of
+    ours; a failed run is reported by the driver (``ClusterError``) all the same.
+    """
     for name in ("ray", "ray.data", "ray.data._internal"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray\..*")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
 
 def _read(ray: Any, files: list[str], source: InputFile) -> Any:
@@ -248,6 +242,10 @@ async def run_on_ray(
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
+        answered = answered_already(job, files, source)
+        if answered is not None:  # nothing left to send: no cluster to start
+            observer.warning("every row is in the journal already: nothing to send (Ray not started)")
+            return answered
         return await _run(ray, job, files, source, ClusterSetup(job, provider, model), endpoint, observer,
                           command, handle_signals)  # fmt: skip
     except ray.exceptions.RayError as exc:  # the cluster failed, not a row: one line, exit 75
@@ -320,7 +318,7 @@ async def _run(
     finally:
         if own:
             ray.shutdown()
-    return _result(job, setup, done, started_at, command, observer)
+    return result(job, setup, done, started_at, command, observer)
 
 
 class _Stopper:
@@ -363,94 +361,3 @@ def _count_rows(files: list[str], source: InputFile) -> int:
     if source.format != "parquet":
         return sum(InputFile(Path(f), source.format, source.delimiter).count_rows() for f in files)
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # footers only
-
-
-def _result(
-    job: Job, setup: ClusterSetup, done: dict[str, Any], started_at: float, command: str, observer: Observer
-) -> RunResult:
-    counts = done["counts"]
-    stats = Stats(
-        ok=counts.get("ok", 0),
-        error=counts.get("error", 0),
-        invalid=counts.get("invalid", 0),
-        rejected=counts.get("rejected", 0),
-        requests=counts.get("requests", 0),
-        retries=counts.get("retries", 0),
-        throttled=counts.get("throttled", 0),
-        prompt_tokens=counts.get("prompt_tokens", 0),
-        completion_tokens=counts.get("completion_tokens", 0),
-        cost_pico=counts.get("cost_pico", 0),
-    )
-    totals = _totals(job.output, done["totals"])
-    reason = message = None
-    if done["stop"] is not None:
-        reason, message = StopReason(done["stop"][0]), done["stop"][1]
-        if reason is StopReason.BUDGET:
-            message = _budget_message(job, done)
-        observer.stopped(reason.value, message)
-    if reason is not None:
-        code = STOP_EXIT[reason]
-    elif totals.error or totals.invalid:
-        code = ExitCode.ROW_ERRORS
-    else:
-        code = ExitCode.OK
-    warnings = []
-    lost, lost_pico = done["lost_before"]
-    if lost:
-        warnings.append(
-            f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
-            f"been billed (at most {format_usd(lost_pico)}); they are sent again"
-        )
-        observer.warning(warnings[-1])
-    journal = Journal.open_readonly(job.journal_dir)
-    try:
-        summary = build_summary(
-            setup, totals, stats, reason, message, started_at, code, warnings, journal, command
-        )
-    finally:
-        journal.conn.close()
-    summary["engine"] = {
-        "name": "ray",
-        "actors": job.actors,
-        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-    }
-    requests, worst = done["maybe_billed"]
-    if requests:
-        summary["maybe_billed"] = {"requests": requests, "worst_case_usd": usd_text(worst)}
-    text = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
-    write_atomic(job.output / SUMMARY_NAME, text)  # what `report` reads, as from a file's metadata
-    if job.summary_json is not None:
-        write_atomic(job.summary_json, text)
-    return RunResult(code, summary, job.output)
-
-
-def _totals(output: Path, journal_totals: dict[str, int]) -> Totals:
-    """Row counts from the output's status column; tokens and costs, exact, from the journal."""
-    totals = Totals()
-    table = pq.read_table(output, columns=["status", "truncated"])
-    statuses = table.column("status").to_pylist()
-    totals.rows = len(statuses)
-    totals.ok = statuses.count("ok")
-    totals.error = statuses.count("error")
-    totals.invalid = statuses.count("invalid")
-    totals.pending = statuses.count("pending")
-    totals.truncated = sum(1 for t in table.column("truncated").to_pylist() if t)
-    totals.prompt_tokens = journal_totals["prompt_tokens"]
-    totals.completion_tokens = journal_totals["completion_tokens"]
-    totals.input_cost_pico = journal_totals["input_cost_pico"]
-    totals.output_cost_pico = journal_totals["output_cost_pico"]
-    totals.unpriced = journal_totals["unpriced"]
-    totals.priced = journal_totals["ok"] - journal_totals["unpriced"]
-    return totals
-
-
-def _budget_message(job: Job, done: dict[str, Any]) -> str:
-    if done["run_cap_reached"]:
-        return (
-            f"budget reached: this run has spent {format_usd(done['spent_run_pico'])} of its "
-            f"{format_usd(job.max_cost_per_run_pico or 0)} cap (--max-cost-per-run); the next run continues"
-        )
-    return (
-        f"budget reached: this output has cost {format_usd(done['spent_pico'])} of the "
-        f"{format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
-    )

@@ -18,14 +18,9 @@ recorded (inflight.py). What a crash leaves sent but not done may have been bill
 saved reply: ``status`` counts it with its worst-case cost, and the next run adds it to
 ``maybe_billed`` (kept in ``meta`` for the report) before it sends those rows again.
 
-A row sent again while the journal holds an entry for it (``--retry-errors``,
-``--refresh-changed``) must not lose what its earlier answers cost: the plan marks it in
-``replacing`` and, the moment its first request leaves (``sent``) or another entry takes its
-place (``add``), ``supersede`` moves the old entry's tokens and costs into the ``carried`` table
-(or, for a labeling row resuming from its attempts, keeps them as attempts) and removes the
-entry, in the same group commit. Every cost a row ever had thus stays in exactly one place:
-its entry, its attempts while it has no entry, or ``carried``; ``spent_pico``, ``totals`` and
-the output add all three.
+A row sent again while the journal holds an entry for it keeps what it cost before: the plan
+marks it in ``replacing``, and the moment its first request leaves (``sent``) or another entry
+takes its place (``add``), its entry is superseded (spend.py).
 
 ``answered`` finds the rows of this output that already answered a request key (reuse.py). The
 key index is kept in bulk, every ``KEY_BATCH`` rows (``index_keys``); the answers written since
@@ -49,8 +44,6 @@ from ..labeling.rows import Attempt
 from ..records import Entry
 from .inflight import InflightBook, InflightLog
 from .journal_schema import (
-    AS_ATTEMPT,
-    CARRY,
     COLUMNS,
     DB_NAME,
     INSERT_ATTEMPT,
@@ -66,16 +59,25 @@ from .journal_schema import (
     settings_diff,
     write_rescued,
 )
+from .spend import CARRY_ENTRY, RESUME_ATTEMPTS, SpendBook
 
-__all__ = ["COLUMNS", "DB_NAME", "RESCUE_NAME", "Journal", "db_path", "settings_diff"]
+__all__ = [
+    "CARRY_ENTRY",
+    "COLUMNS",
+    "DB_NAME",
+    "RESCUE_NAME",
+    "RESUME_ATTEMPTS",
+    "Journal",
+    "db_path",
+    "settings_diff",
+]
 
-CARRY_ENTRY, RESUME_ATTEMPTS = 1, 2  # how ``supersede`` keeps a replaced entry's cost
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
            "output_cost_pico", "last_written", "unpriced")  # fmt: skip
 KEY_BATCH = 8192  # rows written between two bulk updates of the request-key index
 
 
-class Journal(InflightBook):
+class Journal(InflightBook, SpendBook):
     """Open with ``Journal.open``; ``add`` records a finished row; ``flush`` commits."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
@@ -257,15 +259,6 @@ class Journal(InflightBook):
             # so their earlier cost goes with them (a rescued row is kept whole, not carried).
             self._rescue(pending, attempts)
 
-    def _supersede(self, row_id: str, how: int) -> None:
-        conn = self.conn
-        if how == RESUME_ATTEMPTS:
-            conn.execute(AS_ATTEMPT, (row_id,))
-        else:
-            conn.execute(CARRY, (row_id,))
-            conn.execute("DELETE FROM attempts WHERE row_id = ?", (row_id,))
-        conn.execute("DELETE FROM rows WHERE row_id = ?", (row_id,))
-
     def index_keys(self) -> None:
         """Index the request keys of the rows not indexed yet, in one transaction."""
         self.keyed_to = int(self.get_meta("keyed_to") or 0)
@@ -382,59 +375,6 @@ class Journal(InflightBook):
             totals[name] += carried[k] + partial[k]
         return totals
 
-    def _carried_sums(self) -> tuple[int, int, int, int]:
-        try:
-            row = self.conn.execute(
-                "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-                "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM carried"
-            ).fetchone()
-        except sqlite3.OperationalError:  # a journal from before schema 6, opened read-only
-            return 0, 0, 0, 0
-        return tuple(int(v) for v in row)  # type: ignore[return-value]
-
-    def _partial_sums(self) -> tuple[int, int, int, int]:
-        row = self.conn.execute(
-            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-            "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM attempts "
-            "WHERE row_id NOT IN (SELECT row_id FROM rows)"
-        ).fetchone()
-        return tuple(int(v) for v in row)  # type: ignore[return-value]
-
-    def unsettled(self, row_ids: Sequence[str]) -> dict[str, tuple[int, int, int, int]]:
-        """What rows paid for beyond their entry (or with no entry yet): earlier answers of rows
-        sent again and the attempts of labeling rows not finished: row_id -> (prompt tokens,
-        completion tokens, input and output picodollars). Empty when no row has any."""
-        out: dict[str, tuple[int, int, int, int]] = {}
-        if not self._has_unsettled():
-            return out
-        ids = orjson.dumps(list(row_ids))
-        for r in self.conn.execute(
-            "SELECT row_id, prompt_tokens, completion_tokens, input_cost_pico, output_cost_pico FROM carried "
-            "WHERE row_id IN (SELECT value FROM json_each(?))",
-            (ids,),
-        ):
-            out[r[0]] = (r[1], r[2], r[3], r[4])
-        for r in self.conn.execute(
-            "SELECT row_id, SUM(prompt_tokens), SUM(completion_tokens), COALESCE(SUM(input_cost_pico), 0), "
-            "COALESCE(SUM(output_cost_pico), 0) FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) "
-            "AND row_id NOT IN (SELECT row_id FROM rows) GROUP BY row_id",
-            (ids,),
-        ):
-            old = out.get(r[0], (0, 0, 0, 0))
-            out[r[0]] = (old[0] + r[1], old[1] + r[2], old[2] + r[3], old[3] + r[4])
-        return out
-
-    def _has_unsettled(self) -> bool:
-        try:
-            return bool(
-                self.conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM carried) OR EXISTS (SELECT 1 FROM attempts "
-                    "WHERE row_id NOT IN (SELECT row_id FROM rows))"
-                ).fetchone()[0]
-            )
-        except sqlite3.OperationalError:  # before schema 6
-            return False
-
     def price_unpriced(self, input_pico: int, output_pico: int) -> int:
         """Give rows done without a price (an unlisted model) this run's prices; returns how many.
 
@@ -447,20 +387,6 @@ class Journal(InflightBook):
             (input_pico, output_pico),
         )
         return cur.rowcount
-
-    def spent_pico(self) -> int:
-        """All this output has paid for: finished rows, what rows sent again had cost before,
-        and requests of rows not finished yet."""
-        row = self.conn.execute(
-            "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM rows"
-        ).fetchone()
-        carried, partial = self._carried_sums(), self._partial_sums()
-        return int(row[0]) + carried[2] + carried[3] + partial[2] + partial[3]
-
-    def committed_pico(self) -> int:
-        """What the cap must count: all this output paid for, and the worst case of every
-        request a crash left in flight without a saved reply (it may have been billed)."""
-        return self.spent_pico() + self.maybe_billed(current=False)["worst_pico"]
 
     def answered(self, keys: Sequence[str]) -> dict[str, Entry]:
         """Rows of this output already answered (ok) for these request keys: key -> entry.
@@ -511,13 +437,6 @@ class Journal(InflightBook):
             for r, e in self.fetch(row_ids).items()
             if e.response is not None
         }  # fmt: skip
-
-    def known_rows(self) -> list[str]:
-        """Every row the journal has an entry for, or a cost: answered, or paid for and pending."""
-        sql = "SELECT row_id FROM rows UNION SELECT row_id FROM attempts"
-        if self._has_unsettled():
-            sql += " UNION SELECT row_id FROM carried"
-        return [r[0] for r in self.conn.execute(sql)]
 
     def labeled_rows(self) -> list[str]:
         """Rows of a labeling job (``--reparse`` reads their replies again)."""

@@ -256,7 +256,9 @@ class Run:
                 self.command,
             )
             if not out["complete"]:
-                out["next"] = next_step(reason, dispatcher, budget)
+                stop = dispatcher.stop_error
+                quota = stop is not None and stop.reason == "quota"
+                out["next"] = next_step(reason, run_cap=budget.run_cap_reached, quota=quota)
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,

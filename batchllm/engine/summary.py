@@ -62,15 +62,15 @@ def stop_message(
     return dispatcher.stop_message or reason.value
 
 
-def next_step(reason: StopReason | None, dispatcher: Dispatcher, budget: Budget) -> str:
-    """What the person should do before running the command again (said with the command)."""
+def next_step(reason: StopReason | None, *, run_cap: bool = False, quota: bool = False) -> str:
+    """What the person should do before running the command again (said with the command):
+    ``run_cap``, the budget that stopped it was --max-cost-per-run's; ``quota``, the API's."""
     if reason is StopReason.BUDGET:
-        if budget.run_cap_reached:
+        if run_cap:
             return "the next run continues"
         return "to continue, run it with a higher --max-cost"
     if reason is StopReason.API:
-        stop = dispatcher.stop_error
-        if stop is not None and stop.reason == "quota":
+        if quota:
             return "once the quota resets or is raised, run the same command again"
         return "once the cause above is fixed, run the command again"
     if reason is StopReason.JOURNAL:

@@ -1,0 +1,112 @@
+"""What a journal knows of money beyond its rows' entries: mixed into ``journal.Journal``.
+
+A row sent again while the journal holds an entry for it (``--retry-errors``,
+``--refresh-changed``) must not lose what its earlier answers cost. ``supersede`` (run in the
+journal's group commit, before the new attempts and entries) moves the old entry's tokens and
+costs into the ``carried`` table, or, for a labeling row that goes on from its attempts, keeps
+them as attempts (its one-request entry becoming attempt 0), and removes the entry. Every cost a
+row ever had thus stays in exactly one place: its entry, its attempts while it has no entry,
+or ``carried``. ``spent_pico``, ``Journal.totals`` and the output (``unsettled``) add all three.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+import orjson
+
+from .journal_schema import AS_ATTEMPT, CARRY
+
+CARRY_ENTRY, RESUME_ATTEMPTS = 1, 2  # how ``supersede`` keeps a replaced entry's cost
+Paid = tuple[int, int, int, int]  # prompt tokens, completion tokens, input and output picodollars
+
+
+class SpendBook:
+    conn: sqlite3.Connection
+
+    def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
+        raise NotImplementedError  # inflight.InflightBook's
+
+    def _supersede(self, row_id: str, how: int) -> None:
+        conn = self.conn
+        if how == RESUME_ATTEMPTS:
+            conn.execute(AS_ATTEMPT, (row_id,))
+        else:
+            conn.execute(CARRY, (row_id,))
+            conn.execute("DELETE FROM attempts WHERE row_id = ?", (row_id,))
+        conn.execute("DELETE FROM rows WHERE row_id = ?", (row_id,))
+
+    def _carried_sums(self) -> Paid:
+        try:
+            row = self.conn.execute(
+                "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+                "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM carried"
+            ).fetchone()
+        except sqlite3.OperationalError:  # a journal from before schema 6, opened read-only
+            return 0, 0, 0, 0
+        return tuple(int(v) for v in row)  # type: ignore[return-value]
+
+    def _partial_sums(self) -> Paid:
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM attempts "
+            "WHERE row_id NOT IN (SELECT row_id FROM rows)"
+        ).fetchone()
+        return tuple(int(v) for v in row)  # type: ignore[return-value]
+
+    def unsettled(self, row_ids: Sequence[str]) -> dict[str, Paid]:
+        """What rows paid for beyond their entry (or with no entry yet): earlier answers of rows
+        sent again and the attempts of labeling rows not finished: row_id -> (prompt tokens,
+        completion tokens, input and output picodollars). Empty when no row has any."""
+        out: dict[str, Paid] = {}
+        if not self._has_unsettled():
+            return out
+        ids = orjson.dumps(list(row_ids))
+        for r in self.conn.execute(
+            "SELECT row_id, prompt_tokens, completion_tokens, input_cost_pico, output_cost_pico FROM carried "
+            "WHERE row_id IN (SELECT value FROM json_each(?))",
+            (ids,),
+        ):
+            out[r[0]] = (r[1], r[2], r[3], r[4])
+        for r in self.conn.execute(
+            "SELECT row_id, SUM(prompt_tokens), SUM(completion_tokens), COALESCE(SUM(input_cost_pico), 0), "
+            "COALESCE(SUM(output_cost_pico), 0) FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) "
+            "AND row_id NOT IN (SELECT row_id FROM rows) GROUP BY row_id",
+            (ids,),
+        ):
+            old = out.get(r[0], (0, 0, 0, 0))
+            out[r[0]] = (old[0] + r[1], old[1] + r[2], old[2] + r[3], old[3] + r[4])
+        return out
+
+    def _has_unsettled(self) -> bool:
+        try:
+            return bool(
+                self.conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM carried) OR EXISTS (SELECT 1 FROM attempts "
+                    "WHERE row_id NOT IN (SELECT row_id FROM rows))"
+                ).fetchone()[0]
+            )
+        except sqlite3.OperationalError:  # before schema 6
+            return False
+
+    def spent_pico(self) -> int:
+        """All this output has paid for: finished rows, what rows sent again had cost before,
+        and requests of rows not finished yet."""
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(input_cost_pico), 0) + COALESCE(SUM(output_cost_pico), 0) FROM rows"
+        ).fetchone()
+        carried, partial = self._carried_sums(), self._partial_sums()
+        return int(row[0]) + carried[2] + carried[3] + partial[2] + partial[3]
+
+    def committed_pico(self) -> int:
+        """What the cap must count: all this output paid for, and the worst case of every
+        request a crash left in flight without a saved reply (it may have been billed)."""
+        return self.spent_pico() + self.maybe_billed(current=False)["worst_pico"]
+
+    def known_rows(self) -> list[str]:
+        """Every row the journal has an entry for, or a cost: answered, or paid for and pending."""
+        sql = "SELECT row_id FROM rows UNION SELECT row_id FROM attempts"
+        if self._has_unsettled():
+            sql += " UNION SELECT row_id FROM carried"
+        return [r[0] for r in self.conn.execute(sql)]
