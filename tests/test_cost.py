@@ -165,3 +165,42 @@ def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
     assert report["overall"]["cost_usd"] in page
     bad = run_cli(["report", str(out), "--by", "nope"])
     assert bad.exit_code == 2 and "no column 'nope'" in bad.stderr
+
+
+def test_estimate_worst_case_bounds_labeling_runs(sandbox_factory, tmp_path: Path) -> None:
+    """20 random labeling jobs (samples, re-asks, label sets, examples, short max_tokens) against a
+    model that answers badly: no run costs more than `estimate` said it could."""
+    box = sandbox_factory(label_out_of_set=0.5, label_prose=0.2, label_truncated=0.1, seed=3)
+    prices = (310_000, 340_000)  # picodollars per input / output token (models.toml)
+    rng = random.Random(20)
+    words = ["solid", "flimsy", "arrived", "late", "great", "value", "returned", "works", "again"]
+    for n in range(20):
+        rows = [
+            {"id": f"j{n}r{i}", "text": " ".join(rng.choices(words, k=rng.randint(3, 40)))} for i in range(12)
+        ]
+        src = write_csv(tmp_path / f"in{n}.csv", rows)
+        labels = rng.sample(["positive", "negative", "neutral", "mixed", "unclear"], rng.randint(2, 5))
+        args = [str(src), "--template", "Classify: {text}", "--id-column", "id", "--labels", ",".join(labels)]
+        samples = rng.choice([1, 1, 2, 3])
+        args += ["--samples", str(samples), "--reask", str(rng.randint(0, 2))]
+        args += [
+            "--max-tokens",
+            str(rng.choice([4, 8, 16, 48])),
+            "--system",
+            "Be brief. " * rng.randint(0, 30),
+        ]
+        if samples >= 3 and rng.random() < 0.5:
+            args.append("--adaptive")
+        if rng.random() < 0.5:
+            examples = [{"text": "fine", "label": labels[0]}, {"text": "awful", "label": labels[1]}]
+            args += ["--examples", str(write_csv(tmp_path / f"ex{n}.csv", examples))]
+        est = run_cli(["estimate", *args, "--format", "json"])
+        assert est.exit_code == 0, est.stderr
+        worst = Decimal(json.loads(est.stdout)["cost_usd"]["worst_case"])
+        box.sandbox.stats.clear()
+        out = tmp_path / f"out{n}.parquet"
+        result = run_cli(["run", *args, "-o", str(out), "--rpm", "0", "--cache", "off"], env=box.env())
+        assert result.exit_code in (0, 1), result.stderr
+        stats = box.sandbox.stats
+        billed = stats["prompt_tokens"] * prices[0] + stats["completion_tokens"] * prices[1]
+        assert 0 < billed <= worst * 10**12, (n, billed, worst, args)

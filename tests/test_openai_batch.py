@@ -320,3 +320,63 @@ def test_a_result_for_an_unknown_row_imports_nothing(sandbox, tmp_path: Path) ->
     assert result.exit_code == 2
     assert "line 6: custom_id 'nobody' is not a row of" in result.output
     assert not out.exists() and not out.with_name(out.name + ".batchllm").exists()
+
+
+def test_openai_results_import_under_a_dataoorts_job(sandbox, tmp_path: Path) -> None:
+    """The README's example: the job speaks Dataoorts, the batch API answered in OpenAI's shape."""
+    job = ["--job", str(ROOT / "jobs" / "one_word_sentiment.toml")]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    out = tmp_path / "imported.parquet"
+    assert run_cli(["export-batch", *job, "-o", str(requests)]).exit_code == 0
+    answer_batch(sandbox, requests, results, errors, missing=frozenset({3}), failed=frozenset({5}))
+    result = run_cli(["import-batch", str(results), str(errors), *job, "-o", str(out)])
+    assert result.exit_code == 1, result.output  # one failed request
+    assert "imported 198 replies and 1 failed requests" in result.stderr
+    assert "done (INCOMPLETE): 198 ok, 1 failed, 1 pending of 200 rows" in result.stderr
+    rows = table(out)
+    assert sum(r["status"] == "ok" and bool(r["response"]) for r in rows) == 198
+    status = run_cli(["status", str(out)])
+    assert "1 not done of 200" in status.output
+
+
+def test_a_success_line_that_cannot_be_read_is_counted_not_dropped(sandbox, tmp_path: Path) -> None:
+    job = ["--job", str(ROOT / "jobs" / "one_word_sentiment.toml")]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    assert run_cli(["export-batch", *job, "-o", str(requests)]).exit_code == 0
+    answer_batch(sandbox, requests, results, errors)
+    lines = results.read_bytes().splitlines()
+    broken = json.loads(lines[0])
+    broken["response"]["body"] = {"unexpected": "shape"}
+    results.write_bytes(b"\n".join([json.dumps(broken).encode(), *lines[1:]]) + b"\n")
+    result = run_cli(["import-batch", str(results), str(errors), *job, "-o", str(tmp_path / "o.parquet")])
+    assert "1 success lines had no readable reply (left pending)" in result.stderr
+    assert "imported 199 replies" in result.stderr
+
+
+def test_a_labeling_job_imports_labels_and_retry_errors_reasks_the_invalid(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_out_of_set=0.3)
+    job = ["--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(tmp_path / "l.parquet")]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    assert run_cli(["export-batch", *job[:2], "-o", str(requests)]).exit_code == 0
+    answer_batch(box, requests, results, errors)
+    result = run_cli(["import-batch", str(results), str(errors), *job])
+    assert result.exit_code == 1, result.output
+    rows = table(tmp_path / "l.parquet")
+    invalid = [r for r in rows if r["status"] == "invalid"]
+    assert invalid and all(r["parse_error"].startswith("not_in_set:") for r in invalid)
+    assert all(r["label"] in ("positive", "negative", "neutral") for r in rows if r["status"] == "ok")
+    before = box.count()
+    again = run_cli(["run", *job, "--retry-errors", "--rpm", "0"], env=box.env())
+    assert again.exit_code in (0, 1)
+    assert box.count() - before == len(invalid)  # one re-ask each, nothing else
+    assert sum(r["reasks"] == 1 for r in table(tmp_path / "l.parquet")) == len(invalid)
+
+
+def test_export_refuses_samples_and_lists_no_run_only_flags(tmp_path: Path) -> None:
+    job = ["--job", str(ROOT / "jobs" / "sentiment.toml")]
+    result = run_cli(["export-batch", *job, "-o", str(tmp_path / "r.jsonl"), "--samples", "3"])
+    assert result.exit_code == 2 and "--samples 3" in result.stderr
+    text = run_cli(["export-batch", "--help"]).output
+    for flag in ("--rpm", "--grace", "--max-cost", "--concurrency"):
+        assert flag not in text
+    assert "Parquet" not in text.split("-o, --output")[1].split("\n  -")[0]
