@@ -132,6 +132,15 @@ BAD_INPUTS = [
         "is not an http(s) URL",
     ),
     ("ok.csv", b"prompt\nhello\n", ["--max-cost", "lots"], "--max-cost"),
+    ("semi.csv", b"id;prompt\n1;hello\n", [], "is the file separated by ';'? pass --delimiter ';'"),
+    ("tabs.csv", b"id\tprompt\n1\thello\n", [], "separated by tab? pass --delimiter tab"),
+    (
+        "ok.csv",
+        b"prompt\nhello\n",
+        ["--rpm", "fast"],
+        "--rpm must be auto, 0 (no pacing) or requests per minute",
+    ),
+    ("ok.csv", b"prompt\nhello\n", ["--cache", "sometimes"], "--cache must be off, auto, always or a folder"),
 ]
 
 
@@ -150,6 +159,29 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name] if content is not None else [])
+
+
+def test_a_semicolon_csv_runs_with_delimiter(sandbox, tmp_path: Path) -> None:
+    src = tmp_path / "semi.csv"
+    src.write_bytes(b"id;prompt\n1;hello; world\n2;bye\n")
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--delimiter", ";", "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 2 and "line 2 has 3 fields but the header has 2" in result.stderr
+    result = run_cli(["run", str(src), "-o", str(out), "--delimiter", "tab"], env=sandbox.env())
+    assert result.exit_code == 2
+    src.write_bytes(b"id;prompt\n1;hello world\n2;bye\n")
+    result = run_cli(["run", str(src), "-o", str(out), "--delimiter", ";", "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(out).column("prompt").to_pylist() == ["hello world", "bye"]
+
+
+def test_status_and_cache_clear_name_what_is_wrong(tmp_path: Path) -> None:
+    result = run_cli(["status", str(tmp_path / "nowhere" / "out.parquet")])
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'nowhere' / 'out.parquet'}: no such file" in result.stderr
+    result = run_cli(["cache", "clear", "--older-than", "1"])
+    assert result.exit_code == 2 and "needs a unit, like 1d or 1h" in result.stderr
+    assert not (tmp_path / "sometimes").exists()
 
 
 def test_no_key_and_no_sandbox(tmp_path: Path) -> None:

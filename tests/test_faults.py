@@ -132,7 +132,9 @@ def test_quota_stops_the_run_and_resumes(sandbox_factory, tmp_path: Path) -> Non
 
 def _small_window(box, window: int) -> None:
     """The server's window is smaller than the model table says: every request is refused."""
-    box.sandbox.models = {n: dataclasses.replace(m, context_window=window) for n, m in box.sandbox.models.items()}
+    box.sandbox.models = {
+        n: dataclasses.replace(m, context_window=window) for n, m in box.sandbox.models.items()
+    }
 
 
 def test_too_many_errors_stop_the_run(sandbox_factory, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import signal
 import time
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -48,6 +49,24 @@ def test_validate_accepts_the_examples_and_names_bad_keys(tmp_path: Path) -> Non
         assert run.exit_code == 2 and message in run.stderr
 
 
+def test_validate_lists_every_problem_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "many.toml"
+    path.write_text(
+        f'input = "{ROOT / "sample_data/reviews.csv"}"\noutput = "o.parquet"\ntemprature = 0.5\n'
+        'max_tokens = "lots"\ntop_p = 7\ncache = "sometimes"\nconcurency = 3\n'
+    )
+    result = run_cli(["validate", str(path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 5, result.stderr
+    text = result.stderr
+    assert "unknown key 'temprature'; did you mean 'temperature'?" in text
+    assert "unknown key 'concurency'; did you mean 'concurrency'?" in text
+    assert "key 'max_tokens' must be an integer >= 1 (got 'lots')" in text
+    assert "key 'top_p' must be a number from 0 to 2, got 7" in text
+    assert "key 'cache' must be off, auto, always or a folder" in text and "'sometimes'" in text
+
+
 def test_flags_override_the_job_file(sandbox, tmp_path: Path) -> None:
     job = tmp_path / "j.toml"
     src = prompts_csv(tmp_path / "in.csv", 5)
@@ -84,8 +103,16 @@ def test_changed_rows_rerun_only_with_refresh_changed(sandbox, tmp_path: Path) -
     result = run_cli(args, env=sandbox.env())
     assert result.exit_code == 0 and sandbox.count() == before
     assert "1 rows changed under the same --id-column value" in result.stderr
-    assert run_cli([*args, "--refresh-changed"], env=sandbox.env()).exit_code == 0
-    assert sandbox.count() == before + 1
+    result = run_cli([*args, "--refresh-changed"], env=sandbox.env())
+    assert result.exit_code == 0 and sandbox.count() == before + 1
+    assert "10 rows in" in result.stderr and "1 to send" in result.stderr  # as many as it sends
+    # The row's first answer was paid for too: the output's cost is everything billed.
+    stats = sandbox.sandbox.stats
+    billed = stats["prompt_tokens"] * 310_000 + stats["completion_tokens"] * 340_000
+    rows = pq.read_table(out).to_pylist()
+    assert sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in rows) == billed
+    edited = next(r for r in rows if r["id"] == "id3")
+    assert edited["prompt_tokens"] >= 2 * min(r["prompt_tokens"] for r in rows)  # two answers paid
 
 
 def test_one_run_at_a_time_and_stale_lock_takeover(sandbox_factory, tmp_path: Path) -> None:

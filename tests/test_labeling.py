@@ -193,6 +193,23 @@ def test_schema_gives_typed_columns(sandbox_factory, tmp_path: Path) -> None:
     result = run_cli([*args[:3], str(out2), *args[4:], "--max-tokens", "64", "--reask", "0"], env=bad.env())
     assert result.exit_code == 1
     assert {r["parse_error"] for r in pq.read_table(out2).to_pylist()} == {"schema:stars"}
+    # eval scores a schema field against gold: an enum here.
+    gold = tmp_path / "gold.parquet"
+    rows = table.to_pylist()
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}), gold)
+    with_gold = pa.Table.from_pylist(
+        [{**r, "gold": "happy" if k % 2 else r["tone"]} for k, r in enumerate(rows)]
+    )
+    pq.write_table(with_gold, tmp_path / "scored.parquet")
+    result = run_cli(
+        ["eval", str(tmp_path / "scored.parquet"), "--gold", "gold", "--field", "tone", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    expected = sum(1 for k, r in enumerate(rows) if ("happy" if k % 2 else r["tone"]) == r["tone"])
+    assert scored["correct"] == expected and scored["field"] == "tone"
+    missing = run_cli(["eval", str(out), "--gold", "tone"])
+    assert missing.exit_code == 2 and "--field NAME" in missing.stderr
 
 
 def test_reparse_reads_stored_replies_again_without_requests(sandbox_factory, tmp_path: Path) -> None:
@@ -219,8 +236,33 @@ def test_reparse_reads_stored_replies_again_without_requests(sandbox_factory, tm
     )
     assert result.exit_code == 0, result.output
     assert box.count() == sent
+    assert "0 to send" in result.stderr  # it reads the stored replies again; it sends nothing
     relabeled = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert all(relabeled[r["id"]]["label"] == "mixed" for r in invalid)
+
+
+def test_retry_errors_reasks_invalid_rows_and_keeps_every_cost_under_the_cap(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    # --reask 0 under a cap, then --retry-errors five times: each retry re-asks the invalid rows
+    # once, every answer stays in the output's cost, and the bill never passes the cap.
+    box = sandbox_factory(label_out_of_set=0.4, label_wrong=0.1)
+    src, out = labeling_input(tmp_path, 120), tmp_path / "o.parquet"
+    cap = "0.004"
+    first = run_labels(box, src, out, "--reask", "0", "--max-cost", cap)
+    assert first.exit_code in (1, 3)
+    for _ in range(5):
+        result = run_labels(box, src, out, "--reask", "0", "--max-cost", cap, "--retry-errors")
+        assert result.exit_code in (0, 1, 3), result.output
+        stats = box.sandbox.stats
+        billed = stats["prompt_tokens"] * 310_000 + stats["completion_tokens"] * 340_000
+        rows = pq.read_table(out).to_pylist()
+        paid = sum(round(r["cost_usd"] * 10**12) for r in rows if r["cost_usd"] is not None)
+        summary = orjson.loads(pq.read_metadata(out).metadata[b"batchllm"])
+        assert paid == billed == round(float(summary["cost_usd"]["total"]) * 10**12)
+        assert billed <= 4_000_000_000
+    assert stats["labeling_reasks"] > 0
+    assert any(r["reasks"] == 1 and r["status"] == "ok" for r in rows)  # re-asked by a retry, and read
 
 
 def test_sigkill_during_reasks_resumes_without_paying_twice(sandbox_factory, tmp_path: Path) -> None:

@@ -126,7 +126,15 @@ def test_a_missing_key_stops_with_exit_4(litellm: str, tmp_path: Path) -> None:
     """No key is sent (none is set, and openai servers may need none): LiteLLM answers 401."""
     out = tmp_path / "o.parquet"
     result = run_cli(
-        ["run", "--job", str(ROOT / "jobs" / "one_word_sentiment.toml"), "-o", str(out), "--provider", "openai"]
+        [
+            "run",
+            "--job",
+            str(ROOT / "jobs" / "one_word_sentiment.toml"),
+            "-o",
+            str(out),
+            "--provider",
+            "openai",
+        ]
         + ["--endpoint", litellm, "--input-price", "0.31", "--output-price", "0.34"],
     )
     assert result.exit_code == 4, result.output

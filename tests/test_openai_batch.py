@@ -353,7 +353,9 @@ def test_a_success_line_that_cannot_be_read_is_counted_not_dropped(sandbox, tmp_
     assert "imported 199 replies" in result.stderr
 
 
-def test_a_labeling_job_imports_labels_and_retry_errors_reasks_the_invalid(sandbox_factory, tmp_path: Path) -> None:
+def test_a_labeling_job_imports_labels_and_retry_errors_reasks_the_invalid(
+    sandbox_factory, tmp_path: Path
+) -> None:
     box = sandbox_factory(label_out_of_set=0.3)
     job = ["--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(tmp_path / "l.parquet")]
     requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"

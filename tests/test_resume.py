@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
+import stat
 import time
 from collections import Counter
 from pathlib import Path
@@ -109,6 +112,60 @@ def test_second_interrupt_stops_at_once(sandbox_factory, tmp_path: Path) -> None
     assert result.exit_code == 0, result.stderr
 
 
+def test_a_stop_with_nothing_in_flight_exits_at_once(sandbox, tmp_path: Path) -> None:
+    # At 2 requests a minute the workers wait for slots with nothing on the wire: Ctrl-C, a bad
+    # key's stop or --max-runtime end the run then and there, not after --grace.
+    src = prompts_csv(tmp_path / "in.csv", 50)
+    out = tmp_path / "out.parquet"
+    proc = spawn(["run", str(src), "-o", str(out), "--rpm", "2", "--grace", "30"], env=sandbox.env())
+    _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 1)
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - started
+    assert proc.returncode == 130, err
+    assert took < 1.0, f"took {took:.2f} s"  # the run writes its output and summary in that time
+    assert summary_of(out)["rows"]["pending"] == 49
+    started = time.monotonic()
+    result = run_cli(
+        ["run", str(src), "-o", str(out), "--rpm", "2", "--max-runtime", "1s"], env=sandbox.env()
+    )
+    assert result.exit_code == 75 and time.monotonic() - started < 3.0
+
+
+def test_report_right_after_a_crash_reads_the_journal(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.05)
+    src = prompts_csv(tmp_path / "in.csv", 400)
+    out = tmp_path / "out.parquet"
+    proc = spawn(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "8"], env=box.env())
+    _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 50)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert not out.exists()  # killed before its output was written
+    status = run_cli(["status", str(out)]).output
+    report = run_cli(["report", str(out)])
+    assert report.exit_code == 0, report.output
+    assert "read from its journal" in report.output
+    cost = re.search(r"cost so far: (\$[0-9.]+)", status)
+    assert cost is not None and f"cost               {cost.group(1)}" in report.output
+    assert re.search(r"rows +400 \(\d+ ok, 0 error, \d+ pending\)", report.output)
+    assert "--by" in run_cli(["report", str(out), "--by", "id"]).stderr  # no input columns yet
+
+
+def test_outputs_follow_the_umask(sandbox, tmp_path: Path) -> None:
+    src = prompts_csv(tmp_path / "in.csv", 5)
+    out, summary = tmp_path / "out.parquet", tmp_path / "summary.json"
+    old = os.umask(0o022)
+    try:
+        args = ["run", str(src), "-o", str(out), "--rpm", "0", "--summary-json", str(summary)]
+        assert run_cli(args, env=sandbox.env()).exit_code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert stat.S_IMODE(summary.stat().st_mode) == 0o644
+
+
 def test_changed_template_is_refused_then_restart(sandbox, tmp_path: Path) -> None:
     src = prompts_csv(tmp_path / "in.csv", 20)
     out = tmp_path / "out.parquet"
@@ -124,6 +181,17 @@ def test_changed_template_is_refused_then_restart(sandbox, tmp_path: Path) -> No
         all(r.startswith("B: ") for r in pq.read_table(out).column("prompt").to_pylist()) is False
     )  # input unchanged
     assert sandbox.count(200) == 40
+    # A long setting that differs late is shown where it differs, not by a shared beginning.
+    system = "You are a careful annotator of product reviews for a consumer electronics retailer. "
+    assert run_cli([*base, "--system", system + "Be brief."], env=sandbox.env()).exit_code == 2
+    result = run_cli(
+        [*base, "--template", "B: {prompt}", "--system", system + "Be brief.", "--restart"], env=sandbox.env()
+    )
+    result = run_cli(
+        [*base, "--template", "B: {prompt}", "--system", system + "Be thorough."], env=sandbox.env()
+    )
+    assert result.exit_code == 2
+    assert "...'ronics retailer. Be brief.'" in result.stderr and "retailer. Be thorough.'" in result.stderr
 
 
 def test_rerun_of_a_finished_job_sends_nothing(sandbox, tmp_path: Path) -> None:
