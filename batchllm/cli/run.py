@@ -147,7 +147,10 @@ def estimate_cmd(
         report["expected_from"] = f"a pilot of {pilot:,} rows"
         if accuracy is not None:
             report["pilot_accuracy"] = accuracy
-    if keep:
-        record_estimate(job, report)
+    if keep and not record_estimate(job, report):
+        click.echo(
+            f"note: not kept in {job.journal_dir}: it was written with other settings than these",
+            err=True,
+        )
     click.echo(format_estimate(report, fmt))
     return 0

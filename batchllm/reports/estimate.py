@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..engine.journal import Journal
 from ..engine.plan import Admission, prepare
-from ..errors import JobError
+from ..errors import JobError, SettingsMismatch
 from ..job import Job
 from ..labeling.parse import feedback_kinds
 from ..labeling.spec import Labeling
@@ -177,13 +177,19 @@ def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
     return frozenset(random.Random(seed).sample(range(rows), min(n, rows)))
 
 
-def record_estimate(job: Job, result: dict[str, Any]) -> None:
-    """Keep the estimate in the output's journal, so the run and its report can compare."""
-    journal = Journal.open(job.journal_dir, job.request_settings())
+def record_estimate(job: Job, result: dict[str, Any]) -> bool:
+    """Keep the estimate in the output's journal, so the run and its report can compare; False
+    (nothing kept) when the journal was written with other settings: an estimate of a variant
+    must not stand in the way of the output's runs."""
+    try:
+        journal = Journal.open(job.journal_dir, job.request_settings())
+    except SettingsMismatch:
+        return False
     try:
         journal.set_meta("estimate", result)
     finally:
         journal.close()
+    return True
 
 
 def _expected(

@@ -28,6 +28,7 @@ Knobs for testing the client under realistic conditions (``SandboxConfig``), sha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import random
@@ -112,6 +113,10 @@ def reply_text(data: Any, model: str, low: int, high: int) -> tuple[str, int]:
 
 
 Face = DataoortsFace | OpenAIFace
+SERVED_ALIASES = {
+    "meta-llama/Llama-3.1-70B-Instruct": "meta/llama-3.1-70b-instruct",
+    "meta-llama/Llama-3.1-8B-Instruct": "meta/llama-3.1-8b-instruct",
+}
 
 
 class Sandbox:
@@ -119,8 +124,13 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig | None = None, models: dict[str, Model] | None = None):
         self.config = config or SandboxConfig()
-        # A self-hosted OpenAI-compatible server serves the same Llama models.
+        # A self-hosted OpenAI-compatible server serves the same Llama models, under the names
+        # vLLM gives them (Hugging Face's), as the README's examples use.
         self.models = models or {m.name: m for m in load_models().values()}
+        if models is None:
+            for alias, name in SERVED_ALIASES.items():
+                if name in self.models:
+                    self.models[alias] = dataclasses.replace(self.models[name], name=alias)
         self.counter = get_counter()
         self.rng = random.Random(self.config.seed)
         self.limiter = (
