@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -181,7 +182,17 @@ def test_status_and_cache_clear_name_what_is_wrong(tmp_path: Path) -> None:
     assert f"{tmp_path / 'nowhere' / 'out.parquet'}: no such file" in result.stderr
     result = run_cli(["cache", "clear", "--older-than", "1"])
     assert result.exit_code == 2 and "needs a unit, like 1d or 1h" in result.stderr
-    assert not (tmp_path / "sometimes").exists()
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hi"}])
+    result = run_cli(
+        ["run", str(src), "-o", str(tmp_path / "o.parquet"), "--sandbox", "--cache", "sometimes"]
+    )
+    assert result.exit_code == 2 and not (Path.cwd() / "sometimes").exists()
+
+
+def test_the_readme_names_only_files_that_ship() -> None:
+    text = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"(?:sample_data|jobs|docs)/[\w.]+\.\w+", text))
+    assert named and all((ROOT / path).exists() for path in named), named
 
 
 def test_no_key_and_no_sandbox(tmp_path: Path) -> None:

@@ -158,6 +158,7 @@ def test_an_unknown_model_stops_at_once_naming_it(sandbox_factory, tmp_path: Pat
     assert result.exit_code == 4
     assert "no-such-model" in result.stderr and "does not serve the model" in result.stderr
     assert "run the same command again" not in result.stderr
+    assert "cost: unknown (no price" in result.stderr  # not "$0.00": the model has no price
     assert 1 <= box.count() <= 8  # at most what was in flight when the first answer came
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 400}
 

@@ -52,6 +52,13 @@ def test_the_cache_serves_repeatable_requests_across_outputs(sandbox, tmp_path: 
     assert all(r["cached"] and r["cost_usd"] == 0 for r in rows)
     assert [r["response"] for r in rows] == [r["response"] for r in first]
     assert "50 from the cache" in again.output
+    # Identical rows in a batch served by the cache: the first is the cache's, the others copy it;
+    # what the cache saved counts each reply once, the same as the first run paid for it.
+    dup = write_csv(tmp_path / "dup.csv", [{"prompt": f"Tell me about item {i % 50}"} for i in range(60)])
+    result = run(sandbox, dup, tmp_path / "dup.parquet", "--temperature", "0")
+    assert "10 rows answered by an identical row's reply, 50 from the cache" in result.output
+    saved = summary_of(tmp_path / "dup.parquet")["this_run"]["cache_saved_usd"]
+    assert saved == summary_of(tmp_path / "a.parquet")["cost_usd"]["total"]
     assert run(sandbox, src, tmp_path / "c.parquet", "--temperature", "0", "--cache", "off").exit_code == 0
     assert sandbox.count() == 100  # --cache off: every request sent
     # Not meant to be repeatable (temperature 0.7, no seed): not served, unless --cache always.
