@@ -69,7 +69,7 @@ def test_job_ranges_and_messages() -> None:
         ("top_k", 0, "--top-k must be an integer from 1 to 50"),
         ("seed", 0, "--seed must be an integer from 1 to 1e+10"),
         ("concurrency", 0, "--concurrency must be an integer"),
-        ("rpm", "fast", "--rpm must be an integer"),
+        ("rpm", "fast", "--rpm must be auto, 0 .no pacing. or requests per minute, got 'fast'"),
         ("max_runtime", "soon", "--max-runtime must be a duration"),
         ("max_error_rate", 2, "--max-error-rate must be a number from 0 to 1"),
     ]:
