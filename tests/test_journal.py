@@ -9,7 +9,7 @@ from pathlib import Path
 from batchllm.engine.budget import Budget
 from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
-from batchllm.engine.inflight import LOG_NAME, InflightLog, replay
+from batchllm.engine.inflight import LOG_NAME, InflightLog, count, replay
 from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, Journal, settings_diff
 from batchllm.engine.plan import WorkItem
 from batchllm.engine.ratelimit import Backoff, RateLimiter
@@ -124,7 +124,7 @@ def test_the_inflight_log_replays_what_was_sent_and_not_done(tmp_path: Path) -> 
         if i % 1000 != 7:
             log.done([f"row-{i}"])
     expected = {f"row-{i}": [i] for i in range(200_000) if i % 1000 == 7}
-    assert log.pending == expected
+    assert count(log.pending) == (200, sum(w for [w] in expected.values()))
     assert replay(tmp_path / LOG_NAME) == expected  # what a kill right now would leave
     log.close()
     assert replay(tmp_path / LOG_NAME) == {}
@@ -139,11 +139,11 @@ def test_a_rows_next_request_may_leave_before_its_last_reply_is_committed(tmp_pa
     log = InflightLog(tmp_path)
     log.sent("r", 5)
     log.sent("r", 9)
-    log.done(["r", "r"])  # the row's attempt and its entry in one commit: one reply
-    assert log.pending == {"r": [9]} == replay(tmp_path / LOG_NAME)
+    log.done(["r"])  # the commit of the first reply
+    assert replay(tmp_path / LOG_NAME) == {"r": [9]} and count(log.pending) == (1, 9)
     # A retry after an error answer is the same request; after no answer, maybe a second bill.
     log.sent("r", 9, again=True)
-    assert log.pending == {"r": [9]}
+    assert count(log.pending) == (1, 9)
     log.sent("s", 3)
     log.sent("s", 3, again=False)
     assert replay(tmp_path / LOG_NAME) == {"r": [9], "s": [3, 3]}

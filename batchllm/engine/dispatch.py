@@ -129,7 +129,10 @@ class Dispatcher:
         self.errors = ErrorWindow(error_window, max_error_rate)
         self.first = FirstFailures()
         self._items: Iterator[WorkItem] = iter(())
-        self._on_wire: set[asyncio.Task[Any] | None] = set()  # workers awaiting a reply
+        # Requests awaiting a reply. A stop ends the workers that have none on the wire (waiting
+        # for a slot, the budget or a backoff) once this is zero: ``_drained`` says so.
+        self._on_wire = 0
+        self._drained = asyncio.Event()
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -170,14 +173,16 @@ class Dispatcher:
                 # Stopping: a worker with no request on the wire (waiting for a slot, the budget,
                 # or a retry's backoff) ends now; requests in flight get the grace period, or
                 # less on a second signal. With nothing in flight, the run ends at once.
-                for w in workers:
-                    if w not in self._on_wire:
+                if self._on_wire == 0:
+                    for w in workers:
                         w.cancel()
-                waits: set[asyncio.Future[Any]] = {all_done}
+                drained = asyncio.create_task(self._drained.wait())
+                waits: set[asyncio.Future[Any]] = {all_done, drained}
                 hard = asyncio.create_task(hard_stop.wait()) if hard_stop is not None else None
                 if hard is not None:
                     waits.add(hard)
                 await asyncio.wait(waits, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED)
+                drained.cancel()
                 if hard is not None:
                     hard.cancel()
                 for w in workers:
@@ -287,7 +292,6 @@ class Dispatcher:
         attempt = failures = 0
         answered = False  # the last attempt got an answer from the server (an error status)
         first = time.monotonic()
-        on_wire = self._on_wire
         while True:
             if self.stopping:
                 return None, attempt, 0.0
@@ -300,13 +304,14 @@ class Dispatcher:
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
-            task = asyncio.current_task()
-            on_wire.add(task)
+            self._on_wire += 1
             try:
                 try:
                     completion = await self.client.complete(body)
                 finally:
-                    on_wire.discard(task)
+                    self._on_wire -= 1
+                    if not self._on_wire and self.stop_reason is not None:
+                        self._drained.set()
             except RetryableAPIError as exc:
                 answered = exc.status is not None
                 elapsed = time.monotonic() - first

@@ -37,37 +37,51 @@ def replay(path: Path) -> dict[str, list[int]]:
     except FileNotFoundError:
         return {}
     data = data.split(b"\0", 1)[0]
-    out: dict[str, list[int]] = {}
+    out: dict[str, Any] = {}
     for line in data.split(b"\n")[:-1]:  # the last piece has no newline: not a whole line
         parts = line.split(b"\t")
         if parts[0] == b"S" and len(parts) == 3 and parts[2].isdigit():
-            out.setdefault(parts[1].decode("utf-8", "replace"), []).append(int(parts[2]))
+            _open(out, parts[1].decode("utf-8", "replace"), int(parts[2]))
         elif parts[0] == b"D" and len(parts) == 2:
             _close(out, parts[1].decode("utf-8", "replace"))
-    return out
+    return {r: _worsts(v) for r, v in out.items()}
 
 
-def _close(open_: dict[str, list[int]], row_id: str) -> bool:
+def _close(open_: dict[str, Any], row_id: str) -> bool:
     """Close the oldest open request of a row; False when it had none."""
-    worsts = open_.get(row_id)
-    if not worsts:
+    worsts = open_.pop(row_id, None)
+    if worsts is None:
         return False
-    if len(worsts) == 1:
-        del open_[row_id]
-    else:
-        worsts.pop(0)
+    if type(worsts) is list:  # a row with two requests open (rare): the next one stays
+        open_[row_id] = worsts[1] if len(worsts) == 2 else worsts[1:]
     return True
 
 
-def count(open_: dict[str, list[int]]) -> tuple[int, int]:
+def _open(open_: dict[str, Any], row_id: str, worst: int) -> None:
+    """One more open request; a row's first is a plain int (no list per request)."""
+    before = open_.get(row_id)
+    if before is None:
+        open_[row_id] = worst
+    elif type(before) is list:
+        before.append(worst)
+    else:
+        open_[row_id] = [before, worst]
+
+
+def _worsts(value: int | list[int]) -> list[int]:
+    return value if type(value) is list else [value]  # type: ignore[list-item,return-value]
+
+
+def count(open_: dict[str, Any]) -> tuple[int, int]:
     """(requests, their worst cases summed)."""
-    return sum(map(len, open_.values())), sum(map(sum, open_.values()))
+    values = [_worsts(v) for v in open_.values()]
+    return sum(map(len, values)), sum(map(sum, values))
 
 
 class InflightLog:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOG_NAME
-        self.pending: dict[str, list[int]] = {}
+        self.pending: dict[str, Any] = {}  # row_id -> worst case, or a list (oldest first)
         self._fd, self._map = _create(self.path, b"", _CAPACITY)
         self._pos = 0
 
@@ -75,14 +89,14 @@ class InflightLog:
         """A request is leaving; ``again``: a retry of one already written down."""
         if again and row_id in self.pending:
             return
-        self.pending.setdefault(row_id, []).append(worst_pico)
+        _open(self.pending, row_id, worst_pico)
         self._write(f"S\t{_clean(row_id)}\t{worst_pico}\n".encode())
 
     def done(self, row_ids: list[str]) -> None:
         """Rows a commit just saved a reply (or an error) of (one copy for all of them); a row's
         entry and its last attempt, saved together, are one reply."""
         pending = self.pending
-        lines = [f"D\t{_clean(r)}\n" for r in dict.fromkeys(row_ids) if _close(pending, r)]
+        lines = [f"D\t{_clean(r)}\n" for r in row_ids if _close(pending, r)]
         if lines:
             self._write("".join(lines).encode())
 
@@ -99,7 +113,7 @@ class InflightLog:
         """Rewrite the log with only the requests in flight (and at least ``room`` bytes free);
         if that fails (a full disk) the old log is left as it was and the error stops the run."""
         content = b"".join(
-            f"S\t{_clean(r)}\t{w}\n".encode() for r, worsts in self.pending.items() for w in worsts
+            f"S\t{_clean(r)}\t{w}\n".encode() for r, v in self.pending.items() for w in _worsts(v)
         )
         tmp = self.path.with_name(LOG_NAME + ".tmp")
         fd, mapped = _create(tmp, content, max(_CAPACITY, 2 * (len(content) + room)))

@@ -247,7 +247,10 @@ class Journal(InflightBook, SpendBook):
                     if e.request_key is not None and e.status == "ok" and e.answered_by is None:
                         tail[e.request_key] = e.row_id
             if self.inflight_log is not None:  # committed: no longer at risk
-                self.inflight_log.done([e.row_id for e in pending] + [a[0] for a in attempts])
+                done = [e.row_id for e in pending]
+                if attempts:  # a row's last attempt and its entry, in one commit, are one reply
+                    done = list(dict.fromkeys(done + [a[0] for a in attempts]))
+                self.inflight_log.done(done)
         except sqlite3.Error as exc:
             # Disk full, I/O error...: these replies are paid for. Keep them in a plain file the
             # next run imports, and tell the dispatcher (``write_error``) to stop sending.

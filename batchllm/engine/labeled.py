@@ -105,9 +105,8 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
             return result, n, latency_ms
         pt, ct, _ = d.usage(step.request, result)
         truncated = d.provider.truncated(result, max_tokens)
-        if reuse is not None:
-            reuse.keep(step.request, reuse.cache_keys.pop(item.key, None) if first else None,
-                       result.text, pt, ct, truncated)  # fmt: skip
+        if reuse is not None and reuse.cache is not None:
+            reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated)
         in_cost, out_cost = cost(d.model.prices, pt, ct)
         billed = (in_cost or 0) + (out_cost or 0)
         stats = d.stats

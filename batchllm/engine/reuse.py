@@ -162,13 +162,19 @@ class Reuse:
             self._saved(hit)
         return hit
 
-    def keep(self, request: Request, key: str | None, text: str, pt: int, ct: int, truncated: bool) -> None:
-        """A labeling request's reply, into the cache if its policy could ever serve it (``key``:
-        the cache key ``screen`` found missing for a row's first request, else computed)."""
-        if self.cache is None or not self.cache.serves(request):
+    def keep(
+        self, request: Request, first: bool, row_key: str, text: str, pt: int, ct: int, truncated: bool
+    ) -> None:
+        """A labeling request's reply, into the cache if its policy could ever serve it. A row's
+        first request was screened (``screen``): its cache key is kept when it may be served."""
+        if self.cache is None:
             return
-        ck = key or cache_key(self.endpoint_id, request.key())
-        self.cache.put(ck, text, pt, ct, truncated)
+        if first and self.screen_cache:
+            ck = self.cache_keys.pop(row_key, None)
+        else:
+            ck = cache_key(self.endpoint_id, request.key()) if self.cache.serves(request) else None
+        if ck is not None:
+            self.cache.put(ck, text, pt, ct, truncated)
 
     def _cached(self, row_id: str, content_hash: str, key: str, hit: Cached) -> Entry:
         zero_in, zero_out = self._free()
