@@ -4,6 +4,8 @@ Optional: ``pip install 'batchllm[ray]'``; nothing here is imported by a local r
 
     driver.py       the run: check, start or join Ray, read, complete, write, summarise
     worker.py       the map_batches UDF: the local engine's dispatcher behind leased seams
+    seams.py        those seams: leased slots and budget, a row gate, a ledger sent to the journal
+    results.py      the run's result and summary; the answer when nothing is left to send
     coordinator.py  one actor: the cluster's rate limit, budget and journal
 """
 

@@ -274,6 +274,21 @@ class Coordinator:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def note_run(self, command: str, input_rows: int) -> None:
+        """What ``status`` tells of this run: without --id-column, identical prompts are one row
+        of the journal here, so its rows are fewer than the output's."""
+        self.journal.set_meta(
+            "last_run",
+            {
+                "command": command,
+                "input": str(self.job.input),
+                "input_rows": input_rows,
+                "engine": "ray",
+                "shared_ids": self.job.id_column is None,
+                "started_at": time.time(),
+            },
+        )
+
     def done_before(self) -> int:
         """Rows earlier runs finished (not sent again), for the progress display."""
         counts = self.journal.counts_before

@@ -282,6 +282,7 @@ async def _run(
         ds = complete(_read(ray, files, source), job, endpoint=endpoint, coordinator=coordinator,
                       columns=source.columns)  # fmt: skip
         rows = _count_rows(files, source)
+        await coordinator.note_run.remote(command, rows)
         done_before = await coordinator.done_before.remote()
         observer.start(
             {

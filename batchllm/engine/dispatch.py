@@ -21,7 +21,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
 from ..labeling.spec import Labeling
@@ -36,50 +36,12 @@ from .labeled import label_row
 from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
+from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
 __all__ = ["Dispatcher", "Stats", "StopReason"]
-
-
-class Pacer(Protocol):
-    """What the pool needs of a rate limiter: ``ratelimit.RateLimiter`` on one machine, a lease
-    of the cluster's limiter on Ray (cluster/worker.py)."""
-
-    async def acquire(self, tokens: int = 0) -> None: ...
-    def on_throttle(self, retry_after: float | None) -> float: ...
-    def on_success(self) -> None: ...
-    def refund_tokens(self, reserved: int, used: int) -> None: ...
-
-
-class Purse(Protocol):
-    """What the pool needs of a budget: ``budget.Budget``, or the cluster's (cluster/worker.py)."""
-
-    @property
-    def active(self) -> bool: ...
-    async def reserve(self, worst_pico: int) -> bool: ...
-    def settle(self, reserved_pico: int, actual_pico: int) -> None: ...
-
-
-class Gate(Protocol):
-    """Holds a new row back while too many rows are begun and not yet durable (cluster/worker.py:
-    an actor killed then loses at most that many replies)."""
-
-    async def enter(self, row_id: str, stopped: asyncio.Event) -> None: ...
-    def done(self, row_id: str) -> None: ...
-
-
-class Ledger(Protocol):
-    """Where finished rows go: the journal, or a cluster actor's batch (cluster/worker.py)."""
-
-    write_error: BaseException | None
-
-    def add(self, record: Entry) -> None: ...
-    def add_attempt(self, row_id: str, seq: int, a: Any) -> None: ...
-    def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None: ...
-    def resumed(self, row_id: str) -> None: ...
-    def flush(self) -> None: ...
 
 
 class Dispatcher:

@@ -38,6 +38,11 @@ def status_text(path: Path) -> str:
     lines = [f"journal: {directory}"]
     total_rows = run.get("input_rows")
     remaining = f", {max(0, total_rows - t['rows']):,} not done of {total_rows:,}" if total_rows else ""
+    if total_rows and run.get("shared_ids"):  # --engine ray without --id-column
+        remaining = (
+            f" of {total_rows:,} input rows (on Ray identical prompts are one row, answered once: "
+            "`batchllm report` counts the output's rows)"
+        )
     invalid = t["rows"] - t["ok"] - t["error"]
     lines.append(
         f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error"
