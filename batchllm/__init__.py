@@ -26,7 +26,7 @@ _EXPORTS = {
     "JobError": "errors",
     "Job": "job",
     "build_job": "job",
-    "load_job_file": "job",
+    "load_job_file": "jobfile",
     "Request": "records",
     "Message": "records",
     "Completion": "records",
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .api import run_job
     from .engine.runner import RunResult
     from .errors import BatchLLMError, ExitCode, JobError
-    from .job import Job, build_job, load_job_file
+    from .job import Job, build_job
+    from .jobfile import load_job_file
     from .providers import get_provider
     from .records import Completion, Message, Request
 

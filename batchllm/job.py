@@ -12,10 +12,8 @@ as a whole batch of 400s, and a parameter the provider does not take is a usage 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,20 +153,6 @@ class Job:
         return settings
 
 
-def _rpm(raw: Any) -> int | None:
-    if raw == "auto" or raw is None:
-        return None
-    try:
-        return v.integer(0, None)(raw)
-    except ValueError:
-        raise ValueError(f"must be auto, 0 (no pacing) or requests per minute, got {raw!r}") from None
-
-
-def _optional_off(raw: Any) -> int | None:
-    n = v.integer(0, None)(raw)
-    return n or None
-
-
 def _usd(raw: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ValueError("must be a dollar amount such as 5 or 0.25")
@@ -187,24 +171,8 @@ def _price(raw: Any) -> Any:
         raise ValueError(str(exc).removeprefix("price: ")) from None
 
 
-def _table(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise ValueError("must be a table of request fields, e.g. [extra_body] with top_k = 40")
-    return dict(raw)
-
-
 def _path(raw: Any) -> Path:
     return Path(v.text(raw))
-
-
-def _delimiter(raw: Any) -> str:
-    """A CSV field separator: one character, or ``tab``."""
-    text = v.text(raw)
-    if text in ("tab", "\\t", "\t"):
-        return "\t"
-    if len(text) != 1 or text in ('"', "\n", "\r"):
-        raise ValueError(f"must be one character (or tab), got {text!r}")
-    return text
 
 
 def _sampling(raw: Any) -> Any:
@@ -216,7 +184,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "input": ("input", _path),
     "output": ("output", _path),
     "input_format": ("input_format", v.choice("csv", "parquet", "jsonl")),
-    "delimiter": ("delimiter", _delimiter),
+    "delimiter": ("delimiter", v.delimiter),
     "prompt_column": ("prompt_column", v.text),
     "template": ("template", v.text),
     "template_file": ("template", _path),  # read below
@@ -226,7 +194,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "model": ("model", v.text),
     "max_tokens": ("max_tokens", v.integer(1, None)),
     **{key: (key, _sampling) for key in SAMPLING_KEYS},
-    "extra_body": ("extra_body", _table),
+    "extra_body": ("extra_body", v.table),
     "input_price": ("input_price", _price),
     "output_price": ("output_price", _price),
     "endpoint": ("endpoint", v.text),
@@ -234,8 +202,8 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "api_key_file": ("api_key_file", _path),
     "sandbox": ("sandbox", v.boolean),
     "concurrency": ("concurrency", v.integer(1, 10_000)),
-    "rpm": ("rpm", _rpm),
-    "tpm": ("tpm", _optional_off),
+    "rpm": ("rpm", v.rpm),
+    "tpm": ("tpm", v.optional_off),
     "max_attempts": ("max_attempts", v.integer(1, 100)),
     "timeout": ("timeout", v.number(0, 3600, lo_open=True)),
     "max_error_rate": ("max_error_rate", v.number(0, 1)),
@@ -265,86 +233,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "actors": ("actors", v.integer(1, 1024)),
 }
 JOB_KEYS = tuple(_PARSERS)
-_PATH_KEYS = {
-    "input",
-    "output",
-    "template_file",
-    "api_key_file",
-    "checkpoint",
-    "summary_json",
-    "labels_file",
-    "json_schema",
-    "examples",
-}
 parse_duration = v.duration
-
-
-def load_job_file(path: Path) -> dict[str, Any]:
-    """Read a TOML job file into raw values, paths made relative to the file's folder."""
-    try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise JobError(f"{path}: job file not found") from None
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read the job file: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JobError(f"{path}: not valid TOML: {exc}") from None
-    if "api_key" in raw:
-        raise JobError(
-            f"{path}: key 'api_key': a job file must not hold the key; name the environment "
-            "variable that holds it with api_key_env"
-        )
-    unknown = sorted(set(raw) - set(_PARSERS))
-    if unknown:
-        raise JobError(unknown_key(path, unknown[0]))
-    for key in _PATH_KEYS & set(raw):
-        if isinstance(raw[key], str):
-            raw[key] = os.path.normpath(path.parent / Path(raw[key]).expanduser())
-    return raw
-
-
-def unknown_key(path: Path, key: str) -> str:
-    """The message for a key a job file may not have, with the nearest allowed key."""
-    near = difflib.get_close_matches(key, list(_PARSERS), n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]!r}?" if near else f"; allowed keys: {', '.join(sorted(_PARSERS))}"
-    return f"{path}: unknown key {key!r}{hint}"
-
-
-def job_file_problems(path: Path) -> list[str]:
-    """Every problem of a job file, one line each (``batchllm validate``): unknown keys, each
-    bad value (quoted), then what the keys that are good say together."""
-    try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        return [f"{path}: job file not found"]
-    except OSError as exc:
-        return [f"{path}: cannot read the job file: {exc.strerror}"]
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        return [f"{path}: not valid TOML: {exc}"]
-    problems = []
-    if "api_key" in raw:
-        problems.append(
-            f"{path}: key 'api_key': a job file must not hold the key; name the environment "
-            "variable that holds it with api_key_env"
-        )
-    good: dict[str, Any] = {}
-    for key in sorted(raw):
-        if key == "api_key":
-            continue
-        if key not in _PARSERS:
-            problems.append(unknown_key(path, key))
-            continue
-        try:
-            build_job({key: raw[key]}, job_file=path, partial=True)
-            good[key] = raw[key]
-        except JobError as exc:
-            problems.append(str(exc))
-    if not problems:
-        try:
-            build_job(load_job_file(path), job_file=path)
-        except JobError as exc:
-            problems.append(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
-    return problems
 
 
 def build_job(

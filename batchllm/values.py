@@ -118,3 +118,34 @@ def duration(v: Any) -> float:
     if seconds <= 0:
         raise ValueError(f"must be a positive duration, got {v!r}")
     return seconds
+
+
+def rpm(raw: Any) -> int | None:
+    """``--rpm``: ``auto`` (None), 0 (no pacing) or requests per minute."""
+    if raw == "auto" or raw is None:
+        return None
+    try:
+        return integer(0, None)(raw)
+    except ValueError:
+        raise ValueError(f"must be auto, 0 (no pacing) or requests per minute, got {raw!r}") from None
+
+
+def optional_off(raw: Any) -> int | None:
+    """A count where 0 means off (None)."""
+    return integer(0, None)(raw) or None
+
+
+def table(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError("must be a table of request fields, e.g. [extra_body] with top_k = 40")
+    return dict(raw)
+
+
+def delimiter(raw: Any) -> str:
+    """A CSV field separator: one character, or ``tab``."""
+    value = text(raw)
+    if value in ("tab", "\\t", "\t"):
+        return "\t"
+    if len(value) != 1 or value in ('"', "\n", "\r"):
+        raise ValueError(f"must be one character (or tab), got {value!r}")
+    return value

@@ -128,7 +128,9 @@ def test_ray_run_matches_local_stays_under_the_limit_and_resumes(sandbox_factory
     assert limited.count() == sent, "a second run sent requests"
     assert "nothing to send (Ray not started)" in err  # answered from the journal
     code, text, err = run(["status", str(out)], limited.env(), timeout=60)
-    assert code == 0 and "3,000 done" in text and "of 3,000 input rows (on Ray identical prompts" in text, text
+    assert code == 0 and "3,000 done" in text and "of 3,000 input rows (on Ray identical prompts" in text, (
+        text
+    )
     again = read_dir(out).to_pandas()
     assert list(again["response"]) == list(table["response"])
 

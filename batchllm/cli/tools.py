@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from ..errors import BatchLLMError, ExitCode
-from ..job import build_job, job_file_problems, load_job_file
+from ..job import build_job
+from ..jobfile import job_file_problems, load_job_file
 from . import CONTEXT, cli, fail, handles_errors, run_async
 
 
