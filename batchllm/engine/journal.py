@@ -22,9 +22,8 @@ A row sent again while the journal holds an entry for it keeps what it cost befo
 marks it in ``replacing``, and the moment its first request leaves (``sent``) or another entry
 takes its place (``add``), its entry is superseded (spend.py).
 
-``answered`` finds the rows of this output that already answered a request key (reuse.py). The
-key index is kept in bulk, every ``KEY_BATCH`` rows (``index_keys``); the answers written since
-are kept in memory (``_tail``). The file's layout and its history are in journal_schema.py.
+``answered`` finds the rows of this output that already answered a request key (reuse.py,
+key_index.py). The file's layout and its history are in journal_schema.py.
 """
 
 from __future__ import annotations
@@ -59,9 +58,11 @@ from .journal_schema import (
     settings_diff,
     write_rescued,
 )
+from .key_index import KEY_BATCH, KeyIndex
 from .spend import CARRY_ENTRY, RESUME_ATTEMPTS, SpendBook
 
 __all__ = [
+    "KEY_BATCH",
     "CARRY_ENTRY",
     "COLUMNS",
     "DB_NAME",
@@ -74,10 +75,9 @@ __all__ = [
 
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
            "output_cost_pico", "last_written", "unpriced")  # fmt: skip
-KEY_BATCH = 8192  # rows written between two bulk updates of the request-key index
 
 
-class Journal(InflightBook, SpendBook):
+class Journal(KeyIndex, InflightBook, SpendBook):
     """Open with ``Journal.open``; ``add`` records a finished row; ``flush`` commits."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
@@ -262,28 +262,6 @@ class Journal(InflightBook, SpendBook):
             # so their earlier cost goes with them (a rescued row is kept whole, not carried).
             self._rescue(pending, attempts)
 
-    def index_keys(self) -> None:
-        """Index the request keys of the rows not indexed yet, in one transaction."""
-        self.keyed_to = int(self.get_meta("keyed_to") or 0)
-        self.conn.execute("BEGIN")
-        keyed_to = self._index_keys()
-        self.conn.execute("COMMIT")
-        self.keyed_to, self._unkeyed = keyed_to, 0
-        self._tail.clear()
-
-    def _index_keys(self) -> int:
-        # Sorted, a few thousand at a time, each index page is written once per batch; kept row
-        # by row, every commit rewrote a page per row (half of a row's journal cost: make bench).
-        conn = self.conn
-        top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM rows").fetchone()[0]
-        conn.execute(
-            "INSERT OR IGNORE INTO keyed (key, seq) SELECT request_key, seq FROM rows WHERE seq > ? "
-            "AND request_key IS NOT NULL AND status = 'ok' AND answered_by IS NULL ORDER BY request_key",
-            (self.keyed_to,),
-        )
-        self.set_meta("keyed_to", top)
-        return int(top)
-
     def _rescue(self, records: list[Entry], attempts: list[tuple[Any, ...]] | None = None) -> None:
         try:
             write_rescued(self.directory / RESCUE_NAME, records, attempts or [])
@@ -390,31 +368,6 @@ class Journal(InflightBook, SpendBook):
             (input_pico, output_pico),
         )
         return cur.rowcount
-
-    def answered(self, keys: Sequence[str]) -> dict[str, Entry]:
-        """Rows of this output already answered (ok) for these request keys: key -> entry.
-
-        Rows up to ``keyed_to`` are found through the index, the few written since (this run's,
-        as the journal is opened with everything indexed) through ``_tail``.
-        """
-        found: list[Entry] = []
-        if self.keyed_to:  # about a microsecond a key: not while nothing is indexed
-            columns = ", ".join(f"r.{c}" for c in COLUMNS)
-            cur = self.conn.execute(
-                f"SELECT {columns} FROM keyed AS k JOIN rows AS r ON r.seq = k.seq "
-                "WHERE k.key IN (SELECT value FROM json_each(?)) AND r.request_key = k.key "
-                "AND r.status = 'ok' AND r.answered_by IS NULL",
-                (orjson.dumps(list(keys)),),
-            )
-            found = [Entry._make(r) for r in cur]
-        recent = [self._tail[k] for k in keys if k in self._tail]
-        if recent:
-            found += self.fetch(recent).values()
-        out: dict[str, Entry] = {}
-        for e in found:
-            if e.request_key is not None and e.status == "ok" and e.answered_by is None:
-                out.setdefault(e.request_key, e)
-        return out
 
     def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""
