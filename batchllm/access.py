@@ -21,14 +21,6 @@ if TYPE_CHECKING:
     from .job import Job
 
 
-def check_endpoint(url: str) -> str:
-    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobError(f"--endpoint {url!r} is not an http(s) URL")
-    return url
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import values as v
-from .access import check_endpoint
 from .errors import JobError
 from .labeling.spec import Labeling, labeling_from
 from .pricing import Prices, parse_price, parse_usd
@@ -173,6 +173,14 @@ def _price(raw: Any) -> Any:
 
 def _path(raw: Any) -> Path:
     return Path(v.text(raw))
+
+
+def check_endpoint(url: str) -> str:
+    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobError(f"--endpoint {url!r} is not an http(s) URL")
+    return url
 
 
 def _sampling(raw: Any) -> Any:

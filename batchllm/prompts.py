@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import string
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 import pyarrow as pa
@@ -81,6 +82,18 @@ def content_hash(text: str | None) -> str:
     if text is None:
         return "null"
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+class Builder(Protocol):
+    """Turns input batches into ``PromptBatch``es: ``prompts.PromptBuilder`` for CSV and Parquet
+    rows, ``backends.openai_batch.RequestFileBuilder`` for request files."""
+
+    ids_embed_hash: bool
+
+    @property
+    def read_columns(self) -> list[str]: ...
+
+    def build(self, batch: pa.RecordBatch, start: int) -> PromptBatch: ...
 
 
 class PromptBuilder:

@@ -25,6 +25,7 @@ import pyarrow as pa
 from ..access import key_source
 from ..engine.client import Client
 from ..engine.dispatch import Dispatcher
+from ..engine.labeled import label_row
 from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_columns
 from ..engine.plan import Admission, WorkItem, check_model
 from ..engine.ratelimit import Backoff
@@ -178,6 +179,7 @@ class Completer:
             max_error_rate=job.max_error_rate,
             error_window=job.error_window,
             labeling=job.labeling,
+            label=label_row if job.labeling is not None else None,
             tpm_enabled=job.tpm is not None,
             grace=job.grace,
             gate=self.gate,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
@@ -32,7 +32,6 @@ from ..tokens import TokenCounter, counter_for
 from .budget import Budget
 from .client import Client
 from .journal import Journal
-from .labeled import label_row
 from .plan import Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
@@ -60,6 +59,7 @@ class Dispatcher:
         max_error_rate: float,
         error_window: int,
         labeling: Labeling | None = None,
+        label: Callable[[Dispatcher, WorkItem], Awaitable[None]] | None = None,
         reuse: Reuse | None = None,
         tpm_enabled: bool = False,
         grace: float = 10.0,
@@ -78,6 +78,9 @@ class Dispatcher:
         self.grace = grace
         self.tpm_enabled = tpm_enabled
         self.labeling = labeling
+        # A labeling row's requests (engine/labeled.py ``label_row``, handed in by the caller:
+        # it builds on this pool, so this module does not import it).
+        self.label = label
         self.reuse = reuse
         self._sleep = sleep
         self.gate = gate
@@ -208,8 +211,8 @@ class Dispatcher:
             stats.error += 1
 
     async def _one(self, item: WorkItem) -> None:
-        if self.labeling is not None:
-            await label_row(self, item)
+        if self.label is not None:
+            await self.label(self, item)
             return
         budget = self.budget
         reserved = 0

@@ -29,7 +29,7 @@ from ..records import Entry
 from .journal import Journal
 
 if TYPE_CHECKING:
-    from .plan import Builder
+    from ..prompts import Builder
 
 RESULT_FIELDS = [
     pa.field("row_id", pa.string()),

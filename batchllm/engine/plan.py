@@ -23,7 +23,7 @@ from ..inputs import InputFile
 from ..job import Job
 from ..labeling.rows import Attempt
 from ..pricing import Model, resolve_model
-from ..prompts import PromptBatch, PromptBuilder, RequestMaker, load_examples
+from ..prompts import Builder, PromptBatch, PromptBuilder, RequestMaker, load_examples
 from ..providers import Provider, get_provider
 from ..records import Message, Request
 from ..tokens import TokenCounter, counter_for
@@ -47,18 +47,6 @@ class WorkItem(NamedTuple):
     prior: tuple[Attempt, ...] = ()  # a labeling row's requests journaled by an earlier run
     retry: bool = False  # sent again after it ended invalid (--retry-errors): fresh re-asks
     key: str = ""  # Request.key(): identical rows share one request (reuse.py)
-
-
-class Builder(Protocol):
-    """Turns input batches into ``PromptBatch``es: ``prompts.PromptBuilder`` for CSV and Parquet
-    rows, ``backends.openai_batch.RequestFileBuilder`` for request files."""
-
-    ids_embed_hash: bool
-
-    @property
-    def read_columns(self) -> list[str]: ...
-
-    def build(self, batch: pa.RecordBatch, start: int) -> PromptBatch: ...
 
 
 class Setup(Protocol):

@@ -32,7 +32,7 @@ from .cache import ResponseCache, default_dir
 from .client import Client
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
-from .labeled import reparse
+from .labeled import label_row, reparse
 from .lock import RunLock
 from .observer import Observer, Silent
 from .output import Totals, write_output
@@ -180,6 +180,7 @@ class Run:
                 max_error_rate=job.max_error_rate,
                 error_window=job.error_window,
                 labeling=job.labeling,
+                label=label_row if job.labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
             )
