@@ -113,6 +113,7 @@ def write_output(
     schema = pa.schema([source.schema.field(name) for name in kept] + RESULT_FIELDS + extra)
     totals = Totals()
     path.parent.mkdir(parents=True, exist_ok=True)
+    unsettled = journal.has_unsettled()  # once: it scans the attempts
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     # mkstemp makes the file 0600; the output is shared like any file the user writes (umask).
     os.fchmod(fd, 0o666 & ~current_umask())
@@ -126,9 +127,8 @@ def write_output(
                 prompts = builder.build(batch.select(builder.read_columns), position)
                 position += batch.num_rows
                 entries = journal.fetch(prompts.row_ids)
-                results = _result_columns(
-                    prompts.row_ids, entries, totals, journal.unsettled(prompts.row_ids)
-                )
+                paid = journal.unsettled(prompts.row_ids) if unsettled else None
+                results = _result_columns(prompts.row_ids, entries, totals, paid)
                 if labeling is not None:
                     results += label_columns(prompts.row_ids, entries, labeling)
                 arrays = [batch.column(name) for name in kept] + results
@@ -262,10 +262,11 @@ def journal_table(journal: Journal) -> pa.Table:
     written yet (a run died before writing it)."""
     tables = []
     ids = journal.known_rows()
+    unsettled = journal.has_unsettled()
     for start in range(0, len(ids), 8192):
         chunk = ids[start : start + 8192]
         entries = journal.fetch(chunk)
-        arrays = _result_columns(chunk, entries, Totals(), journal.unsettled(chunk))
+        arrays = _result_columns(chunk, entries, Totals(), journal.unsettled(chunk) if unsettled else None)
         split: dict[str, list[float | None]] = {"reask_cost_usd": [], "sample_cost_usd": []}
         for row_id in chunk:
             e = entries.get(row_id)

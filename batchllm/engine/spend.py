@@ -60,8 +60,6 @@ class SpendBook:
         sent again and the attempts of labeling rows not finished: row_id -> (prompt tokens,
         completion tokens, input and output picodollars). Empty when no row has any."""
         out: dict[str, Paid] = {}
-        if not self._has_unsettled():
-            return out
         ids = orjson.dumps(list(row_ids))
         for r in self.conn.execute(
             "SELECT row_id, prompt_tokens, completion_tokens, input_cost_pico, output_cost_pico FROM carried "
@@ -79,7 +77,8 @@ class SpendBook:
             out[r[0]] = (old[0] + r[1], old[1] + r[2], old[2] + r[3], old[3] + r[4])
         return out
 
-    def _has_unsettled(self) -> bool:
+    def has_unsettled(self) -> bool:
+        """Does any row have a cost beyond its entry? (A scan of the attempts: ask once.)"""
         try:
             return bool(
                 self.conn.execute(
@@ -107,6 +106,6 @@ class SpendBook:
     def known_rows(self) -> list[str]:
         """Every row the journal has an entry for, or a cost: answered, or paid for and pending."""
         sql = "SELECT row_id FROM rows UNION SELECT row_id FROM attempts"
-        if self._has_unsettled():
+        if self.has_unsettled():
             sql += " UNION SELECT row_id FROM carried"
         return [r[0] for r in self.conn.execute(sql)]
