@@ -230,6 +230,8 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "reask": ("reask", v.integer(0, 10)),
     "samples": ("samples", v.integer(1, 25)),
     "adaptive": ("adaptive", v.boolean),
+    "pack": ("pack", v.integer(1, 100)),
+    "pack_tokens": ("pack_tokens", v.integer(1, None)),
     "examples": ("examples", _path),
     "reparse": ("reparse", v.boolean),
     "cache": ("cache", v.text),

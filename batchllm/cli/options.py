@@ -82,6 +82,17 @@ PROMPT_OPTIONS = [
         "--adaptive", is_flag=True, default=None, help="With --samples: stop once the majority cannot change."
     ),
     click.option(
+        "--pack",
+        type=int,
+        help="Rows per request (1 to 100), answered as one JSON object; each row still checked, "
+        "re-asked and costed on its own.  [default: 1]",
+    ),
+    click.option(
+        "--pack-tokens",
+        type=int,
+        help="Most tokens (prompt + reply) a packed request may take.  [default: the model's window]",
+    ),
+    click.option(
         "--examples",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Few-shot examples (CSV/Parquet with the template's columns and a label column).",

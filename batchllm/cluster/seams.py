@@ -213,6 +213,9 @@ class BatchLedger:
     def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:
         """Requests in flight are bounded by the lease; nothing to write per request."""
 
+    def leaving(self, row_id: str) -> None:
+        """Rows sent again are redone whole on a cluster: no entry to supersede here."""
+
     def resumed(self, row_id: str) -> None:
         """Rows are redone whole on a cluster (``add_attempt``): nothing resumes."""
 

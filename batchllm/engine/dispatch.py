@@ -32,7 +32,7 @@ from ..tokens import TokenCounter, counter_for
 from .budget import Budget
 from .client import Client
 from .journal import Journal
-from .plan import Rejection, WorkItem
+from .plan import Pack, Rejection, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .seams import Gate, Ledger, Pacer, Purse
@@ -59,7 +59,7 @@ class Dispatcher:
         max_error_rate: float,
         error_window: int,
         labeling: Labeling | None = None,
-        label: Callable[[Dispatcher, WorkItem], Awaitable[None]] | None = None,
+        label: Callable[[Dispatcher, Any], Awaitable[None]] | None = None,
         reuse: Reuse | None = None,
         tpm_enabled: bool = False,
         grace: float = 10.0,
@@ -78,8 +78,9 @@ class Dispatcher:
         self.grace = grace
         self.tpm_enabled = tpm_enabled
         self.labeling = labeling
-        # A labeling row's requests (engine/labeled.py ``label_row``, handed in by the caller:
-        # it builds on this pool, so this module does not import it).
+        # A labeling row's requests (engine/labeled.py ``label_row``), or a group of rows packed
+        # several per request (engine/packed.py): handed in by the caller, as they build on
+        # this pool.
         self.label = label
         self.reuse = reuse
         self._sleep = sleep
@@ -93,7 +94,7 @@ class Dispatcher:
         self._stopped = asyncio.Event()
         self.errors = ErrorWindow(error_window, max_error_rate)
         self.first = FirstFailures()
-        self._items: Iterator[WorkItem] = iter(())
+        self._items: Iterator[WorkItem | Pack] = iter(())
         # Requests awaiting a reply. A stop ends the workers that have none on the wire (waiting
         # for a slot, the budget or a backoff) once this is zero: ``_drained`` says so.
         self._on_wire = 0
@@ -114,7 +115,9 @@ class Dispatcher:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    async def run(self, items: Iterator[WorkItem], hard_stop: asyncio.Event | None = None) -> None:
+    async def run(
+        self, items: Iterator[WorkItem] | Iterator[Pack], hard_stop: asyncio.Event | None = None
+    ) -> None:
         """Process ``items`` until they run out or a stop; returns when every worker is done."""
         self._items = items
         # What is alive as the pool starts (modules, pandas and pyarrow, the job) is set aside
@@ -210,10 +213,11 @@ class Dispatcher:
         else:
             stats.error += 1
 
-    async def _one(self, item: WorkItem) -> None:
+    async def _one(self, item: WorkItem | Pack) -> None:
         if self.label is not None:
             await self.label(self, item)
             return
+        assert isinstance(item, WorkItem)
         budget = self.budget
         reserved = 0
         if budget.active:

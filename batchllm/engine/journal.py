@@ -200,9 +200,15 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         """Record one request of a labeling row as it comes back (committed like ``add``)."""
         self._pending_attempts.append(
             (row_id, seq, a.sample, a.kind, a.text, a.prompt_tokens, a.completion_tokens,
-             a.input_cost_pico, a.output_cost_pico, a.truncated)
+             a.input_cost_pico, a.output_cost_pico, a.truncated, a.pack_id, a.pack_position)
         )  # fmt: skip
         self._schedule()
+
+    def leaving(self, row_id: str) -> None:
+        """A request answering this row leaves now: an entry it replaces is superseded (a packed
+        request answers several rows; ``sent`` writes it down under the first)."""
+        if self.replacing and (how := self.replacing.pop(row_id, 0)):
+            self.supersede(row_id, how)
 
     def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:
         """Write down that a request for this row is leaving now (before it does); ``again``:
@@ -373,13 +379,15 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""
         cur = self.conn.execute(
             "SELECT row_id, sample, kind, text, prompt_tokens, completion_tokens, input_cost_pico, "
-            "output_cost_pico, truncated FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) "
-            "ORDER BY row_id, seq",
+            "output_cost_pico, truncated, pack_id, pack_position FROM attempts "
+            "WHERE row_id IN (SELECT value FROM json_each(?)) ORDER BY row_id, seq",
             (orjson.dumps(list(row_ids)),),
         )
         out: dict[str, list[Attempt]] = {}
         for r in cur:
-            out.setdefault(r[0], []).append(Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])))
+            out.setdefault(r[0], []).append(
+                Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10])
+            )
         return out
 
     def first_attempts(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:

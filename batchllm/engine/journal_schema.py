@@ -13,7 +13,9 @@ Schema 4 added ``request_key``, ``answered_by`` and ``cached``: a row whose requ
 (or the cache) answered. Schema 5 gave rows an integer ``seq`` and moved the request-key index
 into ``keyed``, built in bulk: indexed row by row, it rewrote an index page per row at every
 commit, half of a row's journal cost (make bench). Older journals are rebuilt once when opened. Schema 6 added the ``carried`` table (what rows
-sent again had cost before); it is created in any older journal when opened.
+sent again had cost before); it is created in any older journal when opened. Schema 7 added
+``pack_id`` and ``pack_position`` to ``attempts`` (a row answered in a packed request,
+labeling/pack.py), added to an older journal when opened.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -73,6 +75,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     input_cost_pico INTEGER,
     output_cost_pico INTEGER,
     truncated INTEGER NOT NULL,
+    pack_id TEXT,
+    pack_position INTEGER,
     PRIMARY KEY (row_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS carried (
@@ -99,7 +103,8 @@ CARRY = (
 )
 AS_ATTEMPT = (
     "INSERT INTO attempts SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
-    "COALESCE(completion_tokens, 0), input_cost_pico, output_cost_pico, COALESCE(truncated, 0) "
+    "COALESCE(completion_tokens, 0), input_cost_pico, output_cost_pico, COALESCE(truncated, 0), "
+    "json_extract(extra, '$.pack_id'), json_extract(extra, '$.pack_position') "
     "FROM rows WHERE row_id = ?1 AND response IS NOT NULL "
     "AND NOT EXISTS (SELECT 1 FROM attempts WHERE row_id = ?1)"
 )
@@ -127,7 +132,7 @@ _ADDED = {
     "answered_by": "TEXT",
     "cached": "INTEGER",
 }
-INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def insert_rows(entries: list[Entry]) -> tuple[str, Iterable[Sequence[Any]]]:
@@ -174,13 +179,18 @@ def write_rescued(path: Path, records: list[Entry], attempts: list[tuple[Any, ..
 def read_rescued(path: Path) -> tuple[list[Entry], list[tuple[Any, ...]]]:
     loaded = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     records = [entry_of(x) for x in loaded if isinstance(x, list)]
-    return records, [tuple(x["attempt"]) for x in loaded if isinstance(x, dict)]
+    attempts = [x["attempt"] for x in loaded if isinstance(x, dict)]
+    return records, [tuple(a + [None] * (12 - len(a))) for a in attempts]  # before schema 7: 10
 
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring an older journal up to date: schema 1 gets the columns added since (``truncated``
     filled from the Dataoorts rule), and a journal before schema 5 its rows rebuilt with ``seq``
     (their request-key index is then built in bulk like any other, journal.py)."""
+    packed = {r[1] for r in conn.execute("PRAGMA table_info(attempts)")}
+    if "pack_id" not in packed:
+        conn.execute("ALTER TABLE attempts ADD COLUMN pack_id TEXT")
+        conn.execute("ALTER TABLE attempts ADD COLUMN pack_position INTEGER")
     have = {r[1] for r in conn.execute("PRAGMA table_info(rows)")}
     missing = [c for c in _ADDED if c not in have]
     if not missing and "seq" in have:

@@ -63,7 +63,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
             return  # stopping: the attempts so far are journaled; the row resumes from them
         if isinstance(result, APIError):
             d.journal.resumed(item.row_id)
-            _book(d, item, attempts, calls, latency_ms, error=result)
+            book(d, item, attempts, calls, latency_ms, error=result)
             return
         attempts.append(result)
         todo = labeler.next(attempts)
@@ -72,7 +72,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
             # in one request is saved whole by its entry, in the same commit (half the writes).
             d.journal.add_attempt(item.row_id, len(attempts) - 1, result)
     d.journal.resumed(item.row_id)  # booked from every attempt, old ones included
-    _book(d, item, attempts, calls, latency_ms, outcome=todo)
+    book(d, item, attempts, calls, latency_ms, outcome=todo)
 
 
 async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | APIError | None, int, float]:
@@ -124,7 +124,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
             budget.settle(worst, billed)
 
 
-def _book(
+def book(
     d: Dispatcher,
     item: WorkItem,
     attempts: list[Attempt],
@@ -133,7 +133,8 @@ def _book(
     error: APIError | None = None,
     outcome: Outcome | None = None,
 ) -> None:
-    """The row's entry: the outcome, with the tokens and costs of every request it took."""
+    """The row's entry: the outcome, with the tokens and costs of every request it took (and,
+    for a packed row, which pack and item its answer came from)."""
     # One pass over the row's requests (a few microseconds a row at thousands of rows/s).
     pt = ct = in_cost = out_cost = reask_cost = sample_cost = 0
     priced = True
@@ -181,6 +182,14 @@ def _book(
         else:
             d.stats.invalid += 1
         d.track(False)
+    if attempts and attempts[-1].pack_id is not None:
+        answered = next(
+            (a for a in reversed(attempts) if outcome is not None and a.text == outcome.text), attempts[-1]
+        )
+        extra["pack_id"], extra["pack_position"] = answered.pack_id, answered.pack_position
+        # What its requests' prompts would have been alone, one row per request (``report``).
+        asked = sum(1 for a in attempts if a.kind not in ("split", "cached"))
+        extra["alone_prompt_tokens"] = item.prompt_tokens * asked
     some = bool(attempts)
     d.record(
         item,

@@ -253,6 +253,9 @@ def label_columns(row_ids: list[str], entries: dict[str, Entry], labeling: Label
         for kind in ("reask", "sample"):
             pico = x.get(f"{kind}_cost_pico")
             cols[f"{kind}_cost_usd"][i] = None if pico is None else to_usd(pico)
+        if "pack_id" in cols:
+            cols["pack_id"][i] = x.get("pack_id")
+            cols["pack_position"][i] = x.get("pack_position")
     return [pa.array(cols[f.name], type=f.type) for f in fields]
 
 

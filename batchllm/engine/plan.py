@@ -49,6 +49,14 @@ class WorkItem(NamedTuple):
     key: str = ""  # Request.key(): identical rows share one request (reuse.py)
 
 
+class Pack(NamedTuple):
+    """Rows a worker labels together, several per request (``--pack``, engine/packed.py)."""
+
+    items: tuple[WorkItem, ...]
+    row_id: str  # its first row's: the pool names work by a row
+    key: str = ""  # the rows' own keys are in ``items``
+
+
 class Setup(Protocol):
     """What a summary needs of a run's preparation (``Prepared``, or a cluster run's)."""
 
@@ -166,7 +174,7 @@ class Admission:
         # What the server's own chat template may add to our count (the budget reserves it).
         self.slack = provider.template_slack
         self._counter: TokenCounter | None = None
-        self._overhead = 0
+        self._overhead = 0  # tokens of a request without its user text (``counter`` sets it)
         self._warned = False
 
     @property
@@ -176,6 +184,11 @@ class Admission:
             self._counter = counter_for(self.model_name)
             self._overhead = self._counter.prefix_overhead(self.prefix)
         return self._counter
+
+    @property
+    def overhead(self) -> int:
+        self.counter  # noqa: B018 - loads the counter, which sets it
+        return self._overhead
 
     @classmethod
     def of(cls, p: Prepared, *, count_all: bool) -> Admission:
@@ -286,7 +299,9 @@ class Plan:
         self.job = p.job
         self.warn = warn
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
-        self.admission = Admission.of(p, count_all=p.job.budgeted or p.job.tpm is not None)
+        # Packing rows (--pack) fills requests by tokens: every row is counted.
+        packing = p.job.labeling is not None and p.job.labeling.pack > 1
+        self.admission = Admission.of(p, count_all=p.job.budgeted or p.job.tpm is not None or packing)
 
     def _decide(
         self, journal: Journal, quiet: bool = False

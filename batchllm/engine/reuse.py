@@ -38,8 +38,12 @@ class Reuse:
         record: Record,
         labeling: bool = False,
         first_is_request: bool = True,
+        packed: bool = False,
     ) -> None:
         self.journal = journal
+        # A row answered in a packed request (engine/packed.py) is cached per row under a key of
+        # its own: a run without packing is never served a packed answer, nor the other way.
+        self.packed = packed
         # A labeling row's reply is read, and maybe re-asked, by its worker (engine/labeled.py):
         # a cache hit becomes its first attempt (``first_hits``) instead of a finished row.
         self.labeling = labeling
@@ -67,7 +71,7 @@ class Reuse:
         wanted: dict[str, str] = {}
         if self.cache is not None and self.screen_cache:
             wanted = {
-                cache_key(self.endpoint_id, r.key()): k
+                self._cache_key(r): k
                 for k, (_, _, r) in zip(keys, rows, strict=True)
                 if k not in self.waiting and k not in done and self.cache.serves(r)
             }
@@ -152,9 +156,12 @@ class Reuse:
         self.saved_pico += (would_in or 0) + (would_out or 0)
         self.hits += 1
 
+    def _cache_key(self, request: Request) -> str:
+        return cache_key(self.endpoint_id, ("packed:" if self.packed else "") + request.key())
+
     def lookup(self, request: Request) -> Cached | None:
         """A labeling re-ask or sample: the cache's reply for it, if its policy serves it."""
-        if self.cache is None or not self.cache.serves(request):
+        if self.cache is None or self.packed or not self.cache.serves(request):
             return None
         ck = cache_key(self.endpoint_id, request.key())
         hit = self.cache.get_many([ck]).get(ck)
@@ -172,7 +179,7 @@ class Reuse:
         if first and self.screen_cache:
             ck = self.cache_keys.pop(row_key, None)
         else:
-            ck = cache_key(self.endpoint_id, request.key()) if self.cache.serves(request) else None
+            ck = self._cache_key(request) if self.cache.serves(request) else None
         if ck is not None:
             self.cache.put(ck, text, pt, ct, truncated)
 

@@ -36,6 +36,7 @@ from .labeled import label_row, reparse
 from .lock import RunLock
 from .observer import Observer, Silent
 from .output import Totals, write_output
+from .packed import Packs
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
@@ -81,6 +82,11 @@ class Run:
         self.reuse: Reuse | None = None
         self.warnings: list[str] = []
         self.plan = Plan(prepared, self.warn, only)
+        labeling = prepared.job.labeling
+        # Built before anything starts: a --pack-tokens too small for one row is a usage error.
+        self.packs = (
+            Packs(prepared, self.plan.admission) if labeling is not None and labeling.pack > 1 else None
+        )
         self.write = write  # a pilot writes no output (reports/estimate.py)
 
     def warn(self, message: str) -> None:
@@ -166,6 +172,7 @@ class Run:
         cache = None
         if job.cache != "off":
             cache = ResponseCache(job.cache_dir or default_dir(), job.cache)
+        labeling, packs = job.labeling, self.packs
         async with client:
             dispatcher = Dispatcher(
                 client=client,
@@ -180,7 +187,7 @@ class Run:
                 max_error_rate=job.max_error_rate,
                 error_window=job.error_window,
                 labeling=job.labeling,
-                label=label_row if job.labeling is not None else None,
+                label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
             )
@@ -201,7 +208,6 @@ class Run:
                     )
                 else:
                     endpoint_id = "sandbox" if job.sandbox else endpoint.url.rstrip("/")
-                    labeling = job.labeling
                     reuse = Reuse(
                         journal,
                         cache,
@@ -210,11 +216,11 @@ class Run:
                         dispatcher.record_copy,
                         labeling=labeling is not None,
                         first_is_request=labeling is None or labeling.samples == 1,
+                        packed=packs is not None,
                     )
                     dispatcher.reuse = self.reuse = reuse
-                    await dispatcher.run(
-                        self.plan.items(journal, dispatcher.record_rejected, reuse), self.hard_stop
-                    )
+                    items = self.plan.items(journal, dispatcher.record_rejected, reuse)
+                    await dispatcher.run(items if packs is None else packs.groups(items), self.hard_stop)
             finally:
                 if cache is not None:
                     cache.close()

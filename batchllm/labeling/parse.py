@@ -7,7 +7,8 @@ code, never a guess. JSON: the first JSON object in the reply (in prose or a cod
 out by bracket matching, never completed: a reply cut off mid-object is ``invalid_json``.
 
 Error codes are stable strings: ``not_in_set:<value>``, ``no_json``, ``invalid_json``,
-``schema:<field>``, ``truncated`` (and ``no_majority`` from votes.py).
+``schema:<field>``, ``truncated``, ``missing`` (a packed reply left the row's item out,
+labeling/pack.py) and ``no_majority`` (votes.py).
 """
 
 from __future__ import annotations
@@ -146,6 +147,13 @@ def feedback_kinds(labeling: Labeling) -> list[str]:
 def feedback(labeling: Labeling, error: str) -> str:
     """Why an answer was rejected, and what to answer instead: the re-ask's user turn."""
     kind, _, detail = error.partition(":")
+    if kind == "missing":
+        what = "Your answer left this item out."
+        return what + (
+            " Answer again with one JSON object only, matching the schema."
+            if labeling.is_schema
+            else f" Answer again with exactly one of: {', '.join(labeling.labels)}."
+        )
     if labeling.is_schema:
         what = {
             "no_json": "Your answer contained no JSON object.",

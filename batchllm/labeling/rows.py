@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from ..records import Message, Request
+from .pack import read_reply
 from .parse import feedback, parse
 from .spec import Labeling
 from .votes import majority, settled
@@ -34,6 +35,16 @@ class Attempt(NamedTuple):
     input_cost_pico: int | None
     output_cost_pico: int | None
     truncated: bool
+    # A packed request's (labeling/pack.py): which pack answered, and this row's number in it.
+    # Then ``text`` is the row's item of the reply ("" when the reply left it out); position 0:
+    # a one-row pack whose reply could not be read, kept whole.
+    pack_id: str | None = None
+    pack_position: int | None = None
+
+
+# A packed reply that could not be read as a whole (not JSON, or cut off): the row's share of
+# its cost, and the row is sent again in a smaller pack; not an answer, so not in any chain.
+SPLIT = "split"
 
 
 class Step(NamedTuple):
@@ -66,7 +77,7 @@ class RowLabeler:
         """Each sample's requests, in order."""
         chains: list[list[Attempt]] = [[] for _ in range(self.labeling.samples)]
         for a in attempts:
-            if a.sample < len(chains):
+            if a.sample < len(chains) and a.kind != SPLIT:
                 chains[a.sample].append(a)
         return chains
 
@@ -74,7 +85,13 @@ class RowLabeler:
         hit = self._read_cache.get(id(a))
         if hit is not None and hit[0] is a:
             return hit[1]
-        result = parse(self.labeling, a.text, a.truncated)
+        if a.pack_position == 0:  # a packed reply unreadable as a whole (labeling/pack.py)
+            why = read_reply(a.text, 1)[1]
+            result: tuple[Any, str | None] = (None, "truncated" if a.truncated else why or "invalid_json")
+        elif not a.text and a.pack_position is not None:
+            result = (None, "missing")
+        else:
+            result = parse(self.labeling, a.text, a.truncated)
         self._read_cache[id(a)] = (a, result)  # the attempt is kept: its id stays its own
         return result
 
@@ -96,7 +113,7 @@ class RowLabeler:
             if not attempts:
                 return Step(self.base, 0, "first")
             first = attempts[0]
-            if first.sample == 0:
+            if first.sample == 0 and first.kind != SPLIT:
                 value, error = self._read(first)
                 if error is None:
                     return Outcome("ok", value, None, first.text, 0, None, None)

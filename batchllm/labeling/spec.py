@@ -45,6 +45,10 @@ class Labeling:
     reask: int = 1
     samples: int = 1
     adaptive: bool = False
+    # Rows per request (labeling/pack.py) and the most tokens a packed request (prompt + reply)
+    # may take. Not request settings: a journal is resumed under any pack size.
+    pack: int = 1
+    pack_tokens: int | None = None
 
     @property
     def is_schema(self) -> bool:
@@ -82,6 +86,8 @@ class Labeling:
                 pa.field("label_votes", pa.map_(pa.string(), pa.int64())),
             ]
         cols += [pa.field("reask_cost_usd", pa.float64()), pa.field("sample_cost_usd", pa.float64())]
+        if self.pack > 1:
+            cols += [pa.field("pack_id", pa.string()), pa.field("pack_position", pa.int64())]
         return cols
 
 
@@ -146,7 +152,9 @@ def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeli
         kwargs.pop("labels_file", None),
         kwargs.pop("json_schema", None),
     )
-    options = {k: kwargs.pop(k) for k in ("reask", "samples", "adaptive") if k in kwargs}
+    options = {
+        k: kwargs.pop(k) for k in ("reask", "samples", "adaptive", "pack", "pack_tokens") if k in kwargs
+    }
     given = [
         k
         for k, x in (("labels", labels), ("labels_file", labels_file), ("json_schema", schema))
@@ -155,6 +163,13 @@ def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeli
     if len(given) > 1:
         raise JobError(f"{where(given[1])}: give one of --labels, --labels-file and --json-schema")
     if not given:
+        if options.get("pack", 1) > 1 or "pack_tokens" in options:
+            key = "pack" if "pack" in options else "pack_tokens"
+            raise JobError(
+                f"{where(key)}: packing rows needs --labels, --labels-file or --json-schema (each "
+                "row's answer is read and checked from one JSON object)"
+            )
+        options.pop("pack", None)
         if options:
             raise JobError(f"{where(next(iter(options)))}: goes with --labels or --json-schema")
         return None

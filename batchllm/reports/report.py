@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
+from .packing import packing
 
 _BASE_COLUMNS = [
     "status",
@@ -242,6 +243,9 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     lost = _maybe_billed(path, summary)
     if lost:
         report["maybe_billed"] = lost
+    packed = packing(path)
+    if packed:
+        report["packing"] = packed
     estimate = summary.get("estimate")
     if estimate:
         overall = report["overall"]
@@ -365,6 +369,16 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             f"never paid twice: {overall['rows_answered_by_identical_rows']:,} rows answered by an identical "
             f"row's reply, {overall['rows_from_cache']:,} from the cache (the last run's cache hits saved ${saved})"
         )
+    if "packing" in report:
+        pk = report["packing"]
+        lines += [
+            "",
+            (
+                f"packed: {pk['rows']:,} rows in {pk['requests']:,} requests ({pk['rows_per_request']} rows per "
+                f"request); prompt tokens {pk['prompt_tokens']:,}, one row per request "
+                f"{pk['prompt_tokens_alone']:,}: {pk['prompt_tokens_saved']:,} saved"
+            ),
+        ]
     if "maybe_billed" in report:
         lost = report["maybe_billed"]
         lines.append("")

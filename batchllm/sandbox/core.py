@@ -43,7 +43,7 @@ from aiohttp import web
 
 from ..pricing import Model, load_models
 from ..tokens import get_counter
-from . import labeler
+from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
 from .words import WORDS
 
@@ -74,6 +74,13 @@ class SandboxConfig:
     label_out_of_set: float = 0.0
     label_invalid_json: float = 0.0
     label_truncated: float = 0.0
+    # Packed requests (--pack, packed.py): items left out or wrapped in prose, replies fenced or
+    # in prose, replies broken off, and the error added per other row in the pack.
+    pack_missing: float = 0.01
+    pack_prose: float = 0.02
+    pack_fenced: float = 0.05
+    pack_broken: float = 0.0
+    pack_decay: float = 0.004
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
@@ -152,6 +159,13 @@ class Sandbox:
             ("invalid_json", cfg.label_invalid_json),
             ("truncated", cfg.label_truncated),
         ]
+        self.pack_knobs = {
+            "pack_missing": cfg.pack_missing,
+            "pack_prose": cfg.pack_prose,
+            "pack_fenced": cfg.pack_fenced,
+            "pack_broken": cfg.pack_broken,
+            "pack_decay": cfg.pack_decay,
+        }
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -266,8 +280,17 @@ class Sandbox:
         if prompt_tokens + parsed.max_tokens > window:
             return face.window_error(prompt_tokens + parsed.max_tokens, window)
 
-        labeled = labeler.answer(parsed.messages, parsed.seed_material, self.label_rates)
-        if labeled is not None:
+        in_pack = packed.reply(parsed.messages, parsed.seed_material, self.label_rates, self.pack_knobs)
+        labeled = (
+            None
+            if in_pack is not None
+            else labeler.answer(parsed.messages, parsed.seed_material, self.label_rates)
+        )
+        if in_pack is not None:
+            text, counts = in_pack
+            self.stats.update(counts)
+            text, n, truncated = self._cut(text, parsed.max_tokens)
+        elif labeled is not None:
             text, which, reask = labeled
             self.stats["labeling_reasks" if reask else f"label_{which or 'clean'}"] += 1
             text, n, truncated = self._cut(text, parsed.max_tokens)

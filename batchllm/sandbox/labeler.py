@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 _LABELS = re.compile(r"Answer with exactly one label from this list: (.+?)\.(?:\n|$)")
-_SCHEMA = re.compile(r"matching this JSON Schema:\n(\{.*\})\s*$", re.DOTALL)
+_SCHEMA = re.compile(r"matching this JSON Schema:\n(\{[^\n]*\})")  # one line, as orjson writes it
 REASK_PREFIX = "Your answer"
 # A reader of tone: strong phrases weigh 2, details 1; a hedging phrase reads as neutral.
 _POSITIVE = {"love": 2, "best": 2, "exceeded": 2, "five stars": 2, "really good": 2, "works well": 2,

@@ -1,0 +1,184 @@
+"""Several rows per request (--pack): every row still validated, re-asked, costed and resumed on its own."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+from batchllm.labeling import pack
+from batchllm.labeling.spec import Labeling
+
+from .conftest import run_cli, spawn, write_csv
+from .test_labeling import LABELS, labeling_input, run_labels
+
+PRICE_IN, PRICE_OUT = 310_000, 340_000  # picodollars per token
+CLEAN = {"pack_missing": 0.0, "pack_prose": 0.0, "pack_fenced": 0.0, "pack_decay": 0.0}
+
+
+def billed(box) -> int:
+    stats = box.sandbox.stats
+    return stats["prompt_tokens"] * PRICE_IN + stats["completion_tokens"] * PRICE_OUT
+
+
+def pico(rows: list[dict]) -> int:
+    return sum(round((r["cost_usd"] or 0) * 1e12) for r in rows)
+
+
+def test_split_and_read_are_exact() -> None:
+    shares = pack.prompt_shares(103, [10, 20, 30])
+    assert shares == [25, 34, 44] and sum(shares) == 103  # shared 43 -> 15, 14, 14
+    assert sum(pack.prompt_shares(40, [30, 30])) == 40  # fewer than counted: in proportion
+    assert sum(pack.completion_shares(17, ["positive", "", "neutral"])) == 17
+    assert pack.completion_shares(17, ["positive", "", "neutral"])[1] == 0
+    items, error = pack.read_reply('Sure:\n```json\n{"1": "a", "[3]": {"x": 1}}\n```', 3)
+    assert error is None and items == ["a", "", '{"x":1}']
+    assert pack.read_reply('{"1": "a", "2": "b', 2) == (None, "invalid_json")
+    assert pack.read_reply("no object here", 2) == (None, "no_json")
+    turns = pack.reask_turns(Labeling(labels=("a", "b")), ["one", "two"], ["c", ""])
+    assert turns[-1].content.startswith("Your answer") and "[1] 'c' is not one" in turns[-1].content
+    assert "[2] was left out" in turns[-1].content and turns[0].content == "[1] one\n[2] two"
+
+
+def test_2000_rows_in_packs_of_10_every_row_on_its_own(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(pack_missing=0.05, pack_prose=0.05, pack_fenced=0.05, pack_decay=0.0)
+    src, out = labeling_input(tmp_path, 2000), tmp_path / "o.parquet"
+    result = run_labels(box, src, out, "--reask", "1", "--pack", "10", "--concurrency", "16")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 2000
+    for r in rows:
+        assert (r["status"] == "ok" and r["label"] in LABELS) or (
+            r["status"] == "invalid" and r["parse_error"]
+        )
+        assert r["pack_id"] and 1 <= r["pack_position"] <= 10
+    stats = box.sandbox.stats
+    # 200 packs of 10, then one re-ask per pack that left items out, of those items together
+    assert stats["packs"] == 200
+    reasked = [r for r in rows if r["reasks"]]
+    assert len(reasked) == stats["pack_items_missing"] > 0
+    assert stats["pack_reasks"] == len({r["pack_id"] for r in reasked})
+    assert box.count() == stats["packs"] + stats["pack_reasks"]
+    assert stats["pack_items_prose"] > 0 and stats["pack_fenced"] > 0  # repaired for free
+    # money: the rows' tokens and costs sum to what the sandbox billed, exactly
+    assert sum(r["prompt_tokens"] for r in rows) == stats["prompt_tokens"]
+    assert sum(r["completion_tokens"] for r in rows) == stats["completion_tokens"]
+    assert pico(rows) == billed(box)
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).output)
+    assert report["packing"]["requests"] == box.count()
+    assert 6 < float(report["packing"]["rows_per_request"]) < 10
+    assert report["packing"]["prompt_tokens"] == stats["prompt_tokens"]
+    assert report["packing"]["prompt_tokens_saved"] > 0
+
+
+def test_unreadable_replies_are_sent_again_in_smaller_packs(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(pack_broken=0.3, **CLEAN)
+    src, out = labeling_input(tmp_path, 400), tmp_path / "o.parquet"
+    result = run_labels(box, src, out, "--reask", "1", "--pack", "8")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" and r["label"] in LABELS for r in rows)
+    stats = box.sandbox.stats
+    assert stats["pack_broken"] > 0 and stats["packs"] > 50  # the broken ones again, in halves
+    sizes = {r["pack_position"] for r in rows}
+    assert max(sizes) == 8
+    assert pico(rows) == billed(box)
+    # Without re-asks, a row whose one-row pack came back unreadable too ends invalid, saying why.
+    again = sandbox_factory(pack_broken=0.3, **CLEAN)
+    result = run_labels(again, src, tmp_path / "r0.parquet", "--reask", "0", "--pack", "8")
+    rows = pq.read_table(tmp_path / "r0.parquet").to_pylist()
+    invalid = [r for r in rows if r["status"] != "ok"]
+    assert result.exit_code == 1 and invalid
+    assert {r["parse_error"] for r in invalid} == {"invalid_json"} and {
+        r["pack_position"] for r in invalid
+    } == {0}
+    assert pico(rows) == billed(again)
+
+
+def test_sigkill_mid_run_resumes_without_paying_a_pack_twice(sandbox_factory, tmp_path: Path) -> None:
+    src, out = labeling_input(tmp_path, 1000), tmp_path / "o.parquet"
+    box = sandbox_factory(latency=0.05, pack_missing=0.05, pack_prose=0.05, pack_fenced=0.05, pack_decay=0.0)
+    args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--labels", ",".join(LABELS)]
+    args += ["--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--pack", "10", "--concurrency", "4"]
+    proc = spawn(args, env=box.env())
+    deadline = time.monotonic() + 60
+    while box.sandbox.stats["packs"] < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    before = box.sandbox.stats["packs"]
+    assert 40 <= before < 100
+    result = run_cli(args, env=box.env())
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 1000 and all(r["status"] == "ok" and r["label"] in LABELS for r in rows)
+    # Only packs in flight at the kill (at most 4 groups of 10 rows) were sent again.
+    assert box.sandbox.stats["packs"] <= 100 + 4 + 1
+    spent, bill = pico(rows), billed(box)
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).output)
+    maybe = round(float((report.get("maybe_billed") or {}).get("worst_case_usd") or 0) * 1e12)
+    assert spent <= bill <= spent + maybe, (spent, bill, maybe)
+
+
+def test_packing_saves_prompt_tokens_and_stays_under_the_rate(sandbox_factory, tmp_path: Path) -> None:
+    system = "You label product reviews for a retailer's quality team. " * 30  # ~300 tokens
+    examples = write_csv(
+        tmp_path / "ex.csv",
+        [
+            {"text": t, "label": lab}
+            for t, lab in [("love it", "positive"), ("broke", "negative"), ("ok", "neutral")]
+        ],
+    )
+    src = labeling_input(tmp_path, 200)
+    per_row = {}
+    for n in (1, 10):
+        box = sandbox_factory(rate_limit=10, rate_burst=2, **CLEAN)
+        out = tmp_path / f"p{n}.parquet"
+        result = run_labels(
+            box, src, out, "--system", system, "--examples", str(examples), "--pack", str(n), "--rpm", "600"
+        )
+        assert result.exit_code == 0, result.output
+        rows = pq.read_table(out).to_pylist()
+        assert all(r["status"] == "ok" for r in rows)
+        assert box.count(429) == 0 and box.count() == 200 // n
+        per_row[n] = sum(r["prompt_tokens"] for r in rows) / len(rows)
+    assert per_row[10] <= per_row[1] / 4, per_row
+
+
+def test_samples_vote_over_new_orders_and_company(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(keep_bodies=True, **{**CLEAN, "pack_decay": 0.02})
+    src, out = labeling_input(tmp_path, 40), tmp_path / "o.parquet"
+    result = run_labels(box, src, out, "--pack", "5", "--samples", "3", "--seed", "7")
+    assert result.exit_code in (0, 1), result.output
+    rows = pq.read_table(out).to_pylist()
+    assert all(sum(dict(r["label_votes"] or []).values()) >= 2 for r in rows if r["status"] == "ok")
+    packs = [orjson.loads(b)["data"]["messages"][-1]["content"] for b in box.sandbox.bodies]
+    firsts = {tuple(line.split("] ", 1)[1] for line in p.splitlines()) for p in packs}
+    assert len(packs) == 3 * 8 and len(firsts) == 24  # no pack repeats another's rows in order
+    company = {frozenset(p) for p in firsts}
+    assert len(company) > 8  # samples put rows with other rows
+    again = tmp_path / "again.parquet"
+    box2 = sandbox_factory(keep_bodies=True, **{**CLEAN, "pack_decay": 0.02})
+    run_labels(box2, src, again, "--pack", "5", "--samples", "3", "--seed", "7")
+    # seeded: the same packs in another run (in whatever order the workers sent them)
+    assert sorted(orjson.loads(b)["data"]["messages"][-1]["content"] for b in box2.sandbox.bodies) == sorted(
+        packs
+    )
+
+
+def test_bad_pack_flags(sandbox, tmp_path: Path) -> None:
+    src = labeling_input(tmp_path, 3)
+    base = ["run", str(src), "-o", str(tmp_path / "o.parquet"), "--template", "C: {text}"]
+    for extra, message in [
+        (["--labels", "a,b", "--pack", "0"], "--pack must be an integer from 1 to 100"),
+        (["--pack", "5"], "--pack: packing rows needs --labels"),
+        (["--labels", "a,b", "--pack", "5", "--pack-tokens", "60"], "--pack-tokens 60 is below one row"),
+    ]:
+        result = run_cli([*base, *extra], env=sandbox.env())
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sandbox.count() == 0
