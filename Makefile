@@ -25,9 +25,14 @@ demo: install
 	@echo
 	$(BIN)/batchllm eval out/reviews_sentiment.parquet --gold human_label
 	@echo
-	@echo "Parquet output:  out/reviews_sentiment.parquet"
-	@echo "Cost summary:    out/reviews_sentiment.summary.json"
-	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment.parquet"
+	@# The same rows, ten to a request: each still labeled, checked and costed on its own.
+	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --rpm 6000 --pack 10 -o out/reviews_sentiment_pack10.parquet --summary-json out/reviews_sentiment_pack10.summary.json
+	@echo
+	$(BIN)/batchllm eval out/reviews_sentiment_pack10.parquet --gold human_label
+	@echo
+	@echo "Parquet output:  out/reviews_sentiment.parquet (one row a request), out/reviews_sentiment_pack10.parquet (ten)"
+	@echo "Cost summary:    out/reviews_sentiment.summary.json, out/reviews_sentiment_pack10.summary.json"
+	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment_pack10.parquet"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -8,6 +8,7 @@ is one more caller of ``run_job``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from .errors import ExitCode
 from .job import Job
 from .reports.estimate import Observed, pilot_positions
 from .reports.eval import pilot_accuracy
+from .reports.pilot import pilot_dir, recommend, size_line
 from .sandbox import SandboxConfig, endpoint_for, start_sandbox
 
 
@@ -70,6 +72,14 @@ async def run_job(
         )
 
 
+class PilotStopped(Exception):
+    """A pilot of ``run_pack_pilots`` did not finish: its exit code and why."""
+
+    def __init__(self, code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 async def run_pilot(
     job: Job,
     rows: int,
@@ -83,6 +93,13 @@ async def run_pilot(
     (the pilot's and any earlier run's), and with ``gold`` the pilot's accuracy; no output file
     is written, and the full run will not send those rows again.
     """
+    code, message, observed, accuracy, _ = await _pilot(job, rows, observer, command, gold)
+    return code, message, observed, accuracy
+
+
+async def _pilot(
+    job: Job, rows: int, observer: Observer | None, command: str, gold: str | None
+) -> tuple[ExitCode, str | None, Observed, dict[str, Any] | None, dict[str, Any]]:
     prepared = prepare(job)
     positions = pilot_positions(prepared.rows, rows)
     result = await run_job(job, observer=observer, command=command, only=positions, write_output=False)
@@ -92,4 +109,40 @@ async def run_pilot(
         accuracy = pilot_accuracy(prepared, journal, positions, gold) if gold else None
     finally:
         journal.conn.close()
-    return result.exit_code, result.summary.get("message"), observed, accuracy
+    return result.exit_code, result.summary.get("message"), observed, accuracy, result.summary
+
+
+async def run_pack_pilots(
+    job: Job,
+    rows: int,
+    sizes: list[int],
+    gold: str,
+    observer: Observer | None = None,
+    command: str = "batchllm estimate",
+) -> dict[str, Any]:
+    """``estimate --pilot M --gold COLUMN --pack 1,5,20``: the same M rows at each pack size,
+    each into a scratch journal of its own (reports/pilot.py); one line per size."""
+    assert job.labeling is not None
+    prepared = prepare(job)
+    rpm = job.rpm or int(prepared.provider.documented_rpm)
+    lines = []
+    for size in sizes:
+        sized = dataclasses.replace(
+            job,
+            labeling=dataclasses.replace(job.labeling, pack=size),
+            checkpoint=pilot_dir(job.journal_dir, size),
+        )
+        code, message, _, accuracy, _ = await _pilot(sized, rows, observer, command, gold)
+        if code not in (ExitCode.OK, ExitCode.ROW_ERRORS):
+            raise PilotStopped(code, f"the pilot at --pack {size} stopped: {message}")
+        assert accuracy is not None
+        lines.append(size_line(size, sized.journal_dir, accuracy, prepared.rows, rpm))
+    return {
+        "input": str(job.input),
+        "gold": gold,
+        "pilot_rows": rows,
+        "rows": prepared.rows,
+        "rpm": rpm,
+        "sizes": lines,
+        "recommended": recommend(lines),
+    }

@@ -187,6 +187,8 @@ def _sampling(raw: Any) -> Any:
     return raw  # parsed by the provider once it is known (``build_job``)
 
 
+parse_pack = v.integer(1, 100)  # --pack; estimate also takes several sizes (cli/run.py)
+
 # name in flags/TOML -> (Job attribute, parser). Keys are named like their flags, with underscores.
 _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "input": ("input", _path),
@@ -230,7 +232,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "reask": ("reask", v.integer(0, 10)),
     "samples": ("samples", v.integer(1, 25)),
     "adaptive": ("adaptive", v.boolean),
-    "pack": ("pack", v.integer(1, 100)),
+    "pack": ("pack", parse_pack),
     "pack_tokens": ("pack_tokens", v.integer(1, None)),
     "examples": ("examples", _path),
     "reparse": ("reparse", v.boolean),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -182,3 +184,108 @@ def test_bad_pack_flags(sandbox, tmp_path: Path) -> None:
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert sandbox.count() == 0
+
+
+def test_pilot_table_shows_accuracy_falling_with_pack_size(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(pack_decay=0.012, pack_missing=0.0, pack_prose=0.02, pack_fenced=0.05)
+    sample = Path(__file__).parent.parent / "sample_data" / "reviews.csv"
+    out = tmp_path / "o.parquet"
+    args = [
+        "estimate",
+        str(sample),
+        "-o",
+        str(out),
+        "--template",
+        "Review: {review}",
+        "--labels",
+        ",".join(LABELS),
+    ]
+    args += [
+        "--max-tokens",
+        "16",
+        "--rpm",
+        "0",
+        "--pilot",
+        "120",
+        "--gold",
+        "human_label",
+        "--pack",
+        "1,5,20",
+    ]
+    result = run_cli([*args, "--format", "json"], env=box.env())
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.output[result.output.index("{") :])
+    lines = {x["pack"]: x for x in table["sizes"]}
+    assert sorted(lines) == [1, 5, 20] and all(x["rows"] == 120 for x in lines.values())
+    acc = {k: x["accuracy"]["accuracy"] for k, x in lines.items()}
+    assert acc[1] > acc[20] and acc[5] > acc[20], acc
+    assert 110 <= lines[1]["requests"] <= 120 and lines[20]["requests"] < 15  # identical rows: once
+    assert (
+        lines[20]["prompt_tokens_per_row"]
+        < lines[5]["prompt_tokens_per_row"]
+        < lines[1]["prompt_tokens_per_row"]
+    )
+    assert table["recommended"] in (1, 5)
+    sent = box.count()
+    text = run_cli(args, env=box.env())  # again, as text: answered from the journals, nothing sent
+    assert text.exit_code == 0 and "cheapest within 1 point" in text.output, text.output
+    assert box.count() == sent and f"{lines[20]['requests']:,}" in text.output
+    bad = run_cli([*args[:-2], "--pack", "1,0"], env=box.env())
+    assert bad.exit_code == 2 and "'0' must be an integer from 1 to 100" in bad.output
+
+
+def test_export_one_line_per_pack_and_import_splits_them(sandbox_factory, tmp_path: Path) -> None:
+    from .test_openai_batch import answer_batch
+
+    box = sandbox_factory(
+        pack_missing=0.05, pack_prose=0.05, pack_fenced=0.05, pack_decay=0.0, pack_broken=0.03
+    )
+    src = labeling_input(tmp_path, 1000)
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    job = [
+        "--template",
+        "Classify: {text}",
+        "--labels",
+        ",".join(LABELS),
+        "--max-tokens",
+        "16",
+        "--id-column",
+        "id",
+    ]
+    job += ["--pack", "10"]
+    exported = run_cli(["export-batch", str(src), "-o", str(requests), *job])
+    assert exported.exit_code == 0, exported.output
+    lines = requests.read_bytes().splitlines()
+    assert len(lines) == 100 and "exported 100 requests" in exported.output
+    answer_batch(box, requests, results, errors)
+    out = tmp_path / "o.parquet"
+    prices = ["--input-price", "0.31", "--output-price", "0.34"]
+    imported = run_cli(
+        ["import-batch", str(results), str(errors), "--input", str(src), "-o", str(out), *job, *prices]
+    )
+    assert imported.exit_code in (0, 1), imported.output
+    rows = pq.read_table(out).to_pylist()
+    stats = box.sandbox.stats
+    unread = stats["pack_broken"]
+    done = [r for r in rows if r["status"] in ("ok", "invalid")]
+    assert len(done) == 1000 - 10 * unread  # a reply that cannot be read leaves its rows pending
+    missing = [r for r in done if r["status"] == "invalid"]
+    assert len(missing) == stats["pack_items_missing"] and all(r["parse_error"] == "missing" for r in missing)
+    assert all(r["label"] in LABELS for r in done if r["status"] == "ok")
+    assert all(r["pack_id"].startswith("pack10-") for r in done)
+    # what the batch billed is on the rows (broken packs' shares kept for the pending rows)
+    status = run_cli(["status", str(out)]).output
+    assert f"{1000 - len(done):,} not done" in status, status
+    spent = re.search(r"cost so far: \$([0-9.]+)", status)
+    assert spent is not None and round(Decimal(spent.group(1)) * 10**12) == billed(box), status
+    again = run_cli(
+        ["import-batch", str(results), str(errors), "--input", str(src), "-o", str(out), *job, *prices]
+    )
+    assert again.exit_code in (0, 1) and pq.read_table(out).to_pylist() == rows  # twice: nothing changes
+    # the live run finishes: the pending rows and the invalid ones (re-asked), in packs
+    before = box.count()
+    live = run_cli(["run", str(src), "-o", str(out), *job, "--retry-errors", "--rpm", "0"], env=box.env())
+    assert live.exit_code == 0, live.output
+    final = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" for r in final) and box.count() > before
+    assert pico(final) == billed(box)

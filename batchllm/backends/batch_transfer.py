@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
+from ..engine.packed import Packs
 from ..engine.plan import Admission, Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
@@ -40,6 +42,7 @@ from ..providers import get_provider
 from ..records import Entry, Request
 from ..reports.status import find_journal
 from ..tokens import counter_for
+from .batch_packs import packed_lines, read_pack
 from .openai_batch import batch_line, iter_lines, result_body
 
 MAX_LINES = 50_000  # the OpenAI Batch API's limits per file
@@ -56,7 +59,8 @@ class Exported:
 
 
 def _rows(p: Prepared, journal: Journal | None) -> Any:
-    """(row_id, content_hash, Request | None) for every input row a run would send, in order."""
+    """(position, row_id, content_hash, Request | None) for every input row a run would send, in
+    order (None: a run would refuse it)."""
     admission = Admission.of(p, count_all=False)
     maker = p.maker()
     position = 0
@@ -77,7 +81,7 @@ def _rows(p: Prepared, journal: Journal | None) -> Any:
                 tokens = admission.counter.count_messages(request.messages)
             max_tokens = request.max_tokens if request is not None else None
             refused = admission.reject(user, tokens, pb.start + i + 1, pb.requests is not None, max_tokens)
-            yield pb.row_ids[i], pb.hashes[i], None if refused else request
+            yield pb.start + i, pb.row_ids[i], pb.hashes[i], None if refused else request
 
 
 def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int, max_bytes: int) -> Exported:
@@ -90,11 +94,7 @@ def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int
     out = None
     lines = size = 0
     try:
-        for row_id, _, request in _rows(p, journal):
-            if request is None:
-                result.refused += 1
-                continue
-            line = batch_line(row_id, request)
+        for line in _lines(p, journal, result):
             if out is None or lines + 1 > max_lines or size + len(line) > max_bytes:
                 if out is not None:
                     out.close()
@@ -121,6 +121,23 @@ def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int
         path.write_bytes(b"")
         result.files = [path]
     return result
+
+
+def _lines(p: Prepared, journal: Journal | None, result: Exported) -> Iterator[bytes]:
+    """The request lines: one per row, or one per pack of rows (``--pack``, batch_packs.py)."""
+
+    def refused() -> None:
+        result.refused += 1
+
+    rows = _rows(p, journal)
+    if p.job.labeling is not None and p.job.labeling.pack > 1:
+        yield from packed_lines(rows, Packs(p, Admission.of(p, count_all=True)), refused)
+        return
+    for _, row_id, _, request in rows:
+        if request is None:
+            refused()
+            continue
+        yield batch_line(row_id, request)
 
 
 class Unreadable(Exception):
@@ -151,8 +168,8 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
             f"no batch prices for {p.model.name!r} in the {provider.name} model table and none given "
             "(--input-price/--output-price): cost columns of imported rows will be null"
         )
-    wanted = {row_id: (h, r) for row_id, h, r in _rows(p, None)}
-    entries, outcome = _read_results(results, wanted, p, prices, warn)
+    wanted = {row_id: (h, r) for _, row_id, h, r in _rows(p, None)}
+    entries, splits, outcome = _read_results(results, wanted, p, prices, warn)
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
@@ -161,7 +178,7 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
             have = journal.fetch(list(entries))
             for row_id, entry in entries.items():
                 old = have.get(row_id)
-                if old is not None and (old.status == "ok" or entry.status == "error"):
+                if old is not None and (old.status in ("ok", entry.status) or entry.status == "error"):
                     outcome.unchanged += 1
                     continue
                 journal.add(entry)
@@ -171,6 +188,7 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
                     outcome.invalid += 1
                 else:
                     outcome.error += 1
+            _add_splits(journal, splits, have)
             journal.set_meta(
                 "last_run",
                 {"command": command, "input": str(job.input), "input_rows": p.rows, "started_at": started},
@@ -208,10 +226,12 @@ def _read_results(
     p: Prepared,
     prices: Prices | None,
     warn: Any,
-) -> tuple[dict[str, Entry], Imported]:
+) -> tuple[dict[str, Entry], list[tuple[str, Attempt]], Imported]:
     """Every result line, checked before anything is written: unknown custom_ids are bad input."""
     outcome = Imported()
     entries: dict[str, Entry] = {}
+    splits: list[tuple[str, Attempt]] = []
+    order = list(wanted)  # input position -> row_id: a pack's custom_id names positions
     for path in results:
         try:
             numbered = list(iter_lines(path))
@@ -227,6 +247,21 @@ def _read_results(
                     continue
                 raise JobError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
             custom_id = record.get("custom_id") if isinstance(record, dict) else None
+            if isinstance(custom_id, str) and custom_id not in wanted:
+                try:
+                    packed = read_pack(custom_id, record, wanted, order, p, prices, _entry, labeled_entry)
+                except Unreadable as exc:
+                    outcome.unreadable += 1
+                    warn(f"{path}: line {number}: a success whose reply cannot be read ({exc}); left pending")
+                    continue
+                if packed is not None:
+                    split, unread = packed
+                    splits += unread
+                    for e in split:
+                        previous = entries.get(e.row_id)
+                        if previous is None or previous.status != "ok":
+                            entries[e.row_id] = e
+                    continue
             if not isinstance(custom_id, str) or custom_id not in wanted:
                 raise JobError(
                     f"{path}: line {number}: custom_id {custom_id!r} is not a row of {p.job.input} "
@@ -247,7 +282,21 @@ def _read_results(
             previous = entries.get(custom_id)
             if previous is None or previous.status != "ok":
                 entries[custom_id] = entry
-    return entries, outcome
+    return entries, splits, outcome
+
+
+def _add_splits(journal: Journal, splits: list[tuple[str, Attempt]], have: dict[str, Entry]) -> None:
+    """Packs whose reply could not be read: each row's share of the cost, as an attempt (once:
+    an import done before left the same pack's attempt), the row left pending for the live run."""
+    if not splits:
+        return
+    known = journal.attempts_for(list(dict.fromkeys(r for r, _ in splits)))
+    for row_id, a in splits:
+        tried = known.setdefault(row_id, [])
+        if row_id in have or any(t.pack_id == a.pack_id for t in tried):
+            continue
+        journal.add_attempt(row_id, len(tried), a)
+        tried.append(a)
 
 
 def _entry(
@@ -316,11 +365,14 @@ def _entry(
     return None  # expired, cancelled, 408/409/429/5xx: the live run sends it
 
 
-def labeled_entry(entry: Entry, labeling: Labeling) -> Entry:
+def labeled_entry(entry: Entry, labeling: Labeling, pack: tuple[str, int] | None = None) -> Entry:
     """An imported reply of a labeling job, read like a run reads it: label (or fields), status
-    ``ok`` or ``invalid`` with its parse error (``run --retry-errors`` re-asks those)."""
+    ``ok`` or ``invalid`` with its parse error (``run --retry-errors`` re-asks those). ``pack``:
+    the row's item of a packed reply (its pack and position, batch_packs.py)."""
+    pack_id, position = pack if pack is not None else (None, None)
     attempt = Attempt(0, "first", entry.response or "", entry.prompt_tokens or 0, entry.completion_tokens or 0,
-                      entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated))  # fmt: skip
+                      entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated), pack_id,
+                      position)  # fmt: skip
     outcome = RowLabeler(labeling, Request("", "", (), {})).outcome([attempt])
     extra = {
         "reask_cost_pico": 0 if entry.input_cost_pico is not None else None,
@@ -331,6 +383,8 @@ def labeled_entry(entry: Entry, labeling: Labeling) -> Entry:
         "agreement": outcome.agreement,
         "votes": outcome.votes,
     }
+    if pack is not None:
+        extra["pack_id"], extra["pack_position"] = pack
     return entry._replace(
         status=outcome.status,
         error=None if outcome.error is None else f"invalid: {outcome.error}",

@@ -83,9 +83,8 @@ PROMPT_OPTIONS = [
     ),
     click.option(
         "--pack",
-        type=int,
         help="Rows per request (1 to 100), answered as one JSON object; each row still checked, "
-        "re-asked and costed on its own.  [default: 1]",
+        "re-asked and costed on its own (estimate --pilot: several sizes, e.g. 1,5,10,20).  [default: 1]",
     ),
     click.option(
         "--pack-tokens",

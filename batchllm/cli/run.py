@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..errors import EXIT_CODE_TABLE, BatchLLMError, ExitCode, JobError
-from ..job import Job, build_job
+from ..job import Job, build_job, parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
 from .options import RUN_OPTIONS, apply, collect
 
@@ -126,7 +126,12 @@ def estimate_cmd(
     values, job_file, given = collect(ctx, input_path, params)
     keep = "output" in values  # -o (or the job file's output): keep the estimate in its journal
     values.setdefault("output", "estimate.parquet")
+    sizes = pack_sizes(values.get("pack"))
+    if sizes is not None:
+        values["pack"] = sizes[0]
     job = build_job(values, job_file=job_file, flag_names=given)
+    if sizes is not None:
+        return _pack_table(job, sizes, pilot, gold, keep, fmt)
     observed, accuracy = None, None
     if pilot is not None:
         if not keep:
@@ -153,4 +158,41 @@ def estimate_cmd(
             err=True,
         )
     click.echo(format_estimate(report, fmt))
+    return 0
+
+
+def pack_sizes(raw: Any) -> list[int] | None:
+    """``--pack 1,5,10,20`` (estimate only): the sizes to pilot; None for one size."""
+    if not isinstance(raw, str) or "," not in raw:
+        return None
+    sizes = []
+    for part in raw.split(","):
+        try:
+            size = parse_pack(part.strip())
+        except ValueError as exc:
+            raise JobError(f"--pack {raw}: {part.strip()!r} {exc}") from None
+        if size not in sizes:
+            sizes.append(size)
+    return sorted(sizes)
+
+
+def _pack_table(job: Job, sizes: list[int], pilot: int | None, gold: str | None, keep: bool, fmt: str) -> int:
+    """``estimate --pilot M --gold COLUMN --pack 1,5,20``: one line per size."""
+    from ..api import PilotStopped, run_pack_pilots
+    from ..reports.pilot import format_table
+    from .progress import make_reporter
+
+    if pilot is None or gold is None or not keep or job.labeling is None:
+        raise JobError(
+            "--pack with several sizes compares them on your own gold: give --pilot M, --gold COLUMN, "
+            "-o OUTPUT.parquet and --labels (or --json-schema)"
+        )
+    reporter = make_reporter(job.log_format, job.progress)
+    try:
+        table = run_async(run_pack_pilots(job, pilot, sizes, gold, reporter, command_line()))
+    except PilotStopped as exc:
+        return fail(str(exc), exc.code)
+    finally:
+        reporter.close()
+    click.echo(format_table(table, fmt))
     return 0

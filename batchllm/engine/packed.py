@@ -91,6 +91,16 @@ class Packs:
         """A pack's reply allowance: the job's max_tokens per row, and the object around them."""
         return rows * (self.per_row + ITEM_TOKENS) + ITEM_TOKENS
 
+    def request(self, base: Request, turns: tuple[Message, ...], rows: int) -> Request:
+        """The packed request for ``rows`` rows: the shared prefix, then ``turns``; ``base`` gives
+        the model and parameters (a sample's seed), the reply allowance is sized for the rows."""
+        params = {**base.params, "max_tokens": self.max_tokens(rows)}
+        return Request(base.provider, base.model, (*self.prefix, *turns), params)
+
+    def fits(self, own: list[int]) -> bool:
+        """Do rows of these own tokens fit in one packed request (prompt and reply)?"""
+        return self.limit is None or self.shared + sum(own) + self.max_tokens(len(own)) <= self.limit
+
     def own_tokens(self, item: WorkItem) -> int:
         """A row's own line's tokens in a packed prompt (its count without the unpacked prefix)."""
         if item.prompt_tokens:
@@ -222,10 +232,7 @@ class Packs:
         else:
             turns = (Message("user", shape.numbered(texts)),)
         max_tokens = self.max_tokens(len(rows))
-        base = first.request
-        request = Request(
-            base.provider, base.model, (*self.prefix, *turns), {**base.params, "max_tokens": max_tokens}
-        )
+        request = self.request(first.request, turns, len(rows))
         body = d.provider.encode(request)
         budget = d.budget
         capped = budget.active

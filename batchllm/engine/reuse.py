@@ -38,11 +38,12 @@ class Reuse:
         record: Record,
         labeling: bool = False,
         first_is_request: bool = True,
-        packed: bool = False,
+        packed: int = 0,
     ) -> None:
         self.journal = journal
-        # A row answered in a packed request (engine/packed.py) is cached per row under a key of
-        # its own: a run without packing is never served a packed answer, nor the other way.
+        # A row answered in a packed request (engine/packed.py) is cached per row under a key
+        # that names the pack size: a run without packing (or packing another number of rows,
+        # whose accuracy differs) is never served a packed answer, nor the other way.
         self.packed = packed
         # A labeling row's reply is read, and maybe re-asked, by its worker (engine/labeled.py):
         # a cache hit becomes its first attempt (``first_hits``) instead of a finished row.
@@ -157,7 +158,7 @@ class Reuse:
         self.hits += 1
 
     def _cache_key(self, request: Request) -> str:
-        return cache_key(self.endpoint_id, ("packed:" if self.packed else "") + request.key())
+        return cache_key(self.endpoint_id, (f"packed {self.packed}:" if self.packed else "") + request.key())
 
     def lookup(self, request: Request) -> Cached | None:
         """A labeling re-ask or sample: the cache's reply for it, if its policy serves it."""

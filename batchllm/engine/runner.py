@@ -216,7 +216,7 @@ class Run:
                         dispatcher.record_copy,
                         labeling=labeling is not None,
                         first_is_request=labeling is None or labeling.samples == 1,
-                        packed=packs is not None,
+                        packed=packs.size if packs is not None else 0,
                     )
                     dispatcher.reuse = self.reuse = reuse
                     items = self.plan.items(journal, dispatcher.record_rejected, reuse)

@@ -37,10 +37,9 @@ def instruction(labeling: Labeling) -> str:
     """Appended to the system prompt of a packed request (after the labeling instruction)."""
     each = "one JSON object matching the schema" if labeling.is_schema else "exactly one label from the list"
     return (
-        f"{PACK_MARK}, each starting on its own line with its number in square brackets: [1], [2], "
-        "and so on. Answer every item on its own, as the instruction above says. Reply with one JSON "
-        "object and nothing else: its keys are the item numbers as strings and each value is that "
-        f'item\'s answer ({each}), for example {{"1": ..., "2": ...}}.'
+        f"{PACK_MARK}, each on its own line after its number in square brackets. Answer each item "
+        "on its own, as instructed above. Reply with one JSON object only: keys are the item "
+        f"numbers as strings, values the items' answers ({each})."
     )
 
 

@@ -16,10 +16,21 @@ _PACKS = (
     "UNION SELECT json_extract(extra, '$.pack_id') FROM rows WHERE answered_by IS NULL "
     "AND json_extract(extra, '$.pack_id') IS NOT NULL AND json_extract(extra, '$.pack_id') != 'cache')"
 )
+_ALONE = (
+    "SELECT COALESCE(SUM(attempts), 0) FROM rows WHERE answered_by IS NULL "
+    "AND json_extract(extra, '$.pack_id') IS NULL"
+)
 _SAVED = (
     "SELECT COUNT(*), COALESCE(SUM(json_extract(extra, '$.alone_prompt_tokens')), 0), "
-    "COALESCE(SUM(prompt_tokens), 0) FROM rows WHERE json_extract(extra, '$.alone_prompt_tokens') IS NOT NULL"
+    "COALESCE(SUM(prompt_tokens), 0) FROM rows WHERE answered_by IS NULL "
+    "AND json_extract(extra, '$.alone_prompt_tokens') IS NOT NULL"
 )
+
+
+def requests_made(journal: Journal) -> int:
+    """Requests the journal's rows took: one-row requests, and packs (each counted once)."""
+    conn = journal.conn
+    return int(conn.execute(_ALONE).fetchone()[0]) + int(conn.execute(_PACKS).fetchone()[0])
 
 
 def packing(path: Path) -> dict[str, Any] | None:

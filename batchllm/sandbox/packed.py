@@ -88,9 +88,8 @@ def answer(
     if reask:
         return body, counts
     roll = _fraction("pack-reply", texts, seed)
-    if roll < knobs["pack_broken"]:
-        counts["pack_broken"] = 1
-        return body[: max(1, len(body) // 2)], counts
+    if roll < knobs["pack_broken"]:  # what the items had is lost with the rest
+        return body[: max(1, len(body) // 2)], {"packs": 1, "pack_items": size, "pack_broken": 1}
     roll -= knobs["pack_broken"]
     if roll < knobs["pack_fenced"]:
         counts["pack_fenced"] = 1

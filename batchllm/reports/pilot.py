@@ -1,0 +1,83 @@
+"""``estimate --pilot M --gold COLUMN --pack 1,5,10,20``: choosing the pack size on your own gold.
+
+The same M rows run at each size (each into a scratch journal of its own beside the output's, so
+no size answers another's rows), and each size gets one line: requests, prompt tokens per row,
+accuracy with its 95% interval, invalid rate, dollars per correct label, and the whole input's
+projected cost and time at the rate limit (the pilot's cost and requests per row, times the
+rows). The cheapest size whose accuracy is within one point of the smallest size's is marked.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from ..engine.journal import Journal
+from ..pricing import usd_text
+from .packing import requests_made
+
+WITHIN = 0.01  # accuracy a larger pack may lose and still be recommended
+
+
+def pilot_dir(journal_dir: Path, size: int) -> Path:
+    return journal_dir / "pilots" / f"pack-{size}"
+
+
+def size_line(size: int, journal_dir: Path, accuracy: dict[str, Any], rows: int, rpm: int) -> dict[str, Any]:
+    """One size's line, from its pilot's journal and run."""
+    journal = Journal.open_readonly(journal_dir)
+    try:
+        n, invalid, prompt = journal.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(status = 'invalid'), 0), COALESCE(SUM(prompt_tokens), 0) FROM rows"
+        ).fetchone()
+        spent = journal.spent_pico()
+        requests = requests_made(journal)
+    finally:
+        journal.conn.close()
+    correct = round(accuracy["accuracy"] * accuracy["rows"])
+    per_row = spent / n if n else 0
+    return {
+        "pack": size,
+        "rows": n,
+        "requests": requests,
+        "prompt_tokens_per_row": round(prompt / n, 1) if n else 0,
+        "accuracy": accuracy,
+        "invalid_rate": invalid / n if n else 0.0,
+        "usd_per_correct_label": usd_text(round(spent / correct)) if correct else None,
+        "pilot_cost_usd": usd_text(int(spent)),
+        "projected_cost_usd": usd_text(round(per_row * rows)),
+        "projected_minutes": round(requests / n * rows / rpm, 1) if n else 0.0,
+    }
+
+
+def recommend(lines: list[dict[str, Any]]) -> int | None:
+    """The cheapest size whose accuracy is within a point of the smallest size's."""
+    if not lines:
+        return None
+    base = min(lines, key=lambda x: x["pack"])["accuracy"]["accuracy"]
+    fine = [x for x in lines if x["accuracy"]["accuracy"] >= base - WITHIN]
+    return min(fine, key=lambda x: Decimal(x["projected_cost_usd"]))["pack"]
+
+
+def format_table(table: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        import orjson
+
+        return orjson.dumps(table, option=orjson.OPT_INDENT_2).decode()
+    header = ["pack", "requests", "prompt tok/row", "accuracy (95%)", "invalid", "$/correct",
+              f"projected cost ({table['rows']:,} rows)", f"time at {table['rpm']:,}/min"]  # fmt: skip
+    body = []
+    for x in table["sizes"]:
+        a = x["accuracy"]
+        mark = " <- cheapest within 1 point" if x["pack"] == table["recommended"] else ""
+        body.append([
+            str(x["pack"]), f"{x['requests']:,}", f"{x['prompt_tokens_per_row']:,}",
+            f"{a['accuracy']:.1%} ({a['low']:.1%}-{a['high']:.1%})", f"{x['invalid_rate']:.1%}",
+            "-" if x["usd_per_correct_label"] is None else f"${x['usd_per_correct_label']}",
+            f"${x['projected_cost_usd']}", f"{x['projected_minutes']:,} min{mark}",
+        ])  # fmt: skip
+    from .report import grid
+
+    title = f"pilot of {table['pilot_rows']:,} rows at each pack size, scored against {table['gold']!r}"
+    return "\n".join([title, *grid(header, body, fmt == "markdown")])
