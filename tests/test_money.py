@@ -1,9 +1,10 @@
 """Money across features: random sequences of labeling runs, and every figure checked against the bill.
 
 Each sequence runs one labeling job against the sandbox (wrong answers, answers out of the label
-set, prose, server errors) through a random mix of what users do to one output: plain runs,
-``--reask 0/1``, ``--samples``, ``--retry-errors``, ``--reparse`` under a changed label set, runs
-killed with SIGKILL mid-flight, and a ``--max-cost`` cap. After each sequence:
+set, prose, server errors; packs with items left out and replies broken off) through a random
+mix of what users do to one output: plain runs, ``--reask 0/1``, ``--samples``, ``--pack 1/4/10``
+(drawn per run), ``--retry-errors``, ``--reparse`` under a changed label set, runs killed with
+SIGKILL mid-flight, and a ``--max-cost`` cap. After each sequence:
 
 - the rows' ``cost_usd`` sum, ``report``, ``status`` and the output's summary agree to the
   picodollar;
@@ -110,7 +111,7 @@ class Sequence:
         ]
         base += ["--labels", ",".join(self.labels), "--max-tokens", "16", "--rpm", "0", "--concurrency", "8"]
         base += ["--reask", str(rng.choice([0, 1])), "--samples", str(self.samples), "--cache", "off"]
-        base += ["--progress", "none"]
+        base += ["--progress", "none", "--pack", str(rng.choice([1, 1, 4, 10]))]
         if self.samples > 1 and rng.random() < 0.5:
             base.append("--adaptive")
         if self.cap is not None:
@@ -121,8 +122,9 @@ class Sequence:
 @pytest.mark.timeout(900)
 def test_money_adds_up_across_features(sandbox_factory, tmp_path: Path) -> None:
     box = sandbox_factory(
-        latency=0.03, label_wrong=0.15, label_out_of_set=0.25, label_prose=0.1, fail_5xx=0.03, seed=7
-    )
+        latency=0.03, label_wrong=0.15, label_out_of_set=0.25, label_prose=0.1, fail_5xx=0.03, seed=7,
+        pack_missing=0.1, pack_broken=0.1, pack_prose=0.1, pack_fenced=0.1,
+    )  # fmt: skip
     kills = 0
     for seq in range(SEQUENCES):
         s = Sequence(tmp_path, seq)

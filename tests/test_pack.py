@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from batchllm.labeling import pack
 from batchllm.labeling.spec import Labeling
 
-from .conftest import run_cli, spawn, write_csv
+from .conftest import run_cli, spawn, summary_of, write_csv
 from .test_labeling import LABELS, labeling_input, run_labels
 
 PRICE_IN, PRICE_OUT = 310_000, 340_000  # picodollars per token
@@ -289,3 +289,22 @@ def test_export_one_line_per_pack_and_import_splits_them(sandbox_factory, tmp_pa
     final = pq.read_table(out).to_pylist()
     assert all(r["status"] == "ok" for r in final) and box.count() > before
     assert pico(final) == billed(box)
+
+
+def test_cache_keeps_packed_answers_apart(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**CLEAN)
+    src = labeling_input(tmp_path, 60)
+
+    def run(name: str, size: int) -> dict:
+        result = run_labels(box, src, tmp_path / f"{name}.parquet", "--pack", str(size), "--temperature", "0")
+        assert result.exit_code == 0, result.output
+        return summary_of(tmp_path / f"{name}.parquet")["this_run"]
+
+    first = run("a", 10)
+    assert first["requests"] == 6 and first["cache_hits"] == 0
+    again = run("b", 10)  # another output, same job: every row from the cache, nothing sent
+    assert again["cache_hits"] == 60 and again["requests"] == 0
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert all(r["cached"] and r["cost_usd"] == 0 and r["label"] in LABELS for r in rows)
+    assert run("c", 1)["cache_hits"] == 0  # one row a request is never served a packed answer
+    assert run("d", 5)["cache_hits"] == 0  # nor another pack size

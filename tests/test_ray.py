@@ -245,6 +245,25 @@ def test_ray_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None
     assert code == 0 and "accuracy" in text, err
 
 
+def test_ray_packed_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None:
+    """--pack on Ray: each row labeled on its own from packed requests, costs exact to the bill."""
+    box = sandbox_factory(pack_missing=0.05, pack_prose=0.05, pack_fenced=0.05)
+    out = tmp_path / "packed"
+    code, _, err = run(
+        ["run", "--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--engine", "ray",
+         "--ray-address", cluster, "--progress", "none", "--rpm", "0", "--pack", "10"],
+        box.env(),
+    )  # fmt: skip
+    assert code in (0, 1), err[-3000:]
+    table = read_dir(out).to_pandas()
+    assert len(table) == 200 and table["review_id"].is_unique
+    assert table["label"].isin(["positive", "negative", "neutral"]).sum() >= 190
+    assert table["pack_id"].notna().all() and table["pack_position"].between(1, 10).all()
+    stats = box.sandbox.stats
+    assert box.count() == stats["packs"] + stats["pack_reasks"] <= 40  # not 200 requests
+    assert (table["cost_usd"].fillna(0) * 1e12).round().sum() == billed_pico(box)
+
+
 def test_ray_wrong_key_stops_every_actor_with_exit_4(sandbox, cluster: str, tmp_path: Path) -> None:
     data = prompts_csv(tmp_path / "in.csv", 400)
     env = {**sandbox.env(), "DATAOORTS_API_KEY": "not-the-key-1234"}

@@ -131,7 +131,8 @@ def _lines(p: Prepared, journal: Journal | None, result: Exported) -> Iterator[b
 
     rows = _rows(p, journal)
     if p.job.labeling is not None and p.job.labeling.pack > 1:
-        yield from packed_lines(rows, Packs(p, Admission.of(p, count_all=True)), refused)
+        packs = Packs(p.job, p.model, p.examples, Admission.of(p, count_all=True))
+        yield from packed_lines(rows, packs, refused)
         return
     for _, row_id, _, request in rows:
         if request is None:

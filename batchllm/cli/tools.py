@@ -174,6 +174,37 @@ def eval_cmd(output: Path, gold: str, field: str, by: str | None, fmt: str) -> i
 @click.option(
     "--label-truncated", default=0.0, type=float, show_default=True, help="Labeling: share cut at max_tokens."
 )
+@click.option(
+    "--pack-missing", default=0.01, type=float, show_default=True, help="Packs: share of items left out."
+)
+@click.option(
+    "--pack-prose",
+    default=0.02,
+    type=float,
+    show_default=True,
+    help="Packs: share of items wrapped in prose.",
+)
+@click.option(
+    "--pack-fenced",
+    default=0.05,
+    type=float,
+    show_default=True,
+    help="Packs: share of replies in a fence or prose.",
+)
+@click.option(
+    "--pack-broken",
+    default=0.0,
+    type=float,
+    show_default=True,
+    help="Packs: share of replies cut mid-object.",
+)
+@click.option(
+    "--pack-decay",
+    default=0.004,
+    type=float,
+    show_default=True,
+    help="Packs: wrong answers added per other row in the pack (and half per position).",
+)
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
 @click.option(
     "--keep-log/--no-keep-log",
@@ -201,7 +232,7 @@ def sandbox_cmd(
     rates = [
         k
         for k in options
-        if (k.startswith(("fail_", "label_")) or k == "no_usage") and not 0 <= options[k] <= 1
+        if (k.startswith(("fail_", "label_", "pack_")) or k == "no_usage") and not 0 <= options[k] <= 1
     ]
     if rates:
         return fail(f"--{rates[0].replace('_', '-')} must be a share from 0 to 1")

@@ -27,6 +27,7 @@ from ..engine.client import Client
 from ..engine.dispatch import Dispatcher
 from ..engine.labeled import label_row
 from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_columns
+from ..engine.packed import Packs
 from ..engine.plan import Admission, WorkItem, check_model
 from ..engine.ratelimit import Backoff
 from ..job import Job
@@ -59,14 +60,17 @@ class Completer:
         self.provider = get_provider(job.provider)
         self.model = check_model(job, self.provider)
         self.builder = PromptBuilder(job, columns, str(job.input))
+        self.packing = job.labeling is not None and job.labeling.pack > 1
         self.maker = RequestMaker(job, examples)
         self.admission = Admission(
             job,
             self.provider,
             self.model,
             self.maker.prefix,
-            count_all=job.budgeted or job.tpm is not None,
+            count_all=job.budgeted or job.tpm is not None or self.packing,
         )
+        # Several rows per request (--pack): the same packing as one machine's (engine/packed.py).
+        self.packs = Packs(job, self.model, examples, self.admission) if self.packing else None
         self.concurrency = concurrency
         self.owner = uuid.uuid4().hex[:12]
         self.limiter = LeasedLimiter(coordinator, self.owner)
@@ -179,7 +183,7 @@ class Completer:
             max_error_rate=job.max_error_rate,
             error_window=job.error_window,
             labeling=job.labeling,
-            label=label_row if job.labeling is not None else None,
+            label=self.packs.label if self.packs else label_row if job.labeling is not None else None,
             tpm_enabled=job.tpm is not None,
             grace=job.grace,
             gate=self.gate,
@@ -193,7 +197,7 @@ class Completer:
         ]
         self.limiter.dispatchers.add(d)
         try:
-            await d.run(iter(items))
+            await d.run(self.packs.groups(iter(items)) if self.packs else iter(items))
         finally:
             self.limiter.dispatchers.discard(d)
             await ledger.drain()

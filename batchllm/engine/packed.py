@@ -22,12 +22,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import APIError, JobError
+from ..job import Job
 from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt, Outcome, RowLabeler, Step
-from ..pricing import cost
+from ..pricing import Model, cost
 from ..records import Message, Request
 from .labeled import book, worst_pico
-from .plan import Admission, Pack, Prepared, Rejection, WorkItem
+from .plan import Admission, Pack, Rejection, WorkItem
 from .stats import StopReason
 
 if TYPE_CHECKING:
@@ -60,22 +61,23 @@ class _Row:
 class Packs:
     """One job's packing: the shared prefix and limits, the groups, and labeling a group."""
 
-    def __init__(self, p: Prepared, admission: Admission) -> None:
-        job, labeling = p.job, p.job.labeling
+    def __init__(self, job: Job, model: Model, examples: tuple[Message, ...], admission: Admission) -> None:
+        """``admission`` counts every row (its ``count_all``): packs are filled by tokens."""
+        labeling = job.labeling
         assert labeling is not None
         self.labeling = labeling
         self.size = labeling.pack
         self.group = labeling.pack * min(labeling.samples, 4)
         self.prefix = (
             Message("system", shape.system(job.full_system, labeling)),
-            *shape.examples(p.examples, labeling),
+            *shape.examples(examples, labeling),
         )
         self.per_row = job.max_tokens
         self.admission = admission
         counter = admission.counter
         self.exact = counter.exact
         self.shared = counter.count_messages((*self.prefix, Message("user", "")))
-        limit = p.model.context_window
+        limit = model.context_window
         if labeling.pack_tokens is not None:
             limit = labeling.pack_tokens if limit is None else min(limit, labeling.pack_tokens)
             one = self.shared + ITEM_TOKENS + self.max_tokens(1)
@@ -137,7 +139,7 @@ class Packs:
                     if hit is not None:  # the cache had this row's packed answer: free
                         row.attempts.append(
                             Attempt(
-                                0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated, "cache", 0
+                                0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated, "cache"
                             )
                         )
             for row in rows:
@@ -278,14 +280,17 @@ class Packs:
                     a = Attempt(
                         sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0
                     )
+                if keep and items is not None and items[n] and reuse is not None:
+                    # before the row is booked: booking lets go of its cache key
+                    reuse.keep(
+                        row.item.request, True, row.item.key, items[n], prompt[n], completion[n], False
+                    )
                 row.attempts.append(a)
                 row.todo = row.labeler.next(row.attempts)
                 if isinstance(row.todo, Step) or len(row.attempts) > 1:
                     d.journal.add_attempt(row.item.row_id, len(row.attempts) - 1, a)
-                if keep and items is not None and items[n] and reuse is not None:
-                    reuse.keep(
-                        row.item.request, True, row.item.key, items[n], prompt[n], completion[n], False
-                    )
+                if isinstance(row.todo, Outcome):  # booked with its reply, in the same commit
+                    self._settle(d, [row])
             stats = d.stats
             stats.prompt_tokens += pt
             stats.completion_tokens += ct

@@ -85,7 +85,9 @@ class Run:
         labeling = prepared.job.labeling
         # Built before anything starts: a --pack-tokens too small for one row is a usage error.
         self.packs = (
-            Packs(prepared, self.plan.admission) if labeling is not None and labeling.pack > 1 else None
+            Packs(prepared.job, prepared.model, prepared.examples, self.plan.admission)
+            if labeling is not None and labeling.pack > 1
+            else None
         )
         self.write = write  # a pilot writes no output (reports/estimate.py)
 

@@ -26,7 +26,7 @@ import re
 import orjson
 
 from ..records import Message
-from .parse import clean, first_object, parse
+from .parse import clean, find_object, parse
 from .spec import Labeling
 
 PACK_MARK = "You are given several numbered items"
@@ -71,23 +71,9 @@ def read_reply(text: str, rows: int) -> tuple[list[str] | None, str | None]:
     """A packed reply -> each row's item as text ("" if left out), or (None, why) when no object
     can be read from it. Keys are repaired (``"[2]"``, ``" 2 "``); the object may sit in prose
     or a code fence; a cut-off object is not completed."""
-    whole = text.strip()
-    obj: object = None
-    if whole[:1] == "{" and whole[-1:] == "}":
-        try:
-            obj = orjson.loads(whole)
-        except orjson.JSONDecodeError:
-            obj = None
-    if not isinstance(obj, dict):
-        raw, error = first_object(text)  # in prose or a code fence
-        if raw is None:
-            return None, error
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None, "invalid_json"
-    if not isinstance(obj, dict):
-        return None, "invalid_json"
+    obj, error = find_object(text)
+    if obj is None:
+        return None, error
     items = [""] * rows
     for key, value in obj.items():
         m = _KEY.match(key)

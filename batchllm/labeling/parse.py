@@ -82,23 +82,8 @@ def first_object(text: str) -> tuple[str | None, str | None]:
     return None, "invalid_json"  # cut off mid-object: never completed by guessing
 
 
-def _valid(f: Field, value: Any) -> bool:
-    if f.type == "string":
-        ok = isinstance(value, str)
-    elif f.type == "integer":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif f.type == "number":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif f.type == "boolean":
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
-    return ok and (f.enum is None or value in f.enum)
-
-
-def parse_object(
-    text: str, fields: tuple[Field, ...], required: tuple[str, ...]
-) -> tuple[dict[str, Any] | None, str | None]:
+def find_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The reply's JSON object: the whole reply, or else the first one in prose or a fence."""
     obj: Any = None
     whole = text.strip()
     if whole[:1] == "{" and whole[-1:] == "}":
@@ -116,6 +101,29 @@ def parse_object(
             return None, "invalid_json"
     if not isinstance(obj, dict):
         return None, "invalid_json"
+    return obj, None
+
+
+def _valid(f: Field, value: Any) -> bool:
+    if f.type == "string":
+        ok = isinstance(value, str)
+    elif f.type == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif f.type == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif f.type == "boolean":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return ok and (f.enum is None or value in f.enum)
+
+
+def parse_object(
+    text: str, fields: tuple[Field, ...], required: tuple[str, ...]
+) -> tuple[dict[str, Any] | None, str | None]:
+    obj, error = find_object(text)
+    if obj is None:
+        return None, error
     out: dict[str, Any] = {}
     for f in fields:
         if f.name not in obj or obj[f.name] is None:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..engine.journal import Journal
+from ..engine.packed import Packs
 from ..engine.plan import Admission, prepare
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
@@ -29,6 +30,7 @@ from ..labeling.parse import feedback_kinds
 from ..labeling.spec import Labeling
 from ..pricing import cost, usd_text
 from ..tokens import TokenCounter
+from .pack_estimate import packed_figures
 
 MAX_LISTED = 20
 PER_MESSAGE = 4  # a chat turn's header and end tokens (Llama 3 template, tokens.py)
@@ -107,14 +109,23 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         growth = reask_growth(labeling, admission.counter, mt)
         worst_prompt += rows_sent * labeling.samples * growth * r * (r + 1) // 2
     worst_requests = rows_sent * per_row
+    worst_out = worst_requests * mt
+    packed = None
+    if labeling is not None and labeling.pack > 1:  # several rows a request (pack_estimate.py)
+        packs = Packs(job, model, p.examples, admission)
+        growth = reask_growth(labeling, admission.counter, mt) if labeling.reask else 0
+        packed = packed_figures(packs, sendable, admission.overhead, labeling, growth)
+        prompt_cost, _ = cost(model.prices, packed["prompt_tokens"], 0)
+        worst_prompt, worst_out = packed["worst_prompt_tokens"], packed["worst_completion_tokens"]
+        worst_requests = packed["worst_requests"]
     worst = None
     if prompt_cost is not None:
-        in_cost, out_cost = cost(model.prices, worst_prompt, worst_requests * mt)
+        in_cost, out_cost = cost(model.prices, worst_prompt, worst_out)
         worst = (in_cost or 0) + (out_cost or 0)
     rpm = job.rpm or int(p.provider.documented_rpm)
     minutes = worst_requests / rpm
     if job.tpm:
-        minutes = max(minutes, (worst_prompt + worst_requests * mt) / job.tpm)
+        minutes = max(minutes, (worst_prompt + worst_out) / job.tpm)
     result: dict[str, Any] = {
         "input": str(job.input),
         "provider": p.provider.name,
@@ -138,6 +149,9 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
     }
+    if packed is not None:
+        result["packing"] = packed
+        result["requests"]["per_row_worst_case"] = round(worst_requests / max(rows_sent, 1), 2)
     if from_run is not None:
         observed = completions_of_run(from_run)
         result["expected_from"] = f"the run in {from_run}"
@@ -155,7 +169,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                 mt * per_row,
             )
         )
-        result["time"]["expected_minutes"] = round(rows_sent * max(mean_requests, 1.0) / rpm, 1)
+        sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
+        result["time"]["expected_minutes"] = round(sent * max(mean_requests, 1.0) / rpm, 1)
     return result
 
 
@@ -266,6 +281,15 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             + f"at most {t['minutes']:,} min",
         )
     )
+    if "packing" in e:
+        pk = e["packing"]
+        rows.append(
+            (
+                f"packed, {pk['pack']} rows a request",
+                f"{pk['requests']:,} requests, {pk['prompt_tokens']:,} prompt tokens "
+                f"({pk['prompt_tokens_one_row_a_request']:,} one row a request)",
+            )
+        )
     rows.append(("token counts", e["token_counts"]))
     if "pilot_accuracy" in e:
         a = e["pilot_accuracy"]

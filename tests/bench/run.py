@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -95,6 +96,17 @@ def make_input(rows: int, name: str) -> Path:
 
 def run_batchllm(box: Sandbox, src: Path, out: Path, *args: str) -> tuple[int, float, int]:
     """(exit code, wall seconds, peak RSS in MB) of one `batchllm run` process."""
+    code, wall, usage = _run(box, src, out, *args)
+    return code, wall, usage.ru_maxrss // 1024
+
+
+def run_cpu(box: Sandbox, src: Path, out: Path, *args: str) -> tuple[int, float, float]:
+    """(exit code, wall seconds, CPU seconds user + system) of one `batchllm run` process."""
+    code, wall, usage = _run(box, src, out, *args)
+    return code, wall, usage.ru_utime + usage.ru_stime
+
+
+def _run(box: Sandbox, src: Path, out: Path, *args: str) -> tuple[int, float, Any]:
     started = time.monotonic()
     proc = subprocess.Popen(
         [str(BIN), "run", str(src), "-o", str(out), "--progress", "none", *args],
@@ -108,7 +120,7 @@ def run_batchllm(box: Sandbox, src: Path, out: Path, *args: str) -> tuple[int, f
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode not in (0, 1):
         print(err, file=sys.stderr)
-    return proc.returncode, time.monotonic() - started, usage.ru_maxrss // 1024
+    return proc.returncode, time.monotonic() - started, usage
 
 
 PROVIDER_ARGS = {
@@ -352,6 +364,68 @@ def labeling_cost(rows: int, rounds: int = 5) -> dict:
     }
 
 
+def packing_cost(rows: int, rounds: int = 3) -> dict:
+    """--pack 10 next to --pack 1 (labels), at zero latency: rows/s, and batchllm's own CPU per
+    row (its process's CPU, less that of a 10-row run: start-up and imports); then, at a stated
+    600 requests a minute under a sandbox limiting to 10 a second, rows per minute and 429s."""
+    box = Sandbox("--no-keep-log", "--pack-missing", "0.02")
+    src, tiny = make_input(rows, f"pack-{rows}.csv"), make_input(10, "pack-10.csv")
+    labels = ["--labels", "positive,negative,neutral", "--max-tokens", "8", "--rpm", "0", "--restart"]
+    figures: dict = {"rows": rows}
+    best: dict[int, tuple[float, float]] = {}
+    try:
+        for size in (1, 10):
+            args = [*labels, "--pack", str(size), "--concurrency", "256" if size == 1 else "32"]
+            _, _, base_cpu = run_cpu(box, tiny, WORK / f"pack-tiny-{size}.parquet", *args)
+            for _ in range(rounds):
+                box.reset()
+                code, wall, cpu = run_cpu(box, src, WORK / f"pack-{size}.parquet", *args)
+                assert code in (0, 1), code
+                span = box.span()
+                if size not in best or span < best[size][0]:
+                    best[size] = (span, cpu - base_cpu)
+            span, cpu = best[size]
+            figures[f"pack_{size}"] = {
+                "rows_per_s": round(rows / span),
+                "cpu_us_per_row": round(cpu / rows * 1e6, 1),
+                "requests": box.stats()["requests"],
+            }
+    finally:
+        box.close()
+    figures["rows_per_s_ratio_10_vs_1"] = round(
+        figures["pack_10"]["rows_per_s"] / figures["pack_1"]["rows_per_s"], 2
+    )
+    figures["cpu_per_row_ratio_10_vs_1"] = round(
+        figures["pack_10"]["cpu_us_per_row"] / figures["pack_1"]["cpu_us_per_row"], 3
+    )
+    paced = {}
+    for size, count in ((1, 200), (10, 2000)):
+        limited = Sandbox("--rate-limit", "10", "--pack-missing", "0")
+        try:
+            code, _, _ = run_cpu(
+                limited, make_input(count, f"paced-{count}.csv"), WORK / f"paced-{size}.parquet",
+                "--labels", "positive,negative,neutral", "--max-tokens", "8", "--rpm", "600", "--pack", str(size),
+                "--restart",
+            )  # fmt: skip
+            log = limited.log()
+        finally:
+            limited.close()
+        ok = [t for t, status, _ in log if status == 200]
+        minutes = (ok[-1] - ok[0]) / 60 if len(ok) > 1 else 1.0
+        paced[f"pack_{size}"] = {
+            "exit": code,
+            "rows": count,
+            "requests": len(ok),
+            "429s": sum(1 for _, status, _ in log if status == 429),
+            "rows_per_min": round(count / minutes),
+        }
+    paced["rows_per_min_ratio_10_vs_1"] = round(
+        paced["pack_10"]["rows_per_min"] / paced["pack_1"]["rows_per_min"], 2
+    )
+    figures["at_600_rpm"] = paced
+    return figures
+
+
 def cache_cost(rows: int, entries: int, rounds: int = 3) -> dict:
     """rows/s at zero latency with the cache on (every lookup a miss, every reply stored) next to
     --cache off; then lookups in a cache of ``entries`` replies, and its size on disk."""
@@ -502,6 +576,7 @@ def main() -> None:
         "journal",
         "rates",
         "labeling",
+        "packing",
         "cache",
         "memory",
         "estimate",
@@ -525,6 +600,9 @@ def main() -> None:
     if "labeling" in which:
         results["labeling"] = labeling_cost(n(20_000))
         print(json.dumps(results["labeling"]), flush=True)
+    if "packing" in which:
+        results["packing"] = packing_cost(n(20_000))
+        print(json.dumps(results["packing"]), flush=True)
     if "cache" in which:
         results["cache"] = cache_cost(n(20_000), n(1_000_000))
         print(json.dumps(results["cache"]), flush=True)
