@@ -26,12 +26,13 @@ from typing import Any
 
 import orjson
 
+from ..engine.admission import Admission
 from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
 from ..engine.packed import Packs
-from ..engine.plan import Admission, Prepared, prepare
+from ..engine.plan import Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..job import Job

@@ -23,12 +23,13 @@ from typing import Any
 import pyarrow as pa
 
 from ..access import key_source
+from ..engine.admission import Admission
 from ..engine.client import Client
 from ..engine.dispatch import Dispatcher
 from ..engine.labeled import label_row
 from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_columns
 from ..engine.packed import Packs
-from ..engine.plan import Admission, WorkItem, check_model
+from ..engine.plan import WorkItem, check_model
 from ..engine.ratelimit import Backoff
 from ..job import Job
 from ..pricing import cost

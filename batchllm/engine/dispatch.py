@@ -29,10 +29,11 @@ from ..pricing import Model, cost
 from ..providers import Provider
 from ..records import Completion, Entry, Request
 from ..tokens import TokenCounter, counter_for
+from .admission import Rejection
 from .budget import Budget
 from .client import Client
 from .journal import Journal
-from .plan import Pack, Rejection, WorkItem
+from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .seams import Gate, Ledger, Pacer, Purse

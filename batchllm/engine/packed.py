@@ -27,8 +27,9 @@ from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt, Outcome, RowLabeler, Step
 from ..pricing import Model, cost
 from ..records import Message, Request
+from .admission import Admission, Rejection
 from .labeled import book, worst_pico
-from .plan import Admission, Pack, Rejection, WorkItem
+from .plan import Pack, WorkItem
 from .stats import StopReason
 
 if TYPE_CHECKING:

@@ -1,8 +1,7 @@
 """What a job will send: the checks before anything leaves, and the work, a batch at a time.
 
     prepare(job)  -> Prepared   provider, model and prices, input, columns, ids (JobError if bad)
-    Admission                   per row: refused before sending (no prompt, too long, over the
-                                window) and the worst case it may cost; shared by run and estimate
+    Admission                   per row: refused before sending, and its worst case (admission.py)
     Plan.items(journal)         rows not done yet -> WorkItems, lazily, one input batch at a time
 
 The plan is pulled by the dispatcher's workers, so memory holds one input batch however long the
@@ -26,7 +25,7 @@ from ..pricing import Model, resolve_model
 from ..prompts import Builder, PromptBatch, PromptBuilder, RequestMaker, load_examples
 from ..providers import Provider, get_provider
 from ..records import Message, Request
-from ..tokens import TokenCounter, counter_for
+from .admission import Admission, Rejection
 from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, Journal
 from .output import check_no_clash
 from .reuse import Reuse
@@ -147,148 +146,6 @@ def _check_unique_ids(source: InputFile, column: str) -> None:
         f"{source.path}: the --id-column {column!r} value {dup!r} appears more than once "
         f"(first at row {first + 1}); ids must be unique"
     )
-
-
-class Rejection(NamedTuple):
-    error_class: str
-    message: str
-
-
-class Admission:
-    """Which rows may be sent, and what each may cost at most: the same rules for run and estimate."""
-
-    def __init__(
-        self, job: Job, provider: Provider, model: Model, prefix: tuple[Message, ...], *, count_all: bool
-    ) -> None:
-        self.column = job.prompt_column
-        self.max_tokens = job.max_tokens
-        self.window = model.context_window
-        self.max_chars = provider.max_content_chars
-        self.prices = model.prices
-        self.prefix = prefix
-        self.count_all = count_all
-        self.model_name = model.name
-        # Template tokens without the tokenizer, an upper bound: a token is at least one UTF-8
-        # byte and a character at most four.
-        self.bound_overhead = 14 + sum(4 * len(m.content) + 6 for m in self.prefix) + 2
-        # What the server's own chat template may add to our count (the budget reserves it).
-        self.slack = provider.template_slack
-        self._counter: TokenCounter | None = None
-        self._overhead = 0  # tokens of a request without its user text (``counter`` sets it)
-        self._warned = False
-
-    @property
-    def counter(self) -> TokenCounter:
-        """The model family's counter, loaded on first use (a few hundred ms for Llama 3)."""
-        if self._counter is None:
-            self._counter = counter_for(self.model_name)
-            self._overhead = self._counter.prefix_overhead(self.prefix)
-        return self._counter
-
-    @property
-    def overhead(self) -> int:
-        self.counter  # noqa: B018 - loads the counter, which sets it
-        return self._overhead
-
-    @classmethod
-    def of(cls, p: Prepared, *, count_all: bool) -> Admission:
-        return cls(p.job, p.provider, p.model, p.maker().prefix, count_all=count_all)
-
-    def needs_count(self, text: str | None) -> bool:
-        """Count this row exactly? Always for a budget or tpm; else only if it might not fit."""
-        if text is None or (self.max_chars is not None and len(text) > self.max_chars):
-            return False
-        if self.count_all:
-            return True
-        if self.window is None:
-            return False
-        return self.bound_overhead + 4 * len(text) + 2 + self.max_tokens > self.window
-
-    def count(self, texts: Sequence[str]) -> list[int]:
-        """Exact prompt tokens of whole requests, one per user text."""
-        counts = self.counter.texts_tokens(texts)
-        return [self._overhead + n for n in counts]
-
-    def reject(
-        self,
-        user: str | None,
-        prompt_tokens: int,
-        row: int,
-        whole: bool = False,
-        max_tokens: int | None = None,
-    ) -> Rejection | None:
-        """Why a row is refused without a request (``row`` is 1-based), or None to send it.
-
-        ``whole``: the row is a whole request from a request file, its messages checked already.
-        """
-        if user is None:
-            return Rejection("NoPrompt", f"column {self.column!r} is null in row {row} (not sent)")
-        if not whole and self.max_chars is not None and len(user) > self.max_chars:
-            return Rejection(
-                "PromptTooLong",
-                f"the prompt has {len(user):,} characters, over the API's {self.max_chars:,} (not sent)",
-            )
-        max_tokens = max_tokens or self.max_tokens
-        if self.window is not None and prompt_tokens + max_tokens > self.window:
-            return Rejection(
-                "ContextWindowExceeded",
-                f"{prompt_tokens:,} prompt tokens + max_tokens {max_tokens:,} = "
-                f"{prompt_tokens + max_tokens:,} exceed {self.model_name}'s context window of "
-                f"{self.window:,} (not sent)",
-            )
-        return None
-
-    def admit(
-        self,
-        pb: PromptBatch,
-        send: Sequence[int],
-        maker: RequestMaker,
-        reject: Callable[[str, str, Rejection], None],
-        budgeted: bool,
-        warn: Callable[[str], None],
-    ) -> list[tuple[int, Request, int, int]]:
-        """The rows ``send`` of a batch that may leave: (index, request, exact prompt tokens or 0,
-        worst-case cost or 0); the others go to ``reject``."""
-        users, requests = pb.users, pb.requests
-        exact: dict[int, int] = {}
-        countable = [i for i in send if self.needs_count(users[i])]
-        if requests is not None:  # whole requests: count them all, exactly as sent
-            exact = {i: self.counter.count_messages(requests[i].messages) for i in send}
-            countable = []
-        if countable:
-            if not self.counter.exact and not self._warned:
-                self._warned = True
-                warn(f"token counts are {self.counter.label}")
-            counts = self.count([users[i] or "" for i in countable])
-            exact = dict(zip(countable, counts, strict=True))
-        ready: list[tuple[int, Request, int, int]] = []
-        for i in send:
-            user = users[i]
-            prompt_tokens = exact.get(i, 0)
-            given = requests[i] if requests is not None else None
-            max_tokens = given.max_tokens if given is not None else None
-            refused = self.reject(user, prompt_tokens, pb.start + i + 1, given is not None, max_tokens)
-            if refused is not None:
-                reject(pb.row_ids[i], pb.hashes[i], refused)
-                continue
-            assert user is not None
-            request = maker.make(user) if given is None else given
-            worst = self.worst_pico(user, prompt_tokens, max_tokens) if budgeted else 0
-            ready.append((i, request, prompt_tokens, worst))
-        return ready
-
-    def worst_pico(self, user: str, prompt_tokens: int, max_tokens: int | None = None) -> int:
-        """The most a row may cost: its prompt (exact, or a bound) and max_tokens of reply."""
-        if self.prices is None:
-            return 0
-        counter = self._counter
-        if counter is not None and counter.exact and prompt_tokens:
-            tokens = prompt_tokens
-        else:  # not counted exactly: an upper bound
-            tokens = self.bound_overhead + len(user.encode("utf-8")) + 2
-        return (tokens + self.slack) * self.prices.input_pico + (
-            max_tokens or self.max_tokens
-        ) * self.prices.output_pico
 
 
 class Plan:

@@ -21,9 +21,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..engine.admission import Admission
 from ..engine.journal import Journal
 from ..engine.packed import Packs
-from ..engine.plan import Admission, prepare
+from ..engine.plan import prepare
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
 from ..labeling.parse import feedback_kinds

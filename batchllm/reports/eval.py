@@ -24,7 +24,7 @@ from ..engine.output import read_schema
 from ..engine.plan import Prepared
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
-from .report import grid as _grid
+from .tables import grid as _grid
 
 NONE = "(none)"
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..engine.journal import Journal
 from ..pricing import usd_text
 from .packing import requests_made
+from .tables import grid
 
 WITHIN = 0.01  # accuracy a larger pack may lose and still be recommended
 
@@ -77,7 +78,5 @@ def format_table(table: dict[str, Any], fmt: str) -> str:
             "-" if x["usd_per_correct_label"] is None else f"${x['usd_per_correct_label']}",
             f"${x['projected_cost_usd']}", f"{x['projected_minutes']:,} min{mark}",
         ])  # fmt: skip
-    from .report import grid
-
     title = f"pilot of {table['pilot_rows']:,} rows at each pack size, scored against {table['gold']!r}"
     return "\n".join([title, *grid(header, body, fmt == "markdown")])

@@ -21,6 +21,7 @@ from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
 from .packing import packing
+from .tables import csv_cell, grid, two_columns
 
 _BASE_COLUMNS = [
     "status",
@@ -329,7 +330,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         sections = [("(all)", report["overall"])] + list(report.get("by", {}).get("groups", {}).items())
         for name, s in sections:
             values = [s[k] for k in _FLAT] + [s["cost_per_row_usd"]["mean"], *s["latency_ms"].values()]
-            buf.write(",".join(_csv_cell(v) for v in [name, *values]) + "\n")
+            buf.write(",".join(csv_cell(v) for v in [name, *values]) + "\n")
         return buf.getvalue().rstrip("\n")
     lines: list[str] = []
     md = fmt == "markdown"
@@ -341,7 +342,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             f"(the output is not written yet: read from its journal, {report['from_journal']}; "
             "run the same command again to write it)"
         )
-    lines += _table(_rows(report["overall"]), md)
+    lines += two_columns(_rows(report["overall"]), md)
     if "by" in report:
         col = report["by"]["column"]
         lines.append("")
@@ -390,7 +391,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         e = report["estimate_vs_actual"]
         lines.append("")
         lines.append("## Estimate vs actual" if md else "estimate vs actual:")
-        lines += _table(
+        lines += two_columns(
             [
                 (
                     "prompt tokens",
@@ -406,27 +407,3 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             md,
         )
     return "\n".join(lines)
-
-
-def _csv_cell(v: object) -> str:
-    text = str(v)
-    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
-
-
-def _table(rows: list[tuple[str, str]], md: bool) -> list[str]:
-    if md:
-        return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
-    width = max(len(k) for k, _ in rows)
-    return [f"  {k:<{width}}  {v}" for k, v in rows]
-
-
-def grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
-    if md:
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in body],
-        ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
