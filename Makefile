@@ -34,8 +34,10 @@ demo: install
 	@echo "Cost summary:    out/reviews_sentiment.summary.json, out/reviews_sentiment_pack10.summary.json"
 	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment_pack10.parquet"
 
+# Two workers, one test file each at a time: Ray's tests share one cluster per file, and most
+# tests wait on sockets and subprocesses, so two workers halve the time on two cores.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

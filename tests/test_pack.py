@@ -234,13 +234,10 @@ def test_pilot_table_shows_accuracy_falling_with_pack_size(sandbox_factory, tmp_
     assert bad.exit_code == 2 and "'0' must be an integer from 1 to 100" in bad.output
 
 
-def test_export_one_line_per_pack_and_import_splits_them(sandbox_factory, tmp_path: Path) -> None:
+def _export_answer_import(box, tmp_path: Path, rows: int) -> tuple[Path, list, list[str]]:
     from .test_openai_batch import answer_batch
 
-    box = sandbox_factory(
-        pack_missing=0.05, pack_prose=0.05, pack_fenced=0.05, pack_decay=0.0, pack_broken=0.03
-    )
-    src = labeling_input(tmp_path, 1000)
+    src = labeling_input(tmp_path, rows)
     requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
     job = [
         "--template",
@@ -252,43 +249,72 @@ def test_export_one_line_per_pack_and_import_splits_them(sandbox_factory, tmp_pa
         "--id-column",
         "id",
     ]
-    job += ["--pack", "10"]
+    job += ["--pack", "10", "--input-price", "0.31", "--output-price", "0.34"]
     exported = run_cli(["export-batch", str(src), "-o", str(requests), *job])
     assert exported.exit_code == 0, exported.output
-    lines = requests.read_bytes().splitlines()
-    assert len(lines) == 100 and "exported 100 requests" in exported.output
+    assert (
+        len(requests.read_bytes().splitlines()) == rows // 10
+        and f"exported {rows // 10} requests" in exported.output
+    )
     answer_batch(box, requests, results, errors)
-    out = tmp_path / "o.parquet"
-    prices = ["--input-price", "0.31", "--output-price", "0.34"]
-    imported = run_cli(
-        ["import-batch", str(results), str(errors), "--input", str(src), "-o", str(out), *job, *prices]
-    )
+    args = [
+        "import-batch",
+        str(results),
+        str(errors),
+        "--input",
+        str(src),
+        "-o",
+        str(tmp_path / "o.parquet"),
+        *job,
+    ]
+    imported = run_cli(args)
     assert imported.exit_code in (0, 1), imported.output
+    return src, args, job
+
+
+def test_export_one_line_per_pack_and_import_fills_every_row(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(pack_missing=0.05, pack_prose=0.05, pack_fenced=0.05, pack_decay=0.0)
+    src, args, job = _export_answer_import(box, tmp_path, 1000)
+    out = tmp_path / "o.parquet"
     rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 1000 and all(r["status"] in ("ok", "invalid") for r in rows)  # every row filled
     stats = box.sandbox.stats
-    unread = stats["pack_broken"]
-    done = [r for r in rows if r["status"] in ("ok", "invalid")]
-    assert len(done) == 1000 - 10 * unread  # a reply that cannot be read leaves its rows pending
-    missing = [r for r in done if r["status"] == "invalid"]
+    missing = [r for r in rows if r["status"] == "invalid"]
     assert len(missing) == stats["pack_items_missing"] and all(r["parse_error"] == "missing" for r in missing)
-    assert all(r["label"] in LABELS for r in done if r["status"] == "ok")
-    assert all(r["pack_id"].startswith("pack10-") for r in done)
-    # what the batch billed is on the rows (broken packs' shares kept for the pending rows)
-    status = run_cli(["status", str(out)]).output
-    assert f"{1000 - len(done):,} not done" in status, status
-    spent = re.search(r"cost so far: \$([0-9.]+)", status)
-    assert spent is not None and round(Decimal(spent.group(1)) * 10**12) == billed(box), status
-    again = run_cli(
-        ["import-batch", str(results), str(errors), "--input", str(src), "-o", str(out), *job, *prices]
+    assert all(
+        r["label"] in LABELS and r["pack_id"].startswith("pack10-") for r in rows if r["status"] == "ok"
     )
-    assert again.exit_code in (0, 1) and pq.read_table(out).to_pylist() == rows  # twice: nothing changes
-    # the live run finishes: the pending rows and the invalid ones (re-asked), in packs
+    assert pico(rows) == billed(box)  # at the prices given, the rows sum to the bill
+    assert run_cli(args).exit_code == 1 and pq.read_table(out).to_pylist() == rows  # twice: no change
+    # The live run re-asks the items left out, together, in packs: nothing else is sent.
     before = box.count()
     live = run_cli(["run", str(src), "-o", str(out), *job, "--retry-errors", "--rpm", "0"], env=box.env())
     assert live.exit_code == 0, live.output
     final = pq.read_table(out).to_pylist()
-    assert all(r["status"] == "ok" for r in final) and box.count() > before
+    assert all(r["status"] == "ok" for r in final)
+    assert box.count() - before == stats["pack_reasks"] <= len(missing)
     assert pico(final) == billed(box)
+
+
+def test_import_of_unreadable_packs_leaves_rows_pending_with_their_cost(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    box = sandbox_factory(pack_broken=0.2, **CLEAN)
+    src, args, job = _export_answer_import(box, tmp_path, 300)
+    out = tmp_path / "o.parquet"
+    done = [r for r in pq.read_table(out).to_pylist() if r["status"] == "ok"]
+    unread = box.sandbox.stats["pack_broken"]
+    assert unread and len(done) == 300 - 10 * unread
+    status = run_cli(["status", str(out)]).output
+    assert f"{10 * unread:,} not done" in status, status
+    spent = re.search(r"cost so far: \$([0-9.]+)", status)
+    assert spent is not None and round(Decimal(spent.group(1)) * 10**12) == billed(box), status
+    again = run_cli(args)  # twice: nothing changes, not even the split shares
+    assert again.exit_code == 0 and spent.group(0) in run_cli(["status", str(out)]).output
+    live = run_cli(["run", str(src), "-o", str(out), *job, "--rpm", "0"], env=box.env())
+    assert live.exit_code == 0, live.output
+    final = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" for r in final) and pico(final) == billed(box)
 
 
 def test_cache_keeps_packed_answers_apart(sandbox_factory, tmp_path: Path) -> None:
