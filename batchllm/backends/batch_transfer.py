@@ -31,7 +31,7 @@ from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
-from ..engine.packed import Packs
+from ..engine.packed import packs_for
 from ..engine.plan import Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
@@ -131,8 +131,8 @@ def _lines(p: Prepared, journal: Journal | None, result: Exported) -> Iterator[b
         result.refused += 1
 
     rows = _rows(p, journal)
-    if p.job.labeling is not None and p.job.labeling.pack > 1:
-        packs = Packs(p.job, p.model, p.examples, Admission.of(p, count_all=True))
+    packs = packs_for(p)
+    if packs is not None:
         yield from packed_lines(rows, packs, refused)
         return
     for _, row_id, _, request in rows:

@@ -295,6 +295,7 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
 
     Every problem of a file is listed, one line each, with the nearest key for an unknown one.
     """
+    from ..engine.packed import packs_for
     from ..engine.plan import prepare
 
     bad = 0
@@ -304,6 +305,7 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
             try:
                 job = build_job(load_job_file(path), job_file=path)
                 prepared = prepare(job)
+                packs_for(prepared)  # --pack-tokens must leave room for one row
             except BatchLLMError as exc:
                 problems = [str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"]
         if problems:

@@ -29,7 +29,7 @@ from ..pricing import Model, cost
 from ..records import Message, Request
 from .admission import Admission, Rejection
 from .labeled import book, worst_pico
-from .plan import Pack, WorkItem
+from .plan import Pack, Prepared, WorkItem
 from .stats import StopReason
 
 if TYPE_CHECKING:
@@ -57,6 +57,15 @@ class _Row:
     @property
     def text(self) -> str:
         return self.item.request.messages[-1].content
+
+
+def packs_for(p: Prepared, admission: Admission | None = None) -> Packs | None:
+    """The job's packing, or None at one row a request; a ``--pack-tokens`` too small for one
+    row is a usage error here, before anything is sent."""
+    labeling = p.job.labeling
+    if labeling is None or labeling.pack <= 1:
+        return None
+    return Packs(p.job, p.model, p.examples, admission or Admission.of(p, count_all=True))
 
 
 class Packs:

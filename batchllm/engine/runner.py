@@ -36,7 +36,7 @@ from .labeled import label_row, reparse
 from .lock import RunLock
 from .observer import Observer, Silent
 from .output import Totals, write_output
-from .packed import Packs
+from .packed import packs_for
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
@@ -82,13 +82,8 @@ class Run:
         self.reuse: Reuse | None = None
         self.warnings: list[str] = []
         self.plan = Plan(prepared, self.warn, only)
-        labeling = prepared.job.labeling
         # Built before anything starts: a --pack-tokens too small for one row is a usage error.
-        self.packs = (
-            Packs(prepared.job, prepared.model, prepared.examples, self.plan.admission)
-            if labeling is not None and labeling.pack > 1
-            else None
-        )
+        self.packs = packs_for(prepared, self.plan.admission)
         self.write = write  # a pilot writes no output (reports/estimate.py)
 
     def warn(self, message: str) -> None:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..engine.admission import Admission
 from ..engine.journal import Journal
-from ..engine.packed import Packs
+from ..engine.packed import packs_for
 from ..engine.plan import prepare
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
@@ -112,8 +112,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     worst_requests = rows_sent * per_row
     worst_out = worst_requests * mt
     packed = None
-    if labeling is not None and labeling.pack > 1:  # several rows a request (pack_estimate.py)
-        packs = Packs(job, model, p.examples, admission)
+    packs = packs_for(p, admission)
+    if labeling is not None and packs is not None:  # several rows a request (pack_estimate.py)
         growth = reask_growth(labeling, admission.counter, mt) if labeling.reask else 0
         packed = packed_figures(packs, sendable, admission.overhead, labeling, growth)
         prompt_cost, _ = cost(model.prices, packed["prompt_tokens"], 0)
