@@ -108,6 +108,7 @@ def main() -> None:
 
 # The commands register themselves on ``cli``.
 from . import batch as _batch  # noqa: E402,F401
+from . import review as _review  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
 from . import tools as _tools  # noqa: E402,F401
 

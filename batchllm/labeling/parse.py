@@ -113,8 +113,9 @@ def _valid(f: Field, value: Any) -> bool:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif f.type == "boolean":
         ok = isinstance(value, bool)
-    else:
+    else:  # an array of strings: its enum is its items' (spec.py)
         ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+        return ok and (f.enum is None or all(x in f.enum for x in value))
     return ok and (f.enum is None or value in f.enum)
 
 

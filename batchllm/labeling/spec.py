@@ -9,6 +9,7 @@ whose properties are strings, integers, numbers, booleans, arrays of strings, or
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,24 @@ class Labeling:
         return cols
 
 
+_LABELS = re.compile(r"Answer with exactly one label from this list: (.+?)\.(?:\n|$)")
+_SCHEMA = re.compile(r"matching this JSON Schema:\n(\{[^\n]*\})")
+
+
+def labeling_of_instruction(instruction: str) -> Labeling | None:
+    """The label set or schema an instruction (``Labeling.instruction``, as a journal keeps it)
+    states: how a later command (``review``) knows a finished output's labeling."""
+    labels = _LABELS.search(instruction)
+    if labels is not None:
+        return Labeling(labels=tuple(x.strip() for x in labels.group(1).split(", ")))
+    schema = _SCHEMA.search(instruction)
+    if schema is None:
+        return None
+    raw = orjson.loads(schema.group(1))
+    fields, required = schema_fields(raw, "the journal's schema")
+    return Labeling(fields=fields, required=required, schema=raw)
+
+
 def parse_labels(text: str, where: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """``"a,b,c"`` or a file's lines (``label`` or ``label: description``) -> labels, descriptions."""
     labels: list[str] = []
@@ -119,9 +138,15 @@ def load_schema(path: Path) -> tuple[dict[str, Any], tuple[Field, ...], tuple[st
         raise JobError(f"--json-schema {path}: {exc.strerror}") from None
     except orjson.JSONDecodeError as exc:
         raise JobError(f"--json-schema {path}: not valid JSON ({exc.msg})") from None
+    fields, required = schema_fields(schema, f"--json-schema {path}")
+    return schema, fields, required
+
+
+def schema_fields(schema: Any, where: str) -> tuple[tuple[Field, ...], tuple[str, ...]]:
+    """A JSON Schema object's fields and required names; a usage error names what is wrong."""
     props = schema.get("properties") if isinstance(schema, dict) else None
     if not isinstance(props, dict) or not props:
-        raise JobError(f"--json-schema {path}: needs an object schema with 'properties'")
+        raise JobError(f"{where}: needs an object schema with 'properties'")
     fields = []
     for name, spec in props.items():
         kind = spec.get("type") if isinstance(spec, dict) else None
@@ -131,18 +156,19 @@ def load_schema(path: Path) -> tuple[dict[str, Any], tuple[Field, ...], tuple[st
         if kind == "array":
             items = spec.get("items") or {}
             if items.get("type") != "string":
-                raise JobError(f"--json-schema {path}: property {name!r}: arrays must be of strings")
+                raise JobError(f"{where}: property {name!r}: arrays must be of strings")
+            enum = items.get("enum")  # an array's choices are its items'
         elif kind not in _TYPES:
             raise JobError(
-                f"--json-schema {path}: property {name!r} has type {kind!r}; supported: string, integer, "
+                f"{where}: property {name!r} has type {kind!r}; supported: string, integer, "
                 "number, boolean, array of strings, enum"
             )
         fields.append(Field(name, kind, tuple(enum) if isinstance(enum, list) else None))
     required = schema.get("required") or []
     unknown = [r for r in required if r not in props]
     if unknown:
-        raise JobError(f"--json-schema {path}: required {unknown[0]!r} is not a property")
-    return schema, tuple(fields), tuple(required)
+        raise JobError(f"{where}: required {unknown[0]!r} is not a property")
+    return tuple(fields), tuple(required)
 
 
 def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeling | None:

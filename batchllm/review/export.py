@@ -1,0 +1,59 @@
+"""``batchllm review export``: the rows worth a person's look, as Label Studio tasks.
+
+Everything comes from the output and its journal: the journal's settings say which columns the
+prompt uses, the label set or schema (its instruction) and the model; the output has each row's
+answer, status, re-asks and agreement. Picks are seeded (picks.py), so the same command picks
+the same rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ..engine.journal import Journal
+from ..errors import JobError
+from ..labeling.spec import Labeling, labeling_of_instruction
+from ..prompts import template_fields
+from ..reports.status import find_journal
+from .picks import Pick, choose
+from .studio import label_config, model_version, task
+
+
+def job_of(output: Path) -> tuple[Labeling, list[str], dict[str, Any]]:
+    """A labeling output's label set or schema, the input columns its prompt uses, its settings."""
+    journal = Journal.open_readonly(find_journal(output))
+    try:
+        settings = journal.get_meta("settings") or {}
+    finally:
+        journal.conn.close()
+    instruction = (settings.get("labeling") or {}).get("instruction")
+    labeling = labeling_of_instruction(instruction) if instruction else None
+    if labeling is None:
+        raise JobError(
+            f"{output}: not a labeling output (run with --labels or --json-schema): nothing to review"
+        )
+    template = settings.get("template")
+    columns = template_fields(template) if template else [settings.get("prompt_column") or "prompt"]
+    return labeling, columns, settings
+
+
+def export_tasks(output: Path, picks: list[Pick], seed: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """The picked rows' tasks and the labeling config that shows them."""
+    labeling, columns, settings = job_of(output)
+    names = pq.read_schema(output).names if output.is_file() else None
+    if names is None:
+        raise JobError(f"{output}: no output file here; run the job to the end first")
+    answers = [f.name for f in labeling.fields] if labeling.is_schema else ["label"]
+    wanted = [*columns, "row_id", "status", "parse_error", "reasks", *answers, "agreement"]
+    missing = [c for c in wanted[: len(columns)] if c not in names]
+    if missing:
+        raise JobError(
+            f"{output}: no column {missing[0]!r} (the prompt's); was the output written by this job?"
+        )
+    rows = pq.read_table(output, columns=[c for c in dict.fromkeys(wanted) if c in names]).to_pylist()
+    version = model_version(str(settings.get("model")), settings)
+    tasks = [task(rows[i], columns, labeling, why, version) for i, why in choose(rows, picks, seed)]
+    return tasks, label_config(labeling, columns)
