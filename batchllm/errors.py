@@ -4,6 +4,8 @@
     ├── JobError                       bad flags, job file or input: exit 2, nothing sent
     │   └── SettingsMismatch           the journal was written with other settings
     ├── LockedError                    another run holds the checkpoint: exit 75
+    ├── StudioError                    Label Studio unreachable or failing (5xx): exit 75
+    │   └── StudioKeyError             it refused LABEL_STUDIO_API_KEY: exit 4
     └── APIError                       raised at the HTTP boundary only: a provider's ``parse``
         │                              (providers/) and the transport (engine/client.py)
         ├── RetryableAPIError          408/409/429/5xx, timeouts, dropped connections, garbled bodies;
@@ -140,3 +142,15 @@ class RunStopError(FatalAPIError):
     ):
         super().__init__(message, status, code)
         self.reason = reason
+
+
+class StudioError(BatchLLMError):
+    """Label Studio did not answer, or answered 5xx (``batchllm review``): try again later."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
+class StudioKeyError(StudioError):
+    """Label Studio refused the key in ``LABEL_STUDIO_API_KEY``."""
+
+    exit_code = ExitCode.API_STOP

@@ -100,3 +100,96 @@ def test_bad_review_exports(sandbox, tmp_path: Path) -> None:
         result = run_cli(args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def _studio_export(tasks: list[dict], verdicts: dict[str, str | None], cancelled: set[str]) -> list[dict]:
+    """What Label Studio's JSON export holds after reviewers worked: per task its annotations
+    (a verdict accepted or changed; a skipped task is a cancelled annotation with no result)."""
+    out = []
+    for k, t in enumerate(tasks, 1):
+        row_id = t["data"]["row_id"]
+        annotations = []
+        if row_id in cancelled:
+            annotations.append({"result": [], "was_cancelled": True, "completed_by": 1,
+                                "created_at": "2026-12-01T10:00:00Z", "updated_at": "2026-12-01T10:00:00Z"})  # fmt: skip
+        elif row_id in verdicts:
+            result = [{"from_name": "label", "to_name": "review", "type": "choices",
+                       "value": {"choices": [verdicts[row_id]]}}]  # fmt: skip
+            annotations.append({"result": result, "was_cancelled": False, "completed_by": {"id": 1, "email": "ann@example.com"},
+                                "created_at": f"2026-12-01T10:{k % 60:02d}:00Z", "updated_at": f"2026-12-01T10:{k % 60:02d}:00Z"})  # fmt: skip
+        out.append({"id": k, "data": t["data"], "annotations": annotations, "predictions": t["predictions"]})
+    return out
+
+
+def test_verdicts_come_home_and_the_estimate_holds(sandbox, tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    job = ["--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out)]
+    assert run_cli(["run", *job, "--rpm", "0"], env=sandbox.env()).exit_code == 0
+    tasks_file = tmp_path / "tasks.json"
+    pick = ["--pick", "random:40", "--pick", "label:neutral:20"]
+    assert run_cli(["review", "export", str(out), *pick, "-o", str(tasks_file)]).exit_code == 0
+    tasks = json.loads(tasks_file.read_text())
+    gold = {r["row_id"]: r["human_label"] for r in pq.read_table(out).to_pylist()}
+    # Reviewers: every random pick judged (their verdict is the annotators' label), 10 neutral
+    # picks changed to "mixed" (a label outside the set), one task skipped.
+    random_ids = [t["data"]["row_id"] for t in tasks if t["data"]["pick"] == "random"]
+    others = [t["data"]["row_id"] for t in tasks if t["data"]["pick"] != "random"]
+    verdicts: dict[str, str | None] = {r: gold[r] for r in random_ids}
+    verdicts.update({r: "mixed" for r in others[:10]})
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(_studio_export(tasks, verdicts, cancelled={others[10]})))
+    result = run_cli(["review", "import", str(out), "--from", str(export)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "imported 50 verdicts (50 new or changed)" in result.output
+        and "outside the set, kept: mixed" in result.output
+    )
+    rows = {r["row_id"]: r for r in pq.read_table(out).to_pylist()}
+    assert {r for r, x in rows.items() if x["review_label"] is not None} == set(
+        verdicts
+    )  # not the skipped one
+    for row_id, x in rows.items():
+        assert x["label_final"] == verdicts.get(row_id, x["label"])
+        assert (x["reviewer"] == "ann@example.com") == (row_id in verdicts)
+    assert (
+        run_cli(["review", "import", str(out), "--from", str(export)]).output.count("0 new or changed") == 1
+    )
+    # A later run (here --reparse) keeps the reviews.
+    assert run_cli(["run", *job, "--rpm", "0", "--reparse"], env=sandbox.env()).exit_code == 0
+    assert [r["review_label"] for r in pq.read_table(out).to_pylist()] == [
+        x["review_label"] for x in rows.values()
+    ]
+    whole = json.loads(run_cli(["eval", str(out), "--gold", "human_label", "--format", "json"]).output)
+    est = json.loads(run_cli(["eval", str(out), "--gold", "review", "--format", "json"]).output)
+    low, high = est["accuracy_interval"]
+    assert est["reviewed_random"] == 40 and low <= whole["accuracy"] <= high, (est, whole["accuracy"])
+    wrong = est["projected_wrong"]
+    assert wrong[1] <= wrong[0] <= wrong[2] and est["reviewed_other"]["n"] == 10
+    text = run_cli(["eval", str(out), "--gold", "review"]).output
+    assert "random picks reviewed" in text and "wrong labels in all 200 rows" in text
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).output)
+    changed = sum(1 for r, v in verdicts.items() if v != rows[r]["label"])
+    assert report["reviewed"] == {"rows": 50, "changed": changed}
+
+
+def test_bad_verdict_imports_change_nothing(sandbox, tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    assert (
+        run_cli(
+            ["run", "--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--rpm", "0"],
+            env=sandbox.env(),
+        ).exit_code
+        == 0
+    )
+    before = out.read_bytes()
+    stranger = tmp_path / "stranger.json"
+    stranger.write_text(json.dumps([{"id": 1, "data": {"row_id": "nope"}, "annotations": [
+        {"result": [{"from_name": "label", "value": {"choices": ["positive"]}}], "was_cancelled": False}]}]))  # fmt: skip
+    notours = tmp_path / "notours.json"
+    notours.write_text(json.dumps([{"id": 1, "data": {"text": "x"}}]))
+    for source, message in [(stranger, "row_id 'nope'"), (notours, "task 1 is not a batchllm review task"),
+                            (tmp_path / "missing.json", "missing.json")]:  # fmt: skip
+        result = run_cli(["review", "import", str(out), "--from", str(source)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert out.read_bytes() == before

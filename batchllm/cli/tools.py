@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..errors import BatchLLMError, ExitCode
+from ..errors import BatchLLMError, ExitCode, JobError
 from ..job import build_job
 from ..jobfile import job_file_problems, load_job_file
 from . import CONTEXT, cli, fail, handles_errors, run_async
@@ -79,7 +79,13 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
 def eval_cmd(output: Path, gold: str, field: str, by: str | None, fmt: str) -> int:
     """How good a labeling run's labels are against gold: accuracy, F1, kappa, confusion, $/correct."""
     from ..reports.eval import evaluate, format_eval
+    from ..reports.review_eval import evaluate_review
 
+    if gold == "review":  # people's verdicts (batchllm review): the random picks' estimate
+        if by is not None:
+            raise JobError("--by does not go with --gold review: the random picks are one sample")
+        click.echo(format_eval(evaluate_review(output, field), fmt))
+        return 0
     click.echo(format_eval(evaluate(output, gold, by, field), fmt))
     return 0
 
@@ -364,7 +370,6 @@ def cache_stats_cmd(directory: Path | None) -> int:
 def cache_clear_cmd(directory: Path | None, older_than: str | None) -> int:
     """Forget cached replies: all of them, or those older than a duration."""
     from ..engine.cache import ResponseCache, default_dir
-    from ..errors import JobError
     from ..values import duration
 
     try:

@@ -15,7 +15,8 @@ into ``keyed``, built in bulk: indexed row by row, it rewrote an index page per 
 commit, half of a row's journal cost (make bench). Older journals are rebuilt once when opened. Schema 6 added the ``carried`` table (what rows
 sent again had cost before); it is created in any older journal when opened. Schema 7 added
 ``pack_id`` and ``pack_position`` to ``attempts`` (a row answered in a packed request,
-labeling/pack.py), added to an older journal when opened.
+labeling/pack.py), added to an older journal when opened; the ``reviews`` table (people's
+verdicts, review/verdicts.py) is created in any journal when opened.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     pack_id TEXT,
     pack_position INTEGER,
     PRIMARY KEY (row_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reviews (
+    row_id TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    reviewer TEXT,
+    reviewed_at REAL NOT NULL,
+    pick TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS carried (
     row_id TEXT PRIMARY KEY,

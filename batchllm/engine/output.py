@@ -26,6 +26,7 @@ from ..inputs import InputFile
 from ..labeling.spec import Labeling
 from ..pricing import to_usd
 from ..records import Entry
+from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from .journal import Journal
 
 if TYPE_CHECKING:
@@ -110,6 +111,10 @@ def write_output(
     """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it."""
     kept = source.output_columns
     extra = labeling.columns() if labeling is not None else []
+    reviewed = labeling is not None and has_reviews(journal.conn)  # people's verdicts (review/)
+    if reviewed:
+        assert labeling is not None
+        extra += review_fields(labeling)
     schema = pa.schema([source.schema.field(name) for name in kept] + RESULT_FIELDS + extra)
     totals = Totals()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,14 @@ def write_output(
                 paid = journal.unsettled(prompts.row_ids) if unsettled else None
                 results = _result_columns(prompts.row_ids, entries, totals, paid)
                 if labeling is not None:
-                    results += label_columns(prompts.row_ids, entries, labeling)
+                    answers = label_columns(prompts.row_ids, entries, labeling)
+                    results += answers
+                    if reviewed:
+                        model = {
+                            f.name: a.to_pylist() for f, a in zip(labeling.columns(), answers, strict=True)
+                        }
+                        verdicts = reviews_for(journal.conn, prompts.row_ids)
+                        results += review_columns(prompts.row_ids, model, verdicts, labeling)
                 arrays = [batch.column(name) for name in kept] + results
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})

@@ -89,7 +89,7 @@ def metrics(gold: list[str], predicted: list[str | None], cost_pico: int) -> dic
     }
 
 
-def _pico(frame: pd.DataFrame) -> int:
+def spent_pico(frame: pd.DataFrame) -> int:
     total = 0
     for column in ("input_cost_usd", "output_cost_usd"):
         total += int(
@@ -98,7 +98,7 @@ def _pico(frame: pd.DataFrame) -> int:
     return total
 
 
-def _as_label(value: Any) -> str | None:
+def as_label(value: Any) -> str | None:
     """A label, a schema field's enum value, string or boolean, as the text it is scored as
     (booleans as ``true``/``false``, whichever way the gold column writes them)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -111,16 +111,16 @@ def _as_label(value: Any) -> str | None:
 
 def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label") -> dict[str, Any]:
     frame = load(path, gold, by, field)
-    spent = _pico(frame)  # every row's spend, rows without gold included
+    spent = spent_pico(frame)  # every row's spend, rows without gold included
     frame = frame[frame[gold].notna()]
     if frame.empty:
         raise JobError(f"{path}: no row has a gold label in {gold!r}")
 
     def scored(part: pd.DataFrame, cost: int) -> dict[str, Any]:
         labels = [
-            _as_label(x) if s == "ok" else None for x, s in zip(part[field], part["status"], strict=True)
+            as_label(x) if s == "ok" else None for x, s in zip(part[field], part["status"], strict=True)
         ]
-        return metrics([_as_label(g) or "" for g in part[gold]], labels, cost)
+        return metrics([as_label(g) or "" for g in part[gold]], labels, cost)
 
     out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent)}
     if "agreement" in frame.columns:
@@ -130,7 +130,7 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
             levels[f"{level:g}"] = {"n": m["n"], "accuracy": m["accuracy"]}
         out["by_agreement"] = levels
     if by is not None:
-        out["by"] = {str(k): scored(part, _pico(part)) for k, part in frame.groupby(by, sort=True)}
+        out["by"] = {str(k): scored(part, spent_pico(part)) for k, part in frame.groupby(by, sort=True)}
     return out
 
 
@@ -160,6 +160,23 @@ def format_eval(e: dict[str, Any], fmt: str) -> str:
             "n/a" if e["cost_per_correct_usd"] is None else f"${e['cost_per_correct_usd']}",
         ),
     ]
+    if "accuracy_interval" in e:  # against reviews (review_eval.py): the random picks' estimate
+        low, high = e["accuracy_interval"]
+        wrong = e["projected_wrong"]
+        head[0] = ("random picks reviewed", f"{e['reviewed_random']:,}")
+        head.insert(2, ("95% interval", f"{low:.1%} to {high:.1%}"))
+        head.insert(
+            3,
+            (
+                f"wrong labels in all {e['rows_labeled']:,} rows",
+                f"{wrong[0]:,} ({wrong[1]:,} to {wrong[2]:,})",
+            ),
+        )
+        if "reviewed_other" in e:
+            other = e["reviewed_other"]
+            head.append(
+                ("other picks (not a fair sample)", f"{other['n']:,} rows, accuracy {other['accuracy']:.1%}")
+            )
     lines = [
         f"# Evaluation of {e['output']} against {e['gold']}"
         if md

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
+from ..review.verdicts import reviewed_counts
 from .packing import packing
 from .tables import csv_cell, grid, two_columns
 
@@ -247,6 +248,9 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     packed = packing(path)
     if packed:
         report["packing"] = packed
+    reviewed = reviewed_counts(path) if path.is_file() else None
+    if reviewed:
+        report["reviewed"] = reviewed
     estimate = summary.get("estimate")
     if estimate:
         overall = report["overall"]
@@ -379,6 +383,12 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
                 f"request); prompt tokens {pk['prompt_tokens']:,}, one row per request "
                 f"{pk['prompt_tokens_alone']:,}: {pk['prompt_tokens_saved']:,} saved"
             ),
+        ]
+    if "reviewed" in report:
+        rv = report["reviewed"]
+        lines += [
+            "",
+            f"reviewed by people: {rv['rows']:,} rows, {rv['changed']:,} of them changed (batchllm review)",
         ]
     if "maybe_billed" in report:
         lost = report["maybe_billed"]

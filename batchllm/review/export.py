@@ -20,6 +20,7 @@ from ..prompts import template_fields
 from ..reports.status import find_journal
 from .picks import Pick, choose
 from .studio import label_config, model_version, task
+from .studio_api import Studio, studio_key
 
 
 def job_of(output: Path) -> tuple[Labeling, list[str], dict[str, Any]]:
@@ -57,3 +58,15 @@ def export_tasks(output: Path, picks: list[Pick], seed: int = 0) -> tuple[list[d
     version = model_version(str(settings.get("model")), settings)
     tasks = [task(rows[i], columns, labeling, why, version) for i, why in choose(rows, picks, seed)]
     return tasks, label_config(labeling, columns)
+
+
+def send_tasks(url: str, project: str, tasks: list[dict[str, Any]], config: str) -> tuple[int, int]:
+    """Tasks into a Label Studio project (created with ``config`` when missing), only those whose
+    row_id it does not hold yet: (tasks sent, tasks it held already)."""
+    studio = Studio(url, studio_key())
+    found = studio.project(project, config)
+    assert found is not None
+    held = studio.row_ids(found)
+    new = [t for t in tasks if t["data"]["row_id"] not in held]
+    studio.import_tasks(found, new)
+    return len(new), len(tasks) - len(new)

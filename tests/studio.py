@@ -1,0 +1,116 @@
+"""A real Label Studio for the review tests: installed once into a virtual environment of its own
+(its pins, Django among them, must not touch batchllm's), started on loopback with a temporary
+data directory and a user and token made through its documented start options, stopped after.
+
+Where the install or the start is impossible (no package index, no disk), the tests that need it
+are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+VERSION = "1.23.2"
+HOME = Path(
+    os.environ.get("BATCHLLM_STUDIO_VENV")
+    or Path.home() / ".cache" / "batchllm-tests" / f"label-studio-{VERSION}"
+)
+INSTALL_TIMEOUT = 1200
+START_TIMEOUT = 240
+
+
+def _install() -> Path:
+    """The venv's label-studio; a marker written last says an install finished (one cut short
+    by a kill is wiped and made again)."""
+    exe, marker = HOME / "bin" / "label-studio", HOME / ".installed"
+    if marker.exists():
+        return exe
+    subprocess.run(["rm", "-rf", str(HOME)], check=True)
+    HOME.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(HOME)], check=True, capture_output=True)
+    done = subprocess.run(
+        [str(HOME / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT,
+    )
+    if done.returncode != 0:
+        lines = [x for x in done.stderr.strip().splitlines() if not x.startswith("WARNING")]
+        raise RuntimeError(lines[-1] if lines else "pip failed")
+    marker.write_text(VERSION)
+    return exe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def label_studio() -> Iterator[tuple[str, str]]:
+    """(base URL, legacy API token) of a Label Studio running on loopback."""
+    try:
+        exe = _install()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"Label Studio {VERSION} could not be installed here: {exc}")
+    token = secrets.token_hex(20)
+    port = _free_port()
+    data = tempfile.mkdtemp(prefix="label-studio-")
+    env = {**os.environ, "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", "DJANGO_DEBUG": "false"}
+    log = open(Path(data) / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "start",
+            "--no-browser",
+            "-p",
+            str(port),
+            "--internal-host",
+            "127.0.0.1",
+            "--data-dir",
+            data,
+            "--username",
+            "reviewer@example.com",
+            "--password",
+            "review-pass-1",
+            "--user-token",
+            token,
+            "--enable-legacy-api-token",
+        ],  # fmt: skip
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (Path(data) / "server.log").read_text(errors="replace")[-400:]
+                pytest.skip(f"Label Studio {VERSION} did not start on loopback: {tail}")
+            try:
+                with urllib.request.urlopen(base + "/version", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield base, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        subprocess.run(["rm", "-rf", data], check=False)
