@@ -8,6 +8,7 @@ are skipped, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -58,13 +59,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def label_studio() -> Iterator[tuple[str, str]]:
-    """(base URL, legacy API token) of a Label Studio running on loopback."""
+class NotAvailable(Exception):
+    """Label Studio cannot be installed or started here (the reason)."""
+
+
+@contextlib.contextmanager
+def running_studio() -> Iterator[tuple[str, str]]:
+    """(base URL, legacy API token) of a Label Studio on loopback, for the block's duration."""
     try:
         exe = _install()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"Label Studio {VERSION} could not be installed here: {exc}")
+        raise NotAvailable(f"Label Studio {VERSION} could not be installed here: {exc}") from None
     token = secrets.token_hex(20)
     port = _free_port()
     data = tempfile.mkdtemp(prefix="label-studio-")
@@ -99,7 +104,7 @@ def label_studio() -> Iterator[tuple[str, str]]:
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (Path(data) / "server.log").read_text(errors="replace")[-400:]
-                pytest.skip(f"Label Studio {VERSION} did not start on loopback: {tail}")
+                raise NotAvailable(f"Label Studio {VERSION} did not start on loopback: {tail}")
             try:
                 with urllib.request.urlopen(base + "/version", timeout=5):
                     break
@@ -114,3 +119,13 @@ def label_studio() -> Iterator[tuple[str, str]]:
             proc.kill()
         log.close()
         subprocess.run(["rm", "-rf", data], check=False)
+
+
+@pytest.fixture(scope="module")
+def label_studio() -> Iterator[tuple[str, str]]:
+    """(base URL, legacy API token) of a Label Studio running on loopback, or the test skipped."""
+    try:
+        with running_studio() as found:
+            yield found
+    except NotAvailable as exc:
+        pytest.skip(str(exc))

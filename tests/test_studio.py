@@ -105,6 +105,10 @@ def test_a_schema_config_is_accepted_and_errors_say_what_to_do(sandbox, label_st
     export = ["review", "export", str(out), "--pick", "random:5", "--to", base, "--project", "fields review"]
     result = run_cli(export, env=env)
     assert result.exit_code == 0 and "sent 5 tasks" in result.output, result.output  # the config was accepted
+    # A personal access token (a JWT refresh token) is exchanged for an access token.
+    pat = _api(base, token, "POST", "/api/token/", {})["token"]
+    with_pat = run_cli(export, env={"LABEL_STUDIO_API_KEY": pat})
+    assert with_pat.exit_code == 0 and "5 it held already" in with_pat.output, with_pat.output
     refused = run_cli(export, env={"LABEL_STUDIO_API_KEY": "not-a-token"})
     assert (
         refused.exit_code == 4

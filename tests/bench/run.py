@@ -426,6 +426,42 @@ def packing_cost(rows: int, rounds: int = 3) -> dict:
     return figures
 
 
+def studio_round_trip(rows: int) -> dict:
+    """`review export --to` and `review import --from` of `rows` tasks through a real Label
+    Studio on loopback (tests/studio.py): seconds each; skipped where it cannot be installed."""
+    sys.path.insert(0, str(ROOT))
+    from tests.studio import NotAvailable, running_studio
+
+    box = Sandbox("--no-keep-log")
+    out = WORK / f"studio-{rows}.parquet"
+    try:
+        code, _, _ = run_batchllm(
+            box, make_input(rows, f"studio-{rows}.csv"), out, "--labels", "positive,negative,neutral",
+            "--max-tokens", "8", "--rpm", "0", "--restart",
+        )  # fmt: skip
+        assert code in (0, 1), code
+    finally:
+        box.close()
+    try:
+        with running_studio() as (base, token):
+            env = {**os.environ, "LABEL_STUDIO_API_KEY": token}
+            timings = {}
+            for name, args in (
+                (
+                    "export",
+                    ["export", str(out), "--pick", f"random:{rows}", "--to", base, "--project", "bench"],
+                ),
+                ("import", ["import", str(out), "--from", base, "--project", "bench"]),
+            ):
+                started = time.monotonic()
+                done = subprocess.run([str(BIN), "review", *args], env=env, capture_output=True, text=True)
+                assert done.returncode == 0, done.stderr
+                timings[f"{name}_s"] = round(time.monotonic() - started, 1)
+    except NotAvailable as exc:
+        return {"skipped": str(exc)}
+    return {"tasks": rows, **timings, "export_tasks_per_s": round(rows / timings["export_s"])}
+
+
 def cache_cost(rows: int, entries: int, rounds: int = 3) -> dict:
     """rows/s at zero latency with the cache on (every lookup a miss, every reply stored) next to
     --cache off; then lookups in a cache of ``entries`` replies, and its size on disk."""
@@ -581,6 +617,7 @@ def main() -> None:
         "memory",
         "estimate",
         "ray",
+        "studio",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -616,6 +653,9 @@ def main() -> None:
     if "ray" in which:
         results["ray"] = ray_scaling(n(10_000))
         print(json.dumps(results["ray"]), flush=True)
+    if "studio" in which:
+        results["studio"] = studio_round_trip(n(10_000))
+        print(json.dumps(results["studio"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
