@@ -30,6 +30,9 @@ from batchllm.pricing import resolve_model
 from .conftest import ROOT, SandboxThread, prompts_csv, spawn, write_csv
 
 ray = pytest.importorskip("ray")
+# Ten Ray runs in one test take 3 min on 2 cores, over 5 when another worker installs Label
+# Studio beside them (a fresh machine's first `make test`): each run has its own bound below.
+pytestmark = pytest.mark.timeout(900)
 
 RAY = Path(sys.executable).parent / "ray"
 PRICES = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct").prices
