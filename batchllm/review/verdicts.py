@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..labeling.spec import Field, Labeling
@@ -50,16 +51,15 @@ def verdicts_of(
 ) -> list[Verdict]:
     """The verdicts of an export's tasks (``where`` names the export in messages; ``people``
     turns the user ids an export names reviewers by into their emails)."""
-    path = where
     if not isinstance(tasks, list):
-        raise JobError(f"{path}: not a Label Studio JSON export (a list of tasks)")
+        raise JobError(f"{where}: not a Label Studio JSON export (a list of tasks)")
     out = []
     for n, t in enumerate(tasks, 1):
         data = t.get("data") if isinstance(t, dict) else None
         row_id = data.get("row_id") if isinstance(data, dict) else None
         annotations = t.get("annotations", []) if isinstance(t, dict) else None
         if not isinstance(row_id, str) or not isinstance(annotations, list):
-            raise JobError(f"{path}: task {n} is not a batchllm review task (no data.row_id or annotations)")
+            raise JobError(f"{where}: task {n} is not a batchllm review task (no data.row_id or annotations)")
         assert isinstance(data, dict)
         done = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
         if not done:
@@ -182,8 +182,6 @@ def review_columns(
 def reviewed_counts(path: Path) -> dict[str, int] | None:
     """How many rows of an output people reviewed, and how many of those they changed; None
     when it has no review columns (``report``)."""
-    import pyarrow.parquet as pq
-
     names = pq.read_schema(path).names if path.is_file() else []
     finals = [n.removesuffix("_final") for n in names if n.endswith("_final") and f"review_{n[:-6]}" in names]
     if not finals:
