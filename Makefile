@@ -36,7 +36,9 @@ demo: install
 
 # Two workers, one test file each at a time: Ray's tests share one cluster per file, and most
 # tests wait on sockets and subprocesses, so two workers halve the time on two cores.
+# Label Studio (tests/test_studio.py) is installed first, alone, into a venv of its own (once).
 test: install
+	$(BIN)/python tests/studio.py
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install

@@ -118,8 +118,10 @@ def test_a_crash_reports_what_may_have_been_billed(sandbox_factory, tmp_path: Pa
     line = next(x for x in status.output.splitlines() if "may have been billed" in x)
     count = int(line.split()[2].replace(",", ""))
     # In flight (at most --concurrency), plus replies received in the last event-loop turn that
-    # the group commit had not saved yet: those are unsaved too, and counted.
-    assert 0 < count <= 500 + 64
+    # the group commit had not saved yet: those are unsaved too, and counted. Each of the 500
+    # requests answers at most once a turn, so both together are at most twice the concurrency
+    # (a loaded machine, a slow commit, reaches past 500 + 64).
+    assert 0 < count <= 2 * 500
     assert "at most $" in line
     resumed = run_cli(args, env=box.env())
     assert resumed.exit_code == 0, resumed.output
