@@ -12,14 +12,16 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+from . import __version__
 from .access import resolve_api_key
 from .engine.journal import Journal
-from .engine.observer import Observer
+from .engine.observer import Observer, Silent
 from .engine.plan import prepare
 from .engine.runner import Endpoint, RunResult
 from .engine.runner import run_job as run_engine
-from .errors import ExitCode
+from .errors import BatchLLMError, ExitCode
 from .job import Job
+from .notify import notify
 from .reports.estimate import Observed, pilot_positions
 from .reports.eval import pilot_accuracy
 from .reports.pilot import pilot_dir, recommend, size_line
@@ -50,7 +52,42 @@ async def run_job(
     write_output: bool = True,
 ) -> RunResult:
     """Run a job to the end (or to a stop) and write its output; see ``engine.runner.run_job``
-    (``--engine ray``: ``cluster.driver.run_on_ray``)."""
+    (``--engine ray``: ``cluster.driver.run_on_ray``). With ``job.notify``, the summary is
+    POSTed there when the run ends, whatever its exit code (notify.py)."""
+    if job.notify is None:
+        return await _run(job, observer, sandbox, command, handle_signals, only, write_output)
+    warn = (observer or Silent()).warning
+    try:
+        result = await _run(job, observer, sandbox, command, handle_signals, only, write_output)
+    except BatchLLMError as exc:  # stopped before sending: say so all the same
+        await notify(job.notify, failure_summary(job, exc), warn)
+        raise
+    await notify(job.notify, result.summary, warn)
+    return result
+
+
+def failure_summary(job: Job, exc: BatchLLMError) -> dict[str, Any]:
+    """What ``--notify`` POSTs for a run that stopped before it could send (locked, bad input)."""
+    return {
+        "batchllm_version": __version__,
+        "job": job.name,
+        "input": str(job.input),
+        "output": str(job.output),
+        "complete": False,
+        "exit_code": int(exc.exit_code),
+        "message": str(exc),
+    }
+
+
+async def _run(
+    job: Job,
+    observer: Observer | None,
+    sandbox: SandboxConfig | None,
+    command: str,
+    handle_signals: bool,
+    only: frozenset[int] | None,
+    write_output: bool,
+) -> RunResult:
     if job.engine == "ray":
         from .cluster.driver import check_input, run_on_ray
 
@@ -102,7 +139,8 @@ async def _pilot(
 ) -> tuple[ExitCode, str | None, Observed, dict[str, Any] | None, dict[str, Any]]:
     prepared = prepare(job)
     positions = pilot_positions(prepared.rows, rows)
-    result = await run_job(job, observer=observer, command=command, only=positions, write_output=False)
+    # A pilot is no run to notify anyone of: _run, not run_job.
+    result = await _run(job, observer, None, command, False, positions, False)
     journal = Journal.open_readonly(job.journal_dir)
     try:
         observed = Observed(*journal.observed())

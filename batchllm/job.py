@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class Job:
     error_window: int = 100
     max_cost_pico: int | None = None
     max_cost_per_run_pico: int | None = None
+    max_cost_per_month_pico: int | None = None  # the job's calendar month (UTC), from the ledger
     max_runtime: float | None = None
     grace: float = 10.0
     checkpoint: Path | None = None
@@ -91,6 +93,8 @@ class Job:
     cache_dir: Path | None = None  # the user's cache directory when not given
     log_format: str = "text"
     summary_json: Path | None = None
+    notify: str | None = field(default=None, repr=False)  # a URL to POST the summary to (notify.py)
+    ledger: str | None = None  # the ledger file, or "off"; None: BATCHLLM_LEDGER or the default
     progress: str = "auto"
     engine: str = "local"  # or "ray": the same job on Ray Data (batchllm/cluster/)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
@@ -105,8 +109,17 @@ class Job:
 
     @property
     def budgeted(self) -> bool:
-        """Is spending capped (``--max-cost`` or ``--max-cost-per-run``)?"""
-        return self.max_cost_pico is not None or self.max_cost_per_run_pico is not None
+        """Is spending capped (``--max-cost``, ``--max-cost-per-run`` or ``--max-cost-per-month``)?"""
+        return (
+            self.max_cost_pico is not None
+            or self.max_cost_per_run_pico is not None
+            or self.max_cost_per_month_pico is not None
+        )
+
+    @property
+    def name(self) -> str:
+        """The job's name in the ledger: the job file's stem, else the output's."""
+        return (self.job_file or self.output).stem or self.output.name
 
     @property
     def full_system(self) -> str | None:
@@ -220,6 +233,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "error_window": ("error_window", v.integer(1, 1_000_000)),
     "max_cost": ("max_cost_pico", _usd),
     "max_cost_per_run": ("max_cost_per_run_pico", _usd),
+    "max_cost_per_month": ("max_cost_per_month_pico", _usd),
     "max_runtime": ("max_runtime", v.duration),
     "grace": ("grace", v.number(0, 3600)),
     "checkpoint": ("checkpoint", _path),
@@ -239,6 +253,8 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cache": ("cache", v.text),
     "log_format": ("log_format", v.choice("text", "json")),
     "summary_json": ("summary_json", _path),
+    "notify": ("notify", v.text),
+    "ledger": ("ledger", v.text),
     "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
     "engine": ("engine", v.choice("local", "ray")),
     "ray_address": ("ray_address", v.text),
@@ -328,6 +344,8 @@ def build_job(
     for key in ("input", "output"):
         if key not in kwargs:
             raise JobError(f"missing {where(key)}: say which file to {'read' if key == 'input' else 'write'}")
+    if "notify" in kwargs:
+        kwargs["notify"] = notify_url(kwargs["notify"], where("notify"), environ)
     if "endpoint" not in kwargs:
         kwargs["endpoint"] = environ.get(provider.endpoint_env) or provider.default_endpoint
     kwargs["endpoint"] = check_endpoint(kwargs["endpoint"])
@@ -353,6 +371,26 @@ def build_job(
                     "messages and custom_ids"
                 )
     return Job(job_file=job_file, **kwargs)
+
+
+_ENV_NAME = re.compile(r"\$?\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def notify_url(value: str, where: str, environ: Mapping[str, str]) -> str:
+    """``--notify``: an http(s) URL, or the name of an environment variable holding one (``NAME``,
+    ``$NAME`` or ``${NAME}``), so a webhook's secret need not sit in a job file."""
+    named = _ENV_NAME.fullmatch(value.strip())
+    if named is not None and "://" not in value:
+        name = named.group(1)
+        if not environ.get(name):
+            raise JobError(f"{where}: the environment variable {name} (the URL to notify) is not set")
+        value = environ[name]
+        where = f"{where} (from {name})"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # The URL may carry a secret token: name only its form, never echo it.
+        raise JobError(f"{where} is not an http(s) URL with a host")
+    return value
 
 
 CACHE_POLICIES = ("off", "auto", "always")

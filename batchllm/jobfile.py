@@ -26,6 +26,7 @@ _PATH_KEYS = {
     "labels_file",
     "json_schema",
     "examples",
+    "ledger",
 }
 _NO_KEY = "key 'api_key': a job file must not hold the key; name the environment variable that holds it with api_key_env"
 
@@ -50,7 +51,7 @@ def load_job_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise JobError(unknown_key(path, unknown[0]))
     for key in _PATH_KEYS & set(raw):
-        if isinstance(raw[key], str):
+        if isinstance(raw[key], str) and raw[key] != "off":
             raw[key] = os.path.normpath(path.parent / Path(raw[key]).expanduser())
     return raw
 

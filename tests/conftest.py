@@ -120,9 +120,12 @@ class SandboxThread:
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets its own response cache (never the user's, never another test's)."""
+    """Each test gets its own response cache and spend ledger (never the user's, never another
+    test's)."""
     folder = tmp_path_factory.mktemp("xdg-cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+    monkeypatch.delenv("BATCHLLM_LEDGER", raising=False)
     return folder / "batchllm"
 
 

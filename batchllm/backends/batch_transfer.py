@@ -38,6 +38,7 @@ from ..errors import APIError, ExitCode, JobError
 from ..job import Job
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
+from ..ledger import RunRecord, Snapshot
 from ..pricing import Prices, cost
 from ..providers import get_provider
 from ..records import Entry, Request
@@ -176,6 +177,11 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
     lock.acquire(command)
     try:
         journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+        start = Snapshot.of(journal.totals())
+        record = RunRecord.for_job(
+            job, kind="import", provider=provider.name, endpoint="", model=p.model.name,
+            engine="batch", rows_total=p.rows, start=start, warn=warn,
+        )  # fmt: skip
         try:
             have = journal.fetch(list(entries))
             for row_id, entry in entries.items():
@@ -216,6 +222,9 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
             outcome.pending = totals.pending
             outcome.summary = summary(totals, outcome.exit_code)
         finally:
+            record.finish(
+                outcome.summary or {"message": "the import failed"}, start, Snapshot.of(journal.totals())
+            )
             journal.close()
     finally:
         lock.release()

@@ -9,7 +9,7 @@ import click
 
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
-from .options import CHECKPOINT_OPTION, JOB_OPTION, REQUEST_OPTIONS, apply, collect
+from .options import CHECKPOINT_OPTION, JOB_OPTION, LEDGER_OPTION, REQUEST_OPTIONS, apply, collect
 
 
 @cli.command(
@@ -121,6 +121,7 @@ def export_cmd(
         *REQUEST_OPTIONS,
         CHECKPOINT_OPTION,
         click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+        LEDGER_OPTION,
     ]
 )
 @click.pass_context

@@ -156,6 +156,11 @@ SEND_OPTIONS = [
     click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
     click.option("--max-cost", help="Dollar cap on what this output may cost in all (exit 3 when reached)."),
     click.option("--max-cost-per-run", help="Dollar cap on what this run may spend (exit 3 when reached)."),
+    click.option(
+        "--max-cost-per-month",
+        help="Dollar cap on what this job (the job file's name, else the output's) spends in a calendar "
+        "month (UTC), across its runs, from the ledger (exit 3 when reached).",
+    ),
     click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
     click.option(
         "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"
@@ -203,7 +208,18 @@ JOURNAL_OPTIONS = [
         type=click.Choice(["auto", "bar", "lines", "none"]),
         help="Progress display.  [default: auto]",
     ),
+    click.option(
+        "--notify",
+        help="POST the summary JSON to this URL (or the environment variable named) when the run ends, "
+        "whatever its exit code; {exit_code} in the URL is replaced.",
+    ),
 ]
+
+LEDGER_OPTION = click.option(
+    "--ledger",
+    help="The spend ledger (SQLite), or off.  [env: BATCHLLM_LEDGER; default: "
+    "$XDG_DATA_HOME/batchllm/ledger.db]",
+)
 
 RUN_OPTIONS = [
     JOB_OPTION,
@@ -217,6 +233,7 @@ RUN_OPTIONS = [
     *SEND_OPTIONS,
     CHECKPOINT_OPTION,
     *JOURNAL_OPTIONS,
+    LEDGER_OPTION,
 ]
 
 

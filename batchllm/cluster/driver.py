@@ -33,6 +33,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..access import resolve_api_key
+from ..engine.journal import Journal
+from ..engine.journal_schema import DB_NAME
 from ..engine.lock import RunLock
 from ..engine.observer import Observer, Silent
 from ..engine.output import check_no_clash
@@ -42,6 +44,7 @@ from ..engine.stats import StopReason
 from ..errors import ClusterError, JobError
 from ..inputs import InputFile
 from ..job import Job
+from ..ledger import RunRecord, Snapshot
 from ..pricing import Model
 from ..prompts import PromptBuilder, load_examples
 from ..providers import Provider, get_provider
@@ -242,6 +245,42 @@ async def run_on_ray(
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
+        start = Snapshot() if job.restart else journal_snapshot(job.journal_dir)
+        record = RunRecord.for_job(
+            job, kind="run", provider=provider.name, endpoint=endpoint.url, model=model.name,
+            engine="ray", rows_total=None, start=start, warn=observer.warning,
+        )  # fmt: skip
+        if job.max_cost_per_month_pico is not None:
+            # The actors lease from one budget: the month's rest is held once, as this run's cap.
+            month = record.month_allowance(job.name, job.max_cost_per_month_pico, 0)
+            room = month.claim_rest()
+            run_cap = room if job.max_cost_per_run_pico is None else min(room, job.max_cost_per_run_pico)
+            job = dataclasses.replace(job, max_cost_per_run_pico=run_cap)
+        try:
+            done = await _send(ray, job, files, source, provider, model, endpoint, observer, command,
+                               handle_signals)  # fmt: skip
+        except BaseException:
+            record.finish({"message": "the run failed"}, start, journal_snapshot(job.journal_dir))
+            raise
+        record.finish(done.summary, start, journal_snapshot(job.journal_dir))
+        return done
+    finally:
+        lock.release()
+
+
+async def _send(
+    ray: Any,
+    job: Job,
+    files: list[str],
+    source: InputFile,
+    provider: Provider,
+    model: Model,
+    endpoint: Endpoint,
+    observer: Observer,
+    command: str,
+    handle_signals: bool,
+) -> RunResult:
+    try:
         answered = answered_already(job, files, source)
         if answered is not None:  # nothing left to send: no cluster to start
             observer.warning("every row is in the journal already: nothing to send (Ray not started)")
@@ -254,8 +293,17 @@ async def run_on_ray(
             f"the Ray job failed ({first}); every reply received is in {job.journal_dir}: "
             "run the same command again to resume"
         ) from None
+
+
+def journal_snapshot(directory: Path) -> Snapshot:
+    """The journal's totals now (read-only; the coordinator owns it while Ray runs), zeros if none."""
+    if not (directory / DB_NAME).is_file():
+        return Snapshot()
+    journal = Journal.open_readonly(directory)
+    try:
+        return Snapshot.of(journal.totals())
     finally:
-        lock.release()
+        journal.conn.close()
 
 
 async def _run(

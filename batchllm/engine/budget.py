@@ -7,12 +7,19 @@ Everything is integer picodollars (see pricing.py), so the comparison is exact.
 
 The cap covers the whole output: what earlier runs of the same journal spent counts too, so
 ``--max-cost 5`` means "this output may cost $5 in all", and a later run with a higher cap resumes.
-``--max-cost-per-run`` caps what this run spends, for nightly incremental jobs; both hold at once.
+``--max-cost-per-run`` caps what this run spends, for nightly incremental jobs;
+``--max-cost-per-month`` caps what the job spends in a calendar month across its runs: this run
+holds a claim on the month in the ledger (ledger.MonthAllowance) and asks for more whenever a
+reservation would pass it. All hold at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..ledger import MonthAllowance
 
 
 class Budget:
@@ -26,16 +33,26 @@ class Budget:
         self.reserved = 0
         self.in_flight = 0
         self._released = asyncio.Event()
+        self.month: MonthAllowance | None = None
+        self.month_reached = False  # the month's cap, not this output's or this run's, stopped it
 
     @property
     def active(self) -> bool:
         """Is any cap set (so requests reserve their worst case)?"""
-        return self.cap is not None or self.run_cap is not None
+        return self.cap is not None or self.run_cap is not None or self.month is not None
 
     def _fits(self, worst_pico: int) -> bool:
+        self.month_reached = False
         if self.cap is not None and self.spent + self.reserved + worst_pico > self.cap:
             return False
-        return self.run_cap is None or self.spent_run + self.reserved + worst_pico <= self.run_cap
+        if self.run_cap is not None and self.spent_run + self.reserved + worst_pico > self.run_cap:
+            return False
+        if self.month is not None:
+            need = self.spent_run + self.reserved + worst_pico - self.month.claimed
+            if need > 0 and not self.month.extend(need):
+                self.month_reached = True
+                return False
+        return True
 
     @property
     def run_cap_reached(self) -> bool:

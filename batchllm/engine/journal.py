@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
-           "output_cost_pico", "last_written", "unpriced")  # fmt: skip
+           "output_cost_pico", "last_written", "unpriced", "invalid")  # fmt: skip
 
 
 class Journal(KeyIndex, InflightBook, SpendBook):
@@ -347,7 +347,7 @@ class Journal(KeyIndex, InflightBook, SpendBook):
             "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "
             "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
             "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0), MAX(finished_at), "
-            "SUM(status = 'ok' AND input_cost_pico IS NULL) "
+            "SUM(status = 'ok' AND input_cost_pico IS NULL), SUM(status = 'invalid') "
             "FROM rows"
         ).fetchone()
         totals = {k: v or 0 for k, v in zip(_TOTALS, row, strict=True)}

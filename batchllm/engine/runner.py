@@ -26,6 +26,7 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
+from ..ledger import RunRecord, Snapshot
 from ..pricing import format_usd, usd_text
 from .budget import Budget
 from .cache import ResponseCache, default_dir
@@ -85,6 +86,8 @@ class Run:
         # Built before anything starts: a --pack-tokens too small for one row is a usage error.
         self.packs = packs_for(prepared, self.plan.admission)
         self.write = write  # a pilot writes no output (reports/estimate.py)
+        self.kind = "run" if only is None else "pilot"
+        self.lost = (0, 0)  # requests an earlier run left in flight, and their worst case
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -103,7 +106,7 @@ class Run:
             journal = Journal.open(
                 job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse
             )
-            lost, lost_pico = journal.start_inflight()
+            lost, lost_pico = self.lost = journal.start_inflight()
             if lost:
                 self.warn(
                     f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
@@ -136,6 +139,7 @@ class Run:
 
     async def _execute(self, journal: Journal, endpoint: Endpoint, started_at: float) -> RunResult:
         job, p = self.job, self.p
+        self.started_at = started_at
         self.observer.start(
             {
                 "input": str(job.input),
@@ -156,7 +160,33 @@ class Run:
                 "given (--input-price/--output-price): cost columns will be null"
             )
         limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
-        budget = Budget(job.max_cost_pico, journal.committed_pico(), job.max_cost_per_run_pico)
+        start = Snapshot.of(journal.totals())
+        record = RunRecord.for_job(
+            job, kind=self.kind, provider=p.provider.name, endpoint=endpoint.url, model=p.model.name,
+            engine="local", rows_total=p.rows, start=start, lost=self.lost, warn=self.warn,
+        )  # fmt: skip
+        # What the cap counts: all this output paid for, and the worst case of every request a
+        # crash left in flight without a saved reply (it may have been billed).
+        committed = start.spent_pico + journal.maybe_billed(current=False)["worst_pico"]
+        budget = Budget(job.max_cost_pico, committed, job.max_cost_per_run_pico)
+        if job.max_cost_per_month_pico is not None:
+            budget.month = record.month_allowance(
+                job.name, job.max_cost_per_month_pico, job.max_cost_per_month_pico // 200
+            )
+        try:
+            result = await self._dispatch(journal, endpoint, limiter, budget, record)
+        except BaseException:
+            record.finish(
+                {"exit_code": None, "message": "the run failed"}, start, Snapshot.of(journal.totals())
+            )
+            raise
+        record.finish(result.summary, start, Snapshot.of(journal.totals()))
+        return result
+
+    async def _dispatch(
+        self, journal: Journal, endpoint: Endpoint, limiter: RateLimiter, budget: Budget, record: RunRecord
+    ) -> RunResult:
+        job, p = self.job, self.p
         client = Client(
             p.provider,
             endpoint.url,
@@ -189,7 +219,7 @@ class Run:
                 grace=job.grace,
             )
             self.dispatcher = dispatcher
-            ticker = asyncio.create_task(self._tick(dispatcher))
+            ticker = asyncio.create_task(self._tick(dispatcher, record))
             deadline = None
             if job.max_runtime is not None:
                 deadline = asyncio.get_running_loop().call_later(
@@ -225,12 +255,14 @@ class Run:
                 self.observer.progress(snapshot(dispatcher.stats))
                 if deadline is not None:
                     deadline.cancel()
-        return self._finish(journal, dispatcher, budget, started_at)
+        return self._finish(journal, dispatcher, budget, self.started_at)
 
-    async def _tick(self, dispatcher: Dispatcher) -> None:
+    async def _tick(self, dispatcher: Dispatcher, record: RunRecord) -> None:
         while True:
             await asyncio.sleep(self.observer.interval)
-            self.observer.progress(snapshot(dispatcher.stats))
+            s = dispatcher.stats
+            self.observer.progress(snapshot(s))
+            record.progress(s.requests, s.prompt_tokens, s.completion_tokens, s.cost_pico)
 
     def _finish(
         self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float
@@ -262,7 +294,9 @@ class Run:
             if not out["complete"]:
                 stop = dispatcher.stop_error
                 quota = stop is not None and stop.reason == "quota"
-                out["next"] = next_step(reason, run_cap=budget.run_cap_reached, quota=quota)
+                out["next"] = next_step(
+                    reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
+                )
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,

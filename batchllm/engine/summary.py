@@ -34,6 +34,14 @@ def stop_message(
     key_source: str,
 ) -> str:
     """One line saying why the run stopped and what to do next."""
+    if reason is StopReason.BUDGET and budget.month is not None and budget.month_reached:
+        month = budget.month
+        return (
+            f"monthly budget reached: job {month.job!r} has spent or holds "
+            f"{format_usd(month.used_by_others + budget.spent_run)} of its "
+            f"{format_usd(month.cap_pico)} cap this month (--max-cost-per-month; this run "
+            f"{format_usd(budget.spent_run)}); the month resets {month.resets_at}"
+        )
     if reason is StopReason.BUDGET and budget.run_cap_reached:
         return (
             f"budget reached: this run has spent {format_usd(budget.spent_run)} of its "
@@ -62,10 +70,15 @@ def stop_message(
     return dispatcher.stop_message or reason.value
 
 
-def next_step(reason: StopReason | None, *, run_cap: bool = False, quota: bool = False) -> str:
+def next_step(
+    reason: StopReason | None, *, run_cap: bool = False, quota: bool = False, month: bool = False
+) -> str:
     """What the person should do before running the command again (said with the command):
-    ``run_cap``, the budget that stopped it was --max-cost-per-run's; ``quota``, the API's."""
+    ``run_cap``, the budget that stopped it was --max-cost-per-run's; ``month``,
+    --max-cost-per-month's; ``quota``, the API's."""
     if reason is StopReason.BUDGET:
+        if month:
+            return "when the month resets (or with a higher --max-cost-per-month), run the same command again"
         if run_cap:
             return "the next run continues"
         return "to continue, run it with a higher --max-cost"
@@ -95,6 +108,7 @@ def build_summary(
     priced = model.prices is not None
     out: dict[str, Any] = {
         "batchllm_version": __version__,
+        "job": job.name,
         "input": str(job.input),
         "output": str(job.output),
         "checkpoint": str(job.journal_dir),
@@ -152,6 +166,8 @@ def build_summary(
         out["max_cost_usd"] = usd_text(job.max_cost_pico)
     if job.max_cost_per_run_pico is not None:
         out["max_cost_per_run_usd"] = usd_text(job.max_cost_per_run_pico)
+    if job.max_cost_per_month_pico is not None:
+        out["max_cost_per_month_usd"] = usd_text(job.max_cost_per_month_pico)
     if code is not None:
         out["exit_code"] = int(code)
     if not out["complete"]:

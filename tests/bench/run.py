@@ -28,6 +28,7 @@ KEY = "bench-key"
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 WORK = Path(tempfile.mkdtemp(prefix="batchllm-bench-"))
 os.environ["XDG_CACHE_HOME"] = str(WORK / "cache")  # never the user's cache
+os.environ["BATCHLLM_LEDGER"] = str(WORK / "ledger.db")  # never the user's ledger
 
 
 def n(rows: int) -> int:

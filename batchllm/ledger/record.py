@@ -1,0 +1,245 @@
+"""One run's record in the ledger (``RunRecord``) and its hold on the job's month
+(``MonthAllowance``, ``--max-cost-per-month``); the file itself is store.py's."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ..errors import JobError
+from .store import MONTH_USED, Snapshot, connect, ledger_path, month_bounds, proc_start, recover
+
+if TYPE_CHECKING:
+    from ..job import Job
+
+PROGRESS_EVERY = 5.0  # seconds between a running run's progress updates
+
+
+@dataclass
+class MonthAllowance:
+    """``--max-cost-per-month``: the part of the job's month this run holds.
+
+    The budget (engine/budget.py) asks for more whenever a reservation would pass what it holds;
+    each claim is one ``BEGIN IMMEDIATE`` transaction that counts every other run of the job this
+    month (closed ones at their cost, open ones at their claim), so concurrent runs never hold
+    more than the cap between them. A claim is taken in chunks, not one request at a time.
+    """
+
+    conn: sqlite3.Connection
+    run_id: str
+    job: str
+    cap_pico: int
+    month: tuple[float, float]
+    chunk_pico: int = 0  # claimed beyond the need each time: fewer transactions
+    claimed: int = 0
+    used_by_others: int = 0  # as of the last claim, for the stop message
+
+    def extend(self, need_pico: int) -> bool:
+        """Hold ``need_pico`` more of the month (and up to a chunk beyond); False if it does not fit."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (others,) = conn.execute(MONTH_USED, (self.job, *self.month, self.run_id)).fetchone()
+                self.used_by_others = int(others)
+                room = self.cap_pico - self.used_by_others - self.claimed
+                if room < need_pico:
+                    conn.execute("ROLLBACK")
+                    return False
+                grant = min(room, need_pico + self.chunk_pico)
+                conn.execute(
+                    "UPDATE runs SET claim_pico = ? WHERE run_id = ?", (self.claimed + grant, self.run_id)
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error:
+            return False  # cannot be sure of the month: spend nothing more
+        self.claimed += grant
+        return True
+
+    def claim_rest(self) -> int:
+        """Hold all the month has left (Ray's runs cap themselves once, at the start); how much."""
+        try:
+            (others,) = self.conn.execute(MONTH_USED, (self.job, *self.month, self.run_id)).fetchone()
+        except sqlite3.Error:
+            return 0
+        room = max(0, self.cap_pico - int(others) - self.claimed)
+        return room if room and self.extend(room) else 0
+
+    @property
+    def resets_at(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.month[1]))
+
+
+class RunRecord:
+    """One run's record in the ledger, from ``begin`` to ``finish``.
+
+    Every write that fails is one warning (through ``warn``) and the record goes quiet: the
+    ledger never stops a run, except that ``month_allowance`` raises when the cap cannot be
+    checked.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection | None, run_id: str, path: Path | None, warn: Callable[[str], None]
+    ) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.path = path
+        self.warn = warn
+        self.started_at = time.time()
+        self._last_progress = time.monotonic()
+
+    @classmethod
+    def begin(
+        cls,
+        path: Path | None,
+        *,
+        kind: str,
+        job: str,
+        output: Path,
+        checkpoint: Path,
+        provider: str,
+        endpoint: str,
+        model: str,
+        engine: str,
+        rows_total: int | None,
+        start: Snapshot,
+        lost: tuple[int, int],
+        warn: Callable[[str], None],
+        month_cap_pico: int | None = None,
+    ) -> RunRecord:
+        """Write the record of a run starting now, after closing the records of earlier runs of
+        the same output that were killed (``recover``: from ``start``, and ``lost``, the requests
+        and worst-case picodollars they left in flight)."""
+        run_id = uuid.uuid4().hex
+        if path is None:
+            if month_cap_pico is not None:
+                raise JobError(
+                    "--max-cost-per-month needs the ledger: it is off (--ledger off / BATCHLLM_LEDGER=off)"
+                )
+            return cls(None, run_id, None, warn)
+        checkpoint_text = str(checkpoint.resolve())
+        try:
+            conn = connect(path)
+            recover(conn, checkpoint_text, start, lost, run_id)
+            conn.execute(
+                "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
+                "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "
+                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, kind, job, str(output.resolve()), checkpoint_text, provider,
+                    urlsplit(endpoint).hostname or endpoint, model, engine, socket.gethostname(),
+                    os.getpid(), proc_start(os.getpid()), time.time(), rows_total, month_cap_pico,
+                    *start,
+                ),
+            )  # fmt: skip
+        except (OSError, sqlite3.Error) as exc:
+            if month_cap_pico is not None:
+                raise JobError(
+                    f"{path}: cannot write the ledger ({exc}); --max-cost-per-month needs it"
+                ) from None
+            warn(f"{path}: cannot write the ledger ({exc}): this run is not recorded in it")
+            return cls(None, run_id, path, warn)
+        return cls(conn, run_id, path, warn)
+
+    @classmethod
+    def for_job(
+        cls,
+        job: Job,
+        *,
+        kind: str,
+        provider: str,
+        endpoint: str,
+        model: str,
+        engine: str,
+        rows_total: int | None,
+        start: Snapshot,
+        warn: Callable[[str], None],
+        lost: tuple[int, int] = (0, 0),
+    ) -> RunRecord:
+        """``begin`` for a job: its ledger, name, output, journal and monthly cap."""
+        return cls.begin(
+            ledger_path(job.ledger), kind=kind, job=job.name, output=job.output,
+            checkpoint=job.journal_dir, provider=provider,
+            endpoint="sandbox" if job.sandbox else endpoint, model=model, engine=engine,
+            rows_total=rows_total, start=start, lost=lost, warn=warn,
+            month_cap_pico=job.max_cost_per_month_pico,
+        )  # fmt: skip
+
+    def month_allowance(self, job: str, cap_pico: int, chunk_pico: int) -> MonthAllowance:
+        assert self.conn is not None  # begin raised otherwise
+        return MonthAllowance(
+            self.conn, self.run_id, job, cap_pico, month_bounds(self.started_at), chunk_pico=chunk_pico
+        )
+
+    def progress(self, requests: int, prompt_tokens: int, completion_tokens: int, cost_pico: int) -> None:
+        """What the run has spent so far, every ``PROGRESS_EVERY`` seconds at most."""
+        now = time.monotonic()
+        if self.conn is None or now - self._last_progress < PROGRESS_EVERY:
+            return
+        self._last_progress = now
+        self._write(
+            "UPDATE runs SET requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ? "
+            "WHERE run_id = ?",
+            (requests, prompt_tokens, completion_tokens, cost_pico, self.run_id),
+        )
+
+    def finish(self, summary: Mapping[str, Any], start: Snapshot, end: Snapshot | None) -> None:
+        """Close the record from the run's summary and the journal's totals at its end."""
+        if self.conn is None:
+            return
+        this = summary.get("this_run", {})
+        rows = summary.get("rows") or {}
+        billed = summary.get("maybe_billed") or {}
+        if end is None:  # no journal totals (Ray's coordinator closed it): this run's counters
+            cost = _pico(this.get("cost_usd"))
+            delta = Snapshot(cost, this.get("prompt_tokens", 0), this.get("completion_tokens", 0),
+                             this.get("rows_sent_ok", 0), this.get("rows_failed", 0), this.get("rows_invalid", 0))  # fmt: skip
+        else:
+            delta = Snapshot(*(b - a for a, b in zip(start, end, strict=True)))
+        self._write(
+            "UPDATE runs SET ended_at = ?, exit_code = ?, stop_reason = ?, message = ?, rows_total = "
+            "COALESCE(?, rows_total), rows_ok = ?, rows_error = ?, rows_invalid = ?, rows_pending = ?, "
+            "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, dedup_rows = ?, "
+            "cache_hits = ?, cache_saved_pico = ?, maybe_billed_requests = ?, maybe_billed_pico = ? "
+            "WHERE run_id = ?",
+            (
+                time.time(), summary.get("exit_code"), summary.get("stop_reason"), summary.get("message"),
+                rows.get("total"), max(delta.ok, 0), max(delta.error, 0), max(delta.invalid, 0),
+                rows.get("pending"), this.get("requests", 0), delta.prompt_tokens, delta.completion_tokens,
+                delta.spent_pico, this.get("answered_by_other_rows", 0), this.get("cache_hits", 0),
+                _pico(this.get("cache_saved_usd")), billed.get("requests", 0),
+                _pico(billed.get("worst_case_usd")), self.run_id,
+            ),
+        )  # fmt: skip
+        self.conn.close()
+        self.conn = None
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            self.warn(f"{self.path}: cannot write the ledger ({exc}): this run's record is incomplete")
+            self.conn.close()
+            self.conn = None
+
+
+def _pico(text: str | None) -> int:
+    """``"0.00123"`` (the summary's exact dollars) as picodollars; 0 for None."""
+    if not text:
+        return 0
+    whole, _, frac = str(text).partition(".")
+    return int(whole) * 10**12 + int((frac + "0" * 12)[:12] or 0)

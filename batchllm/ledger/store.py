@@ -1,0 +1,232 @@
+"""The spend ledger: one SQLite record per run, across outputs, jobs and months.
+
+A journal knows one output; the ledger knows every run on this machine (or every run pointed at
+the same file): which job, which model, when, how it ended, and what it cost, so ``batchllm
+spend`` can answer "what did the nightly jobs cost this month" and ``--max-cost-per-month`` can
+cap a job across its runs.
+
+    run starts   -> ``RunRecord.begin``: INSERT, with the journal's totals at the start
+    while it runs -> ``progress`` (every few seconds) and ``MonthAllowance.extend`` (claims)
+    run ends     -> ``finish``: end, exit code, this run's tokens and cost
+    run killed   -> the record stays open ("unfinished"); the next run of the same output
+                    (``recover``) closes it from the journal: its cost is what the journal gained
+                    between its start and the next start, plus the in-flight bound the next run
+                    found (the crash bound)
+
+A run's cost is the journal's spend at its end less its spend at its start, so the runs of an
+output add up to the output's ``cost_usd`` exactly (integer picodollars throughout).
+
+Several cron jobs may write at once: WAL mode, a 30-second busy timeout, and the month's claims
+taken in ``BEGIN IMMEDIATE`` transactions, so two runs of one job cannot both take the last
+dollar. The ledger is bookkeeping: failing to write it is a warning and never stops a run, except
+a run capped per month, which cannot start without it.
+
+Where: ``--ledger PATH``, else ``$BATCHLLM_LEDGER``, else ``$XDG_DATA_HOME/batchllm/ledger.db``
+(``~/.local/share/batchllm/ledger.db``); ``off`` keeps no record.
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..errors import JobError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,                 -- run, pilot, import
+    job TEXT NOT NULL,
+    output TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,           -- absolute: how the next run of the output finds this one
+    provider TEXT,
+    endpoint_host TEXT,                 -- the host only: never a path, a query or a key
+    model TEXT,
+    engine TEXT,
+    host TEXT,
+    pid INTEGER,
+    pid_start TEXT,                     -- the process's start time: a reused pid is not this run
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    exit_code INTEGER,
+    stop_reason TEXT,
+    message TEXT,
+    rows_total INTEGER,
+    rows_ok INTEGER NOT NULL DEFAULT 0,
+    rows_error INTEGER NOT NULL DEFAULT 0,
+    rows_invalid INTEGER NOT NULL DEFAULT 0,
+    rows_pending INTEGER,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_pico INTEGER NOT NULL DEFAULT 0,
+    dedup_rows INTEGER NOT NULL DEFAULT 0,
+    cache_hits INTEGER NOT NULL DEFAULT 0,
+    cache_saved_pico INTEGER NOT NULL DEFAULT 0,
+    maybe_billed_requests INTEGER NOT NULL DEFAULT 0,
+    maybe_billed_pico INTEGER NOT NULL DEFAULT 0,
+    claim_pico INTEGER,                 -- --max-cost-per-month: what this run holds of the month
+    month_cap_pico INTEGER,
+    start_spent_pico INTEGER NOT NULL DEFAULT 0,   -- the journal when the run started
+    start_prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    start_completion_tokens INTEGER NOT NULL DEFAULT 0,
+    start_ok INTEGER NOT NULL DEFAULT 0,
+    start_error INTEGER NOT NULL DEFAULT 0,
+    start_invalid INTEGER NOT NULL DEFAULT 0,
+    recovered_by TEXT                   -- the run that closed this record from the journal
+);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
+CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started_at);
+CREATE INDEX IF NOT EXISTS runs_open ON runs (checkpoint) WHERE ended_at IS NULL;
+"""
+
+OFF = "off"
+
+
+def ledger_path(given: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The ledger file: ``--ledger``, else ``$BATCHLLM_LEDGER``, else the XDG data folder; None: off."""
+    environ = os.environ if environ is None else environ
+    value = given or environ.get("BATCHLLM_LEDGER")
+    if value:
+        return None if value == OFF else Path(value).expanduser()
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "batchllm" / "ledger.db"
+
+
+class Snapshot(NamedTuple):
+    """A journal's totals at one moment: what a run's record is the difference of."""
+
+    spent_pico: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ok: int = 0
+    error: int = 0
+    invalid: int = 0
+
+    @classmethod
+    def of(cls, totals: Mapping[str, Any]) -> Snapshot:
+        """From ``Journal.totals()``."""
+        return cls(
+            int(totals["input_cost_pico"]) + int(totals["output_cost_pico"]),
+            int(totals["prompt_tokens"]),
+            int(totals["completion_tokens"]),
+            int(totals["ok"]),
+            int(totals["error"]),
+            int(totals.get("invalid", 0)),
+        )
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=30000")
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """The ledger for ``spend``: read-only; a missing ledger is a usage error naming it."""
+    if not path.exists():
+        raise JobError(f"{path}: no ledger yet (runs write one; --ledger or BATCHLLM_LEDGER name another)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30.0)
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("SELECT 1 FROM runs LIMIT 1")
+    except sqlite3.Error as exc:
+        raise JobError(f"{path}: cannot read the ledger: {exc}") from None
+    return conn
+
+
+def month_bounds(t: float) -> tuple[float, float]:
+    """The calendar month (UTC) holding ``t``: its first second and the next month's."""
+    g = time.gmtime(t)
+    start = calendar.timegm((g.tm_year, g.tm_mon, 1, 0, 0, 0))
+    year, month = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
+    return float(start), float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
+    """Is the process that wrote an open record still running? On another host: assumed so."""
+    if host != socket.gethostname():
+        return True
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return pid_start is None or proc_start(pid) in (None, pid_start)
+
+
+def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tuple[int, int], by: str) -> int:
+    """Close the open records of killed runs of this output from its journal; how many.
+
+    Called with the output's lock held, so every open record of it is a run that died.
+
+    Runs of one output never overlap (the journal's lock), so each killed run's part is what the
+    journal gained between its start and the start of the run after it; the last one also takes
+    the requests the run starting now found in flight (they may have been billed).
+    """
+    open_ = conn.execute(
+        "SELECT run_id, host, pid, pid_start, started_at, start_spent_pico, start_prompt_tokens, "
+        "start_completion_tokens, start_ok, start_error, start_invalid FROM runs "
+        "WHERE checkpoint = ? AND ended_at IS NULL ORDER BY started_at",
+        (checkpoint,),
+    ).fetchall()
+    dead = open_  # the caller holds the output's lock: no run of it is alive
+    if not dead:
+        return 0
+    later = conn.execute(
+        "SELECT started_at, start_spent_pico, start_prompt_tokens, start_completion_tokens, start_ok, "
+        "start_error, start_invalid FROM runs WHERE checkpoint = ? AND ended_at IS NOT NULL "
+        "AND started_at > ? ORDER BY started_at",
+        (checkpoint, dead[0][4]),
+    ).fetchall()
+    starts = sorted([(r[4], Snapshot(*r[5:])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
+    now_at = time.time()
+    for r in dead:
+        began, start = r[4], Snapshot(*r[5:])
+        nxt = next(((t, s) for t, s in starts if t > began), (now_at, now))
+        end = nxt[1]
+        last = nxt[0] == now_at
+        delta = Snapshot(*(max(b - a, 0) for a, b in zip(start, end, strict=True)))
+        conn.execute(
+            "UPDATE runs SET ended_at = ?, message = ?, rows_ok = ?, rows_error = ?, rows_invalid = ?, "
+            "prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
+            "maybe_billed_pico = ?, recovered_by = ? WHERE run_id = ?",
+            (
+                nxt[0], "killed: recorded from the journal by the next run of its output",
+                delta.ok, delta.error, delta.invalid, delta.prompt_tokens, delta.completion_tokens,
+                delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, r[0],
+            ),
+        )  # fmt: skip
+    return len(dead)
+
+
+# What a run of a job counts against its month: a closed record its cost and crash bound, an
+# open one (running, or killed and not recovered yet) the larger of its claim and its progress.
+MONTH_USED = """
+SELECT COALESCE(SUM(CASE WHEN ended_at IS NOT NULL THEN cost_pico + maybe_billed_pico
+                         ELSE MAX(COALESCE(claim_pico, 0), cost_pico) END), 0)
+FROM runs WHERE job = ? AND started_at >= ? AND started_at < ? AND run_id != ?
+"""
