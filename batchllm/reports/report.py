@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,12 @@ def _public(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if not k.startswith("_")}
 
 
-def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+def _usd(text: str | None) -> str:
+    return format_usd(None) if text is None else f"${text}"
+
+
+def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> list[tuple[str, str]]:
+    """The overall table; ``_usd`` formats money (exact here, svg.money on the HTML page)."""
     c, lat = stats["cost_per_row_usd"], stats["latency_ms"]
     errors = ", ".join(f"{k} {v:,}" for k, v in stats["errors_by_class"].items()) or "none"
     return [
@@ -295,17 +301,13 @@ def _rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
         [
             (
                 "spend",
-                f"first answers ${stats['spend_usd']['first_answers']}, re-asks ${stats['spend_usd']['reasks']}, "
-                f"extra samples ${stats['spend_usd']['extra_samples']}",
+                f"first answers {_usd(stats['spend_usd']['first_answers'])}, re-asks "
+                f"{_usd(stats['spend_usd']['reasks'])}, extra samples {_usd(stats['spend_usd']['extra_samples'])}",
             )
         ]
         if "spend_usd" in stats
         else []
     )
-
-
-def _usd(text: str | None) -> str:
-    return format_usd(None) if text is None else f"${text}"
 
 
 _FLAT = ["rows", "ok", "error", "pending", "truncated", "prompt_tokens", "completion_tokens", "cost_usd"]

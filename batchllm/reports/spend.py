@@ -1,0 +1,383 @@
+"""``batchllm spend``: what runs cost across outputs, jobs and months, from the ledger.
+
+    ledger (ledger/store.py) -> load (one SELECT of the window) -> groups, total, month, per
+    1,000 rows, problems -> text | markdown | json | csv (and spend_html.py's page)
+
+Money stays integer picodollars until it is printed (``format_usd``: exact dollars, the same
+format in every table). A run counts in the window, the groups and the month by its start.
+
+The month's forecast is the spend so far plus the recent daily rate (the last 7 days' runs, or
+the days since the ledger's first run when it is younger) times the days left: a run rate, not a
+model of the schedule, and said so next to the figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import JobError
+from ..ledger import month_bounds, open_readonly
+from ..ledger.store import is_alive
+from ..pricing import usd_text
+from .svg import money
+from .tables import csv_cell, grid
+
+KEYS = ("job", "model", "provider", "day", "week", "month")
+SUMS = ("runs", "rows_ok", "requests", "prompt_tokens", "completion_tokens")
+RATE_DAYS = 7
+MAX_PROBLEMS = 20
+_COLUMNS = (
+    "run_id, kind, job, output, provider, model, engine, started_at, ended_at, exit_code, message, "
+    "rows_ok, rows_error, rows_invalid, rows_pending, requests, prompt_tokens, completion_tokens, "
+    "cost_pico, maybe_billed_pico, recovered_by, host, pid, pid_start, endpoint_host"
+)
+
+
+@dataclass(slots=True)
+class Run:
+    run_id: str
+    kind: str
+    job: str
+    output: str
+    provider: str
+    model: str
+    engine: str
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    message: str | None
+    rows_ok: int
+    rows_error: int
+    rows_invalid: int
+    rows_pending: int | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_pico: int
+    maybe_billed_pico: int
+    recovered_by: str | None
+    host: str | None
+    pid: int | None
+    pid_start: str | None
+    endpoint_host: str | None
+
+    @property
+    def status(self) -> str:
+        """running, finished, or unfinished (killed; the next run of its output closes it)."""
+        if self.ended_at is not None:
+            return "finished"
+        return "running" if is_alive(self.host, self.pid, self.pid_start) else "unfinished"
+
+    def key(self, name: str) -> str:
+        if name in ("day", "week", "month"):
+            d = datetime.fromtimestamp(self.started_at, UTC)
+            if name == "day":
+                return d.strftime("%Y-%m-%d")
+            if name == "month":
+                return d.strftime("%Y-%m")
+            year, week, _ = d.isocalendar()
+            return f"{year}-W{week:02d}"
+        return str(getattr(self, name) or "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "kind": self.kind,
+            "job": self.job,
+            "output": self.output,
+            "provider": self.provider,
+            "model": self.model,
+            "engine": self.engine,
+            "endpoint_host": self.endpoint_host,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at) if self.ended_at is not None else None,
+            "status": self.status,
+            "killed": self.recovered_by is not None,
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "rows_ok": self.rows_ok,
+            "rows_error": self.rows_error,
+            "rows_invalid": self.rows_invalid,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": usd_text(self.cost_pico),
+            "maybe_billed_usd": usd_text(self.maybe_billed_pico) if self.maybe_billed_pico else None,
+        }
+
+
+def parse_when(text: str, *, end: bool = False, now: float | None = None) -> float:
+    """``30d``, ``12h``, ``2w`` (ago), or an ISO date or time (UTC); a date as ``--until`` is the
+    whole of that day."""
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\s*(\d+)\s*([hdw])\s*", text)
+    if m:
+        hours = int(m.group(1)) * {"h": 1, "d": 24, "w": 168}[m.group(2)]
+        return now - hours * 3600
+    try:
+        d = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise JobError(f"{text!r} is not a date (2026-11-01), a time or an age such as 30d") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=UTC)
+    if end and re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", text):
+        d += timedelta(days=1)
+    return d.timestamp()
+
+
+def load(conn: sqlite3.Connection, since: float, until: float) -> list[Run]:
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM runs WHERE started_at >= ? AND started_at < ? ORDER BY started_at",
+        (since, until),
+    ).fetchall()
+    return [Run(*r) for r in rows]
+
+
+def _sums(runs: list[Run]) -> dict[str, Any]:
+    out: dict[str, Any] = dict.fromkeys(SUMS, 0)
+    pico = 0
+    for r in runs:
+        out["runs"] += 1
+        out["rows_ok"] += r.rows_ok
+        out["requests"] += r.requests
+        out["prompt_tokens"] += r.prompt_tokens
+        out["completion_tokens"] += r.completion_tokens
+        pico += r.cost_pico
+    out["cost_usd"] = usd_text(pico)
+    out["_cost_pico"] = pico
+    return out
+
+
+def groups(runs: list[Run], by: list[str]) -> list[dict[str, Any]]:
+    """One group per distinct combination of the ``by`` keys, by cost (highest first), or in
+    time order when the first key is a period."""
+    buckets: dict[tuple[str, ...], list[Run]] = {}
+    for r in runs:
+        buckets.setdefault(tuple(r.key(k) for k in by), []).append(r)
+    out = [{**dict(zip(by, key, strict=True)), **_sums(members)} for key, members in buckets.items()]
+    if by and by[0] in ("day", "week", "month"):
+        out.sort(key=lambda g: tuple(g[k] for k in by))
+    else:
+        out.sort(key=lambda g: -g["_cost_pico"])
+    return out
+
+
+def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    """This calendar month (UTC): spent so far, and at the recent daily rate, by its end."""
+    start, end = month_bounds(now)
+    (spent,) = conn.execute(
+        "SELECT COALESCE(SUM(cost_pico), 0) FROM runs WHERE started_at >= ? AND started_at < ?", (start, end)
+    ).fetchone()
+    (first,) = conn.execute("SELECT MIN(started_at) FROM runs").fetchone()
+    days = RATE_DAYS if first is None else min(RATE_DAYS, max(1.0, (now - first) / 86400))
+    (recent,) = conn.execute(
+        "SELECT COALESCE(SUM(cost_pico), 0) FROM runs WHERE started_at >= ?", (now - days * 86400,)
+    ).fetchone()
+    rate = round(recent / days)
+    days_left = max(0.0, (end - now) / 86400)
+    return {
+        "month": time.strftime("%Y-%m", time.gmtime(start)),
+        "spent_usd": usd_text(int(spent)),
+        "daily_rate_usd": usd_text(rate),
+        "rate_from_days": round(days, 1),
+        "days_left": round(days_left, 1),
+        "forecast_usd": usd_text(int(spent) + round(rate * days_left)),
+        "_spent_pico": int(spent),
+        "_forecast_pico": int(spent) + round(rate * days_left),
+    }
+
+
+def per_thousand(runs: list[Run]) -> list[dict[str, Any]]:
+    """Cost per 1,000 rows answered, by job: over the window, and how it moved from the first day
+    with runs to the last."""
+    by_job: dict[str, list[Run]] = {}
+    for r in runs:
+        by_job.setdefault(r.job, []).append(r)
+    out = []
+    for job, members in by_job.items():
+        days: dict[str, list[int]] = {}
+        for r in members:
+            d = days.setdefault(r.key("day"), [0, 0])
+            d[0] += r.cost_pico
+            d[1] += r.rows_ok
+        rows = sum(r.rows_ok for r in members)
+        cost = sum(r.cost_pico for r in members)
+        line: dict[str, Any] = {"job": job, "rows_ok": rows, "cost_per_1k_rows_usd": _per_1k(cost, rows)}
+        answered = [(day, c, n) for day, (c, n) in sorted(days.items()) if n]
+        if len(answered) >= 2:
+            (d0, c0, n0), (d1, c1, n1) = answered[0], answered[-1]
+            first, last = c0 * 1000 // n0, c1 * 1000 // n1
+            line["first_day"], line["first_usd"] = d0, usd_text(first)
+            line["last_day"], line["last_usd"] = d1, usd_text(last)
+            line["change_pct"] = round(100 * (last - first) / first, 1) if first else None
+        out.append(line)
+    out.sort(key=lambda x: x["job"])
+    return out
+
+
+def per_day_per_thousand(runs: list[Run]) -> dict[str, list[tuple[str, int]]]:
+    """job -> [(day, picodollars per 1,000 rows)], days with answered rows only (the page's plot)."""
+    acc: dict[str, dict[str, list[int]]] = {}
+    for r in runs:
+        d = acc.setdefault(r.job, {}).setdefault(r.key("day"), [0, 0])
+        d[0] += r.cost_pico
+        d[1] += r.rows_ok
+    return {
+        job: [(day, c * 1000 // n) for day, (c, n) in sorted(days.items()) if n] for job, days in acc.items()
+    }
+
+
+def _per_1k(cost: int, rows: int) -> str | None:
+    return usd_text(cost * 1000 // rows) if rows else None
+
+
+def build_spend(
+    path: Path, since: float, until: float, by: list[str], with_runs: bool, now: float | None = None
+) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    conn = open_readonly(path)
+    try:
+        runs = load(conn, since, until)
+        month = month_forecast(conn, now)
+    finally:
+        conn.close()
+    problems = [r for r in runs if r.status == "unfinished" or r.recovered_by or r.exit_code not in (0, None)]
+    report: dict[str, Any] = {
+        "ledger": str(path),
+        "since": _iso(since),
+        "until": _iso(min(until, now)),
+        "by": by,
+        "groups": groups(runs, by) if by else [],
+        "total": _sums(runs),
+        "month": month,
+        "cost_per_1k_rows": per_thousand(runs),
+        "problems": {
+            "count": len(problems),
+            "runs": [r.as_dict() for r in problems[-MAX_PROBLEMS:][::-1]],
+        },
+    }
+    if with_runs:
+        report["runs"] = [r.as_dict() for r in runs]
+    report["_runs"] = runs
+    return report
+
+
+def public(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its working fields (names starting with ``_``), for JSON."""
+    if isinstance(report, dict):
+        return {k: public(v) for k, v in report.items() if not k.startswith("_")}
+    if isinstance(report, list):
+        return [public(v) for v in report]  # type: ignore[return-value]
+    return report
+
+
+def _money(text: str | None) -> str:
+    """Readable money for the text tables (svg.money: cents from $1, else four significant
+    digits); the JSON and CSV carry the exact figures."""
+    return money(text)
+
+
+def _group_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    by = report["by"]
+    header = [*by, "runs", "rows ok", "requests", "prompt tokens", "completion tokens", "cost"]
+    rows = [
+        [*(g[k] for k in by), *(f"{g[s]:,}" for s in SUMS), _money(g["cost_usd"])] for g in report["groups"]
+    ]
+    t = report["total"]
+    rows.append([*(["total"] + [""] * (len(by) - 1) if by else []), *(f"{t[s]:,}" for s in SUMS),
+                 _money(t["cost_usd"])])  # fmt: skip
+    if not by:
+        header = header[len(by) :]
+    return header, rows
+
+
+def format_spend(report: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps(public(report), option=orjson.OPT_INDENT_2).decode()
+    if fmt == "csv":
+        return _csv(report)
+    md = fmt == "markdown"
+    header, rows = _group_table(report)
+    out = [f"spend from {report['since']} to {report['until']} ({report['ledger']})", ""]
+    out.append(_table(header, rows, md))
+    m = report["month"]
+    out += [
+        "",
+        f"this month ({m['month']}, UTC): {_money(m['spent_usd'])} so far; at {_money(m['daily_rate_usd'])} a day "
+        f"(the last {m['rate_from_days']:g} days' runs), {_money(m['forecast_usd'])} by its end "
+        f"({m['days_left']:g} days left)",
+    ]
+    if report["cost_per_1k_rows"]:
+        out += ["", "cost per 1,000 rows answered, by job:"]
+        rows = [
+            [
+                x["job"],
+                f"{x['rows_ok']:,}",
+                _money(x["cost_per_1k_rows_usd"]),
+                f"{x['first_day']} {_money(x['first_usd'])} -> {x['last_day']} {_money(x['last_usd'])}"
+                + (f" ({x['change_pct']:+g}%)" if x.get("change_pct") is not None else "")
+                if "first_day" in x
+                else "one day of runs",
+            ]
+            for x in report["cost_per_1k_rows"]
+        ]
+        out.append(_table(["job", "rows ok", "per 1,000 rows", "moved"], rows, md))
+    p = report["problems"]
+    if p["count"]:
+        out += ["", f"runs that failed, were killed or are unfinished: {p['count']:,}"
+                + (f" (the latest {len(p['runs'])})" if p["count"] > len(p["runs"]) else "")]  # fmt: skip
+        rows = [[r["started_at"], r["job"], _state(r), (r["message"] or "")[:100]] for r in p["runs"]]
+        out.append(_table(["started", "job", "state", "message"], rows, md))
+    if "runs" in report:
+        out += ["", f"runs: {len(report['runs']):,}"]
+        rows = [
+            [r["started_at"], r["job"], r["kind"], _state(r), f"{r['rows_ok']:,}", f"{r['requests']:,}",
+             _money(r["cost_usd"]), r["run_id"][:12]]
+            for r in report["runs"]
+        ]  # fmt: skip
+        out.append(
+            _table(["started", "job", "kind", "state", "rows ok", "requests", "cost", "run"], rows, md)
+        )
+    return "\n".join(out)
+
+
+def _state(r: dict[str, Any]) -> str:
+    if r["killed"]:
+        return "killed (closed from the journal)"
+    if r["status"] != "finished":
+        return r["status"]
+    return f"exit {r['exit_code']}"
+
+
+def _table(header: list[str], rows: list[list[str]], md: bool) -> str:
+    return "\n".join(grid(header, rows, md))
+
+
+def _csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if "runs" in report:
+        fields = list(report["runs"][0]) if report["runs"] else ["run_id"]
+        w.writerow(fields)
+        for r in report["runs"]:
+            w.writerow([csv_cell(r[f]) for f in fields])
+        return buf.getvalue().rstrip("\n")
+    by = report["by"]
+    w.writerow([*by, *SUMS, "cost_usd"])
+    for g in [*report["groups"], {**dict.fromkeys(by, "total"), **report["total"]}]:
+        w.writerow([*(g[k] for k in by), *(g[s] for s in SUMS), g["cost_usd"]])
+    return buf.getvalue().rstrip("\n")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
