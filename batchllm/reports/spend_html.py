@@ -41,12 +41,9 @@ def _by_day_and_job(report: dict[str, Any]) -> tuple[list[str], dict[str, list[f
     return days, series
 
 
-def _per_thousand(
-    report: dict[str, Any], order: list[str]
-) -> tuple[list[str], dict[str, list[float | None]]]:
-    """Each job's line in the colour of its bars (``order``: the stacked plot's series)."""
+def _per_thousand(report: dict[str, Any], days: list[str], order: list[str]) -> dict[str, list[float | None]]:
+    """Each job's line over the bars' days, in the colour of its bars (``order``)."""
     lines = per_day_per_thousand(report["_runs"])
-    days = sorted({d for points in lines.values() for d, _ in points})
     series: dict[str, list[float | None]] = {}
     for job in [j for j in order if j in lines]:
         at = dict(lines[job])
