@@ -30,7 +30,7 @@ class ExitCode(enum.IntEnum):
     OK = 0  # every row ok
     ROW_ERRORS = 1  # finished, some rows failed
     USAGE = 2  # usage, configuration or input error
-    BUDGET = 3  # --max-cost reached
+    BUDGET = 3  # --max-cost, --max-cost-per-run or --max-cost-per-month reached
     API_STOP = 4  # stopped by the API: bad key, quota, too many errors
     IO_ERROR = 74  # the checkpoint could not be written (disk full?)
     TEMPFAIL = 75  # locked by another run, or --max-runtime reached: try again later
@@ -42,11 +42,14 @@ Exit codes:
   0    every row ok
   1    finished, some rows failed (see the error column)
   2    usage, configuration or input error (nothing was sent)
-  3    budget (--max-cost) reached; a later run with a higher cap resumes
+  3    a budget reached (--max-cost, -per-run, -per-month): a later run resumes
   4    stopped by the API: bad key, exhausted quota, or too many errors
   74   the checkpoint could not be written (disk full?): replies were rescued
-  75   locked by another run, --max-runtime reached, or the Ray job failed: try again later
+  75   locked, --max-runtime reached or the Ray job failed: try again later
   130  interrupted (SIGINT/SIGTERM); run the same command again to resume"""
+
+# For click's --help: "\b" keeps the table's lines as they are (one line a code), unwrapped.
+EXIT_CODE_HELP = "\b\n" + EXIT_CODE_TABLE
 
 
 class BatchLLMError(Exception):

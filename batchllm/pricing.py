@@ -63,6 +63,8 @@ class Model:
     prices: Prices | None
     context_window: int | None
     batch_prices: Prices | None = None  # a batch API's discounted prices, if the provider has one
+    rpm: int | None = None  # the documented rate limit of one key, where there is one
+    tpm: int | None = None
 
 
 def cost(prices: Prices | None, prompt_tokens: N, completion_tokens: N) -> tuple[N | None, N | None]:
@@ -121,7 +123,8 @@ def load_models(provider: str | None = None, path: Path | None = None) -> dict[s
             except KeyError as exc:
                 raise JobError(f"{here}: missing key {exc.args[0]}") from None
             key = name if provider is not None else f"{prov}:{name}"
-            models[key] = Model(name, prov, prices, window, batch)
+            rpm, tpm = spec.get("requests_per_minute"), spec.get("tokens_per_minute")
+            models[key] = Model(name, prov, prices, window, batch, rpm, tpm)
     return models
 
 

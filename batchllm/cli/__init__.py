@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from .. import __version__
-from ..errors import EXIT_CODE_TABLE, BatchLLMError, ExitCode, JobError
+from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 T = TypeVar("T")
@@ -69,7 +69,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 @click.group(
     context_settings=CONTEXT,
-    epilog=EXIT_CODE_TABLE.replace("\n", "\n\n")
+    epilog=EXIT_CODE_HELP
     + "\n\nExample:\n\n  batchllm run sample_data/reviews.csv -o out/reviews.parquet --template 'Classify: {review}' --sandbox",
 )
 @click.version_option(__version__, prog_name="batchllm")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..errors import EXIT_CODE_TABLE, BatchLLMError, ExitCode, JobError
+from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job, parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
 from .options import RUN_OPTIONS, apply, collect
@@ -21,7 +21,7 @@ def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) ->
 @cli.command(
     "run",
     context_settings=CONTEXT,
-    epilog=EXIT_CODE_TABLE.replace("\n", "\n\n")
+    epilog=EXIT_CODE_HELP
     + """
 
 Examples:
@@ -82,7 +82,9 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 
   batchllm estimate prompts.csv --system 'You are an expert deep learning engineer' --max-tokens 512 --format json
 
-  batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --pilot 20 -o out/r.parquet --sandbox""",
+  batchllm estimate sample_data/reviews.csv --template 'Classify: {review}' --pilot 20 -o out/r.parquet --sandbox
+
+  batchllm estimate --job jobs/sentiment.toml --compare""",
 )
 @click.argument(
     "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)
@@ -100,6 +102,12 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 )
 @click.option("--gold", help="With --pilot: the column of human labels to score the pilot's labels against.")
 @click.option(
+    "--compare",
+    is_flag=True,
+    help="The job on every model in `batchllm models` that fits it: prompt tokens, worst case and expected "
+    "cost at live and batch prices, and the time at each one's documented rate limit.",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True
 )
 @click.pass_context
@@ -110,6 +118,7 @@ def estimate_cmd(
     pilot: int | None,
     from_run: Path | None,
     gold: str | None,
+    compare: bool,
     fmt: str,
     **params: Any,
 ) -> int:
@@ -147,6 +156,12 @@ def estimate_cmd(
             return fail(f"the pilot stopped: {message}", code)
     if gold is not None and (pilot is None or job.labeling is None):
         raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
+    if compare:
+        from ..reports.compare import compare as compare_models
+        from ..reports.compare import format_compare
+
+        click.echo(format_compare(compare_models(job, from_run, observed), fmt))
+        return 0
     report = estimate(job, from_run, observed)
     if pilot is not None:
         report["expected_from"] = f"a pilot of {pilot:,} rows"

@@ -149,6 +149,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "requests": {"per_row_worst_case": per_row, "worst_case": worst_requests},
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
+        "tokens_worst_case": {"prompt": worst_prompt, "completion": worst_out},
     }
     if packed is not None:
         result["packing"] = packed
@@ -170,6 +171,11 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                 mt * per_row,
             )
         )
+        first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens
+        result["tokens_expected"] = {
+            "prompt": round(first_prompt * max(mean_requests, 1.0)),
+            "completion": result["cost_usd"].pop("expected_completion_tokens"),
+        }
         sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
         result["time"]["expected_minutes"] = round(sent * max(mean_requests, 1.0) / rpm, 1)
     return result
@@ -225,6 +231,7 @@ def _expected(
         "expected_high": usd_text(prompt_cost + high * out_pico),
         "observed_rows": int(observed.size),
         "observed_mean_completion_tokens": round(mean, 1),
+        "expected_completion_tokens": round(total),
     }
 
 
