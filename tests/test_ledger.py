@@ -1,0 +1,451 @@
+"""The spend ledger across runs and jobs, `batchllm spend`, monthly caps and --notify (issue 22)."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchllm.ledger import month_bounds
+from batchllm.reports.spend import build_spend
+
+from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of
+from .test_resume import _wait_for_rows
+
+
+def _job_file(path: Path, src: Path, *, extra: str = "") -> Path:
+    path.write_text(
+        f'input = "{src}"\noutput = "{path.parent / "unused.parquet"}"\ntemplate = "Answer briefly: {{prompt}}"\n'
+        f"max_tokens = 24\nconcurrency = 20\nrpm = 0\n{extra}"
+    )
+    return path
+
+
+def _spend(ledger: Path, *args: str) -> dict[str, Any]:
+    result = run_cli(["spend", "--ledger", str(ledger), "--format", "json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _cost(out: Path) -> Decimal:
+    return Decimal(summary_of(out)["cost_usd"]["total"])
+
+
+def test_eight_runs_of_two_jobs_at_once(sandbox_factory, tmp_path: Path) -> None:
+    """Runs started together (two killed, one over its monthly cap, one with a wrong key): one
+    record each; the killed ones unfinished until their output runs again; spend per job equals
+    the sum of its outputs' cost_usd exactly."""
+    box = sandbox_factory(latency=0.2)
+    ledger = tmp_path / "ledger.db"
+    src = prompts_csv(tmp_path / "in.csv", 600)
+    jobs = {"alpha": _job_file(tmp_path / "alpha.toml", src), "beta": _job_file(tmp_path / "beta.toml", src)}
+    plans = [  # job, output, extra flags, environment, kill?
+        ("alpha", "a1", [], {}, False),
+        ("alpha", "a2", [], {}, True),
+        ("alpha", "a3", [], {"DATAOORTS_API_KEY": "sk-wrong-key-for-this-test"}, False),
+        ("alpha", "a4", ["--max-cost-per-month", "0.00002"], {}, False),
+        ("beta", "b1", [], {}, False),
+        ("beta", "b2", [], {}, True),
+        ("beta", "b3", ["--pack", "1"], {}, False),
+        ("beta", "b4", [], {}, False),
+    ]
+    procs = []
+    for job, name, flags, env, _ in plans:
+        out = tmp_path / f"{name}.parquet"
+        args = ["run", "--job", str(jobs[job]), "-o", str(out), "--ledger", str(ledger), "--progress", "none"]
+        procs.append(spawn(args + flags, env={**box.env(), **env}))
+    for (_, name, _, _, kill), proc in zip(plans, procs, strict=True):
+        if kill:
+            _wait_for_rows(tmp_path / f"{name}.parquet.batchllm" / "journal.sqlite", 40)
+            proc.send_signal(signal.SIGKILL)
+    codes = {name: proc.wait(timeout=120) for (_, name, *_), proc in zip(plans, procs, strict=True)}
+    for proc in procs:
+        proc.communicate()
+    assert codes["a2"] == codes["b2"] == -signal.SIGKILL
+    assert codes["a3"] == 4 and codes["a4"] == 3
+    assert all(codes[n] == 0 for n in ("a1", "b1", "b3", "b4")), codes
+
+    runs = _spend(ledger, "--runs")["runs"]
+    assert len(runs) == 8 and len({r["run_id"] for r in runs}) == 8
+    by_output = {Path(r["output"]).stem: r for r in runs}
+    assert {by_output[n]["status"] for n in ("a2", "b2")} == {"unfinished"}
+    assert by_output["a3"]["exit_code"] == 4 and by_output["a4"]["exit_code"] == 3
+    assert "monthly budget" in by_output["a4"]["message"]
+    assert all(TEST_KEY not in json.dumps(r) and "sk-wrong" not in json.dumps(r) for r in runs)
+
+    # The killed outputs run again: their records are closed from the journal.
+    for job, name in (("alpha", "a2"), ("beta", "b2")):
+        out = tmp_path / f"{name}.parquet"
+        args = ["run", "--job", str(jobs[job]), "-o", str(out), "--ledger", str(ledger)]
+        assert run_cli(args, env=box.env()).exit_code == 0
+    report = _spend(ledger, "--runs", "--by", "job")
+    runs = report["runs"]
+    assert len(runs) == 10
+    killed = [r for r in runs if r["killed"]]
+    assert sorted(Path(r["output"]).stem for r in killed) == ["a2", "b2"]
+    assert all(r["status"] == "finished" and Decimal(r["cost_usd"]) > 0 for r in killed)
+    assert not [r for r in runs if r["status"] != "finished"]
+    outputs = {job: [tmp_path / f"{n}.parquet" for j, n, *_ in plans if j == job] for job in jobs}
+    groups = {g["job"]: g for g in report["groups"]}
+    for job, outs in outputs.items():
+        assert Decimal(groups[job]["cost_usd"]) == sum(_cost(o) for o in outs), job
+        assert groups[job]["runs"] == 5
+    assert Decimal(report["total"]["cost_usd"]) == sum(Decimal(g["cost_usd"]) for g in report["groups"])
+
+
+def test_month_cap_holds_across_runs_at_once(sandbox_factory, tmp_path: Path) -> None:
+    """Random caps, 10 runs of one job (two waves of five at once): the month's total never
+    passes the cap; once it is spent, a run stops with exit 3 having sent nothing."""
+    box = sandbox_factory(latency=0.05)
+    rng = random.Random(22)
+    src = prompts_csv(tmp_path / "in.csv", 120)
+    for trial in range(2):
+        ledger = tmp_path / f"ledger{trial}.db"
+        job = _job_file(tmp_path / f"capped{trial}.toml", src)
+        cap = Decimal(rng.randrange(300, 900)) / 100_000  # $0.003 to $0.009: 2 to 5 outputs' worth
+        outs, codes = [], []
+        for wave in range(2):
+            procs = []
+            for k in range(5):
+                out = tmp_path / f"t{trial}-{wave}-{k}.parquet"
+                outs.append(out)
+                args = ["run", "--job", str(job), "-o", str(out), "--ledger", str(ledger),
+                        "--max-cost-per-month", str(cap), "--progress", "none"]  # fmt: skip
+                procs.append(spawn(args, env=box.env()))
+            for proc in procs:
+                proc.communicate(timeout=120)
+                codes.append(proc.returncode)
+        assert set(codes) <= {0, 3} and 3 in codes, codes
+        spent = sum(_cost(o) for o in outs if o.exists())
+        assert spent <= cap, (spent, cap)
+        report = _spend(ledger, "--runs")
+        assert Decimal(report["total"]["cost_usd"]) == spent
+        # The month is spent: one more run stops at once and sends nothing.
+        before = box.count()
+        extra = tmp_path / f"t{trial}-extra.parquet"
+        args = [
+            "run",
+            "--job",
+            str(job),
+            "-o",
+            str(extra),
+            "--ledger",
+            str(ledger),
+            "--max-cost-per-month",
+            str(cap),
+        ]
+        result = run_cli(args, env=box.env())
+        # What is left is less than the worst case of the row that stopped a run: a row or two
+        # with a shorter prompt may still fit, no more.
+        assert result.exit_code == 3 and box.count() - before <= 2
+        assert "resets 20" in result.stderr and "--max-cost-per-month" in result.stderr
+        assert sum(_cost(o) for o in [*outs, extra] if o.exists()) <= cap
+
+
+def test_month_forecast_and_breakdowns(tmp_path: Path) -> None:
+    """A ledger of ten $1 days: the rate is $1 a day and the forecast the month's rest at it."""
+    ledger = tmp_path / "ledger.db"
+    from batchllm.ledger.store import connect
+
+    conn = connect(ledger)
+    start, end = month_bounds(calendar.timegm((2026, 11, 15, 0, 0, 0)))  # November 2026
+    for day in range(10):
+        t = start + day * 86400 + 12 * 3600
+        conn.execute(
+            "INSERT INTO runs (run_id, kind, job, output, checkpoint, started_at, ended_at, exit_code, "
+            "rows_ok, requests, cost_pico, model, provider) VALUES (?, 'run', ?, 'o', 'c', ?, ?, 0, 1000, "
+            "1000, ?, 'm', 'p')",
+            (f"r{day}", "even" if day % 2 == 0 else "odd", t, t + 60, 10**12),
+        )
+    conn.close()
+    now = start + 9 * 86400 + 13 * 3600  # the tenth day, 13:00 UTC
+    report = build_spend(ledger, start, now + 1, ["job", "week"], False, now=now)
+    m = report["month"]
+    assert m["month"] == "2026-11" and Decimal(m["spent_usd"]) == 10
+    assert Decimal(m["daily_rate_usd"]) == 1
+    left = Decimal(end - now) / 86400
+    assert abs(Decimal(m["forecast_usd"]) - (10 + left)) < Decimal("0.000001")
+    assert sum(g["runs"] for g in report["groups"]) == 10
+    assert {g["job"] for g in report["groups"]} == {"even", "odd"}
+    per = {x["job"]: x for x in report["cost_per_1k_rows"]}
+    assert per["even"]["cost_per_1k_rows_usd"] == "1.00"
+    # Text, Markdown and CSV carry the same figures.
+    for fmt in ("text", "markdown", "csv"):
+        result = run_cli(["spend", "--ledger", str(ledger), "--since", "2026-11-01", "--until", "2026-11-30",
+                          "--by", "day", "--format", fmt])  # fmt: skip
+        assert result.exit_code == 0 and "2026-11-07" in result.stdout
+    bad = run_cli(["spend", "--ledger", str(ledger), "--since", "last tuesday"])
+    assert bad.exit_code == 2 and "last tuesday" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_cli(["spend", "--ledger", str(tmp_path / "none.db")])
+    assert missing.exit_code == 2 and "no ledger" in missing.stderr
+
+
+class Receiver:
+    """A local collector: records every POST (path, body); ``hang`` never answers."""
+
+    def __init__(self, hang: bool = False) -> None:
+        import socket
+        import threading
+
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.hang = hang
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import http.client
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = b""
+            conn.settimeout(5)
+            try:
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(
+                    http.client.parse_headers(__import__("io").BytesIO(head.split(b"\r\n", 1)[1]))[
+                        "Content-Length"
+                    ]
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                if self.hang:
+                    time.sleep(30)
+                    continue
+                self.posts.append((head.split(b" ")[1].decode(), json.loads(body)))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _notify_run(
+    tmp_path: Path, box: Any, name: str, url: str, *extra: str, env: dict[str, str] | None = None
+) -> tuple[int, float, dict[str, Any]]:
+    src = tmp_path / f"{name}.csv"
+    if not src.exists():
+        prompts_csv(src, 30)
+    out = tmp_path / f"{name}.parquet"
+    summary = tmp_path / f"{name}.summary.json"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--notify", url, "--summary-json", str(summary),
+            "--progress", "none", *extra]  # fmt: skip
+    proc = spawn(args, env={**box.env(), **(env or {})})
+    proc.communicate(timeout=60)
+    ended = time.time()
+    doc = json.loads(summary.read_text())
+    return proc.returncode, ended, doc
+
+
+def test_notify_posts_once_per_run_whatever_its_exit_code(sandbox, tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        url = receiver.url + "/ping/{exit_code}"
+        codes = []
+        code, _, doc = _notify_run(tmp_path, sandbox, "ok", url)
+        codes.append(code)
+        over = tmp_path / "over.csv"
+        over.write_text("prompt\nshort one\n" + "word " * 25_000 + "\nshort two\n")
+        codes.append(_notify_run(tmp_path, sandbox, "over", url)[0])
+        codes.append(_notify_run(tmp_path, sandbox, "capped", url, "--max-cost", "0.00001")[0])
+        codes.append(
+            _notify_run(tmp_path, sandbox, "badkey", url, env={"DATAOORTS_API_KEY": "sk-not-the-key"})[0]
+        )
+        assert codes == [0, 1, 3, 4]
+        assert [p for p, _ in receiver.posts] == ["/ping/0", "/ping/1", "/ping/3", "/ping/4"]
+        for (_, body), code in zip(receiver.posts, codes, strict=True):
+            assert body["exit_code"] == code and body["text"].startswith("batchllm job")
+            assert "this_run" in body and "cost_usd" in body
+            assert TEST_KEY not in json.dumps(body) and "sk-not-the-key" not in json.dumps(body)
+        assert receiver.posts[0][1]["rows"] == doc["rows"]
+    finally:
+        receiver.close()
+
+
+def test_notify_never_holds_the_exit(sandbox, tmp_path: Path) -> None:
+    """The receiver refusing connections, or taking them and never answering: the run exits with
+    its own code within 10 s of finishing."""
+    hanging = Receiver(hang=True)
+    import socket
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    refused = f"http://127.0.0.1:{free.getsockname()[1]}/"
+    free.close()
+    try:
+        for name, url, extra, want in (
+            ("refused", refused, [], 0),
+            ("hanging", hanging.url + "/", ["--max-cost", "0.00001"], 3),
+        ):
+            code, ended, doc = _notify_run(tmp_path, sandbox, name, url, *extra)
+            assert code == want
+            finished = calendar.timegm(time.strptime(doc["finished_at"], "%Y-%m-%dT%H:%M:%SZ"))
+            assert ended - finished < 10 + 1.5, ended - finished  # the summary's time is to the second
+    finally:
+        hanging.close()
+
+
+def test_notify_from_an_environment_variable_and_bad_values(sandbox, tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        src = prompts_csv(tmp_path / "in.csv", 5)
+        job = tmp_path / "job.toml"
+        job.write_text(
+            f'input = "{src}"\noutput = "{tmp_path / "o.parquet"}"\nnotify = "HOOK_URL"\nrpm = 0\n'
+        )
+        assert (
+            run_cli(
+                ["run", "--job", str(job)], env={**sandbox.env(), "HOOK_URL": receiver.url + "/h"}
+            ).exit_code
+            == 0
+        )
+        assert [p for p, _ in receiver.posts] == ["/h"]
+        unset = run_cli(["run", "--job", str(job)], env=sandbox.env())
+        assert unset.exit_code == 2 and "HOOK_URL" in unset.stderr and "not set" in unset.stderr
+        bad = run_cli(
+            ["run", str(src), "-o", str(tmp_path / "b.parquet"), "--notify", "ftp://x/secret-token"],
+            env=sandbox.env(),
+        )
+        assert bad.exit_code == 2 and "secret-token" not in bad.stderr
+    finally:
+        receiver.close()
+
+
+def test_pilot_and_import_are_recorded(sandbox, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.db"
+    src = prompts_csv(tmp_path / "in.csv", 40)
+    out = tmp_path / "out.parquet"
+    base = [str(src), "-o", str(out), "--template", "Answer briefly: {prompt}", "--ledger", str(ledger)]
+    assert run_cli(["estimate", *base, "--pilot", "10"], env=sandbox.env()).exit_code == 0
+    assert run_cli(["run", *base, "--rpm", "0"], env=sandbox.env()).exit_code == 0
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [r["kind"] for r in runs] == ["pilot", "run"]
+    assert runs[0]["rows_ok"] == 10 and runs[1]["rows_ok"] == 30
+    assert sum(Decimal(r["cost_usd"]) for r in runs) == _cost(out)
+    assert runs[0]["endpoint_host"] == "127.0.0.1"
+    off = run_cli(
+        ["run", *base[:-2], "--ledger", "off", "-o", str(tmp_path / "x.parquet"), "--rpm", "0"],
+        env=sandbox.env(),
+    )
+    assert off.exit_code == 0 and len(_spend(ledger, "--runs")["runs"]) == 2
+
+
+def test_spend_page_draws_in_headless_chromium(sandbox, tmp_path: Path) -> None:
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine")
+    ledger = tmp_path / "ledger.db"
+    src = prompts_csv(tmp_path / "in.csv", 30)
+    for job in ("nightly", "weekly"):
+        jf = _job_file(tmp_path / f"{job}.toml", src)
+        args = ["run", "--job", str(jf), "-o", str(tmp_path / f"{job}.parquet"), "--ledger", str(ledger)]
+        assert run_cli(args, env=sandbox.env()).exit_code == 0
+    page = tmp_path / "spend.html"
+    assert run_cli(["spend", "--ledger", str(ledger), "--by", "job", "--html", str(page)]).exit_code == 0
+    text = page.read_text()
+    assert "<script" not in text and "http" not in text.replace("http-equiv", "")
+    png = tmp_path / "spend.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,900",
+         f"--screenshot={png}", page.as_uri()],
+        capture_output=True, timeout=90, check=False,
+    )  # fmt: skip
+    width, height, pixels = _read_png(png.read_bytes())
+    counts: dict[tuple[int, int, int], int] = {}
+    for px in pixels:
+        counts[px] = counts.get(px, 0) + 1
+    blue, orange = (0x3B, 0x6E, 0xA5), (0xE0, 0x8A, 0x2E)  # the two jobs' colours (svg.PALETTE)
+    assert counts.get(blue, 0) > 200 and counts.get(orange, 0) > 200, (counts.get(blue), counts.get(orange))
+
+
+def _read_png(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """Decode an 8-bit RGB or RGBA PNG (what Chromium writes) into RGB pixels."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat = 8, b""
+    width = height = channels = 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, chunk = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", chunk[:10])
+            assert depth == 8 and colour in (2, 6)
+            channels = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = width * channels
+    prev = bytearray(stride)
+    out: list[tuple[int, int, int]] = []
+    for y in range(height):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - channels] if i >= channels else 0
+            b, c = prev[i], prev[i - channels] if i >= channels else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        out.extend(tuple(line[i : i + 3]) for i in range(0, stride, channels))  # type: ignore[misc]
+        prev = line
+    return width, height, out
+
+
+def test_ledger_schema_is_safe_with_writers_at_once(tmp_path: Path) -> None:
+    """Forty processes' worth of records written from threads at once: none lost, none doubled."""
+    import threading
+
+    from batchllm.ledger import RunRecord, Snapshot
+
+    ledger = tmp_path / "ledger.db"
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        rec = RunRecord.begin(ledger, kind="run", job=f"j{i % 3}", output=tmp_path / f"o{i}.parquet",
+                              checkpoint=tmp_path / f"o{i}.batchllm", provider="p", endpoint="http://127.0.0.1:1/v1",
+                              model="m", engine="local", rows_total=1, start=Snapshot(), lost=(0, 0),
+                              warn=errors.append)  # fmt: skip
+        rec.finish(
+            {"exit_code": 0, "this_run": {"requests": 1}}, Snapshot(), Snapshot(10**9 + i, 1, 1, 1, 0, 0)
+        )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT run_id), SUM(cost_pico) FROM runs").fetchone() == (
+            40, 40, sum(10**9 + i for i in range(40)))  # fmt: skip
