@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from batchllm.reports.svg import money
+
 from .conftest import ROOT, prompts_csv, run_cli, summary_of, write_csv
 
 TEMPLATE = "Classify the sentiment of this review: {review}"
@@ -162,7 +164,9 @@ def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
     assert run_cli(["report", str(out), "--by", "category", "--html", str(html)]).exit_code == 0
     page = html.read_text()
     assert page.count("<svg") == 5 and "<script" not in page and "http" not in page.split("<body>")[1]
-    assert report["overall"]["cost_usd"] in page
+    assert money(report["overall"]["cost_usd"]) in page  # the page's one money format (svg.money)
+    # A run of a second or two draws no throughput line, and says why.
+    assert "too short for a throughput line" in page and "<polyline" not in page
     bad = run_cli(["report", str(out), "--by", "nope"])
     assert bad.exit_code == 2 and "no column 'nope'" in bad.stderr
 
@@ -204,3 +208,58 @@ def test_estimate_worst_case_bounds_labeling_runs(sandbox_factory, tmp_path: Pat
         stats = box.sandbox.stats
         billed = stats["prompt_tokens"] * prices[0] + stats["completion_tokens"] * prices[1]
         assert 0 < billed <= worst * 10**12, (n, billed, worst, args)
+
+
+def test_estimate_compare_lists_every_model_that_fits(tmp_path: Path) -> None:
+    """The sample job on every model in `batchllm models`: Llama prompt tokens exact (the same as
+    the job's own estimate), batch prices where the provider has them, and why a model does not fit."""
+    job = ROOT / "jobs" / "sentiment.toml"
+    own = json.loads(run_cli(["estimate", "--job", str(job), "--format", "json"]).stdout)
+    result = run_cli(["estimate", "--job", str(job), "--compare", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    models = {f"{m['provider']}:{m['model']}": m for m in json.loads(result.stdout)["models"]}
+    assert set(models) == {"dataoorts:meta/llama-3.1-70b-instruct", "dataoorts:meta/llama-3.1-8b-instruct",
+                           "openai:gpt-4o-mini"}  # fmt: skip
+    mine = models["dataoorts:meta/llama-3.1-70b-instruct"]
+    assert mine["current"] and mine["worst_case_usd"] == own["cost_usd"]["worst_case"]
+    assert models["dataoorts:meta/llama-3.1-8b-instruct"]["prompt_tokens"] == own["prompt_tokens"]["total"]
+    mini = models["openai:gpt-4o-mini"]
+    assert mini["fits"] and mini["rpm"] == 500 and mini["tpm"] == 200_000
+    assert Decimal(mini["batch_worst_case_usd"]) * 2 == Decimal(mini["worst_case_usd"])  # half price
+    text = run_cli(["estimate", "--job", str(job), "--compare"]).stdout
+    assert "gpt-4o-mini" in text and "(this job's)" in text
+    # A window too small for the reply, and a parameter only one provider takes.
+    big = run_cli(["estimate", "--job", str(job), "--compare", "--max-tokens", "9000", "--format", "json"])
+    small = {m["model"]: m for m in json.loads(big.stdout)["models"]}["meta/llama-3.1-8b-instruct"]
+    assert not small["fits"] and "8,000-token window" in small["why"]
+    top_k = run_cli(["estimate", "--job", str(job), "--compare", "--top-k", "5", "--format", "json"])
+    mini = {m["model"]: m for m in json.loads(top_k.stdout)["models"]}["gpt-4o-mini"]
+    assert not mini["fits"] and "top_k" in mini["why"]
+
+
+def test_help_lists_exit_codes_one_line_each() -> None:
+    from batchllm.errors import EXIT_CODE_TABLE, ExitCode
+
+    shown = run_cli(["run", "--help"]).stdout
+    for code in ExitCode:
+        lines = [line.strip() for line in shown.splitlines() if line.strip().startswith(f"{int(code)} ")]
+        table = [
+            line.strip() for line in EXIT_CODE_TABLE.splitlines() if line.strip().startswith(f"{int(code)} ")
+        ]
+        assert lines == table, code
+
+
+def test_plots_have_round_ticks_and_survive_an_outlier() -> None:
+    import numpy as np
+
+    from batchllm.reports import svg
+
+    assert svg.nice_ticks(0.00197) == [0.0, 0.0005, 0.001, 0.0015, 0.002]
+    assert svg.nice_ticks(1234) == [0, 500, 1000, 1500]
+    assert [svg.money(v) for v in (0, 0.0005, 1.5, 1234.567, "0.000023912")] == [
+        "$0", "$0.0005", "$1.50", "$1,234.57", "$0.00002391"]  # fmt: skip
+    # 999 rows of 100 to 200 tokens and one of 1,000,000: the bins still cover 100 to 200.
+    values = np.concatenate([np.linspace(100, 200, 999), [1_000_000.0]])
+    page = svg.histogram("Prompt tokens per row", values, "prompt tokens")
+    assert "1 over 200" in page and "up to 1e+06" in page
+    assert ">100<" in page and ">200<" in page and ">1,000,000<" not in page

@@ -11,7 +11,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, summary_of
 
 JOB = ["--job", str(ROOT / "jobs" / "one_word_sentiment.toml"), "--provider", "openai"]
 LIVE_PRICES = ["--input-price", "0.31", "--output-price", "0.34"]
@@ -167,6 +167,10 @@ def test_importing_twice_changes_nothing(sandbox, tmp_path: Path) -> None:
     assert journal.counts_before == {"ok": 198, "error": 2}
     journal.conn.close()
     assert journal_before  # the database existed; its rows are what the counts show
+    # Each import is a ledger record (issue 22): the first holds the batch's cost, the second nothing.
+    runs = json.loads(run_cli(["spend", "--runs", "--format", "json"]).stdout)["runs"]
+    assert [(r["kind"], r["exit_code"], r["rows_ok"]) for r in runs] == [("import", 1, 198), ("import", 1, 0)]
+    assert runs[0]["cost_usd"] == summary_of(out)["cost_usd"]["total"] and runs[1]["cost_usd"] == "0.00"
 
 
 def test_a_cut_off_last_line_is_reported_and_the_rest_imported(sandbox, tmp_path: Path) -> None:

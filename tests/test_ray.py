@@ -19,15 +19,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchllm.engine.output import read_summary
 from batchllm.pricing import resolve_model
 
-from .conftest import ROOT, SandboxThread, prompts_csv, spawn, write_csv
+from .conftest import ROOT, SandboxThread, prompts_csv, run_cli, spawn, write_csv
 
 ray = pytest.importorskip("ray")
 # Ten Ray runs in one test take 3 min on 2 cores, over 5 when another worker installs Label
@@ -167,6 +169,24 @@ def test_ray_budget_is_never_exceeded_over_four_actors(sandbox_factory, cluster:
             stopped += 1
             assert (table["status"] == "pending").any()
     assert stopped >= 3, "the caps were too high to test anything"
+    # Each Ray run is one ledger record holding what its output cost (issue 22) ...
+    spend = json.loads(run_cli(["spend", "--runs", "--format", "json"]).stdout)
+    assert [r["engine"] for r in spend["runs"]] == ["ray"] * 10
+    for n, r in enumerate(spend["runs"]):
+        assert r["output"] == str((tmp_path / f"out{n}").resolve())
+        assert Decimal(r["cost_usd"]) == Decimal(read_summary(tmp_path / f"out{n}")["cost_usd"]["total"])
+    # ... and a monthly cap holds on Ray too: the month's rest is this run's cap.
+    month = Decimal(spend["total"]["cost_usd"])
+    cap = month + Decimal("0.0004")
+    box = sandbox_factory(reply_tokens=(20, 120))
+    code, _, err = run(
+        ["run", str(data), "-o", str(tmp_path / "monthly"), "--engine", "ray", "--ray-address", cluster,
+         "--actors", "4", "--max-cost-per-month", str(cap), "--max-tokens", "128", "--rpm", "0", "--progress", "none"],
+        box.env(),
+    )  # fmt: skip
+    assert code == 3, err[-3000:]
+    after = json.loads(run_cli(["spend", "--format", "json"]).stdout)
+    assert month < Decimal(after["total"]["cost_usd"]) <= cap
 
 
 def _map_workers() -> list[int]:

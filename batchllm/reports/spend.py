@@ -14,14 +14,15 @@ model of the schedule, and said so next to the figure.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -78,17 +79,6 @@ class Run:
             return "finished"
         return "running" if is_alive(self.host, self.pid, self.pid_start) else "unfinished"
 
-    def key(self, name: str) -> str:
-        if name in ("day", "week", "month"):
-            d = datetime.fromtimestamp(self.started_at, UTC)
-            if name == "day":
-                return d.strftime("%Y-%m-%d")
-            if name == "month":
-                return d.strftime("%Y-%m")
-            year, week, _ = d.isocalendar()
-            return f"{year}-W{week:02d}"
-        return str(getattr(self, name) or "")
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
@@ -116,6 +106,65 @@ class Run:
         }
 
 
+class Cell(NamedTuple):
+    """The runs of one job, model and provider on one day (UTC), summed in SQL: what every
+    breakdown, the per-1,000-rows figures and the page's plots are built from, so a ledger of
+    100,000 runs is a few hundred rows to Python."""
+
+    job: str
+    model: str
+    provider: str
+    day: str
+    runs: int
+    rows_ok: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_pico: int
+
+    def key(self, name: str) -> str:
+        if name == "day":
+            return self.day
+        if name == "month":
+            return self.day[:7]
+        if name == "week":
+            return _week(self.day)
+        return str(getattr(self, name) or "")
+
+
+@functools.cache
+def _week(day: str) -> str:
+    year, week, _ = date.fromisoformat(day).isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+_CELLS = """
+SELECT job, COALESCE(model, ''), COALESCE(provider, ''), strftime('%Y-%m-%d', started_at, 'unixepoch'),
+       COUNT(*), SUM(rows_ok), SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pico)
+FROM runs WHERE started_at >= ? AND started_at < ? GROUP BY 1, 2, 3, 4 ORDER BY 4
+"""
+_FAILED = "ended_at IS NOT NULL AND (recovered_by IS NOT NULL OR exit_code IS NOT 0)"
+
+
+def cells(conn: sqlite3.Connection, since: float, until: float) -> list[Cell]:
+    return [Cell(*r) for r in conn.execute(_CELLS, (since, until))]
+
+
+def _problems(conn: sqlite3.Connection, since: float, until: float) -> tuple[list[Run], int]:
+    """The latest runs that failed, were killed or are unfinished (not running), and how many."""
+    open_ = [r for r in load(conn, since, until, "ended_at IS NULL") if r.status != "running"]
+    (failed,) = conn.execute(
+        f"SELECT COUNT(*) FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED}", (since, until)
+    ).fetchone()
+    latest = conn.execute(
+        f"SELECT {_COLUMNS} FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED} "
+        "ORDER BY started_at DESC LIMIT ?",
+        (since, until, MAX_PROBLEMS),
+    ).fetchall()
+    runs = sorted([*open_, *(Run(*r) for r in latest)], key=lambda r: -r.started_at)
+    return runs[:MAX_PROBLEMS], failed + len(open_)
+
+
 def parse_when(text: str, *, end: bool = False, now: float | None = None) -> float:
     """``30d``, ``12h``, ``2w`` (ago), or an ISO date or time (UTC); a date as ``--until`` is the
     whole of that day."""
@@ -135,33 +184,26 @@ def parse_when(text: str, *, end: bool = False, now: float | None = None) -> flo
     return d.timestamp()
 
 
-def load(conn: sqlite3.Connection, since: float, until: float) -> list[Run]:
+def load(conn: sqlite3.Connection, since: float, until: float, where: str = "1") -> list[Run]:
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM runs WHERE started_at >= ? AND started_at < ? ORDER BY started_at",
+        f"SELECT {_COLUMNS} FROM runs WHERE started_at >= ? AND started_at < ? AND {where} ORDER BY started_at",
         (since, until),
     ).fetchall()
     return [Run(*r) for r in rows]
 
 
-def _sums(runs: list[Run]) -> dict[str, Any]:
-    out: dict[str, Any] = dict.fromkeys(SUMS, 0)
-    pico = 0
-    for r in runs:
-        out["runs"] += 1
-        out["rows_ok"] += r.rows_ok
-        out["requests"] += r.requests
-        out["prompt_tokens"] += r.prompt_tokens
-        out["completion_tokens"] += r.completion_tokens
-        pico += r.cost_pico
+def _sums(members: list[Cell]) -> dict[str, Any]:
+    out: dict[str, Any] = {s: sum(getattr(c, s) for c in members) for s in SUMS}
+    pico = sum(c.cost_pico for c in members)
     out["cost_usd"] = usd_text(pico)
     out["_cost_pico"] = pico
     return out
 
 
-def groups(runs: list[Run], by: list[str]) -> list[dict[str, Any]]:
+def groups(runs: list[Cell], by: list[str]) -> list[dict[str, Any]]:
     """One group per distinct combination of the ``by`` keys, by cost (highest first), or in
     time order when the first key is a period."""
-    buckets: dict[tuple[str, ...], list[Run]] = {}
+    buckets: dict[tuple[str, ...], list[Cell]] = {}
     for r in runs:
         buckets.setdefault(tuple(r.key(k) for k in by), []).append(r)
     out = [{**dict(zip(by, key, strict=True)), **_sums(members)} for key, members in buckets.items()]
@@ -197,10 +239,10 @@ def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     }
 
 
-def per_thousand(runs: list[Run]) -> list[dict[str, Any]]:
+def per_thousand(runs: list[Cell]) -> list[dict[str, Any]]:
     """Cost per 1,000 rows answered, by job: over the window, and how it moved from the first day
     with runs to the last."""
-    by_job: dict[str, list[Run]] = {}
+    by_job: dict[str, list[Cell]] = {}
     for r in runs:
         by_job.setdefault(r.job, []).append(r)
     out = []
@@ -225,7 +267,7 @@ def per_thousand(runs: list[Run]) -> list[dict[str, Any]]:
     return out
 
 
-def per_day_per_thousand(runs: list[Run]) -> dict[str, list[tuple[str, int]]]:
+def per_day_per_thousand(runs: list[Cell]) -> dict[str, list[tuple[str, int]]]:
     """job -> [(day, picodollars per 1,000 rows)], days with answered rows only (the page's plot)."""
     acc: dict[str, dict[str, list[int]]] = {}
     for r in runs:
@@ -247,28 +289,26 @@ def build_spend(
     now = time.time() if now is None else now
     conn = open_readonly(path)
     try:
-        runs = load(conn, since, until)
+        summed = cells(conn, since, until)
         month = month_forecast(conn, now)
+        problems, count = _problems(conn, since, until)
+        runs = load(conn, since, until) if with_runs else None
     finally:
         conn.close()
-    problems = [r for r in runs if r.status == "unfinished" or r.recovered_by or r.exit_code not in (0, None)]
     report: dict[str, Any] = {
         "ledger": str(path),
         "since": _iso(since),
         "until": _iso(min(until, now)),
         "by": by,
-        "groups": groups(runs, by) if by else [],
-        "total": _sums(runs),
+        "groups": groups(summed, by) if by else [],
+        "total": _sums(summed),
         "month": month,
-        "cost_per_1k_rows": per_thousand(runs),
-        "problems": {
-            "count": len(problems),
-            "runs": [r.as_dict() for r in problems[-MAX_PROBLEMS:][::-1]],
-        },
+        "cost_per_1k_rows": per_thousand(summed),
+        "problems": {"count": count, "runs": [r.as_dict() for r in problems]},
     }
-    if with_runs:
+    if runs is not None:
         report["runs"] = [r.as_dict() for r in runs]
-    report["_runs"] = runs
+    report["_cells"] = summed
     return report
 
 

@@ -7,7 +7,7 @@ breakdown asked for, and the runs that failed or were killed; the figures are sp
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +18,16 @@ from .spend import SUMS, groups, per_day_per_thousand
 MAX_JOBS = 7  # stacked series; the rest are summed as "other jobs"
 
 
-def _days(first: float, last: float) -> list[str]:
-    d0 = datetime.fromtimestamp(first, UTC).date()
-    d1 = datetime.fromtimestamp(last, UTC).date()
+def _days(first: str, last: str) -> list[str]:
+    d0, d1 = date.fromisoformat(first), date.fromisoformat(last)
     return [(d0 + timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
 
 
 def _by_day_and_job(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
-    runs = report["_runs"]
+    runs = report["_cells"]  # in day order
     if not runs:
         return [], {}
-    days = _days(runs[0].started_at, runs[-1].started_at)
+    days = _days(runs[0].day, runs[-1].day)
     index = {d: i for i, d in enumerate(days)}
     totals: dict[str, int] = {}
     for r in runs:
@@ -37,13 +36,13 @@ def _by_day_and_job(report: dict[str, Any]) -> tuple[list[str], dict[str, list[f
     series = {job: [0.0] * len(days) for job in top}
     for r in runs:
         name = r.job if r.job in series else "other jobs"
-        series.setdefault(name, [0.0] * len(days))[index[r.key("day")]] += r.cost_pico / PICO_PER_USD
+        series.setdefault(name, [0.0] * len(days))[index[r.day]] += r.cost_pico / PICO_PER_USD
     return days, series
 
 
 def _per_thousand(report: dict[str, Any], days: list[str], order: list[str]) -> dict[str, list[float | None]]:
     """Each job's line over the bars' days, in the colour of its bars (``order``)."""
-    lines = per_day_per_thousand(report["_runs"])
+    lines = per_day_per_thousand(report["_cells"])
     series: dict[str, list[float | None]] = {}
     for job in [j for j in order if j in lines]:
         at = dict(lines[job])
@@ -96,7 +95,7 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
     ]
     rows = [
         [*(str(g[k]) for k in by), *(f"{g[s]:,}" for s in SUMS), svg.money(g["cost_usd"])]
-        for g in groups(report["_runs"], by)
+        for g in groups(report["_cells"], by)
     ]
     sections.append(f"<h2>By {html.escape(', '.join(by))}</h2>")
     sections.append(_table([*by, "runs", "rows ok", "requests", "prompt tokens", "completion tokens", "cost"],

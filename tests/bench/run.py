@@ -606,6 +606,70 @@ def ray_scaling(rows: int, latency: float = 0.2, concurrency: int = 512) -> dict
     return out
 
 
+def fake_ledger(path: Path, runs: int) -> None:
+    """A ledger of ``runs`` runs of four jobs over the last 45 days (what a year of cron jobs
+    writes), inserted directly: the bench measures reading it."""
+    import random
+    import uuid
+
+    from batchllm.ledger.store import connect
+
+    path.unlink(missing_ok=True)
+    conn = connect(path)
+    rng = random.Random(22)
+    now = time.time()
+    jobs = [("nightly-sentiment", 31_000_000), ("weekly-summaries", 210_000_000), ("topic-labels", 9_000_000),
+            ("adhoc", 50_000_000)]  # fmt: skip
+    rows = []
+    for i in range(runs):
+        job, per_row = jobs[rng.randrange(4)]
+        t = now - rng.random() * 45 * 86400
+        ok = rng.randint(100, 5000)
+        code = rng.choices([0, 1, 3, 4], weights=[90, 5, 3, 2])[0]
+        rows.append((uuid.uuid4().hex, "run", job, f"/data/{job}/{i}.parquet", f"/data/{job}/{i}.parquet.batchllm",
+                     "dataoorts", "api.dataoorts.com", "meta/llama-3.1-70b-instruct", "local", t, t + 600, code,
+                     ok, ok, ok * 80, ok * 5, ok * per_row))  # fmt: skip
+    conn.executemany(
+        "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, engine, "
+        "started_at, ended_at, exit_code, rows_ok, requests, prompt_tokens, completion_tokens, cost_pico) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    conn.close()
+
+
+def spend_speed(runs: int) -> dict:
+    """`batchllm spend` over a ledger of ``runs`` runs (the whole command, start-up included), and
+    `estimate --compare` on the sample job."""
+    ledger = WORK / "spend-ledger.db"
+    fake_ledger(ledger, runs)
+    timings = {}
+    for name, args in (
+        ("by_job", ["--since", "60d", "--by", "job"]),
+        ("by_day_and_job_html", ["--since", "60d", "--by", "day", "--by", "job", "--html", str(WORK / "s.html")]),
+        ("runs_json", ["--since", "60d", "--runs", "--format", "json"]),
+    ):  # fmt: skip
+        best = float("inf")
+        for _ in range(3):
+            started = time.monotonic()
+            done = subprocess.run([str(BIN), "spend", "--ledger", str(ledger), *args], capture_output=True)
+            assert done.returncode == 0, done.stderr
+            best = min(best, time.monotonic() - started)
+        timings[f"{name}_s"] = round(best, 2)
+    started = time.monotonic()
+    compare = subprocess.run(
+        [str(BIN), "estimate", "--job", str(ROOT / "jobs" / "sentiment.toml"), "--compare"],
+        capture_output=True, text=True, cwd=WORK,
+    )  # fmt: skip
+    assert compare.returncode == 0, compare.stderr
+    return {
+        "ledger_runs": runs,
+        **timings,
+        "compare_s": round(time.monotonic() - started, 2),
+        "compare": compare.stdout.strip().splitlines(),
+    }
+
+
 def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
@@ -619,6 +683,7 @@ def main() -> None:
         "estimate",
         "ray",
         "studio",
+        "spend",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -657,6 +722,9 @@ def main() -> None:
     if "studio" in which:
         results["studio"] = studio_round_trip(n(10_000))
         print(json.dumps(results["studio"]), flush=True)
+    if "spend" in which:
+        results["spend"] = spend_speed(n(100_000))
+        print(json.dumps(results["spend"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
