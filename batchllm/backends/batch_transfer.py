@@ -38,7 +38,7 @@ from ..errors import APIError, ExitCode, JobError
 from ..job import Job
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
-from ..ledger import RunRecord, Snapshot
+from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import Prices, cost
 from ..providers import get_provider
 from ..records import Entry, Request
@@ -178,9 +178,9 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
     try:
         journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
         start = Snapshot.of(journal.totals())
-        record = RunRecord.for_job(
-            job, kind="import", provider=provider.name, endpoint="", model=p.model.name,
-            engine="batch", rows_total=p.rows, start=start, warn=warn,
+        record = RunRecord.begin(
+            **of_job(job), kind="import", provider=provider.name, endpoint="", model=p.model.name,
+            engine="batch", rows_total=p.rows, start=start, lost=(0, 0), warn=warn,
         )  # fmt: skip
         try:
             have = journal.fetch(list(entries))

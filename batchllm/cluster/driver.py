@@ -44,7 +44,7 @@ from ..engine.stats import StopReason
 from ..errors import ClusterError, JobError
 from ..inputs import InputFile
 from ..job import Job
-from ..ledger import RunRecord, Snapshot
+from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import Model
 from ..prompts import PromptBuilder, load_examples
 from ..providers import Provider, get_provider
@@ -246,9 +246,10 @@ async def run_on_ray(
     lock.acquire(command)
     try:
         start = Snapshot() if job.restart else journal_snapshot(job.journal_dir)
-        record = RunRecord.for_job(
-            job, kind="run", provider=provider.name, endpoint=endpoint.url, model=model.name,
-            engine="ray", rows_total=None, start=start, warn=observer.warning,
+        record = RunRecord.begin(
+            **of_job(job), kind="run", provider=provider.name, model=model.name, engine="ray",
+            endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=None, start=start,
+            lost=(0, 0), warn=observer.warning,
         )  # fmt: skip
         if job.max_cost_per_month_pico is not None:
             # The actors lease from one budget: the month's rest is held once, as this run's cap.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
-from ..ledger import RunRecord, Snapshot
+from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import format_usd, usd_text
 from .budget import Budget
 from .cache import ResponseCache, default_dir
@@ -161,9 +162,10 @@ class Run:
             )
         limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
         start = Snapshot.of(journal.totals())
-        record = RunRecord.for_job(
-            job, kind=self.kind, provider=p.provider.name, endpoint=endpoint.url, model=p.model.name,
-            engine="local", rows_total=p.rows, start=start, lost=self.lost, warn=self.warn,
+        record = RunRecord.begin(
+            **of_job(job), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
+            endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
+            lost=self.lost, warn=self.warn,
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).
@@ -176,9 +178,11 @@ class Run:
         try:
             result = await self._dispatch(journal, endpoint, limiter, budget, record)
         except BaseException:
-            record.finish(
-                {"exit_code": None, "message": "the run failed"}, start, Snapshot.of(journal.totals())
-            )
+            try:
+                end: Snapshot | None = Snapshot.of(journal.totals())
+            except sqlite3.Error:
+                end = None  # the record keeps what the run said; the journal is past reading
+            record.finish({"message": "the run failed"}, start, end)
             raise
         record.finish(result.summary, start, Snapshot.of(journal.totals()))
         return result

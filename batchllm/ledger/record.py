@@ -154,30 +154,6 @@ class RunRecord:
             return cls(None, run_id, path, warn)
         return cls(conn, run_id, path, warn)
 
-    @classmethod
-    def for_job(
-        cls,
-        job: Job,
-        *,
-        kind: str,
-        provider: str,
-        endpoint: str,
-        model: str,
-        engine: str,
-        rows_total: int | None,
-        start: Snapshot,
-        warn: Callable[[str], None],
-        lost: tuple[int, int] = (0, 0),
-    ) -> RunRecord:
-        """``begin`` for a job: its ledger, name, output, journal and monthly cap."""
-        return cls.begin(
-            ledger_path(job.ledger), kind=kind, job=job.name, output=job.output,
-            checkpoint=job.journal_dir, provider=provider,
-            endpoint="sandbox" if job.sandbox else endpoint, model=model, engine=engine,
-            rows_total=rows_total, start=start, lost=lost, warn=warn,
-            month_cap_pico=job.max_cost_per_month_pico,
-        )  # fmt: skip
-
     def month_allowance(self, job: str, cap_pico: int, chunk_pico: int) -> MonthAllowance:
         assert self.conn is not None  # begin raised otherwise
         return MonthAllowance(
@@ -243,3 +219,15 @@ def _pico(text: str | None) -> int:
         return 0
     whole, _, frac = str(text).partition(".")
     return int(whole) * 10**12 + int((frac + "0" * 12)[:12] or 0)
+
+
+def of_job(job: Job) -> dict[str, Any]:
+    """``RunRecord.begin``'s arguments that a job decides: its ledger, name, output, journal and
+    monthly cap."""
+    return {
+        "path": ledger_path(job.ledger),
+        "job": job.name,
+        "output": job.output,
+        "checkpoint": job.journal_dir,
+        "month_cap_pico": job.max_cost_per_month_pico,
+    }
