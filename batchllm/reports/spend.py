@@ -239,6 +239,12 @@ def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     }
 
 
+def rate_from(month: dict[str, Any]) -> str:
+    """Where the daily rate comes from, in words: "the last 7 days' runs", "the last day's runs"."""
+    days = month["rate_from_days"]
+    return "the last day's runs" if days == 1 else f"the last {days:g} days' runs"
+
+
 def per_thousand(runs: list[Cell]) -> list[dict[str, Any]]:
     """Cost per 1,000 rows answered, by job: over the window, and how it moved from the first day
     with runs to the last."""
@@ -354,7 +360,7 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     out += [
         "",
         f"this month ({m['month']}, UTC): {_money(m['spent_usd'])} so far; at {_money(m['daily_rate_usd'])} a day "
-        f"(the last {m['rate_from_days']:g} days' runs), {_money(m['forecast_usd'])} by its end "
+        f"({rate_from(m)}), {_money(m['forecast_usd'])} by its end "
         f"({m['days_left']:g} days left)",
     ]
     if report["cost_per_1k_rows"]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..pricing import PICO_PER_USD
 from . import svg
-from .spend import SUMS, groups, per_day_per_thousand
+from .spend import SUMS, groups, per_day_per_thousand, rate_from
 
 MAX_JOBS = 7  # stacked series; the rest are summed as "other jobs"
 
@@ -84,7 +84,7 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
             1,
         ),
         f"<p>This month ({html.escape(m['month'])}, UTC): {svg.money(m['spent_usd'])} so far; at "
-        f"{svg.money(m['daily_rate_usd'])} a day (the last {m['rate_from_days']:g} days' runs), "
+        f"{svg.money(m['daily_rate_usd'])} a day ({rate_from(m)}), "
         f"<b>{svg.money(m['forecast_usd'])}</b> by its end ({m['days_left']:g} days left).</p>",
     ]
     days, series = _by_day_and_job(report)

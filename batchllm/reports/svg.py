@@ -146,15 +146,17 @@ def lines(
 ) -> str:
     """One line per series over shared x labels (None: no point there)."""
     values = [v for vs in series.values() for v in vs if v is not None]
-    if len(labels) < 2 or not values:
-        return empty(title, "fewer than two points to draw")
+    if not labels or not values:
+        return empty(title)
     ticks = nice_ticks(max(values))
     fmt = (money_format if money else number_format)(ticks)
-    step = (W - LEFT - RIGHT) / (len(labels) - 1)
+    width = W - LEFT - RIGHT
+    step = width / (len(labels) - 1) if len(labels) > 1 else 0.0
+    x0 = LEFT if len(labels) > 1 else LEFT + width / 2  # one label: its points in the middle
     parts = []
     for k, (name, vs) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
-        pts = [(LEFT + i * step, _y(v, ticks[-1])) for i, v in enumerate(vs) if v is not None]
+        pts = [(x0 + i * step, _y(v, ticks[-1])) for i, v in enumerate(vs) if v is not None]
         if len(pts) > 1:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
@@ -162,7 +164,7 @@ def lines(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"><title>{html.escape(name)}</title></circle>'
             for x, y in pts
         ]
-    ticks_x = _x_labels(labels, lambda i: LEFT + i * step)
+    ticks_x = _x_labels(labels, lambda i: x0 + i * step)
     return figure(title, y_axis(ticks, fmt) + "".join(parts) + ticks_x, list(series))
 
 
