@@ -33,6 +33,7 @@ demo: install
 	@echo "Parquet output:  out/reviews_sentiment.parquet (one row a request), out/reviews_sentiment_pack10.parquet (ten)"
 	@echo "Cost summary:    out/reviews_sentiment.summary.json, out/reviews_sentiment_pack10.summary.json"
 	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment_pack10.parquet"
+	@echo "Spend so far:    $(BIN)/batchllm spend --by job   (every run is in the ledger)"
 
 # Two workers, one test file each at a time: Ray's tests share one cluster per file, and most
 # tests wait on sockets and subprocesses, so two workers halve the time on two cores.
