@@ -294,16 +294,33 @@ def status_cmd(path: Path) -> int:
     return 0
 
 
-@cli.command("validate", context_settings=CONTEXT, epilog="Example:\n\n  batchllm validate jobs/*.toml")
+@cli.command(
+    "validate",
+    context_settings=CONTEXT,
+    epilog="Examples:\n\n  batchllm validate jobs/*.toml\n\n  batchllm validate jobs/sentiment.toml --fleet jobs/fleet.toml",
+)
 @click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate_cmd(job_files: tuple[Path, ...]) -> int:
+@click.option(
+    "--fleet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also check a fleet file: every endpoint must take each job (model, window, parameters).",
+)
+def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
     """Check job files (keys, types, ranges, input and columns) without running them.
 
     Every problem of a file is listed, one line each, with the nearest key for an unknown one.
     """
     from ..engine.packed import packs_for
     from ..engine.plan import prepare
+    from ..fleet import fleet_problems, load_fleet
 
+    endpoints = None
+    if fleet is not None:
+        try:
+            endpoints = load_fleet(fleet)
+        except BatchLLMError as exc:
+            click.echo(f"invalid: {exc}", err=True)
+            return ExitCode.USAGE
     bad = 0
     for path in job_files:
         problems = job_file_problems(path)
@@ -312,6 +329,8 @@ def validate_cmd(job_files: tuple[Path, ...]) -> int:
                 job = build_job(load_job_file(path), job_file=path)
                 prepared = prepare(job)
                 packs_for(prepared)  # --pack-tokens must leave room for one row
+                if endpoints is not None:
+                    problems = [f"{path}: {p}" for p in fleet_problems(endpoints, job, str(fleet))]
             except BatchLLMError as exc:
                 problems = [str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"]
         if problems:

@@ -1,0 +1,112 @@
+"""Fleets (issue 23, first part): the fleet file, its checks, and the plan `estimate --fleet` prints."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+from .conftest import ROOT, prompts_csv, run_cli
+
+ENDPOINT = """
+[[endpoint]]
+name = "{name}"
+provider = "openai"
+endpoint = "http://127.0.0.1:{port}/v1"
+model = "meta-llama/Llama-3.1-70B-Instruct"
+rpm = {rpm}
+concurrency = 64
+input_price = "{price}"
+output_price = "{price}"
+"""
+
+
+def _fleet(path: Path, *members: tuple[str, int, str]) -> Path:
+    path.write_text(
+        "".join(
+            ENDPOINT.format(name=n, port=9000 + i, rpm=rpm, price=p) for i, (n, rpm, p) in enumerate(members)
+        )
+    )
+    return path
+
+
+def _plan(src: Path, fleet: Path, *extra: str) -> dict:
+    args = ["estimate", str(src), "--provider", "openai", "--model", "meta-llama/Llama-3.1-70B-Instruct",
+            "--input-price", "0.5", "--output-price", "0.5", "--max-tokens", "32", "--fleet", str(fleet),
+            "--format", "json", *extra]  # fmt: skip
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_plan_fills_the_cheapest_and_meets_a_deadline_at_least_cost(tmp_path: Path) -> None:
+    """Two endpoints at 20 and 40 requests/s, the cheaper at 20, 3,000 rows: at full speed the
+    cheaper takes a third; with a deadline the cheaper alone would miss by half (100 s against
+    150 s) it takes all it can (2,000 rows) and the pricier exactly the rest; with time enough
+    the cheaper takes every row; a deadline no mix can meet is said to be so."""
+    src = prompts_csv(tmp_path / "in.csv", 3000)
+    fleet = _fleet(tmp_path / "fleet.toml", ("cheap", 1200, "0.10"), ("dear", 2400, "0.90"))
+    full = _plan(src, fleet)
+    rows = {e["endpoint"]: e for e in full["endpoints"]}
+    assert [e["endpoint"] for e in full["endpoints"]] == ["cheap", "dear"]
+    assert rows["cheap"]["rows"] == 1000 and rows["dear"]["rows"] == 2000
+    assert full["finish_minutes"] == round(3000 / 60 / 60, 1)
+    timed = _plan(src, fleet, "--deadline", "100s")
+    rows = {e["endpoint"]: e for e in timed["endpoints"]}
+    assert timed["feasible"] and rows["cheap"]["rows"] == 2000 and rows["dear"]["rows"] == 1000
+    assert Decimal(timed["cost_usd"]) < Decimal(full["cost_usd"])
+    assert Decimal(timed["cost_usd"]) == sum(Decimal(e["cost_usd"]) for e in timed["endpoints"])
+    easy = _plan(src, fleet, "--deadline", "3m")
+    assert [e["rows"] for e in easy["endpoints"]] == [3000, 0]
+    assert Decimal(easy["cost_usd"]) == Decimal(easy["cheapest_alone"]["cost_usd"])
+    tight = _plan(src, fleet, "--deadline", "20s")
+    assert not tight["feasible"] and [e["rows"] for e in tight["endpoints"]] == [1000, 2000]
+    text = run_cli(["estimate", str(src), "--provider", "openai", "--model", "meta-llama/Llama-3.1-70B-Instruct",
+                    "--input-price", "0.5", "--output-price", "0.5", "--fleet", str(fleet), "--deadline", "20s"])  # fmt: skip
+    assert text.exit_code == 0 and "no mix ends within" in text.stdout
+
+
+def test_fleet_file_problems_are_one_line_naming_file_endpoint_and_key(tmp_path: Path) -> None:
+    job = ROOT / "jobs" / "sentiment.toml"
+    good = ROOT / "jobs" / "fleet.toml"
+    assert run_cli(["validate", str(job), "--fleet", str(good)]).exit_code == 0
+    cases = {
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\n': "missing key 'model'",
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\ninput_price = "1"\noutput_price = "1"\nrpm = 0\n': "'rpm'",
+        'name = "a"\nprovider = "openai"\nendpoint = "ftp://x"\nmodel = "m"\n': "not an http(s) URL",
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\napi_key = "sk-1"\n': "key_env",
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\nrmp = 3\n': "unknown key 'rmp'",
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "unlisted"\n': "input_price",
+    }
+    for n, (body, want) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{n}.toml"
+        bad.write_text("[[endpoint]]\n" + body)
+        result = run_cli(["validate", str(job), "--fleet", str(bad)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert str(bad) in lines[0] and want in lines[0] and "sk-1" not in lines[0], lines[0]
+    twice = tmp_path / "twice.toml"
+    twice.write_text(good.read_text() + '\n[[endpoint]]\nname = "dataoorts"\nprovider = "dataoorts"\n'
+                     'endpoint = "http://127.0.0.1:1/"\nmodel = "meta/llama-3.1-70b-instruct"\n')  # fmt: skip
+    result = run_cli(["validate", str(job), "--fleet", str(twice)])
+    assert result.exit_code == 2 and "two endpoints are named 'dataoorts'" in result.stderr
+
+
+def test_an_endpoint_that_cannot_take_the_job_is_named(tmp_path: Path) -> None:
+    """A parameter one provider lacks, and a reply too long for a model's window."""
+    job = ROOT / "jobs" / "sentiment.toml"
+    fleet = ROOT / "jobs" / "fleet.toml"
+    top_k = run_cli(["estimate", "--job", str(job), "--fleet", str(fleet), "--top-k", "5"])
+    assert top_k.exit_code == 2 and "'own-vllm'" in top_k.stderr and "top_k" in top_k.stderr
+    small = tmp_path / "small.toml"
+    small.write_text('[[endpoint]]\nname = "eight"\nprovider = "dataoorts"\nendpoint = "http://127.0.0.1:1/"\n'
+                     'model = "meta/llama-3.1-8b-instruct"\n')  # fmt: skip
+    wide = run_cli(["validate", str(job), "--fleet", str(small)])
+    assert wide.exit_code == 0
+    long_reply = tmp_path / "long.toml"
+    long_reply.write_text((ROOT / "jobs" / "sentiment.toml").read_text().replace("max_tokens = 16", "max_tokens = 9000")
+                          .replace('"../', f'"{ROOT}/'))  # fmt: skip
+    result = run_cli(["validate", str(long_reply), "--fleet", str(small)])
+    assert result.exit_code == 2 and "'eight'" in result.stderr and "8,000-token window" in result.stderr
+    late = run_cli(["estimate", "--job", str(job), "--deadline", "1h"])
+    assert late.exit_code == 2 and "--deadline goes with --fleet" in late.stderr
