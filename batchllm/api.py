@@ -31,6 +31,9 @@ from .sandbox import SandboxConfig, endpoint_for, start_sandbox
 @contextlib.asynccontextmanager
 async def open_endpoint(job: Job, sandbox: SandboxConfig | None = None) -> AsyncIterator[Endpoint]:
     """The URL and key to use: an in-process sandbox for ``--sandbox``, else the job's."""
+    if job.fleet is not None:  # each endpoint has its own URL and key (engine/router.py)
+        yield Endpoint("fleet", None)
+        return
     if not job.sandbox:
         yield Endpoint(job.endpoint, resolve_api_key(job))
         return

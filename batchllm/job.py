@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from . import values as v
 from .errors import JobError
+from .fleet import FleetEndpoint, fleet_from, load_fleet
 from .labeling.spec import Labeling, labeling_from
 from .pricing import Prices, parse_price, parse_usd
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
@@ -96,6 +97,7 @@ class Job:
     notify: str | None = field(default=None, repr=False)  # a URL to POST the summary to (notify.py)
     ledger: str | None = None  # the ledger file, or "off"; None: BATCHLLM_LEDGER or the default
     progress: str = "auto"
+    fleet: tuple[FleetEndpoint, ...] | None = None  # several endpoints (--fleet, fleet.py)
     engine: str = "local"  # or "ray": the same job on Ray Data (batchllm/cluster/)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     actors: int = 2  # Ray actors sending requests
@@ -196,6 +198,16 @@ def check_endpoint(url: str) -> str:
     return url
 
 
+def _fleet(raw: Any) -> tuple[FleetEndpoint, ...]:
+    """A fleet file's path, or a job file's ``[[fleet]]`` tables."""
+    if isinstance(raw, list):
+        return tuple(fleet_from(raw, "[[fleet]]"))
+    try:
+        return tuple(load_fleet(Path(v.text(raw))))
+    except JobError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _sampling(raw: Any) -> Any:
     return raw  # parsed by the provider once it is known (``build_job``)
 
@@ -256,6 +268,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "notify": ("notify", v.text),
     "ledger": ("ledger", v.text),
     "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
+    "fleet": ("fleet", _fleet),
     "engine": ("engine", v.choice("local", "ray")),
     "ray_address": ("ray_address", v.text),
     "actors": ("actors", v.integer(1, 1024)),
@@ -314,6 +327,10 @@ def build_job(
             f"parameters ({', '.join(provider.params)})"
         )
     kwargs["prices"] = _prices(kwargs.pop("input_price", None), kwargs.pop("output_price", None), where)
+    if kwargs["prices"] is None and kwargs.get("fleet"):
+        # Worst cases (--max-cost, estimate) at the dearest endpoint's prices: any may answer.
+        # A row's cost is its own endpoint's (engine/router.py).
+        kwargs["prices"] = _dearest(kwargs["fleet"])
     kwargs["labeling"] = labeling_from(kwargs, where)
     if "examples" in kwargs:
         if kwargs["labeling"] is None:
@@ -346,6 +363,12 @@ def build_job(
             raise JobError(f"missing {where(key)}: say which file to {'read' if key == 'input' else 'write'}")
     if "notify" in kwargs:
         kwargs["notify"] = notify_url(kwargs["notify"], where("notify"), environ)
+    if kwargs.get("fleet") is not None:
+        for key in ("sandbox", "engine"):
+            if kwargs.get(key) not in (None, False, "local"):
+                raise JobError(
+                    f"{where('fleet')}: a fleet runs with the local engine against its own endpoints, not with --{key}"
+                )
     if "endpoint" not in kwargs:
         kwargs["endpoint"] = environ.get(provider.endpoint_env) or provider.default_endpoint
     kwargs["endpoint"] = check_endpoint(kwargs["endpoint"])
@@ -436,6 +459,13 @@ def _sampling_params(
         except ValueError as exc:
             raise JobError(f"{where(key)} {exc}") from None
     return out
+
+
+def _dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
+    priced = [e.model.prices for e in fleet if e.model.prices is not None]
+    if len(priced) < len(fleet):
+        return None
+    return Prices(max(p.input_per_million for p in priced), max(p.output_per_million for p in priced))
 
 
 def _prices(inp: Any, out: Any, where: Callable[[str], str]) -> Prices | None:

@@ -27,6 +27,7 @@ _PATH_KEYS = {
     "json_schema",
     "examples",
     "ledger",
+    "fleet",
 }
 _NO_KEY = "key 'api_key': a job file must not hold the key; name the environment variable that holds it with api_key_env"
 

@@ -64,6 +64,7 @@ class Completion:
     prompt_tokens: int | None
     completion_tokens: int | None
     finish_reason: str | None = None
+    endpoint: str | None = None  # the fleet endpoint that answered (engine/router.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +112,4 @@ class Entry(NamedTuple):
     request_key: str | None = None
     answered_by: str | None = None
     cached: bool | None = None
+    endpoint: str | None = None  # the fleet endpoint that answered (--fleet), else None

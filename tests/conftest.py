@@ -91,6 +91,8 @@ class SandboxThread:
         return self
 
     def stop(self) -> None:
+        if self.loop.is_closed():  # stopped already (a test took an endpoint down)
+            return
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(10)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
-from .conftest import ROOT, prompts_csv, run_cli
+import pyarrow.parquet as pq
+
+from .conftest import ROOT, prompts_csv, run_cli, spawn, summary_of
 
 ENDPOINT = """
 [[endpoint]]
@@ -110,3 +114,93 @@ def test_an_endpoint_that_cannot_take_the_job_is_named(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "'eight'" in result.stderr and "8,000-token window" in result.stderr
     late = run_cli(["estimate", "--job", str(job), "--deadline", "1h"])
     assert late.exit_code == 2 and "--deadline goes with --fleet" in late.stderr
+
+
+def _live_fleet(path: Path, *members: tuple[str, Any, int, str, str]) -> Path:
+    """``(name, sandbox, rpm, price, provider)`` each: a fleet file over sandboxes on loopback."""
+    text = ""
+    for name, box, rpm, price, provider in members:
+        url = box.url if provider == "dataoorts" else box.openai_url
+        model = "meta/llama-3.1-70b-instruct"  # the sandbox serves it on both faces
+        text += (f'[[endpoint]]\nname = "{name}"\nprovider = "{provider}"\nendpoint = "{url}"\n'
+                 f'key_env = "{name.upper()}_KEY"\nmodel = "{model}"\nrpm = {rpm}\nconcurrency = 32\n'
+                 f'input_price = "{price}"\noutput_price = "{price}"\n\n')  # fmt: skip
+    path.write_text(text)
+    return path
+
+
+def test_a_fleet_runs_at_the_sum_of_its_limits_cheapest_first(sandbox_factory, tmp_path: Path) -> None:
+    """Two endpoints limiting at 20 and 40 requests/s, the cheaper at 20: 3,000 rows at no less
+    than 90% of 60 rows/s, no 429 from either, the cheaper carrying its full share, and every
+    row's cost at its own endpoint's prices, exactly."""
+    cheap = sandbox_factory(rate_limit=20.0, latency=0.05)
+    dear = sandbox_factory(rate_limit=40.0, latency=0.05)
+    fleet = _live_fleet(tmp_path / "fleet.toml", ("cheap", cheap, 1200, "0.10", "dataoorts"),
+                        ("dear", dear, 2400, "0.90", "openai"))  # fmt: skip
+    src = prompts_csv(tmp_path / "in.csv", 3000)
+    out = tmp_path / "out.parquet"
+    env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
+    started = time.monotonic()
+    result = run_cli(["run", str(src), "-o", str(out), "--fleet", str(fleet), "--progress", "none"], env=env)
+    took = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert cheap.count(429) == 0 and dear.count(429) == 0
+    assert 3000 / took >= 0.9 * 60, f"{3000 / took:.1f} rows/s"
+    table = pq.read_table(out).to_pylist()
+    by = {name: [r for r in table if r["endpoint"] == name] for name in ("cheap", "dear")}
+    assert len(by["cheap"]) + len(by["dear"]) == 3000
+    assert len(by["cheap"]) >= 0.9 * 3000 * 20 / 60, len(by["cheap"])
+    assert cheap.count(200) == len(by["cheap"]) and dear.count(200) == len(by["dear"])
+    for name, price in (("cheap", 100_000), ("dear", 900_000)):  # picodollars a token
+        rows = by[name]
+        assert sum(r["prompt_tokens"] * price for r in rows) + sum(r["completion_tokens"] * price for r in rows) == \
+            sum(round(r["cost_usd"] * 10**12) for r in rows)  # fmt: skip
+    summary = summary_of(out)
+    assert summary["endpoints"]["cheap"]["ok"] == len(by["cheap"])
+    billed = sum(Decimal(e["cost_usd"]) for e in summary["endpoints"].values())
+    assert billed == Decimal(summary["cost_usd"]["total"])
+
+
+def test_a_fleet_fails_over_to_what_is_left(sandbox_factory, tmp_path: Path) -> None:
+    """The pricier endpoint stopped mid-run, refusing connections from the start, or refusing
+    its key: the run finishes on the other, no row lost, exit 0, one warning for a bad key."""
+    src = prompts_csv(tmp_path / "in.csv", 600)
+    for case in ("stopped", "refused", "bad key"):
+        cheap = sandbox_factory(rate_limit=20.0, latency=0.02)
+        dear = sandbox_factory(rate_limit=200.0, latency=0.02)
+        fleet = _live_fleet(tmp_path / "fleet.toml", ("cheap", cheap, 1200, "0.10", "dataoorts"),
+                            ("dear", dear, 12000, "0.90", "dataoorts"))  # fmt: skip
+        env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": "sk-wrong" if case == "bad key" else dear.key}
+        if case == "refused":
+            dear.stop()
+        out = tmp_path / f"{case}.parquet"
+        args = [
+            "run",
+            str(src),
+            "-o",
+            str(out),
+            "--fleet",
+            str(fleet),
+            "--progress",
+            "none",
+            "--timeout",
+            "5",
+        ]
+        if case == "stopped":
+            proc = spawn(args, env=env)
+            deadline = time.monotonic() + 30
+            while dear.count(200) < 100 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            dear.stop()
+            _, err = proc.communicate(timeout=120)
+            code = proc.returncode
+        else:
+            result = run_cli(args, env=env)
+            code, err = result.exit_code, result.stderr
+        assert code == 0, err
+        rows = pq.read_table(out).to_pylist()
+        assert len(rows) == 600 and all(r["status"] == "ok" for r in rows), case
+        if case == "bad key":
+            assert err.count("endpoint 'dear' is out for this run") == 1 and "DEAR_KEY" in err
+            assert "sk-wrong" not in err
+        assert {r["endpoint"] for r in rows} <= {"cheap", "dear"}

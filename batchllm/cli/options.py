@@ -161,6 +161,11 @@ SEND_OPTIONS = [
         help="Dollar cap on what this job (the job file's name, else the output's) spends in a calendar "
         "month (UTC), across its runs, from the ledger (exit 3 when reached).",
     ),
+    click.option(
+        "--fleet",
+        help="A fleet file ([[endpoint]] tables: several endpoints of one model, each with its limit and "
+        "price): each request goes to the cheapest endpoint with room; estimate plans it.",
+    ),
     click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
     click.option(
         "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"

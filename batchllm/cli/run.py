@@ -104,11 +104,6 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 )
 @click.option("--gold", help="With --pilot: the column of human labels to score the pilot's labels against.")
 @click.option(
-    "--fleet",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A fleet file ([[endpoint]] tables): plan which endpoint takes how many rows, cost and time.",
-)
-@click.option(
     "--deadline",
     help="With --fleet: the cheapest mix that ends by then: a duration (6h) or a clock time (06:00).",
 )
@@ -129,7 +124,6 @@ def estimate_cmd(
     pilot: int | None,
     from_run: Path | None,
     gold: str | None,
-    fleet: Path | None,
     deadline: str | None,
     compare: bool,
     fmt: str,
@@ -169,10 +163,10 @@ def estimate_cmd(
             return fail(f"the pilot stopped: {message}", code)
     if gold is not None and (pilot is None or job.labeling is None):
         raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
-    if deadline is not None and fleet is None:
+    if deadline is not None and job.fleet is None:
         raise JobError("--deadline goes with --fleet: it plans a fleet's endpoints")
-    if fleet is not None:
-        return _fleet_plan(job, fleet, deadline, from_run, observed, fmt)
+    if job.fleet is not None:
+        return _fleet_plan(job, deadline, from_run, observed, fmt)
     if compare:
         from ..reports.compare import compare as compare_models
         from ..reports.compare import format_compare
@@ -193,17 +187,16 @@ def estimate_cmd(
     return 0
 
 
-def _fleet_plan(
-    job: Job, path: Path, deadline: str | None, from_run: Path | None, observed: Any, fmt: str
-) -> int:
+def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed: Any, fmt: str) -> int:
     """``estimate --fleet F [--deadline D]``: the plan (reports/fleet_plan.py)."""
-    from ..fleet import fleet_problems, load_fleet
+    from ..fleet import fleet_problems
     from ..reports.compare import observed_of
     from ..reports.estimate import completions_of_run
     from ..reports.fleet_plan import format_plan, parse_deadline, plan
 
-    fleet = load_fleet(path)
-    problems = fleet_problems(fleet, job, str(path))
+    assert job.fleet is not None
+    fleet = list(job.fleet)
+    problems = fleet_problems(fleet, job, "--fleet")
     if problems:
         raise JobError(problems[0])
     seconds = parse_deadline(deadline) if deadline is not None else None

@@ -25,17 +25,17 @@ from typing import Any
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
 from ..labeling.spec import Labeling
-from ..pricing import Model, cost
+from ..pricing import Model
 from ..providers import Provider
-from ..records import Completion, Entry, Request
-from ..tokens import TokenCounter, counter_for
-from .admission import Rejection
+from ..records import Completion, Entry
+from .booking import Booking
 from .budget import Budget
 from .client import Client
 from .journal import Journal
 from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
+from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
 
@@ -44,7 +44,7 @@ YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collecti
 __all__ = ["Dispatcher", "Stats", "StopReason"]
 
 
-class Dispatcher:
+class Dispatcher(Booking):
     def __init__(
         self,
         *,
@@ -86,6 +86,7 @@ class Dispatcher:
         self.reuse = reuse
         self._sleep = sleep
         self.gate = gate
+        self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self._prices = model.prices
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
@@ -257,7 +258,7 @@ class Dispatcher:
         Each attempt is written down as sent before it leaves: what a crash may have been billed
         for is then known (inflight.py).
         """
-        stats, limiter, backoff = self.stats, self.limiter, self.backoff
+        stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
         attempt = failures = 0
         answered = False  # the last attempt got an answer from the server (an error status)
@@ -265,8 +266,12 @@ class Dispatcher:
         while True:
             if self.stopping:
                 return None, attempt, 0.0
-            await limiter.acquire(tokens)
+            member = None if router is None else await router.acquire(tokens)
+            if router is None:
+                await limiter.acquire(tokens)
             if self.stopping:
+                if member is not None:
+                    router.release(member)  # type: ignore[union-attr]
                 return None, attempt, 0.0
             # Written down before it leaves (inflight.py); a retry after the server answered with
             # an error is the same request, one after no answer (a timeout) may have been billed.
@@ -277,19 +282,30 @@ class Dispatcher:
             self._on_wire += 1
             try:
                 try:
-                    completion = await self.client.complete(body)
+                    if member is None:
+                        completion = await self.client.complete(body)
+                    else:
+                        member.counts.requests += 1
+                        completion = await member.complete(body)
                 finally:
                     self._on_wire -= 1
                     if not self._on_wire and self.stop_reason is not None:
                         self._drained.set()
+                    if member is not None:
+                        router.release(member)  # type: ignore[union-attr]
             except RetryableAPIError as exc:
                 answered = exc.status is not None
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1
-                    limiter.on_throttle(exc.retry_after)
+                    if member is None:
+                        limiter.on_throttle(exc.retry_after)
+                    else:
+                        router.throttled(member, exc.retry_after)  # type: ignore[union-attr]
                     delay, give_up = 0.0, elapsed > backoff.max_total
                 else:
+                    if member is not None:
+                        router.failed(member)  # type: ignore[union-attr]
                     failures += 1
                     delay = backoff.delay(failures, exc.retry_after)
                     give_up = backoff.gives_up(failures, elapsed, delay)
@@ -302,103 +318,15 @@ class Dispatcher:
                     await self._sleep(delay)
                 continue
             except RunStopError as exc:
+                if member is not None and router.lose(member, exc):  # type: ignore[union-attr]
+                    continue  # this endpoint is out: the row goes to another
                 # Not the row's fault: leave it pending for the run that follows the fix.
                 self.stop_error = exc
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
                 return exc, attempt, 0.0
-            return completion, attempt, (time.perf_counter() - t0) * 1000.0
-
-    @property
-    def counter(self) -> TokenCounter:
-        return counter_for(self.model.name)
-
-    def usage(self, request: Request, c: Completion, prompt_estimate: int = 0) -> tuple[int, int, bool]:
-        """(prompt, completion tokens, counted): the server's usage, or our count when it sent none."""
-        prompt_tokens, completion_tokens = c.prompt_tokens, c.completion_tokens
-        counted = prompt_tokens is None or completion_tokens is None
-        if counted:  # the server reported no usage: count it, and say so on the row
-            counter = counter_for(self.model.name)
-            if prompt_tokens is None:
-                prompt_tokens = prompt_estimate or counter.count_messages(request.messages)
-            if completion_tokens is None:
-                completion_tokens = counter.completion_tokens(c.text)
-        assert prompt_tokens is not None and completion_tokens is not None
-        return prompt_tokens, completion_tokens, counted
-
-    def _record_ok(
-        self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
-    ) -> int:
-        prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
-        in_cost, out_cost = cost(self._prices, prompt_tokens, completion_tokens)
-        truncated = self.provider.truncated(c, item.request.max_tokens or self.max_tokens)
-        # Positional (per row, keywords cost half as much again): the fields of records.Entry.
-        self.record(
-            item,
-            Entry(item.row_id, item.content_hash, "ok", c.text, prompt_tokens, completion_tokens, in_cost,
-                  out_cost, None, None, attempts, latency_ms, time.time(), self.model.name, truncated,
-                  counted, None, item.key or None),
-        )  # fmt: skip
-        billed = (in_cost or 0) + (out_cost or 0)
-        stats = self.stats
-        stats.ok += 1
-        stats.prompt_tokens += prompt_tokens
-        stats.completion_tokens += completion_tokens
-        stats.cost_pico += billed
-        self.limiter.on_success()
-        if reserved_tokens:
-            self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
-        self.track(False)
-        return billed
-
-    def add_error(
-        self,
-        row_id: str,
-        content_hash: str,
-        error: str,
-        error_class: str,
-        attempts: int,
-        item: WorkItem | None = None,
-    ) -> None:
-        entry = Entry(
-            row_id=row_id,
-            content_hash=content_hash,
-            status="error",
-            response=None,
-            prompt_tokens=None,
-            completion_tokens=None,
-            input_cost_pico=None,
-            output_cost_pico=None,
-            error=error,
-            error_class=error_class,
-            attempts=attempts,
-            latency_ms=None,
-            finished_at=time.time(),
-            model=self.model.name,
-            truncated=None,
-            tokens_counted=None,
-            request_key=item.key or None if item is not None else None,
-        )
-        if item is not None:
-            self.record(item, entry)
-        else:
-            self.journal.add(entry)
-        self.stats.error += 1
-
-    def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
-        self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts, item)
-        self.track(True, exc)
-
-    def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:
-        """A row refused before any request (over the window, no prompt): an error, not sent."""
-        self.add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
-        self.stats.rejected += 1
-
-    def track(self, failed: bool, error: APIError | None = None) -> None:
-        """Sliding window of the last N sent rows; too many failures stop the run, and so do the
-        first rows all failing alike (``FirstFailures``)."""
-        if self.first.active and self.first.add(error):
-            self.request_stop(StopReason.API, self.first.message())
-        if self.errors.add(failed):
-            self.request_stop(StopReason.ERROR_RATE, self.errors.message())
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            if member is not None:
+                router.answered(member, latency_ms)  # type: ignore[union-attr]
+            return completion, attempt, latency_ms

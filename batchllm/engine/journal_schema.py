@@ -16,7 +16,8 @@ commit, half of a row's journal cost (make bench). Older journals are rebuilt on
 sent again had cost before); it is created in any older journal when opened. Schema 7 added
 ``pack_id`` and ``pack_position`` to ``attempts`` (a row answered in a packed request,
 labeling/pack.py), added to an older journal when opened; the ``reviews`` table (people's
-verdicts, review/verdicts.py) is created in any journal when opened.
+verdicts, review/verdicts.py) is created in any journal when opened. Schema 8 added
+``endpoint`` to ``rows`` (the fleet endpoint that answered, engine/router.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -59,7 +60,8 @@ ROWS_TABLE = """CREATE TABLE IF NOT EXISTS rows (
     extra TEXT,
     request_key TEXT,
     answered_by TEXT,
-    cached INTEGER
+    cached INTEGER,
+    endpoint TEXT
 )"""
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -127,8 +129,10 @@ INSERT_ROW = _insert(COLUMNS)
 # Most rows are answers of their own: no error, not answered by another row or the cache. Written
 # all alike, a flush's rows leave out the columns they all leave empty (NULL by default): sqlite3
 # binds each None through an adapter lookup, and those five made a third of a row's insert.
-_E, _K, _A, _C, _X = (COLUMNS.index(c) for c in ("error", "error_class", "answered_by", "cached", "extra"))
-_LABELED = [c for c in COLUMNS if c not in ("error", "error_class", "answered_by", "cached")]
+_E, _K, _A, _C, _X, _N = (
+    COLUMNS.index(c) for c in ("error", "error_class", "answered_by", "cached", "extra", "endpoint")
+)
+_LABELED = [c for c in COLUMNS if c not in ("error", "error_class", "answered_by", "cached", "endpoint")]
 _PLAIN = [c for c in _LABELED if c != "extra"]
 _INSERT_PLAIN = _insert(_PLAIN), operator.itemgetter(*(COLUMNS.index(c) for c in _PLAIN))
 _INSERT_LABELED = _insert(_LABELED), operator.itemgetter(*(COLUMNS.index(c) for c in _LABELED))
@@ -139,13 +143,16 @@ _ADDED = {
     "request_key": "TEXT",
     "answered_by": "TEXT",
     "cached": "INTEGER",
+    "endpoint": "TEXT",
 }
 INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def insert_rows(entries: list[Entry]) -> tuple[str, Iterable[Sequence[Any]]]:
     """The INSERT for a flush's entries, and its values (one statement for all: rows stay in order)."""
-    if all(r[_E] is None and r[_K] is None and r[_A] is None and r[_C] is None for r in entries):
+    if all(
+        r[_E] is None and r[_K] is None and r[_A] is None and r[_C] is None and r[_N] is None for r in entries
+    ):
         if all(r[_X] is None for r in entries):
             return _INSERT_PLAIN[0], map(_INSERT_PLAIN[1], entries)
         if all(r[_X] is not None for r in entries):  # labeling rows

@@ -107,7 +107,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         truncated = d.provider.truncated(result, max_tokens)
         if reuse is not None and reuse.cache is not None:
             reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated)
-        in_cost, out_cost = cost(d.model.prices, pt, ct)
+        in_cost, out_cost = cost(d.prices_of(result), pt, ct)  # a fleet: the answering endpoint's
         billed = (in_cost or 0) + (out_cost or 0)
         stats = d.stats
         stats.prompt_tokens += pt

@@ -53,6 +53,13 @@ RESULT_FIELDS = [
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
+ENDPOINT_FIELD = pa.field("endpoint", pa.string())  # a fleet's runs only (engine/router.py)
+
+
+def _endpoint(e: Entry | None) -> str | None:
+    return None if e is None else e.endpoint
+
+
 METADATA_KEY = b"batchllm"
 
 
@@ -107,10 +114,15 @@ def write_output(
     journal: Journal,
     metadata: Callable[[Totals], dict[str, Any]],
     labeling: Labeling | None = None,
+    *,
+    fleet: bool = False,
 ) -> Totals:
-    """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it."""
+    """Write the output file atomically; ``metadata(totals)`` gives the summary stored in it.
+    A fleet's run has an ``endpoint`` column: the endpoint that answered each row."""
     kept = source.output_columns
     extra = labeling.columns() if labeling is not None else []
+    if fleet:
+        extra = [ENDPOINT_FIELD, *extra]
     reviewed = labeling is not None and has_reviews(journal.conn)  # people's verdicts (review/)
     if reviewed:
         assert labeling is not None
@@ -134,6 +146,10 @@ def write_output(
                 entries = journal.fetch(prompts.row_ids)
                 paid = journal.unsettled(prompts.row_ids) if unsettled else None
                 results = _result_columns(prompts.row_ids, entries, totals, paid)
+                if fleet:
+                    results.append(
+                        pa.array([_endpoint(entries.get(r)) for r in prompts.row_ids], pa.string())
+                    )
                 if labeling is not None:
                     answers = label_columns(prompts.row_ids, entries, labeling)
                     results += answers

@@ -274,7 +274,7 @@ class Packs:
             prompt = shape.prompt_shares(pt, [row.own for row in rows])
             completion = shape.completion_shares(ct, items or [""] * len(rows))
             pid = shape.pack_id(body)
-            prices = d.model.prices
+            prices = d.prices_of(result)  # a fleet: the answering endpoint's
             reuse = d.reuse
             keep = reuse is not None and reuse.cache is not None and kind == "first"
             for n, row in enumerate(rows):

@@ -126,6 +126,15 @@ class RateLimiter:
                     self._waiters.remove((future, tokens))
             raise
 
+    def free_at(self, tokens: int = 0) -> float:
+        """The earliest moment (this limiter's clock) one request of ``tokens`` may leave; in the
+        past when one may leave now. For a caller that queues its own waiters (router.py)."""
+        return self._ready_at(tokens)
+
+    def take(self, tokens: int = 0) -> None:
+        """Take a departure now, without waiting: for a caller that checked ``free_at`` first."""
+        self._take(self.clock(), tokens)
+
     def ready_at(self, tokens: int = 0) -> float:
         """When the next request of ``tokens`` could leave (this limiter's clock)."""
         return max(self.clock(), self._ready_at(tokens))

@@ -13,6 +13,7 @@ anything was sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -42,6 +43,7 @@ from .packed import packs_for
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
+from .router import fleet_router
 from .summary import build_summary, next_step, snapshot, stop_message
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
@@ -204,14 +206,18 @@ class Run:
         if job.cache != "off":
             cache = ResponseCache(job.cache_dir or default_dir(), job.cache)
         labeling, packs = job.labeling, self.packs
-        async with client:
+        router = None
+        if job.fleet is not None:  # each endpoint paces itself (router.py); the pool does not
+            router = fleet_router(job.fleet, job.timeout, p.provider, p.model.name, self.warn)
+            limiter = RateLimiter(None)
+        async with client, router or contextlib.nullcontext():
             dispatcher = Dispatcher(
                 client=client,
                 provider=p.provider,
                 journal=journal,
                 model=p.model,
                 max_tokens=job.max_tokens,
-                concurrency=job.concurrency,
+                concurrency=router.concurrency if router is not None else job.concurrency,
                 limiter=limiter,
                 backoff=Backoff(job.max_attempts),
                 budget=budget,
@@ -222,6 +228,7 @@ class Run:
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
             )
+            dispatcher.router = router
             self.dispatcher = dispatcher
             ticker = asyncio.create_task(self._tick(dispatcher, record))
             deadline = None
@@ -301,6 +308,8 @@ class Run:
                 out["next"] = next_step(
                     reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
                 )
+            if dispatcher.router is not None:
+                out["endpoints"] = dispatcher.router.summary()
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,
@@ -313,7 +322,13 @@ class Run:
         if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
             journal.flush()
             totals = write_output(
-                job.output, self.p.source, self.p.builder, journal, lambda t: summary(t, None), job.labeling
+                job.output,
+                self.p.source,
+                self.p.builder,
+                journal,
+                lambda t: summary(t, None),
+                job.labeling,
+                fleet=job.fleet is not None,
             )
             output = job.output
         if reason is not None:

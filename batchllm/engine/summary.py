@@ -229,6 +229,13 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"never paid twice: {t['answered_by_other_rows']:,} rows answered by an identical row's reply, "
             f"{t['cache_hits']:,} from the cache (saved ${t['cache_saved_usd']})"
         )
+    for name, e in (summary.get("endpoints") or {}).items():
+        lines.append(
+            f"endpoint {name}: {e['requests']:,} requests, {e['ok']:,} ok, {e['errors']:,} failed, "
+            f"{e['throttled']:,} throttled, ${e['cost_usd']}"
+            + (f", mean {e['mean_latency_ms']:,} ms" if e["mean_latency_ms"] is not None else "")
+            + (f"; out of the run ({e['out']})" if e["out"] else "")
+        )
     if summary.get("message"):
         lines.append(f"stopped: {summary['message']}")
     if rows:

@@ -1,0 +1,149 @@
+"""How the worker pool books a row (a mixin of ``dispatch.Dispatcher``): its usage and cost at
+the prices of whoever answered (a fleet's endpoint, engine/router.py, or the job's model), its
+entry in the journal, errors and rows refused unsent, and the error-rate watch that stops a run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import APIError
+from ..pricing import Model, Prices, cost
+from ..records import Completion, Entry, Request
+from ..tokens import TokenCounter, counter_for
+from .admission import Rejection
+from .plan import WorkItem
+from .stats import ErrorWindow, FirstFailures, Stats, StopReason
+
+if TYPE_CHECKING:
+    from ..providers import Provider
+    from .journal import Journal
+    from .ratelimit import RateLimiter
+    from .router import Router
+    from .seams import Ledger, Pacer
+
+
+class Booking:
+    model: Model
+    provider: Provider
+    router: Router | None
+    journal: Journal | Ledger
+    limiter: RateLimiter | Pacer
+    max_tokens: int
+    stats: Stats
+    errors: ErrorWindow
+    first: FirstFailures
+    _prices: Prices | None
+
+    def record(self, item: WorkItem, entry: Entry) -> None:
+        raise NotImplementedError  # dispatch.Dispatcher's
+
+    def request_stop(self, reason: StopReason, message: str) -> None:
+        raise NotImplementedError  # dispatch.Dispatcher's
+
+    def prices_of(self, c: Completion) -> Prices | None:
+        """The prices of whoever answered: the fleet endpoint's, else the model's."""
+        if c.endpoint is None or self.router is None:
+            return self._prices
+        return self.router.by_name[c.endpoint].model.prices
+
+    def model_of(self, c: Completion) -> str:
+        if c.endpoint is None or self.router is None:
+            return self.model.name
+        return self.router.by_name[c.endpoint].model.name
+
+    @property
+    def counter(self) -> TokenCounter:
+        return counter_for(self.model.name)
+
+    def usage(self, request: Request, c: Completion, prompt_estimate: int = 0) -> tuple[int, int, bool]:
+        """(prompt, completion tokens, counted): the server's usage, or our count when it sent none."""
+        prompt_tokens, completion_tokens = c.prompt_tokens, c.completion_tokens
+        counted = prompt_tokens is None or completion_tokens is None
+        if counted:  # the server reported no usage: count it, and say so on the row
+            counter = counter_for(self.model.name)
+            if prompt_tokens is None:
+                prompt_tokens = prompt_estimate or counter.count_messages(request.messages)
+            if completion_tokens is None:
+                completion_tokens = counter.completion_tokens(c.text)
+        assert prompt_tokens is not None and completion_tokens is not None
+        return prompt_tokens, completion_tokens, counted
+
+    def _record_ok(
+        self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
+    ) -> int:
+        prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
+        in_cost, out_cost = cost(self.prices_of(c), prompt_tokens, completion_tokens)
+        truncated = self.provider.truncated(c, item.request.max_tokens or self.max_tokens)
+        # Positional (per row, keywords cost half as much again): the fields of records.Entry.
+        self.record(
+            item,
+            Entry(item.row_id, item.content_hash, "ok", c.text, prompt_tokens, completion_tokens, in_cost,
+                  out_cost, None, None, attempts, latency_ms, time.time(), self.model_of(c), truncated,
+                  counted, None, item.key or None, None, None, c.endpoint),
+        )  # fmt: skip
+        billed = (in_cost or 0) + (out_cost or 0)
+        if c.endpoint is not None and self.router is not None:
+            self.router.by_name[c.endpoint].counts.cost_pico += billed
+        stats = self.stats
+        stats.ok += 1
+        stats.prompt_tokens += prompt_tokens
+        stats.completion_tokens += completion_tokens
+        stats.cost_pico += billed
+        self.limiter.on_success()
+        if reserved_tokens:
+            self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
+        self.track(False)
+        return billed
+
+    def add_error(
+        self,
+        row_id: str,
+        content_hash: str,
+        error: str,
+        error_class: str,
+        attempts: int,
+        item: WorkItem | None = None,
+    ) -> None:
+        entry = Entry(
+            row_id=row_id,
+            content_hash=content_hash,
+            status="error",
+            response=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            input_cost_pico=None,
+            output_cost_pico=None,
+            error=error,
+            error_class=error_class,
+            attempts=attempts,
+            latency_ms=None,
+            finished_at=time.time(),
+            model=self.model.name,
+            truncated=None,
+            tokens_counted=None,
+            request_key=item.key or None if item is not None else None,
+        )
+        if item is not None:
+            self.record(item, entry)
+        else:
+            self.journal.add(entry)
+        self.stats.error += 1
+
+    def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
+        self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts, item)
+        self.track(True, exc)
+
+    def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:
+        """A row refused before any request (over the window, no prompt): an error, not sent."""
+        self.add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
+        self.stats.rejected += 1
+
+    def track(self, failed: bool, error: APIError | None = None) -> None:
+        """Sliding window of the last N sent rows; too many failures stop the run, and so do the
+        first rows all failing alike (``FirstFailures``)."""
+        if self.first.active and self.first.add(error):
+            self.request_stop(StopReason.API, self.first.message())
+        if self.errors.add(failed):
+            self.request_stop(StopReason.ERROR_RATE, self.errors.message())

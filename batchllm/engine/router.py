@@ -1,0 +1,284 @@
+"""A fleet behind one worker pool: each request to the cheapest endpoint with room (issue 23).
+
+    worker -> Router.acquire(tokens) -> Member (the cheapest with a free slot, not benched, whose
+              own limiter lets a request leave now) -> Member.complete(body) -> Router.release
+
+Every endpoint keeps its own limiter (its ``rpm``/``tpm``, its ``Retry-After`` pauses), its own
+connection pool and its own concurrency, so none is ever pushed past its limit, and a pricier
+one gets a request only when every cheaper one is full: the fleet runs at the sum of its limits.
+Waiting workers are served first come, first served by one pump (no polling): it runs when a
+worker asks, when a request ends, and on a timer set to the earliest moment a limiter or a bench
+lets a request leave.
+
+Failing over: ``BENCH_AFTER`` failures in a row without an answer (timeouts, dropped connections,
+5xx) bench an endpoint for ``BENCH_S`` seconds, doubling while it keeps failing; after a bench it
+takes one request at a time (a probe) until one succeeds. A rejected key, an exhausted quota or
+a model it does not serve takes it out for the rest of the run, with one warning naming its key
+variable; its rows go to the others, and the run stops only when none is left.
+
+A body is encoded once, for the job's provider and model; an endpoint of another provider or
+model name gets it re-encoded (``rebody``), a few microseconds a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from ..access import is_loopback
+from ..errors import JobError, RunStopError
+from ..fleet import FleetEndpoint
+from ..pricing import Model, usd_text
+from ..providers import Provider, get_provider
+from ..records import Completion
+from .client import Client
+from .ratelimit import RateLimiter
+
+BENCH_AFTER = 3
+BENCH_S = 5.0
+BENCH_MAX_S = 60.0
+
+
+def rebody(body: bytes, source: Provider, target: Provider, model: str) -> bytes:
+    """A body encoded by ``source`` as ``target`` would encode it, for ``model``."""
+    payload = orjson.loads(body)
+    if source.name == "dataoorts":
+        fields = payload["data"]
+    else:
+        fields = {k: v for k, v in payload.items() if k != "model"}
+    if target.name == "dataoorts":
+        return orjson.dumps({"model": model, "data": fields})
+    return orjson.dumps({"model": model, **fields})
+
+
+@dataclasses.dataclass
+class Counts:
+    """What one endpoint did in this run (the summary's and report's per-endpoint lines)."""
+
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    throttled: int = 0
+    latency_ms: float = 0.0
+    cost_pico: int = 0
+
+
+class Member:
+    """One endpoint of the fleet, as the pool uses it."""
+
+    def __init__(
+        self, spec: FleetEndpoint, key: str | None, timeout: float, primary: Provider, primary_model: str
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.provider = get_provider(spec.provider)
+        self.model: Model = spec.model
+        self.limiter = RateLimiter(
+            spec.rpm, spec.tpm, auto=spec.rpm is None, start_rpm=self.provider.documented_rpm
+        )
+        self.client = Client(
+            self.provider, spec.endpoint, key, concurrency=spec.concurrency, timeout=timeout,
+            on_hints=self.limiter.on_hints if self.limiter.rate is not None else None,
+        )  # fmt: skip
+        self.concurrency = spec.concurrency
+        self.in_flight = 0
+        self.failures = 0
+        self.benched_until = 0.0
+        self.bench_s = BENCH_S
+        self.probing = False
+        self.gone: str | None = None  # why it is out for the rest of the run
+        self._same = self.provider.name == primary.name and self.model.name == primary_model
+        self._primary = primary
+        self.counts = Counts()
+
+    def free(self, now: float) -> bool:
+        """A slot free, not benched, not out (a probe: nothing else in flight)."""
+        if self.gone is not None or now < self.benched_until:
+            return False
+        limit = 1 if self.probing else self.concurrency
+        return self.in_flight < limit
+
+    async def complete(self, body: bytes) -> Completion:
+        if not self._same:
+            body = rebody(body, self._primary, self.provider, self.model.name)
+        completion = await self.client.complete(body)
+        return dataclasses.replace(completion, endpoint=self.name)
+
+
+class Router:
+    """The fleet's members, cheapest first, and the workers waiting for one."""
+
+    def __init__(
+        self, members: list[Member], warn: Callable[[str], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.members = members  # cheapest first (api.py orders them)
+        self.by_name = {m.name: m for m in members}
+        self.warn = warn
+        self.clock = clock
+        self._waiters: deque[tuple[asyncio.Future[Member], int]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> Router:
+        for m in self.members:
+            await m.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for m in self.members:
+            await m.client.__aexit__(*exc)
+
+    @property
+    def concurrency(self) -> int:
+        """Workers the pool needs to fill every endpoint at once."""
+        return min(10_000, sum(m.concurrency for m in self.members))
+
+    # -- choosing ----------------------------------------------------------------------------
+
+    async def acquire(self, tokens: int = 0) -> Member:
+        """Wait for the cheapest endpoint with room; it is held until ``release``."""
+        future: asyncio.Future[Member] = asyncio.get_running_loop().create_future()
+        self._waiters.append((future, tokens))
+        self._pump()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((future, tokens))
+            raise
+
+    def _pick(self, now: float, tokens: int) -> Member | None:
+        for m in self.members:
+            if m.free(now) and m.limiter.free_at(tokens) <= now:
+                return m
+        return None
+
+    def _pump(self) -> None:
+        now = self.clock()
+        while self._waiters:
+            future, tokens = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            m = self._pick(now, tokens)
+            if m is None:
+                break
+            self._waiters.popleft()
+            m.limiter.take(tokens)
+            m.in_flight += 1
+            future.set_result(m)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._waiters:
+            tokens = self._waiters[0][1]
+            times = [
+                max(m.benched_until, m.limiter.free_at(tokens))
+                for m in self.members
+                if m.gone is None and m.in_flight < (1 if m.probing else m.concurrency)
+            ]
+            if times:  # else a request ending pumps again
+                delay = max(0.0, min(times) - now)
+                self._timer = asyncio.get_running_loop().call_later(delay, self._pump)
+
+    def release(self, m: Member) -> None:
+        m.in_flight -= 1
+        self._pump()
+
+    # -- what happened -----------------------------------------------------------------------
+
+    def answered(self, m: Member, latency_ms: float) -> None:
+        m.counts.ok += 1
+        m.counts.latency_ms += latency_ms
+        m.failures = 0
+        if m.probing:
+            m.probing = False
+            m.bench_s = BENCH_S
+        m.limiter.on_success()
+
+    def throttled(self, m: Member, retry_after: float | None) -> None:
+        m.counts.throttled += 1
+        m.limiter.on_throttle(retry_after)
+
+    def failed(self, m: Member) -> None:
+        """A failure with no answer (timeout, dropped connection, 5xx): bench after a few."""
+        m.counts.errors += 1
+        m.failures += 1
+        if m.failures >= BENCH_AFTER or m.probing:
+            m.benched_until = self.clock() + m.bench_s
+            m.bench_s = min(BENCH_MAX_S, m.bench_s * 2)
+            m.probing = True
+            m.failures = 0
+
+    def lose(self, m: Member, exc: RunStopError) -> bool:
+        """A key, quota or model problem: ``m`` is out for the run. True while others remain."""
+        if m.gone is None:
+            m.gone = exc.reason or "stopped"
+            var = m.spec.key_env or "its key variable"
+            self.warn(
+                f"endpoint {m.name!r} is out for this run ({exc.describe()}; key from {var}): its rows go to the others"
+            )
+        left = any(x.gone is None for x in self.members)
+        self._pump()
+        return left
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            m.name: {
+                "requests": m.counts.requests,
+                "ok": m.counts.ok,
+                "errors": m.counts.errors,
+                "throttled": m.counts.throttled,
+                "mean_latency_ms": round(m.counts.latency_ms / m.counts.ok, 1) if m.counts.ok else None,
+                "cost_usd": usd_text(m.counts.cost_pico),
+                "out": m.gone,
+            }
+            for m in self.members
+        }
+
+
+def fleet_router(
+    fleet: tuple[FleetEndpoint, ...],
+    timeout: float,
+    primary: Provider,
+    primary_model: str,
+    warn: Callable[[str], None],
+    environ: Mapping[str, str] | None = None,
+) -> Router:
+    """The fleet's members, cheapest first (by the price of a request with as many prompt as
+    reply tokens), each with its key from its own variable; a missing key is a usage error."""
+    environ = os.environ if environ is None else environ
+    members = []
+    for spec in fleet:
+        key = None
+        if spec.key_env:
+            key = environ.get(spec.key_env) or None
+            if key is None:
+                raise JobError(
+                    f"fleet endpoint {spec.name!r}: the environment variable {spec.key_env} is not set"
+                )
+            parts = urlsplit(spec.endpoint)
+            if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+                raise JobError(
+                    f"fleet endpoint {spec.name!r}: its key would cross the network in clear text; use https"
+                )
+        members.append(Member(spec, key, timeout, primary, primary_model))
+
+    def price(m: Member) -> int:
+        p = m.model.prices
+        return p.input_pico + p.output_pico if p is not None else 2**62
+
+    return Router(sorted(members, key=price), warn)
