@@ -19,9 +19,11 @@ the key); reports/fleet_plan.py plans which endpoint takes how many rows.
 
 from __future__ import annotations
 
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from . import values as v
 from .errors import JobError
 from .pricing import Model, Prices, load_models, parse_price
 from .providers import PROVIDERS, get_provider
+from .values import duration_seconds
 
 KEYS = ("name", "provider", "endpoint", "key_env", "model", "rpm", "tpm", "concurrency", "input_price",
         "output_price", "latency")  # fmt: skip
@@ -166,3 +169,31 @@ def fleet_problems(fleet: list[FleetEndpoint], job: Any, where: str) -> list[str
                 f"{e.model.name}'s {window:,}-token window"
             )
     return out
+
+
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """Seconds from now: a duration (``90m``, ``6h``), a clock time (``06:00``: the next one, local
+    time) or an ISO date and time."""
+    now = time.time() if now is None else now
+    seconds = duration_seconds(text)
+    if seconds is not None:
+        return seconds
+    local = datetime.fromtimestamp(now)
+    try:
+        clock = datetime.strptime(text.strip(), "%H:%M")
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise JobError(
+                f"--deadline {text!r} is not a duration (6h), a clock time (06:00) or a date and time"
+            ) from None
+        at = when.timestamp()
+    else:
+        target = local.replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
+        if target <= local:
+            target += timedelta(days=1)
+        at = target.timestamp()
+    if at <= now:
+        raise JobError(f"--deadline {text!r} is in the past")
+    return at - now

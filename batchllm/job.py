@@ -98,6 +98,7 @@ class Job:
     ledger: str | None = None  # the ledger file, or "off"; None: BATCHLLM_LEDGER or the default
     progress: str = "auto"
     fleet: tuple[FleetEndpoint, ...] | None = None  # several endpoints (--fleet, fleet.py)
+    deadline: str | None = None  # with a fleet: a duration or a clock time (reports/fleet_plan.py)
     engine: str = "local"  # or "ray": the same job on Ray Data (batchllm/cluster/)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     actors: int = 2  # Ray actors sending requests
@@ -269,6 +270,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "ledger": ("ledger", v.text),
     "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
     "fleet": ("fleet", _fleet),
+    "deadline": ("deadline", v.text),
     "engine": ("engine", v.choice("local", "ray")),
     "ray_address": ("ray_address", v.text),
     "actors": ("actors", v.integer(1, 1024)),
@@ -363,6 +365,8 @@ def build_job(
             raise JobError(f"missing {where(key)}: say which file to {'read' if key == 'input' else 'write'}")
     if "notify" in kwargs:
         kwargs["notify"] = notify_url(kwargs["notify"], where("notify"), environ)
+    if kwargs.get("deadline") is not None and kwargs.get("fleet") is None:
+        raise JobError(f"{where('deadline')} goes with --fleet: it plans a fleet's endpoints")
     if kwargs.get("fleet") is not None:
         for key in ("sandbox", "engine"):
             if kwargs.get(key) not in (None, False, "local"):

@@ -204,3 +204,55 @@ def test_a_fleet_fails_over_to_what_is_left(sandbox_factory, tmp_path: Path) -> 
             assert err.count("endpoint 'dear' is out for this run") == 1 and "DEAR_KEY" in err
             assert "sk-wrong" not in err
         assert {r["endpoint"] for r in rows} <= {"cheap", "dear"}
+
+
+def test_a_deadline_is_met_at_the_least_cost(sandbox_factory, tmp_path: Path) -> None:
+    """A deadline the cheaper endpoint alone would miss by half (3,000 rows at 40/s: 75 s, against
+    50 s): the run ends within the deadline plus 5%, and the pricier endpoint gets the rows the
+    deadline needs (3,000 - 40 x 50 = 1,000) within 10%, no more."""
+    cheap = sandbox_factory(rate_limit=40.0, latency=0.05)
+    dear = sandbox_factory(rate_limit=80.0, latency=0.05)
+    fleet = _live_fleet(tmp_path / "fleet.toml", ("cheap", cheap, 2400, "0.10", "dataoorts"),
+                        ("dear", dear, 4800, "0.90", "dataoorts"))  # fmt: skip
+    src = prompts_csv(tmp_path / "in.csv", 3000)
+    out = tmp_path / "out.parquet"
+    env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
+    started = time.monotonic()
+    args = ["run", str(src), "-o", str(out), "--fleet", str(fleet), "--deadline", "50s", "--progress", "none"]
+    result = run_cli(args, env=env)
+    took = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert took <= 50 * 1.05, took
+    dear_rows = sum(1 for e in pq.read_table(out).column("endpoint").to_pylist() if e == "dear")
+    assert abs(dear_rows - 1000) <= 100, dear_rows
+    assert cheap.count(429) == 0 and dear.count(429) == 0
+
+
+def test_a_fleet_with_labels_a_budget_and_a_changed_fleet_on_resume(sandbox_factory, tmp_path: Path) -> None:
+    """Labeling through a fleet; --max-cost holds (worst cases at the dearest prices); the next
+    run, with another fleet, keeps the rows done and finishes the rest."""
+    cheap = sandbox_factory(rate_limit=50.0, latency=0.02)
+    dear = sandbox_factory(rate_limit=100.0, latency=0.02)
+    both = _live_fleet(tmp_path / "both.toml", ("cheap", cheap, 3000, "0.10", "dataoorts"),
+                       ("dear", dear, 6000, "0.90", "openai"))  # fmt: skip
+    src = prompts_csv(tmp_path / "in.csv", 400)
+    out = tmp_path / "out.parquet"
+    env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
+    base = ["run", str(src), "-o", str(out), "--labels", "yes,no", "--max-tokens", "8", "--progress", "none"]
+    capped = run_cli([*base, "--fleet", str(both), "--max-cost", "0.0004"], env=env)
+    assert capped.exit_code == 3, capped.output
+    first = summary_of(out)
+    assert Decimal(first["cost_usd"]["total"]) <= Decimal("0.0004")
+    done = {r["row_id"]: r for r in pq.read_table(out).to_pylist() if r["status"] != "pending"}
+    assert done and len(done) < 400
+    only_dear = _live_fleet(tmp_path / "dear.toml", ("dear", dear, 6000, "0.90", "openai"))
+    assert run_cli([*base, "--fleet", str(only_dear)], env=env).exit_code in (0, 1)
+    rows = pq.read_table(out).to_pylist()
+    assert all(
+        r["status"] in ("ok", "invalid") and r["label"] is not None or r["status"] == "invalid" for r in rows
+    )
+    again = {r["row_id"]: r for r in rows if r["row_id"] in done}
+    assert all(again[k]["cost_usd"] == done[k]["cost_usd"] for k in done)  # done rows stay as they were
+    total = summary_of(out)
+    assert sum(Decimal(e["cost_usd"]) for e in total["endpoints"].values()) == Decimal(
+        total["this_run"]["cost_usd"])  # fmt: skip

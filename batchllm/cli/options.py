@@ -166,6 +166,11 @@ SEND_OPTIONS = [
         help="A fleet file ([[endpoint]] tables: several endpoints of one model, each with its limit and "
         "price): each request goes to the cheapest endpoint with room; estimate plans it.",
     ),
+    click.option(
+        "--deadline",
+        help="With --fleet: end by then at the least cost (pricier endpoints only as much as needed): "
+        "a duration (6h) or a clock time (06:00).",
+    ),
     click.option("--max-runtime", help="Stop dispatching after this long, e.g. 50m (exit 75)."),
     click.option(
         "--grace", type=float, help="Seconds in-flight requests get to finish on a stop.  [default: 10]"

@@ -104,10 +104,6 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 )
 @click.option("--gold", help="With --pilot: the column of human labels to score the pilot's labels against.")
 @click.option(
-    "--deadline",
-    help="With --fleet: the cheapest mix that ends by then: a duration (6h) or a clock time (06:00).",
-)
-@click.option(
     "--compare",
     is_flag=True,
     help="The job on every model in `batchllm models` that fits it: prompt tokens, worst case and expected "
@@ -124,7 +120,6 @@ def estimate_cmd(
     pilot: int | None,
     from_run: Path | None,
     gold: str | None,
-    deadline: str | None,
     compare: bool,
     fmt: str,
     **params: Any,
@@ -163,10 +158,8 @@ def estimate_cmd(
             return fail(f"the pilot stopped: {message}", code)
     if gold is not None and (pilot is None or job.labeling is None):
         raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
-    if deadline is not None and job.fleet is None:
-        raise JobError("--deadline goes with --fleet: it plans a fleet's endpoints")
     if job.fleet is not None:
-        return _fleet_plan(job, deadline, from_run, observed, fmt)
+        return _fleet_plan(job, job.deadline, from_run, observed, fmt)
     if compare:
         from ..reports.compare import compare as compare_models
         from ..reports.compare import format_compare
@@ -189,10 +182,10 @@ def estimate_cmd(
 
 def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed: Any, fmt: str) -> int:
     """``estimate --fleet F [--deadline D]``: the plan (reports/fleet_plan.py)."""
-    from ..fleet import fleet_problems
+    from ..fleet import fleet_problems, parse_deadline
     from ..reports.compare import observed_of
     from ..reports.estimate import completions_of_run
-    from ..reports.fleet_plan import format_plan, parse_deadline, plan
+    from ..reports.fleet_plan import format_plan, plan
 
     assert job.fleet is not None
     fleet = list(job.fleet)

@@ -48,6 +48,11 @@ class Booking:
             return self._prices
         return self.router.by_name[c.endpoint].model.prices
 
+    def charged(self, c: Completion, pico: int) -> None:
+        """What a reply cost, on the books of the fleet endpoint that gave it (the summary's)."""
+        if c.endpoint is not None and self.router is not None:
+            self.router.by_name[c.endpoint].counts.cost_pico += pico
+
     def model_of(self, c: Completion) -> str:
         if c.endpoint is None or self.router is None:
             return self.model.name
@@ -84,8 +89,7 @@ class Booking:
                   counted, None, item.key or None, None, None, c.endpoint),
         )  # fmt: skip
         billed = (in_cost or 0) + (out_cost or 0)
-        if c.endpoint is not None and self.router is not None:
-            self.router.by_name[c.endpoint].counts.cost_pico += billed
+        self.charged(c, billed)
         stats = self.stats
         stats.ok += 1
         stats.prompt_tokens += prompt_tokens

@@ -113,6 +113,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         stats.prompt_tokens += pt
         stats.completion_tokens += ct
         stats.cost_pico += billed
+        d.charged(result, billed)
         d.limiter.on_success()
         return (
             Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated),

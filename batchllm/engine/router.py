@@ -43,6 +43,8 @@ from ..records import Completion
 from .client import Client
 from .ratelimit import RateLimiter
 
+AIM = 0.98  # of the time left to the deadline that the plan fills
+REPLAN_S = 2.0
 BENCH_AFTER = 3
 BENCH_S = 5.0
 BENCH_MAX_S = 60.0
@@ -96,16 +98,37 @@ class Member:
         self.bench_s = BENCH_S
         self.probing = False
         self.gone: str | None = None  # why it is out for the rest of the run
+        self.paced: RateLimiter | None = None  # --deadline: the share of the rows the plan gives it
+        self.idle = False  # --deadline: the plan needs none of it now
         self._same = self.provider.name == primary.name and self.model.name == primary_model
         self._primary = primary
         self.counts = Counts()
 
     def free(self, now: float) -> bool:
         """A slot free, not benched, not out (a probe: nothing else in flight)."""
-        if self.gone is not None or now < self.benched_until:
+        if self.gone is not None or self.idle or now < self.benched_until:
             return False
         limit = 1 if self.probing else self.concurrency
         return self.in_flight < limit
+
+    def free_at(self, tokens: int) -> float:
+        """When its own limiter, and the deadline's plan, let a request leave."""
+        at = self.limiter.free_at(tokens)
+        return at if self.paced is None else max(at, self.paced.free_at(0))
+
+    def take(self, tokens: int) -> None:
+        self.limiter.take(tokens)
+        if self.paced is not None:
+            self.paced.take(0)
+
+    def capacity(self) -> float:
+        """Requests a second it can carry: its rate limit, and its slots over the latency it shows."""
+        rates = [self.limiter.rate / 60.0] if self.limiter.rate else []
+        if self.counts.ok >= 5:
+            rates.append(self.concurrency / max(self.counts.latency_ms / self.counts.ok / 1000.0, 1e-3))
+        elif self.spec.latency:
+            rates.append(self.concurrency / self.spec.latency)
+        return min(rates) if rates else 1e9
 
     async def complete(self, body: bytes) -> Completion:
         if not self._same:
@@ -126,6 +149,44 @@ class Router:
         self.clock = clock
         self._waiters: deque[tuple[asyncio.Future[Member], int]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # --deadline, on this router's clock
+        self._left: Callable[[], int] = lambda: 0
+        self._replan_at = 0.0
+        self.plan_note: str | None = None
+
+    # -- a deadline --------------------------------------------------------------------------
+
+    def meet(self, seconds: float, left: Callable[[], int]) -> None:
+        """Finish the ``left()`` requests within ``seconds`` at the least cost (see ``_replan``)."""
+        self.deadline = self.clock() + seconds
+        self._left = left
+        self._replan(self.clock())
+
+    def _replan(self, now: float) -> None:
+        """The cheapest mix that ends by the deadline, from what is left and what each endpoint
+        carries now (its limit, and its slots over the latency it shows): the cheapest endpoints
+        at full pace, the next one at the pace the rest needs, the dearer ones idle. Aimed at
+        ``AIM`` of the time left, so the last replies land before the deadline; made again every
+        ``REPLAN_S`` seconds. When no mix can make it, every endpoint runs at full pace."""
+        assert self.deadline is not None
+        self._replan_at = now + REPLAN_S
+        left, time_left = self._left(), (self.deadline - now) * AIM
+        live = [m for m in self.members if m.gone is None]
+        need = left / time_left if time_left > 0 else float("inf")
+        if need > sum(m.capacity() for m in live):
+            for m in live:
+                m.paced, m.idle = None, False
+            self.plan_note = f"no mix of endpoints ends {left:,} requests by the deadline: all at full pace"
+            return
+        self.plan_note = None
+        for m in live:
+            share = min(m.capacity(), need)
+            need -= share
+            m.idle = share <= 0
+            if share >= m.capacity() * 0.999 or m.idle:
+                m.paced = None  # full pace (only its own limits hold it), or none at all
+            else:
+                m.paced = RateLimiter(share * 60.0, clock=self.clock)
 
     async def __aenter__(self) -> Router:
         for m in self.members:
@@ -162,12 +223,14 @@ class Router:
 
     def _pick(self, now: float, tokens: int) -> Member | None:
         for m in self.members:
-            if m.free(now) and m.limiter.free_at(tokens) <= now:
+            if m.free(now) and m.free_at(tokens) <= now:
                 return m
         return None
 
     def _pump(self) -> None:
         now = self.clock()
+        if self.deadline is not None and now >= self._replan_at:
+            self._replan(now)
         while self._waiters:
             future, tokens = self._waiters[0]
             if future.done():
@@ -177,7 +240,7 @@ class Router:
             if m is None:
                 break
             self._waiters.popleft()
-            m.limiter.take(tokens)
+            m.take(tokens)
             m.in_flight += 1
             future.set_result(m)
         if self._timer is not None:
@@ -186,9 +249,9 @@ class Router:
         if self._waiters:
             tokens = self._waiters[0][1]
             times = [
-                max(m.benched_until, m.limiter.free_at(tokens))
+                max(m.benched_until, m.free_at(tokens))
                 for m in self.members
-                if m.gone is None and m.in_flight < (1 if m.probing else m.concurrency)
+                if m.gone is None and not m.idle and m.in_flight < (1 if m.probing else m.concurrency)
             ]
             if times:  # else a request ending pumps again
                 delay = max(0.0, min(times) - now)

@@ -28,6 +28,7 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
+from ..fleet import parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import format_usd, usd_text
 from .budget import Budget
@@ -230,6 +231,12 @@ class Run:
             )
             dispatcher.router = router
             self.dispatcher = dispatcher
+            if router is not None and job.deadline is not None:
+                seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)
+                todo = self.plan.todo(journal)
+                router.meet(seconds, lambda: max(0, todo - dispatcher.stats.done))
+                if router.plan_note:
+                    self.warn(router.plan_note)
             ticker = asyncio.create_task(self._tick(dispatcher, record))
             deadline = None
             if job.max_runtime is not None:

@@ -20,46 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import JobError
 from ..fleet import FleetEndpoint
 from ..job import Job
 from ..pricing import usd_text
-from ..values import duration_seconds
 from .estimate import Observed, estimate
 from .svg import money
 from .tables import grid
-
-
-def parse_deadline(text: str, now: float | None = None) -> float:
-    """Seconds from now: a duration (``90m``, ``6h``), a clock time (``06:00``: the next one, local
-    time) or an ISO date and time."""
-    now = time.time() if now is None else now
-    seconds = duration_seconds(text)
-    if seconds is not None:
-        return seconds
-    local = datetime.fromtimestamp(now)
-    try:
-        clock = datetime.strptime(text.strip(), "%H:%M")
-    except ValueError:
-        try:
-            when = datetime.fromisoformat(text.strip())
-        except ValueError:
-            raise JobError(
-                f"--deadline {text!r} is not a duration (6h), a clock time (06:00) or a date and time"
-            ) from None
-        at = when.timestamp()
-    else:
-        target = local.replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
-        if target <= local:
-            target += timedelta(days=1)
-        at = target.timestamp()
-    if at <= now:
-        raise JobError(f"--deadline {text!r} is in the past")
-    return at - now
 
 
 def _on(job: Job, e: FleetEndpoint) -> Job:
