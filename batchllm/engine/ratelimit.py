@@ -132,8 +132,14 @@ class RateLimiter:
         return self._ready_at(tokens)
 
     def take(self, tokens: int = 0) -> None:
-        """Take a departure now, without waiting: for a caller that checked ``free_at`` first."""
-        self._take(self.clock(), tokens)
+        """Take a departure now, without waiting: for a caller that checked ``free_at`` first
+        and woke on a timer (router.py). A timer fires a little late; counted from ``now``,
+        every departure would slip by that much and the pace fall 5-10% short at 50/s, so a
+        departure less than half an interval late keeps to the grid instead."""
+        now = self.clock()
+        if self.rate is not None and 0.0 <= now - self._next < 30.0 / self.rate:
+            now = self._next
+        self._take(now, tokens)
 
     def ready_at(self, tokens: int = 0) -> float:
         """When the next request of ``tokens`` could leave (this limiter's clock)."""

@@ -670,6 +670,66 @@ def spend_speed(runs: int) -> dict:
     }
 
 
+def fleet_figures(rows: int) -> dict:
+    """A fleet of three sandboxes limiting at 50, 100 and 150 requests/s (priced $0.10, $0.30,
+    $0.90 per million tokens): rows/s as a fraction of the sum of the limits; then a deadline the
+    cheapest alone would miss by half, and the run's cost against the cheapest schedule that
+    meets it (cheapest first, each at its limit until the deadline)."""
+    import pyarrow.parquet as pq
+
+    specs = [("cheap", 50, "0.10"), ("mid", 100, "0.30"), ("dear", 150, "0.90")]
+    boxes = {name: Sandbox("--rate-limit", str(rate), "--latency", "0.05") for name, rate, _ in specs}
+    try:
+        fleet = WORK / "fleet.toml"
+        fleet.write_text("".join(
+            f'[[endpoint]]\nname = "{name}"\nprovider = "dataoorts"\nendpoint = "{boxes[name].url}"\n'
+            f'key_env = "DATAOORTS_API_KEY"\nmodel = "meta/llama-3.1-70b-instruct"\nrpm = {rate * 60}\n'
+            f'concurrency = 64\ninput_price = "{price}"\noutput_price = "{price}"\n\n'
+            for name, rate, price in specs
+        ))  # fmt: skip
+        src = make_input(rows, f"fleet-{rows}.csv")
+        box = boxes["cheap"]
+        out = WORK / "fleet.parquet"
+        code, wall, _ = run_batchllm(box, src, out, "--fleet", str(fleet), "--restart", "--cache", "off")
+        assert code == 0, code
+        limit = sum(rate for _, rate, _ in specs)
+        stats = [b.stats() for b in boxes.values()]
+        span = max(s["last_at"] for s in stats) - min(s["first_at"] for s in stats)
+        full = {"rows": rows, "wall_s": round(wall, 1), "requests_span_s": round(span, 1),
+                "rows_per_s": round(rows / span, 1), "sum_of_limits": limit,
+                "fraction_of_limits": round(rows / span / limit, 3),
+                "rows_by_endpoint": {n: s["requests"] for n, s in zip(boxes, stats, strict=True)},
+                "429s": sum(s.get("429", 0) for s in stats)}  # fmt: skip
+        # The deadline: half again the cheapest alone would need, i.e. it misses by half.
+        deadline = rows / specs[0][1] / 1.5
+        code, wall, _ = run_batchllm(box, src, out, "--fleet", str(fleet), "--restart", "--cache", "off",
+                                     "--deadline", f"{deadline:.0f}s")  # fmt: skip
+        assert code == 0, code
+        table = pq.read_table(out, columns=["endpoint", "cost_usd", "prompt_tokens", "completion_tokens"])
+        frame = table.to_pandas()
+        per = frame.groupby("endpoint").agg(rows=("cost_usd", "size"), cost=("cost_usd", "sum"))
+        actual = float(frame["cost_usd"].sum())
+        # The cheapest schedule: per-row cost at each endpoint's price, cheapest first at full pace.
+        tokens = float((frame["prompt_tokens"] + frame["completion_tokens"]).mean())
+        left, optimal = rows, 0.0
+        for _, rate, price in specs:
+            take = min(left, rate * deadline)
+            optimal += take * tokens * float(price) / 1e6
+            left -= take
+        return {
+            "full_speed": full,
+            "deadline": {
+                "deadline_s": round(deadline, 1), "wall_s": round(wall, 1),
+                "rows_by_endpoint": {k: int(v) for k, v in per["rows"].items()},
+                "cost_usd": round(actual, 8), "cheapest_schedule_usd": round(optimal, 8),
+                "cost_vs_cheapest": round(actual / optimal, 3),
+            },
+        }  # fmt: skip
+    finally:
+        for b in boxes.values():
+            b.close()
+
+
 def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
@@ -684,6 +744,7 @@ def main() -> None:
         "ray",
         "studio",
         "spend",
+        "fleet",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -725,6 +786,9 @@ def main() -> None:
     if "spend" in which:
         results["spend"] = spend_speed(n(100_000))
         print(json.dumps(results["spend"]), flush=True)
+    if "fleet" in which:
+        results["fleet"] = fleet_figures(n(6_000))
+        print(json.dumps(results["fleet"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
