@@ -319,6 +319,7 @@ class Dispatcher(Booking):
                 continue
             except RunStopError as exc:
                 if member is not None and router.lose(member, exc):  # type: ignore[union-attr]
+                    answered = True  # refused, so not billed: the same request goes elsewhere
                     continue  # this endpoint is out: the row goes to another
                 # Not the row's fault: leave it pending for the run that follows the fix.
                 self.stop_error = exc
