@@ -20,7 +20,6 @@ the key); reports/fleet_plan.py plans which endpoint takes how many rows.
 from __future__ import annotations
 
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,14 +60,7 @@ class FleetEndpoint:
 
 def load_fleet(path: Path) -> list[FleetEndpoint]:
     """Read a fleet file; the first problem is a ``JobError`` naming the file, endpoint and key."""
-    try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise JobError(f"{path}: fleet file not found") from None
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read the fleet file: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    raw = v.read_toml(path, "fleet file")
     return fleet_from(raw.get("endpoint"), str(path))
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from .errors import JobError
 from .job import JOB_KEYS, build_job
+from .values import read_toml
 
 _PATH_KEYS = {
     "input",
@@ -33,14 +33,7 @@ _NO_KEY = "key 'api_key': a job file must not hold the key; name the environment
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise JobError(f"{path}: job file not found") from None
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read the job file: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    return read_toml(path, "job file")
 
 
 def load_job_file(path: Path) -> dict[str, Any]:

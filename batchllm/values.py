@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from .errors import JobError
 
 Parser = Callable[[Any], Any]
 
@@ -149,3 +153,15 @@ def delimiter(raw: Any) -> str:
     if len(value) != 1 or value in ('"', "\n", "\r"):
         raise ValueError(f"must be one character (or tab), got {value!r}")
     return value
+
+
+def read_toml(path: Path, kind: str) -> dict[str, Any]:
+    """A TOML file (a job file, a fleet file), every problem one ``JobError`` naming it."""
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise JobError(f"{path}: {kind} not found") from None
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read the {kind}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
