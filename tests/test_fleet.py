@@ -72,7 +72,7 @@ def test_plan_fills_the_cheapest_and_meets_a_deadline_at_least_cost(tmp_path: Pa
 
 def test_fleet_file_problems_are_one_line_naming_file_endpoint_and_key(tmp_path: Path) -> None:
     job = ROOT / "jobs" / "sentiment.toml"
-    good = ROOT / "jobs" / "fleet.toml"
+    good = ROOT / "jobs" / "fleets" / "three_endpoints.toml"
     assert run_cli(["validate", str(job), "--fleet", str(good)]).exit_code == 0
     cases = {
         'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\n': "missing key 'model'",
@@ -99,7 +99,7 @@ def test_fleet_file_problems_are_one_line_naming_file_endpoint_and_key(tmp_path:
 def test_an_endpoint_that_cannot_take_the_job_is_named(tmp_path: Path) -> None:
     """A parameter one provider lacks, and a reply too long for a model's window."""
     job = ROOT / "jobs" / "sentiment.toml"
-    fleet = ROOT / "jobs" / "fleet.toml"
+    fleet = ROOT / "jobs" / "fleets" / "three_endpoints.toml"
     top_k = run_cli(["estimate", "--job", str(job), "--fleet", str(fleet), "--top-k", "5"])
     assert top_k.exit_code == 2 and "'own-vllm'" in top_k.stderr and "top_k" in top_k.stderr
     small = tmp_path / "small.toml"

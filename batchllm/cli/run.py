@@ -86,7 +86,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 
   batchllm estimate --job jobs/sentiment.toml --compare
 
-  batchllm estimate --job jobs/sentiment.toml --fleet jobs/fleet.toml --deadline 30m""",
+  batchllm estimate --job jobs/sentiment.toml --fleet jobs/fleets/three_endpoints.toml --deadline 30m""",
 )
 @click.argument(
     "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, path_type=Path)

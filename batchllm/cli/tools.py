@@ -297,7 +297,7 @@ def status_cmd(path: Path) -> int:
 @cli.command(
     "validate",
     context_settings=CONTEXT,
-    epilog="Examples:\n\n  batchllm validate jobs/*.toml\n\n  batchllm validate jobs/sentiment.toml --fleet jobs/fleet.toml",
+    epilog="Examples:\n\n  batchllm validate jobs/*.toml\n\n  batchllm validate jobs/sentiment.toml --fleet jobs/fleets/three_endpoints.toml",
 )
 @click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
