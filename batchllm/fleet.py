@@ -99,7 +99,7 @@ def _endpoint(t: dict[str, Any], where: str) -> FleetEndpoint:
     where = f"{where.rsplit(':', 1)[0]}: endpoint {name!r}"
     provider = get_provider(_get(t, "provider", where, v.choice(*PROVIDERS), ...))
     url = _get(t, "endpoint", where, v.text, ...)
-    from .job import check_endpoint
+    from .job_keys import check_endpoint
 
     try:
         check_endpoint(url)
@@ -189,3 +189,21 @@ def parse_deadline(text: str, now: float | None = None) -> float:
     if at <= now:
         raise JobError(f"--deadline {text!r} is in the past")
     return at - now
+
+
+def fleet_value(raw: Any) -> tuple[FleetEndpoint, ...]:
+    """A fleet file's path, or a job file's ``[[fleet]]`` tables."""
+    if isinstance(raw, list):
+        return tuple(fleet_from(raw, "[[fleet]]"))
+    try:
+        return tuple(load_fleet(Path(v.text(raw))))
+    except JobError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
+    """Prices to reserve worst cases at: the dearest endpoint's (any may answer)."""
+    priced = [e.model.prices for e in fleet if e.model.prices is not None]
+    if len(priced) < len(fleet):
+        return None
+    return Prices(max(p.input_per_million for p in priced), max(p.output_per_million for p in priced))

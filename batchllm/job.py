@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from . import values as v
 from .errors import JobError
-from .fleet import FleetEndpoint, fleet_from, load_fleet
+from .fleet import FleetEndpoint, dearest
+from .job_keys import PARSERS, SAMPLING_KEYS, check_endpoint
 from .labeling.spec import Labeling, labeling_from
-from .pricing import Prices, parse_price, parse_usd
+from .notify import notify_url
+from .pricing import Prices
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
 
 DEFAULT_MODEL = "meta/llama-3.1-70b-instruct"
@@ -34,17 +33,6 @@ DEFAULT_CONCURRENCY = 128
 # Replies of 512 tokens take 15-25 s, more under load; 120 s is the contract's upper figure.
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_MAX_ATTEMPTS = 6
-# Sampling parameters any provider may take; which ones, and their ranges, are the provider's.
-SAMPLING_KEYS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "stop",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,116 +157,6 @@ class Job:
         return settings
 
 
-def _usd(raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ValueError("must be a dollar amount such as 5 or 0.25")
-    try:
-        return parse_usd(str(raw))
-    except JobError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _price(raw: Any) -> Any:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ValueError("must be a price in USD per million tokens, such as 0.31")
-    try:
-        return parse_price(raw, "price")
-    except JobError as exc:
-        raise ValueError(str(exc).removeprefix("price: ")) from None
-
-
-def _path(raw: Any) -> Path:
-    return Path(v.text(raw))
-
-
-def check_endpoint(url: str) -> str:
-    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobError(f"--endpoint {url!r} is not an http(s) URL")
-    return url
-
-
-def _fleet(raw: Any) -> tuple[FleetEndpoint, ...]:
-    """A fleet file's path, or a job file's ``[[fleet]]`` tables."""
-    if isinstance(raw, list):
-        return tuple(fleet_from(raw, "[[fleet]]"))
-    try:
-        return tuple(load_fleet(Path(v.text(raw))))
-    except JobError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _sampling(raw: Any) -> Any:
-    return raw  # parsed by the provider once it is known (``build_job``)
-
-
-parse_pack = v.integer(1, 100)  # --pack; estimate also takes several sizes (cli/run.py)
-
-# name in flags/TOML -> (Job attribute, parser). Keys are named like their flags, with underscores.
-_PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "input": ("input", _path),
-    "output": ("output", _path),
-    "input_format": ("input_format", v.choice("csv", "parquet", "jsonl")),
-    "delimiter": ("delimiter", v.delimiter),
-    "prompt_column": ("prompt_column", v.text),
-    "template": ("template", v.text),
-    "template_file": ("template", _path),  # read below
-    "system": ("system", v.text),
-    "id_column": ("id_column", v.text),
-    "provider": ("provider", v.choice(*PROVIDERS)),
-    "model": ("model", v.text),
-    "max_tokens": ("max_tokens", v.integer(1, None)),
-    **{key: (key, _sampling) for key in SAMPLING_KEYS},
-    "extra_body": ("extra_body", v.table),
-    "input_price": ("input_price", _price),
-    "output_price": ("output_price", _price),
-    "endpoint": ("endpoint", v.text),
-    "api_key_env": ("api_key_env", v.text),
-    "api_key_file": ("api_key_file", _path),
-    "sandbox": ("sandbox", v.boolean),
-    "concurrency": ("concurrency", v.integer(1, 10_000)),
-    "rpm": ("rpm", v.rpm),
-    "tpm": ("tpm", v.optional_off),
-    "max_attempts": ("max_attempts", v.integer(1, 100)),
-    "timeout": ("timeout", v.number(0, 3600, lo_open=True)),
-    "max_error_rate": ("max_error_rate", v.number(0, 1)),
-    "error_window": ("error_window", v.integer(1, 1_000_000)),
-    "max_cost": ("max_cost_pico", _usd),
-    "max_cost_per_run": ("max_cost_per_run_pico", _usd),
-    "max_cost_per_month": ("max_cost_per_month_pico", _usd),
-    "max_runtime": ("max_runtime", v.duration),
-    "grace": ("grace", v.number(0, 3600)),
-    "checkpoint": ("checkpoint", _path),
-    "retry_errors": ("retry_errors", v.boolean),
-    "restart": ("restart", v.boolean),
-    "refresh_changed": ("refresh_changed", v.boolean),
-    "labels": ("labels", v.text),
-    "labels_file": ("labels_file", _path),
-    "json_schema": ("json_schema", _path),
-    "reask": ("reask", v.integer(0, 10)),
-    "samples": ("samples", v.integer(1, 25)),
-    "adaptive": ("adaptive", v.boolean),
-    "pack": ("pack", parse_pack),
-    "pack_tokens": ("pack_tokens", v.integer(1, None)),
-    "examples": ("examples", _path),
-    "reparse": ("reparse", v.boolean),
-    "cache": ("cache", v.text),
-    "log_format": ("log_format", v.choice("text", "json")),
-    "summary_json": ("summary_json", _path),
-    "notify": ("notify", v.text),
-    "ledger": ("ledger", v.text),
-    "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
-    "fleet": ("fleet", _fleet),
-    "deadline": ("deadline", v.text),
-    "engine": ("engine", v.choice("local", "ray")),
-    "ray_address": ("ray_address", v.text),
-    "actors": ("actors", v.integer(1, 1024)),
-}
-JOB_KEYS = tuple(_PARSERS)
-parse_duration = v.duration
-
-
 def build_job(
     values: Mapping[str, Any],
     *,
@@ -305,7 +183,7 @@ def build_job(
         if raw is None:
             continue
         try:
-            attr, parse = _PARSERS[key]
+            attr, parse = PARSERS[key]
         except KeyError:
             raise JobError(f"unknown setting {key!r}") from None
         try:
@@ -332,7 +210,7 @@ def build_job(
     if kwargs["prices"] is None and kwargs.get("fleet"):
         # Worst cases (--max-cost, estimate) at the dearest endpoint's prices: any may answer.
         # A row's cost is its own endpoint's (engine/router.py).
-        kwargs["prices"] = _dearest(kwargs["fleet"])
+        kwargs["prices"] = dearest(kwargs["fleet"])
     kwargs["labeling"] = labeling_from(kwargs, where)
     if "examples" in kwargs:
         if kwargs["labeling"] is None:
@@ -400,26 +278,6 @@ def build_job(
     return Job(job_file=job_file, **kwargs)
 
 
-_ENV_NAME = re.compile(r"\$?\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
-
-
-def notify_url(value: str, where: str, environ: Mapping[str, str]) -> str:
-    """``--notify``: an http(s) URL, or the name of an environment variable holding one (``NAME``,
-    ``$NAME`` or ``${NAME}``), so a webhook's secret need not sit in a job file."""
-    named = _ENV_NAME.fullmatch(value.strip())
-    if named is not None and "://" not in value:
-        name = named.group(1)
-        if not environ.get(name):
-            raise JobError(f"{where}: the environment variable {name} (the URL to notify) is not set")
-        value = environ[name]
-        where = f"{where} (from {name})"
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        # The URL may carry a secret token: name only its form, never echo it.
-        raise JobError(f"{where} is not an http(s) URL with a host")
-    return value
-
-
 CACHE_POLICIES = ("off", "auto", "always")
 
 
@@ -463,13 +321,6 @@ def _sampling_params(
         except ValueError as exc:
             raise JobError(f"{where(key)} {exc}") from None
     return out
-
-
-def _dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
-    priced = [e.model.prices for e in fleet if e.model.prices is not None]
-    if len(priced) < len(fleet):
-        return None
-    return Prices(max(p.input_per_million for p in priced), max(p.output_per_million for p in priced))
 
 
 def _prices(inp: Any, out: Any, where: Callable[[str], str]) -> Prices | None:

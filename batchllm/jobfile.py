@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JobError
-from .job import JOB_KEYS, build_job
+from .job import build_job
+from .job_keys import JOB_KEYS
 from .values import read_toml
 
 _PATH_KEYS = {

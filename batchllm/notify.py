@@ -14,15 +14,16 @@ never changes the run's exit code.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from . import __version__
+from .errors import JobError
 
 ATTEMPT_S = 4.0
 TOTAL_S = 9.0
@@ -50,6 +51,8 @@ def target(url: str, exit_code: int | None) -> str:
 
 async def notify(url: str, summary: Mapping[str, Any], warn: Callable[[str], None]) -> bool:
     """POST ``summary`` to ``url``; True when a 2xx came back. Failures are one warning."""
+    import aiohttp  # here: job.py imports this module for notify_url, and not every command sends
+
     body = orjson.dumps({**summary, "text": text_line(summary)})
     where = target(url, summary.get("exit_code"))
     host = urlsplit(where).hostname
@@ -79,3 +82,23 @@ async def notify(url: str, summary: Mapping[str, Any], warn: Callable[[str], Non
             await asyncio.sleep(min(RETRY_AFTER_S, max(0.0, deadline - time.monotonic())))
     warn(f"--notify: could not POST the summary to {host} ({problem}); the run's result stands")
     return False
+
+
+_ENV_NAME = re.compile(r"\$?\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def notify_url(value: str, where: str, environ: Mapping[str, str]) -> str:
+    """``--notify``: an http(s) URL, or the name of an environment variable holding one (``NAME``,
+    ``$NAME`` or ``${NAME}``), so a webhook's secret need not sit in a job file."""
+    named = _ENV_NAME.fullmatch(value.strip())
+    if named is not None and "://" not in value:
+        name = named.group(1)
+        if not environ.get(name):
+            raise JobError(f"{where}: the environment variable {name} (the URL to notify) is not set")
+        value = environ[name]
+        where = f"{where} (from {name})"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # The URL may carry a secret token: name only its form, never echo it.
+        raise JobError(f"{where} is not an http(s) URL with a host")
+    return value

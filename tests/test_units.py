@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from batchllm.errors import JobError
-from batchllm.job import build_job, parse_duration
+from batchllm.job import build_job
+from batchllm.job_keys import parse_duration
 from batchllm.jobfile import load_job_file
 from batchllm.pricing import cost, format_usd, load_models, parse_usd, resolve_model, to_usd
 from batchllm.prompts import PromptBuilder, template_fields

@@ -12,7 +12,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, JOB_KEYS
+from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL
+from ..job_keys import JOB_KEYS
 from ..jobfile import load_job_file
 from ..providers import DEFAULT_PROVIDER, PROVIDERS
 

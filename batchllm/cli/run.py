@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
-from ..job import Job, build_job, parse_pack
+from ..job import Job, build_job
+from ..job_keys import parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
 from .options import RUN_OPTIONS, apply, collect
 

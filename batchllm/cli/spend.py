@@ -67,7 +67,8 @@ def spend_cmd(
     """What runs cost across outputs, jobs and months: totals, a breakdown, this month's spend
     and forecast, cost per 1,000 rows by job, and the runs that failed or were killed."""
     from ..ledger import ledger_path
-    from ..reports.spend import build_spend, format_spend, parse_when
+    from ..reports.spend import build_spend, parse_when
+    from ..reports.spend_text import format_spend
 
     path = ledger_path(ledger)
     if path is None:

@@ -23,7 +23,7 @@ from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
 from ..review.verdicts import reviewed_counts
 from .packing import packing
-from .tables import csv_cell, grid, two_columns
+from .tables import csv_cell, grid, public, two_columns
 
 _BASE_COLUMNS = [
     "status",
@@ -269,10 +269,6 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     return report
 
 
-def _public(stats: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in stats.items() if not k.startswith("_")}
-
-
 def _usd(text: str | None) -> str:
     return format_usd(None) if text is None else f"${text}"
 
@@ -317,13 +313,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         import orjson
 
-        clean = {**report, "overall": _public(report["overall"])}
-        if "by" in report:
-            clean["by"] = {
-                "column": report["by"]["column"],
-                "groups": {k: _public(v) for k, v in report["by"]["groups"].items()},
-            }
-        return orjson.dumps(clean, option=orjson.OPT_INDENT_2).decode()
+        return orjson.dumps(public(report), option=orjson.OPT_INDENT_2).decode()
     if fmt == "csv":
         buf = io.StringIO()
         label = report["by"]["column"] if "by" in report else "group"

@@ -1,6 +1,9 @@
-"""Text tables for the reports: two-column rows, grids, and CSV cells (plain or Markdown)."""
+"""Text tables for the reports: two-column rows, grids, and CSV cells (plain or Markdown); and
+a report without its working fields, for JSON."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def csv_cell(v: object) -> str:
@@ -25,3 +28,12 @@ def grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
+
+
+def public(report: Any) -> Any:
+    """The report without its working fields (names starting with ``_``), for JSON."""
+    if isinstance(report, dict):
+        return {k: public(v) for k, v in report.items() if not k.startswith("_")}
+    if isinstance(report, list):
+        return [public(v) for v in report]
+    return report

@@ -1,0 +1,127 @@
+"""The keys of a job: each name in flags and job files (with underscores), the ``Job`` attribute it
+sets, and the parser that checks its value (job.py's ``build_job`` applies them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import values as v
+from .errors import JobError
+from .fleet import fleet_value
+from .pricing import parse_price, parse_usd
+from .providers import PROVIDERS
+
+# Sampling parameters any provider may take; which ones, and their ranges, are the provider's.
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+)
+
+
+def _usd(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError("must be a dollar amount such as 5 or 0.25")
+    try:
+        return parse_usd(str(raw))
+    except JobError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _price(raw: Any) -> Any:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError("must be a price in USD per million tokens, such as 0.31")
+    try:
+        return parse_price(raw, "price")
+    except JobError as exc:
+        raise ValueError(str(exc).removeprefix("price: ")) from None
+
+
+def _path(raw: Any) -> Path:
+    return Path(v.text(raw))
+
+
+def check_endpoint(url: str) -> str:
+    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobError(f"--endpoint {url!r} is not an http(s) URL")
+    return url
+
+
+def _sampling(raw: Any) -> Any:
+    return raw  # parsed by the provider once it is known (``build_job``)
+
+
+parse_pack = v.integer(1, 100)  # --pack; estimate also takes several sizes (cli/run.py)
+
+# name in flags/TOML -> (Job attribute, parser). Keys are named like their flags, with underscores.
+PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "input": ("input", _path),
+    "output": ("output", _path),
+    "input_format": ("input_format", v.choice("csv", "parquet", "jsonl")),
+    "delimiter": ("delimiter", v.delimiter),
+    "prompt_column": ("prompt_column", v.text),
+    "template": ("template", v.text),
+    "template_file": ("template", _path),  # read below
+    "system": ("system", v.text),
+    "id_column": ("id_column", v.text),
+    "provider": ("provider", v.choice(*PROVIDERS)),
+    "model": ("model", v.text),
+    "max_tokens": ("max_tokens", v.integer(1, None)),
+    **{key: (key, _sampling) for key in SAMPLING_KEYS},
+    "extra_body": ("extra_body", v.table),
+    "input_price": ("input_price", _price),
+    "output_price": ("output_price", _price),
+    "endpoint": ("endpoint", v.text),
+    "api_key_env": ("api_key_env", v.text),
+    "api_key_file": ("api_key_file", _path),
+    "sandbox": ("sandbox", v.boolean),
+    "concurrency": ("concurrency", v.integer(1, 10_000)),
+    "rpm": ("rpm", v.rpm),
+    "tpm": ("tpm", v.optional_off),
+    "max_attempts": ("max_attempts", v.integer(1, 100)),
+    "timeout": ("timeout", v.number(0, 3600, lo_open=True)),
+    "max_error_rate": ("max_error_rate", v.number(0, 1)),
+    "error_window": ("error_window", v.integer(1, 1_000_000)),
+    "max_cost": ("max_cost_pico", _usd),
+    "max_cost_per_run": ("max_cost_per_run_pico", _usd),
+    "max_cost_per_month": ("max_cost_per_month_pico", _usd),
+    "max_runtime": ("max_runtime", v.duration),
+    "grace": ("grace", v.number(0, 3600)),
+    "checkpoint": ("checkpoint", _path),
+    "retry_errors": ("retry_errors", v.boolean),
+    "restart": ("restart", v.boolean),
+    "refresh_changed": ("refresh_changed", v.boolean),
+    "labels": ("labels", v.text),
+    "labels_file": ("labels_file", _path),
+    "json_schema": ("json_schema", _path),
+    "reask": ("reask", v.integer(0, 10)),
+    "samples": ("samples", v.integer(1, 25)),
+    "adaptive": ("adaptive", v.boolean),
+    "pack": ("pack", parse_pack),
+    "pack_tokens": ("pack_tokens", v.integer(1, None)),
+    "examples": ("examples", _path),
+    "reparse": ("reparse", v.boolean),
+    "cache": ("cache", v.text),
+    "log_format": ("log_format", v.choice("text", "json")),
+    "summary_json": ("summary_json", _path),
+    "notify": ("notify", v.text),
+    "ledger": ("ledger", v.text),
+    "progress": ("progress", v.choice("auto", "bar", "lines", "none")),
+    "fleet": ("fleet", fleet_value),
+    "deadline": ("deadline", v.text),
+    "engine": ("engine", v.choice("local", "ray")),
+    "ray_address": ("ray_address", v.text),
+    "actors": ("actors", v.integer(1, 1024)),
+}
+JOB_KEYS = tuple(PARSERS)
+parse_duration = v.duration

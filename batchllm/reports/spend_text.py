@@ -1,0 +1,112 @@
+"""``batchllm spend``'s report as a person or a program reads it: text and Markdown tables, JSON,
+CSV (the report itself is spend.py's)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import orjson
+
+from .spend import SUMS, rate_from
+from .svg import money
+from .tables import csv_cell, grid, public
+
+
+def _money(text: str | None) -> str:
+    """Readable money for the text tables (svg.money: cents from $1, else four significant
+    digits); the JSON and CSV carry the exact figures."""
+    return money(text)
+
+
+def _group_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    by = report["by"]
+    header = [*by, "runs", "rows ok", "requests", "prompt tokens", "completion tokens", "cost"]
+    rows = [
+        [*(g[k] for k in by), *(f"{g[s]:,}" for s in SUMS), _money(g["cost_usd"])] for g in report["groups"]
+    ]
+    t = report["total"]
+    rows.append([*(["total"] + [""] * (len(by) - 1) if by else []), *(f"{t[s]:,}" for s in SUMS),
+                 _money(t["cost_usd"])])  # fmt: skip
+    if not by:
+        header = header[len(by) :]
+    return header, rows
+
+
+def format_spend(report: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps(public(report), option=orjson.OPT_INDENT_2).decode()
+    if fmt == "csv":
+        return _csv(report)
+    md = fmt == "markdown"
+    header, rows = _group_table(report)
+    out = [f"spend from {report['since']} to {report['until']} ({report['ledger']})", ""]
+    out.append(_table(header, rows, md))
+    m = report["month"]
+    out += [
+        "",
+        f"this month ({m['month']}, UTC): {_money(m['spent_usd'])} so far; at {_money(m['daily_rate_usd'])} a day "
+        f"({rate_from(m)}), {_money(m['forecast_usd'])} by its end "
+        f"({m['days_left']:g} days left)",
+    ]
+    if report["cost_per_1k_rows"]:
+        out += ["", "cost per 1,000 rows answered, by job:"]
+        rows = [
+            [
+                x["job"],
+                f"{x['rows_ok']:,}",
+                _money(x["cost_per_1k_rows_usd"]),
+                f"{x['first_day']} {_money(x['first_usd'])} -> {x['last_day']} {_money(x['last_usd'])}"
+                + (f" ({x['change_pct']:+g}%)" if x.get("change_pct") is not None else "")
+                if "first_day" in x
+                else "one day of runs",
+            ]
+            for x in report["cost_per_1k_rows"]
+        ]
+        out.append(_table(["job", "rows ok", "per 1,000 rows", "moved"], rows, md))
+    p = report["problems"]
+    if p["count"]:
+        out += ["", f"runs that failed, were killed or are unfinished: {p['count']:,}"
+                + (f" (the latest {len(p['runs'])})" if p["count"] > len(p["runs"]) else "")]  # fmt: skip
+        rows = [[r["started_at"], r["job"], _state(r), (r["message"] or "")[:100]] for r in p["runs"]]
+        out.append(_table(["started", "job", "state", "message"], rows, md))
+    if "runs" in report:
+        out += ["", f"runs: {len(report['runs']):,}"]
+        rows = [
+            [r["started_at"], r["job"], r["kind"], _state(r), f"{r['rows_ok']:,}", f"{r['requests']:,}",
+             _money(r["cost_usd"]), r["run_id"][:12]]
+            for r in report["runs"]
+        ]  # fmt: skip
+        out.append(
+            _table(["started", "job", "kind", "state", "rows ok", "requests", "cost", "run"], rows, md)
+        )
+    return "\n".join(out)
+
+
+def _state(r: dict[str, Any]) -> str:
+    if r["killed"]:
+        return "killed (closed from the journal)"
+    if r["status"] != "finished":
+        return r["status"]
+    return f"exit {r['exit_code']}"
+
+
+def _table(header: list[str], rows: list[list[str]], md: bool) -> str:
+    return "\n".join(grid(header, rows, md))
+
+
+def _csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if "runs" in report:
+        fields = list(report["runs"][0]) if report["runs"] else ["run_id"]
+        w.writerow(fields)
+        for r in report["runs"]:
+            w.writerow([csv_cell(r[f]) for f in fields])
+        return buf.getvalue().rstrip("\n")
+    by = report["by"]
+    w.writerow([*by, *SUMS, "cost_usd"])
+    for g in [*report["groups"], {**dict.fromkeys(by, "total"), **report["total"]}]:
+        w.writerow([*(g[k] for k in by), *(g[s] for s in SUMS), g["cost_usd"]])
+    return buf.getvalue().rstrip("\n")
