@@ -44,7 +44,7 @@ from .client import Client
 from .ratelimit import RateLimiter
 
 MARGIN = 0.99  # of an endpoint's stated rpm
-AIM = 0.98  # of the time left to the deadline that the plan fills
+AIM = 0.995  # of the time left to the deadline that the plan fills
 REPLAN_S = 2.0
 BENCH_AFTER = 3
 BENCH_S = 5.0
@@ -189,8 +189,10 @@ class Router:
             m.idle = share <= 0
             if share >= m.capacity() * 0.999 or m.idle:
                 m.paced = None  # full pace (only its own limits hold it), or none at all
-            else:
+            elif m.paced is None:
                 m.paced = RateLimiter(share * 60.0, clock=self.clock)
+            else:  # the same grid at the new pace: a new limiter would let one leave at once
+                m.paced.rate = share * 60.0
 
     async def __aenter__(self) -> Router:
         for m in self.members:
