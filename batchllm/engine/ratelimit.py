@@ -133,13 +133,10 @@ class RateLimiter:
 
     def take(self, tokens: int = 0) -> None:
         """Take a departure now, without waiting: for a caller that checked ``free_at`` first
-        and woke on a timer (router.py). A timer fires a little late; counted from ``now``,
-        every departure would slip by that much and the pace fall 5-10% short at 50/s, so a
-        departure less than half an interval late keeps to the grid instead."""
-        now = self.clock()
-        if self.rate is not None and 0.0 <= now - self._next < 30.0 / self.rate:
-            now = self._next
-        self._take(now, tokens)
+        (router.py). Counted from now, as ``acquire`` does: a timer that fires late costs a little
+        pace, never a burst (keeping to the grid instead drew 429s from a server counting
+        arrivals exactly)."""
+        self._take(self.clock(), tokens)
 
     def ready_at(self, tokens: int = 0) -> float:
         """When the next request of ``tokens`` could leave (this limiter's clock)."""
