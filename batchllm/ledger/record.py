@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import JobError
+from ..pricing import parse_usd
 from .store import MONTH_USED, Snapshot, connect, ledger_path, month_bounds, proc_start, recover
 
 if TYPE_CHECKING:
@@ -215,10 +216,7 @@ class RunRecord:
 
 def _pico(text: str | None) -> int:
     """``"0.00123"`` (the summary's exact dollars) as picodollars; 0 for None."""
-    if not text:
-        return 0
-    whole, _, frac = str(text).partition(".")
-    return int(whole) * 10**12 + int((frac + "0" * 12)[:12] or 0)
+    return parse_usd(text) if text else 0
 
 
 def of_job(job: Job) -> dict[str, Any]:

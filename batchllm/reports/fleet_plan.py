@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import JobError
 from ..fleet import FleetEndpoint
 from ..job import Job
-from ..pricing import usd_text
+from ..pricing import parse_usd, usd_text
 from .estimate import Observed, estimate
 from .svg import money
 from .tables import grid
@@ -105,8 +105,7 @@ def plan(
 def _pico(text: str | None) -> int:
     if text is None:
         raise JobError("a fleet plan needs prices: give the endpoint input_price and output_price")
-    whole, _, frac = text.partition(".")
-    return int(whole) * 10**12 + int((frac + "0" * 12)[:12] or 0)
+    return parse_usd(text)
 
 
 def format_plan(p: dict[str, Any], fmt: str) -> str:
