@@ -165,9 +165,25 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> Result:
 def spawn(args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
     """Start the real ``batchllm`` executable as a subprocess."""
     full_env = {**os.environ, **_CLEAN_ENV, **(env or {})}
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [str(BIN), *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
     )
+    _SPAWNED.append(process)
+    return process
+
+
+_SPAWNED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_spawned() -> Iterator[None]:
+    """A test that fails halfway leaves no ``spawn``ed process running into the next test."""
+    yield
+    while _SPAWNED:
+        process = _SPAWNED.pop()
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

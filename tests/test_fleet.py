@@ -208,26 +208,34 @@ def test_a_fleet_fails_over_to_what_is_left(sandbox_factory, tmp_path: Path) -> 
 
 def test_a_deadline_is_met_at_the_least_cost(sandbox_factory, tmp_path: Path) -> None:
     """A deadline the cheaper endpoint alone would miss by half (3,000 rows at 40/s: 75 s, against
-    50 s): the run ends within the deadline plus 5%, and the pricier endpoint gets the rows the
-    deadline needs (3,000 - 40 x 50 = 1,000), and not much more."""
-    cheap = sandbox_factory(rate_limit=40.0, latency=0.05)
-    dear = sandbox_factory(rate_limit=80.0, latency=0.05)
+    50 s): the run ends within the deadline plus 5%, the cheaper endpoint is kept full, and the
+    pricier one gets the rows the deadline needs (about 3,000 - 40 x 50 = 1,000), within 10%."""
+    # The sandbox's GCRA takes 2 requests back to back (rate_burst 2): at 80/s, one request held
+    # 13 ms by a loaded test process makes the next a 429, which a real per-minute window never
+    # would; 4 back to back tolerate the jitter and still answer 429 to any sustained excess.
+    cheap = sandbox_factory(rate_limit=40.0, latency=0.05, rate_burst=4)
+    dear = sandbox_factory(rate_limit=80.0, latency=0.05, rate_burst=4)
     fleet = _live_fleet(tmp_path / "fleet.toml", ("cheap", cheap, 2400, "0.10", "dataoorts"),
                         ("dear", dear, 4800, "0.90", "dataoorts"))  # fmt: skip
     src = prompts_csv(tmp_path / "in.csv", 3000)
     out = tmp_path / "out.parquet"
     env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
-    started = time.monotonic()
+    started, wall = time.monotonic(), time.time()
     args = ["run", str(src), "-o", str(out), "--fleet", str(fleet), "--deadline", "50s", "--progress", "none"]
     result = run_cli(args, env=env)
     took = time.monotonic() - started
     assert result.exit_code == 0, result.output
     assert took <= 50 * 1.05, took
-    dear_rows = sum(1 for e in pq.read_table(out).column("endpoint").to_pylist() if e == "dear")
-    # The issue asks for 10%, which held in every run of this test alone here; under two test workers'
-    # load the cheap endpoint falls ~5% short of its pace and the plan covers that on the dear one
-    # (1,105-1,114 in fresh-clone CI): the bound here is what holds there, and issue 23 says so.
-    assert 1000 <= dear_rows <= 1150, dear_rows
+    rows = pq.read_table(out, columns=["endpoint", "finished_at"]).to_pylist()
+    dear_rows = sum(1 for r in rows if r["endpoint"] == "dear")
+    done = sorted(r["finished_at"].timestamp() for r in rows if r["endpoint"] == "cheap")
+    cheap_rate = (len(done) - 1) / (done[-1] - done[0])
+    assert cheap_rate >= 0.9 * 40, cheap_rate  # the cheaper endpoint carries its full share
+    # What the deadline needs from the dear endpoint: the rows the cheap one, at the pace it kept
+    # (a loaded machine keeps a few % under 40/s), cannot answer between its first reply and the
+    # deadline. Sending more would finish early at a higher cost.
+    needed = 3000 - cheap_rate * (wall + 50 - done[0])
+    assert abs(dear_rows - needed) <= 0.10 * needed, (dear_rows, needed)
     assert cheap.count(429) == 0 and dear.count(429) == 0
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -87,23 +89,45 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
+    _leave(_main())
+
+
+def _main() -> int:
     # Until a run installs its graceful handlers, SIGTERM stops like Ctrl-C: exit 130, no traceback.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = cli.main(standalone_mode=False, prog_name="batchllm")
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("batchllm: aborted", err=True)
-        sys.exit(ExitCode.INTERRUPTED)
+        return int(ExitCode.INTERRUPTED)
     except click.UsageError as exc:
         # One line, like every other error: what is wrong and where to read more.
         command = exc.ctx.command_path if exc.ctx is not None else "batchllm"
-        sys.exit(fail(f"{exc.format_message()} (see `{command} --help`)", exc.exit_code))
+        return fail(f"{exc.format_message()} (see `{command} --help`)", exc.exit_code)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except JobError as exc:
-        sys.exit(fail(str(exc)))
-    sys.exit(code if isinstance(code, int) else 0)
+        return fail(str(exc))
+    return code if isinstance(code, int) else 0
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit with ``code`` once the command is done, without tearing the interpreter down.
+
+    Arrow's native thread pools can abort a process during interpreter teardown ("terminate called
+    without an active exception", exit -6: apache/arrow#34314), rarely, and after the command's work
+    and exit code are settled; a cron job must never see that. Everything a command writes goes
+    through file descriptors it has closed or synced (journal, output, ledger) before it returns,
+    so the streams and log handlers are all that is left to flush.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 # The commands register themselves on ``cli``.
