@@ -30,7 +30,13 @@ demo: install
 	@echo
 	$(BIN)/batchllm eval out/reviews_sentiment_pack10.parquet --gold human_label
 	@echo
+	@# One job over three endpoints (a sandbox each, at each one's limit and price): cheapest first.
+	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --fleet jobs/fleets/three_endpoints.toml --cache off -o out/reviews_sentiment_fleet.parquet --progress none
+	@echo
+	$(BIN)/batchllm report out/reviews_sentiment_fleet.parquet | sed -n '/by endpoint/,/^$$/p'
+	@echo
 	@echo "Parquet output:  out/reviews_sentiment.parquet (one row a request), out/reviews_sentiment_pack10.parquet (ten)"
+	@echo "                 out/reviews_sentiment_fleet.parquet (three endpoints: its endpoint column says which)"
 	@echo "Cost summary:    out/reviews_sentiment.summary.json, out/reviews_sentiment_pack10.summary.json"
 	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment_pack10.parquet"
 	@echo "Spend so far:    $(BIN)/batchllm spend --by job   (every run is in the ledger)"

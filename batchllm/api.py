@@ -26,13 +26,18 @@ from .reports.estimate import Observed, pilot_positions
 from .reports.eval import pilot_accuracy
 from .reports.pilot import pilot_dir, recommend, size_line
 from .sandbox import SandboxConfig, endpoint_for, start_sandbox
+from .sandbox.fleet import sandbox_fleet
 
 
 @contextlib.asynccontextmanager
 async def open_endpoint(job: Job, sandbox: SandboxConfig | None = None) -> AsyncIterator[Endpoint]:
     """The URL and key to use: an in-process sandbox for ``--sandbox``, else the job's."""
+    if job.fleet is not None and job.sandbox:  # a sandbox for each endpoint (sandbox/fleet.py)
+        async with sandbox_fleet(job.fleet, sandbox) as served:
+            yield Endpoint("fleet", None, served.endpoints, served.keys)
+        return
     if job.fleet is not None:  # each endpoint has its own URL and key (engine/router.py)
-        yield Endpoint("fleet", None)
+        yield Endpoint("fleet", None, job.fleet)
         return
     if not job.sandbox:
         yield Endpoint(job.endpoint, resolve_api_key(job))

@@ -19,6 +19,7 @@ the key); reports/fleet_plan.py plans which endpoint takes how many rows.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,3 +208,52 @@ def dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
     if len(priced) < len(fleet):
         return None
     return Prices(max(p.input_per_million for p in priced), max(p.output_per_million for p in priced))
+
+
+def fleet_toml(fleet: tuple[FleetEndpoint, ...] | list[FleetEndpoint]) -> str:
+    """A fleet as a fleet file (``batchllm sandbox --fleet F --write-fleet OUT`` writes the one
+    it serves); reading it back gives the same endpoints."""
+    parts = []
+    for e in fleet:
+        lines = ["[[endpoint]]", f"name = {_toml(e.name)}", f"provider = {_toml(e.provider)}",
+                 f"endpoint = {_toml(e.endpoint)}", f"model = {_toml(e.model.name)}"]  # fmt: skip
+        if e.key_env:
+            lines.append(f"key_env = {_toml(e.key_env)}")
+        lines += [f"{k} = {getattr(e, k)}" for k in ("rpm", "tpm", "latency") if getattr(e, k) is not None]
+        lines.append(f"concurrency = {e.concurrency}")
+        if e.model.prices is not None:
+            lines.append(f'input_price = "{e.model.prices.input_per_million}"')
+            lines.append(f'output_price = "{e.model.prices.output_per_million}"')
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def _toml(text: str) -> str:
+    """A TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def batch_endpoint(fleet: tuple[FleetEndpoint, ...], name: str | None, where: str) -> FleetEndpoint:
+    """The endpoint a fleet's batch file goes to: ``name``, else the cheapest that takes OpenAI
+    batch files (the ``openai`` provider: OpenAI's Batch API, vLLM's run-batch) at its batch prices
+    (its live ones when it has none)."""
+    if name is not None:
+        for e in fleet:
+            if e.name == name:
+                if e.provider != "openai":
+                    raise JobError(
+                        f"{where}: endpoint {name!r} is {e.provider}'s, which takes no batch files"
+                    )
+                return e
+        raise JobError(
+            f"{where}: no endpoint named {name!r} (the fleet has {', '.join(e.name for e in fleet)})"
+        )
+    able = [e for e in fleet if e.provider == "openai"]
+    if not able:
+        raise JobError(f"{where}: no endpoint takes batch files (only the openai provider's do)")
+
+    def price(e: FleetEndpoint) -> int:
+        p = e.model.batch_prices or e.model.prices
+        return p.input_pico + p.output_pico if p is not None else 2**62
+
+    return min(able, key=price)

@@ -245,12 +245,10 @@ def build_job(
         kwargs["notify"] = notify_url(kwargs["notify"], where("notify"), environ)
     if kwargs.get("deadline") is not None and kwargs.get("fleet") is None:
         raise JobError(f"{where('deadline')} goes with --fleet: it plans a fleet's endpoints")
-    if kwargs.get("fleet") is not None:
-        for key in ("sandbox", "engine"):
-            if kwargs.get(key) not in (None, False, "local"):
-                raise JobError(
-                    f"{where('fleet')}: a fleet runs with the local engine against its own endpoints, not with --{key}"
-                )
+    if kwargs.get("deadline") is not None and kwargs.get("engine") not in (None, "local"):
+        raise JobError(
+            f"{where('deadline')}: the plan paces the rows left on one machine; use the local engine"
+        )
     if "endpoint" not in kwargs:
         kwargs["endpoint"] = environ.get(provider.endpoint_env) or provider.default_endpoint
     kwargs["endpoint"] = check_endpoint(kwargs["endpoint"])

@@ -1,13 +1,18 @@
-"""Fleets (issue 23, first part): the fleet file, its checks, and the plan `estimate --fleet` prints."""
+"""Fleets (issue 23): the fleet file and its checks, the plan `estimate --fleet` prints, runs over
+several sandboxes (filling the cheapest, failing over, meeting a deadline), and a fleet of sandboxes
+served by `batchllm sandbox --fleet` or started by `run --fleet F --sandbox`."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.request
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow.parquet as pq
 
 from .conftest import ROOT, prompts_csv, run_cli, spawn, summary_of
@@ -267,3 +272,123 @@ def test_a_fleet_with_labels_a_budget_and_a_changed_fleet_on_resume(sandbox_fact
     total = summary_of(out)
     assert sum(Decimal(e["cost_usd"]) for e in total["endpoints"].values()) == Decimal(
         total["this_run"]["cost_usd"])  # fmt: skip
+    # Every labeling row says where its requests went; the next run's rows all went to "dear".
+    assert all(r["endpoint"] for r in rows if r["cost_usd"]), [
+        r for r in rows if r["cost_usd"] and not r["endpoint"]
+    ][:1]
+    assert all(r["endpoint"] == "dear" for r in rows if r["row_id"] not in done and r["cost_usd"])
+    assert {r["endpoint"] for r in done.values() if r["cost_usd"]} <= {
+        "cheap",
+        "dear",
+        "cheap,dear",
+        "dear,cheap",
+    }
+    # What both runs' rows cost is what each endpoint billed, at its own prices, exactly.
+    billed = sum((box.sandbox.stats["prompt_tokens"] + box.sandbox.stats["completion_tokens"]) * pico
+                 for box, pico in ((cheap, 100_000), (dear, 900_000)))  # fmt: skip
+    assert sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in rows if r["cost_usd"]) == billed
+
+
+FLEET = ROOT / "jobs" / "fleets" / "three_endpoints.toml"
+PICO = {"dataoorts": (310_000, 340_000), "own-vllm": (200_000, 200_000), "other-host": (590_000, 790_000)}
+
+
+def test_batchllm_sandbox_serves_a_fleet_and_each_endpoint_bills_what_its_rows_cost(tmp_path: Path) -> None:
+    """`batchllm sandbox --fleet` serves the example fleet's three endpoints (two faces, three rate
+    limits, three prices) in one process and writes the fleet as served; a run over it gives each
+    row its endpoint, and each endpoint's rows cost exactly what that endpoint billed. `report`
+    and `status` break the output down by endpoint."""
+    served = tmp_path / "served.toml"
+    server = spawn(["sandbox", "--fleet", str(FLEET), "--port", "0", "--write-fleet", str(served)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not served.exists() and server.poll() is None:
+        time.sleep(0.05)
+    assert served.exists(), server.communicate(timeout=5)
+    try:
+        text = served.read_text()
+        urls = dict(re.findall(r'name = "([^"]+)"\nprovider = "[^"]+"\nendpoint = "([^"]+)"', text))
+        assert set(urls) == set(PICO) and all(u.startswith("http://127.0.0.1:") for u in urls.values())
+        assert len({u.split("/")[2] for u in urls.values()}) == 3  # three ports
+        keys: dict[str, str] = {}
+        while len(keys) < 2 and time.monotonic() < deadline:  # the two endpoints that name a key
+            line = server.stderr.readline()  # type: ignore[union-attr]
+            keys.update(re.findall(r"key: (\w+)=(\S+)\)", line))
+        assert set(keys) == {"DATAOORTS_API_KEY", "OTHER_HOST_KEY"}
+        src = tmp_path / "in.csv"
+        src.write_text((ROOT / "sample_data" / "reviews.csv").read_text())
+        out = tmp_path / "out.parquet"
+        result = run_cli(["run", str(src), "-o", str(out), "--template", "Classify: {review}", "--max-tokens", "8",
+                          "--fleet", str(served), "--progress", "none"], env=keys)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        rows = pq.read_table(out).to_pylist()
+        assert len(rows) == 200 and all(r["status"] == "ok" for r in rows)
+        for name, (pin, pout) in PICO.items():
+            mine = [r for r in rows if r["endpoint"] == name and not r["answered_by"]]
+            with urllib.request.urlopen(
+                urls[name].split("/api/")[0].split("/v1")[0] + "/_sandbox/stats"
+            ) as fh:
+                stats = json.load(fh)
+            assert stats.get("200", 0) == len(mine)
+            assert sum(r["prompt_tokens"] * pin + r["completion_tokens"] * pout for r in mine) == \
+                stats.get("billed_pico", 0) == sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in mine)  # fmt: skip
+        assert {r["endpoint"] for r in rows} >= {"own-vllm", "dataoorts"}  # the two cheapest carry rows
+        report = run_cli(["report", str(out), "--format", "json"])
+        assert report.exit_code == 0, report.output
+        by = json.loads(report.stdout)["endpoints"]
+        assert sum(e["rows"] for e in by.values()) == 200
+        assert sum(Decimal(e["cost_usd"]) for e in by.values()) == Decimal(
+            json.loads(report.stdout)["overall"]["cost_usd"]
+        )
+        assert all(e["last_run"]["throttled"] == 0 for e in by.values() if e["last_run"])
+        text_report = run_cli(["report", str(out)])
+        assert "by endpoint:" in text_report.stdout and "own-vllm" in text_report.stdout
+        status = run_cli(["status", str(out)])
+        assert status.exit_code == 0 and "endpoint own-vllm:" in status.stdout, status.output
+        stored = out.read_bytes() + (tmp_path / "out.parquet.batchllm" / "journal.sqlite").read_bytes()
+        assert not any(k.encode() in stored for k in keys.values())
+    finally:
+        server.terminate()
+        server.communicate(timeout=10)
+
+
+def test_run_with_a_fleet_and_sandbox_labels_packs_dedups_and_caches(tmp_path: Path) -> None:
+    """`run --fleet F --sandbox` starts a sandbox per endpoint; labeling in packs of 4 with the
+    cache on works through it as through one endpoint: every paid row names its endpoint(s),
+    identical rows are paid once, and a second output with the same rows is answered from the
+    cache."""
+    src = tmp_path / "in.csv"
+    reviews = pd.read_csv(ROOT / "sample_data" / "reviews.csv", dtype=str)
+    both = pd.concat([reviews.iloc[:60], reviews.iloc[:20]])  # 80 rows, the last 20 repeat the first
+    both.assign(review_id=[f"r{i}" for i in range(80)]).to_csv(src, index=False)
+    base = ["--template", "Sentiment of: {review}", "--labels", "positive,negative,neutral", "--pack", "4",
+            "--fleet", str(FLEET), "--sandbox", "--cache", "always", "--progress", "none"]  # fmt: skip
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), *base])
+    assert result.exit_code in (0, 1), result.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 80 and all(r["status"] in ("ok", "invalid") for r in rows)
+    paid = [r for r in rows if r["cost_usd"]]
+    assert paid and all(r["endpoint"] and set(r["endpoint"].split(",")) <= set(PICO) for r in paid)
+    assert sum(1 for r in rows if r["answered_by"]) >= 20  # the repeats rode on their twins' requests
+    summary = summary_of(out)
+    assert sum(Decimal(e["cost_usd"]) for e in summary["endpoints"].values()) == Decimal(
+        summary["cost_usd"]["total"]
+    )
+    assert (
+        float(
+            json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)["packing"][
+                "rows_per_request"
+            ]
+        )
+        > 1
+    )
+    again = tmp_path / "again.parquet"
+    result = run_cli(["run", str(src), "-o", str(again), *base])
+    assert result.exit_code in (0, 1), result.output
+    second = pq.read_table(again).to_pylist()
+    # Only what the cache does not keep is paid again: re-asks of packed rows (packed.py keeps
+    # first answers), and those go through the fleet like any request.
+    assert {r["review_id"] for r in second if r["cost_usd"]} <= {r["review_id"] for r in rows if r["reasks"]}
+    assert all(r["endpoint"] for r in second if r["cost_usd"])
+    assert sum(1 for r in second if r["cached"]) >= 60
+    assert [r["label"] for r in second] == [r["label"] for r in rows]

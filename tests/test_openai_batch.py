@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -386,3 +387,48 @@ def test_export_refuses_samples_and_lists_no_run_only_flags(tmp_path: Path) -> N
     for flag in ("--rpm", "--grace", "--max-cost", "--concurrency"):
         assert flag not in text
     assert "Parquet" not in text.split("-o, --output")[1].split("\n  -")[0]
+
+
+def test_a_fleet_batch_goes_to_one_endpoint_and_the_live_fleet_run_finishes_it(
+    sandbox, tmp_path: Path
+) -> None:
+    """`export-batch --fleet F` writes the file for the fleet's endpoint that takes batch files
+    (its model's name in every line); `import-batch --fleet F` prices its replies at that endpoint's
+    prices and names it in each row; `run --fleet F` then sends only what the batch left."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'[[endpoint]]\nname = "live"\nprovider = "dataoorts"\nendpoint = "{sandbox.url}"\nkey_env = "LIVE_KEY"\n'
+        'model = "meta/llama-3.1-70b-instruct"\nrpm = 6000\n\n'
+        f'[[endpoint]]\nname = "bulk"\nprovider = "openai"\nendpoint = "{sandbox.openai_url}"\nkey_env = "BULK_KEY"\n'
+        'model = "meta-llama/Llama-3.1-70B-Instruct"\nrpm = 6000\ninput_price = "0.20"\noutput_price = "0.25"\n'
+    )  # fmt: skip
+    job = ["--job", str(ROOT / "jobs" / "one_word_sentiment.toml")]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    out = tmp_path / "out.parquet"
+    exported = run_cli(["export-batch", *job, "-o", str(requests), "--fleet", str(fleet)])
+    assert exported.exit_code == 0 and "'bulk'" in exported.stdout, exported.output
+    lines = [json.loads(x) for x in requests.read_bytes().splitlines()]
+    assert len(lines) == 200 and {x["body"]["model"] for x in lines} == {"meta-llama/Llama-3.1-70B-Instruct"}
+    answer_batch(sandbox, requests, results, errors, missing=frozenset(range(50)))
+    imported = run_cli(
+        ["import-batch", str(results), str(errors), *job, "-o", str(out), "--fleet", str(fleet)]
+    )
+    assert imported.exit_code == 0, imported.output
+    rows = [r for r in table(out) if r["status"] == "ok"]
+    assert len(rows) >= 150 and {r["endpoint"] for r in rows if not r["answered_by"]} == {"bulk"}
+    for r in rows:
+        if not r["answered_by"]:
+            assert (
+                round(r["cost_usd"] * 10**12)
+                == r["prompt_tokens"] * 200_000 + r["completion_tokens"] * 250_000
+            )
+    sent = sandbox.count()
+    env = {"LIVE_KEY": sandbox.key, "BULK_KEY": sandbox.key}
+    live = run_cli(["run", *job, "-o", str(out), "--fleet", str(fleet), "--progress", "none"], env=env)
+    assert live.exit_code == 0, live.output
+    done = table(out)
+    assert all(r["status"] == "ok" for r in done) and len(done) == 200
+    assert sandbox.count() - sent == sum(1 for r in done if r["status"] == "ok" and not r["answered_by"]) - sum(
+        1 for r in rows if not r["answered_by"])  # fmt: skip
+    by = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    assert sum(Decimal(e["cost_usd"]) for e in by["endpoints"].values()) == Decimal(by["overall"]["cost_usd"])

@@ -398,3 +398,43 @@ def test_ray_library_entry_adds_the_output_columns(sandbox, cluster: str, tmp_pa
     assert all(r[1] == "ok" and r[2] and r[3] > 0 for r in rows)
     assert sandbox.count() == 60 - 0  # distinct prompts: one request each
     assert sandbox.key not in proc.stdout + proc.stderr
+
+
+def test_ray_with_a_fleet_shares_each_endpoint_between_actors(
+    sandbox_factory, cluster: str, tmp_path: Path
+) -> None:
+    """`--engine ray --fleet F` over 2 actors: each actor takes half of each endpoint's limits,
+    so together they never pass one (no 429) while the cheaper endpoint is kept full; every row
+    names its endpoint and costs exactly what that endpoint billed, at its own prices."""
+    # Two actors pace two grids that nothing lines up: a server taking only 2 back to back (GCRA
+    # burst 2) answers 429 when two slots of a 20/s endpoint meet a few ms early; 4 tolerate it, as
+    # a per-minute window does, and still refuse any sustained excess.
+    cheap = sandbox_factory(rate_limit=20.0, latency=0.02, rate_burst=4)
+    dear = sandbox_factory(rate_limit=40.0, latency=0.02, rate_burst=4)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("".join(
+        f'[[endpoint]]\nname = "{name}"\nprovider = "dataoorts"\nendpoint = "{box.url}"\nkey_env = "{name.upper()}_KEY"\n'
+        f'model = "meta/llama-3.1-70b-instruct"\nrpm = {rpm}\nconcurrency = 16\ninput_price = "{price}"\n'
+        f'output_price = "{price}"\n\n'
+        for name, box, rpm, price in (("cheap", cheap, 1200, "0.10"), ("dear", dear, 2400, "0.90"))
+    ))  # fmt: skip
+    src = prompts_csv(tmp_path / "in.csv", 900)
+    out = tmp_path / "out"
+    env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
+    code, _, err = run(["run", str(src), "-o", str(out), "--engine", "ray", "--ray-address", cluster, "--actors", "2",
+                        "--fleet", str(fleet), "--progress", "none"], env)  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert cheap.count(429) == 0 and dear.count(429) == 0
+    rows = read_dir(out).to_pylist()
+    assert len(rows) == 900 and all(r["status"] == "ok" for r in rows)
+    for name, box, pico in (("cheap", cheap, 100_000), ("dear", dear, 900_000)):
+        mine = [r for r in rows if r["endpoint"] == name and not r["answered_by"]]
+        stats = box.sandbox.stats
+        assert box.count(200) == len(mine)
+        assert sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in mine) == \
+            (stats["prompt_tokens"] + stats["completion_tokens"]) * pico  # fmt: skip
+    cheap_rows = sum(1 for r in rows if r["endpoint"] == "cheap")
+    assert cheap_rows >= 0.8 * 900 / 3, cheap_rows  # its full share: a third of the pace
+    late = run_cli(["run", str(src), "-o", str(tmp_path / "late"), "--engine", "ray", "--fleet", str(fleet),
+                    "--deadline", "1h"], env=env)  # fmt: skip
+    assert late.exit_code == 2 and "local engine" in late.stderr

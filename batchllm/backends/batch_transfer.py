@@ -35,6 +35,7 @@ from ..engine.packed import packs_for
 from ..engine.plan import Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
+from ..fleet import FleetEndpoint
 from ..job import Job
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
@@ -86,8 +87,17 @@ def _rows(p: Prepared, journal: Journal | None) -> Any:
             yield pb.start + i, pb.row_ids[i], pb.hashes[i], None if refused else request
 
 
-def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int, max_bytes: int) -> Exported:
-    """Write the requests a run would send as OpenAI batch request lines, split to fit the limits."""
+def export_batch(
+    job: Job,
+    path: Path,
+    *,
+    skip_done: Path | None,
+    max_lines: int,
+    max_bytes: int,
+    via: FleetEndpoint | None = None,
+) -> Exported:
+    """Write the requests a run would send as OpenAI batch request lines, split to fit the limits.
+    ``via``: a fleet's endpoint the file is for (its model's name in every line)."""
     p = prepare(job)
     journal = Journal.open_readonly(find_journal(skip_done)) if skip_done is not None else None
     result = Exported()
@@ -97,6 +107,10 @@ def export_batch(job: Job, path: Path, *, skip_done: Path | None, max_lines: int
     lines = size = 0
     try:
         for line in _lines(p, journal, result):
+            if via is not None and via.model.name != p.model.name:
+                record = orjson.loads(line)
+                record["body"]["model"] = via.model.name
+                line = orjson.dumps(record) + b"\n"
             if out is None or lines + 1 > max_lines or size + len(line) > max_bytes:
                 if out is not None:
                     out.close()
@@ -160,12 +174,19 @@ class Imported:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> Imported:
-    """Record result lines in the output's journal as a run would, then write the output."""
+def import_batch(
+    job: Job, results: list[Path], *, command: str, warn: Any, via: FleetEndpoint | None = None
+) -> Imported:
+    """Record result lines in the output's journal as a run would, then write the output.
+    ``via``: the fleet's endpoint that answered them: its batch prices (else its live ones), and
+    its name in every row's ``endpoint``."""
     started = time.time()
     p = prepare(job)
     provider = get_provider(job.provider)
-    prices = job.prices or p.model.batch_prices
+    if via is not None:
+        prices = via.model.batch_prices or via.model.prices
+    else:
+        prices = job.prices or p.model.batch_prices
     if prices is None:
         warn(
             f"no batch prices for {p.model.name!r} in the {provider.name} model table and none given "
@@ -173,6 +194,9 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
         )
     wanted = {row_id: (h, r) for _, row_id, h, r in _rows(p, None)}
     entries, splits, outcome = _read_results(results, wanted, p, prices, warn)
+    if via is not None:
+        entries = {k: e._replace(endpoint=via.name) for k, e in entries.items()}
+        splits = [(k, a._replace(endpoint=via.name)) for k, a in splits]
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
@@ -216,8 +240,9 @@ def import_batch(job: Job, results: list[Path], *, command: str, warn: Any) -> I
                 return out
 
             totals = write_output(
-                job.output, p.source, p.builder, journal, lambda t: summary(t, None), job.labeling
-            )
+                job.output, p.source, p.builder, journal, lambda t: summary(t, None), job.labeling,
+                fleet=via is not None,
+            )  # fmt: skip
             outcome.exit_code = ExitCode.ROW_ERRORS if totals.error or totals.invalid else ExitCode.OK
             outcome.pending = totals.pending
             outcome.summary = summary(totals, outcome.exit_code)

@@ -37,6 +37,13 @@ from .options import CHECKPOINT_OPTION, JOB_OPTION, LEDGER_OPTION, REQUEST_OPTIO
     ]
 )
 @click.option(
+    "--fleet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A fleet file: the batch goes to one of its endpoints (--fleet-endpoint, else the cheapest that "
+    "takes batch files), and its rows name it in the output's endpoint column.",
+)
+@click.option("--fleet-endpoint", help="With --fleet: the endpoint's name.")
+@click.option(
     "--skip-done",
     type=click.Path(path_type=Path),
     help="Leave out the rows this output's journal already has (ok or failed).",
@@ -59,6 +66,8 @@ def export_cmd(
     skip_done: Path | None,
     max_lines: int,
     max_bytes: int,
+    fleet: Path | None,
+    fleet_endpoint: str | None,
     **params: Any,
 ) -> int:
     """Write the requests a run of INPUT would send as an OpenAI batch request file (-o FILE.jsonl).
@@ -86,7 +95,8 @@ def export_cmd(
             "several answers need `batchllm run`; export with --samples 1 (invalid answers imported "
             "are re-asked by `batchllm run --retry-errors`)"
         )
-    done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes)
+    via = _via(job, fleet, fleet_endpoint)
+    done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes, via=via)
     files = ", ".join(str(f) for f in done.files)
     click.echo(
         f"exported {done.lines:,} requests to {files}"
@@ -95,8 +105,22 @@ def export_cmd(
             if done.refused
             else ""
         )
+        + (f" (for fleet endpoint {via.name!r}, model {via.model.name})" if via is not None else "")
     )
     return 0
+
+
+def _via(job: Any, fleet: Path | None, name: str | None) -> Any:
+    """The fleet endpoint a batch file is for: --fleet's, else the job's ``fleet``; None without one."""
+    from ..errors import JobError
+    from ..fleet import batch_endpoint, load_fleet
+
+    endpoints = tuple(load_fleet(fleet)) if fleet is not None else job.fleet
+    if endpoints is None:
+        if name is not None:
+            raise JobError("--fleet-endpoint goes with --fleet (or a job's fleet)")
+        return None
+    return batch_endpoint(endpoints, name, str(fleet) if fleet is not None else "the job's fleet")
 
 
 @cli.command(
@@ -124,9 +148,23 @@ def export_cmd(
         LEDGER_OPTION,
     ]
 )
+@click.option(
+    "--fleet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A fleet file: the batch goes to one of its endpoints (--fleet-endpoint, else the cheapest that "
+    "takes batch files), and its rows name it in the output's endpoint column.",
+)
+@click.option("--fleet-endpoint", help="With --fleet: the endpoint's name.")
 @click.pass_context
 @handles_errors
-def import_cmd(ctx: click.Context, results: tuple[Path, ...], input_path: Path | None, **params: Any) -> int:
+def import_cmd(
+    ctx: click.Context,
+    results: tuple[Path, ...],
+    input_path: Path | None,
+    fleet: Path | None,
+    fleet_endpoint: str | None,
+    **params: Any,
+) -> int:
     """Record batch RESULTS (OpenAI output and error files, or vLLM's) in OUTPUT as a run would.
 
     Rows are joined by custom_id; rows with no result, expired ones and 429/5xx results stay
@@ -144,7 +182,9 @@ def import_cmd(ctx: click.Context, results: tuple[Path, ...], input_path: Path |
     def warn(message: str) -> None:
         click.echo(f"warning: {message}", err=True)
 
-    done = import_batch(job, list(results), command=command_line(), warn=warn)
+    done = import_batch(
+        job, list(results), command=command_line(), warn=warn, via=_via(job, fleet, fleet_endpoint)
+    )
     click.echo(
         f"imported {done.ok + done.invalid:,} replies"
         + (

@@ -223,8 +223,26 @@ def eval_cmd(output: Path, gold: str, field: str, by: str | None, fmt: str) -> i
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the bound port here once listening.",
 )
+@click.option(
+    "--fleet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve a fleet file's endpoints, each on its own port (from --port on) with its provider's face, "
+    "its rpm as the rate limit and its prices as what it bills.",
+)
+@click.option(
+    "--write-fleet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --fleet: write the fleet as served here (loopback URLs, same names, limits and key_env).",
+)
 def sandbox_cmd(
-    port_file: Path | None, host: str, port: int, reply_tokens: str, no_auth: bool, **options: Any
+    port_file: Path | None,
+    host: str,
+    port: int,
+    reply_tokens: str,
+    no_auth: bool,
+    fleet: Path | None,
+    write_fleet: Path | None,
+    **options: Any,
 ) -> int:
     """Serve a local emulator of the Dataoorts API (/api/v1) and of OpenAI's (/v1) until interrupted."""
     from ..sandbox import SandboxConfig, serve
@@ -259,10 +277,37 @@ def sandbox_cmd(
             click.echo(f"batchllm sandbox: usage token counts are {counter.label}", err=True)
 
     try:
-        run_async(serve(config, host, port, ready))
+        if fleet is not None:
+            run_async(_serve_fleet(fleet, write_fleet, config, host, port))
+        else:
+            run_async(serve(config, host, port, ready))
     except OSError as exc:
         return fail(f"cannot listen on {host}:{port}: {exc.strerror}")
     return 0
+
+
+async def _serve_fleet(path: Path, out: Path | None, config: Any, host: str, port: int) -> None:
+    from ..fleet import fleet_toml, load_fleet
+    from ..sandbox.fleet import SandboxFleet, serve_fleet
+
+    endpoints = tuple(load_fleet(path))
+
+    def ready(served: SandboxFleet) -> None:
+        for e in served.endpoints:
+            box = served.boxes[e.name].config
+            limit = f"{box.rate_limit * 60:,.0f} requests/min" if box.rate_limit else "no rate limit"
+            key = f"key: {e.key_env}={served.keys[e.key_env]}" if e.key_env else "no key"
+            click.echo(
+                f"batchllm sandbox: endpoint {e.name!r} at {e.endpoint} ({e.provider}, {limit}; {key})",
+                err=True,
+            )
+        if out is not None:
+            out.write_text(
+                f"# {path} as `batchllm sandbox --fleet` serves it\n\n" + fleet_toml(served.endpoints)
+            )
+            click.echo(f"batchllm sandbox: wrote {out}", err=True)
+
+    await serve_fleet(endpoints, config, host, port, ready)
 
 
 @cli.command("models", context_settings=CONTEXT, epilog="Example:\n\n  batchllm models")

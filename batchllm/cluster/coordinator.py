@@ -55,10 +55,13 @@ class Coordinator:
         self.clock = clock
         # Slots are wall-clock times (one clock for every process of a machine, NTP's across
         # machines); an actor wakes a few ms after its slot, so the grid runs at PACE of the limit.
+        # A fleet's endpoints are paced in each actor, each with its share of their limits
+        # (worker.py): this grid would only hold them back.
+        fleet = job.fleet is not None
         self.limiter = RateLimiter(
-            job.rpm * PACE if job.rpm else job.rpm,
-            job.tpm * PACE if job.tpm else job.tpm,
-            auto=job.rpm is None,
+            None if fleet else job.rpm * PACE if job.rpm else job.rpm,
+            None if fleet else job.tpm * PACE if job.tpm else job.tpm,
+            auto=job.rpm is None and not fleet,
             start_rpm=provider.documented_rpm,
             clock=clock,
         )

@@ -50,7 +50,7 @@ from ..prompts import PromptBuilder, load_examples
 from ..providers import Provider, get_provider
 from .coordinator import Coordinator
 from .results import ClusterSetup, answered_already, result
-from .worker import Completer, per_actor
+from .worker import Completer, fleet_keys, fleet_share, per_actor
 
 RAY_HINT = "--engine ray needs Ray: pip install 'batchllm[ray]'"
 
@@ -154,6 +154,8 @@ def complete(
             "columns": names,
             "examples": load_examples(job),
             "concurrency": concurrency,
+            "fleet": fleet_share(endpoint.fleet or job.fleet, job.actors) if job.fleet else None,
+            "keys": fleet_keys(endpoint.fleet or job.fleet, endpoint.keys) if job.fleet else None,
         },
         batch_size=batch_size or min(1024, max(16, 2 * concurrency)),
         batch_format="pyarrow",

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
+import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +34,9 @@ from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_column
 from ..engine.packed import Packs
 from ..engine.plan import WorkItem, check_model
 from ..engine.ratelimit import Backoff
+from ..engine.router import Router, fleet_router
+from ..errors import JobError
+from ..fleet import FleetEndpoint
 from ..job import Job
 from ..pricing import cost
 from ..prompts import PromptBatch, PromptBuilder, RequestMaker
@@ -53,8 +59,12 @@ class Completer:
         columns: list[str],
         examples: tuple[Message, ...],
         concurrency: int,
+        fleet: tuple[FleetEndpoint, ...] | None = None,
+        keys: dict[str, str] | None = None,
     ) -> None:
         self.job = job
+        self.fleet, self.keys = fleet, keys
+        self.router: Router | None = None
         self.url = url
         self.key = key
         self.coordinator = coordinator
@@ -95,6 +105,12 @@ class Completer:
                 on_hints=self.limiter.on_hints,
             )
             await self.client.__aenter__()
+            if self.fleet is not None:  # this actor's share of each endpoint (fleet_share)
+                log = logging.getLogger("batchllm")
+                self.router = fleet_router(
+                    self.fleet, self.job.timeout, self.provider, self.model.name, log.warning, self.keys
+                )
+                await self.router.__aenter__()
         self.busy += 1
         if self._heart is None:
             self._heart = asyncio.create_task(self._heartbeat())
@@ -189,6 +205,7 @@ class Completer:
             grace=job.grace,
             gate=self.gate,
         )
+        d.router = self.router
         row_ids = pb.row_ids
         ready = self.admission.admit(pb, send, self.maker, d.record_rejected, job.budgeted, lambda m: None)
         encode = self.provider.encode
@@ -227,6 +244,11 @@ class Completer:
         if labeling is not None:
             results += label_columns(row_ids, entries, labeling)
             names += [f.name for f in labeling.columns()]
+        if self.fleet is not None:
+            names.append("endpoint")
+            results.append(
+                pa.array([e.endpoint if (e := entries.get(r)) else None for r in row_ids], pa.string())
+            )
         for name, column in zip(names, results, strict=True):
             if name == "row_id":  # the row's id, not the key of its copy
                 column = pa.array([r.split("#", 1)[0] for r in row_ids], type=column.type)
@@ -262,3 +284,33 @@ class Completer:
 def per_actor(concurrency: int, actors: int) -> int:
     """The run's ``--concurrency`` split over its actors."""
     return max(1, math.ceil(concurrency / actors))
+
+
+def fleet_share(fleet: tuple[FleetEndpoint, ...], actors: int) -> tuple[FleetEndpoint, ...]:
+    """Each actor's share of a fleet: every endpoint's rpm, tpm and concurrency over the actors.
+    The actors together stay within each endpoint's limits without asking anyone, and each
+    fills the cheapest endpoint first; an actor that finds an endpoint benched or out tells only
+    itself (each warns once)."""
+    return tuple(
+        dataclasses.replace(
+            e,
+            rpm=max(1, e.rpm // actors) if e.rpm else e.rpm,
+            tpm=max(1, e.tpm // actors) if e.tpm else e.tpm,
+            concurrency=per_actor(e.concurrency, actors),
+        )
+        for e in fleet
+    )
+
+
+def fleet_keys(fleet: tuple[FleetEndpoint, ...], given: Mapping[str, str] | None) -> dict[str, str]:
+    """The keys a fleet's endpoints name, read here (the driver's environment, or a sandbox
+    fleet's keys) for the actors; a missing one is the same usage error as a local run's."""
+    source = os.environ if given is None else given
+    keys = {}
+    for e in fleet:
+        if e.key_env:
+            key = source.get(e.key_env)
+            if not key:
+                raise JobError(f"fleet endpoint {e.name!r}: the environment variable {e.key_env} is not set")
+            keys[e.key_env] = key
+    return keys

@@ -116,7 +116,17 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         d.charged(result, billed)
         d.limiter.on_success()
         return (
-            Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated),
+            Attempt(
+                step.sample,
+                step.kind,
+                result.text,
+                pt,
+                ct,
+                in_cost,
+                out_cost,
+                truncated,
+                endpoint=result.endpoint,
+            ),
             n,
             latency_ms,
         )
@@ -192,13 +202,16 @@ def book(
         asked = sum(1 for a in attempts if a.kind not in ("split", "cached"))
         extra["alone_prompt_tokens"] = item.prompt_tokens * asked
     some = bool(attempts)
+    # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).
+    where = ",".join(dict.fromkeys(a.endpoint for a in attempts if a.endpoint)) or None
     d.record(
         item,
         Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
               in_cost if some and priced else None, out_cost if some and priced else None, message,
               error_class, calls, latency_ms or None, time.time(), d.model.name,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
-              item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None),
+              item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None,
+              where),
     )  # fmt: skip
 
 

@@ -274,7 +274,7 @@ class Packs:
             prompt = shape.prompt_shares(pt, [row.own for row in rows])
             completion = shape.completion_shares(ct, items or [""] * len(rows))
             pid = shape.pack_id(body)
-            prices = d.prices_of(result)  # a fleet: the answering endpoint's
+            prices, where = d.prices_of(result), result.endpoint  # a fleet: the answering endpoint's
             reuse = d.reuse
             keep = reuse is not None and reuse.cache is not None and kind == "first"
             for n, row in enumerate(rows):
@@ -282,13 +282,15 @@ class Packs:
                 billed += (ic or 0) + (oc or 0)
                 if items is not None:
                     a = Attempt(
-                        sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1
+                        sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1, where
                     )
                 elif len(rows) > 1:  # unreadable: its share paid, the row goes again in a smaller pack
-                    a = Attempt(sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1)
+                    a = Attempt(
+                        sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1, where
+                    )
                 else:  # unreadable alone: an answer that does not parse (position 0: the whole reply)
                     a = Attempt(
-                        sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0
+                        sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0, where
                     )
                 if keep and items is not None and items[n] and reuse is not None:
                     # before the row is booked: booking lets go of its cache key

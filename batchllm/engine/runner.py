@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
-from ..fleet import parse_deadline
+from ..fleet import FleetEndpoint, parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import format_usd, usd_text
 from .budget import Budget
@@ -59,10 +60,14 @@ STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where requests go and the key they carry (None: the server needs none)."""
+    """Where requests go and the key they carry (None: the server needs none). A fleet's run
+    has ``fleet``, its endpoints as served (a sandbox's, for ``--sandbox``; else the job's), and
+    ``keys``, where their ``key_env`` names are looked up (None: the environment)."""
 
     url: str
     key: str | None
+    fleet: tuple[FleetEndpoint, ...] | None = None
+    keys: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -209,7 +214,8 @@ class Run:
         labeling, packs = job.labeling, self.packs
         router = None
         if job.fleet is not None:  # each endpoint paces itself (router.py); the pool does not
-            router = fleet_router(job.fleet, job.timeout, p.provider, p.model.name, self.warn)
+            fleet = endpoint.fleet or job.fleet
+            router = fleet_router(fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys)
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
             dispatcher = Dispatcher(

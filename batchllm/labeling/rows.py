@@ -40,6 +40,7 @@ class Attempt(NamedTuple):
     # a one-row pack whose reply could not be read, kept whole.
     pack_id: str | None = None
     pack_position: int | None = None
+    endpoint: str | None = None  # a fleet's endpoint that answered (engine/router.py)
 
 
 # A packed reply that could not be read as a whole (not JSON, or cut off): the row's share of

@@ -22,6 +22,7 @@ from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
 from ..review.verdicts import reviewed_counts
+from .by_endpoint import endpoint_breakdown, endpoint_lines
 from .packing import packing
 from .tables import csv_cell, grid, public, two_columns
 
@@ -115,6 +116,8 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
             )
         columns.append(by)
     columns += [c for c in _SPLIT + _REUSE if c in schema.names]
+    if "endpoint" in schema.names and by != "endpoint":  # a fleet's output (by_endpoint.py)
+        columns.append("endpoint")
     frame = pq.read_table(path, columns=columns).to_pandas()
     summary = read_summary(path) or {}
     return _prepared(frame, summary), summary
@@ -242,6 +245,9 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
         ):
             groups[str(key)] = _stats(part, priced)
         report["by"] = {"column": by, "groups": groups}
+    endpoints = endpoint_breakdown(frame, summary, priced)
+    if endpoints:
+        report["endpoints"] = endpoints
     report["cache_saved_usd"] = (summary.get("this_run") or {}).get("cache_saved_usd")
     lost = _maybe_billed(path, summary)
     if lost:
@@ -358,6 +364,8 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             for k, s in report["by"]["groups"].items()
         ]
         lines += grid(header, body, md)
+    if "endpoints" in report:
+        lines += endpoint_lines(report["endpoints"], md)
     overall = report["overall"]
     if overall.get("rows_answered_by_identical_rows") or overall.get("rows_from_cache"):
         saved = report.get("cache_saved_usd") or "0"

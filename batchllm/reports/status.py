@@ -33,6 +33,7 @@ def status_text(path: Path) -> str:
         running = holder(directory)
         # While a run holds the journal, its log holds requests in flight now, not lost ones.
         lost = journal.maybe_billed(current=running is None)
+        endpoints = journal.by_endpoint()
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]
@@ -53,6 +54,8 @@ def status_text(path: Path) -> str:
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
     )
+    for name, rows, ok, error, pico in endpoints:  # a fleet's run (engine/router.py)
+        lines.append(f"  endpoint {name}: {rows:,} rows ({ok:,} ok, {error:,} error), {format_usd(pico)}")
     if t["last_written"]:
         ago = time.time() - t["last_written"]
         lines.append(

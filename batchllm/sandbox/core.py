@@ -33,6 +33,7 @@ import hashlib
 import math
 import random
 import secrets
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class SandboxConfig:
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
+    # What it bills, picodollars a prompt and a completion token: ``billed_pico`` in its stats
+    # (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
+    prices: tuple[int, int] | None = None
 
 
 class _Gcra:
@@ -126,18 +130,22 @@ SERVED_ALIASES = {
 }
 
 
+def served_models() -> dict[str, Model]:
+    """The models of ``batchllm models``, and (as a self-hosted OpenAI-compatible server serves
+    the same Llama models under the names vLLM gives them, Hugging Face's) their aliases."""
+    models = {m.name: m for m in load_models().values()}
+    for alias, name in SERVED_ALIASES.items():
+        if name in models:
+            models[alias] = dataclasses.replace(models[name], name=alias)
+    return models
+
+
 class Sandbox:
     """The emulator's state and handlers; ``app()`` gives the aiohttp application."""
 
     def __init__(self, config: SandboxConfig | None = None, models: dict[str, Model] | None = None):
         self.config = config or SandboxConfig()
-        # A self-hosted OpenAI-compatible server serves the same Llama models, under the names
-        # vLLM gives them (Hugging Face's), as the README's examples use.
-        self.models = models or {m.name: m for m in load_models().values()}
-        if models is None:
-            for alias, name in SERVED_ALIASES.items():
-                if name in self.models:
-                    self.models[alias] = dataclasses.replace(self.models[name], name=alias)
+        self.models = models or served_models()
         self.counter = get_counter()
         self.rng = random.Random(self.config.seed)
         self.limiter = (
@@ -309,6 +317,8 @@ class Sandbox:
         if not garbled:  # what the emulated provider bills
             self.stats["prompt_tokens"] += prompt_tokens
             self.stats["completion_tokens"] += n
+            if cfg.prices is not None:
+                self.stats["billed_pico"] += prompt_tokens * cfg.prices[0] + n * cfg.prices[1]
         response = face.success(text, prompt_tokens, n, truncated, model.name, usage)
         response.headers.update(self._rate_headers(face))
         if garbled:
@@ -357,15 +367,26 @@ def _user_key(body: bytes) -> str:
         return "malformed"
 
 
+PATHS = {"dataoorts": "/api/v1", "openai": "/v1"}
+
+
+def endpoint_for(base_url: str, provider: str) -> str:
+    """The endpoint a provider is given for a sandbox at ``base_url``."""
+    return base_url + PATHS[provider]
+
+
 async def start_sandbox(
-    config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    config: SandboxConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    models: dict[str, Model] | None = None,
 ) -> tuple[web.AppRunner, Sandbox, str]:
     """Start the sandbox in the running loop; returns (runner, sandbox, base URL).
 
     The base URL (``http://127.0.0.1:PORT``) + ``/api/v1`` is the Dataoorts face, + ``/v1`` the
     OpenAI provider's endpoint.
     """
-    sandbox = Sandbox(config)
+    sandbox = Sandbox(config, models)
     runner = web.AppRunner(sandbox.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
@@ -376,3 +397,12 @@ async def start_sandbox(
     bound = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     return runner, sandbox, f"http://{shown}:{bound}"
+
+
+async def until_stopped() -> None:
+    """Wait for SIGINT or SIGTERM (``batchllm sandbox`` serves until then)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
