@@ -342,6 +342,8 @@ def test_batchllm_sandbox_serves_a_fleet_and_each_endpoint_bills_what_its_rows_c
         assert all(e["last_run"]["throttled"] == 0 for e in by.values() if e["last_run"])
         text_report = run_cli(["report", str(out)])
         assert "by endpoint:" in text_report.stdout and "own-vllm" in text_report.stdout
+        assert run_cli(["report", str(out), "--html", str(tmp_path / "r.html")]).exit_code == 0
+        assert "<h2>By endpoint</h2>" in (tmp_path / "r.html").read_text()
         status = run_cli(["status", str(out)])
         assert status.exit_code == 0 and "endpoint own-vllm:" in status.stdout, status.output
         stored = out.read_bytes() + (tmp_path / "out.parquet.batchllm" / "journal.sqlite").read_bytes()

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from ..engine.journal import DB_NAME, Journal
 from ..engine.observer import Observer
 from ..engine.output import SUMMARY_NAME, Totals, read_summary
+from ..engine.router import Counts
 from ..engine.runner import STOP_EXIT, RunResult, write_atomic
 from ..engine.stats import Stats, StopReason
 from ..engine.summary import build_summary, next_step
@@ -110,6 +111,8 @@ def result(
         )
     finally:
         journal.conn.close()
+    if job.fleet is not None:
+        summary["endpoints"] = endpoints(counts, [e.name for e in job.fleet])
     if not summary["complete"]:
         summary["next"] = next_step(reason, run_cap=bool(done.get("run_cap_reached")))
     summary["engine"] = {
@@ -157,3 +160,12 @@ def _budget_message(job: Job, done: dict[str, Any]) -> str:
         f"budget reached: this output has cost {format_usd(done['spent_pico'])} of the "
         f"{format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
     )
+
+
+def endpoints(counts: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A fleet's summary lines from the actors' counters (worker.py, ``_endpoint_counts``)."""
+    out = {}
+    for name in names:
+        fields = {f.name: counts.get(f"endpoint/{name}/{f.name}", 0) for f in dataclasses.fields(Counts)}
+        out[name] = Counts(**fields).describe()
+    return out

@@ -65,6 +65,7 @@ class Completer:
         self.job = job
         self.fleet, self.keys = fleet, keys
         self.router: Router | None = None
+        self._reported: dict[str, float] = {}  # the router's counts the coordinator has
         self.url = url
         self.key = key
         self.coordinator = coordinator
@@ -222,6 +223,7 @@ class Completer:
             self.gate.recorded([row_ids[i] for i in send])  # none may stay held past its batch
             stats = d.stats
             counts = {"requests": stats.requests, "retries": stats.retries, "rejected": stats.rejected}
+            counts.update(self._endpoint_counts())
             self.coordinator.record.remote(ledger.owner, [], counts)
         if d.stop_reason is not None and self.limiter.stop is None:
             # This actor's own stop (a bad key, too many errors): the whole run stops, and this
@@ -231,6 +233,19 @@ class Completer:
                 message = self.provider.advice(d.stop_error, key_source(job))
             self.limiter.stopped((d.stop_reason.value, message))
             self.coordinator.stop.remote(d.stop_reason.value, message)
+
+    def _endpoint_counts(self) -> dict[str, Any]:
+        """What each fleet endpoint did since the last report (``results.endpoints`` adds the
+        actors' up): ``endpoint/NAME/FIELD`` keys of the coordinator's counters."""
+        if self.router is None:
+            return {}
+        out: dict[str, Any] = {}
+        for m in self.router.members:
+            for field_name, value in dataclasses.asdict(m.counts).items():
+                key = f"endpoint/{m.name}/{field_name}"
+                out[key] = value - self._reported.get(key, 0)
+                self._reported[key] = value
+        return out
 
     def _output(
         self, table: pa.Table, row_ids: list[str], entries: dict[str, Entry], shown_elsewhere: set[str]

@@ -362,12 +362,12 @@ class Journal(KeyIndex, InflightBook, SpendBook):
             totals[name] += carried[k] + partial[k]
         return totals
 
-    def by_endpoint(self) -> list[tuple[str, int, int, int, int]]:
-        """A fleet's rows by the endpoint that answered: (name, rows, ok, error, cost in pico);
-        empty for a journal no fleet wrote to."""
+    def by_endpoint(self) -> list[tuple[str, int, int, int, int, float | None]]:
+        """A fleet's rows by the endpoint that answered: (name, rows, ok, error, cost in pico,
+        mean latency in ms of its answers); empty for a journal no fleet wrote to."""
         return self.conn.execute(
             "SELECT endpoint, COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "
-            "COALESCE(SUM(input_cost_pico + output_cost_pico), 0) FROM rows "
+            "COALESCE(SUM(input_cost_pico + output_cost_pico), 0), AVG(latency_ms) FROM rows "
             "WHERE endpoint IS NOT NULL GROUP BY endpoint ORDER BY endpoint"
         ).fetchall()
 

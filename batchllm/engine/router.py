@@ -79,6 +79,18 @@ class Counts:
     latency_ms: float = 0.0
     cost_pico: int = 0
 
+    def describe(self, out: str | None = None) -> dict[str, Any]:
+        """The summary's line for the endpoint (``out``: why it left the run, if it did)."""
+        return {
+            "requests": self.requests,
+            "ok": self.ok,
+            "errors": self.errors,
+            "throttled": self.throttled,
+            "mean_latency_ms": round(self.latency_ms / self.ok, 1) if self.ok else None,
+            "cost_usd": usd_text(self.cost_pico),
+            "out": out,
+        }
+
 
 class Member:
     """One endpoint of the fleet, as the pool uses it."""
@@ -310,18 +322,7 @@ class Router:
         return left
 
     def summary(self) -> dict[str, Any]:
-        return {
-            m.name: {
-                "requests": m.counts.requests,
-                "ok": m.counts.ok,
-                "errors": m.counts.errors,
-                "throttled": m.counts.throttled,
-                "mean_latency_ms": round(m.counts.latency_ms / m.counts.ok, 1) if m.counts.ok else None,
-                "cost_usd": usd_text(m.counts.cost_pico),
-                "out": m.gone,
-            }
-            for m in self.members
-        }
+        return {m.name: m.counts.describe(m.gone) for m in self.members}
 
 
 def fleet_router(

@@ -44,6 +44,22 @@ def _table_html(rows: list[tuple[str, str]]) -> str:
     )
 
 
+def _endpoints_html(endpoints: dict[str, Any]) -> str:
+    header = "".join(
+        f"<th>{h}</th>"
+        for h in ("endpoint", "rows", "ok", "error", "tokens", "cost", "p50 ms", "last run: requests", "429s")
+    )
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{e['rows']:,}</td><td>{e['ok']:,}</td><td>{e['error']:,}</td>"
+        f"<td>{e['prompt_tokens'] + e['completion_tokens']:,}</td><td class=n>{svg.money(e['cost_usd'])}</td>"
+        f"<td class=n>{'-' if e['latency_ms']['p50'] is None else e['latency_ms']['p50']}</td>"
+        f"<td class=n>{(e['last_run'] or {}).get('requests', '-')}</td>"
+        f"<td class=n>{(e['last_run'] or {}).get('throttled', '-')}</td></tr>"
+        for k, e in endpoints.items()
+    )
+    return f"<h2>By endpoint</h2><table class='grid'><tr>{header}</tr>{body}</table>"
+
+
 def write_html(path: Path, output: Path, by: str | None) -> dict[str, Any]:
     report = build_report(output, by)
     frame, _ = load(output, by)
@@ -71,6 +87,8 @@ def write_html(path: Path, output: Path, by: str | None) -> dict[str, Any]:
         plots.append(svg.bars(f"Cost by {by}", labels, [usd(groups[k]["_cost_pico"]) for k in labels]))
     else:
         plots.append(svg.bars("Cost by status", ["ok"], [usd(report["overall"]["_cost_pico"])]))
+    if "endpoints" in report:  # a fleet's output (by_endpoint.py)
+        sections.append(_endpoints_html(report["endpoints"]))
     plots.append(
         svg.histogram("Prompt tokens per row", ok["prompt_tokens"].to_numpy(dtype=float), "prompt tokens")
     )

@@ -54,8 +54,11 @@ def status_text(path: Path) -> str:
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
     )
-    for name, rows, ok, error, pico in endpoints:  # a fleet's run (engine/router.py)
-        lines.append(f"  endpoint {name}: {rows:,} rows ({ok:,} ok, {error:,} error), {format_usd(pico)}")
+    for name, rows, ok, error, pico, latency in endpoints:  # a fleet's run (engine/router.py)
+        mean = f", mean latency {latency:,.0f} ms" if latency is not None else ""
+        lines.append(
+            f"  endpoint {name}: {rows:,} rows ({ok:,} ok, {error:,} error), {format_usd(pico)}{mean}"
+        )
     if t["last_written"]:
         ago = time.time() - t["last_written"]
         lines.append(
