@@ -11,6 +11,17 @@ from ..job import build_job
 from . import CONTEXT, cli, handles_errors
 from .options import CHECKPOINT_OPTION, JOB_OPTION, LEDGER_OPTION, REQUEST_OPTIONS, apply, collect
 
+# A batch file for one endpoint of a fleet (fleet.batch_endpoint), and its replies priced there.
+FLEET_OPTIONS = [
+    click.option(
+        "--fleet",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A fleet file: the batch goes to one of its endpoints (--fleet-endpoint, else the cheapest "
+        "that takes batch files), and its rows name it in the output's endpoint column.",
+    ),
+    click.option("--fleet-endpoint", help="With --fleet: the endpoint's name."),
+]
+
 
 @cli.command(
     "export-batch",
@@ -36,13 +47,7 @@ from .options import CHECKPOINT_OPTION, JOB_OPTION, LEDGER_OPTION, REQUEST_OPTIO
         *REQUEST_OPTIONS,
     ]
 )
-@click.option(
-    "--fleet",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A fleet file: the batch goes to one of its endpoints (--fleet-endpoint, else the cheapest that "
-    "takes batch files), and its rows name it in the output's endpoint column.",
-)
-@click.option("--fleet-endpoint", help="With --fleet: the endpoint's name.")
+@apply(FLEET_OPTIONS)
 @click.option(
     "--skip-done",
     type=click.Path(path_type=Path),
@@ -76,7 +81,7 @@ def export_cmd(
     with exactly the messages and parameters `run` sends. A larger export is split into numbered
     parts (FILE.001.jsonl, ...) to fit --max-lines and --max-bytes; one that fits keeps the name.
     """
-    from ..backends.batch_transfer import export_batch
+    from ..backends.batch_export import export_batch
     from ..errors import JobError
 
     values, job_file, given = collect(ctx, input_path, params)
@@ -148,13 +153,7 @@ def _via(job: Any, fleet: Path | None, name: str | None) -> Any:
         LEDGER_OPTION,
     ]
 )
-@click.option(
-    "--fleet",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A fleet file: the batch goes to one of its endpoints (--fleet-endpoint, else the cheapest that "
-    "takes batch files), and its rows name it in the output's endpoint column.",
-)
-@click.option("--fleet-endpoint", help="With --fleet: the endpoint's name.")
+@apply(FLEET_OPTIONS)
 @click.pass_context
 @handles_errors
 def import_cmd(
