@@ -136,6 +136,26 @@ def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) 
     assert versus["cost_usd"]["expected"] == e["cost_usd"]["expected"]
 
 
+def test_pilot_answered_from_the_cache_learns_lengths_and_sends_nothing(sandbox, tmp_path: Path) -> None:
+    """A job that has run once (temperature 0, so cached): a pilot into a new output is answered
+    from the cache, costs nothing and still learns the replies' lengths, as does --compare."""
+    sample = ROOT / "sample_data" / "reviews.csv"
+    common = [str(sample), "--template", TEMPLATE, "--max-tokens", "64", "--temperature", "0", "--rpm", "0"]
+    first = tmp_path / "first.parquet"
+    assert run_cli(["run", *common, "-o", str(first)], env=sandbox.env()).exit_code == 0
+    lengths = {r["review_id"]: r["completion_tokens"] for r in pq.read_table(first).to_pylist()}
+    sent = sandbox.count()
+    second = ["-o", str(tmp_path / "second.parquet")]
+    est = run_cli(["estimate", *common, *second, "--pilot", "20", "--format", "json"], env=sandbox.env())
+    assert est.exit_code == 0, est.stderr
+    e = json.loads(est.stdout)["cost_usd"]
+    assert sandbox.count() == sent and e["observed_rows"] == 20
+    assert 0 < e["observed_mean_completion_tokens"] <= max(lengths.values())
+    compare = run_cli(["estimate", *common, *second, "--compare", "--format", "json"])
+    mine = [m for m in json.loads(compare.stdout)["models"] if m["current"]][0]
+    assert mine["expected_usd"] is not None
+
+
 def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
     sample = ROOT / "sample_data" / "reviews.csv"
     out = tmp_path / "out.parquet"

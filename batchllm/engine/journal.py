@@ -32,7 +32,8 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ from .journal_schema import (
 )
 from .key_index import KEY_BATCH, KeyIndex
 from .spend import CARRY_ENTRY, RESUME_ATTEMPTS, SpendBook
+
+CACHED_LENGTHS = "cached_completions"  # meta: lengths of cached replies runs served
 
 __all__ = [
     "KEY_BATCH",
@@ -335,12 +338,23 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         return {r[0]: Entry._make(r) for r in cur}
 
     def observed(self) -> tuple[list[int], list[int]]:
-        """Completion tokens and requests of every answered row (what an estimate learns from)."""
+        """Completion tokens and requests of every answered row (what an estimate learns from);
+        a cached reply's row paid 0 tokens, so its length comes from ``meta`` (one request)."""
         rows = self.conn.execute(
             "SELECT completion_tokens, attempts FROM rows WHERE completion_tokens IS NOT NULL "
             "AND answered_by IS NULL AND cached IS NOT 1"
         ).fetchall()
-        return [int(r[0]) for r in rows], [int(r[1]) for r in rows]
+        completions, requests = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
+        for length, count in (self.get_meta(CACHED_LENGTHS) or {}).items():
+            completions += [int(length)] * count
+            requests += [1] * count
+        return completions, requests
+
+    def add_cached_lengths(self, lengths: Mapping[int, int]) -> None:
+        """Add the completion lengths of cached replies a run served (length -> replies)."""
+        merged = Counter({int(k): v for k, v in (self.get_meta(CACHED_LENGTHS) or {}).items()})
+        merged.update(lengths)
+        self.set_meta(CACHED_LENGTHS, {str(k): v for k, v in sorted(merged.items())})
 
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(
@@ -361,28 +375,6 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         ):
             totals[name] += carried[k] + partial[k]
         return totals
-
-    def by_endpoint(self) -> list[tuple[str, int, int, int, int, float | None]]:
-        """A fleet's rows by the endpoint that answered: (name, rows, ok, error, cost in pico,
-        mean latency in ms of its answers); empty for a journal no fleet wrote to."""
-        return self.conn.execute(
-            "SELECT endpoint, COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "
-            "COALESCE(SUM(input_cost_pico + output_cost_pico), 0), AVG(latency_ms) FROM rows "
-            "WHERE endpoint IS NOT NULL GROUP BY endpoint ORDER BY endpoint"
-        ).fetchall()
-
-    def price_unpriced(self, input_pico: int, output_pico: int) -> int:
-        """Give rows done without a price (an unlisted model) this run's prices; returns how many.
-
-        A known cost is never changed: a row costs what it cost when it was answered (live, or at
-        a batch discount), so one output may hold rows at several prices.
-        """
-        cur = self.conn.execute(
-            "UPDATE rows SET input_cost_pico = prompt_tokens * ?, output_cost_pico = completion_tokens * ? "
-            "WHERE status = 'ok' AND (input_cost_pico IS NULL OR output_cost_pico IS NULL)",
-            (input_pico, output_pico),
-        )
-        return cur.rowcount
 
     def attempts_for(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""

@@ -18,6 +18,7 @@ stopped) stay pending, like it.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from ..pricing import Model, cost
@@ -61,6 +62,9 @@ class Reuse:
         self.copies = 0  # rows answered by another row's reply
         self.hits = 0  # rows answered from the cache
         self.saved_pico = 0  # what the cache hits would have cost
+        # Completion lengths of the cached replies served: what an estimate learns from when a
+        # run (a pilot) is answered from the cache (journal.observed).
+        self.hit_lengths: Counter[int] = Counter()
 
     def screen(self, rows: Sequence[tuple[str, str, Request]]) -> list[str | None]:
         """Per row (row_id, content_hash, request): its key if it must be sent, None if answered."""
@@ -156,6 +160,7 @@ class Reuse:
         would_in, would_out = cost(self.model.prices, hit.prompt_tokens, hit.completion_tokens)
         self.saved_pico += (would_in or 0) + (would_out or 0)
         self.hits += 1
+        self.hit_lengths[hit.completion_tokens] += 1
 
     def _cache_key(self, request: Request) -> str:
         return cache_key(self.endpoint_id, (f"packed {self.packed}:" if self.packed else "") + request.key())

@@ -331,6 +331,8 @@ class Run:
                 )
             return out
 
+        if self.reuse is not None and self.reuse.hit_lengths and reason is not StopReason.JOURNAL:
+            journal.add_cached_lengths(self.reuse.hit_lengths)
         # With the journal unwritable the disk is likely full: leave the output as it was.
         if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
             journal.flush()

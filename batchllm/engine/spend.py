@@ -1,4 +1,5 @@
-"""What a journal knows of money beyond its rows' entries: mixed into ``journal.Journal``.
+"""What a journal knows of money (costs beyond rows' entries, prices of unpriced rows, cost by
+endpoint): mixed into ``journal.Journal``.
 
 A row sent again while the journal holds an entry for it (``--retry-errors``,
 ``--refresh-changed``) must not lose what its earlier answers cost. ``supersede`` (run in the
@@ -109,3 +110,25 @@ class SpendBook:
         if self.has_unsettled():
             sql += " UNION SELECT row_id FROM carried"
         return [r[0] for r in self.conn.execute(sql)]
+
+    def by_endpoint(self) -> list[tuple[str, int, int, int, int, float | None]]:
+        """A fleet's rows by the endpoint that answered: (name, rows, ok, error, cost in pico,
+        mean latency in ms of its answers); empty for a journal no fleet wrote to."""
+        return self.conn.execute(
+            "SELECT endpoint, COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "
+            "COALESCE(SUM(input_cost_pico + output_cost_pico), 0), AVG(latency_ms) FROM rows "
+            "WHERE endpoint IS NOT NULL GROUP BY endpoint ORDER BY endpoint"
+        ).fetchall()
+
+    def price_unpriced(self, input_pico: int, output_pico: int) -> int:
+        """Give rows done without a price (an unlisted model) this run's prices; returns how many.
+
+        A known cost is never changed: a row costs what it cost when it was answered (live, or at
+        a batch discount), so one output may hold rows at several prices.
+        """
+        cur = self.conn.execute(
+            "UPDATE rows SET input_cost_pico = prompt_tokens * ?, output_cost_pico = completion_tokens * ? "
+            "WHERE status = 'ok' AND (input_cost_pico IS NULL OR output_cost_pico IS NULL)",
+            (input_pico, output_pico),
+        )
+        return cur.rowcount

@@ -27,7 +27,7 @@ def grid(header: list[str], body: list[list[str]], md: bool) -> list[str]:
         ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return ["  " + fmt.format(*header), *["  " + fmt.format(*r) for r in body]]
+    return [("  " + fmt.format(*r)).rstrip() for r in (header, *body)]
 
 
 def public(report: Any) -> Any:
