@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import re
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -278,6 +280,18 @@ def test_plots_have_round_ticks_and_survive_an_outlier() -> None:
     assert svg.nice_ticks(1234) == [0, 500, 1000, 1500]
     assert [svg.money(v) for v in (0, 0.0005, 1.5, 1234.567, "0.000023912")] == [
         "$0", "$0.0005", "$1.50", "$1,234.57", "$0.00002391"]  # fmt: skip
+    # An axis's money: one number of decimals on every tick, as many as its step needs.
+    for ticks, shown in (([0, 200, 400, 600], ["$0", "$200", "$400", "$600"]),
+                         ([0, 0.1, 0.2, 0.3], ["$0", "$0.10", "$0.20", "$0.30"]),
+                         ([0, 0.005, 0.01], ["$0", "$0.005", "$0.010"])):  # fmt: skip
+        assert [svg.money_format(ticks)(t) for t in ticks] == shown
+    # Sixty days under one axis: only as many labels as fit side by side, none past the edge.
+    days = [f"2026-10-{d:02d}" if d < 32 else f"2026-11-{d - 31:02d}" for d in range(1, 61)]
+    plot = svg.stacked_bars("Spend by day", days, {"job": [1.0] * 60})
+    xs = [
+        float(x) for x in re.findall(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="\w+" class="l">2026', plot)
+    ]
+    assert 4 <= len(xs) <= 8 and min(b - a for a, b in itertools.pairwise(xs)) > 10 * svg.CHAR_PX
     # 999 rows of 100 to 200 tokens and one of 1,000,000: the bins still cover 100 to 200.
     values = np.concatenate([np.linspace(100, 200, 999), [1_000_000.0]])
     page = svg.histogram("Prompt tokens per row", values, "prompt tokens")

@@ -64,6 +64,8 @@ def write_html(path: Path, output: Path, by: str | None) -> dict[str, Any]:
     report = build_report(output, by)
     frame, _ = load(output, by)
     ok = frame[frame["status"] == "ok"]
+    if "cached" in ok.columns:  # the histograms show requests: rows answered for free sent none
+        ok = ok[ok["answered_by"].isna() & ~ok["cached"].fillna(False).astype(bool)]
     sections = [
         f"<h1>Cost report</h1><p>{html.escape(str(output))} &middot; model {html.escape(str(report['model']))}</p>",
         _table_html(_rows(report["overall"], svg.money)),

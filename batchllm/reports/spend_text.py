@@ -69,7 +69,7 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     if p["count"]:
         out += ["", f"runs that failed, were killed or are unfinished: {p['count']:,}"
                 + (f" (the latest {len(p['runs'])})" if p["count"] > len(p["runs"]) else "")]  # fmt: skip
-        rows = [[r["started_at"], r["job"], _state(r), (r["message"] or "")[:100]] for r in p["runs"]]
+        rows = [[r["started_at"], r["job"], _state(r), _clip(r["message"] or "", 120)] for r in p["runs"]]
         out.append(_table(["started", "job", "state", "message"], rows, md))
     if "runs" in report:
         out += ["", f"runs: {len(report['runs']):,}"]
@@ -110,3 +110,9 @@ def _csv(report: dict[str, Any]) -> str:
     for g in [*report["groups"], {**dict.fromkeys(by, "total"), **report["total"]}]:
         w.writerow([*(g[k] for k in by), *(g[s] for s in SUMS), g["cost_usd"]])
     return buf.getvalue().rstrip("\n")
+
+
+def _clip(text: str, width: int) -> str:
+    """One line of at most ``width`` characters, cut at a word with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1].rsplit(" ", 1)[0] + " …"

@@ -52,8 +52,16 @@ def money(value: Decimal | float | str | None) -> str:
     return f"${whole}.{frac.ljust(2, '0')}"
 
 
+def _money(v: float) -> str:
+    return money(round(v, 12))
+
+
 def money_format(ticks: Sequence[float]) -> Fmt:
-    return lambda v: money(round(v, 12))
+    """An axis's money: whole dollars for a step of a dollar or more (``$200``), else cents or as
+    many decimals as the step needs (``$0.10``, ``$0.005``), the same on every tick; ``$0``."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    d = 0 if step >= 1 else max(2, _decimals(step))
+    return lambda v: "$0" if v == 0 else f"${v:,.{d}f}"
 
 
 def number_format(ticks: Sequence[float]) -> Fmt:
@@ -96,13 +104,22 @@ def y_axis(ticks: Sequence[float], fmt: Fmt) -> str:
     return "".join(parts)
 
 
+CHAR_PX = 6.2  # width of a character of the axis labels' 10px font, with room to spare
+
+
 def _x_labels(labels: Sequence[str], centre: Callable[[int], float]) -> str:
-    every = max(1, math.ceil(len(labels) / 10))  # at most ten labels under the axis
-    return "".join(
-        f'<text x="{centre(i):.1f}" y="{H - BOTTOM + 14}" text-anchor="middle" class="l">{html.escape(s[:12])}</text>'
-        for i, s in enumerate(labels)
-        if i % every == 0
-    )
+    """Labels under the x axis, as many as fit side by side (every k-th), none past the edges."""
+    texts = [s[:12] for s in labels]
+    room = CHAR_PX * max(len(s) for s in texts) + 10
+    every = max(1, math.ceil(len(texts) * room / (W - LEFT - RIGHT)))
+    parts = []
+    for i in range(0, len(texts), every):
+        x, half = centre(i), CHAR_PX * len(texts[i]) / 2
+        anchor = "end" if x + half > W else "start" if x - half < 0 else "middle"
+        parts.append(
+            f'<text x="{x:.1f}" y="{H - BOTTOM + 14}" text-anchor="{anchor}" class="l">{html.escape(texts[i])}</text>'
+        )
+    return "".join(parts)
 
 
 def stacked_bars(
@@ -118,6 +135,7 @@ def stacked_bars(
     totals = [sum(v[i] for v in series.values()) for i in range(len(labels))]
     ticks = nice_ticks(max(totals))
     fmt = (money_format if money else number_format)(ticks)
+    exact = _money if money else fmt  # a tooltip shows the value, not the axis's rounding
     span = (W - LEFT - RIGHT) / len(labels)
     parts = []
     for i, label in enumerate(labels):
@@ -130,7 +148,7 @@ def stacked_bars(
             parts.append(
                 f'<rect x="{LEFT + i * span + span * 0.1:.1f}" y="{y1:.1f}" width="{span * 0.8:.1f}" '
                 f'height="{y0 - y1:.1f}" fill="{PALETTE[k % len(PALETTE)]}"><title>'
-                f"{html.escape(label)} {html.escape(name)}: {fmt(v)}</title></rect>"
+                f"{html.escape(label)} {html.escape(name)}: {exact(v)}</title></rect>"
             )
             base += v
     ticks_x = _x_labels(labels, lambda i: LEFT + (i + 0.5) * span)
@@ -190,7 +208,7 @@ def histogram(title: str, values: np.ndarray, x_label: str, bins: int = 30) -> s
     overflow = int((values > edge).sum())
     counts, edges = np.histogram(values[values <= edge], bins=bins, range=(x0, edge))
     y_ticks = nice_ticks(float(max(counts.max(), overflow)))
-    span = (W - LEFT - RIGHT) / (bins + (2 if overflow else 0))
+    span = (W - LEFT - RIGHT) / (bins + (3 if overflow else 0))  # a gap, so "more" is apart
     top = y_ticks[-1]
     parts = []
     for i, c in enumerate(counts):
@@ -202,7 +220,7 @@ def histogram(title: str, values: np.ndarray, x_label: str, bins: int = 30) -> s
         )
     x_fmt = number_format(x_ticks)
     if overflow:
-        y, x = _y(overflow, top), LEFT + (bins + 1) * span
+        y, x = _y(overflow, top), LEFT + (bins + 2) * span
         parts.append(
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{span - 1:.1f}" height="{H - BOTTOM - y:.1f}" '
             f'fill="{PALETTE[3]}"><title>over {x_fmt(edge)} (up to {hi:,.4g}): {overflow:,}</title></rect>'
