@@ -254,7 +254,9 @@ def test_a_fleet_with_labels_a_budget_and_a_changed_fleet_on_resume(sandbox_fact
     src = prompts_csv(tmp_path / "in.csv", 400)
     out = tmp_path / "out.parquet"
     env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
-    base = ["run", str(src), "-o", str(out), "--labels", "yes,no", "--max-tokens", "8", "--progress", "none"]
+    ledger = tmp_path / "ledger.db"
+    base = ["run", str(src), "-o", str(out), "--labels", "yes,no", "--max-tokens", "8", "--progress", "none",
+            "--ledger", str(ledger)]  # fmt: skip
     capped = run_cli([*base, "--fleet", str(both), "--max-cost", "0.0004"], env=env)
     assert capped.exit_code == 3, capped.output
     first = summary_of(out)
@@ -287,6 +289,18 @@ def test_a_fleet_with_labels_a_budget_and_a_changed_fleet_on_resume(sandbox_fact
     billed = sum((box.sandbox.stats["prompt_tokens"] + box.sandbox.stats["completion_tokens"]) * pico
                  for box, pico in ((cheap, 100_000), (dear, 900_000)))  # fmt: skip
     assert sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in rows if r["cost_usd"]) == billed
+    # The ledger splits both runs by the provider that answered: each what its endpoint billed.
+    spend = run_cli(["spend", "--ledger", str(ledger), "--by", "provider", "--format", "json"])
+    groups = {g["provider"]: g for g in json.loads(spend.stdout)["groups"]}
+    for provider, box, pico in (("dataoorts", cheap, 100_000), ("openai", dear, 900_000)):
+        stats = box.sandbox.stats
+        assert groups[provider]["prompt_tokens"] == stats["prompt_tokens"], provider
+        assert (
+            Decimal(groups[provider]["cost_usd"]) * 10**12
+            == (stats["prompt_tokens"] + stats["completion_tokens"]) * pico
+        )
+    assert sum(g["runs"] for g in groups.values()) == 2 and sum(g["rows_ok"] for g in groups.values()) == len(
+        [r for r in rows if r["status"] == "ok"])  # fmt: skip
 
 
 FLEET = ROOT / "jobs" / "fleets" / "three_endpoints.toml"

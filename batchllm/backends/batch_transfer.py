@@ -91,8 +91,10 @@ def import_batch(
     try:
         journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
         start = Snapshot.of(journal.totals())
+        # The ledger names who answered: the fleet endpoint the file went to, else the job's.
+        answered = (via.provider, via.endpoint, via.model.name) if via else (provider.name, "", p.model.name)
         record = RunRecord.begin(
-            **of_job(job), kind="import", provider=provider.name, endpoint="", model=p.model.name,
+            **of_job(job), kind="import", provider=answered[0], endpoint=answered[1], model=answered[2],
             engine="batch", rows_total=p.rows, start=start, lost=(0, 0), warn=warn,
         )  # fmt: skip
         try:

@@ -48,10 +48,14 @@ class Booking:
             return self._prices
         return self.router.by_name[c.endpoint].model.prices
 
-    def charged(self, c: Completion, pico: int) -> None:
-        """What a reply cost, on the books of the fleet endpoint that gave it (the summary's)."""
+    def charged(self, c: Completion, pico: int, prompt_tokens: int, completion_tokens: int) -> None:
+        """What a reply cost, on the books of the fleet endpoint that gave it (the summary's,
+        and the ledger's split of a fleet run by endpoint)."""
         if c.endpoint is not None and self.router is not None:
-            self.router.by_name[c.endpoint].counts.cost_pico += pico
+            counts = self.router.by_name[c.endpoint].counts
+            counts.cost_pico += pico
+            counts.prompt_tokens += prompt_tokens
+            counts.completion_tokens += completion_tokens
 
     def model_of(self, c: Completion) -> str:
         if c.endpoint is None or self.router is None:
@@ -89,7 +93,7 @@ class Booking:
                   counted, None, item.key or None, None, None, c.endpoint),
         )  # fmt: skip
         billed = (in_cost or 0) + (out_cost or 0)
-        self.charged(c, billed)
+        self.charged(c, billed, prompt_tokens, completion_tokens)
         stats = self.stats
         stats.ok += 1
         stats.prompt_tokens += prompt_tokens

@@ -113,7 +113,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         stats.prompt_tokens += pt
         stats.completion_tokens += ct
         stats.cost_pico += billed
-        d.charged(result, billed)
+        d.charged(result, billed, pt, ct)
         d.limiter.on_success()
         return (
             Attempt(

@@ -307,7 +307,7 @@ class Packs:
             stats.prompt_tokens += pt
             stats.completion_tokens += ct
             stats.cost_pico += billed
-            d.charged(result, billed)
+            d.charged(result, billed, pt, ct)
             d.limiter.on_success()
             return True
         finally:

@@ -78,6 +78,8 @@ class Counts:
     throttled: int = 0
     latency_ms: float = 0.0
     cost_pico: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def describe(self, out: str | None = None) -> dict[str, Any]:
         """The summary's line for the endpoint (``out``: why it left the run, if it did)."""
@@ -88,6 +90,8 @@ class Counts:
             "throttled": self.throttled,
             "mean_latency_ms": round(self.latency_ms / self.ok, 1) if self.ok else None,
             "cost_usd": usd_text(self.cost_pico),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "out": out,
         }
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..job import Job
 
 PROGRESS_EVERY = 5.0  # seconds between a running run's progress updates
+Part = tuple[str, str, str]  # provider, endpoint host, model
 
 
 @dataclass
@@ -98,6 +99,8 @@ class RunRecord:
         self.run_id = run_id
         self.path = path
         self.warn = warn
+        self.parts: Mapping[str, Part] = {}  # a fleet's endpoints: name -> provider, host, model
+        self.own: Part = ("", "", "")  # the run's own provider, host and model
         self.started_at = time.time()
         self._last_progress = time.monotonic()
 
@@ -119,6 +122,7 @@ class RunRecord:
         lost: tuple[int, int],
         warn: Callable[[str], None],
         month_cap_pico: int | None = None,
+        parts: Mapping[str, Part] | None = None,
     ) -> RunRecord:
         """Write the record of a run starting now, after closing the records of earlier runs of
         the same output that were killed (``recover``: from ``start``, and ``lost``, the requests
@@ -153,7 +157,10 @@ class RunRecord:
                 ) from None
             warn(f"{path}: cannot write the ledger ({exc}): this run is not recorded in it")
             return cls(None, run_id, path, warn)
-        return cls(conn, run_id, path, warn)
+        record = cls(conn, run_id, path, warn)
+        record.parts = parts or {}
+        record.own = (provider, urlsplit(endpoint).hostname or endpoint, model)
+        return record
 
     def month_allowance(self, job: str, cap_pico: int, chunk_pico: int) -> MonthAllowance:
         assert self.conn is not None  # begin raised otherwise
@@ -201,8 +208,39 @@ class RunRecord:
                 _pico(billed.get("worst_case_usd")), self.run_id,
             ),
         )  # fmt: skip
-        self.conn.close()
-        self.conn = None
+        if self.conn is not None and self.parts and summary.get("endpoints"):
+            self._write_parts(summary["endpoints"], delta, this.get("requests", 0))
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _write_parts(self, endpoints: Mapping[str, Any], delta: Snapshot, requests: int) -> None:
+        """A fleet run by endpoint, from the summary's per-endpoint counters; what they do not
+        hold (the run's figures less theirs) is a part of its own, so the parts add up exactly."""
+        names: list[tuple[str, Part]] = []
+        figures: list[tuple[int, int, int, int]] = []  # requests, prompt and completion tokens, cost
+        for name, e in endpoints.items():
+            names.append((name, self.parts.get(name, self.own)))
+            figures.append((int(e.get("requests", 0)), int(e.get("prompt_tokens", 0)),
+                            int(e.get("completion_tokens", 0)), _pico(e.get("cost_usd"))))  # fmt: skip
+        whole = (requests, delta.prompt_tokens, delta.completion_tokens, delta.spent_pico)
+        r0, r1, r2, r3 = (w - sum(f[k] for f in figures) for k, w in enumerate(whole))
+        if r0 or r1 or r2 or r3:
+            names.append(("", self.own))
+            figures.append((r0, r1, r2, r3))
+        top = max(range(len(figures)), key=lambda i: figures[i][3])
+        self._write_many(
+            "INSERT OR REPLACE INTO run_parts (run_id, endpoint, provider, endpoint_host, model, main, requests, "
+            "prompt_tokens, completion_tokens, cost_pico) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(self.run_id, n, *part, int(i == top), *figures[i]) for i, (n, part) in enumerate(names)],
+        )
+
+    def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            self.warn(f"{self.path}: cannot write the ledger ({exc}): this run's record is incomplete")
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         assert self.conn is not None
@@ -222,10 +260,19 @@ def _pico(text: str | None) -> int:
 def of_job(job: Job) -> dict[str, Any]:
     """``RunRecord.begin``'s arguments that a job decides: its ledger, name, output, journal and
     monthly cap."""
+    parts = {
+        e.name: (
+            e.provider,
+            "sandbox" if job.sandbox else urlsplit(e.endpoint).hostname or e.endpoint,
+            e.model.name,
+        )
+        for e in job.fleet or ()
+    }
     return {
         "path": ledger_path(job.ledger),
         "job": job.name,
         "output": job.output,
         "checkpoint": job.journal_dir,
         "month_cap_pico": job.max_cost_per_month_pico,
+        "parts": parts,
     }

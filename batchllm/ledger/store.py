@@ -84,6 +84,22 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started_at);
 CREATE INDEX IF NOT EXISTS runs_open ON runs (checkpoint) WHERE ended_at IS NULL;
+-- A fleet run's tokens, requests and cost by the endpoint that answered (its parts add up to the
+-- run's figures exactly: what the endpoints' counters miss is a part with endpoint ''). The run
+-- counts once, with its rows, under its part of the highest cost (``main`` = 1).
+CREATE TABLE IF NOT EXISTS run_parts (
+    run_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    provider TEXT,
+    endpoint_host TEXT,
+    model TEXT,
+    main INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_pico INTEGER NOT NULL,
+    PRIMARY KEY (run_id, endpoint)
+) WITHOUT ROWID;
 """
 
 OFF = "off"
