@@ -385,6 +385,11 @@ def test_run_with_a_fleet_and_sandbox_labels_packs_dedups_and_caches(tmp_path: P
     assert len(rows) == 80 and all(r["status"] in ("ok", "invalid") for r in rows)
     paid = [r for r in rows if r["cost_usd"]]
     assert paid and all(r["endpoint"] and set(r["endpoint"].split(",")) <= set(PICO) for r in paid)
+    # Each row names the model its endpoints serve under their own names (one name, or several).
+    served = {"dataoorts": "meta/llama-3.1-70b-instruct", "own-vllm": "meta-llama/Llama-3.1-70B-Instruct",
+              "other-host": "meta-llama/Llama-3.1-70B-Instruct"}  # fmt: skip
+    for r in paid:
+        assert r["model"] == ",".join(dict.fromkeys(served[e] for e in r["endpoint"].split(","))), r
     assert sum(1 for r in rows if r["answered_by"]) >= 20  # the repeats rode on their twins' requests
     summary = summary_of(out)
     assert sum(Decimal(e["cost_usd"]) for e in summary["endpoints"].values()) == Decimal(

@@ -58,9 +58,12 @@ class Booking:
             counts.completion_tokens += completion_tokens
 
     def model_of(self, c: Completion) -> str:
-        if c.endpoint is None or self.router is None:
-            return self.model.name
-        return self.router.by_name[c.endpoint].model.name
+        return self.model_at(c.endpoint)
+
+    def model_at(self, endpoint: str | None) -> str:
+        """The model name a fleet endpoint serves (the job's when unknown: not in this fleet)."""
+        member = None if endpoint is None or self.router is None else self.router.by_name.get(endpoint)
+        return self.model.name if member is None else member.model.name
 
     @property
     def counter(self) -> TokenCounter:

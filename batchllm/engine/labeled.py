@@ -203,12 +203,14 @@ def book(
         extra["alone_prompt_tokens"] = item.prompt_tokens * asked
     some = bool(attempts)
     # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).
-    where = ",".join(dict.fromkeys(a.endpoint for a in attempts if a.endpoint)) or None
+    endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
+    where = ",".join(endpoints) or None
+    model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
     d.record(
         item,
         Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
               in_cost if some and priced else None, out_cost if some and priced else None, message,
-              error_class, calls, latency_ms or None, time.time(), d.model.name,
+              error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
               item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None,
               where),
