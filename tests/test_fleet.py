@@ -301,6 +301,12 @@ def test_a_fleet_with_labels_a_budget_and_a_changed_fleet_on_resume(sandbox_fact
         )
     assert sum(g["runs"] for g in groups.values()) == 2 and sum(g["rows_ok"] for g in groups.values()) == len(
         [r for r in rows if r["status"] == "ok"])  # fmt: skip
+    runs = json.loads(run_cli(["spend", "--ledger", str(ledger), "--runs", "--format", "json"]).stdout)[
+        "runs"
+    ]
+    for run in runs:  # each run's endpoints add up to the run
+        assert sum(Decimal(e["cost_usd"]) for e in run["endpoints"]) == Decimal(run["cost_usd"]), run
+    assert {e["endpoint"] for e in runs[1]["endpoints"]} == {"dear"}
 
 
 FLEET = ROOT / "jobs" / "fleets" / "three_endpoints.toml"

@@ -312,6 +312,7 @@ def build_spend(
         month = month_forecast(conn, now)
         problems, count = _problems(conn, since, until)
         runs = load(conn, since, until) if with_runs else None
+        parts = _parts(conn, since, until) if with_runs else {}
     finally:
         conn.close()
     report: dict[str, Any] = {
@@ -326,9 +327,36 @@ def build_spend(
         "problems": {"count": count, "runs": [r.as_dict() for r in problems]},
     }
     if runs is not None:
-        report["runs"] = [r.as_dict() for r in runs]
+        report["runs"] = [{**r.as_dict(), **parts.get(r.run_id, {})} for r in runs]
     report["_cells"] = summed
     return report
+
+
+def _parts(conn: sqlite3.Connection, since: float, until: float) -> dict[str, dict[str, Any]]:
+    """run_id -> ``{"endpoints": [...]}`` for the fleet runs in the window (``--runs``)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        found = conn.execute(
+            "SELECT p.run_id, p.endpoint, p.provider, p.endpoint_host, p.model, p.requests, p.prompt_tokens, "
+            "p.completion_tokens, p.cost_pico FROM run_parts p JOIN runs r ON r.run_id = p.run_id "
+            "WHERE r.started_at >= ? AND r.started_at < ? ORDER BY p.run_id, p.endpoint",
+            (since, until),
+        ).fetchall()
+    except sqlite3.OperationalError:  # a ledger no run of this version wrote to
+        return out
+    names = (
+        "endpoint",
+        "provider",
+        "endpoint_host",
+        "model",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+    for run_id, *fields, cost in found:
+        line = {**dict(zip(names, fields, strict=True)), "cost_usd": usd_text(cost)}
+        out.setdefault(run_id, {"endpoints": []})["endpoints"].append(line)
+    return out
 
 
 def _iso(t: float) -> str:
