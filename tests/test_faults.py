@@ -15,20 +15,31 @@ from .conftest import prompts_csv, run_cli, write_csv
 LIMIT = 20  # requests/s enforced by the sandbox
 
 
-def _rate_figures(log: list[tuple[float, int, str]]) -> tuple[float, float, int]:
-    """(share of 429s, achieved ok rate / limit, most requests in any 1 s window of the first 5 s)."""
+def _rate_figures(log: list[tuple[float, int, str]]) -> tuple[float, float, float, int]:
+    """(share of 429s, achieved ok rate / limit over the whole run, the same from 2 s after the
+    first 429 on, most requests in any 1 s window of the first 5 s)."""
     t0 = log[0][0]
     times = [t - t0 for t, _, _ in log]
     ok = [t - t0 for t, status, _ in log if status == 200]
-    throttled = sum(1 for _, status, _ in log if status == 429)
+    throttles = [t - t0 for t, status, _ in log if status == 429]
     achieved = len(ok) / ok[-1] / LIMIT
+    # Steady state: past the limit's discovery (``--rpm auto``: its first 429 and that pause).
+    later = [t for t in ok if t >= (throttles[0] + 2.0 if throttles else 0.0)]
+    steady = (len(later) - 1) / (later[-1] - later[0]) / LIMIT
     first = max(bisect.bisect_left(times, a + 1.0) - i for i, a in enumerate(times) if a < 4.0)
-    return throttled / len(log), achieved, first
+    return len(throttles) / len(log), achieved, steady, first
 
 
-@pytest.mark.parametrize(("rpm", "max_429", "min_rate"), [("1200", 0.01, 0.95), ("auto", 0.05, 0.85)])
+# ``--rpm auto`` starts at the documented 300/min and takes ~6 s to find the sandbox's 1,200/min
+# (ratelimit.py), about 4 s of a 30 s run: its whole-run figure is lower by design, and its
+# steady state is what a long nightly run gets. Measured on 2 idle cores: 0.88 whole run, 0.97
+# steady; each stray 429 from timing jitter (a loaded CI machine) costs ~1.5 s more.
+@pytest.mark.parametrize(
+    ("rpm", "max_429", "min_rate", "min_steady"),
+    [("1200", 0.01, 0.95, 0.95), ("auto", 0.05, 0.78, 0.88)],
+)
 def test_rate_limit_is_held(
-    sandbox_factory, tmp_path: Path, rpm: str, max_429: float, min_rate: float
+    sandbox_factory, tmp_path: Path, rpm: str, max_429: float, min_rate: float, min_steady: float
 ) -> None:
     box = sandbox_factory(rate_limit=LIMIT)
     src = prompts_csv(tmp_path / "in.csv", 600)
@@ -36,9 +47,10 @@ def test_rate_limit_is_held(
     result = run_cli(["run", str(src), "-o", str(out), "--rpm", rpm], env=box.env())
     assert result.exit_code == 0, result.stderr
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 600}
-    share_429, achieved, first_window = _rate_figures(box.log())
+    share_429, achieved, steady, first_window = _rate_figures(box.log())
     assert share_429 <= max_429
     assert achieved >= min_rate, f"achieved {achieved:.1%} of the limit"
+    assert steady >= min_steady, f"achieved {steady:.1%} of the limit once it was found"
     assert first_window <= LIMIT + 1  # +1: the sandbox's burst tolerance of one request
 
 
