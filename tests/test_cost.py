@@ -138,6 +138,33 @@ def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) 
     assert versus["cost_usd"]["expected"] == e["cost_usd"]["expected"]
 
 
+def test_an_estimate_first_never_stands_in_the_way_of_the_run(sandbox, tmp_path: Path) -> None:
+    """`estimate` keeps its figures in the output's journal. A run with other settings (the
+    built-in sandbox, an edited template) still starts, as nothing was sent from that journal; the
+    estimate stays only if it was of the same requests. A journal with rows still refuses."""
+    sample = ROOT / "sample_data" / "reviews.csv"
+    out = tmp_path / "out.parquet"
+    common = [str(sample), "-o", str(out), "--template", TEMPLATE, "--max-tokens", "16"]
+    assert run_cli(["estimate", *common]).exit_code == 0
+    assert (tmp_path / "out.parquet.batchllm").is_dir()
+    variant = [str(sample), "-o", str(out), "--template", TEMPLATE + " Be brief.", "--max-tokens", "16"]
+    assert run_cli(["estimate", *variant]).exit_code == 0  # an estimate of a variant changes nothing
+    first = run_cli(["run", *common, "--sandbox", "--rpm", "0"])
+    assert first.exit_code == 0, first.stderr
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    versus = report["estimate_vs_actual"]  # the sandbox sends the same requests: the estimate holds
+    assert versus["prompt_tokens"]["estimated"] == versus["prompt_tokens"]["actual"]
+    # An edited template after an estimate: the run starts, without the other requests' estimate.
+    other = tmp_path / "other.parquet"
+    assert run_cli(["estimate", str(sample), "-o", str(other), "--template", TEMPLATE]).exit_code == 0
+    edited = run_cli(["run", *variant[:1], "-o", str(other), *variant[3:], "--rpm", "0"], env=sandbox.env())
+    assert edited.exit_code == 0, edited.stderr
+    assert "estimate_vs_actual" not in json.loads(run_cli(["report", str(other), "--format", "json"]).stdout)
+    # Once rows were answered, other settings are refused as before.
+    refused = run_cli(["run", *common, "--rpm", "0"], env=sandbox.env())
+    assert refused.exit_code == 2 and "sandbox: journal has True" in refused.stderr
+
+
 def test_pilot_answered_from_the_cache_learns_lengths_and_sends_nothing(sandbox, tmp_path: Path) -> None:
     """A job that has run once (temperature 0, so cached): a pilot into a new output is answered
     from the cache, costs nothing and still learns the replies' lengths, as does --compare."""
@@ -236,8 +263,9 @@ def test_estimate_compare_lists_every_model_that_fits(tmp_path: Path) -> None:
     """The sample job on every model in `batchllm models`: Llama prompt tokens exact (the same as
     the job's own estimate), batch prices where the provider has them, and why a model does not fit."""
     job = ROOT / "jobs" / "sentiment.toml"
-    own = json.loads(run_cli(["estimate", "--job", str(job), "--format", "json"]).stdout)
-    result = run_cli(["estimate", "--job", str(job), "--compare", "--format", "json"])
+    here = ["-o", str(tmp_path / "o.parquet")]  # not the job's own output, in the checkout
+    own = json.loads(run_cli(["estimate", "--job", str(job), *here, "--format", "json"]).stdout)
+    result = run_cli(["estimate", "--job", str(job), *here, "--compare", "--format", "json"])
     assert result.exit_code == 0, result.output
     models = {f"{m['provider']}:{m['model']}": m for m in json.loads(result.stdout)["models"]}
     assert set(models) == {"dataoorts:meta/llama-3.1-70b-instruct", "dataoorts:meta/llama-3.1-8b-instruct",
@@ -248,13 +276,15 @@ def test_estimate_compare_lists_every_model_that_fits(tmp_path: Path) -> None:
     mini = models["openai:gpt-4o-mini"]
     assert mini["fits"] and mini["rpm"] == 500 and mini["tpm"] == 200_000
     assert Decimal(mini["batch_worst_case_usd"]) * 2 == Decimal(mini["worst_case_usd"])  # half price
-    text = run_cli(["estimate", "--job", str(job), "--compare"]).stdout
+    text = run_cli(["estimate", "--job", str(job), *here, "--compare"]).stdout
     assert "gpt-4o-mini" in text and "(this job's)" in text
     # A window too small for the reply, and a parameter only one provider takes.
-    big = run_cli(["estimate", "--job", str(job), "--compare", "--max-tokens", "9000", "--format", "json"])
+    big = run_cli(
+        ["estimate", "--job", str(job), *here, "--compare", "--max-tokens", "9000", "--format", "json"]
+    )
     small = {m["model"]: m for m in json.loads(big.stdout)["models"]}["meta/llama-3.1-8b-instruct"]
     assert not small["fits"] and "8,000-token window" in small["why"]
-    top_k = run_cli(["estimate", "--job", str(job), "--compare", "--top-k", "5", "--format", "json"])
+    top_k = run_cli(["estimate", "--job", str(job), *here, "--compare", "--top-k", "5", "--format", "json"])
     mini = {m["model"]: m for m in json.loads(top_k.stdout)["models"]}["gpt-4o-mini"]
     assert not mini["fits"] and "top_k" in mini["why"]
 

@@ -11,7 +11,7 @@ Each row is an ``Entry`` (records.py), stored column for column. Rows are keyed 
 (see prompts.py), which is what makes resume, incremental runs and
 changed-row detection one lookup per input batch (``states``) without holding every id in memory.
 ``meta`` holds the request settings the journal was written with; a run with other settings is
-refused (``SettingsMismatch``) unless it passes ``--restart``. SQL lives in this module only.
+refused (``SettingsMismatch``) unless it passes ``--restart`` or nothing was ever sent from it.
 
 Every request is also written down as sent before it leaves, and as done when its row is
 recorded (inflight.py). What a crash leaves sent but not done may have been billed without a
@@ -64,17 +64,8 @@ from .spend import CARRY_ENTRY, RESUME_ATTEMPTS, SpendBook
 
 CACHED_LENGTHS = "cached_completions"  # meta: lengths of cached replies runs served
 
-__all__ = [
-    "KEY_BATCH",
-    "CARRY_ENTRY",
-    "COLUMNS",
-    "DB_NAME",
-    "RESCUE_NAME",
-    "RESUME_ATTEMPTS",
-    "Journal",
-    "db_path",
-    "settings_diff",
-]
+__all__ = ["KEY_BATCH", "CARRY_ENTRY", "COLUMNS", "DB_NAME", "RESCUE_NAME", "RESUME_ATTEMPTS", "Journal",
+           "db_path", "settings_diff"]  # fmt: skip
 
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
            "output_cost_pico", "last_written", "unpriced", "invalid")  # fmt: skip
@@ -110,9 +101,16 @@ class Journal(KeyIndex, InflightBook, SpendBook):
 
     @classmethod
     def open(
-        cls, directory: Path, settings: dict[str, Any], *, restart: bool = False, relabel: bool = False
+        cls,
+        directory: Path,
+        settings: dict[str, Any],
+        *,
+        restart: bool = False,
+        relabel: bool = False,
+        adopt: bool = True,
     ) -> Journal:
-        """Open or create the journal in ``directory``; refuse one written with other settings.
+        """Open or create the journal in ``directory``; refuse one written with other settings,
+        unless nothing was ever sent from it and ``adopt``: then these settings replace them.
 
         ``relabel`` (``--reparse``) accepts another label set or schema: the stored replies are
         read again under the new one, and nothing is sent.
@@ -141,6 +139,14 @@ class Journal(KeyIndex, InflightBook, SpendBook):
             journal.set_meta("settings", settings)
             journal.set_meta("schema_version", SCHEMA_VERSION)
             journal.set_meta("created_at", time.time())
+        elif stored != settings and adopt and journal.never_sent():
+            # Only an estimate was kept (reports/estimate.py): the run's settings stand, and the
+            # estimate too when it was of the same requests (the sandbox changes no request).
+            if {k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k)} != {
+                "sandbox"
+            }:
+                conn.execute("DELETE FROM meta WHERE key = 'estimate'")
+            journal.set_meta("settings", settings)
         else:
             diffs = settings_diff(stored, settings)
             if diffs:

@@ -204,7 +204,7 @@ def record_estimate(job: Job, result: dict[str, Any]) -> bool:
     (nothing kept) when the journal was written with other settings: an estimate of a variant
     must not stand in the way of the output's runs."""
     try:
-        journal = Journal.open(job.journal_dir, job.request_settings())
+        journal = Journal.open(job.journal_dir, job.request_settings(), adopt=False)
     except SettingsMismatch:
         return False
     try:
