@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import mmap
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
-
-from .journal_schema import RESCUE_NAME
 
 LOG_NAME = "inflight.log"
 _CAPACITY = 4 << 20
@@ -137,7 +134,6 @@ class InflightBook:
     into ``journal.Journal``, whose ``meta`` keeps the count across runs."""
 
     directory: Path
-    conn: sqlite3.Connection
     inflight_log: InflightLog | None
 
     def get_meta(self, key: str) -> Any:
@@ -161,12 +157,6 @@ class InflightBook:
             "requests": kept["requests"] + now + add[0],
             "worst_pico": kept["worst_pico"] + worst + add[1],
         }
-
-    def never_sent(self) -> bool:
-        """No row, attempt, request maybe billed or rescued reply: nothing was ever sent."""
-        rows = self.conn.execute("SELECT EXISTS (SELECT 1 FROM rows) OR EXISTS (SELECT 1 FROM attempts)")
-        billed = self.maybe_billed()["requests"]
-        return not (rows.fetchone()[0] or billed or (self.directory / RESCUE_NAME).exists())
 
     def start_inflight(self) -> tuple[int, int]:
         """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a

@@ -159,6 +159,11 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         journal.index_keys()  # what an earlier run left unindexed (or a migration)
         return journal
 
+    def never_sent(self) -> bool:
+        """No row, attempt, request maybe billed or rescued reply: nothing was ever sent."""
+        billed = self.maybe_billed()["requests"] or (self.directory / RESCUE_NAME).exists()
+        return not (self.rows_before or self.has_attempts or billed)
+
     @classmethod
     def open_readonly(cls, directory: Path) -> Journal:
         path = db_path(directory)
