@@ -449,3 +449,54 @@ def test_ledger_schema_is_safe_with_writers_at_once(tmp_path: Path) -> None:
     with sqlite3.connect(ledger) as conn:
         assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT run_id), SUM(cost_pico) FROM runs").fetchone() == (
             40, 40, sum(10**9 + i for i in range(40)))  # fmt: skip
+
+
+def test_sandbox_runs_are_play_money(sandbox, tmp_path: Path) -> None:
+    """A --sandbox run is marked in the ledger: never in `spend`'s totals or month unless asked
+    (--sandbox shows them alone), never counted by a real run's monthly cap (a sandbox run's cap
+    counts sandbox runs only); a ledger from before the mark gets it on its next write."""
+    ledger = tmp_path / "ledger.db"
+    job = _job_file(tmp_path / "same.toml", prompts_csv(tmp_path / "in.csv", 40))
+    common = ["--job", str(job), "--ledger", str(ledger), "--cache", "off"]
+    play = tmp_path / "play.parquet"
+    assert run_cli(["run", *common, "--sandbox", "-o", str(play)]).exit_code == 0
+    played = _cost(play)
+    # A real run of the same job (a quarter of its rows), capped below what the sandbox spent.
+    cap = str(played * 6 / 10)
+    real = tmp_path / "real.parquet"
+    few = prompts_csv(tmp_path / "few.csv", 10)
+    result = run_cli(
+        ["run", str(few), *common, "-o", str(real), "--max-cost-per-month", cap], env=sandbox.env()
+    )
+    assert result.exit_code == 0 and 0 < _cost(real) < played * 6 / 10, result.output
+    # A sandbox run under the same cap meets the sandbox runs' spend, said as such.
+    again = tmp_path / "again.parquet"
+    capped = run_cli(["run", *common, "--sandbox", "-o", str(again), "--max-cost-per-month", cap])
+    assert capped.exit_code == 3 and "sandbox runs: play money" in capped.stderr, capped.output
+    spent_in_play = played + (_cost(again) if again.exists() else 0)
+
+    report = _spend(ledger, "--runs", "--by", "job")
+    assert Decimal(report["total"]["cost_usd"]) == _cost(real) == Decimal(report["month"]["spent_usd"])
+    assert [Path(r["output"]).name for r in report["runs"]] == ["real.parquet"]
+    assert report["left_out"] == {"runs": 2, "cost_usd": str(spent_in_play)}
+    alone = _spend(ledger, "--sandbox", "--runs")
+    assert Decimal(alone["total"]["cost_usd"]) == spent_in_play == Decimal(alone["month"]["spent_usd"])
+    assert {Path(r["output"]).name for r in alone["runs"]} == {"play.parquet", "again.parquet"}
+    text = run_cli(["spend", "--ledger", str(ledger)]).output
+    assert "left out: 2 sandbox runs" in text and "spend --sandbox" in text
+
+    # A ledger from before the mark: `spend` reads it the same, the next run gives it the column.
+    old = tmp_path / "old.db"
+    with sqlite3.connect(ledger) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    old.write_bytes(ledger.read_bytes())
+    with sqlite3.connect(old) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN sandbox")
+    assert _spend(old, "--by", "job")["total"] == _spend(ledger, "--by", "job")["total"]
+    assert _spend(old, "--sandbox")["total"] == _spend(ledger, "--sandbox")["total"]
+    more = run_cli(["run", str(few), *common[:2], "--ledger", str(old), "-o", str(real)], env=sandbox.env())
+    assert more.exit_code == 0, more.output
+    with sqlite3.connect(old) as conn:
+        marks = conn.execute("SELECT output, sandbox FROM runs ORDER BY started_at").fetchall()
+    assert [(Path(o).name, s) for o, s in marks] == [
+        ("play.parquet", 1), ("real.parquet", 0), ("again.parquet", 1), ("real.parquet", 0)]  # fmt: skip

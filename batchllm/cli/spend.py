@@ -46,6 +46,11 @@ from . import CONTEXT, cli, handles_errors
 )
 @click.option("--runs", "with_runs", is_flag=True, help="List the runs themselves.")
 @click.option(
+    "--sandbox",
+    is_flag=True,
+    help="The sandbox runs (--sandbox, play money) alone; without it they are left out.",
+)
+@click.option(
     "--html",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write one self-contained page with plots (spend by day and job, cost per 1,000 rows).",
@@ -61,11 +66,13 @@ def spend_cmd(
     by: tuple[str, ...],
     fmt: str,
     with_runs: bool,
+    sandbox: bool,
     html: Path | None,
     ledger: str | None,
 ) -> int:
     """What runs cost across outputs, jobs and months: totals, a breakdown, this month's spend
-    and forecast, cost per 1,000 rows by job, and the runs that failed or were killed."""
+    and forecast, cost per 1,000 rows by job, and the runs that failed or were killed. Runs against
+    the built-in emulator (--sandbox) are play money: left out, or with --sandbox shown alone."""
     from ..ledger import ledger_path
     from ..reports.spend import build_spend, parse_when
     from ..reports.spend_text import format_spend
@@ -78,7 +85,7 @@ def spend_cmd(
     end = parse_when(until, end=True, now=now) if until else now + 1
     if end <= start:
         raise JobError(f"--until {until} is not after --since {since}")
-    report = build_spend(path, start, end, list(by), with_runs, now=now)
+    report = build_spend(path, start, end, list(by), with_runs, now=now, sandbox=sandbox)
     if html is not None:
         from ..reports.spend_html import write_spend_html
 

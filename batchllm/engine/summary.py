@@ -37,7 +37,7 @@ def stop_message(
     if reason is StopReason.BUDGET and budget.month is not None and budget.month_reached:
         month = budget.month
         return (
-            f"monthly budget reached: job {month.job!r} has spent or holds "
+            f"monthly budget reached: {month.whose} has spent or holds "
             f"{format_usd(month.used_by_others + budget.spent_run)} of its "
             f"{format_usd(month.cap_pico)} cap this month (--max-cost-per-month; this run "
             f"{format_usd(budget.spent_run)}); the month resets {month.resets_at}"

@@ -40,6 +40,7 @@ class MonthAllowance:
     job: str
     cap_pico: int
     month: tuple[float, float]
+    sandbox: bool = False  # a sandbox run's cap counts only sandbox runs, a real one's only real ones
     chunk_pico: int = 0  # claimed beyond the need each time: fewer transactions
     claimed: int = 0
     used_by_others: int = 0  # as of the last claim, for the stop message
@@ -50,7 +51,7 @@ class MonthAllowance:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                (others,) = conn.execute(MONTH_USED, (self.job, *self.month, self.run_id)).fetchone()
+                (others,) = conn.execute(MONTH_USED, self._month_used).fetchone()
                 self.used_by_others = int(others)
                 room = self.cap_pico - self.used_by_others - self.claimed
                 if room < need_pico:
@@ -73,11 +74,20 @@ class MonthAllowance:
     def claim_rest(self) -> int:
         """Hold all the month has left (Ray's runs cap themselves once, at the start); how much."""
         try:
-            (others,) = self.conn.execute(MONTH_USED, (self.job, *self.month, self.run_id)).fetchone()
+            (others,) = self.conn.execute(MONTH_USED, self._month_used).fetchone()
         except sqlite3.Error:
             return 0
         room = max(0, self.cap_pico - int(others) - self.claimed)
         return room if room and self.extend(room) else 0
+
+    @property
+    def _month_used(self) -> tuple[Any, ...]:
+        return (self.job, *self.month, self.run_id, int(self.sandbox))
+
+    @property
+    def whose(self) -> str:
+        """Whose month the cap is of, for the stop message."""
+        return f"job {self.job!r}" + (" (its sandbox runs: play money, capped apart)" if self.sandbox else "")
 
     @property
     def resets_at(self) -> str:
@@ -101,6 +111,7 @@ class RunRecord:
         self.warn = warn
         self.parts: Mapping[str, Part] = {}  # a fleet's endpoints: name -> provider, host, model
         self.own: Part = ("", "", "")  # the run's own provider, host and model
+        self.sandbox = False  # against the built-in emulator: play money
         self.started_at = time.time()
         self._last_progress = time.monotonic()
 
@@ -123,6 +134,7 @@ class RunRecord:
         warn: Callable[[str], None],
         month_cap_pico: int | None = None,
         parts: Mapping[str, Part] | None = None,
+        sandbox: bool = False,
     ) -> RunRecord:
         """Write the record of a run starting now, after closing the records of earlier runs of
         the same output that were killed (``recover``: from ``start``, and ``lost``, the requests
@@ -141,13 +153,13 @@ class RunRecord:
             conn.execute(
                 "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
                 "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "
-                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid, sandbox) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, kind, job, str(output.resolve()), checkpoint_text, provider,
                     urlsplit(endpoint).hostname or endpoint, model, engine, socket.gethostname(),
                     os.getpid(), proc_start(os.getpid()), time.time(), rows_total, month_cap_pico,
-                    *start,
+                    *start, int(sandbox),
                 ),
             )  # fmt: skip
         except (OSError, sqlite3.Error) as exc:
@@ -160,12 +172,13 @@ class RunRecord:
         record = cls(conn, run_id, path, warn)
         record.parts = parts or {}
         record.own = (provider, urlsplit(endpoint).hostname or endpoint, model)
+        record.sandbox = sandbox
         return record
 
     def month_allowance(self, job: str, cap_pico: int, chunk_pico: int) -> MonthAllowance:
         assert self.conn is not None  # begin raised otherwise
         return MonthAllowance(
-            self.conn, self.run_id, job, cap_pico, month_bounds(self.started_at), chunk_pico=chunk_pico
+            self.conn, self.run_id, job, cap_pico, month_bounds(self.started_at), self.sandbox, chunk_pico
         )
 
     def progress(self, requests: int, prompt_tokens: int, completion_tokens: int, cost_pico: int) -> None:
@@ -258,8 +271,8 @@ def _pico(text: str | None) -> int:
 
 
 def of_job(job: Job) -> dict[str, Any]:
-    """``RunRecord.begin``'s arguments that a job decides: its ledger, name, output, journal and
-    monthly cap."""
+    """``RunRecord.begin``'s arguments that a job decides: its ledger, name, output, journal,
+    monthly cap, and whether it is play money (``--sandbox``)."""
     parts = {
         e.name: (
             e.provider,
@@ -275,4 +288,5 @@ def of_job(job: Job) -> dict[str, Any]:
         "checkpoint": job.journal_dir,
         "month_cap_pico": job.max_cost_per_month_pico,
         "parts": parts,
+        "sandbox": job.sandbox,
     }

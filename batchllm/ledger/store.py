@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS runs (
     start_ok INTEGER NOT NULL DEFAULT 0,
     start_error INTEGER NOT NULL DEFAULT 0,
     start_invalid INTEGER NOT NULL DEFAULT 0,
-    recovered_by TEXT                   -- the run that closed this record from the journal
+    recovered_by TEXT,                  -- the run that closed this record from the journal
+    sandbox INTEGER NOT NULL DEFAULT 0  -- the built-in emulator's play money (SANDBOX_BEFORE_MARK)
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started_at);
@@ -103,6 +104,13 @@ CREATE TABLE IF NOT EXISTS run_parts (
 """
 
 OFF = "off"
+
+# A run against the built-in emulator (``--sandbox``) is kept, marked, and counted apart: ``spend``
+# leaves it out unless asked (``--sandbox``), and a monthly cap counts only runs of its own kind,
+# so a real run is never held back by play money (and a sandbox run can still try a cap out).
+# Ledgers from before the mark get it on the first write (``_migrate``): their sandbox runs are
+# the ones whose endpoint host was recorded as "sandbox".
+SANDBOX_BEFORE_MARK = "endpoint_host = 'sandbox'"
 
 
 def ledger_path(given: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -146,7 +154,28 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    _migrate(conn)
     return conn
+
+
+def has_sandbox_mark(conn: sqlite3.Connection) -> bool:
+    return any(r[1] == "sandbox" for r in conn.execute("PRAGMA main.table_info(runs)"))
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Give a ledger from before the sandbox mark its column (once: several runs may start at once)."""
+    if has_sandbox_mark(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not has_sandbox_mark(conn):
+            conn.execute("ALTER TABLE runs ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0")
+            conn.execute(f"UPDATE runs SET sandbox = 1 WHERE {SANDBOX_BEFORE_MARK}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
@@ -240,9 +269,10 @@ def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tupl
 
 
 # What a run of a job counts against its month: a closed record its cost and crash bound, an
-# open one (running, or killed and not recovered yet) the larger of its claim and its progress.
+# open one (running, or killed and not recovered yet) the larger of its claim and its progress;
+# only runs of its own kind (sandbox or real, see SANDBOX_BEFORE_MARK).
 MONTH_USED = """
 SELECT COALESCE(SUM(CASE WHEN ended_at IS NOT NULL THEN cost_pico + maybe_billed_pico
                          ELSE MAX(COALESCE(claim_pico, 0), cost_pico) END), 0)
-FROM runs WHERE job = ? AND started_at >= ? AND started_at < ? AND run_id != ?
+FROM runs WHERE job = ? AND started_at >= ? AND started_at < ? AND run_id != ? AND sandbox = ?
 """

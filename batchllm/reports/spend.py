@@ -6,6 +6,9 @@
 Money stays integer picodollars until it is printed (``format_usd``: exact dollars, the same
 format in every table). A run counts in the window, the groups and the month by its start.
 
+Sandbox runs (``--sandbox``, play money) are left out of everything unless asked for, and then
+they are all the report holds (``only``: every query reads the runs through one view).
+
 The month's forecast is the spend so far plus the recent daily rate (the last 7 days' runs, or
 the days since the ledger's first run when it is younger) times the days left: a run rate, not a
 model of the schedule, and said so next to the figure.
@@ -24,7 +27,7 @@ from typing import Any, NamedTuple
 
 from ..errors import JobError
 from ..ledger import month_bounds, open_readonly
-from ..ledger.store import is_alive
+from ..ledger.store import SANDBOX_BEFORE_MARK, has_sandbox_mark, is_alive
 from ..pricing import usd_text
 
 KEYS = ("job", "model", "provider", "day", "week", "month")
@@ -302,12 +305,39 @@ def _per_1k(cost: int, rows: int) -> str | None:
     return usd_text(cost * 1000 // rows) if rows else None
 
 
+def only(conn: sqlite3.Connection, sandbox: bool) -> str:
+    """Make ``runs`` mean the sandbox runs, or the real ones, for every query on ``conn`` (a
+    temporary view over the table: nothing is written to the ledger); the condition that picks
+    the others, for counting what was left out."""
+    mark = "sandbox" if has_sandbox_mark(conn) else SANDBOX_BEFORE_MARK
+    conn.execute(f"CREATE TEMP VIEW runs AS SELECT * FROM main.runs WHERE ({mark}) = {int(sandbox)}")
+    return f"({mark}) = {int(not sandbox)}"
+
+
+def _left_out(conn: sqlite3.Connection, others: str, since: float, until: float) -> dict[str, Any] | None:
+    """The runs of the other kind in the window: how many, and what they cost."""
+    n, pico = conn.execute(
+        f"SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM main.runs WHERE started_at >= ? AND "
+        f"started_at < ? AND {others}",
+        (since, until),
+    ).fetchone()
+    return {"runs": n, "cost_usd": usd_text(int(pico))} if n else None
+
+
 def build_spend(
-    path: Path, since: float, until: float, by: list[str], with_runs: bool, now: float | None = None
+    path: Path,
+    since: float,
+    until: float,
+    by: list[str],
+    with_runs: bool,
+    now: float | None = None,
+    sandbox: bool = False,
 ) -> dict[str, Any]:
+    """The report over the real runs, or with ``sandbox`` over the sandbox runs alone."""
     now = time.time() if now is None else now
     conn = open_readonly(path)
     try:
+        left_out = _left_out(conn, only(conn, sandbox), since, until)
         summed = cells(conn, since, until)
         month = month_forecast(conn, now)
         problems, count = _problems(conn, since, until)
@@ -320,6 +350,8 @@ def build_spend(
         "since": _iso(since),
         "until": _iso(min(until, now)),
         "by": by,
+        "sandbox": sandbox,
+        "left_out": left_out,  # runs of the other kind (sandbox or real) in the window
         "groups": groups(summed, by) if by else [],
         "total": _sums(summed),
         "month": month,

@@ -67,7 +67,7 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
     m, t = report["month"], report["total"]
     by = report["by"] or ["job"]
     sections = [
-        "<h1>Spend</h1>",
+        "<h1>Sandbox runs (play money)</h1>" if report["sandbox"] else "<h1>Spend</h1>",
         f"<p>{html.escape(report['since'])} to {html.escape(report['until'])} &middot; "
         f"ledger {html.escape(report['ledger'])}</p>",
         _table(

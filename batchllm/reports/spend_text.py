@@ -41,8 +41,17 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
         return _csv(report)
     md = fmt == "markdown"
     header, rows = _group_table(report)
-    out = [f"spend from {report['since']} to {report['until']} ({report['ledger']})", ""]
+    what = "sandbox runs (play money, kept apart from spend)" if report["sandbox"] else "spend"
+    out = [f"{what} from {report['since']} to {report['until']} ({report['ledger']})", ""]
     out.append(_table(header, rows, md))
+    left = report["left_out"]
+    if left:
+        runs = f"{left['runs']:,} {'real' if report['sandbox'] else 'sandbox'} run{'s' * (left['runs'] != 1)}"
+        out.append(
+            f"left out: {runs} ({_money(left['cost_usd'])}): `spend` without --sandbox shows them"
+            if report["sandbox"]
+            else f"left out: {runs} ({_money(left['cost_usd'])} of play money): `spend --sandbox` shows them"
+        )
     m = report["month"]
     out += [
         "",
