@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .conftest import ROOT, run_cli, write_csv
+from .conftest import ROOT, run_cli, summary_of, write_csv
 from .test_labeling import LABELS, labeling_input, run_labels
 
 
@@ -138,8 +139,14 @@ def test_verdicts_come_home_and_the_estimate_holds(sandbox, tmp_path: Path) -> N
     verdicts.update({r: "mixed" for r in others[:10]})
     export = tmp_path / "export.json"
     export.write_text(json.dumps(_studio_export(tasks, verdicts, cancelled={others[10]})))
+    summary, report_before = summary_of(out), run_cli(["report", str(out)]).output
     result = run_cli(["review", "import", str(out), "--from", str(export)])
     assert result.exit_code == 0, result.output
+    # The rewrite keeps the file's summary: `report` reads the same run, plus the reviews.
+    assert summary_of(out) == summary
+    report_after = run_cli(["report", str(out)]).output
+    assert report_after.startswith(report_before) and "(None)" not in report_after
+    assert "(meta/llama-3.1-70b-instruct)" in report_after.splitlines()[0]
     assert (
         "imported 50 verdicts (50 new or changed)" in result.output
         and "outside the set, kept: mixed" in result.output
@@ -165,8 +172,25 @@ def test_verdicts_come_home_and_the_estimate_holds(sandbox, tmp_path: Path) -> N
     assert est["reviewed_random"] == 40 and low <= whole["accuracy"] <= high, (est, whole["accuracy"])
     wrong = est["projected_wrong"]
     assert wrong[1] <= wrong[0] <= wrong[2] and est["reviewed_other"]["n"] == 10
+    # A correct label costs the output's cost over the correct labels the accuracy projects to
+    # (here all 200 rows are labeled), not over the few reviewed ones; the gold column counts.
+    cost = Decimal(est["cost_usd"])
+    per_correct = Decimal(est["cost_per_correct_usd"])
+    assert per_correct == (cost * 40 / (est["correct"] * 200)).quantize(Decimal("1e-12"), ROUND_HALF_UP)
+    assert cost / Decimal(high * 200) <= Decimal(whole["cost_per_correct_usd"]) <= cost / Decimal(low * 200)
+    assert est["cost_per_correct_basis"].startswith("estimated: the output's cost over the ")
+    assert (
+        whole["cost_per_correct_basis"]
+        == f"counted: all 200 rows' cost over their {whole['correct']} correct labels"
+    )
+    # A gold column on some rows only (here the verdicts themselves) is estimated the same way.
+    some = json.loads(run_cli(["eval", str(out), "--gold", "review_label", "--format", "json"]).output)
+    assert some["n"] == 50 and some["cost_per_correct_basis"].endswith("projects to in its 200 rows")
+    exact = (cost * 50 / (some["correct"] * 200)).quantize(Decimal("1e-12"), ROUND_HALF_UP)
+    assert Decimal(some["cost_per_correct_usd"]) == exact
     text = run_cli(["eval", str(out), "--gold", "review"]).output
     assert "random picks reviewed" in text and "wrong labels in all 200 rows" in text
+    assert f"${per_correct} (estimated: the output's cost" in text
     report = json.loads(run_cli(["report", str(out), "--format", "json"]).output)
     changed = sum(1 for r, v in verdicts.items() if v != rows[r]["label"])
     assert report["reviewed"] == {"rows": 50, "changed": changed}

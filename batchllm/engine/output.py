@@ -3,7 +3,8 @@
 The input is streamed again batch by batch; each batch's results are fetched from the journal by
 ``row_id`` and appended as columns, so memory holds one batch, never the whole output. The file is
 written to a temporary name beside the target and renamed over it only once complete (and fsynced),
-so the output path holds either the previous complete file or the new one, never a partial one.
+so the output path holds either the previous complete file or the new one, never a partial one
+(parquet_file.py: the one writer of output files, which ``review import``'s rewrite shares).
 
 Rows the journal does not have (a stopped run) get ``status = "pending"`` and nulls. The schema is
 the same whichever provider answered; cost columns are null for a model without a price.
@@ -11,8 +12,6 @@ the same whichever provider answered; cost columns are null for a model without 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from ..pricing import to_usd
 from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from .journal import Journal
+from .parquet_file import replacing
 
 if TYPE_CHECKING:
     from ..prompts import Builder
@@ -131,55 +131,30 @@ def write_output(
     totals = Totals()
     path.parent.mkdir(parents=True, exist_ok=True)
     unsettled = journal.has_unsettled()  # once: it scans the attempts
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp makes the file 0600; the output is shared like any file the user writes (umask).
-    os.fchmod(fd, 0o666 & ~current_umask())
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-        try:
-            position = 0
-            for batch in source.batches():
-                prompts = builder.build(batch.select(builder.read_columns), position)
-                position += batch.num_rows
-                entries = journal.fetch(prompts.row_ids)
-                paid = journal.unsettled(prompts.row_ids) if unsettled else None
-                results = _result_columns(prompts.row_ids, entries, totals, paid)
-                if fleet:
-                    results.append(
-                        pa.array([_endpoint(entries.get(r)) for r in prompts.row_ids], pa.string())
-                    )
-                if labeling is not None:
-                    answers = label_columns(prompts.row_ids, entries, labeling)
-                    results += answers
-                    if reviewed:
-                        model = {
-                            f.name: a.to_pylist() for f, a in zip(labeling.columns(), answers, strict=True)
-                        }
-                        verdicts = reviews_for(journal.conn, prompts.row_ids)
-                        results += review_columns(prompts.row_ids, model, verdicts, labeling)
-                arrays = [batch.column(name) for name in kept] + results
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
-            writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
-        finally:
-            writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path, schema) as writer:
+        position = 0
+        for batch in source.batches():
+            prompts = builder.build(batch.select(builder.read_columns), position)
+            position += batch.num_rows
+            entries = journal.fetch(prompts.row_ids)
+            paid = journal.unsettled(prompts.row_ids) if unsettled else None
+            results = _result_columns(prompts.row_ids, entries, totals, paid)
+            if fleet:
+                results.append(pa.array([_endpoint(entries.get(r)) for r in prompts.row_ids], pa.string()))
+            if labeling is not None:
+                answers = label_columns(prompts.row_ids, entries, labeling)
+                results += answers
+                if reviewed:
+                    model = {f.name: a.to_pylist() for f, a in zip(labeling.columns(), answers, strict=True)}
+                    verdicts = reviews_for(journal.conn, prompts.row_ids)
+                    results += review_columns(prompts.row_ids, model, verdicts, labeling)
+            arrays = [batch.column(name) for name in kept] + results
+            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
     return totals
 
 
 _NOTHING = (0, 0, 0, 0)
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _result_columns(

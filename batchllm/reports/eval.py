@@ -5,7 +5,9 @@ Reads a labeling run's output (the ``label`` column, ``status``, costs and, with
 F1 and support, macro-F1, Cohen's kappa and the confusion matrix. Rows without a label (invalid,
 failed, pending) count as wrong and appear in the matrix as ``(none)``; rows without a gold label
 are left out. Money is exact: the spend is summed in integer picodollars, re-asks and samples
-included, and divided by the number of correct labels.
+included, and divided by the number of correct labels: counted when every row has a gold label,
+else estimated as the gold rows' accuracy times all the rows (``cost_per_correct``; the output
+says which).
 """
 
 from __future__ import annotations
@@ -109,9 +111,29 @@ def as_label(value: Any) -> str | None:
     return text.lower() if text.lower() in ("true", "false") else text
 
 
+def cost_per_correct(spent: int, correct: int, n: int, rows: int, sample: str, of: str) -> dict[str, Any]:
+    """What a correct label cost: ``spent`` (every row's) over the correct labels, counted when
+    the ``n`` rows scored are all ``rows``, else estimated as their accuracy times ``rows``
+    (``sample`` and ``of`` name them in the words that say which)."""
+    if not correct:
+        return {"cost_per_correct_usd": None, "cost_per_correct_basis": f"no correct label among {sample}"}
+    if n == rows:
+        return {
+            "cost_per_correct_usd": usd_text((2 * spent + correct) // (2 * correct)),
+            "cost_per_correct_basis": f"counted: all {rows:,} rows' cost over their {correct:,} correct labels",
+        }
+    estimate = correct * rows
+    return {
+        "cost_per_correct_usd": usd_text((2 * spent * n + estimate) // (2 * estimate)),
+        "cost_per_correct_basis": f"estimated: the output's cost over the {estimate / n:,.0f} correct "
+        f"labels that {sample} accuracy, {correct / n:.1%}, projects to in its {rows:,} {of}",
+    }
+
+
 def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label") -> dict[str, Any]:
     frame = load(path, gold, by, field)
     spent = spent_pico(frame)  # every row's spend, rows without gold included
+    rows = len(frame)
     frame = frame[frame[gold].notna()]
     if frame.empty:
         raise JobError(f"{path}: no row has a gold label in {gold!r}")
@@ -123,6 +145,7 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
         return metrics([as_label(g) or "" for g in part[gold]], labels, cost)
 
     out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent)}
+    out.update(cost_per_correct(spent, out["correct"], out["n"], rows, "the gold rows'", "rows"))
     if "agreement" in frame.columns:
         levels: dict[str, Any] = {}
         for level, part in frame.groupby(frame["agreement"].round(3), sort=True):
@@ -157,7 +180,8 @@ def format_eval(e: dict[str, Any], fmt: str) -> str:
         ("cost", format_usd(None) if e["cost_usd"] is None else f"${e['cost_usd']}"),
         (
             "cost per correct label",
-            "n/a" if e["cost_per_correct_usd"] is None else f"${e['cost_per_correct_usd']}",
+            ("n/a" if e["cost_per_correct_usd"] is None else f"${e['cost_per_correct_usd']}")
+            + (f" ({e['cost_per_correct_basis']})" if "cost_per_correct_basis" in e else ""),
         ),
     ]
     if "accuracy_interval" in e:  # against reviews (review_eval.py): the random picks' estimate

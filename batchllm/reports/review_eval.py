@@ -2,8 +2,9 @@
 
 The accuracy and its 95% (Wilson) interval come from the random picks only, a uniform sample of
 the output's labeled rows; from them, the number of wrong labels in the whole output with its
-interval. Rows picked as uncertain (or by label) are a biased sample: their accuracy is reported
-apart and never mixed in.
+interval, and the cost of a correct label: the output's cost over the correct labels that
+accuracy projects to (never over the few reviewed ones alone). Rows picked as uncertain (or by
+label) are a biased sample: their accuracy is reported apart and never mixed in.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ..engine.output import read_schema
 from ..errors import JobError
-from .eval import as_label, metrics, spent_pico, wilson
+from .eval import as_label, cost_per_correct, metrics, spent_pico, wilson
 
 
 def evaluate_review(path: Path, field: str = "label") -> dict[str, Any]:
@@ -49,6 +50,10 @@ def evaluate_review(path: Path, field: str = "label") -> dict[str, Any]:
     out["reviewed_random"] = out["n"]
     out["accuracy_interval"] = [low, high]
     out["rows_labeled"] = labeled
+    # The random picks are drawn from the labeled rows: a row without a label is never correct.
+    out.update(
+        cost_per_correct(spent, out["correct"], out["n"], labeled, "the random picks'", "labeled rows")
+    )
     out["projected_wrong"] = [round((1 - out["accuracy"]) * labeled), round((1 - high) * labeled),
                               round((1 - low) * labeled)]  # fmt: skip
     others = reviewed[reviewed["review_pick"] != "random"]

@@ -2,19 +2,21 @@
 
 Every verdict is checked before anything is written: one for a row the output does not hold is
 a usage error naming it, and nothing is imported. Verdicts go to the journal (verdicts.py), then
-the output file gets its review columns again, rewritten atomically from itself.
+the output file gets its review columns again, rewritten atomically from itself by the writer
+every output file shares (engine/parquet_file.py), so its summary stays.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
+from ..engine.parquet_file import rewrite
 from ..errors import JobError
 from ..labeling.spec import Labeling
 from ..reports.status import find_journal
@@ -80,17 +82,34 @@ def import_verdicts(
 
 
 def _rewrite(output: Path, journal: Journal, labeling: Labeling) -> int:
-    """The output with its review columns made anew from the journal; rows reviewed."""
-    table = pq.read_table(output)
-    fields = review_fields(labeling)
-    table = table.drop_columns([f.name for f in fields if f.name in table.column_names])
-    row_ids = table.column("row_id").to_pylist()
-    names = [f.name for f in labeling.fields] or [LABEL]
-    model = {name: table.column(name).to_pylist() for name in names}
-    verdicts = reviews_for(journal.conn, row_ids)
-    for field, column in zip(fields, review_columns(row_ids, model, verdicts, labeling), strict=True):
-        table = table.append_column(field, column)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.review.tmp")
-    pq.write_table(table, tmp, compression="zstd")  # the schema keeps the run summary
-    os.replace(tmp, output)
-    return sum(1 for r in row_ids if r in verdicts)
+    """The output with its review columns made anew from the journal, batch by batch, keeping
+    what its footer held (the run's summary); each file of an output directory (--engine ray)
+    alike. How many rows are reviewed."""
+    files = sorted(output.glob("*.parquet")) if output.is_dir() else [output]
+    columns = _ReviewColumns(journal, labeling)
+    for path in files:
+        source = pq.ParquetFile(path)
+        kept = [f for f in source.schema_arrow if f.name not in columns.names]
+        schema = pa.schema([*kept, *columns.fields])
+        rewrite(path, schema, (columns.onto(batch, schema) for batch in source.iter_batches()))
+    return columns.reviewed
+
+
+class _ReviewColumns:
+    """A batch of an output with its review columns from the journal (any old ones dropped)."""
+
+    def __init__(self, journal: Journal, labeling: Labeling) -> None:
+        self.journal, self.labeling = journal, labeling
+        self.fields = review_fields(labeling)
+        self.names = {f.name for f in self.fields}
+        self.answers = [f.name for f in labeling.fields] or [LABEL]
+        self.reviewed = 0  # rows with a verdict, over the batches seen
+
+    def onto(self, batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+        row_ids = batch.column("row_id").to_pylist()
+        model = {name: batch.column(name).to_pylist() for name in self.answers}
+        verdicts = reviews_for(self.journal.conn, row_ids)
+        self.reviewed += sum(1 for r in row_ids if r in verdicts)
+        added = review_columns(row_ids, model, verdicts, self.labeling)
+        kept = [batch.column(name) for name in schema.names[: len(schema) - len(self.fields)]]
+        return pa.RecordBatch.from_arrays(kept + added, schema=schema)
