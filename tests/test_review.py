@@ -78,6 +78,8 @@ def test_a_schema_job_gets_one_control_per_field(sandbox, tmp_path: Path) -> Non
     task = json.loads(tasks_file.read_text())[0]
     kinds = {r["from_name"]: r["type"] for r in task["predictions"][0]["result"]}
     assert kinds["sentiment"] == "choices" and kinds["stars_guess"] == "number"
+    by_label = run_cli(["review", "export", str(out), "--pick", "label:positive:3", "-o", str(tasks_file)])
+    assert by_label.exit_code == 2 and "a --json-schema output has no label column" in by_label.output
 
 
 def test_bad_review_exports(sandbox, tmp_path: Path) -> None:
@@ -101,6 +103,42 @@ def test_bad_review_exports(sandbox, tmp_path: Path) -> None:
         result = run_cli(args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_picks_that_match_nothing_or_too_little_say_so(sandbox_factory, tmp_path: Path) -> None:
+    """A label outside the set is a usage error naming the set; a pick that finds fewer rows
+    than it asks for says how many on stderr (the tasks found are still written)."""
+    box = sandbox_factory(label_out_of_set=0.05)
+    out = tmp_path / "o.parquet"
+    job = ["--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--rpm", "0"]
+    assert run_cli(["run", *job], env=box.env()).exit_code in (0, 1)
+    rows = pq.read_table(out).to_pylist()
+    target = tmp_path / "t.json"
+    bad = run_cli(["review", "export", str(out), "--pick", "label:great:5", "-o", str(target)])
+    assert bad.exit_code == 2 and not target.exists(), bad.output
+    assert bad.output.strip() == (
+        "batchllm: error: --pick label:great:5: 'great' is not in the label set (positive, negative, neutral)"
+    )
+    doubtful = sum(r["status"] == "invalid" or bool(r["reasks"]) for r in rows)
+    assert doubtful < 20
+    few = run_cli(["review", "export", str(out), "--pick", "uncertain:20", "-o", str(target)])
+    assert few.exit_code == 0 and len(json.loads(target.read_text())) == doubtful
+    assert few.stderr.strip() == (
+        f"warning: --pick uncertain:20: {doubtful} picked, not 20: no more uncertain rows (invalid, samples "
+        "that disagreed, re-asked) in the output"
+    )
+    labeled = [r for r in rows if r["status"] in ("ok", "invalid")]
+    neutral = sum(r["label"] == "neutral" for r in labeled)
+    args = ["--pick", "random:190", "--pick", "label:neutral:20", "--pick", "random:5"]
+    both = run_cli(["review", "export", str(out), *args, "-o", str(target)])
+    tasks = json.loads(target.read_text())
+    left = sum(t["data"]["pick"] == "label: neutral" for t in tasks)
+    assert both.exit_code == 0 and left < 20 and len(tasks) == 195 + left, both.output
+    assert both.stderr.splitlines() == [
+        f"warning: --pick label:neutral:20: {left} picked, not 20: no more rows labeled 'neutral' left after "
+        "the other picks"
+    ]
+    assert left <= neutral and f"wrote {195 + left} tasks (195 random, {left} label)" in both.stdout
 
 
 def _studio_export(tasks: list[dict], verdicts: dict[str, str | None], cancelled: set[str]) -> list[dict]:

@@ -61,7 +61,9 @@ def review_export_cmd(
         raise JobError("say where the tasks go: -o tasks.json, or --to URL --project NAME")
     if url is not None and not project:
         raise JobError("--to needs --project NAME: the Label Studio project the tasks go to")
-    tasks, config = export_tasks(output, [parse_pick(p) for p in picks], seed)
+    tasks, config, short = export_tasks(output, [parse_pick(p) for p in picks], seed)
+    for line in short:
+        click.echo(f"warning: {line}", err=True)
     why = Counter(t["data"]["pick"].split(":")[0] for t in tasks)
     shown = ", ".join(f"{n:,} {k}" for k, n in why.items()) or "none"
     if target is not None:

@@ -18,7 +18,7 @@ from ..errors import JobError
 from ..labeling.spec import Labeling, labeling_of_instruction
 from ..prompts import template_fields
 from ..reports.status import find_journal
-from .picks import Pick, choose
+from .picks import Pick, check_picks, choose
 from .studio import label_config, model_version, task
 from .studio_api import Studio, studio_key
 
@@ -41,9 +41,13 @@ def job_of(output: Path) -> tuple[Labeling, list[str], dict[str, Any]]:
     return labeling, columns, settings
 
 
-def export_tasks(output: Path, picks: list[Pick], seed: int = 0) -> tuple[list[dict[str, Any]], str]:
-    """The picked rows' tasks and the labeling config that shows them."""
+def export_tasks(
+    output: Path, picks: list[Pick], seed: int = 0
+) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """The picked rows' tasks, the labeling config that shows them, and the picks that found
+    fewer rows than they asked for (in words)."""
     labeling, columns, settings = job_of(output)
+    check_picks(picks, labeling)
     names = pq.read_schema(output).names if output.is_file() else None
     if names is None:
         raise JobError(f"{output}: no output file here; run the job to the end first")
@@ -56,8 +60,9 @@ def export_tasks(output: Path, picks: list[Pick], seed: int = 0) -> tuple[list[d
         )
     rows = pq.read_table(output, columns=[c for c in dict.fromkeys(wanted) if c in names]).to_pylist()
     version = model_version(str(settings.get("model")), settings)
-    tasks = [task(rows[i], columns, labeling, why, version) for i, why in choose(rows, picks, seed)]
-    return tasks, label_config(labeling, columns)
+    chosen = choose(rows, picks, seed)
+    tasks = [task(rows[i], columns, labeling, why, version) for i, why in chosen.rows]
+    return tasks, label_config(labeling, columns), chosen.short
 
 
 def send_tasks(url: str, project: str, tasks: list[dict[str, Any]], config: str) -> tuple[int, int]:

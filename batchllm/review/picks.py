@@ -6,7 +6,8 @@
     label:L:N     a seeded sample of the rows labeled L
 
 Random picks are drawn first, the others from the rows left, in the order given, so picks never
-overlap; each row picked says why.
+overlap; each row picked says why, and each pick that found fewer rows than it asked for says how
+many it found (``Chosen.short``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,26 @@ import random
 from typing import Any, NamedTuple
 
 from ..errors import JobError
+from ..labeling.spec import Labeling
 
 
 class Pick(NamedTuple):
     kind: str  # random, uncertain, label
     n: int
     label: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.label}:{self.n}" if self.label is not None else f"{self.kind}:{self.n}"
+
+    def fewer(self, found: int, after_others: bool) -> str:
+        """The pick found ``found`` rows of the ``n`` it asked for, in words."""
+        among = {
+            "random": "labeled rows",
+            "uncertain": "uncertain rows (invalid, samples that disagreed, re-asked)",
+            "label": f"rows labeled {self.label!r}",
+        }[self.kind]
+        where = "left after the other picks" if after_others else "in the output"
+        return f"--pick {self}: {found:,} picked, not {self.n:,}: no more {among} {where}"
 
 
 def parse_pick(text: str) -> Pick:
@@ -34,25 +49,49 @@ def parse_pick(text: str) -> Pick:
     return Pick(kind, int(count), label or None)
 
 
-def choose(rows: list[dict[str, Any]], picks: list[Pick], seed: int = 0) -> list[tuple[int, str]]:
-    """(row index, why) for each row picked: random picks first, then the others in order."""
+def check_picks(picks: list[Pick], labeling: Labeling) -> None:
+    """A label pick must name a label of the set: one outside it could never match a row."""
+    for p in picks:
+        if p.kind != "label":
+            continue
+        if labeling.is_schema:
+            raise JobError(
+                f"--pick {p}: a --json-schema output has no label column; pick random:N or uncertain:N"
+            )
+        if p.label not in labeling.labels:
+            raise JobError(f"--pick {p}: {p.label!r} is not in the label set ({', '.join(labeling.labels)})")
+
+
+class Chosen(NamedTuple):
+    rows: list[tuple[int, str]]  # (row index, why), in row order
+    short: list[str]  # the picks that found fewer rows than asked, each in words
+
+
+def choose(rows: list[dict[str, Any]], picks: list[Pick], seed: int = 0) -> Chosen:
+    """The rows picked: random picks first, then the others in order."""
     rng = random.Random(seed)
     labeled = [i for i, r in enumerate(rows) if r.get("status") in ("ok", "invalid")]
     taken: dict[int, str] = {}
+    short: list[str] = []
     for p in sorted(picks, key=lambda p: p.kind != "random"):
+        after_others = bool(taken)
         left = [i for i in labeled if i not in taken]
         if p.kind == "random":
+            found = left
             chosen = sorted(rng.sample(left, min(p.n, len(left))))
-            taken.update((i, "random") for i in chosen)
+            why = "random"
         elif p.kind == "label":
-            same = [i for i in left if rows[i].get("label") == p.label]
-            chosen = sorted(rng.sample(same, min(p.n, len(same))))
-            taken.update((i, f"label: {p.label}") for i in chosen)
+            found = [i for i in left if rows[i].get("label") == p.label]
+            chosen = sorted(rng.sample(found, min(p.n, len(found))))
+            why = f"label: {p.label}"
         else:
-            doubtful = [i for i in left if _doubt(rows[i]) is not None]
-            doubtful.sort(key=lambda i: _rank(rows[i]))
-            taken.update((i, f"uncertain: {_doubt(rows[i])}") for i in doubtful[: p.n])
-    return sorted(taken.items())
+            found = [i for i in left if _doubt(rows[i]) is not None]
+            found.sort(key=lambda i: _rank(rows[i]))
+            chosen = found[: p.n]
+        taken.update((i, why if p.kind != "uncertain" else f"uncertain: {_doubt(rows[i])}") for i in chosen)
+        if len(found) < p.n:
+            short.append(p.fewer(len(found), after_others))
+    return Chosen(sorted(taken.items()), short)
 
 
 def _doubt(row: dict[str, Any]) -> str | None:
