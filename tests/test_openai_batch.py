@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import urllib.error
 import urllib.request
 from decimal import Decimal
@@ -342,6 +343,27 @@ def test_openai_results_import_under_a_dataoorts_job(sandbox, tmp_path: Path) ->
     assert sum(r["status"] == "ok" and bool(r["response"]) for r in rows) == 198
     status = run_cli(["status", str(out)])
     assert "1 not done of 200" in status.output
+    # Dataoorts lists no batch prices: the live ones price the rows, said once, and the ledger has it.
+    notice = (
+        "warning: no batch prices for 'meta/llama-3.1-70b-instruct' in the dataoorts model table: imported "
+        "rows are priced at its live prices ($0.31 / $0.34 per million input / output tokens)"
+    )
+    assert result.stderr.count(notice) == 1 and "null" not in result.stderr
+    ok = [r for r in rows if r["status"] == "ok"]
+    tokens = [sum(r[k] for r in ok) for k in ("prompt_tokens", "completion_tokens")]
+    cost = (tokens[0] * Decimal("0.31") + tokens[1] * Decimal("0.34")) / 10**6
+    assert Decimal(summary_of(out)["cost_usd"]["total"]) == cost > 0
+    runs = json.loads(run_cli(["spend", "--runs", "--format", "json"]).stdout)["runs"]
+    assert [(r["kind"], Decimal(r["cost_usd"])) for r in runs] == [("import", cost)]
+    # The closing hint is the live run that sends the one row left, never the import again.
+    hint = result.stderr.strip().splitlines()[-1]
+    assert hint.startswith("1 row is still pending (no result in these files, expired, or 429/5xx)"), hint
+    command = shlex.split(hint.split("to send only those live: ", 1)[1])
+    assert command[:2] == ["batchllm", "run"] and "import-batch" not in hint
+    before = sandbox.count()
+    live = run_cli(command[1:], env=sandbox.env())
+    assert live.exit_code == 1 and sandbox.count() - before == 1, live.output  # the failed row stays
+    assert sum(r["status"] == "ok" for r in table(out)) == 199
 
 
 def test_a_success_line_that_cannot_be_read_is_counted_not_dropped(sandbox, tmp_path: Path) -> None:

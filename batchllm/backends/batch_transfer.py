@@ -64,22 +64,33 @@ class Imported:
 
 
 def import_batch(
-    job: Job, results: list[Path], *, command: str, warn: Any, via: FleetEndpoint | None = None
+    job: Job,
+    results: list[Path],
+    *,
+    command: str,
+    warn: Any,
+    via: FleetEndpoint | None = None,
+    live_command: str | None = None,
 ) -> Imported:
     """Record result lines in the output's journal as a run would, then write the output.
     ``via``: the fleet's endpoint that answered them: its batch prices (else its live ones), and
-    its name in every row's ``endpoint``."""
+    its name in every row's ``endpoint``. ``live_command``: the run that sends what is left
+    pending, for the summary's closing hint."""
     started = time.time()
     p = prepare(job)
     provider = get_provider(job.provider)
-    if via is not None:
-        prices = via.model.batch_prices or via.model.prices
-    else:
-        prices = job.prices or p.model.batch_prices
-    if prices is None:
+    model = via.model if via is not None else p.model
+    given = job.prices if via is None else None  # --input-price/--output-price
+    prices = given or model.batch_prices or model.prices
+    if given is None and model.batch_prices is None:
+        whose = f"fleet endpoint {via.name!r}" if via is not None else f"the {provider.name} model table"
         warn(
-            f"no batch prices for {p.model.name!r} in the {provider.name} model table and none given "
-            "(--input-price/--output-price): cost columns of imported rows will be null"
+            f"no batch prices for {model.name!r} in {whose}: imported rows are priced at its live prices "
+            f"(${prices.input_per_million} / ${prices.output_per_million} per million input / output "
+            "tokens); --input-price/--output-price give the batch's own"
+            if prices is not None
+            else f"no prices for {model.name!r} in {whose} and none given (--input-price/--output-price): "
+            "cost columns of imported rows will be null"
         )
     wanted = {row_id: (h, r) for _, row_id, h, r in request_rows(p, None)}
     entries, splits, outcome = _read_results(results, wanted, p, prices, warn)
@@ -128,6 +139,17 @@ def import_batch(
                 out = build_summary(p, t, stats, None, None, started, code, [], journal, command)
                 out["imported_from"] = [str(r) for r in results]
                 out["prices"] = prices.as_dict() if prices else None
+                if t is not None and t.pending and live_command:
+                    # Nothing more comes from these files: the pending rows go live (or come from
+                    # more result files), never from importing the same ones again.
+                    rows = f"{t.pending:,} row{'s are' if t.pending != 1 else ' is'}"
+                    out["next"] = (
+                        f"{rows} still pending (no result in these files, expired, or 429/5xx); "
+                        "to send only those live"
+                    )
+                    out["resume"] = live_command
+                else:
+                    out.pop("resume", None)
                 return out
 
             totals = write_output(

@@ -181,8 +181,9 @@ def import_cmd(
     def warn(message: str) -> None:
         click.echo(f"warning: {message}", err=True)
 
+    via = _via(job, fleet, fleet_endpoint)
     done = import_batch(
-        job, list(results), command=command_line(), warn=warn, via=_via(job, fleet, fleet_endpoint)
+        job, list(results), command=command_line(), warn=warn, via=via, live_command=_live_command(ctx)
     )
     click.echo(
         f"imported {done.ok + done.invalid:,} replies"
@@ -201,8 +202,35 @@ def import_cmd(
         err=True,
     )
     click.echo(format_summary(done.summary), err=True)
-    if done.pending:
-        click.echo(
-            f"{done.pending:,} rows are pending: `batchllm run` with the same job sends only those", err=True
-        )
     return int(done.exit_code)
+
+
+# What a live run of the same job must not take from an import's command line: the batch's
+# prices, its one fleet endpoint (the live run has the whole fleet), a fresh start.
+_BATCH_ONLY = frozenset({"input_price", "output_price", "fleet_endpoint", "restart"})
+
+
+def _live_command(ctx: click.Context) -> str:
+    """`batchllm run` with the job and flags this import was given (its INPUT positional): the
+    command that sends only the rows it left pending."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    words = ["batchllm", "run"]
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or name is None or name in _BATCH_ONLY:
+            continue
+        if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        if name == "input_path":
+            words.insert(2, str(value))
+        elif param.is_flag:
+            flag = param.opts[0] if value else next(iter(param.secondary_opts), "")
+            words += [flag] if flag else []
+        else:
+            for v in value if param.multiple else [value]:
+                words += [param.opts[0], str(v)]
+    return " ".join(shlex.quote(w) for w in words)
