@@ -255,3 +255,14 @@ def test_bad_verdict_imports_change_nothing(sandbox, tmp_path: Path) -> None:
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert out.read_bytes() == before
+    # An output directory (--engine ray's shape) is refused before anything is read or written.
+    out.rename(tmp_path / "part.parquet")
+    out.mkdir()
+    (tmp_path / "part.parquet").rename(out / "part.parquet")
+    for args in (
+        ["export", str(out), "--pick", "random:5", "-o", str(tmp_path / "t.json")],
+        ["import", str(out), "--from", str(stranger)],
+    ):
+        result = run_cli(["review", *args])
+        assert result.exit_code == 2 and "an output directory (--engine ray)" in result.output, result.output
+    assert (out / "part.parquet").read_bytes() == before

@@ -47,11 +47,12 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     left = report["left_out"]
     if left:
         runs = f"{left['runs']:,} {'real' if report['sandbox'] else 'sandbox'} run{'s' * (left['runs'] != 1)}"
-        out.append(
+        out += [
+            "",
             f"left out: {runs} ({_money(left['cost_usd'])}): `spend` without --sandbox shows them"
             if report["sandbox"]
-            else f"left out: {runs} ({_money(left['cost_usd'])} of play money): `spend --sandbox` shows them"
-        )
+            else f"left out: {runs} ({_money(left['cost_usd'])} of play money): `spend --sandbox` shows them",
+        ]
     m = report["month"]
     out += [
         "",

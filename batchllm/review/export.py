@@ -41,6 +41,15 @@ def job_of(output: Path) -> tuple[Labeling, list[str], dict[str, Any]]:
     return labeling, columns, settings
 
 
+def output_file(output: Path) -> Path:
+    """The output file to review, or a usage error saying why there is none."""
+    if output.is_dir():
+        raise JobError(f"{output}: an output directory (--engine ray): review takes one output file")
+    if not output.is_file():
+        raise JobError(f"{output}: no output file here; run the job to the end first")
+    return output
+
+
 def export_tasks(
     output: Path, picks: list[Pick], seed: int = 0
 ) -> tuple[list[dict[str, Any]], str, list[str]]:
@@ -48,9 +57,7 @@ def export_tasks(
     fewer rows than they asked for (in words)."""
     labeling, columns, settings = job_of(output)
     check_picks(picks, labeling)
-    names = pq.read_schema(output).names if output.is_file() else None
-    if names is None:
-        raise JobError(f"{output}: no output file here; run the job to the end first")
+    names = pq.read_schema(output_file(output)).names
     answers = [f.name for f in labeling.fields] if labeling.is_schema else ["label"]
     wanted = [*columns, "row_id", "status", "parse_error", "reasks", *answers, "agreement"]
     missing = [c for c in wanted[: len(columns)] if c not in names]

@@ -20,7 +20,7 @@ from ..engine.parquet_file import rewrite
 from ..errors import JobError
 from ..labeling.spec import Labeling
 from ..reports.status import find_journal
-from .export import job_of
+from .export import job_of, output_file
 from .studio import LABEL
 from .studio_api import Studio, studio_key
 from .verdicts import read_export, review_columns, review_fields, reviews_for, store, verdicts_of
@@ -40,6 +40,7 @@ def import_verdicts(
     """Verdicts from ``source``: a Label Studio JSON export file, or a Label Studio URL (with
     ``project``, the key in ``LABEL_STUDIO_API_KEY``)."""
     labeling, _, settings = job_of(output)
+    output_file(output)
     export = source
     if source.startswith(("http://", "https://")):
         if project is None:
@@ -83,15 +84,12 @@ def import_verdicts(
 
 def _rewrite(output: Path, journal: Journal, labeling: Labeling) -> int:
     """The output with its review columns made anew from the journal, batch by batch, keeping
-    what its footer held (the run's summary); each file of an output directory (--engine ray)
-    alike. How many rows are reviewed."""
-    files = sorted(output.glob("*.parquet")) if output.is_dir() else [output]
+    what its footer held (the run's summary). How many rows are reviewed."""
     columns = _ReviewColumns(journal, labeling)
-    for path in files:
-        source = pq.ParquetFile(path)
-        kept = [f for f in source.schema_arrow if f.name not in columns.names]
-        schema = pa.schema([*kept, *columns.fields])
-        rewrite(path, schema, (columns.onto(batch, schema) for batch in source.iter_batches()))
+    source = pq.ParquetFile(output)
+    kept = [f for f in source.schema_arrow if f.name not in columns.names]
+    schema = pa.schema([*kept, *columns.fields])
+    rewrite(output, schema, (columns.onto(batch, schema) for batch in source.iter_batches()))
     return columns.reviewed
 
 
