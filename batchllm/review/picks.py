@@ -78,17 +78,15 @@ def choose(rows: list[dict[str, Any]], picks: list[Pick], seed: int = 0) -> Chos
         left = [i for i in labeled if i not in taken]
         if p.kind == "random":
             found = left
-            chosen = sorted(rng.sample(left, min(p.n, len(left))))
-            why = "random"
+            picked = [(i, "random") for i in sorted(rng.sample(left, min(p.n, len(left))))]
         elif p.kind == "label":
             found = [i for i in left if rows[i].get("label") == p.label]
-            chosen = sorted(rng.sample(found, min(p.n, len(found))))
-            why = f"label: {p.label}"
+            picked = [(i, f"label: {p.label}") for i in sorted(rng.sample(found, min(p.n, len(found))))]
         else:
             found = [i for i in left if _doubt(rows[i]) is not None]
             found.sort(key=lambda i: _rank(rows[i]))
-            chosen = found[: p.n]
-        taken.update((i, why if p.kind != "uncertain" else f"uncertain: {_doubt(rows[i])}") for i in chosen)
+            picked = [(i, f"uncertain: {_doubt(rows[i])}") for i in found[: p.n]]
+        taken.update(picked)
         if len(found) < p.n:
             short.append(p.fewer(len(found), after_others))
     return Chosen(sorted(taken.items()), short)
