@@ -116,7 +116,7 @@ def cost_per_correct(spent: int, correct: int, n: int, rows: int, sample: str, o
     the ``n`` rows scored are all ``rows``, else estimated as their accuracy times ``rows``
     (``sample`` and ``of`` name them in the words that say which)."""
     if not correct:
-        return {"cost_per_correct_usd": None, "cost_per_correct_basis": f"no correct label among {sample}"}
+        return {"cost_per_correct_usd": None, "cost_per_correct_basis": "no correct label"}
     if n == rows:
         return {
             "cost_per_correct_usd": usd_text((2 * spent + correct) // (2 * correct)),

@@ -86,10 +86,10 @@ def _rewrite(output: Path, journal: Journal, labeling: Labeling) -> int:
     """The output with its review columns made anew from the journal, batch by batch, keeping
     what its footer held (the run's summary). How many rows are reviewed."""
     columns = _ReviewColumns(journal, labeling)
-    source = pq.ParquetFile(output)
-    kept = [f for f in source.schema_arrow if f.name not in columns.names]
-    schema = pa.schema([*kept, *columns.fields])
-    rewrite(output, schema, (columns.onto(batch, schema) for batch in source.iter_batches()))
+    with pq.ParquetFile(output) as source:
+        kept = [f for f in source.schema_arrow if f.name not in columns.names]
+        schema = pa.schema([*kept, *columns.fields])
+        rewrite(output, schema, (columns.onto(batch, schema) for batch in source.iter_batches()))
     return columns.reviewed
 
 
