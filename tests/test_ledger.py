@@ -453,8 +453,8 @@ def test_ledger_schema_is_safe_with_writers_at_once(tmp_path: Path) -> None:
 
 def test_sandbox_runs_are_play_money(sandbox, tmp_path: Path) -> None:
     """A --sandbox run is marked in the ledger: never in `spend`'s totals or month unless asked
-    (--sandbox shows them alone), never counted by a real run's monthly cap (a sandbox run's cap
-    counts sandbox runs only); a ledger from before the mark gets it on its next write."""
+    (--sandbox shows them alone), never counted by a monthly cap (a sandbox run's cap counts the
+    real month and itself); a ledger from before the mark gets it on its next write."""
     ledger = tmp_path / "ledger.db"
     job = _job_file(tmp_path / "same.toml", prompts_csv(tmp_path / "in.csv", 40))
     common = ["--job", str(job), "--ledger", str(ledger), "--cache", "off"]
@@ -469,10 +469,12 @@ def test_sandbox_runs_are_play_money(sandbox, tmp_path: Path) -> None:
         ["run", str(few), *common, "-o", str(real), "--max-cost-per-month", cap], env=sandbox.env()
     )
     assert result.exit_code == 0 and 0 < _cost(real) < played * 6 / 10, result.output
-    # A sandbox run under the same cap meets the sandbox runs' spend, said as such.
+    # A sandbox run under a cap the earlier play money already passed starts (none of it counts)
+    # and stops where the real month and its own spend meet the cap, said as such.
     again = tmp_path / "again.parquet"
     capped = run_cli(["run", *common, "--sandbox", "-o", str(again), "--max-cost-per-month", cap])
-    assert capped.exit_code == 3 and "sandbox runs: play money" in capped.stderr, capped.output
+    assert capped.exit_code == 3 and "play money counts in no cap" in capped.stderr, capped.output
+    assert 0 < _cost(again) <= played * 6 / 10 - _cost(real), capped.output
     spent_in_play = played + (_cost(again) if again.exists() else 0)
 
     report = _spend(ledger, "--runs", "--by", "job")

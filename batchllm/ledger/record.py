@@ -40,7 +40,7 @@ class MonthAllowance:
     job: str
     cap_pico: int
     month: tuple[float, float]
-    sandbox: bool = False  # a sandbox run's cap counts only sandbox runs, a real one's only real ones
+    sandbox: bool = False  # a sandbox run: its cap counts the real month and itself, never play money
     chunk_pico: int = 0  # claimed beyond the need each time: fewer transactions
     claimed: int = 0
     used_by_others: int = 0  # as of the last claim, for the stop message
@@ -82,12 +82,12 @@ class MonthAllowance:
 
     @property
     def _month_used(self) -> tuple[Any, ...]:
-        return (self.job, *self.month, self.run_id, int(self.sandbox))
+        return (self.job, *self.month, self.run_id)
 
     @property
     def whose(self) -> str:
         """Whose month the cap is of, for the stop message."""
-        return f"job {self.job!r}" + (" (its sandbox runs: play money, capped apart)" if self.sandbox else "")
+        return f"job {self.job!r}" + (" (real runs: play money counts in no cap)" if self.sandbox else "")
 
     @property
     def resets_at(self) -> str:

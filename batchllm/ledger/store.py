@@ -106,8 +106,8 @@ CREATE TABLE IF NOT EXISTS run_parts (
 OFF = "off"
 
 # A run against the built-in emulator (``--sandbox``) is kept, marked, and counted apart: ``spend``
-# leaves it out unless asked (``--sandbox``), and a monthly cap counts only runs of its own kind,
-# so a real run is never held back by play money (and a sandbox run can still try a cap out).
+# leaves it out unless asked (``--sandbox``), and no monthly cap counts it, so a real run is never
+# held back by play money (a sandbox run can still try a cap out: against the real month, plus itself).
 # Ledgers from before the mark get it on the first write (``_migrate``): their sandbox runs are
 # the ones whose endpoint host was recorded as "sandbox".
 SANDBOX_BEFORE_MARK = "endpoint_host = 'sandbox'"
@@ -270,9 +270,9 @@ def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tupl
 
 # What a run of a job counts against its month: a closed record its cost and crash bound, an
 # open one (running, or killed and not recovered yet) the larger of its claim and its progress;
-# only runs of its own kind (sandbox or real, see SANDBOX_BEFORE_MARK).
+# only real runs: play money (sandbox runs, see SANDBOX_BEFORE_MARK) counts in no cap.
 MONTH_USED = """
 SELECT COALESCE(SUM(CASE WHEN ended_at IS NOT NULL THEN cost_pico + maybe_billed_pico
                          ELSE MAX(COALESCE(claim_pico, 0), cost_pico) END), 0)
-FROM runs WHERE job = ? AND started_at >= ? AND started_at < ? AND run_id != ? AND sandbox = ?
+FROM runs WHERE job = ? AND started_at >= ? AND started_at < ? AND run_id != ? AND sandbox = 0
 """
