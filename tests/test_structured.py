@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pyarrow.parquet as pq
+import pytest
 
 from batchllm.labeling.parse import parse_label
 from batchllm.labeling.spec import Labeling, load_schema
@@ -132,19 +133,20 @@ def test_json_schema_jobs_are_structured_too(sandbox_factory, tmp_path: Path) ->
     assert sent == response_format("answer", strict(orjson.loads(SCHEMA.read_bytes())))
 
 
+@pytest.mark.parametrize("pack", [1, 10])
 def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results(
-    sandbox_factory, tmp_path: Path
+    sandbox_factory, tmp_path: Path, pack: int
 ) -> None:
     n = 400
     src = reviews(tmp_path, n)
-    plain = sandbox_factory(**MESSY)
-    off = run_openai(
-        plain, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--structured", "off"
-    )
+    messy = {**MESSY, **PACK_MESSY}
+    labels = ["--labels", ",".join(LABELS), "--pack", str(pack), "--max-tokens", "16"]
+    plain = sandbox_factory(**messy)
+    off = run_openai(plain, src, tmp_path / "off.parquet", *labels, "--structured", "off")
     assert off.exit_code in (0, 1), off.output
-    box = sandbox_factory(**MESSY, refuse_response_format=True)
+    box = sandbox_factory(**messy, refuse_response_format=True)
     summary = tmp_path / "s.json"
-    args = ["--labels", ",".join(LABELS), "--concurrency", "16", "--summary-json", str(summary)]
+    args = [*labels, "--concurrency", "16", "--summary-json", str(summary)]
     result = run_openai(box, src, tmp_path / "auto.parquet", *args)
     assert result.exit_code == off.exit_code, result.output
     assert result.stderr.count("refuses response_format") == 1
