@@ -194,3 +194,18 @@ def test_bad_structured_settings(sandbox, tmp_path: Path) -> None:
     job.write_text(f'input = "{src}"\noutput = "o.parquet"\ntemplate = "{{text}}"\nstructured = "maybe"\n')
     result = run_cli(["run", "--job", str(job)], env=sandbox.env())
     assert result.exit_code == 2 and "key 'structured'" in result.stderr and "auto, on, off" in result.stderr
+
+
+def test_a_job_files_own_response_format_is_sent_as_it_is(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(keep_bodies=True)
+    src = reviews(tmp_path, 5)
+    job = tmp_path / "j.toml"
+    job.write_text(
+        f'input = "{src}"\noutput = "o.parquet"\ntemplate = "Classify: {{text}}"\nprovider = "openai"\n'
+        f'labels = "{",".join(LABELS)}"\n[extra_body]\nresponse_format = {{ type = "json_object" }}\n'
+    )
+    result = run_cli(["run", "--job", str(job), *MODEL, "--rpm", "0"], env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    assert [orjson.loads(b)["response_format"] for b in box.sandbox.bodies] == [{"type": "json_object"}] * 5
+    result = run_cli(["run", "--job", str(job), "--structured", "on"], env=box.openai_env())
+    assert result.exit_code == 2 and "[extra_body] has a response_format of its own" in result.stderr

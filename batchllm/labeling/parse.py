@@ -1,6 +1,7 @@
 """Reading a reply into a label or a typed object: free deterministic repair, then validation.
 
-Labels: a structured reply (``{"label": ...}``) is read for its label field; the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
+Labels: a structured reply (``{"label": ...}``, labeling/structured.py) is read for its label
+field; the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
 punctuation) and matched against the set; failing that, a single allowed label standing as a
 whole word inside prose ("Sure! The label is: positive.") is taken. Anything else is an error
 code, never a guess. JSON: the first JSON object in the reply (in prose or a code fence) is cut
