@@ -131,6 +131,15 @@ def test_json_schema_jobs_are_structured_too(sandbox_factory, tmp_path: Path) ->
     assert all(r["sentiment"] in LABELS and isinstance(r["mentions_price"], bool) for r in rows)
     sent = orjson.loads(box.sandbox.bodies[0])["response_format"]
     assert sent == response_format("answer", strict(orjson.loads(SCHEMA.read_bytes())))
+    # Five rows to a request, with the messy packs' items left out, in prose, fenced or broken:
+    # held to the schema, every item is there and valid.
+    box = sandbox_factory(**MESSY, **PACK_MESSY)
+    args = ["--json-schema", str(SCHEMA), "--max-tokens", "64", "--pack", "5"]
+    result = run_openai(box, src, tmp_path / "p.parquet", *args)
+    assert result.exit_code == 0, result.output
+    assert box.count() == n // 5
+    packed = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert all(r["status"] == "ok" and r["reasks"] == 0 and r["sentiment"] in LABELS for r in packed)
 
 
 @pytest.mark.parametrize("pack", [1, 10])
