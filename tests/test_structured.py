@@ -150,10 +150,10 @@ def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results
     src = reviews(tmp_path, n)
     messy = {**MESSY, **PACK_MESSY}
     labels = ["--labels", ",".join(LABELS), "--pack", str(pack), "--max-tokens", "16"]
-    plain = sandbox_factory(**messy)
+    plain = sandbox_factory(**messy, keep_bodies=True)
     off = run_openai(plain, src, tmp_path / "off.parquet", *labels, "--structured", "off")
     assert off.exit_code in (0, 1), off.output
-    box = sandbox_factory(**messy, refuse_response_format=True)
+    box = sandbox_factory(**messy, refuse_response_format=True, keep_bodies=True)
     summary = tmp_path / "s.json"
     args = [*labels, "--concurrency", "16", "--summary-json", str(summary)]
     result = run_openai(box, src, tmp_path / "auto.parquet", *args)
@@ -162,6 +162,9 @@ def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results
     refused = box.count(400)
     assert 1 <= refused <= 16  # the requests already out when the first refusal came back
     assert box.count() == plain.count() + refused
+    # Sent again without it, byte for byte the request --structured off sends.
+    sent = [b for b in box.sandbox.bodies if b"response_format" not in b]
+    assert sorted(sent) == sorted(plain.sandbox.bodies)
     keys = ["id", "status", "label", "reasks", "prompt_tokens", "completion_tokens", "cost_usd", "response"]
     got = pq.read_table(tmp_path / "auto.parquet", columns=keys).to_pylist()
     assert got == pq.read_table(tmp_path / "off.parquet", columns=keys).to_pylist()
