@@ -10,6 +10,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
+from batchllm.job import build_job
 from batchllm.labeling.parse import parse_label
 from batchllm.labeling.spec import Labeling, load_schema
 from batchllm.labeling.structured import Formats, response_format, strict
@@ -221,3 +222,19 @@ def test_a_job_files_own_response_format_is_sent_as_it_is(sandbox_factory, tmp_p
     assert [orjson.loads(b)["response_format"] for b in box.sandbox.bodies] == [{"type": "json_object"}] * 5
     result = run_cli(["run", "--job", str(job), "--structured", "on"], env=box.openai_env())
     assert result.exit_code == 2 and "[extra_body] has a response_format of its own" in result.stderr
+
+
+def test_job_files_say_structured_as_a_word_or_a_boolean(tmp_path: Path) -> None:
+    src = reviews(tmp_path, 3)
+    base = {
+        "input": str(src),
+        "output": str(tmp_path / "o.parquet"),
+        "template": "{text}",
+        "provider": "openai",
+    }
+    labeled = {**base, "labels": "a,b"}
+    assert build_job(labeled).structured_output  # auto, with the openai provider
+    assert not build_job({**labeled, "structured": False}).structured_output
+    assert build_job({**labeled, "structured": True}).structured == "on"
+    assert not build_job({**labeled, "provider": "dataoorts"}).structured_output  # no JSON mode
+    assert not build_job(base).structured_output  # nothing to hold a reply to
