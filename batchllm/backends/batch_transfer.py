@@ -134,7 +134,7 @@ def import_batch(
                 job.output, p.source, p.builder, journal, lambda t: summary(t, None), job.labeling,
                 fleet=via is not None,
             )  # fmt: skip
-            outcome.exit_code = ExitCode.ROW_ERRORS if totals.error or totals.invalid else ExitCode.OK
+            outcome.exit_code = ExitCode.ROW_ERRORS if totals.failed else ExitCode.OK
             outcome.pending = totals.pending
             outcome.summary = summary(totals, outcome.exit_code)
         finally:

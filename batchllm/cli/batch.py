@@ -9,7 +9,15 @@ import click
 
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
-from .options import CHECKPOINT_OPTION, JOB_OPTION, LEDGER_OPTION, REQUEST_OPTIONS, apply, collect
+from .options import (
+    CHECKPOINT_OPTION,
+    JOB_OPTION,
+    LEDGER_OPTION,
+    REQUEST_OPTIONS,
+    apply,
+    collect,
+    make_output_folder,
+)
 
 # A batch file for one endpoint of a fleet (fleet.batch_endpoint), and its replies priced there.
 FLEET_OPTIONS = [
@@ -100,6 +108,7 @@ def export_cmd(
             "several answers need `batchllm run`; export with --samples 1 (invalid answers imported "
             "are re-asked by `batchllm run --retry-errors`)"
         )
+    make_output_folder(job, target)
     via = _via(job, fleet, fleet_endpoint)
     done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes, via=via)
     files = ", ".join(str(f) for f in done.files)
@@ -177,6 +186,7 @@ def import_cmd(
     values, job_file, given = collect(ctx, input_path, params)
     values.pop("max_cost", None)  # the batch API spent it already: nothing is sent here
     job = build_job(values, job_file=job_file, flag_names=given)
+    make_output_folder(job)
 
     def warn(message: str) -> None:
         click.echo(f"warning: {message}", err=True)

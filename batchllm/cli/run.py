@@ -11,7 +11,7 @@ from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job
 from ..job_keys import parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
-from .options import RUN_OPTIONS, apply, collect
+from .options import RUN_OPTIONS, apply, collect, make_output_folder
 
 
 def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) -> Job:
@@ -59,6 +59,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     log_format = params.get("log_format")
     try:
         job = _job(ctx, input_path, params)
+        make_output_folder(job)
     except BatchLLMError as exc:
         return report_error(exc, log_format)
     reporter = make_reporter(job.log_format, job.progress)
@@ -142,6 +143,8 @@ def estimate_cmd(
     if sizes is not None:
         values["pack"] = sizes[0]
     job = build_job(values, job_file=job_file, flag_names=given)
+    if keep:
+        make_output_folder(job)
     if sizes is not None:
         return _pack_table(job, sizes, pilot, gold, keep, fmt)
     observed, accuracy = None, None

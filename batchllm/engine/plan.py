@@ -83,7 +83,7 @@ class Prepared:
 def prepare(job: Job) -> Prepared:
     """Check the job against its provider and input: model, prices, file, columns, ids."""
     provider = get_provider(job.provider)
-    source = InputFile(job.input, job.input_format, job.delimiter)
+    source = InputFile(job.input, job.input_format, job.delimiter, job.encoding)
     builder: Builder
     if source.format == "jsonl":
         from ..backends.openai_batch import RequestFileBuilder
@@ -97,7 +97,7 @@ def prepare(job: Job) -> Prepared:
             job = replace(job, model=model_name)
         builder = request_builder
     else:
-        builder = PromptBuilder(job, source.columns, str(job.input))
+        builder = PromptBuilder(job, source.columns, str(job.input), source.delimiter_hint)
         check_no_clash(source.columns, str(job.input))
         rows = source.count_rows()
         if rows == 0:
