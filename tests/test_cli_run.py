@@ -447,9 +447,18 @@ def test_output_folders_are_made_inside_an_existing_one_and_said(sandbox, tmp_pa
     out = tmp_path / "new" / "deeper" / "x.parquet"
     result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
     assert result.exit_code == 0, result.stderr
-    assert f"batchllm: made the folder {tmp_path / 'new'} for {out}" in result.stderr and out.exists()
+    assert f"made the folder {tmp_path / 'new'} for {out}" in result.stderr and out.exists()
     again = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
     assert "made the folder" not in again.stderr
+    # Bad input is refused before any folder is made (exit 2: nothing happened).
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"prompt\ncaf\xe9\n")
+    for command in (["run", "--sandbox"], ["estimate"], ["export-batch"]):
+        target = tmp_path / "never" / ("x.jsonl" if command == ["export-batch"] else "x.parquet")
+        assert run_cli([*command, str(bad), "-o", str(target)]).exit_code == 2
+        assert not (tmp_path / "never").exists()
+    exported = run_cli(["export-batch", str(src), "-o", str(tmp_path / "requests" / "r.jsonl")])
+    assert exported.exit_code == 0 and f"made the folder {tmp_path / 'requests'}" in exported.stderr
     top = Path("/batchllm-no-such-folder")
     assert not top.exists()
     for command in (["run", "--sandbox"], ["estimate"]):

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..folders import folders_to_make
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
 from .options import (
@@ -16,7 +17,6 @@ from .options import (
     REQUEST_OPTIONS,
     apply,
     collect,
-    make_output_folder,
 )
 
 # A batch file for one endpoint of a fleet (fleet.batch_endpoint), and its replies priced there.
@@ -108,9 +108,11 @@ def export_cmd(
             "several answers need `batchllm run`; export with --samples 1 (invalid answers imported "
             "are re-asked by `batchllm run --retry-errors`)"
         )
-    make_output_folder(job, target)
+    folders_to_make(target, "--output")  # refused before the input is read
     via = _via(job, fleet, fleet_endpoint)
     done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes, via=via)
+    if done.made_folder is not None:
+        click.echo(f"batchllm: made the folder {done.made_folder} for {target}", err=True)
     files = ", ".join(str(f) for f in done.files)
     click.echo(
         f"exported {done.lines:,} requests to {files}"
@@ -186,7 +188,6 @@ def import_cmd(
     values, job_file, given = collect(ctx, input_path, params)
     values.pop("max_cost", None)  # the batch API spent it already: nothing is sent here
     job = build_job(values, job_file=job_file, flag_names=given)
-    make_output_folder(job)
 
     def warn(message: str) -> None:
         click.echo(f"warning: {message}", err=True)

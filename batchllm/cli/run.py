@@ -59,7 +59,6 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     log_format = params.get("log_format")
     try:
         job = _job(ctx, input_path, params)
-        make_output_folder(job)
     except BatchLLMError as exc:
         return report_error(exc, log_format)
     reporter = make_reporter(job.log_format, job.progress)
@@ -143,8 +142,6 @@ def estimate_cmd(
     if sizes is not None:
         values["pack"] = sizes[0]
     job = build_job(values, job_file=job_file, flag_names=given)
-    if keep:
-        make_output_folder(job)
     if sizes is not None:
         return _pack_table(job, sizes, pilot, gold, keep, fmt)
     observed, accuracy = None, None
@@ -175,6 +172,8 @@ def estimate_cmd(
         report["expected_from"] = f"a pilot of {pilot:,} rows"
         if accuracy is not None:
             report["pilot_accuracy"] = accuracy
+    if keep:
+        make_output_folder(job)  # a pilot made it already; else only now the input proved good
     if keep and not record_estimate(job, report):
         click.echo(
             f"note: not kept in {job.journal_dir}: it was written with other settings than these",
