@@ -470,3 +470,20 @@ def test_output_folders_are_made_inside_an_existing_one_and_said(sandbox, tmp_pa
         assert not top.exists()
     result = run_cli(["run", str(src), "-o", str(src / "x.parquet"), "--sandbox"])
     assert result.exit_code == 2 and f"{src} is a file, not a folder" in result.stderr
+
+
+@pytest.mark.parametrize("codec", ["utf-8-sig", "utf-16"])
+def test_a_request_file_with_a_byte_order_mark_runs(sandbox_factory, tmp_path: Path, codec: str) -> None:
+    box = sandbox_factory(keep_bodies=True)
+    src = tmp_path / "requests.jsonl"
+    lines = [
+        {"custom_id": f"r{i}", "body": {"messages": [{"role": "user", "content": t}]}}
+        for i, t in enumerate(["héllo", "wörld"])
+    ]
+    src.write_bytes("".join(orjson.dumps(line).decode() + "\n" for line in lines).encode(codec))
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(out).column("custom_id").to_pylist() == ["r0", "r1"]
+    sent = sorted(orjson.loads(b)["data"]["messages"][-1]["content"] for b in box.sandbox.bodies)
+    assert sent == ["héllo", "wörld"]
