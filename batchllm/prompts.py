@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,13 +149,32 @@ class PromptBuilder:
             cols.append(self.id_column)
         return cols
 
-    def users(self, batch: pa.RecordBatch) -> list[str | None]:
-        """Each row's user text, or None when it has no prompt (the module's docstring)."""
-        columns = [batch.column(name) for name in self.columns]
+    def _filled(self, columns: list[pa.Array]) -> pa.Array:
+        """Per row: does it have a prompt (the module's docstring)?"""
         filled = _has_text(columns[0])
         for column in columns[1:]:
             filled = pc.or_(filled, _has_text(column))
-        keep = filled.to_pylist()
+        return filled
+
+    def check_some_prompt(self, batches: Iterable[pa.RecordBatch], rows: int) -> None:
+        """A ``JobError`` when no row has a prompt (a wrong --prompt-column, say), rather than a
+        run that sends nothing and succeeds; stops reading at the first row that has one."""
+        for batch in batches:
+            if pc.any(self._filled([batch.column(name) for name in self.columns])).as_py():
+                return
+        what = (
+            f"column {self.columns[0]!r} is"
+            if self.template is None
+            else "every column the --template names (" + ", ".join(map(repr, self.columns)) + ") is"
+        )
+        raise JobError(
+            f"{self.source}: {what} empty (null or only whitespace) in all {rows:,} rows: nothing to send"
+        )
+
+    def users(self, batch: pa.RecordBatch) -> list[str | None]:
+        """Each row's user text, or None when it has no prompt (the module's docstring)."""
+        columns = [batch.column(name) for name in self.columns]
+        keep = self._filled(columns).to_pylist()
         if self.template is None:
             values = columns[0].to_pylist()
             return [

@@ -122,6 +122,12 @@ BAD_INPUTS = [
     ("empty.csv", b"", [], "the file is empty"),
     ("ragged.csv", b"prompt,x\nhello,1\nworld,2,3\n", [], "line 3 has 3 fields but the header has 2"),
     ("header_only.csv", b"prompt\n", [], "no rows"),
+    (
+        "no_prompts.csv",
+        b"id,prompt\n1,\n2,  \n",
+        [],
+        "column 'prompt' is empty (null or only whitespace) in all 2 rows: nothing to send",
+    ),
     ("fake.parquet", b"this is not parquet at all", [], "not a readable Parquet file"),
     ("nocol.csv", b"text\nhello\n", [], "no column 'prompt'"),
     ("ok.csv", b"review\nhello\n", ["--template", "Say {missing}"], "no column 'missing'"),

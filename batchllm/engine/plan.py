@@ -102,6 +102,7 @@ def prepare(job: Job) -> Prepared:
         rows = source.count_rows()
         if rows == 0:
             raise JobError(f"{job.input}: the file has a header but no rows")
+        builder.check_some_prompt(source.batches(builder.read_columns), rows)
         if job.id_column is not None:
             _check_unique_ids(source, job.id_column)
     model = check_model(job, provider)
