@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import JobError
 from .fleet import FleetEndpoint, dearest
+from .folders import folders_to_make
 from .job_keys import PARSERS, SAMPLING_KEYS, check_endpoint
 from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
@@ -61,6 +62,7 @@ class Job:
     rpm: int | None = None  # None: auto (adaptive, no ceiling); 0: off
     tpm: int | None = None  # None or 0: off
     delimiter: str = ","  # CSV field separator
+    encoding: str | None = None  # of a CSV or JSONL input; None: UTF-8 (a byte-order mark wins)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
     max_error_rate: float = 0.5
@@ -275,6 +277,7 @@ def build_job(
         for key in ("ray_address", "actors"):
             if key in kwargs:
                 raise JobError(f"{where(key)} goes with --engine ray")
+    folders_to_make(kwargs["output"], where("output"))  # made by the command that writes it
     limit = provider.max_content_chars
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
         raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")

@@ -53,11 +53,11 @@ def test_estimate_equals_what_the_api_bills_row_by_row(sandbox, tmp_path: Path) 
     )
     assert run.exit_code == 0, run.stderr
     billed = pq.read_table(out).column("prompt_tokens").to_pylist()
-    assert json.loads(est.stdout)["prompt_tokens"]["total"] == sum(billed)
+    assert json.loads(est.stdout)["prompt_tokens"]["total"] == sum(t or 0 for t in billed)  # 1 empty: None
     # Row by row: the counter the estimate uses against the sandbox's usage.
     from batchllm.tokens import get_counter
 
-    rows = pq.read_table(out).to_pylist()
+    rows = [r for r in pq.read_table(out).to_pylist() if r["review"]]  # an empty review is not sent
     paid = [r for r in rows if not r["answered_by"]]  # identical prompts are sent (and billed) once
     assert len(paid) < len(rows)
     assert [get_counter().count(TEMPLATE.format(review=r["review"])) for r in paid] == [
@@ -130,8 +130,8 @@ def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) 
     )
     assert run_cli(["run", *common], env=sandbox.env()).exit_code == 0
     rows = pq.read_table(out).to_pylist()
-    # The 20 pilot rows were not sent again; identical prompts were sent once.
-    assert sandbox.count() == sum(not r["answered_by"] for r in rows)
+    # The 20 pilot rows were not sent again; identical prompts were sent once; an empty one never.
+    assert sandbox.count() == sum(not r["answered_by"] for r in rows if r["review"])
     report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
     versus = report["estimate_vs_actual"]
     assert versus["prompt_tokens"]["estimated"] == versus["prompt_tokens"]["actual"]
@@ -172,7 +172,9 @@ def test_pilot_answered_from_the_cache_learns_lengths_and_sends_nothing(sandbox,
     common = [str(sample), "--template", TEMPLATE, "--max-tokens", "64", "--temperature", "0", "--rpm", "0"]
     first = tmp_path / "first.parquet"
     assert run_cli(["run", *common, "-o", str(first)], env=sandbox.env()).exit_code == 0
-    lengths = {r["review_id"]: r["completion_tokens"] for r in pq.read_table(first).to_pylist()}
+    lengths = {
+        r["review_id"]: r["completion_tokens"] for r in pq.read_table(first).to_pylist() if r["review"]
+    }
     sent = sandbox.count()
     second = ["-o", str(tmp_path / "second.parquet")]
     est = run_cli(["estimate", *common, *second, "--pilot", "20", "--format", "json"], env=sandbox.env())
@@ -195,14 +197,16 @@ def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
         == 0
     )
     table = pq.read_table(out)
-    column_sum = sum(Decimal(repr(v)) for v in table.column("cost_usd").to_pylist())
+    column_sum = sum(Decimal(repr(v)) for v in table.column("cost_usd").to_pylist() if v is not None)
     result = run_cli(["report", str(out), "--by", "category", "--format", "json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     total = Decimal(report["overall"]["cost_usd"])
     assert abs(total - column_sum) < Decimal("1e-15")
     assert Decimal(report["overall"]["cost_usd"]) == Decimal(summary_of(out)["cost_usd"]["total"])
-    assert report["overall"]["prompt_tokens"] == sum(table.column("prompt_tokens").to_pylist())
+    assert report["overall"]["prompt_tokens"] == sum(
+        t or 0 for t in table.column("prompt_tokens").to_pylist()
+    )
     groups = report["by"]["groups"]
     assert set(groups) == set(table.column("category").to_pylist())
     assert sum(Decimal(g["cost_usd"]) for g in groups.values()) == total

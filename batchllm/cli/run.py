@@ -11,7 +11,7 @@ from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job
 from ..job_keys import parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
-from .options import RUN_OPTIONS, apply, collect
+from .options import RUN_OPTIONS, apply, collect, make_output_folder
 
 
 def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) -> Job:
@@ -172,6 +172,8 @@ def estimate_cmd(
         report["expected_from"] = f"a pilot of {pilot:,} rows"
         if accuracy is not None:
             report["pilot_accuracy"] = accuracy
+    if keep:
+        make_output_folder(job)  # a pilot made it already; else only now the input proved good
     if keep and not record_estimate(job, report):
         click.echo(
             f"note: not kept in {job.journal_dir}: it was written with other settings than these",

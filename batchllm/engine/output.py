@@ -80,8 +80,15 @@ class Totals:
         self.prompt_tokens = self.completion_tokens = 0
         self.input_cost_pico = self.output_cost_pico = 0
         self.invalid = 0  # labeling rows whose answers never validated
+        self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
+
+    @property
+    def failed(self) -> int:
+        """Rows that failed in a way a retry may mend: not the rows without a prompt, which no
+        run will send, so they alone leave a run's exit code 0."""
+        return self.error - self.no_prompt + self.invalid
 
     @property
     def cost_pico(self) -> int:
@@ -97,6 +104,7 @@ class Totals:
             "ok": self.ok,
             "error": self.error,
             "invalid": self.invalid,
+            "no_prompt": self.no_prompt,
             "pending": self.pending,
             "truncated": self.truncated,
             "prompt_tokens": self.prompt_tokens,
@@ -192,6 +200,7 @@ def _result_columns(
         cols["finished_at"][i] = int(e.finished_at * 1000)
         if e.status == "error":
             totals.error += 1
+            totals.no_prompt += e.error_class == "NoPrompt"
         elif e.status == "invalid":
             totals.invalid += 1
         else:

@@ -351,7 +351,7 @@ class Run:
             output = job.output
         if reason is not None:
             code = STOP_EXIT[reason]
-        elif totals is not None and (totals.error or totals.invalid):
+        elif totals is not None and totals.failed:
             code = ExitCode.ROW_ERRORS
         else:
             code = ExitCode.OK

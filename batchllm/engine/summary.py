@@ -147,6 +147,7 @@ def build_summary(
             "ok": totals.ok,
             "error": totals.error,
             "invalid": totals.invalid,
+            "no_prompt": totals.no_prompt,  # of the errors: never sent, nothing to ask
             "pending": totals.pending,
             "truncated": totals.truncated,
         }
@@ -203,6 +204,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         state = "complete" if summary["complete"] else "INCOMPLETE"
         lines.append(
             f"done ({state}): {rows['ok']:,} ok, {rows['error']:,} failed"
+            + (f" ({rows['no_prompt']:,} without a prompt, not sent)" if rows.get("no_prompt") else "")
             + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
             + f" of {rows['total']:,} rows"

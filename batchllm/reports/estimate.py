@@ -69,7 +69,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # hash, 8 bytes a row, so memory stays flat.
     digests = np.zeros(p.rows, dtype=np.uint64)
     over: list[str] = []
-    over_count = empty = 0
+    over_count = empty = too_long = 0
     position = 0
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
@@ -89,10 +89,15 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                     over_count += 1
                     if len(over) < MAX_LISTED:
                         over.append(pb.row_ids[i])
-                else:
+                elif refused.error_class == "NoPrompt":
                     empty += 1
+                else:
+                    too_long += 1
             counts[position + i] = tokens
-        digests[position : position + batch.num_rows] = [int(h[:16], 16) for h in pb.hashes]
+        # A row without a prompt hashes as "null"; it is never sent, so never counted (mask).
+        digests[position : position + batch.num_rows] = [
+            0 if h == "null" else int(h[:16], 16) for h in pb.hashes
+        ]
         position += batch.num_rows
     mask = counts > 0
     _, first = np.unique(digests[mask], return_index=True)
@@ -137,7 +142,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "rows_answered_by_identical_rows": duplicates,
         "rows_over_window": over_count,
         "rows_over_window_ids": over,
-        "rows_without_prompt": empty,
+        "rows_without_prompt": empty,  # null, empty or only whitespace (prompts.py): never sent
+        "rows_too_long": too_long,  # over the API's characters a message
         "prompt_tokens": {
             "total": prompt_tokens,
             "mean": round(float(sendable.mean()), 1) if rows_sent else 0,
@@ -254,7 +260,12 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             f"{e['rows_over_window']:,}"
             + (f" ({', '.join(e['rows_over_window_ids'])})" if e["rows_over_window_ids"] else ""),
         ),
-        ("rows without a prompt", f"{e['rows_without_prompt']:,}"),
+        ("rows without a prompt (not sent)", f"{e['rows_without_prompt']:,}"),
+        *(
+            [("rows too long for the API (not sent)", f"{e['rows_too_long']:,}")]
+            if e.get("rows_too_long")
+            else []
+        ),
         (
             "prompt tokens",
             f"{pt['total']:,} (mean {pt['mean']:,}, p50 {pt['p50']:,}, p95 {pt['p95']:,}, max {pt['max']:,})",
