@@ -82,9 +82,9 @@ def test_fleet_file_problems_are_one_line_naming_file_endpoint_and_key(tmp_path:
     cases = {
         'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\n': "missing key 'model'",
         'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\ninput_price = "1"\noutput_price = "1"\nrpm = 0\n': "'rpm'",
-        'name = "a"\nprovider = "openai"\nendpoint = "ftp://x"\nmodel = "m"\n': "not an http(s) URL",
-        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\napi_key = "sk-1"\n': "key_env",
-        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\nrmp = 3\n': "unknown key 'rmp'",
+        'name = "a"\nprovider = "openai"\nendpoint = "ftp://x"\nmodel = "m"\ninput_price = "1"\noutput_price = "1"\n': "not an http(s) URL",
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\ninput_price = "1"\noutput_price = "1"\napi_key = "sk-1"\n': "key_env",
+        'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "m"\ninput_price = "1"\noutput_price = "1"\nrmp = 3\n': "unknown key 'rmp'",
         'name = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\nmodel = "unlisted"\n': "input_price",
     }
     for n, (body, want) in enumerate(cases.items()):
@@ -94,6 +94,32 @@ def test_fleet_file_problems_are_one_line_naming_file_endpoint_and_key(tmp_path:
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1, result.stderr
         assert str(bad) in lines[0] and want in lines[0] and "sk-1" not in lines[0], lines[0]
+    several = tmp_path / "several.toml"  # every problem at once, in the file's order
+    several.write_text('[[endpoint]]\nname = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\n'
+                       'rpm = "fast"\nmodel = "unlisted"\n\n[[endpoint]]\nname = "b"\nrmp = 3\n'
+                       'provider = "openai"\ninput_price = "0.1"\nendpoint = "ftp://x"\n\n'
+                       '[[endpoint]]\nname = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:1/v1"\n'
+                       'model = "m"\ninput_price = "1"\noutput_price = "1"\n')  # fmt: skip
+    want = [
+        "endpoint 'a': key 'rpm' must be an integer >= 1 (got 'fast')",
+        "endpoint 'a': 'unlisted' has no price in the model table: give input_price and output_price",
+        "endpoint 'b': unknown key 'rmp'",
+        "endpoint 'b': give input_price and output_price together",
+        "endpoint 'b': key 'endpoint' 'ftp://x' is not an http(s) URL",
+        "endpoint 'b': missing key 'model'",
+        "endpoint 3 ('a'): two endpoints are named 'a'",
+    ]
+    checked = run_cli(["validate", str(job), "--fleet", str(several)])
+    ran = run_cli(
+        ["run", "--job", str(job), "--fleet", str(several), "--sandbox", "-o", str(tmp_path / "o.parquet")]
+    )
+    for result, prefix in (
+        (checked, f"invalid: {several}: "),
+        (ran, f"batchllm: error: --fleet {several}: "),
+    ):
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == len(want), result.stderr
+        assert all(line.startswith(prefix + w) for line, w in zip(lines, want, strict=True)), result.stderr
     twice = tmp_path / "twice.toml"
     twice.write_text(good.read_text() + '\n[[endpoint]]\nname = "dataoorts"\nprovider = "dataoorts"\n'
                      'endpoint = "http://127.0.0.1:1/"\nmodel = "meta/llama-3.1-70b-instruct"\n')  # fmt: skip
