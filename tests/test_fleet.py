@@ -350,6 +350,14 @@ def test_a_fleet_with_no_working_endpoint_stops_within_a_minute(sandbox_factory,
     assert "key from" not in causes["nokey"] + causes["refused"]
     assert not re.search(r"\w+Error\b", err), err  # causes in words, not exception classes
     assert "sk-wrong-key" not in err and box.key not in err
+    outs = {name: e["out"] for name, e in summary_of(out)["endpoints"].items()}
+    assert outs == {
+        "quota": "quota",
+        "nomodel": "model",
+        "badkey": "auth",
+        "nokey": "auth",
+        "refused": "no answer",
+    }
     rows = pq.read_table(out).to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == quota.count(200) == 5 and all(r["endpoint"] == "quota" for r in ok)

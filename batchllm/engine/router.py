@@ -326,7 +326,7 @@ class Router:
         m.failures += 1
         if m.failing_since is None:
             m.failing_since = now
-        m.cause = f"{exc.message}" if exc.status is None else f"HTTP {exc.status}: {exc.message}"
+        m.cause = exc.message if exc.status is None else f"HTTP {exc.status}: {exc.message}"
         if m.failures >= BENCH_AFTER or m.probing:
             m.benched_until = now + m.bench_s
             m.bench_s = min(BENCH_MAX_S, m.bench_s * 2)
@@ -341,7 +341,7 @@ class Router:
             m.gone = exc.reason or "stopped"
             m.cause = out_cause(m, exc)
             if self.left():
-                self.warn(f"endpoint {m.name!r} is out for this run: {m.cause}; its rows go to the others")
+                self.warn(f"endpoint {m.name!r} is out for this run: it {m.cause}; its rows go to the others")
         self._pump()
         return self.left()
 
@@ -368,7 +368,13 @@ class Router:
         return "no endpoint of the fleet is left to send to: " + "; ".join(causes)
 
     def summary(self) -> dict[str, Any]:
-        return {m.name: m.counts.describe(m.gone) for m in self.members}
+        down = not self.left()  # the run stopped for want of an endpoint: say which never answered
+        return {
+            m.name: m.counts.describe(
+                m.gone or ("no answer" if down and m.failing_since is not None else None)
+            )
+            for m in self.members
+        }
 
 
 def out_cause(m: Member, exc: RunStopError) -> str:
