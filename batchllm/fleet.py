@@ -130,8 +130,8 @@ def _endpoint(
             try:
                 got[key] = PARSE[key](raw)
             except ValueError as exc:
-                got_ = "" if repr(raw) in str(exc) or str(raw) in str(exc) else f" (got {raw!r})"
-                found.append((place[key], f"key {key!r} {exc}{got_}"))
+                shown = "" if repr(raw) in str(exc) or str(raw) in str(exc) else f" (got {raw!r})"
+                found.append((place[key], f"key {key!r} {exc}{shown}"))
     found += [(len(t), f"missing key {key!r}") for key in REQUIRED if key not in t]
     if "name" in got:
         if got["name"] in names:
