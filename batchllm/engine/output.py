@@ -27,6 +27,7 @@ from ..labeling.spec import Labeling
 from ..pricing import to_usd
 from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
+from . import counts
 from .journal import Journal
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class Totals:
         self.invalid = 0  # labeling rows whose answers never validated
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
+        self.from_cache = self.copied = 0  # rows answered without a request (counts.py)
 
     @property
     def cost_pico(self) -> int:
@@ -99,6 +101,8 @@ class Totals:
             "invalid": self.invalid,
             "pending": self.pending,
             "truncated": self.truncated,
+            "from_cache": self.from_cache,
+            "answered_by_identical_rows": self.copied,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "input_cost_pico": self.input_cost_pico,
@@ -215,6 +219,8 @@ def _result_columns(
         cols["answered_by"][i] = e.answered_by
         cols["cached"][i] = bool(e.cached)
         cols["finished_at"][i] = int(e.finished_at * 1000)
+        totals.from_cache += counts.from_cache(e)
+        totals.copied += counts.copied(e)
         if e.status == "error":
             totals.error += 1
         elif e.status == "invalid":
@@ -238,7 +244,7 @@ def _costs(
     if e.prompt_tokens is not None:
         cols["truncated"][i] = bool(e.truncated)
         cols["tokens_counted"][i] = bool(e.tokens_counted)
-        totals.truncated += bool(e.truncated)
+        totals.truncated += counts.truncated(e)
     totals.prompt_tokens += pt
     totals.completion_tokens += ct
     ic, oc = e.input_cost_pico, e.output_cost_pico
