@@ -274,7 +274,7 @@ class Dispatcher(Booking):
                     router.release(member)  # type: ignore[union-attr]
                 return None, attempt, 0.0
             # Written down before it leaves (inflight.py); a retry after the server answered with
-            # an error is the same request, one after no answer (a timeout) may have been billed.
+            # an error is the same request; one the client gave up on is counted as maybe billed.
             self.journal.sent(row_id, worst, answered)
             attempt += 1
             stats.requests += 1
@@ -295,6 +295,8 @@ class Dispatcher(Booking):
                         router.release(member)  # type: ignore[union-attr]
             except RetryableAPIError as exc:
                 answered = exc.status is not None
+                if not answered:  # the server may compute and bill it all the same
+                    self.journal.gave_up(row_id, worst)
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1
