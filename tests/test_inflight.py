@@ -11,6 +11,7 @@ case at least what they cost.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -136,3 +137,16 @@ def test_a_timed_out_request_at_a_fleet_endpoint_is_maybe_billed(sandbox_factory
     src, out = prompts_csv(tmp_path / "in.csv", 24), tmp_path / "out.parquet"
     _run(src, out, env, "--fleet", str(fleet), "--max-attempts", "3")
     check_gave_up(out, *boxes.values())
+
+
+def test_a_request_that_never_connected_is_not_maybe_billed(tmp_path: Path) -> None:
+    """A refused connection never reached a server: nothing to count, however often it is retried."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections to it are refused
+    src, out = prompts_csv(tmp_path / "in.csv", 6), tmp_path / "out.parquet"
+    env = {"DATAOORTS_ENDPOINT": f"http://127.0.0.1:{port}/api/v1", "DATAOORTS_API_KEY": "k"}
+    _run(src, out, env, "--max-attempts", "2")
+    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"error"}
+    assert "maybe_billed" not in summary_of(out)
+    assert "may have been billed" not in run_cli(["status", str(out)]).output
