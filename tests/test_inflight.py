@@ -150,3 +150,17 @@ def test_a_request_that_never_connected_is_not_maybe_billed(tmp_path: Path) -> N
     assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"error"}
     assert "maybe_billed" not in summary_of(out)
     assert "may have been billed" not in run_cli(["status", str(out)]).output
+
+
+def test_the_cap_holds_with_requests_given_up_on(sandbox_factory, tmp_path: Path) -> None:
+    """``--max-cost`` counts a timed-out request at its worst case the moment it is given up on,
+    so the bill, the timed-out requests' included, never passes the cap."""
+    box = sandbox_factory(**SLOW)
+    src, out = prompts_csv(tmp_path / "in.csv", 60), tmp_path / "out.parquet"
+    cap = Decimal("0.0003")
+    result = run_cli(["run", str(src), "-o", str(out), *TIMEOUT, "--max-tokens", "16", "--max-cost", str(cap)],
+                     env=box.env())  # fmt: skip
+    assert result.exit_code == 3, result.output
+    _settled(box)
+    assert box.sandbox.stats["unheard"] > 0
+    assert box.sandbox.stats["billed_pico"] <= cap * PICO_PER_USD

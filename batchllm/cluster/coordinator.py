@@ -191,8 +191,11 @@ class Coordinator:
             self.maybe_billed[1] -= reserved_pico
 
     def gave_up(self, row_id: str, worst_pico: int) -> None:
-        """A request an actor stopped waiting for (a timeout): maybe billed, in the journal."""
+        """A request an actor stopped waiting for (a timeout): maybe billed, in the journal, and
+        spent in the budget; when that leaves no room, the run stops."""
         self.journal.gave_up(row_id, worst_pico)
+        if not self.budget.gave_up(worst_pico):
+            self.stop(StopReason.BUDGET.value, "budget reached")
 
     # -- rows --------------------------------------------------------------------------------
 

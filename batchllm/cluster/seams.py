@@ -148,6 +148,10 @@ class LeasedBudget:
         if self._active:
             self.coordinator.settle.remote(self.owner, reserved_pico, actual_pico)
 
+    def gave_up(self, worst_pico: int) -> bool:
+        """The coordinator counts it as spent when its journal hears of it (``Ledger.gave_up``)."""
+        return True
+
 
 class RowGate:
     """Rows an actor has begun whose entries the journal does not have yet, at most ``size``:

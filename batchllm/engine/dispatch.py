@@ -299,6 +299,8 @@ class Dispatcher(Booking):
                 answered = exc.status is not None or exc.unsent
                 if not answered:
                     self.journal.gave_up(row_id, worst)
+                    if not self.budget.gave_up(worst):
+                        self.request_stop(StopReason.BUDGET, "budget reached")
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1
