@@ -261,6 +261,7 @@ def test_money_adds_up_over_fleets_reviews_and_pilots(sandbox_factory, tmp_path:
         "changed": _fleet_file(tmp_path / "changed.toml", boxes, ["dear", "mid"]),
     }
     seen: list[str] = []
+    cached = 0
     for seq in range(12):
         rng = random.Random(5000 + seq)
         rows = [{"id": f"f{seq}r{i}", "text": rng.choice(POOL) if rng.random() < 0.5 else f"Seq {seq} row {i}"}
@@ -305,4 +306,6 @@ def test_money_adds_up_over_fleets_reviews_and_pilots(sandbox_factory, tmp_path:
         assert result.exit_code in (0, 1), result.output
         _check_fleet(boxes, out, seq, steps)
         seen += steps
+        cached += sum(bool(r["cached"]) for r in pq.read_table(out).to_pylist())
     assert {"changed", "kill", "die", "review", "pilot"} <= set(seen)
+    assert cached > 0  # rows were answered from the cache the earlier sequences filled
