@@ -181,7 +181,8 @@ class Run:
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).
-        committed = start.spent_pico + journal.maybe_billed(current=False)["worst_pico"]
+        billed_before = journal.maybe_billed(current=False)
+        committed = start.spent_pico + billed_before["worst_pico"]
         budget = Budget(job.max_cost_pico, committed, job.max_cost_per_run_pico)
         if job.max_cost_per_month_pico is not None:
             budget.month = record.month_allowance(
@@ -194,9 +195,9 @@ class Run:
                 end: Snapshot | None = Snapshot.of(journal.totals())
             except sqlite3.Error:
                 end = None  # the record keeps what the run said; the journal is past reading
-            record.finish({"message": "the run failed"}, start, end)
+            record.finish({"message": "the run failed"}, start, end, billed_before)
             raise
-        record.finish(result.summary, start, Snapshot.of(journal.totals()))
+        record.finish(result.summary, start, Snapshot.of(journal.totals()), billed_before)
         return result
 
     async def _dispatch(
@@ -285,6 +286,10 @@ class Run:
                 self.observer.progress(snapshot(dispatcher.stats))
                 if deadline is not None:
                     deadline.cancel()
+        # The pool has ended: requests still without a saved reply were cancelled by a stop and
+        # may have been billed; the summary and the ledger count them (inflight.py).
+        journal.flush()
+        journal.stop_inflight()
         return self._finish(journal, dispatcher, budget, self.started_at)
 
     async def _tick(self, dispatcher: Dispatcher, record: RunRecord) -> None:

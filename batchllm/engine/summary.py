@@ -223,6 +223,11 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); "
                 f"this run {_dollars(summary['this_run']['cost_usd'])}"
             )
+        if lost := summary.get("maybe_billed"):
+            lines.append(
+                f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "
+                f"(given up on after a timeout, or in flight at a stop), at most ${lost['worst_case_usd']}"
+            )
     t = summary["this_run"]
     lines.append(
         f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "

@@ -403,7 +403,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         lines.append("")
         lines.append(
             f"up to {lost['requests']:,} requests, at most ${lost['worst_case_usd']}, may have been billed "
-            "without a saved reply (in flight when a run died)"
+            "without a saved reply (given up on after a timeout, or in flight when a run stopped)"
         )
     if "estimate_vs_actual" in report:
         e = report["estimate_vs_actual"]

@@ -84,5 +84,6 @@ def status_text(path: Path) -> str:
 def maybe_billed_line(requests: int, worst_pico: int) -> str:
     return (
         f"up to {requests:,} requests, at most {format_usd(worst_pico)}, may have been billed without a "
-        "saved reply (in flight when a run died; the next run sends them again)"
+        "saved reply (given up on after a timeout, or in flight when a run stopped; their rows were "
+        "or will be sent again)"
     )
