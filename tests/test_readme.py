@@ -43,11 +43,6 @@ SKIPPED = [
     (r"review (export|import) .*http://localhost:8080", "needs a Label Studio server (tests/test_review.py)"),
     (r"eval \S+ --gold review", "needs the verdicts of the Label Studio import skipped above"),
     (r"--engine ray", "needs Ray and the user's data or cluster (tests/test_ray.py)"),
-    (
-        r"--fleet \S+ --deadline 06:00",
-        "issue 29 item 1 (a deadline starves the cheapest endpoint: minutes here) is fixed on another "
-        "branch; enable after merging",
-    ),
 ]
 
 
