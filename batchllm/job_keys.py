@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from . import values as v
 from .errors import JobError
 from .fleet import fleet_value
+from .ledger.store import LEDGER_ENV
 from .pricing import parse_price, parse_usd
 from .providers import PROVIDERS
 from .sniff import check_encoding
@@ -138,4 +139,10 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "actors": ("actors", v.integer(1, 1024)),
 }
 JOB_KEYS = tuple(PARSERS)
+
+# Job keys an environment variable also sets (read where the key is applied: job.py, ledger/store.py).
+ENVIRONMENT = {
+    "endpoint": " or ".join(p.endpoint_env for p in PROVIDERS.values()),
+    "ledger": LEDGER_ENV,
+}
 parse_duration = v.duration

@@ -11,6 +11,7 @@ from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job
 from ..job_keys import parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
+from .help import GroupedCommand
 from .options import RUN_OPTIONS, apply, collect, make_output_folder
 
 
@@ -21,6 +22,7 @@ def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) ->
 
 @cli.command(
     "run",
+    cls=GroupedCommand,
     context_settings=CONTEXT,
     epilog=EXIT_CODE_HELP
     + """
@@ -76,6 +78,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 
 @cli.command(
     "estimate",
+    cls=GroupedCommand,
     context_settings=CONTEXT,
     epilog="""Examples:
 
