@@ -33,6 +33,29 @@ def _keys() -> str:
     return "; ".join(f"{p.name}: {p.key_env}" for p in PROVIDERS.values())
 
 
+# Shared by name too: `init` takes them.
+ENCODING_OPTION = click.option(
+    "--encoding",
+    help="Text encoding of a CSV or JSONL input without a byte-order mark, e.g. latin-1, cp1252, "
+    "utf-16-le.  [default: utf-8; a UTF-8/16/32 byte-order mark is followed]",
+)
+PROVIDER_OPTION = click.option(
+    "--provider",
+    type=click.Choice(list(PROVIDERS)),
+    help=f"The API to speak: dataoorts, or openai for any OpenAI-compatible server.  [default: {DEFAULT_PROVIDER}]",
+)
+MODEL_OPTION = click.option(
+    "--model", help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]"
+)
+LABELS_OPTION = click.option(
+    "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
+)
+JSON_SCHEMA_OPTION = click.option(
+    "--json-schema",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON Schema object file: each property becomes a typed column.",
+)
+
 PROMPT_OPTIONS = [
     click.option(
         "--input-format",
@@ -40,11 +63,7 @@ PROMPT_OPTIONS = [
         help="Input format, when the extension does not say.",
     ),
     click.option("--delimiter", help="CSV field separator: one character, or tab.  [default: ,]"),
-    click.option(
-        "--encoding",
-        help="Text encoding of a CSV or JSONL input without a byte-order mark, e.g. latin-1, cp1252, "
-        "utf-16-le.  [default: utf-8; a UTF-8/16/32 byte-order mark is followed]",
-    ),
+    ENCODING_OPTION,
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
     click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
     click.option(
@@ -53,12 +72,8 @@ PROMPT_OPTIONS = [
         help="Read the template from a file.",
     ),
     click.option("--system", help="System prompt sent with every row."),
-    click.option(
-        "--provider",
-        type=click.Choice(list(PROVIDERS)),
-        help=f"The API to speak: dataoorts, or openai for any OpenAI-compatible server.  [default: {DEFAULT_PROVIDER}]",
-    ),
-    click.option("--model", help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]"),
+    PROVIDER_OPTION,
+    MODEL_OPTION,
     click.option("--max-tokens", type=int, help="Most completion tokens per row.  [default: 256]"),
     click.option(
         "--input-price",
@@ -68,19 +83,13 @@ PROMPT_OPTIONS = [
     click.option(
         "--output-price", metavar="USD", help="USD per million output tokens (give with --input-price)."
     ),
-    click.option(
-        "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
-    ),
+    LABELS_OPTION,
     click.option(
         "--labels-file",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Labels one a line, optionally 'label: description'.",
     ),
-    click.option(
-        "--json-schema",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="JSON Schema object file: each property becomes a typed column.",
-    ),
+    JSON_SCHEMA_OPTION,
     click.option(
         "--reask", type=int, help="Re-asks for a reply that does not validate (0 to 10).  [default: 1]"
     ),
