@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .. import DISTRIBUTION
 from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job
 from ..job_keys import parse_pack
@@ -42,7 +43,7 @@ Examples:
 @click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
-    help="local, or ray: the same job on Ray Data (pip install 'batchllm[ray]'); INPUT and OUTPUT "
+    help=f"local, or ray: the same job on Ray Data (pip install '{DISTRIBUTION}[ray]'); INPUT and OUTPUT "
     "may then be directories of Parquet files.  [default: local]",
 )
 @click.option("--ray-address", help="With --engine ray: the cluster to join.  [default: start a local Ray]")

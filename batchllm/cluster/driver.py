@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .. import DISTRIBUTION
 from ..access import resolve_api_key
 from ..engine.journal import Journal
 from ..engine.journal_schema import DB_NAME
@@ -53,7 +54,7 @@ from .coordinator import Coordinator
 from .results import ClusterSetup, answered_already, result
 from .worker import Completer, fleet_keys, fleet_share, per_actor
 
-RAY_HINT = "--engine ray needs Ray: pip install 'batchllm[ray]'"
+RAY_HINT = f"--engine ray needs Ray: pip install '{DISTRIBUTION}[ray]'"
 
 
 def import_ray() -> Any:
