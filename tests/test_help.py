@@ -11,7 +11,7 @@ import pytest
 from batchllm.cli import cli
 from batchllm.cli.help import GroupedCommand, job_key_note
 from batchllm.job_keys import JOB_KEYS
-from tests.conftest import run_cli
+from tests.conftest import run_cli, spawn
 
 GROUPED = [
     ["run"],
@@ -106,3 +106,39 @@ def test_an_option_in_no_group_still_shows_under_other() -> None:
     other = lines[lines.index("Other:") :]
     assert any(line.strip().startswith("--brand-new-flag") for line in other)
     assert "Options:" not in lines
+
+
+def _complete(words: str, shell: str = "bash") -> list[str]:
+    """What the shell would offer after ``words``, asked of the real executable as click's
+    completion script asks it."""
+    env = {
+        "_BATCHLLM_COMPLETE": f"{shell}_complete",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+    }
+    process = spawn([], env=env)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    return out.splitlines()
+
+
+def test_choices_models_and_paths_complete_in_the_shell() -> None:
+    assert _complete("batchllm run --provider ") == ["plain,dataoorts", "plain,openai"]
+    assert _complete("batchllm estimate --structured o") == ["plain,on", "plain,off"]
+    models = _complete("batchllm run --provider openai --model ")
+    assert models and all(m.startswith("plain,") for m in models) and "plain,gpt-4o-mini" in models
+    assert "plain,meta/llama-3.1-70b-instruct" in _complete("batchllm run --model meta/")
+    assert _complete("batchllm run --job jo") == ["file,jo"]  # the shell completes it as a path
+    assert _complete("batchllm run -o out/") == ["file,out/"]
+    assert _complete("batchllm i") == ["plain,import-batch", "plain,init"]
+
+
+def test_the_completion_script_is_printed_for_each_shell() -> None:
+    for shell, marker in (
+        ("bash", "complete -o"),
+        ("zsh", "#compdef batchllm"),
+        ("fish", "complete --no-files"),
+    ):
+        process = spawn([], env={"_BATCHLLM_COMPLETE": f"{shell}_source"})
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0 and marker in out, shell

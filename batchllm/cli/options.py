@@ -44,8 +44,20 @@ PROVIDER_OPTION = click.option(
     type=click.Choice(list(PROVIDERS)),
     help=f"The API to speak: dataoorts, or openai for any OpenAI-compatible server.  [default: {DEFAULT_PROVIDER}]",
 )
+
+
+def _model_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of --model: the models table's names (the --provider's, if given)."""
+    from ..pricing import load_models
+
+    names = {m.name for m in load_models(ctx.params.get("provider")).values()}
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
 MODEL_OPTION = click.option(
-    "--model", help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]"
+    "--model",
+    shell_complete=_model_names,
+    help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]",
 )
 LABELS_OPTION = click.option(
     "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
