@@ -206,7 +206,8 @@ def build_job(
         except ValueError as exc:
             shown = repr(raw)
             got = "" if shown in str(exc) or str(raw) in str(exc) else f" (got {shown})"
-            raise JobError(f"{where(key)} {exc}{got}") from None
+            # Several problems at once (a fleet file's): each line names where it is.
+            raise JobError("\n".join(f"{where(key)} {line}" for line in f"{exc}{got}".splitlines())) from None
     if partial:
         if "cache" in kwargs:
             _cache_setting(kwargs["cache"], where)

@@ -198,7 +198,7 @@ def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed:
     fleet = list(job.fleet)
     problems = fleet_problems(fleet, job, "--fleet")
     if problems:
-        raise JobError(problems[0])
+        raise JobError("\n".join(problems))
     seconds = parse_deadline(deadline) if deadline is not None else None
     if from_run is not None:
         observed = completions_of_run(from_run)
