@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .engine.checks import check_unique_ids
 from .errors import JobError
 from .inputs import InputFile
 from .job import DEFAULT_MODEL
@@ -54,7 +55,7 @@ def look_at(path: Path, encoding: str | None = None) -> Columns:
         return Columns(source.columns, rows, [], None, request_file=True)
     sample = _sample(source)
     ids = [n for n in sample.column_names if _named_like_an_id(n)]
-    id_column = next((n for n in ids if _all_distinct(source, n, rows)), None)
+    id_column = next((n for n in ids if _all_distinct(source, n)), None)
     text = [
         n
         for n in sample.column_names
@@ -79,15 +80,13 @@ def _named_like_an_id(name: str) -> bool:
     return lower in ID_NAMES or lower.endswith(tuple(f"_{n}" for n in ID_NAMES)) or lower.endswith("id")
 
 
-def _all_distinct(source: InputFile, name: str, rows: int) -> bool:
-    """Every row has a value and no two share one (read in full: the file's order, one column)."""
-    seen: set[Any] = set()
-    for batch in source.batches([name]):
-        column = batch.column(0)
-        if column.null_count:
-            return False
-        seen.update(column.to_pylist())
-    return len(seen) == rows
+def _all_distinct(source: InputFile, name: str) -> bool:
+    """No two rows share a value: the check a run makes of its --id-column (engine/checks.py)."""
+    try:
+        check_unique_ids(source, name)
+    except JobError:
+        return False
+    return True
 
 
 def _is_words(column: pa.ChunkedArray) -> bool:

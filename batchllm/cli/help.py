@@ -23,10 +23,31 @@ HELP_GROUPS: Groups = (
     ("Input and output", ("job_file", "input_path", "output")),
     ("Prompt", ("template", "template_file", "system")),
     ("Model and endpoint", ("provider", "model", "sandbox", "endpoint")),
-    ("Money", ("max_cost", "max_cost_per_run", "max_cost_per_month", "input_price", "output_price")),
+    (
+        "Money",
+        (
+            "max_cost",
+            "max_cost_per_run",
+            "max_cost_per_month",
+            "input_price",
+            "output_price",
+            "cached_input_price",  # on its way, as are confidence and vote_below: placed already
+        ),
+    ),
     (
         "Labeling",
-        ("labels", "labels_file", "json_schema", "structured", "examples", "reask", "samples", "adaptive"),
+        (
+            "labels",
+            "labels_file",
+            "json_schema",
+            "structured",
+            "examples",
+            "reask",
+            "samples",
+            "adaptive",
+            "confidence",
+            "vote_below",
+        ),
     ),
     ("Estimate", ("pilot", "from_run", "gold", "compare", "fmt")),
     ("API key", ("api_key_env", "api_key_file")),
