@@ -28,7 +28,7 @@ def option_notes() -> dict[str, str]:
     context_settings=CONTEXT,
     epilog="""Examples:
 
-  batchllm init sample_data/reviews.csv --labels positive,negative,neutral -o out/reviews.toml
+  batchllm init sample_data/reviews.csv --labels positive,negative,neutral -o my_reviews.toml
 
   batchllm init tickets.parquet --json-schema fields.json --provider openai --model gpt-4o-mini""",
 )
