@@ -118,9 +118,12 @@ class RetryableAPIError(APIError):
         status: int | None = None,
         code: int | str | None = None,
         retry_after: float | None = None,
+        unsent: bool = False,
     ):
         super().__init__(message, status, code)
         self.retry_after = retry_after
+        # The connection could not be made: the server never had it, so it cannot have billed it.
+        self.unsent = unsent
 
     @property
     def throttled(self) -> bool:

@@ -332,3 +332,49 @@ def test_plots_have_round_ticks_and_survive_an_outlier() -> None:
     page = svg.histogram("Prompt tokens per row", values, "prompt tokens")
     assert "1 over 200" in page and "up to 1e+06" in page
     assert ">100<" in page and ">200<" in page and ">1,000,000<" not in page
+
+
+def test_pack_pilots_answered_from_the_cache_are_projected_as_if_sent(sandbox, tmp_path: Path) -> None:
+    """After a --pack 10 run of the job (temperature 0: cached), a pilot at sizes 1 and 10 is
+    answered from the cache at size 10: its line counts those replies' requests, tokens and cost
+    as if sent, never 0 requests and $0 projected, and says so."""
+    job = ["--job", str(ROOT / "jobs" / "sentiment.toml"), "--rpm", "0"]
+    ran = run_cli(["run", *job, "--pack", "10", "-o", str(tmp_path / "p10.parquet")], env=sandbox.env())
+    assert ran.exit_code == 0, ran.stderr
+    sent = sandbox.count()
+    pilot = [
+        *job,
+        "--pilot",
+        "60",
+        "--gold",
+        "human_label",
+        "--pack",
+        "1,10",
+        "-o",
+        str(tmp_path / "o.parquet"),
+    ]
+    table = run_cli(["estimate", *pilot, "--format", "json"], env=sandbox.env())
+    assert table.exit_code == 0, table.stderr
+    sizes = {x["pack"]: x for x in json.loads(table.stdout)["sizes"]}
+    assert sandbox.count() - sent == sizes[1]["requests"] == 60  # size 1: sent, one row a request
+    ten = sizes[10]
+    assert ten["replies_from_cache"] == 60 and Decimal(ten["pilot_cost_usd"]) == 0
+    assert ten["requests"] == 6 and ten["prompt_tokens_per_row"] > 0
+    assert 0 < Decimal(ten["projected_cost_usd"]) < Decimal(sizes[1]["projected_cost_usd"])
+    text = run_cli(["estimate", *pilot], env=sandbox.env())  # the pilots' rows are done: nothing sent
+    assert text.exit_code == 0 and sandbox.count() - sent == 60
+    assert "answered from the cache: pack 10 (60 replies); counted as if sent" in text.stdout
+    # A pilot answered from the cache still takes a request a row, at least.
+    single = run_cli(["estimate", *job, "--pilot", "30", "-o", str(tmp_path / "s.parquet"), "--format", "json"],
+                     env=sandbox.env())  # fmt: skip
+    assert single.exit_code == 0, single.stderr
+    assert json.loads(single.stdout)["requests"]["expected_per_row"] >= 1
+
+
+def test_a_plain_estimate_speaks_of_no_reasks(tmp_path: Path) -> None:
+    sample = str(ROOT / "sample_data" / "reviews.csv")
+    plain = run_cli(["estimate", sample, "--template", TEMPLATE, "--max-tokens", "16"])
+    assert plain.exit_code == 0, plain.stderr
+    assert "worst case (every reply 16 tokens)" in plain.stdout and "re-ask" not in plain.stdout
+    labeled = run_cli(["estimate", sample, "--template", TEMPLATE, "--max-tokens", "16", "--labels", "a,b"])
+    assert "worst case (every request re-asked, every reply 16 tokens)" in labeled.stdout

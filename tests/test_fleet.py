@@ -542,5 +542,7 @@ def test_run_with_a_fleet_and_sandbox_labels_packs_dedups_and_caches(tmp_path: P
     # first answers), and those go through the fleet like any request.
     assert {r["review_id"] for r in second if r["cost_usd"]} <= {r["review_id"] for r in rows if r["reasks"]}
     assert all(r["endpoint"] for r in second if r["cost_usd"])
-    assert sum(1 for r in second if r["cached"]) >= 60
+    # A copy of a row the cache answered counts as a copy, not as a cache hit (engine/counts.py).
+    from_cache = {r["row_id"] for r in second if r["cached"]}
+    assert sum(1 for r in second if r["row_id"] in from_cache or r["answered_by"] in from_cache) >= 60
     assert [r["label"] for r in second] == [r["label"] for r in rows]

@@ -251,6 +251,7 @@ async def run_on_ray(
     lock.acquire(command)
     try:
         start = Snapshot() if job.restart else journal_snapshot(job.journal_dir)
+        billed_before = {"requests": 0, "worst_pico": 0} if job.restart else maybe_billed(job.journal_dir)
         record = RunRecord.begin(
             **of_job(job), kind="run", provider=provider.name, model=model.name, engine="ray",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=None, start=start,
@@ -266,9 +267,11 @@ async def run_on_ray(
             done = await _send(ray, job, files, source, provider, model, endpoint, observer, command,
                                handle_signals)  # fmt: skip
         except BaseException:
-            record.finish({"message": "the run failed"}, start, journal_snapshot(job.journal_dir))
+            record.finish(
+                {"message": "the run failed"}, start, journal_snapshot(job.journal_dir), billed_before
+            )
             raise
-        record.finish(done.summary, start, journal_snapshot(job.journal_dir))
+        record.finish(done.summary, start, journal_snapshot(job.journal_dir), billed_before)
         return done
     finally:
         lock.release()
@@ -308,6 +311,17 @@ def journal_snapshot(directory: Path) -> Snapshot:
     journal = Journal.open_readonly(directory)
     try:
         return Snapshot.of(journal.totals())
+    finally:
+        journal.conn.close()
+
+
+def maybe_billed(directory: Path) -> dict[str, int]:
+    """Requests the journal counts as maybe billed now, a dead run's in flight among them."""
+    if not (directory / DB_NAME).is_file():
+        return {"requests": 0, "worst_pico": 0}
+    journal = Journal.open_readonly(directory)
+    try:
+        return journal.maybe_billed()
     finally:
         journal.conn.close()
 

@@ -75,6 +75,8 @@ class Client:
             raise RetryableAPIError(f"no response within {self._timeout:g} s (timeout)") from None
         except aiohttp.ClientResponseError as exc:
             raise RetryableAPIError(f"bad HTTP response: {exc.message}", exc.status) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise RetryableAPIError(f"connection failed: {exc}", unsent=True) from None
         except (aiohttp.ClientError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise RetryableAPIError(f"connection failed: {detail}") from None

@@ -278,8 +278,7 @@ class Dispatcher(Booking):
                 if member is not None:
                     router.release(member)  # type: ignore[union-attr]
                 return None, attempt, 0.0
-            # Written down before it leaves (inflight.py); a retry after the server answered with
-            # an error is the same request, one after no answer (a timeout) may have been billed.
+            # Written down before it leaves (inflight.py).
             self.journal.sent(row_id, worst, answered)
             attempt += 1
             stats.requests += 1
@@ -299,7 +298,14 @@ class Dispatcher(Booking):
                     if member is not None:
                         router.release(member)  # type: ignore[union-attr]
             except RetryableAPIError as exc:
-                answered = exc.status is not None
+                # An answer (an error status), or no connection at all: the same request goes
+                # again. Given up on (a timeout, a dropped connection), the server may have
+                # computed and billed it all the same.
+                answered = exc.status is not None or exc.unsent
+                if not answered:
+                    self.journal.gave_up(row_id, worst)
+                    if not self.budget.gave_up(worst):
+                        self.request_stop(StopReason.BUDGET, "budget reached")
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1

@@ -151,13 +151,16 @@ class Run:
     async def _execute(self, journal: Journal, endpoint: Endpoint, started_at: float) -> RunResult:
         job, p = self.job, self.p
         self.started_at = started_at
+        todo = self.plan.todo(journal)
         self.observer.start(
             {
                 "input": str(job.input),
                 "output": str(job.output),
                 "rows": p.rows,
-                "todo": self.plan.todo(journal),
-                "done_before": journal.rows_before,
+                "todo": todo,
+                # What is not sent is done: the two add up to the input (a pilot sends a sample
+                # of it, so its rows done before are the journal's).
+                "done_before": journal.rows_before if self.kind == "pilot" else max(0, p.rows - todo),
                 "provider": p.provider.name,
                 "model": p.model.name,
                 "endpoint": endpoint.url,
@@ -179,7 +182,8 @@ class Run:
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).
-        committed = start.spent_pico + journal.maybe_billed(current=False)["worst_pico"]
+        billed_before = journal.maybe_billed(current=False)
+        committed = start.spent_pico + billed_before["worst_pico"]
         budget = Budget(job.max_cost_pico, committed, job.max_cost_per_run_pico)
         if job.max_cost_per_month_pico is not None:
             budget.month = record.month_allowance(
@@ -192,9 +196,9 @@ class Run:
                 end: Snapshot | None = Snapshot.of(journal.totals())
             except sqlite3.Error:
                 end = None  # the record keeps what the run said; the journal is past reading
-            record.finish({"message": "the run failed"}, start, end)
+            record.finish({"message": "the run failed"}, start, end, billed_before)
             raise
-        record.finish(result.summary, start, Snapshot.of(journal.totals()))
+        record.finish(result.summary, start, Snapshot.of(journal.totals()), billed_before)
         return result
 
     async def _dispatch(
@@ -283,6 +287,10 @@ class Run:
                 self.observer.progress(snapshot(dispatcher.stats))
                 if deadline is not None:
                     deadline.cancel()
+        # The pool has ended: requests still without a saved reply were cancelled by a stop and
+        # may have been billed; the summary and the ledger count them (inflight.py).
+        journal.flush()
+        journal.stop_inflight()
         return self._finish(journal, dispatcher, budget, self.started_at)
 
     async def _tick(self, dispatcher: Dispatcher, record: RunRecord) -> None:
@@ -335,8 +343,8 @@ class Run:
                 )
             return out
 
-        if self.reuse is not None and self.reuse.hit_lengths and reason is not StopReason.JOURNAL:
-            journal.add_cached_lengths(self.reuse.hit_lengths)
+        if self.reuse is not None and reason is not StopReason.JOURNAL:
+            self.reuse.remember(journal)
         # With the journal unwritable the disk is likely full: leave the output as it was.
         if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
             journal.flush()

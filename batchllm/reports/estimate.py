@@ -152,7 +152,11 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "max": int(sendable.max()) if rows_sent else 0,
         },
         "max_tokens": job.max_tokens,
-        "requests": {"per_row_worst_case": per_row, "worst_case": worst_requests},
+        "requests": {
+            "per_row_worst_case": per_row,
+            "worst_case": worst_requests,
+            "reasks": labeling.reask if labeling is not None else 0,  # re-asks exist only in labeling
+        },
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
         "tokens_worst_case": {"prompt": worst_prompt, "completion": worst_out},
@@ -197,7 +201,8 @@ def completions_of_run(path: Path) -> Observed:
     values = [int(v) for v in ok.column("completion_tokens").to_pylist()]
     if not values:
         raise JobError(f"--from-run {path}: no answered rows to learn completion lengths from")
-    return Observed(values, [int(v or 0) for v in ok.column("attempts").to_pylist()])
+    # A row answered needed a request, even one the cache or an identical row answered here.
+    return Observed(values, [max(1, int(v or 0)) for v in ok.column("attempts").to_pylist()])
 
 
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
@@ -272,7 +277,9 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
         ),
         ("prompt cost", _usd(money["prompt"])),
         (
-            f"worst case (every request re-asked, every reply {e['max_tokens']:,} tokens)",
+            "worst case ("
+            + ("every request re-asked, " if (e.get("requests") or {}).get("reasks") else "")
+            + f"every reply {e['max_tokens']:,} tokens)",
             _usd(money["worst_case"]),
         ),
     ]

@@ -220,6 +220,9 @@ class Sandbox:
             response = await self._respond(face, request, body)
             if response is not None:
                 self._record(response.status, key)
+                if request.transport is None or request.transport.is_closing():
+                    # Answered (and billed) after the client left: it timed out waiting.
+                    self.stats["unheard"] += 1
                 return response
             # A dropped connection or a hang the client gave up on: no response to record.
             self._record(0, key)
