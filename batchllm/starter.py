@@ -77,7 +77,8 @@ def _sample(source: InputFile) -> pa.Table:
 
 def _named_like_an_id(name: str) -> bool:
     lower = name.lower()
-    return lower in ID_NAMES or lower.endswith(tuple(f"_{n}" for n in ID_NAMES)) or lower.endswith("id")
+    joined = tuple(f"{sep}{n}" for sep in "_- " for n in ID_NAMES)
+    return lower in ID_NAMES or lower.endswith(joined) or name.endswith("Id")  # review_id, reviewId
 
 
 def _all_distinct(source: InputFile, name: str) -> bool:
@@ -141,9 +142,11 @@ def draft_job(
         key("id_column", found.id_column)
     if encoding is not None:
         key("encoding", encoding)
-    if found.text:
+    if "prompt" in found.names:  # a column of ready prompts: sent as they are
+        key("prompt_column", "prompt")
+    elif found.text:
         key("template", "\n".join(f"{name}: {{{name}}}" for name in found.text))
-    elif not found.request_file and "prompt" not in found.names:
+    elif not found.request_file:
         raise JobError(
             f"{input_path}: no column of text to put in a prompt (columns: {', '.join(found.names)}): "
             "init looks for a column of words, or one named prompt"

@@ -93,3 +93,13 @@ def test_an_input_without_text_is_refused_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "numbers.csv" in result.stderr and "columns: a, b" in result.stderr
     assert not (tmp_path / "n.toml").exists()
+
+
+def test_a_column_of_ready_prompts_is_sent_as_it_is(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,prompt\nq1,What is two and two?\nq2,Name a colour of the sky.\n")
+    job = tmp_path / "p.toml"
+    assert run_cli(["init", str(prompts), "-o", str(job)]).exit_code == 0
+    values = tomllib.loads(job.read_text())
+    assert values["prompt_column"] == "prompt" and "template" not in values and values["id_column"] == "id"
+    assert run_cli(["validate", str(job)]).exit_code == 0
