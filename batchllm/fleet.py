@@ -29,7 +29,7 @@ from typing import Any
 
 from . import values as v
 from .errors import JobError
-from .pricing import Model, Prices, load_models
+from .pricing import Model, Prices, load_models, price_value
 from .providers import PROVIDERS, get_provider
 from .values import duration_seconds
 
@@ -78,32 +78,17 @@ def fleet_from(tables: Any, where: str) -> list[FleetEndpoint]:
     return [e for e in fleet if e is not None]
 
 
-def _url(raw: Any) -> str:
-    from .job_keys import check_endpoint  # job_keys reads fleets (fleet_value): imported late
-
-    try:
-        return check_endpoint(v.text(raw))
-    except JobError:
-        raise ValueError(f"{raw!r} is not an http(s) URL") from None
-
-
-def _price(raw: Any) -> Any:
-    from .job_keys import _price as price  # a job's input_price and output_price, the same
-
-    return price(raw)
-
-
 PARSE: dict[str, Callable[[Any], Any]] = {
     "name": v.text,
     "provider": v.choice(*PROVIDERS),
-    "endpoint": _url,
+    "endpoint": v.http_url,
     "key_env": v.text,
     "model": v.text,
     "rpm": v.integer(1, None),
     "tpm": v.integer(1, None),
     "concurrency": v.integer(1, 10_000),
-    "input_price": _price,
-    "output_price": _price,
+    "input_price": price_value,
+    "output_price": price_value,
     "latency": v.number(0, 3600, lo_open=True),
 }
 KEYS = tuple(PARSE)

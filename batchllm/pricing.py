@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import JobError
 
@@ -85,6 +85,16 @@ def parse_price(raw: object, where: str) -> Decimal:
     if not value.is_finite() or value < 0 or (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 != 0:
         raise JobError(f"{where}: price {raw!r} must be >= 0 with at most 6 decimal places")
     return value
+
+
+def price_value(raw: Any) -> Decimal:
+    """A job's or a fleet endpoint's ``input_price``/``output_price`` (``ValueError`` if bad)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError("must be a price in USD per million tokens, such as 0.31")
+    try:
+        return parse_price(raw, "price")
+    except JobError as exc:
+        raise ValueError(str(exc).removeprefix("price: ")) from None
 
 
 def load_models(provider: str | None = None, path: Path | None = None) -> dict[str, Model]:

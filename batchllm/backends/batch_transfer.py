@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
+from ..engine.checks import Prepared, prepare
 from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
-from ..engine.plan import Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..fleet import FleetEndpoint

@@ -134,8 +134,8 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
 
     Every problem of a file is listed, one line each, with the nearest key for an unknown one.
     """
+    from ..engine.checks import prepare
     from ..engine.packed import packs_for
-    from ..engine.plan import prepare
     from ..fleet import fleet_problems, load_fleet
 
     endpoints = None

@@ -27,12 +27,13 @@ import pyarrow as pa
 
 from ..access import key_source
 from ..engine.admission import Admission
+from ..engine.checks import check_model
 from ..engine.client import Client
 from ..engine.dispatch import Dispatcher
 from ..engine.labeled import label_row
 from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_columns
 from ..engine.packed import Packs
-from ..engine.plan import WorkItem, check_model
+from ..engine.plan import WorkItem
 from ..engine.ratelimit import Backoff
 from ..engine.router import Router, fleet_router
 from ..engine.structured import Structured

@@ -20,7 +20,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import JobError
 from ..inputs import InputFile
 from ..labeling.spec import Labeling
 from ..pricing import to_usd
@@ -62,15 +61,6 @@ def _endpoint(e: Entry | None) -> str | None:
 
 
 METADATA_KEY = b"batchllm"
-
-
-def check_no_clash(columns: list[str], source: str) -> None:
-    clash = [c for c in columns if c in RESULT_NAMES]
-    if clash:
-        raise JobError(
-            f"{source}: input column {clash[0]!r} has the name of an output column; rename it "
-            f"(output columns: {', '.join(RESULT_NAMES)})"
-        )
 
 
 class Totals:

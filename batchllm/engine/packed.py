@@ -29,8 +29,9 @@ from ..labeling.structured import PARAM, Formats
 from ..pricing import Model, cost
 from ..records import Message, Request
 from .admission import Admission, Rejection
+from .checks import Prepared
 from .labeled import book, worst_pico
-from .plan import Pack, Prepared, WorkItem
+from .plan import Pack, WorkItem
 from .stats import StopReason
 
 if TYPE_CHECKING:

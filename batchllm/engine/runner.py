@@ -34,6 +34,7 @@ from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import format_usd, usd_text
 from .budget import Budget
 from .cache import ResponseCache, default_dir
+from .checks import Prepared
 from .client import Client
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
@@ -42,7 +43,7 @@ from .lock import RunLock
 from .observer import Observer, Silent
 from .output import Totals, write_output
 from .packed import packs_for
-from .plan import Plan, Prepared
+from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .router import fleet_router

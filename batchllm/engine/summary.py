@@ -21,7 +21,8 @@ from .journal import RESCUE_NAME, Journal
 from .output import Totals
 
 if TYPE_CHECKING:
-    from .plan import Prepared, Setup
+    from .checks import Prepared
+    from .plan import Setup
 
 
 def stop_message(

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 from ..errors import JobError
 
+LEDGER_ENV = "BATCHLLM_LEDGER"  # names the ledger when --ledger does not
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -116,7 +118,7 @@ SANDBOX_BEFORE_MARK = "endpoint_host = 'sandbox'"
 def ledger_path(given: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
     """The ledger file: ``--ledger``, else ``$BATCHLLM_LEDGER``, else the XDG data folder; None: off."""
     environ = os.environ if environ is None else environ
-    value = given or environ.get("BATCHLLM_LEDGER")
+    value = given or environ.get(LEDGER_ENV)
     if value:
         return None if value == OFF else Path(value).expanduser()
     base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")

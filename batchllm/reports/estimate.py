@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..engine.admission import Admission
+from ..engine.checks import prepare
 from ..engine.journal import Journal
 from ..engine.packed import packs_for
-from ..engine.plan import prepare
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
 from ..labeling.parse import feedback_kinds

@@ -629,7 +629,7 @@ def ray_scaling(rows: int, latency: float = 0.2, concurrency: int = 512) -> dict
     try:
         import ray  # noqa: F401
     except ImportError:
-        return {"skipped": "ray is not installed (pip install 'batchllm[ray]')"}
+        return {"skipped": "ray is not installed (pip install 'batchllm-cli[ray]')"}
     box = Sandbox("--latency", str(latency), "--no-keep-log")
     src = make_input(rows, f"ray-{rows}.csv")
     out: dict = {"rows": rows, "latency_s": latency, "concurrency": concurrency}
