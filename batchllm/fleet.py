@@ -11,6 +11,7 @@ price (``--fleet FILE``, a TOML file of ``[[endpoint]]`` tables).
     concurrency = 128
     input_price = "0.31"                      # USD per million tokens; else the model table's
     output_price = "0.34"
+    cached_input_price = "0.155"              # a prompt-cache hit; else the table's, else input
     latency = 20                              # seconds a reply takes (optional: for planning)
 
 This module reads and checks the file (every problem one line naming the file, the endpoint and
@@ -34,7 +35,7 @@ from .providers import PROVIDERS, get_provider
 from .values import duration_seconds
 
 KEYS = ("name", "provider", "endpoint", "key_env", "model", "rpm", "tpm", "concurrency", "input_price",
-        "output_price", "latency")  # fmt: skip
+        "output_price", "cached_input_price", "latency")  # fmt: skip
 DEFAULT_CONCURRENCY = 128
 
 
@@ -116,6 +117,11 @@ def _endpoint(t: dict[str, Any], where: str) -> FleetEndpoint:
             parse_price(t["output_price"], f"{where}: key 'output_price'"),
         )
     listed = load_models(provider.name).get(model_name)
+    if "cached_input_price" in t:
+        base = prices or (listed.prices if listed is not None else None)
+        if base is None:
+            raise JobError(f"{where}: give input_price and output_price with cached_input_price")
+        prices = base.with_cached(parse_price(t["cached_input_price"], f"{where}: key 'cached_input_price'"))
     if listed is None and not provider.unlisted_models:
         raise JobError(
             f"{where}: the {provider.name} provider has no model {model_name!r} (see `batchllm models`)"
@@ -207,6 +213,7 @@ def dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
     priced = [e.model.prices for e in fleet if e.model.prices is not None]
     if len(priced) < len(fleet):
         return None
+    # No cached price: a worst case assumes no prompt-cache hit.
     return Prices(max(p.input_per_million for p in priced), max(p.output_per_million for p in priced))
 
 
@@ -224,6 +231,8 @@ def fleet_toml(fleet: tuple[FleetEndpoint, ...] | list[FleetEndpoint]) -> str:
         if e.model.prices is not None:
             lines.append(f'input_price = "{e.model.prices.input_per_million}"')
             lines.append(f'output_price = "{e.model.prices.output_per_million}"')
+            if e.model.prices.cached_input_per_million is not None:
+                lines.append(f'cached_input_price = "{e.model.prices.cached_input_per_million}"')
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 

@@ -81,6 +81,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "extra_body": ("extra_body", v.table),
     "input_price": ("input_price", _price),
     "output_price": ("output_price", _price),
+    "cached_input_price": ("cached_input_price", _price),
     "endpoint": ("endpoint", v.text),
     "api_key_env": ("api_key_env", v.text),
     "api_key_file": ("api_key_file", _path),

@@ -59,6 +59,11 @@ PROMPT_OPTIONS = [
     ),
     click.option("--output-price", help="USD per million output tokens (give with --input-price)."),
     click.option(
+        "--cached-input-price",
+        help="USD per million prompt tokens served from the server's prompt cache.  [default: the model "
+        "table's, else the input price]",
+    ),
+    click.option(
         "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
     ),
     click.option(
