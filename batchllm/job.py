@@ -60,6 +60,7 @@ class Job:
     api_key_file: Path | None = None
     sandbox: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
+    warmup: bool = True  # one request per cacheable prompt prefix before the rest (engine/warmup.py)
     rpm: int | None = None  # None: auto (adaptive, no ceiling); 0: off
     tpm: int | None = None  # None or 0: off
     delimiter: str = ","  # CSV field separator

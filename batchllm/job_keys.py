@@ -89,6 +89,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "concurrency": ("concurrency", v.integer(1, 10_000)),
     "rpm": ("rpm", v.rpm),
     "tpm": ("tpm", v.optional_off),
+    "warmup": ("warmup", v.boolean),
     "max_attempts": ("max_attempts", v.integer(1, 100)),
     "timeout": ("timeout", v.number(0, 3600, lo_open=True)),
     "max_error_rate": ("max_error_rate", v.number(0, 1)),

@@ -42,6 +42,9 @@ class Request:
     model: str
     messages: tuple[Message, ...]
     params: Mapping[str, Any]
+    # Names the request's shared prefix for the server's prompt cache (prompts.py
+    # ``prompt_cache_key``): routing only, so not part of ``key()``.
+    cache_key: str | None = None
 
     def key(self) -> str:
         """Hex digest of the canonical request: stable across runs, processes and param order."""

@@ -149,6 +149,12 @@ SEND_OPTIONS = [
         "--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."
     ),
     click.option(
+        "--warmup/--no-warmup",
+        default=None,
+        help="Rows sharing a prompt prefix the server can cache wait for the first one's answer, so "
+        "they are served from the prompt cache.  [default: warmup]",
+    ),
+    click.option(
         "--max-attempts",
         type=int,
         help=f"Attempts per row for transient failures.  [default: {DEFAULT_MAX_ATTEMPTS}]",

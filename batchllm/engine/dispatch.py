@@ -38,6 +38,7 @@ from .reuse import Reuse
 from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
+from .warmup import Warmup
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
@@ -66,6 +67,7 @@ class Dispatcher(Booking):
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
         gate: Gate | None = None,
+        warmup: Warmup | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -86,6 +88,7 @@ class Dispatcher(Booking):
         self.reuse = reuse
         self._sleep = sleep
         self.gate = gate
+        self.warmup = warmup  # rows sharing a cacheable prefix wait for its first (warmup.py)
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self._prices = model.prices
         self.stats = Stats()
@@ -184,6 +187,8 @@ class Dispatcher(Booking):
                 return
             if self.gate is not None:
                 await self.gate.enter(item.row_id, self._stopped)
+            if self.warmup is not None:
+                await self.warmup.enter(item, self._stopped)
             try:
                 await self._one(item)
             except asyncio.CancelledError:
@@ -197,6 +202,8 @@ class Dispatcher(Booking):
                     self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
                 if self.gate is not None:
                     self.gate.done(item.row_id)
+                if self.warmup is not None:
+                    self.warmup.done(item)
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         """Journal a row's entry; rows waiting for the same request get its reply."""

@@ -26,6 +26,7 @@ from ..job import Job
 from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt, Outcome, RowLabeler, Step
 from ..pricing import Model, cost
+from ..prompts import prompt_cache_key
 from ..records import Message, Request
 from .admission import Admission, Rejection
 from .labeled import book, worst_pico
@@ -87,6 +88,7 @@ class Packs:
         counter = admission.counter
         self.exact = counter.exact
         self.shared = counter.count_messages((*self.prefix, Message("user", "")))
+        self.cache_key = prompt_cache_key(job, self.prefix)
         limit = model.context_window
         if labeling.pack_tokens is not None:
             limit = labeling.pack_tokens if limit is None else min(limit, labeling.pack_tokens)
@@ -107,7 +109,7 @@ class Packs:
         """The packed request for ``rows`` rows: the shared prefix, then ``turns``; ``base`` gives
         the model and parameters (a sample's seed), the reply allowance is sized for the rows."""
         params = {**base.params, "max_tokens": self.max_tokens(rows)}
-        return Request(base.provider, base.model, (*self.prefix, *turns), params)
+        return Request(base.provider, base.model, (*self.prefix, *turns), params, self.cache_key)
 
     def fits(self, own: list[int]) -> bool:
         """Do rows of these own tokens fit in one packed request (prompt and reply)?"""

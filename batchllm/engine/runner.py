@@ -47,6 +47,7 @@ from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .router import fleet_router
 from .summary import build_summary, next_step, snapshot, stop_message
+from .warmup import Warmup
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
     StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
@@ -234,6 +235,7 @@ class Run:
                 label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
+                warmup=Warmup() if job.warmup and p.maker().cache_key is not None else None,
             )
             dispatcher.router = router
             self.dispatcher = dispatcher

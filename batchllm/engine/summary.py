@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import ExitCode
 from ..job import Job
-from ..pricing import format_usd, usd_text
+from ..pricing import cached_saving, format_usd, usd_text
 from ..providers import Provider
 from .budget import Budget
 from .dispatch import Dispatcher, Stats, StopReason
@@ -132,6 +132,8 @@ def build_summary(
             "throttled": stats.throttled,
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
+            "cached_tokens": stats.cached_tokens,
+            "cached_saved_usd": usd_text(stats.cached_saved_pico if priced else None),
             "cost_usd": usd_text(stats.cost_pico if priced else None),
         },
         "warnings": warnings,
@@ -154,6 +156,12 @@ def build_summary(
             "prompt": totals.prompt_tokens,
             "completion": totals.completion_tokens,
             "total": totals.prompt_tokens + totals.completion_tokens,
+            # Of the prompt tokens, served from the server's prompt cache, and what that saved
+            # at the model's prices (a fleet's endpoints: ``endpoints``, each at its own).
+            "cached": totals.cached_tokens,
+            "cached_saved_usd": usd_text(
+                cached_saving(model.prices, totals.cached_tokens) if priced else None
+            ),
         }
         # Unknown, not $0, when the model has no price and no row brought one (a batch import can).
         known = priced or totals.priced > 0
@@ -212,6 +220,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}"
         )
+        if tok.get("cached"):
+            saved = tok.get("cached_saved_usd")
+            lines.append(
+                f"prompt cache: {tok['cached']:,} of the prompt tokens cached ({tok['cached'] / max(tok['prompt'], 1):.0%})"
+                + (f", saving ${saved} against the input price" if saved is not None else "")
+            )
         if cost["total"] is None:
             lines.append("cost: unknown (no price for the model: give --input-price and --output-price)")
         else:

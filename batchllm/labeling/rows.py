@@ -143,7 +143,7 @@ class RowLabeler:
             return self.base
         params = dict(self.base.params)
         params["seed"] = int(params.get("seed") or 1) + k  # distinct seeds, one per sample
-        return Request(self.base.provider, self.base.model, self.base.messages, params)
+        return Request(self.base.provider, self.base.model, self.base.messages, params, self.base.cache_key)
 
     def _reask_request(self, k: int, chain: list[Attempt]) -> Request:
         first = self._sample_request(k)
@@ -152,7 +152,7 @@ class RowLabeler:
             _, error = self._read(a)
             turns.append(Message("assistant", a.text))
             turns.append(Message("user", feedback(self.labeling, error or "invalid_json")))
-        return Request(first.provider, first.model, tuple(turns), first.params)
+        return Request(first.provider, first.model, tuple(turns), first.params, first.cache_key)
 
     def _outcome(self, chains: list[list[Attempt]], attempts: list[Attempt]) -> Outcome:
         reasks = [a.kind for a in attempts].count("reask")

@@ -1,0 +1,115 @@
+"""Cached prompt tokens end to end: the sandbox's OpenAI face caches a shared prefix as OpenAI
+does, batchllm records what it says, prices it at the cached price, and earns it (the warm-up)."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchllm.pricing import load_models
+from batchllm.tokens import counter_for, get_counter
+
+from .conftest import read_output, run_cli, summary_of, write_csv
+
+MINI = load_models("openai")["gpt-4o-mini"].prices
+assert MINI is not None
+BILL = (MINI.input_pico, MINI.output_pico, MINI.cached_input_pico)
+
+
+def long_system(tokens: int = 1500) -> str:
+    """An instruction of about ``tokens`` tokens (both counts: Llama 3's, and 4 bytes a token)."""
+    rng = random.Random(7)
+    words = [
+        "label",
+        "the",
+        "review",
+        "by",
+        "its",
+        "sentiment;",
+        "weigh",
+        "price",
+        "quality",
+        "shipping",
+        "and",
+        "service",
+    ]
+    text = "You label product reviews. "
+    while get_counter().text_tokens(text) < tokens:
+        text += " ".join(rng.choice(words) for _ in range(20)) + f" (rule {rng.randint(1, 999)}). "
+    return text
+
+
+def job_args(tmp_path: Path, rows: int, out: str, *extra: str) -> list[str]:
+    data = write_csv(
+        tmp_path / "reviews.csv", [{"id": i, "text": f"review {i}: it works"} for i in range(rows)]
+    )
+    return [
+        "run", str(data), "-o", str(tmp_path / out), "--template", "Review: {text}",
+        "--system", long_system(), "--id-column", "id", "--provider", "openai", "--model", "gpt-4o-mini",
+        "--rpm", "0", *extra,
+    ]  # fmt: skip
+
+
+def pico(usd: float | str) -> int:
+    """Picodollars of a Parquet float (exact to its shortest repr) or of a summary's text."""
+    return round(Decimal(usd if isinstance(usd, str) else repr(usd)) * 10**12)
+
+
+def test_shared_prefix_is_cached_and_billed_at_the_cached_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.2, prices=BILL, keep_bodies=True)
+    system = long_system()
+    assert (
+        get_counter().text_tokens(system) >= 1024 and counter_for("gpt-4o-mini").text_tokens(system) >= 1024
+    )
+    result = run_cli(job_args(tmp_path, 300, "out.parquet", "--concurrency", "64"), env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "out.parquet").to_pylist()
+    stats = box.sandbox.stats
+    cached = [r["cached_tokens"] for r in table]
+    # Every row shares the prefix: what one row can have cached is what any row has at most.
+    cacheable = max(cached)
+    assert 1024 <= cacheable < table[0]["prompt_tokens"] and cacheable % 128 == 0
+    assert sum(cached) >= 0.9 * cacheable * len(table)
+    assert sum(cached) == stats["cached_tokens"]  # the column is the server's count
+    # Exact at the cached price: every row's cost, and the summary's total, are the bill.
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
+    for r in table:
+        in_pico = (r["prompt_tokens"] - r["cached_tokens"]) * MINI.input_pico + r[
+            "cached_tokens"
+        ] * MINI.cached_input_pico
+        assert pico(r["input_cost_usd"]) == in_pico
+    summary = summary_of(tmp_path / "out.parquet")
+    assert pico(summary["cost_usd"]["total"]) == stats["billed_pico"]
+    assert summary["tokens"]["cached"] == stats["cached_tokens"]
+    saved = stats["cached_tokens"] * (MINI.input_pico - MINI.cached_input_pico)
+    assert pico(summary["tokens"]["cached_saved_usd"]) == saved
+    assert "cached" in result.output
+    # One prompt_cache_key for the job's prefix, on every request, and never the key.
+    keys = {orjson.loads(b).get("prompt_cache_key") for b in box.sandbox.bodies}
+    assert len(keys) == 1 and None not in keys and box.key not in next(iter(keys))
+    assert stats["prompt_cache_keyed"] == stats["requests"]
+
+
+def test_without_the_warmup_the_first_wave_pays_full_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.2, prices=BILL)
+    args = job_args(tmp_path, 300, "cold.parquet", "--concurrency", "64", "--no-warmup")
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    cached = [r["cached_tokens"] for r in read_output(tmp_path / "cold.parquet").to_pylist()]
+    # The 64 requests sent before any answer found nothing cached.
+    assert cached.count(0) >= 64 and sum(cached) < 0.9 * max(cached) * len(cached)
+
+
+def test_a_short_prefix_sends_no_cache_key_and_caches_nothing(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(prices=BILL, keep_bodies=True)
+    data = write_csv(tmp_path / "r.csv", [{"text": f"review {i}"} for i in range(20)])
+    args = ["run", str(data), "-o", str(tmp_path / "o.parquet"), "--template", "Review: {text}",
+            "--system", "Label it.", "--provider", "openai", "--model", "gpt-4o-mini", "--rpm", "0"]  # fmt: skip
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    table = read_output(tmp_path / "o.parquet").to_pylist()
+    assert all(r["cached_tokens"] == 0 for r in table)
+    assert all("prompt_cache_key" not in orjson.loads(b) for b in box.sandbox.bodies)
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
