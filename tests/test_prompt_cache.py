@@ -88,6 +88,16 @@ def test_shared_prefix_is_cached_and_billed_at_the_cached_price(sandbox_factory:
     saved = stats["cached_tokens"] * (MINI.input_pico - MINI.cached_input_pico)
     assert pico(summary["tokens"]["cached_saved_usd"]) == saved
     assert "cached" in result.output
+    # report, status and spend say what was cached and what it saved, exactly.
+    report = orjson.loads(run_cli(["report", str(tmp_path / "out.parquet"), "--format", "json"]).output)
+    assert report["overall"]["cached_tokens"] == stats["cached_tokens"]
+    assert pico(report["cached_saved_usd"]) == saved
+    status = run_cli(["status", str(tmp_path / "out.parquet")]).output
+    assert f"prompt cache: {stats['cached_tokens']:,} of the prompt tokens cached" in status
+    spend = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)
+    (run,) = spend["runs"]
+    assert run["cached_tokens"] == stats["cached_tokens"] and pico(run["cached_saved_usd"]) == saved
+    assert spend["prompt_cache"]["cached_tokens"] == stats["cached_tokens"]
     # One prompt_cache_key for the job's prefix, on every request, and never the key.
     keys = {orjson.loads(b).get("prompt_cache_key") for b in box.sandbox.bodies}
     assert len(keys) == 1 and None not in keys and box.key not in next(iter(keys))
@@ -113,3 +123,33 @@ def test_a_short_prefix_sends_no_cache_key_and_caches_nothing(sandbox_factory: A
     assert all(r["cached_tokens"] == 0 for r in table)
     assert all("prompt_cache_key" not in orjson.loads(b) for b in box.sandbox.bodies)
     assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+
+
+def test_old_journal_and_ledger_gain_the_cached_columns(sandbox_factory: Any, tmp_path: Path) -> None:
+    """A journal and a ledger written before cached tokens existed resume and report as before."""
+    import sqlite3
+
+    from batchllm.ledger import ledger_path
+
+    box = sandbox_factory(prices=BILL)
+    args = job_args(tmp_path, 10, "old.parquet", "--concurrency", "4")
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    journal = tmp_path / "old.parquet.batchllm" / "journal.sqlite"
+    ledger = ledger_path(None)
+    assert ledger is not None
+    for db, table in ((journal, "rows"), (ledger, "runs")):
+        with sqlite3.connect(db) as conn:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN cached_tokens")
+            if table == "runs":
+                conn.execute("ALTER TABLE runs DROP COLUMN cached_saved_pico")
+    spend = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)  # read-only: as it is
+    assert [r["cached_tokens"] for r in spend["runs"]] == [0]
+    args = job_args(tmp_path, 20, "old.parquet", "--concurrency", "4")  # ten more rows: a resume
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "old.parquet").to_pylist()
+    assert [r["cached_tokens"] for r in table[:10]] == [0] * 10  # the old rows: nothing known
+    assert all(r["cached_tokens"] > 0 for r in table[10:])
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+    runs = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)["runs"]
+    assert runs[-1]["cached_tokens"] == sum(r["cached_tokens"] for r in table)

@@ -31,7 +31,7 @@ from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
-from ..pricing import format_usd, usd_text
+from ..pricing import cached_saving, format_usd, usd_text
 from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .client import Client
@@ -138,6 +138,8 @@ class Run:
                     "input": str(job.input),
                     "input_rows": self.p.rows,
                     "started_at": started_at,
+                    # What a cached prompt token costs less (``status`` prices the saving).
+                    "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
                 },
             )
             try:

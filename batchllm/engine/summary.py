@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import ExitCode
 from ..job import Job
-from ..pricing import cached_saving, format_usd, usd_text
+from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from ..providers import Provider
 from .budget import Budget
 from .dispatch import Dispatcher, Stats, StopReason
@@ -223,8 +223,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         if tok.get("cached"):
             saved = tok.get("cached_saved_usd")
             lines.append(
-                f"prompt cache: {tok['cached']:,} of the prompt tokens cached ({tok['cached'] / max(tok['prompt'], 1):.0%})"
-                + (f", saving ${saved} against the input price" if saved is not None else "")
+                prompt_cache_line(tok["cached"], tok["prompt"], None if saved is None else parse_usd(saved))
             )
         if cost["total"] is None:
             lines.append("cost: unknown (no price for the model: give --input-price and --output-price)")
@@ -257,6 +256,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if not summary["complete"] and "resume" in summary:
         lines.append(f"{summary.get('next') or 'to resume, run the same command again'}: {summary['resume']}")
     return "\n".join(lines)
+
+
+def prompt_cache_line(cached: int, prompt: int, saved_pico: int | None) -> str:
+    """Prompt tokens served from the server's prompt cache, their share, and what they saved."""
+    return f"prompt cache: {cached:,} of the prompt tokens cached ({cached / max(prompt, 1):.0%})" + (
+        f", saving {format_usd(saved_pico)} against the input price" if saved_pico is not None else ""
+    )
 
 
 def _iso(t: float) -> str:

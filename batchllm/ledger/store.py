@@ -79,7 +79,9 @@ CREATE TABLE IF NOT EXISTS runs (
     start_ok INTEGER NOT NULL DEFAULT 0,
     start_error INTEGER NOT NULL DEFAULT 0,
     start_invalid INTEGER NOT NULL DEFAULT 0,
-    recovered_by TEXT                   -- the run that closed this record from the journal
+    recovered_by TEXT,                  -- the run that closed this record from the journal
+    cached_tokens INTEGER NOT NULL DEFAULT 0,      -- prompt tokens served from the prompt cache
+    cached_saved_pico INTEGER NOT NULL DEFAULT 0   -- what they cost less than at the input price
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started_at);
@@ -146,7 +148,27 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    migrate(conn)
     return conn
+
+
+# Columns added to ``runs`` since its first version, each with its type and default: a ledger
+# written before them gets them when a run opens it (spend reads an old one as it is: spend.py).
+ADDED = {
+    "cached_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    for column, kind in ADDED.items():
+        if column not in have:
+            try:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another run added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:

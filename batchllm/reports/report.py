@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ..engine.output import read_schema, read_summary
 from ..errors import JobError
-from ..pricing import PICO_PER_USD, format_usd, usd_text
+from ..pricing import PICO_PER_USD, Prices, cached_saving, format_usd, usd_text
 from ..review.verdicts import reviewed_counts
 from .by_endpoint import endpoint_breakdown, endpoint_lines
 from .packing import packing
@@ -40,6 +41,7 @@ _BASE_COLUMNS = [
 ]
 _SPLIT = ["reask_cost_usd", "sample_cost_usd"]  # a labeling run's spend beyond first answers
 _REUSE = ["answered_by", "cached"]  # rows answered without a request of their own
+_CACHED = ["cached_tokens"]  # prompt tokens served from the server's prompt cache (not in old outputs)
 _CLASS = re.compile(r"^(\w+)")
 
 
@@ -115,7 +117,7 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
                 + ", ".join(repr(c) for c in schema.names)
             )
         columns.append(by)
-    columns += [c for c in _SPLIT + _REUSE if c in schema.names]
+    columns += [c for c in _SPLIT + _REUSE + _CACHED if c in schema.names]
     if "endpoint" in schema.names and by != "endpoint":  # a fleet's output (by_endpoint.py)
         columns.append("endpoint")
     frame = pq.read_table(path, columns=columns).to_pandas()
@@ -210,6 +212,9 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
         "invalid": int(counts.get("invalid", 0)),
         "prompt_tokens": int(frame["prompt_tokens"].fillna(0).sum()),
         "completion_tokens": int(frame["completion_tokens"].fillna(0).sum()),
+        "cached_tokens": int(frame["cached_tokens"].fillna(0).sum())
+        if "cached_tokens" in frame.columns
+        else 0,
         "cost_usd": usd_text(total_pico if priced else None),
         "cost_per_row_usd": {
             "mean": usd_text((round(total_pico / costs.size) if costs.size else 0) if priced else None),
@@ -249,6 +254,7 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     if endpoints:
         report["endpoints"] = endpoints
     report["cache_saved_usd"] = (summary.get("this_run") or {}).get("cache_saved_usd")
+    report["cached_saved_usd"] = _cached_saved(report["overall"]["cached_tokens"], summary)
     lost = _maybe_billed(path, summary)
     if lost:
         report["maybe_billed"] = lost
@@ -275,6 +281,23 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     return report
 
 
+def _cached_saved(cached_tokens: int, summary: dict[str, Any]) -> str | None:
+    """What the prompt cache saved against the input price, at the prices the run summary names."""
+    prices = summary.get("prices") or {}
+    cached = prices.get("cached_input_usd_per_million_tokens")
+    if not cached_tokens or "input_usd_per_million_tokens" not in prices:
+        return None
+    per_token = cached_saving(
+        Prices(
+            Decimal(prices["input_usd_per_million_tokens"]),
+            Decimal(0),
+            None if cached is None else Decimal(cached),
+        ),
+        1,
+    )
+    return usd_text(cached_tokens * per_token)
+
+
 def _usd(text: str | None) -> str:
     return format_usd(None) if text is None else f"${text}"
 
@@ -290,7 +313,11 @@ def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> li
             + (f"{stats['invalid']:,} invalid, " if stats.get("invalid") else "")
             + f"{stats['pending']:,} pending)",
         ),
-        ("tokens", f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"),
+        (
+            "tokens",
+            f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"
+            + (f" ({stats['cached_tokens']:,} prompt tokens cached)" if stats.get("cached_tokens") else ""),
+        ),
         ("cost", _usd(stats["cost_usd"])),
         (
             "cost per row",
@@ -373,6 +400,12 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         lines.append(
             f"never paid twice: {overall['rows_answered_by_identical_rows']:,} rows answered by an identical "
             f"row's reply, {overall['rows_from_cache']:,} from the cache (the last run's cache hits saved ${saved})"
+        )
+    if report.get("cached_saved_usd"):
+        lines.append("")
+        lines.append(
+            f"prompt cache: {overall['cached_tokens']:,} prompt tokens served from the server's cache saved "
+            f"${report['cached_saved_usd']} against the input price"
         )
     if "packing" in report:
         pk = report["packing"]

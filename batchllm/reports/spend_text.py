@@ -43,6 +43,13 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     header, rows = _group_table(report)
     out = [f"spend from {report['since']} to {report['until']} ({report['ledger']})", ""]
     out.append(_table(header, rows, md))
+    cached = report.get("prompt_cache") or {}
+    if cached.get("cached_tokens"):
+        out += [
+            "",
+            f"prompt cache: {cached['cached_tokens']:,} prompt tokens served from the provider's cache, "
+            f"{_money(cached['saved_usd'])} less than at the input price",
+        ]
     m = report["month"]
     out += [
         "",
@@ -75,11 +82,15 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
         out += ["", f"runs: {len(report['runs']):,}"]
         rows = [
             [r["started_at"], r["job"], r["kind"], _state(r), f"{r['rows_ok']:,}", f"{r['requests']:,}",
-             _money(r["cost_usd"]), r["run_id"][:12]]
+             f"{r['cached_tokens']:,}", _money(r["cost_usd"]), r["run_id"][:12]]
             for r in report["runs"]
         ]  # fmt: skip
         out.append(
-            _table(["started", "job", "kind", "state", "rows ok", "requests", "cost", "run"], rows, md)
+            _table(
+                ["started", "job", "kind", "state", "rows ok", "requests", "cached tokens", "cost", "run"],
+                rows,
+                md,
+            )
         )
     return "\n".join(out)
 
