@@ -153,3 +153,23 @@ def test_old_journal_and_ledger_gain_the_cached_columns(sandbox_factory: Any, tm
     assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
     runs = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)["runs"]
     assert runs[-1]["cached_tokens"] == sum(r["cached_tokens"] for r in table)
+
+
+def test_estimate_projects_the_cached_share(tmp_path: Path) -> None:
+    args = job_args(tmp_path, 300, "e.parquet", "--concurrency", "64", "--format", "json")
+    args[0] = "estimate"
+    warm = orjson.loads(run_cli(args).output)["prompt_cache"]
+    cold = orjson.loads(run_cli([*args, "--no-warmup"]).output)["prompt_cache"]
+    assert warm["prefix_tokens"] >= 1024 and warm["prefix_tokens"] % 128 == 0
+    assert warm["cached_tokens"] == warm["prefix_tokens"] * 299  # all but the warm-up
+    assert cold["cached_tokens"] == warm["prefix_tokens"] * (300 - 64)  # all but the first wave
+    assert warm["share"] > 0.9 > cold["share"]
+    saved = warm["cached_tokens"] * (MINI.input_pico - MINI.cached_input_pico)
+    assert pico(warm["saved_usd"]) == saved
+    # Dataoorts reports no cached tokens: nothing is projected.
+    dataoorts = [
+        a.replace("e.parquet", "d.parquet")
+        for a in args
+        if a not in ("openai", "gpt-4o-mini", "--provider", "--model")
+    ]
+    assert "prompt_cache" not in orjson.loads(run_cli(dataoorts).output)
