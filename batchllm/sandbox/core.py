@@ -194,6 +194,8 @@ class Sandbox:
     async def handle_reset(self, request: web.Request) -> web.Response:
         self.stats.clear()
         self.log.clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
         self.bodies.clear()
         self.first_at = self.last_at = None
         return web.Response(text="reset")

@@ -41,6 +41,9 @@ class PromptCache:
         key = hashlib.blake2b(orjson.dumps([model, leading]), digest_size=16).digest()
         return key, (tokens // STEP * STEP if key in self._warm else 0)
 
+    def clear(self) -> None:
+        self._warm.clear()
+
     def answered(self, key: bytes | None) -> None:
         """A request with this prefix was answered: later ones find it cached."""
         if key is None:
