@@ -173,3 +173,43 @@ def test_estimate_projects_the_cached_share(tmp_path: Path) -> None:
         if a not in ("openai", "gpt-4o-mini", "--provider", "--model")
     ]
     assert "prompt_cache" not in orjson.loads(run_cli(dataoorts).output)
+
+
+def test_labels_in_packs_cost_the_bill_at_the_cached_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.1, prices=BILL)
+    args = job_args(tmp_path, 200, "packs.parquet", "--concurrency", "16", "--labels", "positive,negative",
+                    "--pack", "10", "--max-tokens", "16")  # fmt: skip
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "packs.parquet").to_pylist()
+    stats = box.sandbox.stats
+    assert stats["cached_tokens"] > 0
+    assert sum(r["cached_tokens"] for r in table) == stats["cached_tokens"]
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
+    assert summary_of(tmp_path / "packs.parquet")["tokens"]["cached"] == stats["cached_tokens"]
+
+
+def test_a_fleet_prices_cached_tokens_at_each_endpoints_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    prices = {"one": ("0.50", "1.00", "0.10"), "two": ("0.40", "0.80", "0.25")}
+    boxes = {
+        name: sandbox_factory(latency=0.05, prices=tuple(int(Decimal(p) * 10**6) for p in ps))
+        for name, ps in prices.items()
+    }
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("".join(
+        f'[[endpoint]]\nname = "{name}"\nprovider = "openai"\nendpoint = "{boxes[name].openai_url}"\n'
+        f'key_env = "{name.upper()}_KEY"\nmodel = "gpt-4o-mini"\nconcurrency = 16\ninput_price = "{i}"\n'
+        f'output_price = "{o}"\ncached_input_price = "{c}"\n\n'
+        for name, (i, o, c) in prices.items()
+    ))  # fmt: skip
+    args = job_args(tmp_path, 200, "fleet.parquet")
+    result = run_cli(
+        [*args, "--fleet", str(fleet)], env={f"{n.upper()}_KEY": b.key for n, b in boxes.items()}
+    )
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "fleet.parquet").to_pylist()
+    for name, box in boxes.items():
+        mine = [r for r in table if r["endpoint"] == name]
+        stats = box.sandbox.stats
+        assert sum(r["cached_tokens"] for r in mine) == stats["cached_tokens"] > 0
+        assert sum(pico(r["cost_usd"]) for r in mine) == stats["billed_pico"]

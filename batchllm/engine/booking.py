@@ -105,13 +105,17 @@ class Booking:
         stats.completion_tokens += completion_tokens
         stats.cost_pico += billed
         if cached:
-            stats.cached_tokens += cached
-            stats.cached_saved_pico += cached_saving(prices, cached)
+            self.count_cached(prices, cached)
         self.limiter.on_success()
         if reserved_tokens:
             self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
         self.track(False)
         return billed
+
+    def count_cached(self, prices: Prices | None, cached: int) -> None:
+        """Prompt tokens a reply had served from the server's prompt cache, and what they saved."""
+        self.stats.cached_tokens += cached
+        self.stats.cached_saved_pico += cached_saving(prices, cached)
 
     def add_error(
         self,

@@ -107,8 +107,11 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         truncated = d.provider.truncated(result, max_tokens)
         if reuse is not None and reuse.cache is not None:
             reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated)
-        in_cost, out_cost = cost(d.prices_of(result), pt, ct)  # a fleet: the answering endpoint's
+        prices, cached = d.prices_of(result), result.cached_tokens  # a fleet: the answering endpoint's
+        in_cost, out_cost = cost(prices, pt, ct, cached)
         billed = (in_cost or 0) + (out_cost or 0)
+        if cached:
+            d.count_cached(prices, cached)
         stats = d.stats
         stats.prompt_tokens += pt
         stats.completion_tokens += ct
@@ -126,6 +129,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
                 out_cost,
                 truncated,
                 endpoint=result.endpoint,
+                cached_tokens=cached,
             ),
             n,
             latency_ms,
@@ -147,11 +151,12 @@ def book(
     """The row's entry: the outcome, with the tokens and costs of every request it took (and,
     for a packed row, which pack and item its answer came from)."""
     # One pass over the row's requests (a few microseconds a row at thousands of rows/s).
-    pt = ct = in_cost = out_cost = reask_cost = sample_cost = 0
+    pt = ct = cached = in_cost = out_cost = reask_cost = sample_cost = 0
     priced = True
     for a in attempts:
         pt += a.prompt_tokens
         ct += a.completion_tokens
+        cached += a.cached_tokens
         ic, oc = a.input_cost_pico, a.output_cost_pico
         if ic is None or oc is None:
             priced = False
@@ -213,7 +218,7 @@ def book(
               error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
               item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None,
-              where),
+              where, cached if some else None),
     )  # fmt: skip
 
 

@@ -275,25 +275,25 @@ class Packs:
             items, _why = (None, "truncated") if truncated else shape.read_reply(result.text, len(rows))
             prompt = shape.prompt_shares(pt, [row.own for row in rows])
             completion = shape.completion_shares(ct, items or [""] * len(rows))
+            cached = shape.cached_shares(result.cached_tokens, prompt)
             pid = shape.pack_id(body)
             prices, where = d.prices_of(result), result.endpoint  # a fleet: the answering endpoint's
             reuse = d.reuse
             keep = reuse is not None and reuse.cache is not None and kind == "first"
+            if result.cached_tokens:
+                d.count_cached(prices, sum(cached))
             for n, row in enumerate(rows):
-                ic, oc = cost(prices, prompt[n], completion[n])
+                ic, oc = cost(prices, prompt[n], completion[n], cached[n])
                 billed += (ic or 0) + (oc or 0)
                 if items is not None:
-                    a = Attempt(
-                        sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1, where
-                    )
+                    a = Attempt(sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
+                                where, cached[n])  # fmt: skip
                 elif len(rows) > 1:  # unreadable: its share paid, the row goes again in a smaller pack
-                    a = Attempt(
-                        sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1, where
-                    )
+                    a = Attempt(sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
+                                where, cached[n])  # fmt: skip
                 else:  # unreadable alone: an answer that does not parse (position 0: the whole reply)
-                    a = Attempt(
-                        sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0, where
-                    )
+                    a = Attempt(sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0,
+                                where, cached[n])  # fmt: skip
                 if keep and items is not None and items[n] and reuse is not None:
                     # before the row is booked: booking lets go of its cache key
                     reuse.keep(

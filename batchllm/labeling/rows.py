@@ -41,6 +41,9 @@ class Attempt(NamedTuple):
     pack_id: str | None = None
     pack_position: int | None = None
     endpoint: str | None = None  # a fleet's endpoint that answered (engine/router.py)
+    # Of prompt_tokens, served from the server's prompt cache (not kept in the journal's attempts:
+    # a row resumed from them counts 0 for its earlier requests; their costs are kept exactly).
+    cached_tokens: int = 0
 
 
 # A packed reply that could not be read as a whole (not JSON, or cut off): the row's share of
