@@ -213,3 +213,21 @@ def test_a_fleet_prices_cached_tokens_at_each_endpoints_price(sandbox_factory: A
         stats = box.sandbox.stats
         assert sum(r["cached_tokens"] for r in mine) == stats["cached_tokens"] > 0
         assert sum(pico(r["cost_usd"]) for r in mine) == stats["billed_pico"]
+
+
+def test_models_lists_the_cached_input_price_and_the_flag_sets_one(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    listed = run_cli(["models"]).output
+    line = next(x for x in listed.splitlines() if " gpt-4o-mini " in x)
+    assert line.split()[2:5] == ["0.15", "0.075", "0.60"]
+    assert "cached $/M" in listed
+    # --cached-input-price wins over the table's; the bill at that price is the cost exactly.
+    box = sandbox_factory(prices=(MINI.input_pico, MINI.output_pico, 20_000))
+    args = job_args(tmp_path, 30, "own.parquet", "--cached-input-price", "0.02", "--concurrency", "4")
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    table = read_output(tmp_path / "own.parquet").to_pylist()
+    assert box.sandbox.stats["cached_tokens"] > 0
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+    bad = run_cli([*job_args(tmp_path, 3, "bad.parquet"), "--cached-input-price", "cheap"])
+    assert bad.exit_code == 2 and "--cached-input-price" in bad.output and "Traceback" not in bad.output

@@ -160,7 +160,7 @@ def build_summary(
             # at the model's prices (a fleet's endpoints: ``endpoints``, each at its own).
             "cached": totals.cached_tokens,
             "cached_saved_usd": usd_text(
-                cached_saving(model.prices, totals.cached_tokens) if priced else None
+                cached_saving(model.prices, totals.cached_tokens) if priced and job.fleet is None else None
             ),
         }
         # Unknown, not $0, when the model has no price and no row brought one (a batch import can).

@@ -285,8 +285,8 @@ def _cached_saved(cached_tokens: int, summary: dict[str, Any]) -> str | None:
     """What the prompt cache saved against the input price, at the prices the run summary names."""
     prices = summary.get("prices") or {}
     cached = prices.get("cached_input_usd_per_million_tokens")
-    if not cached_tokens or "input_usd_per_million_tokens" not in prices:
-        return None
+    if not cached_tokens or cached is None or "input_usd_per_million_tokens" not in prices:
+        return None  # no cached price (a fleet's summary prices none): nothing known saved
     per_token = cached_saving(
         Prices(
             Decimal(prices["input_usd_per_million_tokens"]),
