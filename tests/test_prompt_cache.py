@@ -231,3 +231,12 @@ def test_models_lists_the_cached_input_price_and_the_flag_sets_one(
     assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
     bad = run_cli([*job_args(tmp_path, 3, "bad.parquet"), "--cached-input-price", "cheap"])
     assert bad.exit_code == 2 and "--cached-input-price" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_server_without_a_prompt_cache_bills_the_input_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(prices=BILL, prompt_cache=False)
+    result = run_cli(job_args(tmp_path, 20, "plain.parquet", "--concurrency", "4"), env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "plain.parquet").to_pylist()
+    assert all(r["cached_tokens"] == 0 for r in table) and "prompt cache" not in result.output
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
