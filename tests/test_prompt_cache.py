@@ -240,3 +240,17 @@ def test_a_server_without_a_prompt_cache_bills_the_input_price(sandbox_factory: 
     table = read_output(tmp_path / "plain.parquet").to_pylist()
     assert all(r["cached_tokens"] == 0 for r in table) and "prompt cache" not in result.output
     assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+
+
+def test_rows_answered_by_an_identical_row_count_no_cached_tokens(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    box = sandbox_factory(prices=BILL)
+    data = write_csv(tmp_path / "dup.csv", [{"text": f"review {i % 10}"} for i in range(40)])
+    args = ["run", str(data), "-o", str(tmp_path / "dup.parquet"), "--template", "Review: {text}",
+            "--system", long_system(), "--provider", "openai", "--model", "gpt-4o-mini", "--rpm", "0"]  # fmt: skip
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    table = read_output(tmp_path / "dup.parquet").to_pylist()
+    assert sum(1 for r in table if r["answered_by"]) == 30
+    assert sum(r["cached_tokens"] for r in table) == box.sandbox.stats["cached_tokens"] > 0
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
