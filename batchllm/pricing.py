@@ -63,6 +63,18 @@ class Prices:
             return self
         return Prices(self.input_per_million, self.output_per_million, cached_input_per_million)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, str] | None) -> Prices | None:
+        """Prices as ``as_dict`` wrote them (a run summary's), or None."""
+        if not d or "input_usd_per_million_tokens" not in d:
+            return None
+        cached = d.get("cached_input_usd_per_million_tokens")
+        return cls(
+            Decimal(d["input_usd_per_million_tokens"]),
+            Decimal(d["output_usd_per_million_tokens"]),
+            None if cached is None else Decimal(cached),
+        )
+
     def as_dict(self) -> dict[str, str]:
         out = {
             "input_usd_per_million_tokens": str(self.input_per_million),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -282,20 +281,12 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
 
 
 def _cached_saved(cached_tokens: int, summary: dict[str, Any]) -> str | None:
-    """What the prompt cache saved against the input price, at the prices the run summary names."""
-    prices = summary.get("prices") or {}
-    cached = prices.get("cached_input_usd_per_million_tokens")
-    if not cached_tokens or cached is None or "input_usd_per_million_tokens" not in prices:
-        return None  # no cached price (a fleet's summary prices none): nothing known saved
-    per_token = cached_saving(
-        Prices(
-            Decimal(prices["input_usd_per_million_tokens"]),
-            Decimal(0),
-            None if cached is None else Decimal(cached),
-        ),
-        1,
-    )
-    return usd_text(cached_tokens * per_token)
+    """What the prompt cache saved against the input price, at the prices the run summary names
+    (None without a cached price: a fleet's summary names none, its endpoints' are their own)."""
+    prices = Prices.from_dict(summary.get("prices"))
+    if not cached_tokens or prices is None or prices.cached_input_per_million is None:
+        return None
+    return usd_text(cached_saving(prices, cached_tokens))
 
 
 def _usd(text: str | None) -> str:
