@@ -193,16 +193,17 @@ class RequestMaker:
         )
 
 
-def prompt_cache_key(job: Job, prefix: tuple[Message, ...]) -> str | None:
+def prompt_cache_key(job: Job, prefix: tuple[Message, ...], model: str | None = None) -> str | None:
     """The name of a job's shared prefix for the server's prompt cache, when it is long enough to
-    be cached (the provider's ``prompt_cache_min``), else None: a short hash of the job's name and
-    the prefix, the same in every run (never anything secret)."""
+    be cached (the provider's ``prompt_cache_min``), else None: a short hash of the job's name,
+    the model and the prefix, the same in every run (never anything secret)."""
     minimum = get_provider(job.provider).prompt_cache_min
     if minimum is None or not prefix:
         return None
-    if counter_for(job.model).count_messages(prefix) < minimum:
+    model = model or job.model
+    if counter_for(model).count_messages(prefix) < minimum:
         return None
-    digest = hashlib.blake2b(orjson.dumps([job.name, job.model, prefix]), digest_size=8)
+    digest = hashlib.blake2b(orjson.dumps([job.name, model, prefix]), digest_size=8)
     return "batchllm-" + digest.hexdigest()
 
 

@@ -254,3 +254,29 @@ def test_rows_answered_by_an_identical_row_count_no_cached_tokens(
     assert sum(1 for r in table if r["answered_by"]) == 30
     assert sum(r["cached_tokens"] for r in table) == box.sandbox.stats["cached_tokens"] > 0
     assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+
+
+def test_a_request_file_of_two_prefixes_warms_each_once(sandbox_factory: Any, tmp_path: Path) -> None:
+    """Lines alternating between two long system prompts: each prefix warmed up once, its rows kept
+    together and keyed apart, so all but two requests find their prefix cached."""
+    box = sandbox_factory(latency=0.1, prices=BILL, keep_bodies=True)
+    systems = [long_system(), "Another job entirely. " + long_system()]
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4o-mini", "max_tokens": 16,
+                  "messages": [{"role": "system", "content": systems[i % 2]}, {"role": "user", "content": f"row {i}"}]}}
+        for i in range(100)
+    ]  # fmt: skip
+    requests = tmp_path / "req.jsonl"
+    requests.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    args = ["run", str(requests), "-o", str(tmp_path / "req.parquet"), "--provider", "openai", "--rpm", "0",
+            "--concurrency", "32"]  # fmt: skip
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "req.parquet").to_pylist()
+    cached = [r["cached_tokens"] for r in table]
+    assert cached.count(0) == 2  # one warm-up per prefix
+    assert sum(cached) == box.sandbox.stats["cached_tokens"]
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+    keys = [orjson.loads(b)["prompt_cache_key"] for b in box.sandbox.bodies]
+    assert len(set(keys)) == 2

@@ -32,6 +32,7 @@ from ..errors import ExitCode
 from ..fleet import FleetEndpoint, parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import cached_saving, format_usd, usd_text
+from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .client import Client
@@ -198,6 +199,11 @@ class Run:
         record.finish(result.summary, start, Snapshot.of(journal.totals()))
         return result
 
+    def _prefixed(self) -> bool:
+        """May rows share a prompt prefix the server caches (the warm-up's case, warmup.py)? The
+        job's own prefix is long enough, or the input is a request file (each line its own)."""
+        return self.p.maker().cache_key is not None or not isinstance(self.p.builder, PromptBuilder)
+
     async def _dispatch(
         self, journal: Journal, endpoint: Endpoint, limiter: RateLimiter, budget: Budget, record: RunRecord
     ) -> RunResult:
@@ -237,7 +243,7 @@ class Run:
                 label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
-                warmup=Warmup() if job.warmup and p.maker().cache_key is not None else None,
+                warmup=Warmup() if job.warmup and self._prefixed() else None,
             )
             dispatcher.router = router
             self.dispatcher = dispatcher
