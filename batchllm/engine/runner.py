@@ -129,7 +129,9 @@ class Run:
                 )
             prices = self.p.model.prices
             if prices is not None and (
-                priced := journal.price_unpriced(prices.input_pico, prices.output_pico)
+                priced := journal.price_unpriced(
+                    prices.input_pico, prices.output_pico, prices.cached_input_pico
+                )
             ):
                 self.warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
             journal.set_meta(
