@@ -31,7 +31,7 @@ HELP_GROUPS: Groups = (
             "max_cost_per_month",
             "input_price",
             "output_price",
-            "cached_input_price",  # on its way, as are confidence and vote_below: placed already
+            "cached_input_price",
         ),
     ),
     (
@@ -79,7 +79,7 @@ HELP_GROUPS: Groups = (
         ("checkpoint", "retry_errors", "restart", "reparse", "refresh_changed", "summary_json", "notify"),
     ),
     ("Spend ledger", ("ledger",)),
-    ("Cache", ("cache",)),
+    ("Cache", ("cache", "warmup")),
     ("Logging", ("log_format", "progress")),
     ("Scale-out", ("engine", "ray_address", "actors")),
 )

@@ -95,6 +95,12 @@ PROMPT_OPTIONS = [
     click.option(
         "--output-price", metavar="USD", help="USD per million output tokens (give with --input-price)."
     ),
+    click.option(
+        "--cached-input-price",
+        metavar="USD",
+        help="USD per million prompt tokens served from the server's prompt cache.  [default: the model "
+        "table's, else the input price]",
+    ),
     LABELS_OPTION,
     click.option(
         "--labels-file",
@@ -187,6 +193,12 @@ SEND_OPTIONS = [
     ),
     click.option(
         "--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."
+    ),
+    click.option(
+        "--warmup/--no-warmup",
+        default=None,
+        help="Rows sharing a prompt prefix the server can cache wait for the first one's answer, so "
+        "they are served from the prompt cache.  [default: warmup]",
     ),
     click.option(
         "--max-attempts",

@@ -138,6 +138,12 @@ from . import CONTEXT, cli, fail, run_async
 )
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
 @click.option(
+    "--prompt-cache/--no-prompt-cache",
+    default=True,
+    show_default=True,
+    help="OpenAI face: report a repeated prompt prefix (1,024 tokens and more) as cached, as OpenAI does.",
+)
+@click.option(
     "--keep-log/--no-keep-log",
     default=True,
     show_default=True,

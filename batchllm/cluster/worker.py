@@ -293,6 +293,7 @@ class Completer:
             out[f"{row_id}#{i}"] = e._replace(
                 prompt_tokens=0 if billed else None,
                 completion_tokens=0 if billed else None,
+                cached_tokens=0 if billed else None,
                 input_cost_pico=free_in if billed else None,
                 output_cost_pico=free_out if billed else None,
                 attempts=0,

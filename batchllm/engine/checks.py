@@ -77,7 +77,13 @@ def prepare(job: Job) -> Prepared:
 
 def check_model(job: Job, provider: Provider) -> Model:
     """The job's model and prices, checked against its max_tokens and budget."""
-    model = resolve_model(provider.name, job.model, prices=job.prices, unlisted_ok=provider.unlisted_models)
+    model = resolve_model(
+        provider.name,
+        job.model,
+        prices=job.prices,
+        unlisted_ok=provider.unlisted_models,
+        cached_input_price=job.cached_input_price,
+    )
     if model.context_window is not None and job.max_tokens >= model.context_window:
         raise JobError(
             f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of "

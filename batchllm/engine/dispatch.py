@@ -39,6 +39,7 @@ from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
 from .structured import Structured
+from .warmup import Warmup
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
@@ -67,6 +68,7 @@ class Dispatcher(Booking):
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
         gate: Gate | None = None,
+        warmup: Warmup | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -87,6 +89,7 @@ class Dispatcher(Booking):
         self.reuse = reuse
         self._sleep = sleep
         self.gate = gate
+        self.warmup = warmup  # rows sharing a cacheable prefix wait for its first (warmup.py)
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self.structured: Structured | None = None  # a structured labeling job's (structured.py)
         self._prices = model.prices
@@ -186,6 +189,8 @@ class Dispatcher(Booking):
                 return
             if self.gate is not None:
                 await self.gate.enter(item.row_id, self._stopped)
+            if self.warmup is not None:
+                await self.warmup.enter(item, self._stopped)
             try:
                 await self._one(item)
             except asyncio.CancelledError:
@@ -199,6 +204,8 @@ class Dispatcher(Booking):
                     self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
                 if self.gate is not None:
                     self.gate.done(item.row_id)
+                if self.warmup is not None:
+                    self.warmup.done(item)
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         """Journal a row's entry; rows waiting for the same request get its reply."""

@@ -171,6 +171,8 @@ class Plan:
             for i, how in replaces.items():
                 journal.replacing[row_ids[i]] = how
             ready = admission.admit(pb, send, maker, reject, budget, self.warn)
+            if pb.requests is not None:  # lines of several prefixes: each one's together (warmup.py)
+                ready.sort(key=lambda r: r[1].cache_key or "")
             keys: Sequence[str | None] = [""] * len(ready)
             if reuse is not None and ready:
                 keys = reuse.screen([(row_ids[i], hashes[i], r) for i, r, _, _ in ready])

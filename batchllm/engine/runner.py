@@ -31,7 +31,8 @@ from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
-from ..pricing import format_usd, usd_text
+from ..pricing import cached_saving, format_usd, usd_text
+from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .checks import Prepared
@@ -49,6 +50,7 @@ from .reuse import Reuse
 from .router import fleet_router
 from .structured import Structured
 from .summary import build_summary, next_step, snapshot, stop_message
+from .warmup import Warmup
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
     StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
@@ -129,7 +131,9 @@ class Run:
                 )
             prices = self.p.model.prices
             if prices is not None and (
-                priced := journal.price_unpriced(prices.input_pico, prices.output_pico)
+                priced := journal.price_unpriced(
+                    prices.input_pico, prices.output_pico, prices.cached_input_pico
+                )
             ):
                 self.warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
             journal.set_meta(
@@ -139,6 +143,8 @@ class Run:
                     "input": str(job.input),
                     "input_rows": self.p.rows,
                     "started_at": started_at,
+                    # What a cached prompt token costs less (``status`` prices the saving).
+                    "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
                 },
             )
             try:
@@ -201,6 +207,11 @@ class Run:
         record.finish(result.summary, start, Snapshot.of(journal.totals()), billed_before)
         return result
 
+    def _prefixed(self) -> bool:
+        """May rows share a prompt prefix the server caches (the warm-up's case, warmup.py)? The
+        job's own prefix is long enough, or the input is a request file (each line its own)."""
+        return self.p.maker().cache_key is not None or not isinstance(self.p.builder, PromptBuilder)
+
     async def _dispatch(
         self, journal: Journal, endpoint: Endpoint, limiter: RateLimiter, budget: Budget, record: RunRecord
     ) -> RunResult:
@@ -240,6 +251,7 @@ class Run:
                 label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
+                warmup=Warmup() if job.warmup and self._prefixed() else None,
             )
             dispatcher.router = router
             if job.structured_output:

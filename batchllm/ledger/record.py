@@ -222,15 +222,15 @@ class RunRecord:
             "UPDATE runs SET ended_at = ?, exit_code = ?, stop_reason = ?, message = ?, rows_total = "
             "COALESCE(?, rows_total), rows_ok = ?, rows_error = ?, rows_invalid = ?, rows_pending = ?, "
             "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, dedup_rows = ?, "
-            "cache_hits = ?, cache_saved_pico = ?, maybe_billed_requests = ?, maybe_billed_pico = ? "
-            "WHERE run_id = ?",
+            "cache_hits = ?, cache_saved_pico = ?, maybe_billed_requests = ?, maybe_billed_pico = ?, "
+            "cached_tokens = ?, cached_saved_pico = ? WHERE run_id = ?",
             (
                 time.time(), summary.get("exit_code"), summary.get("stop_reason"), summary.get("message"),
                 rows.get("total"), max(delta.ok, 0), max(delta.error, 0), max(delta.invalid, 0),
                 rows.get("pending"), this.get("requests", 0), delta.prompt_tokens, delta.completion_tokens,
                 delta.spent_pico, this.get("answered_by_other_rows", 0), this.get("cache_hits", 0),
                 _pico(this.get("cache_saved_usd")), billed_requests, billed_pico,
-                self.run_id,
+                this.get("cached_tokens", 0), _pico(this.get("cached_saved_usd")), self.run_id,
             ),
         )  # fmt: skip
         if self.conn is not None and self.parts and summary.get("endpoints"):

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS runs (
     start_error INTEGER NOT NULL DEFAULT 0,
     start_invalid INTEGER NOT NULL DEFAULT 0,
     recovered_by TEXT,                  -- the run that closed this record from the journal
+    cached_tokens INTEGER NOT NULL DEFAULT 0,      -- prompt tokens served from the prompt cache
+    cached_saved_pico INTEGER NOT NULL DEFAULT 0,  -- what they cost less than at the input price
     sandbox INTEGER NOT NULL DEFAULT 0  -- the built-in emulator's play money (SANDBOX_BEFORE_MARK)
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
@@ -110,7 +112,7 @@ OFF = "off"
 # A run against the built-in emulator (``--sandbox``) is kept, marked, and counted apart: ``spend``
 # leaves it out unless asked (``--sandbox``), and no monthly cap counts it, so a real run is never
 # held back by play money (a sandbox run can still try a cap out: against the real month, plus itself).
-# Ledgers from before the mark get it on the first write (``_migrate``): their sandbox runs are
+# Ledgers from before the mark get it on the first write (``migrate``): their sandbox runs are
 # the ones whose endpoint host was recorded as "sandbox".
 SANDBOX_BEFORE_MARK = "endpoint_host = 'sandbox'"
 
@@ -156,7 +158,7 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
-    _migrate(conn)
+    migrate(conn)
     return conn
 
 
@@ -164,13 +166,27 @@ def has_sandbox_mark(conn: sqlite3.Connection) -> bool:
     return any(r[1] == "sandbox" for r in conn.execute("PRAGMA main.table_info(runs)"))
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Give a ledger from before the sandbox mark its column (once: several runs may start at once)."""
-    if has_sandbox_mark(conn):
+# Figures added to ``runs`` since its first version, each with its type and default: a ledger
+# written before them gets them when a run opens it (spend reads an old one as it is: spend.py).
+ADDED = {
+    "cached_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Give a ledger from before them the figures of ``ADDED`` and the sandbox mark (its sandbox
+    runs then marked from their host), once: several runs may open it at once."""
+    have = {r[1] for r in conn.execute("PRAGMA main.table_info(runs)")}
+    if "sandbox" in have and have.issuperset(ADDED):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if not has_sandbox_mark(conn):
+        have = {r[1] for r in conn.execute("PRAGMA main.table_info(runs)")}  # under the lock now
+        for column, kind in ADDED.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        if "sandbox" not in have:
             conn.execute("ALTER TABLE runs ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0")
             conn.execute(f"UPDATE runs SET sandbox = 1 WHERE {SANDBOX_BEFORE_MARK}")
         conn.execute("COMMIT")

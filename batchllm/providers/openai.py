@@ -3,7 +3,8 @@
 Request: ``POST {base}/chat/completions`` with ``{"model", "messages", <params>, <extra_body>}``;
 the endpoint the user gives is the base URL (``http://host:8000/v1``). Success:
 ``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens) and
-``usage``, which some servers leave out (the dispatcher then counts). Failure: an error object
+``usage``, which some servers leave out (the dispatcher then counts); its
+``prompt_tokens_details.cached_tokens`` are the prompt tokens served from the server's prompt cache. Failure: an error object
 ``{"error": {"message", "type", "code", "param"}}`` (some servers send a bare string).
 
 Classification: 401/403 stop the run (key); a 429 whose code or type is ``insufficient_quota``
@@ -49,11 +50,23 @@ class OpenAI(Provider):
     # A server's own chat template (vLLM's Llama 3.1 template adds a date preamble) may bill more
     # prompt tokens than the plain template counted here.
     template_slack = 64
+    # OpenAI caches prompts from 1,024 tokens; vLLM and llama.cpp from less, so the warm-up
+    # (engine/warmup.py) pays off on them too from here.
+    prompt_cache_min = 1024
 
     def url(self, endpoint: str) -> str:
         return endpoint.rstrip("/") + "/chat/completions"
 
     def encode(self, request: Request) -> bytes:
+        if request.cache_key is not None:  # groups one prefix's requests on OpenAI's cache
+            return orjson.dumps(
+                {
+                    "model": request.model,
+                    "messages": request.messages,
+                    **request.params,
+                    "prompt_cache_key": request.cache_key,
+                }
+            )
         return orjson.dumps({"model": request.model, "messages": request.messages, **request.params})
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
@@ -99,10 +112,15 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
     finish = choice.get("finish_reason") if isinstance(choice, dict) else None
     usage = payload.get("usage")
     prompt = completion = None
+    cached = 0
     if isinstance(usage, dict):
         prompt = usage_int(usage.get("prompt_tokens"))
         completion = usage_int(usage.get("completion_tokens"))
-    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and prompt is not None:
+            # Never more than the prompt: a server's odd figure must not make a cost negative.
+            cached = min(usage_int(details.get("cached_tokens")) or 0, prompt)
+    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None, None, cached)
 
 
 def _error_fields(payload: Any, body: bytes) -> tuple[str, str | None, str | None]:

@@ -46,6 +46,7 @@ from ..pricing import Model, load_models
 from ..tokens import get_counter
 from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
+from .prompt_cache import PromptCache
 from .words import WORDS
 
 
@@ -88,9 +89,10 @@ class SandboxConfig:
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
-    # What it bills, picodollars a prompt and a completion token: ``billed_pico`` in its stats
-    # (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
-    prices: tuple[int, int] | None = None
+    # What it bills, picodollars a prompt, a completion and a cached prompt token: ``billed_pico``
+    # in its stats (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
+    prices: tuple[int, int, int] | None = None
+    prompt_cache: bool = True  # the OpenAI face caches shared prefixes as OpenAI does (prompt_cache.py)
 
 
 class _Gcra:
@@ -150,6 +152,7 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.models = models or served_models()
         self.counter = get_counter()
+        self.prompt_cache = PromptCache(self.counter) if self.config.prompt_cache else None
         self.rng = random.Random(self.config.seed)
         self.limiter = (
             _Gcra(self.config.rate_limit, self.config.rate_burst) if self.config.rate_limit > 0 else None
@@ -194,6 +197,8 @@ class Sandbox:
     async def handle_reset(self, request: web.Request) -> web.Response:
         self.stats.clear()
         self.log.clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
         self.bodies.clear()
         self.first_at = self.last_at = None
         return web.Response(text="reset")
@@ -314,6 +319,10 @@ class Sandbox:
             if n > parsed.max_tokens:
                 text = " ".join(text.split(" ")[: parsed.max_tokens])
                 n = parsed.max_tokens
+        # Looked up as the request arrives, stored once it is answered (prompt_cache.py).
+        prefix, cached = None, 0
+        if self.prompt_cache is not None and face.caches_prompts:
+            prefix, cached = self.prompt_cache.lookup(model.name, parsed.messages)
         delay = cfg.latency + cfg.latency_per_token * n
         if delay > 0:
             if cfg.jitter:
@@ -323,9 +332,17 @@ class Sandbox:
         if not garbled:  # what the emulated provider bills
             self.stats["prompt_tokens"] += prompt_tokens
             self.stats["completion_tokens"] += n
+            self.stats["cached_tokens"] += cached
             if cfg.prices is not None:
-                self.stats["billed_pico"] += prompt_tokens * cfg.prices[0] + n * cfg.prices[1]
-        response = face.success(text, prompt_tokens, n, truncated, model.name, usage)
+                price_in, price_out, price_cached = cfg.prices
+                self.stats["billed_pico"] += (
+                    (prompt_tokens - cached) * price_in + cached * price_cached + n * price_out
+                )
+            if self.prompt_cache is not None:
+                self.prompt_cache.answered(prefix)
+        if parsed.cache_key is not None:
+            self.stats["prompt_cache_keyed"] += 1
+        response = face.success(text, prompt_tokens, n, truncated, model.name, usage, cached)
         response.headers.update(self._rate_headers(face))
         if garbled:
             assert isinstance(response.body, bytes)

@@ -29,6 +29,7 @@ class Parsed:
     messages: list[dict[str, Any]]
     max_tokens: int
     seed_material: Any  # what the deterministic reply is derived from
+    cache_key: str | None = None  # OpenAI's ``prompt_cache_key``: routing only, the reply ignores it
 
 
 def _json(
@@ -66,6 +67,7 @@ class DataoortsFace:
 
     path = "/api/v1"
     default_max_tokens = 256
+    caches_prompts = False  # docs/api.md reports no cached tokens
     roles = {"system", "user", "assistant", "tool"}
     ranges: dict[str, tuple[type, float, float]] = {
         "temperature": (float, 0, 5),
@@ -155,7 +157,7 @@ class DataoortsFace:
         return Parsed(model, messages, data.get("max_tokens", self.default_max_tokens), data)
 
     def success(
-        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool
+        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool, cached: int = 0
     ) -> web.Response:
         result: dict[str, Any] = {"response": text}
         if usage:
@@ -175,6 +177,7 @@ class OpenAIFace:
 
     path = "/v1/chat/completions"
     default_max_tokens = 256
+    caches_prompts = True
     roles = {"system", "user", "assistant", "tool", "developer"}
 
     def __init__(self, refuse_response_format: bool = False) -> None:
@@ -279,14 +282,21 @@ class OpenAIFace:
             why = schema.problem(payload["response_format"])
             if why:
                 return why
-        seed_material = {k: v for k, v in payload.items() if k != "model"}
+        cache_key = payload.get("prompt_cache_key")
+        if cache_key is not None and not isinstance(cache_key, str):
+            return "'prompt_cache_key' must be a string"
+        seed_material = {k: v for k, v in payload.items() if k not in ("model", "prompt_cache_key")}
         seed_material["messages"] = flat
         return Parsed(
-            payload["model"], flat, payload.get("max_tokens", self.default_max_tokens), seed_material
+            payload["model"],
+            flat,
+            payload.get("max_tokens", self.default_max_tokens),
+            seed_material,
+            cache_key,
         )
 
     def success(
-        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool
+        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool, cached: int = 0
     ) -> web.Response:
         body: dict[str, Any] = {
             "id": "chatcmpl-" + secrets.token_hex(12),
@@ -306,6 +316,7 @@ class OpenAIFace:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": n,
                 "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": cached},
             }
         return _json(200, body)
 

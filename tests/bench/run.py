@@ -577,6 +577,50 @@ def cache_cost(rows: int, entries: int, rounds: int = 3) -> dict:
     }
 
 
+def prompt_cache(rows: int, latency: float = 0.2, concurrency: int = 64, rounds: int = 2) -> dict:
+    """Rows sharing a ~1,500-token system prompt on the sandbox's OpenAI face (which caches a
+    prefix once a request with it was answered, as OpenAI does): rows/s (wall clock, start-up
+    included) and the share of the cacheable prompt tokens served from the cache, with the
+    warm-up (one request first, engine/warmup.py) and without it."""
+    import pyarrow.parquet as pq
+
+    from batchllm.tokens import get_counter
+
+    system = "You label product reviews by sentiment. "
+    k = 0
+    while get_counter().text_tokens(system) < 1500:
+        system += f"Rule {k}: weigh the price, the quality, the shipping and the service alike. "
+        k += 1
+    box = Sandbox("--no-keep-log", "--latency", str(latency))
+    src = make_input(rows, f"prompt-cache-{rows}.csv")
+    walls: dict[str, list[float]] = {"warmup": [], "no-warmup": []}
+    shares: dict[str, float] = {}
+    try:
+        for _ in range(rounds):
+            for mode in walls:
+                box.reset()
+                out = WORK / f"prompt-cache-{mode}.parquet"
+                code, wall, _ = run_batchllm(
+                    box, src, out, *PROVIDER_ARGS["openai"], "--model", "gpt-4o-mini", "--system", system,
+                    "--rpm", "0", "--concurrency", str(concurrency), "--restart", f"--{mode}",
+                )  # fmt: skip
+                assert code == 0, code
+                walls[mode].append(wall)
+                cached = pq.read_table(out, columns=["cached_tokens"]).column("cached_tokens").to_pylist()
+                cacheable = max(cached) * len(cached)  # every row shares the prefix
+                shares[mode] = round(sum(cached) / cacheable, 4) if cacheable else 0.0
+                assert sum(cached) == box.stats().get("cached_tokens", 0)
+    finally:
+        box.close()
+    return {
+        "rows": rows,
+        "latency_s": latency,
+        "concurrency": concurrency,
+        **{f"rows_per_s_{m.replace('-', '_')}": round(rows / min(w), 1) for m, w in walls.items()},
+        **{f"cached_share_{m.replace('-', '_')}": s for m, s in shares.items()},
+    }
+
+
 def estimate_speed(sizes: list[int]) -> dict:
     """`batchllm estimate` on rows of ~150 tokens: rows/s, tokens/s and peak RSS per size."""
     words = [
@@ -822,6 +866,7 @@ def main() -> None:
         "studio",
         "spend",
         "fleet",
+        "prompt_cache",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -869,6 +914,10 @@ def main() -> None:
     if "fleet" in which:
         results["fleet"] = fleet_figures(n(6_000))
         print(json.dumps(results["fleet"]), flush=True)
+    if "prompt_cache" in which:
+        # 300 rows: the first wave is a fifth of the job; 2,000: a thirtieth.
+        results["prompt_cache"] = [prompt_cache(300), prompt_cache(n(2_000))]
+        print(json.dumps(results["prompt_cache"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
