@@ -35,6 +35,7 @@ from ..pricing import format_usd, usd_text
 from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .client import Client
+from .concurrency import ConcurrencyLimit
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
 from .labeled import label_row, reparse
@@ -218,6 +219,11 @@ class Run:
             router = fleet_router(fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys)
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
+            window = None
+            if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
+                probe = p.provider.slots_url(endpoint.url)
+                hint = await client.server_slots(probe) if probe else None
+                window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint)
             dispatcher = Dispatcher(
                 client=client,
                 provider=p.provider,
@@ -234,6 +240,7 @@ class Run:
                 label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
+                window=window,
             )
             dispatcher.router = router
             self.dispatcher = dispatcher
@@ -323,6 +330,8 @@ class Run:
                 )
             if dispatcher.router is not None:
                 out["endpoints"] = dispatcher.router.summary()
+            if (w := dispatcher.window) is not None:
+                out["concurrency"] = {"ceiling": w.ceiling, "server_slots": w.hint, "last": w.limit, "peak": w.peak}
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -82,6 +83,11 @@ class OpenAI(Provider):
             remaining_tokens=_int(headers.get("x-ratelimit-remaining-tokens")),
             reset_tokens_s=_seconds(headers.get("x-ratelimit-reset-tokens")),
         )
+
+    def slots_url(self, endpoint: str) -> str | None:
+        # llama.cpp states ``total_slots`` at the server's root; other servers answer 404.
+        parts = urlsplit(endpoint)
+        return f"{parts.scheme}://{parts.netloc}/props"
 
 
 def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion:
