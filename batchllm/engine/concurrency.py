@@ -17,7 +17,8 @@ counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a requ
 - Otherwise the limit is the estimate times a gain, plus one, and at least ``FLOOR``: gain 2.89 while the
   rate keeps growing by a quarter a round (what is sent beyond the estimate turns into rate while
   the server has room: the limit nearly triples a round, as TCP's slow start doubles); 1.25 once
-  it stopped growing, which keeps a server's slots busy behind a short queue and still finds room
+  it stopped growing (or the estimate is well under what was in flight: a queue holds the
+  rest), which keeps a server's slots busy behind a short queue and still finds room
   that appears (the rate may grow by a quarter each round, and growing faster means growing again).
   Latency that climbs with no more rate so brings the limit back down to the estimate's measure.
 - The queue the limit lets build never waits longer than half of ``--timeout``: the limit is at
@@ -42,13 +43,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-START = 16  # requests in flight in the first round, when the server states nothing
+START = 8  # requests in flight in the first round, when the server states nothing
 FLOOR = 8  # the least the limit goes to (never above the ceiling)
 WINDOW = 10  # rounds the rate is taken over, and between two probes of the round trip
 PROBE_ROUNDS = 2
 STARTUP_GAIN = 2.89  # BBR's 2/ln 2: the limit nearly triples a round while the rate grows
 STEADY_GAIN = 1.25
 GROWN = 1.25  # a round's rate at least this over the best before it: still growing
+QUEUED = 0.75  # the estimate under this share of what was in flight: a queue holds the rest
 TIMEOUT_SHARE = 0.5  # of --timeout, the longest a queue the limit allows may take
 
 
@@ -78,7 +80,7 @@ class ConcurrencyLimit:
         self._probe = 0  # rounds left with only the estimate in flight
         self._rounds = 0
         self._round_start = clock()
-        self._round_size = self.limit
+        self._round_size = self._round_limit = self.limit
         self._delivered = 0
         self._shortest = math.inf
 
@@ -145,12 +147,12 @@ class ConcurrencyLimit:
         if math.isinf(rate):  # a clock that did not move: nothing to measure by
             self._set(self.limit)
             return
-        if self.growing and rate < GROWN * best_before:
-            self.growing = False
-        elif not self.growing and best_before and rate >= GROWN * best_before:
-            self.growing = True  # room appeared: find it fast
         served = max(self._rates)
         estimate = served * min(self._trips)
+        if self.growing and (rate < GROWN * best_before or estimate < QUEUED * self._round_limit):
+            self.growing = False  # the rate stopped growing, or a queue already holds some
+        elif not self.growing and best_before and rate >= GROWN * best_before:
+            self.growing = True  # room appeared: find it fast
         if self._probe:
             self._probe -= 1
         elif self._rounds % WINDOW == 0 and not self.growing:
@@ -174,3 +176,4 @@ class ConcurrencyLimit:
         self.peak = max(self.peak, self.limit)
         # A round ends once the requests now on the wire are back, and at least ``limit`` replies.
         self._round_size = max(self.limit, self.in_flight)
+        self._round_limit = self.limit

@@ -263,7 +263,8 @@ class Dispatcher(Booking):
         Each attempt is written down as sent before it leaves: what a crash may have been billed
         for is then known (inflight.py).
         """
-        stats, limiter, backoff, router, window = self.stats, self.limiter, self.backoff, self.router, self.window
+        stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
+        window = self.window
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
         attempt = failures = 0
         answered = False  # the last attempt got an answer from the server (an error status)

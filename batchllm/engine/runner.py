@@ -331,7 +331,12 @@ class Run:
             if dispatcher.router is not None:
                 out["endpoints"] = dispatcher.router.summary()
             if (w := dispatcher.window) is not None:
-                out["concurrency"] = {"ceiling": w.ceiling, "server_slots": w.hint, "last": w.limit, "peak": w.peak}
+                out["concurrency"] = {
+                    "ceiling": w.ceiling,
+                    "server_slots": w.hint,
+                    "last": w.limit,
+                    "peak": w.peak,
+                }
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,
