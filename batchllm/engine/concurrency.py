@@ -26,9 +26,10 @@ counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a requ
   once. A request is then never given up for waiting behind others batchllm sent itself.
 - A server that states its slots (llama.cpp's ``GET /props``: ``total_slots``) is taken at its word
   for the first round; without it the first round has ``START`` requests in flight.
-- ``FLOOR`` keeps a few requests in flight even when the replies come back as fast as this
-  process reads them: there the round trip is batchllm's own, and a pipeline of a few requests per
-  core costs no waiting at any server.
+- Nor is the limit under the fewest in flight that got about the best rate of the last rounds (the
+  probes try fewer), nor under ``FLOOR``: when the replies come back as fast as this process reads
+  them, the round trip is batchllm's own and more in flight still buys rate (each turn of the event
+  loop handles more replies), at no wait at any server.
 
 Waiters are futures in FIFO order, woken as replies free their places; no polling. The clock is
 injectable, so tests drive rounds without sleeping.
@@ -51,6 +52,7 @@ STARTUP_GAIN = 2.89  # BBR's 2/ln 2: the limit nearly triples a round while the 
 STEADY_GAIN = 1.25
 GROWN = 1.25  # a round's rate at least this over the best before it: still growing
 QUEUED = 0.75  # the estimate under this share of what was in flight: a queue holds the rest
+NEAR = 0.9  # a rate at least this share of the best is about as good
 TIMEOUT_SHARE = 0.5  # of --timeout, the longest a queue the limit allows may take
 
 
@@ -76,6 +78,7 @@ class ConcurrencyLimit:
         self.peak = self.limit  # the highest limit reached, for the run's summary
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._rates: deque[float] = deque(maxlen=WINDOW)
+        self._limits: deque[int] = deque(maxlen=WINDOW)  # each of those rounds' limit
         self._trips: deque[float] = deque(maxlen=WINDOW + PROBE_ROUNDS)
         self._probe = 0  # rounds left with only the estimate in flight
         self._rounds = 0
@@ -139,6 +142,7 @@ class ConcurrencyLimit:
         rate = self._delivered / elapsed if elapsed > 0 else math.inf
         best_before = max(self._rates, default=0.0)
         self._rates.append(rate)
+        self._limits.append(self._round_limit)
         self._trips.append(self._shortest)
         self._rounds += 1
         self._round_start = now
@@ -161,7 +165,10 @@ class ConcurrencyLimit:
             limit = max(1, math.ceil(estimate))  # no queue: the round trip afresh
         else:
             gain = STARTUP_GAIN if self.growing else STEADY_GAIN
-            limit = max(self.floor, math.ceil(gain * estimate) + 1)
+            # Never under the fewest in flight that got about the best rate: where the round
+            # trip is this process's own (replies as fast as it reads them), fewer cost rate.
+            enough = min(n for r, n in zip(self._rates, self._limits, strict=True) if r >= NEAR * served)
+            limit = max(self.floor, math.ceil(gain * estimate) + 1, enough)
         # Never a queue that waits more than a share of the timeout, at the rate it is served.
         limit = min(limit, max(1, math.floor(served * self.timeout * TIMEOUT_SHARE)))
         self._set(limit)
