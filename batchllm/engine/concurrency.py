@@ -6,30 +6,30 @@ trip with no queue (its bandwidth-delay product); more only wait in its queue, w
 counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a request needs about
 4; a remote API at 0.2 s that takes 5,000 rows/s needs about 1,000.
 
-- The run is cut into rounds of about one round trip: a round ends when as many replies came back
-  as the limit, or the requests then in flight if more, when it began. Each round gives a delivery rate (replies per second) and the
-  shortest round trip among its replies. All of it is counted as replies come back; the sums are
-  done once a round, off the per-row path.
-- The estimate is the highest rate of the last ``WINDOW`` rounds times the shortest round trip of
-  the last ``WINDOW`` + 2. Every ``WINDOW`` rounds, two rounds keep only that product in flight
+- Rounds of about one round trip: a round ends once as many replies came back as the limit (or
+  the requests in flight, if more) when it began. Each gives a delivery rate (replies per second)
+  and its shortest round trip. Replies only count; the sums are done once a round, off the
+  per-row path.
+- The estimate: the highest rate of the last ``WINDOW`` rounds times the shortest round trip of
+  the last ``WINDOW`` + 2. Every ``WINDOW`` rounds, two rounds keep only the estimate in flight
   (one drains the server's queue, the next sees none), so the shortest round trip is measured
-  again: it neither stays at a value the server has left behind nor creeps up with the queue.
-- Otherwise the limit is the estimate times a gain, plus one, and at least ``FLOOR``: gain 2.89 while the
-  rate keeps growing by a quarter a round (what is sent beyond the estimate turns into rate while
-  the server has room: the limit nearly triples a round, as TCP's slow start doubles); 1.25 once
-  it stopped growing (or the estimate is well under what was in flight: a queue holds the
-  rest), which keeps a server's slots busy behind a short queue and still finds room
-  that appears (the rate may grow by a quarter each round, and growing faster means growing again).
-  Latency that climbs with no more rate so brings the limit back down to the estimate's measure.
-- The queue the limit lets build never waits longer than half of ``--timeout``: the limit is at
-  most the rate times half the timeout; and a request that got no answer in time halves it at
-  once. A request is then never given up for waiting behind others batchllm sent itself.
+  afresh: it neither keeps a value the server has left behind nor creeps up with the queue.
+- The limit: the estimate times a gain, plus one. Gain 2.89 while the rate grows by a quarter a
+  round (what is sent beyond the estimate turns into rate while the server has room: the limit
+  nearly triples a round, as TCP's slow start doubles); 1.25 once it stopped growing or the
+  estimate fell well under what was in flight (a queue holds the rest): a server's slots stay
+  busy behind a short queue, and room that appears is still found (a rate up by a quarter is
+  growth again). Latency that climbs with no more rate so brings the limit back to the estimate.
+- Not under the fewest in flight that got about the best rate of the last rounds (the probes try
+  fewer), nor under what the rate serves in ``HARMLESS`` seconds (a queue that short costs no
+  one anything), nor under ``FLOOR``: when replies come back as fast as this process reads them,
+  the round trip is batchllm's own, and more in flight still buys rate (each turn of the event
+  loop handles more replies).
+- Never a queue that waits past half of ``--timeout``: the limit is at most the rate times half
+  the timeout, and a request with no answer in time halves it at once. A request is then not
+  given up for waiting behind others batchllm sent itself.
 - A server that states its slots (llama.cpp's ``GET /props``: ``total_slots``) is taken at its word
-  for the first round; without it the first round has ``START`` requests in flight.
-- Nor is the limit under the fewest in flight that got about the best rate of the last rounds (the
-  probes try fewer), nor under ``FLOOR``: when the replies come back as fast as this process reads
-  them, the round trip is batchllm's own and more in flight still buys rate (each turn of the event
-  loop handles more replies), at no wait at any server.
+  for the first round, and needs no growth phase; otherwise the first round has ``START``.
 
 Waiters are futures in FIFO order, woken as replies free their places; no polling. The clock is
 injectable, so tests drive rounds without sleeping.
@@ -53,6 +53,7 @@ STEADY_GAIN = 1.25
 GROWN = 1.25  # a round's rate at least this over the best before it: still growing
 QUEUED = 0.75  # the estimate under this share of what was in flight: a queue holds the rest
 NEAR = 0.9  # a rate at least this share of the best is about as good
+HARMLESS = 0.05  # seconds of queue too short to matter: rate x this may always be in flight
 TIMEOUT_SHARE = 0.5  # of --timeout, the longest a queue the limit allows may take
 
 
@@ -168,7 +169,7 @@ class ConcurrencyLimit:
             # Never under the fewest in flight that got about the best rate: where the round
             # trip is this process's own (replies as fast as it reads them), fewer cost rate.
             enough = min(n for r, n in zip(self._rates, self._limits, strict=True) if r >= NEAR * served)
-            limit = max(self.floor, math.ceil(gain * estimate) + 1, enough)
+            limit = max(self.floor, math.ceil(gain * estimate) + 1, enough, math.floor(served * HARMLESS))
         # Never a queue that waits more than a share of the timeout, at the rate it is served.
         limit = min(limit, max(1, math.floor(served * self.timeout * TIMEOUT_SHARE)))
         self._set(limit)
