@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
+from ..errors import APIError, FatalAPIError, RequestTimeout, RetryableAPIError, RunStopError
 from ..labeling.spec import Labeling
 from ..pricing import Model
 from ..providers import Provider
@@ -31,6 +31,7 @@ from ..records import Completion, Entry
 from .booking import Booking
 from .budget import Budget
 from .client import Client
+from .concurrency import ConcurrencyLimit
 from .journal import Journal
 from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
@@ -69,6 +70,7 @@ class Dispatcher(Booking):
         sleep: Callable[[float], Any] = asyncio.sleep,
         gate: Gate | None = None,
         warmup: Warmup | None = None,
+        window: ConcurrencyLimit | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -90,6 +92,9 @@ class Dispatcher(Booking):
         self._sleep = sleep
         self.gate = gate
         self.warmup = warmup  # rows sharing a cacheable prefix wait for its first (warmup.py)
+        # How many of the ``concurrency`` workers may have a request on the wire (concurrency.py);
+        # None: all of them (a fleet's endpoints limit themselves, router.py).
+        self.window = window
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self.structured: Structured | None = None  # a structured labeling job's (structured.py)
         self._prices = model.prices
@@ -268,6 +273,7 @@ class Dispatcher(Booking):
         for is then known (inflight.py).
         """
         stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
+        window = self.window
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
         structured = self.structured
         if structured is not None and not structured.on:
@@ -278,10 +284,21 @@ class Dispatcher(Booking):
         while True:
             if self.stopping:
                 return None, attempt, 0.0
-            member = None if router is None else await router.acquire(tokens)
-            if router is None:
-                await limiter.acquire(tokens)
+            # A place on the wire before the pace: the limiter's departures are then the wire's,
+            # never a burst of requests that were paced while waiting for a place.
+            if window is not None and not window.try_take():
+                await window.take()
+            try:
+                member = None if router is None else await router.acquire(tokens)
+                if router is None:
+                    await limiter.acquire(tokens)
+            except BaseException:
+                if window is not None:
+                    window.release(None)
+                raise
             if self.stopping:
+                if window is not None:
+                    window.release(None)
                 if member is not None:
                     router.release(member)  # type: ignore[union-attr]
                 return None, attempt, 0.0
@@ -291,6 +308,8 @@ class Dispatcher(Booking):
             stats.requests += 1
             t0 = time.perf_counter()
             self._on_wire += 1
+            trip: float | None = None  # seconds, when the server answered in time
+            timed_out = False
             try:
                 try:
                     if member is None:
@@ -298,7 +317,13 @@ class Dispatcher(Booking):
                     else:
                         member.counts.requests += 1
                         completion = await member.complete(body)
+                    trip = time.perf_counter() - t0
+                except RequestTimeout:
+                    timed_out = True
+                    raise
                 finally:
+                    if window is not None:
+                        window.release(trip, timed_out=timed_out)
                     self._on_wire -= 1
                     if not self._on_wire and self.stop_reason is not None:
                         self._drained.set()
@@ -354,7 +379,7 @@ class Dispatcher(Booking):
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue
                 return exc, attempt, 0.0
-            latency_ms = (time.perf_counter() - t0) * 1000.0
+            latency_ms = (trip or 0.0) * 1000.0
             if member is not None:
                 router.answered(member, latency_ms)  # type: ignore[union-attr]
             return completion, attempt, latency_ms

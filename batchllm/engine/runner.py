@@ -37,6 +37,7 @@ from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .checks import Prepared
 from .client import Client
+from .concurrency import ConcurrencyLimit
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
 from .labeled import label_row, reparse
@@ -235,6 +236,11 @@ class Run:
             router = fleet_router(fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys)
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
+            window = None
+            if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
+                probe = p.provider.slots_url(endpoint.url)
+                hint = await client.server_slots(probe) if probe else None
+                window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint)
             dispatcher = Dispatcher(
                 client=client,
                 provider=p.provider,
@@ -252,6 +258,7 @@ class Run:
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
                 warmup=Warmup() if job.warmup and self._prefixed() else None,
+                window=window,
             )
             dispatcher.router = router
             if job.structured_output:
@@ -347,6 +354,13 @@ class Run:
                 )
             if dispatcher.router is not None:
                 out["endpoints"] = dispatcher.router.summary()
+            if (w := dispatcher.window) is not None:
+                out["concurrency"] = {
+                    "ceiling": w.ceiling,
+                    "server_slots": w.hint,
+                    "last": w.limit,
+                    "peak": w.peak,
+                }
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,

@@ -53,6 +53,10 @@ class Provider:
         """The URL requests are posted to, from the endpoint the user gave."""
         return endpoint
 
+    def slots_url(self, endpoint: str) -> str | None:
+        """Where the server states how many requests it computes at once, if it may say."""
+        return None
+
     def headers(self, key: str | None) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if key:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -97,8 +98,33 @@ class OpenAI(Provider):
             reset_tokens_s=_seconds(headers.get("x-ratelimit-reset-tokens")),
         )
 
+    def slots_url(self, endpoint: str) -> str | None:
+        # llama.cpp states ``total_slots`` at the server's root; other servers answer 404.
+        parts = urlsplit(endpoint)
+        return f"{parts.scheme}://{parts.netloc}/props"
+
 
 def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion:
+    # The shape nearly every reply has, read at once (a few microseconds a row at zero latency);
+    # anything else falls through to the field-by-field checks and their messages.
+    try:
+        choice = payload["choices"][0]
+        content = choice["message"]["content"]
+        finish = choice.get("finish_reason")
+        usage = payload["usage"]
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    else:
+        if (
+            type(content) is str
+            and type(prompt) is int
+            and type(completion) is int
+            and prompt >= 0
+            and completion >= 0
+            and (finish is None or type(finish) is str)
+        ):
+            return Completion(content, prompt, completion, finish)
     choices = payload.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None

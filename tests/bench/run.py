@@ -200,6 +200,47 @@ def throughput(
     }
 
 
+def slot_server(rows: int, slots: int = 4, seconds: float = 0.4) -> dict:
+    """A self-hosted server of ``slots`` slots at ``seconds`` a request (the sandbox's slot mode),
+    default --concurrency, --timeout 5: the wall time against the slots kept busy
+    (``rows * seconds / slots``), as the server saw it (first arrival to last answer), with and
+    without the server stating its slots, and with the default --rpm (auto) besides --rpm 0."""
+    src = make_input(rows, f"slots-{rows}.csv")
+    ideal = rows * seconds / slots
+    figures: dict = {"rows": rows, "slots": slots, "seconds_per_request": seconds, "ideal_s": ideal}
+    for name, box_args, run_args in (
+        ("total_slots", [], ["--rpm", "0"]),
+        ("no_hint", ["--no-props"], ["--rpm", "0"]),
+        ("total_slots_default_rpm", [], []),
+    ):
+        box = Sandbox("--slots", str(slots), "--slot-seconds", str(seconds), *box_args)
+        summary = WORK / f"slots-{name}.json"
+        try:
+            code, wall, _ = run_batchllm(
+                box, src, WORK / f"slots-{name}.parquet", "--timeout", "5", "--restart",
+                "--summary-json", str(summary), *PROVIDER_ARGS["openai"], *run_args,
+            )  # fmt: skip
+            stats, log = box.stats(), box.log()
+        finally:
+            box.close()
+        assert code == 0, code
+        per_row: dict[str, int] = {}
+        for _, _, key in log:
+            per_row[key] = per_row.get(key, 0) + 1
+        span = log[-1][0] - log[0][0] + seconds  # the first answer left its slot `seconds` after arriving
+        figures[name] = {
+            "wall_ratio": round(span / ideal, 3),
+            "server_span_s": round(span, 2),
+            "batchllm_wall_s": round(wall, 2),
+            "requests": stats["requests"],
+            "most_requests_for_one_row": max(per_row.values()),
+            "given_up": stats.get("given_up", 0),
+            "max_queue": stats["max_queue"],
+            "concurrency": json.loads(summary.read_text()).get("concurrency"),
+        }
+    return figures
+
+
 def journal_cost(rows: int) -> dict:
     """rows/s with and without journal writes, in-process, same sandbox, same input."""
     from batchllm import build_job, run_job
@@ -853,6 +894,7 @@ def fleet_figures(rows: int) -> dict:
 def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
+        "slots",
         "latency",
         "journal",
         "rates",
@@ -874,6 +916,9 @@ def main() -> None:
         print(json.dumps(results["zero_latency_20k"]), flush=True)
         results["zero_latency_20k_openai"] = throughput(n(20_000), 0.0, 256, provider="openai")
         print(json.dumps(results["zero_latency_20k_openai"]), flush=True)
+    if "slots" in which:
+        results["slot_server"] = slot_server(n(200))
+        print(json.dumps(results["slot_server"]), flush=True)
     if "latency" in which:
         results["latency_200ms_2000_in_flight"] = throughput(n(20_000), 0.2, 2000)
         print(json.dumps(results["latency_200ms_2000_in_flight"]), flush=True)
