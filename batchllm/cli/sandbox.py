@@ -133,6 +133,11 @@ from . import CONTEXT, cli, fail, run_async
 )
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
 @click.option(
+    "--served-model",
+    help="The model OpenAI replies name, whatever was asked (a self-hosted server names the model "
+    "it has loaded: llama.cpp its file).",
+)
+@click.option(
     "--keep-log/--no-keep-log",
     default=True,
     show_default=True,

@@ -66,6 +66,7 @@ class Dispatcher(Booking):
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
         gate: Gate | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -88,6 +89,8 @@ class Dispatcher(Booking):
         self.gate = gate
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self._prices = model.prices
+        self.warn = warn or _ignore
+        self.served: set[str] = set()
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
@@ -330,4 +333,11 @@ class Dispatcher(Booking):
             latency_ms = (time.perf_counter() - t0) * 1000.0
             if member is not None:
                 router.answered(member, latency_ms)  # type: ignore[union-attr]
+            served = completion.model
+            if served is not None and served not in self.served:
+                self.note_served(served, completion)
             return completion, attempt, latency_ms
+
+
+def _ignore(message: str) -> None:
+    """No one to tell: a dispatcher built without a run's warnings (tests, a cluster worker)."""

@@ -126,6 +126,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
                 out_cost,
                 truncated,
                 endpoint=result.endpoint,
+                served_model=result.model,
             ),
             n,
             latency_ms,
@@ -206,6 +207,7 @@ def book(
     endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
     where = ",".join(endpoints) or None
     model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
+    served = ",".join(dict.fromkeys(a.served_model for a in attempts if a.served_model)) or None
     d.record(
         item,
         Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
@@ -213,7 +215,7 @@ def book(
               error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
               item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None,
-              where),
+              where, served),
     )  # fmt: skip
 
 

@@ -292,6 +292,8 @@ class Packs:
                     a = Attempt(
                         sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0, where
                     )
+                if result.model is not None:  # the model the reply named (records.Completion)
+                    a = a._replace(served_model=result.model)
                 if keep and items is not None and items[n] and reuse is not None:
                     # before the row is booked: booking lets go of its cache key
                     reuse.keep(

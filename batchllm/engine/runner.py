@@ -234,6 +234,7 @@ class Run:
                 label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
+                warn=self.warn,
             )
             dispatcher.router = router
             self.dispatcher = dispatcher

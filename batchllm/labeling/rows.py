@@ -41,6 +41,7 @@ class Attempt(NamedTuple):
     pack_id: str | None = None
     pack_position: int | None = None
     endpoint: str | None = None  # a fleet's endpoint that answered (engine/router.py)
+    served_model: str | None = None  # the model the reply named (records.Completion)
 
 
 # A packed reply that could not be read as a whole (not JSON, or cut off): the row's share of

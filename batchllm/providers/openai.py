@@ -2,8 +2,9 @@
 
 Request: ``POST {base}/chat/completions`` with ``{"model", "messages", <params>, <extra_body>}``;
 the endpoint the user gives is the base URL (``http://host:8000/v1``). Success:
-``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens) and
-``usage``, which some servers leave out (the dispatcher then counts). Failure: an error object
+``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens),
+``usage``, which some servers leave out (the dispatcher then counts), and ``model``, the model
+that answered (OpenAI a dated snapshot of the one asked for, llama.cpp the file it loaded). Failure: an error object
 ``{"error": {"message", "type", "code", "param"}}`` (some servers send a bare string).
 
 Classification: 401/403 stop the run (key); a 429 whose code or type is ``insufficient_quota``
@@ -101,7 +102,14 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
     if isinstance(usage, dict):
         prompt = usage_int(usage.get("prompt_tokens"))
         completion = usage_int(usage.get("completion_tokens"))
-    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None)
+    model = payload.get("model")
+    return Completion(
+        content,
+        prompt,
+        completion,
+        finish if isinstance(finish, str) else None,
+        model=model if isinstance(model, str) and model else None,
+    )
 
 
 def _error_fields(payload: Any, body: bytes) -> tuple[str, str | None, str | None]:

@@ -88,6 +88,9 @@ class SandboxConfig:
     # What it bills, picodollars a prompt and a completion token: ``billed_pico`` in its stats
     # (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
     prices: tuple[int, int] | None = None
+    # The model its OpenAI face names in replies, whatever was asked (None: the one asked for),
+    # as a self-hosted server names the model it has loaded (llama.cpp: its file).
+    served_model: str | None = None
 
 
 class _Gcra:
@@ -319,7 +322,7 @@ class Sandbox:
             self.stats["completion_tokens"] += n
             if cfg.prices is not None:
                 self.stats["billed_pico"] += prompt_tokens * cfg.prices[0] + n * cfg.prices[1]
-        response = face.success(text, prompt_tokens, n, truncated, model.name, usage)
+        response = face.success(text, prompt_tokens, n, truncated, cfg.served_model or model.name, usage)
         response.headers.update(self._rate_headers(face))
         if garbled:
             assert isinstance(response.body, bytes)
