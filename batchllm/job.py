@@ -75,6 +75,9 @@ class Job:
     restart: bool = False
     refresh_changed: bool = False
     labeling: Labeling | None = None  # --labels / --labels-file / --json-schema, with re-asks, samples
+    # A labeling job's response_format (auto: where the provider takes it; labeling/structured.py).
+    # Not a request setting: a journal is resumed under any value, as the replies read alike.
+    structured: str = "auto"
     examples: Path | None = None  # few-shot turns (prompts.load_examples)
     examples_digest: str | None = None
     reparse: bool = False
@@ -119,6 +122,14 @@ class Job:
             return self.system
         instruction = self.labeling.instruction()
         return instruction if not self.system else f"{self.system}\n\n{instruction}"
+
+    @property
+    def structured_output(self) -> bool:
+        """Do this job's requests carry a ``response_format`` (labeling/structured.py)?"""
+        if self.labeling is None or self.structured == "off":
+            return False
+        providers = {self.provider, *(e.provider for e in self.fleet or ())}
+        return all(get_provider(name).takes_response_format for name in providers)
 
     @property
     def key_env(self) -> str:
@@ -212,6 +223,8 @@ def build_job(
         # A row's cost is its own endpoint's (engine/router.py).
         kwargs["prices"] = dearest(kwargs["fleet"])
     kwargs["labeling"] = labeling_from(kwargs, where)
+    if kwargs.get("structured") == "on":
+        _structured_on(kwargs, provider, where("structured"))
     if "examples" in kwargs:
         if kwargs["labeling"] is None:
             raise JobError(f"{where('examples')}: few-shot examples go with --labels or --json-schema")
@@ -319,6 +332,19 @@ def _sampling_params(
         except ValueError as exc:
             raise JobError(f"{where(key)} {exc}") from None
     return out
+
+
+def _structured_on(kwargs: Mapping[str, Any], provider: Provider, where: str) -> None:
+    """``--structured on``: a labeling job, sent where ``response_format`` is taken."""
+    if kwargs["labeling"] is None:
+        raise JobError(f"{where} on: structured output goes with --labels, --labels-file or --json-schema")
+    names = {provider.name, *(e.provider for e in kwargs.get("fleet") or ())}
+    refusing = sorted(n for n in names if not get_provider(n).takes_response_format)
+    if refusing:
+        raise JobError(
+            f"{where} on: the {refusing[0]} API has no JSON mode (no response_format); use "
+            "--structured auto or off (replies are then read and re-asked as free text)"
+        )
 
 
 def _prices(inp: Any, out: Any, where: Callable[[str], str]) -> Prices | None:

@@ -61,6 +61,13 @@ def _sampling(raw: Any) -> Any:
     return raw  # parsed by the provider once it is known (``build_job``)
 
 
+def _structured(raw: Any) -> str:
+    """``--structured``: auto, on or off (a job file's true and false too)."""
+    if isinstance(raw, bool):
+        return "on" if raw else "off"
+    return v.choice("auto", "on", "off")(raw)
+
+
 parse_pack = v.integer(1, 100)  # --pack; estimate also takes several sizes (cli/run.py)
 
 # name in flags/TOML -> (Job attribute, parser). Keys are named like their flags, with underscores.
@@ -109,6 +116,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "adaptive": ("adaptive", v.boolean),
     "pack": ("pack", parse_pack),
     "pack_tokens": ("pack_tokens", v.integer(1, None)),
+    "structured": ("structured", _structured),
     "examples": ("examples", _path),
     "reparse": ("reparse", v.boolean),
     "cache": ("cache", v.text),

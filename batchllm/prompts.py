@@ -28,6 +28,7 @@ import pyarrow as pa
 from .errors import JobError
 from .inputs import delimiter_hint
 from .job import Job
+from .labeling.structured import PARAM, Formats
 from .records import Message, Request
 
 
@@ -174,13 +175,17 @@ class RequestMaker:
     """Makes the ``Request`` for one prompt: ``[system], [examples], user`` with the job's parameters.
 
     The system prompt carries the labeling instruction (``Job.full_system``); few-shot examples
-    are prior user/assistant turns (``load_examples``).
+    are prior user/assistant turns (``load_examples``); a structured labeling job's parameters end
+    with its ``response_format`` (labeling/structured.py).
     """
 
     def __init__(self, job: Job, examples: tuple[Message, ...] = ()) -> None:
         self.provider = job.provider
         self.model = job.model
         self.params = job.params()
+        if job.structured_output:  # the same format for every row: built once, shared
+            assert job.labeling is not None
+            self.params = {**self.params, PARAM: Formats(job.labeling).row}
         system = job.full_system
         self.prefix: tuple[Message, ...] = (() if system is None else (Message("system", system),)) + examples
 

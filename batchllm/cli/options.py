@@ -93,6 +93,13 @@ PROMPT_OPTIONS = [
         help="Most tokens (prompt + reply) a packed request may take.  [default: the model's window]",
     ),
     click.option(
+        "--structured",
+        type=click.Choice(["auto", "on", "off"]),
+        help="Send the label set or schema as a JSON schema (response_format) the server holds "
+        "replies to; auto: with the openai provider, off for the run if the server refuses it.  "
+        "[default: auto]",
+    ),
+    click.option(
         "--examples",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Few-shot examples (CSV/Parquet with the template's columns and a label column).",

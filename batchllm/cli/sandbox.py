@@ -131,6 +131,11 @@ from . import CONTEXT, cli, fail, run_async
     show_default=True,
     help="Packs: wrong answers added per other row in the pack (and half per position).",
 )
+@click.option(
+    "--refuse-response-format",
+    is_flag=True,
+    help="OpenAI face: answer 400 to a request with response_format, as a server without JSON mode does.",
+)
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
 @click.option(
     "--served-model",

@@ -38,6 +38,7 @@ from .reuse import Reuse
 from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
+from .structured import Structured
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
@@ -88,6 +89,7 @@ class Dispatcher(Booking):
         self._sleep = sleep
         self.gate = gate
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
+        self.structured: Structured | None = None  # a structured labeling job's (structured.py)
         self._prices = model.prices
         self.warn = warn or _ignore
         self.served: set[str] = set()
@@ -263,6 +265,9 @@ class Dispatcher(Booking):
         """
         stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
+        structured = self.structured
+        if structured is not None and not structured.on:
+            body = structured.plain(body)  # the server refused response_format earlier in the run
         attempt = failures = 0
         answered = False  # the last attempt got an answer from the server (an error status)
         first = time.monotonic()
@@ -329,6 +334,9 @@ class Dispatcher(Booking):
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
+                if structured is not None and (plain := structured.refused(exc, body)) is not None:
+                    body, answered = plain, True  # refused, so not billed: sent again without it
+                    continue
                 return exc, attempt, 0.0
             latency_ms = (time.perf_counter() - t0) * 1000.0
             if member is not None:

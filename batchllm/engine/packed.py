@@ -25,6 +25,7 @@ from ..errors import APIError, JobError
 from ..job import Job
 from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt, Outcome, RowLabeler, Step
+from ..labeling.structured import PARAM, Formats
 from ..pricing import Model, cost
 from ..records import Message, Request
 from .admission import Admission, Rejection
@@ -83,6 +84,8 @@ class Packs:
             *shape.examples(examples, labeling),
         )
         self.per_row = job.max_tokens
+        # A pack's response_format, by its rows (labeling/structured.py); None when not structured.
+        self.formats = Formats(labeling) if job.structured_output else None
         self.admission = admission
         counter = admission.counter
         self.exact = counter.exact
@@ -107,6 +110,8 @@ class Packs:
         """The packed request for ``rows`` rows: the shared prefix, then ``turns``; ``base`` gives
         the model and parameters (a sample's seed), the reply allowance is sized for the rows."""
         params = {**base.params, "max_tokens": self.max_tokens(rows)}
+        if self.formats is not None:
+            params[PARAM] = self.formats.pack(rows)
         return Request(base.provider, base.model, (*self.prefix, *turns), params)
 
     def fits(self, own: list[int]) -> bool:

@@ -46,6 +46,7 @@ from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .router import fleet_router
+from .structured import Structured
 from .summary import build_summary, next_step, snapshot, stop_message
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
@@ -237,6 +238,8 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
+            if job.structured_output:
+                dispatcher.structured = Structured(self.warn)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)

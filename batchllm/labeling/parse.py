@@ -1,6 +1,6 @@
 """Reading a reply into a label or a typed object: free deterministic repair, then validation.
 
-Labels: the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
+Labels: a structured reply (``{"label": ...}``) is read for its label field; the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
 punctuation) and matched against the set; failing that, a single allowed label standing as a
 whole word inside prose ("Sure! The label is: positive.") is taken. Anything else is an error
 code, never a guess. JSON: the first JSON object in the reply (in prose or a code fence) is cut
@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 
 from .spec import Field, Labeling
+
+LABEL_FIELD = "label"  # a structured reply's (labeling/structured.py)
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 _STRIP = " \t\r\n*_`'\".,;:!?()[]{}<>"
@@ -43,6 +45,14 @@ def parse_label(text: str, labels: tuple[str, ...], truncated: bool) -> tuple[st
     exact = by_lower.get(text.lower())  # the reply as it should be: nothing to repair
     if exact is not None:
         return exact, None
+    if "{" in text:  # a structured reply, {"label": ...} (labeling/structured.py), maybe in prose
+        obj, _ = find_object(text)
+        value = obj.get(LABEL_FIELD) if obj is not None else None
+        if isinstance(value, str):
+            text = value
+            exact = by_lower.get(text.lower())
+            if exact is not None:
+                return exact, None
     cleaned = clean(text)
     exact = by_lower.get(" ".join(cleaned.split()).lower())
     if exact is not None:

@@ -37,6 +37,8 @@ class Provider:
     unlisted_models: ClassVar[bool] = False  # may a model missing from models.toml run?
     max_content_chars: ClassVar[int | None] = None  # longest message content the API accepts
     default_max_tokens: ClassVar[int] = 256
+    # Does it take OpenAI's ``response_format`` with a JSON schema (``--structured``, labeling/structured.py)?
+    takes_response_format: ClassVar[bool] = False
     # Parameters in the order they are sent, each with its parser (range and type).
     params: ClassVar[dict[str, Parser]] = {}
     # Prompt tokens the server's chat template may add beyond the Llama 3 count: reserved against

@@ -37,6 +37,7 @@ class OpenAI(Provider):
     documented_rpm = 300.0  # no published figure for "any server": start where Dataoorts does
     unlisted_models = True
     default_max_tokens = 256
+    takes_response_format = True  # a server that refuses it: engine/structured.py
     params = {
         "max_tokens": integer(1, None),
         "temperature": number(0, 2),

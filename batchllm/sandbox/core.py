@@ -82,6 +82,9 @@ class SandboxConfig:
     pack_fenced: float = 0.05
     pack_broken: float = 0.0
     pack_decay: float = 0.004
+    # The OpenAI face answers 400 naming response_format, as a server without JSON mode does;
+    # otherwise it holds replies to the schema (schema.py).
+    refuse_response_format: bool = False
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
@@ -180,7 +183,7 @@ class Sandbox:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
-        for face in (DataoortsFace(), OpenAIFace()):
+        for face in (DataoortsFace(), OpenAIFace(self.config.refuse_response_format)):
             app.router.add_post(face.path, self._handler(face))
         app.router.add_get("/_sandbox/stats", self.handle_stats)
         app.router.add_get("/_sandbox/log", self.handle_log)

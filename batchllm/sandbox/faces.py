@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import schema
+
 MAX_CHARS = 131_072
 
 
@@ -174,6 +176,10 @@ class OpenAIFace:
     path = "/v1/chat/completions"
     default_max_tokens = 256
     roles = {"system", "user", "assistant", "tool", "developer"}
+
+    def __init__(self, refuse_response_format: bool = False) -> None:
+        self.refuse_response_format = refuse_response_format
+
     ranges: dict[str, tuple[type, float, float]] = {
         "temperature": (float, 0, 2),
         "top_p": (float, 0, 1),
@@ -267,6 +273,12 @@ class OpenAIFace:
             return "'stop' must be a string or a list of at most 4 strings"
         if not isinstance(payload.get("model"), str):
             return "'model' is required"
+        if "response_format" in payload:  # replies held to it: labeler.py, packed.py
+            if self.refuse_response_format:
+                return "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+            why = schema.problem(payload["response_format"])
+            if why:
+                return why
         seed_material = {k: v for k, v in payload.items() if k != "model"}
         seed_material["messages"] = flat
         return Parsed(

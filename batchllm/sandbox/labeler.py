@@ -5,7 +5,9 @@ It reads the instruction batchllm appends to the system prompt (labeling/spec.py
 sentiment label sets, a hash otherwise), and then, per (text, seed), may answer wrong, wrap the
 answer in prose, answer outside the set, send broken JSON, or ramble past max_tokens, at the rates
 ``SandboxConfig`` gives. A re-ask (a conversation whose last user turn is batchllm's feedback)
-gets a well-formed answer. Tests compute the expected outcome with the same functions.
+gets a well-formed answer. A request with a ``response_format`` schema gets its answer in that
+schema (schema.py): only the wrong answers remain. Tests compute the expected outcome with the
+same functions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 from typing import Any
 
 import orjson
+
+from .schema import conform, schema_of
 
 _LABELS = re.compile(r"Answer with exactly one label from this list: (.+?)\.(?:\n|$)")
 _SCHEMA = re.compile(r"matching this JSON Schema:\n(\{[^\n]*\})")  # one line, as orjson writes it
@@ -91,6 +95,17 @@ def answer(
     text = next((u for u in reversed(users) if not u.startswith(REASK_PREFIX)), "")
     seed = params.get("seed")
     which = None if reask else fault(text, seed, rates)
+    held = schema_of(params.get("response_format"))
+    if held is not None:
+        # Held to a schema, the messy model still means what it means (a wrong answer stays
+        # wrong), but its prose, values out of the set, broken JSON and rambling cannot get out.
+        which = "wrong" if which == "wrong" else None
+        meant: Any = (
+            expected_label(text, labels, seed, rates)
+            if labels is not None
+            else _object(text, schema or {}, seed, wrong=which == "wrong")
+        )
+        return orjson.dumps(conform(held, meant, text)).decode(), which, reask
     if labels is not None:
         return _label_reply(text, labels, seed, rates, which, reask), which, reask
     return _object_reply(text, schema or {}, seed, which), which, reask

@@ -6,7 +6,9 @@ in a code fence or prose (``pack_fenced``) or break it off mid-object (``pack_br
 accuracy falls as packs grow and items sit further in: an item is answered wrong with the
 unpacked rate (``label_wrong``) plus ``pack_decay`` per other row in the pack plus half that per
 position after the first. A re-ask gets every item, well formed. Everything is a function of
-(text, seed, size, position), so the same request always gets the same reply.
+(text, seed, size, position), so the same request always gets the same reply. Held to a
+``response_format`` schema (schema.py), it leaves no item out and wraps nothing: only the wrong
+answers remain.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import orjson
 
 from ..labeling.pack import PACK_MARK
 from .labeler import REASK_PREFIX, _fraction, _instruction, _object, expected_label, truth
+from .schema import conform, schema_of
 
 _ITEM = re.compile(r"(?m)^\[(\d+)\] ")
 
@@ -46,7 +49,13 @@ def reply(
     if labels is None and schema is None:
         return None
     users = [m["content"] for m in messages if m.get("role") == "user"]
-    return answer(users, labels, schema, params.get("seed"), rates, knobs)
+    held = schema_of(params.get("response_format"))
+    if held is not None:  # held to a schema: every item there, in shape, in one bare object
+        knobs = {**knobs, "pack_missing": 0.0, "pack_prose": 0.0, "pack_fenced": 0.0, "pack_broken": 0.0}
+    text, counts = answer(users, labels, schema, params.get("seed"), rates, knobs)
+    if held is not None:
+        text = orjson.dumps(conform(held, orjson.loads(text), users[-1:])).decode()
+    return text, counts
 
 
 def answer(

@@ -1,0 +1,194 @@
+"""Structured output (--structured): the schemas sent, the sandbox holding replies to them, and a
+server that refuses response_format, through the CLI against the sandbox's OpenAI face."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+from batchllm.labeling.parse import parse_label
+from batchllm.labeling.spec import Labeling, load_schema
+from batchllm.labeling.structured import Formats, response_format, strict
+from batchllm.sandbox.labeler import expected_label
+from batchllm.sandbox.schema import conform, problem
+
+from .conftest import ROOT, run_cli, write_csv
+
+LABELS = ["positive", "negative", "neutral"]
+MESSY = {
+    "label_wrong": 0.10,
+    "label_prose": 0.15,
+    "label_out_of_set": 0.10,
+    "label_invalid_json": 0.10,
+    "label_truncated": 0.05,
+}
+RATES = [("wrong", 0.10), ("prose", 0.15), ("out_of_set", 0.10), ("invalid_json", 0.10), ("truncated", 0.05)]
+PACK_MESSY = {"pack_missing": 0.05, "pack_prose": 0.10, "pack_fenced": 0.10, "pack_broken": 0.05}
+WORDS = ["love it", "broke after a week", "it's okay", "great value", "disappointed", "works well", "meh"]
+SCHEMA = ROOT / "sample_data" / "review_fields.json"
+MODEL = ["--model", "meta-llama/Llama-3.1-70B-Instruct", "--input-price", "0.31", "--output-price", "0.34"]
+
+
+def reviews(tmp_path: Path, n: int) -> Path:
+    """``n`` distinct reviews (no two rows share a request)."""
+    rows = [{"id": f"r{i}", "text": f"Review {i}: {WORDS[i % len(WORDS)]}"} for i in range(n)]
+    return write_csv(tmp_path / "in.csv", rows)
+
+
+def run_openai(box, src: Path, out: Path, *extra: str):
+    args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--provider", "openai"]
+    args += [*MODEL, "--rpm", "0", "--id-column", "id", "--cache", "off", *extra]
+    return run_cli(args, env=box.openai_env())
+
+
+def test_schemas_are_what_strict_mode_takes() -> None:
+    raw, fields, required = load_schema(SCHEMA)
+    compiled = strict(raw)
+    assert compiled["required"] == list(raw["properties"]) and compiled["additionalProperties"] is False
+    assert compiled["properties"]["sentiment"] == raw["properties"]["sentiment"]  # required: as given
+    assert compiled["properties"]["stars_guess"]["type"] == ["integer", "null"]  # optional: nullable
+    # The emulator refuses what OpenAI's strict mode refuses, and takes what we send.
+    assert "additionalProperties" in (problem(response_format("x", raw)) or "")
+    formats = Formats(Labeling(fields=fields, required=required, schema=raw))
+    assert problem(formats.row) is None and problem(formats.pack(3)) is None
+    pack = formats.pack(3)["json_schema"]["schema"]
+    assert pack["required"] == ["1", "2", "3"] and pack["properties"]["2"] == compiled
+    assert formats.pack(3) is formats.pack(3)  # built once per size
+    labels = Formats(Labeling(labels=tuple(LABELS)))
+    assert labels.row["json_schema"]["schema"]["properties"] == {"label": {"type": "string", "enum": LABELS}}
+    assert labels.pack(2)["json_schema"]["schema"]["properties"]["1"] == {"type": "string", "enum": LABELS}
+    # What a server holding replies to the schema answers is valid under it.
+    assert conform(compiled, {"sentiment": "mixed", "topics": "price"}, 1) == {
+        "sentiment": conform(compiled["properties"]["sentiment"], "mixed", (1, "sentiment")),
+        "mentions_price": False,  # required: never null
+        "stars_guess": None,
+        "topics": [],
+    }
+    # The structured reply shape reads, as the old shapes do.
+    assert parse_label('{"label": "Positive"}', tuple(LABELS), False) == ("positive", None)
+    assert parse_label('{"label":"neutral","why":"not negative"}', tuple(LABELS), False) == ("neutral", None)
+    assert parse_label('{"label": "mixed"}', tuple(LABELS), False) == (None, "not_in_set:mixed")
+
+
+def test_messy_answers_held_to_the_schema_need_no_reask(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**MESSY)
+    n = 1000
+    src = reviews(tmp_path, n)
+    off = run_openai(box, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--structured", "off")
+    assert off.exit_code in (0, 1), off.output
+    off_rows = pq.read_table(tmp_path / "off.parquet").to_pylist()
+    assert sum(r["reasks"] for r in off_rows) > 100  # the sandbox is messy without a schema
+    before = box.count()
+    result = run_openai(
+        box, src, tmp_path / "on.parquet", "--labels", ",".join(LABELS), "--concurrency", "64"
+    )
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "on.parquet").to_pylist()
+    assert len(rows) == n
+    assert [r["status"] for r in rows].count("ok") == n and sum(r["reasks"] for r in rows) == 0
+    assert box.count() - before == n  # one request a row: no re-ask, no retry
+    for r in rows:  # what the model meant, wrong answers included, and nothing else
+        user = f"Classify: {r['text']}"
+        assert r["label"] == expected_label(user, LABELS, None, RATES)
+        assert orjson.loads(r["response"]) == {"label": r["label"]}
+    assert [r["label"] for r in rows] == [r["label"] for r in off_rows]
+
+
+def test_packs_of_10_in_exactly_rows_over_10_requests(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**MESSY, **PACK_MESSY, keep_bodies=True)
+    n = 1000
+    src = reviews(tmp_path, n)
+    args = ["--labels", ",".join(LABELS), "--pack", "10", "--max-tokens", "8"]
+    result = run_openai(box, src, tmp_path / "on.parquet", *args)
+    assert result.exit_code == 0, result.output
+    assert box.count() == n // 10
+    rows = pq.read_table(tmp_path / "on.parquet").to_pylist()
+    assert all(r["status"] == "ok" and r["label"] in LABELS and r["reasks"] == 0 for r in rows)
+    schemas = {
+        len(orjson.loads(b)["response_format"]["json_schema"]["schema"]["required"])
+        for b in box.sandbox.bodies
+    }
+    assert schemas == {10}
+    before = box.count()
+    off = run_openai(box, src, tmp_path / "off.parquet", *args, "--structured", "off")
+    assert off.exit_code in (0, 1), off.output
+    assert box.count() - before > n // 10  # without it: items left out, replies broken, re-asks
+
+
+def test_json_schema_jobs_are_structured_too(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**MESSY, keep_bodies=True)
+    n = 300
+    src = reviews(tmp_path, n)
+    result = run_openai(box, src, tmp_path / "o.parquet", "--json-schema", str(SCHEMA), "--max-tokens", "64")
+    assert result.exit_code == 0, result.output
+    assert box.count() == n
+    rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert all(r["status"] == "ok" and r["reasks"] == 0 for r in rows)
+    assert all(r["sentiment"] in LABELS and isinstance(r["mentions_price"], bool) for r in rows)
+    sent = orjson.loads(box.sandbox.bodies[0])["response_format"]
+    assert sent == response_format("answer", strict(orjson.loads(SCHEMA.read_bytes())))
+
+
+def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    n = 400
+    src = reviews(tmp_path, n)
+    plain = sandbox_factory(**MESSY)
+    off = run_openai(
+        plain, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--structured", "off"
+    )
+    assert off.exit_code in (0, 1), off.output
+    box = sandbox_factory(**MESSY, refuse_response_format=True)
+    summary = tmp_path / "s.json"
+    args = ["--labels", ",".join(LABELS), "--concurrency", "16", "--summary-json", str(summary)]
+    result = run_openai(box, src, tmp_path / "auto.parquet", *args)
+    assert result.exit_code == off.exit_code, result.output
+    assert result.stderr.count("refuses response_format") == 1
+    refused = box.count(400)
+    assert 1 <= refused <= 16  # the requests already out when the first refusal came back
+    assert box.count() == plain.count() + refused
+    keys = ["id", "status", "label", "reasks", "prompt_tokens", "completion_tokens", "cost_usd", "response"]
+    got = pq.read_table(tmp_path / "auto.parquet", columns=keys).to_pylist()
+    assert got == pq.read_table(tmp_path / "off.parquet", columns=keys).to_pylist()
+    # A 400 is not billed, and nothing is counted as maybe billed.
+    assert box.sandbox.stats["prompt_tokens"] == plain.sandbox.stats["prompt_tokens"]
+    assert "maybe_billed" not in json.loads(summary.read_text())
+    assert "may have been billed" not in run_cli(["status", str(tmp_path / "auto.parquet")]).output
+
+
+def test_export_batch_writes_the_structured_request_a_run_sends(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(keep_bodies=True)
+    src = reviews(tmp_path, 30)
+    for extra in ([], ["--pack", "10"]):
+        box.sandbox.bodies.clear()
+        flags = ["--template", "Classify: {text}", "--provider", "openai", *MODEL, "--id-column", "id"]
+        flags += ["--labels", ",".join(LABELS), *extra]
+        out = tmp_path / f"o{len(extra)}.parquet"
+        assert (
+            run_cli(["run", str(src), "-o", str(out), "--rpm", "0", *flags], env=box.openai_env()).exit_code
+            == 0
+        )
+        lines = tmp_path / f"b{len(extra)}.jsonl"
+        assert run_cli(["export-batch", str(src), "-o", str(lines), *flags]).exit_code == 0
+        exported = sorted(orjson.dumps(json.loads(x)["body"]) for x in lines.read_text().splitlines())
+        assert exported == sorted(orjson.dumps(orjson.loads(b)) for b in box.sandbox.bodies)
+        assert all(b"response_format" in b for b in exported)
+
+
+def test_bad_structured_settings(sandbox, tmp_path: Path) -> None:
+    src = reviews(tmp_path, 3)
+    base = ["run", str(src), "-o", str(tmp_path / "o.parquet"), "--template", "{text}"]
+    result = run_cli([*base, "--labels", "a,b", "--structured", "on"], env=sandbox.env())
+    assert result.exit_code == 2
+    assert "--structured on: the dataoorts API has no JSON mode" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli([*base, "--provider", "openai", "--structured", "on"], env=sandbox.openai_env())
+    assert result.exit_code == 2 and "goes with --labels" in result.stderr
+    job = tmp_path / "j.toml"
+    job.write_text(f'input = "{src}"\noutput = "o.parquet"\ntemplate = "{{text}}"\nstructured = "maybe"\n')
+    result = run_cli(["run", "--job", str(job)], env=sandbox.env())
+    assert result.exit_code == 2 and "key 'structured'" in result.stderr and "auto, on, off" in result.stderr
