@@ -106,7 +106,7 @@ class NotAvailable(Exception):
 
 @dataclass(frozen=True)
 class LlamaServer:
-    """A running server: ``base_url`` is what ``--base-url`` takes; ``model_path`` is what it
+    """A running server: ``base_url`` is what ``--endpoint`` takes; ``model_path`` is what it
     answers as ``model``."""
 
     base: str
@@ -186,6 +186,7 @@ class Recorder:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.exchanges: list[tuple[dict[str, Any], int, dict[str, Any]]] = []
+        self.in_flight = 0
         self._lock = threading.Lock()
         recorder = self
 
@@ -194,6 +195,8 @@ class Recorder:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with recorder._lock:
+                    recorder.in_flight += 1
                 forward = urllib.request.Request(
                     recorder.upstream + self.path, data=body, headers={"Content-Type": "application/json"}
                 )
@@ -204,6 +207,7 @@ class Recorder:
                     status, reply = exc.code, exc.read()
                 with recorder._lock:
                     recorder.exchanges.append((json.loads(body), status, json.loads(reply)))
+                    recorder.in_flight -= 1
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
@@ -217,6 +221,13 @@ class Recorder:
         self.server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def settle(self, timeout: float = 120) -> None:
+        """Wait until the server has answered every request forwarded (a killed client's too)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not self.in_flight, f"{self.in_flight} requests still unanswered after {timeout} s"
 
     def replies(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """(request body, reply) of every request the server answered with 200, in order."""
