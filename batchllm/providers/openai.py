@@ -103,13 +103,12 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
     if isinstance(usage, dict):
         prompt = usage_int(usage.get("prompt_tokens"))
         completion = usage_int(usage.get("completion_tokens"))
-    model = payload.get("model")
+    model = payload.get("model")  # the model that answered
+    if not isinstance(finish, str):
+        finish = None
+    # Positional (per reply): text, usage, finish_reason, endpoint (a fleet's, set later), model.
     return Completion(
-        content,
-        prompt,
-        completion,
-        finish if isinstance(finish, str) else None,
-        model=model if isinstance(model, str) and model else None,
+        content, prompt, completion, finish, None, model if isinstance(model, str) and model else None
     )
 
 
