@@ -128,6 +128,8 @@ class Job:
         """Do this job's requests carry a ``response_format`` (labeling/structured.py)?"""
         if self.labeling is None or self.structured == "off":
             return False
+        if self.extra_body and "response_format" in self.extra_body:
+            return False  # the job file's own, sent as it is
         providers = {self.provider, *(e.provider for e in self.fleet or ())}
         return all(get_provider(name).takes_response_format for name in providers)
 
@@ -338,6 +340,8 @@ def _structured_on(kwargs: Mapping[str, Any], provider: Provider, where: str) ->
     """``--structured on``: a labeling job, sent where ``response_format`` is taken."""
     if kwargs["labeling"] is None:
         raise JobError(f"{where} on: structured output goes with --labels, --labels-file or --json-schema")
+    if "response_format" in (kwargs.get("extra_body") or {}):
+        raise JobError(f"{where} on: the job's [extra_body] has a response_format of its own; drop one")
     names = {provider.name, *(e.provider for e in kwargs.get("fleet") or ())}
     refusing = sorted(n for n in names if not get_provider(n).takes_response_format)
     if refusing:

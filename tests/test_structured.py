@@ -8,7 +8,9 @@ from pathlib import Path
 
 import orjson
 import pyarrow.parquet as pq
+import pytest
 
+from batchllm.job import build_job
 from batchllm.labeling.parse import parse_label
 from batchllm.labeling.spec import Labeling, load_schema
 from batchllm.labeling.structured import Formats, response_format, strict
@@ -130,27 +132,40 @@ def test_json_schema_jobs_are_structured_too(sandbox_factory, tmp_path: Path) ->
     assert all(r["sentiment"] in LABELS and isinstance(r["mentions_price"], bool) for r in rows)
     sent = orjson.loads(box.sandbox.bodies[0])["response_format"]
     assert sent == response_format("answer", strict(orjson.loads(SCHEMA.read_bytes())))
+    # Five rows to a request, with the messy packs' items left out, in prose, fenced or broken:
+    # held to the schema, every item is there and valid.
+    box = sandbox_factory(**MESSY, **PACK_MESSY)
+    args = ["--json-schema", str(SCHEMA), "--max-tokens", "64", "--pack", "5"]
+    result = run_openai(box, src, tmp_path / "p.parquet", *args)
+    assert result.exit_code == 0, result.output
+    assert box.count() == n // 5
+    packed = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert all(r["status"] == "ok" and r["reasks"] == 0 and r["sentiment"] in LABELS for r in packed)
 
 
+@pytest.mark.parametrize("pack", [1, 10])
 def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results(
-    sandbox_factory, tmp_path: Path
+    sandbox_factory, tmp_path: Path, pack: int
 ) -> None:
     n = 400
     src = reviews(tmp_path, n)
-    plain = sandbox_factory(**MESSY)
-    off = run_openai(
-        plain, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--structured", "off"
-    )
+    messy = {**MESSY, **PACK_MESSY}
+    labels = ["--labels", ",".join(LABELS), "--pack", str(pack), "--max-tokens", "16"]
+    plain = sandbox_factory(**messy, keep_bodies=True)
+    off = run_openai(plain, src, tmp_path / "off.parquet", *labels, "--structured", "off")
     assert off.exit_code in (0, 1), off.output
-    box = sandbox_factory(**MESSY, refuse_response_format=True)
+    box = sandbox_factory(**messy, refuse_response_format=True, keep_bodies=True)
     summary = tmp_path / "s.json"
-    args = ["--labels", ",".join(LABELS), "--concurrency", "16", "--summary-json", str(summary)]
+    args = [*labels, "--concurrency", "16", "--summary-json", str(summary)]
     result = run_openai(box, src, tmp_path / "auto.parquet", *args)
     assert result.exit_code == off.exit_code, result.output
     assert result.stderr.count("refuses response_format") == 1
     refused = box.count(400)
     assert 1 <= refused <= 16  # the requests already out when the first refusal came back
     assert box.count() == plain.count() + refused
+    # Sent again without it, byte for byte the request --structured off sends.
+    sent = [b for b in box.sandbox.bodies if b"response_format" not in b]
+    assert sorted(sent) == sorted(plain.sandbox.bodies)
     keys = ["id", "status", "label", "reasks", "prompt_tokens", "completion_tokens", "cost_usd", "response"]
     got = pq.read_table(tmp_path / "auto.parquet", columns=keys).to_pylist()
     assert got == pq.read_table(tmp_path / "off.parquet", columns=keys).to_pylist()
@@ -192,3 +207,34 @@ def test_bad_structured_settings(sandbox, tmp_path: Path) -> None:
     job.write_text(f'input = "{src}"\noutput = "o.parquet"\ntemplate = "{{text}}"\nstructured = "maybe"\n')
     result = run_cli(["run", "--job", str(job)], env=sandbox.env())
     assert result.exit_code == 2 and "key 'structured'" in result.stderr and "auto, on, off" in result.stderr
+
+
+def test_a_job_files_own_response_format_is_sent_as_it_is(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(keep_bodies=True)
+    src = reviews(tmp_path, 5)
+    job = tmp_path / "j.toml"
+    job.write_text(
+        f'input = "{src}"\noutput = "o.parquet"\ntemplate = "Classify: {{text}}"\nprovider = "openai"\n'
+        f'labels = "{",".join(LABELS)}"\n[extra_body]\nresponse_format = {{ type = "json_object" }}\n'
+    )
+    result = run_cli(["run", "--job", str(job), *MODEL, "--rpm", "0"], env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    assert [orjson.loads(b)["response_format"] for b in box.sandbox.bodies] == [{"type": "json_object"}] * 5
+    result = run_cli(["run", "--job", str(job), "--structured", "on"], env=box.openai_env())
+    assert result.exit_code == 2 and "[extra_body] has a response_format of its own" in result.stderr
+
+
+def test_job_files_say_structured_as_a_word_or_a_boolean(tmp_path: Path) -> None:
+    src = reviews(tmp_path, 3)
+    base = {
+        "input": str(src),
+        "output": str(tmp_path / "o.parquet"),
+        "template": "{text}",
+        "provider": "openai",
+    }
+    labeled = {**base, "labels": "a,b"}
+    assert build_job(labeled).structured_output  # auto, with the openai provider
+    assert not build_job({**labeled, "structured": False}).structured_output
+    assert build_job({**labeled, "structured": True}).structured == "on"
+    assert not build_job({**labeled, "provider": "dataoorts"}).structured_output  # no JSON mode
+    assert not build_job(base).structured_output  # nothing to hold a reply to

@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+import orjson
+
 from ..job import Job
+from ..labeling.structured import Formats
 from ..pricing import Model
 from ..prompts import PromptBatch, RequestMaker
 from ..providers import Provider
@@ -23,6 +26,12 @@ from ..tokens import TokenCounter, counter_for
 
 if TYPE_CHECKING:
     from .plan import Prepared
+
+
+def format_bytes(job: Job) -> int:
+    """The bytes of a structured job's ``response_format`` for one row (labeling/structured.py)."""
+    assert job.labeling is not None
+    return len(orjson.dumps(Formats(job.labeling).row))
 
 
 class Rejection(NamedTuple):
@@ -47,8 +56,10 @@ class Admission:
         # Template tokens without the tokenizer, an upper bound: a token is at least one UTF-8
         # byte and a character at most four.
         self.bound_overhead = 14 + sum(4 * len(m.content) + 6 for m in self.prefix) + 2
-        # What the server's own chat template may add to our count (the budget reserves it).
-        self.slack = provider.template_slack
+        # What the server's own chat template may add to our count (the budget reserves it), and
+        # a structured request's schema, which a server may bill as prompt (OpenAI does): at most
+        # a token a byte.
+        self.slack = provider.template_slack + (format_bytes(job) if job.structured_output else 0)
         self._counter: TokenCounter | None = None
         self._overhead = 0  # tokens of a request without its user text (``counter`` sets it)
         self._warned = False

@@ -17,6 +17,7 @@ import orjson
 from ..errors import APIError
 from ..labeling.rows import Attempt, Outcome, RowLabeler, Step
 from ..labeling.spec import Labeling
+from ..labeling.structured import PARAM
 from ..pricing import cost
 from ..records import Entry, Request
 from .journal import Journal
@@ -37,6 +38,9 @@ def worst_pico(d: Dispatcher, request: Request, max_tokens: int) -> int:
         tokens = counter.count_messages(request.messages)
     else:
         tokens = sum(len(m.content.encode("utf-8")) + 8 for m in request.messages) + 16
+    schema = request.params.get(PARAM)  # a server may bill it as prompt: at most a token a byte
+    if schema is not None:
+        tokens += len(orjson.dumps(schema))
     return (tokens + d.provider.template_slack) * prices.input_pico + max_tokens * prices.output_pico
 
 

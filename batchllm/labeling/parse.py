@@ -1,6 +1,7 @@
 """Reading a reply into a label or a typed object: free deterministic repair, then validation.
 
-Labels: a structured reply (``{"label": ...}``) is read for its label field; the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
+Labels: a structured reply (``{"label": ...}``, labeling/structured.py) is read for its label
+field; the reply is cleaned (whitespace, case, markdown emphasis, code fences, quotes, trailing
 punctuation) and matched against the set; failing that, a single allowed label standing as a
 whole word inside prose ("Sure! The label is: positive.") is taken. Anything else is an error
 code, never a guess. JSON: the first JSON object in the reply (in prose or a code fence) is cut
@@ -33,8 +34,13 @@ def clean(text: str) -> str:
 
 @lru_cache(maxsize=16)
 def _matcher(labels: tuple[str, ...]) -> tuple[dict[str, str], re.Pattern[str]]:
-    """A label set's lookup by lower case, and the pattern finding one of its labels in prose."""
+    """A label set's lookup by lower case (its structured replies too), and the pattern finding
+    one of its labels in prose."""
     by_lower = {label.lower(): label for label in labels}
+    for label in labels:  # a structured reply as servers write it: read as fast as a bare label
+        value = orjson.dumps(label).decode()
+        for sep in (":", ": "):
+            by_lower[f'{{"{LABEL_FIELD}"{sep}{value}}}'.lower()] = label
     pattern = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
     return by_lower, re.compile(rf"(?<![\w-])(?:{pattern})(?![\w-])", re.IGNORECASE)
 

@@ -428,6 +428,51 @@ def packing_cost(rows: int, rounds: int = 3) -> dict:
     return figures
 
 
+def structured_cost(rows: int, rounds: int = 3) -> dict:
+    """--structured on next to off (labels, the openai provider, zero latency): batchllm's own CPU
+    per row (its process's, less that of a 10-row run: start-up and imports) and rows/s; then the
+    sandbox's messy answers, on and off: requests and re-asks for the same rows."""
+    box = Sandbox("--no-keep-log")
+    src, tiny = make_input(rows, f"st-{rows}.csv"), make_input(10, "st-10.csv")
+    labels = ["--labels", "positive,negative,neutral", "--max-tokens", "16", "--rpm", "0", "--restart"]
+    labels += ["--concurrency", "256", "--cache", "off", *PROVIDER_ARGS["openai"]]
+    figures: dict = {"rows": rows}
+    try:
+        for mode in ("off", "on"):
+            args = [*labels, "--structured", mode]
+            _, _, base_cpu = run_cpu(box, tiny, WORK / f"st-tiny-{mode}.parquet", *args)
+            best: tuple[float, float] | None = None
+            for _ in range(rounds):
+                box.reset()
+                code, _, cpu = run_cpu(box, src, WORK / f"st-{mode}.parquet", *args)
+                assert code == 0, code
+                if best is None or box.span() < best[0]:
+                    best = (box.span(), cpu - base_cpu)
+            assert best is not None
+            figures[f"structured_{mode}"] = {
+                "rows_per_s": round(rows / best[0]),
+                "cpu_us_per_row": round(best[1] / rows * 1e6, 1),
+            }
+    finally:
+        box.close()
+    figures["cpu_per_row_ratio_on_vs_off"] = round(
+        figures["structured_on"]["cpu_us_per_row"] / figures["structured_off"]["cpu_us_per_row"], 3
+    )
+    messy = Sandbox("--no-keep-log", "--label-prose", "0.15", "--label-out-of-set", "0.1",
+                    "--label-invalid-json", "0.1", "--label-truncated", "0.05")  # fmt: skip
+    try:
+        for mode in ("off", "on"):
+            messy.reset()
+            run_cpu(messy, src, WORK / f"st-messy-{mode}.parquet", *labels, "--structured", mode)
+            figures[f"messy_{mode}"] = {
+                "requests": messy.stats()["requests"],
+                "reasks": messy.stats().get("labeling_reasks", 0),
+            }
+    finally:
+        messy.close()
+    return figures
+
+
 def studio_round_trip(rows: int) -> dict:
     """`review export --to` and `review import --from` of `rows` tasks through a real Label
     Studio on loopback (tests/studio.py): seconds each; skipped where it cannot be installed."""
@@ -826,6 +871,7 @@ def main() -> None:
         "rates",
         "labeling",
         "packing",
+        "structured",
         "cache",
         "memory",
         "estimate",
@@ -856,6 +902,9 @@ def main() -> None:
     if "packing" in which:
         results["packing"] = packing_cost(n(20_000))
         print(json.dumps(results["packing"]), flush=True)
+    if "structured" in which:
+        results["structured"] = structured_cost(n(20_000))
+        print(json.dumps(results["structured"]), flush=True)
     if "cache" in which:
         results["cache"] = cache_cost(n(20_000), n(1_000_000))
         print(json.dumps(results["cache"]), flush=True)
