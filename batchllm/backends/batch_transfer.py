@@ -297,9 +297,10 @@ def _entry(
             1,
             None,
             float(created) if isinstance(created, (int, float)) and created > 0 else now,
-            str(body.get("model") or model),
+            model,
             p.provider.truncated(completion, max_tokens),
             counted,
+            served_model=completion.model,
         )
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
         message = _message(body, error) or f"HTTP {status}"

@@ -299,7 +299,7 @@ class Packs:
                                 where, cached[n])  # fmt: skip
                 else:  # unreadable alone: an answer that does not parse (position 0: the whole reply)
                     a = Attempt(sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0,
-                                where, cached[n])  # fmt: skip
+                                where, cached[n], result.model)  # fmt: skip
                 if keep and items is not None and items[n] and reuse is not None:
                     # before the row is booked: booking lets go of its cache key
                     reuse.keep(

@@ -44,6 +44,7 @@ class Attempt(NamedTuple):
     # Of prompt_tokens, served from the server's prompt cache (not kept in the journal's attempts:
     # a row resumed from them counts 0 for its earlier requests; their costs are kept exactly).
     cached_tokens: int = 0
+    served_model: str | None = None  # the model the reply named (records.Completion)
 
 
 # A packed reply that could not be read as a whole (not JSON, or cut off): the row's share of

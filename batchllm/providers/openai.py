@@ -2,9 +2,11 @@
 
 Request: ``POST {base}/chat/completions`` with ``{"model", "messages", <params>, <extra_body>}``;
 the endpoint the user gives is the base URL (``http://host:8000/v1``). Success:
-``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens) and
-``usage``, which some servers leave out (the dispatcher then counts); its
-``prompt_tokens_details.cached_tokens`` are the prompt tokens served from the server's prompt cache. Failure: an error object
+``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens),
+``usage``, which some servers leave out (the dispatcher then counts; its
+``prompt_tokens_details.cached_tokens`` are the prompt tokens served from the server's prompt
+cache), and ``model``, the model that answered (OpenAI a dated snapshot of the one asked for,
+llama.cpp the file it loaded). Failure: an error object
 ``{"error": {"message", "type", "code", "param"}}`` (some servers send a bare string).
 
 Classification: 401/403 stop the run (key); a 429 whose code or type is ``insufficient_quota``
@@ -113,6 +115,9 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
         finish = choice.get("finish_reason")
         usage = payload["usage"]
         prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+        details = usage.get("prompt_tokens_details")
+        cached = 0 if details is None else details.get("cached_tokens") or 0
+        model = payload.get("model")
     except (KeyError, IndexError, TypeError, AttributeError):
         pass
     else:
@@ -123,8 +128,11 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
             and prompt >= 0
             and completion >= 0
             and (finish is None or type(finish) is str)
+            and type(cached) is int
+            and 0 <= cached <= prompt
+            and (model is None or type(model) is str)
         ):
-            return Completion(content, prompt, completion, finish)
+            return Completion(content, prompt, completion, finish, None, cached, model or None)
     choices = payload.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
@@ -146,7 +154,17 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
         if isinstance(details, dict) and prompt is not None:
             # Never more than the prompt: a server's odd figure must not make a cost negative.
             cached = min(usage_int(details.get("cached_tokens")) or 0, prompt)
-    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None, None, cached)
+    model = payload.get("model")  # the model that answered
+    # Positional (per reply): text, usage, finish_reason, endpoint (a fleet's, set later), cached, model.
+    return Completion(
+        content,
+        prompt,
+        completion,
+        finish if isinstance(finish, str) else None,
+        None,
+        cached,
+        model if isinstance(model, str) and model else None,
+    )
 
 
 def _error_fields(payload: Any, body: bytes) -> tuple[str, str | None, str | None]:
