@@ -96,9 +96,10 @@ class SandboxConfig:
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
-    # What it bills, picodollars a prompt, a completion and a cached prompt token: ``billed_pico``
-    # in its stats (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
-    prices: tuple[int, int, int] | None = None
+    # What it bills, picodollars a prompt, a completion and a cached prompt token (the prompt's
+    # price when only two are given): ``billed_pico`` in its stats (a fleet's sandboxes each bill
+    # at their endpoint's prices, sandbox/fleet.py).
+    prices: tuple[int, ...] | None = None
     prompt_cache: bool = True  # the OpenAI face caches shared prefixes as OpenAI does (prompt_cache.py)
     # The model its OpenAI face names in replies, whatever was asked (None: the one asked for),
     # as a self-hosted server names the model it has loaded (llama.cpp: its file).
@@ -359,7 +360,8 @@ class Sandbox:
             self.stats["completion_tokens"] += n
             self.stats["cached_tokens"] += cached
             if cfg.prices is not None:
-                price_in, price_out, price_cached = cfg.prices
+                price_in, price_out, *cached_price = cfg.prices
+                price_cached = cached_price[0] if cached_price else price_in
                 self.stats["billed_pico"] += (
                     (prompt_tokens - cached) * price_in + cached * price_cached + n * price_out
                 )
