@@ -65,6 +65,8 @@ class Completion:
     completion_tokens: int | None
     finish_reason: str | None = None
     endpoint: str | None = None  # the fleet endpoint that answered (engine/router.py)
+    # The written tokens' ``{"token", "logprob"}`` entries, when asked for and returned.
+    logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,11 +34,11 @@ from .client import Client
 from .journal import Journal
 from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
+from .refusable import Refusable
 from .reuse import Reuse
 from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
-from .structured import Structured
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
@@ -88,7 +88,7 @@ class Dispatcher(Booking):
         self._sleep = sleep
         self.gate = gate
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
-        self.structured: Structured | None = None  # a structured labeling job's (structured.py)
+        self.refusable: Refusable | None = None  # optional fields a server may refuse (refusable.py)
         self._prices = model.prices
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
@@ -262,9 +262,9 @@ class Dispatcher(Booking):
         """
         stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
-        structured = self.structured
-        if structured is not None and not structured.on:
-            body = structured.plain(body)  # the server refused response_format earlier in the run
+        refusable = self.refusable
+        if refusable is not None and not refusable.on:
+            body = refusable.plain(body)  # the server refused a field earlier in the run
         attempt = failures = 0
         answered = False  # the last attempt got an answer from the server (an error status)
         first = time.monotonic()
@@ -331,7 +331,7 @@ class Dispatcher(Booking):
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
-                if structured is not None and (plain := structured.refused(exc, body)) is not None:
+                if refusable is not None and (plain := refusable.refused(exc, body)) is not None:
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue
                 return exc, attempt, 0.0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import APIError
+from ..labeling.confidence import of_reply
 from ..labeling.rows import Attempt, Outcome, RowLabeler, Step
 from ..labeling.spec import Labeling
 from ..labeling.structured import PARAM
@@ -111,6 +112,12 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         truncated = d.provider.truncated(result, max_tokens)
         if reuse is not None and reuse.cache is not None:
             reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated)
+        labeling, tokens = d.labeling, result.logprobs
+        assert labeling is not None
+        # Only the label's tokens are read, and only when the job asked for them.
+        sure = None
+        if tokens is not None and labeling.confidence == "logprobs":
+            sure = of_reply(labeling, result.text, truncated, tokens)
         in_cost, out_cost = cost(d.prices_of(result), pt, ct)  # a fleet: the answering endpoint's
         billed = (in_cost or 0) + (out_cost or 0)
         stats = d.stats
@@ -130,6 +137,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
                 out_cost,
                 truncated,
                 endpoint=result.endpoint,
+                confidence=sure,
             ),
             n,
             latency_ms,
@@ -192,6 +200,8 @@ def book(
             "agreement": outcome.agreement,
             "votes": outcome.votes,
         }
+        if outcome.confidence is not None:
+            extra["confidence"] = outcome.confidence
         if status == "ok":
             d.stats.ok += 1
         else:

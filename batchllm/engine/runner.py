@@ -44,9 +44,9 @@ from .output import Totals, write_output
 from .packed import packs_for
 from .plan import Plan, Prepared
 from .ratelimit import Backoff, RateLimiter
+from .refusable import refusable
 from .reuse import Reuse
 from .router import fleet_router
-from .structured import Structured
 from .summary import build_summary, next_step, snapshot, stop_message
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
@@ -237,8 +237,7 @@ class Run:
                 grace=job.grace,
             )
             dispatcher.router = router
-            if job.structured_output:
-                dispatcher.structured = Structured(self.warn)
+            dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)

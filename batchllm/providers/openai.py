@@ -36,7 +36,8 @@ class OpenAI(Provider):
     documented_rpm = 300.0  # no published figure for "any server": start where Dataoorts does
     unlisted_models = True
     default_max_tokens = 256
-    takes_response_format = True  # a server that refuses it: engine/structured.py
+    takes_response_format = True  # a server that refuses it: engine/refusable.py
+    returns_logprobs = True  # asked with "logprobs": true; a server that refuses: engine/refusable.py
     params = {
         "max_tokens": integer(1, None),
         "temperature": number(0, 2),
@@ -102,7 +103,17 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
     if isinstance(usage, dict):
         prompt = usage_int(usage.get("prompt_tokens"))
         completion = usage_int(usage.get("completion_tokens"))
-    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None)
+    # Asked for (a labeling row's confidence): the written tokens, kept as the server sent them
+    # and read only as far as the label (labeling/confidence.py).
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return Completion(
+        content,
+        prompt,
+        completion,
+        finish if isinstance(finish, str) else None,
+        logprobs=tokens if isinstance(tokens, list) else None,
+    )
 
 
 def _error_fields(payload: Any, body: bytes) -> tuple[str, str | None, str | None]:

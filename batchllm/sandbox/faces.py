@@ -29,6 +29,7 @@ class Parsed:
     messages: list[dict[str, Any]]
     max_tokens: int
     seed_material: Any  # what the deterministic reply is derived from
+    logprobs: bool = False  # asked for the written tokens' logprobs (logprobs.py)
 
 
 def _json(
@@ -155,7 +156,14 @@ class DataoortsFace:
         return Parsed(model, messages, data.get("max_tokens", self.default_max_tokens), data)
 
     def success(
-        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool
+        self,
+        text: str,
+        prompt_tokens: int,
+        n: int,
+        truncated: bool,
+        model: str,
+        usage: bool,
+        logprobs: list[Any] | None = None,  # never asked of this face
     ) -> web.Response:
         result: dict[str, Any] = {"response": text}
         if usage:
@@ -177,8 +185,9 @@ class OpenAIFace:
     default_max_tokens = 256
     roles = {"system", "user", "assistant", "tool", "developer"}
 
-    def __init__(self, refuse_response_format: bool = False) -> None:
+    def __init__(self, refuse_response_format: bool = False, refuse_logprobs: bool = False) -> None:
         self.refuse_response_format = refuse_response_format
+        self.refuse_logprobs = refuse_logprobs
 
     ranges: dict[str, tuple[type, float, float]] = {
         "temperature": (float, 0, 2),
@@ -279,14 +288,32 @@ class OpenAIFace:
             why = schema.problem(payload["response_format"])
             if why:
                 return why
+        logprobs = payload.get("logprobs", False)
+        if not isinstance(logprobs, bool):
+            return (
+                f"Invalid type for 'logprobs': expected a boolean, but got {type(logprobs).__name__} instead."
+            )
+        if logprobs and self.refuse_logprobs:  # as a server that cannot return them
+            return "Invalid parameter: 'logprobs' is not supported with this model."
         seed_material = {k: v for k, v in payload.items() if k != "model"}
         seed_material["messages"] = flat
         return Parsed(
-            payload["model"], flat, payload.get("max_tokens", self.default_max_tokens), seed_material
+            payload["model"],
+            flat,
+            payload.get("max_tokens", self.default_max_tokens),
+            seed_material,
+            logprobs,
         )
 
     def success(
-        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool
+        self,
+        text: str,
+        prompt_tokens: int,
+        n: int,
+        truncated: bool,
+        model: str,
+        usage: bool,
+        logprobs: list[Any] | None = None,
     ) -> web.Response:
         body: dict[str, Any] = {
             "id": "chatcmpl-" + secrets.token_hex(12),
@@ -298,6 +325,7 @@ class OpenAIFace:
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": "length" if truncated else "stop",
+                    "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 }
             ],
         }

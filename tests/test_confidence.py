@@ -1,0 +1,155 @@
+"""A labeling row's confidence (--confidence): from the reply's logprobs, against the sandbox's
+OpenAI face, whose logprobs track whether its answer is right; calibration in eval; review by
+confidence; samples asked only where the first answer is unsure (--vote-below)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm.labeling.confidence import joint, of_pack, of_reply, value_span
+from batchllm.labeling.spec import Labeling, load_schema
+from batchllm.sandbox.labeler import truth
+
+from .conftest import ROOT, run_cli, write_csv
+
+LABELS = ["positive", "negative", "neutral"]
+WORDS = ["love it", "broke after a week", "it's okay", "great value", "disappointed", "works well", "meh"]
+SCHEMA = ROOT / "sample_data" / "review_fields.json"
+MODEL = ["--model", "meta-llama/Llama-3.1-70B-Instruct", "--input-price", "0.31", "--output-price", "0.34"]
+TEMPLATE = "Classify: {text}"
+
+
+def reviews(tmp_path: Path, n: int) -> Path:
+    """``n`` distinct reviews, each with the sandbox's true label as ``gold``."""
+    rows = []
+    for i in range(n):
+        text = f"Review {i}: {WORDS[i % len(WORDS)]}"
+        rows.append({"id": f"r{i}", "text": text, "gold": truth(TEMPLATE.format(text=text), LABELS)})
+    return write_csv(tmp_path / "in.csv", rows)
+
+
+def run_openai(box, src: Path, out: Path, *extra: str):
+    args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai"]
+    args += [*MODEL, "--rpm", "0", "--id-column", "id", "--cache", "off", "--concurrency", "32", *extra]
+    return run_cli(args, env=box.openai_env())
+
+
+def tokens(*pieces: tuple[str, float]) -> list[dict[str, object]]:
+    return [{"token": t, "logprob": lp} for t, lp in pieces]
+
+
+def test_the_value_tokens_joint_probability() -> None:
+    labels = Labeling(labels=tuple(LABELS), confidence="logprobs")
+    bare = tokens(("pos", math.log(0.5)), ("itive", math.log(0.8)))
+    assert of_reply(labels, "positive", False, bare) == pytest.approx(0.4)
+    structured = tokens(
+        ('{"', 0.0), ("label", -0.01), ('":"', 0.0), ("neg", math.log(0.9)), ("ative", 0.0), ('"}', -3)
+    )
+    assert of_reply(labels, '{"label":"negative"}', False, structured) == pytest.approx(0.9)
+    prose = tokens(("The label is ", -2.0), ("**", 0.0), ("Neutral", math.log(0.7)), ("**.", -1.0))
+    assert of_reply(labels, "The label is **Neutral**.", False, prose) == pytest.approx(0.7)
+    assert of_reply(labels, "mixed", False, tokens(("mixed", -0.1))) is None  # no label: none
+    # A pack: each item's own tokens, found under its own key.
+    text = '{"1":"positive","2":"neutral"}'
+    at = text.index("neutral")
+    packed = [{"token": c, "logprob": -0.1 if at <= i < at + 7 else 0.0} for i, c in enumerate(text)]
+    sure = of_pack(labels, text, ["positive", "neutral"], packed)
+    assert sure[0] == pytest.approx(1.0) and sure[1] == pytest.approx(math.exp(-0.7))
+    # A schema: each enum or boolean field's value.
+    raw, fields, required = load_schema(SCHEMA)
+    schema = Labeling(fields=fields, required=required, schema=raw, confidence="logprobs")
+    reply = '{"sentiment": "negative", "mentions_price": true, "stars_guess": 2}'
+    at = value_span(reply, "sentiment")
+    assert at is not None and reply[at[0] : at[1]] == "negative"
+    yes = reply.index("true")
+    each = [{"token": c, "logprob": -0.05 if i in range(*at) else -0.2 if yes <= i < yes + 4 else 0.0}
+            for i, c in enumerate(reply)]  # fmt: skip
+    got = of_reply(schema, reply, False, each)
+    assert got["sentiment"] == pytest.approx(math.exp(-0.05 * 8))
+    assert got["mentions_price"] == pytest.approx(math.exp(-0.8))
+    assert set(got) == {f.name for f in fields if f.scored}
+    assert joint([{"token": "x"}], 0, 1) is None  # a token without its logprob: no confidence
+
+
+def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    box = sandbox_factory(label_wrong=0.25, keep_bodies=True)
+    src = reviews(tmp_path, 600)
+    out = tmp_path / "out.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS))
+    assert result.exit_code == 0, result.output
+    assert all(orjson.loads(b)["logprobs"] is True for b in box.sandbox.bodies)  # asked by default
+    rows = pq.read_table(out).to_pylist()
+    scored = [r for r in rows if r["confidence"] is not None]
+    assert len(scored) >= 0.95 * len(rows)
+    right = [r["confidence"] for r in scored if r["label"] == r["gold"]]
+    wrong = [r["confidence"] for r in scored if r["label"] != r["gold"]]
+    assert 100 < len(wrong) < 200  # a quarter wrong
+    gap = sum(right) / len(right) - sum(wrong) / len(wrong)
+    assert gap >= 0.15, gap
+    # --confidence off: no logprobs asked, no column.
+    box.sandbox.bodies.clear()
+    off = run_openai(box, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--confidence", "off")
+    assert off.exit_code == 0, off.output
+    assert all("logprobs" not in orjson.loads(b) for b in box.sandbox.bodies)
+    assert "confidence" not in pq.read_schema(tmp_path / "off.parquet").names
+
+
+def test_a_server_refusing_logprobs_warns_once_and_the_run_goes_on(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25, refuse_logprobs=True)
+    src = reviews(tmp_path, 60)
+    out = tmp_path / "out.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS), "--structured", "off")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("refuses logprobs") == 1
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" for r in rows) and all(r["confidence"] is None for r in rows)
+    assert box.count(200) == 60  # every row answered once; only refusals came before
+    # With samples: the winning label's share of the votes instead.
+    result = run_openai(box, src, tmp_path / "votes.parquet", "--labels", ",".join(LABELS), "--samples", "3")
+    assert result.exit_code in (0, 1), result.output  # 1: a few rows with no majority
+    rows = pq.read_table(tmp_path / "votes.parquet").to_pylist()
+    assert all(r["confidence"] == r["agreement"] for r in rows if r["status"] == "ok")
+
+
+def test_dataoorts_votes_and_usage_errors(sandbox, tmp_path: Path) -> None:
+    src = reviews(tmp_path, 20)
+    base = ["run", str(src), "-o", str(tmp_path / "d.parquet"), "--template", TEMPLATE, "--rpm", "0"]
+    base += ["--id-column", "id", "--labels", ",".join(LABELS), "--cache", "off"]
+    result = run_cli([*base, "--samples", "3"], env=sandbox.env())
+    assert result.exit_code in (0, 1), result.output  # 1: a few rows with no majority
+    rows = pq.read_table(tmp_path / "d.parquet").to_pylist()
+    assert all(r["confidence"] == r["agreement"] for r in rows)
+    assert any(r["confidence"] is not None for r in rows)
+    bad = run_cli([*base, "--confidence", "logprobs"], env=sandbox.env())
+    assert bad.exit_code == 2 and "returns no logprobs" in bad.output
+    bad = run_cli([*base, "--vote-below", "0.8"], env=sandbox.env())
+    assert bad.exit_code == 2 and "--samples 2 or more" in bad.output
+
+
+def test_packs_and_schemas_get_their_own_confidences(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 100)
+    out = tmp_path / "pack.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS), "--pack", "5", "--max-tokens", "8")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    scored = [r for r in rows if r["confidence"] is not None]
+    assert len(scored) >= 90
+    right = [r["confidence"] for r in scored if r["label"] == r["gold"]]
+    wrong = [r["confidence"] for r in scored if r["label"] != r["gold"]]
+    assert wrong and sum(right) / len(right) > sum(wrong) / len(wrong) + 0.1
+    out = tmp_path / "schema.parquet"
+    result = run_openai(box, src, out, "--json-schema", str(SCHEMA))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    names = [n for n in table.column_names if n.startswith("confidence_")]
+    assert names == ["confidence_sentiment", "confidence_mentions_price"]
+    assert all(0 < x <= 1 for n in names for x in table.column(n).to_pylist() if x is not None)
+    assert sum(x is not None for x in table.column(names[0]).to_pylist()) >= 95
