@@ -4,6 +4,7 @@ confidence; samples asked only where the first answer is unsure (--vote-below)."
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from batchllm.labeling.spec import Labeling, load_schema
 from batchllm.sandbox.labeler import truth
 
 from .conftest import ROOT, run_cli, write_csv
+from .test_review import _studio_export
 
 LABELS = ["positive", "negative", "neutral"]
 WORDS = ["love it", "broke after a week", "it's okay", "great value", "disappointed", "works well", "meh"]
@@ -93,6 +95,31 @@ def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(
     assert 100 < len(wrong) < 200  # a quarter wrong
     gap = sum(right) / len(right) - sum(wrong) / len(wrong)
     assert gap >= 0.15, gap
+    # eval's calibration is what the column says, computed here on its own: 10 equal-width bins.
+    report = run_cli(["eval", str(out), "--gold", "gold", "--format", "json"])
+    assert report.exit_code == 0, report.output
+    e = json.loads(report.stdout)
+    pairs = [(r["confidence"], r["status"] == "ok" and r["label"] == r["gold"]) for r in scored]
+    ece = _ece(pairs)
+    bins: dict[int, int] = {}
+    for c, _ in pairs:
+        bins[min(int(c * 10), 9)] = bins.get(min(int(c * 10), 9), 0) + 1
+    assert e["ece"] == pytest.approx(ece, abs=1e-12)
+    assert [b["rows"] for b in e["reliability"]] == [bins[k] for k in sorted(bins)]
+    surest = sorted(pairs, key=lambda p: -p[0])[: math.ceil(0.8 * len(pairs))]
+    at80 = e["accuracy_at_coverage"]["0.8"]
+    assert at80["rows"] == len(surest) == 0.8 * len(pairs)
+    assert at80["accuracy"] == pytest.approx(sum(ok for _, ok in surest) / len(surest), abs=1e-12)
+    assert set(e["accuracy_at_coverage"]) == {"0.5", "0.8", "0.9", "1.0"}
+    assert e["accuracy_at_coverage"]["1.0"]["accuracy"] < at80["accuracy"]  # the surest are righter
+    text = run_cli(["eval", str(out), "--gold", "gold"]).stdout
+    assert f"ECE {ece:.3f}" in text and "most confident 80%" in text
+    md = run_cli(["eval", str(out), "--gold", "gold", "--format", "markdown"]).stdout
+    assert "| confidence | rows | mean confidence | accuracy |" in md
+    page = tmp_path / "report.html"
+    shown = run_cli(["report", str(out), "--html", str(page), "--gold", "gold"])
+    assert shown.exit_code == 0, shown.output
+    assert f"Reliability: accuracy by confidence (against gold), ECE {ece:.3f}" in page.read_text()
     # --confidence off: no logprobs asked, no column.
     box.sandbox.bodies.clear()
     off = run_openai(box, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--confidence", "off")
@@ -153,3 +180,49 @@ def test_packs_and_schemas_get_their_own_confidences(sandbox_factory, tmp_path: 
     assert names == ["confidence_sentiment", "confidence_mentions_price"]
     assert all(0 < x <= 1 for n in names for x in table.column(n).to_pylist() if x is not None)
     assert sum(x is not None for x in table.column(names[0]).to_pylist()) >= 95
+
+
+def _ece(pairs: list[tuple[float, bool]]) -> float:
+    bins: dict[int, list[tuple[float, bool]]] = {}
+    for c, ok in pairs:
+        bins.setdefault(min(int(c * 10), 9), []).append((c, ok))
+    return sum(
+        len(b) / len(pairs) * abs(sum(ok for _, ok in b) / len(b) - sum(c for c, _ in b) / len(b))
+        for b in bins.values()
+    )
+
+
+def test_review_picks_the_least_confident_and_eval_calibrates_on_verdicts(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 300)
+    out = tmp_path / "out.parquet"
+    assert run_openai(box, src, out, "--labels", ",".join(LABELS)).exit_code == 0
+    rows = pq.read_table(out).to_pylist()
+    tasks_file = tmp_path / "tasks.json"
+    result = run_cli(["review", "export", str(out), "--pick", "uncertain:30", "-o", str(tasks_file)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(tasks_file.read_text())
+    least = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])[:30]
+    assert {t["data"]["row_id"] for t in tasks} == {r["row_id"] for r in least}
+    assert all(t["data"]["pick"].startswith("uncertain: confidence 0.") for t in tasks)
+    by_id = {r["row_id"]: r for r in rows}
+    assert all(t["predictions"][0]["score"] == by_id[t["data"]["row_id"]]["confidence"] for t in tasks)
+    # below:P:N: a sample of the rows under P.
+    result = run_cli(["review", "export", str(out), "--pick", "below:0.6:20", "-o", str(tasks_file)])
+    assert result.exit_code == 0, result.output
+    picked = [by_id[t["data"]["row_id"]] for t in json.loads(tasks_file.read_text())]
+    assert len(picked) == 20 and all(r["confidence"] < 0.6 for r in picked)
+    bad = run_cli(["review", "export", str(out), "--pick", "below:1.5:20", "-o", str(tasks_file)])
+    assert bad.exit_code == 2 and "give a confidence from 0 to 1" in bad.output
+    # Verdicts on 120 random picks (the true labels): eval --gold review calibrates on them.
+    result = run_cli(["review", "export", str(out), "--pick", "random:120", "-o", str(tasks_file)])
+    tasks = json.loads(tasks_file.read_text())
+    verdicts: dict[str, str | None] = {t["data"]["row_id"]: by_id[t["data"]["row_id"]]["gold"] for t in tasks}
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(_studio_export(tasks, verdicts, cancelled=set())))
+    assert run_cli(["review", "import", str(out), "--from", str(export)]).exit_code == 0
+    e = json.loads(run_cli(["eval", str(out), "--gold", "review", "--format", "json"]).stdout)
+    pairs = [(by_id[r]["confidence"], by_id[r]["label"] == g) for r, g in verdicts.items()]
+    assert e["calibrated_rows"] == 120 and e["ece"] == pytest.approx(_ece(pairs), abs=1e-12)
