@@ -226,3 +226,40 @@ def test_review_picks_the_least_confident_and_eval_calibrates_on_verdicts(
     e = json.loads(run_cli(["eval", str(out), "--gold", "review", "--format", "json"]).stdout)
     pairs = [(by_id[r]["confidence"], by_id[r]["label"] == g) for r, g in verdicts.items()]
     assert e["calibrated_rows"] == 120 and e["ece"] == pytest.approx(_ece(pairs), abs=1e-12)
+
+
+def test_votes_only_where_the_first_answer_is_unsure(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    n = 600
+    src = reviews(tmp_path, n)
+    labels = ["--labels", ",".join(LABELS), "--seed", "1"]  # the first sample's request is --seed 1's
+    first = tmp_path / "first.parquet"
+    assert run_openai(box, src, first, *labels).exit_code == 0
+    unsure = sum(r["confidence"] is None or r["confidence"] < 0.8 for r in pq.read_table(first).to_pylist())
+    assert 0.2 * n < unsure < 0.7 * n
+    before = box.count()
+    some = tmp_path / "some.parquet"
+    result = run_openai(box, src, some, *labels, "--samples", "3", "--vote-below", "0.8")
+    assert result.exit_code in (0, 1), result.output
+    some_requests = box.count() - before
+    assert some_requests == n + 2 * unsure
+    before = box.count()
+    every = tmp_path / "every.parquet"
+    result = run_openai(box, src, every, *labels, "--samples", "3")
+    assert result.exit_code in (0, 1), result.output
+    every_requests = box.count() - before
+    assert every_requests == 3 * n
+
+    def accuracy(path: Path) -> float:
+        rows = pq.read_table(path).to_pylist()
+        return sum(r["status"] == "ok" and r["label"] == r["gold"] for r in rows) / len(rows)
+
+    print(
+        f"first answer alone: {accuracy(first):.1%} ({n} requests); --samples 3 --vote-below 0.8: "
+        f"{accuracy(some):.1%} ({some_requests} requests, {unsure} rows voted); --samples 3: "
+        f"{accuracy(every):.1%} ({every_requests} requests)"
+    )
+    assert accuracy(some) >= accuracy(every) > accuracy(first)
+    rows = pq.read_table(some).to_pylist()
+    voted = [r for r in rows if sum(dict(r["label_votes"] or []).values()) > 1]
+    assert len(voted) == unsure
