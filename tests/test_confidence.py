@@ -263,3 +263,26 @@ def test_votes_only_where_the_first_answer_is_unsure(sandbox_factory, tmp_path: 
     rows = pq.read_table(some).to_pylist()
     voted = [r for r in rows if sum(dict(r["label_votes"] or []).values()) > 1]
     assert len(voted) == unsure
+
+
+def test_a_pilot_projects_the_rows_that_will_vote(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    n = 600
+    src = reviews(tmp_path, n)
+    out = tmp_path / "out.parquet"
+    args = ["--template", TEMPLATE, "--provider", "openai", *MODEL, "--rpm", "0", "--id-column", "id"]
+    args += ["--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8", "--cache", "off"]
+    result = run_cli(["estimate", str(src), "-o", str(out), "--pilot", "100", *args, "--format", "json"],
+                     env=box.openai_env())  # fmt: skip
+    assert result.exit_code == 0, result.output
+    votes = json.loads(result.stdout)["votes"]
+    assert votes["pilot_rows"] == 100 and box.count() == 100 + 2 * votes["pilot_voted"]
+    assert votes["projected_rows"] == round(votes["pilot_voted"] / 100 * n)
+    assert votes["projected_extra_requests"] == 2 * votes["projected_rows"]
+    text = run_cli(["estimate", str(src), "-o", str(out), *args], env=box.openai_env()).stdout
+    assert "rows that will vote (first answer below 0.8)" in text
+    result = run_cli(["run", str(src), "-o", str(out), *args], env=box.openai_env())
+    assert result.exit_code in (0, 1), result.output
+    rows = pq.read_table(out).to_pylist()
+    voted = sum(sum(dict(r["label_votes"] or []).values()) > 1 for r in rows)
+    assert abs(voted - votes["projected_rows"]) < 0.12 * n  # a pilot of 100 rows: within its error

@@ -172,6 +172,12 @@ def estimate_cmd(
         report["expected_from"] = f"a pilot of {pilot:,} rows"
         if accuracy is not None:
             report["pilot_accuracy"] = accuracy
+    if job.labeling is not None and job.labeling.vote_below is not None and keep and job.journal_dir.exists():
+        from ..reports.pilot import votes_share  # from a pilot's rows (this one's, or an earlier one's)
+
+        votes = votes_share(job.journal_dir, job.labeling, report["rows_to_send"])
+        if votes["pilot_rows"]:
+            report["votes"] = votes
     if keep and not record_estimate(job, report):
         click.echo(
             f"note: not kept in {job.journal_dir}: it was written with other settings than these",
