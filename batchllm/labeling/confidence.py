@@ -29,21 +29,17 @@ LOGPROBS = "logprobs"  # the request field, as the openai provider sends it
 def joint(tokens: list[Any], start: int, end: int) -> float | None:
     """The joint probability of the tokens that wrote characters ``start`` to ``end``."""
     pos, total, hit = 0, 0.0, False
-    for t in tokens:
-        token = t.get("token") if isinstance(t, dict) else None
-        if not isinstance(token, str):
-            return None
-        nxt = pos + len(token)
-        if nxt > start:
-            lp = t.get("logprob")
-            if not isinstance(lp, (int, float)):
-                return None
-            total += lp
-            hit = True
-        pos = nxt
-        if pos >= end:
-            break
-    return math.exp(total) if hit else None
+    try:
+        for t in tokens:
+            pos += len(t["token"])
+            if pos > start:
+                total += t["logprob"]
+                hit = True
+                if pos >= end:
+                    break
+        return math.exp(total) if hit else None
+    except (KeyError, TypeError):  # a token without its text or logprob: no confidence
+        return None
 
 
 def _skip(text: str, i: int) -> int:
@@ -67,17 +63,10 @@ def value_span(text: str, key: str, lo: int = 0, hi: int | None = None) -> tuple
         return None
     c = text[i]
     if c == '"':
-        j, escaped = i + 1, False
-        while j < hi:
-            ch = text[j]
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                return i + 1, j
-            j += 1
-        return None
+        j = text.find('"', i + 1, hi)
+        while j > 0 and text[j - 1] == "\\":  # an escaped quote (a label seldom has one)
+            j = text.find('"', j + 1, hi)
+        return (i + 1, j) if j > 0 else None
     if c == "{":
         depth, j, in_string, escaped = 0, i, False, False
         while j < hi:
@@ -108,7 +97,7 @@ def value_span(text: str, key: str, lo: int = 0, hi: int | None = None) -> tuple
 def _label(text: str, label: str, tokens: list[Any], lo: int, hi: int) -> float | None:
     """A label's probability in ``text[lo:hi]``: under a "label" key when the reply is an object,
     else where the label stands (a bare label, or one in prose)."""
-    if "{" in text[lo:hi]:
+    if text.find("{", lo, hi) >= 0:
         span = value_span(text, LABEL_FIELD, lo, hi)
         if span is not None:
             return joint(tokens, *span)
