@@ -20,6 +20,7 @@ from .engine.plan import prepare
 from .engine.runner import Endpoint, RunResult
 from .engine.runner import run_job as run_engine
 from .errors import BatchLLMError, ExitCode
+from .folders import make_folders
 from .job import Job
 from .notify import notify
 from .reports.estimate import Observed, pilot_positions
@@ -100,11 +101,13 @@ async def _run(
         from .cluster.driver import check_input, run_on_ray
 
         check_input(job)  # bad input is reported before a missing key
+        _make_output_folder(job, observer)
         async with open_endpoint(job, sandbox) as endpoint:
             return await run_on_ray(
                 job, endpoint=endpoint, observer=observer, command=command, handle_signals=handle_signals
             )
     prepared = prepare(job)  # bad input is reported before a missing key
+    _make_output_folder(job, observer)
     async with open_endpoint(job, sandbox) as endpoint:
         return await run_engine(
             prepared,
@@ -115,6 +118,13 @@ async def _run(
             only=only,
             write_output=write_output,
         )
+
+
+def _make_output_folder(job: Job, observer: Observer | None) -> None:
+    """The output's missing folders, once the input is known good (folders.py), said."""
+    made = make_folders(job.output, "--output")
+    if made is not None:
+        (observer or Silent()).warning(f"made the folder {made} for {job.output}")
 
 
 class PilotStopped(Exception):

@@ -39,7 +39,7 @@ class ExitCode(enum.IntEnum):
 
 EXIT_CODE_TABLE = """\
 Exit codes:
-  0    every row ok
+  0    every row ok (or without a prompt: never sent)
   1    finished, some rows failed (see the error column)
   2    usage, configuration or input error (nothing was sent)
   3    a budget reached (--max-cost, -per-run, -per-month): a later run resumes

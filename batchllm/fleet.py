@@ -13,8 +13,8 @@ price (``--fleet FILE``, a TOML file of ``[[endpoint]]`` tables).
     output_price = "0.34"
     latency = 20                              # seconds a reply takes (optional: for planning)
 
-This module reads and checks the file (every problem one line naming the file, the endpoint and
-the key); reports/fleet_plan.py plans which endpoint takes how many rows.
+This module reads and checks the file (every problem at once, one line each naming the file, the
+endpoint and the key, in file order); reports/fleet_plan.py plans which endpoint takes how many rows.
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ from typing import Any
 
 from . import values as v
 from .errors import JobError
-from .pricing import Model, Prices, load_models, parse_price
+from .pricing import Model, Prices, load_models
 from .providers import PROVIDERS, get_provider
 from .values import duration_seconds
 
-KEYS = ("name", "provider", "endpoint", "key_env", "model", "rpm", "tpm", "concurrency", "input_price",
-        "output_price", "latency")  # fmt: skip
 DEFAULT_CONCURRENCY = 128
 
 
@@ -60,84 +58,125 @@ class FleetEndpoint:
 
 
 def load_fleet(path: Path) -> list[FleetEndpoint]:
-    """Read a fleet file; the first problem is a ``JobError`` naming the file, endpoint and key."""
+    """Read a fleet file; its problems are one ``JobError``, a line each (see ``fleet_from``)."""
     raw = v.read_toml(path, "fleet file")
     return fleet_from(raw.get("endpoint"), str(path))
 
 
 def fleet_from(tables: Any, where: str) -> list[FleetEndpoint]:
-    """``[[endpoint]]`` tables (a fleet file's, or a job file's ``[[fleet]]``) into endpoints."""
+    """``[[endpoint]]`` tables (a fleet file's, or a job file's ``[[fleet]]``) into endpoints. Every
+    problem is found before any is said: one ``JobError``, a line each naming the file, the
+    endpoint and the key, in the order of the file (a key's problems where the key is, a missing
+    key's at the end of its table), so one edit fixes them all."""
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise JobError(f"{where}: no [[endpoint]] tables: a fleet lists one or more endpoints")
-    fleet = [_endpoint(t, f"{where}: endpoint {i + 1}") for i, t in enumerate(tables)]
-    names = [e.name for e in fleet]
-    for name in names:
-        if names.count(name) > 1:
-            raise JobError(f"{where}: two endpoints are named {name!r}; names tell them apart in the output")
-    return fleet
+    problems: list[str] = []
+    names: set[str] = set()
+    fleet = [_endpoint(t, where, i + 1, names, problems) for i, t in enumerate(tables)]
+    if problems:
+        raise JobError("\n".join(problems))
+    return [e for e in fleet if e is not None]
 
 
-def _get(
-    table: dict[str, Any], key: str, where: str, parse: Callable[[Any], Any], default: Any = None
-) -> Any:
-    if key not in table:
-        if default is ...:
-            raise JobError(f"{where}: missing key {key!r}")
-        return default
-    try:
-        return parse(table[key])
-    except (ValueError, JobError) as exc:
-        raise JobError(f"{where}: key {key!r} {exc}".replace(f"{key!r} {key}:", f"{key!r}:")) from None
-
-
-def _endpoint(t: dict[str, Any], where: str) -> FleetEndpoint:
-    unknown = sorted(set(t) - set(KEYS))
-    if unknown:
-        raise JobError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(KEYS)})")
-    if "api_key" in t or "key" in t:
-        raise JobError(f"{where}: a fleet file must not hold a key; name its variable with key_env")
-    name = _get(t, "name", where, v.text, ...)
-    where = f"{where.rsplit(':', 1)[0]}: endpoint {name!r}"
-    provider = get_provider(_get(t, "provider", where, v.choice(*PROVIDERS), ...))
-    url = _get(t, "endpoint", where, v.text, ...)
-    from .job_keys import check_endpoint
+def _url(raw: Any) -> str:
+    from .job_keys import check_endpoint  # job_keys reads fleets (fleet_value): imported late
 
     try:
-        check_endpoint(url)
+        return check_endpoint(v.text(raw))
     except JobError:
-        raise JobError(f"{where}: key 'endpoint' {url!r} is not an http(s) URL") from None
-    model_name = _get(t, "model", where, v.text, ...)
-    prices = None
-    if "input_price" in t or "output_price" in t:
-        if "input_price" not in t or "output_price" not in t:
-            raise JobError(f"{where}: give input_price and output_price together")
-        prices = Prices(
-            parse_price(t["input_price"], f"{where}: key 'input_price'"),
-            parse_price(t["output_price"], f"{where}: key 'output_price'"),
-        )
-    listed = load_models(provider.name).get(model_name)
-    if listed is None and not provider.unlisted_models:
-        raise JobError(
-            f"{where}: the {provider.name} provider has no model {model_name!r} (see `batchllm models`)"
-        )
-    if listed is None and prices is None:
-        raise JobError(
-            f"{where}: {model_name!r} has no price in the model table: give input_price and output_price"
-        )
-    model = Model(model_name, provider.name, prices or listed.prices, listed.context_window if listed else None,  # type: ignore[union-attr]
+        raise ValueError(f"{raw!r} is not an http(s) URL") from None
+
+
+def _price(raw: Any) -> Any:
+    from .job_keys import _price as price  # a job's input_price and output_price, the same
+
+    return price(raw)
+
+
+PARSE: dict[str, Callable[[Any], Any]] = {
+    "name": v.text,
+    "provider": v.choice(*PROVIDERS),
+    "endpoint": _url,
+    "key_env": v.text,
+    "model": v.text,
+    "rpm": v.integer(1, None),
+    "tpm": v.integer(1, None),
+    "concurrency": v.integer(1, 10_000),
+    "input_price": _price,
+    "output_price": _price,
+    "latency": v.number(0, 3600, lo_open=True),
+}
+KEYS = tuple(PARSE)
+REQUIRED = ("name", "provider", "endpoint", "model")
+
+
+def _endpoint(
+    t: dict[str, Any], file: str, number: int, names: set[str], problems: list[str]
+) -> FleetEndpoint | None:
+    """One ``[[endpoint]]`` table, or None with its problems added to ``problems``."""
+    name = t.get("name")
+    where = f"{file}: endpoint {number}"
+    if isinstance(name, str):  # named as the file names it; by number too when the name is taken
+        where = f"{where} ({name!r})" if name in names else f"{file}: endpoint {name!r}"
+    place = {key: i for i, key in enumerate(t)}  # TOML tables keep the file's order
+    found: list[tuple[int, str]] = []  # (where in the table, the problem)
+    got: dict[str, Any] = {}
+    for key, raw in t.items():
+        if key in ("api_key", "key"):
+            found.append((place[key], "a fleet file must not hold a key; name its variable with key_env"))
+        elif key not in PARSE:
+            found.append((place[key], f"unknown key {key!r} (keys: {', '.join(KEYS)})"))
+        else:
+            try:
+                got[key] = PARSE[key](raw)
+            except ValueError as exc:
+                shown = "" if repr(raw) in str(exc) or str(raw) in str(exc) else f" (got {raw!r})"
+                found.append((place[key], f"key {key!r} {exc}{shown}"))
+    found += [(len(t), f"missing key {key!r}") for key in REQUIRED if key not in t]
+    if "name" in got:
+        if got["name"] in names:
+            found.append(
+                (place["name"], f"two endpoints are named {name!r}; names tell them apart in the output")
+            )
+        names.add(got["name"])
+    priced = [key for key in ("input_price", "output_price") if key in t]
+    if len(priced) == 1:
+        found.append((place[priced[0]], "give input_price and output_price together"))
+    listed = None
+    if "provider" in got and "model" in got:
+        provider, model_name = get_provider(got["provider"]), got["model"]
+        listed = load_models(provider.name).get(model_name)
+        if listed is None and not provider.unlisted_models:
+            found.append(
+                (
+                    place["model"],
+                    f"the {provider.name} provider has no model {model_name!r} (see `batchllm models`)",
+                )
+            )
+        elif listed is None and not priced:
+            found.append(
+                (
+                    place["model"],
+                    f"{model_name!r} has no price in the model table: give input_price and output_price",
+                )
+            )
+    if found:
+        problems += [f"{where}: {problem}" for _, problem in sorted(found, key=lambda f: f[0])]
+        return None
+    prices = Prices(got["input_price"], got["output_price"]) if priced else None
+    model = Model(got["model"], got["provider"], prices or listed.prices, listed.context_window if listed else None,  # type: ignore[union-attr]
                   listed.batch_prices if listed else None, listed.rpm if listed else None,
                   listed.tpm if listed else None)  # fmt: skip
-    rpm = _get(t, "rpm", where, v.integer(1, None), model.rpm)
     return FleetEndpoint(
-        name=name,
-        provider=provider.name,
-        endpoint=url,
-        key_env=_get(t, "key_env", where, v.text, None),
+        name=got["name"],
+        provider=got["provider"],
+        endpoint=got["endpoint"],
+        key_env=got.get("key_env"),
         model=model,
-        rpm=rpm,
-        tpm=_get(t, "tpm", where, v.integer(1, None), model.tpm),
-        concurrency=_get(t, "concurrency", where, v.integer(1, 10_000), DEFAULT_CONCURRENCY),
-        latency=_get(t, "latency", where, v.number(0, 3600, lo_open=True), None),
+        rpm=got.get("rpm", model.rpm),
+        tpm=got.get("tpm", model.tpm),
+        concurrency=got.get("concurrency", DEFAULT_CONCURRENCY),
+        latency=got.get("latency"),
     )
 
 

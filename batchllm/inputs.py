@@ -6,19 +6,27 @@ columns keep their types. A request file (``.jsonl``, OpenAI's batch input forma
 ``{"custom_id", "method", "url", "body"}`` per line) reads as three columns: ``custom_id``, the
 line's raw ``request`` and its ``line`` number; only ``custom_id`` goes to the output, and the
 request is validated and built by backends/openai_batch.py. Every failure to read is a
-``JobError`` naming the file and, for a ragged CSV row or a bad JSON line, its line.
+``JobError`` naming the file and, for a ragged CSV row, a bad JSON line or text that does not
+decode, its line, with the ``--delimiter`` or ``--encoding`` that would read it (sniff.py).
+
+Text files are UTF-8 unless a byte-order mark says otherwise (UTF-8, UTF-16, UTF-32) or
+``--encoding`` names another encoding; Arrow reads UTF-8 natively and transcodes the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import sniff
 from .errors import JobError
 
 BATCH_ROWS = 8192
@@ -29,10 +37,13 @@ REQUEST_FILE_SCHEMA = pa.schema([("custom_id", pa.string()), ("request", pa.stri
 class InputFile:
     """One input file: its schema, its row count, and its rows as a stream of batches."""
 
-    def __init__(self, path: Path, fmt: str | None = None, delimiter: str = ",") -> None:
+    def __init__(
+        self, path: Path, fmt: str | None = None, delimiter: str = ",", encoding: str | None = None
+    ) -> None:
         self.path = path
         self.format = fmt or _format_of(path)
         self.delimiter = delimiter
+        self.encoding = sniff.encoding_of(path, encoding)  # a byte-order mark's, or the given one
         if not path.exists():
             raise JobError(f"{path}: no such file")
         if path.is_dir():
@@ -60,12 +71,16 @@ class InputFile:
                 return pq.ParquetFile(self.path).schema_arrow
             except (pa.ArrowInvalid, OSError) as exc:
                 raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
+        if sniff.is_utf8(self.encoding):
+            nul = sniff.nul_hint(self.path)
+            if nul is not None:
+                raise JobError(nul)
         bad_rows: list[pacsv.InvalidRow] = []
         try:
-            reader = self._open_csv(None, bad_rows)
+            with _quiet_undecodable_rows():
+                names = self._open_csv(None, bad_rows).schema.names
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
             raise self._csv_error(exc, bad_rows) from None
-        names = reader.schema.names
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise JobError(f"{self.path}: column {dup!r} appears twice in the header")
@@ -92,8 +107,9 @@ class InputFile:
             numbers.clear()
             return batch.select(columns) if columns is not None else batch
 
+        text_encoding = "utf-8-sig" if sniff.is_utf8(self.encoding) else self.encoding
         try:
-            with open(self.path, "rb") as fh:
+            with open(self.path, encoding=text_encoding, newline="\n") as fh:
                 for number, raw in enumerate(fh, 1):
                     if not raw.strip():
                         continue
@@ -105,11 +121,16 @@ class InputFile:
                     if not isinstance(custom_id, str) or not custom_id:
                         raise JobError(f"{self.path}: line {number} has no custom_id (a non-empty string)")
                     ids.append(custom_id)
-                    lines.append(raw.decode("utf-8"))
+                    lines.append(raw)
                     numbers.append(number)
                     if len(ids) == BATCH_ROWS:
                         yield flush()
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            problem = sniff.decode_problem(self.path, self.encoding)
+            raise JobError(
+                problem or f"{self.path}: cannot read the request file ({_first_line(exc)})"
+            ) from None
+        except OSError as exc:
             raise JobError(f"{self.path}: cannot read the request file ({_first_line(exc)})") from None
         if ids:
             yield flush()
@@ -135,10 +156,13 @@ class InputFile:
                 strings_can_be_null=False,
                 include_columns=columns,
             )
+        # Arrow decodes UTF-8 itself (and skips its byte-order mark); other encodings are
+        # transcoded through Python's codec as the file streams in.
+        encoding = "utf8" if sniff.is_utf8(self.encoding) else self.encoding
         return pacsv.open_csv(
             self.path,
             # One thread: row numbers in errors are only known when parsing in order.
-            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False, encoding=encoding),
             parse_options=pacsv.ParseOptions(
                 delimiter=self.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
             ),
@@ -150,17 +174,34 @@ class InputFile:
             row = bad_rows[0]
             where = f"line {row.number}" if row.number is not None else "a row"
             return JobError(
-                f"{self.path}: {where} has {row.actual_columns} fields but the header has {row.expected_columns}"
+                f"{self.path}: {where} has {row.actual_columns} fields but the header has "
+                f"{row.expected_columns}" + self.delimiter_hint()
             )
+        # A row that does not decode fails in Arrow before it reaches ``on_invalid``.
+        problem = sniff.decode_problem(self.path, self.encoding)
+        if problem is not None:
+            return JobError(problem)
         return JobError(f"{self.path}: not a readable CSV file ({_first_line(exc)})")
+
+    def delimiter_hint(self, wanted: list[str] | None = None) -> str:
+        """What to pass when another delimiter reads this CSV (and has the ``wanted`` columns)."""
+        if self.format != "csv":
+            return ""
+        hint = sniff.delimiter_hint(self.path, self.encoding, self.delimiter, wanted)
+        return hint or delimiter_hint(self.schema.names if hasattr(self, "schema") else [])
 
     def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         bad_rows: list[pacsv.InvalidRow] = []
         try:
-            for batch in self._open_csv(columns or self.schema.names, bad_rows):
+            reader = self._open_csv(columns or self.schema.names, bad_rows)
+            while True:  # ends at the file's end (StopIteration)
+                with _quiet_undecodable_rows():
+                    batch = reader.read_next_batch()
                 # Blocks are ~1 MiB: re-slice so memory per batch is bounded in rows too.
                 for start in range(0, batch.num_rows, BATCH_ROWS):
                     yield batch.slice(start, BATCH_ROWS)
+        except StopIteration:
+            return
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
             raise self._csv_error(exc, bad_rows) from None
 
@@ -173,8 +214,9 @@ class InputFile:
                 raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
         if self.format == "jsonl":
             return self._check_request_ids()
-        first = self.schema.names[:1]
-        return sum(b.num_rows for b in self.batches(first))
+        # Every column: text that does not decode fails here, before a request is sent, and
+        # not when the output is written (reading all columns costs no more than one).
+        return sum(b.num_rows for b in self.batches())
 
     def _check_request_ids(self) -> int:
         """One pass over a request file: valid JSON, a custom_id on every line, none twice."""
@@ -190,14 +232,23 @@ class InputFile:
                     )
         return len(seen)
 
-    def require_columns(self, wanted: list[str], what: str) -> None:
-        missing = [c for c in wanted if c not in self.schema.names]
-        if missing:
-            raise JobError(
-                f"{self.path}: no column {missing[0]!r} ({what}); the columns are: "
-                + ", ".join(repr(c) for c in self.schema.names)
-                + delimiter_hint(self.schema.names)
-            )
+
+@contextlib.contextmanager
+def _quiet_undecodable_rows() -> Iterator[None]:
+    """Arrow turns a ragged row's text into ``str`` before it calls ``on_invalid``; when the text
+    is not UTF-8 that fails inside Arrow's callback, which prints "Exception ignored in ...".
+    The read then fails, and ``_csv_error`` says which line does not decode: keep quiet here."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, UnicodeDecodeError):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def delimiter_hint(columns: list[str]) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import JobError
 from .fleet import FleetEndpoint, dearest
+from .folders import folders_to_make
 from .job_keys import PARSERS, SAMPLING_KEYS, check_endpoint
 from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
@@ -62,6 +63,7 @@ class Job:
     rpm: int | None = None  # None: auto (adaptive, no ceiling); 0: off
     tpm: int | None = None  # None or 0: off
     delimiter: str = ","  # CSV field separator
+    encoding: str | None = None  # of a CSV or JSONL input; None: UTF-8 (a byte-order mark wins)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
     max_error_rate: float = 0.5
@@ -210,7 +212,8 @@ def build_job(
         except ValueError as exc:
             shown = repr(raw)
             got = "" if shown in str(exc) or str(raw) in str(exc) else f" (got {shown})"
-            raise JobError(f"{where(key)} {exc}{got}") from None
+            # Several problems at once (a fleet file's): each line names where it is.
+            raise JobError("\n".join(f"{where(key)} {line}" for line in f"{exc}{got}".splitlines())) from None
     if partial:
         if "cache" in kwargs:
             _cache_setting(kwargs["cache"], where)
@@ -283,6 +286,7 @@ def build_job(
         for key in ("ray_address", "actors"):
             if key in kwargs:
                 raise JobError(f"{where(key)} goes with --engine ray")
+    folders_to_make(kwargs["output"], where("output"))  # made by the command that writes it
     limit = provider.max_content_chars
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
         raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")

@@ -13,6 +13,7 @@ from .errors import JobError
 from .fleet import fleet_value
 from .pricing import parse_price, parse_usd
 from .providers import PROVIDERS
+from .sniff import check_encoding
 
 # Sampling parameters any provider may take; which ones, and their ranges, are the provider's.
 SAMPLING_KEYS = (
@@ -43,6 +44,10 @@ def _price(raw: Any) -> Any:
         return parse_price(raw, "price")
     except JobError as exc:
         raise ValueError(str(exc).removeprefix("price: ")) from None
+
+
+def _encoding(raw: Any) -> str:
+    return check_encoding(v.text(raw))
 
 
 def _path(raw: Any) -> Path:
@@ -76,6 +81,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "output": ("output", _path),
     "input_format": ("input_format", v.choice("csv", "parquet", "jsonl")),
     "delimiter": ("delimiter", v.delimiter),
+    "encoding": ("encoding", _encoding),
     "prompt_column": ("prompt_column", v.text),
     "template": ("template", v.text),
     "template_file": ("template", _path),  # read below

@@ -4,6 +4,11 @@ A prompt is either one column's text (``--prompt-column``) or a template filled 
 (``--template "Classify: {review}"``). Templates are compiled once to positional ``str.format``
 strings, so filling a row is one C-level call.
 
+A row has no prompt, and is never sent (admission.py refuses it, in every input format), when
+its prompt column is null, empty or only whitespace; with a template, when every column the
+template names is: the template's own words alone ask nothing of the row. One filled column is
+enough to send the row.
+
 Every row gets a ``row_id`` that is stable across runs: the ``--id-column`` value when given, or
 else ``<position>-<hash of the prompt>``, so rows appended to an input keep the ids of those before
 them and an edited row gets a new id (and is sent again). ``content_hash`` is the prompt's hash
@@ -19,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import string
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import JobError
 from .inputs import delimiter_hint
@@ -37,7 +44,8 @@ from .records import Message, Request
 class PromptBatch:
     """One input batch made ready to send: per row its id, content hash and user text.
 
-    ``users[i]`` is None when the row has no prompt (a null cell in the prompt column).
+    ``users[i]`` is None when the row has no prompt (its prompt column, or every column of
+    its template, null, empty or only whitespace; see the module's docstring).
     ``requests`` is set when the input carries whole requests (a request file): then
     ``users[i]`` is all of the request's message text, for size bounds.
     """
@@ -101,7 +109,9 @@ class Builder(Protocol):
 class PromptBuilder:
     """Turns record batches into ``PromptBatch``es for one job."""
 
-    def __init__(self, job: Job, columns: list[str], source: str) -> None:
+    def __init__(
+        self, job: Job, columns: list[str], source: str, hint: Callable[[list[str]], str] | None = None
+    ) -> None:
         # Position-derived ids embed the content hash; --id-column values do not, so resume
         # compares the hash too (an edited row under the same id).
         self.ids_embed_hash = job.id_column is None
@@ -116,18 +126,20 @@ class PromptBuilder:
         else:
             self.columns = [job.prompt_column]
             what = "the --prompt-column"
+        # ``hint``: the input's own guess at a delimiter that would have these columns.
+        hint = hint or (lambda _: delimiter_hint(columns))
         missing = [c for c in self.columns if c not in columns]
         if missing:
             raise JobError(
                 f"{source}: no column {missing[0]!r} ({what}); the columns are: "
                 + ", ".join(repr(c) for c in columns)
-                + delimiter_hint(columns)
+                + hint(missing)
             )
         if job.id_column is not None and job.id_column not in columns:
             raise JobError(
                 f"{source}: no column {job.id_column!r} (the --id-column); the columns are: "
                 + ", ".join(repr(c) for c in columns)
-                + delimiter_hint(columns)
+                + hint([job.id_column])
             )
         self.source = source
 
@@ -139,13 +151,41 @@ class PromptBuilder:
             cols.append(self.id_column)
         return cols
 
+    def _filled(self, columns: list[pa.Array]) -> pa.Array:
+        """Per row: does it have a prompt (the module's docstring)?"""
+        filled = _has_text(columns[0])
+        for column in columns[1:]:
+            filled = pc.or_(filled, _has_text(column))
+        return filled
+
+    def check_some_prompt(self, batches: Iterable[pa.RecordBatch], rows: int) -> None:
+        """A ``JobError`` when no row has a prompt (a wrong --prompt-column, say), rather than a
+        run that sends nothing and succeeds; stops reading at the first row that has one."""
+        for batch in batches:
+            if pc.any(self._filled([batch.column(name) for name in self.columns])).as_py():
+                return
+        what = (
+            f"column {self.columns[0]!r} is"
+            if self.template is None
+            else "every column the --template names (" + ", ".join(map(repr, self.columns)) + ") is"
+        )
+        raise JobError(
+            f"{self.source}: {what} empty (null or only whitespace) in all {rows:,} rows: nothing to send"
+        )
+
     def users(self, batch: pa.RecordBatch) -> list[str | None]:
+        """Each row's user text, or None when it has no prompt (the module's docstring)."""
+        columns = [batch.column(name) for name in self.columns]
+        keep = self._filled(columns).to_pylist()
         if self.template is None:
-            values = batch.column(self.columns[0]).to_pylist()
-            return [v if v is None or isinstance(v, str) else str(v) for v in values]
-        cols = [_text_column(batch.column(name)) for name in self.columns]
+            values = columns[0].to_pylist()
+            return [
+                (v if isinstance(v, str) else str(v)) if k else None
+                for v, k in zip(values, keep, strict=True)
+            ]
+        cols = [_text_column(column) for column in columns]
         fmt = self._format
-        return [fmt(*vals) for vals in zip(*cols, strict=True)]
+        return [fmt(*vals) if k else None for k, *vals in zip(keep, *cols, strict=True)]
 
     def build(self, batch: pa.RecordBatch, start: int) -> PromptBatch:
         users = self.users(batch)
@@ -162,6 +202,13 @@ class PromptBuilder:
                     )
             ids = [v if isinstance(v, str) else str(v) for v in raw]
         return PromptBatch(start, ids, hashes, users)
+
+
+def _has_text(column: pa.Array) -> pa.Array:
+    """Per row: is there something in this cell besides whitespace? (False for a null.)"""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(column), ""), False)
+    return column.is_valid()
 
 
 def _text_column(column: pa.Array) -> list[str]:
@@ -203,7 +250,7 @@ def load_examples(job: Job) -> tuple[Message, ...]:
 
     if job.examples is None or job.labeling is None:
         return ()
-    source = InputFile(job.examples)
+    source = InputFile(job.examples)  # UTF-8 (or marked): --encoding is the input's
     builder = PromptBuilder(dataclasses.replace(job, id_column=None), source.columns, str(job.examples))
     labeling = job.labeling
     wanted = [f.name for f in labeling.fields] if labeling.is_schema else ["label"]

@@ -53,11 +53,11 @@ def test_estimate_equals_what_the_api_bills_row_by_row(sandbox, tmp_path: Path) 
     )
     assert run.exit_code == 0, run.stderr
     billed = pq.read_table(out).column("prompt_tokens").to_pylist()
-    assert json.loads(est.stdout)["prompt_tokens"]["total"] == sum(billed)
+    assert json.loads(est.stdout)["prompt_tokens"]["total"] == sum(t or 0 for t in billed)  # 1 empty: None
     # Row by row: the counter the estimate uses against the sandbox's usage.
     from batchllm.tokens import get_counter
 
-    rows = pq.read_table(out).to_pylist()
+    rows = [r for r in pq.read_table(out).to_pylist() if r["review"]]  # an empty review is not sent
     paid = [r for r in rows if not r["answered_by"]]  # identical prompts are sent (and billed) once
     assert len(paid) < len(rows)
     assert [get_counter().count(TEMPLATE.format(review=r["review"])) for r in paid] == [
@@ -130,8 +130,8 @@ def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) 
     )
     assert run_cli(["run", *common], env=sandbox.env()).exit_code == 0
     rows = pq.read_table(out).to_pylist()
-    # The 20 pilot rows were not sent again; identical prompts were sent once.
-    assert sandbox.count() == sum(not r["answered_by"] for r in rows)
+    # The 20 pilot rows were not sent again; identical prompts were sent once; an empty one never.
+    assert sandbox.count() == sum(not r["answered_by"] for r in rows if r["review"])
     report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
     versus = report["estimate_vs_actual"]
     assert versus["prompt_tokens"]["estimated"] == versus["prompt_tokens"]["actual"]
@@ -172,7 +172,9 @@ def test_pilot_answered_from_the_cache_learns_lengths_and_sends_nothing(sandbox,
     common = [str(sample), "--template", TEMPLATE, "--max-tokens", "64", "--temperature", "0", "--rpm", "0"]
     first = tmp_path / "first.parquet"
     assert run_cli(["run", *common, "-o", str(first)], env=sandbox.env()).exit_code == 0
-    lengths = {r["review_id"]: r["completion_tokens"] for r in pq.read_table(first).to_pylist()}
+    lengths = {
+        r["review_id"]: r["completion_tokens"] for r in pq.read_table(first).to_pylist() if r["review"]
+    }
     sent = sandbox.count()
     second = ["-o", str(tmp_path / "second.parquet")]
     est = run_cli(["estimate", *common, *second, "--pilot", "20", "--format", "json"], env=sandbox.env())
@@ -195,14 +197,16 @@ def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
         == 0
     )
     table = pq.read_table(out)
-    column_sum = sum(Decimal(repr(v)) for v in table.column("cost_usd").to_pylist())
+    column_sum = sum(Decimal(repr(v)) for v in table.column("cost_usd").to_pylist() if v is not None)
     result = run_cli(["report", str(out), "--by", "category", "--format", "json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     total = Decimal(report["overall"]["cost_usd"])
     assert abs(total - column_sum) < Decimal("1e-15")
     assert Decimal(report["overall"]["cost_usd"]) == Decimal(summary_of(out)["cost_usd"]["total"])
-    assert report["overall"]["prompt_tokens"] == sum(table.column("prompt_tokens").to_pylist())
+    assert report["overall"]["prompt_tokens"] == sum(
+        t or 0 for t in table.column("prompt_tokens").to_pylist()
+    )
     groups = report["by"]["groups"]
     assert set(groups) == set(table.column("category").to_pylist())
     assert sum(Decimal(g["cost_usd"]) for g in groups.values()) == total
@@ -327,3 +331,49 @@ def test_plots_have_round_ticks_and_survive_an_outlier() -> None:
     page = svg.histogram("Prompt tokens per row", values, "prompt tokens")
     assert "1 over 200" in page and "up to 1e+06" in page
     assert ">100<" in page and ">200<" in page and ">1,000,000<" not in page
+
+
+def test_pack_pilots_answered_from_the_cache_are_projected_as_if_sent(sandbox, tmp_path: Path) -> None:
+    """After a --pack 10 run of the job (temperature 0: cached), a pilot at sizes 1 and 10 is
+    answered from the cache at size 10: its line counts those replies' requests, tokens and cost
+    as if sent, never 0 requests and $0 projected, and says so."""
+    job = ["--job", str(ROOT / "jobs" / "sentiment.toml"), "--rpm", "0"]
+    ran = run_cli(["run", *job, "--pack", "10", "-o", str(tmp_path / "p10.parquet")], env=sandbox.env())
+    assert ran.exit_code == 0, ran.stderr
+    sent = sandbox.count()
+    pilot = [
+        *job,
+        "--pilot",
+        "60",
+        "--gold",
+        "human_label",
+        "--pack",
+        "1,10",
+        "-o",
+        str(tmp_path / "o.parquet"),
+    ]
+    table = run_cli(["estimate", *pilot, "--format", "json"], env=sandbox.env())
+    assert table.exit_code == 0, table.stderr
+    sizes = {x["pack"]: x for x in json.loads(table.stdout)["sizes"]}
+    assert sandbox.count() - sent == sizes[1]["requests"] == 60  # size 1: sent, one row a request
+    ten = sizes[10]
+    assert ten["replies_from_cache"] == 60 and Decimal(ten["pilot_cost_usd"]) == 0
+    assert ten["requests"] == 6 and ten["prompt_tokens_per_row"] > 0
+    assert 0 < Decimal(ten["projected_cost_usd"]) < Decimal(sizes[1]["projected_cost_usd"])
+    text = run_cli(["estimate", *pilot], env=sandbox.env())  # the pilots' rows are done: nothing sent
+    assert text.exit_code == 0 and sandbox.count() - sent == 60
+    assert "answered from the cache: pack 10 (60 replies); counted as if sent" in text.stdout
+    # A pilot answered from the cache still takes a request a row, at least.
+    single = run_cli(["estimate", *job, "--pilot", "30", "-o", str(tmp_path / "s.parquet"), "--format", "json"],
+                     env=sandbox.env())  # fmt: skip
+    assert single.exit_code == 0, single.stderr
+    assert json.loads(single.stdout)["requests"]["expected_per_row"] >= 1
+
+
+def test_a_plain_estimate_speaks_of_no_reasks(tmp_path: Path) -> None:
+    sample = str(ROOT / "sample_data" / "reviews.csv")
+    plain = run_cli(["estimate", sample, "--template", TEMPLATE, "--max-tokens", "16"])
+    assert plain.exit_code == 0, plain.stderr
+    assert "worst case (every reply 16 tokens)" in plain.stdout and "re-ask" not in plain.stdout
+    labeled = run_cli(["estimate", sample, "--template", TEMPLATE, "--max-tokens", "16", "--labels", "a,b"])
+    assert "worst case (every request re-asked, every reply 16 tokens)" in labeled.stdout

@@ -194,3 +194,30 @@ def test_json_logs_and_the_key_never_appears(sandbox_factory, tmp_path: Path) ->
         assert key.encode() not in data and b"sk-WRONG-0000" not in data, path
     for text in (stdout, stderr, err2):
         assert key not in text and "sk-WRONG-0000" not in text
+
+
+def test_the_encoding_key_and_the_output_folder_are_checked_by_validate(sandbox, tmp_path: Path) -> None:
+    src = tmp_path / "latin.csv"
+    src.write_bytes("prompt\nsay café\nsay thé\n".encode("latin-1"))
+    job = tmp_path / "latin.toml"
+    job.write_text('input = "latin.csv"\noutput = "out/latin.parquet"\n')
+    result = run_cli(["validate", str(job)])
+    assert result.exit_code == 2
+    assert f"{src}: line 2 is not UTF-8 text (byte 0xe9)" in result.stderr
+    assert "--encoding latin-1 (job key: encoding)" in result.stderr
+    job.write_text('input = "latin.csv"\noutput = "out/latin.parquet"\nencoding = "klingon"\n')
+    result = run_cli(["validate", str(job)])
+    assert result.exit_code == 2 and "key 'encoding' must be a text encoding" in result.stderr
+    job.write_text(
+        'input = "latin.csv"\noutput = "/batchllm-no-such-folder/latin.parquet"\nencoding = "latin-1"\n'
+    )
+    result = run_cli(["validate", str(job)])
+    assert result.exit_code == 2 and "there is no folder /batchllm-no-such-folder" in result.stderr
+    job.write_text('input = "latin.csv"\noutput = "out/latin.parquet"\nencoding = "latin-1"\n')
+    assert run_cli(["validate", str(job)]).exit_code == 0
+    assert not (tmp_path / "out").exists()  # validate makes nothing
+    result = run_cli(["run", "--job", str(job), "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    assert "made the folder" in result.stderr
+    table = pq.read_table(tmp_path / "out" / "latin.parquet")
+    assert table.column("prompt").to_pylist() == ["say café", "say thé"]

@@ -313,3 +313,30 @@ def test_bad_labeling_flags(sandbox, tmp_path: Path) -> None:
 def test_sandbox_faults_are_deterministic() -> None:
     assert fault("x", None, RATES) == fault("x", None, RATES)
     assert orjson.dumps(truth("I love it", LABELS)) == b'"positive"'
+
+
+def test_replies_cut_at_max_tokens_are_one_count_everywhere(sandbox_factory, tmp_path: Path) -> None:
+    """A cut-off answer makes its row invalid (with --reask 0) and was billed all the same: the
+    output's column, the summary, the report and status count it."""
+    box = sandbox_factory(label_truncated=0.3, seed=7)
+    out = tmp_path / "o.parquet"
+    result = run_labels(box, labeling_input(tmp_path, 80), out, "--reask", "0")
+    assert result.exit_code == 1, result.output
+    rows = pq.read_table(out).to_pylist()
+    cut = sum(bool(r["truncated"]) for r in rows)
+    assert cut > 0 and all(r["status"] == "invalid" for r in rows if r["truncated"])
+    summary = orjson.loads(pq.read_metadata(out).metadata[b"batchllm"])
+    assert summary["rows"]["truncated"] == cut
+    assert f"{cut:,} replies cut at max_tokens" in result.output
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    assert report["overall"]["truncated"] == cut
+    assert f"{cut:,} replies cut at max_tokens" in run_cli(["status", str(out)]).stdout
+
+
+def test_retry_errors_says_what_is_left_of_the_whole_file(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_out_of_set=0.3, seed=3)
+    src, out = labeling_input(tmp_path, 24), tmp_path / "o.parquet"
+    assert run_labels(box, src, out, "--reask", "0").exit_code == 1
+    invalid = sum(r["status"] == "invalid" for r in pq.read_table(out).to_pylist())
+    again = run_labels(box, src, out, "--reask", "0", "--retry-errors")
+    assert f"24 rows in {src}, {invalid} to send ({24 - invalid} already done)" in again.output

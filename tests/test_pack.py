@@ -16,7 +16,7 @@ from batchllm.labeling import pack
 from batchllm.labeling.spec import Labeling
 
 from .conftest import run_cli, spawn, summary_of, write_csv
-from .test_labeling import LABELS, labeling_input, run_labels
+from .test_labeling import LABELS, labeling_input, run_labels, texts
 
 PRICE_IN, PRICE_OUT = 310_000, 340_000  # picodollars per token
 CLEAN = {"pack_missing": 0.0, "pack_prose": 0.0, "pack_fenced": 0.0, "pack_decay": 0.0}
@@ -334,3 +334,35 @@ def test_cache_keeps_packed_answers_apart(sandbox_factory, tmp_path: Path) -> No
     assert all(r["cached"] and r["cost_usd"] == 0 and r["label"] in LABELS for r in rows)
     assert run("c", 1)["cache_hits"] == 0  # one row a request is never served a packed answer
     assert run("d", 5)["cache_hits"] == 0  # nor another pack size
+
+
+def test_a_mostly_cached_packed_run_is_counted_alike_by_summary_report_and_status(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """40 of 60 rows (one of them twice) answered from an earlier run's packs: the summary, the
+    report and status count the same rows from the cache and the same copy; the report's packing
+    line counts only the rows sent in packs, in the packs sent."""
+    box = sandbox_factory(**CLEAN)
+    rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(texts(60))]
+    rows.append({"id": "again", "text": rows[0]["text"]})  # a copy of a row the cache answers
+    first = run_labels(box, write_csv(tmp_path / "first.csv", rows[:40]), tmp_path / "a.parquet",
+                       "--pack", "10", "--temperature", "0")  # fmt: skip
+    assert first.exit_code == 0, first.output
+    sent = box.count()
+    out = tmp_path / "b.parquet"
+    second = run_labels(box, write_csv(tmp_path / "all.csv", rows), out, "--pack", "10", "--temperature", "0")
+    assert second.exit_code == 0, second.output
+    assert box.count() - sent == 2  # the 20 new rows, in two packs
+    assert "1 rows answered by an identical row's reply, 40 from the cache" in second.output
+    summary = summary_of(out)["rows"]
+    assert summary["from_cache"] == 40 and summary["answered_by_identical_rows"] == 1
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    assert report["overall"]["rows_from_cache"] == 40
+    assert report["overall"]["rows_answered_by_identical_rows"] == 1
+    packed = report["packing"]
+    assert packed["rows"] == 20 and packed["requests"] == 2 and packed["prompt_tokens_saved"] > 0
+    text = run_cli(["report", str(out)]).stdout
+    assert "packed: 20 rows in 2 requests (10.00 rows per request)" in text
+    assert "1 rows answered by an identical row's reply, 40 from the cache" in text
+    status = run_cli(["status", str(out)]).stdout
+    assert "never paid twice: 1 rows answered by an identical row's reply, 40 from the cache" in status

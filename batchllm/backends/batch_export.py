@@ -22,6 +22,7 @@ from ..engine.journal import Journal
 from ..engine.packed import packs_for
 from ..engine.plan import Prepared, prepare
 from ..fleet import FleetEndpoint
+from ..folders import make_folders
 from ..job import Job
 from ..reports.status import find_journal
 from .batch_packs import packed_lines
@@ -37,6 +38,7 @@ class Exported:
     lines: int = 0
     skipped_done: int = 0
     refused: int = 0
+    made_folder: Path | None = None  # the folder made for the file (folders.py)
 
 
 def request_rows(p: Prepared, journal: Journal | None) -> Any:
@@ -80,7 +82,7 @@ def export_batch(
     journal = Journal.open_readonly(find_journal(skip_done)) if skip_done is not None else None
     result = Exported()
     parts: list[Path] = []
-    path.parent.mkdir(parents=True, exist_ok=True)
+    result.made_folder = make_folders(path, "--output")
     out = None
     lines = size = 0
     try:

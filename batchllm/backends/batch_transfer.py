@@ -31,6 +31,7 @@ from ..engine.plan import Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..fleet import FleetEndpoint
+from ..folders import make_folders
 from ..job import Job
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
@@ -97,6 +98,9 @@ def import_batch(
     if via is not None:
         entries = {k: e._replace(endpoint=via.name) for k, e in entries.items()}
         splits = [(k, a._replace(endpoint=via.name)) for k, a in splits]
+    made = make_folders(job.output, "--output")
+    if made is not None:
+        warn(f"made the folder {made} for {job.output}")
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
@@ -156,7 +160,7 @@ def import_batch(
                 job.output, p.source, p.builder, journal, lambda t: summary(t, None), job.labeling,
                 fleet=via is not None,
             )  # fmt: skip
-            outcome.exit_code = ExitCode.ROW_ERRORS if totals.error or totals.invalid else ExitCode.OK
+            outcome.exit_code = ExitCode.ROW_ERRORS if totals.failed else ExitCode.OK
             outcome.pending = totals.pending
             outcome.summary = summary(totals, outcome.exit_code)
         finally:

@@ -131,9 +131,17 @@ class RequestFileBuilder:
             start,
             [line.custom_id for line in lines],
             [_hash(r) for r in requests],
-            ["\n".join(m.content for m in r.messages) for r in requests],
+            [_text(r) for r in requests],
             requests,
         )
+
+
+def _text(request: Request) -> str | None:
+    """All of a request's message text (for size bounds), or None when its user messages are
+    empty or only whitespace: such a request is not sent, as an empty CSV prompt is not."""
+    if not any(m.content.strip() for m in request.messages if m.role == "user"):
+        return None
+    return "\n".join(m.content for m in request.messages)
 
 
 def _hash(request: Request) -> str:

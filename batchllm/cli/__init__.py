@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = ExitCode.USAGE) -> int:
-    click.echo(f"batchllm: error: {message}", err=True)
+    for line in message.splitlines() or [""]:  # several problems found at once: a line each
+        click.echo(f"batchllm: error: {line}", err=True)
     return int(code)
 
 

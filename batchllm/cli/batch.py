@@ -7,9 +7,17 @@ from typing import Any
 
 import click
 
+from ..folders import folders_to_make
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
-from .options import CHECKPOINT_OPTION, JOB_OPTION, LEDGER_OPTION, REQUEST_OPTIONS, apply, collect
+from .options import (
+    CHECKPOINT_OPTION,
+    JOB_OPTION,
+    LEDGER_OPTION,
+    REQUEST_OPTIONS,
+    apply,
+    collect,
+)
 
 # A batch file for one endpoint of a fleet (fleet.batch_endpoint), and its replies priced there.
 FLEET_OPTIONS = [
@@ -100,8 +108,11 @@ def export_cmd(
             "several answers need `batchllm run`; export with --samples 1 (invalid answers imported "
             "are re-asked by `batchllm run --retry-errors`)"
         )
+    folders_to_make(target, "--output")  # refused before the input is read
     via = _via(job, fleet, fleet_endpoint)
     done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes, via=via)
+    if done.made_folder is not None:
+        click.echo(f"batchllm: made the folder {done.made_folder} for {target}", err=True)
     files = ", ".join(str(f) for f in done.files)
     click.echo(
         f"exported {done.lines:,} requests to {files}"

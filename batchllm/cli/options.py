@@ -12,7 +12,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL
+from ..folders import make_folders
+from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, Job
 from ..job_keys import JOB_KEYS
 from ..jobfile import load_job_file
 from ..providers import DEFAULT_PROVIDER, PROVIDERS
@@ -39,6 +40,11 @@ PROMPT_OPTIONS = [
         help="Input format, when the extension does not say.",
     ),
     click.option("--delimiter", help="CSV field separator: one character, or tab.  [default: ,]"),
+    click.option(
+        "--encoding",
+        help="Text encoding of a CSV or JSONL input without a byte-order mark, e.g. latin-1, cp1252, "
+        "utf-16-le (job key: encoding).  [default: utf-8; a UTF-8/16/32 byte-order mark is followed]",
+    ),
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
     click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
     click.option(
@@ -298,3 +304,17 @@ def collect(
         values["input"] = str(input_path)
         given.add("input")
     return values, job_file, frozenset(given)
+
+
+def make_output_folder(job: Job, path: Path | None = None) -> None:
+    """Make the folders the output (or ``path``) needs, and say which (folders.py decides)."""
+    made = make_folders(path or job.output, "--output")
+    if made is None:
+        return
+    note = f"made the folder {made} for {path or job.output}"
+    if job.log_format == "json":
+        from .progress import JsonReporter
+
+        JsonReporter().warning(note)
+    else:
+        click.echo(f"batchllm: {note}", err=True)

@@ -11,7 +11,7 @@ from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job
 from ..job_keys import parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
-from .options import RUN_OPTIONS, apply, collect
+from .options import RUN_OPTIONS, apply, collect, make_output_folder
 
 
 def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) -> Job:
@@ -178,6 +178,8 @@ def estimate_cmd(
         votes = votes_share(job.journal_dir, job.labeling, report["rows_to_send"])
         if votes["pilot_rows"]:
             report["votes"] = votes
+    if keep:
+        make_output_folder(job)  # a pilot made it already; else only now the input proved good
     if keep and not record_estimate(job, report):
         click.echo(
             f"note: not kept in {job.journal_dir}: it was written with other settings than these",
@@ -198,7 +200,7 @@ def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed:
     fleet = list(job.fleet)
     problems = fleet_problems(fleet, job, "--fleet")
     if problems:
-        raise JobError(problems[0])
+        raise JobError("\n".join(problems))
     seconds = parse_deadline(deadline) if deadline is not None else None
     if from_run is not None:
         observed = completions_of_run(from_run)

@@ -147,7 +147,8 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
         try:
             endpoints = load_fleet(fleet)
         except BatchLLMError as exc:
-            click.echo(f"invalid: {exc}", err=True)
+            for line in str(exc).splitlines():
+                click.echo(f"invalid: {line}", err=True)
             return ExitCode.USAGE
     bad = 0
     for path in job_files:

@@ -48,6 +48,7 @@ from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import Model
 from ..prompts import PromptBuilder, load_examples
 from ..providers import Provider, get_provider
+from ..sniff import is_utf8
 from .coordinator import Coordinator
 from .results import ClusterSetup, answered_already, result
 from .worker import Completer, fleet_keys, fleet_share, per_actor
@@ -105,6 +106,12 @@ def check_input(job: Job) -> tuple[list[str], InputFile, Provider, Model]:
     """Everything checked before Ray starts: Ray itself, the files, columns, model and prices."""
     import_ray()
     files, source = input_files(job.input, job.input_format, job.delimiter)
+    encoding = job.encoding if source.encoding == "utf-8" and job.encoding else source.encoding
+    if source.format == "csv" and not is_utf8(encoding):
+        raise JobError(
+            f"{source.path}: is {encoding} text; --engine ray reads UTF-8 CSV files: convert it "
+            f"(iconv -f {encoding} -t utf-8), or run it on the local engine"
+        )
     provider = get_provider(job.provider)
     model = check_model(job, provider)
     PromptBuilder(job, source.columns, str(job.input))

@@ -92,7 +92,7 @@ def result(
         observer.stopped(reason.value, message)
     if reason is not None:
         code = STOP_EXIT[reason]
-    elif totals.error or totals.invalid:
+    elif totals.failed:
         code = ExitCode.ROW_ERRORS
     else:
         code = ExitCode.OK

@@ -1,7 +1,8 @@
 """Which rows may be sent, and what each may cost at most: the same rules for run, estimate,
 export-batch and a cluster's actors.
 
-    Admission.reject   refused before sending: no prompt, too long, over the window
+    Admission.reject   refused before sending: no prompt (prompts.py says when a row has none),
+                       too long, over the window
     Admission.admit    a batch's rows that may leave: request, exact prompt tokens, worst case
 
 Token counts are exact with the model family's tokenizer (tokens.py), loaded on first use; a row
@@ -19,7 +20,7 @@ import orjson
 from ..job import Job
 from ..labeling.structured import Formats
 from ..pricing import Model
-from ..prompts import PromptBatch, RequestMaker
+from ..prompts import PromptBatch, RequestMaker, template_fields
 from ..providers import Provider
 from ..records import Message, Request
 from ..tokens import TokenCounter, counter_for
@@ -45,7 +46,16 @@ class Admission:
     def __init__(
         self, job: Job, provider: Provider, model: Model, prefix: tuple[Message, ...], *, count_all: bool
     ) -> None:
-        self.column = job.prompt_column
+        if job.template is not None:
+            fields = template_fields(job.template)
+            names = ", ".join(repr(c) for c in fields)
+            self.no_prompt = (
+                f"the --template's column {names} is empty in row "
+                if len(fields) == 1
+                else f"the --template's columns ({names}) are all empty in row "
+            )
+        else:
+            self.no_prompt = f"column {job.prompt_column!r} is empty in row "
         self.max_tokens = job.max_tokens
         self.window = model.context_window
         self.max_chars = provider.max_content_chars
@@ -109,7 +119,9 @@ class Admission:
         ``whole``: the row is a whole request from a request file, its messages checked already.
         """
         if user is None:
-            return Rejection("NoPrompt", f"column {self.column!r} is null in row {row} (not sent)")
+            if whole:
+                return Rejection("NoPrompt", f"request {row}'s user messages are empty (not sent)")
+            return Rejection("NoPrompt", f"{self.no_prompt}{row} (not sent)")
         if not whole and self.max_chars is not None and len(user) > self.max_chars:
             return Rejection(
                 "PromptTooLong",

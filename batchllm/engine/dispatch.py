@@ -309,8 +309,9 @@ class Dispatcher(Booking):
                         router.throttled(member, exc.retry_after)  # type: ignore[union-attr]
                     delay, give_up = 0.0, elapsed > backoff.max_total
                 else:
-                    if member is not None:
-                        router.failed(member)  # type: ignore[union-attr]
+                    if member is not None and not router.failed(member, exc):  # type: ignore[union-attr]
+                        self.request_stop(StopReason.API, router.none_left())  # type: ignore[union-attr]
+                        return None, attempt, 0.0  # the endpoints' fault, not the row's: pending
                     failures += 1
                     delay = backoff.delay(failures, exc.retry_after)
                     give_up = backoff.gives_up(failures, elapsed, delay)
@@ -323,14 +324,19 @@ class Dispatcher(Booking):
                     await self._sleep(delay)
                 continue
             except RunStopError as exc:
-                if member is not None and router.lose(member, exc):  # type: ignore[union-attr]
-                    answered = True  # refused, so not billed: the same request goes elsewhere
-                    continue  # this endpoint is out: the row goes to another
+                if member is not None:
+                    if router.lose(member, exc):  # type: ignore[union-attr]
+                        answered = True  # refused, so not billed: the same request goes elsewhere
+                        continue  # this endpoint is out: the row goes to another
+                    self.request_stop(StopReason.API, router.none_left())  # type: ignore[union-attr]
+                    return None, attempt, 0.0
                 # Not the row's fault: leave it pending for the run that follows the fix.
                 self.stop_error = exc
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
+                if member is not None:
+                    router.heard(member)  # type: ignore[union-attr]
                 if refusable is not None and (plain := refusable.refused(exc, body)) is not None:
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue

@@ -352,7 +352,8 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         """Completion tokens and requests of every answered row (what an estimate learns from);
         a cached reply's row paid 0 tokens, so its length comes from ``meta`` (one request)."""
         rows = self.conn.execute(
-            "SELECT completion_tokens, attempts FROM rows WHERE completion_tokens IS NOT NULL "
+            # A row answered took a request at least, even one whose re-asks the cache answered.
+            "SELECT completion_tokens, MAX(attempts, 1) FROM rows WHERE completion_tokens IS NOT NULL "
             "AND answered_by IS NULL AND cached IS NOT 1"
         ).fetchall()
         completions, requests = [int(r[0]) for r in rows], [int(r[1]) for r in rows]

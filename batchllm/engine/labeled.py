@@ -126,22 +126,10 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         stats.cost_pico += billed
         d.charged(result, billed, pt, ct)
         d.limiter.on_success()
-        return (
-            Attempt(
-                step.sample,
-                step.kind,
-                result.text,
-                pt,
-                ct,
-                in_cost,
-                out_cost,
-                truncated,
-                endpoint=result.endpoint,
-                confidence=sure,
-            ),
-            n,
-            latency_ms,
-        )
+        # Positional, as records.Entry is built (keywords cost half as much again, per request).
+        attempt = Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated,
+                          None, None, result.endpoint, sure)  # fmt: skip
+        return attempt, n, latency_ms
     finally:
         if not capped or worst:
             budget.settle(worst, billed)
@@ -216,18 +204,23 @@ def book(
         asked = sum(1 for a in attempts if a.kind not in ("split", "cached"))
         extra["alone_prompt_tokens"] = item.prompt_tokens * asked
     some = bool(attempts)
-    # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).
-    endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
-    where = ",".join(endpoints) or None
-    model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
+    if len(attempts) == 1:  # most rows: one request, booked without building the lists below
+        where = attempts[0].endpoint or None
+        model = d.model_at(where)
+        cached = True if attempts[0].kind == "cached" else None
+    else:
+        # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).
+        endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
+        where = ",".join(endpoints) or None
+        model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
+        cached = True if some and all(a.kind == "cached" for a in attempts) else None
     d.record(
         item,
         Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
               in_cost if some and priced else None, out_cost if some and priced else None, message,
               error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
-              item.key or None, None, True if some and all(a.kind == "cached" for a in attempts) else None,
-              where),
+              item.key or None, None, cached, where),
     )  # fmt: skip
 
 

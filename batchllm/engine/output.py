@@ -26,6 +26,7 @@ from ..labeling.spec import Labeling
 from ..pricing import to_usd
 from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
+from . import counts
 from .journal import Journal
 from .parquet_file import replacing
 
@@ -80,8 +81,16 @@ class Totals:
         self.prompt_tokens = self.completion_tokens = 0
         self.input_cost_pico = self.output_cost_pico = 0
         self.invalid = 0  # labeling rows whose answers never validated
+        self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
+        self.from_cache = self.copied = 0  # rows answered without a request (counts.py)
+
+    @property
+    def failed(self) -> int:
+        """Rows that failed in a way a retry may mend: not the rows without a prompt, which no
+        run will send, so they alone leave a run's exit code 0."""
+        return self.error - self.no_prompt + self.invalid
 
     @property
     def cost_pico(self) -> int:
@@ -97,8 +106,11 @@ class Totals:
             "ok": self.ok,
             "error": self.error,
             "invalid": self.invalid,
+            "no_prompt": self.no_prompt,
             "pending": self.pending,
             "truncated": self.truncated,
+            "from_cache": self.from_cache,
+            "answered_by_identical_rows": self.copied,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "input_cost_pico": self.input_cost_pico,
@@ -190,8 +202,11 @@ def _result_columns(
         cols["answered_by"][i] = e.answered_by
         cols["cached"][i] = bool(e.cached)
         cols["finished_at"][i] = int(e.finished_at * 1000)
+        totals.from_cache += counts.from_cache(e)
+        totals.copied += counts.copied(e)
         if e.status == "error":
             totals.error += 1
+            totals.no_prompt += e.error_class == "NoPrompt"
         elif e.status == "invalid":
             totals.invalid += 1
         else:
@@ -213,7 +228,7 @@ def _costs(
     if e.prompt_tokens is not None:
         cols["truncated"][i] = bool(e.truncated)
         cols["tokens_counted"][i] = bool(e.tokens_counted)
-        totals.truncated += bool(e.truncated)
+        totals.truncated += counts.truncated(e)
     totals.prompt_tokens += pt
     totals.completion_tokens += ct
     ic, oc = e.input_cost_pico, e.output_cost_pico

@@ -83,7 +83,7 @@ class Prepared:
 def prepare(job: Job) -> Prepared:
     """Check the job against its provider and input: model, prices, file, columns, ids."""
     provider = get_provider(job.provider)
-    source = InputFile(job.input, job.input_format, job.delimiter)
+    source = InputFile(job.input, job.input_format, job.delimiter, job.encoding)
     builder: Builder
     if source.format == "jsonl":
         from ..backends.openai_batch import RequestFileBuilder
@@ -97,11 +97,12 @@ def prepare(job: Job) -> Prepared:
             job = replace(job, model=model_name)
         builder = request_builder
     else:
-        builder = PromptBuilder(job, source.columns, str(job.input))
+        builder = PromptBuilder(job, source.columns, str(job.input), source.delimiter_hint)
         check_no_clash(source.columns, str(job.input))
         rows = source.count_rows()
         if rows == 0:
             raise JobError(f"{job.input}: the file has a header but no rows")
+        builder.check_some_prompt(source.batches(builder.read_columns), rows)
         if job.id_column is not None:
             _check_unique_ids(source, job.id_column)
     model = check_model(job, provider)

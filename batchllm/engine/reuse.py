@@ -27,6 +27,8 @@ from .cache import Cached, ResponseCache, cache_key
 from .journal import Journal
 
 Record = Callable[[Entry], None]
+CACHED_REPLIES = "cached_replies"  # meta: what the cache served, as if sent (``Reuse.remember``)
+_TALLY = ("replies", "prompt_tokens", "completion_tokens", "cost_pico")
 
 
 class Reuse:
@@ -65,6 +67,7 @@ class Reuse:
         # Completion lengths of the cached replies served: what an estimate learns from when a
         # run (a pilot) is answered from the cache (journal.observed).
         self.hit_lengths: Counter[int] = Counter()
+        self.hit_tokens = [0, 0]  # the served replies' prompt and completion tokens, as billed once
 
     def screen(self, rows: Sequence[tuple[str, str, Request]]) -> list[str | None]:
         """Per row (row_id, content_hash, request): its key if it must be sent, None if answered."""
@@ -152,6 +155,7 @@ class Reuse:
                 latency_ms=None,
                 finished_at=time.time(),
                 answered_by=source.answered_by or source.row_id,
+                cached=None,  # answered by that row, not by the cache (counts.py)
             )
         )
         self.copies += 1
@@ -161,6 +165,21 @@ class Reuse:
         self.saved_pico += (would_in or 0) + (would_out or 0)
         self.hits += 1
         self.hit_lengths[hit.completion_tokens] += 1
+        self.hit_tokens[0] += hit.prompt_tokens
+        self.hit_tokens[1] += hit.completion_tokens
+
+    def remember(self, journal: Journal) -> None:
+        """Keep what the cache served in the journal: its replies' lengths (``journal.observed``)
+        and, as if sent, their requests, tokens and cost (a pilot projects from them,
+        reports/pilot.py). A packed reply's row is served its share of its pack's request."""
+        if not self.hits:
+            return
+        journal.add_cached_lengths(self.hit_lengths)
+        before = journal.get_meta(CACHED_REPLIES) or {}
+        now = (self.hits, *self.hit_tokens, self.saved_pico)
+        journal.set_meta(
+            CACHED_REPLIES, {k: int(before.get(k, 0)) + v for k, v in zip(_TALLY, now, strict=True)}
+        )
 
     def _cache_key(self, request: Request) -> str:
         return cache_key(self.endpoint_id, (f"packed {self.packed}:" if self.packed else "") + request.key())

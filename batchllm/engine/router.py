@@ -13,8 +13,10 @@ lets a request leave.
 Failing over: ``BENCH_AFTER`` failures in a row without an answer (timeouts, dropped connections,
 5xx) bench an endpoint for ``BENCH_S`` seconds, doubling while it keeps failing; after a bench it
 takes one request at a time (a probe) until one succeeds. A rejected key, an exhausted quota or
-a model it does not serve takes it out for the rest of the run, with one warning naming its key
-variable; its rows go to the others, and the run stops only when none is left.
+a model it does not serve takes it out for the rest of the run, with one warning saying why; its
+rows go to the others. The run stops (exit 4) when none is left: every endpoint out, or failing
+every request with no answer for ``GIVE_UP_S`` seconds (a refused port is benched, not out, as
+it may come back, so a fleet of dead ones would otherwise wait for a probe to succeed forever).
 
 A body is encoded once, for the job's provider and model; an endpoint of another provider or
 model name gets it re-encoded (``rebody``), a few microseconds a request.
@@ -35,12 +37,13 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..access import is_loopback
-from ..errors import JobError, RunStopError
+from ..errors import APIError, JobError, RunStopError
 from ..fleet import FleetEndpoint
 from ..pricing import Model, usd_text
 from ..providers import Provider, get_provider
 from ..records import Completion
 from .client import Client
+from .deadline import paces
 from .ratelimit import RateLimiter
 
 MARGIN = 0.99  # of an endpoint's stated rpm
@@ -54,6 +57,7 @@ REPLAN_S = 2.0
 BENCH_AFTER = 3
 BENCH_S = 5.0
 BENCH_MAX_S = 60.0
+GIVE_UP_S = 30.0  # an endpoint failing this long with no answer is not waited for, if none is
 
 
 def rebody(body: bytes, source: Provider, target: Provider, model: str) -> bytes:
@@ -122,9 +126,14 @@ class Member:
         self.benched_until = 0.0
         self.bench_s = BENCH_S
         self.probing = False
-        self.gone: str | None = None  # why it is out for the rest of the run
+        self.gone: str | None = None  # why it is out for the rest of the run ("auth", "quota", "model")
+        self.cause: str | None = None  # why it is out, or the last failure with no answer, in words
+        self.failing_since: float | None = None  # its first failure since its last answer
         self.paced: RateLimiter | None = None  # --deadline: the share of the rows the plan gives it
         self.idle = False  # --deadline: the plan needs none of it now
+        # What orders the fleet: a request with as many prompt as reply tokens.
+        prices = self.model.prices
+        self.price = prices.input_pico + prices.output_pico if prices is not None else 2**62
         self._same = self.provider.name == primary.name and self.model.name == primary_model
         self._primary = primary
         self.counts = Counts()
@@ -188,32 +197,30 @@ class Router:
         self._replan(self.clock())
 
     def _replan(self, now: float) -> None:
-        """The cheapest mix that ends by the deadline, from what is left and what each endpoint
-        carries now (its limit, and its slots over the latency it shows): the cheapest endpoints
-        at full pace, the next one at the pace the rest needs, the dearer ones idle. Aimed at
-        ``AIM`` of the time left, so the last replies land before the deadline; made again every
-        ``REPLAN_S`` seconds. When no mix can make it, every endpoint runs at full pace."""
+        """The cheapest mix that ends by the deadline (deadline.py), from what is left and what
+        each endpoint carries now (its limit, and its slots over the latency it shows; nothing
+        while benched). Aimed at ``AIM`` of the time left, so the last replies land before the
+        deadline; made again every ``REPLAN_S`` seconds. When no mix can make it, every endpoint
+        runs at full pace."""
         assert self.deadline is not None
         self._replan_at = now + REPLAN_S
         left, time_left = self._left(), (self.deadline - now) * AIM
         live = [m for m in self.members if m.gone is None]
         need = left / time_left if time_left > 0 else float("inf")
-        if need > sum(m.capacity() for m in live):
-            for m in live:
-                m.paced, m.idle = None, False
-            self.plan_note = f"no mix of endpoints ends {left:,} requests by the deadline: all at full pace"
-            return
+        carries = [m.capacity() if now >= m.benched_until else 0.0 for m in live]
+        plan = paces([m.price for m in live], carries, need) if live else None
         self.plan_note = None
-        for m in live:
-            share = min(m.capacity(), need)
-            need -= share
-            m.idle = share <= 0
-            if share >= m.capacity() * 0.999 or m.idle:
+        if plan is None:
+            plan = [None] * len(live)
+            self.plan_note = f"no mix of endpoints ends {left:,} requests by the deadline: all at full pace"
+        for m, pace in zip(live, plan, strict=True):
+            m.idle = pace == 0
+            if pace is None or m.idle:
                 m.paced = None  # full pace (only its own limits hold it), or none at all
             elif m.paced is None:
-                m.paced = RateLimiter(share * 60.0, clock=self.clock)
+                m.paced = RateLimiter(pace * 60.0, clock=self.clock)
             else:  # the same grid at the new pace: a new limiter would let one leave at once
-                m.paced.rate = share * 60.0
+                m.paced.rate = pace * 60.0
 
     async def __aenter__(self) -> Router:
         for m in self.members:
@@ -280,6 +287,8 @@ class Router:
                 for m in self.members
                 if m.gone is None and not m.idle and m.in_flight < (1 if m.probing else m.concurrency)
             ]
+            if self.deadline is not None:  # a new plan may give an idle endpoint a pace
+                times.append(self._replan_at)
             if times:  # else a request ending pumps again
                 delay = max(0.0, min(times) - now - EARLY)
                 self._timer = asyncio.get_running_loop().call_later(delay, self._pump)
@@ -293,40 +302,94 @@ class Router:
     def answered(self, m: Member, latency_ms: float) -> None:
         m.counts.ok += 1
         m.counts.latency_ms += latency_ms
-        m.failures = 0
+        self.heard(m)
         if m.probing:
             m.probing = False
             m.bench_s = BENCH_S
         m.limiter.on_success()
 
+    def heard(self, m: Member) -> None:
+        """The endpoint answered (a reply, a 429, a request it rejects): it is up."""
+        m.failures = 0
+        m.failing_since = None
+
     def throttled(self, m: Member, retry_after: float | None) -> None:
         m.counts.throttled += 1
+        self.heard(m)
         m.limiter.on_throttle(retry_after)
 
-    def failed(self, m: Member) -> None:
-        """A failure with no answer (timeout, dropped connection, 5xx): bench after a few."""
+    def failed(self, m: Member, exc: APIError) -> bool:
+        """A failure with no answer (timeout, dropped connection, 5xx): bench after a few. True
+        while an endpoint is left to wait for (see ``left``)."""
+        now = self.clock()
         m.counts.errors += 1
         m.failures += 1
+        if m.failing_since is None:
+            m.failing_since = now
+        m.cause = exc.message if exc.status is None else f"HTTP {exc.status}: {exc.message}"
         if m.failures >= BENCH_AFTER or m.probing:
-            m.benched_until = self.clock() + m.bench_s
+            m.benched_until = now + m.bench_s
             m.bench_s = min(BENCH_MAX_S, m.bench_s * 2)
             m.probing = True
             m.failures = 0
+        return self.left()
 
     def lose(self, m: Member, exc: RunStopError) -> bool:
-        """A key, quota or model problem: ``m`` is out for the run. True while others remain."""
+        """A key, quota or model problem: ``m`` is out for the run. True while an endpoint is
+        left to wait for (see ``left``)."""
         if m.gone is None:
             m.gone = exc.reason or "stopped"
-            var = m.spec.key_env or "its key variable"
-            self.warn(
-                f"endpoint {m.name!r} is out for this run ({exc.describe()}; key from {var}): its rows go to the others"
-            )
-        left = any(x.gone is None for x in self.members)
+            m.cause = out_cause(m, exc)
+            if self.left():
+                self.warn(f"endpoint {m.name!r} is out for this run: it {m.cause}; its rows go to the others")
         self._pump()
-        return left
+        return self.left()
+
+    def left(self) -> bool:
+        """Is an endpoint left that may still answer: not out, and not failing every request
+        with no answer for ``GIVE_UP_S`` (one never tried, or benched a short while, may)?"""
+        now = self.clock()
+        return any(
+            m.gone is None and (m.failing_since is None or now - m.failing_since < GIVE_UP_S)
+            for m in self.members
+        )
+
+    def none_left(self) -> str:
+        """Why the run stops when ``left()`` is false: each endpoint and its cause, in words."""
+        now = self.clock()
+        causes = []
+        for m in self.members:
+            if m.gone is None and m.failing_since is not None:
+                causes.append(
+                    f"{m.name!r} has answered nothing for {now - m.failing_since:.0f} s ({m.cause})"
+                )
+            else:
+                causes.append(f"{m.name!r} {m.cause}")
+        return "no endpoint of the fleet is left to send to: " + "; ".join(causes)
 
     def summary(self) -> dict[str, Any]:
-        return {m.name: m.counts.describe(m.gone) for m in self.members}
+        down = not self.left()  # the run stopped for want of an endpoint: say which never answered
+        return {
+            m.name: m.counts.describe(
+                m.gone or ("no answer" if down and m.failing_since is not None else None)
+            )
+            for m in self.members
+        }
+
+
+def out_cause(m: Member, exc: RunStopError) -> str:
+    """Why a key, quota or model problem takes ``m`` out, in words; its key variable is named
+    only when the fleet file names one (without, the endpoint got no key at all)."""
+    said = f"HTTP {exc.status}: {exc.message}" if exc.status is not None else exc.message
+    var = m.spec.key_env
+    if exc.reason == "model":
+        return f"does not serve the model {m.model.name!r} ({said})"
+    if exc.reason == "quota":
+        whose = f"the key from {var}" if var else "its account"
+        return f"says the quota of {whose} is used up ({said})"
+    if var:
+        return f"rejected the key from {var} ({said})"
+    return f"wants a key ({said}): name the variable that holds it with key_env in the fleet file"
 
 
 def fleet_router(
@@ -355,9 +418,4 @@ def fleet_router(
                     f"fleet endpoint {spec.name!r}: its key would cross the network in clear text; use https"
                 )
         members.append(Member(spec, key, timeout, primary, primary_model))
-
-    def price(m: Member) -> int:
-        p = m.model.prices
-        return p.input_pico + p.output_pico if p is not None else 2**62
-
-    return Router(sorted(members, key=price), warn)
+    return Router(sorted(members, key=lambda m: m.price), warn)

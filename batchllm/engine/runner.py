@@ -150,13 +150,16 @@ class Run:
     async def _execute(self, journal: Journal, endpoint: Endpoint, started_at: float) -> RunResult:
         job, p = self.job, self.p
         self.started_at = started_at
+        todo = self.plan.todo(journal)
         self.observer.start(
             {
                 "input": str(job.input),
                 "output": str(job.output),
                 "rows": p.rows,
-                "todo": self.plan.todo(journal),
-                "done_before": journal.rows_before,
+                "todo": todo,
+                # What is not sent is done: the two add up to the input (a pilot sends a sample
+                # of it, so its rows done before are the journal's).
+                "done_before": journal.rows_before if self.kind == "pilot" else max(0, p.rows - todo),
                 "provider": p.provider.name,
                 "model": p.model.name,
                 "endpoint": endpoint.url,
@@ -333,8 +336,8 @@ class Run:
                 )
             return out
 
-        if self.reuse is not None and self.reuse.hit_lengths and reason is not StopReason.JOURNAL:
-            journal.add_cached_lengths(self.reuse.hit_lengths)
+        if self.reuse is not None and reason is not StopReason.JOURNAL:
+            self.reuse.remember(journal)
         # With the journal unwritable the disk is likely full: leave the output as it was.
         if self.write and not self.hard_stop.is_set() and reason is not StopReason.JOURNAL:
             journal.flush()
@@ -350,7 +353,7 @@ class Run:
             output = job.output
         if reason is not None:
             code = STOP_EXIT[reason]
-        elif totals is not None and (totals.error or totals.invalid):
+        elif totals is not None and totals.failed:
             code = ExitCode.ROW_ERRORS
         else:
             code = ExitCode.OK

@@ -147,8 +147,11 @@ def build_summary(
             "ok": totals.ok,
             "error": totals.error,
             "invalid": totals.invalid,
+            "no_prompt": totals.no_prompt,  # of the errors: never sent, nothing to ask
             "pending": totals.pending,
             "truncated": totals.truncated,
+            "from_cache": totals.from_cache,
+            "answered_by_identical_rows": totals.copied,
         }
         out["tokens"] = {
             "prompt": totals.prompt_tokens,
@@ -203,6 +206,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         state = "complete" if summary["complete"] else "INCOMPLETE"
         lines.append(
             f"done ({state}): {rows['ok']:,} ok, {rows['error']:,} failed"
+            + (f" ({rows['no_prompt']:,} without a prompt, not sent)" if rows.get("no_prompt") else "")
             + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
             + f" of {rows['total']:,} rows"
@@ -224,10 +228,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "
         f"{summary['duration_s']:,.1f} s"
     )
-    if t.get("answered_by_other_rows") or t.get("cache_hits"):
+    # The output's rows, counted as ``report`` and ``status`` count them (counts.py); what the
+    # cache saved is this run's (``this_run.cache_hits`` counts its requests the cache answered).
+    copies = rows.get("answered_by_identical_rows", 0) if rows else t.get("answered_by_other_rows", 0)
+    cached = rows.get("from_cache", 0) if rows else t.get("cache_hits", 0)
+    if copies or cached or t.get("cache_hits"):
         lines.append(
-            f"never paid twice: {t['answered_by_other_rows']:,} rows answered by an identical row's reply, "
-            f"{t['cache_hits']:,} from the cache (saved ${t['cache_saved_usd']})"
+            f"never paid twice: {copies:,} rows answered by an identical row's reply, {cached:,} from the "
+            f"cache (this run's cache hits saved ${t.get('cache_saved_usd') or '0'})"
         )
     for name, e in (summary.get("endpoints") or {}).items():
         lines.append(

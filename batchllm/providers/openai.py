@@ -112,7 +112,8 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
         prompt,
         completion,
         finish if isinstance(finish, str) else None,
-        logprobs=tokens if isinstance(tokens, list) else None,
+        None,
+        tokens if isinstance(tokens, list) else None,
     )
 
 

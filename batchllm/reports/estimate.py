@@ -69,7 +69,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # hash, 8 bytes a row, so memory stays flat.
     digests = np.zeros(p.rows, dtype=np.uint64)
     over: list[str] = []
-    over_count = empty = 0
+    over_count = empty = too_long = 0
     position = 0
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
@@ -89,10 +89,15 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                     over_count += 1
                     if len(over) < MAX_LISTED:
                         over.append(pb.row_ids[i])
-                else:
+                elif refused.error_class == "NoPrompt":
                     empty += 1
+                else:
+                    too_long += 1
             counts[position + i] = tokens
-        digests[position : position + batch.num_rows] = [int(h[:16], 16) for h in pb.hashes]
+        # A row without a prompt hashes as "null"; it is never sent, so never counted (mask).
+        digests[position : position + batch.num_rows] = [
+            0 if h == "null" else int(h[:16], 16) for h in pb.hashes
+        ]
         position += batch.num_rows
     mask = counts > 0
     _, first = np.unique(digests[mask], return_index=True)
@@ -137,7 +142,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "rows_answered_by_identical_rows": duplicates,
         "rows_over_window": over_count,
         "rows_over_window_ids": over,
-        "rows_without_prompt": empty,
+        "rows_without_prompt": empty,  # null, empty or only whitespace (prompts.py): never sent
+        "rows_too_long": too_long,  # over the API's characters a message
         "prompt_tokens": {
             "total": prompt_tokens,
             "mean": round(float(sendable.mean()), 1) if rows_sent else 0,
@@ -146,7 +152,11 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "max": int(sendable.max()) if rows_sent else 0,
         },
         "max_tokens": job.max_tokens,
-        "requests": {"per_row_worst_case": per_row, "worst_case": worst_requests},
+        "requests": {
+            "per_row_worst_case": per_row,
+            "worst_case": worst_requests,
+            "reasks": labeling.reask if labeling is not None else 0,  # re-asks exist only in labeling
+        },
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
         "tokens_worst_case": {"prompt": worst_prompt, "completion": worst_out},
@@ -191,7 +201,8 @@ def completions_of_run(path: Path) -> Observed:
     values = [int(v) for v in ok.column("completion_tokens").to_pylist()]
     if not values:
         raise JobError(f"--from-run {path}: no answered rows to learn completion lengths from")
-    return Observed(values, [int(v or 0) for v in ok.column("attempts").to_pylist()])
+    # A row answered needed a request, even one the cache or an identical row answered here.
+    return Observed(values, [max(1, int(v or 0)) for v in ok.column("attempts").to_pylist()])
 
 
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
@@ -254,14 +265,21 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             f"{e['rows_over_window']:,}"
             + (f" ({', '.join(e['rows_over_window_ids'])})" if e["rows_over_window_ids"] else ""),
         ),
-        ("rows without a prompt", f"{e['rows_without_prompt']:,}"),
+        ("rows without a prompt (not sent)", f"{e['rows_without_prompt']:,}"),
+        *(
+            [("rows too long for the API (not sent)", f"{e['rows_too_long']:,}")]
+            if e.get("rows_too_long")
+            else []
+        ),
         (
             "prompt tokens",
             f"{pt['total']:,} (mean {pt['mean']:,}, p50 {pt['p50']:,}, p95 {pt['p95']:,}, max {pt['max']:,})",
         ),
         ("prompt cost", _usd(money["prompt"])),
         (
-            f"worst case (every request re-asked, every reply {e['max_tokens']:,} tokens)",
+            "worst case ("
+            + ("every request re-asked, " if (e.get("requests") or {}).get("reasks") else "")
+            + f"every reply {e['max_tokens']:,} tokens)",
             _usd(money["worst_case"]),
         ),
     ]

@@ -20,10 +20,14 @@ _ALONE = (
     "SELECT COALESCE(SUM(attempts), 0) FROM rows WHERE answered_by IS NULL "
     "AND json_extract(extra, '$.pack_id') IS NULL"
 )
+# Rows a sent pack answered (a row the cache answered whole took no request; an identical
+# row's copy neither): each keeps what its own requests' prompts would have been alone.
 _SAVED = (
     "SELECT COUNT(*), COALESCE(SUM(json_extract(extra, '$.alone_prompt_tokens')), 0), "
-    "COALESCE(SUM(prompt_tokens), 0) FROM rows WHERE answered_by IS NULL "
-    "AND json_extract(extra, '$.alone_prompt_tokens') IS NOT NULL"
+    "COALESCE(SUM(prompt_tokens), 0) FROM rows AS r WHERE answered_by IS NULL "
+    "AND json_extract(extra, '$.alone_prompt_tokens') IS NOT NULL "
+    "AND (COALESCE(json_extract(extra, '$.pack_id'), 'cache') != 'cache' OR EXISTS (SELECT 1 FROM "
+    "attempts AS a WHERE a.row_id = r.row_id AND a.pack_id IS NOT NULL AND a.pack_id != 'cache'))"
 )
 
 

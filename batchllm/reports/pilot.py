@@ -9,6 +9,7 @@ rows). The cheapest size whose accuracy is within one point of the smallest size
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 
 from ..engine.journal import Journal
+from ..engine.reuse import CACHED_REPLIES
 from ..labeling.spec import Labeling
 from ..pricing import usd_text
 from .packing import requests_made
@@ -29,7 +31,9 @@ def pilot_dir(journal_dir: Path, size: int) -> Path:
 
 
 def size_line(size: int, journal_dir: Path, accuracy: dict[str, Any], rows: int, rpm: int) -> dict[str, Any]:
-    """One size's line, from its pilot's journal and run."""
+    """One size's line, from its pilot's journal and run. Replies the cache served count as if
+    sent (their requests, tokens and cost when first paid for): a size the cache answers is
+    projected at what it costs, not at the nothing its pilot paid."""
     journal = Journal.open_readonly(journal_dir)
     try:
         n, invalid, prompt = journal.conn.execute(
@@ -37,18 +41,25 @@ def size_line(size: int, journal_dir: Path, accuracy: dict[str, Any], rows: int,
         ).fetchone()
         spent = journal.spent_pico()
         requests = requests_made(journal)
+        cached = journal.get_meta(CACHED_REPLIES) or {}
     finally:
         journal.conn.close()
+    served = int(cached.get("replies", 0))
+    # A packed reply is cached per row: its row's share of one request of ``size`` rows.
+    requests += math.ceil(served / size)
+    prompt += int(cached.get("prompt_tokens", 0))
+    as_sent = spent + int(cached.get("cost_pico", 0))
     correct = round(accuracy["accuracy"] * accuracy["rows"])
-    per_row = spent / n if n else 0
+    per_row = as_sent / n if n else 0
     return {
         "pack": size,
         "rows": n,
         "requests": requests,
+        "replies_from_cache": served,
         "prompt_tokens_per_row": round(prompt / n, 1) if n else 0,
         "accuracy": accuracy,
         "invalid_rate": invalid / n if n else 0.0,
-        "usd_per_correct_label": usd_text(round(spent / correct)) if correct else None,
+        "usd_per_correct_label": usd_text(round(as_sent / correct)) if correct else None,
         "pilot_cost_usd": usd_text(int(spent)),
         "projected_cost_usd": usd_text(round(per_row * rows)),
         "projected_minutes": round(requests / n * rows / rpm, 1) if n else 0.0,
@@ -104,4 +115,13 @@ def format_table(table: dict[str, Any], fmt: str) -> str:
             f"${x['projected_cost_usd']}", f"{x['projected_minutes']:,} min{mark}",
         ])  # fmt: skip
     title = f"pilot of {table['pilot_rows']:,} rows at each pack size, scored against {table['gold']!r}"
-    return "\n".join([title, *grid(header, body, fmt == "markdown")])
+    lines = [title, *grid(header, body, fmt == "markdown")]
+    cached = [x for x in table["sizes"] if x["replies_from_cache"]]
+    if cached:
+        lines.append(
+            "answered from the cache: "
+            + ", ".join(f"pack {x['pack']} ({x['replies_from_cache']:,} replies)" for x in cached)
+            + "; counted as if sent (their requests, tokens and cost when first paid for); "
+            "the pilot paid " + ", ".join(f"${x['pilot_cost_usd']}" for x in cached)
+        )
+    return "\n".join(lines)

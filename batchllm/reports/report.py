@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ..engine.counts import RowCounts
+from ..engine.counts import of_frame as counts_of
 from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
@@ -134,13 +136,13 @@ def _prepared(frame: pd.DataFrame, summary: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def _reused(frame: pd.DataFrame) -> dict[str, Any]:
+def _reused(found: RowCounts, frame: pd.DataFrame) -> dict[str, Any]:
     """Rows that cost nothing because an identical row or the cache had the reply."""
     if "cached" not in frame.columns:
         return {}
     return {
-        "rows_answered_by_identical_rows": int(frame["answered_by"].notna().sum()),
-        "rows_from_cache": int(frame["cached"].fillna(False).astype(bool).sum()),
+        "rows_answered_by_identical_rows": found.answered_by_identical_rows,
+        "rows_from_cache": found.from_cache,
     }
 
 
@@ -201,12 +203,13 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
         return float(np.percentile(values, q)) if values.size else 0.0
 
     counts = frame["status"].value_counts()
+    found = counts_of(frame)
     return {
         "rows": int(len(frame)),
         "ok": int(counts.get("ok", 0)),
         "error": int(counts.get("error", 0)),
         "pending": int(counts.get("pending", 0)),
-        "truncated": int(ok["truncated"].fillna(False).astype(bool).sum()),
+        "truncated": found.truncated,
         "invalid": int(counts.get("invalid", 0)),
         "prompt_tokens": int(frame["prompt_tokens"].fillna(0).sum()),
         "completion_tokens": int(frame["completion_tokens"].fillna(0).sum()),
@@ -223,7 +226,7 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
             "p99": round(pct(latency, 99), 1),
         },
         "errors_by_class": {str(k): int(v) for k, v in frame["error_class"].value_counts().items()},
-        **_reused(frame),
+        **_reused(found, frame),
         **_split(frame, total_pico, priced),
         "_cost_pico": total_pico,
     }
@@ -381,7 +384,12 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             (
                 f"packed: {pk['rows']:,} rows in {pk['requests']:,} requests ({pk['rows_per_request']} rows per "
                 f"request); prompt tokens {pk['prompt_tokens']:,}, one row per request "
-                f"{pk['prompt_tokens_alone']:,}: {pk['prompt_tokens_saved']:,} saved"
+                f"{pk['prompt_tokens_alone']:,}: "
+                + (
+                    f"{pk['prompt_tokens_saved']:,} saved"
+                    if pk["prompt_tokens_saved"] >= 0
+                    else f"{-pk['prompt_tokens_saved']:,} more (too few rows a request to share the prefix)"
+                )
             ),
         ]
     if "reviewed" in report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..engine.counts import JOURNAL_SQL, RowCounts
 from ..engine.journal import DB_NAME, Journal
 from ..engine.lock import holder
 from ..errors import JobError
@@ -34,6 +35,7 @@ def status_text(path: Path) -> str:
         # While a run holds the journal, its log holds requests in flight now, not lost ones.
         lost = journal.maybe_billed(current=running is None)
         endpoints = journal.by_endpoint()
+        found = RowCounts(*journal.conn.execute(JOURNAL_SQL).fetchone())
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]
@@ -49,7 +51,13 @@ def status_text(path: Path) -> str:
         f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error"
         + (f", {invalid:,} invalid" if invalid else "")
         + f"){remaining}"
+        + (f"; {found.truncated:,} replies cut at max_tokens" if found.truncated else "")
     )
+    if found.from_cache or found.answered_by_identical_rows:
+        lines.append(
+            f"never paid twice: {found.answered_by_identical_rows:,} rows answered by an identical row's "
+            f"reply, {found.from_cache:,} from the cache"
+        )
     lines.append(
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"

@@ -1,0 +1,48 @@
+"""Folders for the files batchllm writes: missing ones are made only inside an existing folder the
+user may write, never at the top of the file system, and the CLI says which it made.
+
+A mistyped ``-o /nonexistent/dir/x.parquet`` is refused with the folder to make by hand, while
+``-o out/x.parquet`` in a fresh checkout makes ``out`` and says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import JobError
+
+
+def folders_to_make(path: Path, what: str) -> list[Path]:
+    """The missing folders above ``path``, outermost first; a ``JobError`` naming ``what`` (the
+    flag or key, e.g. ``-o``) when they may not be made."""
+    missing: list[Path] = []
+    folder = path.parent
+    while not folder.exists() and folder.parent != folder:  # bounded by the path's depth
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise JobError(f"{what} {path}: {folder} is a file, not a folder")
+    if not missing:
+        return []
+    top = missing[-1]
+    if folder.resolve().parent == folder.resolve():
+        raise JobError(
+            f"{what} {path}: there is no folder {top}; batchllm makes no folder at the top of the "
+            f"file system: make it first (mkdir -p {path.parent}) or check the path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise JobError(f"{what} {path}: there is no folder {top}, and {folder} is not writable")
+    return missing[::-1]
+
+
+def make_folders(path: Path, what: str) -> Path | None:
+    """Make the folders ``path`` needs (``folders_to_make``); the outermost one made, or None."""
+    missing = folders_to_make(path, what)
+    if not missing:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"{what} {path}: cannot make the folder {missing[0]}: {exc.strerror}") from None
+    return missing[0]
