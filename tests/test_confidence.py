@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import time
 from pathlib import Path
 
 import orjson
@@ -16,7 +18,7 @@ from batchllm.labeling.confidence import joint, of_pack, of_reply, value_span
 from batchllm.labeling.spec import Labeling, load_schema
 from batchllm.sandbox.labeler import truth
 
-from .conftest import ROOT, run_cli, write_csv
+from .conftest import ROOT, run_cli, spawn, write_csv
 from .test_review import _studio_export
 
 LABELS = ["positive", "negative", "neutral"]
@@ -263,6 +265,12 @@ def test_votes_only_where_the_first_answer_is_unsure(sandbox_factory, tmp_path: 
     rows = pq.read_table(some).to_pylist()
     voted = [r for r in rows if sum(dict(r["label_votes"] or []).values()) > 1]
     assert len(voted) == unsure
+    # --adaptive too: a voting row stops once two samples agree.
+    before = box.count()
+    args = ["--samples", "3", "--vote-below", "0.8", "--adaptive"]
+    result = run_openai(box, src, tmp_path / "adaptive.parquet", *labels, *args)
+    assert result.exit_code in (0, 1), result.output
+    assert n + unsure < box.count() - before < some_requests
 
 
 def test_a_pilot_projects_the_rows_that_will_vote(sandbox_factory, tmp_path: Path) -> None:
@@ -286,3 +294,32 @@ def test_a_pilot_projects_the_rows_that_will_vote(sandbox_factory, tmp_path: Pat
     rows = pq.read_table(out).to_pylist()
     voted = sum(sum(dict(r["label_votes"] or []).values()) > 1 for r in rows)
     assert abs(voted - votes["projected_rows"]) < 0.12 * n  # a pilot of 100 rows: within its error
+
+
+def test_sigkill_while_voting_resumes_to_the_same_votes(sandbox_factory, tmp_path: Path) -> None:
+    n = 300
+    src = reviews(tmp_path, n)
+    labels = ["--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8", "--concurrency", "8"]
+    reference = sandbox_factory(label_wrong=0.25)
+    assert run_openai(reference, src, tmp_path / "ref.parquet", *labels).exit_code in (0, 1)
+    expected_requests = reference.count()
+    box = sandbox_factory(label_wrong=0.25, latency=0.05)
+    out = tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai", *MODEL]
+    args += ["--rpm", "0", "--id-column", "id", "--cache", "off", *labels]
+    proc = spawn(args, env=box.openai_env())
+    deadline = time.monotonic() + 60
+    while box.count() < expected_requests // 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert box.count() < expected_requests
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code in (0, 1), result.output
+    done, ref = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "ref.parquet").to_pylist()
+    keys = ("id", "label", "label_votes", "status", "cost_usd")
+    assert [{k: r[k] for k in keys} for r in done] == [{k: r[k] for k in keys} for r in ref]
+    # A row whose first answer was journaled had gone on to vote; only requests in flight at the
+    # kill (at most --concurrency) were sent again.
+    assert expected_requests <= box.count() <= expected_requests + 8
+    assert sum(r["confidence"] is not None for r in done) == n - sum(r["status"] != "ok" for r in done)
