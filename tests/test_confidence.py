@@ -78,6 +78,11 @@ def test_the_value_tokens_joint_probability() -> None:
     assert got["mentions_price"] == pytest.approx(math.exp(-0.8))
     assert set(got) == {f.name for f in fields if f.scored}
     assert joint([{"token": "x"}], 0, 1) is None  # a token without its logprob: no confidence
+    # llama.cpp holding a reply to a schema writes it in a fence and returns the object alone.
+    fenced = tokens(("```", -9.0), ("json", -5.0), ("\n", 0.0), ('{"', 0.0), ("label", -3.0), ('": "', 0.0),
+                    ("positive", math.log(0.2)), ('"}', -2.0), ("\n", 0.0), ("```", 0.0))  # fmt: skip
+    assert of_reply(labels, '{"label": "positive"}', False, fenced) == pytest.approx(0.2)
+    assert of_reply(labels, "neutral", False, tokens(("something else", -0.1))) is None
 
 
 def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(

@@ -1,8 +1,9 @@
 """A labeling row's confidence: the probability the model gave the value it chose (``--confidence``).
 
 OpenAI-compatible servers asked for ``logprobs`` return one entry per token they wrote
-(``{"token", "logprob"}``). The tokens laid end to end are the reply, so the value's characters
-map to the tokens that wrote them; their joint probability is exp of the sum of their logprobs:
+(``{"token", "logprob"}``). The tokens laid end to end are the reply (or hold it: ``offset``), so
+the value's characters map to the tokens that wrote them; their joint probability is exp of the
+sum of their logprobs:
 
     a label             the label's characters (in ``{"label": "x"}``: the value's, quotes left out)
     a --json-schema     each enum or boolean field's value (``confidence_<field>``)
@@ -94,39 +95,61 @@ def value_span(text: str, key: str, lo: int = 0, hi: int | None = None) -> tuple
     return (i, j) if j > i else None
 
 
-def _label(text: str, label: str, tokens: list[Any], lo: int, hi: int) -> float | None:
+def offset(text: str, tokens: list[Any]) -> int | None:
+    """Where the reply starts in its tokens laid end to end: 0 when they write it from the first
+    character (most servers); llama.cpp holding a reply to a schema writes it in a code fence
+    (```json ... ```) and returns the object alone. None when the reply is not in them."""
+    try:
+        if tokens and text.startswith(tokens[0]["token"]) and (tokens[0]["token"] or len(tokens) == 1):
+            return 0
+        written = "".join(t["token"] for t in tokens)
+    except (KeyError, TypeError):
+        return None
+    at = written.find(text)
+    return at if at >= 0 else None
+
+
+def _label(text: str, label: str, tokens: list[Any], lo: int, hi: int, shift: int) -> float | None:
     """A label's probability in ``text[lo:hi]``: under a "label" key when the reply is an object,
     else where the label stands (a bare label, or one in prose)."""
     if text.find("{", lo, hi) >= 0:
         span = value_span(text, LABEL_FIELD, lo, hi)
         if span is not None:
-            return joint(tokens, *span)
+            return joint(tokens, span[0] + shift, span[1] + shift)
     at = text.lower().find(label.lower(), lo, hi)
     if at < 0:
         return None
-    return joint(tokens, at, at + len(label))
+    return joint(tokens, at + shift, at + len(label) + shift)
 
 
-def _fields(labeling: Labeling, text: str, tokens: list[Any], lo: int, hi: int) -> dict[str, float | None]:
+def _fields(
+    labeling: Labeling, text: str, tokens: list[Any], lo: int, hi: int, shift: int
+) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for f in labeling.fields:
         if f.scored:
             span = value_span(text, f.name, lo, hi)
-            out[f.name] = None if span is None else joint(tokens, *span)
+            out[f.name] = None if span is None else joint(tokens, span[0] + shift, span[1] + shift)
     return out
 
 
 def of_reply(labeling: Labeling, text: str, truncated: bool, tokens: list[Any]) -> Any:
     """A reply's confidence: a label's probability, or each scored field's (None where unknown)."""
+    shift = offset(text, tokens)
     if labeling.is_schema:
-        return _fields(labeling, text, tokens, 0, len(text))
+        if shift is None:
+            return {f.name: None for f in labeling.fields if f.scored}
+        return _fields(labeling, text, tokens, 0, len(text), shift)
     label, error = parse_label(text, labeling.labels, truncated)
-    return None if label is None else _label(text, label, tokens, 0, len(text))
+    return None if label is None or shift is None else _label(text, label, tokens, 0, len(text), shift)
 
 
 def of_pack(labeling: Labeling, text: str, items: list[str], tokens: list[Any]) -> list[Any]:
     """Each item's confidence in a packed reply ``{"1": ..., "2": ...}``, from its own tokens."""
     out: list[Any] = []
+    shift = offset(text, tokens)
+    if shift is None:
+        return [None] * len(items)
     lo = 0
     for n, item in enumerate(items, 1):
         span = value_span(text, str(n), lo) if item else None
@@ -135,10 +158,10 @@ def of_pack(labeling: Labeling, text: str, items: list[str], tokens: list[Any]) 
             continue
         lo = span[1]
         if labeling.is_schema:
-            out.append(_fields(labeling, text, tokens, *span))
+            out.append(_fields(labeling, text, tokens, *span, shift))
             continue
         label, _ = parse_label(item, labeling.labels, False)
-        out.append(None if label is None else _label(text, label, tokens, *span))
+        out.append(None if label is None else _label(text, label, tokens, *span, shift))
     return out
 
 
