@@ -101,6 +101,8 @@ def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(
     wrong = [r["confidence"] for r in scored if r["label"] != r["gold"]]
     assert 100 < len(wrong) < 200  # a quarter wrong
     gap = sum(right) / len(right) - sum(wrong) / len(wrong)
+    print(f"{len(scored)} of {len(rows)} rows with a confidence; right {sum(right) / len(right):.3f}, "
+          f"wrong {sum(wrong) / len(wrong):.3f}")  # fmt: skip
     assert gap >= 0.15, gap
     # eval's calibration is what the column says, computed here on its own: 10 equal-width bins.
     report = run_cli(["eval", str(out), "--gold", "gold", "--format", "json"])
@@ -119,6 +121,7 @@ def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(
     assert at80["accuracy"] == pytest.approx(sum(ok for _, ok in surest) / len(surest), abs=1e-12)
     assert set(e["accuracy_at_coverage"]) == {"0.5", "0.8", "0.9", "1.0"}
     assert e["accuracy_at_coverage"]["1.0"]["accuracy"] < at80["accuracy"]  # the surest are righter
+    print(f"ECE {e['ece']:.3f}; accuracy at coverage {e['accuracy_at_coverage']}")
     text = run_cli(["eval", str(out), "--gold", "gold"]).stdout
     assert f"ECE {ece:.3f}" in text and "most confident 80%" in text
     md = run_cli(["eval", str(out), "--gold", "gold", "--format", "markdown"]).stdout
@@ -328,3 +331,18 @@ def test_sigkill_while_voting_resumes_to_the_same_votes(sandbox_factory, tmp_pat
     # kill (at most --concurrency) were sent again.
     assert expected_requests <= box.count() <= expected_requests + 8
     assert sum(r["confidence"] is not None for r in done) == n - sum(r["status"] != "ok" for r in done)
+
+
+def test_an_overconfident_sandbox_shows_in_the_calibration(sandbox_factory, tmp_path: Path) -> None:
+    src = reviews(tmp_path, 300)
+    ece = {}
+    for over in (0.0, 0.7):
+        box = sandbox_factory(label_wrong=0.25, overconfident=over)
+        out = tmp_path / f"over-{over}.parquet"
+        assert run_openai(box, src, out, "--labels", ",".join(LABELS)).exit_code == 0
+        e = json.loads(run_cli(["eval", str(out), "--gold", "gold", "--format", "json"]).stdout)
+        ece[over] = e["ece"]
+        rows = pq.read_table(out).to_pylist()
+        assert e["ece"] == pytest.approx(_ece([(r["confidence"], r["label"] == r["gold"]) for r in rows]))
+    print(f"ECE calibrated {ece[0.0]:.3f}, overconfident 0.7 {ece[0.7]:.3f}")
+    assert ece[0.0] < 0.1 < 0.2 < ece[0.7]  # calibrated, then sure of a quarter wrong answers
