@@ -19,6 +19,7 @@ from batchllm.labeling.spec import Labeling, load_schema
 from batchllm.sandbox.labeler import truth
 
 from .conftest import ROOT, run_cli, spawn, write_csv
+from .test_openai_batch import answer_batch
 from .test_review import _studio_export
 
 LABELS = ["positive", "negative", "neutral"]
@@ -346,3 +347,22 @@ def test_an_overconfident_sandbox_shows_in_the_calibration(sandbox_factory, tmp_
         assert e["ece"] == pytest.approx(_ece([(r["confidence"], r["label"] == r["gold"]) for r in rows]))
     print(f"ECE calibrated {ece[0.0]:.3f}, overconfident 0.7 {ece[0.7]:.3f}")
     assert ece[0.0] < 0.1 < 0.2 < ece[0.7]  # calibrated, then sure of a quarter wrong answers
+
+
+def test_an_imported_batch_keeps_the_confidence_of_its_lines(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 50)
+    job = ["--template", TEMPLATE, "--provider", "openai", *MODEL, "--id-column", "id"]
+    job += ["--labels", ",".join(LABELS)]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    assert run_cli(["export-batch", str(src), *job, "-o", str(requests)]).exit_code == 0
+    assert all(json.loads(line)["body"]["logprobs"] is True for line in requests.read_text().splitlines())
+    answer_batch(box, requests, results, errors)
+    out = tmp_path / "imported.parquet"
+    result = run_cli(["import-batch", str(results), str(errors), "--input", str(src), *job, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    live = tmp_path / "live.parquet"
+    assert run_openai(box, src, live, "--labels", ",".join(LABELS)).exit_code == 0
+    imported, reference = pq.read_table(out).to_pylist(), pq.read_table(live).to_pylist()
+    assert all(r["confidence"] is not None for r in imported)
+    assert [r["confidence"] for r in imported] == [r["confidence"] for r in reference]
