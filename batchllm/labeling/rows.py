@@ -8,7 +8,9 @@ Because the next step is a function of the attempts alone, a row interrupted by 
 exactly where it was: every attempt is journaled as it comes back, so none is paid for twice.
 Sample k asks with its own seed; each sample is re-asked (the model's answer and why it was
 rejected, then the question again) until it parses or ``reask`` re-asks are spent; ``adaptive``
-stops sampling once the remaining samples cannot change the majority.
+stops sampling once the remaining samples cannot change the majority, and ``vote_below`` asks the
+other samples only when the first answer's confidence (labeling/confidence.py) is below it. The
+outcome's confidence is the kept answer's, or the vote's.
 """
 
 from __future__ import annotations
