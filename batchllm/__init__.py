@@ -19,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
+DISTRIBUTION = "batchllm-cli"  # what `pip install` knows it as: `batchllm` on PyPI is another project
 
 _EXPORTS = {
     "BatchLLMError": "errors",

@@ -14,9 +14,9 @@ from typing import Any
 
 from . import __version__
 from .access import resolve_api_key
+from .engine.checks import prepare
 from .engine.journal import Journal
 from .engine.observer import Observer, Silent
-from .engine.plan import prepare
 from .engine.runner import Endpoint, RunResult
 from .engine.runner import run_job as run_engine
 from .errors import BatchLLMError, ExitCode

@@ -10,6 +10,7 @@
         │                              (providers/) and the transport (engine/client.py)
         ├── RetryableAPIError          408/409/429/5xx, timeouts, dropped connections, garbled bodies;
         │                              carries ``retry_after`` when the server named a wait
+        │   └── RequestTimeout         no answer within --timeout (the server may still be computing)
         └── FatalAPIError              400/404/413 and other client errors: this row fails for good
             └── RunStopError           a rejected key, an exhausted quota or a model the server
                                        does not have (``reason``): no further row can succeed,
@@ -118,14 +119,21 @@ class RetryableAPIError(APIError):
         status: int | None = None,
         code: int | str | None = None,
         retry_after: float | None = None,
+        unsent: bool = False,
     ):
         super().__init__(message, status, code)
         self.retry_after = retry_after
+        # The connection could not be made: the server never had it, so it cannot have billed it.
+        self.unsent = unsent
 
     @property
     def throttled(self) -> bool:
         """The server said it is over capacity (429): the whole pool should slow down."""
         return self.status == 429
+
+
+class RequestTimeout(RetryableAPIError):
+    """No answer within ``--timeout``: perhaps a queue at the server (engine/concurrency.py)."""
 
 
 class FatalAPIError(APIError):

@@ -11,6 +11,7 @@ price (``--fleet FILE``, a TOML file of ``[[endpoint]]`` tables).
     concurrency = 128
     input_price = "0.31"                      # USD per million tokens; else the model table's
     output_price = "0.34"
+    cached_input_price = "0.155"              # a prompt-cache hit; else the table's, else input
     latency = 20                              # seconds a reply takes (optional: for planning)
 
 This module reads and checks the file (every problem at once, one line each naming the file, the
@@ -29,7 +30,7 @@ from typing import Any
 
 from . import values as v
 from .errors import JobError
-from .pricing import Model, Prices, load_models
+from .pricing import Model, Prices, load_models, price_value
 from .providers import PROVIDERS, get_provider
 from .values import duration_seconds
 
@@ -78,32 +79,18 @@ def fleet_from(tables: Any, where: str) -> list[FleetEndpoint]:
     return [e for e in fleet if e is not None]
 
 
-def _url(raw: Any) -> str:
-    from .job_keys import check_endpoint  # job_keys reads fleets (fleet_value): imported late
-
-    try:
-        return check_endpoint(v.text(raw))
-    except JobError:
-        raise ValueError(f"{raw!r} is not an http(s) URL") from None
-
-
-def _price(raw: Any) -> Any:
-    from .job_keys import _price as price  # a job's input_price and output_price, the same
-
-    return price(raw)
-
-
 PARSE: dict[str, Callable[[Any], Any]] = {
     "name": v.text,
     "provider": v.choice(*PROVIDERS),
-    "endpoint": _url,
+    "endpoint": v.http_url,
     "key_env": v.text,
     "model": v.text,
     "rpm": v.integer(1, None),
     "tpm": v.integer(1, None),
     "concurrency": v.integer(1, 10_000),
-    "input_price": _price,
-    "output_price": _price,
+    "input_price": price_value,
+    "output_price": price_value,
+    "cached_input_price": price_value,
     "latency": v.number(0, 3600, lo_open=True),
 }
 KEYS = tuple(PARSE)
@@ -160,10 +147,18 @@ def _endpoint(
                     f"{model_name!r} has no price in the model table: give input_price and output_price",
                 )
             )
+    prices = Prices(got["input_price"], got["output_price"]) if len(priced) == 2 else None
+    if "cached_input_price" in got:
+        base = prices or (listed.prices if listed is not None else None)
+        if base is None:
+            found.append(
+                (place["cached_input_price"], "give input_price and output_price with cached_input_price")
+            )
+        else:
+            prices = base.with_cached(got["cached_input_price"])
     if found:
         problems += [f"{where}: {problem}" for _, problem in sorted(found, key=lambda f: f[0])]
         return None
-    prices = Prices(got["input_price"], got["output_price"]) if priced else None
     model = Model(got["model"], got["provider"], prices or listed.prices, listed.context_window if listed else None,  # type: ignore[union-attr]
                   listed.batch_prices if listed else None, listed.rpm if listed else None,
                   listed.tpm if listed else None)  # fmt: skip
@@ -246,6 +241,7 @@ def dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
     priced = [e.model.prices for e in fleet if e.model.prices is not None]
     if len(priced) < len(fleet):
         return None
+    # No cached price: a worst case assumes no prompt-cache hit.
     return Prices(max(p.input_per_million for p in priced), max(p.output_per_million for p in priced))
 
 
@@ -263,6 +259,8 @@ def fleet_toml(fleet: tuple[FleetEndpoint, ...] | list[FleetEndpoint]) -> str:
         if e.model.prices is not None:
             lines.append(f'input_price = "{e.model.prices.input_per_million}"')
             lines.append(f'output_price = "{e.model.prices.output_per_million}"')
+            if e.model.prices.cached_input_per_million is not None:
+                lines.append(f'cached_input_price = "{e.model.prices.cached_input_per_million}"')
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 

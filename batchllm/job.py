@@ -17,6 +17,7 @@ import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,13 @@ class Job:
     sampling: Mapping[str, Any] = field(default_factory=dict)  # validated by the provider
     extra_body: Mapping[str, Any] | None = None  # passed through as is (openai provider)
     prices: Prices | None = None  # --input-price/--output-price: win over the model table's
+    cached_input_price: Decimal | None = None  # --cached-input-price: wins over either's
     endpoint: str = ""  # the provider's default (or its environment variable) when not given
     api_key_env: str | None = None  # the provider's own variable when not given
     api_key_file: Path | None = None
     sandbox: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
+    warmup: bool = True  # one request per cacheable prompt prefix before the rest (engine/warmup.py)
     rpm: int | None = None  # None: auto (adaptive, no ceiling); 0: off
     tpm: int | None = None  # None or 0: off
     delimiter: str = ","  # CSV field separator
@@ -228,7 +231,12 @@ def build_job(
             f"{where('extra_body')}: the {provider.name} provider takes only its documented "
             f"parameters ({', '.join(provider.params)})"
         )
-    kwargs["prices"] = _prices(kwargs.pop("input_price", None), kwargs.pop("output_price", None), where)
+    kwargs["prices"] = _prices(
+        kwargs.pop("input_price", None),
+        kwargs.pop("output_price", None),
+        where,
+        kwargs.get("cached_input_price"),
+    )
     if kwargs["prices"] is None and kwargs.get("fleet"):
         # Worst cases (--max-cost, estimate) at the dearest endpoint's prices: any may answer.
         # A row's cost is its own endpoint's (engine/router.py).
@@ -387,10 +395,10 @@ def _confidence(labeling: Labeling, provider: Provider, fleet: Any, where: Calla
     return dataclasses.replace(labeling, confidence=mode)
 
 
-def _prices(inp: Any, out: Any, where: Callable[[str], str]) -> Prices | None:
+def _prices(inp: Any, out: Any, where: Callable[[str], str], cached: Decimal | None = None) -> Prices | None:
     if inp is None and out is None:
         return None
     if inp is None or out is None:
         missing = "input_price" if inp is None else "output_price"
         raise JobError(f"{where(missing)} is missing: give --input-price and --output-price together")
-    return Prices(inp, out)
+    return Prices(inp, out, cached)

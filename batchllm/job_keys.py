@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import values as v
 from .errors import JobError
 from .fleet import fleet_value
-from .pricing import parse_price, parse_usd
+from .ledger.store import LEDGER_ENV
+from .pricing import parse_usd, price_value
 from .providers import PROVIDERS
 from .sniff import check_encoding
 
@@ -37,15 +37,6 @@ def _usd(raw: Any) -> int:
         raise ValueError(str(exc)) from None
 
 
-def _price(raw: Any) -> Any:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ValueError("must be a price in USD per million tokens, such as 0.31")
-    try:
-        return parse_price(raw, "price")
-    except JobError as exc:
-        raise ValueError(str(exc).removeprefix("price: ")) from None
-
-
 def _encoding(raw: Any) -> str:
     return check_encoding(v.text(raw))
 
@@ -55,11 +46,11 @@ def _path(raw: Any) -> Path:
 
 
 def check_endpoint(url: str) -> str:
-    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobError(f"--endpoint {url!r} is not an http(s) URL")
-    return url
+    """``--endpoint``: an http(s) URL with a host (values.py)."""
+    try:
+        return v.http_url(url)
+    except ValueError:
+        raise JobError(f"--endpoint {url!r} is not an http(s) URL") from None
 
 
 def _sampling(raw: Any) -> Any:
@@ -92,8 +83,9 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_tokens": ("max_tokens", v.integer(1, None)),
     **{key: (key, _sampling) for key in SAMPLING_KEYS},
     "extra_body": ("extra_body", v.table),
-    "input_price": ("input_price", _price),
-    "output_price": ("output_price", _price),
+    "input_price": ("input_price", price_value),
+    "output_price": ("output_price", price_value),
+    "cached_input_price": ("cached_input_price", price_value),
     "endpoint": ("endpoint", v.text),
     "api_key_env": ("api_key_env", v.text),
     "api_key_file": ("api_key_file", _path),
@@ -101,6 +93,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "concurrency": ("concurrency", v.integer(1, 10_000)),
     "rpm": ("rpm", v.rpm),
     "tpm": ("tpm", v.optional_off),
+    "warmup": ("warmup", v.boolean),
     "max_attempts": ("max_attempts", v.integer(1, 100)),
     "timeout": ("timeout", v.number(0, 3600, lo_open=True)),
     "max_error_rate": ("max_error_rate", v.number(0, 1)),
@@ -140,4 +133,10 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "actors": ("actors", v.integer(1, 1024)),
 }
 JOB_KEYS = tuple(PARSERS)
+
+# Job keys an environment variable also sets (read where the key is applied: job.py, ledger/store.py).
+ENVIRONMENT = {
+    "endpoint": " or ".join(p.endpoint_env for p in PROVIDERS.values()),
+    "ledger": LEDGER_ENV,
+}
 parse_duration = v.duration

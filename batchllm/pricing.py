@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import JobError
 
@@ -31,27 +31,58 @@ _PICO_PER_TOKEN_PER_USD_PER_MILLION = 10**6
 
 @dataclass(frozen=True, slots=True)
 class Prices:
-    """US dollars per million tokens, exact; per-token prices in picodollars are integers."""
+    """US dollars per million tokens, exact; per-token prices in picodollars are integers.
+
+    ``cached_input_per_million`` is what a prompt token the server served from its prompt cache
+    costs (OpenAI bills those at a discount); None: the input price, as a server that publishes
+    no cached price bills them.
+    """
 
     input_per_million: Decimal
     output_per_million: Decimal
+    cached_input_per_million: Decimal | None = None
     # Per-token prices in picodollars, computed once: ``cost`` runs once per reply.
     input_pico: int = field(init=False, compare=False)
     output_pico: int = field(init=False, compare=False)
+    cached_input_pico: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "input_pico", int(self.input_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+        cached = (
+            self.input_per_million if self.cached_input_per_million is None else self.cached_input_per_million
         )
-        object.__setattr__(
-            self, "output_pico", int(self.output_per_million * _PICO_PER_TOKEN_PER_USD_PER_MILLION)
+        for name, value in (
+            ("input_pico", self.input_per_million),
+            ("output_pico", self.output_per_million),
+            ("cached_input_pico", cached),
+        ):
+            object.__setattr__(self, name, int(value * _PICO_PER_TOKEN_PER_USD_PER_MILLION))
+
+    def with_cached(self, cached_input_per_million: Decimal | None) -> Prices:
+        """These prices with another cached-input price (None keeps this one)."""
+        if cached_input_per_million is None:
+            return self
+        return Prices(self.input_per_million, self.output_per_million, cached_input_per_million)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, str] | None) -> Prices | None:
+        """Prices as ``as_dict`` wrote them (a run summary's), or None."""
+        if not d or "input_usd_per_million_tokens" not in d:
+            return None
+        cached = d.get("cached_input_usd_per_million_tokens")
+        return cls(
+            Decimal(d["input_usd_per_million_tokens"]),
+            Decimal(d["output_usd_per_million_tokens"]),
+            None if cached is None else Decimal(cached),
         )
 
     def as_dict(self) -> dict[str, str]:
-        return {
+        out = {
             "input_usd_per_million_tokens": str(self.input_per_million),
             "output_usd_per_million_tokens": str(self.output_per_million),
         }
+        if self.cached_input_per_million is not None:
+            out["cached_input_usd_per_million_tokens"] = str(self.cached_input_per_million)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +98,27 @@ class Model:
     tpm: int | None = None
 
 
-def cost(prices: Prices | None, prompt_tokens: N, completion_tokens: N) -> tuple[N | None, N | None]:
+def cost(
+    prices: Prices | None, prompt_tokens: N, completion_tokens: N, cached_tokens: N | int = 0
+) -> tuple[N | None, N | None]:
     """(input, output) cost in picodollars of a usage: exact integers, or None without prices.
 
-    Token counts may be ints or integer arrays (int64 holds up to $9.2M per row).
+    ``cached_tokens`` are the part of ``prompt_tokens`` the server served from its prompt cache,
+    billed at the cached-input price. Token counts may be ints or integer arrays (int64 holds up
+    to $9.2M per row).
     """
     if prices is None:
         return None, None
-    return prompt_tokens * prices.input_pico, completion_tokens * prices.output_pico  # type: ignore[operator,return-value]
+    input_cost = (
+        prompt_tokens * prices.input_pico  # type: ignore[operator]
+        - cached_tokens * (prices.input_pico - prices.cached_input_pico)  # type: ignore[operator]
+    )
+    return input_cost, completion_tokens * prices.output_pico  # type: ignore[operator,return-value]
+
+
+def cached_saving(prices: Prices | None, cached_tokens: int) -> int:
+    """Picodollars ``cached_tokens`` saved against the input price (0 without prices)."""
+    return 0 if prices is None else cached_tokens * (prices.input_pico - prices.cached_input_pico)
 
 
 def parse_price(raw: object, where: str) -> Decimal:
@@ -85,6 +129,16 @@ def parse_price(raw: object, where: str) -> Decimal:
     if not value.is_finite() or value < 0 or (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 != 0:
         raise JobError(f"{where}: price {raw!r} must be >= 0 with at most 6 decimal places")
     return value
+
+
+def price_value(raw: Any) -> Decimal:
+    """A job's or a fleet endpoint's ``input_price``/``output_price`` (``ValueError`` if bad)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError("must be a price in USD per million tokens, such as 0.31")
+    try:
+        return parse_price(raw, "price")
+    except JobError as exc:
+        raise ValueError(str(exc).removeprefix("price: ")) from None
 
 
 def load_models(provider: str | None = None, path: Path | None = None) -> dict[str, Model]:
@@ -112,6 +166,7 @@ def load_models(provider: str | None = None, path: Path | None = None) -> dict[s
                 prices = Prices(
                     parse_price(spec["input_price_per_million"], here),
                     parse_price(spec["output_price_per_million"], here),
+                    _optional_price(spec, "cached_input_price_per_million", here),
                 )
                 window = int(spec["context_window"])
                 batch = None
@@ -119,6 +174,7 @@ def load_models(provider: str | None = None, path: Path | None = None) -> dict[s
                     batch = Prices(
                         parse_price(spec["batch_input_price_per_million"], here),
                         parse_price(spec["batch_output_price_per_million"], here),
+                        _optional_price(spec, "batch_cached_input_price_per_million", here),
                     )
             except KeyError as exc:
                 raise JobError(f"{here}: missing key {exc.args[0]}") from None
@@ -128,6 +184,10 @@ def load_models(provider: str | None = None, path: Path | None = None) -> dict[s
     return models
 
 
+def _optional_price(spec: dict[str, object], key: str, where: str) -> Decimal | None:
+    return parse_price(spec[key], where) if key in spec else None
+
+
 def resolve_model(
     provider: str,
     name: str,
@@ -135,14 +195,24 @@ def resolve_model(
     prices: Prices | None = None,
     unlisted_ok: bool = False,
     models: dict[str, Model] | None = None,
+    cached_input_price: Decimal | None = None,
 ) -> Model:
     """The model a job runs: the table's entry (explicit ``prices`` win), or an unlisted one.
 
     A provider that bills by a published table (Dataoorts) refuses unlisted models; an
     OpenAI-compatible server may serve anything, at the prices the user gives or at none.
+    ``cached_input_price`` (--cached-input-price) replaces the cached price of either.
     """
     models = load_models(provider) if models is None else models
     model = models.get(name)
+    if cached_input_price is not None:
+        base = prices or (model.prices if model is not None else None)
+        if base is None:
+            raise JobError(
+                f"--cached-input-price needs the input and output prices: {name!r} has none in the "
+                f"{provider} model table, so give --input-price and --output-price too"
+            )
+        prices = base.with_cached(cached_input_price)
     if model is not None:
         return model if prices is None else replace(model, prices=prices)
     if not unlisted_ok:

@@ -37,7 +37,9 @@ from .inputs import delimiter_hint
 from .job import Job
 from .labeling.confidence import LOGPROBS
 from .labeling.structured import PARAM, Formats
+from .providers import get_provider
 from .records import Message, Request
+from .tokens import counter_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +240,26 @@ class RequestMaker:
             self.params = {**self.params, LOGPROBS: True}
         system = job.full_system
         self.prefix: tuple[Message, ...] = (() if system is None else (Message("system", system),)) + examples
+        self.cache_key = prompt_cache_key(job, self.prefix)
 
     def make(self, user: str) -> Request:
-        return Request(self.provider, self.model, (*self.prefix, Message("user", user)), self.params)
+        return Request(
+            self.provider, self.model, (*self.prefix, Message("user", user)), self.params, self.cache_key
+        )
+
+
+def prompt_cache_key(job: Job, prefix: tuple[Message, ...], model: str | None = None) -> str | None:
+    """The name of a job's shared prefix for the server's prompt cache, when it is long enough to
+    be cached (the provider's ``prompt_cache_min``), else None: a short hash of the job's name,
+    the model and the prefix, the same in every run (never anything secret)."""
+    minimum = get_provider(job.provider).prompt_cache_min
+    if minimum is None or not prefix:
+        return None
+    model = model or job.model
+    if counter_for(model).count_messages(prefix) < minimum:
+        return None
+    digest = hashlib.blake2b(orjson.dumps([job.name, model, prefix]), digest_size=8)
+    return "batchllm-" + digest.hexdigest()
 
 
 def load_examples(job: Job) -> tuple[Message, ...]:

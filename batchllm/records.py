@@ -42,6 +42,9 @@ class Request:
     model: str
     messages: tuple[Message, ...]
     params: Mapping[str, Any]
+    # Names the request's shared prefix for the server's prompt cache (prompts.py
+    # ``prompt_cache_key``): routing only, so not part of ``key()``.
+    cache_key: str | None = None
 
     def key(self) -> str:
         """Hex digest of the canonical request: stable across runs, processes and param order."""
@@ -65,6 +68,7 @@ class Completion:
     completion_tokens: int | None
     finish_reason: str | None = None
     endpoint: str | None = None  # the fleet endpoint that answered (engine/router.py)
+    cached_tokens: int = 0  # of prompt_tokens, served from the server's prompt cache (0: it said none)
     # The written tokens' ``{"token", "logprob"}`` entries, when asked for and returned.
     logprobs: list[Any] | None = None
 
@@ -115,3 +119,5 @@ class Entry(NamedTuple):
     answered_by: str | None = None
     cached: bool | None = None
     endpoint: str | None = None  # the fleet endpoint that answered (--fleet), else None
+    # Of prompt_tokens, those the server served from its prompt cache (billed at the cached price).
+    cached_tokens: int | None = None

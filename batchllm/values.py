@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import JobError
 
@@ -152,6 +153,15 @@ def delimiter(raw: Any) -> str:
         return "\t"
     if len(value) != 1 or value in ('"', "\n", "\r"):
         raise ValueError(f"must be one character (or tab), got {value!r}")
+    return value
+
+
+def http_url(raw: Any) -> str:
+    """An http(s) URL with a host; whether plain http may carry the key is decided with the key."""
+    value = text(raw)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL")
     return value
 
 

@@ -12,6 +12,11 @@ SIGKILL mid-flight, and a ``--max-cost`` cap. After each sequence:
   what ``status`` says was in flight at a kill (requests that may have been billed without a
   saved reply);
 - the bill never passes ``--max-cost``.
+
+A second set of sequences runs over a fleet of three sandboxes, each billing at its endpoint's
+prices (``billed_pico``): the fleet changed between runs, runs killed, an endpoint dying mid-run,
+review verdicts imported, pilots whose rows the cache partly answers. There the ledger's runs of
+the output add up to the same figure too, and their maybe-billed figures to what ``status`` says.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import pytest
 from batchllm.pricing import PICO_PER_USD, resolve_model
 
 from .conftest import run_cli, spawn, summary_of, write_csv
+from .test_review import _studio_export
 
 SEQUENCES = 30
 LABELS = ["positive", "negative", "neutral"]
@@ -150,3 +156,157 @@ def test_money_adds_up_across_features(sandbox_factory, tmp_path: Path) -> None:
         assert result.exit_code in (0, 1, 3), result.output
         _check(box, s.out, s.cap, seq)
     assert kills >= 10  # the mix did kill runs mid-flight
+
+
+# -- fleets, review imports and pilots answered from the cache ------------------------------------
+
+ENDPOINTS = {"cheap": ("0.20", "0.20"), "mid": ("0.31", "0.34"), "dear": ("0.60", "0.80")}
+FLEET_ENTRY = """
+[[endpoint]]
+name = "{name}"
+provider = "openai"
+endpoint = "{url}"
+key_env = "KEY_{name}"
+model = "meta-llama/Llama-3.1-70B-Instruct"
+rpm = 6000
+concurrency = {concurrency}
+input_price = "{input}"
+output_price = "{output}"
+"""
+# Texts shared by the sequences: a later sequence's pilot or run finds some in the cache.
+POOL = [
+    f"Shared item {i}: " + " ".join(random.Random(i).choices(["fine", "late", "loud", "soft"], k=5))
+    for i in range(40)
+]
+
+
+def _per_token(usd: str) -> int:
+    return int(Decimal(usd) * PICO_PER_USD) // 1_000_000
+
+
+def _fleet_file(path: Path, boxes: dict, names: list[str]) -> Path:
+    path.write_text(
+        "".join(
+            FLEET_ENTRY.format(name=n, url=boxes[n].openai_url, concurrency=3, input=ENDPOINTS[n][0],
+                               output=ENDPOINTS[n][1])
+            for n in names
+        )
+    )  # fmt: skip
+    return path
+
+
+def _ledger_pico(out: Path) -> tuple[int, int, list[dict]]:
+    """(cost, maybe billed) the ledger's runs of this output add up to, and the runs."""
+    result = run_cli(["spend", "--runs", "--since", "7d", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    runs = [r for r in orjson.loads(result.output)["runs"] if r["output"] == str(out)]
+    return (
+        sum(_pico(r["cost_usd"] or "0") for r in runs),
+        sum(_pico(r.get("maybe_billed_usd") or "0") for r in runs),
+        runs,
+    )
+
+
+def _check_fleet(boxes: dict, out: Path, seq: int, steps: list[str]) -> None:
+    rows = pq.read_table(out).to_pylist()
+    rows_pico = sum(
+        round(Decimal(repr(r["cost_usd"])) * PICO_PER_USD) for r in rows if r["cost_usd"] is not None
+    )
+    report = run_cli(["report", str(out), "--format", "json"])
+    assert report.exit_code == 0, report.output
+    report_pico = _pico(orjson.loads(report.output)["overall"]["cost_usd"])
+    summary_pico = _pico(summary_of(out)["cost_usd"]["total"])
+    status_pico, lost_worst = _status_cost(out)
+    ledger_pico, ledger_lost, runs = _ledger_pico(out)
+    billed = sum(b.sandbox.stats["billed_pico"] for b in boxes.values())
+    where = (
+        f"sequence {seq} {steps}: rows {rows_pico}, report {report_pico}, status {status_pico}, "
+        f"summary {summary_pico}, ledger {ledger_pico}"
+    )
+    assert rows_pico == report_pico == status_pico == summary_pico == ledger_pico, f"{where}; runs {runs}"
+    assert 0 <= billed - rows_pico <= lost_worst, f"{where}, billed {billed}, maybe billed {lost_worst}"
+    assert ledger_lost == lost_worst, f"{where}: the ledger's maybe billed {ledger_lost}, status {lost_worst}"
+
+
+def _review(out: Path, tmp_path: Path, rng: random.Random) -> None:
+    """Reviewers judge a few random picks (Label Studio's JSON export), imported into the output."""
+    tasks_file = tmp_path / "tasks.json"
+    result = run_cli(["review", "export", str(out), "--pick", "random:6", "--seed", str(rng.randint(0, 99)),
+                      "-o", str(tasks_file)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tasks = orjson.loads(tasks_file.read_bytes())
+    verdicts: dict[str, str | None] = {t["data"]["row_id"]: rng.choice(LABELS) for t in tasks}
+    export = tmp_path / "export.json"
+    export.write_bytes(orjson.dumps(_studio_export(tasks, verdicts, cancelled=set())))
+    result = run_cli(["review", "import", str(out), "--from", str(export)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.timeout(1200)
+def test_money_adds_up_over_fleets_reviews_and_pilots(sandbox_factory, tmp_path: Path) -> None:
+    """Sequences over a fleet of three sandboxes, each billing at its endpoint's prices: runs over
+    the whole fleet or a changed one, runs killed, an endpoint dying mid-run (dropping every
+    connection), verdicts imported from a review, pilots (some rows answered from the cache
+    earlier sequences filled); then every figure, the ledger's too, against the bill."""
+    boxes = {
+        name: sandbox_factory(
+            latency=0.25, jitter=0.5, label_wrong=0.15, label_out_of_set=0.2, fail_5xx=0.03, seed=11 + k,
+            prices=(_per_token(price[0]), _per_token(price[1])),
+        )
+        for k, (name, price) in enumerate(ENDPOINTS.items())
+    }  # fmt: skip
+    env = {f"KEY_{n}": b.key for n, b in boxes.items()}
+    fleets = {
+        "all": _fleet_file(tmp_path / "all.toml", boxes, ["cheap", "mid", "dear"]),
+        "changed": _fleet_file(tmp_path / "changed.toml", boxes, ["dear", "mid"]),
+    }
+    seen: list[str] = []
+    cached = 0
+    for seq in range(12):
+        rng = random.Random(5000 + seq)
+        rows = [{"id": f"f{seq}r{i}", "text": rng.choice(POOL) if rng.random() < 0.5 else f"Seq {seq} row {i}"}
+                for i in range(rng.randint(20, 36))]  # fmt: skip
+        src = write_csv(tmp_path / f"fin{seq}.csv", rows)
+        out = tmp_path / f"fout{seq}.parquet"
+        pack = rng.choice(["1", "1", "4"])
+
+        def args(fleet: str, *extra: str, src=src, out=out, pack=pack) -> list[str]:
+            return ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--id-column", "id",
+                    "--labels", ",".join(LABELS), "--max-tokens", "16", "--temperature", "0", "--pack", pack,
+                    "--reask", "1", "--fleet", str(fleets[fleet]), "--progress", "none", *extra]  # fmt: skip
+
+        for box in boxes.values():
+            box.sandbox.stats.clear()
+        steps: list[str] = []
+        for _ in range(rng.randint(2, 5)):
+            step = rng.choice(["run", "changed", "kill", "die", "review", "pilot"])
+            steps.append(step)
+            if step in ("kill", "die"):
+                proc = spawn(args("all"), env=env)
+                time.sleep(rng.uniform(1.0, 2.5))
+                if step == "kill":
+                    proc.send_signal(signal.SIGKILL)
+                    proc.communicate(timeout=30)
+                else:  # the cheapest endpoint dies: every connection dropped until the run ends
+                    boxes["cheap"].config.fail_drop = 1.0
+                    proc.communicate(timeout=300)
+                    assert proc.returncode in (0, 1, 4), proc.stderr
+                    boxes["cheap"].config.fail_drop = 0.0
+            elif step == "review":
+                if out.exists():
+                    _review(out, tmp_path, rng)
+                    _check_fleet(boxes, out, seq, steps)  # an import keeps the output's summary
+            elif step == "pilot":
+                pilot = ["estimate", *args("all")[1:-2], "--pilot", str(rng.randint(4, 12))]
+                result = run_cli(pilot, env=env)
+                assert result.exit_code == 0, result.output
+            else:
+                result = run_cli(args("all" if step == "run" else "changed"), env=env)
+                assert result.exit_code in (0, 1), result.output
+        result = run_cli(args("all", "--retry-errors"), env=env)
+        assert result.exit_code in (0, 1), result.output
+        _check_fleet(boxes, out, seq, steps)
+        seen += steps
+        cached += sum(bool(r["cached"]) for r in pq.read_table(out).to_pylist())
+    assert {"changed", "kill", "die", "review", "pilot"} <= set(seen)
+    assert cached > 0  # rows were answered from the cache the earlier sequences filled

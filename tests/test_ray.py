@@ -30,6 +30,7 @@ from batchllm.engine.output import read_summary
 from batchllm.pricing import resolve_model
 
 from .conftest import ROOT, SandboxThread, prompts_csv, run_cli, spawn, write_csv
+from .test_inflight import SLOW, TIMEOUT, check_gave_up
 
 ray = pytest.importorskip("ray")
 # Ten Ray runs in one test take 3 min on 2 cores, over 5 when another worker installs Label
@@ -452,3 +453,15 @@ def test_ray_with_a_fleet_shares_each_endpoint_between_actors(
     late = run_cli(["run", str(src), "-o", str(tmp_path / "late"), "--engine", "ray", "--fleet", str(fleet),
                     "--deadline", "1h"], env=env)  # fmt: skip
     assert late.exit_code == 2 and "local engine" in late.stderr
+
+
+def test_ray_timed_out_requests_are_maybe_billed(sandbox_factory, cluster: str, tmp_path: Path) -> None:
+    """A request an actor gave up on (slower than --timeout) is counted as maybe billed, as locally
+    (tests/test_inflight.py)."""
+    box = sandbox_factory(**SLOW)
+    src, out = prompts_csv(tmp_path / "in.csv", 24), tmp_path / "out"
+    code, _, err = run(
+        ["run", str(src), "-o", str(out), "--engine", "ray", "--ray-address", cluster, *TIMEOUT], box.env()
+    )
+    assert code in (0, 1), err[-3000:]
+    check_gave_up(out, box)

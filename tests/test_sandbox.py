@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -168,3 +170,34 @@ def test_injected_5xx_and_garbled(sandbox_factory) -> None:
     )
     with urllib.request.urlopen(req2, timeout=5) as r, pytest.raises(json.JSONDecodeError):
         json.loads(r.read())
+
+
+def test_slots_serve_n_at_once_in_arrival_order_and_count_the_queue(sandbox_factory) -> None:
+    box = sandbox_factory(slots=2, slot_seconds=0.3)
+    started = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        statuses = [s for s, _, _ in pool.map(lambda _: post(box, req()), range(6))]
+    took = time.monotonic() - started
+    assert statuses == [200] * 6
+    assert took >= 3 * 0.3  # 6 requests, 2 at a time
+    assert box.sandbox.slots.max_queue >= 1 and box.sandbox.stats["given_up"] == 0
+    with urllib.request.urlopen(box.base + "/props", timeout=5) as r:
+        assert json.loads(r.read())["total_slots"] == 2
+    with urllib.request.urlopen(box.base + "/_sandbox/stats", timeout=5) as r:
+        assert json.loads(r.read())["max_queue"] == box.sandbox.slots.max_queue
+
+
+def test_slots_without_props_and_a_client_that_gives_up(sandbox_factory) -> None:
+    box = sandbox_factory(slots=1, slot_seconds=0.5, slots_props=False)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(box.base + "/props", timeout=5)
+    assert info.value.code == 404
+    info.value.close()
+    data = json.dumps(req()).encode()
+    request = urllib.request.Request(box.url, data=data, headers={"Authorization": f"Bearer {box.key}"})
+    with pytest.raises(TimeoutError):
+        urllib.request.urlopen(request, timeout=0.1)
+    deadline = time.monotonic() + 5
+    while box.sandbox.stats["given_up"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert box.sandbox.stats["given_up"] == 1  # computed after its client left: wasted

@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 
 from ..engine.admission import Admission
+from ..engine.checks import Prepared, prepare
 from ..engine.journal import Journal
 from ..engine.packed import packs_for
-from ..engine.plan import Prepared, prepare
 from ..fleet import FleetEndpoint
 from ..folders import make_folders
 from ..job import Job

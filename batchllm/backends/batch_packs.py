@@ -18,8 +18,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..engine.checks import Prepared
 from ..engine.packed import Packs
-from ..engine.plan import Prepared
 from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt
 from ..labeling.spec import Labeling

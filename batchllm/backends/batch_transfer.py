@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
+from ..engine.checks import Prepared, prepare
 from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
-from ..engine.plan import Prepared, prepare
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..fleet import FleetEndpoint
@@ -343,7 +343,7 @@ def labeled_entry(
         sure = of_reply(labeling, text, bool(entry.truncated), tokens)
     attempt = Attempt(0, "first", text, entry.prompt_tokens or 0, entry.completion_tokens or 0,
                       entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated), pack_id,
-                      position, None, sure)  # fmt: skip
+                      position, None, 0, sure)  # fmt: skip
     outcome = RowLabeler(labeling, Request("", "", (), {})).outcome([attempt])
     extra = {
         "reask_cost_pico": 0 if entry.input_cost_pico is not None else None,

@@ -29,7 +29,7 @@ import pyarrow as pa
 from ..errors import JobError
 from ..inputs import InputFile
 from ..job import Job
-from ..prompts import PromptBatch
+from ..prompts import PromptBatch, prompt_cache_key
 from ..providers import Provider
 from ..records import Message, Request
 
@@ -59,6 +59,9 @@ class RequestFileBuilder:
         self.defaults = job.params()
         self.order = list(provider.params)
         self.model: str | None = job.model if job.model_given else None
+        # A line's leading messages (its own prefix) -> their prompt-cache name: lines may share
+        # several prefixes, each counted once (a bounded memo).
+        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str | None] = {}
 
     def parse(self, raw: str, number: int) -> Line:
         """One line into a ``Request``; a ``JobError`` naming the line and the field if it cannot be sent."""
@@ -102,8 +105,20 @@ class RequestFileBuilder:
         merged = {**self.defaults, **params}
         ordered = {k: merged[k] for k in self.order if k in merged}
         ordered.update((k, v) for k, v in merged.items() if k not in ordered)
-        request = Request(self.provider.name, model, messages, ordered)
+        request = Request(self.provider.name, model, messages, ordered, self._cache_key(model, messages))
         return Line(record["custom_id"], number, request)
+
+    def _cache_key(self, model: str, messages: tuple[Message, ...]) -> str | None:
+        """The prompt-cache name of a line's leading messages (all but its last)."""
+        if len(messages) < 2:
+            return None
+        lead = messages[:-1]
+        memo = (model, tuple((m.role, m.content) for m in lead))
+        if memo not in self._prefixes:
+            if len(self._prefixes) >= 4096:
+                self._prefixes.clear()
+            self._prefixes[memo] = prompt_cache_key(self.job, lead, model)
+        return self._prefixes[memo]
 
     def lines(self, batch: pa.RecordBatch) -> list[Line]:
         raws, numbers = batch.column("request").to_pylist(), batch.column("line").to_pylist()

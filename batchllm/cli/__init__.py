@@ -136,6 +136,7 @@ from . import review as _review  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
 from . import sandbox as _sandbox  # noqa: E402,F401
 from . import spend as _spend  # noqa: E402,F401
+from . import start as _start  # noqa: E402,F401
 from . import tools as _tools  # noqa: E402,F401
 
 if __name__ == "__main__":

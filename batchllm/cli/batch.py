@@ -10,29 +10,28 @@ import click
 from ..folders import folders_to_make
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
+from .help import GroupedCommand
 from .options import (
     CHECKPOINT_OPTION,
+    FLEET_OPTION,
     JOB_OPTION,
     LEDGER_OPTION,
     REQUEST_OPTIONS,
+    RESTART_OPTION,
     apply,
     collect,
 )
 
 # A batch file for one endpoint of a fleet (fleet.batch_endpoint), and its replies priced there.
 FLEET_OPTIONS = [
-    click.option(
-        "--fleet",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="A fleet file: the batch goes to one of its endpoints (--fleet-endpoint, else the cheapest "
-        "that takes batch files), and its rows name it in the output's endpoint column.",
-    ),
+    FLEET_OPTION,
     click.option("--fleet-endpoint", help="With --fleet: the endpoint's name."),
 ]
 
 
 @cli.command(
     "export-batch",
+    cls=GroupedCommand,
     context_settings=CONTEXT,
     epilog="""Examples:
 
@@ -141,6 +140,7 @@ def _via(job: Any, fleet: Path | None, name: str | None) -> Any:
 
 @cli.command(
     "import-batch",
+    cls=GroupedCommand,
     context_settings=CONTEXT,
     epilog="""Examples:
 
@@ -160,7 +160,7 @@ def _via(job: Any, fleet: Path | None, name: str | None) -> Any:
         ),
         *REQUEST_OPTIONS,
         CHECKPOINT_OPTION,
-        click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+        RESTART_OPTION,
         LEDGER_OPTION,
     ]
 )

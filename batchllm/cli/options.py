@@ -33,6 +33,41 @@ def _keys() -> str:
     return "; ".join(f"{p.name}: {p.key_env}" for p in PROVIDERS.values())
 
 
+# Shared by name too: `init` takes them.
+ENCODING_OPTION = click.option(
+    "--encoding",
+    help="Text encoding of a CSV or JSONL input without a byte-order mark, e.g. latin-1, cp1252, "
+    "utf-16-le.  [default: utf-8; a UTF-8/16/32 byte-order mark is followed]",
+)
+PROVIDER_OPTION = click.option(
+    "--provider",
+    type=click.Choice(list(PROVIDERS)),
+    help=f"The API to speak: dataoorts, or openai for any OpenAI-compatible server.  [default: {DEFAULT_PROVIDER}]",
+)
+
+
+def _model_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of --model: the models table's names (the --provider's, if given)."""
+    from ..pricing import load_models
+
+    names = {m.name for m in load_models(ctx.params.get("provider")).values()}
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
+MODEL_OPTION = click.option(
+    "--model",
+    shell_complete=_model_names,
+    help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]",
+)
+LABELS_OPTION = click.option(
+    "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
+)
+JSON_SCHEMA_OPTION = click.option(
+    "--json-schema",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON Schema object file: each property becomes a typed column.",
+)
+
 PROMPT_OPTIONS = [
     click.option(
         "--input-format",
@@ -40,11 +75,7 @@ PROMPT_OPTIONS = [
         help="Input format, when the extension does not say.",
     ),
     click.option("--delimiter", help="CSV field separator: one character, or tab.  [default: ,]"),
-    click.option(
-        "--encoding",
-        help="Text encoding of a CSV or JSONL input without a byte-order mark, e.g. latin-1, cp1252, "
-        "utf-16-le (job key: encoding).  [default: utf-8; a UTF-8/16/32 byte-order mark is followed]",
-    ),
+    ENCODING_OPTION,
     click.option("--prompt-column", help="Column holding the prompt text.  [default: prompt]"),
     click.option("--template", help='Prompt template filled from columns, e.g. "Classify: {review}".'),
     click.option(
@@ -53,30 +84,30 @@ PROMPT_OPTIONS = [
         help="Read the template from a file.",
     ),
     click.option("--system", help="System prompt sent with every row."),
-    click.option(
-        "--provider",
-        type=click.Choice(list(PROVIDERS)),
-        help=f"The API to speak: dataoorts, or openai for any OpenAI-compatible server.  [default: {DEFAULT_PROVIDER}]",
-    ),
-    click.option("--model", help=f"Model name (see `batchllm models`).  [default: {DEFAULT_MODEL}]"),
+    PROVIDER_OPTION,
+    MODEL_OPTION,
     click.option("--max-tokens", type=int, help="Most completion tokens per row.  [default: 256]"),
     click.option(
-        "--input-price", help="USD per million input tokens (a model not in the table, or your own price)."
+        "--input-price",
+        metavar="USD",
+        help="USD per million input tokens (a model not in the table, or your own price).",
     ),
-    click.option("--output-price", help="USD per million output tokens (give with --input-price)."),
     click.option(
-        "--labels", help='Label set, e.g. "positive,negative,neutral": each reply read into a label column.'
+        "--output-price", metavar="USD", help="USD per million output tokens (give with --input-price)."
     ),
+    click.option(
+        "--cached-input-price",
+        metavar="USD",
+        help="USD per million prompt tokens served from the server's prompt cache.  [default: the model "
+        "table's, else the input price]",
+    ),
+    LABELS_OPTION,
     click.option(
         "--labels-file",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Labels one a line, optionally 'label: description'.",
     ),
-    click.option(
-        "--json-schema",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="JSON Schema object file: each property becomes a typed column.",
-    ),
+    JSON_SCHEMA_OPTION,
     click.option(
         "--reask", type=int, help="Re-asks for a reply that does not validate (0 to 10).  [default: 1]"
     ),
@@ -146,12 +177,19 @@ REQUEST_OPTIONS = [
     click.option("--stop", multiple=True, help="A stop sequence; repeat for up to 4 (openai)."),
 ]
 
+FLEET_OPTION = click.option(
+    "--fleet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A fleet file ([[endpoint]] tables: several endpoints of one model, each with its limit and "
+    "price): a run sends each request to the cheapest endpoint with room, estimate plans it, a batch "
+    "file goes to one of them (--fleet-endpoint, else the cheapest that takes batch files).",
+)
+
 # How a live run sends: run and estimate (a pilot) only.
 SEND_OPTIONS = [
     click.option(
         "--endpoint",
-        help="API URL; for openai the base URL, e.g. http://127.0.0.1:8000/v1.  "
-        "[env: DATAOORTS_ENDPOINT or OPENAI_BASE_URL; default: the provider's]",
+        help="API URL; for openai the base URL, e.g. http://127.0.0.1:8000/v1.  [default: the provider's]",
     ),
     click.option("--api-key-env", help=f"Environment variable holding the key.  [default: {_keys()}]"),
     click.option(
@@ -170,6 +208,12 @@ SEND_OPTIONS = [
         "--tpm", type=int, help="Tokens/min (prompt + max_tokens reserved per request); 0 or unset: off."
     ),
     click.option(
+        "--warmup/--no-warmup",
+        default=None,
+        help="Rows sharing a prompt prefix the server can cache wait for the first one's answer, so "
+        "they are served from the prompt cache.  [default: warmup]",
+    ),
+    click.option(
         "--max-attempts",
         type=int,
         help=f"Attempts per row for transient failures.  [default: {DEFAULT_MAX_ATTEMPTS}]",
@@ -181,18 +225,23 @@ SEND_OPTIONS = [
         help="Stop when this share of the last --error-window rows failed.  [default: 0.5]",
     ),
     click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
-    click.option("--max-cost", help="Dollar cap on what this output may cost in all (exit 3 when reached)."),
-    click.option("--max-cost-per-run", help="Dollar cap on what this run may spend (exit 3 when reached)."),
+    click.option(
+        "--max-cost",
+        metavar="USD",
+        help="Dollar cap on what this output may cost in all (exit 3 when reached).",
+    ),
+    click.option(
+        "--max-cost-per-run",
+        metavar="USD",
+        help="Dollar cap on what this run may spend (exit 3 when reached).",
+    ),
     click.option(
         "--max-cost-per-month",
+        metavar="USD",
         help="Dollar cap on what this job (the job file's name, else the output's) spends in a calendar "
         "month (UTC), across its runs, from the ledger (exit 3 when reached).",
     ),
-    click.option(
-        "--fleet",
-        help="A fleet file ([[endpoint]] tables: several endpoints of one model, each with its limit and "
-        "price): each request goes to the cheapest endpoint with room; estimate plans it.",
-    ),
+    FLEET_OPTION,
     click.option(
         "--deadline",
         help="With --fleet: end by then at the least cost (pricier endpoints only as much as needed): "
@@ -210,11 +259,15 @@ CHECKPOINT_OPTION = click.option(
     help="Journal folder.  [default: OUTPUT.batchllm/]",
 )
 
+RESTART_OPTION = click.option(
+    "--restart", is_flag=True, default=None, help="Discard the journal and start over."
+)
+
 JOURNAL_OPTIONS = [
     click.option(
         "--retry-errors", is_flag=True, default=None, help="Send rows that failed in an earlier run again."
     ),
-    click.option("--restart", is_flag=True, default=None, help="Discard the journal and start over."),
+    RESTART_OPTION,
     click.option(
         "--cache",
         help="Response cache: auto (temperature 0 or a seed), always, off, or a folder.  "
@@ -254,8 +307,7 @@ JOURNAL_OPTIONS = [
 
 LEDGER_OPTION = click.option(
     "--ledger",
-    help="The spend ledger (SQLite), or off.  [env: BATCHLLM_LEDGER; default: "
-    "$XDG_DATA_HOME/batchllm/ledger.db]",
+    help="The spend ledger (SQLite), or off.  [default: $XDG_DATA_HOME/batchllm/ledger.db]",
 )
 
 RUN_OPTIONS = [

@@ -9,6 +9,7 @@ import click
 import orjson
 
 from . import CONTEXT, cli, handles_errors
+from .help import GroupedCommand
 
 
 @cli.group(
@@ -22,6 +23,8 @@ def review_group() -> None:
 
 @review_group.command(
     "export",
+    cls=GroupedCommand,
+    help_groups=(("Which rows", ("picks", "seed")), ("Where they go", ("target", "url", "project"))),
     context_settings=CONTEXT,
     epilog="Example:\n\n  batchllm review export out/reviews_sentiment.parquet --pick random:40 --pick uncertain:20 -o out/tasks.json",
 )
@@ -84,6 +87,8 @@ def review_export_cmd(
 
 @review_group.command(
     "import",
+    cls=GroupedCommand,
+    help_groups=(("Where verdicts come from", ("source", "project")),),
     context_settings=CONTEXT,
     epilog="Example:\n\n  batchllm review import out/reviews_sentiment.parquet --from export.json",
 )

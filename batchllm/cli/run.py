@@ -7,10 +7,12 @@ from typing import Any
 
 import click
 
+from .. import DISTRIBUTION
 from ..errors import EXIT_CODE_HELP, BatchLLMError, ExitCode, JobError
 from ..job import Job, build_job
 from ..job_keys import parse_pack
 from . import CONTEXT, cli, command_line, fail, handles_errors, report_error, run_async
+from .help import GroupedCommand
 from .options import RUN_OPTIONS, apply, collect, make_output_folder
 
 
@@ -21,6 +23,7 @@ def _job(ctx: click.Context, input_path: Path | None, params: dict[str, Any]) ->
 
 @cli.command(
     "run",
+    cls=GroupedCommand,
     context_settings=CONTEXT,
     epilog=EXIT_CODE_HELP
     + """
@@ -40,7 +43,7 @@ Examples:
 @click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
-    help="local, or ray: the same job on Ray Data (pip install 'batchllm[ray]'); INPUT and OUTPUT "
+    help=f"local, or ray: the same job on Ray Data (pip install '{DISTRIBUTION}[ray]'); INPUT and OUTPUT "
     "may then be directories of Parquet files.  [default: local]",
 )
 @click.option("--ray-address", help="With --engine ray: the cluster to join.  [default: start a local Ray]")
@@ -76,6 +79,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
 
 @cli.command(
     "estimate",
+    cls=GroupedCommand,
     context_settings=CONTEXT,
     epilog="""Examples:
 

@@ -41,6 +41,24 @@ from . import CONTEXT, cli, fail, run_async
 )
 @click.option("--jitter", default=0.0, type=float, show_default=True, help="+/- fraction of the latency.")
 @click.option(
+    "--slots",
+    default=0,
+    type=int,
+    show_default=True,
+    help="Requests computed at once, the rest queued in order, as a self-hosted server; 0 = no limit.",
+)
+@click.option(
+    "--slot-seconds", default=0.0, type=float, show_default=True, help="Seconds each request holds its slot."
+)
+@click.option(
+    "--no-props",
+    "slots_props",
+    is_flag=True,
+    default=True,
+    flag_value=False,
+    help="With --slots: no GET /props (llama.cpp states total_slots there).",
+)
+@click.option(
     "--reply-tokens",
     default="8-64",
     show_default=True,
@@ -149,6 +167,12 @@ from . import CONTEXT, cli, fail, run_async
     help="OpenAI face: answer 400 to a request asking for logprobs, as a server that cannot return them.",
 )
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
+@click.option(
+    "--prompt-cache/--no-prompt-cache",
+    default=True,
+    show_default=True,
+    help="OpenAI face: report a repeated prompt prefix (1,024 tokens and more) as cached, as OpenAI does.",
+)
 @click.option(
     "--keep-log/--no-keep-log",
     default=True,

@@ -98,15 +98,21 @@ def models_cmd() -> int:
     """List the models batchllm knows per provider, with prices and context windows."""
     from ..pricing import load_models
 
-    click.echo(f"{'provider':<10} {'model':<32} {'input $/M':>10} {'output $/M':>11} {'window':>8}")
+    click.echo(
+        f"{'provider':<10} {'model':<32} {'input $/M':>10} {'cached $/M':>11} {'output $/M':>11} {'window':>8}"
+    )
     for m in load_models().values():
         assert m.prices is not None and m.context_window is not None
+        cached = m.prices.cached_input_per_million
         click.echo(
             f"{m.provider:<10} {m.name:<32} {m.prices.input_per_million!s:>10} "
+            f"{'-' if cached is None else str(cached):>11} "
             f"{m.prices.output_per_million!s:>11} {m.context_window:>8,}"
         )
     click.echo(
         "\nWith --provider openai, other models run too: give --input-price and --output-price to cost them."
+        "\ncached: a prompt token served from the provider's prompt cache ('-': at the input price;"
+        " --cached-input-price sets one)."
     )
     return 0
 
@@ -138,8 +144,8 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
 
     Every problem of a file is listed, one line each, with the nearest key for an unknown one.
     """
+    from ..engine.checks import prepare
     from ..engine.packed import packs_for
-    from ..engine.plan import prepare
     from ..fleet import fleet_problems, load_fleet
 
     endpoints = None

@@ -1,6 +1,6 @@
 """The same job on Ray Data: ``batchllm run --engine ray``, and ``complete`` for pipelines.
 
-Optional: ``pip install 'batchllm[ray]'``; nothing here is imported by a local run.
+Optional: ``pip install 'batchllm-cli[ray]'``; nothing here is imported by a local run.
 
     driver.py       the run: check, start or join Ray, read, complete, write, summarise
     worker.py       the map_batches UDF: the local engine's dispatcher behind leased seams

@@ -190,6 +190,13 @@ class Coordinator:
             self.maybe_billed[0] -= 1
             self.maybe_billed[1] -= reserved_pico
 
+    def gave_up(self, row_id: str, worst_pico: int) -> None:
+        """A request an actor stopped waiting for (a timeout): maybe billed, in the journal, and
+        spent in the budget; when that leaves no room, the run stops."""
+        self.journal.gave_up(row_id, worst_pico)
+        if not self.budget.gave_up(worst_pico):
+            self.stop(StopReason.BUDGET.value, "budget reached")
+
     # -- rows --------------------------------------------------------------------------------
 
     def _done(self, row_ids: list[str]) -> dict[str, Entry]:
@@ -321,6 +328,9 @@ class Coordinator:
     def finish(self) -> dict[str, Any]:
         """Close the journal; what the summary needs."""
         self.journal.flush()
+        if self.maybe_billed[0]:  # actors taken for dead: in the journal, for status and report
+            add = (self.maybe_billed[0], self.maybe_billed[1])
+            self.journal.set_meta("maybe_billed", self.journal.maybe_billed(current=False, add=add))
         out = {
             "counts": dict(self.counts),
             "totals": self.journal.totals(),

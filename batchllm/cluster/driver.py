@@ -32,13 +32,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .. import DISTRIBUTION
 from ..access import resolve_api_key
+from ..engine.checks import check_columns, check_model
 from ..engine.journal import Journal
 from ..engine.journal_schema import DB_NAME
 from ..engine.lock import RunLock
 from ..engine.observer import Observer, Silent
-from ..engine.output import check_no_clash
-from ..engine.plan import check_labeling_clash, check_model
 from ..engine.runner import Endpoint, RunResult
 from ..engine.stats import StopReason
 from ..errors import ClusterError, JobError
@@ -46,14 +46,14 @@ from ..inputs import InputFile
 from ..job import Job
 from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import Model
-from ..prompts import PromptBuilder, load_examples
+from ..prompts import load_examples
 from ..providers import Provider, get_provider
 from ..sniff import is_utf8
 from .coordinator import Coordinator
 from .results import ClusterSetup, answered_already, result
 from .worker import Completer, fleet_keys, fleet_share, per_actor
 
-RAY_HINT = "--engine ray needs Ray: pip install 'batchllm[ray]'"
+RAY_HINT = f"--engine ray needs Ray: pip install '{DISTRIBUTION}[ray]'"
 
 
 def import_ray() -> Any:
@@ -114,9 +114,7 @@ def check_input(job: Job) -> tuple[list[str], InputFile, Provider, Model]:
         )
     provider = get_provider(job.provider)
     model = check_model(job, provider)
-    PromptBuilder(job, source.columns, str(job.input))
-    check_no_clash(source.columns, str(job.input))
-    check_labeling_clash(job, source.columns, str(job.input))
+    check_columns(job, source.columns, str(job.input))
     if job.output.exists() and not job.output.is_dir():
         raise JobError(f"{job.output}: is a file; --engine ray writes a directory of Parquet files there")
     return files, source, provider, model
@@ -143,9 +141,7 @@ def complete(
     provider = get_provider(job.provider)
     check_model(job, provider)
     names = columns if columns is not None else list(ds.schema().names)
-    PromptBuilder(job, names, str(job.input))
-    check_no_clash(names, str(job.input))
-    check_labeling_clash(job, names, str(job.input))
+    check_columns(job, names, str(job.input))
     if endpoint is None:
         endpoint = Endpoint(job.endpoint, resolve_api_key(job))
     if coordinator is None:
@@ -255,6 +251,7 @@ async def run_on_ray(
     lock.acquire(command)
     try:
         start = Snapshot() if job.restart else journal_snapshot(job.journal_dir)
+        billed_before = {"requests": 0, "worst_pico": 0} if job.restart else maybe_billed(job.journal_dir)
         record = RunRecord.begin(
             **of_job(job), kind="run", provider=provider.name, model=model.name, engine="ray",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=None, start=start,
@@ -270,9 +267,11 @@ async def run_on_ray(
             done = await _send(ray, job, files, source, provider, model, endpoint, observer, command,
                                handle_signals)  # fmt: skip
         except BaseException:
-            record.finish({"message": "the run failed"}, start, journal_snapshot(job.journal_dir))
+            record.finish(
+                {"message": "the run failed"}, start, journal_snapshot(job.journal_dir), billed_before
+            )
             raise
-        record.finish(done.summary, start, journal_snapshot(job.journal_dir))
+        record.finish(done.summary, start, journal_snapshot(job.journal_dir), billed_before)
         return done
     finally:
         lock.release()
@@ -312,6 +311,17 @@ def journal_snapshot(directory: Path) -> Snapshot:
     journal = Journal.open_readonly(directory)
     try:
         return Snapshot.of(journal.totals())
+    finally:
+        journal.conn.close()
+
+
+def maybe_billed(directory: Path) -> dict[str, int]:
+    """Requests the journal counts as maybe billed now, a dead run's in flight among them."""
+    if not (directory / DB_NAME).is_file():
+        return {"requests": 0, "worst_pico": 0}
+    journal = Journal.open_readonly(directory)
+    try:
+        return journal.maybe_billed()
     finally:
         journal.conn.close()
 

@@ -26,7 +26,7 @@ from ..engine.summary import build_summary, next_step
 from ..errors import ExitCode
 from ..inputs import InputFile
 from ..job import Job
-from ..pricing import Model, format_usd, usd_text
+from ..pricing import Model, format_usd
 from ..prompts import PromptBuilder
 from ..providers import Provider
 
@@ -120,9 +120,6 @@ def result(
         "actors": job.actors,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
-    requests, worst = done["maybe_billed"]
-    if requests:
-        summary["maybe_billed"] = {"requests": requests, "worst_case_usd": usd_text(worst)}
     text = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
     write_atomic(job.output / SUMMARY_NAME, text)  # what `report` reads, as from a file's metadata
     if job.summary_json is not None:

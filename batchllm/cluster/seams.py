@@ -148,6 +148,10 @@ class LeasedBudget:
         if self._active:
             self.coordinator.settle.remote(self.owner, reserved_pico, actual_pico)
 
+    def gave_up(self, worst_pico: int) -> bool:
+        """The coordinator counts it as spent when its journal hears of it (``Ledger.gave_up``)."""
+        return True
+
 
 class RowGate:
     """Rows an actor has begun whose entries the journal does not have yet, at most ``size``:
@@ -212,6 +216,10 @@ class BatchLedger:
 
     def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:
         """Requests in flight are bounded by the lease; nothing to write per request."""
+
+    def gave_up(self, row_id: str, worst_pico: int) -> None:
+        """A request this actor stopped waiting for may have been billed: the journal counts it."""
+        self.coordinator.gave_up.remote(row_id, worst_pico)
 
     def leaving(self, row_id: str) -> None:
         """Rows sent again are redone whole on a cluster: no entry to supersede here."""

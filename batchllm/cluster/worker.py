@@ -27,12 +27,13 @@ import pyarrow as pa
 
 from ..access import key_source
 from ..engine.admission import Admission
+from ..engine.checks import check_model
 from ..engine.client import Client
 from ..engine.dispatch import Dispatcher
 from ..engine.labeled import label_row
 from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_columns
 from ..engine.packed import Packs
-from ..engine.plan import WorkItem, check_model
+from ..engine.plan import WorkItem
 from ..engine.ratelimit import Backoff
 from ..engine.refusable import refusable
 from ..engine.router import Router, fleet_router
@@ -292,6 +293,7 @@ class Completer:
             out[f"{row_id}#{i}"] = e._replace(
                 prompt_tokens=0 if billed else None,
                 completion_tokens=0 if billed else None,
+                cached_tokens=0 if billed else None,
                 input_cost_pico=free_in if billed else None,
                 output_cost_pico=free_out if billed else None,
                 attempts=0,

@@ -26,7 +26,7 @@ from ..records import Message, Request
 from ..tokens import TokenCounter, counter_for
 
 if TYPE_CHECKING:
-    from .plan import Prepared
+    from .checks import Prepared
 
 
 def format_bytes(job: Job) -> int:

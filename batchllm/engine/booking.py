@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import APIError
-from ..pricing import Model, Prices, cost
+from ..pricing import Model, Prices, cached_saving, cost
 from ..records import Completion, Entry, Request
 from ..tokens import TokenCounter, counter_for
 from .admission import Rejection
@@ -86,14 +86,16 @@ class Booking:
         self, item: WorkItem, c: Completion, attempts: int, latency_ms: float, reserved_tokens: int
     ) -> int:
         prompt_tokens, completion_tokens, counted = self.usage(item.request, c, item.prompt_tokens)
-        in_cost, out_cost = cost(self.prices_of(c), prompt_tokens, completion_tokens)
+        cached = c.cached_tokens
+        prices = self.prices_of(c)
+        in_cost, out_cost = cost(prices, prompt_tokens, completion_tokens, cached)
         truncated = self.provider.truncated(c, item.request.max_tokens or self.max_tokens)
         # Positional (per row, keywords cost half as much again): the fields of records.Entry.
         self.record(
             item,
             Entry(item.row_id, item.content_hash, "ok", c.text, prompt_tokens, completion_tokens, in_cost,
                   out_cost, None, None, attempts, latency_ms, time.time(), self.model_of(c), truncated,
-                  counted, None, item.key or None, None, None, c.endpoint),
+                  counted, None, item.key or None, None, None, c.endpoint, cached),
         )  # fmt: skip
         billed = (in_cost or 0) + (out_cost or 0)
         self.charged(c, billed, prompt_tokens, completion_tokens)
@@ -102,11 +104,18 @@ class Booking:
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
         stats.cost_pico += billed
+        if cached:
+            self.count_cached(prices, cached)
         self.limiter.on_success()
         if reserved_tokens:
             self.limiter.refund_tokens(reserved_tokens, prompt_tokens + completion_tokens)
         self.track(False)
         return billed
+
+    def count_cached(self, prices: Prices | None, cached: int) -> None:
+        """Prompt tokens a reply had served from the server's prompt cache, and what they saved."""
+        self.stats.cached_tokens += cached
+        self.stats.cached_saved_pico += cached_saving(prices, cached)
 
     def add_error(
         self,

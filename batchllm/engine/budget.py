@@ -87,3 +87,11 @@ class Budget:
         self.reserved -= reserved_pico
         self.in_flight -= 1
         self._released.set()
+
+    def gave_up(self, worst_pico: int) -> bool:
+        """A request was given up on (a timeout): it may have been billed up to its worst case,
+        so that is spent, and its reservation stays for the retry. False when what is reserved
+        no longer fits under the caps with it: nothing more may leave."""
+        self.spent += worst_pico
+        self.spent_run += worst_pico
+        return not self.active or self._fits(0)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import aiohttp
+import orjson
 
-from ..errors import APIError, RetryableAPIError
+from ..errors import APIError, RequestTimeout, RetryableAPIError
 from ..providers import Provider
 from ..records import Completion, RateHints
 
@@ -72,9 +73,24 @@ class Client:
         except APIError:
             raise
         except TimeoutError:
-            raise RetryableAPIError(f"no response within {self._timeout:g} s (timeout)") from None
+            raise RequestTimeout(f"no response within {self._timeout:g} s (timeout)") from None
         except aiohttp.ClientResponseError as exc:
             raise RetryableAPIError(f"bad HTTP response: {exc.message}", exc.status) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise RetryableAPIError(f"connection failed: {exc}", unsent=True) from None
         except (aiohttp.ClientError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise RetryableAPIError(f"connection failed: {detail}") from None
+
+    async def server_slots(self, url: str, timeout: float = 2.0) -> int | None:
+        """The slots a server states at ``url`` (llama.cpp's ``/props``: ``total_slots``), or None
+        when it states none, in whatever way: a hint, never a reason to fail."""
+        assert self._session is not None, "use `async with Client(...)`"
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if resp.status != 200:
+                    return None
+                slots = orjson.loads(await resp.read()).get("total_slots")
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+            return None
+        return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from ..errors import APIError, FatalAPIError, RetryableAPIError, RunStopError
+from ..errors import APIError, FatalAPIError, RequestTimeout, RetryableAPIError, RunStopError
 from ..labeling.spec import Labeling
 from ..pricing import Model
 from ..providers import Provider
@@ -31,6 +31,7 @@ from ..records import Completion, Entry
 from .booking import Booking
 from .budget import Budget
 from .client import Client
+from .concurrency import ConcurrencyLimit
 from .journal import Journal
 from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
@@ -39,6 +40,7 @@ from .reuse import Reuse
 from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
+from .warmup import Warmup
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
 
@@ -67,6 +69,8 @@ class Dispatcher(Booking):
         grace: float = 10.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
         gate: Gate | None = None,
+        warmup: Warmup | None = None,
+        window: ConcurrencyLimit | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -87,6 +91,10 @@ class Dispatcher(Booking):
         self.reuse = reuse
         self._sleep = sleep
         self.gate = gate
+        self.warmup = warmup  # rows sharing a cacheable prefix wait for its first (warmup.py)
+        # How many of the ``concurrency`` workers may have a request on the wire (concurrency.py);
+        # None: all of them (a fleet's endpoints limit themselves, router.py).
+        self.window = window
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self.refusable: Refusable | None = None  # optional fields a server may refuse (refusable.py)
         self._prices = model.prices
@@ -186,6 +194,8 @@ class Dispatcher(Booking):
                 return
             if self.gate is not None:
                 await self.gate.enter(item.row_id, self._stopped)
+            if self.warmup is not None:
+                await self.warmup.enter(item, self._stopped)
             try:
                 await self._one(item)
             except asyncio.CancelledError:
@@ -199,6 +209,8 @@ class Dispatcher(Booking):
                     self.reuse.abandoned(item.key)  # ended without a reply: its followers stay pending
                 if self.gate is not None:
                     self.gate.done(item.row_id)
+                if self.warmup is not None:
+                    self.warmup.done(item)
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         """Journal a row's entry; rows waiting for the same request get its reply."""
@@ -261,6 +273,7 @@ class Dispatcher(Booking):
         for is then known (inflight.py).
         """
         stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
+        window = self.window
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
         refusable = self.refusable
         if refusable is not None and not refusable.on:
@@ -271,20 +284,32 @@ class Dispatcher(Booking):
         while True:
             if self.stopping:
                 return None, attempt, 0.0
-            member = None if router is None else await router.acquire(tokens)
-            if router is None:
-                await limiter.acquire(tokens)
+            # A place on the wire before the pace: the limiter's departures are then the wire's,
+            # never a burst of requests that were paced while waiting for a place.
+            if window is not None and not window.try_take():
+                await window.take()
+            try:
+                member = None if router is None else await router.acquire(tokens)
+                if router is None:
+                    await limiter.acquire(tokens)
+            except BaseException:
+                if window is not None:
+                    window.release(None)
+                raise
             if self.stopping:
+                if window is not None:
+                    window.release(None)
                 if member is not None:
                     router.release(member)  # type: ignore[union-attr]
                 return None, attempt, 0.0
-            # Written down before it leaves (inflight.py); a retry after the server answered with
-            # an error is the same request, one after no answer (a timeout) may have been billed.
+            # Written down before it leaves (inflight.py).
             self.journal.sent(row_id, worst, answered)
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
             self._on_wire += 1
+            trip: float | None = None  # seconds, when the server answered in time
+            timed_out = False
             try:
                 try:
                     if member is None:
@@ -292,14 +317,27 @@ class Dispatcher(Booking):
                     else:
                         member.counts.requests += 1
                         completion = await member.complete(body)
+                    trip = time.perf_counter() - t0
+                except RequestTimeout:
+                    timed_out = True
+                    raise
                 finally:
+                    if window is not None:
+                        window.release(trip, timed_out=timed_out)
                     self._on_wire -= 1
                     if not self._on_wire and self.stop_reason is not None:
                         self._drained.set()
                     if member is not None:
                         router.release(member)  # type: ignore[union-attr]
             except RetryableAPIError as exc:
-                answered = exc.status is not None
+                # An answer (an error status), or no connection at all: the same request goes
+                # again. Given up on (a timeout, a dropped connection), the server may have
+                # computed and billed it all the same.
+                answered = exc.status is not None or exc.unsent
+                if not answered:
+                    self.journal.gave_up(row_id, worst)
+                    if not self.budget.gave_up(worst):
+                        self.request_stop(StopReason.BUDGET, "budget reached")
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1
@@ -341,7 +379,7 @@ class Dispatcher(Booking):
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue
                 return exc, attempt, 0.0
-            latency_ms = (time.perf_counter() - t0) * 1000.0
+            latency_ms = (trip or 0.0) * 1000.0
             if member is not None:
                 router.answered(member, latency_ms)  # type: ignore[union-attr]
             return completion, attempt, latency_ms

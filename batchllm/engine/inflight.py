@@ -7,8 +7,10 @@ without a saved reply, with the most each could cost.
 
 A labeling row sends its requests one after another, and its next request may leave before the
 commit of the previous reply: so a row can have two ``S`` open, and a ``D`` closes the oldest.
-A retry of the same request (after a 5xx or a timeout) opens no second ``S``: the first stands
-for it, with the same worst case.
+A retry after the server answered with an error (a 5xx) opens no second ``S``: the first stands
+for it, with the same worst case. A request the client gave up on (a timeout, a dropped
+connection) may have been computed and billed all the same: it is counted in ``maybe_billed`` at
+once (``gave_up``), and its retry is a new request with its own ``S``.
 
 The log is a memory-mapped file, so writing a line is a copy into the page cache, not a system
 call (one per request was a tenth of batchllm's own cost per row: make bench). The kernel owns
@@ -157,6 +159,14 @@ class InflightBook:
             "requests": kept["requests"] + now + add[0],
             "worst_pico": kept["worst_pico"] + worst + add[1],
         }
+
+    def gave_up(self, row_id: str, worst_pico: int) -> None:
+        """A request the client stopped waiting for (a timeout, a dropped connection): the server
+        may have computed and billed it all the same, so it leaves the log for ``maybe_billed``,
+        kept before the log says it is done (a crash between the two counts it twice, never not)."""
+        self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(1, worst_pico)))
+        if self.inflight_log is not None:
+            self.inflight_log.done([row_id])
 
     def start_inflight(self) -> tuple[int, int]:
         """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a

@@ -18,7 +18,9 @@ sent again had cost before); it is created in any older journal when opened. Sch
 labeling/pack.py), added to an older journal when opened; the ``reviews`` table (people's
 verdicts, review/verdicts.py) is created in any journal when opened. Schema 8 added
 ``endpoint`` to ``rows`` (the fleet endpoint that answered, engine/router.py), and schema 9 to
-``attempts`` (each request of a labeling row may go to another endpoint).
+``attempts`` (each request of a labeling row may go to another endpoint). Schema 10 added
+``cached_tokens`` to ``rows`` (prompt tokens the server served from its prompt cache), NULL in
+the rows of an older journal.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -62,7 +64,8 @@ ROWS_TABLE = """CREATE TABLE IF NOT EXISTS rows (
     request_key TEXT,
     answered_by TEXT,
     cached INTEGER,
-    endpoint TEXT
+    endpoint TEXT,
+    cached_tokens INTEGER
 )"""
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -146,6 +149,7 @@ _ADDED = {
     "answered_by": "TEXT",
     "cached": "INTEGER",
     "endpoint": "TEXT",
+    "cached_tokens": "INTEGER",
 }
 INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 

@@ -118,8 +118,11 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         sure = None
         if tokens is not None and labeling.confidence == "logprobs":
             sure = of_reply(labeling, result.text, truncated, tokens)
-        in_cost, out_cost = cost(d.prices_of(result), pt, ct)  # a fleet: the answering endpoint's
+        prices, cached = d.prices_of(result), result.cached_tokens  # a fleet: the answering endpoint's
+        in_cost, out_cost = cost(prices, pt, ct, cached)
         billed = (in_cost or 0) + (out_cost or 0)
+        if cached:
+            d.count_cached(prices, cached)
         stats = d.stats
         stats.prompt_tokens += pt
         stats.completion_tokens += ct
@@ -128,7 +131,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         d.limiter.on_success()
         # Positional, as records.Entry is built (keywords cost half as much again, per request).
         attempt = Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated,
-                          None, None, result.endpoint, sure)  # fmt: skip
+                          None, None, result.endpoint, cached, sure)  # fmt: skip
         return attempt, n, latency_ms
     finally:
         if not capped or worst:
@@ -147,11 +150,12 @@ def book(
     """The row's entry: the outcome, with the tokens and costs of every request it took (and,
     for a packed row, which pack and item its answer came from)."""
     # One pass over the row's requests (a few microseconds a row at thousands of rows/s).
-    pt = ct = in_cost = out_cost = reask_cost = sample_cost = 0
+    pt = ct = cached = in_cost = out_cost = reask_cost = sample_cost = 0
     priced = True
     for a in attempts:
         pt += a.prompt_tokens
         ct += a.completion_tokens
+        cached += a.cached_tokens
         ic, oc = a.input_cost_pico, a.output_cost_pico
         if ic is None or oc is None:
             priced = False
@@ -207,20 +211,20 @@ def book(
     if len(attempts) == 1:  # most rows: one request, booked without building the lists below
         where = attempts[0].endpoint or None
         model = d.model_at(where)
-        cached = True if attempts[0].kind == "cached" else None
+        from_cache = True if attempts[0].kind == "cached" else None
     else:
         # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).
         endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
         where = ",".join(endpoints) or None
         model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
-        cached = True if some and all(a.kind == "cached" for a in attempts) else None
+        from_cache = True if some and all(a.kind == "cached" for a in attempts) else None
     d.record(
         item,
         Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
               in_cost if some and priced else None, out_cost if some and priced else None, message,
               error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
-              item.key or None, None, cached, where),
+              item.key or None, None, from_cache, where, cached if some else None),
     )  # fmt: skip
 
 

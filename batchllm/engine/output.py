@@ -20,7 +20,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import JobError
 from ..inputs import InputFile
 from ..labeling.spec import Labeling
 from ..pricing import to_usd
@@ -39,6 +38,8 @@ RESULT_FIELDS = [
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("total_tokens", pa.int64()),
+    # Of prompt_tokens, those the server served from its prompt cache (billed at the cached price).
+    pa.field("cached_tokens", pa.int64()),
     pa.field("input_cost_usd", pa.float64()),
     pa.field("output_cost_usd", pa.float64()),
     pa.field("cost_usd", pa.float64()),
@@ -64,21 +65,13 @@ def _endpoint(e: Entry | None) -> str | None:
 METADATA_KEY = b"batchllm"
 
 
-def check_no_clash(columns: list[str], source: str) -> None:
-    clash = [c for c in columns if c in RESULT_NAMES]
-    if clash:
-        raise JobError(
-            f"{source}: input column {clash[0]!r} has the name of an output column; rename it "
-            f"(output columns: {', '.join(RESULT_NAMES)})"
-        )
-
-
 class Totals:
     """Exact sums over the rows written, for the summary and the file's metadata."""
 
     def __init__(self) -> None:
         self.rows = self.ok = self.error = self.pending = self.truncated = 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.cached_tokens = 0
         self.input_cost_pico = self.output_cost_pico = 0
         self.invalid = 0  # labeling rows whose answers never validated
         self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
@@ -113,6 +106,7 @@ class Totals:
             "answered_by_identical_rows": self.copied,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
             "input_cost_pico": self.input_cost_pico,
             "output_cost_pico": self.output_cost_pico,
             "unpriced": self.unpriced,
@@ -226,6 +220,9 @@ def _costs(
     cols["completion_tokens"][i] = ct
     cols["total_tokens"][i] = pt + ct
     if e.prompt_tokens is not None:
+        cached = e.cached_tokens or 0
+        cols["cached_tokens"][i] = cached
+        totals.cached_tokens += cached
         cols["truncated"][i] = bool(e.truncated)
         cols["tokens_counted"][i] = bool(e.tokens_counted)
         totals.truncated += counts.truncated(e)

@@ -28,10 +28,12 @@ from ..labeling.confidence import of_pack
 from ..labeling.rows import SPLIT, Attempt, Outcome, RowLabeler, Step
 from ..labeling.structured import PARAM, Formats
 from ..pricing import Model, cost
+from ..prompts import prompt_cache_key
 from ..records import Message, Request
 from .admission import Admission, Rejection
+from .checks import Prepared
 from .labeled import book, worst_pico
-from .plan import Pack, Prepared, WorkItem
+from .plan import Pack, WorkItem
 from .stats import StopReason
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ class Packs:
         counter = admission.counter
         self.exact = counter.exact
         self.shared = counter.count_messages((*self.prefix, Message("user", "")))
+        self.cache_key = prompt_cache_key(job, self.prefix)
         limit = model.context_window
         if labeling.pack_tokens is not None:
             limit = labeling.pack_tokens if limit is None else min(limit, labeling.pack_tokens)
@@ -113,7 +116,7 @@ class Packs:
         params = {**base.params, "max_tokens": self.max_tokens(rows)}
         if self.formats is not None:
             params[PARAM] = self.formats.pack(rows)
-        return Request(base.provider, base.model, (*self.prefix, *turns), params)
+        return Request(base.provider, base.model, (*self.prefix, *turns), params, self.cache_key)
 
     def fits(self, own: list[int]) -> bool:
         """Do rows of these own tokens fit in one packed request (prompt and reply)?"""
@@ -279,6 +282,7 @@ class Packs:
             items, _why = (None, "truncated") if truncated else shape.read_reply(result.text, len(rows))
             prompt = shape.prompt_shares(pt, [row.own for row in rows])
             completion = shape.completion_shares(ct, items or [""] * len(rows))
+            cached = shape.cached_shares(result.cached_tokens, prompt)
             pid = shape.pack_id(body)
             sure: list[Any] = [None] * len(rows)  # each item's own tokens (labeling/confidence.py)
             if items is not None and result.logprobs is not None and self.labeling.confidence == "logprobs":
@@ -286,22 +290,20 @@ class Packs:
             prices, where = d.prices_of(result), result.endpoint  # a fleet: the answering endpoint's
             reuse = d.reuse
             keep = reuse is not None and reuse.cache is not None and kind == "first"
+            if result.cached_tokens:
+                d.count_cached(prices, sum(cached))
             for n, row in enumerate(rows):
-                ic, oc = cost(prices, prompt[n], completion[n])
+                ic, oc = cost(prices, prompt[n], completion[n], cached[n])
                 billed += (ic or 0) + (oc or 0)
                 if items is not None:
-                    a = Attempt(
-                        sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1, where,
-                        sure[n],
-                    )  # fmt: skip
+                    a = Attempt(sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
+                                where, cached[n], sure[n])  # fmt: skip
                 elif len(rows) > 1:  # unreadable: its share paid, the row goes again in a smaller pack
-                    a = Attempt(
-                        sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1, where
-                    )
+                    a = Attempt(sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
+                                where, cached[n])  # fmt: skip
                 else:  # unreadable alone: an answer that does not parse (position 0: the whole reply)
-                    a = Attempt(
-                        sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0, where
-                    )
+                    a = Attempt(sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0,
+                                where, cached[n])  # fmt: skip
                 if keep and items is not None and items[n] and reuse is not None:
                     # before the row is booked: booking lets go of its cache key
                     reuse.keep(

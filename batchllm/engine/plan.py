@@ -1,6 +1,6 @@
-"""What a job will send: the checks before anything leaves, and the work, a batch at a time.
+"""What a job will send, once checked (checks.py): the work, a batch at a time.
 
-    prepare(job)  -> Prepared   provider, model and prices, input, columns, ids (JobError if bad)
+    prepare(job)  -> Prepared   provider, model and prices, input, columns, ids (checks.py)
     Admission                   per row: refused before sending, and its worst case (admission.py)
     Plan.items(journal)         rows not done yet -> WorkItems, lazily, one input batch at a time
 
@@ -11,23 +11,17 @@ input is, and rows the journal already has cost one SQLite join per batch, not P
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from ..errors import JobError
-from ..inputs import InputFile
 from ..job import Job
 from ..labeling.rows import Attempt
-from ..pricing import Model, resolve_model
-from ..prompts import Builder, PromptBatch, PromptBuilder, RequestMaker, load_examples
-from ..providers import Provider, get_provider
-from ..records import Message, Request
+from ..pricing import Model
+from ..prompts import PromptBatch
+from ..providers import Provider
+from ..records import Request
 from .admission import Admission, Rejection
+from .checks import Prepared
 from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, Journal
-from .output import check_no_clash
 from .reuse import Reuse
 
 # Rows made ready at a time. The workers wait while a chunk is prepared (about 5 us a row), so a
@@ -62,91 +56,6 @@ class Setup(Protocol):
     job: Job
     provider: Provider
     model: Model
-
-
-@dataclass
-class Prepared:
-    """Everything checked before a request may leave."""
-
-    job: Job
-    provider: Provider
-    model: Model
-    source: InputFile
-    builder: Builder
-    rows: int
-    examples: tuple[Message, ...] = ()
-
-    def maker(self) -> RequestMaker:
-        return RequestMaker(self.job, self.examples)
-
-
-def prepare(job: Job) -> Prepared:
-    """Check the job against its provider and input: model, prices, file, columns, ids."""
-    provider = get_provider(job.provider)
-    source = InputFile(job.input, job.input_format, job.delimiter, job.encoding)
-    builder: Builder
-    if source.format == "jsonl":
-        from ..backends.openai_batch import RequestFileBuilder
-
-        rows = source.count_rows()  # valid JSON, custom_ids present and unique
-        if rows == 0:
-            raise JobError(f"{job.input}: the request file has no lines")
-        request_builder = RequestFileBuilder(job, provider, source)
-        model_name = request_builder.check(source)
-        if model_name != job.model:
-            job = replace(job, model=model_name)
-        builder = request_builder
-    else:
-        builder = PromptBuilder(job, source.columns, str(job.input), source.delimiter_hint)
-        check_no_clash(source.columns, str(job.input))
-        rows = source.count_rows()
-        if rows == 0:
-            raise JobError(f"{job.input}: the file has a header but no rows")
-        builder.check_some_prompt(source.batches(builder.read_columns), rows)
-        if job.id_column is not None:
-            _check_unique_ids(source, job.id_column)
-    model = check_model(job, provider)
-    check_labeling_clash(job, source.output_columns, str(job.input))
-    return Prepared(job, provider, model, source, builder, rows, load_examples(job))
-
-
-def check_model(job: Job, provider: Provider) -> Model:
-    """The job's model and prices, checked against its max_tokens and budget."""
-    model = resolve_model(provider.name, job.model, prices=job.prices, unlisted_ok=provider.unlisted_models)
-    if model.context_window is not None and job.max_tokens >= model.context_window:
-        raise JobError(
-            f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of "
-            f"{model.context_window:,} tokens"
-        )
-    if job.budgeted and model.prices is None:
-        raise JobError(
-            f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
-            "give --input-price and --output-price (USD per million tokens)"
-        )
-    return model
-
-
-def check_labeling_clash(job: Job, columns: Sequence[str], source: str) -> None:
-    if job.labeling is not None:
-        clash = [c.name for c in job.labeling.columns() if c.name in columns]
-        if clash:
-            raise JobError(
-                f"{source}: input column {clash[0]!r} has the name of a labeling output column; rename it"
-            )
-
-
-def _check_unique_ids(source: InputFile, column: str) -> None:
-    chunks = [b.column(0).cast(pa.string()) for b in source.batches([column])]
-    ids = pa.chunked_array(chunks, type=pa.string())
-    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
-        return
-    counts = pc.value_counts(ids)
-    dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
-    first = pc.index(ids, dup).as_py()
-    raise JobError(
-        f"{source.path}: the --id-column {column!r} value {dup!r} appears more than once "
-        f"(first at row {first + 1}); ids must be unique"
-    )
 
 
 class Plan:
@@ -262,6 +171,8 @@ class Plan:
             for i, how in replaces.items():
                 journal.replacing[row_ids[i]] = how
             ready = admission.admit(pb, send, maker, reject, budget, self.warn)
+            if pb.requests is not None:  # lines of several prefixes: each one's together (warmup.py)
+                ready.sort(key=lambda r: r[1].cache_key or "")
             keys: Sequence[str | None] = [""] * len(ready)
             if reuse is not None and ready:
                 keys = reuse.screen([(row_ids[i], hashes[i], r) for i, r, _, _ in ready])

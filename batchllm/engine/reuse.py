@@ -149,6 +149,7 @@ class Reuse:
                 content_hash=content_hash,
                 prompt_tokens=0 if source.prompt_tokens is not None else None,
                 completion_tokens=0 if source.completion_tokens is not None else None,
+                cached_tokens=0 if source.cached_tokens is not None else None,
                 input_cost_pico=zero_in if source.prompt_tokens is not None else None,
                 output_cost_pico=zero_out if source.prompt_tokens is not None else None,
                 attempts=0,

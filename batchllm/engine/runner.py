@@ -31,10 +31,13 @@ from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
-from ..pricing import format_usd, usd_text
+from ..pricing import cached_saving, format_usd, usd_text
+from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
+from .checks import Prepared
 from .client import Client
+from .concurrency import ConcurrencyLimit
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
 from .labeled import label_row, reparse
@@ -42,12 +45,13 @@ from .lock import RunLock
 from .observer import Observer, Silent
 from .output import Totals, write_output
 from .packed import packs_for
-from .plan import Plan, Prepared
+from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .refusable import refusable
 from .reuse import Reuse
 from .router import fleet_router
 from .summary import build_summary, next_step, snapshot, stop_message
+from .warmup import Warmup
 
 STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
     StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
@@ -128,7 +132,9 @@ class Run:
                 )
             prices = self.p.model.prices
             if prices is not None and (
-                priced := journal.price_unpriced(prices.input_pico, prices.output_pico)
+                priced := journal.price_unpriced(
+                    prices.input_pico, prices.output_pico, prices.cached_input_pico
+                )
             ):
                 self.warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
             journal.set_meta(
@@ -138,6 +144,8 @@ class Run:
                     "input": str(job.input),
                     "input_rows": self.p.rows,
                     "started_at": started_at,
+                    # What a cached prompt token costs less (``status`` prices the saving).
+                    "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
                 },
             )
             try:
@@ -181,7 +189,8 @@ class Run:
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).
-        committed = start.spent_pico + journal.maybe_billed(current=False)["worst_pico"]
+        billed_before = journal.maybe_billed(current=False)
+        committed = start.spent_pico + billed_before["worst_pico"]
         budget = Budget(job.max_cost_pico, committed, job.max_cost_per_run_pico)
         if job.max_cost_per_month_pico is not None:
             budget.month = record.month_allowance(
@@ -194,10 +203,15 @@ class Run:
                 end: Snapshot | None = Snapshot.of(journal.totals())
             except sqlite3.Error:
                 end = None  # the record keeps what the run said; the journal is past reading
-            record.finish({"message": "the run failed"}, start, end)
+            record.finish({"message": "the run failed"}, start, end, billed_before)
             raise
-        record.finish(result.summary, start, Snapshot.of(journal.totals()))
+        record.finish(result.summary, start, Snapshot.of(journal.totals()), billed_before)
         return result
+
+    def _prefixed(self) -> bool:
+        """May rows share a prompt prefix the server caches (the warm-up's case, warmup.py)? The
+        job's own prefix is long enough, or the input is a request file (each line its own)."""
+        return self.p.maker().cache_key is not None or not isinstance(self.p.builder, PromptBuilder)
 
     async def _dispatch(
         self, journal: Journal, endpoint: Endpoint, limiter: RateLimiter, budget: Budget, record: RunRecord
@@ -222,6 +236,11 @@ class Run:
             router = fleet_router(fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys)
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
+            window = None
+            if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
+                probe = p.provider.slots_url(endpoint.url)
+                hint = await client.server_slots(probe) if probe else None
+                window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint)
             dispatcher = Dispatcher(
                 client=client,
                 provider=p.provider,
@@ -238,6 +257,8 @@ class Run:
                 label=packs.label if packs is not None else label_row if labeling is not None else None,
                 tpm_enabled=job.tpm is not None,
                 grace=job.grace,
+                warmup=Warmup() if job.warmup and self._prefixed() else None,
+                window=window,
             )
             dispatcher.router = router
             dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)
@@ -284,6 +305,10 @@ class Run:
                 self.observer.progress(snapshot(dispatcher.stats))
                 if deadline is not None:
                     deadline.cancel()
+        # The pool has ended: requests still without a saved reply were cancelled by a stop and
+        # may have been billed; the summary and the ledger count them (inflight.py).
+        journal.flush()
+        journal.stop_inflight()
         return self._finish(journal, dispatcher, budget, self.started_at)
 
     async def _tick(self, dispatcher: Dispatcher, record: RunRecord) -> None:
@@ -328,6 +353,13 @@ class Run:
                 )
             if dispatcher.router is not None:
                 out["endpoints"] = dispatcher.router.summary()
+            if (w := dispatcher.window) is not None:
+                out["concurrency"] = {
+                    "ceiling": w.ceiling,
+                    "server_slots": w.hint,
+                    "last": w.limit,
+                    "peak": w.peak,
+                }
             if self.reuse is not None:
                 out["this_run"].update(
                     answered_by_other_rows=self.reuse.copies,

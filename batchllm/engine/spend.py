@@ -120,15 +120,18 @@ class SpendBook:
             "WHERE endpoint IS NOT NULL GROUP BY endpoint ORDER BY endpoint"
         ).fetchall()
 
-    def price_unpriced(self, input_pico: int, output_pico: int) -> int:
+    def price_unpriced(self, input_pico: int, output_pico: int, cached_input_pico: int | None = None) -> int:
         """Give rows done without a price (an unlisted model) this run's prices; returns how many.
 
         A known cost is never changed: a row costs what it cost when it was answered (live, or at
         a batch discount), so one output may hold rows at several prices.
         """
+        # pricing.cost in SQL: cached prompt tokens at the cached input price.
+        discount = 0 if cached_input_pico is None else input_pico - cached_input_pico
         cur = self.conn.execute(
-            "UPDATE rows SET input_cost_pico = prompt_tokens * ?, output_cost_pico = completion_tokens * ? "
+            "UPDATE rows SET input_cost_pico = prompt_tokens * ? - COALESCE(cached_tokens, 0) * ?, "
+            "output_cost_pico = completion_tokens * ? "
             "WHERE status = 'ok' AND (input_cost_pico IS NULL OR output_cost_pico IS NULL)",
-            (input_pico, output_pico),
+            (input_pico, discount, output_pico),
         )
         return cur.rowcount

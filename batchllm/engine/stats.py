@@ -34,6 +34,8 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_pico: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the server's prompt cache
+    cached_saved_pico: int = 0  # what they cost less than at the input price
     started: float = field(default_factory=time.monotonic)
 
     @property

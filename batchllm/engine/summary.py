@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import ExitCode
 from ..job import Job
-from ..pricing import format_usd, usd_text
+from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from ..providers import Provider
 from .budget import Budget
 from .dispatch import Dispatcher, Stats, StopReason
@@ -21,7 +21,8 @@ from .journal import RESCUE_NAME, Journal
 from .output import Totals
 
 if TYPE_CHECKING:
-    from .plan import Prepared, Setup
+    from .checks import Prepared
+    from .plan import Setup
 
 
 def stop_message(
@@ -132,6 +133,8 @@ def build_summary(
             "throttled": stats.throttled,
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
+            "cached_tokens": stats.cached_tokens,
+            "cached_saved_usd": usd_text(stats.cached_saved_pico if priced else None),
             "cost_usd": usd_text(stats.cost_pico if priced else None),
         },
         "warnings": warnings,
@@ -157,6 +160,12 @@ def build_summary(
             "prompt": totals.prompt_tokens,
             "completion": totals.completion_tokens,
             "total": totals.prompt_tokens + totals.completion_tokens,
+            # Of the prompt tokens, served from the server's prompt cache, and what that saved
+            # at the model's prices (a fleet's endpoints: ``endpoints``, each at its own).
+            "cached": totals.cached_tokens,
+            "cached_saved_usd": usd_text(
+                cached_saving(model.prices, totals.cached_tokens) if priced and job.fleet is None else None
+            ),
         }
         # Unknown, not $0, when the model has no price and no row brought one (a batch import can).
         known = priced or totals.priced > 0
@@ -216,12 +225,22 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}"
         )
+        if tok.get("cached"):
+            saved = tok.get("cached_saved_usd")
+            lines.append(
+                prompt_cache_line(tok["cached"], tok["prompt"], None if saved is None else parse_usd(saved))
+            )
         if cost["total"] is None:
             lines.append("cost: unknown (no price for the model: give --input-price and --output-price)")
         else:
             lines.append(
                 f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); "
                 f"this run {_dollars(summary['this_run']['cost_usd'])}"
+            )
+        if lost := summary.get("maybe_billed"):
+            lines.append(
+                f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "
+                f"(given up on after a timeout, or in flight at a stop), at most ${lost['worst_case_usd']}"
             )
     t = summary["this_run"]
     lines.append(
@@ -251,6 +270,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if not summary["complete"] and "resume" in summary:
         lines.append(f"{summary.get('next') or 'to resume, run the same command again'}: {summary['resume']}")
     return "\n".join(lines)
+
+
+def prompt_cache_line(cached: int, prompt: int, saved_pico: int | None) -> str:
+    """Prompt tokens served from the server's prompt cache, their share, and what they saved."""
+    return f"prompt cache: {cached:,} of the prompt tokens cached ({cached / max(prompt, 1):.0%})" + (
+        f", saving {format_usd(saved_pico)} against the input price" if saved_pico is not None else ""
+    )
 
 
 def _iso(t: float) -> str:

@@ -110,6 +110,12 @@ def prompt_shares(prompt_tokens: int, own: list[int]) -> list[int]:
     return [o + s for o, s in zip(own, _even(shared, len(own)), strict=True)]
 
 
+def cached_shares(cached_tokens: int, prompt: list[int]) -> list[int]:
+    """A pack's cached prompt tokens (its shared prefix, served from the server's prompt cache)
+    over its rows, evenly as the shared part is, never more than a row's prompt share."""
+    return [min(c, p) for c, p in zip(_even(cached_tokens, len(prompt)), prompt, strict=True)]
+
+
 def completion_shares(completion_tokens: int, items: list[str]) -> list[int]:
     """A pack's billed completion tokens over its rows, by each row's share of the answer (its
     item's length); sums to ``completion_tokens`` exactly."""

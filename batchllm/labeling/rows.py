@@ -44,6 +44,9 @@ class Attempt(NamedTuple):
     pack_id: str | None = None
     pack_position: int | None = None
     endpoint: str | None = None  # a fleet's endpoint that answered (engine/router.py)
+    # Of prompt_tokens, served from the server's prompt cache (not kept in the journal's attempts:
+    # a row resumed from them counts 0 for its earlier requests; their costs are kept exactly).
+    cached_tokens: int = 0
     # The probability the model gave its answer (labeling/confidence.py: a label's, or a schema's
     # fields'), from the reply's logprobs; not journaled: a reply read back has none.
     confidence: Any = None
@@ -161,7 +164,7 @@ class RowLabeler:
             return self.base
         params = dict(self.base.params)
         params["seed"] = int(params.get("seed") or 1) + k  # distinct seeds, one per sample
-        return Request(self.base.provider, self.base.model, self.base.messages, params)
+        return Request(self.base.provider, self.base.model, self.base.messages, params, self.base.cache_key)
 
     def _reask_request(self, k: int, chain: list[Attempt]) -> Request:
         first = self._sample_request(k)
@@ -170,7 +173,7 @@ class RowLabeler:
             _, error = self._read(a)
             turns.append(Message("assistant", a.text))
             turns.append(Message("user", feedback(self.labeling, error or "invalid_json")))
-        return Request(first.provider, first.model, tuple(turns), first.params)
+        return Request(first.provider, first.model, tuple(turns), first.params, first.cache_key)
 
     def _outcome(self, chains: list[list[Attempt]], attempts: list[Attempt]) -> Outcome:
         reasks = [a.kind for a in attempts].count("reask")

@@ -193,13 +193,25 @@ class RunRecord:
             (requests, prompt_tokens, completion_tokens, cost_pico, self.run_id),
         )
 
-    def finish(self, summary: Mapping[str, Any], start: Snapshot, end: Snapshot | None) -> None:
-        """Close the record from the run's summary and the journal's totals at its end."""
+    def finish(
+        self,
+        summary: Mapping[str, Any],
+        start: Snapshot,
+        end: Snapshot | None,
+        billed_before: Mapping[str, int] | None = None,
+    ) -> None:
+        """Close the record from the run's summary and the journal's totals at its end;
+        ``billed_before``: the output's requests maybe billed when the run started (the summary
+        counts every run's, the record only this run's)."""
         if self.conn is None:
             return
         this = summary.get("this_run", {})
         rows = summary.get("rows") or {}
         billed = summary.get("maybe_billed") or {}
+        billed_requests, billed_pico = billed.get("requests", 0), _pico(billed.get("worst_case_usd"))
+        if billed_before is not None:
+            billed_requests = max(0, billed_requests - billed_before["requests"])
+            billed_pico = max(0, billed_pico - billed_before["worst_pico"])
         if end is None:  # no journal totals (Ray's coordinator closed it): this run's counters
             cost = _pico(this.get("cost_usd"))
             delta = Snapshot(cost, this.get("prompt_tokens", 0), this.get("completion_tokens", 0),
@@ -210,15 +222,15 @@ class RunRecord:
             "UPDATE runs SET ended_at = ?, exit_code = ?, stop_reason = ?, message = ?, rows_total = "
             "COALESCE(?, rows_total), rows_ok = ?, rows_error = ?, rows_invalid = ?, rows_pending = ?, "
             "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, dedup_rows = ?, "
-            "cache_hits = ?, cache_saved_pico = ?, maybe_billed_requests = ?, maybe_billed_pico = ? "
-            "WHERE run_id = ?",
+            "cache_hits = ?, cache_saved_pico = ?, maybe_billed_requests = ?, maybe_billed_pico = ?, "
+            "cached_tokens = ?, cached_saved_pico = ? WHERE run_id = ?",
             (
                 time.time(), summary.get("exit_code"), summary.get("stop_reason"), summary.get("message"),
                 rows.get("total"), max(delta.ok, 0), max(delta.error, 0), max(delta.invalid, 0),
                 rows.get("pending"), this.get("requests", 0), delta.prompt_tokens, delta.completion_tokens,
                 delta.spent_pico, this.get("answered_by_other_rows", 0), this.get("cache_hits", 0),
-                _pico(this.get("cache_saved_usd")), billed.get("requests", 0),
-                _pico(billed.get("worst_case_usd")), self.run_id,
+                _pico(this.get("cache_saved_usd")), billed_requests, billed_pico,
+                this.get("cached_tokens", 0), _pico(this.get("cached_saved_usd")), self.run_id,
             ),
         )  # fmt: skip
         if self.conn is not None and self.parts and summary.get("endpoints"):

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 from ..errors import JobError
 
+LEDGER_ENV = "BATCHLLM_LEDGER"  # names the ledger when --ledger does not
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -80,6 +82,8 @@ CREATE TABLE IF NOT EXISTS runs (
     start_error INTEGER NOT NULL DEFAULT 0,
     start_invalid INTEGER NOT NULL DEFAULT 0,
     recovered_by TEXT,                  -- the run that closed this record from the journal
+    cached_tokens INTEGER NOT NULL DEFAULT 0,      -- prompt tokens served from the prompt cache
+    cached_saved_pico INTEGER NOT NULL DEFAULT 0,  -- what they cost less than at the input price
     sandbox INTEGER NOT NULL DEFAULT 0  -- the built-in emulator's play money (SANDBOX_BEFORE_MARK)
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
@@ -108,7 +112,7 @@ OFF = "off"
 # A run against the built-in emulator (``--sandbox``) is kept, marked, and counted apart: ``spend``
 # leaves it out unless asked (``--sandbox``), and no monthly cap counts it, so a real run is never
 # held back by play money (a sandbox run can still try a cap out: against the real month, plus itself).
-# Ledgers from before the mark get it on the first write (``_migrate``): their sandbox runs are
+# Ledgers from before the mark get it on the first write (``migrate``): their sandbox runs are
 # the ones whose endpoint host was recorded as "sandbox".
 SANDBOX_BEFORE_MARK = "endpoint_host = 'sandbox'"
 
@@ -116,7 +120,7 @@ SANDBOX_BEFORE_MARK = "endpoint_host = 'sandbox'"
 def ledger_path(given: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
     """The ledger file: ``--ledger``, else ``$BATCHLLM_LEDGER``, else the XDG data folder; None: off."""
     environ = os.environ if environ is None else environ
-    value = given or environ.get("BATCHLLM_LEDGER")
+    value = given or environ.get(LEDGER_ENV)
     if value:
         return None if value == OFF else Path(value).expanduser()
     base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -154,7 +158,7 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
-    _migrate(conn)
+    migrate(conn)
     return conn
 
 
@@ -162,13 +166,27 @@ def has_sandbox_mark(conn: sqlite3.Connection) -> bool:
     return any(r[1] == "sandbox" for r in conn.execute("PRAGMA main.table_info(runs)"))
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Give a ledger from before the sandbox mark its column (once: several runs may start at once)."""
-    if has_sandbox_mark(conn):
+# Figures added to ``runs`` since its first version, each with its type and default: a ledger
+# written before them gets them when a run opens it (spend reads an old one as it is: spend.py).
+ADDED = {
+    "cached_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Give a ledger from before them the figures of ``ADDED`` and the sandbox mark (its sandbox
+    runs then marked from their host), once: several runs may open it at once."""
+    have = {r[1] for r in conn.execute("PRAGMA main.table_info(runs)")}
+    if "sandbox" in have and have.issuperset(ADDED):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if not has_sandbox_mark(conn):
+        have = {r[1] for r in conn.execute("PRAGMA main.table_info(runs)")}  # under the lock now
+        for column, kind in ADDED.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        if "sandbox" not in have:
             conn.execute("ALTER TABLE runs ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0")
             conn.execute(f"UPDATE runs SET sandbox = 1 WHERE {SANDBOX_BEFORE_MARK}")
         conn.execute("COMMIT")

@@ -46,10 +46,18 @@ class Provider:
     # Prompt tokens the server's chat template may add beyond the Llama 3 count: reserved against
     # --max-cost, so a budget holds even when the template is not the one we count.
     template_slack: ClassVar[int] = 0
+    # The shortest prompt the server's prompt cache serves from (tokens), or None when it reports
+    # no cached tokens: rows sharing a prefix this long are worth one warm-up request (engine/warmup.py).
+    prompt_cache_min: ClassVar[int | None] = None
+    prompt_cache_step: ClassVar[int] = 128  # cached tokens come in multiples of this (OpenAI's)
 
     def url(self, endpoint: str) -> str:
         """The URL requests are posted to, from the endpoint the user gave."""
         return endpoint
+
+    def slots_url(self, endpoint: str) -> str | None:
+        """Where the server states how many requests it computes at once, if it may say."""
+        return None
 
     def headers(self, key: str | None) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

@@ -3,7 +3,8 @@
 Request: ``POST {base}/chat/completions`` with ``{"model", "messages", <params>, <extra_body>}``;
 the endpoint the user gives is the base URL (``http://host:8000/v1``). Success:
 ``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens) and
-``usage``, which some servers leave out (the dispatcher then counts). Failure: an error object
+``usage``, which some servers leave out (the dispatcher then counts); its
+``prompt_tokens_details.cached_tokens`` are the prompt tokens served from the server's prompt cache. Failure: an error object
 ``{"error": {"message", "type", "code", "param"}}`` (some servers send a bare string).
 
 Classification: 401/403 stop the run (key); a 429 whose code or type is ``insufficient_quota``
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -50,11 +52,23 @@ class OpenAI(Provider):
     # A server's own chat template (vLLM's Llama 3.1 template adds a date preamble) may bill more
     # prompt tokens than the plain template counted here.
     template_slack = 64
+    # OpenAI caches prompts from 1,024 tokens; vLLM and llama.cpp from less, so the warm-up
+    # (engine/warmup.py) pays off on them too from here.
+    prompt_cache_min = 1024
 
     def url(self, endpoint: str) -> str:
         return endpoint.rstrip("/") + "/chat/completions"
 
     def encode(self, request: Request) -> bytes:
+        if request.cache_key is not None:  # groups one prefix's requests on OpenAI's cache
+            return orjson.dumps(
+                {
+                    "model": request.model,
+                    "messages": request.messages,
+                    **request.params,
+                    "prompt_cache_key": request.cache_key,
+                }
+            )
         return orjson.dumps({"model": request.model, "messages": request.messages, **request.params})
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
@@ -85,8 +99,33 @@ class OpenAI(Provider):
             reset_tokens_s=_seconds(headers.get("x-ratelimit-reset-tokens")),
         )
 
+    def slots_url(self, endpoint: str) -> str | None:
+        # llama.cpp states ``total_slots`` at the server's root; other servers answer 404.
+        parts = urlsplit(endpoint)
+        return f"{parts.scheme}://{parts.netloc}/props"
+
 
 def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion:
+    # The shape nearly every reply has, read at once (a few microseconds a row at zero latency);
+    # anything else falls through to the field-by-field checks and their messages.
+    try:
+        choice = payload["choices"][0]
+        content = choice["message"]["content"]
+        finish = choice.get("finish_reason")
+        usage = payload["usage"]
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    else:
+        if (
+            type(content) is str
+            and type(prompt) is int
+            and type(completion) is int
+            and prompt >= 0
+            and completion >= 0
+            and (finish is None or type(finish) is str)
+        ):
+            return Completion(content, prompt, completion, finish)
     choices = payload.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
@@ -100,21 +139,20 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
     finish = choice.get("finish_reason") if isinstance(choice, dict) else None
     usage = payload.get("usage")
     prompt = completion = None
+    cached = 0
     if isinstance(usage, dict):
         prompt = usage_int(usage.get("prompt_tokens"))
         completion = usage_int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and prompt is not None:
+            # Never more than the prompt: a server's odd figure must not make a cost negative.
+            cached = min(usage_int(details.get("cached_tokens")) or 0, prompt)
     # Asked for (a labeling row's confidence): the written tokens, kept as the server sent them
     # and read only as far as the label (labeling/confidence.py).
     logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
     tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
-    return Completion(
-        content,
-        prompt,
-        completion,
-        finish if isinstance(finish, str) else None,
-        None,
-        tokens if isinstance(tokens, list) else None,
-    )
+    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None, None, cached,
+                      tokens if isinstance(tokens, list) else None)  # fmt: skip
 
 
 def _error_fields(payload: Any, body: bytes) -> tuple[str, str | None, str | None]:

@@ -22,15 +22,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..engine.admission import Admission
+from ..engine.checks import Prepared, prepare
 from ..engine.journal import Journal
 from ..engine.packed import packs_for
-from ..engine.plan import prepare
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
 from ..labeling.parse import feedback_kinds
 from ..labeling.spec import Labeling
 from ..pricing import cost, usd_text
-from ..tokens import TokenCounter
+from ..records import Message
+from ..tokens import TokenCounter, counter_for
 from .pack_estimate import packed_figures
 
 MAX_LISTED = 20
@@ -164,6 +165,15 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     if packed is not None:
         result["packing"] = packed
         result["requests"]["per_row_worst_case"] = round(worst_requests / max(rows_sent, 1), 2)
+    requests = packed["requests"] if packed is not None else rows_sent
+    cached = projected_cache(p, packs.prefix if packs is not None else p.maker().prefix, requests)
+    if cached is not None:
+        first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens
+        with_cache, _ = cost(model.prices, first_prompt, 0, cached["cached_tokens"])
+        cached["share"] = round(cached["cached_tokens"] / max(first_prompt, 1), 4)
+        cached["prompt_cost_usd"] = usd_text(with_cache)
+        cached["saved_usd"] = usd_text(None if with_cache is None else (prompt_cost or 0) - with_cache)
+        result["prompt_cache"] = cached
     if from_run is not None:
         observed = completions_of_run(from_run)
         result["expected_from"] = f"the run in {from_run}"
@@ -189,6 +199,24 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
         result["time"]["expected_minutes"] = round(sent * max(mean_requests, 1.0) / rpm, 1)
     return result
+
+
+def projected_cache(p: Prepared, prefix: tuple[Message, ...], requests: int) -> dict[str, Any] | None:
+    """The prompt tokens the server's prompt cache is expected to serve: every request after the
+    first of the job's shared prefix (engine/warmup.py holds the rest back until it is answered;
+    ``--no-warmup``: all but the first ``--concurrency``), each its prefix in whole steps. None
+    when the prefix is too short or the provider reports no cached tokens."""
+    minimum = p.provider.prompt_cache_min
+    if minimum is None or not prefix:
+        return None
+    step = p.provider.prompt_cache_step
+    # The prefix as the server sees it: the messages before the row's own, without the closing header.
+    tokens = counter_for(p.job.model).count_messages(prefix) - PER_MESSAGE
+    if tokens < minimum:
+        return None
+    cacheable = tokens // step * step
+    cold = 1 if p.job.warmup else p.job.concurrency
+    return {"prefix_tokens": cacheable, "cached_tokens": cacheable * max(0, requests - cold)}
 
 
 def completions_of_run(path: Path) -> Observed:
@@ -314,6 +342,15 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
                 f"packed, {pk['pack']} rows a request",
                 f"{pk['requests']:,} requests, {pk['prompt_tokens']:,} prompt tokens "
                 f"({pk['prompt_tokens_one_row_a_request']:,} one row a request)",
+            )
+        )
+    if "prompt_cache" in e:
+        c = e["prompt_cache"]
+        rows.append(
+            (
+                f"prompt cache (a shared prefix of {c['prefix_tokens']:,} tokens)",
+                f"{c['cached_tokens']:,} prompt tokens cached ({c['share']:.0%}): prompt cost "
+                f"{_usd(c['prompt_cost_usd'])}, {_usd(c['saved_usd'])} less",
             )
         )
     rows.append(("token counts", e["token_counts"]))

@@ -21,9 +21,9 @@ import orjson
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ..engine.checks import Prepared
 from ..engine.journal import Journal
 from ..engine.output import read_schema
-from ..engine.plan import Prepared
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
 from .calibration import calibration, format_calibration

@@ -22,7 +22,7 @@ from ..engine.counts import RowCounts
 from ..engine.counts import of_frame as counts_of
 from ..engine.output import read_schema, read_summary
 from ..errors import JobError
-from ..pricing import PICO_PER_USD, format_usd, usd_text
+from ..pricing import PICO_PER_USD, Prices, cached_saving, format_usd, usd_text
 from ..review.verdicts import reviewed_counts
 from .by_endpoint import endpoint_breakdown, endpoint_lines
 from .packing import packing
@@ -42,6 +42,7 @@ _BASE_COLUMNS = [
 ]
 _SPLIT = ["reask_cost_usd", "sample_cost_usd"]  # a labeling run's spend beyond first answers
 _REUSE = ["answered_by", "cached"]  # rows answered without a request of their own
+_CACHED = ["cached_tokens"]  # prompt tokens served from the server's prompt cache (not in old outputs)
 _CLASS = re.compile(r"^(\w+)")
 
 
@@ -117,7 +118,7 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
                 + ", ".join(repr(c) for c in schema.names)
             )
         columns.append(by)
-    columns += [c for c in _SPLIT + _REUSE if c in schema.names]
+    columns += [c for c in _SPLIT + _REUSE + _CACHED if c in schema.names]
     if "endpoint" in schema.names and by != "endpoint":  # a fleet's output (by_endpoint.py)
         columns.append("endpoint")
     frame = pq.read_table(path, columns=columns).to_pandas()
@@ -213,6 +214,9 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
         "invalid": int(counts.get("invalid", 0)),
         "prompt_tokens": int(frame["prompt_tokens"].fillna(0).sum()),
         "completion_tokens": int(frame["completion_tokens"].fillna(0).sum()),
+        "cached_tokens": int(frame["cached_tokens"].fillna(0).sum())
+        if "cached_tokens" in frame.columns
+        else 0,
         "cost_usd": usd_text(total_pico if priced else None),
         "cost_per_row_usd": {
             "mean": usd_text((round(total_pico / costs.size) if costs.size else 0) if priced else None),
@@ -252,6 +256,7 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     if endpoints:
         report["endpoints"] = endpoints
     report["cache_saved_usd"] = (summary.get("this_run") or {}).get("cache_saved_usd")
+    report["cached_saved_usd"] = _cached_saved(report["overall"]["cached_tokens"], summary)
     lost = _maybe_billed(path, summary)
     if lost:
         report["maybe_billed"] = lost
@@ -278,6 +283,15 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     return report
 
 
+def _cached_saved(cached_tokens: int, summary: dict[str, Any]) -> str | None:
+    """What the prompt cache saved against the input price, at the prices the run summary names
+    (None without a cached price: a fleet's summary names none, its endpoints' are their own)."""
+    prices = Prices.from_dict(summary.get("prices"))
+    if not cached_tokens or prices is None or prices.cached_input_per_million is None:
+        return None
+    return usd_text(cached_saving(prices, cached_tokens))
+
+
 def _usd(text: str | None) -> str:
     return format_usd(None) if text is None else f"${text}"
 
@@ -293,7 +307,11 @@ def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> li
             + (f"{stats['invalid']:,} invalid, " if stats.get("invalid") else "")
             + f"{stats['pending']:,} pending)",
         ),
-        ("tokens", f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"),
+        (
+            "tokens",
+            f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"
+            + (f" ({stats['cached_tokens']:,} prompt tokens cached)" if stats.get("cached_tokens") else ""),
+        ),
         ("cost", _usd(stats["cost_usd"])),
         (
             "cost per row",
@@ -377,6 +395,12 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             f"never paid twice: {overall['rows_answered_by_identical_rows']:,} rows answered by an identical "
             f"row's reply, {overall['rows_from_cache']:,} from the cache (the last run's cache hits saved ${saved})"
         )
+    if report.get("cached_saved_usd"):
+        lines.append("")
+        lines.append(
+            f"prompt cache: {overall['cached_tokens']:,} prompt tokens served from the server's cache saved "
+            f"${report['cached_saved_usd']} against the input price"
+        )
     if "packing" in report:
         pk = report["packing"]
         lines += [
@@ -403,7 +427,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         lines.append("")
         lines.append(
             f"up to {lost['requests']:,} requests, at most ${lost['worst_case_usd']}, may have been billed "
-            "without a saved reply (in flight when a run died)"
+            "without a saved reply (given up on after a timeout, or in flight when a run stopped)"
         )
     if "estimate_vs_actual" in report:
         e = report["estimate_vs_actual"]

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from ..errors import JobError
 from ..ledger import month_bounds, open_readonly
-from ..ledger.store import SANDBOX_BEFORE_MARK, has_sandbox_mark, is_alive
+from ..ledger.store import ADDED, SANDBOX_BEFORE_MARK, has_sandbox_mark, is_alive
 from ..pricing import usd_text
 
 KEYS = ("job", "model", "provider", "day", "week", "month")
@@ -68,6 +68,8 @@ class Run:
     pid: int | None
     pid_start: str | None
     endpoint_host: str | None
+    cached_tokens: int = 0  # of prompt_tokens, served from the prompt cache (0 in an old ledger)
+    cached_saved_pico: int = 0
 
     @property
     def status(self) -> str:
@@ -98,6 +100,8 @@ class Run:
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cached_saved_usd": usd_text(self.cached_saved_pico),
             "cost_usd": usd_text(self.cost_pico),
             "maybe_billed_usd": usd_text(self.maybe_billed_pico) if self.maybe_billed_pico else None,
         }
@@ -166,6 +170,26 @@ def cells(conn: sqlite3.Connection, since: float, until: float) -> list[Cell]:
     return [Cell(*r) for r in conn.execute(_CELLS_WITH_PARTS if parts else _CELLS, (since, until))]
 
 
+def _columns(conn: sqlite3.Connection) -> str:
+    """The run columns ``Run`` reads: a ledger no run of this version opened has no cached
+    figures (ledger/store.py ``ADDED``), read as 0."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    return _COLUMNS + "".join(f", {c}" if c in have else f", 0 AS {c}" for c in ADDED)
+
+
+def prompt_cache(conn: sqlite3.Connection, since: float, until: float) -> dict[str, Any]:
+    """Prompt tokens the runs in the window had served from the prompt cache, and the saving."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    if "cached_tokens" not in have:
+        return {"cached_tokens": 0, "saved_usd": usd_text(0)}
+    tokens, saved = conn.execute(
+        "SELECT COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cached_saved_pico), 0) FROM runs "
+        "WHERE started_at >= ? AND started_at < ?",
+        (since, until),
+    ).fetchone()
+    return {"cached_tokens": int(tokens), "saved_usd": usd_text(int(saved))}
+
+
 def _problems(conn: sqlite3.Connection, since: float, until: float) -> tuple[list[Run], int]:
     """The latest runs that failed, were killed or are unfinished (not running), and how many."""
     open_ = [r for r in load(conn, since, until, "ended_at IS NULL") if r.status != "running"]
@@ -173,7 +197,7 @@ def _problems(conn: sqlite3.Connection, since: float, until: float) -> tuple[lis
         f"SELECT COUNT(*) FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED}", (since, until)
     ).fetchone()
     latest = conn.execute(
-        f"SELECT {_COLUMNS} FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED} "
+        f"SELECT {_columns(conn)} FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED} "
         "ORDER BY started_at DESC LIMIT ?",
         (since, until, MAX_PROBLEMS),
     ).fetchall()
@@ -202,7 +226,8 @@ def parse_when(text: str, *, end: bool = False, now: float | None = None) -> flo
 
 def load(conn: sqlite3.Connection, since: float, until: float, where: str = "1") -> list[Run]:
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM runs WHERE started_at >= ? AND started_at < ? AND {where} ORDER BY started_at",
+        f"SELECT {_columns(conn)} FROM runs WHERE started_at >= ? AND started_at < ? AND {where} "
+        "ORDER BY started_at",
         (since, until),
     ).fetchall()
     return [Run(*r) for r in rows]
@@ -343,6 +368,7 @@ def build_spend(
         problems, count = _problems(conn, since, until)
         runs = load(conn, since, until) if with_runs else None
         parts = _parts(conn, since, until) if with_runs else {}
+        cached = prompt_cache(conn, since, until)
     finally:
         conn.close()
     report: dict[str, Any] = {
@@ -354,6 +380,7 @@ def build_spend(
         "left_out": left_out,  # runs of the other kind (sandbox or real) in the window
         "groups": groups(summed, by) if by else [],
         "total": _sums(summed),
+        "prompt_cache": cached,
         "month": month,
         "cost_per_1k_rows": per_thousand(summed),
         "problems": {"count": count, "runs": [r.as_dict() for r in problems]},

@@ -53,6 +53,13 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
             if report["sandbox"]
             else f"left out: {runs} ({_money(left['cost_usd'])} of play money): `spend --sandbox` shows them",
         ]
+    cached = report.get("prompt_cache") or {}
+    if cached.get("cached_tokens"):
+        out += [
+            "",
+            f"prompt cache: {cached['cached_tokens']:,} prompt tokens served from the provider's cache, "
+            f"{_money(cached['saved_usd'])} less than at the input price",
+        ]
     m = report["month"]
     out += [
         "",
@@ -85,11 +92,15 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
         out += ["", f"runs: {len(report['runs']):,}"]
         rows = [
             [r["started_at"], r["job"], r["kind"], _state(r), f"{r['rows_ok']:,}", f"{r['requests']:,}",
-             _money(r["cost_usd"]), r["run_id"][:12]]
+             f"{r['cached_tokens']:,}", _money(r["cost_usd"]), r["run_id"][:12]]
             for r in report["runs"]
         ]  # fmt: skip
         out.append(
-            _table(["started", "job", "kind", "state", "rows ok", "requests", "cost", "run"], rows, md)
+            _table(
+                ["started", "job", "kind", "state", "rows ok", "requests", "cached tokens", "cost", "run"],
+                rows,
+                md,
+            )
         )
     return "\n".join(out)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..engine.counts import JOURNAL_SQL, RowCounts
 from ..engine.journal import DB_NAME, Journal
 from ..engine.lock import holder
+from ..engine.summary import prompt_cache_line
 from ..errors import JobError
 from ..pricing import format_usd
 
@@ -62,6 +63,15 @@ def status_text(path: Path) -> str:
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
     )
+    if t["cached_tokens"]:
+        discount = run.get("cached_discount_pico")
+        lines.append(
+            prompt_cache_line(
+                t["cached_tokens"],
+                t["prompt_tokens"],
+                None if discount is None else t["cached_tokens"] * discount,
+            )
+        )
     for name, rows, ok, error, pico, latency in endpoints:  # a fleet's run (engine/router.py)
         mean = f", mean latency {latency:,.0f} ms" if latency is not None else ""
         lines.append(
@@ -84,5 +94,6 @@ def status_text(path: Path) -> str:
 def maybe_billed_line(requests: int, worst_pico: int) -> str:
     return (
         f"up to {requests:,} requests, at most {format_usd(worst_pico)}, may have been billed without a "
-        "saved reply (in flight when a run died; the next run sends them again)"
+        "saved reply (given up on after a timeout, or in flight when a run stopped; their rows were "
+        "or will be sent again)"
     )

@@ -13,6 +13,9 @@ truncation is exact.
 Knobs for testing the client under realistic conditions (``SandboxConfig``), shared by both faces:
 
 - latency: fixed + per output token, with +/- jitter;
+- slots (slots.py): N requests computed at once for a fixed time each, the rest queued in order,
+  as a self-hosted server does; ``GET /props`` states ``total_slots`` as llama.cpp does (unless
+  ``slots_props`` is off, a server that says nothing of its slots);
 - a server-side rate limit (GCRA: ``rate_limit`` requests/s with ``rate_burst`` tolerance) that
   answers 429 with a wait (``Retry-After`` in whole seconds, as Cloudflare does; the OpenAI face
   also sends ``retry-after-ms`` and states the limit in ``x-ratelimit-*`` headers on every reply);
@@ -47,6 +50,8 @@ from ..tokens import get_counter
 from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
 from .logprobs import Mark, content
+from .prompt_cache import PromptCache
+from .slots import Slots
 from .words import WORDS
 
 
@@ -57,6 +62,9 @@ class SandboxConfig:
     latency: float = 0.0  # seconds before the reply
     latency_per_token: float = 0.0  # seconds per completion token
     jitter: float = 0.0  # +/- fraction of the latency
+    slots: int = 0  # requests computed at once, the rest queued (slots.py); 0 = no limit
+    slot_seconds: float = 0.0  # seconds each request holds its slot
+    slots_props: bool = True  # GET /props states total_slots, as llama.cpp does
     reply_tokens: tuple[int, int] = (8, 64)  # natural reply length range, before max_tokens
     rate_limit: float = 0.0  # requests per second; 0 = no limit
     rate_burst: int = 2
@@ -93,9 +101,10 @@ class SandboxConfig:
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
-    # What it bills, picodollars a prompt and a completion token: ``billed_pico`` in its stats
-    # (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
-    prices: tuple[int, int] | None = None
+    # What it bills, picodollars a prompt, a completion and a cached prompt token: ``billed_pico``
+    # in its stats (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
+    prices: tuple[int, int, int] | None = None
+    prompt_cache: bool = True  # the OpenAI face caches shared prefixes as OpenAI does (prompt_cache.py)
 
 
 class _Gcra:
@@ -155,10 +164,12 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.models = models or served_models()
         self.counter = get_counter()
+        self.prompt_cache = PromptCache(self.counter) if self.config.prompt_cache else None
         self.rng = random.Random(self.config.seed)
         self.limiter = (
             _Gcra(self.config.rate_limit, self.config.rate_burst) if self.config.rate_limit > 0 else None
         )
+        self.slots = Slots(self.config.slots, self.config.slot_seconds) if self.config.slots > 0 else None
         self.stats: Counter[str] = Counter()
         self.log: list[tuple[float, int, str]] = []  # (time, status, hash of the last user message)
         self.bodies: list[bytes] = []
@@ -190,6 +201,8 @@ class Sandbox:
             OpenAIFace(self.config.refuse_response_format, self.config.refuse_logprobs),
         ):
             app.router.add_post(face.path, self._handler(face))
+        if self.slots is not None and self.config.slots_props:
+            app.router.add_get("/props", self.handle_props)
         app.router.add_get("/_sandbox/stats", self.handle_stats)
         app.router.add_get("/_sandbox/log", self.handle_log)
         app.router.add_post("/_sandbox/reset", self.handle_reset)
@@ -197,13 +210,23 @@ class Sandbox:
 
     async def handle_stats(self, request: web.Request) -> web.Response:
         body = {**self.stats, "first_at": self.first_at, "last_at": self.last_at}
+        if self.slots is not None:
+            body["max_queue"] = self.slots.max_queue
         return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def handle_props(self, request: web.Request) -> web.Response:
+        assert self.slots is not None
+        return web.Response(body=orjson.dumps(self.slots.props()), content_type="application/json")
 
     async def handle_reset(self, request: web.Request) -> web.Response:
         self.stats.clear()
         self.log.clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
         self.bodies.clear()
         self.first_at = self.last_at = None
+        if self.slots is not None:
+            self.slots.max_queue = 0
         return web.Response(text="reset")
 
     async def handle_log(self, request: web.Request) -> web.Response:
@@ -226,8 +249,13 @@ class Sandbox:
                 self.bodies.append(body)
             key = _user_key(body)
             response = await self._respond(face, request, body)
+            if response is not None and (request.transport is None or request.transport.is_closing()):
+                self.stats["given_up"] += 1  # the client left before its answer: computed for nothing
             if response is not None:
                 self._record(response.status, key)
+                if request.transport is None or request.transport.is_closing():
+                    # Answered (and billed) after the client left: it timed out waiting.
+                    self.stats["unheard"] += 1
                 return response
             # A dropped connection or a hang the client gave up on: no response to record.
             self._record(0, key)
@@ -320,6 +348,12 @@ class Sandbox:
             if n > parsed.max_tokens:
                 text = " ".join(text.split(" ")[: parsed.max_tokens])
                 n = parsed.max_tokens
+        if self.slots is not None:
+            await self.slots.serve()
+        # Looked up as a slot takes the request, stored once it is answered (prompt_cache.py).
+        prefix, cached = None, 0
+        if self.prompt_cache is not None and face.caches_prompts:
+            prefix, cached = self.prompt_cache.lookup(model.name, parsed.messages)
         delay = cfg.latency + cfg.latency_per_token * n
         if delay > 0:
             if cfg.jitter:
@@ -329,10 +363,18 @@ class Sandbox:
         if not garbled:  # what the emulated provider bills
             self.stats["prompt_tokens"] += prompt_tokens
             self.stats["completion_tokens"] += n
+            self.stats["cached_tokens"] += cached
             if cfg.prices is not None:
-                self.stats["billed_pico"] += prompt_tokens * cfg.prices[0] + n * cfg.prices[1]
+                price_in, price_out, price_cached = cfg.prices
+                self.stats["billed_pico"] += (
+                    (prompt_tokens - cached) * price_in + cached * price_cached + n * price_out
+                )
+            if self.prompt_cache is not None:
+                self.prompt_cache.answered(prefix)
+        if parsed.cache_key is not None:
+            self.stats["prompt_cache_keyed"] += 1
         tokens = content(text, marks, cfg.label_wrong, cfg.overconfident) if parsed.logprobs else None
-        response = face.success(text, prompt_tokens, n, truncated, model.name, usage, tokens)
+        response = face.success(text, prompt_tokens, n, truncated, model.name, usage, cached, tokens)
         response.headers.update(self._rate_headers(face))
         if garbled:
             assert isinstance(response.body, bytes)

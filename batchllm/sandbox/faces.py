@@ -29,6 +29,7 @@ class Parsed:
     messages: list[dict[str, Any]]
     max_tokens: int
     seed_material: Any  # what the deterministic reply is derived from
+    cache_key: str | None = None  # OpenAI's ``prompt_cache_key``: routing only, the reply ignores it
     logprobs: bool = False  # asked for the written tokens' logprobs (logprobs.py)
 
 
@@ -67,6 +68,7 @@ class DataoortsFace:
 
     path = "/api/v1"
     default_max_tokens = 256
+    caches_prompts = False  # docs/api.md reports no cached tokens
     roles = {"system", "user", "assistant", "tool"}
     ranges: dict[str, tuple[type, float, float]] = {
         "temperature": (float, 0, 5),
@@ -163,6 +165,7 @@ class DataoortsFace:
         truncated: bool,
         model: str,
         usage: bool,
+        cached: int = 0,
         logprobs: list[Any] | None = None,  # never asked of this face
     ) -> web.Response:
         result: dict[str, Any] = {"response": text}
@@ -183,6 +186,7 @@ class OpenAIFace:
 
     path = "/v1/chat/completions"
     default_max_tokens = 256
+    caches_prompts = True
     roles = {"system", "user", "assistant", "tool", "developer"}
 
     def __init__(self, refuse_response_format: bool = False, refuse_logprobs: bool = False) -> None:
@@ -295,13 +299,17 @@ class OpenAIFace:
             )
         if logprobs and self.refuse_logprobs:  # as a server that cannot return them
             return "Invalid parameter: 'logprobs' is not supported with this model."
-        seed_material = {k: v for k, v in payload.items() if k != "model"}
+        cache_key = payload.get("prompt_cache_key")
+        if cache_key is not None and not isinstance(cache_key, str):
+            return "'prompt_cache_key' must be a string"
+        seed_material = {k: v for k, v in payload.items() if k not in ("model", "prompt_cache_key")}
         seed_material["messages"] = flat
         return Parsed(
             payload["model"],
             flat,
             payload.get("max_tokens", self.default_max_tokens),
             seed_material,
+            cache_key,
             logprobs,
         )
 
@@ -313,6 +321,7 @@ class OpenAIFace:
         truncated: bool,
         model: str,
         usage: bool,
+        cached: int = 0,
         logprobs: list[Any] | None = None,
     ) -> web.Response:
         body: dict[str, Any] = {
@@ -334,6 +343,7 @@ class OpenAIFace:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": n,
                 "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": cached},
             }
         return _json(200, body)
 

@@ -41,7 +41,7 @@ def config_for(spec: FleetEndpoint, base: SandboxConfig | None) -> SandboxConfig
         api_key="sandbox-" + secrets.token_hex(8),
         require_key=spec.key_env is not None,
         rate_limit=spec.rpm / 60.0 if spec.rpm else 0.0,
-        prices=None if prices is None else (prices.input_pico, prices.output_pico),
+        prices=None if prices is None else (prices.input_pico, prices.output_pico, prices.cached_input_pico),
     )
 
 

@@ -200,6 +200,47 @@ def throughput(
     }
 
 
+def slot_server(rows: int, slots: int = 4, seconds: float = 0.4) -> dict:
+    """A self-hosted server of ``slots`` slots at ``seconds`` a request (the sandbox's slot mode),
+    default --concurrency, --timeout 5: the wall time against the slots kept busy
+    (``rows * seconds / slots``), as the server saw it (first arrival to last answer), with and
+    without the server stating its slots, and with the default --rpm (auto) besides --rpm 0."""
+    src = make_input(rows, f"slots-{rows}.csv")
+    ideal = rows * seconds / slots
+    figures: dict = {"rows": rows, "slots": slots, "seconds_per_request": seconds, "ideal_s": ideal}
+    for name, box_args, run_args in (
+        ("total_slots", [], ["--rpm", "0"]),
+        ("no_hint", ["--no-props"], ["--rpm", "0"]),
+        ("total_slots_default_rpm", [], []),
+    ):
+        box = Sandbox("--slots", str(slots), "--slot-seconds", str(seconds), *box_args)
+        summary = WORK / f"slots-{name}.json"
+        try:
+            code, wall, _ = run_batchllm(
+                box, src, WORK / f"slots-{name}.parquet", "--timeout", "5", "--restart",
+                "--summary-json", str(summary), *PROVIDER_ARGS["openai"], *run_args,
+            )  # fmt: skip
+            stats, log = box.stats(), box.log()
+        finally:
+            box.close()
+        assert code == 0, code
+        per_row: dict[str, int] = {}
+        for _, _, key in log:
+            per_row[key] = per_row.get(key, 0) + 1
+        span = log[-1][0] - log[0][0] + seconds  # the first answer left its slot `seconds` after arriving
+        figures[name] = {
+            "wall_ratio": round(span / ideal, 3),
+            "server_span_s": round(span, 2),
+            "batchllm_wall_s": round(wall, 2),
+            "requests": stats["requests"],
+            "most_requests_for_one_row": max(per_row.values()),
+            "given_up": stats.get("given_up", 0),
+            "max_queue": stats["max_queue"],
+            "concurrency": json.loads(summary.read_text()).get("concurrency"),
+        }
+    return figures
+
+
 def journal_cost(rows: int) -> dict:
     """rows/s with and without journal writes, in-process, same sandbox, same input."""
     from batchllm import build_job, run_job
@@ -602,6 +643,50 @@ def cache_cost(rows: int, entries: int, rounds: int = 3) -> dict:
     }
 
 
+def prompt_cache(rows: int, latency: float = 0.2, concurrency: int = 64, rounds: int = 2) -> dict:
+    """Rows sharing a ~1,500-token system prompt on the sandbox's OpenAI face (which caches a
+    prefix once a request with it was answered, as OpenAI does): rows/s (wall clock, start-up
+    included) and the share of the cacheable prompt tokens served from the cache, with the
+    warm-up (one request first, engine/warmup.py) and without it."""
+    import pyarrow.parquet as pq
+
+    from batchllm.tokens import get_counter
+
+    system = "You label product reviews by sentiment. "
+    k = 0
+    while get_counter().text_tokens(system) < 1500:
+        system += f"Rule {k}: weigh the price, the quality, the shipping and the service alike. "
+        k += 1
+    box = Sandbox("--no-keep-log", "--latency", str(latency))
+    src = make_input(rows, f"prompt-cache-{rows}.csv")
+    walls: dict[str, list[float]] = {"warmup": [], "no-warmup": []}
+    shares: dict[str, float] = {}
+    try:
+        for _ in range(rounds):
+            for mode in walls:
+                box.reset()
+                out = WORK / f"prompt-cache-{mode}.parquet"
+                code, wall, _ = run_batchllm(
+                    box, src, out, *PROVIDER_ARGS["openai"], "--model", "gpt-4o-mini", "--system", system,
+                    "--rpm", "0", "--concurrency", str(concurrency), "--restart", f"--{mode}",
+                )  # fmt: skip
+                assert code == 0, code
+                walls[mode].append(wall)
+                cached = pq.read_table(out, columns=["cached_tokens"]).column("cached_tokens").to_pylist()
+                cacheable = max(cached) * len(cached)  # every row shares the prefix
+                shares[mode] = round(sum(cached) / cacheable, 4) if cacheable else 0.0
+                assert sum(cached) == box.stats().get("cached_tokens", 0)
+    finally:
+        box.close()
+    return {
+        "rows": rows,
+        "latency_s": latency,
+        "concurrency": concurrency,
+        **{f"rows_per_s_{m.replace('-', '_')}": round(rows / min(w), 1) for m, w in walls.items()},
+        **{f"cached_share_{m.replace('-', '_')}": s for m, s in shares.items()},
+    }
+
+
 def estimate_speed(sizes: list[int]) -> dict:
     """`batchllm estimate` on rows of ~150 tokens: rows/s, tokens/s and peak RSS per size."""
     words = [
@@ -654,7 +739,7 @@ def ray_scaling(rows: int, latency: float = 0.2, concurrency: int = 512) -> dict
     try:
         import ray  # noqa: F401
     except ImportError:
-        return {"skipped": "ray is not installed (pip install 'batchllm[ray]')"}
+        return {"skipped": "ray is not installed (pip install 'batchllm-cli[ray]')"}
     box = Sandbox("--latency", str(latency), "--no-keep-log")
     src = make_input(rows, f"ray-{rows}.csv")
     out: dict = {"rows": rows, "latency_s": latency, "concurrency": concurrency}
@@ -834,6 +919,7 @@ def fleet_figures(rows: int) -> dict:
 def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
+        "slots",
         "latency",
         "journal",
         "rates",
@@ -848,6 +934,7 @@ def main() -> None:
         "studio",
         "spend",
         "fleet",
+        "prompt_cache",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -855,6 +942,9 @@ def main() -> None:
         print(json.dumps(results["zero_latency_20k"]), flush=True)
         results["zero_latency_20k_openai"] = throughput(n(20_000), 0.0, 256, provider="openai")
         print(json.dumps(results["zero_latency_20k_openai"]), flush=True)
+    if "slots" in which:
+        results["slot_server"] = slot_server(n(200))
+        print(json.dumps(results["slot_server"]), flush=True)
     if "latency" in which:
         results["latency_200ms_2000_in_flight"] = throughput(n(20_000), 0.2, 2000)
         print(json.dumps(results["latency_200ms_2000_in_flight"]), flush=True)
@@ -898,6 +988,10 @@ def main() -> None:
     if "fleet" in which:
         results["fleet"] = fleet_figures(n(6_000))
         print(json.dumps(results["fleet"]), flush=True)
+    if "prompt_cache" in which:
+        # 300 rows: the first wave is a fifth of the job; 2,000: a thirtieth.
+        results["prompt_cache"] = [prompt_cache(300), prompt_cache(n(2_000))]
+        print(json.dumps(results["prompt_cache"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

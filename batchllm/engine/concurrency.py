@@ -1,0 +1,187 @@
+"""How many requests to keep on the wire: as many as bring more throughput, and no more.
+
+``--concurrency`` is the ceiling. Under it the limit follows what the replies show, in the way of
+TCP BBR: the requests a server needs in flight to stay busy are its delivery rate times its round
+trip with no queue (its bandwidth-delay product); more only wait in its queue, where the wait
+counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a request needs about
+4; a remote API at 0.2 s that takes 5,000 rows/s needs about 1,000.
+
+- Rounds of about one round trip: a round ends once as many replies came back as the limit (or
+  the requests in flight, if more) when it began. Each gives a delivery rate (replies per second)
+  and its shortest round trip. Replies only count; the sums are done once a round, off the
+  per-row path.
+- The estimate: the highest rate of the last ``WINDOW`` rounds times the shortest round trip of
+  the last ``WINDOW`` + 2. Every ``WINDOW`` rounds, two rounds keep only the estimate in flight
+  (one drains the server's queue, the next sees none), so the shortest round trip is measured
+  afresh: it neither keeps a value the server has left behind nor creeps up with the queue.
+- The limit: the estimate times a gain, plus one. Gain 2.89 while the rate grows by a quarter a
+  round (what is sent beyond the estimate turns into rate while the server has room: the limit
+  nearly triples a round, as TCP's slow start doubles); 1.25 once it stopped growing or the
+  estimate fell well under what was in flight (a queue holds the rest): a server's slots stay
+  busy behind a short queue, and room that appears is still found (a rate up by a quarter is
+  growth again). Latency that climbs with no more rate so brings the limit back to the estimate.
+- Not under the fewest in flight that got about the best rate of the last rounds (the probes try
+  fewer), nor under what the rate serves in ``HARMLESS`` seconds (a queue that short costs no
+  one anything), nor under ``FLOOR``: when replies come back as fast as this process reads them,
+  the round trip is batchllm's own, and more in flight still buys rate (each turn of the event
+  loop handles more replies).
+- Never a queue that waits past half of ``--timeout``: the limit is at most the rate times half
+  the timeout, and a request with no answer in time halves it at once. A request is then not
+  given up for waiting behind others batchllm sent itself.
+- A server that states its slots (llama.cpp's ``GET /props``: ``total_slots``) is taken at its word
+  for the first round, and needs no growth phase; otherwise the first round has ``START``.
+
+Waiters are futures in FIFO order, woken as replies free their places; no polling. The clock is
+injectable, so tests drive rounds without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+START = 8  # requests in flight in the first round, when the server states nothing
+FLOOR = 8  # the least the limit goes to (never above the ceiling)
+WINDOW = 10  # rounds the rate is taken over, and between two probes of the round trip
+PROBE_ROUNDS = 2
+STARTUP_GAIN = 2.89  # BBR's 2/ln 2: the limit nearly triples a round while the rate grows
+STEADY_GAIN = 1.25
+GROWN = 1.25  # a round's rate at least this over the best before it: still growing
+QUEUED = 0.75  # the estimate under this share of what was in flight: a queue holds the rest
+NEAR = 0.9  # a rate at least this share of the best is about as good
+HARMLESS = 0.05  # seconds of queue too short to matter: rate x this may always be in flight
+TIMEOUT_SHARE = 0.5  # of --timeout, the longest a queue the limit allows may take
+
+
+class ConcurrencyLimit:
+    """The number of requests a pool keeps on the wire, adapted round by round."""
+
+    def __init__(
+        self,
+        ceiling: int,
+        timeout: float,
+        *,
+        hint: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ceiling = max(1, ceiling)
+        self.timeout = timeout
+        self.clock = clock
+        self.floor = min(self.ceiling, FLOOR)
+        self.limit = min(self.ceiling, hint if hint else START)
+        self.hint = hint
+        self.in_flight = 0
+        self.growing = hint is None  # a server's own figure needs no slow start
+        self.peak = self.limit  # the highest limit reached, for the run's summary
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._rates: deque[float] = deque(maxlen=WINDOW)
+        self._limits: deque[int] = deque(maxlen=WINDOW)  # each of those rounds' limit
+        self._trips: deque[float] = deque(maxlen=WINDOW + PROBE_ROUNDS)
+        self._probe = 0  # rounds left with only the estimate in flight
+        self._rounds = 0
+        self._round_start = clock()
+        self._round_size = self._round_limit = self.limit
+        self._delivered = 0
+        self._shortest = math.inf
+
+    # -- the gate ----------------------------------------------------------------------------
+
+    def try_take(self) -> bool:
+        """Take a place on the wire now if one is free (the common case: no await)."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a place on the wire, in arrival order."""
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # the place is handed over with the wake-up
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(None)  # handed a place and cancelled at once: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self, seconds: float | None, *, timed_out: bool = False) -> None:
+        """A place is free again: ``seconds`` is the round trip of a reply, None when there was
+        none (an error sent no rate; a timeout halves the limit)."""
+        self.in_flight -= 1
+        if timed_out:
+            self._cut()
+        elif seconds is not None:
+            self._delivered += 1
+            if seconds < self._shortest:
+                self._shortest = seconds
+            if self._delivered >= self._round_size:
+                self._end_round()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self.in_flight < self.limit:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+    # -- adapting ----------------------------------------------------------------------------
+
+    def _end_round(self) -> None:
+        now = self.clock()
+        elapsed = now - self._round_start
+        rate = self._delivered / elapsed if elapsed > 0 else math.inf
+        best_before = max(self._rates, default=0.0)
+        self._rates.append(rate)
+        self._limits.append(self._round_limit)
+        self._trips.append(self._shortest)
+        self._rounds += 1
+        self._round_start = now
+        self._delivered = 0
+        self._shortest = math.inf
+        if math.isinf(rate):  # a clock that did not move: nothing to measure by
+            self._set(self.limit)
+            return
+        served = max(self._rates)
+        estimate = served * min(self._trips)
+        if self.growing and (rate < GROWN * best_before or estimate < QUEUED * self._round_limit):
+            self.growing = False  # the rate stopped growing, or a queue already holds some
+        elif not self.growing and best_before and rate >= GROWN * best_before:
+            self.growing = True  # room appeared: find it fast
+        if self._probe:
+            self._probe -= 1
+        elif self._rounds % WINDOW == 0 and not self.growing:
+            self._probe = PROBE_ROUNDS
+        if self._probe:
+            limit = max(1, math.ceil(estimate))  # no queue: the round trip afresh
+        else:
+            gain = STARTUP_GAIN if self.growing else STEADY_GAIN
+            # Never under the fewest in flight that got about the best rate: where the round
+            # trip is this process's own (replies as fast as it reads them), fewer cost rate.
+            enough = min(n for r, n in zip(self._rates, self._limits, strict=True) if r >= NEAR * served)
+            limit = max(self.floor, math.ceil(gain * estimate) + 1, enough, math.floor(served * HARMLESS))
+        # Never a queue that waits more than a share of the timeout, at the rate it is served.
+        limit = min(limit, max(1, math.floor(served * self.timeout * TIMEOUT_SHARE)))
+        self._set(limit)
+
+    def _cut(self) -> None:
+        """No answer in time: the queue may be ours; halve the limit and stop growing."""
+        self.growing = False
+        self._set(max(1, self.limit // 2))
+
+    def _set(self, limit: int) -> None:
+        self.limit = max(1, min(self.ceiling, limit))
+        self.peak = max(self.peak, self.limit)
+        # A round ends once the requests now on the wire are back, and at least ``limit`` replies.
+        self._round_size = max(self.limit, self.in_flight)
+        self._round_limit = self.limit

@@ -1,0 +1,179 @@
+"""The in-flight limit (engine/concurrency.py): rounds driven by an injected clock, then whole
+runs through the CLI against the sandbox's slot-limited mode (N slots, a FIFO queue)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm.engine.concurrency import FLOOR, START, ConcurrencyLimit
+from tests.conftest import prompts_csv, run_cli, summary_of
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def serve(
+    limit: ConcurrencyLimit,
+    clock: Clock,
+    slots: int,
+    seconds: float,
+    replies: int,
+    trips: list[float] | None = None,
+) -> list[int]:
+    """A server of ``slots`` slots taking ``seconds`` a request, fed as fast as the limit allows,
+    simulated reply by reply: the limit after each reply (and each round trip into ``trips``)."""
+    queue: list[float] = []  # when each request in flight was sent, oldest first
+    free_at = [0.0] * slots  # when each slot is next free
+    done: list[tuple[float, float]] = []  # (reply time, sent time), in reply order
+    seen = []
+    for _ in range(replies):
+        while limit.try_take():
+            queue.append(clock.now)
+            slot = min(range(slots), key=free_at.__getitem__)
+            finish = max(clock.now, free_at[slot]) + seconds
+            free_at[slot] = finish
+            done.append((finish, clock.now))
+        done.sort()
+        finish, sent = done.pop(0)
+        queue.remove(sent)
+        clock.now = finish
+        limit.release(finish - sent)
+        if trips is not None:
+            trips.append(finish - sent)
+        seen.append(limit.limit)
+    return seen
+
+
+def test_settles_just_above_a_servers_slots() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(128, 60.0, clock=clock)
+    assert limit.limit == START
+    seen = serve(limit, clock, slots=4, seconds=0.4, replies=400)
+    # Past the first rounds: the slots busy behind a short queue (replies that come back 4 at
+    # once make some rounds look faster than they are), never the ceiling's 128.
+    assert min(seen[100:]) >= 4 and max(seen[100:]) <= 3 * 4
+    assert max(seen) <= 16
+
+
+def test_grows_while_the_rate_grows() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(2000, 60.0, clock=clock)
+    seen = serve(limit, clock, slots=10_000, seconds=0.2, replies=6000)
+    # Rounds of 0.2 s: from 16 to the ceiling in a handful of them, as a slow start would.
+    assert seen[-1] == 2000
+    assert clock.now < 2.0
+
+
+def test_the_server_stating_its_slots_is_believed_from_the_start() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(128, 60.0, hint=4, clock=clock)
+    assert limit.limit == 4
+    assert not limit.growing
+    seen = serve(limit, clock, slots=4, seconds=0.4, replies=200)
+    assert max(seen) <= FLOOR
+
+
+def test_a_queue_never_waits_past_half_the_timeout() -> None:
+    # 2 slots at 1 s a request, a 4 s timeout: the first round's 16 would wait 8 s; after it,
+    # no request waits in the queue more than about 2 s, floor or not.
+    clock = Clock()
+    limit = ConcurrencyLimit(128, 4.0, clock=clock)
+    trips: list[float] = []
+    serve(limit, clock, slots=2, seconds=1.0, replies=100, trips=trips)
+    assert max(trips[40:]) <= 1.0 + 2.0 + 1.0
+
+
+def test_a_timeout_halves_the_limit_and_ends_growth() -> None:
+    limit = ConcurrencyLimit(128, 60.0, clock=Clock())
+    assert limit.try_take()
+    limit.release(None, timed_out=True)
+    assert limit.limit == START // 2 and not limit.growing
+    assert limit.in_flight == 0
+
+
+def test_waiters_are_woken_in_order_as_places_free() -> None:
+    async def go() -> list[int]:
+        limit = ConcurrencyLimit(2, 60.0, clock=Clock())
+        order: list[int] = []
+
+        async def one(i: int) -> None:
+            await limit.take()
+            order.append(i)
+
+        assert limit.try_take() and limit.try_take()
+        tasks = [asyncio.create_task(one(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        assert order == [] and limit.in_flight == 2
+        limit.release(None)
+        limit.release(None)
+        await asyncio.sleep(0)
+        assert order == [0, 1]
+        tasks[2].cancel()  # a waiter cancelled while waiting takes no place
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert limit.in_flight == 2
+        return order
+
+    asyncio.run(go())
+
+
+# -- whole runs against a server of 4 slots at 0.4 s a request ------------------------------------
+
+ROWS = 60
+SLOTS, SECONDS = 4, 0.4
+
+
+def run_against_slots(sandbox_factory, tmp_path: Path, props: bool, *extra: str):
+    box = sandbox_factory(slots=SLOTS, slot_seconds=SECONDS, slots_props=props)
+    src = prompts_csv(tmp_path / "in.csv", ROWS)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--provider", "openai", "--timeout", "5", "--rpm", "0", *extra]
+    result = run_cli([*args, "--input-price", "0.1", "--output-price", "0.1"], env=box.openai_env())
+    assert result.exit_code == 0, result.stderr
+    return box, out
+
+
+@pytest.mark.parametrize("props", [True, False], ids=["total_slots", "no_hint"])
+def test_default_concurrency_keeps_4_slots_busy_and_never_gives_up(sandbox_factory, tmp_path, props) -> None:
+    box, out = run_against_slots(sandbox_factory, tmp_path, props)
+    stats = box.sandbox.stats
+    # Every row sent once: one request per row in the server's log, none given up, no retry.
+    assert stats["requests"] == ROWS and stats["200"] == ROWS
+    assert set(Counter(key for _, _, key in box.log()).values()) == {1}
+    assert stats["given_up"] == 0
+    assert summary_of(out)["this_run"]["retries"] == 0
+    assert pq.read_table(out).column("status").to_pylist() == ["ok"] * ROWS
+    # The queue batchllm built: a few requests, where the default --concurrency of 128 alone
+    # would have queued 124 (and their last waited 12.4 s, past the timeout).
+    assert box.sandbox.slots.max_queue <= 2 * SLOTS
+    concurrency = summary_of(out)["concurrency"]
+    assert concurrency["server_slots"] == (SLOTS if props else None)
+    # Wall time loosely (a loaded machine): the exact ratio is a `make bench` figure.
+    log = box.log()
+    assert log[-1][0] - log[0][0] < 1.5 * ROWS * SECONDS / SLOTS
+
+
+def test_a_rate_limit_and_the_slots_both_hold(sandbox_factory, tmp_path) -> None:
+    # 5 requests/s paced, under what the slots serve (10/s): the pace holds, nothing queues long.
+    box = sandbox_factory(slots=SLOTS, slot_seconds=SECONDS, slots_props=False)
+    src = prompts_csv(tmp_path / "in.csv", 30)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--provider", "openai", "--timeout", "5", "--rpm", "300"]
+    result = run_cli([*args, "--input-price", "0.1", "--output-price", "0.1"], env=box.openai_env())
+    assert result.exit_code == 0, result.stderr
+    stats = box.sandbox.stats
+    assert stats["requests"] == 30 and stats["given_up"] == 0
+    assert box.sandbox.slots.max_queue == 0  # never more sent than the slots serve
+    # Answers leave a slot 0.4 s after their request arrived, so they keep the requests' pace:
+    # in any 2 s, at most 2 x 5 + 1 of them.
+    times = [t for t, _, _ in box.log()]
+    assert max(sum(1 for u in times if t <= u < t + 2.0) for t in times) <= 11

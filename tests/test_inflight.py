@@ -1,0 +1,171 @@
+"""Requests the client gave up on (engine/inflight.py): a request that timed out may still have
+been computed and billed, so every path counts it in what may have been billed.
+
+The sandbox answers some requests slower than ``--timeout``: it goes on computing and bills them
+after the client has left, as a real server does. After each run, what it billed is exactly the
+rows' cost plus what the timed-out requests cost, and the summary, ``status`` and ``report``
+count as maybe billed exactly the requests the sandbox answered that no row holds, with a worst
+case at least what they cost.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+from batchllm.pricing import PICO_PER_USD, resolve_model
+
+from .conftest import prompts_csv, run_cli, summary_of
+
+PRICES = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct").prices
+assert PRICES is not None
+PRICED = (PRICES.input_pico, PRICES.output_pico)
+SLOW = {"latency": 1.0, "jitter": 0.6, "seed": 3, "prices": PRICED}  # 0.4 to 1.6 s
+TIMEOUT = ["--timeout", "1", "--max-attempts", "4", "--rpm", "0", "--cache", "off", "--progress", "none"]
+
+
+def _pico(text: str | None) -> int:
+    return int(Decimal(text or "0") * PICO_PER_USD)
+
+
+def _settled(*boxes) -> None:
+    """Wait until the sandboxes have finished what the client gave up on (answered, billed)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        b.sandbox.stats["requests"] < b.sandbox._arrived for b in boxes
+    ):
+        time.sleep(0.05)
+
+
+def _ledger_runs(out: Path) -> list[dict]:
+    result = run_cli(["spend", "--runs", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return [r for r in orjson.loads(result.output)["runs"] if r["output"] == str(out)]
+
+
+def check_gave_up(out: Path, *boxes) -> dict:
+    """After the runs that wrote ``out``: the requests the sandboxes answered after the client had
+    left (and those that never reached them) are exactly those the summary, ``report``,
+    ``status`` and the ledger count as maybe billed, and the bill is the rows' cost plus what
+    those cost (at most their worst case)."""
+    _settled(*boxes)
+    rows = pq.read_table(out).to_pylist()
+    rows_pico = sum(
+        round(Decimal(repr(r["cost_usd"])) * PICO_PER_USD) for r in rows if r["cost_usd"] is not None
+    )
+    billed = sum(b.sandbox.stats["billed_pico"] for b in boxes)
+    unheard = sum(b.sandbox.stats["unheard"] for b in boxes)
+    summary = orjson.loads((out / "_batchllm_summary.json").read_bytes()) if out.is_dir() else summary_of(out)
+    maybe = summary.get("maybe_billed") or {}
+    report = orjson.loads(run_cli(["report", str(out), "--format", "json"]).output)
+    status = run_cli(["status", str(out)]).output
+    said = re.search(r"up to (\d+) requests?, at most \$([0-9.]+), may have been billed", status)
+    runs = _ledger_runs(out)
+    where = f"billed {billed}, rows {rows_pico}, answered unheard {unheard}, summary {maybe}, status {said}"
+    # Given up on before it reached the server (a machine too loaded to send it within --timeout):
+    # counted too, though the server cannot have billed it.
+    never_arrived = sum(r["requests"] for r in runs) - sum(b.sandbox.stats["requests"] for b in boxes)
+    where += f", sent but never arrived {never_arrived}"
+    assert unheard > 0, where  # the sandbox was slower than --timeout
+    assert never_arrived >= 0 and maybe.get("requests") == unheard + never_arrived, where
+    assert report.get("maybe_billed") == maybe, where
+    assert said is not None and int(said.group(1)) == maybe["requests"], where
+    worst = _pico(maybe["worst_case_usd"])
+    assert _pico(said.group(2)) == worst, where
+    assert 0 < billed - rows_pico <= worst, where
+    assert sum(_pico(r["cost_usd"]) for r in runs) == rows_pico, f"{where}, ledger {runs}"
+    assert sum(_pico(r.get("maybe_billed_usd")) for r in runs) == worst, f"{where}, ledger {runs}"
+    return maybe
+
+
+def _run(src: Path, out: Path, env: dict[str, str], *extra: str) -> None:
+    result = run_cli(["run", str(src), "-o", str(out), *TIMEOUT, *extra], env=env)
+    assert result.exit_code in (0, 1), result.output
+
+
+def test_a_timed_out_request_is_maybe_billed_and_kept_when_its_row_is_sent_again(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """Rows time out, are sent again in the run (some fail for good), then again with
+    ``--retry-errors`` against a server now fast: every request given up on stays counted."""
+    box = sandbox_factory(**SLOW)
+    src, out = prompts_csv(tmp_path / "in.csv", 24), tmp_path / "out.parquet"
+    _run(src, out, box.env(), "--max-attempts", "2")
+    first = check_gave_up(out, box)
+    assert any(r["status"] == "error" for r in pq.read_table(out).to_pylist())  # some gave up for good
+    box.config.latency = 0.05
+    _run(src, out, box.env(), "--retry-errors")
+    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"ok"}
+    assert check_gave_up(out, box) == first
+
+
+def test_a_timed_out_pack_is_maybe_billed(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(**SLOW)
+    src, out = prompts_csv(tmp_path / "in.csv", 40), tmp_path / "out.parquet"
+    _run(src, out, box.env(), "--labels", "positive,negative,neutral", "--pack", "5", "--max-tokens", "16")
+    check_gave_up(out, box)
+
+
+FLEET = """
+[[endpoint]]
+name = "{name}"
+provider = "openai"
+endpoint = "{url}"
+key_env = "{name}_KEY"
+model = "meta-llama/Llama-3.1-70B-Instruct"
+rpm = 6000
+concurrency = 4
+input_price = "{price}"
+output_price = "{price}"
+"""
+
+
+def test_a_timed_out_request_at_a_fleet_endpoint_is_maybe_billed(sandbox_factory, tmp_path: Path) -> None:
+    prices = {"cheap": "0.20", "dear": "0.60"}
+    boxes = {
+        name: sandbox_factory(
+            **{**SLOW, "prices": (int(Decimal(p) * 1_000_000), int(Decimal(p) * 1_000_000))}
+        )
+        for name, p in prices.items()
+    }
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        "".join(FLEET.format(name=n, url=boxes[n].openai_url, price=p) for n, p in prices.items())
+    )
+    env = {f"{n}_KEY": b.key for n, b in boxes.items()}
+    src, out = prompts_csv(tmp_path / "in.csv", 24), tmp_path / "out.parquet"
+    _run(src, out, env, "--fleet", str(fleet), "--max-attempts", "3")
+    check_gave_up(out, *boxes.values())
+
+
+def test_a_request_that_never_connected_is_not_maybe_billed(tmp_path: Path) -> None:
+    """A refused connection never reached a server: nothing to count, however often it is retried."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections to it are refused
+    src, out = prompts_csv(tmp_path / "in.csv", 6), tmp_path / "out.parquet"
+    env = {"DATAOORTS_ENDPOINT": f"http://127.0.0.1:{port}/api/v1", "DATAOORTS_API_KEY": "k"}
+    _run(src, out, env, "--max-attempts", "2")
+    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"error"}
+    assert "maybe_billed" not in summary_of(out)
+    assert "may have been billed" not in run_cli(["status", str(out)]).output
+
+
+def test_the_cap_holds_with_requests_given_up_on(sandbox_factory, tmp_path: Path) -> None:
+    """``--max-cost`` counts a timed-out request at its worst case the moment it is given up on,
+    so the bill, the timed-out requests' included, never passes the cap."""
+    box = sandbox_factory(**SLOW)
+    src, out = prompts_csv(tmp_path / "in.csv", 60), tmp_path / "out.parquet"
+    cap = Decimal("0.0003")
+    result = run_cli(["run", str(src), "-o", str(out), *TIMEOUT, "--max-tokens", "16", "--max-cost", str(cap)],
+                     env=box.env())  # fmt: skip
+    assert result.exit_code == 3, result.output
+    _settled(box)
+    assert box.sandbox.stats["unheard"] > 0
+    assert box.sandbox.stats["billed_pico"] <= cap * PICO_PER_USD

@@ -1,0 +1,282 @@
+"""Cached prompt tokens end to end: the sandbox's OpenAI face caches a shared prefix as OpenAI
+does, batchllm records what it says, prices it at the cached price, and earns it (the warm-up)."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchllm.pricing import load_models
+from batchllm.tokens import counter_for, get_counter
+
+from .conftest import read_output, run_cli, summary_of, write_csv
+
+MINI = load_models("openai")["gpt-4o-mini"].prices
+assert MINI is not None
+BILL = (MINI.input_pico, MINI.output_pico, MINI.cached_input_pico)
+
+
+def long_system(tokens: int = 1500) -> str:
+    """An instruction of about ``tokens`` tokens (both counts: Llama 3's, and 4 bytes a token)."""
+    rng = random.Random(7)
+    words = [
+        "label",
+        "the",
+        "review",
+        "by",
+        "its",
+        "sentiment;",
+        "weigh",
+        "price",
+        "quality",
+        "shipping",
+        "and",
+        "service",
+    ]
+    text = "You label product reviews. "
+    while get_counter().text_tokens(text) < tokens:
+        text += " ".join(rng.choice(words) for _ in range(20)) + f" (rule {rng.randint(1, 999)}). "
+    return text
+
+
+def job_args(tmp_path: Path, rows: int, out: str, *extra: str) -> list[str]:
+    data = write_csv(
+        tmp_path / "reviews.csv", [{"id": i, "text": f"review {i}: it works"} for i in range(rows)]
+    )
+    return [
+        "run", str(data), "-o", str(tmp_path / out), "--template", "Review: {text}",
+        "--system", long_system(), "--id-column", "id", "--provider", "openai", "--model", "gpt-4o-mini",
+        "--rpm", "0", *extra,
+    ]  # fmt: skip
+
+
+def pico(usd: float | str) -> int:
+    """Picodollars of a Parquet float (exact to its shortest repr) or of a summary's text."""
+    return round(Decimal(usd if isinstance(usd, str) else repr(usd)) * 10**12)
+
+
+def test_shared_prefix_is_cached_and_billed_at_the_cached_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.2, prices=BILL, keep_bodies=True)
+    system = long_system()
+    assert (
+        get_counter().text_tokens(system) >= 1024 and counter_for("gpt-4o-mini").text_tokens(system) >= 1024
+    )
+    result = run_cli(job_args(tmp_path, 300, "out.parquet", "--concurrency", "64"), env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "out.parquet").to_pylist()
+    stats = box.sandbox.stats
+    cached = [r["cached_tokens"] for r in table]
+    # Every row shares the prefix: what one row can have cached is what any row has at most.
+    cacheable = max(cached)
+    assert 1024 <= cacheable < table[0]["prompt_tokens"] and cacheable % 128 == 0
+    assert sum(cached) >= 0.9 * cacheable * len(table)
+    assert sum(cached) == stats["cached_tokens"]  # the column is the server's count
+    # Exact at the cached price: every row's cost, and the summary's total, are the bill.
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
+    for r in table:
+        in_pico = (r["prompt_tokens"] - r["cached_tokens"]) * MINI.input_pico + r[
+            "cached_tokens"
+        ] * MINI.cached_input_pico
+        assert pico(r["input_cost_usd"]) == in_pico
+    summary = summary_of(tmp_path / "out.parquet")
+    assert pico(summary["cost_usd"]["total"]) == stats["billed_pico"]
+    assert summary["tokens"]["cached"] == stats["cached_tokens"]
+    saved = stats["cached_tokens"] * (MINI.input_pico - MINI.cached_input_pico)
+    assert pico(summary["tokens"]["cached_saved_usd"]) == saved
+    assert "cached" in result.output
+    # report, status and spend say what was cached and what it saved, exactly.
+    report = orjson.loads(run_cli(["report", str(tmp_path / "out.parquet"), "--format", "json"]).output)
+    assert report["overall"]["cached_tokens"] == stats["cached_tokens"]
+    assert pico(report["cached_saved_usd"]) == saved
+    status = run_cli(["status", str(tmp_path / "out.parquet")]).output
+    assert f"prompt cache: {stats['cached_tokens']:,} of the prompt tokens cached" in status
+    spend = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)
+    (run,) = spend["runs"]
+    assert run["cached_tokens"] == stats["cached_tokens"] and pico(run["cached_saved_usd"]) == saved
+    assert spend["prompt_cache"]["cached_tokens"] == stats["cached_tokens"]
+    # One prompt_cache_key for the job's prefix, on every request, and never the key.
+    keys = {orjson.loads(b).get("prompt_cache_key") for b in box.sandbox.bodies}
+    assert len(keys) == 1 and None not in keys and box.key not in next(iter(keys))
+    assert stats["prompt_cache_keyed"] == stats["requests"]
+
+
+def test_without_the_warmup_the_first_wave_pays_full_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.2, prices=BILL)
+    args = job_args(tmp_path, 300, "cold.parquet", "--concurrency", "64", "--no-warmup")
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    cached = [r["cached_tokens"] for r in read_output(tmp_path / "cold.parquet").to_pylist()]
+    # The 64 requests sent before any answer found nothing cached.
+    assert cached.count(0) >= 64 and sum(cached) < 0.9 * max(cached) * len(cached)
+
+
+def test_a_short_prefix_sends_no_cache_key_and_caches_nothing(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(prices=BILL, keep_bodies=True)
+    data = write_csv(tmp_path / "r.csv", [{"text": f"review {i}"} for i in range(20)])
+    args = ["run", str(data), "-o", str(tmp_path / "o.parquet"), "--template", "Review: {text}",
+            "--system", "Label it.", "--provider", "openai", "--model", "gpt-4o-mini", "--rpm", "0"]  # fmt: skip
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    table = read_output(tmp_path / "o.parquet").to_pylist()
+    assert all(r["cached_tokens"] == 0 for r in table)
+    assert all("prompt_cache_key" not in orjson.loads(b) for b in box.sandbox.bodies)
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+
+
+def test_old_journal_and_ledger_gain_the_cached_columns(sandbox_factory: Any, tmp_path: Path) -> None:
+    """A journal and a ledger written before cached tokens existed resume and report as before."""
+    import sqlite3
+
+    from batchllm.ledger import ledger_path
+
+    box = sandbox_factory(prices=BILL)
+    args = job_args(tmp_path, 10, "old.parquet", "--concurrency", "4")
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    journal = tmp_path / "old.parquet.batchllm" / "journal.sqlite"
+    ledger = ledger_path(None)
+    assert ledger is not None
+    for db, table in ((journal, "rows"), (ledger, "runs")):
+        with sqlite3.connect(db) as conn:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN cached_tokens")
+            if table == "runs":
+                conn.execute("ALTER TABLE runs DROP COLUMN cached_saved_pico")
+    spend = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)  # read-only: as it is
+    assert [r["cached_tokens"] for r in spend["runs"]] == [0]
+    args = job_args(tmp_path, 20, "old.parquet", "--concurrency", "4")  # ten more rows: a resume
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "old.parquet").to_pylist()
+    assert [r["cached_tokens"] for r in table[:10]] == [0] * 10  # the old rows: nothing known
+    assert all(r["cached_tokens"] > 0 for r in table[10:])
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+    runs = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)["runs"]
+    assert runs[-1]["cached_tokens"] == sum(r["cached_tokens"] for r in table)
+
+
+def test_estimate_projects_the_cached_share(tmp_path: Path) -> None:
+    args = job_args(tmp_path, 300, "e.parquet", "--concurrency", "64", "--format", "json")
+    args[0] = "estimate"
+    warm = orjson.loads(run_cli(args).output)["prompt_cache"]
+    cold = orjson.loads(run_cli([*args, "--no-warmup"]).output)["prompt_cache"]
+    assert warm["prefix_tokens"] >= 1024 and warm["prefix_tokens"] % 128 == 0
+    assert warm["cached_tokens"] == warm["prefix_tokens"] * 299  # all but the warm-up
+    assert cold["cached_tokens"] == warm["prefix_tokens"] * (300 - 64)  # all but the first wave
+    assert warm["share"] > 0.9 > cold["share"]
+    saved = warm["cached_tokens"] * (MINI.input_pico - MINI.cached_input_pico)
+    assert pico(warm["saved_usd"]) == saved
+    # Dataoorts reports no cached tokens: nothing is projected.
+    dataoorts = [
+        a.replace("e.parquet", "d.parquet")
+        for a in args
+        if a not in ("openai", "gpt-4o-mini", "--provider", "--model")
+    ]
+    assert "prompt_cache" not in orjson.loads(run_cli(dataoorts).output)
+
+
+def test_labels_in_packs_cost_the_bill_at_the_cached_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(latency=0.1, prices=BILL)
+    args = job_args(tmp_path, 200, "packs.parquet", "--concurrency", "16", "--labels", "positive,negative",
+                    "--pack", "10", "--max-tokens", "16")  # fmt: skip
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "packs.parquet").to_pylist()
+    stats = box.sandbox.stats
+    assert stats["cached_tokens"] > 0
+    assert sum(r["cached_tokens"] for r in table) == stats["cached_tokens"]
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
+    assert summary_of(tmp_path / "packs.parquet")["tokens"]["cached"] == stats["cached_tokens"]
+
+
+def test_a_fleet_prices_cached_tokens_at_each_endpoints_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    prices = {"one": ("0.50", "1.00", "0.10"), "two": ("0.40", "0.80", "0.25")}
+    boxes = {
+        name: sandbox_factory(latency=0.05, prices=tuple(int(Decimal(p) * 10**6) for p in ps))
+        for name, ps in prices.items()
+    }
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("".join(
+        f'[[endpoint]]\nname = "{name}"\nprovider = "openai"\nendpoint = "{boxes[name].openai_url}"\n'
+        f'key_env = "{name.upper()}_KEY"\nmodel = "gpt-4o-mini"\nconcurrency = 16\ninput_price = "{i}"\n'
+        f'output_price = "{o}"\ncached_input_price = "{c}"\n\n'
+        for name, (i, o, c) in prices.items()
+    ))  # fmt: skip
+    args = job_args(tmp_path, 200, "fleet.parquet")
+    result = run_cli(
+        [*args, "--fleet", str(fleet)], env={f"{n.upper()}_KEY": b.key for n, b in boxes.items()}
+    )
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "fleet.parquet").to_pylist()
+    for name, box in boxes.items():
+        mine = [r for r in table if r["endpoint"] == name]
+        stats = box.sandbox.stats
+        assert sum(r["cached_tokens"] for r in mine) == stats["cached_tokens"] > 0
+        assert sum(pico(r["cost_usd"]) for r in mine) == stats["billed_pico"]
+
+
+def test_models_lists_the_cached_input_price_and_the_flag_sets_one(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    listed = run_cli(["models"]).output
+    line = next(x for x in listed.splitlines() if " gpt-4o-mini " in x)
+    assert line.split()[2:5] == ["0.15", "0.075", "0.60"]
+    assert "cached $/M" in listed
+    # --cached-input-price wins over the table's; the bill at that price is the cost exactly.
+    box = sandbox_factory(prices=(MINI.input_pico, MINI.output_pico, 20_000))
+    args = job_args(tmp_path, 30, "own.parquet", "--cached-input-price", "0.02", "--concurrency", "4")
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    table = read_output(tmp_path / "own.parquet").to_pylist()
+    assert box.sandbox.stats["cached_tokens"] > 0
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+    bad = run_cli([*job_args(tmp_path, 3, "bad.parquet"), "--cached-input-price", "cheap"])
+    assert bad.exit_code == 2 and "--cached-input-price" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_server_without_a_prompt_cache_bills_the_input_price(sandbox_factory: Any, tmp_path: Path) -> None:
+    box = sandbox_factory(prices=BILL, prompt_cache=False)
+    result = run_cli(job_args(tmp_path, 20, "plain.parquet", "--concurrency", "4"), env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "plain.parquet").to_pylist()
+    assert all(r["cached_tokens"] == 0 for r in table) and "prompt cache" not in result.output
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+
+
+def test_rows_answered_by_an_identical_row_count_no_cached_tokens(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    box = sandbox_factory(prices=BILL)
+    data = write_csv(tmp_path / "dup.csv", [{"text": f"review {i % 10}"} for i in range(40)])
+    args = ["run", str(data), "-o", str(tmp_path / "dup.parquet"), "--template", "Review: {text}",
+            "--system", long_system(), "--provider", "openai", "--model", "gpt-4o-mini", "--rpm", "0"]  # fmt: skip
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    table = read_output(tmp_path / "dup.parquet").to_pylist()
+    assert sum(1 for r in table if r["answered_by"]) == 30
+    assert sum(r["cached_tokens"] for r in table) == box.sandbox.stats["cached_tokens"] > 0
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+
+
+def test_a_request_file_of_two_prefixes_warms_each_once(sandbox_factory: Any, tmp_path: Path) -> None:
+    """Lines alternating between two long system prompts: each prefix warmed up once, its rows kept
+    together and keyed apart, so all but two requests find their prefix cached."""
+    box = sandbox_factory(latency=0.1, prices=BILL, keep_bodies=True)
+    systems = [long_system(), "Another job entirely. " + long_system()]
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4o-mini", "max_tokens": 16,
+                  "messages": [{"role": "system", "content": systems[i % 2]}, {"role": "user", "content": f"row {i}"}]}}
+        for i in range(100)
+    ]  # fmt: skip
+    requests = tmp_path / "req.jsonl"
+    requests.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    args = ["run", str(requests), "-o", str(tmp_path / "req.parquet"), "--provider", "openai", "--rpm", "0",
+            "--concurrency", "32"]  # fmt: skip
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "req.parquet").to_pylist()
+    cached = [r["cached_tokens"] for r in table]
+    assert cached.count(0) == 2  # one warm-up per prefix
+    assert sum(cached) == box.sandbox.stats["cached_tokens"]
+    assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
+    keys = [orjson.loads(b)["prompt_cache_key"] for b in box.sandbox.bodies]
+    assert len(set(keys)) == 2

@@ -1,0 +1,105 @@
+"""`batchllm init` (batchllm/starter.py): a commented job file from the user's own data, that
+`validate` passes and `run` runs on the sandbox."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from batchllm.pricing import load_models
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+REVIEWS = ROOT / "sample_data" / "reviews.csv"
+
+
+def _keys_and_comments(text: str) -> list[tuple[str, str]]:
+    """(key, the comment line just above it) for each key of a flat TOML file."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line and not line.startswith(("#", " ")) and " = " in line:
+            out.append((line.split(" = ")[0], lines[i - 1]))
+    return out
+
+
+def test_init_on_the_sample_reviews_validates_and_runs_on_the_sandbox(tmp_path: Path) -> None:
+    job = tmp_path / "reviews.toml"
+    made = run_cli(["init", str(REVIEWS), "--labels", "positive,negative,neutral", "-o", str(job)])
+    assert made.exit_code == 0, made.output
+    text = job.read_text()
+    values = tomllib.loads(text)
+    keys = _keys_and_comments(text)
+    assert [k for k, _ in keys] == list(values)
+    for key, comment in keys:
+        assert comment.startswith("# ") and len(comment) > 12, key
+    # The comment is the option's own help: the same words as `run --help`.
+    assert dict(keys)["max_cost"] == "# Dollar cap on what this output may cost in all (exit 3 when reached)."
+    assert "{review}" in values["template"] and "{review_id}" not in values["template"]
+    assert values["id_column"] == "review_id"
+    assert values["labels"] == "positive,negative,neutral"
+    model = load_models("dataoorts")[values["model"]]
+    assert model.prices is not None and values["input_price"] == str(model.prices.input_per_million)
+    assert values["rpm"] == model.rpm and float(values["max_cost"]) > 0
+
+    checked = run_cli(["validate", str(job)])
+    assert checked.exit_code == 0 and checked.output.startswith(f"ok: {job} (200 rows"), checked.output
+
+    # The job as written; only its rate (the model's documented 300 a minute) lifted, as `make demo`
+    # does, since the sandbox has none.
+    ran = run_cli(["run", "--job", str(job), "--sandbox", "--progress", "none", "--rpm", "6000"])
+    assert ran.exit_code == 0, ran.output
+    output = pq.read_table(tmp_path / "out" / "reviews.parquet")
+    assert output.num_rows == 200
+    assert set(output.column("label").to_pylist()) <= {"positive", "negative", "neutral"}
+
+
+def test_paths_are_relative_to_the_job_file_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(REVIEWS, data / "reviews.csv")
+    job = tmp_path / "jobs" / "r.toml"
+    assert run_cli(["init", str(data / "reviews.csv"), "-o", str(job)]).exit_code == 0
+    values = tomllib.loads(job.read_text())
+    assert values["input"] == "../data/reviews.csv" and values["output"] == "out/r.parquet"
+    assert "labels" not in values and values["max_tokens"] == 256
+    before = job.read_text()
+    again = run_cli(["init", str(data / "reviews.csv"), "-o", str(job), "--labels", "a,b"])
+    assert again.exit_code == 2
+    assert again.stderr.strip().splitlines() == [
+        f"batchllm: error: {job} exists already: init never overwrites a file (-o names another)"
+    ]
+    assert job.read_text() == before
+
+
+def test_a_parquet_input_with_a_schema_for_an_openai_server(tmp_path: Path) -> None:
+    job = tmp_path / "fields.toml"
+    schema = ROOT / "sample_data" / "review_fields.json"
+    args = ["init", str(ROOT / "sample_data" / "reviews.parquet"), "--json-schema", str(schema)]
+    assert run_cli([*args, "--provider", "openai", "-o", str(job)]).exit_code == 0
+    values = tomllib.loads(job.read_text())
+    assert values["provider"] == "openai" and values["model"] in load_models("openai")
+    assert Path(values["json_schema"]).name == "review_fields.json" and "labels" not in values
+    assert run_cli(["validate", str(job)]).exit_code == 0
+
+
+def test_an_input_without_text_is_refused_in_one_line(tmp_path: Path) -> None:
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("a,b\n1,2\n3,4\n")
+    result = run_cli(["init", str(numbers), "-o", str(tmp_path / "n.toml")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "numbers.csv" in result.stderr and "columns: a, b" in result.stderr
+    assert not (tmp_path / "n.toml").exists()
+
+
+def test_a_column_of_ready_prompts_is_sent_as_it_is(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,prompt\nq1,What is two and two?\nq2,Name a colour of the sky.\n")
+    job = tmp_path / "p.toml"
+    assert run_cli(["init", str(prompts), "-o", str(job)]).exit_code == 0
+    values = tomllib.loads(job.read_text())
+    assert values["prompt_column"] == "prompt" and "template" not in values and values["id_column"] == "id"
+    assert run_cli(["validate", str(job)]).exit_code == 0
