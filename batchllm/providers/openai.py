@@ -125,7 +125,15 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
             and completion >= 0
             and (finish is None or type(finish) is str)
         ):
-            return Completion(content, prompt, completion, finish)
+            cached = 0
+            details = usage.get("prompt_tokens_details")
+            if details:  # the prompt cache's share (never more than the prompt)
+                hit = details.get("cached_tokens") if type(details) is dict else None
+                cached = min(hit, prompt) if type(hit) is int and hit > 0 else 0
+            logprobs = choice.get("logprobs")  # asked for: a labeling row's confidence
+            tokens = logprobs.get("content") if type(logprobs) is dict else None
+            return Completion(content, prompt, completion, finish, None, cached,
+                              tokens if type(tokens) is list else None)  # fmt: skip
     choices = payload.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
