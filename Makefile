@@ -45,9 +45,11 @@ demo: install
 
 # Two workers, one test file each at a time: Ray's tests share one cluster per file, and most
 # tests wait on sockets and subprocesses, so two workers halve the time on two cores.
-# Label Studio (tests/test_studio.py) is installed first, alone, into a venv of its own (once).
+# Label Studio (tests/test_studio.py) and llama.cpp with a small model (tests/test_llamacpp.py)
+# are installed first, alone, each into a venv of its own (once).
 test: install
 	$(BIN)/python tests/studio.py
+	$(BIN)/python tests/llamacpp.py
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install

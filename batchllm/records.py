@@ -69,6 +69,9 @@ class Completion:
     finish_reason: str | None = None
     endpoint: str | None = None  # the fleet endpoint that answered (engine/router.py)
     cached_tokens: int = 0  # of prompt_tokens, served from the server's prompt cache (0: it said none)
+    # The reply's own ``model`` (None: the provider names none): a server answers with the model
+    # it has loaded, whatever was asked (llama.cpp names its file).
+    model: str | None = None
     # The written tokens' ``{"token", "logprob"}`` entries, when asked for and returned.
     logprobs: list[Any] | None = None
 
@@ -95,7 +98,8 @@ class Entry(NamedTuple):
     included) and ``extra`` holds the labeling result as JSON (labeling/rows.py).
     ``request_key`` is the row's ``Request.key()``; a row answered without a request of its own
     has ``answered_by`` (the row in this output whose identical request paid) or ``cached``
-    (served from the response cache), and costs nothing.
+    (served from the response cache), and costs nothing. ``model`` is the model asked for (and
+    priced); ``served_model`` the one the replies named, when they named one.
     """
 
     row_id: str
@@ -121,3 +125,4 @@ class Entry(NamedTuple):
     endpoint: str | None = None  # the fleet endpoint that answered (--fleet), else None
     # Of prompt_tokens, those the server served from its prompt cache (billed at the cached price).
     cached_tokens: int | None = None
+    served_model: str | None = None  # the model the reply named (``model`` is the one asked for)

@@ -236,3 +236,31 @@ def test_a_schema_1_journal_is_migrated_and_resumes(tmp_path: Path) -> None:
     assert entries["a"].truncated == 1 and entries["b"].truncated == 0
     assert journal.counts_before == {"ok": 2}
     journal.close()
+
+
+def test_a_schema_9_journal_gains_served_model_and_keeps_its_attempts(tmp_path: Path) -> None:
+    """Schema 10 added served_model to rows and attempts: an older journal's rows and attempts
+    read back with none, and new ones keep theirs."""
+    import sqlite3
+
+    from batchllm.labeling.rows import Attempt
+
+    journal = Journal.open(tmp_path, SETTINGS)
+    journal.add(record(1))
+    journal.add_attempt("2-h", 0, Attempt(0, "first", "x", 1, 2, 3, 4, False))
+    journal.close()
+    conn = sqlite3.connect(tmp_path / "journal.sqlite")
+    conn.execute("ALTER TABLE rows DROP COLUMN served_model")
+    conn.execute("ALTER TABLE attempts DROP COLUMN served_model")
+    conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    journal = Journal.open(tmp_path, SETTINGS)
+    assert journal.fetch(["1-h"])["1-h"].served_model is None
+    assert journal.attempts_for(["2-h"])["2-h"][0].served_model is None
+    journal.add(record(3)._replace(served_model="/models/a.gguf"))
+    journal.add_attempt("2-h", 1, Attempt(0, "reask", "y", 1, 2, 3, 4, False, served_model="/models/a.gguf"))
+    journal.flush()
+    assert journal.fetch(["3-h"])["3-h"].served_model == "/models/a.gguf"
+    assert [a.served_model for a in journal.attempts_for(["2-h"])["2-h"]] == [None, "/models/a.gguf"]
+    journal.close()

@@ -109,8 +109,9 @@ def test_without_the_warmup_the_first_wave_pays_full_price(sandbox_factory: Any,
     args = job_args(tmp_path, 300, "cold.parquet", "--concurrency", "64", "--no-warmup")
     assert run_cli(args, env=box.openai_env()).exit_code == 0
     cached = [r["cached_tokens"] for r in read_output(tmp_path / "cold.parquet").to_pylist()]
-    # The 64 requests sent before any answer found nothing cached.
-    assert cached.count(0) >= 64 and sum(cached) < 0.9 * max(cached) * len(cached)
+    # The requests sent before any answer (the adaptive window's first round, 8 at least, under
+    # --concurrency 64: engine/concurrency.py) found nothing cached; with the warm-up only one.
+    assert cached.count(0) >= 8 and max(cached) >= 1024
 
 
 def test_a_short_prefix_sends_no_cache_key_and_caches_nothing(sandbox_factory: Any, tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from batchllm.engine.booking import same_model
 from batchllm.engine.ratelimit import RateLimiter
 from batchllm.errors import FatalAPIError, RetryableAPIError, RunStopError
 from batchllm.providers import get_provider
 from batchllm.records import Message, RateHints, Request
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, summary_of
 
 openai = get_provider("openai")
 OK = b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"positive"},"finish_reason":"length"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}'
@@ -34,7 +35,9 @@ def test_openai_success_and_finish_reason() -> None:
     stop = openai.parse(200, {}, OK.replace(b'"length"', b'"stop"'))
     assert not openai.truncated(stop, 3)  # completion_tokens == max_tokens, but the server says stop
     bare = openai.parse(200, {}, b'{"choices":[{"message":{"content":"x"},"finish_reason":"stop"}]}')
-    assert bare.prompt_tokens is None and bare.completion_tokens is None
+    assert bare.prompt_tokens is None and bare.completion_tokens is None and bare.model is None
+    named = openai.parse(200, {}, OK.replace(b'"id":"x"', b'"id":"x","model":"gpt-4o-mini-2024-07-18"'))
+    assert named.model == "gpt-4o-mini-2024-07-18"
 
 
 @pytest.mark.parametrize(
@@ -250,3 +253,38 @@ def test_a_key_never_travels_over_plain_http_to_another_host(tmp_path: Path) -> 
     assert result.exit_code == 2
     assert "plain http would send the key in clear text" in result.output
     assert "sk-secret-42" not in result.output
+
+
+def test_the_model_that_answered_is_kept_beside_the_one_asked_for(sandbox_factory, tmp_path: Path) -> None:
+    # A self-hosted server answers with the model it has loaded, whatever was asked.
+    box = sandbox_factory(served_model="/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = tmp_path / "o.parquet"
+    asked = "meta-llama/Llama-3.1-70B-Instruct"
+    args = [*JOB, "-o", str(out), "--rpm", "0", "--provider", "openai", "--model", asked, *PRICES]
+    result = run_cli([*args, "--labels", "positive,negative,neutral"], env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert {(r["model"], r["served_model"]) for r in rows} == {
+        (asked, "/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    }
+    said = [line for line in result.output.splitlines() if "SmolLM2" in line]
+    assert len(said) == 1 and asked in said[0], result.output  # once, naming both
+    summary = summary_of(out)
+    assert summary["model"] == asked and len([w for w in summary["warnings"] if "SmolLM2" in w]) == 1
+    # Answered as asked (or as a dated snapshot of it, as OpenAI does): nothing to say.
+    same = tmp_path / "same.parquet"
+    plain = run_cli(
+        [*JOB, "-o", str(same), "--rpm", "0", "--provider", "openai", *PRICES], env=box.openai_env()
+    )
+    assert plain.exit_code == 0 and "answered as model" in plain.output
+    quiet = sandbox_factory()
+    again = run_cli([*JOB, "-o", str(tmp_path / "q.parquet"), "--rpm", "0", "--provider", "openai", *PRICES],
+                    env=quiet.openai_env())  # fmt: skip
+    assert again.exit_code == 0 and "answered as model" not in again.output
+    kept = pq.read_table(tmp_path / "q.parquet").to_pylist()
+    assert all(r["served_model"] == r["model"] for r in kept)
+    assert same_model("gpt-4o-mini-2024-07-18", "gpt-4o-mini") and not same_model("gpt-4o-mini", "gpt-4o")
+    # Dataoorts names no model in its replies: the column is empty, and nothing is said.
+    dataoorts = run_cli([*JOB, "-o", str(tmp_path / "d.parquet"), "--rpm", "0"], env=quiet.env())
+    assert dataoorts.exit_code == 0 and "answered as model" not in dataoorts.output
+    assert {r["served_model"] for r in pq.read_table(tmp_path / "d.parquet").to_pylist()} == {None}

@@ -298,9 +298,10 @@ def _entry(
             1,
             None,
             float(created) if isinstance(created, (int, float)) and created > 0 else now,
-            str(body.get("model") or model),
+            model,
             p.provider.truncated(completion, max_tokens),
             counted,
+            served_model=completion.model,
         )
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
         message = _message(body, error) or f"HTTP {status}"
@@ -343,7 +344,7 @@ def labeled_entry(
         sure = of_reply(labeling, text, bool(entry.truncated), tokens)
     attempt = Attempt(0, "first", text, entry.prompt_tokens or 0, entry.completion_tokens or 0,
                       entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated), pack_id,
-                      position, None, 0, sure)  # fmt: skip
+                      position, None, 0, None, sure)  # fmt: skip
     outcome = RowLabeler(labeling, Request("", "", (), {})).outcome([attempt])
     extra = {
         "reask_cost_pico": 0 if entry.input_cost_pico is not None else None,

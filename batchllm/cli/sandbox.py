@@ -174,6 +174,11 @@ from . import CONTEXT, cli, fail, run_async
     help="OpenAI face: report a repeated prompt prefix (1,024 tokens and more) as cached, as OpenAI does.",
 )
 @click.option(
+    "--served-model",
+    help="The model OpenAI replies name, whatever was asked (a self-hosted server names the model "
+    "it has loaded: llama.cpp its file).",
+)
+@click.option(
     "--keep-log/--no-keep-log",
     default=True,
     show_default=True,

@@ -1,11 +1,14 @@
 """How the worker pool books a row (a mixin of ``dispatch.Dispatcher``): its usage and cost at
 the prices of whoever answered (a fleet's endpoint, engine/router.py, or the job's model), its
 entry in the journal, errors and rows refused unsent, and the error-rate watch that stops a run.
+A reply that names another model than the one priced (a self-hosted server answers with the model
+it has loaded, whatever was asked) is said once per name, in the run's warnings.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import APIError
@@ -35,6 +38,8 @@ class Booking:
     errors: ErrorWindow
     first: FirstFailures
     _prices: Prices | None
+    warn: Callable[[str], None]
+    served: set[str]  # the model names replies gave so far
 
     def record(self, item: WorkItem, entry: Entry) -> None:
         raise NotImplementedError  # dispatch.Dispatcher's
@@ -56,6 +61,17 @@ class Booking:
             counts.cost_pico += pico
             counts.prompt_tokens += prompt_tokens
             counts.completion_tokens += completion_tokens
+
+    def note_served(self, served: str, c: Completion) -> None:
+        """The first reply naming ``served``: said when it is not the model priced."""
+        self.served.add(served)
+        priced = self.model_of(c)
+        if not same_model(served, priced):
+            costs = f": costs are at {priced!r}'s prices" if self.prices_of(c) is not None else ""
+            self.warn(
+                f"the server answered as model {served!r}, not {priced!r}{costs} (the served_model "
+                "column names the model that answered)"
+            )
 
     def model_of(self, c: Completion) -> str:
         return self.model_at(c.endpoint)
@@ -95,7 +111,7 @@ class Booking:
             item,
             Entry(item.row_id, item.content_hash, "ok", c.text, prompt_tokens, completion_tokens, in_cost,
                   out_cost, None, None, attempts, latency_ms, time.time(), self.model_of(c), truncated,
-                  counted, None, item.key or None, None, None, c.endpoint, cached),
+                  counted, None, item.key or None, None, None, c.endpoint, cached, c.model),
         )  # fmt: skip
         billed = (in_cost or 0) + (out_cost or 0)
         self.charged(c, billed, prompt_tokens, completion_tokens)
@@ -167,3 +183,12 @@ class Booking:
             self.request_stop(StopReason.API, self.first.message())
         if self.errors.add(failed):
             self.request_stop(StopReason.ERROR_RATE, self.errors.message())
+
+
+def same_model(served: str, asked: str) -> bool:
+    """A reply's model is the one asked for, or a dated snapshot of it (OpenAI answers
+    ``gpt-4o-mini`` as ``gpt-4o-mini-2024-07-18``, at the same prices)."""
+    if served == asked:
+        return True
+    suffix = served[len(asked) + 1 :] if served.startswith(asked + "-") else ""
+    return suffix.replace("-", "").isdigit()

@@ -71,6 +71,7 @@ class Dispatcher(Booking):
         gate: Gate | None = None,
         warmup: Warmup | None = None,
         window: ConcurrencyLimit | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.provider = provider
@@ -98,6 +99,8 @@ class Dispatcher(Booking):
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self.refusable: Refusable | None = None  # optional fields a server may refuse (refusable.py)
         self._prices = model.prices
+        self.warn = warn or _ignore
+        self.served: set[str] = set()
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
         self.stop_message: str | None = None
@@ -382,4 +385,11 @@ class Dispatcher(Booking):
             latency_ms = (trip or 0.0) * 1000.0
             if member is not None:
                 router.answered(member, latency_ms)  # type: ignore[union-attr]
+            served = completion.model
+            if served is not None and served not in self.served:
+                self.note_served(served, completion)
             return completion, attempt, latency_ms
+
+
+def _ignore(message: str) -> None:
+    """No one to tell: a dispatcher built without a run's warnings (tests, a cluster worker)."""

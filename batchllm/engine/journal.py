@@ -214,7 +214,8 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         """Record one request of a labeling row as it comes back (committed like ``add``)."""
         self._pending_attempts.append(
             (row_id, seq, a.sample, a.kind, a.text, a.prompt_tokens, a.completion_tokens,
-             a.input_cost_pico, a.output_cost_pico, a.truncated, a.pack_id, a.pack_position, a.endpoint)
+             a.input_cost_pico, a.output_cost_pico, a.truncated, a.pack_id, a.pack_position, a.endpoint,
+             a.served_model)
         )  # fmt: skip
         self._schedule()
 
@@ -392,14 +393,14 @@ class Journal(KeyIndex, InflightBook, SpendBook):
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""
         cur = self.conn.execute(
             "SELECT row_id, sample, kind, text, prompt_tokens, completion_tokens, input_cost_pico, "
-            "output_cost_pico, truncated, pack_id, pack_position, endpoint FROM attempts "
+            "output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model FROM attempts "
             "WHERE row_id IN (SELECT value FROM json_each(?)) ORDER BY row_id, seq",
             (orjson.dumps(list(row_ids)),),
         )
         out: dict[str, list[Attempt]] = {}
         for r in cur:
             out.setdefault(r[0], []).append(
-                Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11])
+                Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11], 0, r[12])
             )
         return out
 
@@ -410,7 +411,8 @@ class Journal(KeyIndex, InflightBook, SpendBook):
             return {}
         return {
             r: [Attempt(0, "first", e.response, e.prompt_tokens or 0, e.completion_tokens or 0,
-                        e.input_cost_pico, e.output_cost_pico, bool(e.truncated), endpoint=e.endpoint)]
+                        e.input_cost_pico, e.output_cost_pico, bool(e.truncated), endpoint=e.endpoint,
+                        served_model=e.served_model)]
             for r, e in self.fetch(row_ids).items()
             if e.response is not None
         }  # fmt: skip

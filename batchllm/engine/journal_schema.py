@@ -20,7 +20,8 @@ verdicts, review/verdicts.py) is created in any journal when opened. Schema 8 ad
 ``endpoint`` to ``rows`` (the fleet endpoint that answered, engine/router.py), and schema 9 to
 ``attempts`` (each request of a labeling row may go to another endpoint). Schema 10 added
 ``cached_tokens`` to ``rows`` (prompt tokens the server served from its prompt cache), NULL in
-the rows of an older journal.
+the rows of an older journal, and ``served_model`` to both (the model a reply named), added to an
+older journal when opened.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ ROWS_TABLE = """CREATE TABLE IF NOT EXISTS rows (
     answered_by TEXT,
     cached INTEGER,
     endpoint TEXT,
-    cached_tokens INTEGER
+    cached_tokens INTEGER,
+    served_model TEXT
 )"""
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,6 +87,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     pack_id TEXT,
     pack_position INTEGER,
     endpoint TEXT,
+    served_model TEXT,
     PRIMARY KEY (row_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reviews (
@@ -119,7 +122,7 @@ CARRY = (
 AS_ATTEMPT = (
     "INSERT INTO attempts SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
     "COALESCE(completion_tokens, 0), input_cost_pico, output_cost_pico, COALESCE(truncated, 0), "
-    "json_extract(extra, '$.pack_id'), json_extract(extra, '$.pack_position'), endpoint "
+    "json_extract(extra, '$.pack_id'), json_extract(extra, '$.pack_position'), endpoint, served_model "
     "FROM rows WHERE row_id = ?1 AND response IS NOT NULL "
     "AND NOT EXISTS (SELECT 1 FROM attempts WHERE row_id = ?1)"
 )
@@ -150,8 +153,9 @@ _ADDED = {
     "cached": "INTEGER",
     "endpoint": "TEXT",
     "cached_tokens": "INTEGER",
+    "served_model": "TEXT",
 }
-INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def insert_rows(entries: list[Entry]) -> tuple[str, Iterable[Sequence[Any]]]:
@@ -201,7 +205,7 @@ def read_rescued(path: Path) -> tuple[list[Entry], list[tuple[Any, ...]]]:
     loaded = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     records = [entry_of(x) for x in loaded if isinstance(x, list)]
     attempts = [x["attempt"] for x in loaded if isinstance(x, dict)]
-    return records, [tuple(a + [None] * (13 - len(a))) for a in attempts]  # schema 7: 12, before: 10
+    return records, [tuple(a + [None] * (14 - len(a))) for a in attempts]  # schema 9: 13, 7: 12, before: 10
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -214,6 +218,8 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE attempts ADD COLUMN pack_position INTEGER")
     if "endpoint" not in packed:
         conn.execute("ALTER TABLE attempts ADD COLUMN endpoint TEXT")
+    if "served_model" not in packed:
+        conn.execute("ALTER TABLE attempts ADD COLUMN served_model TEXT")
     have = {r[1] for r in conn.execute("PRAGMA table_info(rows)")}
     missing = [c for c in _ADDED if c not in have]
     if not missing and "seq" in have:

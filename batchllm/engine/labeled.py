@@ -131,7 +131,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         d.limiter.on_success()
         # Positional, as records.Entry is built (keywords cost half as much again, per request).
         attempt = Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated,
-                          None, None, result.endpoint, cached, sure)  # fmt: skip
+                          None, None, result.endpoint, cached, result.model, sure)  # fmt: skip
         return attempt, n, latency_ms
     finally:
         if not capped or worst:
@@ -212,19 +212,21 @@ def book(
         where = attempts[0].endpoint or None
         model = d.model_at(where)
         from_cache = True if attempts[0].kind == "cached" else None
+        served = attempts[0].served_model
     else:
         # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).
         endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
         where = ",".join(endpoints) or None
         model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
         from_cache = True if some and all(a.kind == "cached" for a in attempts) else None
+        served = ",".join(dict.fromkeys(a.served_model for a in attempts if a.served_model)) or None
     d.record(
         item,
         Entry(item.row_id, item.content_hash, status, text, pt if some else None, ct if some else None,
               in_cost if some and priced else None, out_cost if some and priced else None, message,
               error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
-              item.key or None, None, from_cache, where, cached if some else None),
+              item.key or None, None, from_cache, where, cached if some else None, served),
     )  # fmt: skip
 
 

@@ -51,7 +51,8 @@ RESULT_FIELDS = [
     pa.field("tokens_counted", pa.bool_()),  # the server reported no usage: batchllm counted
     pa.field("answered_by", pa.string()),  # the row whose identical request paid for this reply
     pa.field("cached", pa.bool_()),  # answered from the response cache, at no cost
-    pa.field("model", pa.string()),
+    pa.field("model", pa.string()),  # the model asked for, and priced
+    pa.field("served_model", pa.string()),  # the model the reply named (null: it named none)
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
@@ -193,6 +194,7 @@ def _result_columns(
         cols["attempts"][i] = e.attempts
         cols["latency_ms"][i] = e.latency_ms
         cols["model"][i] = e.model
+        cols["served_model"][i] = e.served_model
         cols["answered_by"][i] = e.answered_by
         cols["cached"][i] = bool(e.cached)
         cols["finished_at"][i] = int(e.finished_at * 1000)

@@ -297,13 +297,13 @@ class Packs:
                 billed += (ic or 0) + (oc or 0)
                 if items is not None:
                     a = Attempt(sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
-                                where, cached[n], sure[n])  # fmt: skip
+                                where, cached[n], None, sure[n])  # fmt: skip
                 elif len(rows) > 1:  # unreadable: its share paid, the row goes again in a smaller pack
                     a = Attempt(sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
                                 where, cached[n])  # fmt: skip
                 else:  # unreadable alone: an answer that does not parse (position 0: the whole reply)
                     a = Attempt(sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0,
-                                where, cached[n])  # fmt: skip
+                                where, cached[n], result.model)  # fmt: skip
                 if keep and items is not None and items[n] and reuse is not None:
                     # before the row is booked: booking lets go of its cache key
                     reuse.keep(

@@ -259,6 +259,7 @@ class Run:
                 grace=job.grace,
                 warmup=Warmup() if job.warmup and self._prefixed() else None,
                 window=window,
+                warn=self.warn,
             )
             dispatcher.router = router
             dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)

@@ -47,6 +47,7 @@ class Attempt(NamedTuple):
     # Of prompt_tokens, served from the server's prompt cache (not kept in the journal's attempts:
     # a row resumed from them counts 0 for its earlier requests; their costs are kept exactly).
     cached_tokens: int = 0
+    served_model: str | None = None  # the model the reply named (records.Completion)
     # The probability the model gave its answer (labeling/confidence.py: a label's, or a schema's
     # fields'), from the reply's logprobs; not journaled: a reply read back has none.
     confidence: Any = None

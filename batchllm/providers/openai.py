@@ -2,9 +2,11 @@
 
 Request: ``POST {base}/chat/completions`` with ``{"model", "messages", <params>, <extra_body>}``;
 the endpoint the user gives is the base URL (``http://host:8000/v1``). Success:
-``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens) and
-``usage``, which some servers leave out (the dispatcher then counts); its
-``prompt_tokens_details.cached_tokens`` are the prompt tokens served from the server's prompt cache. Failure: an error object
+``choices[0].message.content``, ``choices[0].finish_reason`` (``length`` = cut at max_tokens),
+``usage``, which some servers leave out (the dispatcher then counts; its
+``prompt_tokens_details.cached_tokens`` are the prompt tokens served from the server's prompt
+cache), and ``model``, the model that answered (OpenAI a dated snapshot of the one asked for,
+llama.cpp the file it loaded). Failure: an error object
 ``{"error": {"message", "type", "code", "param"}}`` (some servers send a bare string).
 
 Classification: 401/403 stop the run (key); a 429 whose code or type is ``insufficient_quota``
@@ -114,6 +116,9 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
         finish = choice.get("finish_reason")
         usage = payload["usage"]
         prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+        details = usage.get("prompt_tokens_details")
+        cached = 0 if details is None else details.get("cached_tokens") or 0
+        model = payload.get("model")
     except (KeyError, IndexError, TypeError, AttributeError):
         pass
     else:
@@ -124,15 +129,13 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
             and prompt >= 0
             and completion >= 0
             and (finish is None or type(finish) is str)
+            and type(cached) is int
+            and 0 <= cached <= prompt
+            and (model is None or type(model) is str)
         ):
-            cached = 0
-            details = usage.get("prompt_tokens_details")
-            if details:  # the prompt cache's share (never more than the prompt)
-                hit = details.get("cached_tokens") if type(details) is dict else None
-                cached = min(hit, prompt) if type(hit) is int and hit > 0 else 0
             logprobs = choice.get("logprobs")  # asked for: a labeling row's confidence
             tokens = logprobs.get("content") if type(logprobs) is dict else None
-            return Completion(content, prompt, completion, finish, None, cached,
+            return Completion(content, prompt, completion, finish, None, cached, model or None,
                               tokens if type(tokens) is list else None)  # fmt: skip
     choices = payload.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
@@ -155,12 +158,22 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
         if isinstance(details, dict) and prompt is not None:
             # Never more than the prompt: a server's odd figure must not make a cost negative.
             cached = min(usage_int(details.get("cached_tokens")) or 0, prompt)
+    model = payload.get("model")  # the model that answered
     # Asked for (a labeling row's confidence): the written tokens, kept as the server sent them
     # and read only as far as the label (labeling/confidence.py).
     logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
     tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
-    return Completion(content, prompt, completion, finish if isinstance(finish, str) else None, None, cached,
-                      tokens if isinstance(tokens, list) else None)  # fmt: skip
+    # Positional (per reply): text, usage, finish_reason, endpoint (a fleet's, set later), cached, model, logprobs.
+    return Completion(
+        content,
+        prompt,
+        completion,
+        finish if isinstance(finish, str) else None,
+        None,
+        cached,
+        model if isinstance(model, str) and model else None,
+        tokens if isinstance(tokens, list) else None,
+    )
 
 
 def _error_fields(payload: Any, body: bytes) -> tuple[str, str | None, str | None]:

@@ -105,6 +105,9 @@ class SandboxConfig:
     # in its stats (a fleet's sandboxes each bill at their endpoint's prices, sandbox/fleet.py).
     prices: tuple[int, int, int] | None = None
     prompt_cache: bool = True  # the OpenAI face caches shared prefixes as OpenAI does (prompt_cache.py)
+    # The model its OpenAI face names in replies, whatever was asked (None: the one asked for),
+    # as a self-hosted server names the model it has loaded (llama.cpp: its file).
+    served_model: str | None = None
 
 
 class _Gcra:
@@ -374,7 +377,9 @@ class Sandbox:
         if parsed.cache_key is not None:
             self.stats["prompt_cache_keyed"] += 1
         tokens = content(text, marks, cfg.label_wrong, cfg.overconfident) if parsed.logprobs else None
-        response = face.success(text, prompt_tokens, n, truncated, model.name, usage, cached, tokens)
+        response = face.success(
+            text, prompt_tokens, n, truncated, cfg.served_model or model.name, usage, cached, tokens
+        )
         response.headers.update(self._rate_headers(face))
         if garbled:
             assert isinstance(response.body, bytes)

@@ -1,4 +1,5 @@
-"""`make bench`: throughput, memory and resume figures against the sandbox, in one run.
+"""`make bench`: throughput, memory and resume figures against the sandbox, in one run, and
+against a real server (llama.cpp, section ``llamacpp``).
 
 Each figure is measured here, now, on this machine, next to its baseline, so ratios compare like
 with like. The sandbox runs as its own process (the API is not in the client's process either), and
@@ -916,6 +917,87 @@ def fleet_figures(rows: int) -> dict:
             b.close()
 
 
+def _llama_bare(url: str, src: Path, concurrency: int, max_tokens: int) -> float:
+    """Seconds the bare loop takes to send ``src``'s prompts to a llama.cpp server at
+    ``concurrency``: the bodies batchllm sends, built before the clock starts."""
+    code = f"""
+import asyncio, csv, time, aiohttp
+from batchllm.job import build_job
+from batchllm.prompts import RequestMaker
+from batchllm.providers import get_provider
+job = {{"input": "x.csv", "output": "x.parquet", "provider": "openai", "model": "smollm2",
+       "max_tokens": {max_tokens}, "temperature": 0.0}}
+maker, enc = RequestMaker(build_job(job)), get_provider("openai")
+bodies = [enc.encode(maker.make(r["prompt"])) for r in csv.DictReader(open({str(src)!r}))]
+async def main():
+    sem = asyncio.Semaphore({concurrency})
+    headers = {{"Content-Type": "application/json"}}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit={concurrency}), headers=headers) as s:
+        async def one(b):
+            async with sem:
+                async with s.post({url!r}, data=b) as r:
+                    assert r.status == 200, await r.text()
+                    await r.read()
+        await asyncio.gather(*(one(b) for b in bodies))
+started = time.perf_counter()
+asyncio.run(main())
+print(time.perf_counter() - started)
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
+def llamacpp_figures(rows: int = 32, max_tokens: int = 16, rounds: int = 2) -> dict:
+    """A real server with 4 slots (llama.cpp serving SmolLM2-135M on 2 threads, tests/llamacpp.py):
+    batchllm's rows/s (its default concurrency, and 4) against the bare loop at its best
+    concurrency, swept over 1, 2, 4 and 8, on the same prompts; the best of ``rounds`` each.
+    batchllm's time is its run's own (the summary's duration), the loop's its requests'."""
+    from tests.llamacpp import NotAvailable, running_server
+
+    src = WORK / f"llama-{rows}.csv"
+    with open(src, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "prompt"])
+        for i in range(rows):
+            w.writerow([f"id{i}", f"In one sentence: why would a customer return product number {i}?"])
+    sweep = (1, 2, 4, 8)
+    bare: dict[int, list[float]] = {c: [] for c in sweep}
+    ours: dict[str, list[float]] = {"default": [], "4": []}
+    try:
+        with running_server() as server:
+            url = server.base_url + "/chat/completions"
+            _llama_bare(url, src, 4, max_tokens)  # warm: the model's pages, the slots' caches
+            for _ in range(rounds):
+                for c in sweep:
+                    bare[c].append(_llama_bare(url, src, c, max_tokens))
+                for name in ours:
+                    summary = WORK / f"llama-{name}.json"
+                    args = [str(BIN), "run", str(src), "-o", str(WORK / "llama.parquet"), "--provider", "openai",
+                            "--endpoint", server.base_url, "--model", "smollm2", "--max-tokens", str(max_tokens),
+                            "--temperature", "0", "--rpm", "0", "--restart", "--cache", "off", "--progress",
+                            "none", "--summary-json", str(summary)]  # fmt: skip
+                    if name != "default":
+                        args += ["--concurrency", name]
+                    subprocess.run(args, check=True, capture_output=True)
+                    ours[name].append(json.loads(summary.read_text())["duration_s"])
+    except NotAvailable as exc:
+        return {"skipped": str(exc)}
+    bare_rps = {c: rows / min(times) for c, times in bare.items()}
+    best = max(bare_rps, key=lambda c: bare_rps[c])
+    ours_rps = {name: rows / min(times) for name, times in ours.items()}
+    return {
+        "rows": rows,
+        "max_tokens": max_tokens,
+        "slots": 4,
+        "bare_rows_per_s_by_concurrency": {c: round(r, 2) for c, r in bare_rps.items()},
+        "bare_best_concurrency": best,
+        "batchllm_rows_per_s_default_concurrency": round(ours_rps["default"], 2),
+        "batchllm_rows_per_s_concurrency_4": round(ours_rps["4"], 2),
+        "ratio_default_to_best_bare": round(ours_rps["default"] / bare_rps[best], 3),
+        "ratio_4_to_best_bare": round(ours_rps["4"] / bare_rps[best], 3),
+    }
+
+
 def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
@@ -935,6 +1017,7 @@ def main() -> None:
         "spend",
         "fleet",
         "prompt_cache",
+        "llamacpp",
     ]
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "throughput" in which:
@@ -992,6 +1075,9 @@ def main() -> None:
         # 300 rows: the first wave is a fifth of the job; 2,000: a thirtieth.
         results["prompt_cache"] = [prompt_cache(300), prompt_cache(n(2_000))]
         print(json.dumps(results["prompt_cache"]), flush=True)
+    if "llamacpp" in which:
+        results["llamacpp"] = llamacpp_figures()
+        print(json.dumps(results["llamacpp"]), flush=True)
     out = ROOT / "out" / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
