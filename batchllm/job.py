@@ -12,6 +12,7 @@ as a whole batch of 400s, and a parameter the provider does not take is a usage 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -139,6 +140,11 @@ class Job:
         return all(get_provider(name).takes_response_format for name in providers)
 
     @property
+    def logprobs(self) -> bool:
+        """Do this job's requests ask for logprobs (a labeling row's confidence, labeling/confidence.py)?"""
+        return self.labeling is not None and self.labeling.confidence == "logprobs"
+
+    @property
     def key_env(self) -> str:
         return self.api_key_env or get_provider(self.provider).key_env
 
@@ -236,6 +242,8 @@ def build_job(
         # A row's cost is its own endpoint's (engine/router.py).
         kwargs["prices"] = dearest(kwargs["fleet"])
     kwargs["labeling"] = labeling_from(kwargs, where)
+    if kwargs["labeling"] is not None:
+        kwargs["labeling"] = _confidence(kwargs["labeling"], provider, kwargs.get("fleet"), where)
     if kwargs.get("structured") == "on":
         _structured_on(kwargs, provider, where("structured"))
     if "examples" in kwargs:
@@ -361,6 +369,30 @@ def _structured_on(kwargs: Mapping[str, Any], provider: Provider, where: str) ->
             f"{where} on: the {refusing[0]} API has no JSON mode (no response_format); use "
             "--structured auto or off (replies are then read and re-asked as free text)"
         )
+
+
+def _confidence(labeling: Labeling, provider: Provider, fleet: Any, where: Callable[[str], str]) -> Labeling:
+    """``--confidence`` resolved for the job's provider(s): auto is logprobs where every one returns
+    them, else the votes of samples, else off (labeling/confidence.py)."""
+    names = {provider.name, *(e.provider for e in fleet or ())}
+    logprobs = all(get_provider(n).returns_logprobs for n in names)
+    mode = labeling.confidence
+    if mode == "auto":
+        mode = "logprobs" if logprobs else "votes" if labeling.samples > 1 else "off"
+    elif mode == "logprobs" and not logprobs:
+        missing = sorted(n for n in names if not get_provider(n).returns_logprobs)[0]
+        raise JobError(
+            f"{where('confidence')} logprobs: the {missing} API returns no logprobs; use --confidence "
+            "votes with --samples 2 or more (the winning label's share of the votes), or off"
+        )
+    elif mode == "votes" and labeling.samples < 2:
+        raise JobError(f"{where('confidence')} votes: needs --samples 2 or more")
+    if labeling.vote_below is not None and mode != "logprobs":
+        raise JobError(
+            f"{where('vote_below')}: needs a first answer's confidence from logprobs (the openai "
+            "provider, --confidence auto or logprobs)"
+        )
+    return dataclasses.replace(labeling, confidence=mode)
 
 
 def _prices(inp: Any, out: Any, where: Callable[[str], str], cached: Decimal | None = None) -> Prices | None:

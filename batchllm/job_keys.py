@@ -116,6 +116,8 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "pack": ("pack", parse_pack),
     "pack_tokens": ("pack_tokens", v.integer(1, None)),
     "structured": ("structured", _structured),
+    "confidence": ("confidence", v.choice("auto", "logprobs", "votes", "off")),
+    "vote_below": ("vote_below", v.number(0, 1)),
     "examples": ("examples", _path),
     "reparse": ("reparse", v.boolean),
     "cache": ("cache", v.text),

@@ -72,6 +72,8 @@ class Completion:
     # The reply's own ``model`` (None: the provider names none): a server answers with the model
     # it has loaded, whatever was asked (llama.cpp names its file).
     model: str | None = None
+    # The written tokens' ``{"token", "logprob"}`` entries, when asked for and returned.
+    logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import signal
 import sqlite3
 import time
@@ -264,3 +265,41 @@ def test_labels_in_packs_every_review_in_the_set(
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) == sum(
         sum(_usage(x)) for _, x in replies
     )
+
+
+def test_a_confidence_for_every_labeled_review(
+    llama_server: LlamaServer,  # noqa: F811
+    recorder: Recorder,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    src = _reviews(tmp_path, 24)
+    out = tmp_path / "out.parquet"
+    args = _labeling(
+        src, out, recorder.base_url, "--labels", ",".join(LABELS), "--reask", "1", "--max-tokens", "24"
+    )
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" and 0 < r["confidence"] <= 1 for r in rows), [
+        (r["row_id"], r["response"], r["confidence"]) for r in rows
+    ]
+    # Each is the server's own probability of the label it wrote: the tokens that wrote the label
+    # in its reply's logprobs (a reply held to the schema comes in a code fence there), jointly.
+    replies = recorder.replies()
+    assert all(asked["logprobs"] is True for asked, _ in replies)
+    for r in rows:
+        if r["reasks"]:
+            continue  # its kept answer is its re-ask's
+        (reply,) = [reply for asked, reply in replies if r["review"] in asked["messages"][-1]["content"]]
+        tokens = reply["choices"][0]["logprobs"]["content"]
+        written = "".join(t["token"] for t in tokens)
+        start = written.index(f'"{r["label"]}"') + 1
+        ends = [sum(len(t["token"]) for t in tokens[: k + 1]) for k in range(len(tokens))]
+        starts = [end - len(t["token"]) for end, t in zip(ends, tokens, strict=True)]
+        inside = [t["logprob"] for t, a, b in zip(tokens, starts, ends, strict=True)
+                  if a < start + len(r["label"]) and b > start]  # fmt: skip
+        assert r["confidence"] == pytest.approx(math.exp(sum(inside)))
+    # Its reliability table against the reviews' human labels (printed: a small model's is poor).
+    report = run_cli(["eval", str(out), "--gold", "human_label"])
+    assert report.exit_code == 0 and "calibration of the confidence (24 rows)" in report.stdout
+    print(report.stdout[report.stdout.index("calibration") :])

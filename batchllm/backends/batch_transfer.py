@@ -33,6 +33,7 @@ from ..errors import APIError, ExitCode, JobError
 from ..fleet import FleetEndpoint
 from ..folders import make_folders
 from ..job import Job
+from ..labeling.confidence import of_reply
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
 from ..ledger import RunRecord, Snapshot, of_job
@@ -231,7 +232,7 @@ def _read_results(
             if entry is None:  # pending: whatever another line or file said stands
                 continue
             if p.job.labeling is not None and entry.status == "ok":
-                entry = labeled_entry(entry, p.job.labeling)
+                entry = labeled_entry(entry, p.job.labeling, tokens=_logprobs(record))
             previous = entries.get(custom_id)
             if previous is None or previous.status != "ok":
                 entries[custom_id] = entry
@@ -319,14 +320,31 @@ def _entry(
     return None  # expired, cancelled, 408/409/429/5xx: the live run sends it
 
 
-def labeled_entry(entry: Entry, labeling: Labeling, pack: tuple[str, int] | None = None) -> Entry:
+def _logprobs(record: dict[str, Any]) -> list[Any] | None:
+    """A result line's ``choices[0].logprobs.content``, when the request asked for them."""
+    body = result_body(record)[1]
+    choices = body.get("choices") if isinstance(body, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return tokens if isinstance(tokens, list) else None
+
+
+def labeled_entry(
+    entry: Entry, labeling: Labeling, pack: tuple[str, int] | None = None, tokens: list[Any] | None = None
+) -> Entry:
     """An imported reply of a labeling job, read like a run reads it: label (or fields), status
-    ``ok`` or ``invalid`` with its parse error (``run --retry-errors`` re-asks those). ``pack``:
-    the row's item of a packed reply (its pack and position, batch_packs.py)."""
+    ``ok`` or ``invalid`` with its parse error (``run --retry-errors`` re-asks those), and its
+    confidence from the line's logprobs (``tokens``). ``pack``: the row's item of a packed reply
+    (its pack and position, batch_packs.py)."""
     pack_id, position = pack if pack is not None else (None, None)
-    attempt = Attempt(0, "first", entry.response or "", entry.prompt_tokens or 0, entry.completion_tokens or 0,
+    text = entry.response or ""
+    sure = None
+    if tokens is not None and labeling.confidence == "logprobs":
+        sure = of_reply(labeling, text, bool(entry.truncated), tokens)
+    attempt = Attempt(0, "first", text, entry.prompt_tokens or 0, entry.completion_tokens or 0,
                       entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated), pack_id,
-                      position)  # fmt: skip
+                      position, None, 0, None, sure)  # fmt: skip
     outcome = RowLabeler(labeling, Request("", "", (), {})).outcome([attempt])
     extra = {
         "reask_cost_pico": 0 if entry.input_cost_pico is not None else None,
@@ -337,6 +355,8 @@ def labeled_entry(entry: Entry, labeling: Labeling, pack: tuple[str, int] | None
         "agreement": outcome.agreement,
         "votes": outcome.votes,
     }
+    if outcome.confidence is not None:
+        extra["confidence"] = outcome.confidence
     if pack is not None:
         extra["pack_id"], extra["pack_position"] = pack
     return entry._replace(

@@ -137,6 +137,19 @@ PROMPT_OPTIONS = [
         "[default: auto]",
     ),
     click.option(
+        "--confidence",
+        type=click.Choice(["auto", "logprobs", "votes", "off"]),
+        help="A confidence column: the probability the model gave its label (logprobs), or the "
+        "label's share of --samples votes; auto: logprobs with the openai provider, else votes with "
+        "--samples.  [default: auto]",
+    ),
+    click.option(
+        "--vote-below",
+        type=float,
+        help="With --samples N: ask the other N-1 samples only for rows whose first answer's "
+        "confidence is below this (0 to 1).",
+    ),
+    click.option(
         "--examples",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Few-shot examples (CSV/Parquet with the template's columns and a label column).",

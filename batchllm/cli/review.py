@@ -34,8 +34,9 @@ def review_group() -> None:
     "picks",
     multiple=True,
     required=True,
-    help="random:N (a seeded sample: the basis of an accuracy estimate), uncertain:N (invalid, "
-    "disagreeing, re-asked rows), label:L:N; repeat to mix (picks never overlap).",
+    help="random:N (a seeded sample: the basis of an accuracy estimate), uncertain:N (invalid rows, "
+    "then the least confident, or else disagreeing and re-asked rows), below:P:N (a sample of rows "
+    "with a confidence below P), label:L:N; repeat to mix (picks never overlap).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random picks.")
 @click.option(

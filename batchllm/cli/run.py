@@ -176,6 +176,12 @@ def estimate_cmd(
         report["expected_from"] = f"a pilot of {pilot:,} rows"
         if accuracy is not None:
             report["pilot_accuracy"] = accuracy
+    if job.labeling is not None and job.labeling.vote_below is not None and keep and job.journal_dir.exists():
+        from ..reports.pilot import votes_share  # from a pilot's rows (this one's, or an earlier one's)
+
+        votes = votes_share(job.journal_dir, job.labeling, report["rows_to_send"])
+        if votes["pilot_rows"]:
+            report["votes"] = votes
     if keep:
         make_output_folder(job)  # a pilot made it already; else only now the input proved good
     if keep and not record_estimate(job, report):

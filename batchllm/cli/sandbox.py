@@ -154,6 +154,18 @@ from . import CONTEXT, cli, fail, run_async
     is_flag=True,
     help="OpenAI face: answer 400 to a request with response_format, as a server without JSON mode does.",
 )
+@click.option(
+    "--overconfident",
+    default=0.0,
+    type=float,
+    show_default=True,
+    help="OpenAI face, asked for logprobs: the share of each answer's doubt taken away (0: calibrated).",
+)
+@click.option(
+    "--refuse-logprobs",
+    is_flag=True,
+    help="OpenAI face: answer 400 to a request asking for logprobs, as a server that cannot return them.",
+)
 @click.option("--seed", type=int, help="Seed for fault injection (replies are deterministic anyway).")
 @click.option(
     "--prompt-cache/--no-prompt-cache",
@@ -210,7 +222,8 @@ def sandbox_cmd(
     rates = [
         k
         for k in options
-        if (k.startswith(("fail_", "label_", "pack_")) or k == "no_usage") and not 0 <= options[k] <= 1
+        if (k.startswith(("fail_", "label_", "pack_")) or k in ("no_usage", "overconfident"))
+        and not 0 <= options[k] <= 1
     ]
     if rates:
         return fail(f"--{rates[0].replace('_', '-')} must be a share from 0 to 1")

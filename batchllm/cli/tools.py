@@ -36,8 +36,12 @@ from . import CONTEXT, cli, handles_errors
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write a self-contained HTML page with plots.",
 )
+@click.option(
+    "--gold",
+    help="With --html: a gold label column (or 'review') to draw the confidence's reliability diagram against.",
+)
 @handles_errors
-def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -> int:
+def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None, gold: str | None) -> int:
     """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
     from ..reports.report import build_report, format_report
 
@@ -46,7 +50,7 @@ def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -
     if html_path is not None:
         from ..reports.report_html import write_html
 
-        write_html(html_path, output, by)
+        write_html(html_path, output, by, gold)
         click.echo(f"HTML report: {html_path}", err=True)
     return 0
 

@@ -35,8 +35,8 @@ from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_column
 from ..engine.packed import Packs
 from ..engine.plan import WorkItem
 from ..engine.ratelimit import Backoff
+from ..engine.refusable import refusable
 from ..engine.router import Router, fleet_router
-from ..engine.structured import Structured
 from ..errors import JobError
 from ..fleet import FleetEndpoint
 from ..job import Job
@@ -85,9 +85,9 @@ class Completer:
         )
         # Several rows per request (--pack): the same packing as one machine's (engine/packed.py).
         self.packs = Packs(job, self.model, examples, self.admission) if self.packing else None
-        # response_format given up for the actor's batches once its server refuses it (unsaid: an
-        # actor's warnings have no display; engine/structured.py).
-        self.structured = Structured(lambda m: None) if job.structured_output else None
+        # response_format and logprobs given up for the actor's batches once its server refuses
+        # them (unsaid: an actor's warnings have no display; engine/refusable.py).
+        self.refusable = refusable(job.structured_output, job.logprobs, lambda m: None)
         self.concurrency = concurrency
         self.owner = uuid.uuid4().hex[:12]
         self.limiter = LeasedLimiter(coordinator, self.owner)
@@ -212,7 +212,7 @@ class Completer:
             gate=self.gate,
         )
         d.router = self.router
-        d.structured = self.structured
+        d.refusable = self.refusable
         row_ids = pb.row_ids
         ready = self.admission.admit(pb, send, self.maker, d.record_rejected, job.budgeted, lambda m: None)
         encode = self.provider.encode

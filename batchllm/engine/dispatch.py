@@ -35,11 +35,11 @@ from .concurrency import ConcurrencyLimit
 from .journal import Journal
 from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
+from .refusable import Refusable
 from .reuse import Reuse
 from .router import Router
 from .seams import Gate, Ledger, Pacer, Purse
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
-from .structured import Structured
 from .warmup import Warmup
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
@@ -97,7 +97,7 @@ class Dispatcher(Booking):
         # None: all of them (a fleet's endpoints limit themselves, router.py).
         self.window = window
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
-        self.structured: Structured | None = None  # a structured labeling job's (structured.py)
+        self.refusable: Refusable | None = None  # optional fields a server may refuse (refusable.py)
         self._prices = model.prices
         self.warn = warn or _ignore
         self.served: set[str] = set()
@@ -278,9 +278,9 @@ class Dispatcher(Booking):
         stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
         window = self.window
         worst = worst_pico or self.worst_bound(body, self.max_tokens)
-        structured = self.structured
-        if structured is not None and not structured.on:
-            body = structured.plain(body)  # the server refused response_format earlier in the run
+        refusable = self.refusable
+        if refusable is not None and not refusable.on:
+            body = refusable.plain(body)  # the server refused a field earlier in the run
         attempt = failures = 0
         answered = False  # the last attempt got an answer from the server (an error status)
         first = time.monotonic()
@@ -378,7 +378,7 @@ class Dispatcher(Booking):
             except FatalAPIError as exc:
                 if member is not None:
                     router.heard(member)  # type: ignore[union-attr]
-                if structured is not None and (plain := structured.refused(exc, body)) is not None:
+                if refusable is not None and (plain := refusable.refused(exc, body)) is not None:
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue
                 return exc, attempt, 0.0

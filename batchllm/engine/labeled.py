@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import APIError
+from ..labeling.confidence import of_reply
 from ..labeling.rows import Attempt, Outcome, RowLabeler, Step
 from ..labeling.spec import Labeling
 from ..labeling.structured import PARAM
@@ -111,6 +112,12 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         truncated = d.provider.truncated(result, max_tokens)
         if reuse is not None and reuse.cache is not None:
             reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated)
+        labeling, tokens = d.labeling, result.logprobs
+        assert labeling is not None
+        # Only the label's tokens are read, and only when the job asked for them.
+        sure = None
+        if tokens is not None and labeling.confidence == "logprobs":
+            sure = of_reply(labeling, result.text, truncated, tokens)
         prices, cached = d.prices_of(result), result.cached_tokens  # a fleet: the answering endpoint's
         in_cost, out_cost = cost(prices, pt, ct, cached)
         billed = (in_cost or 0) + (out_cost or 0)
@@ -124,7 +131,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         d.limiter.on_success()
         # Positional, as records.Entry is built (keywords cost half as much again, per request).
         attempt = Attempt(step.sample, step.kind, result.text, pt, ct, in_cost, out_cost, truncated,
-                          None, None, result.endpoint, cached, result.model)  # fmt: skip
+                          None, None, result.endpoint, cached, result.model, sure)  # fmt: skip
         return attempt, n, latency_ms
     finally:
         if not capped or worst:
@@ -185,6 +192,8 @@ def book(
             "agreement": outcome.agreement,
             "votes": outcome.votes,
         }
+        if outcome.confidence is not None:
+            extra["confidence"] = outcome.confidence
         if status == "ok":
             d.stats.ok += 1
         else:

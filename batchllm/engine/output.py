@@ -261,6 +261,14 @@ def label_columns(row_ids: list[str], entries: dict[str, Entry], labeling: Label
                 cols[f.name][i] = value.get(f.name) if isinstance(value, dict) else None
         else:
             cols["label"][i] = value
+        if labeling.confidence != "off":
+            sure = x.get("confidence")
+            if labeling.is_schema:
+                for f in labeling.fields:
+                    if f.scored:
+                        cols[f"confidence_{f.name}"][i] = sure.get(f.name) if isinstance(sure, dict) else None
+            else:
+                cols["confidence"][i] = sure if isinstance(sure, (int, float)) else None
         cols["parse_error"][i] = x.get("parse_error")
         cols["reasks"][i] = x.get("reasks")
         if "agreement" in cols:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import APIError, JobError
 from ..job import Job
 from ..labeling import pack as shape
+from ..labeling.confidence import of_pack
 from ..labeling.rows import SPLIT, Attempt, Outcome, RowLabeler, Step
 from ..labeling.structured import PARAM, Formats
 from ..pricing import Model, cost
@@ -283,6 +284,9 @@ class Packs:
             completion = shape.completion_shares(ct, items or [""] * len(rows))
             cached = shape.cached_shares(result.cached_tokens, prompt)
             pid = shape.pack_id(body)
+            sure: list[Any] = [None] * len(rows)  # each item's own tokens (labeling/confidence.py)
+            if items is not None and result.logprobs is not None and self.labeling.confidence == "logprobs":
+                sure = of_pack(self.labeling, result.text, items, result.logprobs)
             prices, where = d.prices_of(result), result.endpoint  # a fleet: the answering endpoint's
             reuse = d.reuse
             keep = reuse is not None and reuse.cache is not None and kind == "first"
@@ -293,7 +297,7 @@ class Packs:
                 billed += (ic or 0) + (oc or 0)
                 if items is not None:
                     a = Attempt(sample, kind, items[n], prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
-                                where, cached[n])  # fmt: skip
+                                where, cached[n], None, sure[n])  # fmt: skip
                 elif len(rows) > 1:  # unreadable: its share paid, the row goes again in a smaller pack
                     a = Attempt(sample, SPLIT, "", prompt[n], completion[n], ic, oc, truncated, pid, n + 1,
                                 where, cached[n])  # fmt: skip

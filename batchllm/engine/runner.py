@@ -47,9 +47,9 @@ from .output import Totals, write_output
 from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
+from .refusable import refusable
 from .reuse import Reuse
 from .router import fleet_router
-from .structured import Structured
 from .summary import build_summary, next_step, snapshot, stop_message
 from .warmup import Warmup
 
@@ -262,8 +262,7 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
-            if job.structured_output:
-                dispatcher.structured = Structured(self.warn)
+            dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)

@@ -8,7 +8,9 @@ Because the next step is a function of the attempts alone, a row interrupted by 
 exactly where it was: every attempt is journaled as it comes back, so none is paid for twice.
 Sample k asks with its own seed; each sample is re-asked (the model's answer and why it was
 rejected, then the question again) until it parses or ``reask`` re-asks are spent; ``adaptive``
-stops sampling once the remaining samples cannot change the majority.
+stops sampling once the remaining samples cannot change the majority, and ``vote_below`` asks the
+other samples only when the first answer's confidence (labeling/confidence.py) is below it. The
+outcome's confidence is the kept answer's, or the vote's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from ..records import Message, Request
+from .confidence import lowest, of_votes
 from .pack import read_reply
 from .parse import feedback, parse
 from .spec import Labeling
@@ -45,6 +48,9 @@ class Attempt(NamedTuple):
     # a row resumed from them counts 0 for its earlier requests; their costs are kept exactly).
     cached_tokens: int = 0
     served_model: str | None = None  # the model the reply named (records.Completion)
+    # The probability the model gave its answer (labeling/confidence.py: a label's, or a schema's
+    # fields'), from the reply's logprobs; not journaled: a reply read back has none.
+    confidence: Any = None
 
 
 # A packed reply that could not be read as a whole (not JSON, or cut off): the row's share of
@@ -66,6 +72,7 @@ class Outcome(NamedTuple):
     reasks: int
     agreement: float | None
     votes: dict[str, int] | None
+    confidence: Any = None  # of the answer kept, or of the vote (labeling/confidence.py)
 
 
 class RowLabeler:
@@ -121,7 +128,7 @@ class RowLabeler:
             if first.sample == 0 and first.kind != SPLIT:
                 value, error = self._read(first)
                 if error is None:
-                    return Outcome("ok", value, None, first.text, 0, None, None)
+                    return Outcome("ok", value, None, first.text, 0, None, None, first.confidence)
         chains = self._chains(attempts)
         step = self._step(chains)
         return step if step is not None else self._outcome(chains, attempts)
@@ -137,10 +144,21 @@ class RowLabeler:
                     return Step(self._sample_request(0), 0, "first")
                 if self.labeling.adaptive and settled(self._values(chains[:k]), self.labeling.samples):
                     return None
+                if k == 1 and self._sure(chains[0]):
+                    return None  # --vote-below: the first answer is sure enough, no vote
                 return Step(self._sample_request(k), k, "sample")
             if not self._done(chain):
                 return Step(self._reask_request(k, chain), k, "reask")
         return None
+
+    def _sure(self, chain: list[Attempt]) -> bool:
+        """``--vote-below P``: is the first sample's answer valid, with a confidence of P or more?
+        (One read back from the journal has none: its row had gone on to vote.)"""
+        below = self.labeling.vote_below
+        if below is None or self._vote(chain[-1]) is None:
+            return False
+        sure = lowest(chain[-1].confidence)
+        return sure is not None and sure >= below
 
     def _sample_request(self, k: int) -> Request:
         if self.labeling.samples == 1:
@@ -164,7 +182,14 @@ class RowLabeler:
             answer = chains[0][-1]
             value, error = self._read(answer)
             return Outcome(
-                "ok" if error is None else "invalid", value, error, answer.text, reasks, None, None
+                "ok" if error is None else "invalid",
+                value,
+                error,
+                answer.text,
+                reasks,
+                None,
+                None,
+                answer.confidence if error is None else None,
             )
         chains = [c for c in chains if c]
         last = attempts[-1].text if attempts else ""
@@ -175,15 +200,14 @@ class RowLabeler:
             error = "no_majority" if values else next((e for e in errors if e), "no_majority")
             return Outcome("invalid", None, error, last, reasks, agreement if values else None, votes)
         voted = next(c[-1].text for c in chains if self._vote(c[-1]) == top)
-        return Outcome(
-            "ok",
-            top if not self.labeling.is_schema else orjson.loads(top),
-            None,
-            voted,
-            reasks,
-            agreement,
-            votes,
-        )
+        winner = top if not self.labeling.is_schema else orjson.loads(top)
+        confidence = None
+        if self.labeling.confidence != "off":
+            answers = [
+                (self._read(c[-1])[0], c[-1].confidence) for c in chains if self._vote(c[-1]) is not None
+            ]
+            confidence = of_votes(self.labeling, answers, winner, self.labeling.confidence == "logprobs")
+        return Outcome("ok", winner, None, voted, reasks, agreement, votes, confidence)
 
     def _vote(self, a: Attempt) -> str | None:
         value, error = self._read(a)

@@ -33,6 +33,11 @@ class Field:
     def arrow(self) -> pa.DataType:
         return pa.list_(pa.string()) if self.type == "array" else _TYPES[self.type]
 
+    @property
+    def scored(self) -> bool:
+        """Does it get a confidence column (an enum or a boolean: a choice; labeling/confidence.py)?"""
+        return self.type == "boolean" or (self.type == "string" and self.enum is not None)
+
 
 @dataclass(frozen=True)
 class Labeling:
@@ -50,6 +55,11 @@ class Labeling:
     # may take. Not request settings: a journal is resumed under any pack size.
     pack: int = 1
     pack_tokens: int | None = None
+    # Where a row's confidence comes from (labeling/confidence.py): "logprobs", "votes" or "off"
+    # (the job's "auto" resolved for its provider), and --vote-below: the other samples are asked
+    # only for rows whose first answer is less sure than this.
+    confidence: str = "off"
+    vote_below: float | None = None
 
     @property
     def is_schema(self) -> bool:
@@ -80,6 +90,8 @@ class Labeling:
             if self.is_schema
             else [pa.field("label", pa.string())]
         )
+        if self.confidence != "off":
+            cols += [pa.field(name, pa.float64()) for name in self.confidence_columns()]
         cols += [pa.field("parse_error", pa.string()), pa.field("reasks", pa.int64())]
         if self.samples > 1:
             cols += [
@@ -90,6 +102,12 @@ class Labeling:
         if self.pack > 1:
             cols += [pa.field("pack_id", pa.string()), pa.field("pack_position", pa.int64())]
         return cols
+
+    def confidence_columns(self) -> list[str]:
+        """``confidence``, or ``confidence_<field>`` for each enum or boolean field of a schema."""
+        if not self.is_schema:
+            return ["confidence"]
+        return [f"confidence_{f.name}" for f in self.fields if f.scored]
 
 
 _LABELS = re.compile(r"Answer with exactly one label from this list: (.+?)\.(?:\n|$)")
@@ -179,7 +197,9 @@ def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeli
         kwargs.pop("json_schema", None),
     )
     options = {
-        k: kwargs.pop(k) for k in ("reask", "samples", "adaptive", "pack", "pack_tokens") if k in kwargs
+        k: kwargs.pop(k)
+        for k in ("reask", "samples", "adaptive", "pack", "pack_tokens", "confidence", "vote_below")
+        if k in kwargs
     }
     given = [
         k
@@ -201,6 +221,9 @@ def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeli
         return None
     if options.get("adaptive") and options.get("samples", 1) < 3:
         raise JobError(f"{where('adaptive')}: needs --samples 3 or more")
+    if options.get("vote_below") is not None and options.get("samples", 1) < 2:
+        raise JobError(f"{where('vote_below')}: needs --samples 2 or more (the samples asked of unsure rows)")
+    options.setdefault("confidence", "auto")  # resolved for the provider by the job (job.py)
     if labels is not None:
         names, descriptions = parse_labels(labels, where("labels"))
         return Labeling(labels=names, descriptions=descriptions, **options)

@@ -39,6 +39,8 @@ class Provider:
     default_max_tokens: ClassVar[int] = 256
     # Does it take OpenAI's ``response_format`` with a JSON schema (``--structured``, labeling/structured.py)?
     takes_response_format: ClassVar[bool] = False
+    # Does it return the written tokens' logprobs when asked (``--confidence``, labeling/confidence.py)?
+    returns_logprobs: ClassVar[bool] = False
     # Parameters in the order they are sent, each with its parser (range and type).
     params: ClassVar[dict[str, Parser]] = {}
     # Prompt tokens the server's chat template may add beyond the Llama 3 count: reserved against

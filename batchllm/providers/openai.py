@@ -40,7 +40,8 @@ class OpenAI(Provider):
     documented_rpm = 300.0  # no published figure for "any server": start where Dataoorts does
     unlisted_models = True
     default_max_tokens = 256
-    takes_response_format = True  # a server that refuses it: engine/structured.py
+    takes_response_format = True  # a server that refuses it: engine/refusable.py
+    returns_logprobs = True  # asked with "logprobs": true; a server that refuses: engine/refusable.py
     params = {
         "max_tokens": integer(1, None),
         "temperature": number(0, 2),
@@ -132,7 +133,10 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
             and 0 <= cached <= prompt
             and (model is None or type(model) is str)
         ):
-            return Completion(content, prompt, completion, finish, None, cached, model or None)
+            logprobs = choice.get("logprobs")  # asked for: a labeling row's confidence
+            tokens = logprobs.get("content") if type(logprobs) is dict else None
+            return Completion(content, prompt, completion, finish, None, cached, model or None,
+                              tokens if type(tokens) is list else None)  # fmt: skip
     choices = payload.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
@@ -155,7 +159,11 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
             # Never more than the prompt: a server's odd figure must not make a cost negative.
             cached = min(usage_int(details.get("cached_tokens")) or 0, prompt)
     model = payload.get("model")  # the model that answered
-    # Positional (per reply): text, usage, finish_reason, endpoint (a fleet's, set later), cached, model.
+    # Asked for (a labeling row's confidence): the written tokens, kept as the server sent them
+    # and read only as far as the label (labeling/confidence.py).
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    # Positional (per reply): text, usage, finish_reason, endpoint (a fleet's, set later), cached, model, logprobs.
     return Completion(
         content,
         prompt,
@@ -164,6 +172,7 @@ def _completion(payload: dict[str, Any], status: int, body: bytes) -> Completion
         None,
         cached,
         model if isinstance(model, str) and model else None,
+        tokens if isinstance(tokens, list) else None,
     )
 
 

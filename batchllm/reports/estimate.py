@@ -362,6 +362,15 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
                 f"{a['accuracy']:.1%} (95%: {a['low']:.1%} to {a['high']:.1%})",
             )
         )
+    if "votes" in e:
+        v = e["votes"]
+        rows.append(
+            (
+                f"rows that will vote (first answer below {v['below']:g})",
+                f"{v['share']:.0%} ({v['pilot_voted']:,} of the pilot's {v['pilot_rows']:,}): about "
+                f"{v['projected_rows']:,} rows, {v['projected_extra_requests']:,} more requests",
+            )
+        )
     if fmt == "markdown":
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     width = max(len(k) for k, _ in rows)

@@ -7,7 +7,7 @@ failed, pending) count as wrong and appear in the matrix as ``(none)``; rows wit
 are left out. Money is exact: the spend is summed in integer picodollars, re-asks and samples
 included, and divided by the number of correct labels: counted when every row has a gold label,
 else estimated as the gold rows' accuracy times all the rows (``cost_per_correct``; the output
-says which).
+says which). An output with a confidence column is also scored for calibration (calibration.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..engine.journal import Journal
 from ..engine.output import read_schema
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
+from .calibration import calibration, format_calibration
 from .tables import grid as _grid
 
 NONE = "(none)"
@@ -50,8 +51,28 @@ def load(path: Path, gold: str, by: str | None, field: str = "label") -> pd.Data
                 f"{path}: no column {column!r} ({what}); the columns are: {', '.join(names)}{hint}"
             )
     wanted = [field, "status", "input_cost_usd", "output_cost_usd", gold]
-    wanted += [c for c in ("agreement",) if c in names] + ([by] if by and by not in wanted else [])
+    wanted += [c for c in ("agreement", confidence_column(field)) if c in names]
+    wanted += [by] if by and by not in wanted else []
     return pq.read_table(path, columns=list(dict.fromkeys(wanted))).to_pandas()
+
+
+def confidence_column(field: str) -> str:
+    """The column holding a field's confidence (labeling/confidence.py)."""
+    return "confidence" if field == "label" else f"confidence_{field}"
+
+
+def calibrated(frame: pd.DataFrame, gold: str, field: str) -> dict[str, Any]:
+    """The calibration of the rows' confidence against ``gold`` (reports/calibration.py), over the
+    rows with a confidence; nothing when the output has none."""
+    column = confidence_column(field)
+    if column not in frame.columns:
+        return {}
+    part = frame[frame[column].notna()]
+    correct = [
+        s == "ok" and as_label(x) == as_label(g)
+        for x, s, g in zip(part[field], part["status"], part[gold], strict=True)
+    ]
+    return calibration([float(c) for c in part[column]], correct)
 
 
 def metrics(gold: list[str], predicted: list[str | None], cost_pico: int) -> dict[str, Any]:
@@ -146,6 +167,7 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
 
     out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent)}
     out.update(cost_per_correct(spent, out["correct"], out["n"], rows, "the gold rows'", "rows"))
+    out.update(calibrated(frame, gold, field))
     if "agreement" in frame.columns:
         levels: dict[str, Any] = {}
         for level, part in frame.groupby(frame["agreement"].round(3), sort=True):
@@ -223,6 +245,7 @@ def format_eval(e: dict[str, Any], fmt: str) -> str:
     if "by_agreement" in e:
         agree = [[k, str(v["n"]), f"{v['accuracy']:.1%}"] for k, v in e["by_agreement"].items()]
         lines += ["", *_grid(["agreement", "rows", "accuracy"], agree, md)]
+    lines += format_calibration(e, md)
     return "\n".join(lines)
 
 

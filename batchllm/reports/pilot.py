@@ -14,8 +14,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from ..engine.journal import Journal
 from ..engine.reuse import CACHED_REPLIES
+from ..labeling.spec import Labeling
 from ..pricing import usd_text
 from .packing import requests_made
 from .tables import grid
@@ -61,6 +64,28 @@ def size_line(size: int, journal_dir: Path, accuracy: dict[str, Any], rows: int,
         "projected_cost_usd": usd_text(round(per_row * rows)),
         "projected_minutes": round(requests / n * rows / rpm, 1) if n else 0.0,
     }
+
+
+def votes_share(journal_dir: Path, labeling: Labeling, rows: int) -> dict[str, Any]:
+    """``--samples N --vote-below P`` with ``--pilot``: the share of the pilot's rows whose first
+    answer's confidence was below P (they went on to vote), and what it projects to over ``rows``:
+    the rows that will vote and the N-1 requests each adds."""
+    journal = Journal.open_readonly(journal_dir)
+    try:
+        extras = [r[0] for r in journal.conn.execute("SELECT extra FROM rows WHERE status != 'error'")]
+    finally:
+        journal.conn.close()
+    voted = answered = 0
+    for raw in extras:
+        votes = orjson.loads(raw).get("votes") if raw else None
+        if votes is None:
+            continue  # not a labeling row, or none of its answers read
+        answered += 1
+        voted += sum(votes.values()) > 1
+    share = voted / answered if answered else 0.0
+    projected = round(share * rows)
+    return {"below": labeling.vote_below, "pilot_rows": answered, "pilot_voted": voted, "share": share,
+            "projected_rows": projected, "projected_extra_requests": projected * (labeling.samples - 1)}  # fmt: skip
 
 
 def recommend(lines: list[dict[str, Any]]) -> int | None:

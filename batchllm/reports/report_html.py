@@ -36,6 +36,27 @@ def _throughput(frame: pd.DataFrame) -> str:
     return svg.lines(title, labels, {"rows/s": list(counts / bucket)}, money=False)
 
 
+def _reliability(output: Path, gold: str) -> str:
+    """The reliability diagram of the output's confidence against ``gold`` (a column, or
+    ``review``: people's verdicts on the random picks): each bin's accuracy beside its mean
+    confidence, which a calibrated model's accuracy follows (reports/calibration.py)."""
+    from .calibration import BINS
+    from .eval import evaluate
+    from .review_eval import evaluate_review
+
+    e = evaluate_review(output) if gold == "review" else evaluate(output, gold)
+    title = f"Reliability: accuracy by confidence (against {gold})"
+    if e.get("ece") is None:
+        return svg.empty(title, "the output has no confidence column (--confidence)")
+    found = {b["bin"]: b for b in e["reliability"]}
+    labels = [f"{k / BINS:.1f}-{(k + 1) / BINS:.1f}" for k in range(BINS)]
+    series = {
+        "accuracy": [found[x]["accuracy"] if x in found else None for x in labels],
+        "mean confidence": [found[x]["mean_confidence"] if x in found else None for x in labels],
+    }
+    return svg.lines(f"{title}, ECE {e['ece']:.3f}", labels, series, money=False)
+
+
 def _table_html(rows: list[tuple[str, str]]) -> str:
     return (
         "<table>"
@@ -60,7 +81,7 @@ def _endpoints_html(endpoints: dict[str, Any]) -> str:
     return f"<h2>By endpoint</h2><table class='grid'><tr>{header}</tr>{body}</table>"
 
 
-def write_html(path: Path, output: Path, by: str | None) -> dict[str, Any]:
+def write_html(path: Path, output: Path, by: str | None, gold: str | None = None) -> dict[str, Any]:
     report = build_report(output, by)
     frame, _ = load(output, by)
     ok = frame[frame["status"] == "ok"]
@@ -101,6 +122,8 @@ def write_html(path: Path, output: Path, by: str | None) -> dict[str, Any]:
     )
     plots.append(svg.histogram("Latency per row", ok["latency_ms"].to_numpy(dtype=float), "milliseconds"))
     plots.append(_throughput(frame))
+    if gold is not None:
+        plots.append(_reliability(output, gold))
     if "estimate_vs_actual" in report:
         e = report["estimate_vs_actual"]
         sections.append("<h2>Estimate vs actual</h2>")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ..engine.output import read_schema
 from ..errors import JobError
-from .eval import as_label, cost_per_correct, metrics, spent_pico, wilson
+from .eval import as_label, calibrated, confidence_column, cost_per_correct, metrics, spent_pico, wilson
 
 
 def evaluate_review(path: Path, field: str = "label") -> dict[str, Any]:
@@ -28,6 +28,7 @@ def evaluate_review(path: Path, field: str = "label") -> dict[str, Any]:
     if gold not in names:
         raise JobError(f"{path}: no column {gold!r}: bring verdicts home first (batchllm review import)")
     wanted = [field, "status", gold, "review_pick", "input_cost_usd", "output_cost_usd"]
+    wanted += [c for c in (confidence_column(field),) if c in names]
     frame = pq.read_table(path, columns=wanted).to_pandas()
     labeled = int(frame["status"].isin(["ok", "invalid"]).sum())
     spent = spent_pico(frame)
@@ -56,6 +57,7 @@ def evaluate_review(path: Path, field: str = "label") -> dict[str, Any]:
     )
     out["projected_wrong"] = [round((1 - out["accuracy"]) * labeled), round((1 - high) * labeled),
                               round((1 - low) * labeled)]  # fmt: skip
+    out.update(calibrated(sample, gold, field))  # on the random picks: a fair sample
     others = reviewed[reviewed["review_pick"] != "random"]
     if not others.empty:
         m = scored(others, 0)

@@ -8,6 +8,7 @@ the same rows.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ def export_tasks(
     """The picked rows' tasks, the labeling config that shows them, and the picks that found
     fewer rows than they asked for (in words)."""
     labeling, columns, settings = job_of(output)
-    check_picks(picks, labeling)
     names = pq.read_schema(output_file(output)).names
+    scored = any(n == "confidence" or n.startswith("confidence_") for n in names)
+    check_picks(picks, dataclasses.replace(labeling, confidence="logprobs" if scored else "off"))
     answers = [f.name for f in labeling.fields] if labeling.is_schema else ["label"]
     wanted = [*columns, "row_id", "status", "parse_error", "reasks", *answers, "agreement"]
+    wanted += [n for n in names if n == "confidence" or n.startswith("confidence_")]
     missing = [c for c in wanted[: len(columns)] if c not in names]
     if missing:
         raise JobError(

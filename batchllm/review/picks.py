@@ -1,9 +1,13 @@
 """Which rows of a labeling output a person should look at (``review export --pick``).
 
     random:N      a seeded uniform sample of the labeled rows: the basis of an accuracy estimate
-    uncertain:N   invalid rows, then rows whose samples disagreed (lowest agreement first), then
-                  rows that needed re-asks (most first)
+    uncertain:N   invalid rows, then, when the output has a confidence (labeling/confidence.py),
+                  every labeled row from the least confident up; else rows whose samples
+                  disagreed (lowest agreement first), then rows that needed re-asks (most first)
+    below:P:N     a seeded sample of the rows whose confidence is below P
     label:L:N     a seeded sample of the rows labeled L
+
+A --json-schema row's confidence is its least sure field's.
 
 Random picks are drawn first, the others from the rows left, in the order given, so picks never
 overlap; each row picked says why, and each pick that found fewer rows than it asked for says how
@@ -20,11 +24,14 @@ from ..labeling.spec import Labeling
 
 
 class Pick(NamedTuple):
-    kind: str  # random, uncertain, label
+    kind: str  # random, uncertain, below, label
     n: int
     label: str | None = None
+    below: float | None = None  # below:P:N
 
     def __str__(self) -> str:
+        if self.below is not None:
+            return f"{self.kind}:{self.below:g}:{self.n}"
         return f"{self.kind}:{self.label}:{self.n}" if self.label is not None else f"{self.kind}:{self.n}"
 
     def fewer(self, found: int, after_others: bool) -> str:
@@ -33,25 +40,39 @@ class Pick(NamedTuple):
             "random": "labeled rows",
             "uncertain": "uncertain rows (invalid, samples that disagreed, re-asked)",
             "label": f"rows labeled {self.label!r}",
+            "below": f"rows with a confidence below {self.below or 0:g}",
         }[self.kind]
         where = "left after the other picks" if after_others else "in the output"
         return f"--pick {self}: {found:,} picked, not {self.n:,}: no more {among} {where}"
 
 
 def parse_pick(text: str) -> Pick:
-    """``random:N``, ``uncertain:N`` or ``label:L:N`` (a usage error names what is wrong)."""
+    """``random:N``, ``uncertain:N``, ``below:P:N`` or ``label:L:N`` (a usage error names what is
+    wrong)."""
     kind, _, rest = text.partition(":")
-    label, _, count = rest.rpartition(":") if kind == "label" else ("", "", rest)
-    if kind not in ("random", "uncertain", "label") or not count.isdigit() or int(count) < 1:
-        raise JobError(f"--pick {text!r}: give random:N, uncertain:N or label:LABEL:N (N at least 1)")
+    label, _, count = rest.rpartition(":") if kind in ("label", "below") else ("", "", rest)
+    if kind not in ("random", "uncertain", "below", "label") or not count.isdigit() or int(count) < 1:
+        raise JobError(
+            f"--pick {text!r}: give random:N, uncertain:N, below:P:N or label:LABEL:N (N at least 1)"
+        )
     if kind == "label" and not label:
         raise JobError(f"--pick {text!r}: name the label, e.g. label:positive:20")
+    if kind == "below":
+        try:
+            below = float(label)
+        except ValueError:
+            below = -1.0
+        if not 0 < below <= 1:
+            raise JobError(f"--pick {text!r}: give a confidence from 0 to 1, e.g. below:0.8:20")
+        return Pick(kind, int(count), None, below)
     return Pick(kind, int(count), label or None)
 
 
 def check_picks(picks: list[Pick], labeling: Labeling) -> None:
     """A label pick must name a label of the set: one outside it could never match a row."""
     for p in picks:
+        if p.kind == "below" and labeling.confidence == "off":
+            raise JobError(f"--pick {p}: the output has no confidence column (run with --confidence)")
         if p.kind != "label":
             continue
         if labeling.is_schema:
@@ -82,6 +103,13 @@ def choose(rows: list[dict[str, Any]], picks: list[Pick], seed: int = 0) -> Chos
         elif p.kind == "label":
             found = [i for i in left if rows[i].get("label") == p.label]
             picked = [(i, f"label: {p.label}") for i in sorted(rng.sample(found, min(p.n, len(found))))]
+        elif p.kind == "below":
+            below = p.below or 0.0
+            found = [i for i in left if (c := sure(rows[i])) is not None and c < below]
+            picked = [
+                (i, f"below {below:g}: {sure(rows[i]):.2f}")
+                for i in sorted(rng.sample(found, min(p.n, len(found))))
+            ]
         else:
             found = [i for i in left if _doubt(rows[i]) is not None]
             found.sort(key=lambda i: _rank(rows[i]))
@@ -92,10 +120,22 @@ def choose(rows: list[dict[str, Any]], picks: list[Pick], seed: int = 0) -> Chos
     return Chosen(sorted(taken.items()), short)
 
 
+def sure(row: dict[str, Any]) -> float | None:
+    """A row's confidence: its label's, or its least sure field's (``confidence_<field>``)."""
+    found = row.get("confidence")
+    if found is not None:
+        return float(found)
+    fields = [v for k, v in row.items() if k.startswith("confidence_") and v is not None]
+    return min(fields) if fields else None
+
+
 def _doubt(row: dict[str, Any]) -> str | None:
     """Why a row's label may be wrong, or None."""
     if row.get("status") == "invalid":
         return f"invalid ({row.get('parse_error')})"
+    confidence = sure(row)
+    if confidence is not None:
+        return f"confidence {confidence:.2f}"
     agreement = row.get("agreement")
     if agreement is not None and agreement < 1:
         return f"agreement {agreement:.2f}"
@@ -104,10 +144,11 @@ def _doubt(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _rank(row: dict[str, Any]) -> tuple[int, float, int]:
-    agreement = row.get("agreement")
+def _rank(row: dict[str, Any]) -> tuple[int, float, float, int]:
+    agreement, confidence = row.get("agreement"), sure(row)
     return (
         row.get("status") != "invalid",
+        2.0 if confidence is None else confidence,  # rows without one (a cached reply) after
         1.0 if agreement is None else agreement,
         -(row.get("reasks") or 0),
     )

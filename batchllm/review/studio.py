@@ -18,6 +18,7 @@ from xml.sax.saxutils import quoteattr
 import orjson
 
 from ..labeling.spec import Field, Labeling
+from .picks import sure
 
 LABEL = "label"  # the control of a label set
 
@@ -65,8 +66,11 @@ def task(
     data.update(row_id=row["row_id"], pick=why)
     result = [] if row.get("status") != "ok" else _result(row, columns[0], labeling)
     prediction: dict[str, Any] = {"model_version": version, "result": result}
-    if row.get("agreement") is not None:
-        prediction["score"] = row["agreement"]
+    score = sure(row)  # the model's own probability, else its samples' agreement
+    if score is None:
+        score = row.get("agreement")
+    if score is not None:
+        prediction["score"] = score
     return {"data": data, "predictions": [prediction]}
 
 

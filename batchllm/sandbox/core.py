@@ -49,6 +49,7 @@ from ..pricing import Model, load_models
 from ..tokens import get_counter
 from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
+from .logprobs import Mark, content
 from .prompt_cache import PromptCache
 from .slots import Slots
 from .words import WORDS
@@ -93,6 +94,10 @@ class SandboxConfig:
     # The OpenAI face answers 400 naming response_format, as a server without JSON mode does;
     # otherwise it holds replies to the schema (schema.py).
     refuse_response_format: bool = False
+    # Asked for logprobs (OpenAI face, logprobs.py): the share of an answer's doubt taken away
+    # (an overconfident model), or a 400 naming logprobs, as a server that cannot return them.
+    overconfident: float = 0.0
+    refuse_logprobs: bool = False
     seed: int | None = None  # fault-injection RNG; replies are deterministic regardless
     keep_log: bool = True
     keep_bodies: bool = False  # keep raw request bodies (tests check them byte for byte)
@@ -195,7 +200,10 @@ class Sandbox:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
-        for face in (DataoortsFace(), OpenAIFace(self.config.refuse_response_format)):
+        for face in (
+            DataoortsFace(),
+            OpenAIFace(self.config.refuse_response_format, self.config.refuse_logprobs),
+        ):
             app.router.add_post(face.path, self._handler(face))
         if self.slots is not None and self.config.slots_props:
             app.router.add_get("/props", self.handle_props)
@@ -329,12 +337,13 @@ class Sandbox:
             if in_pack is not None
             else labeler.answer(parsed.messages, parsed.seed_material, self.label_rates)
         )
+        marks: list[Mark] = []
         if in_pack is not None:
-            text, counts = in_pack
+            text, counts, marks = in_pack
             self.stats.update(counts)
             text, n, truncated = self._cut(text, parsed.max_tokens)
         elif labeled is not None:
-            text, which, reask = labeled
+            text, which, reask, marks = labeled
             self.stats["labeling_reasks" if reask else f"label_{which or 'clean'}"] += 1
             text, n, truncated = self._cut(text, parsed.max_tokens)
         else:
@@ -369,8 +378,9 @@ class Sandbox:
                 self.prompt_cache.answered(prefix)
         if parsed.cache_key is not None:
             self.stats["prompt_cache_keyed"] += 1
+        tokens = content(text, marks, cfg.label_wrong, cfg.overconfident) if parsed.logprobs else None
         response = face.success(
-            text, prompt_tokens, n, truncated, cfg.served_model or model.name, usage, cached
+            text, prompt_tokens, n, truncated, cfg.served_model or model.name, usage, cached, tokens
         )
         response.headers.update(self._rate_headers(face))
         if garbled:

@@ -30,6 +30,7 @@ class Parsed:
     max_tokens: int
     seed_material: Any  # what the deterministic reply is derived from
     cache_key: str | None = None  # OpenAI's ``prompt_cache_key``: routing only, the reply ignores it
+    logprobs: bool = False  # asked for the written tokens' logprobs (logprobs.py)
 
 
 def _json(
@@ -157,7 +158,15 @@ class DataoortsFace:
         return Parsed(model, messages, data.get("max_tokens", self.default_max_tokens), data)
 
     def success(
-        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool, cached: int = 0
+        self,
+        text: str,
+        prompt_tokens: int,
+        n: int,
+        truncated: bool,
+        model: str,
+        usage: bool,
+        cached: int = 0,
+        logprobs: list[Any] | None = None,  # never asked of this face
     ) -> web.Response:
         result: dict[str, Any] = {"response": text}
         if usage:
@@ -180,8 +189,9 @@ class OpenAIFace:
     caches_prompts = True
     roles = {"system", "user", "assistant", "tool", "developer"}
 
-    def __init__(self, refuse_response_format: bool = False) -> None:
+    def __init__(self, refuse_response_format: bool = False, refuse_logprobs: bool = False) -> None:
         self.refuse_response_format = refuse_response_format
+        self.refuse_logprobs = refuse_logprobs
 
     ranges: dict[str, tuple[type, float, float]] = {
         "temperature": (float, 0, 2),
@@ -282,6 +292,13 @@ class OpenAIFace:
             why = schema.problem(payload["response_format"])
             if why:
                 return why
+        logprobs = payload.get("logprobs", False)
+        if not isinstance(logprobs, bool):
+            return (
+                f"Invalid type for 'logprobs': expected a boolean, but got {type(logprobs).__name__} instead."
+            )
+        if logprobs and self.refuse_logprobs:  # as a server that cannot return them
+            return "Invalid parameter: 'logprobs' is not supported with this model."
         cache_key = payload.get("prompt_cache_key")
         if cache_key is not None and not isinstance(cache_key, str):
             return "'prompt_cache_key' must be a string"
@@ -293,10 +310,19 @@ class OpenAIFace:
             payload.get("max_tokens", self.default_max_tokens),
             seed_material,
             cache_key,
+            logprobs,
         )
 
     def success(
-        self, text: str, prompt_tokens: int, n: int, truncated: bool, model: str, usage: bool, cached: int = 0
+        self,
+        text: str,
+        prompt_tokens: int,
+        n: int,
+        truncated: bool,
+        model: str,
+        usage: bool,
+        cached: int = 0,
+        logprobs: list[Any] | None = None,
     ) -> web.Response:
         body: dict[str, Any] = {
             "id": "chatcmpl-" + secrets.token_hex(12),
@@ -308,6 +334,7 @@ class OpenAIFace:
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": "length" if truncated else "stop",
+                    "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 }
             ],
         }

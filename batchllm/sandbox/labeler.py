@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from .logprobs import Mark
 from .schema import conform, schema_of
 
 _LABELS = re.compile(r"Answer with exactly one label from this list: (.+?)\.(?:\n|$)")
@@ -84,8 +85,9 @@ def expected_label(text: str, labels: list[str], seed: Any, rates: list[tuple[st
 
 def answer(
     messages: list[dict[str, Any]], params: dict[str, Any], rates: list[tuple[str, float]]
-) -> tuple[str, str | None, bool] | None:
-    """(reply, fault, is a re-ask) for a labeling request; None when it states no label set or schema."""
+) -> tuple[str, str | None, bool, list[Mark]] | None:
+    """(reply, fault, is a re-ask, where its answers stand: logprobs.py) for a labeling request;
+    None when it states no label set or schema."""
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     labels, schema = _instruction(system)
     if labels is None and schema is None:
@@ -105,10 +107,49 @@ def answer(
             if labels is not None
             else _object(text, schema or {}, seed, wrong=which == "wrong")
         )
-        return orjson.dumps(conform(held, meant, text)).decode(), which, reask
+        held_value = conform(held, meant, text)
+        if labels is not None:
+            value = held_value.get("label") if isinstance(held_value, dict) else None
+            marks = [] if not isinstance(value, str) else [label_mark(text, seed, labels, value, ("label",))]
+        else:
+            marks = field_marks(text, seed, schema or {}, held_value, ())
+        return orjson.dumps(held_value).decode(), which, reask, marks
     if labels is not None:
-        return _label_reply(text, labels, seed, rates, which, reask), which, reask
-    return _object_reply(text, schema or {}, seed, which), which, reask
+        reply = _label_reply(text, labels, seed, rates, which, reask)
+        answered = (
+            expected_label(text, labels, seed, rates) if reask or which == "wrong" else truth(text, labels)
+        )
+        kept = which in (None, "wrong", "prose")
+        return reply, which, reask, [label_mark(text, seed, labels, answered, ())] if kept else []
+    reply = _object_reply(text, schema or {}, seed, which)
+    kept = which in (None, "wrong", "prose")
+    obj = _object(text, schema or {}, seed, wrong=which == "wrong")
+    return reply, which, reask, field_marks(text, seed, schema or {}, obj, ()) if kept else []
+
+
+def _roll(text: str, seed: Any, keys: tuple[str, ...]) -> tuple[float, float]:
+    return _fraction("sure", text, seed, keys, 0), _fraction("sure", text, seed, keys, 1)
+
+
+def label_mark(text: str, seed: Any, labels: list[str], value: str, keys: tuple[str, ...]) -> Mark:
+    """Where a label answer stands in the reply, and whether it is right (logprobs.py)."""
+    return Mark(keys, value, value == truth(text, labels), _roll(text, seed, keys))
+
+
+def field_marks(text: str, seed: Any, schema: dict[str, Any], obj: Any, keys: tuple[str, ...]) -> list[Mark]:
+    """An object's enum and boolean fields: where each stands, and whether it is right."""
+    if not isinstance(obj, dict):
+        return []
+    right = _object(text, schema, seed, wrong=False)
+    marks = []
+    for name, spec in (schema.get("properties") or {}).items():
+        value = obj.get(name)
+        if isinstance(value, bool) or ("enum" in spec and isinstance(value, str)):
+            shown = ("true" if value else "false") if isinstance(value, bool) else value
+            marks.append(
+                Mark((*keys, name), shown, value == right.get(name), _roll(text, seed, (*keys, name)))
+            )
+    return marks
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,7 +19,17 @@ from typing import Any
 import orjson
 
 from ..labeling.pack import PACK_MARK
-from .labeler import REASK_PREFIX, _fraction, _instruction, _object, expected_label, truth
+from .labeler import (
+    REASK_PREFIX,
+    _fraction,
+    _instruction,
+    _object,
+    expected_label,
+    field_marks,
+    label_mark,
+    truth,
+)
+from .logprobs import Mark
 from .schema import conform, schema_of
 
 _ITEM = re.compile(r"(?m)^\[(\d+)\] ")
@@ -40,8 +50,9 @@ def reply(
     params: dict[str, Any],
     rates: list[tuple[str, float]],
     knobs: dict[str, float],
-) -> tuple[str, dict[str, int]] | None:
-    """(reply, counts) for a packed labeling request; None for any other request."""
+) -> tuple[str, dict[str, int], list[Mark]] | None:
+    """(reply, counts, where its answers stand: logprobs.py) for a packed labeling request; None
+    for any other request."""
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     if not is_packed(system):
         return None
@@ -52,10 +63,10 @@ def reply(
     held = schema_of(params.get("response_format"))
     if held is not None:  # held to a schema: every item there, in shape, in one bare object
         knobs = {**knobs, "pack_missing": 0.0, "pack_prose": 0.0, "pack_fenced": 0.0, "pack_broken": 0.0}
-    text, counts = answer(users, labels, schema, params.get("seed"), rates, knobs)
+    text, counts, marks = answer(users, labels, schema, params.get("seed"), rates, knobs)
     if held is not None:
         text = orjson.dumps(conform(held, orjson.loads(text), users[-1:])).decode()
-    return text, counts
+    return text, counts, marks
 
 
 def answer(
@@ -65,13 +76,14 @@ def answer(
     seed: Any,
     rates: list[tuple[str, float]],
     knobs: dict[str, float],
-) -> tuple[str, dict[str, int]]:
-    """(reply, counts of what happened) for a packed request."""
+) -> tuple[str, dict[str, int], list[Mark]]:
+    """(reply, counts of what happened, where each item's answer stands) for a packed request."""
     reask = bool(users) and users[-1].startswith(REASK_PREFIX)
     texts = items(users[-2] if reask and len(users) >= 2 else users[-1] if users else "")
     size = len(texts)
     counts = {"pack_reasks" if reask else "packs": 1, "pack_items": size}
     obj: dict[str, Any] = {}
+    marks: list[Mark] = []
     wrong_base = dict(rates).get("wrong", 0.0)
     for pos, text in enumerate(texts, 1):
         if not reask and _fraction("pack-missing", text, seed, size, pos) < knobs["pack_missing"]:
@@ -87,25 +99,27 @@ def answer(
                 if wrong
                 else truth(text, labels)
             )
+            marks.append(label_mark(text, seed, labels, value, (str(pos),)))
             if not reask and _fraction("pack-prose", text, seed, size, pos) < knobs["pack_prose"]:
                 counts["pack_items_prose"] = counts.get("pack_items_prose", 0) + 1
                 value = f"The label is **{value}**."
         else:
             value = _object(text, schema or {}, seed, wrong=wrong)
+            marks += field_marks(text, seed, schema or {}, value, (str(pos),))
         obj[str(pos)] = value
     body = orjson.dumps(obj).decode()
     if reask:
-        return body, counts
+        return body, counts, marks
     roll = _fraction("pack-reply", texts, seed)
     if roll < knobs["pack_broken"]:  # what the items had is lost with the rest
-        return body[: max(1, len(body) // 2)], {"packs": 1, "pack_items": size, "pack_broken": 1}
+        return body[: max(1, len(body) // 2)], {"packs": 1, "pack_items": size, "pack_broken": 1}, []
     roll -= knobs["pack_broken"]
     if roll < knobs["pack_fenced"]:
         counts["pack_fenced"] = 1
         if roll < knobs["pack_fenced"] / 2:
-            return f"```json\n{body}\n```", counts
-        return f"Here are the answers for every item:\n{body}\nLet me know if you need more.", counts
-    return body, counts
+            return f"```json\n{body}\n```", counts, marks
+        return f"Here are the answers for every item:\n{body}\nLet me know if you need more.", counts, marks
+    return body, counts, marks
 
 
 def _wrong(text: str, labels: list[str], seed: Any) -> str:

@@ -479,6 +479,43 @@ def packing_cost(rows: int, rounds: int = 3) -> dict:
     return figures
 
 
+def _cpu_per_row(
+    box: Sandbox, src: Path, tiny: Path, name: str, args: list[str], rounds: int, rows: int
+) -> dict:
+    """batchllm's own CPU per row (its process's, less that of a 10-row run: start-up and
+    imports) and rows/s, the best of ``rounds`` runs."""
+    _, _, base_cpu = run_cpu(box, tiny, WORK / f"{name}-tiny.parquet", *args)
+    best: tuple[float, float] | None = None
+    for _ in range(rounds):
+        box.reset()
+        code, _, cpu = run_cpu(box, src, WORK / f"{name}.parquet", *args)
+        assert code == 0, code
+        if best is None or box.span() < best[0]:
+            best = (box.span(), cpu - base_cpu)
+    assert best is not None
+    return {"rows_per_s": round(rows / best[0]), "cpu_us_per_row": round(best[1] / rows * 1e6, 1)}
+
+
+def confidence_cost(rows: int, rounds: int = 3) -> dict:
+    """--confidence logprobs next to off (labels held to a schema, the openai provider, zero
+    latency): what asking for logprobs and reading the label's tokens costs batchllm per row."""
+    box = Sandbox("--no-keep-log")
+    src, tiny = make_input(rows, f"cf-{rows}.csv"), make_input(10, "cf-10.csv")
+    labels = ["--labels", "positive,negative,neutral", "--max-tokens", "16", "--rpm", "0", "--restart"]
+    labels += ["--concurrency", "256", "--cache", "off", *PROVIDER_ARGS["openai"]]
+    figures: dict = {"rows": rows}
+    try:
+        for mode in ("off", "logprobs"):
+            args = [*labels, "--confidence", mode]
+            figures[f"confidence_{mode}"] = _cpu_per_row(box, src, tiny, f"cf-{mode}", args, rounds, rows)
+    finally:
+        box.close()
+    figures["cpu_per_row_ratio_logprobs_vs_off"] = round(
+        figures["confidence_logprobs"]["cpu_us_per_row"] / figures["confidence_off"]["cpu_us_per_row"], 3
+    )
+    return figures
+
+
 def structured_cost(rows: int, rounds: int = 3) -> dict:
     """--structured on next to off (labels, the openai provider, zero latency): batchllm's own CPU
     per row (its process's, less that of a 10-row run: start-up and imports) and rows/s; then the
@@ -486,24 +523,12 @@ def structured_cost(rows: int, rounds: int = 3) -> dict:
     box = Sandbox("--no-keep-log")
     src, tiny = make_input(rows, f"st-{rows}.csv"), make_input(10, "st-10.csv")
     labels = ["--labels", "positive,negative,neutral", "--max-tokens", "16", "--rpm", "0", "--restart"]
-    labels += ["--concurrency", "256", "--cache", "off", *PROVIDER_ARGS["openai"]]
+    labels += ["--concurrency", "256", "--cache", "off", "--confidence", "off", *PROVIDER_ARGS["openai"]]
     figures: dict = {"rows": rows}
     try:
         for mode in ("off", "on"):
             args = [*labels, "--structured", mode]
-            _, _, base_cpu = run_cpu(box, tiny, WORK / f"st-tiny-{mode}.parquet", *args)
-            best: tuple[float, float] | None = None
-            for _ in range(rounds):
-                box.reset()
-                code, _, cpu = run_cpu(box, src, WORK / f"st-{mode}.parquet", *args)
-                assert code == 0, code
-                if best is None or box.span() < best[0]:
-                    best = (box.span(), cpu - base_cpu)
-            assert best is not None
-            figures[f"structured_{mode}"] = {
-                "rows_per_s": round(rows / best[0]),
-                "cpu_us_per_row": round(best[1] / rows * 1e6, 1),
-            }
+            figures[f"structured_{mode}"] = _cpu_per_row(box, src, tiny, f"st-{mode}", args, rounds, rows)
     finally:
         box.close()
     figures["cpu_per_row_ratio_on_vs_off"] = round(
@@ -983,6 +1008,7 @@ def main() -> None:
         "labeling",
         "packing",
         "structured",
+        "confidence",
         "cache",
         "memory",
         "estimate",
@@ -1020,6 +1046,9 @@ def main() -> None:
     if "structured" in which:
         results["structured"] = structured_cost(n(20_000))
         print(json.dumps(results["structured"]), flush=True)
+    if "confidence" in which:
+        results["confidence"] = confidence_cost(n(20_000))
+        print(json.dumps(results["confidence"]), flush=True)
     if "cache" in which:
         results["cache"] = cache_cost(n(20_000), n(1_000_000))
         print(json.dumps(results["cache"]), flush=True)

@@ -1,0 +1,75 @@
+"""Optional request fields a run gives up once the server refuses them.
+
+A labeling job's requests may carry fields a server need not take: ``response_format``
+(``--structured auto``, labeling/structured.py) and ``logprobs`` (``--confidence auto``,
+labeling/confidence.py). A server that does not take one answers 400 (or a FastAPI server's 422)
+naming it, for every request alike; so the first such answer turns that field off for the rest of
+the run, with one warning, and the request goes again at once without it. A 400 is not billed:
+the request sent again is the same request as far as what may have been billed goes
+(engine/inflight.py), and nothing is counted twice. Every request that leaves afterwards leaves
+without the field; the rows read their replies as they always do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+
+from ..errors import FatalAPIError
+from ..labeling.confidence import LOGPROBS
+from ..labeling.structured import PARAM
+
+# What the run goes on without, said once when the server refuses the field.
+WITHOUT = {
+    PARAM: "structured output is off for the rest of this run, and requests go without it (as with "
+    "--structured off; replies are read, checked and re-asked as ever)",
+    LOGPROBS: "confidence from logprobs is off for the rest of this run, and requests go without them "
+    "(as with --confidence off; with --samples, a row's confidence is its label's share of the votes)",
+}
+
+
+class Refusable:
+    """The optional fields a run's requests carry, each on until a server refuses it."""
+
+    __slots__ = ("fields", "refused_fields", "_keys", "_warn")
+
+    def __init__(self, fields: tuple[str, ...], warn: Callable[[str], None]) -> None:
+        self.fields = fields
+        self.refused_fields: tuple[str, ...] = ()
+        self._keys = {f: f'"{f}":'.encode() for f in fields}  # as orjson writes the body's keys
+        self._warn = warn
+
+    @property
+    def on(self) -> bool:
+        """Is every field still sent (no refusal yet: bodies go as encoded)?"""
+        return not self.refused_fields
+
+    def refused(self, error: FatalAPIError, body: bytes) -> bytes | None:
+        """The body to send again when ``error`` is the server refusing one of the body's optional
+        fields (the first refusal of each turns it off and says so); else None."""
+        if error.status not in (400, 422):
+            return None
+        for name in self.fields:
+            if name in error.message and self._keys[name] in body:
+                if name not in self.refused_fields:
+                    self.refused_fields = (*self.refused_fields, name)
+                    self._warn(f"the server refuses {name} ({error.describe()}): {WITHOUT[name]}")
+                return self.plain(body)
+        return None
+
+    def plain(self, body: bytes) -> bytes:
+        """An openai provider's body without the refused fields (every other byte as the provider
+        encodes it: orjson keeps the fields' order)."""
+        if not any(self._keys[name] in body for name in self.refused_fields):
+            return body
+        payload = orjson.loads(body)
+        for name in self.refused_fields:
+            payload.pop(name, None)
+        return orjson.dumps(payload)
+
+
+def refusable(structured: bool, logprobs: bool, warn: Callable[[str], None]) -> Refusable | None:
+    """A run's optional fields: ``response_format`` when structured, ``logprobs`` when asked."""
+    fields = tuple(name for name, on in ((PARAM, structured), (LOGPROBS, logprobs)) if on)
+    return Refusable(fields, warn) if fields else None

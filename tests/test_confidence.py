@@ -1,0 +1,368 @@
+"""A labeling row's confidence (--confidence): from the reply's logprobs, against the sandbox's
+OpenAI face, whose logprobs track whether its answer is right; calibration in eval; review by
+confidence; samples asked only where the first answer is unsure (--vote-below)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm.labeling.confidence import joint, of_pack, of_reply, value_span
+from batchllm.labeling.spec import Labeling, load_schema
+from batchllm.sandbox.labeler import truth
+
+from .conftest import ROOT, run_cli, spawn, write_csv
+from .test_openai_batch import answer_batch
+from .test_review import _studio_export
+
+LABELS = ["positive", "negative", "neutral"]
+WORDS = ["love it", "broke after a week", "it's okay", "great value", "disappointed", "works well", "meh"]
+SCHEMA = ROOT / "sample_data" / "review_fields.json"
+MODEL = ["--model", "meta-llama/Llama-3.1-70B-Instruct", "--input-price", "0.31", "--output-price", "0.34"]
+TEMPLATE = "Classify: {text}"
+
+
+def reviews(tmp_path: Path, n: int) -> Path:
+    """``n`` distinct reviews, each with the sandbox's true label as ``gold``."""
+    rows = []
+    for i in range(n):
+        text = f"Review {i}: {WORDS[i % len(WORDS)]}"
+        rows.append({"id": f"r{i}", "text": text, "gold": truth(TEMPLATE.format(text=text), LABELS)})
+    return write_csv(tmp_path / "in.csv", rows)
+
+
+def run_openai(box, src: Path, out: Path, *extra: str):
+    args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai"]
+    args += [*MODEL, "--rpm", "0", "--id-column", "id", "--cache", "off", "--concurrency", "32", *extra]
+    return run_cli(args, env=box.openai_env())
+
+
+def tokens(*pieces: tuple[str, float]) -> list[dict[str, object]]:
+    return [{"token": t, "logprob": lp} for t, lp in pieces]
+
+
+def test_the_value_tokens_joint_probability() -> None:
+    labels = Labeling(labels=tuple(LABELS), confidence="logprobs")
+    bare = tokens(("pos", math.log(0.5)), ("itive", math.log(0.8)))
+    assert of_reply(labels, "positive", False, bare) == pytest.approx(0.4)
+    structured = tokens(
+        ('{"', 0.0), ("label", -0.01), ('":"', 0.0), ("neg", math.log(0.9)), ("ative", 0.0), ('"}', -3)
+    )
+    assert of_reply(labels, '{"label":"negative"}', False, structured) == pytest.approx(0.9)
+    prose = tokens(("The label is ", -2.0), ("**", 0.0), ("Neutral", math.log(0.7)), ("**.", -1.0))
+    assert of_reply(labels, "The label is **Neutral**.", False, prose) == pytest.approx(0.7)
+    assert of_reply(labels, "mixed", False, tokens(("mixed", -0.1))) is None  # no label: none
+    # A pack: each item's own tokens, found under its own key.
+    text = '{"1":"positive","2":"neutral"}'
+    at = text.index("neutral")
+    packed = [{"token": c, "logprob": -0.1 if at <= i < at + 7 else 0.0} for i, c in enumerate(text)]
+    sure = of_pack(labels, text, ["positive", "neutral"], packed)
+    assert sure[0] == pytest.approx(1.0) and sure[1] == pytest.approx(math.exp(-0.7))
+    # A schema: each enum or boolean field's value.
+    raw, fields, required = load_schema(SCHEMA)
+    schema = Labeling(fields=fields, required=required, schema=raw, confidence="logprobs")
+    reply = '{"sentiment": "negative", "mentions_price": true, "stars_guess": 2}'
+    at = value_span(reply, "sentiment")
+    assert at is not None and reply[at[0] : at[1]] == "negative"
+    yes = reply.index("true")
+    each = [{"token": c, "logprob": -0.05 if i in range(*at) else -0.2 if yes <= i < yes + 4 else 0.0}
+            for i, c in enumerate(reply)]  # fmt: skip
+    got = of_reply(schema, reply, False, each)
+    assert got["sentiment"] == pytest.approx(math.exp(-0.05 * 8))
+    assert got["mentions_price"] == pytest.approx(math.exp(-0.8))
+    assert set(got) == {f.name for f in fields if f.scored}
+    assert joint([{"token": "x"}], 0, 1) is None  # a token without its logprob: no confidence
+    # llama.cpp holding a reply to a schema writes it in a fence and returns the object alone.
+    fenced = tokens(("```", -9.0), ("json", -5.0), ("\n", 0.0), ('{"', 0.0), ("label", -3.0), ('": "', 0.0),
+                    ("positive", math.log(0.2)), ('"}', -2.0), ("\n", 0.0), ("```", 0.0))  # fmt: skip
+    assert of_reply(labels, '{"label": "positive"}', False, fenced) == pytest.approx(0.2)
+    assert of_reply(labels, "neutral", False, tokens(("something else", -0.1))) is None
+
+
+def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    box = sandbox_factory(label_wrong=0.25, keep_bodies=True)
+    src = reviews(tmp_path, 600)
+    out = tmp_path / "out.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS))
+    assert result.exit_code == 0, result.output
+    assert all(orjson.loads(b)["logprobs"] is True for b in box.sandbox.bodies)  # asked by default
+    rows = pq.read_table(out).to_pylist()
+    scored = [r for r in rows if r["confidence"] is not None]
+    assert len(scored) >= 0.95 * len(rows)
+    right = [r["confidence"] for r in scored if r["label"] == r["gold"]]
+    wrong = [r["confidence"] for r in scored if r["label"] != r["gold"]]
+    assert 100 < len(wrong) < 200  # a quarter wrong
+    gap = sum(right) / len(right) - sum(wrong) / len(wrong)
+    print(f"{len(scored)} of {len(rows)} rows with a confidence; right {sum(right) / len(right):.3f}, "
+          f"wrong {sum(wrong) / len(wrong):.3f}")  # fmt: skip
+    assert gap >= 0.15, gap
+    # eval's calibration is what the column says, computed here on its own: 10 equal-width bins.
+    report = run_cli(["eval", str(out), "--gold", "gold", "--format", "json"])
+    assert report.exit_code == 0, report.output
+    e = json.loads(report.stdout)
+    pairs = [(r["confidence"], r["status"] == "ok" and r["label"] == r["gold"]) for r in scored]
+    ece = _ece(pairs)
+    bins: dict[int, int] = {}
+    for c, _ in pairs:
+        bins[min(int(c * 10), 9)] = bins.get(min(int(c * 10), 9), 0) + 1
+    assert e["ece"] == pytest.approx(ece, abs=1e-12)
+    assert [b["rows"] for b in e["reliability"]] == [bins[k] for k in sorted(bins)]
+    surest = sorted(pairs, key=lambda p: -p[0])[: math.ceil(0.8 * len(pairs))]
+    at80 = e["accuracy_at_coverage"]["0.8"]
+    assert at80["rows"] == len(surest) == 0.8 * len(pairs)
+    assert at80["accuracy"] == pytest.approx(sum(ok for _, ok in surest) / len(surest), abs=1e-12)
+    assert set(e["accuracy_at_coverage"]) == {"0.5", "0.8", "0.9", "1.0"}
+    assert e["accuracy_at_coverage"]["1.0"]["accuracy"] < at80["accuracy"]  # the surest are righter
+    print(f"ECE {e['ece']:.3f}; accuracy at coverage {e['accuracy_at_coverage']}")
+    text = run_cli(["eval", str(out), "--gold", "gold"]).stdout
+    assert f"ECE {ece:.3f}" in text and "most confident 80%" in text
+    md = run_cli(["eval", str(out), "--gold", "gold", "--format", "markdown"]).stdout
+    assert "| confidence | rows | mean confidence | accuracy |" in md
+    page = tmp_path / "report.html"
+    shown = run_cli(["report", str(out), "--html", str(page), "--gold", "gold"])
+    assert shown.exit_code == 0, shown.output
+    assert f"Reliability: accuracy by confidence (against gold), ECE {ece:.3f}" in page.read_text()
+    # --confidence off: no logprobs asked, no column.
+    box.sandbox.bodies.clear()
+    off = run_openai(box, src, tmp_path / "off.parquet", "--labels", ",".join(LABELS), "--confidence", "off")
+    assert off.exit_code == 0, off.output
+    assert all("logprobs" not in orjson.loads(b) for b in box.sandbox.bodies)
+    assert "confidence" not in pq.read_schema(tmp_path / "off.parquet").names
+
+
+def test_a_server_refusing_logprobs_warns_once_and_the_run_goes_on(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25, refuse_logprobs=True)
+    src = reviews(tmp_path, 60)
+    out = tmp_path / "out.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS), "--structured", "off")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("refuses logprobs") == 1
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" for r in rows) and all(r["confidence"] is None for r in rows)
+    assert box.count(200) == 60  # every row answered once; only refusals came before
+    # With samples: the winning label's share of the votes instead.
+    result = run_openai(box, src, tmp_path / "votes.parquet", "--labels", ",".join(LABELS), "--samples", "3")
+    assert result.exit_code in (0, 1), result.output  # 1: a few rows with no majority
+    rows = pq.read_table(tmp_path / "votes.parquet").to_pylist()
+    assert all(r["confidence"] == r["agreement"] for r in rows if r["status"] == "ok")
+
+
+def test_dataoorts_votes_and_usage_errors(sandbox, tmp_path: Path) -> None:
+    src = reviews(tmp_path, 20)
+    base = ["run", str(src), "-o", str(tmp_path / "d.parquet"), "--template", TEMPLATE, "--rpm", "0"]
+    base += ["--id-column", "id", "--labels", ",".join(LABELS), "--cache", "off"]
+    result = run_cli([*base, "--samples", "3"], env=sandbox.env())
+    assert result.exit_code in (0, 1), result.output  # 1: a few rows with no majority
+    rows = pq.read_table(tmp_path / "d.parquet").to_pylist()
+    assert all(r["confidence"] == r["agreement"] for r in rows)
+    assert any(r["confidence"] is not None for r in rows)
+    bad = run_cli([*base, "--confidence", "logprobs"], env=sandbox.env())
+    assert bad.exit_code == 2 and "returns no logprobs" in bad.output
+    bad = run_cli([*base, "--vote-below", "0.8"], env=sandbox.env())
+    assert bad.exit_code == 2 and "--samples 2 or more" in bad.output
+
+
+def test_packs_and_schemas_get_their_own_confidences(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 100)
+    out = tmp_path / "pack.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS), "--pack", "5", "--max-tokens", "8")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    scored = [r for r in rows if r["confidence"] is not None]
+    assert len(scored) >= 90
+    right = [r["confidence"] for r in scored if r["label"] == r["gold"]]
+    wrong = [r["confidence"] for r in scored if r["label"] != r["gold"]]
+    assert wrong and sum(right) / len(right) > sum(wrong) / len(wrong) + 0.1
+    out = tmp_path / "schema.parquet"
+    result = run_openai(box, src, out, "--json-schema", str(SCHEMA))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    names = [n for n in table.column_names if n.startswith("confidence_")]
+    assert names == ["confidence_sentiment", "confidence_mentions_price"]
+    assert all(0 < x <= 1 for n in names for x in table.column(n).to_pylist() if x is not None)
+    assert sum(x is not None for x in table.column(names[0]).to_pylist()) >= 95
+
+
+def _ece(pairs: list[tuple[float, bool]]) -> float:
+    bins: dict[int, list[tuple[float, bool]]] = {}
+    for c, ok in pairs:
+        bins.setdefault(min(int(c * 10), 9), []).append((c, ok))
+    return sum(
+        len(b) / len(pairs) * abs(sum(ok for _, ok in b) / len(b) - sum(c for c, _ in b) / len(b))
+        for b in bins.values()
+    )
+
+
+def test_review_picks_the_least_confident_and_eval_calibrates_on_verdicts(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 300)
+    out = tmp_path / "out.parquet"
+    assert run_openai(box, src, out, "--labels", ",".join(LABELS)).exit_code == 0
+    rows = pq.read_table(out).to_pylist()
+    tasks_file = tmp_path / "tasks.json"
+    result = run_cli(["review", "export", str(out), "--pick", "uncertain:30", "-o", str(tasks_file)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(tasks_file.read_text())
+    least = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])[:30]
+    assert {t["data"]["row_id"] for t in tasks} == {r["row_id"] for r in least}
+    assert all(t["data"]["pick"].startswith("uncertain: confidence 0.") for t in tasks)
+    by_id = {r["row_id"]: r for r in rows}
+    assert all(t["predictions"][0]["score"] == by_id[t["data"]["row_id"]]["confidence"] for t in tasks)
+    # below:P:N: a sample of the rows under P.
+    result = run_cli(["review", "export", str(out), "--pick", "below:0.6:20", "-o", str(tasks_file)])
+    assert result.exit_code == 0, result.output
+    picked = [by_id[t["data"]["row_id"]] for t in json.loads(tasks_file.read_text())]
+    assert len(picked) == 20 and all(r["confidence"] < 0.6 for r in picked)
+    bad = run_cli(["review", "export", str(out), "--pick", "below:1.5:20", "-o", str(tasks_file)])
+    assert bad.exit_code == 2 and "give a confidence from 0 to 1" in bad.output
+    # Verdicts on 120 random picks (the true labels): eval --gold review calibrates on them.
+    result = run_cli(["review", "export", str(out), "--pick", "random:120", "-o", str(tasks_file)])
+    tasks = json.loads(tasks_file.read_text())
+    verdicts: dict[str, str | None] = {t["data"]["row_id"]: by_id[t["data"]["row_id"]]["gold"] for t in tasks}
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(_studio_export(tasks, verdicts, cancelled=set())))
+    assert run_cli(["review", "import", str(out), "--from", str(export)]).exit_code == 0
+    e = json.loads(run_cli(["eval", str(out), "--gold", "review", "--format", "json"]).stdout)
+    pairs = [(by_id[r]["confidence"], by_id[r]["label"] == g) for r, g in verdicts.items()]
+    assert e["calibrated_rows"] == 120 and e["ece"] == pytest.approx(_ece(pairs), abs=1e-12)
+
+
+def test_votes_only_where_the_first_answer_is_unsure(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    n = 600
+    src = reviews(tmp_path, n)
+    labels = ["--labels", ",".join(LABELS), "--seed", "1"]  # the first sample's request is --seed 1's
+    first = tmp_path / "first.parquet"
+    assert run_openai(box, src, first, *labels).exit_code == 0
+    unsure = sum(r["confidence"] is None or r["confidence"] < 0.8 for r in pq.read_table(first).to_pylist())
+    assert 0.2 * n < unsure < 0.7 * n
+    before = box.count()
+    some = tmp_path / "some.parquet"
+    result = run_openai(box, src, some, *labels, "--samples", "3", "--vote-below", "0.8")
+    assert result.exit_code in (0, 1), result.output
+    some_requests = box.count() - before
+    assert some_requests == n + 2 * unsure
+    before = box.count()
+    every = tmp_path / "every.parquet"
+    result = run_openai(box, src, every, *labels, "--samples", "3")
+    assert result.exit_code in (0, 1), result.output
+    every_requests = box.count() - before
+    assert every_requests == 3 * n
+
+    def accuracy(path: Path) -> float:
+        rows = pq.read_table(path).to_pylist()
+        return sum(r["status"] == "ok" and r["label"] == r["gold"] for r in rows) / len(rows)
+
+    print(
+        f"first answer alone: {accuracy(first):.1%} ({n} requests); --samples 3 --vote-below 0.8: "
+        f"{accuracy(some):.1%} ({some_requests} requests, {unsure} rows voted); --samples 3: "
+        f"{accuracy(every):.1%} ({every_requests} requests)"
+    )
+    assert accuracy(some) >= accuracy(every) > accuracy(first)
+    rows = pq.read_table(some).to_pylist()
+    voted = [r for r in rows if sum(dict(r["label_votes"] or []).values()) > 1]
+    assert len(voted) == unsure
+    # --adaptive too: a voting row stops once two samples agree.
+    before = box.count()
+    args = ["--samples", "3", "--vote-below", "0.8", "--adaptive"]
+    result = run_openai(box, src, tmp_path / "adaptive.parquet", *labels, *args)
+    assert result.exit_code in (0, 1), result.output
+    assert n + unsure < box.count() - before < some_requests
+
+
+def test_a_pilot_projects_the_rows_that_will_vote(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    n = 600
+    src = reviews(tmp_path, n)
+    out = tmp_path / "out.parquet"
+    args = ["--template", TEMPLATE, "--provider", "openai", *MODEL, "--rpm", "0", "--id-column", "id"]
+    args += ["--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8", "--cache", "off"]
+    result = run_cli(["estimate", str(src), "-o", str(out), "--pilot", "100", *args, "--format", "json"],
+                     env=box.openai_env())  # fmt: skip
+    assert result.exit_code == 0, result.output
+    votes = json.loads(result.stdout)["votes"]
+    assert votes["pilot_rows"] == 100 and box.count() == 100 + 2 * votes["pilot_voted"]
+    assert votes["projected_rows"] == round(votes["pilot_voted"] / 100 * n)
+    assert votes["projected_extra_requests"] == 2 * votes["projected_rows"]
+    text = run_cli(["estimate", str(src), "-o", str(out), *args], env=box.openai_env()).stdout
+    assert "rows that will vote (first answer below 0.8)" in text
+    result = run_cli(["run", str(src), "-o", str(out), *args], env=box.openai_env())
+    assert result.exit_code in (0, 1), result.output
+    rows = pq.read_table(out).to_pylist()
+    voted = sum(sum(dict(r["label_votes"] or []).values()) > 1 for r in rows)
+    assert abs(voted - votes["projected_rows"]) < 0.12 * n  # a pilot of 100 rows: within its error
+
+
+def test_sigkill_while_voting_resumes_to_the_same_votes(sandbox_factory, tmp_path: Path) -> None:
+    n = 300
+    src = reviews(tmp_path, n)
+    labels = ["--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8", "--concurrency", "8"]
+    reference = sandbox_factory(label_wrong=0.25)
+    assert run_openai(reference, src, tmp_path / "ref.parquet", *labels).exit_code in (0, 1)
+    expected_requests = reference.count()
+    box = sandbox_factory(label_wrong=0.25, latency=0.05)
+    out = tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai", *MODEL]
+    args += ["--rpm", "0", "--id-column", "id", "--cache", "off", *labels]
+    proc = spawn(args, env=box.openai_env())
+    deadline = time.monotonic() + 60
+    while box.count() < expected_requests // 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert box.count() < expected_requests
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code in (0, 1), result.output
+    done, ref = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "ref.parquet").to_pylist()
+    keys = ("id", "label", "label_votes", "status", "cost_usd")
+    assert [{k: r[k] for k in keys} for r in done] == [{k: r[k] for k in keys} for r in ref]
+    # A row whose first answer was journaled had gone on to vote; only requests in flight at the
+    # kill (at most --concurrency) were sent again.
+    assert expected_requests <= box.count() <= expected_requests + 8
+    assert sum(r["confidence"] is not None for r in done) == n - sum(r["status"] != "ok" for r in done)
+
+
+def test_an_overconfident_sandbox_shows_in_the_calibration(sandbox_factory, tmp_path: Path) -> None:
+    src = reviews(tmp_path, 300)
+    ece = {}
+    for over in (0.0, 0.7):
+        box = sandbox_factory(label_wrong=0.25, overconfident=over)
+        out = tmp_path / f"over-{over}.parquet"
+        assert run_openai(box, src, out, "--labels", ",".join(LABELS)).exit_code == 0
+        e = json.loads(run_cli(["eval", str(out), "--gold", "gold", "--format", "json"]).stdout)
+        ece[over] = e["ece"]
+        rows = pq.read_table(out).to_pylist()
+        assert e["ece"] == pytest.approx(_ece([(r["confidence"], r["label"] == r["gold"]) for r in rows]))
+    print(f"ECE calibrated {ece[0.0]:.3f}, overconfident 0.7 {ece[0.7]:.3f}")
+    assert ece[0.0] < 0.1 < 0.2 < ece[0.7]  # calibrated, then sure of a quarter wrong answers
+
+
+def test_an_imported_batch_keeps_the_confidence_of_its_lines(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 50)
+    job = ["--template", TEMPLATE, "--provider", "openai", *MODEL, "--id-column", "id"]
+    job += ["--labels", ",".join(LABELS)]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    assert run_cli(["export-batch", str(src), *job, "-o", str(requests)]).exit_code == 0
+    assert all(json.loads(line)["body"]["logprobs"] is True for line in requests.read_text().splitlines())
+    answer_batch(box, requests, results, errors)
+    out = tmp_path / "imported.parquet"
+    result = run_cli(["import-batch", str(results), str(errors), "--input", str(src), *job, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    live = tmp_path / "live.parquet"
+    assert run_openai(box, src, live, "--labels", ",".join(LABELS)).exit_code == 0
+    imported, reference = pq.read_table(out).to_pylist(), pq.read_table(live).to_pylist()
+    assert all(r["confidence"] is not None for r in imported)
+    assert [r["confidence"] for r in imported] == [r["confidence"] for r in reference]
