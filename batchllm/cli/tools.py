@@ -43,7 +43,8 @@ from . import CONTEXT, cli, handles_errors
 @handles_errors
 def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None, gold: str | None) -> int:
     """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
-    from ..reports.report import build_report, format_report
+    from ..reports.report import build_report
+    from ..reports.report_text import format_report
 
     report = build_report(output, by)
     click.echo(format_report(report, fmt))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import glob
 import logging
 import os
 import shutil
@@ -27,10 +26,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from .. import DISTRIBUTION
 from ..access import resolve_api_key
@@ -50,6 +45,7 @@ from ..prompts import load_examples
 from ..providers import Provider, get_provider
 from ..sniff import is_utf8
 from .coordinator import Coordinator
+from .input_files import count_rows, input_files, read_dataset
 from .results import ClusterSetup, answered_already, result
 from .worker import Completer, fleet_keys, fleet_share, per_actor
 
@@ -63,33 +59,6 @@ def import_ray() -> Any:
     except ImportError:
         raise JobError(RAY_HINT) from None
     return ray
-
-
-def input_files(path: Path, fmt: str | None, delimiter: str = ",") -> tuple[list[str], InputFile]:
-    """The files of INPUT (a file, a directory of files, or a glob) and the first, opened."""
-    text = str(path)
-    if any(c in text for c in "*?["):
-        files = sorted(p for p in glob.glob(text) if os.path.isfile(p))
-    elif path.is_dir():
-        files = sorted(
-            str(p)
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in (".parquet", ".csv")
-            and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-        )
-    else:
-        files = [text]
-    if not files:
-        raise JobError(f"{path}: no CSV or Parquet files there")
-    first = InputFile(Path(files[0]), fmt, delimiter)
-    if first.format == "jsonl":
-        raise JobError(f"{path}: request files run on the local engine (leave out --engine ray)")
-    for name in files[1:]:
-        other = InputFile(Path(name), fmt, delimiter)
-        if other.format != first.format or other.columns != first.columns:
-            raise JobError(f"{name}: its columns or format differ from {files[0]}'s")
-    return files, first
 
 
 def _absolute(job: Job) -> Job:
@@ -210,18 +179,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", module=r"ray\..*")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-
-
-def _read(ray: Any, files: list[str], source: InputFile) -> Any:
-    if source.format == "parquet":
-        return ray.data.read_parquet(files)
-    # As on one machine, CSV columns are text exactly as written (inputs.py).
-    types = {name: pa.string() for name in source.columns}
-    return ray.data.read_csv(
-        files,
-        convert_options=pacsv.ConvertOptions(column_types=types),
-        parse_options=pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True),
-    )
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -347,9 +304,9 @@ async def _run(
         ctx.execution_options.preserve_order = True  # the output in input order
         ctx.enable_progress_bars = False
         coordinator = start_coordinator(ray, job)
-        ds = complete(_read(ray, files, source), job, endpoint=endpoint, coordinator=coordinator,
+        ds = complete(read_dataset(ray, files, source), job, endpoint=endpoint, coordinator=coordinator,
                       columns=source.columns)  # fmt: skip
-        rows = _count_rows(files, source)
+        rows = count_rows(files, source)
         await coordinator.note_run.remote(command, rows)
         done_before = await coordinator.done_before.remote()
         observer.start(
@@ -424,9 +381,3 @@ class _Stopper:
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         self.coordinator.stop.remote(StopReason.INTERRUPTED.value, f"interrupted by {name}")
-
-
-def _count_rows(files: list[str], source: InputFile) -> int:
-    if source.format != "parquet":
-        return sum(InputFile(Path(f), source.format, source.delimiter).count_rows() for f in files)
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # footers only

@@ -17,12 +17,12 @@ import orjson
 import pyarrow.parquet as pq
 
 from ..engine.journal import DB_NAME, Journal
+from ..engine.member import Counts
 from ..engine.observer import Observer
 from ..engine.output import SUMMARY_NAME, Totals, read_summary
-from ..engine.router import Counts
-from ..engine.runner import STOP_EXIT, RunResult, write_atomic
+from ..engine.runner import RunResult, write_atomic
 from ..engine.stats import Stats, StopReason
-from ..engine.summary import build_summary, next_step
+from ..engine.summary import STOP_EXIT, build_summary, next_step
 from ..errors import ExitCode
 from ..inputs import InputFile
 from ..job import Job

@@ -31,7 +31,6 @@ from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, parse_deadline
 from ..ledger import RunRecord, Snapshot, of_job
-from ..pricing import cached_saving, format_usd, usd_text
 from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
@@ -48,19 +47,11 @@ from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .refusable import refusable
+from .reopen import open_journal
 from .reuse import Reuse
 from .router import fleet_router
-from .summary import build_summary, next_step, snapshot, stop_message
+from .summary import STOP_EXIT, run_summary, snapshot, stop_message
 from .warmup import Warmup
-
-STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
-    StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
-    StopReason.API: ExitCode.API_STOP,
-    StopReason.ERROR_RATE: ExitCode.API_STOP,
-    StopReason.BUDGET: ExitCode.BUDGET,
-    StopReason.RUNTIME: ExitCode.TEMPFAIL,
-    StopReason.JOURNAL: ExitCode.IO_ERROR,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,37 +108,7 @@ class Run:
                 self.warn(
                     f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
                 )
-            journal = Journal.open(
-                job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse
-            )
-            lost, lost_pico = self.lost = journal.start_inflight()
-            if lost:
-                self.warn(
-                    f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
-                    f"been billed (at most {format_usd(lost_pico)}); they are sent again"
-                )
-            if journal.imported:
-                self.warn(
-                    f"imported {journal.imported:,} replies an earlier run could not write to the journal"
-                )
-            prices = self.p.model.prices
-            if prices is not None and (
-                priced := journal.price_unpriced(
-                    prices.input_pico, prices.output_pico, prices.cached_input_pico
-                )
-            ):
-                self.warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
-            journal.set_meta(
-                "last_run",
-                {
-                    "command": self.command,
-                    "input": str(job.input),
-                    "input_rows": self.p.rows,
-                    "started_at": started_at,
-                    # What a cached prompt token costs less (``status`` prices the saving).
-                    "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
-                },
-            )
+            journal, self.lost = open_journal(self.p, self.command, started_at, self.warn)
             try:
                 return await self._execute(journal, endpoint, started_at)
             finally:
@@ -334,40 +295,19 @@ class Run:
         output: Path | None = None
 
         def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
-            out = build_summary(
+            return run_summary(
                 self.p,
                 t,
-                dispatcher.stats,
-                reason,
-                dispatcher.stop_message,
-                started_at,
                 code,
+                dispatcher,
+                reason,
+                budget,
+                self.reuse,
+                started_at,
                 self.warnings,
                 journal,
                 self.command,
             )
-            if not out["complete"]:
-                stop = dispatcher.stop_error
-                quota = stop is not None and stop.reason == "quota"
-                out["next"] = next_step(
-                    reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
-                )
-            if dispatcher.router is not None:
-                out["endpoints"] = dispatcher.router.summary()
-            if (w := dispatcher.window) is not None:
-                out["concurrency"] = {
-                    "ceiling": w.ceiling,
-                    "server_slots": w.hint,
-                    "last": w.limit,
-                    "peak": w.peak,
-                }
-            if self.reuse is not None:
-                out["this_run"].update(
-                    answered_by_other_rows=self.reuse.copies,
-                    cache_hits=self.reuse.hits,
-                    cache_saved_usd=usd_text(self.reuse.saved_pico),
-                )
-            return out
 
         if self.reuse is not None and reason is not StopReason.JOURNAL:
             self.reuse.remember(journal)

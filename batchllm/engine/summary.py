@@ -23,6 +23,17 @@ from .output import Totals
 if TYPE_CHECKING:
     from .checks import Prepared
     from .plan import Setup
+    from .reuse import Reuse
+
+
+STOP_EXIT = {  # how a stop ends the process (errors.ExitCode)
+    StopReason.INTERRUPTED: ExitCode.INTERRUPTED,
+    StopReason.API: ExitCode.API_STOP,
+    StopReason.ERROR_RATE: ExitCode.API_STOP,
+    StopReason.BUDGET: ExitCode.BUDGET,
+    StopReason.RUNTIME: ExitCode.TEMPFAIL,
+    StopReason.JOURNAL: ExitCode.IO_ERROR,
+}
 
 
 def stop_message(
@@ -184,6 +195,57 @@ def build_summary(
         out["exit_code"] = int(code)
     if not out["complete"]:
         out["resume"] = command
+    return out
+
+
+def run_summary(
+    p: Prepared,
+    totals: Totals | None,
+    code: ExitCode | None,
+    dispatcher: Dispatcher,
+    reason: StopReason | None,
+    budget: Budget,
+    reuse: Reuse | None,
+    started_at: float,
+    warnings: list[str],
+    journal: Journal,
+    command: str,
+) -> dict[str, Any]:
+    """A local run's summary: ``build_summary`` with what only its live parts know (the next
+    step after a stop, each fleet endpoint's counts, the concurrency window, rows reused)."""
+    out = build_summary(
+        p,
+        totals,
+        dispatcher.stats,
+        reason,
+        dispatcher.stop_message,
+        started_at,
+        code,
+        warnings,
+        journal,
+        command,
+    )
+    if not out["complete"]:
+        stop = dispatcher.stop_error
+        quota = stop is not None and stop.reason == "quota"
+        out["next"] = next_step(
+            reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
+        )
+    if dispatcher.router is not None:
+        out["endpoints"] = dispatcher.router.summary()
+    if (w := dispatcher.window) is not None:
+        out["concurrency"] = {
+            "ceiling": w.ceiling,
+            "server_slots": w.hint,
+            "last": w.limit,
+            "peak": w.peak,
+        }
+    if reuse is not None:
+        out["this_run"].update(
+            answered_by_other_rows=reuse.copies,
+            cache_hits=reuse.hits,
+            cache_saved_usd=usd_text(reuse.saved_pico),
+        )
     return out
 
 

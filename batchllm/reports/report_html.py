@@ -16,7 +16,8 @@ import pandas as pd
 
 from ..pricing import to_usd as usd
 from . import svg
-from .report import _rows, build_report, load
+from .report import build_report, load
+from .report_text import _rows
 
 MIN_THROUGHPUT_S = 30.0  # a shorter run has no throughput curve worth drawing
 

@@ -1,7 +1,7 @@
 """``batchllm spend``: what runs cost across outputs, jobs and months, from the ledger.
 
     ledger (ledger/store.py) -> load (one SELECT of the window) -> groups, total, month, per
-    1,000 rows, problems -> text | markdown | json | csv (and spend_html.py's page)
+    1,000 rows (spend_figures.py), problems -> text | markdown | json | csv (and spend_html.py's page)
 
 Money stays integer picodollars until it is printed (``format_usd``: exact dollars, the same
 format in every table). A run counts in the window, the groups and the month by its start.
@@ -16,22 +16,20 @@ model of the schedule, and said so next to the figure.
 
 from __future__ import annotations
 
-import functools
 import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..errors import JobError
 from ..ledger import month_bounds, open_readonly
 from ..ledger.store import ADDED, SANDBOX_BEFORE_MARK, has_sandbox_mark, is_alive
 from ..pricing import usd_text
+from .spend_figures import Cell, groups, per_thousand, sums
 
-KEYS = ("job", "model", "provider", "day", "week", "month")
-SUMS = ("runs", "rows_ok", "requests", "prompt_tokens", "completion_tokens")
 RATE_DAYS = 7
 MAX_PROBLEMS = 20
 _COLUMNS = (
@@ -105,38 +103,6 @@ class Run:
             "cost_usd": usd_text(self.cost_pico),
             "maybe_billed_usd": usd_text(self.maybe_billed_pico) if self.maybe_billed_pico else None,
         }
-
-
-class Cell(NamedTuple):
-    """The runs of one job, model and provider on one day (UTC), summed in SQL: what every
-    breakdown, the per-1,000-rows figures and the page's plots are built from, so a ledger of
-    100,000 runs is a few hundred rows to Python."""
-
-    job: str
-    model: str
-    provider: str
-    day: str
-    runs: int
-    rows_ok: int
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_pico: int
-
-    def key(self, name: str) -> str:
-        if name == "day":
-            return self.day
-        if name == "month":
-            return self.day[:7]
-        if name == "week":
-            return _week(self.day)
-        return str(getattr(self, name) or "")
-
-
-@functools.cache
-def _week(day: str) -> str:
-    year, week, _ = date.fromisoformat(day).isocalendar()
-    return f"{year}-W{week:02d}"
 
 
 _CELLS = """
@@ -233,28 +199,6 @@ def load(conn: sqlite3.Connection, since: float, until: float, where: str = "1")
     return [Run(*r) for r in rows]
 
 
-def _sums(members: list[Cell]) -> dict[str, Any]:
-    out: dict[str, Any] = {s: sum(getattr(c, s) for c in members) for s in SUMS}
-    pico = sum(c.cost_pico for c in members)
-    out["cost_usd"] = usd_text(pico)
-    out["_cost_pico"] = pico
-    return out
-
-
-def groups(runs: list[Cell], by: list[str]) -> list[dict[str, Any]]:
-    """One group per distinct combination of the ``by`` keys, by cost (highest first), or in
-    time order when the first key is a period."""
-    buckets: dict[tuple[str, ...], list[Cell]] = {}
-    for r in runs:
-        buckets.setdefault(tuple(r.key(k) for k in by), []).append(r)
-    out = [{**dict(zip(by, key, strict=True)), **_sums(members)} for key, members in buckets.items()]
-    if by and by[0] in ("day", "week", "month"):
-        out.sort(key=lambda g: tuple(g[k] for k in by))
-    else:
-        out.sort(key=lambda g: -g["_cost_pico"])
-    return out
-
-
 def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     """This calendar month (UTC): spent so far, and at the recent daily rate, by its end."""
     start, end = month_bounds(now)
@@ -278,56 +222,6 @@ def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "_spent_pico": int(spent),
         "_forecast_pico": int(spent) + round(rate * days_left),
     }
-
-
-def rate_from(month: dict[str, Any]) -> str:
-    """Where the daily rate comes from, in words: "the last 7 days' runs", "the last day's runs"."""
-    days = month["rate_from_days"]
-    return "the last day's runs" if days == 1 else f"the last {days:g} days' runs"
-
-
-def per_thousand(runs: list[Cell]) -> list[dict[str, Any]]:
-    """Cost per 1,000 rows answered, by job: over the window, and how it moved from the first day
-    with runs to the last."""
-    by_job: dict[str, list[Cell]] = {}
-    for r in runs:
-        by_job.setdefault(r.job, []).append(r)
-    out = []
-    for job, members in by_job.items():
-        days: dict[str, list[int]] = {}
-        for r in members:
-            d = days.setdefault(r.key("day"), [0, 0])
-            d[0] += r.cost_pico
-            d[1] += r.rows_ok
-        rows = sum(r.rows_ok for r in members)
-        cost = sum(r.cost_pico for r in members)
-        line: dict[str, Any] = {"job": job, "rows_ok": rows, "cost_per_1k_rows_usd": _per_1k(cost, rows)}
-        answered = [(day, c, n) for day, (c, n) in sorted(days.items()) if n]
-        if len(answered) >= 2:
-            (d0, c0, n0), (d1, c1, n1) = answered[0], answered[-1]
-            first, last = c0 * 1000 // n0, c1 * 1000 // n1
-            line["first_day"], line["first_usd"] = d0, usd_text(first)
-            line["last_day"], line["last_usd"] = d1, usd_text(last)
-            line["change_pct"] = round(100 * (last - first) / first, 1) if first else None
-        out.append(line)
-    out.sort(key=lambda x: x["job"])
-    return out
-
-
-def per_day_per_thousand(runs: list[Cell]) -> dict[str, list[tuple[str, int]]]:
-    """job -> [(day, picodollars per 1,000 rows)], days with answered rows only (the page's plot)."""
-    acc: dict[str, dict[str, list[int]]] = {}
-    for r in runs:
-        d = acc.setdefault(r.job, {}).setdefault(r.key("day"), [0, 0])
-        d[0] += r.cost_pico
-        d[1] += r.rows_ok
-    return {
-        job: [(day, c * 1000 // n) for day, (c, n) in sorted(days.items()) if n] for job, days in acc.items()
-    }
-
-
-def _per_1k(cost: int, rows: int) -> str | None:
-    return usd_text(cost * 1000 // rows) if rows else None
 
 
 def only(conn: sqlite3.Connection, sandbox: bool) -> str:
@@ -379,7 +273,7 @@ def build_spend(
         "sandbox": sandbox,
         "left_out": left_out,  # runs of the other kind (sandbox or real) in the window
         "groups": groups(summed, by) if by else [],
-        "total": _sums(summed),
+        "total": sums(summed),
         "prompt_cache": cached,
         "month": month,
         "cost_per_1k_rows": per_thousand(summed),

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..pricing import PICO_PER_USD
 from . import svg
-from .spend import SUMS, groups, per_day_per_thousand, rate_from
+from .spend_figures import SUMS, groups, per_day_per_thousand, rate_from
 
 MAX_JOBS = 7  # stacked series; the rest are summed as "other jobs"
 

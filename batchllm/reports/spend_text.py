@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from .spend import SUMS, rate_from
+from .spend_figures import SUMS, rate_from
 from .svg import money
 from .tables import csv_cell, grid, public
 

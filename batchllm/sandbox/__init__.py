@@ -2,7 +2,9 @@
 
 from collections.abc import Callable
 
-from .core import PATHS, WORDS, Sandbox, SandboxConfig, endpoint_for, start_sandbox, until_stopped
+from .core import Sandbox, SandboxConfig
+from .serving import PATHS, endpoint_for, start_sandbox, until_stopped
+from .words import WORDS
 
 __all__ = ["PATHS", "WORDS", "Sandbox", "SandboxConfig", "endpoint_for", "serve", "start_sandbox"]
 

@@ -16,7 +16,7 @@ Knobs for testing the client under realistic conditions (``SandboxConfig``), sha
 - slots (slots.py): N requests computed at once for a fixed time each, the rest queued in order,
   as a self-hosted server does; ``GET /props`` states ``total_slots`` as llama.cpp does (unless
   ``slots_props`` is off, a server that says nothing of its slots);
-- a server-side rate limit (GCRA: ``rate_limit`` requests/s with ``rate_burst`` tolerance) that
+- a server-side rate limit (GCRA, gcra.py: ``rate_limit`` requests/s with ``rate_burst`` tolerance) that
   answers 429 with a wait (``Retry-After`` in whole seconds, as Cloudflare does; the OpenAI face
   also sends ``retry-after-ms`` and states the limit in ``x-ratelimit-*`` headers on every reply);
 - ``throttle_first``: the first N requests are answered 429 with a wait of ``throttle_ms``;
@@ -33,10 +33,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import math
 import random
 import secrets
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from ..pricing import Model, load_models
 from ..tokens import get_counter
 from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
+from .gcra import Gcra
 from .logprobs import Mark, content
 from .prompt_cache import PromptCache
 from .slots import Slots
@@ -111,28 +110,6 @@ class SandboxConfig:
     served_model: str | None = None
 
 
-class _Gcra:
-    """Generic cell rate algorithm: ``rate``/s, up to ``burst`` back to back."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.interval = 1.0 / rate
-        self.tolerance = (max(1, burst) - 1) * self.interval
-        self.tat = 0.0
-
-    def admit(self, now: float) -> float:
-        """0 when admitted, else seconds until a request would be."""
-        allowed_at = self.tat - self.tolerance
-        if now < allowed_at:
-            return allowed_at - now
-        self.tat = max(now, self.tat) + self.interval
-        return 0.0
-
-    def remaining(self, now: float) -> tuple[int, float]:
-        """(requests that could be admitted back to back now, seconds until all could)."""
-        backlog = max(0.0, self.tat - now)
-        return max(0, math.floor((self.tolerance - backlog) / self.interval) + 1), backlog
-
-
 def reply_text(data: Any, model: str, low: int, high: int) -> tuple[str, int]:
     """The deterministic natural reply for a request (before max_tokens): text and token count."""
     digest = hashlib.sha256(orjson.dumps([model, data], option=orjson.OPT_SORT_KEYS)).digest()
@@ -171,7 +148,7 @@ class Sandbox:
         self.prompt_cache = PromptCache(self.counter) if self.config.prompt_cache else None
         self.rng = random.Random(self.config.seed)
         self.limiter = (
-            _Gcra(self.config.rate_limit, self.config.rate_burst) if self.config.rate_limit > 0 else None
+            Gcra(self.config.rate_limit, self.config.rate_burst) if self.config.rate_limit > 0 else None
         )
         self.slots = Slots(self.config.slots, self.config.slot_seconds) if self.config.slots > 0 else None
         self.stats: Counter[str] = Counter()
@@ -427,44 +404,3 @@ def _user_key(body: bytes) -> str:
         return hashlib.blake2b(str(content).encode(), digest_size=8).hexdigest()
     except Exception:  # noqa: BLE001 - any malformed body is logged under one key
         return "malformed"
-
-
-PATHS = {"dataoorts": "/api/v1", "openai": "/v1"}
-
-
-def endpoint_for(base_url: str, provider: str) -> str:
-    """The endpoint a provider is given for a sandbox at ``base_url``."""
-    return base_url + PATHS[provider]
-
-
-async def start_sandbox(
-    config: SandboxConfig | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    models: dict[str, Model] | None = None,
-) -> tuple[web.AppRunner, Sandbox, str]:
-    """Start the sandbox in the running loop; returns (runner, sandbox, base URL).
-
-    The base URL (``http://127.0.0.1:PORT``) + ``/api/v1`` is the Dataoorts face, + ``/v1`` the
-    OpenAI provider's endpoint.
-    """
-    sandbox = Sandbox(config, models)
-    runner = web.AppRunner(sandbox.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096)
-    await site.start()
-    # The bound port (port 0 picks a free one): aiohttp exposes it only through the server.
-    sockets = getattr(site._server, "sockets", None)
-    assert sockets, "the sandbox did not bind"
-    bound = sockets[0].getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    return runner, sandbox, f"http://{shown}:{bound}"
-
-
-async def until_stopped() -> None:
-    """Wait for SIGINT or SIGTERM (``batchllm sandbox`` serves until then)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

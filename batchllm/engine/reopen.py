@@ -1,0 +1,46 @@
+"""Opening a run's journal: what an earlier run left in it, said as warnings (requests in flight
+with no saved reply, replies it could not write to the journal, rows done without a price, which
+are priced now), and this run's start recorded as ``last_run`` (``status`` reads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..pricing import cached_saving, format_usd
+from .checks import Prepared
+from .journal import Journal
+
+
+def open_journal(
+    p: Prepared, command: str, started_at: float, warn: Callable[[str], None]
+) -> tuple[Journal, tuple[int, int]]:
+    """The run's journal, open, and the requests an earlier run left in flight and their worst
+    case (inflight.py)."""
+    job = p.job
+    journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
+    lost, lost_pico = journal.start_inflight()
+    if lost:
+        warn(
+            f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
+            f"been billed (at most {format_usd(lost_pico)}); they are sent again"
+        )
+    if journal.imported:
+        warn(f"imported {journal.imported:,} replies an earlier run could not write to the journal")
+    prices = p.model.prices
+    if prices is not None and (
+        priced := journal.price_unpriced(prices.input_pico, prices.output_pico, prices.cached_input_pico)
+    ):
+        warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
+    journal.set_meta(
+        "last_run",
+        {
+            "command": command,
+            "input": str(job.input),
+            "input_rows": p.rows,
+            "started_at": started_at,
+            # What a cached prompt token costs less (``status`` prices the saving).
+            "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
+        },
+    )
+    return journal, (lost, lost_pico)
