@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ..engine.journal import Journal
+from ..engine.journal import DB_NAME, Journal
 from ..engine.reuse import CACHED_REPLIES
 from ..pricing import usd_text
 from .packing import requests_made
@@ -25,6 +25,16 @@ WITHIN = 0.01  # accuracy a larger pack may lose and still be recommended
 
 def pilot_dir(journal_dir: Path, size: int) -> Path:
     return journal_dir / "pilots" / f"pack-{size}"
+
+
+def pilot_journals(journal_dir: Path) -> list[tuple[int, Path]]:
+    """The pack sizes piloted into ``journal_dir`` (``pilot_dir``) with a journal each, by size."""
+    found = []
+    for d in (journal_dir / "pilots").glob("pack-*"):
+        size = d.name.removeprefix("pack-")
+        if size.isdigit() and (d / DB_NAME).is_file():
+            found.append((int(size), d))
+    return sorted(found)
 
 
 def size_line(size: int, journal_dir: Path, accuracy: dict[str, Any], rows: int, rpm: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from ..engine.lock import holder
 from ..engine.summary import prompt_cache_line
 from ..errors import JobError
 from ..pricing import format_usd
+from .pilot import pilot_journals
 
 
 def find_journal(path: Path) -> Path:
@@ -27,7 +28,35 @@ def find_journal(path: Path) -> Path:
 
 
 def status_text(path: Path) -> str:
-    directory = find_journal(path)
+    """The output's journal's status, and where its pack-size pilots are; an output not run yet
+    whose folder holds only such pilots (``estimate --pilot M --pack 1,5,10``): theirs."""
+    folder = path if path.name.endswith(".batchllm") else path.with_name(path.name + ".batchllm")
+    pilots = pilot_journals(folder)
+    try:
+        directory = find_journal(path)
+    except JobError:
+        if not pilots:
+            raise
+        sizes = ", ".join(str(size) for size, _ in pilots)
+        lines = [
+            f"{path}: not run yet; {folder}/ holds a pilot at pack sizes {sizes} (estimate --pack), "
+            "each size's rows in a journal of its own, apart from the output's:"
+        ]
+        for size, d in pilots:
+            lines += [f"pack {size}:", *("  " + line for line in journal_status(d).splitlines())]
+        return "\n".join(lines)
+    text = journal_status(directory)
+    if pilots and directory == folder:
+        sizes = ", ".join(str(size) for size, _ in pilots)
+        text += (
+            f"\npilots at pack sizes {sizes} (estimate --pack), apart from the output's rows: "
+            f"batchllm status {folder / 'pilots' / 'pack-N'}"
+        )
+    return text
+
+
+def journal_status(directory: Path) -> str:
+    """One journal's status."""
     journal = Journal.open_readonly(directory)
     try:
         t = journal.totals()
