@@ -82,7 +82,10 @@ def test_pack_pilots_are_their_own_outputs_in_the_ledger(sandbox_factory, tmp_pa
     status = run_cli(["status", str(only)])
     assert status.exit_code == 0, status.output
     assert "not run yet" in status.output and "pack 1:" in status.output and "pack 5:" in status.output
-    assert status.output.count("rows: 40 done") == 2
+    assert status.output.count("rows: 40 done") == 2 and "a pilot of the input's 200 rows" in status.output
+    (tmp_path / "empty.parquet.batchllm").mkdir()  # a folder with no journal: said as such
+    status = run_cli(["status", str(tmp_path / "empty.parquet")])
+    assert status.exit_code == 2 and "is there but holds no batchllm journal" in status.output
 
 
 def test_a_pilot_the_cache_answers_projects_what_the_paid_one_did(sandbox_factory, tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ def find_journal(path: Path) -> Path:
     for c in candidates:
         if (c / DB_NAME).is_file():
             return c
+    folder = path.with_name(path.name + ".batchllm")
+    if not path.exists() and folder.is_dir():
+        raise JobError(f"{path}: not run yet; {folder}/ is there but holds no batchllm journal")
     if not path.exists():
         raise JobError(f"{path}: no such file, and no batchllm journal at {path}.batchllm/")
     raise JobError(f"{path}: no batchllm journal here or at {path}.batchllm/")
@@ -39,7 +42,7 @@ def status_text(path: Path) -> str:
             raise
         sizes = ", ".join(str(size) for size, _ in pilots)
         lines = [
-            f"{path}: not run yet; {folder}/ holds a pilot at pack sizes {sizes} (estimate --pack), "
+            f"{folder.with_name(folder.name.removesuffix('.batchllm'))}: not run yet; {folder}/ holds a pilot at pack sizes {sizes} (estimate --pack), "
             "each size's rows in a journal of its own, apart from the output's:"
         ]
         for size, d in pilots:
@@ -71,6 +74,8 @@ def journal_status(directory: Path) -> str:
     lines = [f"journal: {directory}"]
     total_rows = run.get("input_rows")
     remaining = f", {max(0, total_rows - t['rows']):,} not done of {total_rows:,}" if total_rows else ""
+    if total_rows and directory.parent.name == "pilots":  # a pack size's pilot (pilot.py): all it does
+        remaining = f": a pilot of the input's {total_rows:,} rows at one pack size"
     if total_rows and run.get("shared_ids"):  # --engine ray without --id-column
         remaining = (
             f" of {total_rows:,} input rows (on Ray identical prompts are one row, answered once: "
