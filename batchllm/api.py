@@ -96,6 +96,7 @@ async def _run(
     handle_signals: bool,
     only: frozenset[int] | None,
     write_output: bool,
+    scratch: bool = False,
 ) -> RunResult:
     if job.engine == "ray":
         from .cluster.driver import check_input, run_on_ray
@@ -117,6 +118,7 @@ async def _run(
             handle_signals=handle_signals,
             only=only,
             write_output=write_output,
+            scratch=scratch,
         )
 
 
@@ -153,12 +155,12 @@ async def run_pilot(
 
 
 async def _pilot(
-    job: Job, rows: int, observer: Observer | None, command: str, gold: str | None
+    job: Job, rows: int, observer: Observer | None, command: str, gold: str | None, scratch: bool = False
 ) -> tuple[ExitCode, str | None, Observed, dict[str, Any] | None, dict[str, Any]]:
     prepared = prepare(job)
     positions = pilot_positions(prepared.rows, rows)
     # A pilot is no run to notify anyone of: _run, not run_job.
-    result = await _run(job, observer, None, command, False, positions, False)
+    result = await _run(job, observer, None, command, False, positions, False, scratch)
     journal = Journal.open_readonly(job.journal_dir)
     try:
         observed = Observed(*journal.observed())
@@ -188,7 +190,7 @@ async def run_pack_pilots(
             labeling=dataclasses.replace(job.labeling, pack=size),
             checkpoint=pilot_dir(job.journal_dir, size),
         )
-        code, message, _, accuracy, _ = await _pilot(sized, rows, observer, command, gold)
+        code, message, _, accuracy, _ = await _pilot(sized, rows, observer, command, gold, scratch=True)
         if code not in (ExitCode.OK, ExitCode.ROW_ERRORS):
             raise PilotStopped(code, f"the pilot at --pack {size} stopped: {message}")
         assert accuracy is not None

@@ -304,11 +304,16 @@ class Packs:
                 else:  # unreadable alone: an answer that does not parse (position 0: the whole reply)
                     a = Attempt(sample, kind, result.text, prompt[n], completion[n], ic, oc, truncated, pid, 0,
                                 where, cached[n], result.model)  # fmt: skip
-                if keep and items is not None and items[n] and reuse is not None:
-                    # before the row is booked: booking lets go of its cache key
+                if keep and items is not None and reuse is not None:
+                    # Before the row is booked (booking lets go of its cache key). An item the
+                    # reply left out is kept too, and with it what the row's unreadable packs
+                    # cost it: a run the cache answers takes the same path (the same re-ask)
+                    # and a pilot projects the same tokens as the run that paid (pilot.py).
+                    split_pt, split_ct = _split_tokens(row.attempts, sample)
                     reuse.keep(
-                        row.item.request, True, row.item.key, items[n], prompt[n], completion[n], False
-                    )
+                        row.item.request, True, row.item.key, items[n],
+                        split_pt + prompt[n], split_ct + completion[n], False,
+                    )  # fmt: skip
                 row.attempts.append(a)
                 row.todo = row.labeler.next(row.attempts)
                 if isinstance(row.todo, Step) or len(row.attempts) > 1:
@@ -337,6 +342,18 @@ def _splits(attempts: list[Attempt], sample: int) -> int:
             break
         n += 1
     return n
+
+
+def _split_tokens(attempts: list[Attempt], sample: int) -> tuple[int, int]:
+    """The prompt and completion tokens of this sample's last unreadable packs (the row's shares)."""
+    pt = ct = 0
+    for a in reversed(attempts):
+        if a.sample != sample:
+            continue
+        if a.kind != SPLIT:
+            break
+        pt, ct = pt + a.prompt_tokens, ct + a.completion_tokens
+    return pt, ct
 
 
 def _last(attempts: list[Attempt], sample: int) -> str:

@@ -77,7 +77,13 @@ class Run:
     """The state of one run; ``execute`` drives it."""
 
     def __init__(
-        self, prepared: Prepared, observer: Observer, command: str, only: frozenset[int] | None, write: bool
+        self,
+        prepared: Prepared,
+        observer: Observer,
+        command: str,
+        only: frozenset[int] | None,
+        write: bool,
+        scratch: bool = False,
     ) -> None:
         self.p = prepared
         self.job = prepared.job
@@ -91,7 +97,9 @@ class Run:
         # Built before anything starts: a --pack-tokens too small for one row is a usage error.
         self.packs = packs_for(prepared, self.plan.admission)
         self.write = write  # a pilot writes no output (reports/estimate.py)
-        self.kind = "run" if only is None else "pilot"
+        # A pilot's rows are the output's (the run keeps them); a pack-size pilot's are not: they
+        # stay in a journal of their own, which its ledger record names as its output.
+        self.kind = "run" if only is None else "pack-pilot" if scratch else "pilot"
         self.lost = (0, 0)  # requests an earlier run left in flight, and their worst case
 
     def warn(self, message: str) -> None:
@@ -144,7 +152,7 @@ class Run:
         limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
         start = Snapshot.of(journal.totals())
         record = RunRecord.begin(
-            **of_job(job), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
+            **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
             lost=self.lost, warn=self.warn,
         )  # fmt: skip
@@ -342,14 +350,16 @@ async def run_job(
     handle_signals: bool = False,
     only: frozenset[int] | None = None,
     write_output: bool = True,
+    scratch: bool = False,
 ) -> RunResult:
     """Run a prepared job (plan.prepare) against ``endpoint`` to the end (or a stop); write its output.
 
     ``only`` restricts the run to those input positions and ``write_output=False`` leaves the
-    output file alone: together they are ``batchllm estimate --pilot``.
+    output file alone: together they are ``batchllm estimate --pilot``; ``scratch``: a pilot
+    of one pack size whose journal is not the output's (``estimate --pilot M --pack 1,5,10``).
     """
     job = prepared.job
-    run = Run(prepared, observer or Silent(), command, only, write_output)
+    run = Run(prepared, observer or Silent(), command, only, write_output, scratch)
     loop = asyncio.get_running_loop()
     installed = []
     if handle_signals and threading.current_thread() is threading.main_thread():

@@ -282,9 +282,10 @@ def _pico(text: str | None) -> int:
     return parse_usd(text) if text else 0
 
 
-def of_job(job: Job) -> dict[str, Any]:
+def of_job(job: Job, scratch: bool = False) -> dict[str, Any]:
     """``RunRecord.begin``'s arguments that a job decides: its ledger, name, output, journal,
-    monthly cap, and whether it is play money (``--sandbox``)."""
+    monthly cap, and whether it is play money (``--sandbox``). A ``scratch`` journal (a pack-size
+    pilot's) is its own output: its rows and their cost are there, not in the output file."""
     parts = {
         e.name: (
             e.provider,
@@ -296,7 +297,7 @@ def of_job(job: Job) -> dict[str, Any]:
     return {
         "path": ledger_path(job.ledger),
         "job": job.name,
-        "output": job.output,
+        "output": job.journal_dir if scratch else job.output,
         "checkpoint": job.journal_dir,
         "month_cap_pico": job.max_cost_per_month_pico,
         "parts": parts,

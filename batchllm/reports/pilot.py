@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ..engine.journal import Journal
+from ..engine.journal import DB_NAME, Journal
 from ..engine.reuse import CACHED_REPLIES
 from ..labeling.spec import Labeling
 from ..pricing import usd_text
@@ -28,6 +28,16 @@ WITHIN = 0.01  # accuracy a larger pack may lose and still be recommended
 
 def pilot_dir(journal_dir: Path, size: int) -> Path:
     return journal_dir / "pilots" / f"pack-{size}"
+
+
+def pilot_journals(journal_dir: Path) -> list[tuple[int, Path]]:
+    """The pack sizes piloted into ``journal_dir`` (``pilot_dir``) with a journal each, by size."""
+    found = []
+    for d in (journal_dir / "pilots").glob("pack-*"):
+        size = d.name.removeprefix("pack-")
+        if size.isdigit() and (d / DB_NAME).is_file():
+            found.append((int(size), d))
+    return sorted(found)
 
 
 def size_line(size: int, journal_dir: Path, accuracy: dict[str, Any], rows: int, rpm: int) -> dict[str, Any]:

@@ -105,26 +105,30 @@ class Run:
         }
 
 
+# Rows answered are the outputs' rows, each once: a pack-size pilot's rows (its scratch journal's,
+# estimate --pack 1,5,10) are what the job paid to choose a size, not rows it answered.
+_ROWS = "(CASE WHEN kind = 'pack-pilot' THEN 0 ELSE rows_ok END)"
+
 _CELLS = """
 SELECT job, COALESCE(model, ''), COALESCE(provider, ''), strftime('%Y-%m-%d', started_at, 'unixepoch'),
-       COUNT(*), SUM(rows_ok), SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pico)
+       COUNT(*), SUM({ROWS}), SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pico)
 FROM runs WHERE started_at >= ? AND started_at < ? GROUP BY 1, 2, 3, 4 ORDER BY 4
-"""
+""".replace("{ROWS}", _ROWS)
 # A fleet run by its endpoints' parts (ledger/store.py ``run_parts``): one run, its rows under its
 # main part; every other run whole.
 _CELLS_WITH_PARTS = """
 SELECT job, model, provider, day, SUM(runs), SUM(rows_ok), SUM(requests), SUM(pt), SUM(ct), SUM(cost) FROM (
   SELECT job, COALESCE(model, '') AS model, COALESCE(provider, '') AS provider,
-         strftime('%Y-%m-%d', started_at, 'unixepoch') AS day, 1 AS runs, rows_ok, requests,
+         strftime('%Y-%m-%d', started_at, 'unixepoch') AS day, 1 AS runs, {ROWS} AS rows_ok, requests,
          prompt_tokens AS pt, completion_tokens AS ct, cost_pico AS cost
   FROM runs r WHERE started_at >= ?1 AND started_at < ?2
     AND NOT EXISTS (SELECT 1 FROM run_parts p WHERE p.run_id = r.run_id)
   UNION ALL
   SELECT r.job, COALESCE(p.model, ''), COALESCE(p.provider, ''), strftime('%Y-%m-%d', r.started_at, 'unixepoch'),
-         p.main, p.main * r.rows_ok, p.requests, p.prompt_tokens, p.completion_tokens, p.cost_pico
+         p.main, p.main * {ROWS}, p.requests, p.prompt_tokens, p.completion_tokens, p.cost_pico
   FROM run_parts p JOIN runs r ON r.run_id = p.run_id WHERE r.started_at >= ?1 AND r.started_at < ?2
 ) GROUP BY 1, 2, 3, 4 ORDER BY 4
-"""
+""".replace("{ROWS}", _ROWS.replace("kind", "r.kind").replace("rows_ok", "r.rows_ok"))
 _FAILED = "ended_at IS NOT NULL AND (recovered_by IS NOT NULL OR exit_code IS NOT 0)"
 
 

@@ -11,6 +11,7 @@ from ..engine.lock import holder
 from ..engine.summary import prompt_cache_line
 from ..errors import JobError
 from ..pricing import format_usd
+from .pilot import pilot_journals
 
 
 def find_journal(path: Path) -> Path:
@@ -21,13 +22,44 @@ def find_journal(path: Path) -> Path:
     for c in candidates:
         if (c / DB_NAME).is_file():
             return c
+    folder = path.with_name(path.name + ".batchllm")
+    if not path.exists() and folder.is_dir():
+        raise JobError(f"{path}: not run yet; {folder}/ is there but holds no batchllm journal")
     if not path.exists():
         raise JobError(f"{path}: no such file, and no batchllm journal at {path}.batchllm/")
     raise JobError(f"{path}: no batchllm journal here or at {path}.batchllm/")
 
 
 def status_text(path: Path) -> str:
-    directory = find_journal(path)
+    """The output's journal's status, and where its pack-size pilots are; an output not run yet
+    whose folder holds only such pilots (``estimate --pilot M --pack 1,5,10``): theirs."""
+    folder = path if path.name.endswith(".batchllm") else path.with_name(path.name + ".batchllm")
+    pilots = pilot_journals(folder)
+    try:
+        directory = find_journal(path)
+    except JobError:
+        if not pilots:
+            raise
+        sizes = ", ".join(str(size) for size, _ in pilots)
+        lines = [
+            f"{folder.with_name(folder.name.removesuffix('.batchllm'))}: not run yet; {folder}/ holds a pilot at pack sizes {sizes} (estimate --pack), "
+            "each size's rows in a journal of its own, apart from the output's:"
+        ]
+        for size, d in pilots:
+            lines += [f"pack {size}:", *("  " + line for line in journal_status(d).splitlines())]
+        return "\n".join(lines)
+    text = journal_status(directory)
+    if pilots and directory == folder:
+        sizes = ", ".join(str(size) for size, _ in pilots)
+        text += (
+            f"\npilots at pack sizes {sizes} (estimate --pack), apart from the output's rows: "
+            f"batchllm status {folder / 'pilots' / 'pack-N'}"
+        )
+    return text
+
+
+def journal_status(directory: Path) -> str:
+    """One journal's status."""
     journal = Journal.open_readonly(directory)
     try:
         t = journal.totals()
@@ -42,6 +74,8 @@ def status_text(path: Path) -> str:
     lines = [f"journal: {directory}"]
     total_rows = run.get("input_rows")
     remaining = f", {max(0, total_rows - t['rows']):,} not done of {total_rows:,}" if total_rows else ""
+    if total_rows and directory.parent.name == "pilots":  # a pack size's pilot (pilot.py): all it does
+        remaining = f": a pilot of the input's {total_rows:,} rows at one pack size"
     if total_rows and run.get("shared_ids"):  # --engine ray without --id-column
         remaining = (
             f" of {total_rows:,} input rows (on Ray identical prompts are one row, answered once: "
