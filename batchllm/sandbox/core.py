@@ -31,7 +31,6 @@ Knobs for testing the client under realistic conditions (``SandboxConfig``), sha
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import random
 import secrets
@@ -43,15 +42,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..pricing import Model, load_models
+from ..pricing import Model
 from ..tokens import get_counter
 from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
 from .gcra import Gcra
 from .logprobs import Mark, content
 from .prompt_cache import PromptCache
+from .replies import reply_text, served_models
 from .slots import Slots
-from .words import WORDS
 
 
 @dataclass
@@ -110,32 +109,7 @@ class SandboxConfig:
     served_model: str | None = None
 
 
-def reply_text(data: Any, model: str, low: int, high: int) -> tuple[str, int]:
-    """The deterministic natural reply for a request (before max_tokens): text and token count."""
-    digest = hashlib.sha256(orjson.dumps([model, data], option=orjson.OPT_SORT_KEYS)).digest()
-    rng = random.Random(digest)
-    n = rng.randint(low, max(low, high))
-    words = [rng.choice(WORDS) for _ in range(n)]
-    if words:
-        words[0] = words[0].capitalize()
-    return " ".join(words), n
-
-
 Face = DataoortsFace | OpenAIFace
-SERVED_ALIASES = {
-    "meta-llama/Llama-3.1-70B-Instruct": "meta/llama-3.1-70b-instruct",
-    "meta-llama/Llama-3.1-8B-Instruct": "meta/llama-3.1-8b-instruct",
-}
-
-
-def served_models() -> dict[str, Model]:
-    """The models of ``batchllm models``, and (as a self-hosted OpenAI-compatible server serves
-    the same Llama models under the names vLLM gives them, Hugging Face's) their aliases."""
-    models = {m.name: m for m in load_models().values()}
-    for alias, name in SERVED_ALIASES.items():
-        if name in models:
-            models[alias] = dataclasses.replace(models[name], name=alias)
-    return models
 
 
 class Sandbox:

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from ..fleet import FleetEndpoint
-from .core import Sandbox, SandboxConfig, served_models
+from .core import Sandbox, SandboxConfig
+from .replies import served_models
 from .serving import endpoint_for, start_sandbox, until_stopped
 
 UNLISTED_WINDOW = 131_072  # tokens: a model the table does not list, served here anyway
