@@ -87,7 +87,9 @@ class Completer:
         self.packs = Packs(job, self.model, examples, self.admission) if self.packing else None
         # response_format given up for the actor's batches once its server refuses it (unsaid: an
         # actor's warnings have no display; engine/structured.py).
-        self.structured = Structured(lambda m: None) if job.structured_output else None
+        self.structured = (  # a fleet's: each endpoint's (engine/router.py)
+            Structured(lambda m: None) if job.structured_output and job.fleet is None else None
+        )
         self.concurrency = concurrency
         self.owner = uuid.uuid4().hex[:12]
         self.limiter = LeasedLimiter(coordinator, self.owner)

@@ -378,7 +378,10 @@ class Dispatcher(Booking):
             except FatalAPIError as exc:
                 if member is not None:
                     router.heard(member)  # type: ignore[union-attr]
-                if structured is not None and (plain := structured.refused(exc, body)) is not None:
+                    if member.refused(exc, body):  # off for that endpoint alone (router.py)
+                        answered = True  # refused, so not billed: sent again
+                        continue
+                elif structured is not None and (plain := structured.refused(exc, body)) is not None:
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue
                 return exc, attempt, 0.0

@@ -19,7 +19,10 @@ every request with no answer for ``GIVE_UP_S`` seconds (a refused port is benche
 it may come back, so a fleet of dead ones would otherwise wait for a probe to succeed forever).
 
 A body is encoded once, for the job's provider and model; an endpoint of another provider or
-model name gets it re-encoded (``rebody``), a few microseconds a request.
+model name gets it re-encoded (``rebody``), a few microseconds a request. Structured output is
+each endpoint's own: a body carries ``response_format`` when any endpoint takes it (job.py), and
+it is taken out for an endpoint whose provider has no JSON mode or that refused it (a 400 naming
+it turns it off for that endpoint alone: engine/structured.py).
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..access import is_loopback
-from ..errors import APIError, JobError, RunStopError
+from ..errors import APIError, FatalAPIError, JobError, RunStopError
 from ..fleet import FleetEndpoint
+from ..labeling.structured import PARAM
 from ..pricing import Model, usd_text
 from ..providers import Provider, get_provider
 from ..records import Completion
 from .client import Client
 from .deadline import paces
+from .structured import Structured
 from .ratelimit import RateLimiter
 
 MARGIN = 0.99  # of an endpoint's stated rpm
@@ -58,15 +63,19 @@ BENCH_AFTER = 3
 BENCH_S = 5.0
 BENCH_MAX_S = 60.0
 GIVE_UP_S = 30.0  # an endpoint failing this long with no answer is not waited for, if none is
+_FIELD = f'"{PARAM}"'.encode()  # a body with a response_format
 
 
-def rebody(body: bytes, source: Provider, target: Provider, model: str) -> bytes:
-    """A body encoded by ``source`` as ``target`` would encode it, for ``model``."""
+def rebody(body: bytes, source: Provider, target: Provider, model: str, structured: bool = True) -> bytes:
+    """A body encoded by ``source`` as ``target`` would encode it, for ``model`` (without its
+    ``response_format`` unless ``structured``)."""
     payload = orjson.loads(body)
     if source.name == "dataoorts":
         fields = payload["data"]
     else:
         fields = {k: v for k, v in payload.items() if k != "model"}
+    if not structured:
+        fields.pop(PARAM, None)
     if target.name == "dataoorts":
         return orjson.dumps({"model": model, "data": fields})
     return orjson.dumps({"model": model, **fields})
@@ -104,11 +113,19 @@ class Member:
     """One endpoint of the fleet, as the pool uses it."""
 
     def __init__(
-        self, spec: FleetEndpoint, key: str | None, timeout: float, primary: Provider, primary_model: str
+        self,
+        spec: FleetEndpoint,
+        key: str | None,
+        timeout: float,
+        primary: Provider,
+        primary_model: str,
+        warn: Callable[[str], None] = lambda m: None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
         self.provider = get_provider(spec.provider)
+        # Its response_format: None where the provider has none, off once it refused it.
+        self.structured = Structured(warn, spec.name) if self.provider.takes_response_format else None
         self.model: Model = spec.model
         # Paced a hair under its stated limit: arrivals jitter on the way, and a server that counts
         # them exactly would answer the early ones 429 at 100%.
@@ -164,9 +181,14 @@ class Member:
             rates.append(self.concurrency / self.spec.latency)
         return min(rates) if rates else 1e9
 
+    def refused(self, error: FatalAPIError, body: bytes) -> bool:
+        """Was ``error`` this endpoint refusing ``response_format``? It then goes without it."""
+        return self.structured is not None and self.structured.refused(error, body) is not None
+
     async def complete(self, body: bytes) -> Completion:
-        if not self._same:
-            body = rebody(body, self._primary, self.provider, self.model.name)
+        structured = self.structured is not None and self.structured.on
+        if not self._same or (not structured and _FIELD in body):
+            body = rebody(body, self._primary, self.provider, self.model.name, structured)
         completion = await self.client.complete(body)
         return dataclasses.replace(completion, endpoint=self.name)
 
@@ -417,5 +439,5 @@ def fleet_router(
                 raise JobError(
                     f"fleet endpoint {spec.name!r}: its key would cross the network in clear text; use https"
                 )
-        members.append(Member(spec, key, timeout, primary, primary_model))
+        members.append(Member(spec, key, timeout, primary, primary_model, warn))
     return Router(sorted(members, key=lambda m: m.price), warn)

@@ -262,7 +262,7 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
-            if job.structured_output:
+            if job.structured_output and router is None:  # a fleet's: each endpoint's (router.py)
                 dispatcher.structured = Structured(self.warn)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:

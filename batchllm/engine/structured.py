@@ -23,11 +23,12 @@ _FIELD = PARAM.encode()
 class Structured:
     """On until a server refuses ``response_format``; ``plain`` is a body without it."""
 
-    __slots__ = ("on", "_warn")
+    __slots__ = ("on", "_warn", "_who")
 
-    def __init__(self, warn: Callable[[str], None]) -> None:
+    def __init__(self, warn: Callable[[str], None], who: str = "") -> None:
         self.on = True
         self._warn = warn
+        self._who = who  # a fleet's endpoint (engine/router.py): off for it alone
 
     def refused(self, error: FatalAPIError, body: bytes) -> bytes | None:
         """The body to send again when ``error`` is the server refusing the body's
@@ -36,10 +37,12 @@ class Structured:
             return None
         if self.on:
             self.on = False
+            who = f"fleet endpoint {self._who!r}" if self._who else "the server"
+            scope = f"to {self._who!r} " if self._who else ""
             self._warn(
-                f"the server refuses {PARAM} ({error.describe()}): structured output is off for the "
-                "rest of this run, and requests go without it (as with --structured off; replies are "
-                "read, checked and re-asked as ever)"
+                f"{who} refuses {PARAM} ({error.describe()}): structured output is off for the "
+                f"rest of this run, and requests {scope}go without it (as with --structured off; "
+                "replies are read, checked and re-asked as ever)"
             )
         return self.plain(body)
 

@@ -1,0 +1,85 @@
+"""What a new user met where fleets meet the rest (structured output per endpoint, the fleet file's
+unknown tables) and where real files meet batchllm (encodings, output paths), through the CLI
+against sandboxes on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+from .conftest import run_cli, write_csv
+
+LABELS = "positive,negative,neutral"
+MODEL = "meta/llama-3.1-70b-instruct"  # the sandbox serves it on both faces
+
+
+def _fleet(path: Path, *members: tuple[str, Any, str, int]) -> Path:
+    """``(name, sandbox, provider, concurrency)`` each, at one price: a fleet over sandboxes."""
+    text = ""
+    for name, box, provider, concurrency in members:
+        url = box.url if provider == "dataoorts" else box.openai_url
+        text += (f'[[endpoint]]\nname = "{name}"\nprovider = "{provider}"\nendpoint = "{url}"\n'
+                 f'key_env = "{name.upper()}_KEY"\nmodel = "{MODEL}"\nrpm = 6000\n'
+                 f'concurrency = {concurrency}\ninput_price = "0.5"\noutput_price = "0.5"\n\n')  # fmt: skip
+    path.write_text(text)
+    return path
+
+
+def _reviews(tmp_path: Path, n: int) -> Path:
+    rows = [{"id": f"r{i}", "text": f"Review {i}: {'great' if i % 2 else 'broke'}"} for i in range(n)]
+    return write_csv(tmp_path / "in.csv", rows)
+
+
+def _formats(box: Any) -> list[bool]:
+    """For each request a sandbox received: did it carry a response_format?"""
+    out = []
+    for body in box.sandbox.bodies:
+        payload = orjson.loads(body)
+        out.append("response_format" in payload.get("data", payload))
+    return out
+
+
+def test_structured_output_is_decided_for_each_endpoint(sandbox_factory, tmp_path: Path) -> None:
+    """A job with the default provider (dataoorts) over a fleet of two openai endpoints, one
+    refusing response_format: the other gets it on every request, the refusing one once (then
+    never again), `--structured on` is taken; a dataoorts endpoint never gets it, and `on` is
+    refused naming it."""
+    src = _reviews(tmp_path, 40)
+    takes = sandbox_factory(keep_bodies=True, latency=0.05)
+    refuses = sandbox_factory(keep_bodies=True, latency=0.05, refuse_response_format=True)
+    fleet = _fleet(tmp_path / "f.toml", ("takes", takes, "openai", 2), ("refuses", refuses, "openai", 2))
+    env = {"TAKES_KEY": takes.key, "REFUSES_KEY": refuses.key}
+    base = ["run", str(src), "--template", "Classify: {text}", "--labels", LABELS, "--id-column", "id"]
+    base += ["--fleet", str(fleet), "--cache", "off", "--progress", "none"]
+    for setting in ("auto", "on"):
+        takes.sandbox.bodies.clear()
+        refuses.sandbox.bodies.clear()
+        before = refuses.count(400)
+        out = tmp_path / f"{setting}.parquet"
+        result = run_cli([*base, "-o", str(out), "--structured", setting], env=env)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.count("refuses response_format") == 1, result.stderr
+        assert "'refuses'" in result.stderr
+        sent = _formats(takes)
+        assert sent and all(sent), "the endpoint that takes response_format got it every time"
+        refused = _formats(refuses)
+        assert 1 <= sum(refused) <= 2 and refused.count(False) >= 1  # the ones out when it refused
+        assert refuses.count(400) - before == sum(refused)
+        rows = pq.read_table(out).to_pylist()
+        assert len(rows) == 40 and all(r["status"] == "ok" for r in rows)
+    # A dataoorts endpoint beside an openai one: auto sends the schema only where it is taken.
+    plain = sandbox_factory(keep_bodies=True, latency=0.05)
+    mixed = _fleet(tmp_path / "m.toml", ("dao", plain, "dataoorts", 2), ("oai", takes, "openai", 2))
+    env = {"DAO_KEY": plain.key, "OAI_KEY": takes.key}
+    takes.sandbox.bodies.clear()
+    args = [a if a != str(fleet) else str(mixed) for a in base]
+    result = run_cli([*args, "-o", str(tmp_path / "m.parquet")], env=env)
+    assert result.exit_code == 0, result.output
+    assert plain.sandbox.bodies and not any(_formats(plain))
+    assert takes.sandbox.bodies and all(_formats(takes))
+    result = run_cli([*args, "-o", str(tmp_path / "m2.parquet"), "--structured", "on"], env=env)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "'dao'" in result.stderr and "dataoorts" in result.stderr
