@@ -48,8 +48,8 @@ from ..providers import Provider, get_provider
 from ..records import Completion
 from .client import Client
 from .deadline import paces
-from .structured import Structured
 from .ratelimit import RateLimiter
+from .structured import Structured
 
 MARGIN = 0.99  # of an endpoint's stated rpm
 # A request may leave this much before its slot: the timer wakes that early, so a timer that
