@@ -20,6 +20,8 @@ endpoint and the key, in file order); reports/fleet_plan.py plans which endpoint
 
 from __future__ import annotations
 
+import difflib
+
 import json
 import time
 from collections.abc import Callable
@@ -61,7 +63,28 @@ class FleetEndpoint:
 def load_fleet(path: Path) -> list[FleetEndpoint]:
     """Read a fleet file; its problems are one ``JobError``, a line each (see ``fleet_from``)."""
     raw = v.read_toml(path, "fleet file")
-    return fleet_from(raw.get("endpoint"), str(path))
+    where = str(path)
+    # Keys other than [[endpoint]] (a mistyped table would drop its endpoints unsaid): each said
+    # where the file has it, before or after the endpoints' problems.
+    before: list[str] = []
+    after: list[str] = []
+    for key, value in raw.items():
+        if key == "endpoint":
+            continue
+        kind = f"key {key!r}"
+        if isinstance(value, list | dict):
+            kind = f"table [[{key}]]" if isinstance(value, list) else f"table [{key}]"
+        near = difflib.get_close_matches(key, ["endpoint"], n=1, cutoff=0.6)
+        hint = "; did you mean [[endpoint]]?" if near else ""
+        listed = after if "endpoint" in raw and list(raw).index("endpoint") < list(raw).index(key) else before
+        listed.append(f"{where}: unknown {kind}{hint} (a fleet file holds [[endpoint]] tables)")
+    try:
+        fleet = fleet_from(raw.get("endpoint"), where)
+    except JobError as exc:
+        raise JobError("\n".join([*before, str(exc), *after])) from None
+    if before or after:
+        raise JobError("\n".join([*before, *after]))
+    return fleet
 
 
 def fleet_from(tables: Any, where: str) -> list[FleetEndpoint]:

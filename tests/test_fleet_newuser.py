@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
-from .conftest import run_cli, write_csv
+from .conftest import ROOT, run_cli, write_csv
 
 LABELS = "positive,negative,neutral"
 MODEL = "meta/llama-3.1-70b-instruct"  # the sandbox serves it on both faces
@@ -83,3 +83,26 @@ def test_structured_output_is_decided_for_each_endpoint(sandbox_factory, tmp_pat
     result = run_cli([*args, "-o", str(tmp_path / "m2.parquet"), "--structured", "on"], env=env)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "'dao'" in result.stderr and "dataoorts" in result.stderr
+
+
+def test_a_mistyped_table_in_a_fleet_or_job_file_is_an_error(tmp_path: Path) -> None:
+    """`[[endpoints]]` or `[[endpointz]]` beside good endpoints, a stray top-level key: each named
+    in file order with the endpoints' own problems, exit 2; a job file's unknown table likewise."""
+    good = (ROOT / "jobs" / "fleets" / "three_endpoints.toml").read_text()
+    typo = tmp_path / "typo.toml"
+    typo.write_text(good.replace("[[endpoint]]", "[[endpoints]]"))
+    result = run_cli(["validate", str(ROOT / "jobs" / "sentiment.toml"), "--fleet", str(typo)])
+    assert result.exit_code == 2, result.output
+    assert "unknown table [[endpoints]]; did you mean [[endpoint]]?" in result.output
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(
+        "rpm = 5\n" + good.replace("rpm = 120", 'rpm = "fast"', 1) + '\n[[endpointz]]\nname = "x"\n'
+    )
+    result = run_cli(["validate", str(ROOT / "jobs" / "sentiment.toml"), "--fleet", str(mixed)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if str(mixed) in line]
+    assert "unknown key 'rpm'" in lines[0] and "'fast'" in lines[1] and "[[endpointz]]" in lines[2], lines
+    job = tmp_path / "j.toml"
+    job.write_text((ROOT / "jobs" / "sentiment.toml").read_text() + '\n[[fleets]]\nname = "x"\n')
+    result = run_cli(["validate", str(job)])
+    assert result.exit_code == 2 and "unknown key 'fleets'; did you mean 'fleet'?" in result.output
