@@ -21,7 +21,6 @@ endpoint and the key, in file order); reports/fleet_plan.py plans which endpoint
 from __future__ import annotations
 
 import difflib
-
 import json
 import time
 from collections.abc import Callable
