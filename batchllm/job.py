@@ -28,6 +28,7 @@ from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
 from .pricing import Prices
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
+from .sniff import read_text
 
 DEFAULT_MODEL = "meta/llama-3.1-70b-instruct"
 # 300 requests/min x 15-25 s per reply (docs/api.md) needs ~100 in flight; a little headroom.
@@ -260,7 +261,7 @@ def build_job(
     if values.get("template_file") is not None:
         template_path = Path(values["template_file"])
         try:
-            kwargs["template"] = template_path.read_text("utf-8")
+            kwargs["template"] = read_text(template_path, "template file")
         except OSError as exc:
             raise JobError(f"{template_path}: cannot read the template file: {exc.strerror}") from None
         if not kwargs["template"].strip():

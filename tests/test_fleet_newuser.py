@@ -106,3 +106,56 @@ def test_a_mistyped_table_in_a_fleet_or_job_file_is_an_error(tmp_path: Path) -> 
     job.write_text((ROOT / "jobs" / "sentiment.toml").read_text() + '\n[[fleets]]\nname = "x"\n')
     result = run_cli(["validate", str(job)])
     assert result.exit_code == 2 and "unknown key 'fleets'; did you mean 'fleet'?" in result.output
+
+
+def test_every_file_read_honours_a_byte_order_mark_or_says_to_save_it_as_utf8(
+    sandbox, tmp_path: Path
+) -> None:
+    """Labels, a template, a schema, examples, job and fleet files: BOM-marked UTF-8/16/32 are
+    read; Latin-1 is a one-line error naming the file and not offering --encoding (the input's)."""
+    src = _reviews(tmp_path, 4)
+    labels = tmp_path / "labels16.txt"
+    labels.write_bytes("positive\nnegative\nneutral\n".encode("utf-16"))  # with its BOM
+    schema = tmp_path / "schema.json"
+    schema.write_bytes(b'\xef\xbb\xbf{"type": "object", "properties": {"label": {"type": "string"}}}')
+    template = tmp_path / "t32.txt"
+    template.write_bytes("Classify: {text}".encode("utf-32"))
+    base = ["run", str(src), "--id-column", "id", "--progress", "none", "--cache", "off"]
+    for n, flags in enumerate(
+        (
+            ["--template-file", str(template), "--labels-file", str(labels)],
+            ["--template", "{text}", "--json-schema", str(schema)],
+        )  # fmt: skip
+    ):
+        result = run_cli([*base, "-o", str(tmp_path / f"ok{n}.parquet"), *flags], env=sandbox.env())
+        assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "ok0.parquet").to_pylist()
+    assert all(r["label"] in ("positive", "negative", "neutral") for r in rows)
+    assert rows[0]["prompt_tokens"] > 0
+    latin = {
+        "labels file": ("--labels-file", b"positive\nn\xe9gative\n", ["--template", "{text}"]),
+        "template file": ("--template-file", b"Classify: {text} \xe9\n", ["--labels", LABELS]),
+        "examples file": ("--examples", b"text,label\ngr\xe9at,positive\n", ["--template", "{text}", "--labels", LABELS]),
+        "JSON schema": ("--json-schema", b'{"type": "object", "description": "\xe9"}', ["--template", "{text}"]),
+    }  # fmt: skip
+    for kind, (flag, data, more) in latin.items():
+        bad = tmp_path / f"bad-{flag.strip('-')}.{'csv' if flag == '--examples' else 'txt'}"
+        bad.write_bytes(data)
+        result = run_cli(
+            [*base, "-o", str(tmp_path / "bad.parquet"), flag, str(bad), *more], env=sandbox.env()
+        )
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+        assert str(bad) in result.stderr and f"save the {kind} as UTF-8" in result.stderr
+        assert "--encoding" not in result.stderr
+    # A job file saved with a UTF-8 BOM (Notepad's) reads; a Latin-1 fleet file is said so.
+    job = tmp_path / "job.toml"
+    job.write_bytes(
+        b"\xef\xbb\xbf" + f'input = "{src}"\noutput = "j.parquet"\ntemplate = "{{text}}"\n'.encode()
+    )
+    result = run_cli(["run", "--job", str(job), "--progress", "none"], env=sandbox.env())
+    assert result.exit_code == 0, result.output
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_bytes(b'[[endpoint]]\nname = "caf\xe9"\n')
+    result = run_cli(["validate", str(job), "--fleet", str(fleet)])
+    assert result.exit_code == 2 and "save the fleet file as UTF-8" in result.output, result.output
