@@ -289,6 +289,8 @@ def build_job(
             if key in kwargs:
                 raise JobError(f"{where(key)} goes with --engine ray")
     folders_to_make(kwargs["output"], where("output"))  # made by the command that writes it
+    if kwargs.get("summary_json") is not None:  # refused before the run, not after it
+        folders_to_make(kwargs["summary_json"], where("summary_json"))
     limit = provider.max_content_chars
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
         raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")

@@ -159,3 +159,33 @@ def test_every_file_read_honours_a_byte_order_mark_or_says_to_save_it_as_utf8(
     fleet.write_bytes(b'[[endpoint]]\nname = "caf\xe9"\n')
     result = run_cli(["validate", str(job), "--fleet", str(fleet)])
     assert result.exit_code == 2 and "save the fleet file as UTF-8" in result.output, result.output
+
+
+def test_every_path_written_follows_one_rule(sandbox, tmp_path: Path) -> None:
+    """-o in a folder that takes no files (/proc), --summary-json, report's and spend's --html,
+    review export's -o under a missing top-level folder: one line naming the flag and path, exit
+    2, nothing made at the top of the file system; under an existing folder they are made."""
+    src = _reviews(tmp_path, 4)
+    base = ["run", str(src), "--template", "{text}", "--labels", LABELS, "--progress", "none"]
+    result = run_cli([*base, "-o", "/proc/x.parquet"], env=sandbox.env())
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "--output /proc/x.parquet: cannot write in the folder /proc" in result.stderr
+    top = Path("/nonexistent-batchllm-test")
+    assert not top.exists()
+    out = tmp_path / "o.parquet"
+    result = run_cli([*base, "-o", str(out), "--summary-json", str(top / "q" / "s.json")], env=sandbox.env())
+    assert result.exit_code == 2 and "--summary-json" in result.stderr and not out.exists(), result.output
+    assert run_cli([*base, "-o", str(out)], env=sandbox.env()).exit_code == 0
+    for args in (
+        ["report", str(out), "--html", str(top / "d" / "x.html")],
+        ["spend", "--html", str(top / "s.html")],
+        ["review", "export", str(out), "--pick", "random:2", "-o", str(top / "d" / "t.json")],
+    ):
+        result = run_cli(args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "batchllm makes no folder at the top of the file system" in result.stderr, result.stderr
+        assert str(top) in result.stderr and result.stderr.count("\n") == 1
+        assert not top.exists()
+    made = tmp_path / "new" / "deeper"
+    assert run_cli(["report", str(out), "--html", str(made / "r.html")]).exit_code == 0
+    assert (made / "r.html").is_file()

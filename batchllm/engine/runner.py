@@ -30,6 +30,7 @@ from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, parse_deadline
+from ..folders import make_folders
 from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import cached_saving, format_usd, usd_text
 from ..prompts import PromptBuilder
@@ -438,12 +439,16 @@ async def run_job(
         for sig in installed:
             loop.remove_signal_handler(sig)
     if job.summary_json is not None:
-        write_atomic(job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2))
+        write_atomic(
+            job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2), "--summary-json"
+        )
     return result
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, data: bytes, what: str) -> None:
+    """Write ``path`` whole or not at all; ``what`` (the flag) names it if its folder may not
+    be made or written (folders.py)."""
+    make_folders(path, what)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
