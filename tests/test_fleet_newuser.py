@@ -189,3 +189,44 @@ def test_every_path_written_follows_one_rule(sandbox, tmp_path: Path) -> None:
     made = tmp_path / "new" / "deeper"
     assert run_cli(["report", str(out), "--html", str(made / "r.html")]).exit_code == 0
     assert (made / "r.html").is_file()
+
+
+def test_a_deadline_with_packs_plans_in_requests(sandbox_factory, tmp_path: Path) -> None:
+    """400 rows in packs of 10 are 40 requests: at 4 a second the cheap endpoint alone ends in
+    10 s, well within a 25 s deadline, so the plan and the run leave the dear endpoint idle (in
+    rows, 100 s, it would have bought most of them from the dear one)."""
+    cheap = sandbox_factory(rate_limit=4.0, latency=0.05, rate_burst=4)
+    dear = sandbox_factory(rate_limit=40.0, latency=0.05, rate_burst=4)
+    fleet = tmp_path / "f.toml"
+    text = ""
+    for name, box, rpm, price in (("cheap", cheap, 240, "0.10"), ("dear", dear, 2400, "0.90")):
+        text += (f'[[endpoint]]\nname = "{name}"\nprovider = "dataoorts"\nendpoint = "{box.url}"\n'
+                 f'key_env = "{name.upper()}_KEY"\nmodel = "{MODEL}"\nrpm = {rpm}\nconcurrency = 16\n'
+                 f'input_price = "{price}"\noutput_price = "{price}"\n\n')  # fmt: skip
+    fleet.write_text(text)
+    src = _reviews(tmp_path, 400)
+    args = [
+        str(src),
+        "--template",
+        "Classify: {text}",
+        "--labels",
+        LABELS,
+        "--pack",
+        "10",
+        "--id-column",
+        "id",
+    ]
+    args += ["--fleet", str(fleet), "--deadline", "25s"]
+    result = run_cli(["estimate", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    planned = orjson.loads(result.stdout)
+    assert planned["feasible"] and [e["rows"] for e in planned["endpoints"]] == [400, 0], planned
+    assert planned["cheapest_alone"]["minutes"] <= 0.3, planned  # 40 requests at 4 a second
+    out = tmp_path / "o.parquet"
+    env = {"CHEAP_KEY": cheap.key, "DEAR_KEY": dear.key}
+    result = run_cli(["run", *args, "-o", str(out), "--cache", "off", "--progress", "none"], env=env)
+    assert result.exit_code == 0, result.output
+    assert dear.count() == 0, result.output
+    assert 40 <= cheap.count() <= 44 and cheap.count(429) == 0
+    rows = pq.read_table(out, columns=["endpoint", "status"]).to_pylist()
+    assert len(rows) == 400 and all(r["endpoint"] == "cheap" and r["status"] == "ok" for r in rows)

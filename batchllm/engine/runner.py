@@ -269,7 +269,8 @@ class Run:
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)
                 todo = self.plan.todo(journal)
-                router.meet(seconds, lambda: max(0, todo - dispatcher.stats.done))
+                size = packs.size if packs is not None else 1  # the plan is in requests, not rows
+                router.meet(seconds, lambda: -(-max(0, todo - dispatcher.stats.done) // size))
                 if router.plan_note:
                     self.warn(router.plan_note)
             ticker = asyncio.create_task(self._tick(dispatcher, record))
