@@ -42,7 +42,7 @@ def _on(job: Job, e: FleetEndpoint) -> Job:
 def plan(
     job: Job, fleet: list[FleetEndpoint], deadline_s: float | None, observed: Observed | None
 ) -> dict[str, Any]:
-    lines = []
+    lines: list[dict[str, Any]] = []
     rows = 0
     for e in fleet:
         est = estimate(_on(job, e), None, observed)
