@@ -258,6 +258,14 @@ def fleet_value(raw: Any) -> tuple[FleetEndpoint, ...]:
         raise ValueError(str(exc)) from None
 
 
+def fleet_text(fleet: tuple[FleetEndpoint, ...] | None) -> str | None:
+    """A fleet's endpoints in a line (the run's header, ``validate``): the job's provider and
+    model are not theirs. None without a fleet."""
+    if not fleet:
+        return None
+    return ", ".join(f"{e.name} ({e.provider} model {e.model.name})" for e in fleet)
+
+
 def dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:
     """Prices to reserve worst cases at: the dearest endpoint's (any may answer)."""
     priced = [e.model.prices for e in fleet if e.model.prices is not None]

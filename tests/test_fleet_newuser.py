@@ -230,3 +230,35 @@ def test_a_deadline_with_packs_plans_in_requests(sandbox_factory, tmp_path: Path
     assert 40 <= cheap.count() <= 44 and cheap.count(429) == 0
     rows = pq.read_table(out, columns=["endpoint", "status"]).to_pylist()
     assert len(rows) == 400 and all(r["endpoint"] == "cheap" and r["status"] == "ok" for r in rows)
+
+
+def test_small_wording(sandbox_factory, tmp_path: Path) -> None:
+    """A journal-settings mismatch over the sandbox said in words; `spend` gives an exit-1 run a
+    message; a fleet run's header names the fleet's providers and models, not the job's;
+    `estimate --compare --fleet` is refused in one line."""
+    box = sandbox_factory(label_out_of_set=1.0)
+    src = _reviews(tmp_path, 6)
+    out = tmp_path / "o.parquet"
+    base = ["run", str(src), "-o", str(out), "--template", "{text}", "--labels", LABELS, "--reask", "0"]
+    base += ["--progress", "none", "--cache", "off"]
+    result = run_cli(base, env=box.env())
+    assert result.exit_code == 1, result.output
+    result = run_cli(["spend", "--runs", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    runs = orjson.loads(result.stdout)["runs"]
+    assert [r["message"] for r in runs] == ["6 rows failed"], runs
+    result = run_cli([*base, "--sandbox"])
+    assert result.exit_code == 2, result.output
+    assert "this run uses the sandbox; the journal was written without it" in result.stderr
+    assert "journal has none" not in result.stderr
+    fleet = _fleet(tmp_path / "f.toml", ("one", box, "openai", 2), ("two", box, "openai", 2))
+    env = {"ONE_KEY": box.key, "TWO_KEY": box.key}
+    args = ["run", str(src), "-o", str(tmp_path / "f.parquet"), "--template", "{text}", "--fleet", str(fleet)]
+    result = run_cli([*args, "--progress", "none"], env=env)
+    assert result.exit_code == 0, result.output
+    header = result.stderr.splitlines()[0]
+    assert f"fleet: one (openai model {MODEL}), two (openai model {MODEL})" in header, header
+    assert "dataoorts" not in header
+    result = run_cli(["estimate", str(src), "--template", "{text}", "--fleet", str(fleet), "--compare"])
+    assert result.exit_code == 2 and "--compare goes without --fleet" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -142,7 +142,7 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
     """
     from ..engine.checks import prepare
     from ..engine.packed import packs_for
-    from ..fleet import fleet_problems, load_fleet
+    from ..fleet import fleet_problems, fleet_text, load_fleet
 
     endpoints = None
     if fleet is not None:
@@ -169,9 +169,10 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
             for problem in problems:
                 click.echo(f"invalid: {problem}", err=True)
             continue
-        click.echo(
-            f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {job.provider} model {job.model})"
-        )
+        # A fleet's own providers and models, not the job's (which its endpoints replace).
+        served = fleet_text(tuple(endpoints) if endpoints is not None else job.fleet)
+        where = f"fleet: {served}" if served else f"{job.provider} model {job.model}"
+        click.echo(f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {where})")
     return ExitCode.USAGE if bad else 0
 
 

@@ -29,7 +29,7 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
-from ..fleet import FleetEndpoint, parse_deadline
+from ..fleet import FleetEndpoint, fleet_text, parse_deadline
 from ..folders import make_folders
 from ..ledger import RunRecord, Snapshot, of_job
 from ..pricing import cached_saving, format_usd, usd_text
@@ -175,6 +175,8 @@ class Run:
                 "checkpoint": str(job.journal_dir),
                 "version": __version__,
             }
+            # A fleet's endpoints have their own providers and models: the header names them.
+            | ({"fleet": fleet_text(endpoint.fleet or job.fleet)} if job.fleet else {})
         )
         if p.model.prices is None:
             self.warn(
