@@ -67,7 +67,8 @@ def load_fleet(path: Path) -> list[FleetEndpoint]:
     # where the file has it, before or after the endpoints' problems.
     before: list[str] = []
     after: list[str] = []
-    for key, value in raw.items():
+    endpoints_at = list(raw).index("endpoint") if "endpoint" in raw else len(raw)
+    for at, (key, value) in enumerate(raw.items()):
         if key == "endpoint":
             continue
         kind = f"key {key!r}"
@@ -75,8 +76,9 @@ def load_fleet(path: Path) -> list[FleetEndpoint]:
             kind = f"table [[{key}]]" if isinstance(value, list) else f"table [{key}]"
         near = difflib.get_close_matches(key, ["endpoint"], n=1, cutoff=0.6)
         hint = "; did you mean [[endpoint]]?" if near else ""
-        listed = after if "endpoint" in raw and list(raw).index("endpoint") < list(raw).index(key) else before
-        listed.append(f"{where}: unknown {kind}{hint} (a fleet file holds [[endpoint]] tables)")
+        (before if at < endpoints_at else after).append(
+            f"{where}: unknown {kind}{hint} (a fleet file holds [[endpoint]] tables)"
+        )
     try:
         fleet = fleet_from(raw.get("endpoint"), where)
     except JobError as exc:

@@ -78,9 +78,9 @@ def read_text(path: Path, kind: str) -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1  # lines counted where "\n" is one byte
         where = f"line {line} is" if encoding == "utf-8" else "is"
-        bad = raw[exc.start : exc.start + 1]
+        byte = f" (byte 0x{raw[exc.start]:02x})" if exc.start < len(raw) else ""
         raise JobError(
-            f"{path}: {where} not {encoding.upper()} text (byte 0x{bad[0]:02x}): save the {kind} as UTF-8"
+            f"{path}: {where} not {encoding.upper()} text{byte}: save the {kind} as UTF-8"
         ) from None
 
 
