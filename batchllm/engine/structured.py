@@ -40,7 +40,7 @@ class Structured:
             who = f"fleet endpoint {self._who!r}" if self._who else "the server"
             scope = f"to {self._who!r} " if self._who else ""
             self._warn(
-                f"{who} refuses {PARAM} ({error.describe()}): structured output is off for the "
+                f"{who} refuses {PARAM} (HTTP {error.status}: {error.message}): structured output is off for the "
                 f"rest of this run, and requests {scope}go without it (as with --structured off; "
                 "replies are read, checked and re-asked as ever)"
             )
