@@ -184,7 +184,7 @@ def test_every_path_written_follows_one_rule(sandbox, tmp_path: Path) -> None:
         result = run_cli(args)
         assert result.exit_code == 2, (args, result.output)
         assert "batchllm makes no folder at the top of the file system" in result.stderr, result.stderr
-        assert str(top) in result.stderr and result.stderr.count("\n") == 1
+        assert str(top) in result.stderr and result.stderr.count("\n") == 1 and not result.stdout
         assert not top.exists()
     made = tmp_path / "new" / "deeper"
     assert run_cli(["report", str(out), "--html", str(made / "r.html")]).exit_code == 0

@@ -39,8 +39,11 @@ from . import CONTEXT, cli, handles_errors
 @handles_errors
 def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None) -> int:
     """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
+    from ..folders import folders_to_make
     from ..reports.report import build_report, format_report
 
+    if html_path is not None:
+        folders_to_make(html_path, "--html")  # refused before the report, not after it
     report = build_report(output, by)
     click.echo(format_report(report, fmt))
     if html_path is not None:
