@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from .errors import JobError
 from .providers import get_provider
+from .sniff import read_text
 
 if TYPE_CHECKING:
     from .job import Job
@@ -41,7 +42,7 @@ def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str |
     key: str | None
     if job.api_key_file is not None:
         try:
-            key = job.api_key_file.read_text("utf-8").strip()
+            key = read_text(job.api_key_file, "key file").strip()
         except OSError as exc:
             raise JobError(f"--api-key-file {job.api_key_file}: {exc.strerror}") from None
         if not key:

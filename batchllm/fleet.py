@@ -20,6 +20,7 @@ endpoint and the key, in file order); reports/fleet_plan.py plans which endpoint
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections.abc import Callable
@@ -61,7 +62,30 @@ class FleetEndpoint:
 def load_fleet(path: Path) -> list[FleetEndpoint]:
     """Read a fleet file; its problems are one ``JobError``, a line each (see ``fleet_from``)."""
     raw = v.read_toml(path, "fleet file")
-    return fleet_from(raw.get("endpoint"), str(path))
+    where = str(path)
+    # Keys other than [[endpoint]] (a mistyped table would drop its endpoints unsaid): each said
+    # where the file has it, before or after the endpoints' problems.
+    before: list[str] = []
+    after: list[str] = []
+    endpoints_at = list(raw).index("endpoint") if "endpoint" in raw else len(raw)
+    for at, (key, value) in enumerate(raw.items()):
+        if key == "endpoint":
+            continue
+        kind = f"key {key!r}"
+        if isinstance(value, list | dict):
+            kind = f"table [[{key}]]" if isinstance(value, list) else f"table [{key}]"
+        near = difflib.get_close_matches(key, ["endpoint"], n=1, cutoff=0.6)
+        hint = "; did you mean [[endpoint]]?" if near else ""
+        (before if at < endpoints_at else after).append(
+            f"{where}: unknown {kind}{hint} (a fleet file holds [[endpoint]] tables)"
+        )
+    try:
+        fleet = fleet_from(raw.get("endpoint"), where)
+    except JobError as exc:
+        raise JobError("\n".join([*before, str(exc), *after])) from None
+    if before or after:
+        raise JobError("\n".join([*before, *after]))
+    return fleet
 
 
 def fleet_from(tables: Any, where: str) -> list[FleetEndpoint]:
@@ -234,6 +258,14 @@ def fleet_value(raw: Any) -> tuple[FleetEndpoint, ...]:
         return tuple(load_fleet(Path(v.text(raw))))
     except JobError as exc:
         raise ValueError(str(exc)) from None
+
+
+def fleet_text(fleet: tuple[FleetEndpoint, ...] | None) -> str | None:
+    """A fleet's endpoints in a line (the run's header, ``validate``): the job's provider and
+    model are not theirs. None without a fleet."""
+    if not fleet:
+        return None
+    return ", ".join(f"{e.name} ({e.provider} model {e.model.name})" for e in fleet)
 
 
 def dearest(fleet: tuple[FleetEndpoint, ...]) -> Prices | None:

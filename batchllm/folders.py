@@ -2,12 +2,16 @@
 user may write, never at the top of the file system, and the CLI says which it made.
 
 A mistyped ``-o /nonexistent/dir/x.parquet`` is refused with the folder to make by hand, while
-``-o out/x.parquet`` in a fresh checkout makes ``out`` and says so.
+``-o out/x.parquet`` in a fresh checkout makes ``out`` and says so. Every file batchllm writes
+(the output, ``--summary-json``, ``--html``, a review export, a batch file...) goes through
+``make_folders`` before it is written: the same rule and the same messages for all, and a folder
+that takes no files (``/proc``) is said in one line before anything is written.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import JobError
@@ -39,10 +43,16 @@ def folders_to_make(path: Path, what: str) -> list[Path]:
 def make_folders(path: Path, what: str) -> Path | None:
     """Make the folders ``path`` needs (``folders_to_make``); the outermost one made, or None."""
     missing = folders_to_make(path, what)
-    if not missing:
-        return None
+    if missing:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobError(f"{what} {path}: cannot make the folder {missing[0]}: {exc.strerror}") from None
+    # Writable as the write will find it: os.access says yes to root anywhere, even in /proc.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".batchllm-probe-")
     except OSError as exc:
-        raise JobError(f"{what} {path}: cannot make the folder {missing[0]}: {exc.strerror}") from None
-    return missing[0]
+        raise JobError(f"{what} {path}: cannot write in the folder {path.parent} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return missing[0] if missing else None

@@ -38,9 +38,16 @@ class InputFile:
     """One input file: its schema, its row count, and its rows as a stream of batches."""
 
     def __init__(
-        self, path: Path, fmt: str | None = None, delimiter: str = ",", encoding: str | None = None
+        self,
+        path: Path,
+        fmt: str | None = None,
+        delimiter: str = ",",
+        encoding: str | None = None,
+        kind: str | None = None,
     ) -> None:
         self.path = path
+        # Another file than the input (--examples): --encoding is the input's, not offered for it.
+        self.kind = kind
         self.format = fmt or _format_of(path)
         self.delimiter = delimiter
         self.encoding = sniff.encoding_of(path, encoding)  # a byte-order mark's, or the given one
@@ -72,7 +79,7 @@ class InputFile:
             except (pa.ArrowInvalid, OSError) as exc:
                 raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
         if sniff.is_utf8(self.encoding):
-            nul = sniff.nul_hint(self.path)
+            nul = sniff.nul_hint(self.path, self.kind)
             if nul is not None:
                 raise JobError(nul)
         bad_rows: list[pacsv.InvalidRow] = []
@@ -126,7 +133,7 @@ class InputFile:
                     if len(ids) == BATCH_ROWS:
                         yield flush()
         except UnicodeDecodeError as exc:
-            problem = sniff.decode_problem(self.path, self.encoding)
+            problem = sniff.decode_problem(self.path, self.encoding, self.kind)
             raise JobError(
                 problem or f"{self.path}: cannot read the request file ({_first_line(exc)})"
             ) from None
@@ -178,7 +185,7 @@ class InputFile:
                 f"{row.expected_columns}" + self.delimiter_hint()
             )
         # A row that does not decode fails in Arrow before it reaches ``on_invalid``.
-        problem = sniff.decode_problem(self.path, self.encoding)
+        problem = sniff.decode_problem(self.path, self.encoding, self.kind)
         if problem is not None:
             return JobError(problem)
         return JobError(f"{self.path}: not a readable CSV file ({_first_line(exc)})")

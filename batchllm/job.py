@@ -29,6 +29,7 @@ from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
 from .pricing import Prices
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
+from .sniff import read_text
 
 DEFAULT_MODEL = "meta/llama-3.1-70b-instruct"
 # 300 requests/min x 15-25 s per reply (docs/api.md) needs ~100 in flight; a little headroom.
@@ -136,8 +137,9 @@ class Job:
             return False
         if self.extra_body and "response_format" in self.extra_body:
             return False  # the job file's own, sent as it is
-        providers = {self.provider, *(e.provider for e in self.fleet or ())}
-        return all(get_provider(name).takes_response_format for name in providers)
+        # A fleet's requests go to its endpoints, each taking it or not (engine/router.py).
+        providers = {e.provider for e in self.fleet} if self.fleet else {self.provider}
+        return any(get_provider(name).takes_response_format for name in providers)
 
     @property
     def logprobs(self) -> bool:
@@ -267,7 +269,7 @@ def build_job(
     if values.get("template_file") is not None:
         template_path = Path(values["template_file"])
         try:
-            kwargs["template"] = template_path.read_text("utf-8")
+            kwargs["template"] = read_text(template_path, "template file")
         except OSError as exc:
             raise JobError(f"{template_path}: cannot read the template file: {exc.strerror}") from None
         if not kwargs["template"].strip():
@@ -295,6 +297,8 @@ def build_job(
             if key in kwargs:
                 raise JobError(f"{where(key)} goes with --engine ray")
     folders_to_make(kwargs["output"], where("output"))  # made by the command that writes it
+    if kwargs.get("summary_json") is not None:  # refused before the run, not after it
+        folders_to_make(kwargs["summary_json"], where("summary_json"))
     limit = provider.max_content_chars
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
         raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")
@@ -362,12 +366,19 @@ def _structured_on(kwargs: Mapping[str, Any], provider: Provider, where: str) ->
         raise JobError(f"{where} on: structured output goes with --labels, --labels-file or --json-schema")
     if "response_format" in (kwargs.get("extra_body") or {}):
         raise JobError(f"{where} on: the job's [extra_body] has a response_format of its own; drop one")
-    names = {provider.name, *(e.provider for e in kwargs.get("fleet") or ())}
-    refusing = sorted(n for n in names if not get_provider(n).takes_response_format)
-    if refusing:
+    fleet = kwargs.get("fleet")
+    if fleet:  # its endpoints', not the job's provider (engine/router.py)
+        names = [f"fleet endpoint {e.name!r} ({e.provider} API)" for e in fleet
+                 if not get_provider(e.provider).takes_response_format]  # fmt: skip
+        auto = "auto (which sends it to the endpoints that take it)"
+    else:
+        names = [] if provider.takes_response_format else [f"the {provider.name} API"]
+        auto = "auto"
+    if names:
+        has = "have" if len(names) > 1 else "has"
         raise JobError(
-            f"{where} on: the {refusing[0]} API has no JSON mode (no response_format); use "
-            "--structured auto or off (replies are then read and re-asked as free text)"
+            f"{where} on: {', '.join(names)} {has} no JSON mode (no response_format); use "
+            f"--structured {auto} or off (replies are then read and re-asked as free text)"
         )
 
 

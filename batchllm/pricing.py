@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import JobError
+from .sniff import read_text
 
 # Token counts: an int, or a whole integer column (report.py prices a frame in one call).
 N = TypeVar("N")
@@ -148,7 +149,7 @@ def load_models(provider: str | None = None, path: Path | None = None) -> dict[s
         where = "batchllm/models.toml"
     else:
         try:
-            text = path.read_text("utf-8")
+            text = read_text(path, "model table")
         except OSError as exc:
             raise JobError(f"{path}: cannot read the model table: {exc.strerror}") from None
         where = str(path)

@@ -269,7 +269,7 @@ def load_examples(job: Job) -> tuple[Message, ...]:
 
     if job.examples is None or job.labeling is None:
         return ()
-    source = InputFile(job.examples)  # UTF-8 (or marked): --encoding is the input's
+    source = InputFile(job.examples, kind="examples file")  # UTF-8 (or marked): --encoding is the input's
     builder = PromptBuilder(dataclasses.replace(job, id_column=None), source.columns, str(job.examples))
     labeling = job.labeling
     wanted = [f.name for f in labeling.fields] if labeling.is_schema else ["label"]

@@ -17,6 +17,8 @@ import csv
 import io
 from pathlib import Path
 
+from .errors import JobError
+
 SAMPLE = 64 * 1024
 # UTF-32 LE starts like UTF-16 LE: the longer marks first.
 _BOMS = (
@@ -64,9 +66,28 @@ def encoding_of(path: Path, given: str | None) -> str:
     return given or "utf-8"
 
 
-def nul_hint(path: Path) -> str | None:
+def read_text(path: Path, kind: str) -> str:
+    """A text file batchllm reads besides the input (a job or fleet file, a template, a labels
+    file, a JSON schema, a key file...): in its byte-order mark's encoding (the mark dropped),
+    else UTF-8; else a ``JobError`` naming the file and the fix (``--encoding`` is the input's
+    alone, so it is not offered). ``OSError`` is the caller's to say."""
+    raw = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        return raw.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1  # lines counted where "\n" is one byte
+        where = f"line {line} is" if encoding == "utf-8" else "is"
+        byte = f" (byte 0x{raw[exc.start]:02x})" if exc.start < len(raw) else ""
+        raise JobError(
+            f"{path}: {where} not {encoding.upper()} text{byte}: save the {kind} as UTF-8"
+        ) from None
+
+
+def nul_hint(path: Path, kind: str | None = None) -> str | None:
     """A text file whose first line holds NUL bytes is UTF-16 written without a byte-order mark
-    (UTF-8 text has no NUL); None otherwise."""
+    (UTF-8 text has no NUL); None otherwise. ``kind``: a file other than the input, which
+    ``--encoding`` does not apply to."""
     try:
         with open(path, "rb") as fh:
             head = fh.readline(SAMPLE)
@@ -75,13 +96,14 @@ def nul_hint(path: Path) -> str | None:
     if b"\x00" not in head:
         return None
     guess = "utf-16-le" if head[1:2] == b"\x00" else "utf-16-be"
+    fix = f"save the {kind} as UTF-8" if kind else f"pass --encoding {guess}"
     return (
         f"{path}: the first line holds NUL bytes: the file looks like UTF-16 without a byte-order mark; "
-        f"pass --encoding {guess}"
+        + fix
     )
 
 
-def decode_problem(path: Path, encoding: str) -> str | None:
+def decode_problem(path: Path, encoding: str, kind: str | None = None) -> str | None:
     """The first line of ``path`` that does not decode as ``encoding``, and what to try; None
     when it decodes. Line numbers are counted for encodings that keep ``\\n`` one byte (not UTF-16)."""
     name = codecs.lookup(encoding).name
@@ -94,20 +116,24 @@ def decode_problem(path: Path, encoding: str) -> str | None:
                     try:
                         decoder.decode(raw)
                     except UnicodeDecodeError as exc:
-                        return _say(path, name, encoding, f"line {number}", raw[exc.start : exc.start + 1])
+                        return _say(
+                            path, name, encoding, f"line {number}", raw[exc.start : exc.start + 1], kind
+                        )
                 decoder.decode(b"", final=True)
             else:
                 decoder.decode(fh.read(), final=True)
     except UnicodeDecodeError as exc:
-        return _say(path, name, encoding, "", exc.object[exc.start : exc.start + 2])
+        return _say(path, name, encoding, "", exc.object[exc.start : exc.start + 2], kind)
     except OSError:
         return None
     return None
 
 
-def _say(path: Path, name: str, given: str, where: str, bad: bytes) -> str:
+def _say(path: Path, name: str, given: str, where: str, bad: bytes, kind: str | None) -> str:
     at = f"{where} is not" if where else "is not"
     byte = f" (byte 0x{bad[0]:02x})" if bad else ""
+    if kind:  # not the input: --encoding is not for it
+        return f"{path}: {at} {given.upper()} text{byte}: save the {kind} as UTF-8"
     if name == "utf-8":
         # 0x80-0x9f are control codes in Latin-1 but letters and quotes in Windows-1252.
         guess = "cp1252" if bad and 0x80 <= bad[0] <= 0x9F else "latin-1"

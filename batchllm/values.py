@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import JobError
+from .sniff import read_text
 
 Parser = Callable[[Any], Any]
 
@@ -168,10 +169,10 @@ def http_url(raw: Any) -> str:
 def read_toml(path: Path, kind: str) -> dict[str, Any]:
     """A TOML file (a job file, a fleet file), every problem one ``JobError`` naming it."""
     try:
-        return tomllib.loads(path.read_text("utf-8"))
+        return tomllib.loads(read_text(path, kind))
     except FileNotFoundError:
         raise JobError(f"{path}: {kind} not found") from None
     except OSError as exc:
         raise JobError(f"{path}: cannot read the {kind}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{path}: not valid TOML: {exc}") from None

@@ -162,7 +162,10 @@ def test_an_estimate_first_never_stands_in_the_way_of_the_run(sandbox, tmp_path:
     assert "estimate_vs_actual" not in json.loads(run_cli(["report", str(other), "--format", "json"]).stdout)
     # Once rows were answered, other settings are refused as before.
     refused = run_cli(["run", *common, "--rpm", "0"], env=sandbox.env())
-    assert refused.exit_code == 2 and "sandbox: journal has True" in refused.stderr
+    assert (
+        refused.exit_code == 2
+        and "the journal was written against the sandbox; this run is a real one" in refused.stderr
+    )
 
 
 def test_pilot_answered_from_the_cache_learns_lengths_and_sends_nothing(sandbox, tmp_path: Path) -> None:

@@ -260,7 +260,10 @@ def test_a_sandbox_journal_is_not_resumed_by_a_real_run(sandbox, tmp_path: Path)
     out = tmp_path / "out.parquet"
     assert run_cli(["run", str(src), "-o", str(out), "--sandbox", "--rpm", "0"]).exit_code == 0
     result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
-    assert result.exit_code == 2 and "sandbox: journal has True, this run has none" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "the journal was written against the sandbox; this run is a real one" in result.stderr
+    )
     assert (
         run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--restart"], env=sandbox.env()).exit_code
         == 0

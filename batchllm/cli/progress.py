@@ -45,7 +45,12 @@ class Reporter:
         self._write(
             f"batchllm: {info['rows']:,} rows in {info['input']}, {info['todo']:,} to send"
             + (f" ({done_before:,} already done)" if done_before else "")
-            + f"; {info['provider']} model {info['model']}; output {info['output']}"
+            + (
+                f"; fleet: {info['fleet']}"
+                if info.get("fleet")
+                else f"; {info['provider']} model {info['model']}"
+            )
+            + f"; output {info['output']}"
         )
         if self.mode == "bar":
             # A terminal that reports its size as 0x0 (a fresh pty, `script`) would make tqdm

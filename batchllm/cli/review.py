@@ -72,8 +72,8 @@ def review_export_cmd(
     shown = ", ".join(f"{n:,} {k}" for k, n in why.items()) or "none"
     if target is not None:
         config_path = target.with_suffix(".label_config.xml")
-        write_atomic(target, orjson.dumps(tasks, option=orjson.OPT_INDENT_2))
-        write_atomic(config_path, config.encode())
+        write_atomic(target, orjson.dumps(tasks, option=orjson.OPT_INDENT_2), "-o")
+        write_atomic(config_path, config.encode(), "-o")
         click.echo(f"wrote {len(tasks):,} tasks ({shown}) to {target}; labeling config: {config_path}")
     if url is not None:
         assert project is not None

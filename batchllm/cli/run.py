@@ -164,6 +164,10 @@ def estimate_cmd(
     if gold is not None and (pilot is None or job.labeling is None):
         raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
     if job.fleet is not None:
+        if compare:  # the plan is a fleet's comparison: its endpoints side by side
+            raise JobError(
+                "--compare goes without --fleet: the fleet's plan compares its endpoints; drop one"
+            )
         return _fleet_plan(job, job.deadline, from_run, observed, fmt)
     if compare:
         from ..reports.compare import compare as compare_models

@@ -43,9 +43,12 @@ from . import CONTEXT, cli, handles_errors
 @handles_errors
 def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None, gold: str | None) -> int:
     """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
+    from ..folders import folders_to_make
     from ..reports.report import build_report
     from ..reports.report_text import format_report
 
+    if html_path is not None:
+        folders_to_make(html_path, "--html")  # refused before the report, not after it
     report = build_report(output, by)
     click.echo(format_report(report, fmt))
     if html_path is not None:
@@ -147,7 +150,7 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
     """
     from ..engine.checks import prepare
     from ..engine.packed import packs_for
-    from ..fleet import fleet_problems, load_fleet
+    from ..fleet import fleet_problems, fleet_text, load_fleet
 
     endpoints = None
     if fleet is not None:
@@ -174,9 +177,10 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
             for problem in problems:
                 click.echo(f"invalid: {problem}", err=True)
             continue
-        click.echo(
-            f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {job.provider} model {job.model})"
-        )
+        # A fleet's own providers and models, not the job's (which its endpoints replace).
+        served = fleet_text(tuple(endpoints) if endpoints is not None else job.fleet)
+        where = f"fleet: {served}" if served else f"{job.provider} model {job.model}"
+        click.echo(f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {where})")
     return ExitCode.USAGE if bad else 0
 
 

@@ -121,9 +121,11 @@ def result(
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
     text = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
-    write_atomic(job.output / SUMMARY_NAME, text)  # what `report` reads, as from a file's metadata
+    write_atomic(
+        job.output / SUMMARY_NAME, text, "--output"
+    )  # what `report` reads, as from a file's metadata
     if job.summary_json is not None:
-        write_atomic(job.summary_json, text)
+        write_atomic(job.summary_json, text, "--summary-json")
     return RunResult(code, summary, job.output)
 
 

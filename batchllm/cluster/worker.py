@@ -35,7 +35,7 @@ from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_column
 from ..engine.packed import Packs
 from ..engine.plan import WorkItem
 from ..engine.ratelimit import Backoff
-from ..engine.refusable import refusable
+from ..engine.refusable import optional_fields, refusable
 from ..engine.router import Router, fleet_router
 from ..errors import JobError
 from ..fleet import FleetEndpoint
@@ -86,8 +86,11 @@ class Completer:
         # Several rows per request (--pack): the same packing as one machine's (engine/packed.py).
         self.packs = Packs(job, self.model, examples, self.admission) if self.packing else None
         # response_format and logprobs given up for the actor's batches once its server refuses
-        # them (unsaid: an actor's warnings have no display; engine/refusable.py).
-        self.refusable = refusable(job.structured_output, job.logprobs, lambda m: None)
+        # them (unsaid: an actor's warnings have no display; engine/refusable.py); a fleet's
+        # endpoints each give up their own (engine/member.py).
+        self.refusable = (
+            refusable(job.structured_output, job.logprobs, lambda m: None) if job.fleet is None else None
+        )
         self.concurrency = concurrency
         self.owner = uuid.uuid4().hex[:12]
         self.limiter = LeasedLimiter(coordinator, self.owner)
@@ -114,8 +117,9 @@ class Completer:
             if self.fleet is not None:  # this actor's share of each endpoint (fleet_share)
                 log = logging.getLogger("batchllm")
                 self.router = fleet_router(
-                    self.fleet, self.job.timeout, self.provider, self.model.name, log.warning, self.keys
-                )
+                    self.fleet, self.job.timeout, self.provider, self.model.name, log.warning, self.keys,
+                    optional_fields(self.job.structured_output, self.job.logprobs),
+                )  # fmt: skip
                 await self.router.__aenter__()
         self.busy += 1
         if self._heart is None:

@@ -378,7 +378,10 @@ class Dispatcher(Booking):
             except FatalAPIError as exc:
                 if member is not None:
                     router.heard(member)  # type: ignore[union-attr]
-                if refusable is not None and (plain := refusable.refused(exc, body)) is not None:
+                    if member.refused(exc, body):  # off for that endpoint alone (member.py)
+                        answered = True  # refused, so not billed: sent again
+                        continue
+                elif refusable is not None and (plain := refusable.refused(exc, body)) is not None:
                     body, answered = plain, True  # refused, so not billed: sent again without it
                     continue
                 return exc, attempt, 0.0

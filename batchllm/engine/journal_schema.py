@@ -255,7 +255,13 @@ def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
         old, new = flat_old.get(key), flat_new.get(key)
         if old == new:
             continue
-        if isinstance(old, str) and isinstance(new, str):
+        if key == "sandbox":  # a mark, not a value: said in words
+            diffs.append(
+                "this run uses the sandbox; the journal was written without it"
+                if new
+                else "the journal was written against the sandbox; this run is a real one"
+            )
+        elif isinstance(old, str) and isinstance(new, str):
             a, b = _where_they_differ(old, new)
             diffs.append(f"{key}: journal has {a}, this run has {b}")
         else:

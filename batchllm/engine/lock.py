@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import LockedError
+from ..errors import JobError, LockedError
 
 LOCK_NAME = "lock"
 
@@ -26,8 +26,13 @@ class RunLock:
         self.took_over_from: str | None = None
 
     def acquire(self, command: str) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # the output's folder was checked (folders.py); this is what a race may leave
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JobError(
+                f"{self.path.parent}: cannot write the run's journal here ({exc.strerror})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

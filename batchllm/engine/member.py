@@ -1,33 +1,39 @@
 """One endpoint of a fleet as the router's pool uses it (router.py): its own limiter, client and
 concurrency, its bench and probe state, what it did in the run (``Counts``), and the job's body
-re-encoded for its provider and model (``rebody``).
+re-encoded for its provider and model (``rebody``), without the optional fields its provider has
+none of or it refused (refusable.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from ..errors import FatalAPIError
 from ..fleet import FleetEndpoint
 from ..pricing import Model, usd_text
 from ..providers import Provider, get_provider
 from ..records import Completion
 from .client import Client
 from .ratelimit import RateLimiter
+from .refusable import Refusable, taken_by
 
 MARGIN = 0.99  # of an endpoint's stated rpm
 BENCH_S = 5.0  # an endpoint's first bench (router.py doubles it while it keeps failing)
 
 
-def rebody(body: bytes, source: Provider, target: Provider, model: str) -> bytes:
-    """A body encoded by ``source`` as ``target`` would encode it, for ``model``."""
+def rebody(body: bytes, source: Provider, target: Provider, model: str, drop: tuple[str, ...] = ()) -> bytes:
+    """A body encoded by ``source`` as ``target`` would encode it, for ``model``, without ``drop``."""
     payload = orjson.loads(body)
     if source.name == "dataoorts":
         fields = payload["data"]
     else:
         fields = {k: v for k, v in payload.items() if k != "model"}
+    for name in drop:
+        fields.pop(name, None)
     if target.name == "dataoorts":
         return orjson.dumps({"model": model, "data": fields})
     return orjson.dumps({"model": model, **fields})
@@ -65,11 +71,23 @@ class Member:
     """One endpoint of the fleet, as the pool uses it."""
 
     def __init__(
-        self, spec: FleetEndpoint, key: str | None, timeout: float, primary: Provider, primary_model: str
+        self,
+        spec: FleetEndpoint,
+        key: str | None,
+        timeout: float,
+        primary: Provider,
+        primary_model: str,
+        fields: tuple[str, ...] = (),
+        warn: Callable[[str], None] = lambda m: None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
         self.provider = get_provider(spec.provider)
+        # The job's optional fields (response_format, logprobs): those its provider takes, each
+        # on until it refuses it; the others never sent to it.
+        taken = taken_by(self.provider, fields)
+        self.refusable = Refusable(taken, warn, spec.name) if taken else None
+        self._never = tuple(f for f in fields if f not in taken)
         self.model: Model = spec.model
         # Paced a hair under its stated limit: arrivals jitter on the way, and a server that counts
         # them exactly would answer the early ones 429 at 100%.
@@ -125,8 +143,13 @@ class Member:
             rates.append(self.concurrency / self.spec.latency)
         return min(rates) if rates else 1e9
 
+    def refused(self, error: FatalAPIError, body: bytes) -> bool:
+        """Was ``error`` this endpoint refusing an optional field? It then goes without it."""
+        return self.refusable is not None and self.refusable.refused(error, body) is not None
+
     async def complete(self, body: bytes) -> Completion:
-        if not self._same:
-            body = rebody(body, self._primary, self.provider, self.model.name)
+        drop = self._never if self.refusable is None else self._never + self.refusable.refused_fields
+        if not self._same or drop:
+            body = rebody(body, self._primary, self.provider, self.model.name, drop)
         completion = await self.client.complete(body)
         return dataclasses.replace(completion, endpoint=self.name)

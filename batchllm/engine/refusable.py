@@ -19,6 +19,7 @@ import orjson
 from ..errors import FatalAPIError
 from ..labeling.confidence import LOGPROBS
 from ..labeling.structured import PARAM
+from ..providers import Provider
 
 # What the run goes on without, said once when the server refuses the field.
 WITHOUT = {
@@ -32,13 +33,14 @@ WITHOUT = {
 class Refusable:
     """The optional fields a run's requests carry, each on until a server refuses it."""
 
-    __slots__ = ("fields", "refused_fields", "_keys", "_warn")
+    __slots__ = ("fields", "refused_fields", "_keys", "_warn", "_who")
 
-    def __init__(self, fields: tuple[str, ...], warn: Callable[[str], None]) -> None:
+    def __init__(self, fields: tuple[str, ...], warn: Callable[[str], None], who: str = "") -> None:
         self.fields = fields
         self.refused_fields: tuple[str, ...] = ()
         self._keys = {f: f'"{f}":'.encode() for f in fields}  # as orjson writes the body's keys
         self._warn = warn
+        self._who = who  # a fleet's endpoint (member.py): the field is off for it alone
 
     @property
     def on(self) -> bool:
@@ -54,7 +56,13 @@ class Refusable:
             if name in error.message and self._keys[name] in body:
                 if name not in self.refused_fields:
                     self.refused_fields = (*self.refused_fields, name)
-                    self._warn(f"the server refuses {name} ({error.describe()}): {WITHOUT[name]}")
+                    who = f"fleet endpoint {self._who!r}" if self._who else "the server"
+                    without = WITHOUT[name]
+                    if self._who:
+                        without = without.replace(
+                            "requests go without", f"requests to {self._who!r} go without"
+                        )
+                    self._warn(f"{who} refuses {name} (HTTP {error.status}: {error.message}): {without}")
                 return self.plain(body)
         return None
 
@@ -69,7 +77,18 @@ class Refusable:
         return orjson.dumps(payload)
 
 
-def refusable(structured: bool, logprobs: bool, warn: Callable[[str], None]) -> Refusable | None:
+def optional_fields(structured: bool, logprobs: bool) -> tuple[str, ...]:
     """A run's optional fields: ``response_format`` when structured, ``logprobs`` when asked."""
-    fields = tuple(name for name, on in ((PARAM, structured), (LOGPROBS, logprobs)) if on)
+    return tuple(name for name, on in ((PARAM, structured), (LOGPROBS, logprobs)) if on)
+
+
+def taken_by(provider: Provider, fields: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``fields`` the provider takes (a fleet's dataoorts endpoint takes neither)."""
+    takes = {PARAM: provider.takes_response_format, LOGPROBS: provider.returns_logprobs}
+    return tuple(f for f in fields if takes[f])
+
+
+def refusable(structured: bool, logprobs: bool, warn: Callable[[str], None]) -> Refusable | None:
+    """The run's optional fields, each on until the server refuses it (None: there are none)."""
+    fields = optional_fields(structured, logprobs)
     return Refusable(fields, warn) if fields else None

@@ -19,7 +19,10 @@ every request with no answer for ``GIVE_UP_S`` seconds (a refused port is benche
 it may come back, so a fleet of dead ones would otherwise wait for a probe to succeed forever).
 
 A body is encoded once, for the job's provider and model; an endpoint of another provider or
-model name gets it re-encoded (``rebody``), a few microseconds a request.
+model name gets it re-encoded (``rebody``), a few microseconds a request. Optional fields
+(``response_format``, ``logprobs``) are each endpoint's own: a body carries one when any endpoint
+takes it (job.py), and it is taken out for an endpoint whose provider has none or that refused it
+(a 400 naming it turns it off for that endpoint alone: member.py, refusable.py).
 """
 
 from __future__ import annotations
@@ -281,6 +284,7 @@ def fleet_router(
     primary_model: str,
     warn: Callable[[str], None],
     environ: Mapping[str, str] | None = None,
+    fields: tuple[str, ...] = (),
 ) -> Router:
     """The fleet's members, cheapest first (by the price of a request with as many prompt as
     reply tokens), each with its key from its own variable; a missing key is a usage error."""
@@ -299,5 +303,5 @@ def fleet_router(
                 raise JobError(
                     f"fleet endpoint {spec.name!r}: its key would cross the network in clear text; use https"
                 )
-        members.append(Member(spec, key, timeout, primary, primary_model))
+        members.append(Member(spec, key, timeout, primary, primary_model, fields, warn))
     return Router(sorted(members, key=lambda m: m.price), warn)

@@ -29,7 +29,8 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
-from ..fleet import FleetEndpoint, parse_deadline
+from ..fleet import FleetEndpoint, fleet_text, parse_deadline
+from ..folders import make_folders
 from ..ledger import RunRecord, Snapshot, of_job
 from ..prompts import PromptBuilder
 from .budget import Budget
@@ -46,7 +47,7 @@ from .output import Totals, write_output
 from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
-from .refusable import refusable
+from .refusable import optional_fields, refusable
 from .reopen import open_journal
 from .reuse import Reuse
 from .router import fleet_router
@@ -143,6 +144,8 @@ class Run:
                 "checkpoint": str(job.journal_dir),
                 "version": __version__,
             }
+            # A fleet's endpoints have their own providers and models: the header names them.
+            | ({"fleet": fleet_text(endpoint.fleet or job.fleet)} if job.fleet else {})
         )
         if p.model.prices is None:
             self.warn(
@@ -202,7 +205,10 @@ class Run:
         router = None
         if job.fleet is not None:  # each endpoint paces itself (router.py); the pool does not
             fleet = endpoint.fleet or job.fleet
-            router = fleet_router(fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys)
+            router = fleet_router(
+                fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys,
+                optional_fields(job.structured_output, job.logprobs),
+            )  # fmt: skip
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
             window = None
@@ -231,12 +237,14 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
-            dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)
+            if router is None:  # a fleet's endpoints each give up their own (member.py)
+                dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)
                 todo = self.plan.todo(journal)
-                router.meet(seconds, lambda: max(0, todo - dispatcher.stats.done))
+                size = packs.size if packs is not None else 1  # the plan is in requests, not rows
+                router.meet(seconds, lambda: -(-max(0, todo - dispatcher.stats.done) // size))
                 if router.plan_note:
                     self.warn(router.plan_note)
             ticker = asyncio.create_task(self._tick(dispatcher, record))
@@ -387,12 +395,16 @@ async def run_job(
         for sig in installed:
             loop.remove_signal_handler(sig)
     if job.summary_json is not None:
-        write_atomic(job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2))
+        write_atomic(
+            job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2), "--summary-json"
+        )
     return result
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, data: bytes, what: str) -> None:
+    """Write ``path`` whole or not at all; ``what`` (the flag) names it if its folder may not
+    be made or written (folders.py)."""
+    make_folders(path, what)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

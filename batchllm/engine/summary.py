@@ -117,6 +117,8 @@ def build_summary(
 ) -> dict[str, Any]:
     job, model = p.job, p.model
     finished = time.time()
+    if message is None and code == ExitCode.ROW_ERRORS and totals is not None:
+        message = f"{totals.failed:,} rows failed"  # said in the summary and the ledger (`spend`)
     priced = model.prices is not None
     out: dict[str, Any] = {
         "batchllm_version": __version__,

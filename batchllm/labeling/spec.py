@@ -19,6 +19,7 @@ import orjson
 import pyarrow as pa
 
 from ..errors import JobError
+from ..sniff import read_text
 
 _TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
@@ -151,7 +152,7 @@ def parse_labels(text: str, where: str) -> tuple[tuple[str, ...], tuple[tuple[st
 def load_schema(path: Path) -> tuple[dict[str, Any], tuple[Field, ...], tuple[str, ...]]:
     """A JSON Schema object file -> (schema, fields, required); a usage error names what is wrong."""
     try:
-        schema = orjson.loads(path.read_bytes())
+        schema = orjson.loads(read_text(path, "JSON schema"))
     except OSError as exc:
         raise JobError(f"--json-schema {path}: {exc.strerror}") from None
     except orjson.JSONDecodeError as exc:
@@ -229,7 +230,7 @@ def labeling_from(kwargs: dict[str, Any], where: Callable[[str], str]) -> Labeli
         return Labeling(labels=names, descriptions=descriptions, **options)
     if labels_file is not None:
         try:
-            text = labels_file.read_text("utf-8")
+            text = read_text(labels_file, "labels file")
         except OSError as exc:
             raise JobError(f"{where('labels_file')} {labels_file}: {exc.strerror}") from None
         names, descriptions = parse_labels(text if "\n" in text.strip() else text + "\n", str(labels_file))

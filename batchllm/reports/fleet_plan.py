@@ -42,14 +42,14 @@ def _on(job: Job, e: FleetEndpoint) -> Job:
 def plan(
     job: Job, fleet: list[FleetEndpoint], deadline_s: float | None, observed: Observed | None
 ) -> dict[str, Any]:
-    lines = []
+    lines: list[dict[str, Any]] = []
     rows = 0
     for e in fleet:
         est = estimate(_on(job, e), None, observed)
         rows = est["rows_to_send"]
         money = est["cost_usd"]
         total = money.get("expected") or money["worst_case"]
-        per_request = est["requests"].get("expected_per_row") or est["requests"]["per_row_worst_case"]
+        per_request = requests_a_row(est)
         tokens = (est["prompt_tokens"]["mean"] or 0) + job.max_tokens
         rate = e.requests_per_s
         if e.tpm:
@@ -59,7 +59,7 @@ def plan(
                 "endpoint": e.name,
                 "provider": e.provider,
                 "model": e.model.name,
-                "rows_per_s": rate / max(per_request, 1.0),
+                "rows_per_s": rate / per_request,
                 "_total_pico": _pico(total),
                 "cost_basis": "expected" if "expected" in money else "worst case",
             }
@@ -100,6 +100,20 @@ def plan(
         },
         "endpoints": [{k: v for k, v in x.items() if not k.startswith("_")} for x in order],
     }
+
+
+def requests_a_row(est: dict[str, Any]) -> float:
+    """The requests a row takes, as the estimate projects them: what the job's observations show;
+    else a pack's share of one request (``--pack``: a deadline is met in requests, not rows, and
+    the router replans from the rows left every few seconds, re-asks included); else the worst
+    case of one row a request."""
+    requests = est["requests"]
+    if requests.get("expected_per_row"):
+        return float(requests["expected_per_row"])
+    packing, rows = est.get("packing"), est["rows_to_send"]
+    if packing and rows:
+        return max(float(packing["requests"]) / rows, 1e-9)
+    return max(float(requests["per_row_worst_case"]), 1.0)
 
 
 def _pico(text: str | None) -> int:

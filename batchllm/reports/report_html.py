@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..folders import make_folders
 from ..pricing import to_usd as usd
 from . import svg
 from .report import build_report, load
@@ -150,6 +151,6 @@ def write_html(path: Path, output: Path, by: str | None, gold: str | None = None
 <h2>Plots</h2><div class="plots">{"".join(plots)}</div>
 </body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path, "--html")
     path.write_text(page, encoding="utf-8")
     return report

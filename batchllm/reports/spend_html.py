@@ -11,6 +11,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from ..folders import make_folders
 from ..pricing import PICO_PER_USD
 from . import svg
 from .spend_figures import SUMS, groups, per_day_per_thousand, rate_from
@@ -149,5 +150,5 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
 {"".join(sections[4:])}
 </body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path, "--html")
     path.write_text(page, encoding="utf-8")

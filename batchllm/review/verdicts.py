@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..labeling.spec import Field, Labeling
+from ..sniff import read_text
 from .studio import LABEL
 
 
@@ -38,7 +39,7 @@ def read_export(path: Path, labeling: Labeling) -> list[Verdict]:
     """A Label Studio JSON export's verdicts; a file that is not one: a usage error naming the
     first bad task."""
     try:
-        tasks = orjson.loads(path.read_bytes())
+        tasks = orjson.loads(read_text(path, "export"))
     except OSError as exc:
         raise JobError(f"{path}: cannot read the export ({exc.strerror})") from None
     except orjson.JSONDecodeError as exc:
