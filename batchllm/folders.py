@@ -56,3 +56,12 @@ def make_folders(path: Path, what: str) -> Path | None:
     os.close(fd)
     os.unlink(probe)
     return missing[0] if missing else None
+
+
+def write_atomic(path: Path, data: bytes, what: str) -> None:
+    """Write ``path`` whole or not at all; ``what`` (the flag) names it if its folder may not
+    be made or written."""
+    make_folders(path, what)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -12,7 +12,6 @@ as a whole batch of 400s, and a parameter the provider does not take is a usage 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ from .errors import JobError
 from .fleet import FleetEndpoint, dearest
 from .folders import folders_to_make
 from .job_keys import PARSERS, SAMPLING_KEYS, check_endpoint
+from .job_labeling import check_structured_on, confidence_mode
 from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
 from .pricing import Prices
@@ -245,9 +245,9 @@ def build_job(
         kwargs["prices"] = dearest(kwargs["fleet"])
     kwargs["labeling"] = labeling_from(kwargs, where)
     if kwargs["labeling"] is not None:
-        kwargs["labeling"] = _confidence(kwargs["labeling"], provider, kwargs.get("fleet"), where)
+        kwargs["labeling"] = confidence_mode(kwargs["labeling"], provider, kwargs.get("fleet"), where)
     if kwargs.get("structured") == "on":
-        _structured_on(kwargs, provider, where("structured"))
+        check_structured_on(kwargs, provider, where("structured"))
     if "examples" in kwargs:
         if kwargs["labeling"] is None:
             raise JobError(f"{where('examples')}: few-shot examples go with --labels or --json-schema")
@@ -358,52 +358,6 @@ def _sampling_params(
         except ValueError as exc:
             raise JobError(f"{where(key)} {exc}") from None
     return out
-
-
-def _structured_on(kwargs: Mapping[str, Any], provider: Provider, where: str) -> None:
-    """``--structured on``: a labeling job, sent where ``response_format`` is taken."""
-    if kwargs["labeling"] is None:
-        raise JobError(f"{where} on: structured output goes with --labels, --labels-file or --json-schema")
-    if "response_format" in (kwargs.get("extra_body") or {}):
-        raise JobError(f"{where} on: the job's [extra_body] has a response_format of its own; drop one")
-    fleet = kwargs.get("fleet")
-    if fleet:  # its endpoints', not the job's provider (engine/router.py)
-        names = [f"fleet endpoint {e.name!r} ({e.provider} API)" for e in fleet
-                 if not get_provider(e.provider).takes_response_format]  # fmt: skip
-        auto = "auto (which sends it to the endpoints that take it)"
-    else:
-        names = [] if provider.takes_response_format else [f"the {provider.name} API"]
-        auto = "auto"
-    if names:
-        has = "have" if len(names) > 1 else "has"
-        raise JobError(
-            f"{where} on: {', '.join(names)} {has} no JSON mode (no response_format); use "
-            f"--structured {auto} or off (replies are then read and re-asked as free text)"
-        )
-
-
-def _confidence(labeling: Labeling, provider: Provider, fleet: Any, where: Callable[[str], str]) -> Labeling:
-    """``--confidence`` resolved for the job's provider(s): auto is logprobs where every one returns
-    them, else the votes of samples, else off (labeling/confidence.py)."""
-    names = {provider.name, *(e.provider for e in fleet or ())}
-    logprobs = all(get_provider(n).returns_logprobs for n in names)
-    mode = labeling.confidence
-    if mode == "auto":
-        mode = "logprobs" if logprobs else "votes" if labeling.samples > 1 else "off"
-    elif mode == "logprobs" and not logprobs:
-        missing = sorted(n for n in names if not get_provider(n).returns_logprobs)[0]
-        raise JobError(
-            f"{where('confidence')} logprobs: the {missing} API returns no logprobs; use --confidence "
-            "votes with --samples 2 or more (the winning label's share of the votes), or off"
-        )
-    elif mode == "votes" and labeling.samples < 2:
-        raise JobError(f"{where('confidence')} votes: needs --samples 2 or more")
-    if labeling.vote_below is not None and mode != "logprobs":
-        raise JobError(
-            f"{where('vote_below')}: needs a first answer's confidence from logprobs (the openai "
-            "provider, --confidence auto or logprobs)"
-        )
-    return dataclasses.replace(labeling, confidence=mode)
 
 
 def _prices(inp: Any, out: Any, where: Callable[[str], str], cached: Decimal | None = None) -> Prices | None:

@@ -56,8 +56,8 @@ def review_export_cmd(
 ) -> int:
     """Put the picked rows of OUTPUT in front of reviewers: Label Studio tasks, the model's answers
     pre-filled, to a file (-o) or a Label Studio project (--to URL --project NAME)."""
-    from ..engine.runner import write_atomic
     from ..errors import JobError
+    from ..folders import write_atomic
     from ..review.export import export_tasks, send_tasks
     from ..review.picks import parse_pick
 

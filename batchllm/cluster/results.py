@@ -20,10 +20,11 @@ from ..engine.journal import DB_NAME, Journal
 from ..engine.member import Counts
 from ..engine.observer import Observer
 from ..engine.output import SUMMARY_NAME, Totals, read_summary
-from ..engine.runner import RunResult, write_atomic
+from ..engine.runner import RunResult
 from ..engine.stats import Stats, StopReason
 from ..engine.summary import STOP_EXIT, build_summary, next_step
 from ..errors import ExitCode
+from ..folders import write_atomic
 from ..inputs import InputFile
 from ..job import Job
 from ..pricing import Model, format_usd

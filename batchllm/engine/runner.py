@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sqlite3
 import threading
@@ -30,7 +29,7 @@ from .. import __version__
 from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, fleet_text, parse_deadline
-from ..folders import make_folders
+from ..folders import write_atomic
 from ..ledger import RunRecord, Snapshot, of_job
 from ..prompts import PromptBuilder
 from .budget import Budget
@@ -399,12 +398,3 @@ async def run_job(
             job.summary_json, orjson.dumps(result.summary, option=orjson.OPT_INDENT_2), "--summary-json"
         )
     return result
-
-
-def write_atomic(path: Path, data: bytes, what: str) -> None:
-    """Write ``path`` whole or not at all; ``what`` (the flag) names it if its folder may not
-    be made or written (folders.py)."""
-    make_folders(path, what)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
