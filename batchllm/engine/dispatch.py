@@ -38,7 +38,7 @@ from .ratelimit import Backoff, RateLimiter
 from .reuse import Reuse
 from .router import GIVE_UP_S, Router
 from .seams import Gate, Ledger, Pacer, Purse
-from .stats import ErrorWindow, FirstFailures, Stats, StopReason
+from .stats import ErrorWindow, FirstFailures, Stats, StopReason, Unreached
 from .structured import Structured
 from .warmup import Warmup
 
@@ -114,9 +114,8 @@ class Dispatcher(Booking):
         # for a slot, the budget or a backoff) once this is zero: ``_drained`` says so.
         self._on_wire = 0
         self._drained = asyncio.Event()
-        # Since when no request has connected (one endpoint; a fleet's are the router's): None
-        # once one does. Nothing connecting for ``GIVE_UP_S`` stops the run, naming why.
-        self._unreached_since: float | None = None
+        # One endpoint no request connects to stops the run (a fleet's are the router's).
+        self.unreached = Unreached(GIVE_UP_S)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -265,24 +264,6 @@ class Dispatcher(Booking):
             if reserved or not budget.active:
                 budget.settle(reserved, billed)
 
-    def _unreachable(self, exc: RetryableAPIError) -> bool:
-        """True when nothing has connected for ``GIVE_UP_S``: the run stops (exit 4) saying why,
-        as every request would only fail the same way (a wrong endpoint, a server down)."""
-        if not exc.unsent:
-            self._unreached_since = None
-            return False
-        now = time.monotonic()
-        since = self._unreached_since
-        if since is None:
-            self._unreached_since = now
-        elif now - since >= GIVE_UP_S:
-            self.request_stop(
-                StopReason.API,
-                f"{exc.message}, for {now - since:.0f} s: is the endpoint right and its server up?",
-            )
-            return True
-        return False
-
     async def call(
         self, body: bytes, tokens: int, row_id: str, worst_pico: int
     ) -> tuple[Completion | APIError | None, int, float]:
@@ -333,7 +314,7 @@ class Dispatcher(Booking):
                 try:
                     if member is None:
                         completion = await self.client.complete(body)
-                        self._unreached_since = None
+                        self.unreached.since = None
                     else:
                         member.counts.requests += 1
                         completion = await member.complete(body)
@@ -359,7 +340,8 @@ class Dispatcher(Booking):
                     self.journal.gave_up(row_id, worst)
                     if not self.budget.gave_up(worst):
                         self.request_stop(StopReason.BUDGET, "budget reached")
-                if member is None and self._unreachable(exc):
+                if member is None and (why := self.unreached.failed(exc)) is not None:
+                    self.request_stop(StopReason.API, why)
                     return None, attempt, 0.0  # the endpoint's fault, not the row's: pending
                 elapsed = time.monotonic() - first
                 if exc.throttled:
@@ -396,7 +378,7 @@ class Dispatcher(Booking):
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
-                self._unreached_since = None
+                self.unreached.since = None
                 if member is not None:
                     router.heard(member)  # type: ignore[union-attr]
                 if structured is not None and (plain := structured.refused(exc, body)) is not None:
