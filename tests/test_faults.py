@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import socket
+import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import prompts_csv, run_cli, write_csv
+from .conftest import prompts_csv, run_cli, spawn, write_csv
 
 LIMIT = 20  # requests/s enforced by the sandbox
 
@@ -187,3 +189,24 @@ def test_the_first_rows_failing_alike_stop_the_run(sandbox_factory, tmp_path: Pa
     assert "each of the first 5 rows failed with the same error" in result.stderr
     assert "maximum context length" in result.stderr
     assert box.count() <= 5 + 2
+
+
+def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(tmp_path: Path) -> None:
+    """Nothing listens at the endpoint: no connection for 30 s stops the run (exit 4) within a
+    minute, naming the address and the reason in words; nothing was sent, so nothing may have
+    been billed. (Paced at the provider's documented rate, its refused retries once ran 150 s
+    until the error rate stopped it, never saying why.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections to it are refused
+    src, out = prompts_csv(tmp_path / "in.csv", 200), tmp_path / "out.parquet"
+    env = {"DATAOORTS_ENDPOINT": f"http://127.0.0.1:{port}/api/v1", "DATAOORTS_API_KEY": "k"}
+    started = time.monotonic()
+    proc = spawn(["run", str(src), "-o", str(out), "--progress", "none"], env=env)
+    _, err = proc.communicate(timeout=200)
+    took = time.monotonic() - started
+    assert proc.returncode == 4, err
+    assert took < 60, (took, err)
+    stopped = next(line for line in err.splitlines() if line.startswith("stopped: "))
+    assert stopped.startswith(f"stopped: cannot connect to 127.0.0.1:{port}: connection refused"), stopped
+    assert "ssl:default" not in err and "maybe billed" not in err, err

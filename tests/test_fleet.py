@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
@@ -367,6 +368,35 @@ def test_a_fleet_with_no_working_endpoint_stops_within_a_minute(sandbox_factory,
         sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in ok)
         == (stats["prompt_tokens"] + stats["completion_tokens"]) * 100_000
     )
+
+
+def test_a_fleet_that_answers_nothing_stops_within_a_minute(sandbox_factory, tmp_path: Path) -> None:
+    """One endpoint takes every request and never answers (its --timeout is 20 s), the other
+    refuses connections: once the hung requests time out, with no answer for 30 s, the run stops
+    (exit 4) within a minute. A slow endpoint is not a dead one: requests in flight have their
+    --timeout before it counts as silent. The hung requests stay pending, counted as maybe billed
+    (they reached a server); the refused ones are not. The refused port's cause is in words, once."""
+    hung = sandbox_factory(fail_hang=1.0)
+    gone = sandbox_factory()
+    gone.stop()
+    port = urllib.parse.urlsplit(gone.openai_url).port
+    fleet = _dead_fleet(tmp_path / "dead.toml", hung=hung.openai_url, refused=gone.openai_url)
+    src, out = prompts_csv(tmp_path / "in.csv", 40), tmp_path / "out.parquet"
+    started = time.monotonic()
+    args = ["run", str(src), "-o", str(out), "--fleet", str(fleet), "--timeout", "20", "--progress", "none"]
+    proc = spawn(args, env={"HUNG_KEY": hung.key})
+    _, err = proc.communicate(timeout=150)
+    took = time.monotonic() - started
+    assert proc.returncode == 4, err
+    assert took < 60, (took, err)
+    stopped = next(line for line in err.splitlines() if line.startswith("stopped: "))
+    assert re.search(r"'hung' has answered nothing for \d+ s \(.*20 s", stopped), stopped
+    refused = rf"'refused' has answered nothing for \d+ s \(cannot connect to 127\.0\.0\.1:{port}: connection refused\)"
+    assert re.search(refused, stopped), stopped
+    assert "ssl:default" not in err and "Connect call failed" not in err, err
+    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"pending"}
+    arrived = hung.sandbox._arrived
+    assert arrived > 0 and summary_of(out)["maybe_billed"]["requests"] == arrived, err
 
 
 def test_a_fleet_with_labels_a_budget_and_a_changed_fleet_on_resume(sandbox_factory, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from .conftest import prompts_csv, run_cli, summary_of
 
 PRICES = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct").prices
 assert PRICES is not None
-PRICED = (PRICES.input_pico, PRICES.output_pico)
+PRICED = (PRICES.input_pico, PRICES.output_pico, PRICES.cached_input_pico)
 SLOW = {"latency": 1.0, "jitter": 0.6, "seed": 3, "prices": PRICED}  # 0.4 to 1.6 s
 TIMEOUT = ["--timeout", "1", "--max-attempts", "4", "--rpm", "0", "--cache", "off", "--progress", "none"]
 
@@ -129,9 +129,7 @@ output_price = "{price}"
 def test_a_timed_out_request_at_a_fleet_endpoint_is_maybe_billed(sandbox_factory, tmp_path: Path) -> None:
     prices = {"cheap": "0.20", "dear": "0.60"}
     boxes = {
-        name: sandbox_factory(
-            **{**SLOW, "prices": (int(Decimal(p) * 1_000_000), int(Decimal(p) * 1_000_000))}
-        )
+        name: sandbox_factory(**{**SLOW, "prices": (int(Decimal(p) * 1_000_000),) * 3})
         for name, p in prices.items()
     }
     fleet = tmp_path / "fleet.toml"
@@ -166,6 +164,78 @@ def test_the_cap_holds_with_requests_given_up_on(sandbox_factory, tmp_path: Path
     result = run_cli(["run", str(src), "-o", str(out), *TIMEOUT, "--max-tokens", "16", "--max-cost", str(cap)],
                      env=box.env())  # fmt: skip
     assert result.exit_code == 3, result.output
+    stopped = next(line for line in result.output.splitlines() if line.startswith("stopped: "))
+    assert "requests given up on (timeouts) may have been billed" in stopped, stopped
+    assert "crash" not in stopped, stopped  # there was none
     _settled(box)
     assert box.sandbox.stats["unheard"] > 0
     assert box.sandbox.stats["billed_pico"] <= cap * PICO_PER_USD
+
+
+def _nothing_maybe_billed(out: Path) -> None:
+    """No request of the runs that wrote ``out`` may have been billed: the summary, ``report``,
+    ``status`` and the ledger say none."""
+    assert "maybe_billed" not in summary_of(out), summary_of(out)
+    assert "maybe_billed" not in orjson.loads(run_cli(["report", str(out), "--format", "json"]).output)
+    assert "may have been billed" not in run_cli(["status", str(out)]).output
+    runs = _ledger_runs(out)
+    assert runs and all(not _pico(r.get("maybe_billed_usd")) for r in runs), runs
+
+
+def test_requests_the_server_refused_are_not_maybe_billed(sandbox_factory, tmp_path: Path) -> None:
+    """A rejected key, a model the server lacks, a refused port: the server answered an error or
+    never had the request, so none was billed, and ``--max-cost`` is not used up by them (the
+    next run, with the right key, sends every row under the same cap)."""
+    box = sandbox_factory(prices=PRICED)
+    gone = sandbox_factory()
+    gone.stop()
+    src, out = prompts_csv(tmp_path / "in.csv", 20), tmp_path / "out.parquet"
+    cap = ["--max-cost", "0.001", "--progress", "none"]
+    result = run_cli(
+        ["run", str(src), "-o", str(out), *cap], env={**box.env(), "DATAOORTS_API_KEY": "sk-wrong"}
+    )
+    assert result.exit_code == 4, result.output
+    _nothing_maybe_billed(out)
+    result = run_cli(["run", str(src), "-o", str(out), *cap], env=box.env())
+    assert result.exit_code == 0, result.output
+    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"ok"}
+    _nothing_maybe_billed(out)
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        FLEET.format(name="refused", url=gone.openai_url, price="0.1")
+        + FLEET.format(name="nomodel", url=box.openai_url, price="0.2").replace(
+            "meta-llama/Llama-3.1-70B-Instruct", "no-such/model"
+        )
+        + FLEET.format(name="badkey", url=box.openai_url, price="0.3")
+    )
+    env = {"refused_KEY": "k", "nomodel_KEY": box.key, "badkey_KEY": "sk-wrong"}
+    out = tmp_path / "fleet.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--fleet", str(fleet), *cap], env=env)
+    assert result.exit_code == 4, result.output
+    assert "maybe billed" not in result.output
+    _nothing_maybe_billed(out)
+
+
+def test_the_worst_case_of_a_request_given_up_on_is_the_same_with_or_without_a_cap(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A request given up on may have been billed up to its prompt (counted) and max_tokens: the
+    same figure whether or not ``--max-cost`` is set, and the one ``estimate`` gives."""
+    box = sandbox_factory(latency=2.5, prices=PRICED)
+    src = prompts_csv(tmp_path / "in.csv", 3)
+    job = ["--template", "Say: {prompt}", "--max-tokens", "8", "--timeout", "1", "--max-attempts", "1",
+           "--progress", "none", "--cache", "off"]  # fmt: skip
+    worst = []
+    for name, extra in (("free", []), ("capped", ["--max-cost", "1"])):
+        out = tmp_path / f"{name}.parquet"
+        result = run_cli(["run", str(src), "-o", str(out), *job, *extra], env=box.env())
+        assert result.exit_code == 1, result.output
+        maybe = summary_of(out)["maybe_billed"]
+        assert maybe["requests"] == 3, maybe
+        worst.append(_pico(maybe["worst_case_usd"]))
+    assert worst[0] == worst[1], worst
+    estimate = run_cli(["estimate", str(src), *job[:4], "--format", "json"], env=box.env())
+    assert estimate.exit_code == 0, estimate.output
+    said = orjson.loads(estimate.output)
+    assert worst[0] == _pico(said["cost_usd"]["worst_case"]), said

@@ -251,7 +251,7 @@ def test_money_adds_up_over_fleets_reviews_and_pilots(sandbox_factory, tmp_path:
     boxes = {
         name: sandbox_factory(
             latency=0.25, jitter=0.5, label_wrong=0.15, label_out_of_set=0.2, fail_5xx=0.03, seed=11 + k,
-            prices=(_per_token(price[0]), _per_token(price[1])),
+            prices=(_per_token(price[0]), _per_token(price[1]), _per_token(price[0])),
         )
         for k, (name, price) in enumerate(ENDPOINTS.items())
     }  # fmt: skip

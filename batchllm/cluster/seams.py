@@ -221,6 +221,9 @@ class BatchLedger:
         """A request this actor stopped waiting for may have been billed: the journal counts it."""
         self.coordinator.gave_up.remote(row_id, worst_pico)
 
+    def unbilled(self, row_id: str) -> None:
+        """Nothing written per request (``sent``): nothing to close."""
+
     def leaving(self, row_id: str) -> None:
         """Rows sent again are redone whole on a cluster: no entry to supersede here."""
 

@@ -81,7 +81,7 @@ class Completer:
             self.provider,
             self.model,
             self.maker.prefix,
-            count_all=job.budgeted or job.tpm is not None or self.packing,
+            count_all=self.model.prices is not None or job.tpm is not None or self.packing,
         )
         # Several rows per request (--pack): the same packing as one machine's (engine/packed.py).
         self.packs = Packs(job, self.model, examples, self.admission) if self.packing else None
@@ -218,7 +218,7 @@ class Completer:
         d.router = self.router
         d.refusable = self.refusable
         row_ids = pb.row_ids
-        ready = self.admission.admit(pb, send, self.maker, d.record_rejected, job.budgeted, lambda m: None)
+        ready = self.admission.admit(pb, send, self.maker, d.record_rejected, lambda m: None)
         encode = self.provider.encode
         items = [
             WorkItem(row_ids[i], pb.hashes[i], request, encode(request), tokens, worst)

@@ -143,11 +143,10 @@ class Admission:
         send: Sequence[int],
         maker: RequestMaker,
         reject: Callable[[str, str, Rejection], None],
-        budgeted: bool,
         warn: Callable[[str], None],
     ) -> list[tuple[int, Request, int, int]]:
         """The rows ``send`` of a batch that may leave: (index, request, exact prompt tokens or 0,
-        worst-case cost or 0); the others go to ``reject``."""
+        worst-case cost); the others go to ``reject``."""
         users, requests = pb.users, pb.requests
         exact: dict[int, int] = {}
         countable = [i for i in send if self.needs_count(users[i])]
@@ -172,7 +171,8 @@ class Admission:
                 continue
             assert user is not None
             request = maker.make(user) if given is None else given
-            worst = self.worst_pico(user, prompt_tokens, max_tokens) if budgeted else 0
+            # With or without a cap: a request given up on may have been billed this much.
+            worst = self.worst_pico(user, prompt_tokens, max_tokens)
             ready.append((i, request, prompt_tokens, worst))
         return ready
 

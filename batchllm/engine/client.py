@@ -9,6 +9,7 @@ includes headers, so it cannot leak into a row's ``error`` or a log line.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import aiohttp
@@ -77,7 +78,7 @@ class Client:
         except aiohttp.ClientResponseError as exc:
             raise RetryableAPIError(f"bad HTTP response: {exc.message}", exc.status) from None
         except aiohttp.ClientConnectorError as exc:
-            raise RetryableAPIError(f"connection failed: {exc}", unsent=True) from None
+            raise RetryableAPIError(cannot_connect(exc), unsent=True) from None
         except (aiohttp.ClientError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise RetryableAPIError(f"connection failed: {detail}") from None
@@ -94,3 +95,12 @@ class Client:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
             return None
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
+
+
+def cannot_connect(exc: aiohttp.ClientConnectorError) -> str:
+    """A connection that could not be made, in words: host:port and the OS's reason (aiohttp's
+    own text, "Cannot connect to host ... ssl:default [Connect call failed ...]", says neither
+    plainly)."""
+    err = exc.os_error
+    reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
+    return f"cannot connect to {exc.host}:{exc.port}: {reason[:1].lower()}{reason[1:]}"

@@ -37,9 +37,9 @@ from .plan import Pack, WorkItem
 from .ratelimit import Backoff, RateLimiter
 from .refusable import Refusable
 from .reuse import Reuse
-from .router import Router
+from .router import GIVE_UP_S, Router
 from .seams import Gate, Ledger, Pacer, Purse
-from .stats import ErrorWindow, FirstFailures, Stats, StopReason
+from .stats import ErrorWindow, FirstFailures, Stats, StopReason, Unreached
 from .warmup import Warmup
 
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections, during a run
@@ -114,6 +114,8 @@ class Dispatcher(Booking):
         # for a slot, the budget or a backoff) once this is zero: ``_drained`` says so.
         self._on_wire = 0
         self._drained = asyncio.Event()
+        # One endpoint no request connects to stops the run (a fleet's are the router's).
+        self.unreached = Unreached(GIVE_UP_S)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -135,6 +137,9 @@ class Dispatcher(Booking):
     ) -> None:
         """Process ``items`` until they run out or a stop; returns when every worker is done."""
         self._items = items
+        if self.router is not None:
+            router = self.router
+            router.on_down = lambda: self.request_stop(StopReason.API, router.none_left())
         # What is alive as the pool starts (modules, pandas and pyarrow, the job) is set aside
         # from the cyclic GC for the run: its full collections otherwise walk all of it again
         # every few thousand rows, about a tenth of batchllm's own cost per row (make bench).
@@ -259,15 +264,8 @@ class Dispatcher(Booking):
             if reserved or not budget.active:
                 budget.settle(reserved, billed)
 
-    def worst_bound(self, body: bytes, max_tokens: int) -> int:
-        """A cheap upper bound of one request's cost: every body byte a prompt token, and max_tokens."""
-        prices = self.model.prices
-        if prices is None:
-            return 0
-        return (len(body) + 64) * prices.input_pico + max_tokens * prices.output_pico
-
     async def call(
-        self, body: bytes, tokens: int, row_id: str, worst_pico: int = 0
+        self, body: bytes, tokens: int, row_id: str, worst_pico: int
     ) -> tuple[Completion | APIError | None, int, float]:
         """One request until it succeeds or fails for good: (completion or final error, attempts,
         latency of the last attempt in ms). None when the run stops first (the row stays pending).
@@ -277,12 +275,11 @@ class Dispatcher(Booking):
         """
         stats, limiter, backoff, router = self.stats, self.limiter, self.backoff, self.router
         window = self.window
-        worst = worst_pico or self.worst_bound(body, self.max_tokens)
+        worst = worst_pico  # its prompt (counted, or a bound) and max_tokens at the prices
         refusable = self.refusable
         if refusable is not None and not refusable.on:
             body = refusable.plain(body)  # the server refused a field earlier in the run
         attempt = failures = 0
-        answered = False  # the last attempt got an answer from the server (an error status)
         first = time.monotonic()
         while True:
             if self.stopping:
@@ -306,7 +303,7 @@ class Dispatcher(Booking):
                     router.release(member)  # type: ignore[union-attr]
                 return None, attempt, 0.0
             # Written down before it leaves (inflight.py).
-            self.journal.sent(row_id, worst, answered)
+            self.journal.sent(row_id, worst)
             attempt += 1
             stats.requests += 1
             t0 = time.perf_counter()
@@ -317,6 +314,7 @@ class Dispatcher(Booking):
                 try:
                     if member is None:
                         completion = await self.client.complete(body)
+                        self.unreached.since = None
                     else:
                         member.counts.requests += 1
                         completion = await member.complete(body)
@@ -333,14 +331,18 @@ class Dispatcher(Booking):
                     if member is not None:
                         router.release(member)  # type: ignore[union-attr]
             except RetryableAPIError as exc:
-                # An answer (an error status), or no connection at all: the same request goes
-                # again. Given up on (a timeout, a dropped connection), the server may have
-                # computed and billed it all the same.
-                answered = exc.status is not None or exc.unsent
-                if not answered:
+                # An answer (an error status), or no connection at all: not billed. Given up on
+                # (a timeout, a dropped connection), the server may have computed and billed it
+                # all the same. Either way the same request may go again, as a new one.
+                if exc.status is not None or exc.unsent:
+                    self.journal.unbilled(row_id)
+                else:
                     self.journal.gave_up(row_id, worst)
                     if not self.budget.gave_up(worst):
                         self.request_stop(StopReason.BUDGET, "budget reached")
+                if member is None and (why := self.unreached.failed(exc)) is not None:
+                    self.request_stop(StopReason.API, why)
+                    return None, attempt, 0.0  # the endpoint's fault, not the row's: pending
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1
@@ -365,9 +367,9 @@ class Dispatcher(Booking):
                     await self._sleep(delay)
                 continue
             except RunStopError as exc:
+                self.journal.unbilled(row_id)  # refused (a key, a quota, a model): not billed
                 if member is not None:
                     if router.lose(member, exc):  # type: ignore[union-attr]
-                        answered = True  # refused, so not billed: the same request goes elsewhere
                         continue  # this endpoint is out: the row goes to another
                     self.request_stop(StopReason.API, router.none_left())  # type: ignore[union-attr]
                     return None, attempt, 0.0
@@ -376,13 +378,15 @@ class Dispatcher(Booking):
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
+                self.unreached.since = None
                 if member is not None:
                     router.heard(member)  # type: ignore[union-attr]
                     if member.refused(exc, body):  # off for that endpoint alone (member.py)
-                        answered = True  # refused, so not billed: sent again
+                        self.journal.unbilled(row_id)  # refused, so not billed: sent again
                         continue
                 elif refusable is not None and (plain := refusable.refused(exc, body)) is not None:
-                    body, answered = plain, True  # refused, so not billed: sent again without it
+                    self.journal.unbilled(row_id)  # refused, so not billed: sent again without it
+                    body = plain
                     continue
                 return exc, attempt, 0.0
             latency_ms = (trip or 0.0) * 1000.0

@@ -7,8 +7,9 @@ without a saved reply, with the most each could cost.
 
 A labeling row sends its requests one after another, and its next request may leave before the
 commit of the previous reply: so a row can have two ``S`` open, and a ``D`` closes the oldest.
-A retry after the server answered with an error (a 5xx) opens no second ``S``: the first stands
-for it, with the same worst case. A request the client gave up on (a timeout, a dropped
+A request the server answered with an error status (a 5xx, a 429, a rejected key, a model it
+lacks), or that never connected, was not billed: it is closed at once (``unbilled``), and a
+retry is a new request with its own ``S``. A request the client gave up on (a timeout, a dropped
 connection) may have been computed and billed all the same: it is counted in ``maybe_billed`` at
 once (``gave_up``), and its retry is a new request with its own ``S``.
 
@@ -29,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 LOG_NAME = "inflight.log"
+# Why requests were counted as maybe billed: the key each count is kept under, in words.
+CAUSES = {
+    "timeouts": "requests given up on (timeouts)",
+    "crash": "requests in flight at a crash",
+    "stop": "requests cancelled in flight at a stop",
+}
 _CAPACITY = 4 << 20
 
 
@@ -150,21 +157,35 @@ class InflightBook:
             return 0, 0
         return count(replay(self.directory / LOG_NAME))
 
-    def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
+    def maybe_billed(
+        self, current: bool = True, add: tuple[int, int] = (0, 0), cause: str = "crash"
+    ) -> dict[str, int]:
         """Every crash's unsaved requests so far (taken in by ``start_inflight``), with
-        ``current`` those of a run that died and no run has taken in yet, and ``add``."""
+        ``current`` those of a run that died and no run has taken in yet, and ``add`` (counted
+        under ``cause``, a key of ``CAUSES``, as the others are under theirs)."""
         kept = self.get_meta("maybe_billed") or {"requests": 0, "worst_pico": 0}
         now, worst = self.inflight() if current else (0, 0)
-        return {
+        out = {
+            **kept,
             "requests": kept["requests"] + now + add[0],
             "worst_pico": kept["worst_pico"] + worst + add[1],
         }
+        for key, n in (("crash", now), (cause, add[0])):
+            if n:
+                out[key] = out.get(key, 0) + n
+        return out
 
     def gave_up(self, row_id: str, worst_pico: int) -> None:
         """A request the client stopped waiting for (a timeout, a dropped connection): the server
         may have computed and billed it all the same, so it leaves the log for ``maybe_billed``,
         kept before the log says it is done (a crash between the two counts it twice, never not)."""
-        self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(1, worst_pico)))
+        self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(1, worst_pico), cause="timeouts"))
+        if self.inflight_log is not None:
+            self.inflight_log.done([row_id])
+
+    def unbilled(self, row_id: str) -> None:
+        """A request the server refused (an error status) or never got (a refused connection): not
+        billed, so it leaves the log uncounted, whatever ends its row after."""
         if self.inflight_log is not None:
             self.inflight_log.done([row_id])
 
@@ -184,8 +205,15 @@ class InflightBook:
             return
         if log.pending:
             lost = count(log.pending)
-            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=lost))
+            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=lost, cause="stop"))
         log.close()
+
+
+def causes(lost: dict[str, int]) -> str:
+    """What the requests counted as maybe billed were, in words (a journal from before the
+    causes were kept says none)."""
+    said = [text for key, text in CAUSES.items() if lost.get(key)]
+    return " and ".join(said) if said else "requests without a saved reply"
 
 
 def _create(path: Path, content: bytes, capacity: int) -> tuple[int, mmap.mmap]:

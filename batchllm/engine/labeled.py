@@ -88,7 +88,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
     capped = budget.active
     max_tokens = step.request.max_tokens or d.max_tokens
     body = item.body if step.request is item.request else d.provider.encode(step.request)
-    worst = worst_pico(d, step.request, max_tokens) if capped else 0
+    worst = worst_pico(d, step.request, max_tokens)
     if capped and not await budget.reserve(worst):
         d.request_stop(StopReason.BUDGET, "budget reached")
         return None, 0, 0.0

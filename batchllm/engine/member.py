@@ -107,7 +107,10 @@ class Member:
         self.probing = False
         self.gone: str | None = None  # why it is out for the rest of the run ("auth", "quota", "model")
         self.cause: str | None = None  # why it is out, or the last failure with no answer, in words
-        self.failing_since: float | None = None  # its first failure since its last answer
+        # When its first request since its last answer left: it has answered nothing since,
+        # requests in flight included (a hung server fails none before its --timeout).
+        self.quiet_since: float | None = None
+        self.timeout = timeout
         self.paced: RateLimiter | None = None  # --deadline: the share of the rows the plan gives it
         self.idle = False  # --deadline: the plan needs none of it now
         # What orders the fleet: a request with as many prompt as reply tokens.
@@ -142,6 +145,14 @@ class Member:
         elif self.spec.latency:
             rates.append(self.concurrency / self.spec.latency)
         return min(rates) if rates else 1e9
+
+    def silent_after(self, give_up_s: float) -> float | None:
+        """When it counts as answering nothing: ``give_up_s`` after its quiet began once a request
+        has failed with no answer (a refused port, a timeout), else not before its requests in
+        flight have had their ``--timeout`` (a slow server is not a dead one); None: not quiet."""
+        if self.quiet_since is None:
+            return None
+        return self.quiet_since + (give_up_s if self.failures else max(give_up_s, self.timeout))
 
     def refused(self, error: FatalAPIError, body: bytes) -> bool:
         """Was ``error`` this endpoint refusing an optional field? It then goes without it."""

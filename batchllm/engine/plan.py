@@ -36,7 +36,7 @@ class WorkItem(NamedTuple):
     request: Request
     body: bytes
     prompt_tokens: int  # exact estimate, or 0 when not counted
-    worst_pico: int  # the most this row may cost; 0 when no budget
+    worst_pico: int  # the most this row may cost (0: the model has no prices)
     prior: tuple[Attempt, ...] = ()  # a labeling row's requests journaled by an earlier run
     retry: bool = False  # sent again after it ended invalid (--retry-errors): fresh re-asks
     key: str = ""  # Request.key(): identical rows share one request (reuse.py)
@@ -66,9 +66,11 @@ class Plan:
         self.job = p.job
         self.warn = warn
         self.only = only  # a pilot runs only these input positions (reports/estimate.py)
-        # Packing rows (--pack) fills requests by tokens: every row is counted.
+        # Packing rows (--pack) fills requests by tokens: every row is counted; so is every row
+        # with prices, for its worst case (a cap's, and what a request given up on may cost).
         packing = p.job.labeling is not None and p.job.labeling.pack > 1
-        self.admission = Admission.of(p, count_all=p.job.budgeted or p.job.tpm is not None or packing)
+        priced = p.model.prices is not None
+        self.admission = Admission.of(p, count_all=priced or p.job.tpm is not None or packing)
 
     def _decide(
         self, journal: Journal, quiet: bool = False
@@ -159,7 +161,6 @@ class Plan:
         another row or the cache answers are recorded by ``reuse`` instead of being sent."""
         admission, provider = self.admission, self.p.provider
         maker = self.p.maker()
-        budget = self.job.budgeted
         labeling = self.job.labeling is not None
         for pb, send, invalid, replaces in self._decide(journal):
             row_ids, hashes = pb.row_ids, pb.hashes
@@ -170,7 +171,7 @@ class Plan:
                 prior.update(journal.first_attempts([r for r in resumed if r not in prior]))
             for i, how in replaces.items():
                 journal.replacing[row_ids[i]] = how
-            ready = admission.admit(pb, send, maker, reject, budget, self.warn)
+            ready = admission.admit(pb, send, maker, reject, self.warn)
             if pb.requests is not None:  # lines of several prefixes: each one's together (warmup.py)
                 ready.sort(key=lambda r: r[1].cache_key or "")
             keys: Sequence[str | None] = [""] * len(ready)

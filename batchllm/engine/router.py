@@ -72,6 +72,9 @@ class Router:
         self._left: Callable[[], int] = lambda: 0
         self._replan_at = 0.0
         self.plan_note: str | None = None
+        # Called when no endpoint is left (``left``) with no failure to say so: the pool stops.
+        self.on_down: Callable[[], None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # -- a deadline --------------------------------------------------------------------------
 
@@ -113,8 +116,9 @@ class Router:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._watchdog):
+            if timer is not None:
+                timer.cancel()
         for m in self.members:
             await m.client.__aexit__(*exc)
 
@@ -161,6 +165,9 @@ class Router:
             self._waiters.popleft()
             m.take(tokens)
             m.in_flight += 1
+            if m.quiet_since is None:
+                m.quiet_since = now
+                self._watch(now)
             future.set_result(m)
         if self._timer is not None:
             self._timer.cancel()
@@ -196,7 +203,7 @@ class Router:
     def heard(self, m: Member) -> None:
         """The endpoint answered (a reply, a 429, a request it rejects): it is up."""
         m.failures = 0
-        m.failing_since = None
+        m.quiet_since = None
 
     def throttled(self, m: Member, retry_after: float | None) -> None:
         m.counts.throttled += 1
@@ -209,14 +216,16 @@ class Router:
         now = self.clock()
         m.counts.errors += 1
         m.failures += 1
-        if m.failing_since is None:
-            m.failing_since = now
         m.cause = exc.message if exc.status is None else f"HTTP {exc.status}: {exc.message}"
         if m.failures >= BENCH_AFTER or m.probing:
             m.benched_until = now + m.bench_s
             m.bench_s = min(BENCH_MAX_S, m.bench_s * 2)
             m.probing = True
             m.failures = 0
+        if self._watchdog is not None:  # its quiet now counts from its first failure's rule
+            self._watchdog.cancel()
+            self._watchdog = None
+            self._watch(now)
         return self.left()
 
     def lose(self, m: Member, exc: RunStopError) -> bool:
@@ -231,23 +240,45 @@ class Router:
         return self.left()
 
     def left(self) -> bool:
-        """Is an endpoint left that may still answer: not out, and not failing every request
-        with no answer for ``GIVE_UP_S`` (one never tried, or benched a short while, may)?"""
+        """Is an endpoint left that may still answer: not out, and not silent since its first
+        request after its last answer for ``GIVE_UP_S`` once a request failed, or for its
+        ``--timeout`` while its requests are only slow (``Member.silent_after``; one never tried may)?"""
         now = self.clock()
         return any(
-            m.gone is None and (m.failing_since is None or now - m.failing_since < GIVE_UP_S)
-            for m in self.members
+            m.gone is None and ((at := m.silent_after(GIVE_UP_S)) is None or now < at) for m in self.members
         )
+
+    def _watch(self, now: float) -> None:
+        """Wake when the next endpoint has been silent ``GIVE_UP_S``: with none left, the run is
+        stopped then (``on_down``), not at the next failure, which a hung endpoint gives only
+        at its ``--timeout``."""
+        if self._watchdog is not None or self.on_down is None:
+            return
+        due = [
+            at
+            for m in self.members
+            if m.gone is None and (at := m.silent_after(GIVE_UP_S)) is not None and at > now
+        ]
+        if due:  # else none is silent yet: the next to send calls this again
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(min(due) - now, self._wake_watch)
+
+    def _wake_watch(self) -> None:
+        self._watchdog = None
+        if not self.left():
+            assert self.on_down is not None
+            self.on_down()
+        else:
+            self._watch(self.clock())
 
     def none_left(self) -> str:
         """Why the run stops when ``left()`` is false: each endpoint and its cause, in words."""
         now = self.clock()
         causes = []
         for m in self.members:
-            if m.gone is None and m.failing_since is not None:
-                causes.append(
-                    f"{m.name!r} has answered nothing for {now - m.failing_since:.0f} s ({m.cause})"
-                )
+            if m.gone is None and m.quiet_since is not None:
+                cause = m.cause or f"{m.in_flight} requests in flight, no reply yet"
+                causes.append(f"{m.name!r} has answered nothing for {now - m.quiet_since:.0f} s ({cause})")
             else:
                 causes.append(f"{m.name!r} {m.cause}")
         return "no endpoint of the fleet is left to send to: " + "; ".join(causes)
@@ -255,9 +286,7 @@ class Router:
     def summary(self) -> dict[str, Any]:
         down = not self.left()  # the run stopped for want of an endpoint: say which never answered
         return {
-            m.name: m.counts.describe(
-                m.gone or ("no answer" if down and m.failing_since is not None else None)
-            )
+            m.name: m.counts.describe(m.gone or ("no answer" if down and m.quiet_since is not None else None))
             for m in self.members
         }
 

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from ..errors import APIError, FatalAPIError
+from ..errors import APIError, FatalAPIError, RetryableAPIError
 
 FIRST_ROWS = 5  # rows that all fail alike before a run stops (``FirstFailures``)
 
@@ -114,3 +114,24 @@ class FirstFailures:
             "the job, not the rows, looks wrong (model, parameters, endpoint), so nothing more was sent; "
             "fix it, then run the command again"
         )
+
+
+class Unreached:
+    """One endpoint no request has connected to: after ``seconds`` of that the run stops,
+    saying why, as every request would only fail the same way (a wrong endpoint, a server down)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.since: float | None = None  # the first failure to connect since one connected
+
+    def failed(self, exc: RetryableAPIError) -> str | None:
+        """A request failed: the stop message once nothing has connected for ``seconds``."""
+        if not exc.unsent:
+            self.since = None
+            return None
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.seconds:
+            return f"{exc.message}, for {now - self.since:.0f} s: is the endpoint right and its server up?"
+        return None

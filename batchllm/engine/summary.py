@@ -17,6 +17,7 @@ from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from ..providers import Provider
 from .budget import Budget
 from .dispatch import Dispatcher, Stats, StopReason
+from .inflight import causes
 from .journal import RESCUE_NAME, Journal
 from .output import Totals
 
@@ -60,14 +61,11 @@ def stop_message(
             f"{format_usd(job.max_cost_per_run_pico or 0)} cap (--max-cost-per-run); the next run continues"
         )
     if reason is StopReason.BUDGET:
-        lost = journal.maybe_billed(current=False)["worst_pico"]
+        lost = journal.maybe_billed(current=False)
+        worst = lost["worst_pico"]
         return (
-            f"budget reached: this output has cost {format_usd(budget.spent - lost)}"
-            + (
-                f" and up to {format_usd(lost)} more may have been billed in flight at a crash,"
-                if lost
-                else ""
-            )
+            f"budget reached: this output has cost {format_usd(budget.spent - worst)}"
+            + (f" and {causes(lost)} may have been billed up to {format_usd(worst)} more," if worst else "")
             + f" of the {format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
         )
     if reason is StopReason.API and dispatcher.stop_error is not None:
