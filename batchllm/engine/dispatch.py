@@ -85,17 +85,14 @@ class Dispatcher(Booking):
         self.grace = grace
         self.tpm_enabled = tpm_enabled
         self.labeling = labeling
-        # A labeling row's requests (engine/labeled.py ``label_row``), or a group of rows packed
-        # several per request (engine/packed.py): handed in by the caller, as they build on
-        # this pool.
+        # A labeling row's requests (labeled.py ``label_row``), or rows packed several to a
+        # request (packed.py): handed in by the caller, as they build on this pool.
         self.label = label
         self.reuse = reuse
         self._sleep = sleep
         self.gate = gate
         self.warmup = warmup  # rows sharing a cacheable prefix wait for its first (warmup.py)
-        # How many of the ``concurrency`` workers may have a request on the wire (concurrency.py);
-        # None: all of them (a fleet's endpoints limit themselves, router.py).
-        self.window = window
+        self.window = window  # how many workers may have a request on the wire (concurrency.py)
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self.refusable: Refusable | None = None  # optional fields a server may refuse (refusable.py)
         self._prices = model.prices

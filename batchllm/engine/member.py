@@ -110,6 +110,7 @@ class Member:
         # When its first request since its last answer left: it has answered nothing since,
         # requests in flight included (a hung server fails none before its --timeout).
         self.quiet_since: float | None = None
+        self.quiet_failed = False  # a request failed with no answer since then (router.failed)
         self.timeout = timeout
         self.paced: RateLimiter | None = None  # --deadline: the share of the rows the plan gives it
         self.idle = False  # --deadline: the plan needs none of it now
@@ -152,7 +153,7 @@ class Member:
         flight have had their ``--timeout`` (a slow server is not a dead one); None: not quiet."""
         if self.quiet_since is None:
             return None
-        return self.quiet_since + (give_up_s if self.failures else max(give_up_s, self.timeout))
+        return self.quiet_since + (give_up_s if self.quiet_failed else max(give_up_s, self.timeout))
 
     def refused(self, error: FatalAPIError, body: bytes) -> bool:
         """Was ``error`` this endpoint refusing an optional field? It then goes without it."""

@@ -204,6 +204,7 @@ class Router:
         """The endpoint answered (a reply, a 429, a request it rejects): it is up."""
         m.failures = 0
         m.quiet_since = None
+        m.quiet_failed = False
 
     def throttled(self, m: Member, retry_after: float | None) -> None:
         m.counts.throttled += 1
@@ -216,6 +217,7 @@ class Router:
         now = self.clock()
         m.counts.errors += 1
         m.failures += 1
+        m.quiet_failed = True
         m.cause = exc.message if exc.status is None else f"HTTP {exc.status}: {exc.message}"
         if m.failures >= BENCH_AFTER or m.probing:
             m.benched_until = now + m.bench_s
