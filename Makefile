@@ -50,7 +50,7 @@ demo: install
 test: install
 	$(BIN)/python tests/studio.py
 	$(BIN)/python tests/llamacpp.py
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -167,6 +167,12 @@ def draft_job(
         key(
             "output_price", str(listed.prices.output_per_million), f"USD per million output tokens: {pinned}."
         )
+        if listed.prices.cached_input_per_million is not None:  # given prices replace the table's whole
+            key(
+                "cached_input_price",
+                str(listed.prices.cached_input_per_million),
+                f"USD per million prompt tokens served from the server's prompt cache: {pinned}.",
+            )
     if not found.request_file:  # a request file's bodies say these themselves
         key("max_tokens", 16 if labels is not None else 256)
         randomness = "How random replies are; 0: the same each time (and cached)."

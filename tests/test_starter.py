@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -83,6 +84,10 @@ def test_a_parquet_input_with_a_schema_for_an_openai_server(tmp_path: Path) -> N
     values = tomllib.loads(job.read_text())
     assert values["provider"] == "openai" and values["model"] in load_models("openai")
     assert Path(values["json_schema"]).name == "review_fields.json" and "labels" not in values
+    # Prices given replace the table's whole: its cached-input price is written with them.
+    listed = load_models("openai")[values["model"]].prices
+    assert listed is not None and listed.cached_input_per_million is not None
+    assert Decimal(str(values["cached_input_price"])) == listed.cached_input_per_million
     assert run_cli(["validate", str(job)]).exit_code == 0
 
 
