@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..job_keys import ENVIRONMENT, JOB_KEYS
+from ..job_keys import ENVIRONMENT, JOB_KEYS, SAMPLING_KEYS
 
 Groups = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -52,20 +52,7 @@ HELP_GROUPS: Groups = (
     ("Estimate", ("pilot", "from_run", "gold", "compare", "fmt")),
     ("API key", ("api_key_env", "api_key_file")),
     ("Reading the input", ("prompt_column", "id_column", "input_format", "delimiter", "encoding")),
-    (
-        "Sampling",
-        (
-            "max_tokens",
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-            "stop",
-        ),
-    ),
+    ("Sampling", ("max_tokens", *SAMPLING_KEYS)),
     ("Packing", ("pack", "pack_tokens")),
     (
         "Limits and pacing",
