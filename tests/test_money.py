@@ -74,7 +74,9 @@ def _status_cost(out: Path) -> tuple[int, int]:
     return _pico(cost.group(1)), _pico(lost.group(1)) if lost else 0
 
 
-def _check(box, out: Path, cap: Decimal | None, seq: int) -> None:
+def _figures(out: Path) -> tuple[int, int, int, int, int]:
+    """The output's cost as its rows, `report`, the summary and `status` give it (picodollars),
+    and the worst case `status` says a kill may have left billed."""
     rows = pq.read_table(out).to_pylist()
     rows_pico = sum(
         round(Decimal(repr(r["cost_usd"])) * PICO_PER_USD) for r in rows if r["cost_usd"] is not None
@@ -84,6 +86,11 @@ def _check(box, out: Path, cap: Decimal | None, seq: int) -> None:
     report_pico = _pico(orjson.loads(report.output)["overall"]["cost_usd"])
     summary_pico = _pico(summary_of(out)["cost_usd"]["total"])
     status_pico, lost_worst = _status_cost(out)
+    return rows_pico, report_pico, summary_pico, status_pico, lost_worst
+
+
+def _check(box, out: Path, cap: Decimal | None, seq: int) -> None:
+    rows_pico, report_pico, summary_pico, status_pico, lost_worst = _figures(out)
     billed = _billed(box)
     where = f"sequence {seq}: rows {rows_pico}, report {report_pico}, status {status_pico}, summary {summary_pico}"
     assert rows_pico == report_pico == status_pico == summary_pico, where
@@ -208,15 +215,7 @@ def _ledger_pico(out: Path) -> tuple[int, int, list[dict]]:
 
 
 def _check_fleet(boxes: dict, out: Path, seq: int, steps: list[str]) -> None:
-    rows = pq.read_table(out).to_pylist()
-    rows_pico = sum(
-        round(Decimal(repr(r["cost_usd"])) * PICO_PER_USD) for r in rows if r["cost_usd"] is not None
-    )
-    report = run_cli(["report", str(out), "--format", "json"])
-    assert report.exit_code == 0, report.output
-    report_pico = _pico(orjson.loads(report.output)["overall"]["cost_usd"])
-    summary_pico = _pico(summary_of(out)["cost_usd"]["total"])
-    status_pico, lost_worst = _status_cost(out)
+    rows_pico, report_pico, summary_pico, status_pico, lost_worst = _figures(out)
     ledger_pico, ledger_lost, runs = _ledger_pico(out)
     billed = sum(b.sandbox.stats["billed_pico"] for b in boxes.values())
     where = (
