@@ -87,13 +87,15 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
     budget = d.budget
     capped = budget.active
     max_tokens = step.request.max_tokens or d.max_tokens
-    body = item.body if step.request is item.request else d.provider.encode(step.request)
-    worst = worst_pico(d, step.request, max_tokens)
+    first = step.request is item.request
+    body = item.body if first else d.provider.encode(step.request)
+    # The first request's worst case was counted with the batch it came in (admission.py, the
+    # prompt counted over threads): counting it again here was a fifth of a label's CPU.
+    worst = item.worst_pico if first else worst_pico(d, step.request, max_tokens)
     if capped and not await budget.reserve(worst):
         d.request_stop(StopReason.BUDGET, "budget reached")
         return None, 0, 0.0
     billed = 0
-    first = step.request is item.request
     try:
         reuse = d.reuse
         if reuse is not None and not first:
