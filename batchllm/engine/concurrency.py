@@ -84,6 +84,7 @@ class ConcurrencyLimit:
         self._probe = 0  # rounds left with only the estimate in flight
         self._rounds = 0
         self._round_start = clock()
+        self._fresh = True  # the first round starts with its first request (see try_take)
         self._round_size = self._round_limit = self.limit
         self._delivered = 0
         self._shortest = math.inf
@@ -93,6 +94,12 @@ class ConcurrencyLimit:
     def try_take(self) -> bool:
         """Take a place on the wire now if one is free (the common case: no await)."""
         if self.in_flight < self.limit and not self._waiters:
+            if self._fresh:
+                # Not when the limit was made: the time a run takes to start (a tokenizer to
+                # load, a first chunk to count) made the first round's rate look low and the
+                # second's like growth, which tripled a 4-slot server's limit.
+                self._fresh = False
+                self._round_start = self.clock()
             self.in_flight += 1
             return True
         return False
