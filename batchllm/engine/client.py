@@ -5,11 +5,18 @@ rate-limit hints from the headers to whoever listens (the limiter).
 
 The key lives in the session's default headers only; no message or exception built here
 includes headers, so it cannot leak into a row's ``error`` or a log line.
+
+``--timeout`` is kept by one watchdog task, not by aiohttp's per-request timer: a timer is a heap
+entry made and cancelled per request, about a twentieth of a request's CPU at thousands a
+second. Every request has the same timeout, so the requests in flight, in the order they left,
+are also in the order they expire: the watchdog looks only at the oldest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -40,6 +47,9 @@ class Client:
         self._timeout = timeout
         self._on_hints = on_hints
         self._session: aiohttp.ClientSession | None = None
+        self._deadlines: dict[asyncio.Task, float] = {}  # in flight, oldest first
+        self._expired: set[asyncio.Task] = set()  # cancelled by the watchdog, not by a stop
+        self._watchdog: asyncio.Task | None = None
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(
@@ -48,13 +58,17 @@ class Client:
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self.provider.headers(self._api_key),
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=None),  # the watchdog's
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
         )
+        self._watchdog = asyncio.create_task(self._watch())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -63,6 +77,10 @@ class Client:
         """POST one request body; return its completion or raise an ``APIError``."""
         assert self._session is not None, "use `async with Client(...)`"
         provider = self.provider
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines = self._deadlines
+        deadlines[task] = time.monotonic() + self._timeout
         try:
             async with self._session.post(self.url, data=body) as resp:
                 raw = await resp.read()
@@ -73,6 +91,12 @@ class Client:
                 return provider.parse(resp.status, resp.headers, raw)
         except APIError:
             raise
+        except asyncio.CancelledError:
+            if task in self._expired:
+                self._expired.discard(task)
+                if task.uncancel() == 0:  # the watchdog's alone, not a stop's too
+                    raise RequestTimeout(f"no response within {self._timeout:g} s (timeout)") from None
+            raise
         except TimeoutError:
             raise RequestTimeout(f"no response within {self._timeout:g} s (timeout)") from None
         except aiohttp.ClientResponseError as exc:
@@ -82,6 +106,24 @@ class Client:
         except (aiohttp.ClientError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise RetryableAPIError(f"connection failed: {detail}") from None
+        finally:
+            deadlines.pop(task, None)
+
+    async def _watch(self) -> None:
+        """Cancel each request still in flight at its deadline (it then raises RequestTimeout),
+        looking at most a tenth of the timeout late."""
+        tick = min(1.0, max(0.01, self._timeout / 10))
+        deadlines, expired = self._deadlines, self._expired
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            while deadlines:
+                task = next(iter(deadlines))
+                if deadlines[task] > now:
+                    break
+                del deadlines[task]
+                expired.add(task)
+                task.cancel()
 
     async def server_slots(self, url: str, timeout: float = 2.0) -> int | None:
         """The slots a server states at ``url`` (llama.cpp's ``/props``: ``total_slots``), or None
