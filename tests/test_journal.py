@@ -264,3 +264,29 @@ def test_a_schema_9_journal_gains_served_model_and_keeps_its_attempts(tmp_path: 
     assert journal.fetch(["3-h"])["3-h"].served_model == "/models/a.gguf"
     assert [a.served_model for a in journal.attempts_for(["2-h"])["2-h"]] == [None, "/models/a.gguf"]
     journal.close()
+
+
+def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> None:
+    """Schema 11 added confidence to attempts: an older journal's attempts read back with none,
+    new ones keep theirs (a label's with the label it measured, labeling/confidence.py)."""
+    import sqlite3
+
+    from batchllm.labeling.rows import Attempt
+
+    journal = Journal.open(tmp_path, SETTINGS)
+    journal.add_attempt("2-h", 0, Attempt(0, "first", "x", 1, 2, 3, 4, False))
+    journal.close()
+    conn = sqlite3.connect(tmp_path / "journal.sqlite")
+    conn.execute("ALTER TABLE attempts DROP COLUMN confidence")
+    conn.execute("UPDATE meta SET value = '10' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    journal = Journal.open(tmp_path, SETTINGS)
+    assert journal.get_meta("schema_version") == 11
+    assert journal.attempts_for(["2-h"])["2-h"][0].confidence is None
+    journal.add_attempt("2-h", 1, Attempt(0, "reask", "positive", 1, 2, 3, 4, False), '["positive",0.25]')
+    journal.add_attempt("3-h", 0, Attempt(0, "first", "{}", 1, 2, 3, 4, False), '{"a":0.5,"b":null}')
+    journal.flush()
+    assert journal.attempts_for(["2-h"])["2-h"][1].confidence == ["positive", 0.25]
+    assert journal.attempts_for(["3-h"])["3-h"][0].confidence == {"a": 0.5, "b": None}
+    journal.close()
