@@ -10,7 +10,7 @@ from batchllm.engine.budget import Budget
 from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
 from batchllm.engine.inflight import LOG_NAME, InflightLog, count, replay
-from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, Journal, settings_diff
+from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, RESUME_ATTEMPTS, Journal, settings_diff
 from batchllm.engine.plan import WorkItem
 from batchllm.engine.ratelimit import Backoff, RateLimiter
 from batchllm.job import build_job
@@ -289,4 +289,13 @@ def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> No
     journal.flush()
     assert journal.attempts_for(["2-h"])["2-h"][1].confidence == ["positive", 0.25]
     assert journal.attempts_for(["3-h"])["3-h"][0].confidence == {"a": 0.5, "b": None}
+    # An entry superseded to go on from its reply (a re-ask) keeps its figure, digit for digit;
+    # one read as attempt 0 without being superseded (``--reparse``) reads the same.
+    sure = 0.12345678901234568
+    journal.add(record(4)._replace(response="positive", extra=f'{{"value":"positive","confidence":{sure}}}'))
+    journal.flush()
+    assert journal.first_attempts(["4-h"])["4-h"][0].confidence == ["positive", sure]
+    journal.supersede("4-h", RESUME_ATTEMPTS)
+    journal.flush()
+    assert journal.attempts_for(["4-h"])["4-h"][0].confidence == ["positive", sure]
     journal.close()
