@@ -366,3 +366,115 @@ def test_an_imported_batch_keeps_the_confidence_of_its_lines(sandbox_factory, tm
     imported, reference = pq.read_table(out).to_pylist(), pq.read_table(live).to_pylist()
     assert all(r["confidence"] is not None for r in imported)
     assert [r["confidence"] for r in imported] == [r["confidence"] for r in reference]
+
+
+def run_cached(box, src: Path, out: Path, cache: Path, *extra: str):
+    """A repeatable run (temperature 0) with a response cache in ``cache``."""
+    args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai", *MODEL]
+    args += ["--rpm", "0", "--id-column", "id", "--temperature", "0", "--cache", str(cache), *extra]
+    return run_cli(args, env=box.openai_env())
+
+
+def _column(path: Path, name: str = "confidence") -> list[float | None]:
+    return pq.read_table(path).column(name).to_pylist()
+
+
+@pytest.mark.parametrize("pack", [[], ["--pack", "5", "--max-tokens", "8"]], ids=["alone", "packed"])
+def test_a_reply_from_the_cache_keeps_the_confidence_it_was_paid_with(
+    sandbox_factory, tmp_path: Path, pack: list[str]
+) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    n = 120
+    src, cache = reviews(tmp_path, n), tmp_path / "cache"
+    paid, served = tmp_path / "paid.parquet", tmp_path / "served.parquet"
+    assert run_cached(box, src, paid, cache, "--labels", ",".join(LABELS), *pack).exit_code == 0
+    sent = box.count()
+    assert run_cached(box, src, served, cache, "--labels", ",".join(LABELS), *pack).exit_code == 0
+    assert box.count() == sent  # every row from the cache
+    assert all(r["cached"] for r in pq.read_table(served).to_pylist())
+    first = _column(paid)
+    assert sum(c is not None for c in first) >= 0.95 * n
+    assert _column(served) == first
+    tasks_file = tmp_path / "tasks.json"
+    result = run_cli(["review", "export", str(served), "--pick", "uncertain:20", "-o", str(tasks_file)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(tasks_file.read_text())
+    rows = pq.read_table(served).to_pylist()
+    least = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])[:20]
+    assert {t["data"]["row_id"] for t in tasks} == {r["row_id"] for r in least}
+    assert all(t["data"]["pick"].startswith("uncertain: confidence 0.") for t in tasks)
+
+
+def test_a_schemas_field_confidences_survive_the_cache(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src, cache = reviews(tmp_path, 60), tmp_path / "cache"
+    paid, served = tmp_path / "paid.parquet", tmp_path / "served.parquet"
+    assert run_cached(box, src, paid, cache, "--json-schema", str(SCHEMA)).exit_code == 0
+    sent = box.count()
+    assert run_cached(box, src, served, cache, "--json-schema", str(SCHEMA)).exit_code == 0
+    assert box.count() == sent
+    for name in ("confidence_sentiment", "confidence_mentions_price"):
+        assert sum(c is not None for c in _column(paid, name)) >= 55
+        assert _column(served, name) == _column(paid, name)
+
+
+def test_reparse_recomputes_the_confidence_from_the_kept_figures(sandbox_factory, tmp_path: Path) -> None:
+    box = sandbox_factory(label_wrong=0.25)
+    src, out = reviews(tmp_path, 80), tmp_path / "out.parquet"
+    labels = ["--labels", ",".join(LABELS), "--structured", "off", "--reask", "0"]
+    assert run_openai(box, src, out, *labels).exit_code == 0
+    before = pq.read_table(out).to_pylist()
+    sent = box.count()
+    assert run_openai(box, src, out, *labels, "--reparse").exit_code == 0
+    assert _column(out) == [r["confidence"] for r in before]
+    # Under a label set without "neutral": those rows are invalid, with no confidence; the others
+    # keep theirs (their label, so the characters it measured, are the same).
+    fewer = ["--labels", "positive,negative", "--structured", "off", "--reask", "0"]
+    assert run_openai(box, src, out, *fewer, "--reparse").exit_code == 1
+    after = pq.read_table(out).to_pylist()
+    assert box.count() == sent
+    assert any(r["label"] == "neutral" for r in before)
+    for old, new in zip(before, after, strict=True):
+        if old["label"] == "neutral":
+            assert new["status"] == "invalid" and new["confidence"] is None
+        else:
+            assert new["label"] == old["label"] and new["confidence"] == old["confidence"]
+
+
+@pytest.mark.parametrize("pack", [[], ["--pack", "5", "--max-tokens", "8"]], ids=["alone", "packed"])
+def test_sigkill_and_resume_keep_every_answers_confidence(
+    sandbox_factory, tmp_path: Path, pack: list[str]
+) -> None:
+    """Rows booked, rows with journaled answers that went on to vote, rows from the cache: after a
+    kill and a resume each has the confidence the run without a kill gave it."""
+    n = 300
+    src = reviews(tmp_path, n)
+    labels = ["--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8", "--concurrency", "8"]
+    labels += pack
+    reference = sandbox_factory(label_wrong=0.25)
+    ref = tmp_path / "ref.parquet"
+    assert run_cached(reference, src, ref, tmp_path / "ref-cache", *labels).exit_code in (0, 1)
+    expected_requests = reference.count()
+    box = sandbox_factory(label_wrong=0.25, latency=0.05)
+    out = tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai", *MODEL]
+    args += ["--rpm", "0", "--id-column", "id", "--temperature", "0", "--cache", str(tmp_path / "cache")]
+    proc = spawn([*args, *labels], env=box.openai_env())
+    deadline = time.monotonic() + 60
+    while box.count() < expected_requests // 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert box.count() < expected_requests
+    result = run_cli([*args, *labels], env=box.openai_env())
+    assert result.exit_code in (0, 1), result.output
+    done, want = pq.read_table(out).to_pylist(), pq.read_table(ref).to_pylist()
+    if not pack:  # (a pack's answers change with its company, so with the packs a resume sends)
+        assert [(r["id"], r["label"], r["confidence"]) for r in done] == [
+            (r["id"], r["label"], r["confidence"]) for r in want
+        ]
+    assert all(r["confidence"] is not None for r in done if r["status"] == "ok")
+    # A voted row's is its answers' mean probability, not its vote share (what an answer read back
+    # with no confidence of its own left it).
+    voted = [r for r in done if sum(dict(r["label_votes"] or []).values()) > 1 and r["status"] == "ok"]
+    assert len(voted) > 30 and all(r["confidence"] != r["agreement"] for r in voted)

@@ -10,7 +10,7 @@ from batchllm.engine.budget import Budget
 from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
 from batchllm.engine.inflight import LOG_NAME, InflightLog, count, replay
-from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, Journal, settings_diff
+from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, RESUME_ATTEMPTS, Journal, settings_diff
 from batchllm.engine.plan import WorkItem
 from batchllm.engine.ratelimit import Backoff, RateLimiter
 from batchllm.job import build_job
@@ -263,4 +263,39 @@ def test_a_schema_9_journal_gains_served_model_and_keeps_its_attempts(tmp_path: 
     journal.flush()
     assert journal.fetch(["3-h"])["3-h"].served_model == "/models/a.gguf"
     assert [a.served_model for a in journal.attempts_for(["2-h"])["2-h"]] == [None, "/models/a.gguf"]
+    journal.close()
+
+
+def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> None:
+    """Schema 11 added confidence to attempts: an older journal's attempts read back with none,
+    new ones keep theirs (a label's with the label it measured, labeling/confidence.py)."""
+    import sqlite3
+
+    from batchllm.labeling.rows import Attempt
+
+    journal = Journal.open(tmp_path, SETTINGS)
+    journal.add_attempt("2-h", 0, Attempt(0, "first", "x", 1, 2, 3, 4, False))
+    journal.close()
+    conn = sqlite3.connect(tmp_path / "journal.sqlite")
+    conn.execute("ALTER TABLE attempts DROP COLUMN confidence")
+    conn.execute("UPDATE meta SET value = '10' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    journal = Journal.open(tmp_path, SETTINGS)
+    assert journal.get_meta("schema_version") == 11
+    assert journal.attempts_for(["2-h"])["2-h"][0].confidence is None
+    journal.add_attempt("2-h", 1, Attempt(0, "reask", "positive", 1, 2, 3, 4, False), '["positive",0.25]')
+    journal.add_attempt("3-h", 0, Attempt(0, "first", "{}", 1, 2, 3, 4, False), '{"a":0.5,"b":null}')
+    journal.flush()
+    assert journal.attempts_for(["2-h"])["2-h"][1].confidence == ["positive", 0.25]
+    assert journal.attempts_for(["3-h"])["3-h"][0].confidence == {"a": 0.5, "b": None}
+    # An entry superseded to go on from its reply (a re-ask) keeps its figure, digit for digit;
+    # one read as attempt 0 without being superseded (``--reparse``) reads the same.
+    sure = 0.12345678901234568
+    journal.add(record(4)._replace(response="positive", extra=f'{{"value":"positive","confidence":{sure}}}'))
+    journal.flush()
+    assert journal.first_attempts(["4-h"])["4-h"][0].confidence == ["positive", sure]
+    journal.supersede("4-h", RESUME_ATTEMPTS)
+    journal.flush()
+    assert journal.attempts_for(["4-h"])["4-h"][0].confidence == ["positive", sure]
     journal.close()

@@ -144,3 +144,39 @@ def test_max_cost_per_run(sandbox, tmp_path: Path) -> None:
     sent = sandbox.count()
     again = run(sandbox, src, out, "--max-cost-per-run", "0.0003", "--concurrency", "4")
     assert again.exit_code in (0, 3) and sandbox.count() > sent  # the next run goes on
+
+
+def test_a_cache_from_before_confidences_opens_and_keeps_them_from_then_on(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A response cache written before replies kept their confidence gains the column when
+    opened: its replies are served (with none), new ones keep theirs."""
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    conn = sqlite3.connect(cache / "responses.sqlite")
+    conn.execute(
+        "CREATE TABLE responses (key TEXT PRIMARY KEY, response TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, "
+        "completion_tokens INTEGER NOT NULL, truncated INTEGER NOT NULL, created_at REAL NOT NULL) WITHOUT ROWID"
+    )
+    conn.execute("INSERT INTO responses VALUES ('old', 'positive', 1, 1, 0, 0)")
+    conn.commit()
+    conn.close()
+    box = sandbox_factory(label_wrong=0.25)
+    src = write_csv(tmp_path / "in.csv", [{"text": f"Review {i}: fine"} for i in range(30)])
+    args = ["--template", "Classify: {text}", "--labels", "positive,negative,neutral", "--provider", "openai"]
+    args += ["--temperature", "0", "--cache", str(cache), "--max-tokens", "16"]
+    for out in ("a.parquet", "b.parquet"):
+        result = run_cli(
+            ["run", str(src), "-o", str(tmp_path / out), "--rpm", "0", *args], env=box.openai_env()
+        )
+        assert result.exit_code == 0, result.output
+    assert box.count() == 30
+    paid, served = (pq.read_table(tmp_path / out).to_pylist() for out in ("a.parquet", "b.parquet"))
+    assert all(r["cached"] for r in served) and all(r["confidence"] is not None for r in paid)
+    assert [r["confidence"] for r in served] == [r["confidence"] for r in paid]
+    conn = sqlite3.connect(cache / "responses.sqlite")
+    kept = dict(conn.execute("SELECT key, confidence FROM responses").fetchall())
+    conn.close()
+    assert len(kept) == 31 and kept.pop("old") is None and all(kept.values())

@@ -211,7 +211,7 @@ class BatchLedger:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
-    def add_attempt(self, row_id: str, seq: int, a: Any) -> None:
+    def add_attempt(self, row_id: str, seq: int, a: Any, confidence: str | None = None) -> None:
         """A labeling row's single requests are not kept apart: a row is redone whole."""
 
     def sent(self, row_id: str, worst_pico: int, again: bool = False) -> None:

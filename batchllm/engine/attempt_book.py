@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
@@ -24,14 +25,17 @@ class AttemptBook:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""
         cur = self.conn.execute(
             "SELECT row_id, sample, kind, text, prompt_tokens, completion_tokens, input_cost_pico, "
-            "output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model FROM attempts "
-            "WHERE row_id IN (SELECT value FROM json_each(?)) ORDER BY row_id, seq",
+            "output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, confidence "
+            "FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) ORDER BY row_id, seq",
             (orjson.dumps(list(row_ids)),),
         )
         out: dict[str, list[Attempt]] = {}
         for r in cur:
+            sure = None if r[13] is None else orjson.loads(r[13])  # labeling/confidence.py ``stored``
             out.setdefault(r[0], []).append(
-                Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11], 0, r[12])
+                Attempt(
+                    r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11], 0, r[12], sure
+                )
             )
         return out
 
@@ -43,7 +47,7 @@ class AttemptBook:
         return {
             r: [Attempt(0, "first", e.response, e.prompt_tokens or 0, e.completion_tokens or 0,
                         e.input_cost_pico, e.output_cost_pico, bool(e.truncated), endpoint=e.endpoint,
-                        served_model=e.served_model)]
+                        served_model=e.served_model, confidence=_kept(e.extra))]
             for r, e in self.fetch(row_ids).items()
             if e.response is not None
         }  # fmt: skip
@@ -51,3 +55,12 @@ class AttemptBook:
     def labeled_rows(self) -> list[str]:
         """Rows of a labeling job (``--reparse`` reads their replies again)."""
         return [r[0] for r in self.conn.execute("SELECT row_id FROM rows WHERE extra IS NOT NULL")]
+
+
+def _kept(extra: str | None) -> Any:
+    """The confidence a row's entry keeps, as its attempt would (labeling/confidence.py ``stored``)."""
+    if extra is None:
+        return None
+    x = orjson.loads(extra)
+    value, sure = x.get("value"), x.get("confidence")
+    return [value, sure] if isinstance(value, str) and isinstance(sure, (int, float)) else sure

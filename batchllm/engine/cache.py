@@ -4,7 +4,9 @@ Where: ``--cache DIR``, else ``$XDG_CACHE_HOME/batchllm``, else ``~/.cache/batch
 reply to a request, keyed by a hash of the endpoint it came from and the request's canonical key
 (records.py: provider, model, messages, parameters), so a reply from the sandbox, or from another
 server, is never served to a run against a different endpoint. It stores the reply's text,
-usage and truncation, never a key or a header.
+usage and truncation, and a labeling reply's confidence (labeling/confidence.py: the figure, as
+JSON, not the logprobs it came from), never a key or a header. A cache written before
+``confidence`` gains the column when opened; its replies are served with none.
 
 Which requests it serves: by default (``auto``) only those whose answer is meant to be
 repeatable, at temperature 0 or with a seed; ``always`` serves any identical request; ``off``
@@ -38,9 +40,14 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     truncated INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    confidence TEXT
 ) WITHOUT ROWID;
 """
+_INSERT = (
+    "INSERT OR REPLACE INTO responses (key, response, prompt_tokens, completion_tokens, truncated, "
+    "created_at, confidence) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,7 @@ class Cached:
     prompt_tokens: int
     completion_tokens: int
     truncated: bool
+    confidence: Any = None  # a labeling reply's (labeling/confidence.py): a label's, or fields'
 
 
 def default_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -61,6 +69,16 @@ def repeatable(request: Request) -> bool:
     """Is this request's answer meant to be the same every time (temperature 0, or a seed)?"""
     params = request.params
     return params.get("temperature") == 0 or params.get("seed") is not None
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """A cache written before replies kept their confidence gains the column (NULL in old rows)."""
+    if "confidence" not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:
+        try:
+            conn.execute("ALTER TABLE responses ADD COLUMN confidence TEXT")
+        except sqlite3.OperationalError:  # another run opening it added it first
+            if "confidence" not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:
+                raise
 
 
 def cache_key(endpoint: str, request_key: str) -> str:
@@ -78,6 +96,7 @@ class ResponseCache:
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA busy_timeout=5000")
             self.conn.executescript(_SCHEMA)
+            _migrate(self.conn)
         except (OSError, sqlite3.Error) as exc:
             raise JobError(f"{directory}: cannot open the response cache: {exc}") from None
         self._pending: list[tuple[Any, ...]] = []
@@ -92,16 +111,28 @@ class ResponseCache:
         if not keys:
             return {}
         cur = self.conn.execute(
-            "SELECT key, response, prompt_tokens, completion_tokens, truncated FROM responses "
+            "SELECT key, response, prompt_tokens, completion_tokens, truncated, confidence FROM responses "
             "WHERE key IN (SELECT value FROM json_each(?))",
             (orjson.dumps(list(keys)),),
         )
-        return {r[0]: Cached(r[1], r[2], r[3], bool(r[4])) for r in cur}
+        return {
+            r[0]: Cached(r[1], r[2], r[3], bool(r[4]), None if r[5] is None else orjson.loads(r[5]))
+            for r in cur
+        }
 
     def put(
-        self, key: str, response: str, prompt_tokens: int, completion_tokens: int, truncated: bool
+        self,
+        key: str,
+        response: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        truncated: bool,
+        confidence: Any = None,
     ) -> None:
-        self._pending.append((key, response, prompt_tokens, completion_tokens, int(truncated), time.time()))
+        sure = None if confidence is None else orjson.dumps(confidence).decode()
+        self._pending.append(
+            (key, response, prompt_tokens, completion_tokens, int(truncated), time.time(), sure)
+        )
         if not self._scheduled:
             self._scheduled = True
             try:
@@ -122,7 +153,7 @@ class ResponseCache:
         # A cache that cannot be written costs a later run a request, never a reply: go on.
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("BEGIN")
-            self.conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", pending)
+            self.conn.executemany(_INSERT, pending)
             self.conn.execute("COMMIT")
 
     def close(self) -> None:

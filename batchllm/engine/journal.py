@@ -211,12 +211,13 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook):
         self._superseded.append((row_id, how))
         self._schedule()
 
-    def add_attempt(self, row_id: str, seq: int, a: Attempt) -> None:
-        """Record one request of a labeling row as it comes back (committed like ``add``)."""
+    def add_attempt(self, row_id: str, seq: int, a: Attempt, confidence: str | None = None) -> None:
+        """Record one request of a labeling row as it comes back (committed like ``add``), with its
+        confidence as ``RowLabeler.journaled`` gives it."""
         self._pending_attempts.append(
             (row_id, seq, a.sample, a.kind, a.text, a.prompt_tokens, a.completion_tokens,
              a.input_cost_pico, a.output_cost_pico, a.truncated, a.pack_id, a.pack_position, a.endpoint,
-             a.served_model)
+             a.served_model, confidence)
         )  # fmt: skip
         self._schedule()
 

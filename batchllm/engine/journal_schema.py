@@ -21,7 +21,9 @@ verdicts, review/verdicts.py) is created in any journal when opened. Schema 8 ad
 ``attempts`` (each request of a labeling row may go to another endpoint). Schema 10 added
 ``cached_tokens`` to ``rows`` (prompt tokens the server served from its prompt cache), NULL in
 the rows of an older journal, and ``served_model`` to both (the model a reply named), added to an
-older journal when opened.
+older journal when opened. Schema 11 added ``confidence`` to ``attempts`` (a reply's confidence,
+labeling/confidence.py ``stored``: a row resumed or read again by ``--reparse`` keeps it; a row's
+entry has it in ``extra``), NULL in an older journal's attempts.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -88,6 +90,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     pack_position INTEGER,
     endpoint TEXT,
     served_model TEXT,
+    confidence TEXT,
     PRIMARY KEY (row_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reviews (
@@ -120,9 +123,17 @@ CARRY = (
     "output_cost_pico = output_cost_pico + excluded.output_cost_pico"
 )
 AS_ATTEMPT = (
-    "INSERT INTO attempts SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
+    "INSERT INTO attempts (row_id, seq, sample, kind, text, prompt_tokens, completion_tokens, "
+    "input_cost_pico, output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, "
+    "confidence) SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
     "COALESCE(completion_tokens, 0), input_cost_pico, output_cost_pico, COALESCE(truncated, 0), "
-    "json_extract(extra, '$.pack_id'), json_extract(extra, '$.pack_position'), endpoint, served_model "
+    "json_extract(extra, '$.pack_id'), json_extract(extra, '$.pack_position'), endpoint, served_model, "
+    # A label's confidence kept with the label it measured (labeling/confidence.py ``stored``), as
+    # written: ``->`` gives the number's own text (json_array would round it to 15 digits).
+    "CASE WHEN json_type(extra, '$.confidence') IN ('real', 'integer') "
+    "AND json_type(extra, '$.value') = 'text' "
+    "THEN '[' || (extra -> '$.value') || ',' || (extra -> '$.confidence') || ']' "
+    "ELSE extra -> '$.confidence' END "
     "FROM rows WHERE row_id = ?1 AND response IS NOT NULL "
     "AND NOT EXISTS (SELECT 1 FROM attempts WHERE row_id = ?1)"
 )
@@ -155,7 +166,12 @@ _ADDED = {
     "cached_tokens": "INTEGER",
     "served_model": "TEXT",
 }
-INSERT_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Columns named: a journal migrated from an older schema has them in the order they were added.
+INSERT_ATTEMPT = (
+    "INSERT OR REPLACE INTO attempts (row_id, seq, sample, kind, text, prompt_tokens, completion_tokens, "
+    "input_cost_pico, output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, "
+    "confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def insert_rows(entries: list[Entry]) -> tuple[str, Iterable[Sequence[Any]]]:
@@ -205,7 +221,8 @@ def read_rescued(path: Path) -> tuple[list[Entry], list[tuple[Any, ...]]]:
     loaded = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     records = [entry_of(x) for x in loaded if isinstance(x, list)]
     attempts = [x["attempt"] for x in loaded if isinstance(x, dict)]
-    return records, [tuple(a + [None] * (14 - len(a))) for a in attempts]  # schema 9: 13, 7: 12, before: 10
+    # Schema 10: 14 values, 9: 13, 7: 12, before: 10.
+    return records, [tuple(a + [None] * (15 - len(a))) for a in attempts]
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -220,6 +237,11 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE attempts ADD COLUMN endpoint TEXT")
     if "served_model" not in packed:
         conn.execute("ALTER TABLE attempts ADD COLUMN served_model TEXT")
+    if "confidence" not in packed:
+        conn.execute("ALTER TABLE attempts ADD COLUMN confidence TEXT")
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
     have = {r[1] for r in conn.execute("PRAGMA table_info(rows)")}
     missing = [c for c in _ADDED if c not in have]
     if not missing and "seq" in have:

@@ -56,11 +56,13 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
         hit = reuse.first_hits.pop(item.key, None)
         if hit is not None:  # the cache had the first reply: it costs nothing
             zero_in, zero_out = cost(d.model.prices, 0, 0)
-            attempts.append(Attempt(0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated))
+            attempts.append(Attempt(0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated,
+                                    confidence=hit.confidence))  # fmt: skip
     calls, latency_ms = 0, 0.0
     todo = labeler.next(attempts)
     if attempts and attempts[-1].kind == "cached" and len(attempts) == 1 and isinstance(todo, Step):
-        d.journal.add_attempt(item.row_id, 0, attempts[0])  # not journaled yet: the row goes on
+        # Not journaled yet: the row goes on.
+        d.journal.add_attempt(item.row_id, 0, attempts[0], labeler.journaled(attempts[0]))
     while isinstance(todo, Step):
         result, n, latency_ms = await _ask(d, item, todo)
         calls += n
@@ -75,7 +77,7 @@ async def label_row(d: Dispatcher, item: WorkItem) -> None:
         if len(attempts) > 1 or isinstance(todo, Step):
             # Kept so a crash resumes after it and --reparse can read every reply; a row done
             # in one request is saved whole by its entry, in the same commit (half the writes).
-            d.journal.add_attempt(item.row_id, len(attempts) - 1, result)
+            d.journal.add_attempt(item.row_id, len(attempts) - 1, result, labeler.journaled(result))
     d.journal.resumed(item.row_id)  # booked from every attempt, old ones included
     book(d, item, attempts, calls, latency_ms, outcome=todo)
 
@@ -102,24 +104,22 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
             hit = reuse.lookup(step.request)
             if hit is not None:  # a re-ask or sample the cache has answered before: free
                 zero_in, zero_out = cost(d.model.prices, 0, 0)
-                return (
-                    Attempt(step.sample, step.kind, hit.response, 0, 0, zero_in, zero_out, hit.truncated),
-                    0,
-                    0.0,
-                )
+                attempt = Attempt(step.sample, step.kind, hit.response, 0, 0, zero_in, zero_out, hit.truncated,
+                                  confidence=hit.confidence)  # fmt: skip
+                return attempt, 0, 0.0
         result, n, latency_ms = await d.call(body, 0, item.row_id, worst)
         if result is None or isinstance(result, APIError):
             return result, n, latency_ms
         pt, ct, _ = d.usage(step.request, result)
         truncated = d.provider.truncated(result, max_tokens)
-        if reuse is not None and reuse.cache is not None:
-            reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated)
         labeling, tokens = d.labeling, result.logprobs
         assert labeling is not None
         # Only the label's tokens are read, and only when the job asked for them.
         sure = None
         if tokens is not None and labeling.confidence == "logprobs":
             sure = of_reply(labeling, result.text, truncated, tokens)
+        if reuse is not None and reuse.cache is not None:  # with its confidence: a hit has the same
+            reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated, sure)
         prices, cached = d.prices_of(result), result.cached_tokens  # a fleet: the answering endpoint's
         in_cost, out_cost = cost(prices, pt, ct, cached)
         billed = (in_cost or 0) + (out_cost or 0)
@@ -235,7 +235,8 @@ def book(
 def reparse(journal: Journal, labeling: Labeling, model: str) -> int:
     """``--reparse``: read every stored reply again under this label set or schema; no request.
 
-    Rows keep their tokens, costs and attempts; their label, status and parse error are redone.
+    Rows keep their tokens, costs and attempts; their label, status, parse error and confidence
+    are redone (a confidence from the figures kept with each reply, labeling/confidence.py).
     Returns how many rows were read again.
     """
     rows = journal.labeled_rows()
@@ -261,6 +262,10 @@ def reparse(journal: Journal, labeling: Labeling, model: str) -> int:
                 agreement=outcome.agreement,
                 votes=outcome.votes,
             )
+            if outcome.confidence is None:
+                extra.pop("confidence", None)
+            else:
+                extra["confidence"] = outcome.confidence
             journal.add(
                 entry._replace(
                     status=outcome.status,

@@ -157,14 +157,16 @@ class Packs:
                     hit = None if row.attempts else reuse.first_hits.pop(row.item.key, None)
                     if hit is not None:  # the cache had this row's packed answer: free
                         row.attempts.append(
-                            Attempt(
-                                0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated, "cache"
-                            )
-                        )
+                            Attempt(0, "cached", hit.response, 0, 0, zero_in, zero_out, hit.truncated, "cache",
+                                    confidence=hit.confidence)
+                        )  # fmt: skip
             for row in rows:
                 row.todo = row.labeler.next(row.attempts)
                 if isinstance(row.todo, Step) and row.attempts and row.attempts[-1].kind == "cached":
-                    d.journal.add_attempt(row.item.row_id, len(row.attempts) - 1, row.attempts[-1])
+                    last = row.attempts[-1]
+                    d.journal.add_attempt(
+                        row.item.row_id, len(row.attempts) - 1, last, row.labeler.journaled(last)
+                    )
             pending = self._settle(d, rows)
             for _ in range(MAX_ROUNDS):
                 if not pending or d.stopping:
@@ -312,12 +314,12 @@ class Packs:
                     split_pt, split_ct = _split_tokens(row.attempts, sample)
                     reuse.keep(
                         row.item.request, True, row.item.key, items[n],
-                        split_pt + prompt[n], split_ct + completion[n], False,
+                        split_pt + prompt[n], split_ct + completion[n], False, sure[n],
                     )  # fmt: skip
                 row.attempts.append(a)
                 row.todo = row.labeler.next(row.attempts)
                 if isinstance(row.todo, Step) or len(row.attempts) > 1:
-                    d.journal.add_attempt(row.item.row_id, len(row.attempts) - 1, a)
+                    d.journal.add_attempt(row.item.row_id, len(row.attempts) - 1, a, row.labeler.journaled(a))
                 if isinstance(row.todo, Outcome):  # booked with its reply, in the same commit
                     self._settle(d, [row])
             stats = d.stats

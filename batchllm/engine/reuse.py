@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..pricing import Model, cost
 from ..records import Entry, Request
@@ -196,10 +197,19 @@ class Reuse:
         return hit
 
     def keep(
-        self, request: Request, first: bool, row_key: str, text: str, pt: int, ct: int, truncated: bool
+        self,
+        request: Request,
+        first: bool,
+        row_key: str,
+        text: str,
+        pt: int,
+        ct: int,
+        truncated: bool,
+        confidence: Any = None,
     ) -> None:
-        """A labeling request's reply, into the cache if its policy could ever serve it. A row's
-        first request was screened (``screen``): its cache key is kept when it may be served."""
+        """A labeling request's reply and its confidence, into the cache if its policy could ever
+        serve it. A row's first request was screened (``screen``): its cache key is kept when it
+        may be served."""
         if self.cache is None:
             return
         if first and self.screen_cache:
@@ -207,7 +217,7 @@ class Reuse:
         else:
             ck = self._cache_key(request) if self.cache.serves(request) else None
         if ck is not None:
-            self.cache.put(ck, text, pt, ct, truncated)
+            self.cache.put(ck, text, pt, ct, truncated, confidence)
 
     def _cached(self, row_id: str, content_hash: str, key: str, hit: Cached) -> Entry:
         zero_in, zero_out = self._free()

@@ -12,14 +12,22 @@ sum of their logprobs:
 Only the tokens up to the value's end are walked, so a row costs a few dict lookups. With samples
 the row's confidence is the mean, over its voting answers, of the probability each gave the
 winning value (0 for an answer that chose another); where an answer has none (no logprobs:
-Dataoorts, a server that refused them, a reply read back from the journal), the winning value's
-share of the votes. Pure functions; no I/O.
+Dataoorts, a server that refused them), the winning value's share of the votes.
+
+A reply's confidence is kept with it (the response cache, the journal's attempts), never its
+logprobs: a row served from the cache, resumed or read again (``--reparse``) has the figure of the
+answer that was paid for. The journal keeps a label's figure with the label it measured
+(``stored``): read again under another label set, a reply whose label changed has none
+(``measured``), since its figure was of other characters. A field's figure is of the characters
+under its key, whatever the schema. Pure functions; no I/O.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import orjson
 
 from .parse import LABEL_FIELD, parse_label
 from .spec import Labeling
@@ -163,6 +171,22 @@ def of_pack(labeling: Labeling, text: str, items: list[str], tokens: list[Any]) 
         label, _ = parse_label(item, labeling.labels, False)
         out.append(None if label is None else _label(text, label, tokens, *span, shift))
     return out
+
+
+def stored(value: Any, confidence: Any) -> str | None:
+    """A reply's confidence as the journal keeps it (JSON): a label's as ``[label, p]``."""
+    if confidence is None:
+        return None
+    if isinstance(value, str) and isinstance(confidence, (int, float)):
+        return orjson.dumps([value, confidence]).decode()
+    return orjson.dumps(confidence).decode()
+
+
+def measured(value: Any, kept: list[Any]) -> Any:
+    """A label's confidence read back (``[label, p]``): p when ``value`` is still that label."""
+    if isinstance(value, str) and len(kept) == 2 and str(kept[0]).casefold() == value.casefold():
+        return kept[1]
+    return None
 
 
 def lowest(confidence: Any) -> float | None:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from ..records import Message, Request
-from .confidence import lowest, of_votes
+from .confidence import lowest, measured, of_votes, stored
 from .pack import read_reply
 from .parse import feedback, parse
 from .spec import Labeling
@@ -49,7 +49,8 @@ class Attempt(NamedTuple):
     cached_tokens: int = 0
     served_model: str | None = None  # the model the reply named (records.Completion)
     # The probability the model gave its answer (labeling/confidence.py: a label's, or a schema's
-    # fields'), from the reply's logprobs; not journaled: a reply read back has none.
+    # fields'), from the reply's logprobs; read back from the journal, a label's is ``[label, p]``
+    # (``RowLabeler.confidence`` reads either).
     confidence: Any = None
 
 
@@ -128,10 +129,25 @@ class RowLabeler:
             if first.sample == 0 and first.kind != SPLIT:
                 value, error = self._read(first)
                 if error is None:
-                    return Outcome("ok", value, None, first.text, 0, None, None, first.confidence)
+                    sure = first.confidence
+                    if type(sure) is list:
+                        sure = measured(value, sure)
+                    return Outcome("ok", value, None, first.text, 0, None, None, sure)
         chains = self._chains(attempts)
         step = self._step(chains)
         return step if step is not None else self._outcome(chains, attempts)
+
+    def confidence(self, a: Attempt) -> Any:
+        """An answer's confidence, whether computed from its reply or read back from the journal."""
+        sure = a.confidence
+        return measured(self._read(a)[0], sure) if type(sure) is list else sure
+
+    def journaled(self, a: Attempt) -> str | None:
+        """An answer's confidence as the journal keeps it (labeling/confidence.py ``stored``)."""
+        sure = a.confidence
+        if sure is None:
+            return None
+        return orjson.dumps(sure).decode() if type(sure) is list else stored(self._read(a)[0], sure)
 
     def outcome(self, attempts: list[Attempt]) -> Outcome:
         """The row's outcome from the replies it has (``--reparse`` reads stored ones again)."""
@@ -157,7 +173,7 @@ class RowLabeler:
         below = self.labeling.vote_below
         if below is None or self._vote(chain[-1]) is None:
             return False
-        sure = lowest(chain[-1].confidence)
+        sure = lowest(self.confidence(chain[-1]))
         return sure is not None and sure >= below
 
     def _sample_request(self, k: int) -> Request:
@@ -189,7 +205,7 @@ class RowLabeler:
                 reasks,
                 None,
                 None,
-                answer.confidence if error is None else None,
+                self.confidence(answer) if error is None else None,
             )
         chains = [c for c in chains if c]
         last = attempts[-1].text if attempts else ""
@@ -204,7 +220,9 @@ class RowLabeler:
         confidence = None
         if self.labeling.confidence != "off":
             answers = [
-                (self._read(c[-1])[0], c[-1].confidence) for c in chains if self._vote(c[-1]) is not None
+                (self._read(c[-1])[0], self.confidence(c[-1]))
+                for c in chains
+                if self._vote(c[-1]) is not None
             ]
             confidence = of_votes(self.labeling, answers, winner, self.labeling.confidence == "logprobs")
         return Outcome("ok", winner, None, voted, reasks, agreement, votes, confidence)

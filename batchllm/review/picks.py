@@ -148,7 +148,7 @@ def _rank(row: dict[str, Any]) -> tuple[int, float, float, int]:
     agreement, confidence = row.get("agreement"), sure(row)
     return (
         row.get("status") != "invalid",
-        2.0 if confidence is None else confidence,  # rows without one (a cached reply) after
+        2.0 if confidence is None else confidence,  # rows without one (e.g. no logprobs) after
         1.0 if agreement is None else agreement,
         -(row.get("reasks") or 0),
     )
