@@ -6,17 +6,17 @@ rate-limit hints from the headers to whoever listens (the limiter).
 The key lives in the session's default headers only; no message or exception built here
 includes headers, so it cannot leak into a row's ``error`` or a log line.
 
-``--timeout`` is kept by one watchdog task, not by aiohttp's per-request timer: a timer is a heap
-entry made and cancelled per request, about a twentieth of a request's CPU at thousands a
+``--timeout`` is kept by one timer for the whole session, not by aiohttp's per request: a timer is
+a heap entry made and cancelled per request, about a twentieth of a request's CPU at thousands a
 second. Every request has the same timeout, so the requests in flight, in the order they left,
-are also in the order they expire: the watchdog looks only at the oldest.
+are also in the order they expire: the one timer is set for the oldest's deadline, and when it
+fires it cancels what is due (to the loop's turn, as aiohttp's would) and is set for the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 
 import aiohttp
@@ -48,8 +48,8 @@ class Client:
         self._on_hints = on_hints
         self._session: aiohttp.ClientSession | None = None
         self._deadlines: dict[asyncio.Task, float] = {}  # in flight, oldest first
-        self._expired: set[asyncio.Task] = set()  # cancelled by the watchdog, not by a stop
-        self._watchdog: asyncio.Task | None = None
+        self._expired: set[asyncio.Task] = set()  # cancelled at their deadline, not by a stop
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(
@@ -62,13 +62,12 @@ class Client:
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
         )
-        self._watchdog = asyncio.create_task(self._watch())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -80,7 +79,10 @@ class Client:
         task = asyncio.current_task()
         assert task is not None
         deadlines = self._deadlines
-        deadlines[task] = time.monotonic() + self._timeout
+        loop = task.get_loop()
+        deadlines[task] = loop.time() + self._timeout
+        if self._timer is None:
+            self._timer = loop.call_at(deadlines[task], self._expire)
         try:
             async with self._session.post(self.url, data=body) as resp:
                 raw = await resp.read()
@@ -94,7 +96,7 @@ class Client:
         except asyncio.CancelledError:
             if task in self._expired:
                 self._expired.discard(task)
-                if task.uncancel() == 0:  # the watchdog's alone, not a stop's too
+                if task.uncancel() == 0:  # the deadline's alone, not a stop's too
                     raise RequestTimeout(f"no response within {self._timeout:g} s (timeout)") from None
             raise
         except TimeoutError:
@@ -109,21 +111,24 @@ class Client:
         finally:
             deadlines.pop(task, None)
 
-    async def _watch(self) -> None:
-        """Cancel each request still in flight at its deadline (it then raises RequestTimeout),
-        looking at most a tenth of the timeout late."""
-        tick = min(1.0, max(0.01, self._timeout / 10))
+    def _expire(self) -> None:
+        """Cancel the requests past their deadline (each then raises RequestTimeout), and set
+        the timer for the next one's."""
+        self._timer = None
         deadlines, expired = self._deadlines, self._expired
-        while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            while deadlines:
-                task = next(iter(deadlines))
-                if deadlines[task] > now:
-                    break
-                del deadlines[task]
-                expired.add(task)
-                task.cancel()
+        if not deadlines:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while deadlines:
+            task = next(iter(deadlines))
+            when = deadlines[task]
+            if when > now:
+                self._timer = loop.call_at(when, self._expire)
+                return
+            del deadlines[task]
+            expired.add(task)
+            task.cancel()
 
     async def server_slots(self, url: str, timeout: float = 2.0) -> int | None:
         """The slots a server states at ``url`` (llama.cpp's ``/props``: ``total_slots``), or None
