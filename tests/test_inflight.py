@@ -239,3 +239,25 @@ def test_the_worst_case_of_a_request_given_up_on_is_the_same_with_or_without_a_c
     assert estimate.exit_code == 0, estimate.output
     said = orjson.loads(estimate.output)
     assert worst[0] == _pico(said["cost_usd"]["worst_case"]), said
+
+
+def test_requests_given_up_on_wait_for_room_under_the_cap_instead_of_stopping_the_run(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A request given up on counts at its worst case, and its retry waits for room under the cap
+    like any request: the run stops only when even one more request could not fit. (It stopped at
+    the first timeout that found the cap full of reservations, though the requests in flight cost
+    a fraction of their worst case.)"""
+    box = sandbox_factory(**SLOW)
+    src, out = prompts_csv(tmp_path / "in.csv", 40), tmp_path / "out.parquet"
+    job = [*TIMEOUT, "--max-tokens", "200"]
+    said = run_cli(["estimate", str(src), *job, "--format", "json"], env=box.env())
+    assert said.exit_code == 0, said.output
+    worst = Decimal(orjson.loads(said.output)["cost_usd"]["worst_case"]) / 40  # one request's
+    cap = (50 * worst).quantize(Decimal("0.00000001"))
+    result = run_cli(["run", str(src), "-o", str(out), *job, "--max-cost", str(cap)], env=box.env())
+    _settled(box)
+    maybe = summary_of(out).get("maybe_billed") or {}
+    assert maybe.get("requests", 0) >= 10, maybe  # enough timeouts to have filled the cap before
+    assert result.exit_code in (0, 1), result.output  # rows may fail for good: never the budget
+    assert box.sandbox.stats["billed_pico"] <= cap * PICO_PER_USD

@@ -148,8 +148,13 @@ class LeasedBudget:
         if self._active:
             self.coordinator.settle.remote(self.owner, reserved_pico, actual_pico)
 
-    def gave_up(self, worst_pico: int) -> bool:
+    def gave_up(self, worst_pico: int, renews: bool = False) -> bool:
         """The coordinator counts it as spent when its journal hears of it (``Ledger.gave_up``)."""
+        return True
+
+    async def renew(self, worst_pico: int) -> bool:
+        """The retry keeps its reservation; the coordinator stops the run when what was given
+        up on leaves no room (coordinator.py ``gave_up``)."""
         return True
 
 

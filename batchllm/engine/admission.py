@@ -64,8 +64,10 @@ class Admission:
         self.count_all = count_all
         self.model_name = model.name
         # Template tokens without the tokenizer, an upper bound: a token is at least one UTF-8
-        # byte and a character at most four.
-        self.bound_overhead = 14 + sum(4 * len(m.content) + 6 for m in self.prefix) + 2
+        # byte. The prefix (system prompt, examples) is measured in bytes once; four bytes a
+        # character, which rows are bounded by before they are encoded (needs_count), made a
+        # labeling job's worst case, and what a timed-out request may have cost, 4x too high.
+        self.bound_overhead = 14 + sum(len(m.content.encode("utf-8")) + 6 for m in self.prefix) + 2
         # What the server's own chat template may add to our count (the budget reserves it), and
         # a structured request's schema, which a server may bill as prompt (OpenAI does): at most
         # a token a byte.

@@ -128,6 +128,17 @@ class Booking:
         self.track(False)
         return billed
 
+    def record_copy(self, entry: Entry) -> None:
+        """A row answered by another row's reply, or by the cache (reuse.py)."""
+        self.journal.add(entry)
+        stats = self.stats
+        if entry.status == "ok":
+            stats.ok += 1
+        elif entry.status == "invalid":
+            stats.invalid += 1
+        else:
+            stats.error += 1
+
     def count_cached(self, prices: Prices | None, cached: int) -> None:
         """Prompt tokens a reply had served from the server's prompt cache, and what they saved."""
         self.stats.cached_tokens += cached

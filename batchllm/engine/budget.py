@@ -88,10 +88,33 @@ class Budget:
         self.in_flight -= 1
         self._released.set()
 
-    def gave_up(self, worst_pico: int) -> bool:
+    def gave_up(self, worst_pico: int, renews: bool = False) -> bool:
         """A request was given up on (a timeout): it may have been billed up to its worst case,
         so that is spent, and its reservation stays for the retry. False when what is reserved
-        no longer fits under the caps with it: nothing more may leave."""
+        no longer fits under the caps with it: nothing more may leave. ``renews``: the retry
+        reserves again before it leaves (``renew``), so only a request alone in flight stops
+        here; the others wait for room as any request does (the requests in flight hold the
+        rest of the cap, and most will cost far less than their worst case)."""
         self.spent += worst_pico
         self.spent_run += worst_pico
-        return not self.active or self._fits(0)
+        return not self.active or self._fits(0) or (renews and self.in_flight > 1)
+
+    async def renew(self, worst_pico: int) -> bool:
+        """The retry of a request given up on: its reservation given back and taken again,
+        waiting for room like any request. False when it cannot fit even with nothing else in
+        flight; the reservation is then held again, for the caller's ``settle`` to release."""
+        if not self.active:
+            return True
+        self.reserved -= worst_pico
+        self.in_flight -= 1
+        self._released.set()
+        try:
+            if await self.reserve(worst_pico):
+                return True
+        except BaseException:
+            self.reserved += worst_pico
+            self.in_flight += 1
+            raise
+        self.reserved += worst_pico
+        self.in_flight += 1
+        return False

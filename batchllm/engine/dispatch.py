@@ -96,7 +96,7 @@ class Dispatcher(Booking):
         self.router: Router | None = None  # a fleet's endpoints (router.py), else one client
         self.refusable: Refusable | None = None  # optional fields a server may refuse (refusable.py)
         self._prices = model.prices
-        self.warn = warn or _ignore
+        self.warn = warn or (lambda message: None)  # no one to tell (tests, a cluster worker)
         self.served: set[str] = set()
         self.stats = Stats()
         self.stop_reason: StopReason | None = None
@@ -223,17 +223,6 @@ class Dispatcher(Booking):
         if self.reuse is not None and item.key:
             self.reuse.finished(item.key, entry)
 
-    def record_copy(self, entry: Entry) -> None:
-        """A row answered by another row's reply, or by the cache (reuse.py)."""
-        self.journal.add(entry)
-        stats = self.stats
-        if entry.status == "ok":
-            stats.ok += 1
-        elif entry.status == "invalid":
-            stats.invalid += 1
-        else:
-            stats.error += 1
-
     async def _one(self, item: WorkItem | Pack) -> None:
         if self.label is not None:
             await self.label(self, item)
@@ -277,6 +266,7 @@ class Dispatcher(Booking):
         if refusable is not None and not refusable.on:
             body = refusable.plain(body)  # the server refused a field earlier in the run
         attempt = failures = 0
+        renew = False  # given up on (a timeout): its retry reserves anew
         first = time.monotonic()
         while True:
             if self.stopping:
@@ -335,7 +325,8 @@ class Dispatcher(Booking):
                     self.journal.unbilled(row_id)
                 else:
                     self.journal.gave_up(row_id, worst)
-                    if not self.budget.gave_up(worst):
+                    renew = True
+                    if not self.budget.gave_up(worst, renews=True):
                         self.request_stop(StopReason.BUDGET, "budget reached")
                 if member is None and (why := self.unreached.failed(exc)) is not None:
                     self.request_stop(StopReason.API, why)
@@ -362,6 +353,9 @@ class Dispatcher(Booking):
                 stats.retries += 1
                 if delay > 0:
                     await self._sleep(delay)
+                if renew and not await self.budget.renew(worst):  # no room even alone
+                    self.request_stop(StopReason.BUDGET, "budget reached")
+                    return None, attempt, 0.0
                 continue
             except RunStopError as exc:
                 self.journal.unbilled(row_id)  # refused (a key, a quota, a model): not billed
@@ -393,7 +387,3 @@ class Dispatcher(Booking):
             if served is not None and served not in self.served:
                 self.note_served(served, completion)
             return completion, attempt, latency_ms
-
-
-def _ignore(message: str) -> None:
-    """No one to tell: a dispatcher built without a run's warnings (tests, a cluster worker)."""
