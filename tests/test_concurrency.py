@@ -177,3 +177,27 @@ def test_a_rate_limit_and_the_slots_both_hold(sandbox_factory, tmp_path) -> None
     # in any 2 s, at most 2 x 5 + 1 of them.
     times = [t for t, _, _ in box.log()]
     assert max(sum(1 for u in times if t <= u < t + 2.0) for t in times) <= 11
+
+
+@pytest.mark.parametrize("hint", [4, None], ids=["total_slots", "no_hint"])
+def test_a_timeout_near_the_service_time_keeps_the_slots_busy(hint) -> None:
+    # 4 slots at 0.4 s, a 0.6 s timeout: 4 in flight wait in no queue, so the limit stays at the
+    # slots (it fell to 1 when the queue's share of the timeout was taken for the whole limit).
+    clock = Clock()
+    limit = ConcurrencyLimit(128, 0.6, hint=hint, clock=clock)
+    trips: list[float] = []
+    seen = serve(limit, clock, slots=4, seconds=0.4, replies=400, trips=trips)
+    assert min(seen[100:]) >= 4, seen[100:]
+    assert max(trips[100:]) < 0.6  # none would have timed out
+    assert 400 / clock.now > 0.9 * 4 / 0.4  # rows/s: the slots' 10, nearly
+
+
+def test_a_tight_timeout_still_keeps_4_slots_busy(sandbox_factory, tmp_path) -> None:
+    # --timeout 0.6 against 0.4 s a request: the slots busy, nothing queued long enough to time
+    # out (the limit fell to one request at a time, 2.5 rows/s where the slots serve 10).
+    box, out = run_against_slots(sandbox_factory, tmp_path, True, "--timeout", "0.6")
+    stats = box.sandbox.stats
+    assert stats["requests"] == ROWS and stats["given_up"] == 0
+    assert summary_of(out)["concurrency"]["last"] >= SLOTS
+    log = box.log()
+    assert log[-1][0] - log[0][0] < 1.5 * ROWS * SECONDS / SLOTS

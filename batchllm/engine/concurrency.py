@@ -25,9 +25,10 @@ counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a requ
   one anything), nor under ``FLOOR``: when replies come back as fast as this process reads them,
   the round trip is batchllm's own, and more in flight still buys rate (each turn of the event
   loop handles more replies).
-- Never a queue that waits past half of ``--timeout``: the limit is at most the rate times half
-  the timeout, and a request with no answer in time halves it at once. A request is then not
-  given up for waiting behind others batchllm sent itself.
+- Never a round trip, queue included, past half of ``--timeout``: the limit is at most the
+  estimate plus what the rate serves in the rest of that half, and a request with no answer in
+  time halves it at once. A request is then not given up for waiting behind others batchllm
+  sent itself.
 - A server that states its slots (llama.cpp's ``GET /props``: ``total_slots``) is taken at its word
   for the first round, and needs no growth phase; otherwise the first round has ``START``.
 
@@ -177,8 +178,13 @@ class ConcurrencyLimit:
             # trip is this process's own (replies as fast as it reads them), fewer cost rate.
             enough = min(n for r, n in zip(self._rates, self._limits, strict=True) if r >= NEAR * served)
             limit = max(self.floor, math.ceil(gain * estimate) + 1, enough, math.floor(served * HARMLESS))
-        # Never a queue that waits more than a share of the timeout, at the rate it is served.
-        limit = min(limit, max(1, math.floor(served * self.timeout * TIMEOUT_SHARE)))
+        # Never a round trip, queue included, past a share of the timeout: the requests being
+        # served (the estimate: no queue), and as many more as the rate serves in what the
+        # share leaves over the shortest round trip. (The rate times the share alone, taken for
+        # the whole limit, kept a 4-slot server at 0.4 s a request under 4 with a 0.6 s timeout:
+        # its rate fell with the limit, and the limit with its rate, to one request at a time.)
+        queue = math.floor(served * max(0.0, self.timeout * TIMEOUT_SHARE - min(self._trips)))
+        limit = min(limit, max(1, math.ceil(estimate) + queue))
         self._set(limit)
 
     def _cut(self) -> None:
