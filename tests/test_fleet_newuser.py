@@ -246,7 +246,7 @@ def test_small_wording(sandbox_factory, tmp_path: Path) -> None:
     result = run_cli(["spend", "--runs", "--format", "json"])
     assert result.exit_code == 0, result.output
     runs = orjson.loads(result.stdout)["runs"]
-    assert [r["message"] for r in runs] == ["6 rows failed"], runs
+    assert [r["message"] for r in runs] == ["6 rows invalid (see the error column)"], runs
     result = run_cli([*base, "--sandbox"])
     assert result.exit_code == 2, result.output
     assert "this run uses the sandbox; the journal was written without it" in result.stderr

@@ -116,7 +116,15 @@ def build_summary(
     job, model = p.job, p.model
     finished = time.time()
     if message is None and code == ExitCode.ROW_ERRORS and totals is not None:
-        message = f"{totals.failed:,} rows failed"  # said in the summary and the ledger (`spend`)
+        # Said in the summary and the ledger (`spend`), in the words of the "done" line.
+        failed, invalid = totals.failed - totals.invalid, totals.invalid
+        message = (
+            ", ".join(
+                ([f"{failed:,} rows failed"] if failed else [])
+                + ([f"{invalid:,} rows invalid"] if invalid else [])
+            )
+            + " (see the error column)"
+        )
     priced = model.prices is not None
     out: dict[str, Any] = {
         "batchllm_version": __version__,
@@ -305,9 +313,16 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"(given up on after a timeout, or in flight at a stop), at most ${lost['worst_case_usd']}"
             )
     t = summary["this_run"]
+    window = summary.get("concurrency")  # engine/concurrency.py: what the server's pace allowed
     lines.append(
         f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "
         f"{summary['duration_s']:,.1f} s"
+        + (f", at most {window['peak']:,} in flight" if window else "")
+        + (
+            f" (the server states {window['server_slots']:,} slots)"
+            if window and window["server_slots"]
+            else ""
+        )
     )
     # The output's rows, counted as ``report`` and ``status`` count them (counts.py); what the
     # cache saved is this run's (``this_run.cache_hits`` counts its requests the cache answered).
@@ -325,8 +340,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f", mean {e['mean_latency_ms']:,} ms" if e["mean_latency_ms"] is not None else "")
             + (f"; out of the run ({e['out']})" if e["out"] else "")
         )
-    if summary.get("message"):
-        lines.append(f"stopped: {summary['message']}")
+    if summary.get("message"):  # a run that finished with failed rows did not stop
+        lines.append(f"{'stopped' if summary.get('stop_reason') else 'finished'}: {summary['message']}")
     if rows:
         lines.append(f"output: {summary['output']}")
     if not summary["complete"] and "resume" in summary:

@@ -43,7 +43,8 @@ def load(path: Path, gold: str, by: str | None, field: str = "label") -> pd.Data
     for column, what in ((gold, "--gold"), (field, what_field), (by, "--by")):
         if column is not None and column not in names:
             hint = (
-                " (an output of a job with --labels has one; for a --json-schema output, pass --field NAME)"
+                " (an output of a job with --labels has one; a --json-schema output's fields are scored one "
+                "at a time by `batchllm eval OUTPUT --gold COLUMN --field NAME`)"
                 if column == "label"
                 else ""
             )
