@@ -180,3 +180,17 @@ def test_a_cache_from_before_confidences_opens_and_keeps_them_from_then_on(
     kept = dict(conn.execute("SELECT key, confidence FROM responses").fetchall())
     conn.close()
     assert len(kept) == 31 and kept.pop("old") is None and all(kept.values())
+
+
+def test_a_voted_row_the_cache_answered_whole_is_marked_cached(sandbox, tmp_path: Path) -> None:
+    """--samples 3: every sample of a repeat run comes from the cache, at no cost, so the row is
+    ``cached`` and the summary counts it (it said "0 from the cache" and marked no row)."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Review {i}: works well"} for i in range(30)])
+    args = ["--labels", "positive,negative,neutral", "--samples", "3"]
+    assert run(sandbox, src, tmp_path / "a.parquet", *args).exit_code in (0, 1)
+    sent = sandbox.count()
+    again = run(sandbox, src, tmp_path / "b.parquet", *args)
+    assert again.exit_code in (0, 1) and sandbox.count() == sent  # nothing sent
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert all(r["cached"] and r["cost_usd"] == 0 for r in rows), rows[:2]
+    assert "30 from the cache" in again.output, again.output

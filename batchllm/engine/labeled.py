@@ -220,7 +220,10 @@ def book(
         endpoints = list(dict.fromkeys(a.endpoint for a in attempts if a.endpoint))
         where = ",".join(endpoints) or None
         model = ",".join(dict.fromkeys(d.model_at(e) for e in endpoints)) or d.model.name
-        from_cache = True if some and all(a.kind == "cached" for a in attempts) else None
+        # From the cache when no request of it was paid: a first reply "cached", and samples or
+        # re-asks the cache answered (kept with no tokens, at no cost).
+        free = all(a.kind == "cached" or a.prompt_tokens == a.completion_tokens == 0 for a in attempts)
+        from_cache = True if some and free else None
         served = ",".join(dict.fromkeys(a.served_model for a in attempts if a.served_model)) or None
     d.record(
         item,
