@@ -305,6 +305,34 @@ def test_a_pilot_projects_the_rows_that_will_vote(sandbox_factory, tmp_path: Pat
     assert abs(voted - votes["projected_rows"]) < 0.12 * n  # a pilot of 100 rows: within its error
 
 
+def test_a_pilot_the_cache_answers_projects_the_votes_the_paid_one_did(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """--samples 3 --vote-below 0.8: the same pilot into a second output is answered from the
+    cache, and projects the same requests a row and cost (each voted row's cached samples are
+    its requests, not rows of their own: it said 1 request a row, at half the cost)."""
+    box = sandbox_factory(label_wrong=0.25)
+    src = reviews(tmp_path, 200)
+    args = ["--template", TEMPLATE, "--provider", "openai", *MODEL, "--rpm", "0", "--id-column", "id",
+            "--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8", "--temperature", "0"]  # fmt: skip
+    said = []
+    for name in ("paid", "cached"):
+        result = run_cli(["estimate", str(src), "-o", str(tmp_path / f"{name}.parquet"), "--pilot", "50", *args,
+                          "--format", "json"], env=box.openai_env())  # fmt: skip
+        assert result.exit_code == 0, result.output
+        said.append(json.loads(result.stdout))
+        if name == "paid":
+            sent = box.count()
+    assert box.count() == sent  # the second pilot sent nothing
+    paid, cached = said
+    assert paid["requests"]["expected_per_row"] > 1.1, paid["requests"]
+    assert cached["requests"]["expected_per_row"] == pytest.approx(
+        paid["requests"]["expected_per_row"], rel=0.01
+    )
+    expected = [float(x["cost_usd"]["expected"]) for x in said]
+    assert expected[1] == pytest.approx(expected[0], rel=0.05), expected
+
+
 def test_sigkill_while_voting_resumes_to_the_same_votes(sandbox_factory, tmp_path: Path) -> None:
     n = 300
     src = reviews(tmp_path, n)

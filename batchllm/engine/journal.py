@@ -32,8 +32,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +60,8 @@ from .journal_schema import (
     write_rescued,
 )
 from .key_index import KEY_BATCH, KeyIndex
+from .observed import ObservedBook
 from .spend import CARRY_ENTRY, RESUME_ATTEMPTS, SpendBook
-
-CACHED_LENGTHS = "cached_completions"  # meta: lengths of cached replies runs served
 
 __all__ = ["KEY_BATCH", "CARRY_ENTRY", "COLUMNS", "DB_NAME", "RESCUE_NAME", "RESUME_ATTEMPTS", "Journal",
            "db_path", "settings_diff"]  # fmt: skip
@@ -72,7 +70,7 @@ _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_c
            "output_cost_pico", "last_written", "unpriced", "invalid", "cached_tokens")  # fmt: skip
 
 
-class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook):
+class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
     """Open with ``Journal.open``; ``add`` records a finished row; ``flush`` commits."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
@@ -350,26 +348,6 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook):
             (orjson.dumps(list(row_ids)),),
         )
         return {r[0]: Entry._make(r) for r in cur}
-
-    def observed(self) -> tuple[list[int], list[int]]:
-        """Completion tokens and requests of every answered row (what an estimate learns from);
-        a cached reply's row paid 0 tokens, so its length comes from ``meta`` (one request)."""
-        rows = self.conn.execute(
-            # A row answered took a request at least, even one whose re-asks the cache answered.
-            "SELECT completion_tokens, MAX(attempts, 1) FROM rows WHERE completion_tokens IS NOT NULL "
-            "AND answered_by IS NULL AND cached IS NOT 1"
-        ).fetchall()
-        completions, requests = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
-        for length, count in (self.get_meta(CACHED_LENGTHS) or {}).items():
-            completions += [int(length)] * count
-            requests += [1] * count
-        return completions, requests
-
-    def add_cached_lengths(self, lengths: Mapping[int, int]) -> None:
-        """Add the completion lengths of cached replies a run served (length -> replies)."""
-        merged = Counter({int(k): v for k, v in (self.get_meta(CACHED_LENGTHS) or {}).items()})
-        merged.update(lengths)
-        self.set_meta(CACHED_LENGTHS, {str(k): v for k, v in sorted(merged.items())})
 
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(

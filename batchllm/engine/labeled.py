@@ -213,7 +213,10 @@ def book(
     if len(attempts) == 1:  # most rows: one request, booked without building the lists below
         where = attempts[0].endpoint or None
         model = d.model_at(where)
-        from_cache = True if attempts[0].kind == "cached" else None
+        first = attempts[0]  # "cached", or a reply the cache had for its request (reuse.lookup)
+        from_cache = (
+            True if first.kind == "cached" or first.prompt_tokens == first.completion_tokens == 0 else None
+        )
         served = attempts[0].served_model
     else:
         # A fleet's endpoints that answered the row's requests, in order (costs at each one's prices).

@@ -69,6 +69,9 @@ class Reuse:
         # run (a pilot) is answered from the cache (journal.observed).
         self.hit_lengths: Counter[int] = Counter()
         self.hit_tokens = [0, 0]  # the served replies' prompt and completion tokens, as billed once
+        # A labeling row's samples and re-asks the cache answered (``lookup``): more requests of
+        # rows already counted, not rows of their own (requests, completion tokens).
+        self.more_hits = [0, 0]
 
     def screen(self, rows: Sequence[tuple[str, str, Request]]) -> list[str | None]:
         """Per row (row_id, content_hash, request): its key if it must be sent, None if answered."""
@@ -162,11 +165,15 @@ class Reuse:
         )
         self.copies += 1
 
-    def _saved(self, hit: Cached) -> None:
+    def _saved(self, hit: Cached, more: bool = False) -> None:
         would_in, would_out = cost(self.model.prices, hit.prompt_tokens, hit.completion_tokens)
         self.saved_pico += (would_in or 0) + (would_out or 0)
         self.hits += 1
-        self.hit_lengths[hit.completion_tokens] += 1
+        if more:
+            self.more_hits[0] += 1
+            self.more_hits[1] += hit.completion_tokens
+        else:
+            self.hit_lengths[hit.completion_tokens] += 1
         self.hit_tokens[0] += hit.prompt_tokens
         self.hit_tokens[1] += hit.completion_tokens
 
@@ -176,7 +183,7 @@ class Reuse:
         reports/pilot.py). A packed reply's row is served its share of its pack's request."""
         if not self.hits:
             return
-        journal.add_cached_lengths(self.hit_lengths)
+        journal.add_cached_lengths(self.hit_lengths, self.more_hits)
         before = journal.get_meta(CACHED_REPLIES) or {}
         now = (self.hits, *self.hit_tokens, self.saved_pico)
         journal.set_meta(
@@ -193,7 +200,7 @@ class Reuse:
         ck = cache_key(self.endpoint_id, request.key())
         hit = self.cache.get_many([ck]).get(ck)
         if hit is not None:
-            self._saved(hit)
+            self._saved(hit, more=True)
         return hit
 
     def keep(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,8 +43,8 @@ class Observed(NamedTuple):
     """What finished rows of this job (a pilot's, or a previous run's) say: per row, completion
     tokens (all its requests) and requests made."""
 
-    completions: list[int]
-    requests: list[int]
+    completions: Sequence[float]
+    requests: Sequence[float]
 
 
 def reask_growth(labeling: Labeling, counter: TokenCounter, max_tokens: int) -> int:
