@@ -243,6 +243,12 @@ def test_kill_during_output_write_leaves_previous_file(sandbox, tmp_path: Path) 
 def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path) -> None:
     src = prompts_csv(tmp_path / "in.csv", 40)
     out = tmp_path / "out.parquet"
+    stopped = run_cli(
+        ["run", str(src), "-o", str(out), "--rpm", "0", "--max-cost", "0.0002"], env=sandbox.env()
+    )
+    assert stopped.exit_code == 3, stopped.output
+    text = run_cli(["status", str(out)]).stdout
+    assert "not done of 40" in text and "resume with: batchllm" in text
     assert run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env()).exit_code == 0
     for path in (out, tmp_path / "out.parquet.batchllm"):
         result = run_cli(["status", str(path)])
@@ -250,7 +256,7 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
         text = result.stdout
         assert "rows: 40 done (40 ok, 0 error), 0 not done of 40" in text
         assert "cost so far: $" in text and "running now: no" in text
-        assert "resume with: batchllm" in text
+        assert "resume with" not in text  # every row is done: nothing to resume
     missing = run_cli(["status", str(tmp_path / "nothing.parquet")])
     assert missing.exit_code == 2 and "no batchllm journal" in missing.stderr
 

@@ -26,7 +26,8 @@ WITHOUT = {
     PARAM: "structured output is off for the rest of this run, and requests go without it (as with "
     "--structured off; replies are read, checked and re-asked as ever)",
     LOGPROBS: "confidence from logprobs is off for the rest of this run, and requests go without them "
-    "(as with --confidence off; with --samples, a row's confidence is its label's share of the votes)",
+    "(as with --confidence off; with --samples, a row's confidence is its label's share of the votes, "
+    "and --vote-below, which needs a first answer's confidence, asks every row's samples)",
 }
 
 

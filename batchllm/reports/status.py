@@ -120,7 +120,8 @@ def journal_status(directory: Path) -> str:
         lines.append(maybe_billed_line(lost["requests"], lost["worst_pico"]))
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
-    if run.get("command"):
+    left = not total_rows or t["rows"] < total_rows or t["error"] or invalid
+    if run.get("command") and left:  # a finished output with every row ok has nothing to resume
         lines.append(f"resume with: {run['command']}")
     return "\n".join(lines)
 
