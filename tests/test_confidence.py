@@ -44,6 +44,20 @@ def run_openai(box, src: Path, out: Path, *extra: str):
     return run_cli(args, env=box.openai_env())
 
 
+def kill_and_resume(box, args: list[str], after: int, total: int) -> None:
+    """Start the run, SIGKILL it once the sandbox has answered ``after`` of the ``total``
+    requests the whole run takes (before it ended), and run it again."""
+    proc = spawn(args, env=box.openai_env())
+    deadline = time.monotonic() + 60
+    while box.count() < after and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert box.count() < total  # killed mid-run
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code in (0, 1), result.output
+
+
 def tokens(*pieces: tuple[str, float]) -> list[dict[str, object]]:
     return [{"token": t, "logprob": lp} for t, lp in pieces]
 
@@ -344,15 +358,7 @@ def test_sigkill_while_voting_resumes_to_the_same_votes(sandbox_factory, tmp_pat
     out = tmp_path / "o.parquet"
     args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai", *MODEL]
     args += ["--rpm", "0", "--id-column", "id", "--cache", "off", *labels]
-    proc = spawn(args, env=box.openai_env())
-    deadline = time.monotonic() + 60
-    while box.count() < expected_requests // 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=10)
-    assert box.count() < expected_requests
-    result = run_cli(args, env=box.openai_env())
-    assert result.exit_code in (0, 1), result.output
+    kill_and_resume(box, args, expected_requests // 3, expected_requests)
     done, ref = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "ref.parquet").to_pylist()
     keys = ("id", "label", "label_votes", "status", "cost_usd")
     assert [{k: r[k] for k in keys} for r in done] == [{k: r[k] for k in keys} for r in ref]
@@ -487,15 +493,7 @@ def test_sigkill_and_resume_keep_every_answers_confidence(
     out = tmp_path / "o.parquet"
     args = ["run", str(src), "-o", str(out), "--template", TEMPLATE, "--provider", "openai", *MODEL]
     args += ["--rpm", "0", "--id-column", "id", "--temperature", "0", "--cache", str(tmp_path / "cache")]
-    proc = spawn([*args, *labels], env=box.openai_env())
-    deadline = time.monotonic() + 60
-    while box.count() < expected_requests // 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=10)
-    assert box.count() < expected_requests
-    result = run_cli([*args, *labels], env=box.openai_env())
-    assert result.exit_code in (0, 1), result.output
+    kill_and_resume(box, [*args, *labels], expected_requests // 2, expected_requests)
     done, want = pq.read_table(out).to_pylist(), pq.read_table(ref).to_pylist()
     if not pack:  # (a pack's answers change with its company, so with the packs a resume sends)
         assert [(r["id"], r["label"], r["confidence"]) for r in done] == [
