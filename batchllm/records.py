@@ -19,6 +19,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
+# The header every answer of batchllm's sandbox carries: a run it answers is play money, served
+# (``batchllm sandbox``) or built in (``--sandbox``) alike (engine/client.py ``played``).
+SANDBOX_HEADER = "X-Batchllm-Sandbox"
+
 
 # Message and Request are built once per row on the hot path: plain slotted dataclasses, since a
 # frozen one pays an ``object.__setattr__`` per field. Treat them as immutable all the same.

@@ -502,3 +502,30 @@ def test_sandbox_runs_are_play_money(sandbox, tmp_path: Path) -> None:
         marks = conn.execute("SELECT output, sandbox FROM runs ORDER BY started_at").fetchall()
     assert [(Path(o).name, s) for o, s in marks] == [
         ("play.parquet", 1), ("real.parquet", 0), ("again.parquet", 1), ("real.parquet", 0)]  # fmt: skip
+
+
+def test_a_served_sandbox_is_play_money_too(tmp_path: Path) -> None:
+    """`batchllm sandbox` served and used through --endpoint, as a user tests a pipeline: its
+    answers say they are the sandbox's, so the run is play money as a --sandbox run is."""
+    port_file, ledger = tmp_path / "port", tmp_path / "ledger.db"
+    server = spawn(["sandbox", "--port", "0", "--port-file", str(port_file), "--api-key", "k"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (port_file.exists() and port_file.read_text()):
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port_file.read_text()}/v1"
+        out = tmp_path / "served.parquet"
+        args = ["run", str(prompts_csv(tmp_path / "in.csv", 10)), "-o", str(out), "--provider", "openai",
+                "--endpoint", url, "--ledger", str(ledger), "--rpm", "0", "--progress", "none",
+                "--input-price", "0.31", "--output-price", "0.34"]  # fmt: skip
+        result = run_cli(args, env={"OPENAI_API_KEY": "k"})
+        assert result.exit_code == 0, result.output
+        assert _cost(out) > 0
+        report = _spend(ledger, "--runs")
+        assert Decimal(report["total"]["cost_usd"]) == 0 and report["runs"] == []
+        assert report["left_out"] == {"runs": 1, "cost_usd": str(_cost(out))}
+        alone = _spend(ledger, "--sandbox", "--runs")
+        assert [Path(r["output"]).name for r in alone["runs"]] == ["served.parquet"]
+    finally:
+        server.terminate()
+        server.communicate(timeout=10)

@@ -229,7 +229,7 @@ def sandbox_cmd(
         return fail(f"--{rates[0].replace('_', '-')} must be a share from 0 to 1")
     if options["api_key"] is None:
         options.pop("api_key")
-    config = SandboxConfig(reply_tokens=tokens, require_key=not no_auth, **options)
+    config = SandboxConfig(reply_tokens=tokens, require_key=not no_auth, marked=True, **options)
 
     def ready(base: str) -> None:
         if port_file is not None:

@@ -24,7 +24,7 @@ import orjson
 
 from ..errors import APIError, RequestTimeout, RetryableAPIError
 from ..providers import Provider
-from ..records import Completion, RateHints
+from ..records import SANDBOX_HEADER, Completion, RateHints
 
 
 class Client:
@@ -50,6 +50,9 @@ class Client:
         self._deadlines: dict[asyncio.Task, float] = {}  # in flight, oldest first
         self._expired: set[asyncio.Task] = set()  # cancelled at their deadline, not by a stop
         self._timer: asyncio.TimerHandle | None = None
+        # Did the server answer as batchllm's sandbox does (records.SANDBOX_HEADER)? Read from
+        # the first answer only: None until then.
+        self.played: bool | None = None
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(
@@ -86,6 +89,8 @@ class Client:
         try:
             async with self._session.post(self.url, data=body) as resp:
                 raw = await resp.read()
+                if self.played is None:
+                    self.played = SANDBOX_HEADER in resp.headers
                 if self._on_hints is not None:
                     hints = provider.rate_hints(resp.headers)
                     if hints is not None:

@@ -241,6 +241,10 @@ def run_summary(
         )
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
+    clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]
+    answered = [c.played for c in clients if c.played is not None]
+    if answered and all(answered):  # batchllm's sandbox served with `batchllm sandbox`: play money
+        out["play_money"] = True
     if (w := dispatcher.window) is not None:
         out["concurrency"] = {
             "ceiling": w.ceiling,

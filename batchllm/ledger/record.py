@@ -233,6 +233,9 @@ class RunRecord:
                 this.get("cached_tokens", 0), _pico(this.get("cached_saved_usd")), self.run_id,
             ),
         )  # fmt: skip
+        if summary.get("play_money"):  # a served sandbox answered it all (engine/client.py)
+            self.sandbox = True
+            self._write("UPDATE runs SET sandbox = 1 WHERE run_id = ?", (self.run_id,))
         if self.conn is not None and self.parts and summary.get("endpoints"):
             self._write_parts(summary["endpoints"], delta, this.get("requests", 0))
         if self.conn is not None:

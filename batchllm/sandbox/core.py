@@ -43,6 +43,7 @@ import orjson
 from aiohttp import web
 
 from ..pricing import Model
+from ..records import SANDBOX_HEADER
 from ..tokens import get_counter
 from . import labeler, packed
 from .faces import DataoortsFace, OpenAIFace, Parsed
@@ -57,6 +58,9 @@ from .slots import Slots
 class SandboxConfig:
     api_key: str = field(default_factory=lambda: "sandbox-" + secrets.token_hex(8))
     require_key: bool = True  # False: like a local server, any or no key is accepted
+    # Answers carry records.SANDBOX_HEADER, so runs against it are play money: `batchllm sandbox`
+    # (served to users); not the tests', which stand in for a real API.
+    marked: bool = False
     latency: float = 0.0  # seconds before the reply
     latency_per_token: float = 0.0  # seconds per completion token
     jitter: float = 0.0  # +/- fraction of the latency
@@ -151,6 +155,8 @@ class Sandbox:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
+        if self.config.marked:
+            app.on_response_prepare.append(_says_sandbox)
         for face in (
             DataoortsFace(),
             OpenAIFace(self.config.refuse_response_format, self.config.refuse_logprobs),
@@ -378,3 +384,9 @@ def _user_key(body: bytes) -> str:
         return hashlib.blake2b(str(content).encode(), digest_size=8).hexdigest()
     except Exception:  # noqa: BLE001 - any malformed body is logged under one key
         return "malformed"
+
+
+async def _says_sandbox(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer says it is the sandbox's: a run against a served sandbox (``--endpoint``)
+    is play money in the ledger, as a ``--sandbox`` run is (engine/client.py ``played``)."""
+    response.headers[SANDBOX_HEADER] = "1"
