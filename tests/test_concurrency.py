@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ def serve(
     limit: ConcurrencyLimit,
     clock: Clock,
     slots: int,
-    seconds: float,
+    seconds: float | Callable[[int], float],
     replies: int,
     trips: list[float] | None = None,
 ) -> list[int]:
@@ -36,11 +37,13 @@ def serve(
     free_at = [0.0] * slots  # when each slot is next free
     done: list[tuple[float, float]] = []  # (reply time, sent time), in reply order
     seen = []
+    sent = 0
     for _ in range(replies):
         while limit.try_take():
             queue.append(clock.now)
             slot = min(range(slots), key=free_at.__getitem__)
-            finish = max(clock.now, free_at[slot]) + seconds
+            finish = max(clock.now, free_at[slot]) + (seconds(sent) if callable(seconds) else seconds)
+            sent += 1
             free_at[slot] = finish
             done.append((finish, clock.now))
         done.sort()
@@ -190,6 +193,15 @@ def test_a_timeout_near_the_service_time_keeps_the_slots_busy(hint) -> None:
     assert min(seen[100:]) >= 4, seen[100:]
     assert max(trips[100:]) < 0.6  # none would have timed out
     assert 400 / clock.now > 0.9 * 4 / 0.4  # rows/s: the slots' 10, nearly
+
+
+def test_slow_requests_never_take_the_limit_under_the_slots_a_server_states() -> None:
+    # Every seventh request takes 0.55 s, not 0.4: some rounds' rates come out low, and with a
+    # 0.6 s timeout the limit followed them under the 4 slots the server states (7.3 rows/s).
+    clock = Clock()
+    limit = ConcurrencyLimit(128, 0.6, hint=4, clock=clock)
+    seen = serve(limit, clock, slots=4, seconds=lambda n: 0.55 if n % 7 == 0 else 0.4, replies=2000)
+    assert min(seen[40:]) >= 4
 
 
 def test_a_tight_timeout_still_keeps_4_slots_busy(sandbox_factory, tmp_path) -> None:

@@ -247,6 +247,9 @@ def test_small_wording(sandbox_factory, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     runs = orjson.loads(result.stdout)["runs"]
     assert [r["message"] for r in runs] == ["6 rows invalid (see the error column)"], runs
+    status = run_cli(["status", str(out)]).stdout  # every row done: a resume would send nothing
+    assert "resume with" not in status and "send the failed rows again with:" in status, status
+    assert status.rstrip().endswith("--retry-errors"), status
     result = run_cli([*base, "--sandbox"])
     assert result.exit_code == 2, result.output
     assert "this run uses the sandbox; the journal was written without it" in result.stderr

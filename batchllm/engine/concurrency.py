@@ -183,8 +183,10 @@ class ConcurrencyLimit:
         # share leaves over the shortest round trip. (The rate times the share alone, taken for
         # the whole limit, kept a 4-slot server at 0.4 s a request under 4 with a 0.6 s timeout:
         # its rate fell with the limit, and the limit with its rate, to one request at a time.)
+        # Never under the slots a server states either: they serve that many with no queue, and
+        # an estimate a little low (a slow round) would otherwise take the limit down with it.
         queue = math.floor(served * max(0.0, self.timeout * TIMEOUT_SHARE - min(self._trips)))
-        limit = min(limit, max(1, math.ceil(estimate) + queue))
+        limit = min(limit, max(1, self.hint or 0, math.ceil(estimate) + queue))
         self._set(limit)
 
     def _cut(self) -> None:

@@ -117,11 +117,12 @@ def build_summary(
     finished = time.time()
     if message is None and code == ExitCode.ROW_ERRORS and totals is not None:
         # Said in the summary and the ledger (`spend`), in the words of the "done" line.
-        failed, invalid = totals.failed - totals.invalid, totals.invalid
+        failed, invalid, empty = totals.failed - totals.invalid, totals.invalid, totals.no_prompt
         message = (
             ", ".join(
                 ([f"{failed:,} rows failed"] if failed else [])
                 + ([f"{invalid:,} rows invalid"] if invalid else [])
+                + ([f"{empty:,} without a prompt (not sent)"] if empty else [])
             )
             + " (see the error column)"
         )

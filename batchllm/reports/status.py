@@ -120,9 +120,10 @@ def journal_status(directory: Path) -> str:
         lines.append(maybe_billed_line(lost["requests"], lost["worst_pico"]))
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
-    left = not total_rows or t["rows"] < total_rows or t["error"] or invalid
-    if run.get("command") and left:  # a finished output with every row ok has nothing to resume
+    if run.get("command") and (not total_rows or t["rows"] < total_rows):
         lines.append(f"resume with: {run['command']}")
+    elif run.get("command") and (t["error"] or invalid):  # every row done: a resume sends nothing
+        lines.append(f"send the failed rows again with: {run['command']} --retry-errors")
     return "\n".join(lines)
 
 
