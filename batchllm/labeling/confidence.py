@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from .parse import LABEL_FIELD, parse_label
+from .parse import LABEL_FIELD, object_end, parse_label
 from .spec import Labeling
 
 LOGPROBS = "logprobs"  # the request field, as the openai provider sends it
@@ -77,26 +77,8 @@ def value_span(text: str, key: str, lo: int = 0, hi: int | None = None) -> tuple
             j = text.find('"', j + 1, hi)
         return (i + 1, j) if j > 0 else None
     if c == "{":
-        depth, j, in_string, escaped = 0, i, False, False
-        while j < hi:
-            ch = text[j]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return i, j + 1
-            j += 1
-        return None
+        end = object_end(text, i, hi)
+        return None if end is None else (i, end)
     j = i
     while j < hi and text[j] not in ",}] \t\r\n":
         j += 1

@@ -77,8 +77,17 @@ def first_object(text: str) -> tuple[str | None, str | None]:
     start = text.find("{")
     if start < 0:
         return None, "no_json"
+    end = object_end(text, start)
+    if end is None:
+        return None, "invalid_json"  # cut off mid-object: never completed by guessing
+    return text[start:end], None
+
+
+def object_end(text: str, start: int, hi: int | None = None) -> int | None:
+    """Just past the ``}`` that closes the object opening at ``text[start]`` (braces inside
+    strings, and escaped quotes, not counted); None when it is not closed before ``hi``."""
     depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
+    for i in range(start, len(text) if hi is None else hi):
         c = text[i]
         if in_string:
             if escaped:
@@ -94,8 +103,8 @@ def first_object(text: str) -> tuple[str | None, str | None]:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[start : i + 1], None
-    return None, "invalid_json"  # cut off mid-object: never completed by guessing
+                return i + 1
+    return None
 
 
 def find_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
