@@ -504,3 +504,15 @@ def test_sigkill_and_resume_keep_every_answers_confidence(
     # with no confidence of its own left it).
     voted = [r for r in done if sum(dict(r["label_votes"] or []).values()) > 1 and r["status"] == "ok"]
     assert len(voted) > 30 and all(r["confidence"] != r["agreement"] for r in voted)
+
+
+def test_eval_of_an_output_without_a_label_to_score_says_so(sandbox_factory, tmp_path: Path) -> None:
+    """Every answer out of the set (no re-ask): eval reports no accuracy of 0%, it says why."""
+    box = sandbox_factory(label_out_of_set=1.0)
+    src = reviews(tmp_path, 20)
+    out = tmp_path / "out.parquet"
+    result = run_openai(box, src, out, "--labels", ",".join(LABELS), "--reask", "0", "--structured", "off")
+    assert result.exit_code == 1, result.output
+    report = run_cli(["eval", str(out), "--gold", "gold"])
+    assert report.exit_code == 2
+    assert f"{out}: none of the 20 rows with a gold label has a label to score (20 invalid;" in report.stderr

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import re
+import shlex
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 
 from batchllm.reports.svg import money
 
-from .conftest import ROOT, prompts_csv, run_cli, summary_of, write_csv
+from .conftest import ROOT, prompts_csv, run_cli, spawn, summary_of, write_csv
 
 TEMPLATE = "Classify the sentiment of this review: {review}"
 
@@ -381,3 +382,58 @@ def test_a_plain_estimate_speaks_of_no_reasks(tmp_path: Path) -> None:
     assert "worst case (every reply 16 tokens)" in plain.stdout and "re-ask" not in plain.stdout
     labeled = run_cli(["estimate", sample, "--template", TEMPLATE, "--max-tokens", "16", "--labels", "a,b"])
     assert "worst case (every request re-asked, every reply 16 tokens)" in labeled.stdout
+
+
+def _suggested(stderr: str) -> list[str]:
+    """The command a budget stop says to run next, as its arguments (without ``batchllm``)."""
+    line = next(x for x in stderr.splitlines() if x.startswith("to continue, run it with"))
+    return shlex.split(line.split(": ", 1)[1])[1:]
+
+
+def test_a_budget_stop_says_why_and_the_cap_it_suggests_finishes(sandbox, tmp_path: Path) -> None:
+    """A stop names the next request's worst case against what is left; the command it suggests
+    (the same one with a --max-cost that covers the rows left) finishes the output, under that cap.
+    A cap under one request's worst case sends nothing, says so, and suggests one that can."""
+    src = prompts_csv(tmp_path / "in.csv", 200)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--progress", "none", "--max-tokens", "64"]
+    first = spawn([*args, "--max-cost", "0.0012"], env=sandbox.env())
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 3, err
+    assert re.search(r"the next request may cost up to \$[0-9.]+, more than the \$[0-9.]+ left", err), err
+    suggested = _suggested(err)
+    cap = Decimal(suggested[suggested.index("--max-cost") + 1])
+    assert cap > Decimal("0.0012") and suggested.count("--max-cost") == 1
+    second = spawn(suggested, env=sandbox.env())
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    summary = summary_of(out)
+    assert summary["rows"]["ok"] == 200 and Decimal(summary["cost_usd"]["total"]) <= cap
+
+    tiny = tmp_path / "tiny.parquet"
+    sent = sandbox.count()
+    third = spawn(
+        ["run", str(src), "-o", str(tiny), "--progress", "none", "--max-cost", "0.00001"], env=sandbox.env()
+    )
+    _, err = third.communicate(timeout=120)
+    assert third.returncode == 3 and sandbox.count() == sent, err
+    assert "more than the whole $0.00001 cap" in err and "a --max-cost of at least $" in err
+    fourth = spawn(_suggested(err), env=sandbox.env())
+    fourth.communicate(timeout=120)
+    assert sandbox.count() > sent  # the cap it suggested lets a request leave
+
+
+def test_an_estimate_without_a_rate_says_the_server_sets_the_pace(tmp_path: Path) -> None:
+    """--rpm 0 sets no rate: the estimate gives no time from the provider's documented one."""
+    src = prompts_csv(tmp_path / "in.csv", 30)
+    text = run_cli(["estimate", str(src), "--rpm", "0"]).output
+    assert "no rate set (--rpm 0): as fast as the server answers" in text and "requests/min" not in text
+    assert (
+        json.loads(run_cli(["estimate", str(src), "--rpm", "0", "--format", "json"]).output)["time"][
+            "minutes"
+        ]
+        is None
+    )
+    text = run_cli(["estimate", str(src), "--rpm", "0", "--tpm", "60000"]).output
+    assert "time at 60,000 tokens/min" in text and "requests/min" not in text
+    assert "time at 60 requests/min" in run_cli(["estimate", str(src), "--rpm", "60"]).output

@@ -340,3 +340,19 @@ def test_retry_errors_says_what_is_left_of_the_whole_file(sandbox_factory, tmp_p
     invalid = sum(r["status"] == "invalid" for r in pq.read_table(out).to_pylist())
     again = run_labels(box, src, out, "--reask", "0", "--retry-errors")
     assert f"24 rows in {src}, {invalid} to send ({24 - invalid} already done)" in again.output
+
+
+def test_too_many_invalid_answers_stop_the_run_as_failures_do(sandbox_factory, tmp_path: Path) -> None:
+    """Every answer outside the label set, no re-ask: --max-error-rate stops the run after its
+    window (100 rows) instead of paying for all 400; the rest stays pending for a fixed job."""
+    box = sandbox_factory(label_out_of_set=1.0)
+    src = labeling_input(tmp_path, 400)
+    out = tmp_path / "o.parquet"
+    result = run_labels(box, src, out, "--reask", "0", "--concurrency", "4", "--cache", "off")
+    assert result.exit_code == 4, result.output
+    assert (
+        "too many errors: 100 of the last 100 rows failed or were invalid (--max-error-rate)" in result.stderr
+    )
+    assert 100 <= box.count() <= 104
+    statuses = Counter(pq.read_table(out).column("status").to_pylist())
+    assert statuses["invalid"] == box.count() and statuses["ok"] == 0

@@ -353,7 +353,7 @@ def test_a_mostly_cached_packed_run_is_counted_alike_by_summary_report_and_statu
     second = run_labels(box, write_csv(tmp_path / "all.csv", rows), out, "--pack", "10", "--temperature", "0")
     assert second.exit_code == 0, second.output
     assert box.count() - sent == 2  # the 20 new rows, in two packs
-    assert "1 rows answered by an identical row's reply, 40 from the cache" in second.output
+    assert "1 row answered by an identical row's reply, 40 from the cache" in second.output
     summary = summary_of(out)["rows"]
     assert summary["from_cache"] == 40 and summary["answered_by_identical_rows"] == 1
     report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
@@ -363,6 +363,6 @@ def test_a_mostly_cached_packed_run_is_counted_alike_by_summary_report_and_statu
     assert packed["rows"] == 20 and packed["requests"] == 2 and packed["prompt_tokens_saved"] > 0
     text = run_cli(["report", str(out)]).stdout
     assert "packed: 20 rows in 2 requests (10.00 rows per request)" in text
-    assert "1 rows answered by an identical row's reply, 40 from the cache" in text
+    assert "1 row answered by an identical row's reply, 40 from the cache" in text
     status = run_cli(["status", str(out)]).stdout
-    assert "never paid twice: 1 rows answered by an identical row's reply, 40 from the cache" in status
+    assert "never paid twice: 1 row answered by an identical row's reply, 40 from the cache" in status

@@ -222,7 +222,7 @@ SEND_OPTIONS = [
     click.option(
         "--max-error-rate",
         type=float,
-        help="Stop when this share of the last --error-window rows failed.  [default: 0.5]",
+        help="Stop when this share of the last --error-window rows failed or were invalid.  [default: 0.5]",
     ),
     click.option("--error-window", type=int, help="Rows in the error-rate window.  [default: 100]"),
     click.option(

@@ -16,7 +16,12 @@ reservation would pass it. All hold at once.
 from __future__ import annotations
 
 import asyncio
+import math
+import re
+from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
+
+from ..pricing import PICO_PER_USD
 
 if TYPE_CHECKING:
     from ..ledger import MonthAllowance
@@ -35,6 +40,7 @@ class Budget:
         self._released = asyncio.Event()
         self.month: MonthAllowance | None = None
         self.month_reached = False  # the month's cap, not this output's or this run's, stopped it
+        self.refused = 0  # the worst case of the request that could not fit (the stop's message)
 
     @property
     def active(self) -> bool:
@@ -74,6 +80,7 @@ class Budget:
                 self.in_flight += 1
                 return True
             if self.in_flight == 0:
+                self.refused = worst_pico
                 return False
             self._released.clear()
             await self._released.wait()
@@ -118,3 +125,27 @@ class Budget:
         self.reserved += worst_pico
         self.in_flight += 1
         return False
+
+    def to_finish(self, pending: int, cost_pico: int, answered: int) -> str | None:
+        """A --max-cost that would finish ``pending`` rows after a budget stop, in dollars to two
+        significant figures rounded up: what is spent, the rows left at the output's cost a row so
+        far (``cost_pico`` over ``answered`` rows) plus a tenth, and room for the worst case of the
+        request that did not fit (a cap stops the run only when one more cannot)."""
+        if pending == 0:
+            return None
+        per_row = cost_pico / answered if answered else 0
+        need = self.spent + pending * per_row * 1.1 + self.refused
+        if need <= 0:
+            return None
+        usd = Decimal(math.ceil(need)) / PICO_PER_USD
+        step = Decimal(1).scaleb(usd.adjusted() - 1)  # two significant figures
+        return format(((usd / step).to_integral_value(ROUND_CEILING) * step).normalize(), "f")
+
+
+def with_max_cost(command: str, cap: str) -> str:
+    """The command again with ``--max-cost`` set to ``cap`` (added when a job file set it)."""
+    replaced, n = _MAX_COST.subn(lambda m: f"{m.group(1)}{cap}", command)
+    return replaced if n else f"{command} --max-cost {cap}"
+
+
+_MAX_COST = re.compile(r"(--max-cost(?:=|\s+))'?[^\s']+'?")

@@ -200,7 +200,9 @@ def book(
             d.stats.ok += 1
         else:
             d.stats.invalid += 1
-        d.track(False)
+        # An answer that never validated is paid for and useless: it counts against
+        # --max-error-rate as a failure does (a wrong label set or schema stops the run early).
+        d.track(status != "ok")
     if attempts and attempts[-1].pack_id is not None:
         answered = next(
             (a for a in reversed(attempts) if outcome is not None and a.text == outcome.text), attempts[-1]

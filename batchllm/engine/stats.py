@@ -69,7 +69,7 @@ class ErrorWindow:
 
     def message(self) -> str:
         return (
-            f"too many errors: {self.errors} of the last {len(self.window)} rows failed "
+            f"too many errors: {self.errors} of the last {len(self.window)} rows failed or were invalid "
             "(--max-error-rate); see the error column"
         )
 

@@ -15,7 +15,8 @@ from ..errors import ExitCode
 from ..job import Job
 from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from ..providers import Provider
-from .budget import Budget
+from .budget import Budget, with_max_cost
+from .counts import never_paid_twice
 from .dispatch import Dispatcher, Stats, StopReason
 from .inflight import causes
 from .journal import RESCUE_NAME, Journal
@@ -62,11 +63,24 @@ def stop_message(
         )
     if reason is StopReason.BUDGET:
         lost = journal.maybe_billed(current=False)
-        worst = lost["worst_pico"]
+        worst, cap = lost["worst_pico"], job.max_cost_pico or 0
+        refused = budget.refused
+        if job.max_cost_pico is not None and refused > cap:  # no spending would ever make room
+            return (
+                f"budget reached: one request may cost up to {format_usd(refused)} (its prompt and "
+                f"max_tokens at the prices), more than the whole {format_usd(cap)} cap; run again with "
+                "a higher --max-cost (or a lower --max-tokens)"
+            )
         return (
             f"budget reached: this output has cost {format_usd(budget.spent - worst)}"
             + (f" and {causes(lost)} may have been billed up to {format_usd(worst)} more," if worst else "")
-            + f" of the {format_usd(job.max_cost_pico or 0)} cap; run again with a higher --max-cost to continue"
+            + f" of the {format_usd(cap)} cap"
+            + (
+                f"; the next request may cost up to {format_usd(refused)}, more than the "
+                f"{format_usd(max(0, cap - budget.spent))} left"
+                if refused
+                else ""
+            )
         )
     if reason is StopReason.API and dispatcher.stop_error is not None:
         return provider.advice(dispatcher.stop_error, key_source)
@@ -240,6 +254,22 @@ def run_summary(
         out["next"] = next_step(
             reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
         )
+        if reason is StopReason.BUDGET and totals is not None and not budget.month_reached:
+            paid_rows = totals.ok + totals.invalid
+            cap = (
+                None
+                if budget.run_cap_reached
+                else budget.to_finish(totals.pending, totals.cost_pico, paid_rows)
+            )
+            if cap is not None:
+                out["next"] = (
+                    f"to continue, run it with a higher --max-cost (about ${cap} finishes the "
+                    f"{plural(totals.pending, 'row')} left, at this output's cost a row so far)"
+                    if paid_rows
+                    else f"to continue, run it with a --max-cost of at least ${cap} (one request's worst "
+                    "case; `batchllm estimate` says what every row would cost)"
+                )
+                out["resume"] = with_max_cost(command, cap)
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
     clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]
@@ -260,6 +290,10 @@ def run_summary(
             cache_saved_usd=usd_text(reuse.saved_pico),
         )
     return out
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def snapshot(s: Stats) -> dict[str, Any]:
@@ -293,7 +327,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f" ({rows['no_prompt']:,} without a prompt, not sent)" if rows.get("no_prompt") else "")
             + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
-            + f" of {rows['total']:,} rows"
+            + f" of {plural(rows['total'], 'row')}"
             + (f"; {rows['truncated']:,} replies cut at max_tokens" if rows["truncated"] else "")
         )
         tok, cost = summary["tokens"], summary["cost_usd"]
@@ -320,7 +354,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     t = summary["this_run"]
     window = summary.get("concurrency")  # engine/concurrency.py: what the server's pace allowed
     lines.append(
-        f"this run: {t['requests']:,} requests, {t['retries']:,} retries, {t['throttled']:,} throttled, "
+        f"this run: {plural(t['requests'], 'request')}, {t['retries']:,} retries, {t['throttled']:,} throttled, "
         f"{summary['duration_s']:,.1f} s"
         + (f", at most {window['peak']:,} in flight" if window else "")
         + (
@@ -335,8 +369,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     cached = rows.get("from_cache", 0) if rows else t.get("cache_hits", 0)
     if copies or cached or t.get("cache_hits"):
         lines.append(
-            f"never paid twice: {copies:,} rows answered by an identical row's reply, {cached:,} from the "
-            f"cache (this run's cache hits saved ${t.get('cache_saved_usd') or '0'})"
+            never_paid_twice(copies, cached)
+            + f" (this run's cache hits saved ${t.get('cache_saved_usd') or '0'})"
         )
     for name, e in (summary.get("endpoints") or {}).items():
         lines.append(

@@ -130,10 +130,12 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     if prompt_cost is not None:
         in_cost, out_cost = cost(model.prices, worst_prompt, worst_out)
         worst = (in_cost or 0) + (out_cost or 0)
-    rpm = job.rpm or int(p.provider.documented_rpm)
-    minutes = worst_requests / rpm
+    # --rpm 0 sets no request rate: the server's pace decides, and that is not known beforehand.
+    rpm = int(p.provider.documented_rpm) if job.rpm is None else job.rpm
+    minutes = worst_requests / rpm if rpm else None
     if job.tpm:
-        minutes = max(minutes, (worst_prompt + worst_out) / job.tpm)
+        by_tokens = (worst_prompt + worst_out) / job.tpm
+        minutes = by_tokens if minutes is None else max(minutes, by_tokens)
     result: dict[str, Any] = {
         "input": str(job.input),
         "provider": p.provider.name,
@@ -160,7 +162,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "reasks": labeling.reask if labeling is not None else 0,  # re-asks exist only in labeling
         },
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
-        "time": {"rpm": rpm, "tpm": job.tpm, "minutes": round(minutes, 1)},
+        "time": {"rpm": rpm, "tpm": job.tpm, "minutes": None if minutes is None else round(minutes, 1)},
         "tokens_worst_case": {"prompt": worst_prompt, "completion": worst_out},
     }
     if packed is not None:
@@ -198,7 +200,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "completion": result["cost_usd"].pop("expected_completion_tokens"),
         }
         sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
-        result["time"]["expected_minutes"] = round(sent * max(mean_requests, 1.0) / rpm, 1)
+        if rpm:
+            result["time"]["expected_minutes"] = round(sent * max(mean_requests, 1.0) / rpm, 1)
     return result
 
 
@@ -329,13 +332,19 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             )
         )
     t = e["time"]
-    rows.append(
-        (
-            "time at " + (f"{t['rpm']:,} requests/min" + (f", {t['tpm']:,} tokens/min" if t["tpm"] else "")),
-            (f"expected {t['expected_minutes']:,} min, " if "expected_minutes" in t else "")
-            + f"at most {t['minutes']:,} min",
+    if t["minutes"] is None:  # --rpm 0 and no --tpm
+        rows.append(("time", "no rate set (--rpm 0): as fast as the server answers"))
+    else:
+        rates = ([f"{t['rpm']:,} requests/min"] if t["rpm"] else []) + (
+            [f"{t['tpm']:,} tokens/min"] if t["tpm"] else []
         )
-    )
+        rows.append(
+            (
+                "time at " + ", ".join(rates),
+                (f"expected {t['expected_minutes']:,} min, " if "expected_minutes" in t else "")
+                + f"at most {t['minutes']:,} min",
+            )
+        )
     if "packing" in e:
         pk = e["packing"]
         rows.append(

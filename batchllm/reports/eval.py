@@ -159,6 +159,12 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
     frame = frame[frame[gold].notna()]
     if frame.empty:
         raise JobError(f"{path}: no row has a gold label in {gold!r}")
+    if not (frame["status"] == "ok").any():  # an accuracy of 0% would say the labels were wrong
+        states = frame["status"].fillna("pending").value_counts()
+        counted = ", ".join(f"{n:,} {s}" for s, n in states.items())
+        raise JobError(
+            f"{path}: none of the {len(frame):,} rows with a gold label has a {field} to score ({counted}; see the error column)"
+        )
 
     def scored(part: pd.DataFrame, cost: int) -> dict[str, Any]:
         labels = [

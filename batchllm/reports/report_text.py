@@ -8,6 +8,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from ..engine.counts import never_paid_twice
 from ..pricing import format_usd
 from .by_endpoint import endpoint_lines
 from .tables import csv_cell, grid, public, two_columns
@@ -113,8 +114,8 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         saved = report.get("cache_saved_usd") or "0"
         lines.append("")
         lines.append(
-            f"never paid twice: {overall['rows_answered_by_identical_rows']:,} rows answered by an identical "
-            f"row's reply, {overall['rows_from_cache']:,} from the cache (the last run's cache hits saved ${saved})"
+            never_paid_twice(overall["rows_answered_by_identical_rows"], overall["rows_from_cache"])
+            + f" (the last run's cache hits saved ${saved})"
         )
     if report.get("cached_saved_usd"):
         lines.append("")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..engine.counts import JOURNAL_SQL, RowCounts
+from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice
 from ..engine.journal import DB_NAME, Journal
 from ..engine.lock import holder
 from ..engine.summary import prompt_cache_line
@@ -89,10 +89,7 @@ def journal_status(directory: Path) -> str:
         + (f"; {found.truncated:,} replies cut at max_tokens" if found.truncated else "")
     )
     if found.from_cache or found.answered_by_identical_rows:
-        lines.append(
-            f"never paid twice: {found.answered_by_identical_rows:,} rows answered by an identical row's "
-            f"reply, {found.from_cache:,} from the cache"
-        )
+        lines.append(never_paid_twice(found.answered_by_identical_rows, found.from_cache))
     lines.append(
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
