@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from .engine.checks import check_unique_ids
+from .engine.counts import plural
 from .errors import JobError
 from .inputs import InputFile
 from .job import DEFAULT_MODEL
@@ -122,7 +123,7 @@ def draft_job(
     here = job_path.parent
     job = job_path.name
     lines = [
-        f"# A job drawn by `batchllm init` from {input_path} ({found.rows:,} rows; columns: "
+        f"# A job drawn by `batchllm init` from {input_path} ({plural(found.rows, 'row')}; columns: "
         f"{', '.join(found.names)}).",
         "# Paths are relative to this file. Read it, change what you like, then:",
         f"#   batchllm validate {job}",

@@ -149,6 +149,7 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
     Every problem of a file is listed, one line each, with the nearest key for an unknown one.
     """
     from ..engine.checks import prepare
+    from ..engine.counts import plural
     from ..engine.packed import packs_for
     from ..fleet import fleet_problems, fleet_text, load_fleet
 
@@ -180,7 +181,7 @@ def validate_cmd(job_files: tuple[Path, ...], fleet: Path | None) -> int:
         # A fleet's own providers and models, not the job's (which its endpoints replace).
         served = fleet_text(tuple(endpoints) if endpoints is not None else job.fleet)
         where = f"fleet: {served}" if served else f"{job.provider} model {job.model}"
-        click.echo(f"ok: {path} ({prepared.rows:,} rows from {job.input} -> {job.output}, {where})")
+        click.echo(f"ok: {path} ({plural(prepared.rows, 'row')} from {job.input} -> {job.output}, {where})")
     return ExitCode.USAGE if bad else 0
 
 

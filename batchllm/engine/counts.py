@@ -23,10 +23,14 @@ if TYPE_CHECKING:  # only ``report`` reads a frame: a run never imports pandas
     import pandas as pd
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 row``, ``2 rows``, ``1,000 rows``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def never_paid_twice(copied: int, from_cache: int) -> str:
     """The line the summary, ``report`` and ``status`` say these counts in (each adds its own tail)."""
-    rows = f"{copied:,} row" + ("" if copied == 1 else "s")
-    return f"never paid twice: {rows} answered by an identical row's reply, {from_cache:,} from the cache"
+    return f"never paid twice: {plural(copied, 'row')} answered by an identical row's reply, {from_cache:,} from the cache"
 
 
 class RowCounts(NamedTuple):

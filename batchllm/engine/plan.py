@@ -21,6 +21,7 @@ from ..providers import Provider
 from ..records import Request
 from .admission import Admission, Rejection
 from .checks import Prepared
+from .counts import plural
 from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, Journal
 from .reuse import Reuse
 
@@ -124,7 +125,7 @@ class Plan:
             )
         if changed_kept:
             self.warn(
-                f"{changed_kept:,} rows changed under the same --id-column value and kept their "
+                f"{plural(changed_kept, 'row')} changed under the same --id-column value and kept their "
                 "earlier results; pass --refresh-changed to send them again"
             )
 

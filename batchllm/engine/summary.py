@@ -16,7 +16,7 @@ from ..job import Job
 from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from ..providers import Provider
 from .budget import Budget, with_max_cost
-from .counts import never_paid_twice
+from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .inflight import causes
 from .journal import RESCUE_NAME, Journal
@@ -134,8 +134,8 @@ def build_summary(
         failed, invalid, empty = totals.failed - totals.invalid, totals.invalid, totals.no_prompt
         message = (
             ", ".join(
-                ([f"{failed:,} rows failed"] if failed else [])
-                + ([f"{invalid:,} rows invalid"] if invalid else [])
+                ([f"{plural(failed, 'row')} failed"] if failed else [])
+                + ([f"{plural(invalid, 'row')} invalid"] if invalid else [])
                 + ([f"{empty:,} without a prompt (not sent)"] if empty else [])
             )
             + " (see the error column)"
@@ -290,10 +290,6 @@ def run_summary(
             cache_saved_usd=usd_text(reuse.saved_pico),
         )
     return out
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def snapshot(s: Stats) -> dict[str, Any]:
