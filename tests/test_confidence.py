@@ -516,3 +516,21 @@ def test_eval_of_an_output_without_a_label_to_score_says_so(sandbox_factory, tmp
     report = run_cli(["eval", str(out), "--gold", "gold"])
     assert report.exit_code == 2
     assert f"{out}: none of the 20 rows with a gold label has a label to score (20 invalid;" in report.stderr
+
+
+def test_eval_leaves_out_the_rows_a_stopped_run_has_not_sent(sandbox_factory, tmp_path: Path) -> None:
+    """A run stopped halfway: eval scores the rows answered and says how many were left out; the
+    rows never sent are not counted as wrong."""
+    box = sandbox_factory()
+    src = reviews(tmp_path, 40)
+    out = tmp_path / "out.parquet"
+    result = run_openai(
+        box, src, out, "--labels", ",".join(LABELS), "--max-cost", "0.0002", "--concurrency", "1"
+    )
+    assert result.exit_code == 3, result.output
+    pending = sum(1 for r in pq.read_table(out).to_pylist() if r["status"] == "pending")
+    assert 0 < pending < 40
+    e = json.loads(run_cli(["eval", str(out), "--gold", "gold", "--format", "json"]).stdout)
+    assert e["rows_pending"] == pending and e["n"] == 40 - pending and e["accuracy"] == 1.0
+    text = run_cli(["eval", str(out), "--gold", "gold"]).stdout
+    assert f"{40 - pending:,} answered; {pending:,} not sent yet (a stopped run), left out" in text

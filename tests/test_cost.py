@@ -393,7 +393,8 @@ def _suggested(stderr: str) -> list[str]:
 def test_a_budget_stop_says_why_and_the_cap_it_suggests_finishes(sandbox, tmp_path: Path) -> None:
     """A stop names the next request's worst case against what is left; the command it suggests
     (the same one with a --max-cost that covers the rows left) finishes the output, under that cap.
-    A cap under one request's worst case sends nothing, says so, and suggests one that can."""
+    ``status`` gives the same command until the next run. A cap under one request's worst case
+    sends nothing, says so, and suggests the cap that finishes every row at its worst case."""
     src = prompts_csv(tmp_path / "in.csv", 200)
     out = tmp_path / "out.parquet"
     args = ["run", str(src), "-o", str(out), "--rpm", "0", "--progress", "none", "--max-tokens", "64"]
@@ -402,6 +403,8 @@ def test_a_budget_stop_says_why_and_the_cap_it_suggests_finishes(sandbox, tmp_pa
     assert first.returncode == 3, err
     assert re.search(r"the next request may cost up to \$[0-9.]+, more than the \$[0-9.]+ left", err), err
     suggested = _suggested(err)
+    status = run_cli(["status", str(out)]).stdout  # says the same until the next run
+    assert status.rstrip().endswith(shlex.join(["batchllm", *suggested])), status
     cap = Decimal(suggested[suggested.index("--max-cost") + 1])
     assert cap > Decimal("0.0012") and suggested.count("--max-cost") == 1
     second = spawn(suggested, env=sandbox.env())
@@ -417,10 +420,11 @@ def test_a_budget_stop_says_why_and_the_cap_it_suggests_finishes(sandbox, tmp_pa
     )
     _, err = third.communicate(timeout=120)
     assert third.returncode == 3 and sandbox.count() == sent, err
-    assert "more than the whole $0.00001 cap" in err and "a --max-cost of at least $" in err
+    assert "more than the whole $0.00001 cap" in err
+    assert "covers the 200 rows left at the next one's worst case, every reply max_tokens long" in err
     fourth = spawn(_suggested(err), env=sandbox.env())
-    fourth.communicate(timeout=120)
-    assert sandbox.count() > sent  # the cap it suggested lets a request leave
+    _, err = fourth.communicate(timeout=120)
+    assert fourth.returncode == 0 and summary_of(tiny)["rows"]["ok"] == 200, err  # sure to finish
 
 
 def test_an_estimate_without_a_rate_says_the_server_sets_the_pace(tmp_path: Path) -> None:

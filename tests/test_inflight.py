@@ -81,6 +81,8 @@ def check_gave_up(out: Path, *boxes) -> dict:
     assert 0 < billed - rows_pico <= worst, where
     assert sum(_pico(r["cost_usd"]) for r in runs) == rows_pico, f"{where}, ledger {runs}"
     assert sum(_pico(r.get("maybe_billed_usd")) for r in runs) == worst, f"{where}, ledger {runs}"
+    listed = run_cli(["spend", "--runs"]).stdout  # the text says it too, beside each run's cost
+    assert listed.count("maybe billed)") == sum(1 for r in runs if r.get("maybe_billed_usd")), listed
     return maybe
 
 
@@ -261,3 +263,23 @@ def test_requests_given_up_on_wait_for_room_under_the_cap_instead_of_stopping_th
     assert maybe.get("requests", 0) >= 10, maybe  # enough timeouts to have filled the cap before
     assert result.exit_code in (0, 1), result.output  # rows may fail for good: never the budget
     assert box.sandbox.stats["billed_pico"] <= cap * PICO_PER_USD
+
+
+def test_retries_count_only_requests_that_left(sandbox_factory, tmp_path: Path) -> None:
+    """Every request times out and the cap holds 10 worst cases: the run stops at the cap with
+    retries waiting. The summary's retries are the requests that went again, not those the cap
+    kept back (it said "13 requests, 12 retries" for 13 rows each sent once)."""
+    box = sandbox_factory(**SLOW, keep_bodies=True)
+    src, out = prompts_csv(tmp_path / "in.csv", 20), tmp_path / "out.parquet"
+    job = ["--timeout", "0.3", "--max-attempts", "6", "--rpm", "0", "--cache", "off", "--progress", "none"]
+    job += ["--max-tokens", "200", "--concurrency", "4"]
+    said = run_cli(["estimate", str(src), *job, "--format", "json"], env=box.env())
+    worst = Decimal(orjson.loads(said.output)["cost_usd"]["worst_case"]) / 20
+    result = run_cli(["run", str(src), "-o", str(out), *job, "--max-cost", str((10 * worst).quantize(Decimal("1e-8")))],
+                     env=box.env())  # fmt: skip
+    assert result.exit_code == 3, result.output
+    _settled(box)
+    this_run = summary_of(out)["this_run"]
+    sent = [orjson.loads(b)["data"]["messages"][-1]["content"] for b in box.sandbox.bodies]
+    assert this_run["requests"] == len(sent)
+    assert this_run["retries"] == len(sent) - len(set(sent)), (this_run, len(set(sent)))

@@ -353,6 +353,7 @@ def test_too_many_invalid_answers_stop_the_run_as_failures_do(sandbox_factory, t
     assert (
         "too many errors: 100 of the last 100 rows failed or were invalid (--max-error-rate)" in result.stderr
     )
+    assert "once the cause in the error column is fixed (or with a higher --max-error-rate)" in result.stderr
     assert 100 <= box.count() <= 104
     statuses = Counter(pq.read_table(out).column("status").to_pylist())
     assert statuses["invalid"] == box.count() and statuses["ok"] == 0

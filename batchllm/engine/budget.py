@@ -126,20 +126,33 @@ class Budget:
         self.in_flight += 1
         return False
 
-    def to_finish(self, pending: int, cost_pico: int, answered: int) -> str | None:
-        """A --max-cost that would finish ``pending`` rows after a budget stop, in dollars to two
-        significant figures rounded up: what is spent, the rows left at the output's cost a row so
-        far (``cost_pico`` over ``answered`` rows) plus a tenth, and room for the worst case of the
-        request that did not fit (a cap stops the run only when one more cannot)."""
-        if pending == 0:
+    def advice(self, pending: int, cost_pico: int, paid_rows: int, command: str) -> tuple[str, str] | None:
+        """After a --max-cost stop: what to do, and the command to do it with (``command`` with a
+        cap that finishes the ``pending`` rows), or None when there is nothing to project from.
+
+        The cap is what is spent, the rows left at the output's cost a paid row so far (rows an
+        identical row or the cache answered cost nothing and are left out) plus a quarter, and
+        room for the worst case of the request that did not fit: a cap stops a run only when one
+        more request cannot fit. Before any row was paid for, the rows left are counted at that
+        request's worst case (every reply max_tokens long), which is sure to finish them."""
+        if pending == 0 or (paid_rows == 0 and self.refused == 0):
             return None
-        per_row = cost_pico / answered if answered else 0
-        need = self.spent + pending * per_row * 1.1 + self.refused
-        if need <= 0:
-            return None
-        usd = Decimal(math.ceil(need)) / PICO_PER_USD
-        step = Decimal(1).scaleb(usd.adjusted() - 1)  # two significant figures
-        return format(((usd / step).to_integral_value(ROUND_CEILING) * step).normalize(), "f")
+        per_row = cost_pico / paid_rows * 1.25 if paid_rows else self.refused
+        cap = _two_figures_up(self.spent + pending * per_row + self.refused)
+        rows = f"{pending:,} row" + ("" if pending == 1 else "s")
+        said = (
+            f"about ${cap} finishes the {rows} left, at this output's cost a row so far"
+            if paid_rows
+            else f"${cap} covers the {rows} left at the next one's worst case, every reply max_tokens long"
+        )
+        return f"to continue, run it with a higher --max-cost ({said})", with_max_cost(command, cap)
+
+
+def _two_figures_up(pico: float) -> str:
+    """Dollars to two significant figures, rounded up: 0.00313 -> 0.0032."""
+    usd = Decimal(math.ceil(pico)) / PICO_PER_USD
+    step = Decimal(1).scaleb(usd.adjusted() - 1)
+    return format(((usd / step).to_integral_value(ROUND_CEILING) * step).normalize(), "f")
 
 
 def with_max_cost(command: str, cap: str) -> str:

@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # only ``report`` reads a frame: a run never imports pandas
 
 
 def plural(n: int, noun: str) -> str:
-    """``1 row``, ``2 rows``, ``1,000 rows``."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+    """``1 row``, ``2 rows``, ``1,000 rows``; ``1 reply``, ``2 replies``."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n:,} {noun[:-1]}ies" if noun.endswith("y") else f"{n:,} {noun}s"
 
 
 def never_paid_twice(copied: int, from_cache: int) -> str:

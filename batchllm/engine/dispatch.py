@@ -267,6 +267,7 @@ class Dispatcher(Booking):
             body = refusable.plain(body)  # the server refused a field earlier in the run
         attempt = failures = 0
         renew = False  # given up on (a timeout): its retry reserves anew
+        retrying = False  # the next send is a retry after a failure
         first = time.monotonic()
         while True:
             if self.stopping:
@@ -293,6 +294,9 @@ class Dispatcher(Booking):
             self.journal.sent(row_id, worst)
             attempt += 1
             stats.requests += 1
+            if retrying:
+                stats.retries += 1
+                retrying = False
             t0 = time.perf_counter()
             self._on_wire += 1
             trip: float | None = None  # seconds, when the server answered in time
@@ -350,7 +354,7 @@ class Dispatcher(Booking):
                     return exc, attempt, 0.0
                 if self.stopping:
                     return None, attempt, 0.0
-                stats.retries += 1
+                retrying = True  # counted as it leaves: a stop or the cap may keep it
                 if delay > 0:
                     await self._sleep(delay)
                 if renew and not await self.budget.renew(worst):  # no room even alone

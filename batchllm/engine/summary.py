@@ -15,7 +15,7 @@ from ..errors import ExitCode
 from ..job import Job
 from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from ..providers import Provider
-from .budget import Budget, with_max_cost
+from .budget import Budget
 from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .inflight import causes
@@ -106,6 +106,8 @@ def next_step(
         if run_cap:
             return "the next run continues"
         return "to continue, run it with a higher --max-cost"
+    if reason is StopReason.ERROR_RATE:  # the same command would pay for the same failures again
+        return "once the cause in the error column is fixed (or with a higher --max-error-rate), run it again"
     if reason is StopReason.API:
         if quota:
             return "once the quota resets or is raised, run the same command again"
@@ -255,21 +257,19 @@ def run_summary(
             reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
         )
         if reason is StopReason.BUDGET and totals is not None and not budget.month_reached:
-            paid_rows = totals.ok + totals.invalid
-            cap = (
+            paid = totals.ok + totals.invalid - totals.from_cache - totals.copied
+            advice = (
                 None
                 if budget.run_cap_reached
-                else budget.to_finish(totals.pending, totals.cost_pico, paid_rows)
+                else budget.advice(totals.pending, totals.cost_pico, paid, command)
             )
-            if cap is not None:
-                out["next"] = (
-                    f"to continue, run it with a higher --max-cost (about ${cap} finishes the "
-                    f"{plural(totals.pending, 'row')} left, at this output's cost a row so far)"
-                    if paid_rows
-                    else f"to continue, run it with a --max-cost of at least ${cap} (one request's worst "
-                    "case; `batchllm estimate` says what every row would cost)"
+            if advice is not None:
+                out["next"], out["resume"] = advice
+                # ``status`` gives the same advice until the next run starts (reopen.py).
+                journal.set_meta(
+                    "last_run",
+                    {**(journal.get_meta("last_run") or {}), "next": advice[0], "resume": advice[1]},
                 )
-                out["resume"] = with_max_cost(command, cap)
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
     clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]
@@ -324,7 +324,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
             + f" of {plural(rows['total'], 'row')}"
-            + (f"; {rows['truncated']:,} replies cut at max_tokens" if rows["truncated"] else "")
+            + (f"; {plural(rows['truncated'], 'reply')} cut at max_tokens" if rows["truncated"] else "")
         )
         tok, cost = summary["tokens"], summary["cost_usd"]
         lines.append(

@@ -165,6 +165,10 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
         raise JobError(
             f"{path}: none of the {len(frame):,} rows with a gold label has a {field} to score ({counted}; see the error column)"
         )
+    # Rows a stopped run has not sent yet have no answer to be wrong: left out, and said.
+    unsent = frame["status"] == "pending"
+    pending = int(unsent.sum())
+    frame = frame[~unsent]
 
     def scored(part: pd.DataFrame, cost: int) -> dict[str, Any]:
         labels = [
@@ -172,7 +176,7 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
         ]
         return metrics([as_label(g) or "" for g in part[gold]], labels, cost)
 
-    out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent)}
+    out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent), "rows_pending": pending}
     out.update(cost_per_correct(spent, out["correct"], out["n"], rows, "the gold rows'", "rows"))
     out.update(calibrated(frame, gold, field))
     if "agreement" in frame.columns:
@@ -201,7 +205,12 @@ def format_eval(e: dict[str, Any], fmt: str) -> str:
         return orjson.dumps(e, option=orjson.OPT_INDENT_2).decode()
     md = fmt == "markdown"
     head = [
-        ("rows with gold", f"{e['n']:,}"),
+        ("rows with gold", f"{e['n']:,}")
+        if not e.get("rows_pending")
+        else (
+            "rows with gold",
+            f"{e['n']:,} answered; {e['rows_pending']:,} not sent yet (a stopped run), left out",
+        ),
         ("accuracy", f"{e['accuracy']:.1%} ({e['correct']:,} correct)"),
         ("coverage", f"{e['coverage']:.1%}"),
         ("macro-F1", f"{e['macro_f1']:.3f}"),

@@ -92,7 +92,7 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
         out += ["", f"runs: {len(report['runs']):,}"]
         rows = [
             [r["started_at"], r["job"], r["kind"], _state(r), f"{r['rows_ok']:,}", f"{r['requests']:,}",
-             f"{r['cached_tokens']:,}", _money(r["cost_usd"]), r["run_id"][:12]]
+             f"{r['cached_tokens']:,}", _cost(r), r["run_id"][:12]]
             for r in report["runs"]
         ]  # fmt: skip
         out.append(
@@ -103,6 +103,13 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
             )
         )
     return "\n".join(out)
+
+
+def _cost(r: dict[str, Any]) -> str:
+    """A run's cost, and what it may have been billed besides (requests given up on or left in
+    flight: their worst case, which a monthly cap counts too)."""
+    maybe = r.get("maybe_billed_usd")
+    return _money(r["cost_usd"]) + (f" (+ up to {_money(maybe)} maybe billed)" if maybe else "")
 
 
 def _state(r: dict[str, Any]) -> str:

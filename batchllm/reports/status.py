@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice
+from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice, plural
 from ..engine.journal import DB_NAME, Journal
 from ..engine.lock import holder
 from ..engine.summary import prompt_cache_line
@@ -86,7 +86,7 @@ def journal_status(directory: Path) -> str:
         f"rows: {t['rows']:,} done ({t['ok']:,} ok, {t['error']:,} error"
         + (f", {invalid:,} invalid" if invalid else "")
         + f"){remaining}"
-        + (f"; {found.truncated:,} replies cut at max_tokens" if found.truncated else "")
+        + (f"; {plural(found.truncated, 'reply')} cut at max_tokens" if found.truncated else "")
     )
     if found.from_cache or found.answered_by_identical_rows:
         lines.append(never_paid_twice(found.answered_by_identical_rows, found.from_cache))
@@ -118,7 +118,8 @@ def journal_status(directory: Path) -> str:
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
     if run.get("command") and (not total_rows or t["rows"] < total_rows):
-        lines.append(f"resume with: {run['command']}")
+        # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
+        lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
     elif run.get("command") and (t["error"] or invalid):  # every row done: a resume sends nothing
         lines.append(f"send the failed rows again with: {run['command']} --retry-errors")
     return "\n".join(lines)
