@@ -493,3 +493,14 @@ def test_a_request_file_with_a_byte_order_mark_runs(sandbox_factory, tmp_path: P
     assert pq.read_table(out).column("custom_id").to_pylist() == ["r0", "r1"]
     sent = sorted(orjson.loads(b)["data"]["messages"][-1]["content"] for b in box.sandbox.bodies)
     assert sent == ["héllo", "wörld"]
+
+
+def test_status_does_not_offer_to_resend_rows_without_a_prompt(sandbox, tmp_path: Path) -> None:
+    """Every row done but one with an empty prompt: sending failed rows again would send nothing,
+    so ``status`` offers neither a resume nor --retry-errors."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hello"}, {"prompt": ""}, {"prompt": "bye"}])
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--progress", "none"], env=sandbox.env())
+    assert result.exit_code == 0, result.output
+    status = run_cli(["status", str(out)]).stdout
+    assert "resume with" not in status and "--retry-errors" not in status, status

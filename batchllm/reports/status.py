@@ -69,6 +69,10 @@ def journal_status(directory: Path) -> str:
         lost = journal.maybe_billed(current=running is None)
         endpoints = journal.by_endpoint()
         found = RowCounts(*journal.conn.execute(JOURNAL_SQL).fetchone())
+        # Rows with no prompt were never sent: sending the failed rows again cannot answer them.
+        resendable = journal.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE status = 'error' AND COALESCE(error_class, '') != 'NoPrompt'"
+        ).fetchone()[0]
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]
@@ -120,7 +124,7 @@ def journal_status(directory: Path) -> str:
     if run.get("command") and (not total_rows or t["rows"] < total_rows):
         # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
         lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
-    elif run.get("command") and (t["error"] or invalid):  # every row done: a resume sends nothing
+    elif run.get("command") and (resendable or invalid):  # every row done: a resume sends nothing
         lines.append(f"send the failed rows again with: {run['command']} --retry-errors")
     return "\n".join(lines)
 
