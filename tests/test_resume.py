@@ -248,7 +248,8 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
     )
     assert stopped.exit_code == 3, stopped.output
     text = run_cli(["status", str(out)]).stdout
-    assert "not done of 40" in text and "resume with: batchllm" in text
+    assert "not done of 40" in text  # and the cap that finishes them, as the run said
+    assert "to continue, run it with a higher --max-cost (about $" in text and "--max-cost 0.0" in text
     assert run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env()).exit_code == 0
     for path in (out, tmp_path / "out.parquet.batchllm"):
         result = run_cli(["status", str(path)])
