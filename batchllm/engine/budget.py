@@ -22,6 +22,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
 
 from ..pricing import PICO_PER_USD
+from .counts import plural
 
 if TYPE_CHECKING:
     from ..ledger import MonthAllowance
@@ -139,7 +140,7 @@ class Budget:
             return None
         per_row = cost_pico / paid_rows * 1.25 if paid_rows else self.refused
         cap = _two_figures_up(self.spent + pending * per_row + self.refused)
-        rows = f"{pending:,} row" + ("" if pending == 1 else "s")
+        rows = plural(pending, "row")
         said = (
             f"about ${cap} finishes the {rows} left, at this output's cost a row so far"
             if paid_rows
