@@ -4,6 +4,7 @@ runs through the CLI against the sandbox's slot-limited mode (N slots, a FIFO qu
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm.engine.concurrency import FLOOR, START, ConcurrencyLimit
+from batchllm.engine.concurrency import FLOOR, START, STEADY_GAIN, ConcurrencyLimit
+from batchllm.engine.ratelimit import RateLimiter
+from batchllm.records import RateHints
 from tests.conftest import prompts_csv, run_cli, summary_of
 
 
@@ -94,6 +97,44 @@ def test_a_queue_never_waits_past_half_the_timeout() -> None:
     trips: list[float] = []
     serve(limit, clock, slots=2, seconds=1.0, replies=100, trips=trips)
     assert max(trips[40:]) <= 1.0 + 2.0 + 1.0
+
+
+def test_a_rate_the_server_enforces_opens_the_limit() -> None:
+    # An API paced at 5 requests/s, 20 s a reply: it needs 100 in flight. Growing from 8 took
+    # four round trips (over a minute). A rate known from the start (a serverless API's) opens the
+    # first round to --concurrency (the limiter keeps the pace) ...
+    clock = Clock()
+    limit = ConcurrencyLimit(256, 120.0, pace=lambda: 5.0, clock=clock)
+    assert limit.limit == 256
+    # ... and one the first reply states, to what that reply's round trip needs.
+    stated: list[float] = []
+    clock = Clock()
+    limit = ConcurrencyLimit(256, 120.0, pace=lambda: stated[0] if stated else None, clock=clock)
+    assert limit.limit == START
+    stated.append(5.0)
+    seen = serve(limit, clock, slots=10_000, seconds=20.0, replies=400)
+    assert seen[0] == math.ceil(5.0 * 20.0 * STEADY_GAIN) + 1  # the first reply
+    assert min(seen) >= 100  # and never under what the rate needs
+    # Without a rate known to be the server's, the first round still ends with its 8 replies.
+    clock = Clock()
+    unpaced = ConcurrencyLimit(256, 120.0, pace=lambda: None, clock=clock)
+    assert serve(unpaced, clock, slots=10_000, seconds=20.0, replies=START)[: START - 1] == [START] * (START - 1)
+    # --concurrency stays the ceiling.
+    clock = Clock()
+    capped = ConcurrencyLimit(50, 120.0, pace=lambda: 5.0, clock=clock)
+    assert max(serve(capped, clock, slots=10_000, seconds=20.0, replies=200)) == 50
+
+
+def test_only_a_rate_the_server_enforces_is_a_pace() -> None:
+    # The documented rate of "any server" is a guess (it may be 4 slots on a laptop); a serverless
+    # API's is its limit, and so is a rate any server's replies state.
+    assert RateLimiter(None, auto=True, start_rpm=300.0).enforced_rps() is None
+    assert RateLimiter(None, auto=True, start_rpm=300.0, serverless=True).enforced_rps() == 5.0
+    assert RateLimiter(600.0, serverless=True).enforced_rps() == 10.0
+    assert RateLimiter(0, serverless=True).enforced_rps() is None  # --rpm 0: unpaced
+    stated = RateLimiter(None, auto=True, start_rpm=300.0)
+    stated.on_hints(RateHints(limit_requests=1000))
+    assert stated.enforced_rps() == pytest.approx(0.98 * 1000 / 60)
 
 
 def test_a_timeout_halves_the_limit_and_ends_growth() -> None:
@@ -213,3 +254,17 @@ def test_a_tight_timeout_still_keeps_4_slots_busy(sandbox_factory, tmp_path) -> 
     assert summary_of(out)["concurrency"]["last"] >= SLOTS
     log = box.log()
     assert log[-1][0] - log[0][0] < 1.5 * ROWS * SECONDS / SLOTS
+
+
+def test_a_serverless_api_gets_its_rate_in_flight_after_one_round_trip(sandbox_factory, tmp_path) -> None:
+    # Dataoorts at 2 s a reply, paced at 100 requests/s: 200 in flight keep the pace. The
+    # replies come at the pace from the first on; growing from 8 (8, 24, 70 ...) answered 32
+    # in the first 3 s.
+    box = sandbox_factory(latency=2.0)
+    src = prompts_csv(tmp_path / "in.csv", 300)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "6000", "--concurrency", "256"], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    times = sorted(t for t, status, _ in box.log() if status == 200)
+    assert len(times) == 300
+    assert sum(1 for t in times if t < times[0] + 3.0) >= 200

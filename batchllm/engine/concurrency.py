@@ -31,6 +31,12 @@ counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a requ
   sent itself.
 - A server that states its slots (llama.cpp's ``GET /props``: ``total_slots``) is taken at its word
   for the first round, and needs no growth phase; otherwise the first round has ``START``.
+- A rate the server enforces (``pace``: one its replies state, or a serverless API's documented
+  rate) needs that rate times a round trip in flight, and never less (with ``STEADY_GAIN``). The
+  rate limiter keeps the pace, so a queue builds only where the server serves less than it: a
+  rate known before the first request (a serverless API's) opens the first round to the
+  ceiling, and one the first reply states, to what that reply's round trip needs. Growing from
+  ``START`` took four round trips to reach 100 in flight, more than a minute at 20 s a reply.
 
 Waiters are futures in FIFO order, woken as replies free their places; no polling. The clock is
 injectable, so tests drive rounds without sleeping.
@@ -67,14 +73,17 @@ class ConcurrencyLimit:
         timeout: float,
         *,
         hint: int | None = None,
+        pace: Callable[[], float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ceiling = max(1, ceiling)
         self.timeout = timeout
         self.clock = clock
         self.floor = min(self.ceiling, FLOOR)
-        self.limit = min(self.ceiling, hint if hint else START)
+        paced = pace is not None and pace() is not None  # then the limiter holds the pace
+        self.limit = min(self.ceiling, hint if hint else self.ceiling if paced else START)
         self.hint = hint
+        self.pace = pace  # requests/s of a limit the server enforces, or None (see the docstring)
         self.in_flight = 0
         self.growing = hint is None  # a server's own figure needs no slow start
         self.peak = self.limit  # the highest limit reached, for the run's summary
@@ -131,6 +140,8 @@ class ConcurrencyLimit:
             self._delivered += 1
             if seconds < self._shortest:
                 self._shortest = seconds
+            if self._delivered == 1 and not self._rounds and self.pace is not None:
+                self._open_to_pace(seconds)  # the run's first reply: its round trip is known
             if self._delivered >= self._round_size:
                 self._end_round()
         self._wake()
@@ -144,6 +155,16 @@ class ConcurrencyLimit:
                 waiter.set_result(None)
 
     # -- adapting ----------------------------------------------------------------------------
+
+    def _paced(self, trip: float) -> int:
+        """What a rate the server enforces needs in flight for replies ``trip`` seconds long
+        (0 with no such rate)."""
+        rps = self.pace() if self.pace is not None else None
+        return math.ceil(rps * trip * STEADY_GAIN) + 1 if rps else 0
+
+    def _open_to_pace(self, trip: float) -> None:
+        if (paced := self._paced(trip)) > self.limit:
+            self._set(paced)
 
     def _end_round(self) -> None:
         now = self.clock()
@@ -178,15 +199,18 @@ class ConcurrencyLimit:
             # trip is this process's own (replies as fast as it reads them), fewer cost rate.
             enough = min(n for r, n in zip(self._rates, self._limits, strict=True) if r >= NEAR * served)
             limit = max(self.floor, math.ceil(gain * estimate) + 1, enough, math.floor(served * HARMLESS))
+        paced = self._paced(min(self._trips))
+        limit = max(limit, paced)
         # Never a round trip, queue included, past a share of the timeout: the requests being
         # served (the estimate: no queue), and as many more as the rate serves in what the
         # share leaves over the shortest round trip. (The rate times the share alone, taken for
         # the whole limit, kept a 4-slot server at 0.4 s a request under 4 with a 0.6 s timeout:
         # its rate fell with the limit, and the limit with its rate, to one request at a time.)
         # Never under the slots a server states either: they serve that many with no queue, and
-        # an estimate a little low (a slow round) would otherwise take the limit down with it.
+        # an estimate a little low (a slow round) would otherwise take the limit down with it;
+        # nor under what an enforced rate needs (its server serves that rate, so no queue).
         queue = math.floor(served * max(0.0, self.timeout * TIMEOUT_SHARE - min(self._trips)))
-        limit = min(limit, max(1, self.hint or 0, math.ceil(estimate) + queue))
+        limit = min(limit, max(1, self.hint or 0, paced, math.ceil(estimate) + queue))
         self._set(limit)
 
     def _cut(self) -> None:

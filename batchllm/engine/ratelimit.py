@@ -62,10 +62,12 @@ class RateLimiter:
         *,
         auto: bool = False,
         start_rpm: float = 300.0,
+        serverless: bool = False,
         clock: Clock = time.monotonic,
     ) -> None:
         self.clock = clock
         self.auto = auto
+        self.serverless = serverless  # its pace is a limit it enforces (providers/base.py)
         self.ceiling = math.inf if auto else (rpm or math.inf)
         self._user_ceiling = self.ceiling
         self._stated: float | None = None  # STATED x the limit the server's headers give
@@ -186,6 +188,15 @@ class RateLimiter:
             return
         self._tok_next = max(self.clock(), self._tok_next - (reserved - used) * 60.0 / self.tpm)
         self._rearm()
+
+    def enforced_rps(self) -> float | None:
+        """Requests a second the pool is paced at, when that is a limit the server enforces
+        rather than a guess: one its replies state, or any pace of a serverless API (its
+        documented rate, or ``--rpm``). None when unpaced or when the rate may be a guess at a
+        server of a few slots (the in-flight window then finds its size from replies alone)."""
+        if self.rate is None or (self._stated is None and not self.serverless):
+            return None
+        return self.rate / 60.0
 
     def on_hints(self, hints: RateHints) -> None:
         """A reply stated the account's limit: pace evenly just under it, and never above it."""

@@ -151,7 +151,10 @@ class Run:
                 f"{p.model.name!r} has no price in the {p.provider.name} model table and none was "
                 "given (--input-price/--output-price): cost columns will be null"
             )
-        limiter = RateLimiter(job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm)
+        limiter = RateLimiter(
+            job.rpm, job.tpm, auto=job.rpm is None, start_rpm=p.provider.documented_rpm,
+            serverless=p.provider.serverless,
+        )  # fmt: skip
         start = Snapshot.of(journal.totals())
         record = RunRecord.begin(
             **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
@@ -214,7 +217,7 @@ class Run:
             if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
                 probe = p.provider.slots_url(endpoint.url)
                 hint = await client.server_slots(probe) if probe else None
-                window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint)
+                window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint, pace=limiter.enforced_rps)
             dispatcher = Dispatcher(
                 client=client,
                 provider=p.provider,
@@ -311,18 +314,9 @@ class Run:
 
         def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
             return run_summary(
-                self.p,
-                t,
-                code,
-                dispatcher,
-                reason,
-                budget,
-                self.reuse,
-                started_at,
-                self.warnings,
-                journal,
-                self.command,
-            )
+                self.p, t, code, dispatcher, reason, budget, self.reuse, started_at, self.warnings,
+                journal, self.command,
+            )  # fmt: skip
 
         if self.reuse is not None and reason is not StopReason.JOURNAL:
             self.reuse.remember(journal)

@@ -34,6 +34,10 @@ class Provider:
     key_env: ClassVar[str]  # environment variable that holds the key, by default
     key_required: ClassVar[bool] = True  # local OpenAI-compatible servers often need none
     documented_rpm: ClassVar[float] = 300.0  # where ``--rpm auto`` starts when no header says
+    # A shared serverless API: the rate it is paced at is a limit it enforces, never a queue of a
+    # few slots, so the requests in flight may open to that rate times a round trip at once
+    # (engine/concurrency.py). Not so for "any server": it may be four slots on a laptop.
+    serverless: ClassVar[bool] = False
     unlisted_models: ClassVar[bool] = False  # may a model missing from models.toml run?
     max_content_chars: ClassVar[int | None] = None  # longest message content the API accepts
     default_max_tokens: ClassVar[int] = 256

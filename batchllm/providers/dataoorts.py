@@ -36,6 +36,7 @@ class Dataoorts(Provider):
     key_env = "DATAOORTS_API_KEY"
     # Workers AI's documented limit, which the provider sits on (docs/api.md).
     documented_rpm = 300.0
+    serverless = True
     max_content_chars = 131_072
     default_max_tokens = 256  # the API's own default when left out; we always send it
     # The page's order: the request body stays byte for byte what the page shows.

@@ -242,6 +242,37 @@ def slot_server(rows: int, slots: int = 4, seconds: float = 0.4) -> dict:
     return figures
 
 
+def ramp(rows: int, latency: float = 2.0, rpm: int = 3000) -> dict:
+    """A serverless API (the Dataoorts face) paced by ``--rpm``, replies ``latency`` s long (a real
+    reply's 20 s and 300/min, both scaled by ten: 100 in flight needed), default --concurrency:
+    the server's span (first arrival to last answer) against the ideal, the rate from the first
+    request on plus one round trip; and how soon the replies came at the pace."""
+    src = make_input(rows, f"ramp-{rows}.csv")
+    rps = rpm / 60
+    ideal = (rows - 1) / rps + latency
+    box = Sandbox("--latency", str(latency))
+    try:
+        code, wall, _ = run_batchllm(box, src, WORK / "ramp.parquet", "--rpm", str(rpm), "--restart")
+        log = box.log()
+    finally:
+        box.close()
+    assert code == 0, code
+    times = sorted(t for t, status, _ in log if status == 200)
+    span = times[-1] - times[0] + latency  # the first answer left `latency` s after its request
+    # Replies in the second round trip after the first: the pace gives rps x latency of them.
+    second = sum(1 for t in times if times[0] + latency <= t < times[0] + 2 * latency)
+    return {
+        "rows": rows,
+        "latency_s": latency,
+        "rpm": rpm,
+        "ideal_s": round(ideal, 2),
+        "server_span_s": round(span, 2),
+        "wall_ratio": round(span / ideal, 3),
+        "second_round_trip_share_of_pace": round(second / (rps * latency), 3),
+        "batchllm_wall_s": round(wall, 2),
+    }
+
+
 def journal_cost(rows: int) -> dict:
     """rows/s with and without journal writes, in-process, same sandbox, same input."""
     from batchllm import build_job, run_job
@@ -1002,6 +1033,7 @@ def main() -> None:
     which = sys.argv[1:] or [
         "throughput",
         "slots",
+        "ramp",
         "latency",
         "journal",
         "rates",
@@ -1028,6 +1060,9 @@ def main() -> None:
     if "slots" in which:
         results["slot_server"] = slot_server(n(200))
         print(json.dumps(results["slot_server"]), flush=True)
+    if "ramp" in which:
+        results["ramp"] = ramp(n(1_000))
+        print(json.dumps(results["ramp"]), flush=True)
     if "latency" in which:
         results["latency_200ms_2000_in_flight"] = throughput(n(20_000), 0.2, 2000)
         print(json.dumps(results["latency_200ms_2000_in_flight"]), flush=True)
