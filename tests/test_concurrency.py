@@ -118,7 +118,9 @@ def test_a_rate_the_server_enforces_opens_the_limit() -> None:
     # Without a rate known to be the server's, the first round still ends with its 8 replies.
     clock = Clock()
     unpaced = ConcurrencyLimit(256, 120.0, pace=lambda: None, clock=clock)
-    assert serve(unpaced, clock, slots=10_000, seconds=20.0, replies=START)[: START - 1] == [START] * (START - 1)
+    assert serve(unpaced, clock, slots=10_000, seconds=20.0, replies=START)[: START - 1] == [START] * (
+        START - 1
+    )
     # --concurrency stays the ceiling.
     clock = Clock()
     capped = ConcurrencyLimit(50, 120.0, pace=lambda: 5.0, clock=clock)
@@ -263,7 +265,9 @@ def test_a_serverless_api_gets_its_rate_in_flight_after_one_round_trip(sandbox_f
     box = sandbox_factory(latency=2.0)
     src = prompts_csv(tmp_path / "in.csv", 300)
     out = tmp_path / "out.parquet"
-    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "6000", "--concurrency", "256"], env=box.env())
+    result = run_cli(
+        ["run", str(src), "-o", str(out), "--rpm", "6000", "--concurrency", "256"], env=box.env()
+    )
     assert result.exit_code == 0, result.stderr
     times = sorted(t for t, status, _ in box.log() if status == 200)
     assert len(times) == 300

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from batchllm.pricing import load_models
 from batchllm.tokens import counter_for, get_counter
 
 from .conftest import read_output, run_cli, summary_of, write_csv
+from .test_openai_batch import answer_batch
 
 MINI = load_models("openai")["gpt-4o-mini"].prices
 assert MINI is not None
@@ -281,3 +283,36 @@ def test_a_request_file_of_two_prefixes_warms_each_once(sandbox_factory: Any, tm
     assert sum(pico(r["cost_usd"]) for r in table) == box.sandbox.stats["billed_pico"]
     keys = [orjson.loads(b)["prompt_cache_key"] for b in box.sandbox.bodies]
     assert len(set(keys)) == 2
+
+
+@pytest.mark.parametrize("pack", [None, "5"], ids=["rows", "labels_in_packs"])
+def test_an_imported_batch_costs_the_bill_at_the_batchs_cached_price(
+    sandbox_factory: Any, tmp_path: Path, pack: str | None
+) -> None:
+    # A batch API reports cached prompt tokens as a live one does, and bills them at its own
+    # cached price (half the live one): the imported rows carry them and cost the bill exactly.
+    batch = load_models("openai")["gpt-4o-mini"].batch_prices
+    assert batch is not None and batch.cached_input_pico < batch.input_pico
+    box = sandbox_factory(prices=(batch.input_pico, batch.output_pico, batch.cached_input_pico))
+    data = write_csv(
+        tmp_path / "reviews.csv", [{"id": i, "text": f"review {i}: it works"} for i in range(40)]
+    )
+    job = [
+        "--template", "Review: {text}", "--system", long_system(), "--id-column", "id",
+        "--provider", "openai", "--model", "gpt-4o-mini",
+        *(["--labels", "positive,negative", "--pack", pack] if pack else []),
+    ]  # fmt: skip
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    exported = run_cli(["export-batch", str(data), *job, "-o", str(requests)])
+    assert exported.exit_code == 0, exported.output
+    answer_batch(box, requests, results, errors)  # one by one: each after the first finds the prefix
+    out = tmp_path / "imported.parquet"
+    result = run_cli(["import-batch", str(results), str(errors), "--input", str(data), *job, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    table = read_output(out).to_pylist()
+    stats = box.sandbox.stats
+    assert stats["cached_tokens"] > 0
+    assert sum(r["cached_tokens"] for r in table) == stats["cached_tokens"]  # the server's count
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]  # the bill, exactly
+    assert pico(summary_of(out)["cost_usd"]["total"]) == stats["billed_pico"]
+    assert "prompt cache:" in result.output

@@ -123,13 +123,14 @@ def split_entry(
     texts = [req.messages[-1].content if req is not None else "" for _, _, req in rows]
     prompt = shape.prompt_shares(pt, own_tokens(counter, texts))
     completion = shape.completion_shares(ct, items or [""] * len(rows))
+    cached = shape.cached_shares(pack.cached_tokens or 0, prompt)  # as a live pack shares them
     entries, attempts = [], []
     pid = pack.row_id
     for n, (row_id, content_hash, _) in enumerate(rows):
-        ic, oc = cost(prices, prompt[n], completion[n])
+        ic, oc = cost(prices, prompt[n], completion[n], cached[n])
         if items is None and len(rows) > 1:
             a = Attempt(0, SPLIT, "", prompt[n], completion[n], ic, oc, bool(pack.truncated), pid, n + 1)
-            attempts.append((row_id, a))
+            attempts.append((row_id, a._replace(cached_tokens=cached[n])))
             continue
         entry = pack._replace(
             row_id=row_id,
@@ -139,6 +140,7 @@ def split_entry(
             completion_tokens=completion[n],
             input_cost_pico=ic,
             output_cost_pico=oc,
+            cached_tokens=cached[n],
         )
         entries.append(label(entry, labeling, (pid, 0 if items is None else n + 1)))
     return entries, attempts

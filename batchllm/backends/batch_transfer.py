@@ -281,7 +281,8 @@ def _entry(
             pt = pt if pt is not None else counter.count_messages(request.messages if request else ())
             ct = ct if ct is not None else counter.completion_tokens(completion.text)
         assert pt is not None and ct is not None
-        in_cost, out_cost = cost(prices, pt, ct)
+        cached = completion.cached_tokens  # billed at the batch's cached price, as live
+        in_cost, out_cost = cost(prices, pt, ct, cached)
         max_tokens = (request.max_tokens if request else None) or p.job.max_tokens
         created = body.get("created")
         return Entry(
@@ -301,6 +302,7 @@ def _entry(
             model,
             p.provider.truncated(completion, max_tokens),
             counted,
+            cached_tokens=cached,
             served_model=completion.model,
         )
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
@@ -344,7 +346,7 @@ def labeled_entry(
         sure = of_reply(labeling, text, bool(entry.truncated), tokens)
     attempt = Attempt(0, "first", text, entry.prompt_tokens or 0, entry.completion_tokens or 0,
                       entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated), pack_id,
-                      position, None, 0, None, sure)  # fmt: skip
+                      position, None, entry.cached_tokens or 0, None, sure)  # fmt: skip
     outcome = RowLabeler(labeling, Request("", "", (), {})).outcome([attempt])
     extra = {
         "reask_cost_pico": 0 if entry.input_cost_pico is not None else None,
