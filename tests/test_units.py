@@ -148,3 +148,33 @@ def test_the_error_window_counts_the_last_n_rows_like_a_plain_list() -> None:
             over = window.add(failed)
             assert window.errors == sum(seen[-20:])
             assert over == (failed and len(seen) >= 20 and sum(seen[-20:]) > 6)
+
+
+def test_progress_lines_give_the_last_minutes_rate_and_time_left() -> None:
+    # An API at 20 s a reply, 5 rows/s once the first replies are in: a minute later the time
+    # left is the rows left at 5 a second (140 s), where the run's average put it at 187 s.
+    import io
+    import json
+
+    from batchllm.cli.progress import JsonReporter, Reporter
+
+    def feed(reporter: Reporter) -> None:
+        reporter.start({"todo": 1000, "done_before": 0, "rows": 1000, "input": "in.csv", "output": "o.parquet",
+                        "provider": "dataoorts", "model": "m"})  # fmt: skip
+        for t in range(10, 90, 10):
+            clock[0] = float(t)
+            done = max(0, (t - 20) * 5)
+            reporter.progress({"done": done, "ok": done, "error": 0, "tokens": 0, "cost_pico": 0,
+                               "rows_per_s": done / t})  # fmt: skip
+
+    clock = [0.0]
+    text = io.StringIO()
+    feed(Reporter("lines", text, clock=lambda: clock[0]))
+    last = text.getvalue().splitlines()[-1]
+    assert last.startswith("progress: 300/1,000 rows") and "5.0 rows/s" in last and "~140 s left" in last
+    clock[0] = 0.0
+    logs = io.StringIO()
+    feed(JsonReporter(logs, clock=lambda: clock[0]))
+    event = json.loads(logs.getvalue().splitlines()[-1])
+    assert event["recent_rows_per_s"] == 5.0 and event["seconds_left"] == 140
+    assert event["rows_per_s"] == 300 / 80  # the run's own stays as it was
