@@ -309,3 +309,30 @@ def test_money_adds_up_over_fleets_reviews_and_pilots(sandbox_factory, tmp_path:
         cached += sum(bool(r["cached"]) for r in pq.read_table(out).to_pylist())
     assert {"changed", "kill", "die", "review", "pilot"} <= set(seen)
     assert cached > 0  # rows were answered from the cache the earlier sequences filled
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["rows", "labels"])
+def test_a_server_that_counts_more_prompt_tokens_never_passes_the_cap(
+    sandbox_factory, tmp_path: Path, labels: bool
+) -> None:
+    # A server that adds 1,000 prompt tokens of its own to each request (its own template or
+    # system prompt) bills every reply about 20 times the worst case batchllm reserved for it.
+    # The first reply shows it: from then on every request reserves that much more, so the
+    # second goes and the third, which no longer fits, does not. (Each reserved its own worst
+    # case alone, and the cap was passed by one request, and by up to --concurrency of them.)
+    box = sandbox_factory(extra_prompt_tokens=1000)
+    data = write_csv(tmp_path / "in.csv", [{"id": f"r{i}", "text": f"item {i}: fine"} for i in range(20)])
+    out = tmp_path / "out.parquet"
+    one = 1020 * PRICES.input_pico + 32 * PRICES.output_pico  # about what one request costs
+    cap = Decimal(2 * one + one // 2) / PICO_PER_USD
+    args = ["run", str(data), "-o", str(out), "--template", "Say: {text}", "--id-column", "id",
+            "--max-tokens", "32", "--concurrency", "1", "--max-cost", str(cap)]  # fmt: skip
+    if labels:
+        args += ["--labels", ",".join(LABELS)]
+    result = run_cli(args, env=box.env())
+    assert result.exit_code == 3, result.output
+    assert _billed(box) <= _pico(str(cap))
+    assert box.sandbox.stats["requests"] == 2
+    assert "more than their worst case" in result.output
+    table = pq.read_table(out).to_pylist()
+    assert sum(_pico(repr(r["cost_usd"])) for r in table if r["cost_usd"] is not None) == _billed(box)

@@ -104,6 +104,13 @@ from . import CONTEXT, cli, fail, run_async
     "--no-usage", default=0.0, type=float, show_default=True, help="Share of replies without usage."
 )
 @click.option(
+    "--extra-prompt-tokens",
+    default=0,
+    type=click.IntRange(0),
+    show_default=True,
+    help="Prompt tokens usage counts and bills beyond the messages' (a server's own template).",
+)
+@click.option(
     "--label-wrong", default=0.0, type=float, show_default=True, help="Labeling: share answered wrong."
 )
 @click.option(

@@ -5,6 +5,13 @@ price) is reserved against what remains; when the usage comes back the reservati
 the real cost. Spending can therefore never pass the cap, whatever the replies turn out to be.
 Everything is integer picodollars (see pricing.py), so the comparison is exact.
 
+That holds while the server counts a prompt as batchllm does. One that counts more (a chat
+template or system prompt of its own, another tokenizer, usage that is simply wrong) bills a reply
+past its worst case. The first such reply sets ``margin``, the most a reply has cost over its
+reservation: every request reserves that much more from then on (``worst``), and one reserved
+before leaves only while everything reserved still fits (``short``). The cap is then passed by no
+more than what the requests reserved before the first such reply cost over their worst cases.
+
 The cap covers the whole output: what earlier runs of the same journal spent counts too, so
 ``--max-cost 5`` means "this output may cost $5 in all", and a later run with a higher cap resumes.
 ``--max-cost-per-run`` caps what this run spends, for nightly incremental jobs;
@@ -42,11 +49,21 @@ class Budget:
         self.month: MonthAllowance | None = None
         self.month_reached = False  # the month's cap, not this output's or this run's, stopped it
         self.refused = 0  # the worst case of the request that could not fit (the stop's message)
+        self.margin = 0  # the most a reply cost over its reservation (see the docstring)
 
     @property
     def active(self) -> bool:
         """Is any cap set (so requests reserve their worst case)?"""
         return self.cap is not None or self.run_cap is not None or self.month is not None
+
+    def worst(self, worst_pico: int) -> int:
+        """What a request of this worst case reserves: it, and the margin replies have shown."""
+        return worst_pico + self.margin
+
+    def short(self) -> bool:
+        """Replies cost more than reserved and what is reserved no longer fits: a request
+        reserved before that must not leave (its reservation was too small)."""
+        return bool(self.margin) and not self._fits(0)
 
     def _fits(self, worst_pico: int) -> bool:
         self.month_reached = False
@@ -92,6 +109,8 @@ class Budget:
         self.spent_run += actual_pico
         if not self.active:
             return
+        if actual_pico > reserved_pico:  # reserved with the margin then: at most this one now
+            self.margin = max(self.margin, actual_pico - (reserved_pico - self.margin))
         self.reserved -= reserved_pico
         self.in_flight -= 1
         self._released.set()

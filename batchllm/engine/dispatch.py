@@ -230,18 +230,19 @@ class Dispatcher(Booking):
         assert isinstance(item, WorkItem)
         budget = self.budget
         reserved = 0
+        worst = budget.worst(item.worst_pico)
         if budget.active:
-            if not await budget.reserve(item.worst_pico):
+            if not await budget.reserve(worst):
                 self.request_stop(StopReason.BUDGET, "budget reached")
                 return
-            reserved = item.worst_pico
+            reserved = worst
         billed = 0  # picodollars
         try:
             # Until it succeeds or fails for good; None when the run stopped first.
             tokens = (
                 item.prompt_tokens + (item.request.max_tokens or self.max_tokens) if self.tpm_enabled else 0
             )
-            result, attempts, latency_ms = await self.call(item.body, tokens, item.row_id, item.worst_pico)
+            result, attempts, latency_ms = await self.call(item.body, tokens, item.row_id, worst)
             if isinstance(result, Completion):
                 billed = self._record_ok(item, result, attempts, latency_ms, tokens)
             elif result is not None:
@@ -284,11 +285,13 @@ class Dispatcher(Booking):
                 if window is not None:
                     window.release(None)
                 raise
-            if self.stopping:
+            if self.stopping or (self.budget.margin and self.budget.short()):
                 if window is not None:
                     window.release(None)
                 if member is not None:
                     router.release(member)  # type: ignore[union-attr]
+                if not self.stopping:  # replies cost more than reserved: the cap is short
+                    self.request_stop(StopReason.BUDGET, "budget reached")
                 return None, attempt, 0.0
             # Written down before it leaves (inflight.py).
             self.journal.sent(row_id, worst)

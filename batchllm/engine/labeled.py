@@ -93,7 +93,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
     body = item.body if first else d.provider.encode(step.request)
     # The first request's worst case was counted with the batch it came in (admission.py, the
     # prompt counted over threads): counting it again here was a fifth of a label's CPU.
-    worst = item.worst_pico if first else worst_pico(d, step.request, max_tokens)
+    worst = budget.worst(item.worst_pico if first else worst_pico(d, step.request, max_tokens))
     if capped and not await budget.reserve(worst):
         d.request_stop(StopReason.BUDGET, "budget reached")
         return None, 0, 0.0

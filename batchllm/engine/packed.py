@@ -259,7 +259,7 @@ class Packs:
         body = d.provider.encode(request)
         budget = d.budget
         capped = budget.active
-        worst = worst_pico(d, request, max_tokens)
+        worst = budget.worst(worst_pico(d, request, max_tokens))
         if capped and not await budget.reserve(worst):
             d.request_stop(StopReason.BUDGET, "budget reached")
             return None

@@ -65,6 +65,10 @@ def stop_message(
         lost = journal.maybe_billed(current=False)
         worst, cap = lost["worst_pico"], job.max_cost_pico or 0
         refused = budget.refused
+        over = budget.margin and (  # the server counts more prompt tokens than batchllm
+            f"; replies cost up to {format_usd(budget.margin)} more than their worst case, so requests "
+            "now reserve that much more"
+        )
         if job.max_cost_pico is not None and refused > cap:  # no spending would ever make room
             return (
                 f"budget reached: one request may cost up to {format_usd(refused)} (its prompt and "
@@ -81,6 +85,7 @@ def stop_message(
                 if refused
                 else ""
             )
+            + (over or "")
         )
     if reason is StopReason.API and dispatcher.stop_error is not None:
         return provider.advice(dispatcher.stop_error, key_source)

@@ -79,6 +79,9 @@ class SandboxConfig:
     fail_garbled: float = 0.0
     fail_3040: float = 0.0  # bare 429s, without a wait
     no_usage: float = 0.0  # share of replies that leave usage out
+    # Prompt tokens usage counts (and bills) beyond the messages', as a server with a template or
+    # system prompt of its own does: more than the client can know before the first reply.
+    extra_prompt_tokens: int = 0
     # As a labeling model (labeler.py): shares of first answers that are wrong, wrapped in prose,
     # outside the label set (or of the wrong type), broken JSON, or cut off at max_tokens.
     label_wrong: float = 0.0
@@ -283,7 +286,7 @@ class Sandbox:
 
     async def _answer(self, face: Face, parsed: Parsed, model: Model, garbled: bool) -> web.Response:
         cfg = self.config
-        prompt_tokens = self.counter.count_messages(parsed.messages)
+        prompt_tokens = self.counter.count_messages(parsed.messages) + cfg.extra_prompt_tokens
         window = model.context_window or 0
         if prompt_tokens + parsed.max_tokens > window:
             return face.window_error(prompt_tokens + parsed.max_tokens, window)
