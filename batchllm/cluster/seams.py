@@ -132,10 +132,18 @@ class LeasedBudget:
         self.coordinator = coordinator
         self.owner = owner
         self._active = active
+        self.margin = 0  # budget.Budget's, learned from this actor's own replies
 
     @property
     def active(self) -> bool:
         return self._active
+
+    def worst(self, worst_pico: int) -> int:
+        return worst_pico + self.margin
+
+    def short(self) -> bool:
+        """Not asked of the coordinator before each request: its reservations grow by the margin."""
+        return False
 
     async def reserve(self, worst_pico: int) -> bool:
         for _ in range(MAX_WAIT_ROUNDS):
@@ -146,6 +154,8 @@ class LeasedBudget:
 
     def settle(self, reserved_pico: int, actual_pico: int) -> None:
         if self._active:
+            if actual_pico > reserved_pico:
+                self.margin = max(self.margin, actual_pico - (reserved_pico - self.margin))
             self.coordinator.settle.remote(self.owner, reserved_pico, actual_pico)
 
     def gave_up(self, worst_pico: int, renews: bool = False) -> bool:
