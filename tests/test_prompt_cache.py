@@ -314,5 +314,9 @@ def test_an_imported_batch_costs_the_bill_at_the_batchs_cached_price(
     assert stats["cached_tokens"] > 0
     assert sum(r["cached_tokens"] for r in table) == stats["cached_tokens"]  # the server's count
     assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]  # the bill, exactly
-    assert pico(summary_of(out)["cost_usd"]["total"]) == stats["billed_pico"]
+    summary = summary_of(out)
+    assert pico(summary["cost_usd"]["total"]) == stats["billed_pico"]
+    # What the cache saved, at the batch's prices too (it was said at the live ones: twice this).
+    saved = stats["cached_tokens"] * (batch.input_pico - batch.cached_input_pico)
+    assert pico(summary["tokens"]["cached_saved_usd"]) == saved
     assert "prompt cache:" in result.output

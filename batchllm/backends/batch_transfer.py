@@ -37,7 +37,7 @@ from ..labeling.confidence import of_reply
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
 from ..ledger import RunRecord, Snapshot, of_job
-from ..pricing import Prices, cost
+from ..pricing import Prices, cached_saving, cost, usd_text
 from ..providers import get_provider
 from ..records import Entry, Request
 from ..tokens import counter_for
@@ -144,6 +144,9 @@ def import_batch(
                 out = build_summary(p, t, stats, None, None, started, code, [], journal, command)
                 out["imported_from"] = [str(r) for r in results]
                 out["prices"] = prices.as_dict() if prices else None
+                if t is not None and prices is not None and out["tokens"].get("cached_saved_usd"):
+                    # At the batch's prices the rows were costed at, not the model's live ones.
+                    out["tokens"]["cached_saved_usd"] = usd_text(cached_saving(prices, t.cached_tokens))
                 if t is not None and t.pending and live_command:
                     # Nothing more comes from these files: the pending rows go live (or come from
                     # more result files), never from importing the same ones again.
