@@ -272,3 +272,6 @@ def test_a_serverless_api_gets_its_rate_in_flight_after_one_round_trip(sandbox_f
     times = sorted(t for t, status, _ in box.log() if status == 200)
     assert len(times) == 300
     assert sum(1 for t in times if t < times[0] + 3.0) >= 200
+    # The summary gives the most that were in flight (the pace's 200 or so), not the limit's 256.
+    most = summary_of(out)["concurrency"]["most_in_flight"]
+    assert 120 <= most < 256 and f"at most {most:,} in flight" in result.output

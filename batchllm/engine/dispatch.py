@@ -110,6 +110,7 @@ class Dispatcher(Booking):
         # Requests awaiting a reply. A stop ends the workers that have none on the wire (waiting
         # for a slot, the budget or a backoff) once this is zero: ``_drained`` says so.
         self._on_wire = 0
+        self.most_on_wire = 0  # the most requests on the wire at once (the summary's "in flight")
         self._drained = asyncio.Event()
         # One endpoint no request connects to stops the run (a fleet's are the router's).
         self.unreached = Unreached(GIVE_UP_S)
@@ -302,6 +303,8 @@ class Dispatcher(Booking):
                 retrying = False
             t0 = time.perf_counter()
             self._on_wire += 1
+            if self._on_wire > self.most_on_wire:
+                self.most_on_wire = self._on_wire
             trip: float | None = None  # seconds, when the server answered in time
             timed_out = False
             try:

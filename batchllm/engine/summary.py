@@ -282,12 +282,8 @@ def run_summary(
     if answered and all(answered):  # batchllm's sandbox served with `batchllm sandbox`: play money
         out["play_money"] = True
     if (w := dispatcher.window) is not None:
-        out["concurrency"] = {
-            "ceiling": w.ceiling,
-            "server_slots": w.hint,
-            "last": w.limit,
-            "peak": w.peak,
-        }
+        out["concurrency"] = {"ceiling": w.ceiling, "server_slots": w.hint, "last": w.limit, "peak": w.peak,
+                              "most_in_flight": dispatcher.most_on_wire}  # fmt: skip
     if reuse is not None:
         out["this_run"].update(
             answered_by_other_rows=reuse.copies,
@@ -357,7 +353,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(
         f"this run: {plural(t['requests'], 'request')}, {t['retries']:,} retries, {t['throttled']:,} throttled, "
         f"{summary['duration_s']:,.1f} s"
-        + (f", at most {window['peak']:,} in flight" if window else "")
+        + (f", at most {window['most_in_flight']:,} in flight" if window else "")
         + (
             f" (the server states {window['server_slots']:,} slots)"
             if window and window["server_slots"]
