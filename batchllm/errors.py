@@ -100,12 +100,24 @@ class APIError(BatchLLMError):
 
     def describe(self) -> str:
         """One line for the row's ``error`` column: class, HTTP status, API code, message."""
-        parts = [type(self).__name__]
+        return (
+            f"{type(self).__name__} {self.said()}"
+            if self._head()
+            else f"{type(self).__name__}: {self.message}"
+        )
+
+    def said(self) -> str:
+        """What the server said, for a person reading a stop: HTTP status, API code, message."""
+        head = self._head()
+        return f"{head}: {self.message}" if head else self.message
+
+    def _head(self) -> str:
+        parts = []
         if self.status is not None:
             parts.append(f"HTTP {self.status}")
         if self.code is not None:
             parts.append(f"code {self.code}")
-        return f"{' '.join(parts)}: {self.message}"
+        return " ".join(parts)
 
 
 class RetryableAPIError(APIError):

@@ -124,6 +124,8 @@ def test_wrong_key_stops_the_run(sandbox_factory, tmp_path: Path) -> None:
     assert box.count() <= 8
     assert "DATAOORTS_API_KEY" in result.stderr
     assert "wrong-key-123456" not in result.stderr
+    # What the server said, in a person's words: no class name of batchllm's own.
+    assert "the API rejected the key (HTTP 40" in result.stderr and "Error HTTP" not in result.stderr
     statuses = Counter(pq.read_table(out).column("status").to_pylist())
     assert statuses == {"pending": 500}  # nothing recorded as failed: the rows were never really tried
     # Fixed key: the run resumes and completes.

@@ -296,7 +296,7 @@ class Router:
 def out_cause(m: Member, exc: RunStopError) -> str:
     """Why a key, quota or model problem takes ``m`` out, in words; its key variable is named
     only when the fleet file names one (without, the endpoint got no key at all)."""
-    said = f"HTTP {exc.status}: {exc.message}" if exc.status is not None else exc.message
+    said = exc.said()
     var = m.spec.key_env
     if exc.reason == "model":
         return f"does not serve the model {m.model.name!r} ({said})"

@@ -89,18 +89,18 @@ class Provider:
         """What a person should do after the API stopped the run, naming where the key comes from."""
         if exc.reason == "model":
             return (
-                f"the server does not serve the model this job asks for ({exc.describe()}): every row "
+                f"the server does not serve the model this job asks for ({exc.said()}): every row "
                 "would fail alike, so nothing more was sent; choose a model it serves (--model, or the "
                 "job file's model; `batchllm models` lists the known ones), then run the command again"
             )
         if exc.reason == "quota":
             return (
-                f"the API says the quota of the key in {key_source} is used up ({exc.describe()}); "
+                f"the API says the quota of the key in {key_source} is used up ({exc.said()}); "
                 "rows not yet sent stay pending: run the same command again once the quota resets "
                 "or is raised"
             )
         return (
-            f"the API rejected the key ({exc.describe()}): check {key_source}, then run the same "
+            f"the API rejected the key ({exc.said()}): check {key_source}, then run the same "
             "command again to resume"
         )
 
