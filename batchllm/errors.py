@@ -100,11 +100,7 @@ class APIError(BatchLLMError):
 
     def describe(self) -> str:
         """One line for the row's ``error`` column: class, HTTP status, API code, message."""
-        return (
-            f"{type(self).__name__} {self.said()}"
-            if self._head()
-            else f"{type(self).__name__}: {self.message}"
-        )
+        return f"{type(self).__name__}{' ' if self._head() else ': '}{self.said()}"
 
     def said(self) -> str:
         """What the server said, for a person reading a stop: HTTP status, API code, message."""

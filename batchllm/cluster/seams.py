@@ -19,6 +19,7 @@ import time
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
+from ..engine.budget import grown_margin
 from ..engine.stats import StopReason
 from ..records import Entry, RateHints
 from .coordinator import FREE_FOR
@@ -154,8 +155,7 @@ class LeasedBudget:
 
     def settle(self, reserved_pico: int, actual_pico: int) -> None:
         if self._active:
-            if actual_pico > reserved_pico:
-                self.margin = max(self.margin, actual_pico - (reserved_pico - self.margin))
+            self.margin = grown_margin(self.margin, reserved_pico, actual_pico)
             self.coordinator.settle.remote(self.owner, reserved_pico, actual_pico)
 
     def gave_up(self, worst_pico: int, renews: bool = False) -> bool:

@@ -109,8 +109,7 @@ class Budget:
         self.spent_run += actual_pico
         if not self.active:
             return
-        if actual_pico > reserved_pico:  # reserved with the margin then: at most this one now
-            self.margin = max(self.margin, actual_pico - (reserved_pico - self.margin))
+        self.margin = grown_margin(self.margin, reserved_pico, actual_pico)
         self.reserved -= reserved_pico
         self.in_flight -= 1
         self._released.set()
@@ -166,6 +165,13 @@ class Budget:
             else f"${cap} covers the {rows} left at the next one's worst case, every reply max_tokens long"
         )
         return f"to continue, run it with a higher --max-cost ({said})", with_max_cost(command, cap)
+
+
+def grown_margin(margin: int, reserved_pico: int, actual_pico: int) -> int:
+    """The margin after a reply that cost ``actual_pico`` against ``reserved_pico``. The
+    reservation carried the margin of its time, at most today's, so taking today's off leaves
+    at most the request's own worst case: the margin covers at least what this reply cost over it."""
+    return max(margin, actual_pico - (reserved_pico - margin)) if actual_pico > reserved_pico else margin
 
 
 def _two_figures_up(pico: float) -> str:
