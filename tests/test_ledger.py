@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import json
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -474,6 +475,16 @@ def test_sandbox_runs_are_play_money(sandbox, tmp_path: Path) -> None:
     again = tmp_path / "again.parquet"
     capped = run_cli(["run", *common, "--sandbox", "-o", str(again), "--max-cost-per-month", cap])
     assert capped.exit_code == 3 and "play money counts in no cap" in capped.stderr, capped.output
+    # Said as what it is: the real runs' money, this sandbox run's apart, and why it stopped.
+    said = re.search(
+        r"real runs have spent or hold \$([\d.]+) of its \$([\d.]+) cap this month and this sandbox "
+        r"run \$([\d.]+) .*the next request may cost up to \$([\d.]+), more than the \$([\d.]+) left",
+        capped.stderr,
+    )
+    assert said is not None, capped.stderr
+    real_usd, cap_usd, run_usd, next_usd, left_usd = (Decimal(x) for x in said.groups())
+    assert real_usd == _cost(real) and cap_usd == Decimal(cap)
+    assert left_usd == cap_usd - real_usd - run_usd < next_usd, capped.stderr
     assert 0 < _cost(again) <= played * 6 / 10 - _cost(real), capped.output
     spent_in_play = played + (_cost(again) if again.exists() else 0)
 

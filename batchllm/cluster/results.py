@@ -22,7 +22,8 @@ from ..engine.observer import Observer
 from ..engine.output import SUMMARY_NAME, Totals, read_summary
 from ..engine.runner import RunResult
 from ..engine.stats import Stats, StopReason
-from ..engine.summary import STOP_EXIT, build_summary, next_step
+from ..engine.stops import STOP_EXIT, next_step
+from ..engine.summary import build_summary
 from ..errors import ExitCode
 from ..folders import write_atomic
 from ..inputs import InputFile

@@ -50,7 +50,8 @@ from .refusable import optional_fields, refusable
 from .reopen import open_journal
 from .reuse import Reuse
 from .router import fleet_router
-from .summary import STOP_EXIT, run_summary, snapshot, stop_message
+from .stops import STOP_EXIT, stop_message
+from .summary import run_summary, snapshot
 from .warmup import Warmup
 
 

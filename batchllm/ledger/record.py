@@ -85,11 +85,6 @@ class MonthAllowance:
         return (self.job, *self.month, self.run_id)
 
     @property
-    def whose(self) -> str:
-        """Whose month the cap is of, for the stop message."""
-        return f"job {self.job!r}" + (" (real runs: play money counts in no cap)" if self.sandbox else "")
-
-    @property
     def resets_at(self) -> str:
         return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.month[1]))
 
