@@ -303,3 +303,35 @@ def test_a_confidence_for_every_labeled_review(
     report = run_cli(["eval", str(out), "--gold", "human_label"])
     assert report.exit_code == 0 and "calibration of the confidence (24 rows)" in report.stdout
     print(report.stdout[report.stdout.index("calibration") :])
+
+
+def test_max_cost_holds_on_the_real_server_and_a_higher_cap_finishes(
+    llama_server: LlamaServer,  # noqa: F811
+    recorder: Recorder,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """--max-cost against a real server, whose tokenizer and chat template are not batchllm's:
+    what the server billed stays under the cap, the stop says so (exit 3), and the same command
+    with a higher cap sends only the rows that were not answered."""
+    src = prompts_csv(tmp_path / "in.csv", 12)
+    out = tmp_path / "out.parquet"
+    cap = Decimal("0.00006")  # a few rows' worth at 12 tokens a reply
+    capped = run_cli(_run(src, out, recorder.base_url, "--max-tokens", "12", "--max-cost", str(cap)))
+    assert capped.exit_code == 3 and "budget reached" in capped.output, capped.output
+    first = recorder.replies()
+    billed = sum(_usd(*_usage(r)) for _, r in first)
+    assert 0 < billed <= cap and 0 < len(first) < 12, (billed, len(first))
+    summary = summary_of(out)
+    assert Decimal(summary["cost_usd"]["total"]) == billed
+    if summary["tokens"].get("cached"):  # llama.cpp reuses a slot's prefix; no cached price was given
+        assert "no discount at these prices (--cached-input-price sets one)" in capped.output
+    answered = {r["prompt"] for r in pq.read_table(out).to_pylist() if r["status"] == "ok"}
+    assert answered == {asked["messages"][-1]["content"] for asked, _ in first}
+
+    done = run_cli(_run(src, out, recorder.base_url, "--max-tokens", "12", "--max-cost", "1"))
+    assert done.exit_code == 0, done.output
+    again = [asked["messages"][-1]["content"] for asked, _ in recorder.replies()[len(first) :]]
+    assert sorted(again + sorted(answered)) == sorted(r["prompt"] for r in pq.read_table(out).to_pylist())
+    assert Decimal(summary_of(out)["cost_usd"]["total"]) == sum(
+        _usd(*_usage(r)) for _, r in recorder.replies()
+    )

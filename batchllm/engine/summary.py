@@ -291,9 +291,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def prompt_cache_line(cached: int, prompt: int, saved_pico: int | None) -> str:
     """Prompt tokens served from the server's prompt cache, their share, and what they saved."""
-    return f"prompt cache: {cached:,} of the prompt tokens cached ({cached / max(prompt, 1):.0%})" + (
-        f", saving {format_usd(saved_pico)} against the input price" if saved_pico is not None else ""
-    )
+    share = f"prompt cache: {cached:,} of the prompt tokens cached ({cached / max(prompt, 1):.0%})"
+    if saved_pico is None:
+        return share
+    if saved_pico == 0:  # no cached price known: they cost the input price (pricing.py)
+        return share + ", no discount at these prices (--cached-input-price sets one)"
+    return share + f", saving {format_usd(saved_pico)} against the input price"
 
 
 def _iso(t: float) -> str:
