@@ -275,3 +275,18 @@ def test_a_serverless_api_gets_its_rate_in_flight_after_one_round_trip(sandbox_f
     # The summary gives the most that were in flight (the pace's 200 or so), not the limit's 256.
     most = summary_of(out)["concurrency"]["most_in_flight"]
     assert 120 <= most < 256 and f"at most {most:,} in flight" in result.output
+    assert summary_of(out)["concurrency"]["held_the_pace"] is False
+
+
+def test_a_run_held_back_by_its_concurrency_says_so(sandbox_factory, tmp_path) -> None:
+    # --rpm 6000 (100/s) with --concurrency 4 at 0.25 s a reply: at most 16/s leave. The summary
+    # says the ceiling, not the rate, set the pace, and that a higher --concurrency goes faster.
+    box = sandbox_factory(latency=0.25)
+    src = prompts_csv(tmp_path / "in.csv", 40)
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "6000", "--concurrency", "4"], env=box.env())
+    assert result.exit_code == 0, result.stderr
+    concurrency = summary_of(out)["concurrency"]
+    assert concurrency["held_the_pace"] is True and concurrency["most_in_flight"] == 4
+    assert "at most 4 in flight (all that --concurrency allows" in result.output
+    assert "a higher --concurrency goes faster" in result.output

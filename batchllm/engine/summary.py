@@ -18,6 +18,7 @@ from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .journal import Journal
 from .output import Totals
+from .ratelimit import RateLimiter
 from .stops import next_step
 
 if TYPE_CHECKING:
@@ -187,7 +188,8 @@ def run_summary(
         out["play_money"] = True
     if (w := dispatcher.window) is not None:
         out["concurrency"] = {"ceiling": w.ceiling, "server_slots": w.hint, "last": w.limit, "peak": w.peak,
-                              "most_in_flight": dispatcher.most_on_wire}  # fmt: skip
+                              "most_in_flight": dispatcher.most_on_wire,
+                              "held_the_pace": held_the_pace(dispatcher)}  # fmt: skip
     if reuse is not None:
         out["this_run"].update(
             answered_by_other_rows=reuse.copies,
@@ -195,6 +197,18 @@ def run_summary(
             cache_saved_usd=usd_text(reuse.saved_pico),
         )
     return out
+
+
+def held_the_pace(dispatcher: Dispatcher) -> bool:
+    """Did --concurrency, not the rate, set the run's pace? Every place it allowed was in use and
+    requests left well under the rate the limiter kept: at these round trips, more in flight would
+    have gone faster. Judged over at least two windows' worth of requests, a single endpoint's."""
+    w, limiter, stats = dispatcher.window, dispatcher.limiter, dispatcher.stats
+    rate = limiter.rate if isinstance(limiter, RateLimiter) else None  # a cluster's lease: not here
+    if w is None or rate is None or dispatcher.router is not None or stats.requests < 2 * w.ceiling:
+        return False
+    per_minute = stats.requests / max(time.monotonic() - stats.started, 1e-9) * 60.0
+    return dispatcher.most_on_wire >= w.ceiling and per_minute < 0.8 * rate
 
 
 def snapshot(s: Stats) -> dict[str, Any]:
@@ -261,6 +275,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (
             f" (the server states {window['server_slots']:,} slots)"
             if window and window["server_slots"]
+            else ""
+        )
+        + (
+            " (all that --concurrency allows: it, not the rate, set the pace; a higher --concurrency goes faster)"
+            if window and window.get("held_the_pace")
             else ""
         )
     )
