@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from decimal import Decimal
@@ -117,11 +118,23 @@ def test_odd_content_survives_byte_for_byte(sandbox_factory, tmp_path: Path, fmt
     assert result.exit_code == 0, result.stderr
 
 
+def _parquet_bytes(columns: dict[str, list[str]]) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}), sink)
+    return sink.getvalue()
+
+
 BAD_INPUTS = [
     ("missing.csv", None, [], "no such file"),
     ("empty.csv", b"", [], "the file is empty"),
     ("ragged.csv", b"prompt,x\nhello,1\nworld,2,3\n", [], "line 3 has 3 fields but the header has 2"),
-    ("header_only.csv", b"prompt\n", [], "no rows"),
+    ("header_only.csv", b"prompt\n", [], "the file has a header but no rows"),
+    (
+        "no_rows.parquet",
+        _parquet_bytes({"id": [], "prompt": []}),
+        [],
+        "the file has columns (id, prompt) but no rows",
+    ),
     (
         "no_prompts.csv",
         b"id,prompt\n1,\n2,  \n",

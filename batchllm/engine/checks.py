@@ -66,7 +66,8 @@ def prepare(job: Job) -> Prepared:
         check_no_clash(source.columns, str(job.input))
         rows = source.count_rows()
         if rows == 0:
-            raise JobError(f"{job.input}: the file has a header but no rows")
+            has = "a header" if source.format == "csv" else f"columns ({', '.join(source.columns[:5])})"
+            raise JobError(f"{job.input}: the file has {has} but no rows")
         builder.check_some_prompt(source.batches(builder.read_columns), rows)
         if job.id_column is not None:
             check_unique_ids(source, job.id_column)
