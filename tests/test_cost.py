@@ -129,7 +129,11 @@ def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) 
         <= Decimal(e["cost_usd"]["expected"])
         <= Decimal(e["cost_usd"]["expected_high"])
     )
-    assert run_cli(["run", *common], env=sandbox.env()).exit_code == 0
+    ran = run_cli(["run", *common], env=sandbox.env())
+    assert ran.exit_code == 0, ran.stderr
+    # The run's summary sets what the estimate said next to what it cost.
+    money = e["cost_usd"]
+    assert f"estimated before: expected ${money['expected']}, at most ${money['worst_case']}" in ran.stderr
     rows = pq.read_table(out).to_pylist()
     # The 20 pilot rows were not sent again; identical prompts were sent once; an empty one never.
     assert sandbox.count() == sum(not r["answered_by"] for r in rows if r["review"])

@@ -261,6 +261,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); "
                 f"this run {_dollars(summary['this_run']['cost_usd'])}"
             )
+            guess = (summary.get("estimate") or {}).get("cost_usd") or {}
+            if summary["complete"] and guess.get("worst_case"):  # `batchllm estimate` was run on it
+                expected = f"expected ${guess['expected']}, " if guess.get("expected") else ""
+                lines.append(
+                    f"estimated before: {expected}at most ${guess['worst_case']} (batchllm estimate)"
+                )
         if lost := summary.get("maybe_billed"):
             lines.append(
                 f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "
