@@ -1,4 +1,5 @@
-"""CSV, Parquet and OpenAI batch request files, streamed in record batches; never read whole.
+"""CSV, Parquet, JSON Lines rows and OpenAI batch request files, streamed in record batches;
+never read whole (JSON Lines rows: jsonl_rows.py).
 
 CSV columns are read as text, exactly as written (a zip code "00123" stays "00123"): a CSV carries
 no types, and guessing them block by block breaks on the first odd value a million rows in. Parquet
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from . import sniff
 from .errors import JobError
+from .jsonl_rows import JsonlRows, is_request_file
 
 BATCH_ROWS = 8192
 _CSV_BLOCK = 1 << 20
@@ -48,7 +50,7 @@ class InputFile:
         self.path = path
         # Another file than the input (--examples): --encoding is the input's, not offered for it.
         self.kind = kind
-        self.format = fmt or _format_of(path)
+        self.format = "jsonl" if fmt == "jsonl-rows" else fmt or _format_of(path)  # which: below
         self.delimiter = delimiter
         self.encoding = sniff.encoding_of(path, encoding)  # a byte-order mark's, or the given one
         if not path.exists():
@@ -59,6 +61,10 @@ class InputFile:
             )
         if path.stat().st_size == 0:
             raise JobError(f"{path}: the file is empty")
+        self.rows: JsonlRows | None = None  # a JSON Lines file of rows, not of requests
+        if self.format == "jsonl" and not is_request_file(path, self.encoding):
+            self.format = "jsonl-rows"
+            self.rows = JsonlRows(path, self.encoding, kind)
         self.schema = self._open_schema()
 
     @property
@@ -71,6 +77,8 @@ class InputFile:
         return ["custom_id"] if self.format == "jsonl" else self.columns
 
     def _open_schema(self) -> pa.Schema:
+        if self.rows is not None:
+            return self.rows.schema
         if self.format == "jsonl":
             return REQUEST_FILE_SCHEMA
         if self.format == "parquet":
@@ -97,6 +105,8 @@ class InputFile:
         """Record batches of at most ``BATCH_ROWS`` rows, in file order."""
         if self.format == "parquet":
             yield from self._parquet_batches(columns)
+        elif self.rows is not None:
+            yield from self.rows.batches(columns, BATCH_ROWS)
         elif self.format == "jsonl":
             yield from self._jsonl_batches(columns)
         else:
@@ -219,6 +229,8 @@ class InputFile:
                 return pq.ParquetFile(self.path).metadata.num_rows
             except (pa.ArrowInvalid, OSError) as exc:
                 raise JobError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
+        if self.rows is not None:
+            return self.rows.rows  # counted, every line checked, when the file was opened
         if self.format == "jsonl":
             return self._check_request_ids()
         # Every column: text that does not decode fails here, before a request is sent, and

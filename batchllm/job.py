@@ -20,11 +20,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from . import sniff
 from .errors import JobError
 from .fleet import FleetEndpoint, dearest
 from .folders import folders_to_make
 from .job_keys import PARSERS, SAMPLING_KEYS, check_endpoint
 from .job_labeling import check_structured_on, confidence_mode
+from .jsonl_rows import is_request_file
 from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
 from .pricing import Prices
@@ -333,8 +335,13 @@ def _cache_setting(value: str, where: Callable[[str], str]) -> tuple[str, Path |
 
 
 def _is_request_file(kwargs: Mapping[str, Any]) -> bool:
-    fmt = kwargs.get("input_format")
-    return fmt == "jsonl" or (fmt is None and kwargs["input"].suffix.lower() in (".jsonl", ".ndjson"))
+    """A JSON Lines input of batch requests, not of rows (jsonl_rows.py: its first line says)."""
+    fmt, path = kwargs.get("input_format"), kwargs["input"]
+    if not (fmt == "jsonl" or (fmt is None and path.suffix.lower() in (".jsonl", ".ndjson"))):
+        return False
+    if not path.is_file():
+        return True  # the input's own check names what is wrong
+    return is_request_file(path, sniff.encoding_of(path, kwargs.get("encoding")))
 
 
 def _sampling_params(

@@ -143,6 +143,19 @@ BAD_INPUTS = [
     ),
     ("fake.parquet", b"this is not parquet at all", [], "not a readable Parquet file"),
     ("nocol.csv", b"text\nhello\n", [], "no column 'prompt'"),
+    (
+        "rows.jsonl",
+        b'{"prompt": "a"}\n[1, 2]\n',
+        [],
+        "rows.jsonl: line 2 is a JSON array, not an object of columns",
+    ),
+    ("rows.jsonl", b'{"prompt": "a"}\n\n{"prompt": \n', [], "rows.jsonl: line 3 is not valid JSON"),
+    (
+        "rows.jsonl",
+        b'{"text": "a"}\n',
+        [],
+        "no column 'prompt' (the --prompt-column); the columns are: 'text'",
+    ),
     ("ok.csv", b"review\nhello\n", ["--template", "Say {missing}"], "no column 'missing'"),
     ("ok.csv", b"prompt\nhello\n", ["--temperature", "7"], "--temperature must be a number from 0 to 5"),
     ("ok.csv", b"prompt\nhello\n", ["--top-k", "0"], "--top-k must be an integer from 1 to 50"),
@@ -196,6 +209,36 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
         assert "--delimiter" not in lines[0]
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name] if content is not None else [])
+
+
+def test_json_lines_rows_run_as_a_table_and_resume(sandbox, tmp_path: Path) -> None:
+    """A .jsonl of rows (no custom_id): its keys are the columns, every value text as a CSV's,
+    a key a line leaves out an empty cell; a budget stop, then the same command with a higher cap
+    sends only the rest, and the output keeps every input row with its answer."""
+    lines = [
+        {"id": i, "text": f"review {i}: works well", "stars": i % 5, "tags": ["a", i]} for i in range(40)
+    ]
+    lines[3] = {"id": 3, "text": None}  # null, and keys left out
+    lines[7] = {"id": 7, "text": "odd one", "extra": True}  # a key first seen on line 8
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes(b"\n".join(orjson.dumps(x) for x in lines) + b"\n\n")
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", "Sentiment of: {text}", "--id-column", "id",
+            "--rpm", "0", "--concurrency", "1"]  # fmt: skip
+    stopped = run_cli([*args, "--max-cost", "0.0002"], env=sandbox.env())
+    assert stopped.exit_code == 3, stopped.output
+    first = sandbox.count()
+    assert 0 < first < 39
+    done = run_cli([*args, "--max-cost", "1"], env=sandbox.env())
+    assert done.exit_code == 0, done.output
+    assert sandbox.count() == 39  # each row with a prompt sent once, across the stop
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == [str(i) for i in range(40)]
+    assert list(rows[0])[:5] == ["id", "text", "stars", "tags", "extra"]
+    assert (rows[1]["stars"], rows[1]["tags"], rows[1]["extra"]) == ("1", '["a",1]', None)
+    assert rows[7]["extra"] == "true" and rows[3]["stars"] is None
+    assert rows[3]["status"] == "error" and "empty in row 4" in rows[3]["error"]
+    assert all(r["status"] == "ok" and r["response"] for i, r in enumerate(rows) if i != 3)
 
 
 def test_a_semicolon_csv_runs_with_delimiter(sandbox, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 import tomllib
 from decimal import Decimal
@@ -108,3 +110,23 @@ def test_a_column_of_ready_prompts_is_sent_as_it_is(tmp_path: Path) -> None:
     values = tomllib.loads(job.read_text())
     assert values["prompt_column"] == "prompt" and "template" not in values and values["id_column"] == "id"
     assert run_cli(["validate", str(job)]).exit_code == 0
+
+
+def test_init_on_json_lines_rows(tmp_path: Path) -> None:
+    """The sample reviews as JSON Lines rows (a dataset's usual export): the same job as from the
+    CSV, and it runs."""
+    with open(REVIEWS, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:30]
+    src = tmp_path / "reviews.jsonl"
+    src.write_text("".join(json.dumps({**r, "rating": int(r["rating"])}) + "\n" for r in rows))
+    job = tmp_path / "reviews.toml"
+    made = run_cli(["init", str(src), "--labels", "positive,negative,neutral", "-o", str(job)])
+    assert made.exit_code == 0, made.output
+    values = tomllib.loads(job.read_text())
+    assert "{review}" in values["template"] and values["id_column"] == "review_id"
+    ran = run_cli(["run", "--job", str(job), "--sandbox", "--progress", "none", "--rpm", "6000"])
+    assert ran.exit_code == 0, ran.output
+    output = pq.read_table(tmp_path / "out" / "reviews.parquet")
+    assert output.column("review_id").to_pylist() == [r["review_id"] for r in rows]
+    assert output.column("rating").to_pylist() == [r["rating"] for r in rows]  # text, as written
+    assert set(output.column("label").to_pylist()) <= {"positive", "negative", "neutral"}

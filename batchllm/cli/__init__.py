@@ -80,7 +80,7 @@ def command_line(argv: list[str] | None = None) -> str:
 def cli() -> None:
     """Run a file of prompts through an LLM API: resumable, rate-limited, exactly costed.
 
-    Reads CSV, Parquet or a JSONL request file, sends one request per row to the Dataoorts API, any OpenAI-compatible
+    Reads CSV, Parquet or JSON Lines (rows, or a batch request file), sends one request per row to the Dataoorts API, any OpenAI-compatible
     server (--provider openai), or the built-in sandbox, and writes every input row back to
     Parquet with its response, token usage and cost.
     """

@@ -50,7 +50,7 @@ Examples:
 @click.option("--actors", type=int, help="With --engine ray: actors sending requests.  [default: 2]")
 @click.pass_context
 def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
-    """Send every row of INPUT (CSV, Parquet, or a JSONL request file) and write the results to OUTPUT (Parquet).
+    """Send every row of INPUT (CSV, Parquet, JSON Lines rows or a batch request file) and write the results to OUTPUT (Parquet).
 
     Re-running the same command resumes: rows already done are not sent (or paid for) again.
     With --engine ray, INPUT may be a directory or glob of files and OUTPUT is a directory.

@@ -36,6 +36,10 @@ def input_files(path: Path, fmt: str | None, delimiter: str = ",") -> tuple[list
     first = InputFile(Path(files[0]), fmt, delimiter)
     if first.format == "jsonl":
         raise JobError(f"{path}: request files run on the local engine (leave out --engine ray)")
+    if first.format == "jsonl-rows":
+        raise JobError(
+            f"{path}: JSON Lines rows run on the local engine (leave out --engine ray, or use Parquet)"
+        )
     for name in files[1:]:
         other = InputFile(Path(name), fmt, delimiter)
         if other.format != first.format or other.columns != first.columns:
