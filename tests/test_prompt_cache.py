@@ -305,6 +305,9 @@ def test_an_imported_batch_costs_the_bill_at_the_batchs_cached_price(
     requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
     exported = run_cli(["export-batch", str(data), *job, "-o", str(requests)])
     assert exported.exit_code == 0, exported.output
+    # Each line as a live run sends it: one prompt_cache_key for the job's one prefix.
+    bodies = [orjson.loads(line)["body"] for line in requests.read_text().splitlines()]
+    assert len({b.get("prompt_cache_key") for b in bodies}) == 1 and bodies[0]["prompt_cache_key"]
     answer_batch(box, requests, results, errors)  # one by one: each after the first finds the prefix
     out = tmp_path / "imported.parquet"
     result = run_cli(["import-batch", str(results), str(errors), "--input", str(data), *job, "-o", str(out)])

@@ -188,6 +188,8 @@ def _messages(raw: Any, where: str, max_chars: int | None) -> tuple[Message, ...
 def batch_line(custom_id: str, request: Request) -> bytes:
     """One request file line with exactly the messages and parameters ``run`` sends."""
     body = {"model": request.model, "messages": request.messages, **request.params}
+    if request.cache_key is not None:  # one prefix's requests on one cache, as a live run sends
+        body["prompt_cache_key"] = request.cache_key
     return orjson.dumps({"custom_id": custom_id, "method": "POST", "url": CHAT_URL, "body": body}) + b"\n"
 
 
