@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..engine.counts import plural
 from ..folders import folders_to_make
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
@@ -114,9 +115,9 @@ def export_cmd(
         click.echo(f"batchllm: made the folder {done.made_folder} for {target}", err=True)
     files = ", ".join(str(f) for f in done.files)
     click.echo(
-        f"exported {done.lines:,} requests to {files}"
+        f"exported {plural(done.lines, 'request')} to {files}"
         + (
-            f"; {done.refused:,} rows a run would refuse (no prompt, too long) left out"
+            f"; {plural(done.refused, 'row')} a run would refuse (no prompt, too long) left out"
             if done.refused
             else ""
         )
