@@ -76,11 +76,12 @@ def groups(runs: list[Cell], by: list[str]) -> list[dict[str, Any]]:
     buckets: dict[tuple[tuple[str, ...], bool], list[Cell]] = {}
     for r in runs:
         buckets.setdefault((tuple(r.key(k) for k in by), bool(r.priced)), []).append(r)
-    out = []
+    out: list[dict[str, Any]] = []
     for (key, priced), members in buckets.items():
         pico = sum(c.cost_pico for c in members) if priced else 0
-        out.append({**dict(zip(by, key, strict=True)), **_sums(members),
-                    "cost_usd": usd_text(pico) if priced else None, "priced": priced, "_cost_pico": pico})  # fmt: skip
+        group = {**dict(zip(by, key, strict=True)), **_sums(members)}
+        group.update(cost_usd=usd_text(pico) if priced else None, priced=priced, _cost_pico=pico)
+        out.append(group)
     if by and by[0] in ("day", "week", "month"):
         out.sort(key=lambda g: (*(g[k] for k in by), not g["priced"]))
     else:
