@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from batchllm.ledger import month_bounds
+from batchllm.pricing import parse_usd, usd_text
 from batchllm.reports.spend import build_spend
 
 from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of
@@ -491,7 +492,7 @@ def test_sandbox_runs_are_play_money(sandbox, tmp_path: Path) -> None:
     report = _spend(ledger, "--runs", "--by", "job")
     assert Decimal(report["total"]["cost_usd"]) == _cost(real) == Decimal(report["month"]["spent_usd"])
     assert [Path(r["output"]).name for r in report["runs"]] == ["real.parquet"]
-    assert report["left_out"] == {"runs": 2, "cost_usd": str(spent_in_play)}
+    assert report["left_out"] == {"runs": 2, "cost_usd": str(spent_in_play), "unpriced_runs": 0}
     alone = _spend(ledger, "--sandbox", "--runs")
     assert Decimal(alone["total"]["cost_usd"]) == spent_in_play == Decimal(alone["month"]["spent_usd"])
     assert {Path(r["output"]).name for r in alone["runs"]} == {"play.parquet", "again.parquet"}
@@ -534,9 +535,113 @@ def test_a_served_sandbox_is_play_money_too(tmp_path: Path) -> None:
         assert _cost(out) > 0
         report = _spend(ledger, "--runs")
         assert Decimal(report["total"]["cost_usd"]) == 0 and report["runs"] == []
-        assert report["left_out"] == {"runs": 1, "cost_usd": str(_cost(out))}
+        assert report["left_out"] == {"runs": 1, "cost_usd": str(_cost(out)), "unpriced_runs": 0}
         alone = _spend(ledger, "--sandbox", "--runs")
         assert [Path(r["output"]).name for r in alone["runs"]] == ["served.parquet"]
     finally:
         server.terminate()
         server.communicate(timeout=10)
+
+
+LOCAL_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # served by the sandbox, in no openai price table
+
+
+def _openai_run(box, src: Path, out: Path, ledger: Path, *extra: str) -> None:
+    args = ["run", str(src), "-o", str(out), "--provider", "openai", "--model", LOCAL_MODEL, "--rpm", "0",
+            "--template", "Answer briefly: {prompt}", "--ledger", str(ledger), "--progress", "none", *extra]  # fmt: skip
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+
+
+def test_a_run_without_prices_costs_unknown_never_zero(sandbox, tmp_path: Path) -> None:
+    """A self-hosted model with no price: `spend` shows its run's cost as unknown and leaves it
+    out of every sum of money (saying so), so the total is the priced run's cost exactly."""
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 30)
+    local, paid = tmp_path / "local.parquet", tmp_path / "paid.parquet"
+    _openai_run(sandbox, src, local, ledger)
+    assert summary_of(local)["cost_usd"]["total"] is None
+    _openai_run(sandbox, src, paid, ledger, "--input-price", "0.31", "--output-price", "0.34")
+    assert _cost(paid) > 0
+
+    report = _spend(ledger, "--by", "job", "--runs")
+    total = report["total"]
+    assert Decimal(total["cost_usd"]) == _cost(paid) == Decimal(report["month"]["spent_usd"])
+    assert total["runs"] == 1 and total["rows_ok"] == 30
+    unknown = summary_of(local)["tokens"]
+    assert total["unpriced"] == {"runs": 1, "rows_ok": 30, "requests": 30, "prompt_tokens": unknown["prompt"],
+                                 "completion_tokens": unknown["completion"]}  # fmt: skip
+    assert report["month"]["unpriced"] == {"runs": 1, "rows_ok": 30}
+    assert Decimal(report["month"]["forecast_usd"]) >= _cost(paid)
+    runs = {Path(r["output"]).stem: r for r in report["runs"]}
+    assert runs["local"]["cost_usd"] is None and runs["local"]["priced"] is False
+    assert Decimal(runs["paid"]["cost_usd"]) == _cost(paid) and runs["paid"]["priced"] is True
+    groups = {g["job"]: g for g in report["groups"]}
+    assert groups["local"]["cost_usd"] is None and groups["local"]["priced"] is False
+    assert groups["local"]["rows_ok"] == 30 and Decimal(groups["paid"]["cost_usd"]) == _cost(paid)
+    per = {x["job"]: x for x in report["cost_per_1k_rows"]}
+    assert per["local"]["cost_per_1k_rows_usd"] is None and per["local"]["unpriced"]["runs"] == 1
+    assert per["paid"]["cost_per_1k_rows_usd"] == usd_text(
+        parse_usd(str(_cost(paid))) * 1000 // 30
+    )  # priced rows
+
+    text = run_cli(["spend", "--ledger", str(ledger), "--by", "job", "--runs"]).output
+    lines = text.splitlines()
+    assert [ln for ln in lines if ln.lstrip().startswith("local") and "unknown (no price)" in ln]
+    assert [ln for ln in lines if ln.lstrip().startswith("total") and "+ 1 unpriced run (30 rows)" in ln]
+    assert "so far + 1 unpriced run (30 rows), cost unknown" in text and "priced runs" in text
+    assert not [ln for ln in lines if "local" in ln and ("$0 " in ln or ln.rstrip().endswith("$0"))]
+    csv_text = run_cli(["spend", "--ledger", str(ledger), "--by", "job", "--format", "csv"]).output
+    assert "local,1,30,30," in csv_text and csv_text.splitlines()[-1].endswith(",,false")
+    page = tmp_path / "spend.html"
+    assert run_cli(["spend", "--ledger", str(ledger), "--html", str(page)]).exit_code == 0
+    assert "unknown (no price)" in page.read_text() and "1 unpriced run (30 rows)" in page.read_text()
+
+
+def test_a_ledger_from_before_prices_were_marked(sandbox, tmp_path: Path) -> None:
+    """A ledger without the ``priced`` column reads as it did, every run priced; the next run to
+    write to it adds the column, its earlier runs priced."""
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 20)
+    paid = tmp_path / "paid.parquet"
+    _openai_run(sandbox, src, paid, ledger, "--input-price", "0.31", "--output-price", "0.34")
+    old = tmp_path / "old.db"
+    with sqlite3.connect(ledger) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    old.write_bytes(ledger.read_bytes())
+    with sqlite3.connect(old) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN priced")
+    before = _spend(old, "--runs", "--by", "model")
+    now = _spend(ledger, "--runs", "--by", "model")
+    for key in ("total", "groups", "runs", "cost_per_1k_rows", "left_out"):
+        assert before[key] == now[key], key
+    assert before["month"]["spent_usd"] == now["month"]["spent_usd"] and before["month"]["unpriced"] is None
+    assert Decimal(before["total"]["cost_usd"]) == _cost(paid) and before["total"]["unpriced"] is None
+    assert [r["priced"] for r in before["runs"]] == [True] and before["groups"][0]["priced"] is True
+
+    _openai_run(sandbox, src, tmp_path / "local.parquet", old)  # no prices: unpriced
+    with sqlite3.connect(old) as conn:
+        marks = conn.execute("SELECT output, priced FROM runs ORDER BY started_at").fetchall()
+    assert [(Path(o).name, p) for o, p in marks] == [("paid.parquet", 1), ("local.parquet", 0)]
+    after = _spend(old)
+    assert Decimal(after["total"]["cost_usd"]) == _cost(paid) and after["total"]["unpriced"]["runs"] == 1
+
+
+def test_a_killed_run_without_prices_is_priced_by_the_run_that_prices_its_rows(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """An unpriced run killed halfway; the next run of its output, with prices, prices the rows
+    it left (engine/reopen.py) and closes its record from the journal: that record has a cost
+    now, so the output's runs add up to its cost_usd."""
+    box = sandbox_factory(latency=0.2)
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 300)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--provider", "openai", "--model", LOCAL_MODEL, "--rpm", "0",
+            "--template", "Answer briefly: {prompt}", "--ledger", str(ledger), "--progress", "none"]  # fmt: skip
+    proc = spawn(args, env=box.openai_env())
+    _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 20)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _openai_run(box, src, out, ledger, "--input-price", "0.31", "--output-price", "0.34")
+    report = _spend(ledger, "--runs")
+    assert [r["priced"] for r in report["runs"]] == [True, True] and report["runs"][0]["killed"]
+    assert Decimal(report["runs"][0]["cost_usd"]) > 0
+    assert Decimal(report["total"]["cost_usd"]) == _cost(out) and report["total"]["unpriced"] is None

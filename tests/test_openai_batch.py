@@ -13,7 +13,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import ROOT, run_cli, summary_of
+from .conftest import ROOT, prompts_csv, run_cli, summary_of
 
 JOB = ["--job", str(ROOT / "jobs" / "one_word_sentiment.toml"), "--provider", "openai"]
 LIVE_PRICES = ["--input-price", "0.31", "--output-price", "0.34"]
@@ -454,3 +454,32 @@ def test_a_fleet_batch_goes_to_one_endpoint_and_the_live_fleet_run_finishes_it(
         1 for r in rows if not r["answered_by"])  # fmt: skip
     by = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
     assert sum(Decimal(e["cost_usd"]) for e in by["endpoints"].values()) == Decimal(by["overall"]["cost_usd"])
+
+
+def test_an_import_without_prices_is_unpriced_in_the_ledger(sandbox, tmp_path: Path) -> None:
+    """Results of a model with no price imported without prices: the ledger's record says its cost
+    is unknown, and `spend`'s total is the priced import's cost alone."""
+    src = prompts_csv(tmp_path / "in.csv", 12)
+    opts = [
+        "--template",
+        "Say: {prompt}",
+        "--provider",
+        "openai",
+        "--model",
+        "meta-llama/Llama-3.1-8B-Instruct",
+    ]
+    job = [*opts, "--input", str(src)]
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    assert run_cli(["export-batch", str(src), *opts, "-o", str(requests)]).exit_code == 0
+    answer_batch(sandbox, requests, results, errors)
+    bare, paid = tmp_path / "bare.parquet", tmp_path / "paid.parquet"
+    result = run_cli(["import-batch", str(results), *job, "-o", str(bare)])
+    assert result.exit_code == 0 and "cost columns of imported rows will be null" in result.stderr, (
+        result.output
+    )
+    assert run_cli(["import-batch", str(results), *job, "-o", str(paid), *BATCH_PRICES]).exit_code == 0
+    report = json.loads(run_cli(["spend", "--runs", "--format", "json"]).stdout)
+    cost = summary_of(paid)["cost_usd"]["total"]
+    assert [(Path(r["output"]).name, r["kind"], r["priced"], r["cost_usd"]) for r in report["runs"]] == [
+        ("bare.parquet", "import", False, None), ("paid.parquet", "import", True, cost)]  # fmt: skip
+    assert report["total"]["cost_usd"] == cost and report["total"]["unpriced"]["rows_ok"] == 12

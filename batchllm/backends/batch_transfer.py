@@ -111,7 +111,7 @@ def import_batch(
         answered = (via.provider, via.endpoint, via.model.name) if via else (provider.name, "", p.model.name)
         record = RunRecord.begin(
             **of_job(job), kind="import", provider=answered[0], endpoint=answered[1], model=answered[2],
-            engine="batch", rows_total=p.rows, start=start, lost=(0, 0), warn=warn,
+            engine="batch", rows_total=p.rows, start=start, lost=(0, 0), warn=warn, priced=prices is not None,
         )  # fmt: skip
         try:
             have = journal.fetch(list(entries))

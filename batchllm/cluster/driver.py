@@ -212,7 +212,7 @@ async def run_on_ray(
         record = RunRecord.begin(
             **of_job(job), kind="run", provider=provider.name, model=model.name, engine="ray",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=None, start=start,
-            lost=(0, 0), warn=observer.warning,
+            lost=(0, 0), warn=observer.warning, priced=model.prices is not None,
         )  # fmt: skip
         if job.max_cost_per_month_pico is not None:
             # The actors lease from one budget: the month's rest is held once, as this run's cap.

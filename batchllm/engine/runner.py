@@ -160,7 +160,7 @@ class Run:
         record = RunRecord.begin(
             **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
-            lost=self.lost, warn=self.warn,
+            lost=self.lost, warn=self.warn, priced=p.model.prices is not None,
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).

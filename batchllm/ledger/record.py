@@ -130,10 +130,12 @@ class RunRecord:
         month_cap_pico: int | None = None,
         parts: Mapping[str, Part] | None = None,
         sandbox: bool = False,
+        priced: bool = True,
     ) -> RunRecord:
         """Write the record of a run starting now, after closing the records of earlier runs of
         the same output that were killed (``recover``: from ``start``, and ``lost``, the requests
-        and worst-case picodollars they left in flight)."""
+        and worst-case picodollars they left in flight). ``priced``: the run's model has prices
+        (the table's or given); without them its cost is unknown, which ``spend`` says."""
         run_id = uuid.uuid4().hex
         if path is None:
             if month_cap_pico is not None:
@@ -148,13 +150,13 @@ class RunRecord:
             conn.execute(
                 "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
                 "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "
-                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid, sandbox) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid, sandbox, "
+                "priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, kind, job, str(output.resolve()), checkpoint_text, provider,
                     urlsplit(endpoint).hostname or endpoint, model, engine, socket.gethostname(),
                     os.getpid(), proc_start(os.getpid()), time.time(), rows_total, month_cap_pico,
-                    *start, int(sandbox),
+                    *start, int(sandbox), int(priced),
                 ),
             )  # fmt: skip
         except (OSError, sqlite3.Error) as exc:

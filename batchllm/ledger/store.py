@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS runs (
     recovered_by TEXT,                  -- the run that closed this record from the journal
     cached_tokens INTEGER NOT NULL DEFAULT 0,      -- prompt tokens served from the prompt cache
     cached_saved_pico INTEGER NOT NULL DEFAULT 0,  -- what they cost less than at the input price
-    sandbox INTEGER NOT NULL DEFAULT 0  -- the built-in emulator's play money (SANDBOX_BEFORE_MARK)
+    sandbox INTEGER NOT NULL DEFAULT 0, -- the built-in emulator's play money (SANDBOX_BEFORE_MARK)
+    priced INTEGER NOT NULL DEFAULT 1   -- 0: the model had no price, its cost is unknown (not $0)
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started_at);
@@ -167,11 +168,18 @@ def has_sandbox_mark(conn: sqlite3.Connection) -> bool:
 
 
 # Figures added to ``runs`` since its first version, each with its type and default: a ledger
-# written before them gets them when a run opens it (spend reads an old one as it is: spend.py).
+# written before them gets them when a run opens it (spend reads an old one as it is, each missing
+# figure at its default: spend.py). Every run before ``priced`` was counted as priced: it stays so.
 ADDED = {
     "cached_tokens": "INTEGER NOT NULL DEFAULT 0",
     "cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
+    "priced": "INTEGER NOT NULL DEFAULT 1",
 }
+
+
+def added_default(column: str) -> str:
+    """The default of an ``ADDED`` figure, as SQL: what a ledger from before it reads as."""
+    return ADDED[column].rsplit(" DEFAULT ", 1)[1]
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -249,6 +257,9 @@ def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tupl
     Runs of one output never overlap (the journal's lock), so each killed run's part is what the
     journal gained between its start and the start of the run after it; the last one also takes
     the requests the run starting now found in flight (they may have been billed).
+
+    A killed run without prices whose rows the run starting now priced (engine/reopen.py prices
+    every row done without a price) has a cost now: its part of the journal, priced.
     """
     open_ = conn.execute(
         "SELECT run_id, host, pid, pid_start, started_at, start_spent_pico, start_prompt_tokens, "
@@ -276,11 +287,11 @@ def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tupl
         conn.execute(
             "UPDATE runs SET ended_at = ?, message = ?, rows_ok = ?, rows_error = ?, rows_invalid = ?, "
             "prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
-            "maybe_billed_pico = ?, recovered_by = ? WHERE run_id = ?",
+            "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0) WHERE run_id = ?",
             (
                 nxt[0], "killed: recorded from the journal by the next run of its output",
                 delta.ok, delta.error, delta.invalid, delta.prompt_tokens, delta.completion_tokens,
-                delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, r[0],
+                delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, delta.spent_pico, r[0],
             ),
         )  # fmt: skip
     return len(dead)
@@ -288,7 +299,9 @@ def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tupl
 
 # What a run of a job counts against its month: a closed record its cost and crash bound, an
 # open one (running, or killed and not recovered yet) the larger of its claim and its progress;
-# only real runs: play money (sandbox runs, see SANDBOX_BEFORE_MARK) counts in no cap.
+# only real runs: play money (sandbox runs, see SANDBOX_BEFORE_MARK) counts in no cap. A run
+# without prices (``priced = 0``: an uncapped run of the job, as a capped one needs prices,
+# engine/checks.py) counts as its recorded cost, 0: its cost is unknown, not known to be spent.
 MONTH_USED = """
 SELECT COALESCE(SUM(CASE WHEN ended_at IS NOT NULL THEN cost_pico + maybe_billed_pico
                          ELSE MAX(COALESCE(claim_pico, 0), cost_pico) END), 0)

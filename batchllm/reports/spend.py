@@ -9,6 +9,10 @@ format in every table). A run counts in the window, the groups and the month by 
 Sandbox runs (``--sandbox``, play money) are left out of everything unless asked for, and then
 they are all the report holds (``only``: every query reads the runs through one view).
 
+A run whose model had no price (``priced`` 0 in the ledger) cost an unknown amount, not $0: it
+is shown as unknown, and the totals, the month, its forecast and the cost per 1,000 rows are of
+the priced runs, saying how many runs (and rows) they leave out (spend_figures.py).
+
 The month's forecast is the spend so far plus the recent daily rate (the last 7 days' runs, or
 the days since the ledger's first run when it is younger) times the days left: a run rate, not a
 model of the schedule, and said so next to the figure.
@@ -26,7 +30,7 @@ from typing import Any
 
 from ..errors import JobError
 from ..ledger import month_bounds, open_readonly
-from ..ledger.store import ADDED, SANDBOX_BEFORE_MARK, has_sandbox_mark, is_alive
+from ..ledger.store import ADDED, SANDBOX_BEFORE_MARK, added_default, is_alive
 from ..pricing import usd_text
 from .spend_figures import Cell, groups, per_thousand, sums
 
@@ -68,6 +72,7 @@ class Run:
     endpoint_host: str | None
     cached_tokens: int = 0  # of prompt_tokens, served from the prompt cache (0 in an old ledger)
     cached_saved_pico: int = 0
+    priced: int = 1  # 0: the model had no price: the cost is unknown (1 in an old ledger)
 
     @property
     def status(self) -> str:
@@ -99,8 +104,9 @@ class Run:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
-            "cached_saved_usd": usd_text(self.cached_saved_pico),
-            "cost_usd": usd_text(self.cost_pico),
+            "cached_saved_usd": usd_text(self.cached_saved_pico if self.priced else None),
+            "cost_usd": usd_text(self.cost_pico if self.priced else None),
+            "priced": bool(self.priced),
             "maybe_billed_usd": usd_text(self.maybe_billed_pico) if self.maybe_billed_pico else None,
         }
 
@@ -111,23 +117,24 @@ _ROWS = "(CASE WHEN kind = 'pack-pilot' THEN 0 ELSE rows_ok END)"
 
 _CELLS = """
 SELECT job, COALESCE(model, ''), COALESCE(provider, ''), strftime('%Y-%m-%d', started_at, 'unixepoch'),
-       COUNT(*), SUM({ROWS}), SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pico)
-FROM runs WHERE started_at >= ? AND started_at < ? GROUP BY 1, 2, 3, 4 ORDER BY 4
+       COUNT(*), SUM({ROWS}), SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_pico), priced
+FROM runs WHERE started_at >= ? AND started_at < ? GROUP BY 1, 2, 3, 4, 11 ORDER BY 4
 """.replace("{ROWS}", _ROWS)
 # A fleet run by its endpoints' parts (ledger/store.py ``run_parts``): one run, its rows under its
 # main part; every other run whole.
 _CELLS_WITH_PARTS = """
-SELECT job, model, provider, day, SUM(runs), SUM(rows_ok), SUM(requests), SUM(pt), SUM(ct), SUM(cost) FROM (
+SELECT job, model, provider, day, SUM(runs), SUM(rows_ok), SUM(requests), SUM(pt), SUM(ct), SUM(cost), priced
+FROM (
   SELECT job, COALESCE(model, '') AS model, COALESCE(provider, '') AS provider,
          strftime('%Y-%m-%d', started_at, 'unixepoch') AS day, 1 AS runs, {ROWS} AS rows_ok, requests,
-         prompt_tokens AS pt, completion_tokens AS ct, cost_pico AS cost
+         prompt_tokens AS pt, completion_tokens AS ct, cost_pico AS cost, priced
   FROM runs r WHERE started_at >= ?1 AND started_at < ?2
     AND NOT EXISTS (SELECT 1 FROM run_parts p WHERE p.run_id = r.run_id)
   UNION ALL
   SELECT r.job, COALESCE(p.model, ''), COALESCE(p.provider, ''), strftime('%Y-%m-%d', r.started_at, 'unixepoch'),
-         p.main, p.main * {ROWS}, p.requests, p.prompt_tokens, p.completion_tokens, p.cost_pico
+         p.main, p.main * {ROWS}, p.requests, p.prompt_tokens, p.completion_tokens, p.cost_pico, r.priced
   FROM run_parts p JOIN runs r ON r.run_id = p.run_id WHERE r.started_at >= ?1 AND r.started_at < ?2
-) GROUP BY 1, 2, 3, 4 ORDER BY 4
+) GROUP BY 1, 2, 3, 4, 11 ORDER BY 4
 """.replace("{ROWS}", _ROWS.replace("kind", "r.kind").replace("rows_ok", "r.rows_ok"))
 _FAILED = "ended_at IS NOT NULL AND (recovered_by IS NOT NULL OR exit_code IS NOT 0)"
 
@@ -140,21 +147,16 @@ def cells(conn: sqlite3.Connection, since: float, until: float) -> list[Cell]:
     return [Cell(*r) for r in conn.execute(_CELLS_WITH_PARTS if parts else _CELLS, (since, until))]
 
 
-def _columns(conn: sqlite3.Connection) -> str:
-    """The run columns ``Run`` reads: a ledger no run of this version opened has no cached
-    figures (ledger/store.py ``ADDED``), read as 0."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-    return _COLUMNS + "".join(f", {c}" if c in have else f", 0 AS {c}" for c in ADDED)
+# The run columns ``Run`` reads (``only``'s view gives an old ledger's missing ones their defaults).
+_RUN = ", ".join([_COLUMNS, *ADDED])
 
 
 def prompt_cache(conn: sqlite3.Connection, since: float, until: float) -> dict[str, Any]:
-    """Prompt tokens the runs in the window had served from the prompt cache, and the saving."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-    if "cached_tokens" not in have:
-        return {"cached_tokens": 0, "saved_usd": usd_text(0)}
+    """Prompt tokens the runs in the window had served from the prompt cache, and the saving (at
+    the priced runs' prices: an unpriced run's saving is unknown)."""
     tokens, saved = conn.execute(
-        "SELECT COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cached_saved_pico), 0) FROM runs "
-        "WHERE started_at >= ? AND started_at < ?",
+        "SELECT COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(CASE WHEN priced THEN cached_saved_pico END), 0) "
+        "FROM runs WHERE started_at >= ? AND started_at < ?",
         (since, until),
     ).fetchone()
     return {"cached_tokens": int(tokens), "saved_usd": usd_text(int(saved))}
@@ -167,7 +169,7 @@ def _problems(conn: sqlite3.Connection, since: float, until: float) -> tuple[lis
         f"SELECT COUNT(*) FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED}", (since, until)
     ).fetchone()
     latest = conn.execute(
-        f"SELECT {_columns(conn)} FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED} "
+        f"SELECT {_RUN} FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED} "
         "ORDER BY started_at DESC LIMIT ?",
         (since, until, MAX_PROBLEMS),
     ).fetchall()
@@ -196,8 +198,7 @@ def parse_when(text: str, *, end: bool = False, now: float | None = None) -> flo
 
 def load(conn: sqlite3.Connection, since: float, until: float, where: str = "1") -> list[Run]:
     rows = conn.execute(
-        f"SELECT {_columns(conn)} FROM runs WHERE started_at >= ? AND started_at < ? AND {where} "
-        "ORDER BY started_at",
+        f"SELECT {_RUN} FROM runs WHERE started_at >= ? AND started_at < ? AND {where} ORDER BY started_at",
         (since, until),
     ).fetchall()
     return [Run(*r) for r in rows]
@@ -206,13 +207,16 @@ def load(conn: sqlite3.Connection, since: float, until: float, where: str = "1")
 def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     """This calendar month (UTC): spent so far, and at the recent daily rate, by its end."""
     start, end = month_bounds(now)
-    (spent,) = conn.execute(
-        "SELECT COALESCE(SUM(cost_pico), 0) FROM runs WHERE started_at >= ? AND started_at < ?", (start, end)
+    spent, unpriced, unpriced_rows = conn.execute(
+        f"SELECT COALESCE(SUM(CASE WHEN priced THEN cost_pico END), 0), COALESCE(SUM(priced = 0), 0), "
+        f"COALESCE(SUM(CASE WHEN priced THEN 0 ELSE {_ROWS} END), 0) FROM runs "
+        "WHERE started_at >= ? AND started_at < ?",
+        (start, end),
     ).fetchone()
     (first,) = conn.execute("SELECT MIN(started_at) FROM runs").fetchone()
     days = RATE_DAYS if first is None else min(RATE_DAYS, max(1.0, (now - first) / 86400))
     (recent,) = conn.execute(
-        "SELECT COALESCE(SUM(cost_pico), 0) FROM runs WHERE started_at >= ?", (now - days * 86400,)
+        "SELECT COALESCE(SUM(cost_pico), 0) FROM runs WHERE started_at >= ? AND priced", (now - days * 86400,)
     ).fetchone()
     rate = round(recent / days)
     days_left = max(0.0, (end - now) / 86400)
@@ -223,28 +227,36 @@ def month_forecast(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "rate_from_days": round(days, 1),
         "days_left": round(days_left, 1),
         "forecast_usd": usd_text(int(spent) + round(rate * days_left)),
+        # The month's runs without prices: in neither figure, their cost unknown.
+        "unpriced": {"runs": unpriced, "rows_ok": unpriced_rows} if unpriced else None,
         "_spent_pico": int(spent),
         "_forecast_pico": int(spent) + round(rate * days_left),
     }
 
 
-def only(conn: sqlite3.Connection, sandbox: bool) -> str:
-    """Make ``runs`` mean the sandbox runs, or the real ones, for every query on ``conn`` (a
-    temporary view over the table: nothing is written to the ledger); the condition that picks
-    the others, for counting what was left out."""
-    mark = "sandbox" if has_sandbox_mark(conn) else SANDBOX_BEFORE_MARK
-    conn.execute(f"CREATE TEMP VIEW runs AS SELECT * FROM main.runs WHERE ({mark}) = {int(sandbox)}")
-    return f"({mark}) = {int(not sandbox)}"
+def only(conn: sqlite3.Connection, sandbox: bool) -> None:
+    """Make ``runs`` mean the sandbox runs, or the real ones, for every query on ``conn``, and
+    ``left_out`` the others (temporary views over the table: nothing is written to the ledger).
+    A ledger no run of this version wrote to reads the figures it lacks (ledger/store.py
+    ``ADDED``) at their defaults, its runs as priced."""
+    have = {r[1] for r in conn.execute("PRAGMA main.table_info(runs)")}
+    mark = "sandbox" if "sandbox" in have else SANDBOX_BEFORE_MARK
+    missing = "".join(f", {added_default(c)} AS {c}" for c in ADDED if c not in have)
+    for view, kind in (("runs", sandbox), ("left_out", not sandbox)):
+        conn.execute(
+            f"CREATE TEMP VIEW {view} AS SELECT *{missing} FROM main.runs WHERE ({mark}) = {int(kind)}"
+        )
 
 
-def _left_out(conn: sqlite3.Connection, others: str, since: float, until: float) -> dict[str, Any] | None:
-    """The runs of the other kind in the window: how many, and what they cost."""
-    n, pico = conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(cost_pico), 0) FROM main.runs WHERE started_at >= ? AND "
-        f"started_at < ? AND {others}",
+def _left_out(conn: sqlite3.Connection, since: float, until: float) -> dict[str, Any] | None:
+    """The runs of the other kind in the window: how many, what the priced ones cost, and how
+    many were not priced."""
+    n, pico, unpriced = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN priced THEN cost_pico END), 0), COALESCE(SUM(priced = 0), 0) "
+        "FROM left_out WHERE started_at >= ? AND started_at < ?",
         (since, until),
     ).fetchone()
-    return {"runs": n, "cost_usd": usd_text(int(pico))} if n else None
+    return {"runs": n, "cost_usd": usd_text(int(pico)), "unpriced_runs": unpriced} if n else None
 
 
 def build_spend(
@@ -260,7 +272,8 @@ def build_spend(
     now = time.time() if now is None else now
     conn = open_readonly(path)
     try:
-        left_out = _left_out(conn, only(conn, sandbox), since, until)
+        only(conn, sandbox)
+        left_out = _left_out(conn, since, until)
         summed = cells(conn, since, until)
         month = month_forecast(conn, now)
         problems, count = _problems(conn, since, until)

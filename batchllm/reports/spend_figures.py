@@ -1,6 +1,11 @@
 """The figures of ``batchllm spend``, computed from the ledger's runs summed by job, model,
 provider and day (``Cell``, spend.py's query): groups by any keys, sums, cost per 1,000 rows and
 how it moved, the page's per-day series, and where the month's daily rate comes from, in words.
+
+A run whose model had no price (``Cell.priced`` false) has an unknown cost, never $0: a group
+holds priced runs or unpriced ones (``priced``; an unpriced group's cost is None), and a total,
+a month and a cost per 1,000 rows are of the priced runs, with the others beside them
+(``unpriced``: how many, and their rows and tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Cell(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     cost_pico: int
+    priced: int = 1  # 0: runs without prices, their cost unknown (ledger/store.py)
 
     def key(self, name: str) -> str:
         if name == "day":
@@ -47,43 +53,64 @@ def _week(day: str) -> str:
     return f"{year}-W{week:02d}"
 
 
+def _sums(members: list[Cell]) -> dict[str, Any]:
+    return {s: sum(getattr(c, s) for c in members) for s in SUMS}
+
+
 def sums(members: list[Cell]) -> dict[str, Any]:
-    """The ``SUMS`` and the cost of some cells."""
-    out: dict[str, Any] = {s: sum(getattr(c, s) for c in members) for s in SUMS}
-    pico = sum(c.cost_pico for c in members)
-    out["cost_usd"] = usd_text(pico)
+    """The ``SUMS`` and the cost of some cells' priced runs, and the ``SUMS`` of the others
+    (``unpriced``, None when there are none); with unpriced runs alone the cost is unknown (None)."""
+    priced = [c for c in members if c.priced]
+    unpriced = [c for c in members if not c.priced]
+    out = _sums(priced)
+    pico = sum(c.cost_pico for c in priced)
+    out["cost_usd"] = usd_text(pico) if priced or not unpriced else None
+    out["unpriced"] = _sums(unpriced) if unpriced else None
     out["_cost_pico"] = pico
     return out
 
 
 def groups(runs: list[Cell], by: list[str]) -> list[dict[str, Any]]:
-    """One group per distinct combination of the ``by`` keys, by cost (highest first), or in
-    time order when the first key is a period."""
-    buckets: dict[tuple[str, ...], list[Cell]] = {}
+    """One group per distinct combination of the ``by`` keys and of priced or not, by cost
+    (highest first, unpriced groups last), or in time order when the first key is a period."""
+    buckets: dict[tuple[tuple[str, ...], bool], list[Cell]] = {}
     for r in runs:
-        buckets.setdefault(tuple(r.key(k) for k in by), []).append(r)
-    out = [{**dict(zip(by, key, strict=True)), **sums(members)} for key, members in buckets.items()]
+        buckets.setdefault((tuple(r.key(k) for k in by), bool(r.priced)), []).append(r)
+    out: list[dict[str, Any]] = []
+    for (key, priced), members in buckets.items():
+        pico = sum(c.cost_pico for c in members) if priced else 0
+        group = {**dict(zip(by, key, strict=True)), **_sums(members)}
+        group.update(cost_usd=usd_text(pico) if priced else None, priced=priced, _cost_pico=pico)
+        out.append(group)
     if by and by[0] in ("day", "week", "month"):
-        out.sort(key=lambda g: tuple(g[k] for k in by))
+        out.sort(key=lambda g: (*(g[k] for k in by), not g["priced"]))
     else:
-        out.sort(key=lambda g: -g["_cost_pico"])
+        out.sort(key=lambda g: (not g["priced"], -g["_cost_pico"]))
     return out
+
+
+def unpriced_text(u: dict[str, Any]) -> str:
+    """Runs without prices, in words: "3 unpriced runs (12,000 rows)"."""
+    runs, rows = u["runs"], u["rows_ok"]
+    return f"{runs:,} unpriced run{'s' * (runs != 1)} ({rows:,} row{'s' * (rows != 1)})"
 
 
 def rate_from(month: dict[str, Any]) -> str:
     """Where the daily rate comes from, in words: "the last 7 days' runs", "the last day's runs"."""
-    days = month["rate_from_days"]
-    return "the last day's runs" if days == 1 else f"the last {days:g} days' runs"
+    days, runs = month["rate_from_days"], "priced runs" if month.get("unpriced") else "runs"
+    return f"the last day's {runs}" if days == 1 else f"the last {days:g} days' {runs}"
 
 
 def per_thousand(runs: list[Cell]) -> list[dict[str, Any]]:
     """Cost per 1,000 rows answered, by job: over the window, and how it moved from the first day
-    with runs to the last."""
+    with runs to the last; of the priced runs, the others beside (``unpriced``)."""
     by_job: dict[str, list[Cell]] = {}
     for r in runs:
         by_job.setdefault(r.job, []).append(r)
     out = []
-    for job, members in by_job.items():
+    for job, cells in by_job.items():
+        members = [r for r in cells if r.priced]
+        unpriced = [r for r in cells if not r.priced]
         days: dict[str, list[int]] = {}
         for r in members:
             d = days.setdefault(r.key("day"), [0, 0])
@@ -92,6 +119,7 @@ def per_thousand(runs: list[Cell]) -> list[dict[str, Any]]:
         rows = sum(r.rows_ok for r in members)
         cost = sum(r.cost_pico for r in members)
         line: dict[str, Any] = {"job": job, "rows_ok": rows, "cost_per_1k_rows_usd": _per_1k(cost, rows)}
+        line["unpriced"] = _sums(unpriced) if unpriced else None
         answered = [(day, c, n) for day, (c, n) in sorted(days.items()) if n]
         if len(answered) >= 2:
             (d0, c0, n0), (d1, c1, n1) = answered[0], answered[-1]
@@ -105,9 +133,10 @@ def per_thousand(runs: list[Cell]) -> list[dict[str, Any]]:
 
 
 def per_day_per_thousand(runs: list[Cell]) -> dict[str, list[tuple[str, int]]]:
-    """job -> [(day, picodollars per 1,000 rows)], days with answered rows only (the page's plot)."""
+    """job -> [(day, picodollars per 1,000 rows)], days with answered rows of priced runs only (the
+    page's plot)."""
     acc: dict[str, dict[str, list[int]]] = {}
-    for r in runs:
+    for r in (r for r in runs if r.priced):
         d = acc.setdefault(r.job, {}).setdefault(r.key("day"), [0, 0])
         d[0] += r.cost_pico
         d[1] += r.rows_ok

@@ -14,7 +14,8 @@ from typing import Any
 from ..folders import make_folders
 from ..pricing import PICO_PER_USD
 from . import svg
-from .spend_figures import SUMS, groups, per_day_per_thousand, rate_from
+from .spend_figures import SUMS, groups, per_day_per_thousand, rate_from, unpriced_text
+from .spend_text import UNKNOWN, total_cost
 
 MAX_JOBS = 7  # stacked series; the rest are summed as "other jobs"
 
@@ -25,7 +26,7 @@ def _days(first: str, last: str) -> list[str]:
 
 
 def _by_day_and_job(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
-    runs = report["_cells"]  # in day order
+    runs = [c for c in report["_cells"] if c.priced]  # in day order; unpriced runs have no cost to draw
     if not runs:
         return [], {}
     days = _days(runs[0].day, runs[-1].day)
@@ -79,12 +80,14 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
                     f"{t['runs']:,}",
                     f"{t['rows_ok']:,}",
                     f"{t['requests']:,}",
-                    svg.money(t["cost_usd"]),
+                    total_cost(t),
                 ]
             ],
             1,
         ),
-        f"<p>This month ({html.escape(m['month'])}, UTC): {svg.money(m['spent_usd'])} so far; at "
+        f"<p>This month ({html.escape(m['month'])}, UTC): {svg.money(m['spent_usd'])} so far"
+        + (f" + {unpriced_text(m['unpriced'])}, cost unknown" if m["unpriced"] else "")
+        + "; at "
         f"{svg.money(m['daily_rate_usd'])} a day ({rate_from(m)}), "
         f"<b>{svg.money(m['forecast_usd'])}</b> by its end ({m['days_left']:g} days left).</p>",
     ]
@@ -95,7 +98,11 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
         svg.lines("Cost per 1,000 rows answered, by job", days, per_series),
     ]
     rows = [
-        [*(str(g[k]) for k in by), *(f"{g[s]:,}" for s in SUMS), svg.money(g["cost_usd"])]
+        [
+            *(str(g[k]) for k in by),
+            *(f"{g[s]:,}" for s in SUMS),
+            svg.money(g["cost_usd"]) if g["priced"] else UNKNOWN,
+        ]
         for g in groups(report["_cells"], by)
     ]
     sections.append(f"<h2>By {html.escape(', '.join(by))}</h2>")
@@ -110,7 +117,9 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
                     [
                         x["job"],
                         f"{x['rows_ok']:,}",
-                        svg.money(x["cost_per_1k_rows_usd"]),
+                        UNKNOWN
+                        if x["unpriced"] and not x["rows_ok"]
+                        else svg.money(x["cost_per_1k_rows_usd"]),
                         f"{x.get('first_day', '')} {svg.money(x.get('first_usd'))}"
                         if "first_day" in x
                         else "",
@@ -134,7 +143,7 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
                         r["job"],
                         "killed" if r["killed"] else r["status"],
                         "" if r["exit_code"] is None else str(r["exit_code"]),
-                        svg.money(r["cost_usd"]),
+                        svg.money(r["cost_usd"]) if r["priced"] else UNKNOWN,
                         (r["message"] or "")[:160],
                     ]
                     for r in p["runs"]

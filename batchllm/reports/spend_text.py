@@ -9,9 +9,11 @@ from typing import Any
 
 import orjson
 
-from .spend_figures import SUMS, rate_from
+from .spend_figures import SUMS, rate_from, unpriced_text
 from .svg import money
 from .tables import csv_cell, grid, public
+
+UNKNOWN = "unknown (no price)"
 
 
 def _money(text: str | None) -> str:
@@ -20,15 +22,25 @@ def _money(text: str | None) -> str:
     return money(text)
 
 
+def total_cost(t: dict[str, Any]) -> str:
+    """A total's cost, and the runs without prices it leaves out: "$1.23 + 3 unpriced runs (12,000
+    rows)"; "unknown: 3 unpriced runs (12,000 rows)" when no run had prices."""
+    u = t.get("unpriced")
+    if not u:
+        return _money(t["cost_usd"])
+    return f"{_money(t['cost_usd'])} + {unpriced_text(u)}" if t["runs"] else f"unknown: {unpriced_text(u)}"
+
+
 def _group_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     by = report["by"]
     header = [*by, "runs", "rows ok", "requests", "prompt tokens", "completion tokens", "cost"]
     rows = [
-        [*(g[k] for k in by), *(f"{g[s]:,}" for s in SUMS), _money(g["cost_usd"])] for g in report["groups"]
+        [*(g[k] for k in by), *(f"{g[s]:,}" for s in SUMS), _money(g["cost_usd"]) if g["priced"] else UNKNOWN]
+        for g in report["groups"]
     ]
     t = report["total"]
     rows.append([*(["total"] + [""] * (len(by) - 1) if by else []), *(f"{t[s]:,}" for s in SUMS),
-                 _money(t["cost_usd"])])  # fmt: skip
+                 total_cost(t)])  # fmt: skip
     if not by:
         header = header[len(by) :]
     return header, rows
@@ -47,6 +59,8 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     left = report["left_out"]
     if left:
         runs = f"{left['runs']:,} {'real' if report['sandbox'] else 'sandbox'} run{'s' * (left['runs'] != 1)}"
+        if left["unpriced_runs"]:
+            runs += f", {left['unpriced_runs']:,} of them unpriced"
         out += [
             "",
             f"left out: {runs} ({_money(left['cost_usd'])}): `spend` without --sandbox shows them"
@@ -63,7 +77,9 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     m = report["month"]
     out += [
         "",
-        f"this month ({m['month']}, UTC): {_money(m['spent_usd'])} so far; at {_money(m['daily_rate_usd'])} a day "
+        f"this month ({m['month']}, UTC): {_money(m['spent_usd'])} so far"
+        + (f" + {unpriced_text(m['unpriced'])}, cost unknown" if m["unpriced"] else "")
+        + f"; at {_money(m['daily_rate_usd'])} a day "
         f"({rate_from(m)}), {_money(m['forecast_usd'])} by its end "
         f"({m['days_left']:g} days left)",
     ]
@@ -73,11 +89,8 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
             [
                 x["job"],
                 f"{x['rows_ok']:,}",
-                _money(x["cost_per_1k_rows_usd"]),
-                f"{x['first_day']} {_money(x['first_usd'])} -> {x['last_day']} {_money(x['last_usd'])}"
-                + (f" ({x['change_pct']:+g}%)" if x.get("change_pct") is not None else "")
-                if "first_day" in x
-                else "one day of runs",
+                UNKNOWN if x["unpriced"] and not x["rows_ok"] else _money(x["cost_per_1k_rows_usd"]),
+                _moved(x),
             ]
             for x in report["cost_per_1k_rows"]
         ]
@@ -105,11 +118,27 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
     return "\n".join(out)
 
 
+def _moved(x: dict[str, Any]) -> str:
+    """How a job's cost per 1,000 rows moved, and the runs without prices it leaves out."""
+    moved = (
+        f"{x['first_day']} {_money(x['first_usd'])} -> {x['last_day']} {_money(x['last_usd'])}"
+        + (f" ({x['change_pct']:+g}%)" if x.get("change_pct") is not None else "")
+        if "first_day" in x
+        else "one day of runs"
+        if x["rows_ok"]
+        else ""
+    )
+    if not x["unpriced"]:
+        return moved
+    return f"{moved} + {unpriced_text(x['unpriced'])}" if moved else unpriced_text(x["unpriced"])
+
+
 def _cost(r: dict[str, Any]) -> str:
     """A run's cost, and what it may have been billed besides (requests given up on or left in
-    flight: their worst case, which a monthly cap counts too)."""
+    flight: their worst case, which a monthly cap counts too); unknown without prices."""
     maybe = r.get("maybe_billed_usd")
-    return _money(r["cost_usd"]) + (f" (+ up to {_money(maybe)} maybe billed)" if maybe else "")
+    cost = _money(r["cost_usd"]) if r["priced"] else UNKNOWN
+    return cost + (f" (+ up to {_money(maybe)} maybe billed)" if maybe else "")
 
 
 def _state(r: dict[str, Any]) -> str:
@@ -131,12 +160,18 @@ def _csv(report: dict[str, Any]) -> str:
         fields = list(report["runs"][0]) if report["runs"] else ["run_id"]
         w.writerow(fields)
         for r in report["runs"]:
-            w.writerow([csv_cell(r[f]) for f in fields])
+            w.writerow(["" if r[f] is None else csv_cell(r[f]) for f in fields])
         return buf.getvalue().rstrip("\n")
     by = report["by"]
-    w.writerow([*by, *SUMS, "cost_usd"])
-    for g in [*report["groups"], {**dict.fromkeys(by, "total"), **report["total"]}]:
-        w.writerow([*(g[k] for k in by), *(g[s] for s in SUMS), g["cost_usd"]])
+    w.writerow([*by, *SUMS, "cost_usd", "priced"])
+    t = report["total"]
+    lines = [*report["groups"], {**dict.fromkeys(by, "total"), **t, "priced": True}]
+    if t["unpriced"]:  # the total's runs without prices: their cost unknown (empty)
+        lines.append({**dict.fromkeys(by, "total"), **t["unpriced"], "cost_usd": None, "priced": False})
+    for g in lines:
+        w.writerow(
+            [*(g[k] for k in by), *(g[s] for s in SUMS), g["cost_usd"] or "", str(g["priced"]).lower()]
+        )
     return buf.getvalue().rstrip("\n")
 
 
