@@ -11,7 +11,8 @@ once, whichever path answered it.
 
 Importing is idempotent: a row the journal already holds as ok is never replaced, and an error
 row only by a success, so importing the same file twice changes nothing. Expired, cancelled,
-throttled (429) and server-error (5xx) results stay pending, for the live run to retry.
+throttled (429) and server-error (5xx) results stay pending, for the live run to retry, and so
+do the rows whose request changed since they were exported (batch_keys.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..providers import get_provider
 from ..records import Entry, Request
 from ..tokens import counter_for
 from .batch_export import request_rows
+from .batch_keys import changed_line, drop_changed
 from .batch_packs import read_pack
 from .openai_batch import iter_lines, result_body
 
@@ -60,6 +62,7 @@ class Imported:
     error: int = 0
     pending: int = 0  # expired, cancelled, 429/5xx: for the live run
     unchanged: int = 0  # already in the journal (an import done before)
+    changed: int = 0  # rows whose request changed since export-batch: left pending (batch_keys.py)
     cut: list[str] = field(default_factory=list)  # files whose last line was cut off
     exit_code: ExitCode = ExitCode.OK
     summary: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +99,11 @@ def import_batch(
         )
     wanted = {row_id: (h, r) for _, row_id, h, r in request_rows(p, None)}
     entries, splits, outcome = _read_results(results, wanted, p, prices, warn)
+    asked = via.model.name if via is not None else None
+    entries, splits, changed = drop_changed(entries, splits, wanted, job.input, asked)
+    if changed:
+        outcome.changed = len(changed)
+        warn(changed_line(changed))
     if via is not None:
         entries = {k: e._replace(endpoint=via.name) for k, e in entries.items()}
         splits = [(k, a._replace(endpoint=via.name)) for k, a in splits]
@@ -152,7 +160,8 @@ def import_batch(
                     # more result files), never from importing the same ones again.
                     rows = f"{t.pending:,} row{'s are' if t.pending != 1 else ' is'}"
                     out["next"] = (
-                        f"{rows} still pending (no result in these files, expired, or 429/5xx); "
+                        f"{rows} still pending (no result in these files, expired, "
+                        f"{'429/5xx, or asked otherwise at export' if outcome.changed else 'or 429/5xx'}); "
                         "to send only those live"
                     )
                     out["resume"] = live_command
