@@ -90,7 +90,8 @@ def export_batch(
     out = None
     lines = size = 0
     # What each row is exported as: import-batch refuses replies to requests since changed.
-    book = ExportBook(job.input, via.model.name if via is not None else None)
+    asked = via.model.name if via is not None else None
+    book = ExportBook(job.input, asked, made_for=asked or p.model.name)
     try:
         for line in _lines(p, book.noting(request_rows(p, journal)), result):
             if via is not None and via.model.name != p.model.name:

@@ -182,7 +182,8 @@ def import_cmd(
     Rows are joined by custom_id; rows with no result, expired ones and 429/5xx results stay
     pending, so `batchllm run` with the same job sends only those. Importing twice changes nothing.
     A row whose request changed since export-batch (another --system, template, model, labels...)
-    is not joined: it stays pending, and one line says how many and which first.
+    is not joined: it stays pending, and one line says how many, which first and what their
+    replies cost (counted in the output's cost: they were billed).
     Costs are at the model's batch prices (models.toml) or --input-price/--output-price.
     """
     from ..backends.batch_transfer import import_batch
