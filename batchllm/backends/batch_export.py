@@ -4,7 +4,9 @@
 
 It goes through the same seams as a run: ``plan.prepare`` checks the job, ``Admission`` refuses
 what a run would refuse, and each line holds exactly the ``Request`` a run would send.
-``import-batch`` (batch_transfer.py) brings the replies home.
+``import-batch`` (batch_transfer.py) brings the replies home; the key of each row's request is
+written down as it is exported (batch_keys.py), so a reply to a request the job no longer sends
+is refused there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..fleet import FleetEndpoint
 from ..folders import make_folders
 from ..job import Job
 from ..reports.status import find_journal
+from .batch_keys import ExportBook, Row
 from .batch_packs import packed_lines
 from .openai_batch import batch_line
 
@@ -39,6 +42,7 @@ class Exported:
     skipped_done: int = 0
     refused: int = 0
     made_folder: Path | None = None  # the folder made for the file (folders.py)
+    note: str | None = None  # why the rows exported could not be written down (batch_keys.py)
 
 
 def request_rows(p: Prepared, journal: Journal | None) -> Any:
@@ -85,8 +89,11 @@ def export_batch(
     result.made_folder = make_folders(path, "--output")
     out = None
     lines = size = 0
+    # What each row is exported as: import-batch refuses replies to requests since changed.
+    asked = via.model.name if via is not None else None
+    book = ExportBook(job.input, asked, made_for=asked or p.model.name)
     try:
-        for line in _lines(p, journal, result):
+        for line in _lines(p, book.noting(request_rows(p, journal)), result):
             if via is not None and via.model.name != p.model.name:
                 record = orjson.loads(line)
                 record["body"]["model"] = via.model.name
@@ -102,6 +109,8 @@ def export_batch(
             size += len(line)
             result.lines += 1
     finally:
+        book.close()
+        result.note = book.problem
         if out is not None:
             out.close()
         if journal is not None:
@@ -119,13 +128,12 @@ def export_batch(
     return result
 
 
-def _lines(p: Prepared, journal: Journal | None, result: Exported) -> Iterator[bytes]:
+def _lines(p: Prepared, rows: Iterator[Row], result: Exported) -> Iterator[bytes]:
     """The request lines: one per row, or one per pack of rows (``--pack``, batch_packs.py)."""
 
     def refused() -> None:
         result.refused += 1
 
-    rows = request_rows(p, journal)
     packs = packs_for(p)
     if packs is not None:
         yield from packed_lines(rows, packs, refused)

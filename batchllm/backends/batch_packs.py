@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..engine.checks import Prepared
+from ..engine.journal import Journal
 from ..engine.packed import Packs
 from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt
@@ -144,3 +145,24 @@ def split_entry(
         )
         entries.append(label(entry, labeling, (pid, 0 if items is None else n + 1)))
     return entries, attempts
+
+
+def add_splits(
+    journal: Journal, splits: list[tuple[str, Attempt]], have: dict[str, Entry]
+) -> tuple[int, int, int]:
+    """Packs whose reply could not be read: each row's share of the cost, as an attempt (once:
+    an import done before left the same pack's attempt), the row left pending for the live run.
+    Returns what those added cost: prompt and completion tokens, picodollars."""
+    pt = ct = pico = 0
+    if not splits:
+        return pt, ct, pico
+    known = journal.attempts_for(list(dict.fromkeys(r for r, _ in splits)))
+    for row_id, a in splits:
+        tried = known.setdefault(row_id, [])
+        if row_id in have or any(t.pack_id == a.pack_id for t in tried):
+            continue
+        journal.add_attempt(row_id, len(tried), a)
+        tried.append(a)
+        pt, ct = pt + a.prompt_tokens, ct + a.completion_tokens
+        pico += (a.input_cost_pico or 0) + (a.output_cost_pico or 0)
+    return pt, ct, pico

@@ -11,7 +11,9 @@ once, whichever path answered it.
 
 Importing is idempotent: a row the journal already holds as ok is never replaced, and an error
 row only by a success, so importing the same file twice changes nothing. Expired, cancelled,
-throttled (429) and server-error (5xx) results stay pending, for the live run to retry.
+throttled (429) and server-error (5xx) results stay pending, for the live run to retry, and so
+do the rows whose request changed since they were exported (batch_keys.py), what their replies
+cost kept with them. Every reply paid for is in the output's cost, used or not.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
+from ..engine.spend import CARRY_ATTEMPTS
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..fleet import FleetEndpoint
@@ -42,8 +45,9 @@ from ..providers import get_provider
 from ..records import Entry, Request
 from ..tokens import counter_for
 from .batch_export import request_rows
-from .batch_packs import read_pack
-from .openai_batch import iter_lines, result_body
+from .batch_keys import add_refused, changed_line, drop_changed, line_id
+from .batch_packs import add_splits, read_pack
+from .openai_batch import iter_lines, result_body, result_logprobs, result_message
 
 _PENDING_CODES = {"batch_expired", "batch_cancelled", "expired", "cancelled"}
 
@@ -60,6 +64,7 @@ class Imported:
     error: int = 0
     pending: int = 0  # expired, cancelled, 429/5xx: for the live run
     unchanged: int = 0  # already in the journal (an import done before)
+    changed: int = 0  # rows whose request changed since export-batch: left pending (batch_keys.py)
     cut: list[str] = field(default_factory=list)  # files whose last line was cut off
     exit_code: ExitCode = ExitCode.OK
     summary: dict[str, Any] = field(default_factory=dict)
@@ -95,7 +100,13 @@ def import_batch(
             "cost columns of imported rows will be null"
         )
     wanted = {row_id: (h, r) for _, row_id, h, r in request_rows(p, None)}
-    entries, splits, outcome = _read_results(results, wanted, p, prices, warn)
+    entries, splits, outcome, lines = _read_results(results, wanted, p, prices, warn)
+    asked = via.model.name if via is not None else None
+    models = [p.model.name, *(e.model.name for e in job.fleet or ())]
+    entries, splits, refused = drop_changed(entries, splits, wanted, job.input, asked, lines, models)
+    if refused is not None:
+        outcome.changed = len(refused.rows)
+        warn(changed_line(refused))
     if via is not None:
         entries = {k: e._replace(endpoint=via.name) for k, e in entries.items()}
         splits = [(k, a._replace(endpoint=via.name)) for k, a in splits]
@@ -120,6 +131,8 @@ def import_batch(
                 if old is not None and (old.status in ("ok", entry.status) or entry.status == "error"):
                     outcome.unchanged += 1
                     continue
+                if old is None and journal.has_attempts:  # what it paid before stays its cost
+                    journal.supersede(row_id, CARRY_ATTEMPTS)
                 journal.add(entry)
                 if entry.status == "ok":
                     outcome.ok += 1
@@ -127,13 +140,17 @@ def import_batch(
                     outcome.invalid += 1
                 else:
                     outcome.error += 1
-            _add_splits(journal, splits, have)
+            # Replies paid for and not used: this run's cost too.
+            paid = [add_splits(journal, splits, have), add_refused(journal, refused)]
             journal.set_meta(
                 "last_run",
                 {"command": command, "input": str(job.input), "input_rows": p.rows, "started_at": started},
             )
             journal.flush()
             stats = Stats(ok=outcome.ok, error=outcome.error, invalid=outcome.invalid)
+            stats.prompt_tokens, stats.completion_tokens, stats.cost_pico = (
+                sum(x) for x in zip(*paid, strict=True)
+            )
             for e in entries.values():
                 if e.status in ("ok", "invalid") and e.row_id not in have:
                     stats.prompt_tokens += e.prompt_tokens or 0
@@ -152,7 +169,8 @@ def import_batch(
                     # more result files), never from importing the same ones again.
                     rows = f"{t.pending:,} row{'s are' if t.pending != 1 else ' is'}"
                     out["next"] = (
-                        f"{rows} still pending (no result in these files, expired, or 429/5xx); "
+                        f"{rows} still pending (no result in these files, expired, "
+                        f"{'429/5xx, or asked otherwise at export' if outcome.changed else 'or 429/5xx'}); "
                         "to send only those live"
                     )
                     out["resume"] = live_command
@@ -183,10 +201,12 @@ def _read_results(
     p: Prepared,
     prices: Prices | None,
     warn: Any,
-) -> tuple[dict[str, Entry], list[tuple[str, Attempt]], Imported]:
-    """Every result line, checked before anything is written: unknown custom_ids are bad input."""
+) -> tuple[dict[str, Entry], list[tuple[str, Attempt]], Imported, dict[str, str]]:
+    """Every result line, checked before anything is written: unknown custom_ids are bad input.
+    Also each entry's line (``line_id``: batch_keys.py), by row, and each split's, by row and pack."""
     outcome = Imported()
     entries: dict[str, Entry] = {}
+    lines: dict[str, str] = {}
     splits: list[tuple[str, Attempt]] = []
     order = list(wanted)  # input position -> row_id: a pack's custom_id names positions
     for path in results:
@@ -212,12 +232,14 @@ def _read_results(
                     warn(f"{path}: line {number}: a success whose reply cannot be read ({exc}); left pending")
                     continue
                 if packed is not None:
-                    split, unread = packed
+                    (split, unread), line = packed, line_id(record)
                     splits += unread
+                    lines.update((f"{r} {a.pack_id}", line) for r, a in unread)
                     for e in split:
                         previous = entries.get(e.row_id)
                         if previous is None or previous.status != "ok":
                             entries[e.row_id] = e
+                            lines[e.row_id] = line
                     continue
             if not isinstance(custom_id, str) or custom_id not in wanted:
                 raise JobError(
@@ -235,25 +257,12 @@ def _read_results(
             if entry is None:  # pending: whatever another line or file said stands
                 continue
             if p.job.labeling is not None and entry.status == "ok":
-                entry = labeled_entry(entry, p.job.labeling, tokens=_logprobs(record))
+                entry = labeled_entry(entry, p.job.labeling, tokens=result_logprobs(record))
             previous = entries.get(custom_id)
             if previous is None or previous.status != "ok":
                 entries[custom_id] = entry
-    return entries, splits, outcome
-
-
-def _add_splits(journal: Journal, splits: list[tuple[str, Attempt]], have: dict[str, Entry]) -> None:
-    """Packs whose reply could not be read: each row's share of the cost, as an attempt (once:
-    an import done before left the same pack's attempt), the row left pending for the live run."""
-    if not splits:
-        return
-    known = journal.attempts_for(list(dict.fromkeys(r for r, _ in splits)))
-    for row_id, a in splits:
-        tried = known.setdefault(row_id, [])
-        if row_id in have or any(t.pack_id == a.pack_id for t in tried):
-            continue
-        journal.add_attempt(row_id, len(tried), a)
-        tried.append(a)
+                lines[custom_id] = line_id(record)
+    return entries, splits, outcome, lines
 
 
 def _entry(
@@ -309,7 +318,7 @@ def _entry(
             served_model=completion.model,
         )
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
-        message = _message(body, error) or f"HTTP {status}"
+        message = result_message(body, error) or f"HTTP {status}"
         return Entry(
             row_id, content_hash, "error", None, None, None, None, None,
             f"BatchError HTTP {status}: {message}", "BatchError", 1, None, now, model, None, None,
@@ -317,22 +326,12 @@ def _entry(
     code = error.get("code") if isinstance(error, dict) else None
     if status is None and error is not None and code not in _PENDING_CODES:
         # A failure that is not HTTP's and not an expiry: the request itself was refused.
-        message = _message(None, error) or "error"
+        message = result_message(None, error) or "error"
         return Entry(
             row_id, content_hash, "error", None, None, None, None, None,
             f"BatchError: {message}", "BatchError", 1, None, now, model, None, None,
         )  # fmt: skip
     return None  # expired, cancelled, 408/409/429/5xx: the live run sends it
-
-
-def _logprobs(record: dict[str, Any]) -> list[Any] | None:
-    """A result line's ``choices[0].logprobs.content``, when the request asked for them."""
-    body = result_body(record)[1]
-    choices = body.get("choices") if isinstance(body, dict) else None
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    logprobs = choice.get("logprobs")
-    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
-    return tokens if isinstance(tokens, list) else None
 
 
 def labeled_entry(
@@ -370,17 +369,3 @@ def labeled_entry(
         error_class=None if outcome.error is None else "Invalid",
         extra=orjson.dumps(extra).decode(),
     )
-
-
-def _message(body: Any, error: Any) -> str | None:
-    if isinstance(body, dict):
-        inner = body.get("error")
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-        if isinstance(inner, str):
-            return inner
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    if isinstance(error, str) and error:
-        return error
-    return None

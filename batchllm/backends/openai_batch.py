@@ -209,3 +209,27 @@ def result_body(record: Mapping[str, Any]) -> tuple[int | None, Any]:
         return 200, response
     status = response.get("status_code")
     return (status if isinstance(status, int) else None), response.get("body")
+
+
+def result_logprobs(record: dict[str, Any]) -> list[Any] | None:
+    """A result line's ``choices[0].logprobs.content``, when the request asked for them."""
+    body = result_body(record)[1]
+    choices = body.get("choices") if isinstance(body, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return tokens if isinstance(tokens, list) else None
+
+
+def result_message(body: Any, error: Any) -> str | None:
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(error, str) and error:
+        return error
+    return None

@@ -113,6 +113,8 @@ def export_cmd(
     done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes, via=via)
     if done.made_folder is not None:
         click.echo(f"batchllm: made the folder {done.made_folder} for {target}", err=True)
+    if done.note is not None:
+        click.echo(f"warning: {done.note}", err=True)
     files = ", ".join(str(f) for f in done.files)
     click.echo(
         f"exported {plural(done.lines, 'request')} to {files}"
@@ -180,6 +182,9 @@ def import_cmd(
 
     Rows are joined by custom_id; rows with no result, expired ones and 429/5xx results stay
     pending, so `batchllm run` with the same job sends only those. Importing twice changes nothing.
+    A row whose request changed since export-batch (another --system, template, model, labels...)
+    is not joined: it stays pending, and one line says how many, which first and what their
+    replies cost (counted in the output's cost: they were billed).
     Costs are at the model's batch prices (models.toml) or --input-price/--output-price.
     """
     from ..backends.batch_transfer import import_batch

@@ -23,7 +23,9 @@ verdicts, review/verdicts.py) is created in any journal when opened. Schema 8 ad
 the rows of an older journal, and ``served_model`` to both (the model a reply named), added to an
 older journal when opened. Schema 11 added ``confidence`` to ``attempts`` (a reply's confidence,
 labeling/confidence.py ``stored``: a row resumed or read again by ``--reparse`` keeps it; a row's
-entry has it in ``extra``), NULL in an older journal's attempts.
+entry has it in ``extra``), NULL in an older journal's attempts. The ``refused`` table (the
+result lines whose cost ``import-batch`` carried for a row it refused, spend.py ``add_refused``)
+is created in any journal when opened.
 """
 
 from __future__ import annotations
@@ -108,20 +110,34 @@ CREATE TABLE IF NOT EXISTS carried (
     input_cost_pico INTEGER NOT NULL,
     output_cost_pico INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refused (row_id TEXT NOT NULL, line TEXT NOT NULL, PRIMARY KEY (row_id, line))
+    WITHOUT ROWID;
 """
 # A row sent again (--retry-errors, --refresh-changed) keeps what its earlier answers cost
 # (journal.py, ``supersede``): ``carried`` adds the entry's tokens and costs up per row, then the
 # entry goes (the row is pending until its new answer). A labeling row that resumes from its
 # attempts keeps them instead: its one-request entry becomes attempt 0 first.
-CARRY = (
-    "INSERT INTO carried SELECT row_id, attempts, COALESCE(prompt_tokens, 0), "
-    "COALESCE(completion_tokens, 0), COALESCE(input_cost_pico, 0), COALESCE(output_cost_pico, 0) "
-    "FROM rows WHERE row_id = ?1 AND true ON CONFLICT (row_id) DO UPDATE SET "
+_ADD_UP = (
+    " ON CONFLICT (row_id) DO UPDATE SET "
     "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens, "
     "input_cost_pico = input_cost_pico + excluded.input_cost_pico, "
     "output_cost_pico = output_cost_pico + excluded.output_cost_pico"
 )
+CARRY = (
+    "INSERT INTO carried SELECT row_id, attempts, COALESCE(prompt_tokens, 0), "
+    "COALESCE(completion_tokens, 0), COALESCE(input_cost_pico, 0), COALESCE(output_cost_pico, 0) "
+    "FROM rows WHERE row_id = ?1 AND true" + _ADD_UP
+)
+# A row with no entry answered by an import (backends/batch_transfer.py): the requests it paid
+# for before (an unreadable pack's shares) stay its cost, carried, as the new entry has only its own.
+CARRY_PRIOR = (
+    "INSERT INTO carried SELECT row_id, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
+    "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0) FROM attempts "
+    "WHERE row_id = ?1 AND row_id NOT IN (SELECT row_id FROM rows) GROUP BY row_id" + _ADD_UP
+)
+# A reply paid for and not kept (import-batch refused it, batch_keys.py): its row's ``carried``.
+CARRY_PAID = "INSERT INTO carried VALUES (?, 1, ?, ?, ?, ?)" + _ADD_UP
 AS_ATTEMPT = (
     "INSERT INTO attempts (row_id, seq, sample, kind, text, prompt_tokens, completion_tokens, "
     "input_cost_pico, output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, "

@@ -8,6 +8,14 @@ costs into the ``carried`` table, or, for a labeling row that goes on from its a
 them as attempts (its one-request entry becoming attempt 0), and removes the entry. Every cost a
 row ever had thus stays in exactly one place: its entry, its attempts while it has no entry,
 or ``carried``. ``spent_pico``, ``Journal.totals`` and the output (``unsettled``) add all three.
+A row with attempts and no entry that an import answers (an unreadable pack's shares, then a
+readable reply: backends/batch_transfer.py) has its attempts carried (``CARRY_ATTEMPTS``): the
+imported entry holds its own reply only.
+
+A reply paid for and not kept goes to ``carried`` too: ``import-batch`` refuses the result
+lines of rows whose request changed since ``export-batch`` (backends/batch_keys.py), and the row
+stays pending, its later answer's cost added to it (``add_refused``). ``refused`` names the
+lines so counted, so importing the same file again adds nothing.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ from collections.abc import Sequence
 
 import orjson
 
-from .journal_schema import AS_ATTEMPT, CARRY
+from .journal_schema import AS_ATTEMPT, CARRY, CARRY_PAID, CARRY_PRIOR
 
-CARRY_ENTRY, RESUME_ATTEMPTS = 1, 2  # how ``supersede`` keeps a replaced entry's cost
+# How ``supersede`` keeps what a row paid before: a replaced entry's cost, carried or as attempt 0;
+# a row with no entry answered by an import, its attempts' cost carried.
+CARRY_ENTRY, RESUME_ATTEMPTS, CARRY_ATTEMPTS = 1, 2, 3
 Paid = tuple[int, int, int, int]  # prompt tokens, completion tokens, input and output picodollars
 
 
@@ -31,12 +41,34 @@ class SpendBook:
 
     def _supersede(self, row_id: str, how: int) -> None:
         conn = self.conn
+        if how == CARRY_ATTEMPTS:
+            conn.execute(CARRY_PRIOR, (row_id,))
+            conn.execute(
+                "DELETE FROM attempts WHERE row_id = ?1 AND row_id NOT IN (SELECT row_id FROM rows)",
+                (row_id,),
+            )
+            return
         if how == RESUME_ATTEMPTS:
             conn.execute(AS_ATTEMPT, (row_id,))
         else:
             conn.execute(CARRY, (row_id,))
             conn.execute("DELETE FROM attempts WHERE row_id = ?", (row_id,))
         conn.execute("DELETE FROM rows WHERE row_id = ?", (row_id,))
+
+    def add_refused(self, row_id: str, line: str, paid: Paid) -> bool:
+        """Keep what a refused result ``line`` (an id of its own) cost as ``row_id``'s, once,
+        committed now; False when this line was counted before."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            added = conn.execute("INSERT OR IGNORE INTO refused VALUES (?, ?)", (row_id, line)).rowcount == 1
+            if added:
+                conn.execute(CARRY_PAID, (row_id, *paid))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return added
 
     def _carried_sums(self) -> Paid:
         try:
