@@ -336,3 +336,33 @@ def test_a_server_that_counts_more_prompt_tokens_never_passes_the_cap(
     assert "more than their worst case" in result.output
     table = pq.read_table(out).to_pylist()
     assert sum(_pico(repr(r["cost_usd"])) for r in table if r["cost_usd"] is not None) == _billed(box)
+
+
+@pytest.mark.parametrize("pack", [None, "5"], ids=["rows", "labels_in_packs"])
+def test_many_in_flight_on_a_server_that_counts_more_stop_at_the_cap_not_before(
+    sandbox_factory, tmp_path: Path, pack: str | None
+) -> None:
+    # The same server at --concurrency 64: the first request goes alone, its reply sets the
+    # margin (one reply's excess, not one per reply of a first wave: that margin grew with each
+    # and stopped runs at a quarter of their cap), then the rest go with it. The bill stays
+    # under the cap and comes within two requests of it.
+    box = sandbox_factory(extra_prompt_tokens=1000)
+    data = write_csv(tmp_path / "in.csv", [{"id": f"r{i}", "text": f"item {i}: fine"} for i in range(200)])
+    out = tmp_path / "out.parquet"
+    args = ["run", str(data), "-o", str(out), "--template", "Say: {text}", "--id-column", "id",
+            "--max-tokens", "32", "--concurrency", "64", "--rpm", "0"]  # fmt: skip
+    if pack:
+        args += ["--labels", ",".join(LABELS), "--pack", pack]
+    first = run_cli([*args, "--max-cost", "1"], env=box.env())  # what one request costs, uncapped
+    assert first.exit_code == 0, first.output
+    requests, billed = box.sandbox.stats["requests"], _billed(box)
+    one = billed // requests
+    cap = Decimal(12 * one) / PICO_PER_USD
+    result = run_cli([*args, "--max-cost", str(cap), "-o", str(tmp_path / "capped.parquet")], env=box.env())
+    assert result.exit_code == 3, result.output
+    spent = _billed(box) - billed
+    assert spent <= _pico(str(cap))
+    assert spent >= _pico(str(cap)) - 3 * one, (spent, one, result.output)
+    said = re.search(r"replies cost up to \$([\d.]+) more than their worst case", result.output)
+    assert said is not None, result.output
+    assert _pico(said.group(1)) <= 1100 * PRICES.input_pico  # about one reply's 1,000 tokens

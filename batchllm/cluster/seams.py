@@ -139,23 +139,29 @@ class LeasedBudget:
     def active(self) -> bool:
         return self._active
 
-    def worst(self, worst_pico: int) -> int:
-        return worst_pico + self.margin
-
     def short(self) -> bool:
         """Not asked of the coordinator before each request: its reservations grow by the margin."""
         return False
 
     async def reserve(self, worst_pico: int) -> bool:
-        for _ in range(MAX_WAIT_ROUNDS):
-            ok = await self.coordinator.reserve.remote(self.owner, worst_pico)
-            if ok is not None:
-                return bool(ok)
-        return False
+        return await self._reserve(worst_pico, False) is not None
 
-    def settle(self, reserved_pico: int, actual_pico: int) -> None:
+    async def take(self, own_pico: int) -> int | None:
+        """The request's worst case and this actor's margin as it stands at each ask."""
+        return await self._reserve(own_pico, True)
+
+    async def _reserve(self, pico: int, with_margin: bool) -> int | None:
+        for _ in range(MAX_WAIT_ROUNDS):
+            worst = pico + self.margin if with_margin else pico
+            ok = await self.coordinator.reserve.remote(self.owner, worst)
+            if ok is not None:
+                return worst if ok else None
+        return None
+
+    def settle(self, reserved_pico: int, actual_pico: int, own_pico: int | None = None) -> None:
         if self._active:
-            self.margin = grown_margin(self.margin, reserved_pico, actual_pico)
+            own = reserved_pico if own_pico is None else own_pico
+            self.margin = grown_margin(self.margin, own, actual_pico)
             self.coordinator.settle.remote(self.owner, reserved_pico, actual_pico)
 
     def gave_up(self, worst_pico: int, renews: bool = False) -> bool:

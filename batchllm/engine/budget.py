@@ -8,9 +8,10 @@ Everything is integer picodollars (see pricing.py), so the comparison is exact.
 That holds while the server counts a prompt as batchllm does. One that counts more (a chat
 template or system prompt of its own, another tokenizer, usage that is simply wrong) bills a reply
 past its worst case. The first such reply sets ``margin``, the most a reply has cost over its
-reservation: every request reserves that much more from then on (``worst``), and one reserved
-before leaves only while everything reserved still fits (``short``). The cap is then passed by no
-more than what the requests reserved before the first such reply cost over their worst cases.
+reservation: every request reserves that much more from then on (``take``), and one reserved
+before leaves only while everything reserved still fits (``short``). Until that first reply, one
+request is reserved at a time, so no wave of requests leaves with reservations too small; the cap
+is then passed only by a reply that costs more over its worst case than every one before it.
 
 The cap covers the whole output: what earlier runs of the same journal spent counts too, so
 ``--max-cost 5`` means "this output may cost $5 in all", and a later run with a higher cap resumes.
@@ -50,15 +51,12 @@ class Budget:
         self.month_reached = False  # the month's cap, not this output's or this run's, stopped it
         self.refused = 0  # the worst case of the request that could not fit (the stop's message)
         self.margin = 0  # the most a reply cost over its reservation (see the docstring)
+        self.heard = False  # has a request settled (until then, one is reserved at a time)
 
     @property
     def active(self) -> bool:
         """Is any cap set (so requests reserve their worst case)?"""
         return self.cap is not None or self.run_cap is not None or self.month is not None
-
-    def worst(self, worst_pico: int) -> int:
-        """What a request of this worst case reserves: it, and the margin replies have shown."""
-        return worst_pico + self.margin
 
     def short(self) -> bool:
         """Replies cost more than reserved and what is reserved no longer fits: a request
@@ -90,26 +88,41 @@ class Budget:
 
         False when it cannot fit even with nothing in flight: the budget is spent.
         """
+        return await self._reserve(worst_pico, False) is not None
+
+    async def take(self, own_pico: int) -> int | None:
+        """Reserve a request's own worst case and the margin as it stands once there is room (a
+        margin learned while the request waited counts): the amount reserved, for ``settle``;
+        None when it cannot fit even with nothing in flight."""
+        return await self._reserve(own_pico, True)
+
+    async def _reserve(self, pico: int, with_margin: bool) -> int | None:
         if not self.active:
-            return True
+            return pico
         while True:
-            if self._fits(worst_pico):
-                self.reserved += worst_pico
+            worst = pico + self.margin if with_margin else pico
+            # Until the first request settles, one at a time: a server that bills past the worst
+            # case shows it on its first reply, before a wave of reservations went out without
+            # the margin (one request's round trip, against a cap passed by --concurrency of them).
+            if self._fits(worst) and (self.heard or self.in_flight == 0):
+                self.reserved += worst
                 self.in_flight += 1
-                return True
+                return worst
             if self.in_flight == 0:
-                self.refused = worst_pico
-                return False
+                self.refused = worst
+                return None
             self._released.clear()
             await self._released.wait()
 
-    def settle(self, reserved_pico: int, actual_pico: int) -> None:
-        """A request ended: ``actual_pico`` was billed (0 if it failed); release its reservation."""
+    def settle(self, reserved_pico: int, actual_pico: int, own_pico: int | None = None) -> None:
+        """A request ended: ``actual_pico`` was billed (0 if it failed); release its reservation.
+        ``own_pico``: the request's own worst case, the reservation less the margin of its time."""
         self.spent += actual_pico
         self.spent_run += actual_pico
         if not self.active:
             return
-        self.margin = grown_margin(self.margin, reserved_pico, actual_pico)
+        self.margin = grown_margin(self.margin, reserved_pico if own_pico is None else own_pico, actual_pico)
+        self.heard = True
         self.reserved -= reserved_pico
         self.in_flight -= 1
         self._released.set()
@@ -167,11 +180,13 @@ class Budget:
         return f"to continue, run it with a higher --max-cost ({said})", with_max_cost(command, cap)
 
 
-def grown_margin(margin: int, reserved_pico: int, actual_pico: int) -> int:
-    """The margin after a reply that cost ``actual_pico`` against ``reserved_pico``. The
-    reservation carried the margin of its time, at most today's, so taking today's off leaves
-    at most the request's own worst case: the margin covers at least what this reply cost over it."""
-    return max(margin, actual_pico - (reserved_pico - margin)) if actual_pico > reserved_pico else margin
+def grown_margin(margin: int, worst_pico: int, actual_pico: int) -> int:
+    """The margin after a reply that cost ``actual_pico`` against its own worst case
+    ``worst_pico`` (without the margin its reservation carried): the most any reply cost over
+    its worst case. Never the excess over the reservation plus today's margin: the requests
+    reserved before the margin grew would then each add theirs to it (a first wave of 128
+    replies 128 times one reply's excess, and a run stopped at a quarter of its cap)."""
+    return max(margin, actual_pico - worst_pico)
 
 
 def _two_figures_up(pico: float) -> str:

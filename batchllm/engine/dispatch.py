@@ -231,12 +231,13 @@ class Dispatcher(Booking):
         assert isinstance(item, WorkItem)
         budget = self.budget
         reserved = 0
-        worst = budget.worst(item.worst_pico)
+        worst = item.worst_pico
         if budget.active:
-            if not await budget.reserve(worst):
+            taken = await budget.take(worst)  # with the margin as it stands once there is room
+            if taken is None:
                 self.request_stop(StopReason.BUDGET, "budget reached")
                 return
-            reserved = worst
+            reserved = worst = taken
         billed = 0  # picodollars
         try:
             # Until it succeeds or fails for good; None when the run stopped first.
@@ -250,7 +251,7 @@ class Dispatcher(Booking):
                 self._record_error(item, result, attempts)
         finally:
             if reserved or not budget.active:
-                budget.settle(reserved, billed)
+                budget.settle(reserved, billed, item.worst_pico)
 
     async def call(
         self, body: bytes, tokens: int, row_id: str, worst_pico: int

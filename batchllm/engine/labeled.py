@@ -93,10 +93,13 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
     body = item.body if first else d.provider.encode(step.request)
     # The first request's worst case was counted with the batch it came in (admission.py, the
     # prompt counted over threads): counting it again here was a fifth of a label's CPU.
-    worst = budget.worst(item.worst_pico if first else worst_pico(d, step.request, max_tokens))
-    if capped and not await budget.reserve(worst):
-        d.request_stop(StopReason.BUDGET, "budget reached")
-        return None, 0, 0.0
+    worst = own = item.worst_pico if first else worst_pico(d, step.request, max_tokens)
+    if capped:
+        taken = await budget.take(own)  # with the margin as it stands once there is room
+        if taken is None:
+            d.request_stop(StopReason.BUDGET, "budget reached")
+            return None, 0, 0.0
+        worst = taken
     billed = 0
     try:
         reuse = d.reuse
@@ -137,7 +140,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         return attempt, n, latency_ms
     finally:
         if not capped or worst:
-            budget.settle(worst, billed)
+            budget.settle(worst, billed, own)
 
 
 def book(

@@ -259,10 +259,13 @@ class Packs:
         body = d.provider.encode(request)
         budget = d.budget
         capped = budget.active
-        worst = budget.worst(worst_pico(d, request, max_tokens))
-        if capped and not await budget.reserve(worst):
-            d.request_stop(StopReason.BUDGET, "budget reached")
-            return None
+        worst = own = worst_pico(d, request, max_tokens)
+        if capped:
+            taken = await budget.take(own)  # with the margin as it stands once there is room
+            if taken is None:
+                d.request_stop(StopReason.BUDGET, "budget reached")
+                return None
+            worst = taken
         billed = 0
         try:
             for row in rows:
@@ -331,7 +334,7 @@ class Packs:
             return True
         finally:
             if not capped or worst:
-                budget.settle(worst, billed)
+                budget.settle(worst, billed, own)
 
 
 def _splits(attempts: list[Attempt], sample: int) -> int:
