@@ -9,6 +9,7 @@ import signal
 import stat
 import time
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -175,8 +176,15 @@ def test_changed_template_is_refused_then_restart(sandbox, tmp_path: Path) -> No
     assert result.exit_code == 2
     assert "template: journal has 'A: {prompt}', this run has 'B: {prompt}'" in result.stderr
     assert "--restart" in result.stderr
+    paid = Decimal(summary_of(out)["cost_usd"]["total"])
     result = run_cli([*base, "--template", "B: {prompt}", "--restart"], env=sandbox.env())
     assert result.exit_code == 0, result.stderr
+    # It discards what the journal's rows cost, and says so (the cap counts from $0 again).
+    said = re.findall(
+        r"--restart: discarding 20 answered rows of (\S+) \(\$([\d.]+) already paid", result.stderr
+    )
+    assert len(said) == 1 and said[0][0] == str(out) and Decimal(said[0][1]) == paid, result.stderr
+    assert "--max-cost counts from $0 again)" in result.stderr
     assert (
         all(r.startswith("B: ") for r in pq.read_table(out).column("prompt").to_pylist()) is False
     )  # input unchanged
