@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import time
@@ -266,6 +267,18 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
         assert "rows: 40 done (40 ok, 0 error), 0 not done of 40" in text
         assert "cost so far: $" in text and "running now: no" in text
         assert "resume with" not in text  # every row is done: nothing to resume
+    # `report` takes what `status` takes: the journal folder (or its database) names its output.
+    reported = run_cli(["report", str(out), "--format", "json"]).stdout
+    for path in (tmp_path / "out.parquet.batchllm", tmp_path / "out.parquet.batchllm" / "journal.sqlite"):
+        result = run_cli(["report", str(path), "--format", "json"])
+        assert result.exit_code == 0 and result.stdout == reported, result.output
+    (tmp_path / "own").mkdir()
+    shutil.copy(tmp_path / "out.parquet.batchllm" / "journal.sqlite", tmp_path / "own")
+    result = run_cli(["report", str(tmp_path / "own")])
+    assert (
+        result.exit_code == 2
+        and "a batchllm journal (a --checkpoint folder); pass the output" in result.stderr
+    )
     missing = run_cli(["status", str(tmp_path / "nothing.parquet")])
     assert missing.exit_code == 2 and "no batchllm journal" in missing.stderr
 
