@@ -20,7 +20,7 @@ from .engine.observer import Observer, Silent
 from .engine.runner import Endpoint, RunResult
 from .engine.runner import run_job as run_engine
 from .errors import BatchLLMError, ExitCode
-from .folders import make_folders
+from .folders import made_note, make_folders
 from .job import Job
 from .notify import notify
 from .reports.estimate import Observed, pilot_positions
@@ -126,7 +126,7 @@ def _make_output_folder(job: Job, observer: Observer | None) -> None:
     """The output's missing folders, once the input is known good (folders.py), said."""
     made = make_folders(job.output, "--output")
     if made is not None:
-        (observer or Silent()).warning(f"made the folder {made} for {job.output}")
+        (observer or Silent()).warning(made_note(made, job.output))
 
 
 class PilotStopped(Exception):

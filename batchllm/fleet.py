@@ -31,7 +31,7 @@ from typing import Any
 
 from . import values as v
 from .errors import JobError
-from .pricing import Model, Prices, load_models, price_value
+from .pricing import Model, Prices, cached_price_problem, load_models, price_value
 from .providers import PROVIDERS, get_provider
 from .values import duration_seconds
 
@@ -178,6 +178,8 @@ def _endpoint(
             found.append(
                 (place["cached_input_price"], "give input_price and output_price with cached_input_price")
             )
+        elif problem := cached_price_problem(got["cached_input_price"], base, "", got.get("model", "")):
+            found.append((place["cached_input_price"], f"cached_input_price {problem}"))
         else:
             prices = base.with_cached(got["cached_input_price"])
     if found:

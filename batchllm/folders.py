@@ -58,6 +58,11 @@ def make_folders(path: Path, what: str) -> Path | None:
     return missing[0] if missing else None
 
 
+def made_note(made: Path, path: Path) -> str:
+    """What every command says, as a warning, when it made a folder for ``path``: the one wording."""
+    return f"made the folder {made} for {path}"
+
+
 def write_atomic(path: Path, data: bytes, what: str) -> None:
     """Write ``path`` whole or not at all; ``what`` (the flag) names it if its folder may not
     be made or written."""

@@ -29,7 +29,7 @@ from .job_labeling import check_structured_on, confidence_mode
 from .jsonl_rows import is_request_file
 from .labeling.spec import Labeling, labeling_from
 from .notify import notify_url
-from .pricing import Prices
+from .pricing import Prices, cached_price_problem
 from .providers import DEFAULT_PROVIDER, PROVIDERS, Provider, get_provider
 from .sniff import read_text
 
@@ -241,6 +241,12 @@ def build_job(
         where,
         kwargs.get("cached_input_price"),
     )
+    if (cached := kwargs.get("cached_input_price")) is not None and (
+        problem := cached_price_problem(
+            cached, kwargs["prices"], provider.name, kwargs.get("model", DEFAULT_MODEL)
+        )
+    ):
+        raise JobError(f"{where('cached_input_price')} {problem}")
     if kwargs["prices"] is None and kwargs.get("fleet"):
         # Worst cases (--max-cost, estimate) at the dearest endpoint's prices: any may answer.
         # A row's cost is its own endpoint's (engine/router.py).

@@ -189,6 +189,21 @@ def _optional_price(spec: dict[str, object], key: str, where: str) -> Decimal | 
     return parse_price(spec[key], where) if key in spec else None
 
 
+def cached_price_problem(cached: Decimal, prices: Prices | None, provider: str, model: str) -> str | None:
+    """Why a cached-input price cannot be (it is above the input price: the job's ``prices``,
+    else the model table's), said after the flag or key; None when it can, or when there is no
+    input price to compare with (``resolve_model`` says that)."""
+    if prices is None:
+        listed = load_models(provider).get(model)
+        prices = listed.prices if listed is not None else None
+    if prices is None or cached <= prices.input_per_million:
+        return None
+    return (
+        f"{cached} is above the input price {prices.input_per_million} of {model} (USD per million "
+        "tokens): a prompt token served from the cache costs at most an uncached one"
+    )
+
+
 def resolve_model(
     provider: str,
     name: str,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ class PromptBatch:
     hashes: list[str]
     users: list[str | None]
     requests: list[Request] | None = None
+
+
+# A "column" a template names with quotes, a colon or spaces in it is most likely literal text
+# in braces (JSON in the prompt): the hint says how to write a brace.
+_NOT_A_NAME = re.compile(r"[\"':\s]")
+_BRACES = "; to write a literal brace, double it: {{ and }}"
 
 
 def template_fields(template: str) -> list[str]:
@@ -135,7 +142,7 @@ class PromptBuilder:
             raise JobError(
                 f"{source}: no column {missing[0]!r} ({what}); the columns are: "
                 + ", ".join(repr(c) for c in columns)
-                + hint(missing)
+                + (_BRACES if job.template is not None and _NOT_A_NAME.search(missing[0]) else hint(missing))
             )
         if job.id_column is not None and job.id_column not in columns:
             raise JobError(

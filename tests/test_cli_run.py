@@ -157,6 +157,13 @@ BAD_INPUTS = [
         "no column 'prompt' (the --prompt-column); the columns are: 'text'",
     ),
     ("ok.csv", b"review\nhello\n", ["--template", "Say {missing}"], "no column 'missing'"),
+    (  # JSON in the prompt: its braces read as a column
+        "ok.csv",
+        b"review\nhello\n",
+        ["--template", 'Answer as {"label": ...}: {review}'],
+        "no column '\"label\"' (named in --template); the columns are: 'review'; to write a literal brace, "
+        "double it: {{ and }}",
+    ),
     ("ok.csv", b"prompt\nhello\n", ["--temperature", "7"], "--temperature must be a number from 0 to 5"),
     ("ok.csv", b"prompt\nhello\n", ["--top-k", "0"], "--top-k must be an integer from 1 to 50"),
     ("ok.csv", b"prompt\nhello\n", ["--model", "meta/llama-9-900b"], "unknown model 'meta/llama-9-900b'"),
@@ -509,7 +516,7 @@ def test_output_folders_are_made_inside_an_existing_one_and_said(sandbox, tmp_pa
     out = tmp_path / "new" / "deeper" / "x.parquet"
     result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
     assert result.exit_code == 0, result.stderr
-    assert f"made the folder {tmp_path / 'new'} for {out}" in result.stderr and out.exists()
+    assert f"warning: made the folder {tmp_path / 'new'} for {out}" in result.stderr and out.exists()
     again = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
     assert "made the folder" not in again.stderr
     # Bad input is refused before any folder is made (exit 2: nothing happened).
@@ -520,7 +527,17 @@ def test_output_folders_are_made_inside_an_existing_one_and_said(sandbox, tmp_pa
         assert run_cli([*command, str(bad), "-o", str(target)]).exit_code == 2
         assert not (tmp_path / "never").exists()
     exported = run_cli(["export-batch", str(src), "-o", str(tmp_path / "requests" / "r.jsonl")])
-    assert exported.exit_code == 0 and f"made the folder {tmp_path / 'requests'}" in exported.stderr
+    assert exported.exit_code == 0 and f"warning: made the folder {tmp_path / 'requests'}" in exported.stderr
+    # Every command says it in the same words (folders.made_note).
+    estimated = run_cli(["estimate", str(src), "-o", str(tmp_path / "kept" / "x.parquet")])
+    assert (
+        f"warning: made the folder {tmp_path / 'kept'} for {tmp_path / 'kept' / 'x.parquet'}"
+        in estimated.stderr
+    )
+    started = run_cli(["init", str(src), "-o", str(tmp_path / "jobs" / "j.toml")])
+    assert (
+        f"warning: made the folder {tmp_path / 'jobs'} for {tmp_path / 'jobs' / 'j.toml'}" in started.stderr
+    )
     top = Path("/batchllm-no-such-folder")
     assert not top.exists()
     for command in (["run", "--sandbox"], ["estimate"]):

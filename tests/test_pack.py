@@ -183,6 +183,16 @@ def test_bad_pack_flags(sandbox, tmp_path: Path) -> None:
         result = run_cli([*base, *extra], env=sandbox.env())
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    # The least --pack-tokens advised is the sum of the parts it names, each part's own too.
+    result = run_cli([*base, "--labels", "a,b", "--pack", "5", "--pack-tokens", "60"], env=sandbox.env())
+    found = re.search(
+        r"give at least (\d+) tokens = (\d+) \(a packed request's shared part\) \+ (\d+) \(one row's line: "
+        r"(\d+) for its text, (\d+) around it\) \+ (\d+) \(its reply: --max-tokens (\d+), (\d+) around it\)",
+        result.output,
+    )
+    assert found is not None, result.output
+    total, shared, line, text, around, reply, max_tokens, framing = map(int, found.groups())
+    assert total == shared + line + reply and line == text + around and reply == max_tokens + framing
     assert sandbox.count() == 0
 
 

@@ -236,6 +236,38 @@ def test_models_lists_the_cached_input_price_and_the_flag_sets_one(
     assert bad.exit_code == 2 and "--cached-input-price" in bad.output and "Traceback" not in bad.output
 
 
+def test_a_cached_input_price_above_the_input_price_is_refused(sandbox: Any, tmp_path: Path) -> None:
+    """A cached prompt token costs at most an uncached one: a flag, job key or fleet key that says
+    otherwise is bad input, refused in one line naming both prices, before anything is sent."""
+    flag = run_cli(job_args(tmp_path, 3, "o.parquet", "--cached-input-price", "5"), env=sandbox.openai_env())
+    assert flag.exit_code == 2 and flag.output.strip().splitlines() == [
+        "batchllm: error: --cached-input-price 5 is above the input price 0.15 of gpt-4o-mini (USD per "
+        "million tokens): a prompt token served from the cache costs at most an uncached one"
+    ], flag.output
+    same = run_cli(
+        job_args(tmp_path, 3, "same.parquet", "--cached-input-price", "0.15"), env=sandbox.openai_env()
+    )
+    assert same.exit_code == 0, same.output  # the input price itself: no discount, allowed
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'input = "{tmp_path / "reviews.csv"}"\noutput = "{tmp_path / "j.parquet"}"\ntemplate = "R: {{text}}"\n'
+        'provider = "openai"\nmodel = "gpt-4o-mini"\ninput_price = "0.31"\noutput_price = "1"\n'
+        'cached_input_price = "5"\n'
+    )
+    checked = run_cli(["validate", str(job)])
+    assert checked.exit_code == 2 and f"{job}: key 'cached_input_price' 5 is above the input price 0.31" in (
+        checked.output
+    ), checked.output
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[endpoint]]\nname = "a"\nprovider = "openai"\nendpoint = "http://127.0.0.1:9/v1"\n'
+        'model = "gpt-4o-mini"\ncached_input_price = "0.2"\n'
+    )
+    fleeted = run_cli([*job_args(tmp_path, 3, "f.parquet"), "--fleet", str(fleet)])
+    assert fleeted.exit_code == 2 and "cached_input_price 0.2 is above the input price 0.15" in fleeted.output
+    assert sandbox.count() == 3 and "Traceback" not in fleeted.output + checked.output
+
+
 def test_a_server_without_a_prompt_cache_bills_the_input_price(sandbox_factory: Any, tmp_path: Path) -> None:
     box = sandbox_factory(prices=BILL, prompt_cache=False)
     result = run_cli(job_args(tmp_path, 20, "plain.parquet", "--concurrency", "4"), env=box.openai_env())

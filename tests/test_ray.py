@@ -169,6 +169,11 @@ def test_ray_budget_is_never_exceeded_over_four_actors(sandbox_factory, cluster:
         if code == 3:
             stopped += 1
             assert (table["status"] == "pending").any()
+            # The advice raises the cap, as a local run's does (budget.advice), and status says it too.
+            resume = read_summary(out)["resume"]
+            assert Decimal(resume.split("--max-cost ")[1].split()[0]) > Decimal(cap), resume
+            assert "run it with a higher --max-cost (" in err and resume in err
+            assert resume in run_cli(["status", str(out)]).stdout
     assert stopped >= 3, "the caps were too high to test anything"
     # Each Ray run is one ledger record holding what its output cost (issue 22) ...
     spend = json.loads(run_cli(["spend", "--runs", "--format", "json"]).stdout)

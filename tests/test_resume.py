@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import time
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -175,8 +177,15 @@ def test_changed_template_is_refused_then_restart(sandbox, tmp_path: Path) -> No
     assert result.exit_code == 2
     assert "template: journal has 'A: {prompt}', this run has 'B: {prompt}'" in result.stderr
     assert "--restart" in result.stderr
+    paid = Decimal(summary_of(out)["cost_usd"]["total"])
     result = run_cli([*base, "--template", "B: {prompt}", "--restart"], env=sandbox.env())
     assert result.exit_code == 0, result.stderr
+    # It discards what the journal's rows cost, and says so (the cap counts from $0 again).
+    said = re.findall(
+        r"--restart: discarding 20 answered rows of (\S+) \(\$([\d.]+) already paid", result.stderr
+    )
+    assert len(said) == 1 and said[0][0] == str(out) and Decimal(said[0][1]) == paid, result.stderr
+    assert "--max-cost counts from $0 again)" in result.stderr
     assert (
         all(r.startswith("B: ") for r in pq.read_table(out).column("prompt").to_pylist()) is False
     )  # input unchanged
@@ -258,6 +267,18 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
         assert "rows: 40 done (40 ok, 0 error), 0 not done of 40" in text
         assert "cost so far: $" in text and "running now: no" in text
         assert "resume with" not in text  # every row is done: nothing to resume
+    # `report` takes what `status` takes: the journal folder (or its database) names its output.
+    reported = run_cli(["report", str(out), "--format", "json"]).stdout
+    for path in (tmp_path / "out.parquet.batchllm", tmp_path / "out.parquet.batchllm" / "journal.sqlite"):
+        result = run_cli(["report", str(path), "--format", "json"])
+        assert result.exit_code == 0 and result.stdout == reported, result.output
+    (tmp_path / "own").mkdir()
+    shutil.copy(tmp_path / "out.parquet.batchllm" / "journal.sqlite", tmp_path / "own")
+    result = run_cli(["report", str(tmp_path / "own")])
+    assert (
+        result.exit_code == 2
+        and "a batchllm journal (a --checkpoint folder); pass the output" in result.stderr
+    )
     missing = run_cli(["status", str(tmp_path / "nothing.parquet")])
     assert missing.exit_code == 2 and "no batchllm journal" in missing.stderr
 

@@ -30,11 +30,12 @@ from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
+from ..engine.reopen import restart_notice
 from ..engine.spend import CARRY_ATTEMPTS
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
 from ..fleet import FleetEndpoint
-from ..folders import make_folders
+from ..folders import made_note, make_folders
 from ..job import Job
 from ..labeling.confidence import of_reply
 from ..labeling.rows import Attempt, RowLabeler
@@ -112,10 +113,12 @@ def import_batch(
         splits = [(k, a._replace(endpoint=via.name)) for k, a in splits]
     made = make_folders(job.output, "--output")
     if made is not None:
-        warn(f"made the folder {made} for {job.output}")
+        warn(made_note(made, job.output))
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
+        if discarded := restart_notice(job):
+            warn(discarded)
         journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
         start = Snapshot.of(journal.totals())
         # The ledger names who answered: the fleet endpoint the file went to, else the job's.

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..engine.counts import plural
-from ..folders import folders_to_make
+from ..folders import folders_to_make, made_note
 from ..job import build_job
 from . import CONTEXT, cli, handles_errors
 from .help import GroupedCommand
@@ -112,7 +112,7 @@ def export_cmd(
     via = _via(job, fleet, fleet_endpoint)
     done = export_batch(job, target, skip_done=skip_done, max_lines=max_lines, max_bytes=max_bytes, via=via)
     if done.made_folder is not None:
-        click.echo(f"batchllm: made the folder {done.made_folder} for {target}", err=True)
+        click.echo(f"warning: {made_note(done.made_folder, target)}", err=True)
     if done.note is not None:
         click.echo(f"warning: {done.note}", err=True)
     files = ", ".join(str(f) for f in done.files)

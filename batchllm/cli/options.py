@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..folders import make_folders
+from ..folders import made_note, make_folders
 from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, Job
 from ..job_keys import JOB_KEYS
 from ..jobfile import load_job_file
@@ -363,10 +363,10 @@ def make_output_folder(job: Job, path: Path | None = None) -> None:
     made = make_folders(path or job.output, "--output")
     if made is None:
         return
-    note = f"made the folder {made} for {path or job.output}"
+    note = made_note(made, path or job.output)
     if job.log_format == "json":
         from .progress import JsonReporter
 
         JsonReporter().warning(note)
     else:
-        click.echo(f"batchllm: {note}", err=True)
+        click.echo(f"warning: {note}", err=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import JobError
-from ..folders import make_folders
+from ..folders import made_note, make_folders
 from . import CONTEXT, cli, handles_errors
 from .options import ENCODING_OPTION, JSON_SCHEMA_OPTION, LABELS_OPTION, MODEL_OPTION, PROVIDER_OPTION, apply
 
@@ -85,6 +85,6 @@ def init_cmd(
     except OSError as exc:
         raise JobError(f"{job_path}: cannot write the job file: {exc.strerror}") from None
     if made is not None:
-        click.echo(f"batchllm: made the folder {made} for {job_path}", err=True)
+        click.echo(f"warning: {made_note(made, job_path)}", err=True)
     click.echo(f"wrote {job_path}; next: batchllm validate {job_path}")
     return 0

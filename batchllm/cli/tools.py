@@ -44,9 +44,10 @@ from . import CONTEXT, cli, handles_errors
 def report_cmd(output: Path, by: str | None, fmt: str, html_path: Path | None, gold: str | None) -> int:
     """What a run cost: rows, tokens, cost per row, latency, errors; by any column."""
     from ..folders import folders_to_make
-    from ..reports.report import build_report
+    from ..reports.report import build_report, output_of
     from ..reports.report_text import format_report
 
+    output = output_of(output)  # a journal folder, as `status` takes it: its output
     if html_path is not None:
         folders_to_make(html_path, "--html")  # refused before the report, not after it
     report = build_report(output, by)

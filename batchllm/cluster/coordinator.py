@@ -337,6 +337,7 @@ class Coordinator:
             "stop": self.stopped(),
             "spent_pico": self.budget.spent,
             "spent_run_pico": self.budget.spent_run,
+            "refused_pico": self.budget.refused,  # the worst case that did not fit (budget.advice)
             "run_cap_reached": self.budget.run_cap_reached,
             "maybe_billed": tuple(self.maybe_billed),
             "lost_before": self.lost,

@@ -34,6 +34,7 @@ from ..engine.journal import Journal
 from ..engine.journal_schema import DB_NAME
 from ..engine.lock import RunLock
 from ..engine.observer import Observer, Silent
+from ..engine.reopen import restart_notice
 from ..engine.runner import Endpoint, RunResult
 from ..engine.stats import StopReason
 from ..errors import ClusterError, JobError
@@ -207,6 +208,8 @@ async def run_on_ray(
     lock = RunLock(job.journal_dir)
     lock.acquire(command)
     try:
+        if discarded := restart_notice(job):
+            observer.warning(discarded)
         start = Snapshot() if job.restart else journal_snapshot(job.journal_dir)
         billed_before = {"requests": 0, "worst_pico": 0} if job.restart else maybe_billed(job.journal_dir)
         record = RunRecord.begin(

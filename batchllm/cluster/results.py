@@ -23,7 +23,7 @@ from ..engine.output import SUMMARY_NAME, Totals, read_summary
 from ..engine.runner import RunResult
 from ..engine.stats import Stats, StopReason
 from ..engine.stops import STOP_EXIT, next_step
-from ..engine.summary import build_summary
+from ..engine.summary import build_summary, cap_advice
 from ..errors import ExitCode
 from ..folders import write_atomic
 from ..inputs import InputFile
@@ -106,17 +106,22 @@ def result(
             f"been billed (at most {format_usd(lost_pico)}); they are sent again"
         )
         observer.warning(warnings[-1])
-    journal = Journal.open_readonly(job.journal_dir)
+    # The coordinator has closed the journal: the advice after a budget stop is kept in it.
+    journal = Journal.open(job.journal_dir, job.request_settings())
     try:
         summary = build_summary(
             setup, totals, stats, reason, message, started_at, code, warnings, journal, command
         )
+        if not summary["complete"]:
+            summary["next"] = next_step(reason, run_cap=bool(done["run_cap_reached"]))
+            if reason is StopReason.BUDGET and not done["run_cap_reached"]:
+                # Rows answered by a request of their own: the journal's (copies are output rows).
+                paid = done["totals"]["ok"] + done["totals"]["invalid"]
+                cap_advice(summary, totals, paid, done["spent_pico"], done["refused_pico"], command, journal)
     finally:
-        journal.conn.close()
+        journal.close()
     if job.fleet is not None:
         summary["endpoints"] = endpoints(counts, [e.name for e in job.fleet])
-    if not summary["complete"]:
-        summary["next"] = next_step(reason, run_cap=bool(done.get("run_cap_reached")))
     summary["engine"] = {
         "name": "ray",
         "actors": job.actors,

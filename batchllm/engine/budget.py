@@ -158,26 +158,32 @@ class Budget:
         self.in_flight += 1
         return False
 
-    def advice(self, pending: int, cost_pico: int, paid_rows: int, command: str) -> tuple[str, str] | None:
-        """After a --max-cost stop: what to do, and the command to do it with (``command`` with a
-        cap that finishes the ``pending`` rows), or None when there is nothing to project from.
 
-        The cap is what is spent, the rows left at the output's cost a paid row so far (rows an
-        identical row or the cache answered cost nothing and are left out) plus a quarter, and
-        room for the worst case of the request that did not fit: a cap stops a run only when one
-        more request cannot fit. Before any row was paid for, the rows left are counted at that
-        request's worst case (every reply max_tokens long), which is sure to finish them."""
-        if pending == 0 or (paid_rows == 0 and self.refused == 0):
-            return None
-        per_row = cost_pico / paid_rows * 1.25 if paid_rows else self.refused
-        cap = _two_figures_up(self.spent + pending * per_row + self.refused)
-        rows = plural(pending, "row")
-        said = (
-            f"about ${cap} finishes the {rows} left, at this output's cost a row so far"
-            if paid_rows
-            else f"${cap} covers the {rows} left at the next one's worst case, every reply max_tokens long"
-        )
-        return f"to continue, run it with a higher --max-cost ({said})", with_max_cost(command, cap)
+def advice(
+    spent_pico: int, refused_pico: int, pending: int, cost_pico: int, paid_rows: int, command: str
+) -> tuple[str, str] | None:
+    """After a --max-cost stop: what to do, and the command to do it with (``command`` with a
+    cap that finishes the ``pending`` rows), or None when there is nothing to project from.
+    ``spent_pico`` is what the output has spent in all (``Budget.spent``), ``refused_pico`` the
+    worst case of the request that did not fit (``Budget.refused``); one machine's run and a
+    cluster's (cluster/results.py) give the same advice.
+
+    The cap is what is spent, the rows left at the output's cost a paid row so far (rows an
+    identical row or the cache answered cost nothing and are left out) plus a quarter, and
+    room for the worst case of the request that did not fit: a cap stops a run only when one
+    more request cannot fit. Before any row was paid for, the rows left are counted at that
+    request's worst case (every reply max_tokens long), which is sure to finish them."""
+    if pending == 0 or (paid_rows == 0 and refused_pico == 0):
+        return None
+    per_row = cost_pico / paid_rows * 1.25 if paid_rows else refused_pico
+    cap = _two_figures_up(spent_pico + pending * per_row + refused_pico)
+    rows = plural(pending, "row")
+    said = (
+        f"about ${cap} finishes the {rows} left, at this output's cost a row so far"
+        if paid_rows
+        else f"${cap} covers the {rows} left at the next one's worst case, every reply max_tokens long"
+    )
+    return f"to continue, run it with a higher --max-cost ({said})", with_max_cost(command, cap)
 
 
 def grown_margin(margin: int, worst_pico: int, actual_pico: int) -> int:

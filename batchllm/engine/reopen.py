@@ -1,15 +1,20 @@
 """Opening a run's journal: what an earlier run left in it, said as warnings (requests in flight
 with no saved reply, replies it could not write to the journal, rows done without a price, which
-are priced now), and this run's start recorded as ``last_run`` (``status`` reads it).
+are priced now; what ``--restart`` discards), and this run's start recorded as ``last_run``
+(``status`` reads it).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 
+from ..errors import JobError
+from ..job import Job
 from ..pricing import cached_saving, format_usd
 from .checks import Prepared
-from .journal import Journal
+from .counts import plural
+from .journal import DB_NAME, Journal
 
 
 def open_journal(
@@ -18,6 +23,8 @@ def open_journal(
     """The run's journal, open, and the requests an earlier run left in flight and their worst
     case (inflight.py)."""
     job = p.job
+    if discarded := restart_notice(job):
+        warn(discarded)
     journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
     lost, lost_pico = journal.start_inflight()
     if lost:
@@ -44,3 +51,27 @@ def open_journal(
         },
     )
     return journal, (lost, lost_pico)
+
+
+def restart_notice(job: Job) -> str | None:
+    """What ``--restart`` is about to discard, when the journal holds answered rows: they were
+    paid for, and ``--max-cost`` (which counts the whole output's cost) counts from $0 again."""
+    if not job.restart or not (job.journal_dir / DB_NAME).is_file():
+        return None
+    try:
+        journal = Journal.open_readonly(job.journal_dir)
+    except (JobError, sqlite3.Error):  # unreadable: discarded all the same, with nothing to say of it
+        return None
+    try:
+        t = journal.totals()  # its costs: rows', and what rows sent again paid before (spend.py)
+    except sqlite3.Error:
+        return None
+    finally:
+        journal.conn.close()
+    answered, paid = t["ok"] + t["invalid"], t["input_cost_pico"] + t["output_cost_pico"]
+    if not answered:
+        return None
+    return (
+        f"--restart: discarding {plural(answered, 'answered row')} of {job.output} ({format_usd(paid)} "
+        "already paid for them; --max-cost counts from $0 again)"
+    )

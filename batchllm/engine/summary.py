@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import ExitCode
 from ..pricing import cached_saving, format_usd, parse_usd, usd_text
-from .budget import Budget
+from .budget import Budget, advice
 from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .journal import Journal
@@ -133,6 +133,26 @@ def build_summary(
     return out
 
 
+def cap_advice(
+    out: dict[str, Any],
+    totals: Totals,
+    paid_rows: int,
+    spent_pico: int,
+    refused_pico: int,
+    command: str,
+    journal: Journal,
+) -> None:
+    """After a --max-cost stop, the summary's next step: the command with a cap that finishes
+    the rows left (budget.advice), kept in the journal for ``status`` until the next run starts
+    (reopen.py). ``paid_rows``: the rows answered by a request of their own."""
+    found = advice(spent_pico, refused_pico, totals.pending, totals.cost_pico, paid_rows, command)
+    if found is not None:
+        out["next"], out["resume"] = found
+        journal.set_meta(
+            "last_run", {**(journal.get_meta("last_run") or {}), "next": found[0], "resume": found[1]}
+        )
+
+
 def run_summary(
     p: Prepared,
     totals: Totals | None,
@@ -166,20 +186,14 @@ def run_summary(
         out["next"] = next_step(
             reason, run_cap=budget.run_cap_reached, quota=quota, month=budget.month_reached
         )
-        if reason is StopReason.BUDGET and totals is not None and not budget.month_reached:
+        if (
+            reason is StopReason.BUDGET
+            and totals is not None
+            and not budget.month_reached
+            and not budget.run_cap_reached
+        ):
             paid = totals.ok + totals.invalid - totals.from_cache - totals.copied
-            advice = (
-                None
-                if budget.run_cap_reached
-                else budget.advice(totals.pending, totals.cost_pico, paid, command)
-            )
-            if advice is not None:
-                out["next"], out["resume"] = advice
-                # ``status`` gives the same advice until the next run starts (reopen.py).
-                journal.set_meta(
-                    "last_run",
-                    {**(journal.get_meta("last_run") or {}), "next": advice[0], "resume": advice[1]},
-                )
+            cap_advice(out, totals, paid, budget.spent, budget.refused, command, journal)
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
     clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]

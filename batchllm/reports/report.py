@@ -43,6 +43,19 @@ _CACHED = ["cached_tokens"]  # prompt tokens served from the server's prompt cac
 _CLASS = re.compile(r"^(\w+)")
 
 
+def output_of(path: Path) -> Path:
+    """The output ``report`` reads for ``path``: the path itself, or, for a journal folder (or
+    its database, as ``status`` takes either), the output it sits beside."""
+    from ..engine.journal import DB_NAME
+
+    folder = path.parent if path.name == DB_NAME else path
+    if not (folder / DB_NAME).is_file():
+        return path
+    if folder.name.endswith(".batchllm") and folder.name != ".batchllm":
+        return folder.with_name(folder.name.removesuffix(".batchllm"))
+    raise JobError(f"{path}: a batchllm journal (a --checkpoint folder); pass the output its run wrote")
+
+
 def _from_journal(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
     """A run that died before writing its output: the same figures, from its journal."""
     from ..engine.journal import DB_NAME, Journal
