@@ -151,8 +151,9 @@ class FatalAPIError(APIError):
 
 
 class RunStopError(FatalAPIError):
-    """No request can succeed until a person acts: ``reason`` is "auth" (the key), "quota" or
-    "model" (the server does not serve the job's model)."""
+    """No request can succeed until a person acts: ``reason`` is "auth" (the key), "quota",
+    "model" (the server does not serve the job's model) or "structured" (it refuses the
+    response_format ``--structured on`` insists on)."""
 
     kind = "run_stop"
 

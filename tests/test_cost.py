@@ -445,3 +445,50 @@ def test_an_estimate_without_a_rate_says_the_server_sets_the_pace(tmp_path: Path
     text = run_cli(["estimate", str(src), "--rpm", "0", "--tpm", "60000"]).output
     assert "time at 60,000 tokens/min" in text and "requests/min" not in text
     assert "time at 60 requests/min" in run_cli(["estimate", str(src), "--rpm", "60"]).output
+
+
+def test_estimate_of_a_request_file_takes_each_lines_max_tokens(sandbox, tmp_path: Path) -> None:
+    """A request file's lines carry their own max_tokens (or max_completion_tokens): the worst case
+    is each line's own, as run reserves it; a line without one takes --max-tokens."""
+    caps = [
+        {"max_tokens": 1},
+        {"max_tokens": 100},
+        {"max_completion_tokens": 4000},
+        {},
+        {"max_tokens": 30000},
+    ]
+    src = tmp_path / "req.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps(
+                {"custom_id": f"q{i}", "body": {"messages": [{"role": "user", "content": f"Say {i}"}], **cap}}
+            )
+            + "\n"
+            for i, cap in enumerate(caps)
+        )
+    )
+    args = ["estimate", str(src), "--max-tokens", "300", "--input-price", "3", "--output-price", "15"]
+    e = json.loads(run_cli([*args, "--format", "json"]).stdout)
+    # The last line's 30,000 does not fit the model's 25,000-token window: not sent, not counted.
+    assert e["rows_over_window"] == 1 and e["rows_over_window_ids"] == ["q4"]
+    assert e["tokens_worst_case"]["completion"] == 1 + 100 + 4000 + 300
+    exact = (Decimal(e["prompt_tokens"]["total"]) * 3 + (1 + 100 + 4000 + 300) * 15) / 10**6
+    assert Decimal(e["cost_usd"]["worst_case"]) == exact
+    assert e["max_tokens_of_lines"] == {"min": 1, "max": 4000, "mean": 1100.2}
+    text = run_cli(args).stdout
+    assert "worst case (every reply at its line's max_tokens, 1 to 4,000)" in text and "256" not in text
+    # The expected cost of a run's observed lengths stays within each line's own cap.
+    out = tmp_path / "out.parquet"
+    ran = run_cli(["run", str(src), "-o", str(out), *args[2:], "--rpm", "0"], env=sandbox.env())
+    assert ran.exit_code == 1 and "4 ok, 1 failed" in ran.stderr, ran.stderr  # the line over the window
+    after = json.loads(run_cli([*args, "--from-run", str(out), "--format", "json"]).stdout)["cost_usd"]
+    assert Decimal(after["expected"]) <= Decimal(after["expected_high"]) <= Decimal(after["worst_case"])
+    # Lines that agree are priced at their one value.
+    src.write_text(
+        "".join(line for line in src.read_text().splitlines(True)[:2]).replace(
+            '"max_tokens": 1}', '"max_tokens": 100}'
+        )
+    )
+    e = json.loads(run_cli([*args, "--format", "json"]).stdout)
+    assert e["max_tokens"] == 100 and "max_tokens_of_lines" not in e
+    assert "worst case (every reply 100 tokens)" in run_cli(args).stdout

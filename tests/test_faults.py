@@ -154,12 +154,12 @@ def _small_window(box, window: int) -> None:
 
 
 def test_too_many_errors_stop_the_run(sandbox_factory, tmp_path: Path) -> None:
-    box = sandbox_factory()
+    # Every request a 500 or 503, and one attempt a row: rows failing, but not with a client error.
+    box = sandbox_factory(fail_5xx=1.0)
     src = prompts_csv(tmp_path / "in.csv", 400)
     out = tmp_path / "out.parquet"
-    # Every request is a 413/5021, each message with its own request id: rows failing, not alike.
-    _small_window(box, 10)
-    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4"], env=box.env())
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4", "--max-attempts", "1"]
+    result = run_cli(args, env=box.env())
     assert result.exit_code == 4
     assert "too many errors" in result.stderr
     assert box.count() < 150
@@ -191,6 +191,30 @@ def test_the_first_rows_failing_alike_stop_the_run(sandbox_factory, tmp_path: Pa
     assert "each of the first 5 rows failed with the same error" in result.stderr
     assert "maximum context length" in result.stderr
     assert box.count() <= 5 + 2
+
+
+@pytest.mark.parametrize("provider", ["openai", "dataoorts"])
+def test_the_first_rows_failing_alike_but_for_their_numbers_stop_the_run(
+    sandbox_factory, tmp_path: Path, provider: str
+) -> None:
+    """Rows over the server's window fail with its message naming each request's token count
+    (OpenAI's and llama.cpp's "you requested N tokens"; Dataoorts' also a request id): the same
+    error, its numbers aside, so the first rows stop the run (exit 4), the others left pending."""
+    box = sandbox_factory()
+    src = write_csv(
+        tmp_path / "in.csv", [{"prompt": f"Question {i}" + " more" * (i % 50)} for i in range(200)]
+    )
+    out = tmp_path / "out.parquet"
+    _small_window(box, 8)
+    args = ["run", str(src), "-o", str(out), "--provider", provider, "--rpm", "0", "--concurrency", "2"]
+    result = run_cli(args, env=box.openai_env() if provider == "openai" else box.env())
+    assert result.exit_code == 4, result.stderr
+    stopped = next(line for line in result.stderr.splitlines() if line.startswith("stopped: "))
+    assert "each of the first 5 rows failed with the same error but for its numbers (the first: " in stopped
+    assert ("maximum context length" if provider == "openai" else "context window limit") in stopped
+    assert box.count() <= 5 + 2
+    statuses = Counter(pq.read_table(out).column("status").to_pylist())
+    assert statuses["error"] <= 5 + 2 and statuses["pending"] >= 200 - 5 - 2
 
 
 def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(tmp_path: Path) -> None:

@@ -45,8 +45,9 @@ def _formats(box: Any) -> list[bool]:
 def test_structured_output_is_decided_for_each_endpoint(sandbox_factory, tmp_path: Path) -> None:
     """A job with the default provider (dataoorts) over a fleet of two openai endpoints, one
     refusing response_format: the other gets it on every request, the refusing one once (then
-    never again), `--structured on` is taken; a dataoorts endpoint never gets it, and `on` is
-    refused naming it."""
+    never again; with `--structured on`, which insists on it, the refusing endpoint is out for the
+    run and its rows go to the other); a dataoorts endpoint never gets it, and `on` is refused
+    naming it."""
     src = _reviews(tmp_path, 40)
     takes = sandbox_factory(keep_bodies=True, latency=0.05)
     refuses = sandbox_factory(keep_bodies=True, latency=0.05, refuse_response_format=True)
@@ -66,7 +67,14 @@ def test_structured_output_is_decided_for_each_endpoint(sandbox_factory, tmp_pat
         sent = _formats(takes)
         assert sent and all(sent), "the endpoint that takes response_format got it every time"
         refused = _formats(refuses)
-        assert 1 <= sum(refused) <= 2 and refused.count(False) >= 1  # the ones out when it refused
+        if setting == "auto":  # then plain requests: the ones out when it refused went again
+            assert 1 <= sum(refused) <= 2 and refused.count(False) >= 1
+        else:  # never a request without it: the endpoint is out
+            assert 1 <= sum(refused) <= 2 and refused.count(False) == 0
+            out_line = (
+                "endpoint 'refuses' is out for this run: it refuses response_format, which --structured on"
+            )
+            assert out_line + " requires (HTTP 400" in result.stderr, result.stderr
         assert refuses.count(400) - before == sum(refused)
         rows = pq.read_table(out).to_pylist()
         assert len(rows) == 40 and all(r["status"] == "ok" for r in rows)

@@ -175,6 +175,32 @@ def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results
     assert "may have been billed" not in run_cli(["status", str(tmp_path / "auto.parquet")]).output
 
 
+def test_structured_on_stops_when_the_server_refuses_response_format(sandbox_factory, tmp_path: Path) -> None:
+    """--structured on insists on constrained output: a refusal stops the run (exit 4) with one line
+    naming what the server said and the fix; nothing is billed, every row stays pending, and the
+    same command with --structured auto then finishes them."""
+    src = reviews(tmp_path, 200)
+    box = sandbox_factory(refuse_response_format=True)
+    out, summary = tmp_path / "on.parquet", tmp_path / "s.json"
+    args = ["--labels", ",".join(LABELS), "--max-tokens", "16", "--concurrency", "4"]
+    result = run_openai(box, src, out, *args, "--structured", "on", "--summary-json", str(summary))
+    assert result.exit_code == 4, result.output
+    line = next(x for x in result.stderr.splitlines() if "refuses response_format" in x)
+    assert "(HTTP 400: " in line and "which --structured on requires" in line
+    assert (
+        "--structured auto falls back to plain requests; --structured off never sends response_format" in line
+    )
+    assert "off for the rest of this run" not in result.stderr  # no quiet fallback
+    assert 1 <= box.count(400) <= 4 and box.count() == box.count(400)  # the requests already out
+    assert box.sandbox.stats["prompt_tokens"] == 0  # a 400 is not billed
+    s = json.loads(summary.read_text())
+    assert "maybe_billed" not in s and s["exit_code"] == 4
+    assert set(pq.read_table(out, columns=["status"]).column("status").to_pylist()) == {"pending"}
+    rerun = run_openai(box, src, out, *args, "--structured", "auto")
+    assert rerun.exit_code in (0, 1), rerun.output
+    assert "pending" not in pq.read_table(out, columns=["status"]).column("status").to_pylist()
+
+
 def test_export_batch_writes_the_structured_request_a_run_sends(sandbox_factory, tmp_path: Path) -> None:
     box = sandbox_factory(keep_bodies=True)
     src = reviews(tmp_path, 30)

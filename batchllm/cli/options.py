@@ -133,7 +133,8 @@ PROMPT_OPTIONS = [
         "--structured",
         type=click.Choice(["auto", "on", "off"]),
         help="Send the label set or schema as a JSON schema (response_format) the server holds "
-        "replies to; auto: with the openai provider, off for the run if the server refuses it.  "
+        "replies to; auto: with the openai provider, off for the run if the server refuses it; on: "
+        "the run stops (exit 4) if the server refuses it.  "
         "[default: auto]",
     ),
     click.option(

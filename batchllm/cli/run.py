@@ -136,7 +136,8 @@ def estimate_cmd(
     which the full run then does not send again.
     """
     from ..api import run_pilot
-    from ..reports.estimate import estimate, format_estimate, record_estimate
+    from ..reports.estimate import estimate, record_estimate
+    from ..reports.estimate_text import format_estimate
     from .progress import make_reporter
 
     values, job_file, given = collect(ctx, input_path, params)

@@ -35,7 +35,7 @@ from ..engine.output import RESULT_FIELDS, Totals, _result_columns, label_column
 from ..engine.packed import Packs
 from ..engine.plan import WorkItem
 from ..engine.ratelimit import Backoff
-from ..engine.refusable import optional_fields, refusable
+from ..engine.refusable import insisted_fields, optional_fields, refusable
 from ..engine.router import Router, fleet_router
 from ..errors import JobError
 from ..fleet import FleetEndpoint
@@ -89,7 +89,9 @@ class Completer:
         # them (unsaid: an actor's warnings have no display; engine/refusable.py); a fleet's
         # endpoints each give up their own (engine/member.py).
         self.refusable = (
-            refusable(job.structured_output, job.logprobs, lambda m: None) if job.fleet is None else None
+            refusable(job.structured_output, job.logprobs, lambda m: None, insisted_fields(job.structured))
+            if job.fleet is None
+            else None
         )
         self.concurrency = concurrency
         self.owner = uuid.uuid4().hex[:12]
@@ -119,6 +121,7 @@ class Completer:
                 self.router = fleet_router(
                     self.fleet, self.job.timeout, self.provider, self.model.name, log.warning, self.keys,
                     optional_fields(self.job.structured_output, self.job.logprobs),
+                    insisted_fields(self.job.structured),
                 )  # fmt: skip
                 await self.router.__aenter__()
         self.busy += 1

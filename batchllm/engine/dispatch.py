@@ -149,9 +149,7 @@ class Dispatcher(Booking):
         gc.freeze()
         gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
         workers = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
-        all_done: asyncio.Future[Any] = asyncio.ensure_future(
-            asyncio.gather(*workers, return_exceptions=True)
-        )
+        all_done = asyncio.ensure_future(asyncio.gather(*workers, return_exceptions=True))
         stopped: asyncio.Future[Any] = asyncio.create_task(self._stopped.wait())
         try:
             await asyncio.wait({all_done, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -320,6 +318,8 @@ class Dispatcher(Booking):
                 except RequestTimeout:
                     timed_out = True
                     raise
+                except FatalAPIError as exc:  # a field the job insists on, refused: a stop (refusable.py)
+                    raise exc if (by := member or refusable) is None else by.insisted(exc) from None
                 finally:
                     if window is not None:
                         window.release(trip, timed_out=timed_out)

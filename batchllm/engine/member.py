@@ -79,6 +79,7 @@ class Member:
         primary_model: str,
         fields: tuple[str, ...] = (),
         warn: Callable[[str], None] = lambda m: None,
+        required: tuple[str, ...] = (),
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -86,7 +87,7 @@ class Member:
         # The job's optional fields (response_format, logprobs): those its provider takes, each
         # on until it refuses it; the others never sent to it.
         taken = taken_by(self.provider, fields)
-        self.refusable = Refusable(taken, warn, spec.name) if taken else None
+        self.refusable = Refusable(taken, warn, spec.name, required) if taken else None
         self._never = tuple(f for f in fields if f not in taken)
         self.model: Model = spec.model
         # Paced a hair under its stated limit: arrivals jitter on the way, and a server that counts
@@ -158,6 +159,10 @@ class Member:
     def refused(self, error: FatalAPIError, body: bytes) -> bool:
         """Was ``error`` this endpoint refusing an optional field? It then goes without it."""
         return self.refusable is not None and self.refusable.refused(error, body) is not None
+
+    def insisted(self, error: FatalAPIError) -> FatalAPIError:
+        """``error``, or its endpoint out when it refuses a field the job insists on (refusable.py)."""
+        return error if self.refusable is None else self.refusable.insisted(error)
 
     async def complete(self, body: bytes) -> Completion:
         drop = self._never if self.refusable is None else self._never + self.refusable.refused_fields

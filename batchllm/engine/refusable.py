@@ -8,6 +8,10 @@ the run, with one warning, and the request goes again at once without it. A 400 
 the request sent again is the same request as far as what may have been billed goes
 (engine/inflight.py), and nothing is counted twice. Every request that leaves afterwards leaves
 without the field; the rows read their replies as they always do.
+
+A field the job insists on (``--structured on``: the user asked for constrained output) is never
+given up: its refusal stops the run (``insisted``: a ``RunStopError``, exit 4) with the rows not
+yet answered pending, or takes a fleet's endpoint out for the run (router.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 import orjson
 
-from ..errors import FatalAPIError
+from ..errors import FatalAPIError, RunStopError
 from ..labeling.confidence import LOGPROBS
 from ..labeling.structured import PARAM
 from ..providers import Provider
@@ -34,10 +38,17 @@ WITHOUT = {
 class Refusable:
     """The optional fields a run's requests carry, each on until a server refuses it."""
 
-    __slots__ = ("fields", "refused_fields", "_keys", "_warn", "_who")
+    __slots__ = ("fields", "required", "refused_fields", "_keys", "_warn", "_who")
 
-    def __init__(self, fields: tuple[str, ...], warn: Callable[[str], None], who: str = "") -> None:
+    def __init__(
+        self,
+        fields: tuple[str, ...],
+        warn: Callable[[str], None],
+        who: str = "",
+        required: tuple[str, ...] = (),
+    ) -> None:
         self.fields = fields
+        self.required = tuple(f for f in required if f in fields)  # never given up (``insisted``)
         self.refused_fields: tuple[str, ...] = ()
         self._keys = {f: f'"{f}":'.encode() for f in fields}  # as orjson writes the body's keys
         self._warn = warn
@@ -47,6 +58,12 @@ class Refusable:
     def on(self) -> bool:
         """Is every field still sent (no refusal yet: bodies go as encoded)?"""
         return not self.refused_fields
+
+    def insisted(self, error: FatalAPIError) -> FatalAPIError:
+        """``error``, or a stop when it is the server refusing a field the job insists on."""
+        if error.status in (400, 422) and any(name in error.message for name in self.required):
+            return RunStopError(error.message, error.status, error.code, reason="structured")
+        return error
 
     def refused(self, error: FatalAPIError, body: bytes) -> bytes | None:
         """The body to send again when ``error`` is the server refusing one of the body's optional
@@ -89,7 +106,15 @@ def taken_by(provider: Provider, fields: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f for f in fields if takes[f])
 
 
-def refusable(structured: bool, logprobs: bool, warn: Callable[[str], None]) -> Refusable | None:
-    """The run's optional fields, each on until the server refuses it (None: there are none)."""
+def insisted_fields(structured: str) -> tuple[str, ...]:
+    """The fields a job's ``--structured`` insists on: ``response_format`` when on."""
+    return (PARAM,) if structured == "on" else ()
+
+
+def refusable(
+    structured: bool, logprobs: bool, warn: Callable[[str], None], required: tuple[str, ...] = ()
+) -> Refusable | None:
+    """The run's optional fields, each on until the server refuses it (None: there are none);
+    ``required``, those never given up."""
     fields = optional_fields(structured, logprobs)
-    return Refusable(fields, warn) if fields else None
+    return Refusable(fields, warn, required=required) if fields else None

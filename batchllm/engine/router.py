@@ -300,6 +300,8 @@ def out_cause(m: Member, exc: RunStopError) -> str:
     var = m.spec.key_env
     if exc.reason == "model":
         return f"does not serve the model {m.model.name!r} ({said})"
+    if exc.reason == "structured":
+        return f"refuses response_format, which --structured on requires ({said})"
     if exc.reason == "quota":
         whose = f"the key from {var}" if var else "its account"
         return f"says the quota of {whose} is used up ({said})"
@@ -316,6 +318,7 @@ def fleet_router(
     warn: Callable[[str], None],
     environ: Mapping[str, str] | None = None,
     fields: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
 ) -> Router:
     """The fleet's members, cheapest first (by the price of a request with as many prompt as
     reply tokens), each with its key from its own variable; a missing key is a usage error."""
@@ -334,5 +337,5 @@ def fleet_router(
                 raise JobError(
                     f"fleet endpoint {spec.name!r}: its key would cross the network in clear text; use https"
                 )
-        members.append(Member(spec, key, timeout, primary, primary_model, fields, warn))
+        members.append(Member(spec, key, timeout, primary, primary_model, fields, warn, required))
     return Router(sorted(members, key=lambda m: m.price), warn)

@@ -46,7 +46,7 @@ from .output import Totals, write_output
 from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
-from .refusable import optional_fields, refusable
+from .refusable import insisted_fields, optional_fields, refusable
 from .reopen import open_journal
 from .reuse import Reuse
 from .router import fleet_router
@@ -210,7 +210,7 @@ class Run:
             fleet = endpoint.fleet or job.fleet
             router = fleet_router(
                 fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys,
-                optional_fields(job.structured_output, job.logprobs),
+                optional_fields(job.structured_output, job.logprobs), insisted_fields(job.structured),
             )  # fmt: skip
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
@@ -241,7 +241,8 @@ class Run:
             )
             dispatcher.router = router
             if router is None:  # a fleet's endpoints each give up their own (member.py)
-                dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn)
+                insist = insisted_fields(job.structured)
+                dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn, insist)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import enum
+import re
 import time
 from dataclasses import dataclass, field
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError
 
 FIRST_ROWS = 5  # rows that all fail alike before a run stops (``FirstFailures``)
+# What tells one request's error message from another's when they fail for the same reason: the
+# numbers in it (llama.cpp names each request's token count) and request ids (a hex run).
+_PARTICULARS = re.compile(r"\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{6,}\b|\d+")
+
+
+def error_shape(message: str) -> str:
+    """``message`` with its numbers and ids masked: two rows failing alike share a shape."""
+    return _PARTICULARS.sub("N", message)
 
 
 class StopReason(enum.Enum):
@@ -76,14 +85,16 @@ class ErrorWindow:
 
 class FirstFailures:
     """The first rows of a run: when each of the first ``FIRST_ROWS`` fails with the same client
-    error (a 4xx with one status, code and message), the job is wrong, not the rows, and every
-    further request would be paid for nothing. Off after the first row that does not."""
+    error (a 4xx with one status, code and message, its numbers and ids aside: ``error_shape``),
+    the job is wrong, not the rows, and every further request would be paid for nothing. Off
+    after the first row that does not."""
 
     def __init__(self, rows: int = FIRST_ROWS) -> None:
         self.rows = rows
         self.seen = 0
         self.active = True
         self.error: APIError | None = None
+        self.varied = False  # the messages differ in their numbers or ids
 
     def add(self, error: APIError | None) -> bool:
         """Record one finished row (its final error, or None); True when the run should stop."""
@@ -93,14 +104,16 @@ class FirstFailures:
             and 400 <= error.status < 500
             and (
                 self.error is None
-                or (error.status, error.code, error.message)
-                == (self.error.status, self.error.code, self.error.message)
+                or (error.status, error.code, error_shape(error.message))
+                == (self.error.status, self.error.code, error_shape(self.error.message))
             )
         )
         if not same:
             self.active = False
             return False
-        self.error = error
+        assert error is not None
+        self.varied = self.varied or (self.error is not None and error.message != self.error.message)
+        self.error = self.error or error
         self.seen += 1
         if self.seen >= self.rows:
             self.active = False
@@ -110,7 +123,9 @@ class FirstFailures:
     def message(self) -> str:
         assert self.error is not None
         return (
-            f"each of the first {self.seen} rows failed with the same error ({self.error.describe()}): "
+            f"each of the first {self.seen} rows failed with the same error"
+            + (" but for its numbers (the first: " if self.varied else " (")
+            + f"{self.error.describe()}): "
             "the job, not the rows, looks wrong (model, parameters, endpoint), so nothing more was sent; "
             "fix it, then run the command again"
         )

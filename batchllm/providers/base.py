@@ -93,6 +93,12 @@ class Provider:
                 "would fail alike, so nothing more was sent; choose a model it serves (--model, or the "
                 "job file's model; `batchllm models` lists the known ones), then run the command again"
             )
+        if exc.reason == "structured":
+            return (
+                f"the server refuses response_format ({exc.said()}), which --structured on requires: "
+                "nothing more was sent, unanswered rows stay pending; --structured auto falls back to "
+                "plain requests; --structured off never sends response_format"
+            )
         if exc.reason == "quota":
             return (
                 f"the API says the quota of the key in {key_source} is used up ({exc.said()}); "

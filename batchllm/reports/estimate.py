@@ -3,7 +3,7 @@
 The input is streamed once; each batch's prompts are rendered exactly as ``run`` renders them,
 counted with the model family's tokenizer (tokens.py: exact for Llama 3.x, so the estimated prompt
 tokens equal what the API will bill) and admitted by the same rules (engine/plan.py). Completion tokens are unknown before a run: the worst case prices every row at
-``max_tokens``; ``--from-run`` prices them at the completion lengths a previous run observed (mean,
+``max_tokens`` (a request file's line at its own, as run reserves it); ``--from-run`` prices them at the completion lengths a previous run observed (mean,
 with a 95% interval for the total). A labeling job's worst case is every request a row may take:
 each of ``--samples`` asked and re-asked ``--reask`` times, every re-ask's prompt grown by the
 model's answer (``max_tokens``) and the longest feedback, every reply ``max_tokens`` long; its
@@ -70,20 +70,28 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # Identical requests are sent once (engine/reuse.py): rows are told apart by their content
     # hash, 8 bytes a row, so memory stays flat.
     digests = np.zeros(p.rows, dtype=np.uint64)
+    # A request file's lines each carry their own max_tokens (the job's where one has none), which
+    # the window check, the worst case and run's reservations (admission.py) all use.
+    replies: np.ndarray | None = None
     over: list[str] = []
     over_count = empty = too_long = 0
     position = 0
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
+        own: list[int | None] = [None] * batch.num_rows
         if pb.requests is not None:  # a request file: whole requests, counted as sent
             n = [admission.counter.count_messages(r.messages) for r in pb.requests]
+            own = [r.max_tokens or job.max_tokens for r in pb.requests]
+            if replies is None:
+                replies = np.zeros(p.rows, dtype=np.int32)
+            replies[position : position + batch.num_rows] = own
         else:
             countable = [admission.needs_count(u) for u in pb.users]
             n = admission.count(
                 [u if c and u is not None else "" for u, c in zip(pb.users, countable, strict=True)]
             )
         for i, user in enumerate(pb.users):
-            refused = admission.reject(user, n[i], position + i + 1, whole=pb.requests is not None)
+            refused = admission.reject(user, n[i], position + i + 1, pb.requests is not None, own[i])
             tokens = n[i]
             if refused is not None:
                 tokens = 0
@@ -104,6 +112,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     mask = counts > 0
     _, first = np.unique(digests[mask], return_index=True)
     sendable = counts[mask][np.sort(first)]
+    if replies is not None:
+        replies = replies[mask][np.sort(first)]
     duplicates = int(mask.sum()) - int(sendable.size)
     rows_sent = int(sendable.size)
     prompt_tokens = int(sendable.sum())
@@ -117,7 +127,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         growth = reask_growth(labeling, admission.counter, mt)
         worst_prompt += rows_sent * labeling.samples * growth * r * (r + 1) // 2
     worst_requests = rows_sent * per_row
-    worst_out = worst_requests * mt
+    worst_out = worst_requests * mt if replies is None else per_row * int(replies.sum())
     packed = None
     packs = packs_for(p, admission)
     if labeling is not None and packs is not None:  # several rows a request (pack_estimate.py)
@@ -155,7 +165,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "p95": int(np.percentile(sendable, 95)) if rows_sent else 0,
             "max": int(sendable.max()) if rows_sent else 0,
         },
-        "max_tokens": job.max_tokens,
+        # A request file's lines' max_tokens: their one value, or the job's and their range.
+        "max_tokens": int(replies[0]) if replies is not None and _same(replies) else job.max_tokens,
         "requests": {
             "per_row_worst_case": per_row,
             "worst_case": worst_requests,
@@ -165,6 +176,9 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": None if minutes is None else round(minutes, 1)},
         "tokens_worst_case": {"prompt": worst_prompt, "completion": worst_out},
     }
+    if replies is not None and not _same(replies):
+        low, high = int(replies.min()), int(replies.max())
+        result["max_tokens_of_lines"] = {"min": low, "max": high, "mean": round(float(replies.mean()), 1)}
     if packed is not None:
         result["packing"] = packed
         result["requests"]["per_row_worst_case"] = round(worst_requests / max(rows_sent, 1), 2)
@@ -191,7 +205,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                 rows_sent,
                 round(prompt_cost * max(mean_requests, 1.0)),
                 model.prices.output_pico,
-                mt * per_row,
+                mt * per_row if replies is None else replies.astype(np.int64) * per_row,
             )
         )
         first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens
@@ -257,17 +271,27 @@ def record_estimate(job: Job, result: dict[str, Any]) -> bool:
     return True
 
 
+def _same(values: np.ndarray) -> bool:
+    return values.size == 0 or bool((values == values[0]).all())
+
+
 def _expected(
-    observed: np.ndarray, rows: int, prompt_cost: int, out_pico: int, max_tokens: int
+    observed: np.ndarray, rows: int, prompt_cost: int, out_pico: int, caps: int | np.ndarray
 ) -> dict[str, Any]:
+    """Expected completion cost; ``caps``: a row's most completion tokens, one for all or each
+    row's own (a request file's lines), which no row's expected length exceeds."""
     if observed.size == 0:
         raise JobError("no completed rows to learn completion lengths from")
-    observed = np.minimum(observed, max_tokens)
+    if isinstance(caps, int):
+        top, ceiling = caps, rows * caps
+    else:
+        top, ceiling = (int(caps.max()) if caps.size else 0), int(caps.sum())
+    observed = np.minimum(observed, top)
     mean, sd = float(observed.mean()), float(observed.std(ddof=1)) if observed.size > 1 else 0.0
     # 95% interval for the batch total: the sum of `rows` draws from the observed distribution.
     half = 1.96 * sd * math.sqrt(rows) + 1.96 * sd / math.sqrt(observed.size) * rows
-    total = rows * mean
-    low, high = math.floor(max(0.0, total - half)), math.ceil(min(rows * max_tokens, total + half))
+    total = rows * mean if isinstance(caps, int) else float(np.minimum(caps, mean).sum())
+    low, high = math.floor(max(0.0, total - half)), math.ceil(min(ceiling, total + half))
     return {
         "expected": usd_text(prompt_cost + round(total) * out_pico),
         "expected_low": usd_text(prompt_cost + low * out_pico),
@@ -276,112 +300,3 @@ def _expected(
         "observed_mean_completion_tokens": round(mean, 1),
         "expected_completion_tokens": round(total),
     }
-
-
-def _usd(text: str | None) -> str:
-    return "unknown (no price: give --input-price and --output-price)" if text is None else f"${text}"
-
-
-def format_estimate(e: dict[str, Any], fmt: str) -> str:
-    if fmt == "json":
-        import orjson
-
-        return orjson.dumps(e, option=orjson.OPT_INDENT_2).decode()
-    pt, money = e["prompt_tokens"], e["cost_usd"]
-    rows = [
-        ("rows", f"{e['rows']:,}"),
-        ("rows to send", f"{e['rows_to_send']:,}"),
-        ("rows answered by an identical row", f"{e.get('rows_answered_by_identical_rows', 0):,}"),
-        (
-            "rows over the context window",
-            f"{e['rows_over_window']:,}"
-            + (f" ({', '.join(e['rows_over_window_ids'])})" if e["rows_over_window_ids"] else ""),
-        ),
-        ("rows without a prompt (not sent)", f"{e['rows_without_prompt']:,}"),
-        *(
-            [("rows too long for the API (not sent)", f"{e['rows_too_long']:,}")]
-            if e.get("rows_too_long")
-            else []
-        ),
-        (
-            "prompt tokens",
-            f"{pt['total']:,} (mean {pt['mean']:,}, p50 {pt['p50']:,}, p95 {pt['p95']:,}, max {pt['max']:,})",
-        ),
-        ("prompt cost", _usd(money["prompt"])),
-        (
-            "worst case ("
-            + ("every request re-asked, " if (e.get("requests") or {}).get("reasks") else "")
-            + f"every reply {e['max_tokens']:,} tokens)",
-            _usd(money["worst_case"]),
-        ),
-    ]
-    if "expected" in money:
-        rows.append(
-            (
-                f"expected (from {money['observed_rows']:,} observed replies, mean {money['observed_mean_completion_tokens']:,})",
-                f"${money['expected']} (95%: ${money['expected_low']} to ${money['expected_high']})",
-            )
-        )
-    req = e.get("requests") or {}
-    if req.get("per_row_worst_case", 1) > 1:
-        rows.append(
-            (
-                "requests (samples x (1 + re-asks))",
-                f"at most {req['worst_case']:,} ({req['per_row_worst_case']} a row)"
-                + (f", expected {req['expected_per_row']:g} a row" if "expected_per_row" in req else ""),
-            )
-        )
-    t = e["time"]
-    if t["minutes"] is None:  # --rpm 0 and no --tpm
-        rows.append(("time", "no rate set (--rpm 0): as fast as the server answers"))
-    else:
-        rates = ([f"{t['rpm']:,} requests/min"] if t["rpm"] else []) + (
-            [f"{t['tpm']:,} tokens/min"] if t["tpm"] else []
-        )
-        rows.append(
-            (
-                "time at " + ", ".join(rates),
-                (f"expected {t['expected_minutes']:,} min, " if "expected_minutes" in t else "")
-                + f"at most {t['minutes']:,} min",
-            )
-        )
-    if "packing" in e:
-        pk = e["packing"]
-        rows.append(
-            (
-                f"packed, {pk['pack']} rows a request",
-                f"{pk['requests']:,} requests, {pk['prompt_tokens']:,} prompt tokens "
-                f"({pk['prompt_tokens_one_row_a_request']:,} one row a request)",
-            )
-        )
-    if "prompt_cache" in e:
-        c = e["prompt_cache"]
-        rows.append(
-            (
-                f"prompt cache (a shared prefix of {c['prefix_tokens']:,} tokens)",
-                f"{c['cached_tokens']:,} prompt tokens cached ({c['share']:.0%}): prompt cost "
-                f"{_usd(c['prompt_cost_usd'])}, {_usd(c['saved_usd'])} less",
-            )
-        )
-    rows.append(("token counts", e["token_counts"]))
-    if "pilot_accuracy" in e:
-        a = e["pilot_accuracy"]
-        rows.append(
-            (
-                f"pilot accuracy ({a['rows']:,} rows with gold)",
-                f"{a['accuracy']:.1%} (95%: {a['low']:.1%} to {a['high']:.1%})",
-            )
-        )
-    if "votes" in e:
-        v = e["votes"]
-        rows.append(
-            (
-                f"rows that will vote (first answer below {v['below']:g})",
-                f"{v['share']:.0%} ({v['pilot_voted']:,} of the pilot's {v['pilot_rows']:,}): about "
-                f"{v['projected_rows']:,} rows, {v['projected_extra_requests']:,} more requests",
-            )
-        )
-    if fmt == "markdown":
-        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    width = max(len(k) for k, _ in rows)
-    return f"estimate for {e['input']} on {e['model']}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -50,7 +50,8 @@ def plan(
         money = est["cost_usd"]
         total = money.get("expected") or money["worst_case"]
         per_request = requests_a_row(est)
-        tokens = (est["prompt_tokens"]["mean"] or 0) + job.max_tokens
+        reply = (est.get("max_tokens_of_lines") or {}).get("mean", est["max_tokens"])
+        tokens = (est["prompt_tokens"]["mean"] or 0) + reply
         rate = e.requests_per_s
         if e.tpm:
             rate = min(rate, e.tpm / 60.0 / max(tokens, 1))
