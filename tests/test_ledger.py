@@ -701,6 +701,14 @@ def test_a_killed_served_sandbox_run_is_play_money_and_holds_no_real_cap(
     assert [r["killed"] for r in alone["runs"]] == [True, False]
     assert Decimal(alone["total"]["cost_usd"]) == _cost(play)
 
+    # Marked once answered, a served sandbox run's own cap counts the real month and itself.
+    room = str(_cost(first) + _cost(second) + Decimal("0.0005"))
+    capped = run_cli(["run", "-o", str(tmp_path / "capped.parquet"), *common, "--max-cost-per-month", room],
+                     env=served.openai_env())  # fmt: skip
+    assert capped.exit_code == 3 and "play money counts in no cap but its own" in capped.stderr, capped.output
+    real_usd = re.search(r"real runs have spent or hold \$([\d.]+) of its", capped.stderr)
+    assert real_usd is not None and Decimal(real_usd.group(1)) == _cost(first) + _cost(second)
+
 
 def test_a_killed_runs_requests_are_what_its_journal_shows_it_sent(sandbox_factory, tmp_path: Path) -> None:
     """Killed before its first progress write, a run's record still counts every request it
