@@ -9,7 +9,7 @@ from pathlib import Path
 from batchllm.engine.budget import Budget
 from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
-from batchllm.engine.inflight import LOG_NAME, InflightLog, count, replay
+from batchllm.engine.inflight import LOG_NAME, InflightLog, count, read_log, replay
 from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, RESUME_ATTEMPTS, Journal, settings_diff
 from batchllm.engine.plan import WorkItem
 from batchllm.engine.ratelimit import Backoff, RateLimiter
@@ -131,6 +131,22 @@ def test_the_inflight_log_replays_what_was_sent_and_not_done(tmp_path: Path) -> 
     # A kill in the middle of a line leaves it without its newline (then zeros): not sent yet.
     (tmp_path / LOG_NAME).write_bytes(b"S\ta\t5\nS\tb\t7\nD\ta\nS\tc\t12" + bytes(100))
     assert replay(tmp_path / LOG_NAME) == {"b": [7]}
+
+
+def test_the_inflight_log_counts_every_request_its_run_sent_across_rewrites(tmp_path: Path) -> None:
+    # What a killed run sent, for its record in the ledger: the log is rewritten twice here, and
+    # row ids ending in "S" put "S<tab>" mid-line, which is not a request.
+    log = InflightLog(tmp_path)
+    for i in range(300_000):
+        log.sent(f"row-{i:08d}-S", 1)
+        if i in (5, 150_000):
+            log.sent(f"row-{i:08d}-S", 1, again=True)  # a retry of a request still open: not new
+        if i % 1000:
+            log.done([f"row-{i:08d}-S"])
+    left, sent = read_log(tmp_path / LOG_NAME)
+    assert sent == 300_000 and count(left) == (300, 300)
+    assert read_log(tmp_path / "nothing") == ({}, None)
+    log.close()
 
 
 def test_a_rows_next_request_may_leave_before_its_last_reply_is_committed(tmp_path: Path) -> None:

@@ -645,3 +645,114 @@ def test_a_killed_run_without_prices_is_priced_by_the_run_that_prices_its_rows(
     assert [r["priced"] for r in report["runs"]] == [True, True] and report["runs"][0]["killed"]
     assert Decimal(report["runs"][0]["cost_usd"]) > 0
     assert Decimal(report["total"]["cost_usd"]) == _cost(out) and report["total"]["unpriced"] is None
+
+
+def _kill_after(args: list[str], env: dict[str, str], journal: Path, rows: int) -> None:
+    """Start a run as a real process and SIGKILL it once its journal holds ``rows`` replies."""
+    proc = spawn(args, env=env)
+    _wait_for_rows(journal, rows)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def test_a_killed_served_sandbox_run_is_play_money_and_holds_no_real_cap(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A run against `batchllm sandbox` served (its answers marked) is play money from its first
+    answer, not from its end: killed, it stays out of `spend`'s real money, and neither its claim
+    on the month (open) nor its cost (closed by the next run of its output) holds a real run of
+    the same job back under --max-cost-per-month."""
+    served, real = sandbox_factory(marked=True, latency=0.2), sandbox_factory()
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 600)
+    job = _job_file(tmp_path / "pm.toml", src)
+    common = ["--job", str(job), "--provider", "openai", "--input-price", "0.31", "--output-price", "0.34",
+              "--ledger", str(ledger), "--cache", "off", "--progress", "none"]  # fmt: skip
+    play = tmp_path / "play.parquet"
+    # Capped at $1 it claims a chunk of the month ($0.005) more than the real runs' cap below.
+    played = ["run", "-o", str(play), *common, "--max-cost-per-month", "1"]
+    _kill_after(played, served.openai_env(), tmp_path / "play.parquet.batchllm" / "journal.sqlite", 20)
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT sandbox, ended_at, claim_pico > 4000000000 FROM runs").fetchall() == [
+            (1, None, 1)
+        ]
+    report = _spend(ledger, "--runs")
+    assert report["runs"] == [] and Decimal(report["total"]["cost_usd"]) == 0
+    assert report["left_out"]["runs"] == 1
+
+    cap = ["--max-cost-per-month", "0.004"]
+    first = tmp_path / "real.parquet"
+    few = str(prompts_csv(tmp_path / "few.csv", 10))
+    result = run_cli(["run", few, "-o", str(first), *common, *cap], env=real.openai_env())
+    assert result.exit_code == 0, result.output
+    # The next run of the killed one's output closes its record from the journal: play money still.
+    again = run_cli(["run", "-o", str(play), *common], env=served.openai_env())
+    assert again.exit_code == 0, again.output
+    second = tmp_path / "real2.parquet"
+    more = str(prompts_csv(tmp_path / "more.csv", 12))
+    result = run_cli(["run", more, "-o", str(second), *common, *cap], env=real.openai_env())
+    assert result.exit_code == 0, result.output
+
+    report = _spend(ledger, "--runs")
+    assert [Path(r["output"]).name for r in report["runs"]] == ["real.parquet", "real2.parquet"]
+    assert Decimal(report["total"]["cost_usd"]) == _cost(first) + _cost(second)
+    assert Decimal(report["month"]["spent_usd"]) == _cost(first) + _cost(second)
+    assert report["left_out"]["runs"] == 2
+    alone = _spend(ledger, "--sandbox", "--runs")
+    assert [r["killed"] for r in alone["runs"]] == [True, False]
+    assert Decimal(alone["total"]["cost_usd"]) == _cost(play)
+
+    # Marked once answered, a served sandbox run's own cap counts the real month and itself.
+    room = str(_cost(first) + _cost(second) + Decimal("0.0005"))
+    capped = run_cli(["run", "-o", str(tmp_path / "capped.parquet"), *common, "--max-cost-per-month", room],
+                     env=served.openai_env())  # fmt: skip
+    assert capped.exit_code == 3 and "play money counts in no cap but its own" in capped.stderr, capped.output
+    real_usd = re.search(r"real runs have spent or hold \$([\d.]+) of its", capped.stderr)
+    assert real_usd is not None and Decimal(real_usd.group(1)) == _cost(first) + _cost(second)
+
+
+@pytest.mark.parametrize("fleet", [False, True], ids=["one endpoint", "fleet"])
+def test_a_killed_runs_requests_are_what_its_journal_shows_it_sent(
+    sandbox_factory, tmp_path: Path, fleet: bool
+) -> None:
+    """Killed before its first progress write, a run's record still counts every request it
+    sent: the replies its journal saved and the requests its in-flight log left open (exactly:
+    the two runs of the output sent every row once, and those in flight at the kill again)."""
+    boxes = [sandbox_factory(latency=0.2) for _ in range(2 if fleet else 1)]
+    ledger, src, out = (
+        tmp_path / "ledger.db",
+        prompts_csv(tmp_path / "in.csv", 1500),
+        tmp_path / "out.parquet",
+    )
+    args = ["run", str(src), "-o", str(out), "--ledger", str(ledger), "--cache", "off", "--progress", "none"]
+    if fleet:
+        members = "".join(
+            f'[[endpoint]]\nname = "e{i}"\nprovider = "openai"\nendpoint = "{box.openai_url}"\n'
+            f'key_env = "E{i}_KEY"\nmodel = "meta/llama-3.1-70b-instruct"\nconcurrency = 16\nrpm = 60000\n'
+            f'input_price = "0.{i + 1}"\noutput_price = "0.{i + 1}"\n\n'
+            for i, box in enumerate(boxes)
+        )
+        (tmp_path / "fleet.toml").write_text(members)
+        args += ["--fleet", str(tmp_path / "fleet.toml")]
+        env = {f"E{i}_KEY": box.key for i, box in enumerate(boxes)}
+    else:
+        args += ["--provider", "openai", "--input-price", "0.31", "--output-price", "0.34", "--rpm", "0"]
+        env = boxes[0].openai_env()
+    journal = tmp_path / "out.parquet.batchllm" / "journal.sqlite"
+    _kill_after(args, env, journal, 20)
+    with sqlite3.connect(journal) as conn:
+        saved, attempts = conn.execute("SELECT COUNT(*), SUM(attempts) FROM rows").fetchone()
+    assert 20 <= saved < 1500
+    result = run_cli(args, env=env)
+    assert result.exit_code == 0, result.output
+
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [r["killed"] for r in runs] == [True, False]
+    assert runs[0]["requests"] >= attempts >= saved
+    with sqlite3.connect(ledger) as conn:
+        (lost,) = conn.execute("SELECT maybe_billed_requests FROM runs ORDER BY started_at").fetchone()
+    assert runs[0]["requests"] == attempts + lost
+    # The server saw them all but those the kill cut before they reached it or it answered.
+    assert (
+        runs[0]["requests"] + runs[1]["requests"] == 1500 + lost >= sum(box.count() for box in boxes) >= 1500
+    )
+    assert runs[0]["prompt_tokens"] > 0 and runs[0]["rows_ok"] == saved

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import orjson
@@ -51,8 +51,9 @@ class Client:
         self._expired: set[asyncio.Task] = set()  # cancelled at their deadline, not by a stop
         self._timer: asyncio.TimerHandle | None = None
         # Did the server answer as batchllm's sandbox does (records.SANDBOX_HEADER)? Read from
-        # the first answer only: None until then.
+        # the first answer only: None until then; ``on_played`` is told then (``watch_played``).
         self.played: bool | None = None
+        self.on_played: Callable[[], None] | None = None
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(
@@ -91,6 +92,8 @@ class Client:
                 raw = await resp.read()
                 if self.played is None:
                     self.played = SANDBOX_HEADER in resp.headers
+                    if self.on_played is not None:
+                        self.on_played()
                 if self._on_hints is not None:
                     hints = provider.rate_hints(resp.headers)
                     if hints is not None:
@@ -147,6 +150,24 @@ class Client:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
             return None
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
+
+
+def all_played(clients: Sequence[Client]) -> bool:
+    """Have the servers that answered (one at least) all answered as batchllm's sandbox?"""
+    answered = [c.played for c in clients if c.played is not None]
+    return bool(answered) and all(answered)
+
+
+def watch_played(clients: Sequence[Client], mark: Callable[[bool], None]) -> None:
+    """Tell ``mark`` whether the run is play money (``all_played``) each time one of its servers
+    answers for the first time: once per server, never per request. A run killed before its
+    end is then marked already (the ledger: a served sandbox's run counts in no monthly cap)."""
+
+    def played() -> None:
+        mark(all_played(clients))
+
+    for client in clients:
+        client.on_played = played
 
 
 def cannot_connect(exc: aiohttp.ClientConnectorError) -> str:

@@ -19,7 +19,9 @@ those pages: they reach the file however the process dies, exactly like a ``writ
 blocks are written out (zeros) when it is created, so a full disk fails then, cleanly, and never
 later as a SIGBUS on a page of a sparse file. Lines are complete up to the first zero byte; a
 line cut short by a kill (no newline yet) is one whose request had not left. When the file fills,
-it is rewritten with only what is in flight, so it stays small however long the run.
+it is rewritten with only what is in flight, so it stays small however long the run; its first
+line then says how many requests the lines it dropped had sent (``R <count>``), so the log always
+knows how many requests its run sent (a killed run's record in the ledger: ledger/store.py).
 """
 
 from __future__ import annotations
@@ -41,19 +43,29 @@ _CAPACITY = 4 << 20
 
 def replay(path: Path) -> dict[str, list[int]]:
     """The requests a log says are in flight: row_id -> their worst-case picodollars, oldest first."""
+    return read_log(path)[0]
+
+
+def read_log(path: Path) -> tuple[dict[str, list[int]], int | None]:
+    """The requests a log says are in flight (as ``replay``), and how many its run sent in all;
+    None for no log."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return {}
+        return {}, None
     data = data.split(b"\0", 1)[0]
     out: dict[str, Any] = {}
+    sent = 0
     for line in data.split(b"\n")[:-1]:  # the last piece has no newline: not a whole line
         parts = line.split(b"\t")
         if parts[0] == b"S" and len(parts) == 3 and parts[2].isdigit():
             _open(out, parts[1].decode("utf-8", "replace"), int(parts[2]))
+            sent += 1
         elif parts[0] == b"D" and len(parts) == 2:
             _close(out, parts[1].decode("utf-8", "replace"))
-    return {r: _worsts(v) for r, v in out.items()}
+        elif parts[0] == b"R" and len(parts) == 2 and parts[1].isdigit():
+            sent += int(parts[1])
+    return {r: _worsts(v) for r, v in out.items()}, sent
 
 
 def _close(open_: dict[str, Any], row_id: str) -> bool:
@@ -113,19 +125,20 @@ class InflightLog:
         start = self._pos
         end = start + len(line)
         if end > len(self._map):
-            self._rotate(len(line))
-            start, end = self._pos, self._pos + len(line)
+            # ``pending`` has this line's change already: the rewrite holds it, the line is not
+            # written again (an "S" twice would leave a request in flight for good).
+            self._rotate(_sent(self._map[:start]) + _sent(line))
+            return
         self._map[start:end] = line
         self._pos = end
 
-    def _rotate(self, room: int) -> None:
-        """Rewrite the log with only the requests in flight (and at least ``room`` bytes free);
-        if that fails (a full disk) the old log is left as it was and the error stops the run."""
-        content = b"".join(
-            f"S\t{_clean(r)}\t{w}\n".encode() for r, v in self.pending.items() for w in _worsts(v)
-        )
+    def _rotate(self, sent: int) -> None:
+        """Rewrite the log with only the requests in flight, after ``sent`` requests in all; if
+        that fails (a full disk) the old log is left as it was and the error stops the run."""
+        kept = [f"S\t{_clean(r)}\t{w}\n" for r, v in self.pending.items() for w in _worsts(v)]
+        content = f"R\t{sent - len(kept)}\n{''.join(kept)}".encode()
         tmp = self.path.with_name(LOG_NAME + ".tmp")
-        fd, mapped = _create(tmp, content, max(_CAPACITY, 2 * (len(content) + room)))
+        fd, mapped = _create(tmp, content, max(_CAPACITY, 2 * len(content)))
         os.replace(tmp, self.path)
         self._map.close()
         os.close(self._fd)
@@ -144,6 +157,7 @@ class InflightBook:
 
     directory: Path
     inflight_log: InflightLog | None
+    dead_sent: int | None = None  # requests the run that left the log sent in all (``start_inflight``)
 
     def get_meta(self, key: str) -> Any:
         raise NotImplementedError  # the journal's
@@ -192,11 +206,14 @@ class InflightBook:
     def start_inflight(self) -> tuple[int, int]:
         """At the start of a run: what a dead run left in flight goes into ``maybe_billed``, and a
         fresh log is opened for this run's requests. Returns the dead run's (count, worst)."""
-        count, worst = self.inflight()
-        if count:
-            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(count, worst)))
+        lost, worst = 0, 0
+        if self.inflight_log is None:  # this run's own are in flight, not lost
+            left, self.dead_sent = read_log(self.directory / LOG_NAME)
+            lost, worst = count(left)
+        if lost:
+            self.set_meta("maybe_billed", self.maybe_billed(current=False, add=(lost, worst)))
         self.inflight_log = InflightLog(self.directory)
-        return count, worst
+        return lost, worst
 
     def stop_inflight(self) -> None:
         """At the end of a run: requests cancelled in flight (a stop) may have been billed too."""
@@ -231,6 +248,15 @@ def _create(path: Path, content: bytes, capacity: int) -> tuple[int, mmap.mmap]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _sent(lines: bytes) -> int:
+    """The requests whole lines of a log say were sent: a line starts the log or follows a
+    newline (a row id has none, nor a tab), and an "R" line can only be the first."""
+    sent = lines.count(b"\nS\t") + lines.startswith(b"S\t")
+    if lines.startswith(b"R\t"):
+        sent += int(lines[2 : lines.index(b"\n")])
+    return sent
 
 
 def _clean(row_id: str) -> str:

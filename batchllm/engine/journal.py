@@ -349,6 +349,15 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         )
         return {r[0]: Entry._make(r) for r in cur}
 
+    def requests_between(self, start: float, end: float) -> int:
+        """The requests the entries finished between two times took, retries included (a row
+        answered by a copy or the cache took none; a packed request counts for each of its rows)."""
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(attempts), 0) FROM rows WHERE finished_at >= ? AND finished_at < ?",
+            (start, end),
+        ).fetchone()
+        return int(row[0])
+
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(
             "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "

@@ -30,12 +30,12 @@ from ..access import key_source
 from ..errors import ExitCode
 from ..fleet import FleetEndpoint, fleet_text, parse_deadline
 from ..folders import write_atomic
-from ..ledger import RunRecord, Snapshot, of_job
+from ..ledger import RunRecord, Sent, Snapshot, of_job
 from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .checks import Prepared
-from .client import Client
+from .client import Client, watch_played
 from .concurrency import ConcurrencyLimit
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
@@ -161,6 +161,7 @@ class Run:
             **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
             lost=self.lost, warn=self.warn, priced=p.model.prices is not None,
+            sent=Sent(journal.dead_sent, journal.requests_between),
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).
@@ -240,6 +241,7 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
+            watch_played([m.client for m in router.members] if router else [client], record.mark_sandbox)
             if router is None:  # a fleet's endpoints each give up their own (member.py)
                 insist = insisted_fields(job.structured)
                 dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn, insist)

@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import ExitCode
 from ..pricing import cached_saving, format_usd, parse_usd, usd_text
 from .budget import Budget, advice
+from .client import all_played
 from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .journal import Journal
@@ -197,8 +198,7 @@ def run_summary(
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
     clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]
-    answered = [c.played for c in clients if c.played is not None]
-    if answered and all(answered):  # batchllm's sandbox served with `batchllm sandbox`: play money
+    if all_played(clients):  # batchllm's sandbox served with `batchllm sandbox`: play money
         out["play_money"] = True
     if (w := dispatcher.window) is not None:
         out["concurrency"] = {"ceiling": w.ceiling, "server_slots": w.hint, "last": w.limit, "peak": w.peak,

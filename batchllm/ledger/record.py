@@ -16,7 +16,17 @@ from urllib.parse import urlsplit
 
 from ..errors import JobError
 from ..pricing import parse_usd
-from .store import MONTH_USED, Snapshot, connect, ledger_path, month_bounds, proc_start, recover
+from .store import (
+    MONTH_USED,
+    UNKNOWN,
+    Sent,
+    Snapshot,
+    connect,
+    ledger_path,
+    month_bounds,
+    proc_start,
+    recover,
+)
 
 if TYPE_CHECKING:
     from ..job import Job
@@ -107,6 +117,8 @@ class RunRecord:
         self.parts: Mapping[str, Part] = {}  # a fleet's endpoints: name -> provider, host, model
         self.own: Part = ("", "", "")  # the run's own provider, host and model
         self.sandbox = False  # against the built-in emulator: play money
+        self.declared = False  # begun as play money (``--sandbox``): a served sandbox is found later
+        self.month: MonthAllowance | None = None
         self.started_at = time.time()
         self._last_progress = time.monotonic()
 
@@ -131,11 +143,13 @@ class RunRecord:
         parts: Mapping[str, Part] | None = None,
         sandbox: bool = False,
         priced: bool = True,
+        sent: Sent = UNKNOWN,
     ) -> RunRecord:
         """Write the record of a run starting now, after closing the records of earlier runs of
         the same output that were killed (``recover``: from ``start``, and ``lost``, the requests
-        and worst-case picodollars they left in flight). ``priced``: the run's model has prices
-        (the table's or given); without them its cost is unknown, which ``spend`` says."""
+        and worst-case picodollars they left in flight; ``sent``, what they sent). ``priced``:
+        the run's model has prices (the table's or given); without them its cost is unknown,
+        which ``spend`` says."""
         run_id = uuid.uuid4().hex
         if path is None:
             if month_cap_pico is not None:
@@ -146,7 +160,7 @@ class RunRecord:
         checkpoint_text = str(checkpoint.resolve())
         try:
             conn = connect(path)
-            recover(conn, checkpoint_text, start, lost, run_id)
+            recover(conn, checkpoint_text, start, lost, run_id, sent)
             conn.execute(
                 "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
                 "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "
@@ -169,14 +183,29 @@ class RunRecord:
         record = cls(conn, run_id, path, warn)
         record.parts = parts or {}
         record.own = (provider, urlsplit(endpoint).hostname or endpoint, model)
-        record.sandbox = sandbox
+        record.sandbox = record.declared = sandbox
         return record
 
     def month_allowance(self, job: str, cap_pico: int, chunk_pico: int) -> MonthAllowance:
         assert self.conn is not None  # begin raised otherwise
-        return MonthAllowance(
+        self.month = MonthAllowance(
             self.conn, self.run_id, job, cap_pico, month_bounds(self.started_at), self.sandbox, chunk_pico
         )
+        return self.month
+
+    def mark_sandbox(self, played: bool) -> None:
+        """Whether the servers that answered so far are all batchllm's sandbox (engine/client.py
+        ``watch_played``: on each server's first answer, so a run killed later is marked already).
+        Marked, its claim on the month counts in no real run's cap (store.py ``MONTH_USED``), and
+        its own cap counts the real month and itself, as a ``--sandbox`` run's does."""
+        played = played or self.declared
+        if played == self.sandbox:
+            return
+        self.sandbox = played
+        if self.month is not None:
+            self.month.sandbox = played
+        if self.conn is not None:
+            self._write("UPDATE runs SET sandbox = ? WHERE run_id = ?", (int(played), self.run_id))
 
     def progress(self, requests: int, prompt_tokens: int, completion_tokens: int, cost_pico: int) -> None:
         """What the run has spent so far, every ``PROGRESS_EVERY`` seconds at most."""

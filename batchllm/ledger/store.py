@@ -11,7 +11,7 @@ cap a job across its runs.
     run killed   -> the record stays open ("unfinished"); the next run of the same output
                     (``recover``) closes it from the journal: its cost is what the journal gained
                     between its start and the next start, plus the in-flight bound the next run
-                    found (the crash bound)
+                    found (the crash bound), and its requests what the journal shows it sent
 
 A run's cost is the journal's spend at its end less its spend at its start, so the runs of an
 output add up to the output's ``cost_usd`` exactly (integer picodollars throughout).
@@ -32,7 +32,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -249,21 +249,42 @@ def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
     return pid_start is None or proc_start(pid) in (None, pid_start)
 
 
-def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tuple[int, int], by: str) -> int:
+class Sent(NamedTuple):
+    """What an output's journal shows its killed runs sent (engine/reopen.py): ``last``, the
+    requests the last one wrote down in its in-flight log (engine/inflight.py: exact; None when it
+    left no log), and ``between``, the requests the entries finished between two times took (a
+    floor: a packed request counts once for each of its rows)."""
+
+    last: int | None = None
+    between: Callable[[float, float], int] | None = None
+
+
+UNKNOWN = Sent()  # nothing known beyond the runs' own progress
+
+
+def recover(
+    conn: sqlite3.Connection,
+    checkpoint: str,
+    now: Snapshot,
+    lost: tuple[int, int],
+    by: str,
+    sent: Sent = UNKNOWN,
+) -> int:
     """Close the open records of killed runs of this output from its journal; how many.
 
     Called with the output's lock held, so every open record of it is a run that died.
 
     Runs of one output never overlap (the journal's lock), so each killed run's part is what the
     journal gained between its start and the start of the run after it; the last one also takes
-    the requests the run starting now found in flight (they may have been billed).
+    the requests the run starting now found in flight (they may have been billed). Its requests
+    are what the journal shows it sent (``Sent``), never fewer than its last progress said.
 
     A killed run without prices whose rows the run starting now priced (engine/reopen.py prices
     every row done without a price) has a cost now: its part of the journal, priced.
     """
     open_ = conn.execute(
         "SELECT run_id, host, pid, pid_start, started_at, start_spent_pico, start_prompt_tokens, "
-        "start_completion_tokens, start_ok, start_error, start_invalid FROM runs "
+        "start_completion_tokens, start_ok, start_error, start_invalid, requests FROM runs "
         "WHERE checkpoint = ? AND ended_at IS NULL ORDER BY started_at",
         (checkpoint,),
     ).fetchall()
@@ -276,21 +297,26 @@ def recover(conn: sqlite3.Connection, checkpoint: str, now: Snapshot, lost: tupl
         "AND started_at > ? ORDER BY started_at",
         (checkpoint, dead[0][4]),
     ).fetchall()
-    starts = sorted([(r[4], Snapshot(*r[5:])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
+    starts = sorted([(r[4], Snapshot(*r[5:11])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
     now_at = time.time()
     for r in dead:
-        began, start = r[4], Snapshot(*r[5:])
+        began, start = r[4], Snapshot(*r[5:11])
         nxt = next(((t, s) for t, s in starts if t > began), (now_at, now))
         end = nxt[1]
         last = nxt[0] == now_at
         delta = Snapshot(*(max(b - a, 0) for a, b in zip(start, end, strict=True)))
+        requests = int(r[11])  # its last progress
+        if last and sent.last is not None:
+            requests = max(requests, sent.last)
+        elif sent.between is not None:
+            requests = max(requests, sent.between(began, nxt[0]))
         conn.execute(
             "UPDATE runs SET ended_at = ?, message = ?, rows_ok = ?, rows_error = ?, rows_invalid = ?, "
-            "prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
+            "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
             "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0) WHERE run_id = ?",
             (
                 nxt[0], "killed: recorded from the journal by the next run of its output",
-                delta.ok, delta.error, delta.invalid, delta.prompt_tokens, delta.completion_tokens,
+                delta.ok, delta.error, delta.invalid, requests, delta.prompt_tokens, delta.completion_tokens,
                 delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, delta.spent_pico, r[0],
             ),
         )  # fmt: skip
