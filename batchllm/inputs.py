@@ -22,14 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import sniff
 from .errors import JobError
-from .jsonl_rows import JsonlRows, is_request_file
+from .jsonl_rows import JsonlRows, is_request_file, json_lines
 
 BATCH_ROWS = 8192
 _CSV_BLOCK = 1 << 20
@@ -124,24 +123,16 @@ class InputFile:
             numbers.clear()
             return batch.select(columns) if columns is not None else batch
 
-        text_encoding = "utf-8-sig" if sniff.is_utf8(self.encoding) else self.encoding
         try:
-            with open(self.path, encoding=text_encoding, newline="\n") as fh:
-                for number, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = orjson.loads(raw)
-                    except orjson.JSONDecodeError as exc:
-                        raise JobError(f"{self.path}: line {number} is not valid JSON ({exc.msg})") from None
-                    custom_id = record.get("custom_id") if isinstance(record, dict) else None
-                    if not isinstance(custom_id, str) or not custom_id:
-                        raise JobError(f"{self.path}: line {number} has no custom_id (a non-empty string)")
-                    ids.append(custom_id)
-                    lines.append(raw)
-                    numbers.append(number)
-                    if len(ids) == BATCH_ROWS:
-                        yield flush()
+            for number, raw, record in json_lines(self.path, self.encoding):
+                custom_id = record.get("custom_id") if isinstance(record, dict) else None
+                if not isinstance(custom_id, str) or not custom_id:
+                    raise JobError(f"{self.path}: line {number} has no custom_id (a non-empty string)")
+                ids.append(custom_id)
+                lines.append(raw)
+                numbers.append(number)
+                if len(ids) == BATCH_ROWS:
+                    yield flush()
         except UnicodeDecodeError as exc:
             problem = sniff.decode_problem(self.path, self.encoding, self.kind)
             raise JobError(

@@ -38,6 +38,20 @@ def is_request_file(path: Path, encoding: str) -> bool:
     return True
 
 
+def json_lines(path: Path, encoding: str) -> Iterator[tuple[int, str, Any]]:
+    """Each line of a JSON Lines file that is not blank: (its number, its text, its value). A line
+    that is not JSON is a JobError naming it; text that does not decode is the caller's to say."""
+    with open(path, encoding=_text(encoding), newline="\n") as fh:
+        for number, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise JobError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+            yield number, raw, value
+
+
 def _text(encoding: str) -> str:
     return "utf-8-sig" if sniff.is_utf8(encoding) else encoding
 
@@ -69,20 +83,13 @@ class JsonlRows:
 
     def _objects(self) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
-            with open(self.path, encoding=_text(self.encoding), newline="\n") as fh:
-                for number, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = orjson.loads(raw)
-                    except orjson.JSONDecodeError as exc:
-                        raise JobError(f"{self.path}: line {number} is not valid JSON ({exc.msg})") from None
-                    if not isinstance(record, dict):
-                        raise JobError(
-                            f"{self.path}: line {number} is a JSON {_JSON_TYPES.get(type(record), 'value')}, "
-                            "not an object of columns"
-                        )
-                    yield number, record
+            for number, _, record in json_lines(self.path, self.encoding):
+                if not isinstance(record, dict):
+                    raise JobError(
+                        f"{self.path}: line {number} is a JSON {_JSON_TYPES.get(type(record), 'value')}, "
+                        "not an object of columns"
+                    )
+                yield number, record
         except UnicodeDecodeError as exc:
             problem = sniff.decode_problem(self.path, self.encoding, self.kind)
             raise JobError(problem or f"{self.path}: cannot read the file ({exc.reason})") from None
