@@ -82,10 +82,14 @@ def test_a_changed_system_prompt_or_template_refuses_every_reply(sandbox, tmp_pa
             in refused.stderr
         )
         assert set(_status(out).values()) == {"pending"} and len(_status(out)) == 200
-    # The job as it was exported: imported as ever.
-    same = run_cli(base)
+    # The job as it was exported: imported as ever, and each line counted once: the refusals
+    # had counted the lines they refused (twice: --system, then --template), once each.
+    same = run_cli([*base, "--ledger", str(tmp_path / "ledger.db")])
     assert same.exit_code == 0 and CHANGED not in same.stderr, same.output
     assert set(_status(out).values()) == {"ok"}
+    report, summary, _ = _costs(out, tmp_path / "ledger.db")
+    assert report == summary == _billed(out, results), (report, summary, _billed(out, results))
+    assert "this run $0\n" in same.stderr or "this run $0.00\n" in same.stderr, same.stderr
 
 
 def test_only_the_rows_whose_request_changed_are_refused(sandbox, tmp_path: Path) -> None:

@@ -129,6 +129,7 @@ def import_batch(
         )  # fmt: skip
         try:
             have = journal.fetch(list(entries))
+            added: set[str] = set()
             for row_id, entry in entries.items():
                 old = have.get(row_id)
                 if old is not None and (old.status in ("ok", entry.status) or entry.status == "error"):
@@ -137,14 +138,21 @@ def import_batch(
                 if old is None and journal.has_attempts:  # what it paid before stays its cost
                     journal.supersede(row_id, CARRY_ATTEMPTS)
                 journal.add(entry)
+                added.add(row_id)
                 if entry.status == "ok":
                     outcome.ok += 1
                 elif entry.status == "invalid":
                     outcome.invalid += 1
                 else:
                     outcome.error += 1
-            # Replies paid for and not used: this run's cost too.
-            paid = [add_splits(journal, splits, have), add_refused(journal, refused)]
+            # Replies paid for and not used: this run's cost too. A line an earlier import
+            # refused and this one kept was counted then: its cost is now its row's entry's.
+            back = journal.take_back_refused([
+                (r, lines[r], (e.prompt_tokens or 0, e.completion_tokens or 0, e.input_cost_pico or 0,
+                               e.output_cost_pico or 0))
+                for r, e in entries.items() if r in added and r in lines
+            ])  # fmt: skip
+            paid = [add_splits(journal, splits, have), add_refused(journal, refused), tuple(-x for x in back)]
             journal.set_meta(
                 "last_run",
                 {"command": command, "input": str(job.input), "input_rows": p.rows, "started_at": started},

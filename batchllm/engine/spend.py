@@ -70,6 +70,24 @@ class SpendBook:
             raise
         return added
 
+    def take_back_refused(self, kept: Sequence[tuple[str, str, Paid]]) -> tuple[int, int, int]:
+        """Result lines refused before (``add_refused``) and kept now (the import that refused
+        them had other settings): their cost is the row's entry's from now on, so it leaves
+        ``carried`` (the provider billed each line once). Returns what was taken back: prompt
+        and completion tokens, picodollars."""
+        conn, back = self.conn, [0, 0, 0]
+        conn.execute("BEGIN")
+        try:
+            for row_id, line, (pt, ct, ic, oc) in kept:
+                if conn.execute("DELETE FROM refused WHERE row_id = ? AND line = ?", (row_id, line)).rowcount:
+                    conn.execute(CARRY_PAID.replace("?, 1,", "?, -1,"), (row_id, -pt, -ct, -ic, -oc))
+                    back = [back[0] + pt, back[1] + ct, back[2] + ic + oc]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return back[0], back[1], back[2]
+
     def _carried_sums(self) -> Paid:
         try:
             row = self.conn.execute(
