@@ -13,6 +13,7 @@ so that a bad line a million rows in stops the run before anything is sent, nami
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def is_request_file(path: Path, encoding: str) -> bool:
                     return not isinstance(first, dict) or "custom_id" in first
     except (OSError, UnicodeDecodeError, orjson.JSONDecodeError):
         return True
-    return True
+    return False  # blank lines only: no requests either (JsonlRows says so)
 
 
 def json_lines(path: Path, encoding: str) -> Iterator[tuple[int, str, Any]]:
@@ -59,10 +60,47 @@ def _text(encoding: str) -> str:
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
-def _cell(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+class _Number(str):
+    """A JSON number's own text (``1.50``, ``1e3``, 23 digits), as the line wrote it."""
+
+
+_AS_WRITTEN = json.JSONDecoder(parse_float=_Number, parse_int=_Number)
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float(v) for v in value)
+    return False
+
+
+def as_written(raw: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its numbers as the line wrote them. orjson's floats (a decimal point, an
+    exponent, an integer past 64 bits) are not: such a line is read again, numbers kept as text;
+    a line without one (most) is taken as orjson read it, whose integers are exact."""
+    return _AS_WRITTEN.decode(raw) if _has_float(record) else record
+
+
+def _json(value: Any) -> str:
+    """JSON text of a value read by ``as_written``: its numbers unquoted, as written."""
+    if isinstance(value, _Number):
+        return str.__str__(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_json(k)}:{_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_json(v) for v in value) + "]"
     return orjson.dumps(value).decode()
+
+
+def _cell(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not isinstance(value, _Number)):
+        return value
+    if isinstance(value, _Number):
+        return str.__str__(value)
+    return _json(value)
 
 
 class JsonlRows:
@@ -75,21 +113,23 @@ class JsonlRows:
         for _, record in self._objects():
             seen.update(dict.fromkeys(record))
             rows += 1
-        if not seen and rows:
+        if not rows:
+            raise JobError(f"{path}: the file has only blank lines")
+        if not seen:
             raise JobError(f"{path}: its lines are empty objects: no columns")
         self.columns = list(seen)
         self.rows = rows
         self.schema = pa.schema([(name, pa.string()) for name in self.columns])
 
-    def _objects(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _objects(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
-            for number, _, record in json_lines(self.path, self.encoding):
+            for number, raw, record in json_lines(self.path, self.encoding):
                 if not isinstance(record, dict):
                     raise JobError(
                         f"{self.path}: line {number} is a JSON {_JSON_TYPES.get(type(record), 'value')}, "
                         "not an object of columns"
                     )
-                yield number, record
+                yield raw, record
         except UnicodeDecodeError as exc:
             problem = sniff.decode_problem(self.path, self.encoding, self.kind)
             raise JobError(problem or f"{self.path}: cannot read the file ({exc.reason})") from None
@@ -101,7 +141,8 @@ class JsonlRows:
         names = self.columns if columns is None else columns
         schema = pa.schema([(name, pa.string()) for name in names])
         cells: list[list[str | None]] = [[] for _ in names]
-        for _, record in self._objects():
+        for raw, record in self._objects():
+            record = as_written(raw, record)
             for cell, name in zip(cells, names, strict=True):
                 cell.append(_cell(record.get(name)))
             if cells and len(cells[0]) == size:

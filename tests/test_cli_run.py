@@ -150,6 +150,7 @@ BAD_INPUTS = [
         "rows.jsonl: line 2 is a JSON array, not an object of columns",
     ),
     ("rows.jsonl", b'{"prompt": "a"}\n\n{"prompt": \n', [], "rows.jsonl: line 3 is not valid JSON"),
+    ("blank.jsonl", b"\n\n", ["--template", "Say {text}"], "blank.jsonl: the file has only blank lines"),
     (
         "rows.jsonl",
         b'{"text": "a"}\n',
@@ -228,7 +229,10 @@ def test_json_lines_rows_run_as_a_table_and_resume(sandbox, tmp_path: Path) -> N
     lines[3] = {"id": 3, "text": None}  # null, and keys left out
     lines[7] = {"id": 7, "text": "odd one", "extra": True}  # a key first seen on line 8
     src = tmp_path / "rows.jsonl"
-    src.write_bytes(b"\n".join(orjson.dumps(x) for x in lines) + b"\n\n")
+    numbers = (
+        b'{"id": 9, "text": "n", "stars": 1.50, "tags": [1e3, {"x": 0.10}], "extra": 12345678901234567890123}'
+    )
+    src.write_bytes(b"\n".join(numbers if i == 9 else orjson.dumps(x) for i, x in enumerate(lines)) + b"\n\n")
     out = tmp_path / "out.parquet"
     args = ["run", str(src), "-o", str(out), "--template", "Sentiment of: {text}", "--id-column", "id",
             "--rpm", "0", "--concurrency", "1"]  # fmt: skip
@@ -244,6 +248,12 @@ def test_json_lines_rows_run_as_a_table_and_resume(sandbox, tmp_path: Path) -> N
     assert list(rows[0])[:5] == ["id", "text", "stars", "tags", "extra"]
     assert (rows[1]["stars"], rows[1]["tags"], rows[1]["extra"]) == ("1", '["a",1]', None)
     assert rows[7]["extra"] == "true" and rows[3]["stars"] is None
+    # Numbers as the file wrote them, nested ones too: no float in between.
+    assert (rows[9]["stars"], rows[9]["tags"], rows[9]["extra"]) == (
+        "1.50",
+        '[1e3,{"x":0.10}]',
+        "12345678901234567890123",
+    )
     assert rows[3]["status"] == "error" and "empty in row 4" in rows[3]["error"]
     assert all(r["status"] == "ok" and r["response"] for i, r in enumerate(rows) if i != 3)
 
