@@ -175,6 +175,20 @@ def test_a_server_refusing_response_format_gets_one_warning_then_the_off_results
     assert "may have been billed" not in run_cli(["status", str(tmp_path / "auto.parquet")]).output
 
 
+def test_a_paced_run_sends_what_waited_for_the_pace_without_the_refused_field(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    # At 20 requests/s, every request waits for its turn after being made: one refused is enough
+    # for those waiting to leave without response_format (each was sent once with it, 80
+    # requests for 40 rows, when the field was taken off before the wait).
+    src = reviews(tmp_path, 40)
+    box = sandbox_factory(refuse_response_format=True)
+    args = ["--labels", ",".join(LABELS), "--max-tokens", "16", "--rpm", "1200"]
+    result = run_openai(box, src, tmp_path / "paced.parquet", *args)
+    assert result.exit_code in (0, 1), result.output
+    assert box.count(400) <= 2, (box.count(400), box.count())  # the later ones waited for the pace
+
+
 def test_structured_on_stops_when_the_server_refuses_response_format(sandbox_factory, tmp_path: Path) -> None:
     """--structured on insists on constrained output: a refusal stops the run (exit 4) with one line
     naming what the server said and the fix; nothing is billed, every row stays pending, and the

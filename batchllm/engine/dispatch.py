@@ -264,8 +264,6 @@ class Dispatcher(Booking):
         window = self.window
         worst = worst_pico  # its prompt (counted, or a bound) and max_tokens at the prices
         refusable = self.refusable
-        if refusable is not None and not refusable.on:
-            body = refusable.plain(body)  # the server refused a field earlier in the run
         attempt = failures = 0
         renew = False  # given up on (a timeout): its retry reserves anew
         retrying = False  # the next send is a retry after a failure
@@ -293,6 +291,8 @@ class Dispatcher(Booking):
                 if not self.stopping:  # replies cost more than reserved: the cap is short
                     self.request_stop(StopReason.BUDGET, "budget reached")
                 return None, attempt, 0.0
+            if refusable is not None and not refusable.on:  # refused since, maybe as this one waited
+                body = refusable.plain(body)
             # Written down before it leaves (inflight.py).
             self.journal.sent(row_id, worst)
             attempt += 1
