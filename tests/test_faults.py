@@ -191,6 +191,12 @@ def test_the_first_rows_failing_alike_stop_the_run(sandbox_factory, tmp_path: Pa
     assert "each of the first 5 rows failed with the same error" in result.stderr
     assert "maximum context length" in result.stderr
     assert box.count() <= 5 + 2
+    # The fix is a setting: the journal of failed rows cost nothing, and the refusal says so.
+    again = run_cli([*args, "--max-tokens", "4"], env=box.openai_env())
+    assert (
+        again.exit_code == 2
+        and "run with --restart to discard it (nothing in it was paid for)" in again.stderr
+    )
 
 
 @pytest.mark.parametrize("provider", ["openai", "dataoorts"])

@@ -149,11 +149,15 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         else:
             diffs = settings_diff(stored, settings)
             if diffs:
+                # A run stopped as its first rows all failed (a setting to fix) paid for nothing.
+                free = journal.committed_pico() == 0 and not journal.has_attempts
                 conn.close()
                 raise SettingsMismatch(
                     f"{directory} was written with other settings ("
                     + "; ".join(diffs)
-                    + "): run with --restart to discard it, or with the same settings to resume"
+                    + "): run with --restart to discard it"
+                    + (" (nothing in it was paid for)" if free else "")
+                    + ", or with the same settings to resume"
                 )
         journal.index_keys()  # what an earlier run left unindexed (or a migration)
         return journal
