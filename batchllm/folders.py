@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import JobError
+
+
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """batchllm's folder for what it keeps across outputs (the ledger, the export book):
+    ``$XDG_DATA_HOME/batchllm``, else ``~/.local/share/batchllm``."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")) / "batchllm"
 
 
 def folders_to_make(path: Path, what: str) -> list[Path]:

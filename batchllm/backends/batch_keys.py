@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +47,7 @@ import orjson
 
 from ..engine.journal import Journal
 from ..engine.spend import Paid
+from ..folders import data_dir
 from ..labeling.rows import Attempt
 from ..pricing import format_usd
 from ..records import Entry, Request
@@ -69,9 +69,7 @@ Row = tuple[int, str, str, Request | None]  # position, row_id, content hash, re
 
 
 def book_path(environ: Mapping[str, str] | None = None) -> Path:
-    environ = os.environ if environ is None else environ
-    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "batchllm" / DB_NAME
+    return data_dir(environ) / DB_NAME
 
 
 def request_key(request: Request | None, model: str | None) -> str | None:
@@ -92,8 +90,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
-    if "model" not in {r[1] for r in conn.execute("PRAGMA table_info(exports)")}:  # a first version's
-        conn.execute("ALTER TABLE exports ADD COLUMN model TEXT")
     return conn
 
 

@@ -137,7 +137,9 @@ CARRY_PRIOR = (
     "WHERE row_id = ?1 AND row_id NOT IN (SELECT row_id FROM rows) GROUP BY row_id" + _ADD_UP
 )
 # A reply paid for and not kept (import-batch refused it, batch_keys.py): its row's ``carried``.
-CARRY_PAID = "INSERT INTO carried VALUES (?, 1, ?, ?, ?, ?)" + _ADD_UP
+# (row_id, requests, prompt and completion tokens, input and output picodollars): -1 and less
+# take a line back (an import that keeps what one before it refused).
+CARRY_PAID = "INSERT INTO carried VALUES (?, ?, ?, ?, ?, ?)" + _ADD_UP
 AS_ATTEMPT = (
     "INSERT INTO attempts (row_id, seq, sample, kind, text, prompt_tokens, completion_tokens, "
     "input_cost_pico, output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, "

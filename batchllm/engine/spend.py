@@ -63,7 +63,7 @@ class SpendBook:
         try:
             added = conn.execute("INSERT OR IGNORE INTO refused VALUES (?, ?)", (row_id, line)).rowcount == 1
             if added:
-                conn.execute(CARRY_PAID, (row_id, *paid))
+                conn.execute(CARRY_PAID, (row_id, 1, *paid))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -80,7 +80,7 @@ class SpendBook:
         try:
             for row_id, line, (pt, ct, ic, oc) in kept:
                 if conn.execute("DELETE FROM refused WHERE row_id = ? AND line = ?", (row_id, line)).rowcount:
-                    conn.execute(CARRY_PAID.replace("?, 1,", "?, -1,"), (row_id, -pt, -ct, -ic, -oc))
+                    conn.execute(CARRY_PAID, (row_id, -1, -pt, -ct, -ic, -oc))
                     back = [back[0] + pt, back[1] + ct, back[2] + ic + oc]
             conn.execute("COMMIT")
         except BaseException:

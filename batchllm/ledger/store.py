@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import JobError
+from ..folders import data_dir
 
 LEDGER_ENV = "BATCHLLM_LEDGER"  # names the ledger when --ledger does not
 
@@ -124,8 +125,7 @@ def ledger_path(given: str | None, environ: Mapping[str, str] | None = None) -> 
     value = given or environ.get(LEDGER_ENV)
     if value:
         return None if value == OFF else Path(value).expanduser()
-    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "batchllm" / "ledger.db"
+    return data_dir(environ) / "ledger.db"
 
 
 class Snapshot(NamedTuple):
