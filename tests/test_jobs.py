@@ -115,6 +115,52 @@ def test_changed_rows_rerun_only_with_refresh_changed(sandbox, tmp_path: Path) -
     assert edited["prompt_tokens"] >= 2 * min(r["prompt_tokens"] for r in rows)  # two answers paid
 
 
+def _pico(usd: str) -> int:
+    return int(Decimal(usd) * 10**12)
+
+
+def test_rows_that_leave_the_input_stay_paid_for_and_are_not_done_rows(sandbox, tmp_path: Path) -> None:
+    """A nightly input that drops old rows, and a row edited with no --id-column: the journal keeps
+    what they cost. The header counts only the input's rows as done; the summary, report and
+    status name what the output's rows do not hold, and every figure adds up to the bill."""
+    src, out = tmp_path / "in.csv", tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--id-column", "id", "--rpm", "0"]
+    prompts_csv(src, 100)
+    assert run_cli(args, env=sandbox.env()).exit_code == 0
+    prompts_csv(src, 100, start=30)  # the next night's file: 30 rows gone, 30 new
+    result = run_cli(args, env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    assert "100 rows in" in result.stderr and "30 to send (70 already done)" in result.stderr
+    assert sandbox.count() == 130
+    stats = sandbox.sandbox.stats
+    billed = stats["prompt_tokens"] * 310_000 + stats["completion_tokens"] * 340_000
+    rows = pq.read_table(out).to_pylist()
+    in_output = sum(round(Decimal(repr(r["cost_usd"])) * 10**12) for r in rows)
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    gone = report["outside_input"]
+    assert gone["rows"] == 30 and in_output + _pico(gone["cost_usd"]) == billed
+    assert _pico(gone["paid_in_all_usd"]) == billed and _pico(report["overall"]["cost_usd"]) == in_output
+    text = run_cli(["report", str(out)]).stdout
+    assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in text
+    status = run_cli(["status", str(out)]).stdout
+    assert "0 not done of 100 (30 more done, no longer in the input)" in status
+    assert f"cost so far: ${gone['paid_in_all_usd']}" in status
+    again = run_cli(args, env=sandbox.env())  # the same file: counted without a pass
+    assert "0 to send (100 already done)" in again.stderr and sandbox.count() == 130
+    assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in again.stderr
+
+    # No --id-column: a row's id is its content, so an edited row is a new row, the old one gone.
+    plain = ["run", str(src), "-o", str(tmp_path / "plain.parquet"), "--rpm", "0"]
+    prompts_csv(src, 12)
+    assert run_cli(plain, env=sandbox.env()).exit_code == 0
+    src.write_text(src.read_text().replace("Question number 3:", "Edited question 3:"))
+    with open(src, "a") as fh:
+        fh.write("id12,Question number 12: what is 12 + 12?\n")
+    result = run_cli(plain, env=sandbox.env())
+    assert "13 rows in" in result.stderr and "2 to send (11 already done)" in result.stderr
+    assert "for 1 row no longer in the input" in result.stderr
+
+
 def test_one_run_at_a_time_and_stale_lock_takeover(sandbox_factory, tmp_path: Path) -> None:
     box = sandbox_factory(latency=0.5)
     src = prompts_csv(tmp_path / "in.csv", 400)

@@ -27,6 +27,7 @@ from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from . import counts
 from .journal import Journal
+from .outside import Outside, count
 from .parquet_file import replacing
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Totals:
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
         self.from_cache = self.copied = 0  # rows answered without a request (counts.py)
+        self.outside = Outside()  # journal entries no input row asks for any more (outside.py)
 
     @property
     def failed(self) -> int:
@@ -157,6 +159,7 @@ def write_output(
                     results += review_columns(prompts.row_ids, model, verdicts, labeling)
             arrays = [batch.column(name) for name in kept] + results
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        totals.outside = count(journal, totals, source.path)
         writer.add_key_value_metadata({METADATA_KEY: orjson.dumps(metadata(totals))})
     return totals
 

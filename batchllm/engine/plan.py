@@ -19,6 +19,7 @@ from ..pricing import Model
 from ..prompts import PromptBatch
 from ..providers import Provider
 from ..records import Request
+from . import outside
 from .admission import Admission, Rejection
 from .checks import Prepared
 from .counts import plural
@@ -139,20 +140,23 @@ class Plan:
                 position += piece.num_rows
 
     def todo(self, journal: Journal) -> int:
-        """Rows left to send, for the progress bar: from the journal's counts, without a second
-        pass over the input, except with --refresh-changed (which rows changed, only a pass says)."""
+        """Rows left to send, for the header and the progress bar: from the journal's counts,
+        without a second pass over the input, except with --refresh-changed (which rows changed,
+        only a pass says) or when the journal was not counted against this input (outside.py)."""
         if self.job.reparse:
             return 0  # replies are read again; nothing is sent
         if self.only is not None:
             return len(self.only)
         if journal.rows_before == 0:
             return self.p.rows
-        if self.job.refresh_changed:
+        # Rows the journal holds and the input does not are not done rows of it (outside.py).
+        gone = outside.known(journal, self.job.input)
+        if self.job.refresh_changed or gone is None:
             return sum(len(send) for _, send, _, _ in self._decide(journal, quiet=True))
         counts = journal.counts_before
-        done = counts.get("ok", 0) + (
-            0 if self.job.retry_errors else counts.get("error", 0) + counts.get("invalid", 0)
-        )
+        done = counts.get("ok", 0) - gone.ok
+        if not self.job.retry_errors:
+            done += counts.get("error", 0) - gone.error + counts.get("invalid", 0) - gone.invalid
         return max(0, self.p.rows - done)
 
     def items(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from ..errors import JobError
 from ..job import Job
 from ..pricing import cached_saving, format_usd
+from . import outside
 from .checks import Prepared
 from .counts import plural
 from .journal import DB_NAME, Journal
@@ -27,6 +28,7 @@ def open_journal(
         warn(discarded)
     journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
     lost, lost_pico = journal.start_inflight()
+    outside.on_open(journal, job.input)
     if lost:
         warn(
             f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "

@@ -121,6 +121,16 @@ def build_summary(
             "output": usd_text(totals.cost_or_none(totals.output_cost_pico) if known else None),
             "total": usd_text(totals.cost_or_none(totals.cost_pico) if known else None),
         }
+        if gone := totals.outside:  # paid for, in the journal, not rows of this input (outside.py)
+            out["outside_input"] = {
+                "rows": gone.rows,
+                "prompt_tokens": gone.prompt_tokens,
+                "completion_tokens": gone.completion_tokens,
+                "cost_usd": usd_text(gone.cost_pico if known else None),
+                "paid_in_all_usd": usd_text(
+                    totals.cost_or_none(totals.cost_pico + gone.cost_pico) if known else None
+                ),
+            }
     if job.max_cost_pico is not None:
         out["max_cost_usd"] = usd_text(job.max_cost_pico)
     if job.max_cost_per_run_pico is not None:
@@ -275,6 +285,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); "
                 f"this run {_dollars(summary['this_run']['cost_usd'])}"
             )
+            if gone := summary.get("outside_input"):
+                lines.append(outside_line(gone))
             guess = (summary.get("estimate") or {}).get("cost_usd") or {}
             if summary["complete"] and guess.get("worst_case"):  # `batchllm estimate` was run on it
                 expected = f"expected ${guess['expected']}, " if guess.get("expected") else ""
@@ -326,6 +338,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     if not summary["complete"] and "resume" in summary:
         lines.append(f"{summary.get('next') or 'to resume, run the same command again'}: {summary['resume']}")
     return "\n".join(lines)
+
+
+def outside_line(gone: dict[str, Any]) -> str:
+    """What the journal paid for beyond the output's rows (engine/outside.py), in one line."""
+    rows = plural(gone["rows"], "row") if gone["rows"] else "rows"
+    return (
+        f"also paid: {_dollars(gone['cost_usd'])} for {rows} no longer in the input (in the journal, "
+        f"not the output); {_dollars(gone['paid_in_all_usd'])} in all"
+    )
 
 
 def prompt_cache_line(cached: int, prompt: int, saved_pico: int | None) -> str:

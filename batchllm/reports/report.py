@@ -267,6 +267,8 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
         report["endpoints"] = endpoints
     report["cache_saved_usd"] = (summary.get("this_run") or {}).get("cache_saved_usd")
     report["cached_saved_usd"] = _cached_saved(report["overall"]["cached_tokens"], summary)
+    if gone := summary.get("outside_input"):  # rows the journal paid for that the output lacks
+        report["outside_input"] = gone
     lost = _maybe_billed(path, summary)
     if lost:
         report["maybe_billed"] = lost

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.counts import never_paid_twice
+from ..engine.summary import outside_line
 from ..pricing import format_usd
 from .by_endpoint import endpoint_lines
 from .tables import csv_cell, grid, public, two_columns
@@ -88,6 +89,8 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             "run the same command again to write it)"
         )
     lines += two_columns(_rows(report["overall"]), md)
+    if gone := report.get("outside_input"):  # the journal paid for more (engine/outside.py)
+        lines += ["", outside_line(gone)]
     if "by" in report:
         col = report["by"]["column"]
         lines.append("")

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice, plural
 from ..engine.journal import DB_NAME, Journal
 from ..engine.lock import holder
+from ..engine.outside import SEEN, Outside
 from ..engine.summary import prompt_cache_line
 from ..errors import JobError
 from ..pricing import format_usd
@@ -64,6 +65,7 @@ def journal_status(directory: Path) -> str:
     try:
         t = journal.totals()
         run = journal.get_meta("last_run") or {}
+        seen = journal.get_meta(SEEN)  # rows done and no longer in the input (engine/outside.py)
         running = holder(directory)
         # While a run holds the journal, its log holds requests in flight now, not lost ones.
         lost = journal.maybe_billed(current=running is None)
@@ -77,7 +79,13 @@ def journal_status(directory: Path) -> str:
         journal.conn.close()
     lines = [f"journal: {directory}"]
     total_rows = run.get("input_rows")
-    remaining = f", {max(0, total_rows - t['rows']):,} not done of {total_rows:,}" if total_rows else ""
+    gone = 0 if not seen or seen.get("stamp") is None else Outside.of(seen).rows
+    done = t["rows"] - gone  # of the input's rows
+    remaining = f", {max(0, total_rows - done):,} not done of {total_rows:,}" if total_rows else ""
+    if total_rows and gone:
+        remaining += f" ({gone:,} more done, no longer in the input)"
+    elif total_rows and seen and seen.get("stamp") is None:  # counted against an earlier input
+        remaining = f" of the input's {total_rows:,} (it changed since: the next run counts them)"
     if total_rows and directory.parent.name == "pilots":  # a pack size's pilot (pilot.py): all it does
         remaining = f": a pilot of the input's {total_rows:,} rows at one pack size"
     if total_rows and run.get("shared_ids"):  # --engine ray without --id-column
@@ -121,7 +129,7 @@ def journal_status(directory: Path) -> str:
         lines.append(maybe_billed_line(lost["requests"], lost["worst_pico"]))
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
-    if run.get("command") and (not total_rows or t["rows"] < total_rows):
+    if run.get("command") and (not total_rows or done < total_rows):
         # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
         lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
     elif run.get("command") and (resendable or invalid):  # every row done: a resume sends nothing
