@@ -412,6 +412,7 @@ def test_rows_without_a_prompt_are_never_sent_and_estimate_counts_them(
         assert r["attempts"] == 0 and r["cost_usd"] is None and r["response"] is None
     summary = summary_of(out)
     assert summary["rows"]["error"] == summary["rows"]["no_prompt"] == blank
+    assert summary["rows"]["failed"] == 0  # what a cron job alerts on: nothing a rerun may mend
     assert f"2 ok, {blank} failed ({blank} without a prompt, not sent)" in result.stderr
 
 

@@ -17,7 +17,7 @@ from batchllm.labeling.spec import Field
 from batchllm.labeling.votes import majority, settled
 from batchllm.sandbox.labeler import expected_label, fault, truth
 
-from .conftest import run_cli, spawn, write_csv
+from .conftest import run_cli, spawn, summary_of, write_csv
 
 LABELS = ["positive", "negative", "neutral"]
 FAULTS = {"label_wrong": 0.10, "label_prose": 0.10, "label_out_of_set": 0.05, "label_invalid_json": 0.05}
@@ -357,3 +357,4 @@ def test_too_many_invalid_answers_stop_the_run_as_failures_do(sandbox_factory, t
     assert 100 <= box.count() <= 104
     statuses = Counter(pq.read_table(out).column("status").to_pylist())
     assert statuses["invalid"] == box.count() and statuses["ok"] == 0
+    assert summary_of(out)["rows"]["failed"] == statuses["invalid"]  # what a cron job alerts on

@@ -98,6 +98,9 @@ def build_summary(
             "error": totals.error,
             "invalid": totals.invalid,
             "no_prompt": totals.no_prompt,  # of the errors: never sent, nothing to ask
+            # What to alert on: errors and invalid rows a rerun may mend (--retry-errors), not the
+            # rows with no prompt, which leave the exit code 0 (output.py ``Totals.failed``).
+            "failed": totals.failed,
             "pending": totals.pending,
             "truncated": totals.truncated,
             "from_cache": totals.from_cache,
