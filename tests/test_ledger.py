@@ -647,6 +647,23 @@ def test_a_killed_run_without_prices_is_priced_by_the_run_that_prices_its_rows(
     assert Decimal(report["total"]["cost_usd"]) == _cost(out) and report["total"]["unpriced"] is None
 
 
+def test_a_finished_run_without_prices_is_priced_by_the_run_that_prices_its_rows(
+    sandbox, tmp_path: Path
+) -> None:
+    """An unpriced run that finished; the next run of its output, with prices and more rows,
+    prices the rows it left: its record has their cost, so the runs add up to the output's."""
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 30)
+    out = tmp_path / "out.parquet"
+    _openai_run(sandbox, src, out, ledger)
+    prompts_csv(src, 40)
+    _openai_run(sandbox, src, out, ledger, "--input-price", "0.31", "--output-price", "0.34")
+    report = _spend(ledger, "--runs")
+    assert [r["priced"] for r in report["runs"]] == [True, True]
+    first, second = (Decimal(r["cost_usd"]) for r in report["runs"])
+    assert first > 0 and second > 0 and first + second == _cost(out)
+    assert Decimal(report["total"]["cost_usd"]) == _cost(out) and report["total"]["unpriced"] is None
+
+
 def _kill_after(args: list[str], env: dict[str, str], journal: Path, rows: int) -> None:
     """Start a run as a real process and SIGKILL it once its journal holds ``rows`` replies."""
     proc = spawn(args, env=env)

@@ -362,6 +362,15 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         ).fetchone()
         return int(row[0])
 
+    def cost_between(self, start: float, end: float) -> int:
+        """What the entries finished between two times cost, in picodollars (priced ones)."""
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(input_cost_pico + output_cost_pico), 0) FROM rows "
+            "WHERE finished_at >= ? AND finished_at <= ?",
+            (start, end),
+        ).fetchone()
+        return int(row[0])
+
     def totals(self) -> dict[str, int]:
         row = self.conn.execute(
             "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), "

@@ -161,7 +161,7 @@ class Run:
             **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
             lost=self.lost, warn=self.warn, priced=p.model.prices is not None,
-            sent=Sent(journal.dead_sent, journal.requests_between),
+            sent=Sent(journal.dead_sent, journal.requests_between, journal.cost_between),
         )  # fmt: skip
         # What the cap counts: all this output paid for, and the worst case of every request a
         # crash left in flight without a saved reply (it may have been billed).

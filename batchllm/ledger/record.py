@@ -26,6 +26,7 @@ from .store import (
     month_bounds,
     proc_start,
     recover,
+    reprice,
 )
 
 if TYPE_CHECKING:
@@ -161,6 +162,8 @@ class RunRecord:
         try:
             conn = connect(path)
             recover(conn, checkpoint_text, start, lost, run_id, sent)
+            if priced:
+                reprice(conn, checkpoint_text, sent)
             conn.execute(
                 "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
                 "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "

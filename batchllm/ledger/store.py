@@ -257,6 +257,9 @@ class Sent(NamedTuple):
 
     last: int | None = None
     between: Callable[[float, float], int] | None = None
+    # What the entries finished between two times cost now: a finished run's rows done without a
+    # price and priced by the run starting now (engine/reopen.py) have a cost (``reprice``).
+    cost_between: Callable[[float, float], int] | None = None
 
 
 UNKNOWN = Sent()  # nothing known beyond the runs' own progress
@@ -321,6 +324,25 @@ def recover(
             ),
         )  # fmt: skip
     return len(dead)
+
+
+def reprice(conn: sqlite3.Connection, checkpoint: str, sent: Sent) -> int:
+    """Give finished runs of this output that had no prices the cost of their rows, which the
+    run starting now priced (engine/reopen.py prices every row done without a price); how many.
+    Runs of one output never overlap, so a run's rows are the entries finished while it ran."""
+    if sent.cost_between is None:
+        return 0
+    done = 0
+    for run_id, began, ended in conn.execute(
+        "SELECT run_id, started_at, ended_at FROM runs WHERE checkpoint = ? AND priced = 0 "
+        "AND ended_at IS NOT NULL",
+        (checkpoint,),
+    ).fetchall():
+        pico = sent.cost_between(began, ended)
+        if pico:
+            conn.execute("UPDATE runs SET cost_pico = ?, priced = 1 WHERE run_id = ?", (pico, run_id))
+            done += 1
+    return done
 
 
 # What a run of a job counts against its month: a closed record its cost and crash bound, an
