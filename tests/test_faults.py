@@ -184,19 +184,25 @@ def test_the_first_rows_failing_alike_stop_the_run(sandbox_factory, tmp_path: Pa
     # Prompts of one length: the OpenAI face's window message is then the same for every row.
     src = write_csv(tmp_path / "in.csv", [{"prompt": f"Question {c}"} for c in "ABCDEFGHIJKLMNOPQRST" * 10])
     out = tmp_path / "out.parquet"
-    _small_window(box, 8)
+    _small_window(box, 16)  # a prompt's 13 tokens fit; with max_tokens they do not
     args = ["run", str(src), "-o", str(out), "--provider", "openai", "--rpm", "0", "--concurrency", "2"]
     result = run_cli(args, env=box.openai_env())
     assert result.exit_code == 4
     assert "each of the first 5 rows failed with the same error" in result.stderr
     assert "maximum context length" in result.stderr
     assert box.count() <= 5 + 2
-    # The fix is a setting: the journal of failed rows cost nothing, and the refusal says so.
-    again = run_cli([*args, "--max-tokens", "4"], env=box.openai_env())
-    assert (
-        again.exit_code == 2
-        and "run with --restart to discard it (nothing in it was paid for)" in again.stderr
-    )
+    # The fix is a setting: the journal of failed rows cost nothing, so it goes, and says so.
+    failed = Counter(pq.read_table(out).column("status").to_pylist())["error"]
+    before = box.count()
+    again = run_cli([*args, "--max-tokens", "3"], env=box.openai_env())
+    assert again.exit_code == 0, again.stderr
+    assert f"discarded the {failed} failed rows of {out}.batchllm written with other settings" in again.stderr
+    assert "max_tokens" in again.stderr and "nothing in it was answered or paid for" in again.stderr
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 200}
+    assert box.count() - before == 20  # each of the 20 prompts once, with the new setting
+    # A journal with answers is never discarded so: another setting is refused.
+    refused = run_cli([*args, "--max-tokens", "2"], env=box.openai_env())
+    assert refused.exit_code == 2 and "run with --restart to discard it" in refused.stderr
 
 
 @pytest.mark.parametrize("provider", ["openai", "dataoorts"])

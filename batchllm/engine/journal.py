@@ -86,6 +86,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         self.write_error: sqlite3.Error | None = None
         self.rescued = 0  # rows written to the rescue file instead
         self.imported = 0  # rows a previous run rescued, imported at open
+        self.discarded: tuple[int, str] | None = None  # failures of other settings, paid nothing
         self.unsaved: list[Entry] = []  # rows that could not be written anywhere
         self.keyed_to = 0  # rows up to this ``seq`` are in the request-key index (``index_keys``)
         self._unkeyed = 0
@@ -149,15 +150,18 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         else:
             diffs = settings_diff(stored, settings)
             if diffs:
-                # A run stopped as its first rows all failed (a setting to fix) paid for nothing.
-                free = journal.committed_pico() == 0 and not journal.has_attempts
+                # A run stopped as its first rows all failed (a setting to fix: the stop says so)
+                # answered and paid for nothing: its failures go, to be sent with these settings.
+                free = adopt and journal.paid_nothing(RESCUE_NAME)
                 conn.close()
+                if free:
+                    fresh = cls.open(directory, settings, restart=True, relabel=relabel)
+                    fresh.discarded = (journal.rows_before, "; ".join(diffs))
+                    return fresh
                 raise SettingsMismatch(
                     f"{directory} was written with other settings ("
                     + "; ".join(diffs)
-                    + "): run with --restart to discard it"
-                    + (" (nothing in it was paid for)" if free else "")
-                    + ", or with the same settings to resume"
+                    + "): run with --restart to discard it, or with the same settings to resume"
                 )
         journal.index_keys()  # what an earlier run left unindexed (or a migration)
         return journal

@@ -34,6 +34,12 @@ def open_journal(
             f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
             f"been billed (at most {format_usd(lost_pico)}); they are sent again"
         )
+    if journal.discarded is not None:
+        failed, diffs = journal.discarded
+        warn(
+            f"discarded the {plural(failed, 'failed row')} of {job.journal_dir} written with other "
+            f"settings ({diffs}): nothing in it was answered or paid for; sent again with these"
+        )
     if journal.imported:
         warn(f"imported {journal.imported:,} replies an earlier run could not write to the journal")
     prices = p.model.prices

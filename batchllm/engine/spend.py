@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 
 import orjson
 
@@ -35,6 +36,9 @@ Paid = tuple[int, int, int, int]  # prompt tokens, completion tokens, input and 
 
 class SpendBook:
     conn: sqlite3.Connection
+    directory: Path
+    counts_before: dict[str, int]
+    has_attempts: bool
 
     def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
         raise NotImplementedError  # inflight.InflightBook's
@@ -148,6 +152,12 @@ class SpendBook:
         ).fetchone()
         carried, partial = self._carried_sums(), self._partial_sums()
         return int(row[0]) + carried[2] + carried[3] + partial[2] + partial[3]
+
+    def paid_nothing(self, rescue_name: str) -> bool:
+        """No answer, and no cost or request maybe billed: failures the server did not bill."""
+        answered = self.counts_before.get("ok", 0) + self.counts_before.get("invalid", 0)
+        rescued = (self.directory / rescue_name).exists()
+        return not (answered or rescued or self.has_attempts or self.committed_pico())
 
     def committed_pico(self) -> int:
         """What the cap must count: all this output paid for, and the worst case of every
