@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from batchllm.reports.svg import money
 
-from .conftest import ROOT, prompts_csv, run_cli, spawn, summary_of, write_csv
+from .conftest import ROOT, SandboxThread, prompts_csv, run_cli, spawn, summary_of, write_csv
 
 TEMPLATE = "Classify the sentiment of this review: {review}"
 
@@ -492,3 +492,75 @@ def test_estimate_of_a_request_file_takes_each_lines_max_tokens(sandbox, tmp_pat
     e = json.loads(run_cli([*args, "--format", "json"]).stdout)
     assert e["max_tokens"] == 100 and "max_tokens_of_lines" not in e
     assert "worst case (every reply 100 tokens)" in run_cli(args).stdout
+
+
+# Literary Chinese and Japanese: rarer characters take a Llama 3 token or two each (the sandbox
+# bills with it), well over the approximation's four bytes a token.
+CJK = [
+    "饕餮盛宴，觥筹交错，耄耋老人亦欣然赴约。",
+    "蜻蛉や蟋蟀の声が響く晩秋の黄昏。",
+    "齟齬を来した交渉は、結局頓挫してしまった。",
+    "鬱蒼とした森の奥で、梟が囁くように鳴いていた。",
+    "魑魅魍魎が跋扈する世の中で、矜持を失わずに生きる。",
+    "蝙蝠が薄暮の空を翩翻と舞い、蜘蛛は軒下に巣を繕う。",
+    "氤氲的雾气笼罩着峥嵘的山峦，潺湲的溪水蜿蜒而下。",
+    "他踟蹰良久，终于在斑驳的石碑前驻足，喟然长叹。",
+    "窗外的梧桐簌簌作响，檐下的燕子呢喃不休。",
+    "老饕们对这道馔肴赞不绝口，觥筹之间谈笑风生。",
+    "薔薇と躑躅が咲き誇る庭で、鶯が囀っている。",
+    "嫦娥奔月的传说，在氤氲的桂香里流传了千年。",
+]
+
+
+def _estimate_and_run(
+    box: SandboxThread, tmp_path: Path, rows: list[dict[str, str]], name: str
+) -> tuple[Decimal, Decimal]:
+    """`estimate`'s worst case, and what a run of the same job cost, on gpt-4o-mini (no tokenizer)."""
+    src = write_csv(tmp_path / f"{name}.csv", rows)
+    args = [str(src), "--id-column", "id", "--system", "Summarize the text in one short sentence.",
+            "--provider", "openai", "--model", "gpt-4o-mini", "--max-tokens", "16"]  # fmt: skip
+    est = run_cli(["estimate", *args, "--format", "json"])
+    assert est.exit_code == 0, est.stderr
+    e = json.loads(est.stdout)
+    assert e["token_counts"].startswith("APPROXIMATE")
+    out = tmp_path / f"{name}.parquet"
+    ran = run_cli(["run", *args, "-o", str(out), "--rpm", "0", "--cache", "off"], env=box.openai_env())
+    assert ran.exit_code == 0, ran.stderr
+    report = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)
+    actual = Decimal(report["overall"]["cost_usd"])
+    column = pq.read_table(out).column("cost_usd").to_pylist()
+    assert abs(sum(Decimal(str(c)) for c in column) - actual) < Decimal("1e-9")
+    assert actual <= Decimal(e["cost_usd"]["worst_case"]), (name, actual, e["cost_usd"])
+    # Said once, in every format: the worst case takes a token a byte.
+    assert e["worst_case_prompts"] == "bytes"
+    text = run_cli(["estimate", *args]).stdout
+    assert text.count("bounded by bytes") == 1, text
+    markdown = run_cli(["estimate", *args, "--format", "markdown"]).stdout
+    assert "prompts bounded by bytes: counts are approximate) | $" in markdown
+    return Decimal(e["cost_usd"]["worst_case"]), actual
+
+
+def test_an_approximate_worst_case_bounds_a_run_of_multibyte_text(sandbox, tmp_path: Path) -> None:
+    """Without the model's tokenizer, prompt tokens are a guess of about four bytes a token: CJK
+    text takes more tokens than that. The worst case bounds prompts by their bytes, as the run
+    reserves them, and says so once; English text is not priced absurdly high by it."""
+    cjk = [
+        {"id": f"c{i}", "prompt": CJK[i % 12] + CJK[(i + 1 + i // 12) % 12] + CJK[(i * 5 + 2) % 12]}
+        for i in range(30)
+    ]
+    assert len({r["prompt"] for r in cjk}) == 30
+    worst, actual = _estimate_and_run(sandbox, tmp_path, cjk, "cjk")
+    assert worst <= 3 * actual, (actual, worst)  # 2.3x here
+    words = ["the", "parcel", "arrived", "late", "but", "the", "quality", "is", "good", "and", "cheap"]
+    rng = random.Random(7)
+    english = [
+        {"id": f"e{i}", "prompt": " ".join(rng.choices(words, k=3 * len(cjk[i]["prompt"]) // 5))}
+        for i in range(30)
+    ]
+    worst_en, actual_en = _estimate_and_run(sandbox, tmp_path, english, "english")
+    assert worst_en <= 4 * actual_en, (actual_en, worst_en)  # 3.2x here
+    # Exact counts (a Llama model) are priced as they are, and say nothing of bytes.
+    src = str(tmp_path / "cjk.csv")
+    llama = json.loads(run_cli(["estimate", src, "--id-column", "id", "--format", "json"]).stdout)
+    assert llama["worst_case_prompts"] == "exact"
+    assert "bytes" not in run_cli(["estimate", src, "--id-column", "id"]).stdout

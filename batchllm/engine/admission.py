@@ -178,15 +178,22 @@ class Admission:
             ready.append((i, request, prompt_tokens, worst))
         return ready
 
-    def worst_pico(self, user: str, prompt_tokens: int, max_tokens: int | None = None) -> int:
-        """The most a row may cost: its prompt (exact, or a bound) and max_tokens of reply."""
-        if self.prices is None:
-            return 0
+    def prompt_bound(self, user: str, prompt_tokens: int) -> int:
+        """The most prompt tokens a row's request may be billed: its exact count, or, not counted
+        exactly (no tokenizer for the model, or not counted at all), its bytes, as a token is at
+        least one UTF-8 byte; with the server's slack. Run reserves it; estimate's worst case."""
         counter = self._counter
         if counter is not None and counter.exact and prompt_tokens:
             tokens = prompt_tokens
         else:  # not counted exactly: an upper bound
             tokens = self.bound_overhead + len(user.encode("utf-8")) + 2
-        return (tokens + self.slack) * self.prices.input_pico + (
-            max_tokens or self.max_tokens
-        ) * self.prices.output_pico
+        return tokens + self.slack
+
+    def worst_pico(self, user: str, prompt_tokens: int, max_tokens: int | None = None) -> int:
+        """The most a row may cost: its prompt (exact, or a bound) and max_tokens of reply."""
+        if self.prices is None:
+            return 0
+        return (
+            self.prompt_bound(user, prompt_tokens) * self.prices.input_pico
+            + (max_tokens or self.max_tokens) * self.prices.output_pico
+        )

@@ -51,8 +51,22 @@ def reask_growth(labeling: Labeling, counter: TokenCounter, max_tokens: int) -> 
     """The most one re-ask adds to a request's prompt: the model's answer as an assistant turn
     (at most ``max_tokens``, with a margin for re-tokenizing it), and the feedback turn, which
     quotes the answer (escaped: at most twice its tokens)."""
-    longest = max(counter.text_tokens(text) for text in feedback_kinds(labeling))
+    # Without the tokenizer, a feedback's bytes bound its tokens (with the "\n\n" before it).
+    longest = max(
+        counter.text_tokens(text) if counter.exact else len(text.encode("utf-8")) + 2
+        for text in feedback_kinds(labeling)
+    )
     return (max_tokens + 8) + (longest + 2 * max_tokens + 8) + 2 * PER_MESSAGE
+
+
+def _worst_prompt(total: int, rows: int, labeling: Labeling | None, growth: int) -> int:
+    """Worst-case prompt tokens of ``rows`` rows of ``total`` prompt tokens: each of a row's
+    requests, re-ask k carrying k answers and feedbacks (``growth`` each)."""
+    worst = total * row_requests(labeling)
+    if labeling is not None and labeling.reask:
+        r = labeling.reask
+        worst += rows * labeling.samples * growth * r * (r + 1) // 2
+    return worst
 
 
 def row_requests(labeling: Labeling | None) -> int:
@@ -73,6 +87,9 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # A request file's lines each carry their own max_tokens (the job's where one has none), which
     # the window check, the worst case and run's reservations (admission.py) all use.
     replies: np.ndarray | None = None
+    # Without the model's tokenizer the counts are a guess: the worst case bounds each prompt by
+    # its bytes, as run reserves it (Admission.prompt_bound); "expected" keeps the guess.
+    bounds = None if admission.counter.exact else np.zeros(p.rows, dtype=np.int32)
     over: list[str] = []
     over_count = empty = too_long = 0
     position = 0
@@ -103,6 +120,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                     empty += 1
                 else:
                     too_long += 1
+            elif bounds is not None:
+                bounds[position + i] = admission.prompt_bound(user or "", tokens)
             counts[position + i] = tokens
         # A row without a prompt hashes as "null"; it is never sent, so never counted (mask).
         digests[position : position + batch.num_rows] = [
@@ -114,31 +133,38 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     sendable = counts[mask][np.sort(first)]
     if replies is not None:
         replies = replies[mask][np.sort(first)]
+    if bounds is not None:
+        bounds = bounds[mask][np.sort(first)]
     duplicates = int(mask.sum()) - int(sendable.size)
     rows_sent = int(sendable.size)
     prompt_tokens = int(sendable.sum())
     prompt_cost, _ = cost(model.prices, prompt_tokens, 0)
     labeling, mt = job.labeling, job.max_tokens
     per_row = row_requests(labeling)
-    # Worst-case prompt tokens: each of a row's requests, re-ask k carrying k answers and feedbacks.
-    worst_prompt = prompt_tokens * per_row
-    if labeling is not None and labeling.reask:
-        r = labeling.reask
-        growth = reask_growth(labeling, admission.counter, mt)
-        worst_prompt += rows_sent * labeling.samples * growth * r * (r + 1) // 2
+    growth = reask_growth(labeling, admission.counter, mt) if labeling is not None and labeling.reask else 0
+    worst_prompt = _worst_prompt(prompt_tokens, rows_sent, labeling, growth)
+    # The prompt tokens the worst case prices: the same, each prompt bounded by its bytes when
+    # the counts are a guess (the time stays at the counts, which pace a run's --tpm).
+    billed = worst_prompt
+    if bounds is not None:
+        billed = _worst_prompt(int(bounds.sum(dtype=np.int64)), rows_sent, labeling, growth)
     worst_requests = rows_sent * per_row
     worst_out = worst_requests * mt if replies is None else per_row * int(replies.sum())
     packed = None
     packs = packs_for(p, admission)
     if labeling is not None and packs is not None:  # several rows a request (pack_estimate.py)
-        growth = reask_growth(labeling, admission.counter, mt) if labeling.reask else 0
         packed = packed_figures(packs, sendable, admission.overhead, labeling, growth)
         prompt_cost, _ = cost(model.prices, packed["prompt_tokens"], 0)
         worst_prompt, worst_out = packed["worst_prompt_tokens"], packed["worst_completion_tokens"]
+        billed = worst_prompt
+        if bounds is not None:  # each row's line bounded by its bytes
+            billed = packed_figures(packs, bounds, admission.overhead, labeling, growth)[
+                "worst_prompt_tokens"
+            ]
         worst_requests = packed["worst_requests"]
     worst = None
     if prompt_cost is not None:
-        in_cost, out_cost = cost(model.prices, worst_prompt, worst_out)
+        in_cost, out_cost = cost(model.prices, billed, worst_out)
         worst = (in_cost or 0) + (out_cost or 0)
     # --rpm 0 sets no request rate: the server's pace decides, and that is not known beforehand.
     rpm = int(p.provider.documented_rpm) if job.rpm is None else job.rpm
@@ -173,8 +199,10 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "reasks": labeling.reask if labeling is not None else 0,  # re-asks exist only in labeling
         },
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
+        # How the worst case counts prompts: "exact" tokens, or "bytes" (a token is at least one).
+        "worst_case_prompts": "exact" if bounds is None else "bytes",
         "time": {"rpm": rpm, "tpm": job.tpm, "minutes": None if minutes is None else round(minutes, 1)},
-        "tokens_worst_case": {"prompt": worst_prompt, "completion": worst_out},
+        "tokens_worst_case": {"prompt": billed, "completion": worst_out},
     }
     if replies is not None and not _same(replies):
         low, high = int(replies.min()), int(replies.max())

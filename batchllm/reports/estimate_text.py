@@ -47,6 +47,11 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             "worst case ("
             + ("every request re-asked, " if (e.get("requests") or {}).get("reasks") else "")
             + _replies(e)
+            + (
+                ", prompts bounded by bytes: counts are approximate"
+                if e.get("worst_case_prompts") == "bytes"
+                else ""
+            )
             + ")",
             _usd(money["worst_case"]),
         ),
