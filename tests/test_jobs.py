@@ -142,6 +142,9 @@ def test_rows_that_leave_the_input_stay_paid_for_and_are_not_done_rows(sandbox, 
     assert _pico(gone["paid_in_all_usd"]) == billed and _pico(report["overall"]["cost_usd"]) == in_output
     text = run_cli(["report", str(out)]).stdout
     assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in text
+    page = tmp_path / "report.html"
+    assert run_cli(["report", str(out), "--html", str(page)]).exit_code == 0
+    assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in page.read_text()
     status = run_cli(["status", str(out)]).stdout
     assert "0 not done of 100 (30 more done, no longer in the input)" in status
     assert f"cost so far: ${gone['paid_in_all_usd']}" in status

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..engine.summary import outside_line
 from ..folders import make_folders
 from ..pricing import to_usd as usd
 from . import svg
@@ -93,6 +94,8 @@ def write_html(path: Path, output: Path, by: str | None, gold: str | None = None
         f"<h1>Cost report</h1><p>{html.escape(str(output))} &middot; model {html.escape(str(report['model']))}</p>",
         _table_html(_rows(report["overall"], svg.money)),
     ]
+    if gone := report.get("outside_input"):  # paid for, not rows of the output (engine/outside.py)
+        sections.append(f"<p>{html.escape(outside_line(gone))}</p>")
     plots = []
     if by is not None:
         groups = report["by"]["groups"]
