@@ -152,8 +152,9 @@ class FatalAPIError(APIError):
 
 class RunStopError(FatalAPIError):
     """No request can succeed until a person acts: ``reason`` is "auth" (the key), "quota",
-    "model" (the server does not serve the job's model) or "structured" (it refuses the
-    response_format ``--structured on`` insists on)."""
+    "model" (the server does not serve the job's model), "structured" (it refuses the
+    response_format ``--structured on`` insists on) or "confidence" (it refuses the logprobs
+    ``--confidence logprobs`` insists on)."""
 
     kind = "run_stop"
 

@@ -149,6 +149,11 @@ class Job:
         return self.labeling is not None and self.labeling.confidence == "logprobs"
 
     @property
+    def logprobs_insisted(self) -> bool:
+        """Does a server refusing logprobs stop the run (``--confidence logprobs``, not auto)?"""
+        return self.labeling is not None and self.labeling.logprobs_insisted and self.logprobs
+
+    @property
     def key_env(self) -> str:
         return self.api_key_env or get_provider(self.provider).key_env
 

@@ -44,6 +44,7 @@ def confidence_mode(
     names = {provider.name, *(e.provider for e in fleet or ())}
     logprobs = all(get_provider(n).returns_logprobs for n in names)
     mode = labeling.confidence
+    insisted = mode == "logprobs"
     if mode == "auto":
         mode = "logprobs" if logprobs else "votes" if labeling.samples > 1 else "off"
     elif mode == "logprobs" and not logprobs:
@@ -59,4 +60,4 @@ def confidence_mode(
             f"{where('vote_below')}: needs a first answer's confidence from logprobs (the openai "
             "provider, --confidence auto or logprobs)"
         )
-    return dataclasses.replace(labeling, confidence=mode)
+    return dataclasses.replace(labeling, confidence=mode, logprobs_insisted=insisted)

@@ -2,7 +2,8 @@
 columns, as datasets are often shared. inputs.py reads it as it reads a CSV.
 
 A ``.jsonl`` file is either this or an OpenAI batch request file; its first object says which
-(``is_request_file``: a request line has a ``custom_id``). Nothing else about the file decides.
+(``is_request_file``: a request line has a ``custom_id`` and a ``body`` object, as the OpenAI
+batch format has; a row may have a ``custom_id`` column of its own). Nothing else decides.
 
 Values are read as text, as a CSV's are, so that no type is guessed block by block: a string as it
 is, a number or ``true``/``false`` as the file wrote it, ``null`` (or a key a line leaves out) as an
@@ -26,14 +27,17 @@ from .errors import JobError
 
 
 def is_request_file(path: Path, encoding: str) -> bool:
-    """Is the file's first object a batch request line (it has a ``custom_id``)? A file that
-    cannot be read or parsed counts as one: the request file's reader names what is wrong."""
+    """Is the file's first object a batch request line (a ``custom_id`` and a ``body`` object; a
+    ``custom_id`` alone is a row's column)? A file that cannot be read or parsed counts as one: the
+    request file's reader names what is wrong."""
     try:
         with open(path, encoding=_text(encoding), newline="\n") as fh:
             for raw in fh:
                 if raw.strip():
                     first = orjson.loads(raw)
-                    return not isinstance(first, dict) or "custom_id" in first
+                    if not isinstance(first, dict):
+                        return True
+                    return "custom_id" in first and isinstance(first.get("body"), dict)
     except (OSError, UnicodeDecodeError, orjson.JSONDecodeError):
         return True
     return False  # blank lines only: no requests either (JsonlRows says so)

@@ -258,6 +258,23 @@ def test_json_lines_rows_run_as_a_table_and_resume(sandbox, tmp_path: Path) -> N
     assert all(r["status"] == "ok" and r["response"] for i, r in enumerate(rows) if i != 3)
 
 
+def test_json_lines_rows_with_a_custom_id_key_are_rows(sandbox, tmp_path: Path) -> None:
+    """A line with a custom_id and no body object is a data row (a request line has both): the file
+    runs as rows, custom_id an ordinary column usable as --id-column."""
+    src = tmp_path / "rows.jsonl"
+    lines = [{"custom_id": f"c{i}", "text": f"review {i}: works well"} for i in range(6)]
+    src.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", "Sentiment of: {text}", "--rpm", "0"]
+    result = run_cli([*args, "--id-column", "custom_id"], env=sandbox.env())
+    assert result.exit_code == 0, result.output
+    assert sandbox.count() == 6
+    rows = pq.read_table(out).to_pylist()
+    assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(6)]
+    assert [r["text"] for r in rows] == [x["text"] for x in lines]
+    assert all(r["status"] == "ok" and r["response"] for r in rows)
+
+
 def test_a_semicolon_csv_runs_with_delimiter(sandbox, tmp_path: Path) -> None:
     src = tmp_path / "semi.csv"
     src.write_bytes(b"id;prompt\n1;hello; world\n2;bye\n")

@@ -170,6 +170,30 @@ def test_a_server_refusing_logprobs_warns_once_and_the_run_goes_on(sandbox_facto
     assert all(r["confidence"] == r["agreement"] for r in rows if r["status"] == "ok")
 
 
+def test_confidence_logprobs_stops_when_the_server_refuses_them(sandbox_factory, tmp_path: Path) -> None:
+    """--confidence logprobs (asked, not auto) insists on them: a refusal stops the run (exit 4) with
+    one line naming the field and the way on; nothing billed, rows pending; auto then finishes them."""
+    box = sandbox_factory(refuse_logprobs=True)
+    src = reviews(tmp_path, 60)
+    out, summary = tmp_path / "out.parquet", tmp_path / "s.json"
+    args = ["--labels", ",".join(LABELS), "--structured", "off", "--concurrency", "4"]
+    result = run_openai(box, src, out, *args, "--confidence", "logprobs", "--summary-json", str(summary))
+    assert result.exit_code == 4, result.output
+    line = next(x for x in result.stderr.splitlines() if "refuses logprobs" in x)
+    assert "(HTTP 400: " in line and "which --confidence logprobs requires" in line
+    assert "use --confidence auto to go on without it" in line
+    assert "off for the rest of this run" not in result.stderr  # no quiet fallback
+    assert 1 <= box.count(400) <= 4 and box.count() == box.count(400)  # the requests already out
+    assert box.sandbox.stats["prompt_tokens"] == 0  # a 400 is not billed
+    s = json.loads(summary.read_text())
+    assert "maybe_billed" not in s and s["exit_code"] == 4
+    assert set(pq.read_table(out, columns=["status"]).column("status").to_pylist()) == {"pending"}
+    rerun = run_openai(box, src, out, *args, "--confidence", "auto")
+    assert rerun.exit_code == 0, rerun.output
+    assert rerun.stderr.count("refuses logprobs") == 1  # auto: its one warning, and on
+    assert set(pq.read_table(out, columns=["status"]).column("status").to_pylist()) == {"ok"}
+
+
 def test_dataoorts_votes_and_usage_errors(sandbox, tmp_path: Path) -> None:
     src = reviews(tmp_path, 20)
     base = ["run", str(src), "-o", str(tmp_path / "d.parquet"), "--template", TEMPLATE, "--rpm", "0"]

@@ -245,6 +245,24 @@ def test_json_logs_and_the_key_never_appears(sandbox_factory, tmp_path: Path) ->
         assert key not in text and "sk-WRONG-0000" not in text
 
 
+def test_validate_writes_nothing_anywhere(tmp_path: Path) -> None:
+    """validate checks a job without running it: no output folder, journal, checkpoint, summary,
+    cache or ledger appears, however many of them the job file points into missing folders."""
+    src = tmp_path / "in.csv"
+    src.write_text("id,text\n1,good\n2,bad\n")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'input = "in.csv"\noutput = "new/deeper/o.parquet"\ntemplate = "Classify: {text}"\n'
+        'checkpoint = "ck/journal"\nsummary_json = "sj/s.json"\ncache = "cachedir/x"\n'
+        'labels = "good,bad"\npack = 2\nmax_cost = 1\nmax_cost_per_month = 5\n'
+    )
+    data, cache = tmp_path / "xdg-data", tmp_path / "xdg-cache"
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli(["validate", str(job)], env={"XDG_DATA_HOME": str(data), "XDG_CACHE_HOME": str(cache)})
+    assert result.exit_code == 0 and result.output.startswith(f"ok: {job}"), result.output
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_the_encoding_key_and_the_output_folder_are_checked_by_validate(sandbox, tmp_path: Path) -> None:
     src = tmp_path / "latin.csv"
     src.write_bytes("prompt\nsay café\nsay thé\n".encode("latin-1"))

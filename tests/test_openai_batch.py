@@ -315,6 +315,33 @@ def test_bad_request_files(sandbox, tmp_path: Path, lines: list, extra: list[str
     assert sandbox.count() == 0 and not out.exists()
 
 
+def test_import_takes_the_input_first_as_export_does(sandbox, tmp_path: Path) -> None:
+    """import-batch INPUT RESULTS... as export-batch INPUT: the first file, when it is not a
+    results file, is the job's input; --input still works, and the two naming different files is
+    a one-line usage error."""
+    src, other = prompts_csv(tmp_path / "in.csv", 20), prompts_csv(tmp_path / "other.csv", 20, start=50)
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    job = ["--provider", "openai", "--id-column", "id", "--max-tokens", "16", *BATCH_PRICES]
+    assert run_cli(["export-batch", str(src), *job, "-o", str(requests)]).exit_code == 0
+    answer_batch(sandbox, requests, results, errors, missing=frozenset({3}))
+    out = tmp_path / "o.parquet"
+    both = run_cli(
+        ["import-batch", str(src), str(results), str(errors), "--input", str(other), *job, "-o", str(out)]
+    )
+    assert both.exit_code == 2 and len(both.output.strip().splitlines()) == 1, both.output
+    assert f"--input {other} and INPUT {src} name different files" in both.output and not out.exists()
+    alone = run_cli(["import-batch", str(src), *job, "-o", str(out)])
+    assert alone.exit_code == 2 and len(alone.output.strip().splitlines()) == 1, alone.output
+    assert "not a batch results file" in alone.output and "import-batch INPUT RESULTS..." in alone.output
+    result = run_cli(["import-batch", str(src), str(results), str(errors), *job, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    status = [r["status"] for r in table(out)]
+    assert status.count("ok") == 19 and status[3] == "pending"
+    assert f"batchllm run {src} " in result.output  # the live command that sends the rest
+    same = run_cli(["import-batch", str(src), str(results), "--input", str(src), *job, "-o", str(out)])
+    assert same.exit_code == 0 and "19 were in the journal already" in same.output, same.output
+
+
 def test_a_result_for_an_unknown_row_imports_nothing(sandbox, tmp_path: Path) -> None:
     requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
     out = tmp_path / "o.parquet"

@@ -196,6 +196,29 @@ def test_bad_pack_flags(sandbox, tmp_path: Path) -> None:
     assert sandbox.count() == 0
 
 
+def test_the_least_pack_tokens_stated_is_the_least_taken_and_runs(sandbox, tmp_path: Path) -> None:
+    """The refusal of a too small --pack-tokens states the least one taken: one below it is
+    refused with the same figure, and that figure runs, rows of a few dozen words each alone in a
+    pack if need be, none over it."""
+    words = " ".join(f"word{i}" for i in range(30))
+    rows = [{"id": f"r{i}", "text": f"Review {i}: {words}"} for i in range(12)]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "o.parquet"
+    args = ["--pack", "5", "--pack-tokens"]
+    result = run_labels(sandbox, src, out, *args, "60")
+    found = re.search(r"--pack-tokens 60 is below one row: give at least (\d+) tokens", result.output)
+    assert result.exit_code == 2 and found is not None, result.output
+    least = int(found.group(1))
+    below = run_labels(sandbox, src, out, *args, str(least - 1))
+    assert below.exit_code == 2, below.output
+    assert f"--pack-tokens {least - 1} is below one row: give at least {least} tokens" in below.output
+    assert len(below.output.strip().splitlines()) == 1 and sandbox.count() == 0
+    at = run_labels(sandbox, src, out, *args, str(least))
+    assert at.exit_code == 0, at.output
+    done = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in done] == ["ok"] * 12, [r["error"] for r in done]
+
+
 def test_pilot_table_shows_accuracy_falling_with_pack_size(sandbox_factory, tmp_path: Path) -> None:
     box = sandbox_factory(pack_decay=0.012, pack_missing=0.0, pack_prose=0.02, pack_fenced=0.05)
     sample = Path(__file__).parent.parent / "sample_data" / "reviews.csv"

@@ -175,6 +175,20 @@ def test_unpriced_model_has_null_costs_and_one_warning(sandbox, tmp_path: Path) 
     assert report.exit_code == 0 and "unknown (no price)" in report.output
 
 
+def test_unpriced_model_with_no_row_answered_reports_an_unknown_cost(sandbox_factory, tmp_path: Path) -> None:
+    """No price and no row answered (the run stopped at its first requests): the cost is unknown,
+    not $0.00, as it is with rows answered."""
+    box = sandbox_factory(refuse_response_format=True)
+    out = tmp_path / "o.parquet"
+    args = ["run", str(ROOT / "sample_data" / "reviews.csv"), "-o", str(out), "--template", "Label: {review}"]
+    args += ["--provider", "openai", "--rpm", "0", "--labels", "good,bad", "--structured", "on"]
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 4 and box.count(200) == 0, result.output
+    report = run_cli(["report", str(out)])
+    assert report.exit_code == 0, report.output
+    assert "unknown (no price)" in report.output and "$0.00" not in report.output, report.output
+
+
 @pytest.mark.parametrize(
     ("options", "env_key", "code", "needle"),
     [

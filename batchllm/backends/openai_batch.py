@@ -200,6 +200,27 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield number, raw
 
 
+def is_results_file(path: Path) -> bool:
+    """Is the file's first line a batch result (a ``custom_id`` with a ``response`` or an
+    ``error``, no ``body``)? A CSV, Parquet, rows or request file is not; a JSON Lines file that
+    cannot be read or parsed is (the results reader names what is wrong)."""
+    if path.suffix.lower() in (".csv", ".parquet", ".pq"):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            raw = b""
+            while not raw.strip():
+                raw = fh.readline(1 << 24)  # a bound for a file that is no JSON Lines at all
+                if not raw:
+                    return True
+            record = orjson.loads(raw)
+    except (OSError, orjson.JSONDecodeError):
+        return True
+    if not isinstance(record, dict):
+        return False
+    return "custom_id" in record and ("response" in record or "error" in record) and "body" not in record
+
+
 def result_body(record: Mapping[str, Any]) -> tuple[int | None, Any]:
     """(status, body) of a result line: OpenAI's envelope, or vLLM's flat ``response``."""
     response = record.get("response")

@@ -149,11 +149,20 @@ def _via(job: Any, fleet: Path | None, name: str | None) -> Any:
 
   batchllm import-batch results.jsonl errors.jsonl --job jobs/one_word_sentiment.toml
 
-  batchllm import-batch vllm_results.jsonl --input prompts.jsonl -o out/results.parquet --provider openai""",
+  batchllm import-batch prompts.jsonl vllm_results.jsonl -o out/results.parquet --provider openai""",
 )
-@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument(
+    "files",
+    metavar="[INPUT] RESULTS...",
+    nargs=-1,
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
 @click.option(
-    "--input", "input_path", type=click.Path(dir_okay=False, path_type=Path), help="The job's input."
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The job's input (or INPUT).",
 )
 @apply(
     [
@@ -172,7 +181,7 @@ def _via(job: Any, fleet: Path | None, name: str | None) -> Any:
 @handles_errors
 def import_cmd(
     ctx: click.Context,
-    results: tuple[Path, ...],
+    files: tuple[Path, ...],
     input_path: Path | None,
     fleet: Path | None,
     fleet_endpoint: str | None,
@@ -180,6 +189,7 @@ def import_cmd(
 ) -> int:
     """Record batch RESULTS (OpenAI output and error files, or vLLM's) in OUTPUT as a run would.
 
+    INPUT, the job's input as export-batch takes it, goes first (or --input, or the job file's).
     Rows are joined by custom_id; rows with no result, expired ones and 429/5xx results stay
     pending, so `batchllm run` with the same job sends only those. Importing twice changes nothing.
     A row whose request changed since export-batch (another --system, template, model, labels...)
@@ -191,6 +201,7 @@ def import_cmd(
     from ..engine.summary import format_summary
     from . import command_line
 
+    input_path, results = _input_and_results(files, input_path)
     values, job_file, given = collect(ctx, input_path, params)
     values.pop("max_cost", None)  # the batch API spent it already: nothing is sent here
     job = build_job(values, job_file=job_file, flag_names=given)
@@ -200,7 +211,7 @@ def import_cmd(
 
     via = _via(job, fleet, fleet_endpoint)
     done = import_batch(
-        job, list(results), command=command_line(), warn=warn, via=via, live_command=_live_command(ctx)
+        job, results, command=command_line(), warn=warn, via=via, live_command=_live_command(ctx, input_path)
     )
     click.echo(
         f"imported {done.ok + done.invalid:,} replies"
@@ -222,14 +233,33 @@ def import_cmd(
     return int(done.exit_code)
 
 
+def _input_and_results(files: tuple[Path, ...], option: Path | None) -> tuple[Path | None, list[Path]]:
+    """The job's input (INPUT: a first file that is not a results file, or --input) and the
+    results files; INPUT and --input naming different files is a usage error."""
+    from ..backends.openai_batch import is_results_file
+    from ..errors import JobError
+
+    if is_results_file(files[0]):
+        return option, list(files)
+    if len(files) < 2:
+        raise JobError(
+            f"{files[0]}: not a batch results file (no custom_id with a response or error on its first "
+            "line); give the job's input first, then the results: batchllm import-batch INPUT RESULTS..."
+        )
+    given, results = files[0], list(files[1:])
+    if option is not None and option.resolve() != given.resolve():
+        raise JobError(f"--input {option} and INPUT {given} name different files: give the job's input once")
+    return given, results
+
+
 # What a live run of the same job must not take from an import's command line: the batch's
 # prices, its one fleet endpoint (the live run has the whole fleet), a fresh start.
 _BATCH_ONLY = frozenset({"input_price", "output_price", "fleet_endpoint", "restart"})
 
 
-def _live_command(ctx: click.Context) -> str:
-    """`batchllm run` with the job and flags this import was given (its INPUT positional): the
-    command that sends only the rows it left pending."""
+def _live_command(ctx: click.Context, input_path: Path | None) -> str:
+    """`batchllm run` with the job and flags this import was given (``input_path``, its INPUT
+    positional): the command that sends only the rows it left pending."""
     import shlex
 
     from click.core import ParameterSource
@@ -243,11 +273,13 @@ def _live_command(ctx: click.Context) -> str:
             continue
         value = ctx.params[name]
         if name == "input_path":
-            words.insert(2, str(value))
-        elif param.is_flag:
+            continue
+        if param.is_flag:
             flag = param.opts[0] if value else next(iter(param.secondary_opts), "")
             words += [flag] if flag else []
         else:
             for v in value if param.multiple else [value]:
                 words += [param.opts[0], str(v)]
+    if input_path is not None:
+        words.insert(2, str(input_path))
     return " ".join(shlex.quote(w) for w in words)

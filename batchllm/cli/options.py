@@ -141,8 +141,9 @@ PROMPT_OPTIONS = [
         "--confidence",
         type=click.Choice(["auto", "logprobs", "votes", "off"]),
         help="A confidence column: the probability the model gave its label (logprobs), or the "
-        "label's share of --samples votes; auto: logprobs with the openai provider, else votes with "
-        "--samples.  [default: auto]",
+        "label's share of --samples votes; auto: logprobs with the openai provider (none for the run "
+        "if the server refuses them), else votes with --samples; logprobs: the run stops (exit 4) "
+        "if the server refuses them.  [default: auto]",
     ),
     click.option(
         "--vote-below",

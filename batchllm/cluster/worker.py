@@ -89,7 +89,12 @@ class Completer:
         # them (unsaid: an actor's warnings have no display; engine/refusable.py); a fleet's
         # endpoints each give up their own (engine/member.py).
         self.refusable = (
-            refusable(job.structured_output, job.logprobs, lambda m: None, insisted_fields(job.structured))
+            refusable(
+                job.structured_output,
+                job.logprobs,
+                lambda m: None,
+                insisted_fields(job.structured, job.logprobs_insisted),
+            )
             if job.fleet is None
             else None
         )
@@ -121,7 +126,7 @@ class Completer:
                 self.router = fleet_router(
                     self.fleet, self.job.timeout, self.provider, self.model.name, log.warning, self.keys,
                     optional_fields(self.job.structured_output, self.job.logprobs),
-                    insisted_fields(self.job.structured),
+                    insisted_fields(self.job.structured, self.job.logprobs_insisted),
                 )  # fmt: skip
                 await self.router.__aenter__()
         self.busy += 1

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 # A reply's allowance per row beyond the job's max_tokens: its key, quotes and comma.
 ITEM_TOKENS = 8
-ROW_ROOM = 100  # tokens of a row's own text that the least --pack-tokens advised leaves room for
+ROW_ROOM = 100  # tokens of a row's own text that the least --pack-tokens taken leaves room for
 # Rounds of one group: each gives every pending row an attempt, or books it (bounded by
 # samples x (1 + re-asks) plus the halvings of N; this only stops a bug from looping).
 MAX_ROUNDS = 1000
@@ -98,17 +98,22 @@ class Packs:
         limit = model.context_window
         if labeling.pack_tokens is not None:
             limit = labeling.pack_tokens if limit is None else min(limit, labeling.pack_tokens)
-            one = self.shared + ITEM_TOKENS + self.max_tokens(1)
-            if labeling.pack_tokens < one:
+            least = self.least_pack_tokens()
+            if labeling.pack_tokens < least:
                 reply = self.max_tokens(1)
                 raise JobError(
                     f"--pack-tokens {labeling.pack_tokens:,} is below one row: give at least "
-                    f"{one + ROW_ROOM:,} tokens = {self.shared:,} (a packed request's shared part) + "
+                    f"{least:,} tokens = {self.shared:,} (a packed request's shared part) + "
                     f"{ITEM_TOKENS + ROW_ROOM:,} (one row's line: {ROW_ROOM} for its text, {ITEM_TOKENS} "
                     f"around it) + {reply:,} (its reply: --max-tokens {self.per_row:,}, "
                     f"{reply - self.per_row} around it)"
                 )
         self.limit = limit
+
+    def least_pack_tokens(self) -> int:
+        """The least ``--pack-tokens`` taken, and the one the refusal of a smaller one states: a
+        pack of one row with ``ROW_ROOM`` tokens of text, and its reply."""
+        return self.shared + ITEM_TOKENS + ROW_ROOM + self.max_tokens(1)
 
     def max_tokens(self, rows: int) -> int:
         """A pack's reply allowance: the job's max_tokens per row, and the object around them."""

@@ -9,9 +9,10 @@ the request sent again is the same request as far as what may have been billed g
 (engine/inflight.py), and nothing is counted twice. Every request that leaves afterwards leaves
 without the field; the rows read their replies as they always do.
 
-A field the job insists on (``--structured on``: the user asked for constrained output) is never
-given up: its refusal stops the run (``insisted``: a ``RunStopError``, exit 4) with the rows not
-yet answered pending, or takes a fleet's endpoint out for the run (router.py).
+A field the job insists on (``--structured on``: the user asked for constrained output;
+``--confidence logprobs``: the user asked for a confidence from them, not auto's best effort) is
+never given up: its refusal stops the run (``insisted``: a ``RunStopError``, exit 4) with the rows
+not yet answered pending, or takes a fleet's endpoint out for the run (router.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ WITHOUT = {
     "(as with --confidence off; with --samples, a row's confidence is its label's share of the votes, "
     "and --vote-below, which needs a first answer's confidence, asks every row's samples)",
 }
+
+# The stop's reason (errors.RunStopError) when a field the job insists on is refused.
+STOP_REASON = {PARAM: "structured", LOGPROBS: "confidence"}
 
 
 class Refusable:
@@ -61,8 +65,10 @@ class Refusable:
 
     def insisted(self, error: FatalAPIError) -> FatalAPIError:
         """``error``, or a stop when it is the server refusing a field the job insists on."""
-        if error.status in (400, 422) and any(name in error.message for name in self.required):
-            return RunStopError(error.message, error.status, error.code, reason="structured")
+        if error.status in (400, 422):
+            for name in self.required:
+                if name in error.message:
+                    return RunStopError(error.message, error.status, error.code, reason=STOP_REASON[name])
         return error
 
     def refused(self, error: FatalAPIError, body: bytes) -> bytes | None:
@@ -106,9 +112,10 @@ def taken_by(provider: Provider, fields: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f for f in fields if takes[f])
 
 
-def insisted_fields(structured: str) -> tuple[str, ...]:
-    """The fields a job's ``--structured`` insists on: ``response_format`` when on."""
-    return (PARAM,) if structured == "on" else ()
+def insisted_fields(structured: str, logprobs: bool = False) -> tuple[str, ...]:
+    """The fields a job insists on: ``response_format`` under ``--structured on``, ``logprobs``
+    under ``--confidence logprobs`` (``logprobs``: asked in so many words, not auto's choice)."""
+    return optional_fields(structured == "on", logprobs)
 
 
 def refusable(

@@ -302,6 +302,8 @@ def out_cause(m: Member, exc: RunStopError) -> str:
         return f"does not serve the model {m.model.name!r} ({said})"
     if exc.reason == "structured":
         return f"refuses response_format, which --structured on requires ({said})"
+    if exc.reason == "confidence":
+        return f"refuses logprobs, which --confidence logprobs requires ({said})"
     if exc.reason == "quota":
         whose = f"the key from {var}" if var else "its account"
         return f"says the quota of {whose} is used up ({said})"

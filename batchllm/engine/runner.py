@@ -211,7 +211,8 @@ class Run:
             fleet = endpoint.fleet or job.fleet
             router = fleet_router(
                 fleet, job.timeout, p.provider, p.model.name, self.warn, endpoint.keys,
-                optional_fields(job.structured_output, job.logprobs), insisted_fields(job.structured),
+                optional_fields(job.structured_output, job.logprobs),
+                insisted_fields(job.structured, job.logprobs_insisted),
             )  # fmt: skip
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
@@ -243,7 +244,7 @@ class Run:
             dispatcher.router = router
             watch_played([m.client for m in router.members] if router else [client], record.mark_sandbox)
             if router is None:  # a fleet's endpoints each give up their own (member.py)
-                insist = insisted_fields(job.structured)
+                insist = insisted_fields(job.structured, job.logprobs_insisted)
                 dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn, insist)
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:

@@ -61,6 +61,9 @@ class Labeling:
     # only for rows whose first answer is less sure than this.
     confidence: str = "off"
     vote_below: float | None = None
+    # ``--confidence logprobs`` asked in so many words (not auto's choice): a server refusing
+    # logprobs stops the run instead of the run going on without them (engine/refusable.py).
+    logprobs_insisted: bool = False
 
     @property
     def is_schema(self) -> bool:

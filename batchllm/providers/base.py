@@ -99,6 +99,12 @@ class Provider:
                 "nothing more was sent, unanswered rows stay pending; --structured auto falls back to "
                 "plain requests; --structured off never sends response_format"
             )
+        if exc.reason == "confidence":
+            return (
+                f"the server refuses logprobs ({exc.said()}), which --confidence logprobs requires: "
+                "nothing more was sent, unanswered rows stay pending; use --confidence auto to go on "
+                "without it (votes with --samples, else no confidence column), or --confidence off"
+            )
         if exc.reason == "quota":
             return (
                 f"the API says the quota of the key in {key_source} is used up ({exc.said()}); "

@@ -141,7 +141,11 @@ def _prepared(frame: pd.DataFrame, summary: dict[str, Any]) -> pd.DataFrame:
     # exactly as integer picodollars (a float64 of pico / 1e12 round-trips below $9,000 a row).
     ok = frame["status"] == "ok"
     unpriced = frame["input_cost_usd"].isna() | frame["output_cost_usd"].isna()
-    summary["_priced"] = not bool((ok & unpriced).any())
+    # Unknown when an answered row has no cost, or when none has one and the run's model had no
+    # price (its summary's "prices"): $0.00 would claim a price that no one gave.
+    some_priced = bool((ok & ~unpriced).any())
+    no_price = "prices" in summary and summary["prices"] is None
+    summary["_priced"] = not bool((ok & unpriced).any()) and (some_priced or not no_price)
     frame["cost_pico"] = _pico(frame["input_cost_usd"]) + _pico(frame["output_cost_usd"])
     frame["error_class"] = frame["error"].astype("object").map(_error_class)
     return frame
