@@ -226,7 +226,13 @@ class InputFile:
             return self._check_request_ids()
         # Every column: text that does not decode fails here, before a request is sent, and
         # not when the output is written (reading all columns costs no more than one).
-        return sum(b.num_rows for b in self.batches())
+        rows = sum(b.num_rows for b in self.batches())
+        if (line := sniff.unclosed_quote(self.path, self.encoding, self.delimiter)) is not None:
+            raise JobError(
+                f'{self.path}: line {line} opens a quoted value (") that never closes: every line '
+                "after it would be read as part of that value; close or remove the quote"
+            )
+        return rows
 
     def _check_request_ids(self) -> int:
         """One pass over a request file: valid JSON, a custom_id on every line, none twice."""

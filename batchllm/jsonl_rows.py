@@ -28,17 +28,20 @@ from .errors import JobError
 
 def is_request_file(path: Path, encoding: str) -> bool:
     """Is the file's first object a batch request line (a ``custom_id`` and a ``body`` object; a
-    ``custom_id`` alone is a row's column)? A file that cannot be read or parsed counts as one: the
-    request file's reader names what is wrong."""
+    ``custom_id`` alone is a row's column)? A first line that is not a JSON object is not: the
+    rows' reader names it ("line 1 is a JSON array"). A file that cannot be read counts as one:
+    the request file's reader names what is wrong."""
     try:
         with open(path, encoding=_text(encoding), newline="\n") as fh:
             for raw in fh:
                 if raw.strip():
                     first = orjson.loads(raw)
                     if not isinstance(first, dict):
-                        return True
+                        return False
                     return "custom_id" in first and isinstance(first.get("body"), dict)
-    except (OSError, UnicodeDecodeError, orjson.JSONDecodeError):
+    except orjson.JSONDecodeError:
+        return False
+    except (OSError, UnicodeDecodeError):
         return True
     return False  # blank lines only: no requests either (JsonlRows says so)
 

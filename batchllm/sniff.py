@@ -4,10 +4,12 @@
     check_encoding(name)        --encoding: a text encoding Python knows, or ValueError
     decode_problem(path, enc)   the first line that does not decode, in words, with what to try
     delimiter_hint(...)         the --delimiter that explains a file the current one does not
+    unclosed_quote(...)         the line of a quoted value that never closes (a stray quote)
 
 A byte-order mark always wins: it is unambiguous, and ``--encoding`` is for the files without
 one (Latin-1, Windows-1252, UTF-16 written without a mark). Everything here reads at most the
-first ``SAMPLE`` bytes, except ``decode_problem``, which runs once, after reading already failed.
+first ``SAMPLE`` bytes, except ``decode_problem``, which runs once, after reading already failed,
+and ``unclosed_quote``, which counts quote bytes once as the rows are counted.
 """
 
 from __future__ import annotations
@@ -192,3 +194,32 @@ def _consistent_header(records: list[list[str]]) -> list[str] | None:
     if any(len(r) != len(header) for r in records[1:]):
         return None
     return header
+
+
+def unclosed_quote(path: Path, encoding: str, delimiter: str) -> int | None:
+    """The line on which a quoted value opens and never closes properly, or None.
+
+    Arrow takes a quote left open to the end of the file as one last value: ``2,"stray`` makes
+    every later line part of row 2's prompt, paid for as one request, without a word. Quotes
+    that close come in pairs (``""`` inside a value too), so an even count of quote bytes is
+    taken as sound (a literal ``12" screen`` inside an unquoted value is, and may make it odd);
+    an odd count is read again strictly to find the record that does not close. Encodings whose
+    quote is not the byte 0x22 alone (UTF-16, UTF-32) are not checked.
+    """
+    if codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        return None
+    quotes = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            quotes += chunk.count(b'"')
+    if quotes % 2 == 0:
+        return None
+    with open(path, encoding=encoding, errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error:
+            return start
+    return None

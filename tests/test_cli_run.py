@@ -150,6 +150,14 @@ BAD_INPUTS = [
         "rows.jsonl: line 2 is a JSON array, not an object of columns",
     ),
     ("rows.jsonl", b'{"prompt": "a"}\n\n{"prompt": \n', [], "rows.jsonl: line 3 is not valid JSON"),
+    ("rows.jsonl", b'[1, 2]\n{"prompt": "a"}\n', [], "rows.jsonl: line 1 is a JSON array, not an object"),
+    ("rows.jsonl", b'{"prompt": \n{"prompt": "a"}\n', [], "rows.jsonl: line 1 is not valid JSON"),
+    (  # a stray quote: Arrow would read every later line into row 2's prompt
+        "stray.csv",
+        b'id,prompt\n1,fine\n2,"a stray quote\n3,fine\n4,fine\n',
+        [],
+        'stray.csv: line 3 opens a quoted value (") that never closes',
+    ),
     ("blank.jsonl", b"\n\n", ["--template", "Say {text}"], "blank.jsonl: the file has only blank lines"),
     (
         "rows.jsonl",
@@ -605,3 +613,13 @@ def test_status_does_not_offer_to_resend_rows_without_a_prompt(sandbox, tmp_path
     assert result.exit_code == 0, result.output
     status = run_cli(["status", str(out)]).stdout
     assert "resume with" not in status and "--retry-errors" not in status, status
+
+
+def test_quotes_that_close_read_as_written(tmp_path: Path) -> None:
+    """A literal quote inside an unquoted value (an odd count of quotes in the file), quoted
+    values over two lines and doubled quotes: sound CSV, read row by row, not refused."""
+    src = tmp_path / "quotes.csv"
+    src.write_bytes(b'id,prompt\n1,a 12" screen\n2,"two\nlines"\n3,"say ""hi"""\n')
+    result = run_cli(["estimate", str(src), "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rows"] == 3
