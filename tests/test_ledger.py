@@ -672,6 +672,35 @@ def _kill_after(args: list[str], env: dict[str, str], journal: Path, rows: int) 
     proc.communicate(timeout=60)
 
 
+def test_a_served_sandbox_run_with_no_answer_is_play_money(sandbox_factory, tmp_path: Path) -> None:
+    """Every request to a served sandbox times out: no answer says "sandbox", so the run asks the
+    server (one HEAD of its root, a local host only) and is play money all the same: out of
+    `spend`'s real money, and no real run's --max-cost-per-month counts what it may have cost."""
+    served, real = sandbox_factory(marked=True, latency=2.0), sandbox_factory()
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 12)
+    job = _job_file(tmp_path / "same.toml", src)
+    common = ["--job", str(job), "--ledger", str(ledger), "--cache", "off", "--progress", "none"]
+    slow = ["run", "-o", str(tmp_path / "slow.parquet"), *common, "--timeout", "0.3", "--max-attempts", "1"]
+    result = run_cli(slow, env=served.env())
+    assert result.exit_code != 0 and "timeout" in result.output
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT sandbox, maybe_billed_pico > 150000000 FROM runs").fetchall() == [(1, 1)]
+    report = _spend(ledger, "--runs")
+    assert report["runs"] == [] and report["left_out"]["runs"] == 1
+    few = prompts_csv(tmp_path / "few.csv", 5)
+    capped = [
+        "run",
+        str(few),
+        "-o",
+        str(tmp_path / "real.parquet"),
+        *common,
+        "--max-cost-per-month",
+        "0.0002",
+    ]
+    result = run_cli(capped, env=real.env())
+    assert result.exit_code == 0, result.output
+
+
 def test_a_killed_served_sandbox_run_is_play_money_and_holds_no_real_cap(
     sandbox_factory, tmp_path: Path
 ) -> None:

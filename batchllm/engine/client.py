@@ -16,8 +16,10 @@ fires it cancels what is due (to the loop's turn, as aiohttp's would) and is set
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -138,6 +140,25 @@ class Client:
             expired.add(task)
             task.cancel()
 
+    async def identify(self, timeout: float = 2.0) -> None:
+        """Ask a server on this machine or its network whether it is batchllm's sandbox before
+        an answer says so: every request may time out, or the run be killed first, and its money
+        would count as real. One HEAD of the server's root, which no server bills. A public host
+        is never asked: a paid API is not the sandbox."""
+        assert self._session is not None, "use `async with Client(...)`"
+        parts = urlsplit(self.url)
+        if self.played is not None or not _local(parts.hostname or ""):
+            return
+        try:
+            root = f"{parts.scheme}://{parts.netloc}/"
+            async with self._session.head(root, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if self.played is None:
+                    self.played = SANDBOX_HEADER in resp.headers
+                    if self.on_played is not None:
+                        self.on_played()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return
+
     async def server_slots(self, url: str, timeout: float = 2.0) -> int | None:
         """The slots a server states at ``url`` (llama.cpp's ``/props``: ``total_slots``), or None
         when it states none, in whatever way: a hint, never a reason to fail."""
@@ -158,16 +179,38 @@ def all_played(clients: Sequence[Client]) -> bool:
     return bool(answered) and all(answered)
 
 
-def watch_played(clients: Sequence[Client], mark: Callable[[bool], None]) -> None:
+def watch_played(clients: Sequence[Client], mark: Callable[[bool], None]) -> list[asyncio.Task[None]]:
     """Tell ``mark`` whether the run is play money (``all_played``) each time one of its servers
     answers for the first time: once per server, never per request. A run killed before its
-    end is then marked already (the ledger: a served sandbox's run counts in no monthly cap)."""
+    end is then marked already (the ledger: a served sandbox's run counts in no monthly cap).
+    Returns the servers' ``identify`` tasks, which ``stop_asking`` ends."""
 
     def played() -> None:
         mark(all_played(clients))
 
     for client in clients:
         client.on_played = played
+    return [asyncio.create_task(c.identify()) for c in clients]
+
+
+async def stop_asking(asking: list[asyncio.Task[None]]) -> None:
+    """End ``identify`` tasks still out, after half a second: a run that sent nothing (every row
+    refused before sending) ends before its server's answer to them."""
+    if not all(t.done() for t in asking):
+        await asyncio.wait(asking, timeout=0.5)
+    for t in asking:
+        t.cancel()
+
+
+def _local(host: str) -> bool:
+    """A loopback or private-network host (where a served sandbox may be), by name or address."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private
 
 
 def cannot_connect(exc: aiohttp.ClientConnectorError) -> str:

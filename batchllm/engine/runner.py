@@ -35,7 +35,7 @@ from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
 from .checks import Prepared
-from .client import Client, watch_played
+from .client import Client, stop_asking, watch_played
 from .concurrency import ConcurrencyLimit
 from .dispatch import Dispatcher, StopReason
 from .journal import Journal
@@ -242,7 +242,8 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
-            watch_played([m.client for m in router.members] if router else [client], record.mark_sandbox)
+            clients = [m.client for m in router.members] if router else [client]
+            asking = watch_played(clients, record.mark_sandbox)  # and asks each server who it is
             if router is None:  # a fleet's endpoints each give up their own (member.py)
                 insist = insisted_fields(job.structured, job.logprobs_insisted)
                 dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn, insist)
@@ -290,6 +291,7 @@ class Run:
                 self.observer.progress(snapshot(dispatcher.stats))
                 if deadline is not None:
                     deadline.cancel()
+            await stop_asking(asking)
         # The pool has ended: requests still without a saved reply were cancelled by a stop and
         # may have been billed; the summary and the ledger count them (inflight.py).
         journal.flush()
@@ -359,11 +361,9 @@ async def run_job(
     scratch: bool = False,
 ) -> RunResult:
     """Run a prepared job (plan.prepare) against ``endpoint`` to the end (or a stop); write its output.
-
     ``only`` restricts the run to those input positions and ``write_output=False`` leaves the
     output file alone: together they are ``batchllm estimate --pilot``; ``scratch``: a pilot
-    of one pack size whose journal is not the output's (``estimate --pilot M --pack 1,5,10``).
-    """
+    of one pack size whose journal is not the output's (``estimate --pilot M --pack 1,5,10``)."""
     job = prepared.job
     run = Run(prepared, observer or Silent(), command, only, write_output, scratch)
     loop = asyncio.get_running_loop()
