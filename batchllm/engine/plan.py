@@ -122,7 +122,14 @@ class Plan:
         if resuming and shared == 0:
             self.warn(
                 f"the input shares no rows with the journal in {journal.directory} "
-                "(did the input or --id-column change?): every row is sent as new"
+                + (
+                    "(without an --id-column a row's id is its position and text: rows removed or "
+                    "inserted before it change it; an input that changes so needs an --id-column): "
+                    "every row is new, and one the journal holds an identical reply for is answered "
+                    "by it, not sent"
+                    if builder.ids_embed_hash
+                    else "(did the input or --id-column change?): every row is sent as new"
+                )
             )
         if changed_kept:
             self.warn(
