@@ -16,12 +16,12 @@ from ..pricing import Model, Prices, cached_saving, cost
 from ..records import Completion, Entry, Request
 from ..tokens import TokenCounter, counter_for
 from .admission import Rejection
+from .journal import Journal
 from .plan import WorkItem
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
 
 if TYPE_CHECKING:
     from ..providers import Provider
-    from .journal import Journal
     from .ratelimit import RateLimiter
     from .router import Router
     from .seams import Ledger, Pacer
@@ -180,17 +180,22 @@ class Booking:
 
     def _record_error(self, item: WorkItem, exc: APIError, attempts: int) -> None:
         self.add_error(item.row_id, item.content_hash, exc.describe(), type(exc).__name__, attempts, item)
-        self.track(True, exc)
+        self.track(True, exc, item.row_id)
 
     def record_rejected(self, row_id: str, content_hash: str, why: Rejection) -> None:
         """A row refused before any request (over the window, no prompt): an error, not sent."""
         self.add_error(row_id, content_hash, f"{why.error_class}: {why.message}", why.error_class, 0)
         self.stats.rejected += 1
 
-    def track(self, failed: bool, error: APIError | None = None) -> None:
+    def forget_first_failures(self) -> None:
+        """After a stop on the first rows failing alike: those rows pending again (not billed)."""
+        if self.first.stopped and isinstance(self.journal, Journal):
+            self.journal.forget_failures(self.first.row_ids)
+
+    def track(self, failed: bool, error: APIError | None = None, row_id: str | None = None) -> None:
         """Sliding window of the last N sent rows; too many failures stop the run, and so do the
-        first rows all failing alike (``FirstFailures``)."""
-        if self.first.active and self.first.add(error):
+        first rows all failing alike (``FirstFailures``; ``row_id``, a row it may leave pending)."""
+        if (self.first.active or self.first.stopped) and self.first.add(error, row_id):
             self.request_stop(StopReason.API, self.first.message())
         if self.errors.add(failed):
             self.request_stop(StopReason.ERROR_RATE, self.errors.message())

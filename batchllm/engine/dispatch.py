@@ -141,10 +141,9 @@ class Dispatcher(Booking):
         # What is alive as the pool starts (modules, pandas and pyarrow, the job) is set aside
         # from the cyclic GC for the run: its full collections otherwise walk all of it again
         # every few thousand rows, about a tenth of batchllm's own cost per row (make bench).
-        # And the young generation is collected every 10,000 net allocations, not 700: at 700
-        # it ran every ~70 rows, each time walking the objects of every request in flight, 12-16%
-        # of the client's CPU at zero latency (measured with gc.callbacks); reference counting
-        # frees nearly everything a row makes as soon as it is done, so memory does not grow.
+        # And the young generation is collected every 10,000 net allocations, not 700: at 700 it
+        # ran every ~70 rows, walking every request in flight, 12-16% of the client's CPU at zero
+        # latency (gc.callbacks); reference counting frees what a row makes as it is done.
         thresholds = gc.get_threshold()
         gc.freeze()
         gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
@@ -177,6 +176,7 @@ class Dispatcher(Booking):
             for w in workers:
                 w.cancel()
             self.journal.flush()
+            self.forget_first_failures()
             gc.set_threshold(*thresholds)
             gc.unfreeze()
         if self.failure is not None:

@@ -157,7 +157,24 @@ class SpendBook:
         """No answer, and no cost or request maybe billed: failures the server did not bill."""
         answered = self.counts_before.get("ok", 0) + self.counts_before.get("invalid", 0)
         rescued = (self.directory / rescue_name).exists()
-        return not (answered or rescued or self.has_attempts or self.committed_pico())
+        maybe = self.maybe_billed()["worst_pico"]  # with what a killed run left in its log
+        return not (answered or rescued or self.has_attempts or self.spent_pico() or maybe)
+
+    def forget_failures(self, row_ids: Sequence[str]) -> int:
+        """Rows whose requests the server refused alike and did not bill (the first rows of a run,
+        engine/stats.py ``FirstFailures``), and rows their refusal answered: pending again, so
+        the run after the fix sends them. Returns how many."""
+        ids = orjson.dumps(list(row_ids))
+        conn = self.conn
+        conn.execute("BEGIN")
+        gone = conn.execute(
+            "DELETE FROM rows WHERE status = 'error' AND input_cost_pico IS NULL "
+            "AND output_cost_pico IS NULL AND (row_id IN (SELECT value FROM json_each(?1)) "
+            "OR answered_by IN (SELECT value FROM json_each(?1)))",
+            (ids,),
+        ).rowcount
+        conn.execute("COMMIT")
+        return gone
 
     def committed_pico(self) -> int:
         """What the cap must count: all this output paid for, and the worst case of every

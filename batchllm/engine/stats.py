@@ -95,8 +95,10 @@ class FirstFailures:
         self.active = True
         self.error: APIError | None = None
         self.varied = False  # the messages differ in their numbers or ids
+        self.row_ids: list[str] = []  # the rows that failed so: pending again after the stop
+        self.stopped = False
 
-    def add(self, error: APIError | None) -> bool:
+    def add(self, error: APIError | None, row_id: str | None = None) -> bool:
         """Record one finished row (its final error, or None); True when the run should stop."""
         same = (
             isinstance(error, FatalAPIError)
@@ -108,6 +110,10 @@ class FirstFailures:
                 == (self.error.status, self.error.code, error_shape(self.error.message))
             )
         )
+        if self.stopped:  # in flight at the stop, refused alike: pending too
+            if same and row_id is not None:
+                self.row_ids.append(row_id)
+            return False
         if not same:
             self.active = False
             return False
@@ -115,8 +121,11 @@ class FirstFailures:
         self.varied = self.varied or (self.error is not None and error.message != self.error.message)
         self.error = self.error or error
         self.seen += 1
+        if row_id is not None:
+            self.row_ids.append(row_id)
         if self.seen >= self.rows:
             self.active = False
+            self.stopped = True
             return True
         return False
 
@@ -126,8 +135,8 @@ class FirstFailures:
             f"each of the first {self.seen} rows failed with the same error"
             + (" but for its numbers (the first: " if self.varied else " (")
             + f"{self.error.describe()}): "
-            "the job, not the rows, looks wrong (model, parameters, endpoint), so nothing more was sent; "
-            "fix it, then run the command again"
+            "the job, not the rows, looks wrong (model, parameters, endpoint), so nothing more was sent "
+            "(the server billed none of it: those rows are pending); fix it, then run the command again"
         )
 
 
