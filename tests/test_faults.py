@@ -255,3 +255,18 @@ def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(tmp_path: 
     stopped = next(line for line in err.splitlines() if line.startswith("stopped: "))
     assert stopped.startswith(f"stopped: cannot connect to 127.0.0.1:{port}: connection refused"), stopped
     assert "ssl:default" not in err and "maybe billed" not in err, err
+
+
+def test_rows_refused_before_sending_give_way_to_a_fixed_setting(tmp_path: Path) -> None:
+    """Every row over the window with this --max-tokens, refused before sending: the journal paid
+    for nothing, so a lower --max-tokens sends them, saying what it discarded (no --restart)."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hello there"}, {"prompt": "how are you"}])
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--sandbox", "--progress", "none"]
+    first = run_cli([*args, "--max-tokens", "24999"])
+    assert first.exit_code == 1 and "2 rows failed" in first.stderr
+    again = run_cli([*args, "--max-tokens", "100"])
+    assert again.exit_code == 0, again.stderr
+    assert f"discarded the 2 failed rows of {out}.batchllm written with other settings" in again.stderr
+    assert "max_tokens: journal has 24999, this run has 100" in again.stderr
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 2}
