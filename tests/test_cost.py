@@ -143,6 +143,43 @@ def test_pilot_projects_and_the_run_does_not_pay_twice(sandbox, tmp_path: Path) 
     assert versus["cost_usd"]["expected"] == e["cost_usd"]["expected"]
 
 
+def test_an_estimate_of_a_partly_done_output_says_what_is_left(sandbox, tmp_path: Path) -> None:
+    """A run stopped by its cap; `estimate` of the same job then says which rows are done, what
+    they paid, and the worst case of the rest, which the run that finishes stays under. An
+    estimate of another input is not compared with a run of this one."""
+    src, out = prompts_csv(tmp_path / "in.csv", 60), tmp_path / "out.parquet"
+    common = [str(src), "-o", str(out), "--rpm", "0", "--max-tokens", "64"]
+    stopped = run_cli(["run", *common, "--max-cost", "0.0003"], env=sandbox.env())
+    assert stopped.exit_code == 3, stopped.stderr
+    paid = Decimal(
+        json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)["overall"]["cost_usd"]
+    )
+    done = Counter(pq.read_table(out).column("status").to_pylist())["ok"]
+    assert 0 < done < 60
+    e = json.loads(run_cli(["estimate", *common, "--format", "json"], env=sandbox.env()).stdout)
+    assert e["rows_to_send"] == 60 and e["rows_already_done"] == done and e["rows_left_to_send"] == 60 - done
+    assert Decimal(e["already_paid_usd"]) == paid
+    text = run_cli(["estimate", *common], env=sandbox.env()).stdout
+    assert (
+        f"{done} rows, ${e['already_paid_usd']} paid; {60 - done} left to send, at most ${e['worst_case_left_usd']}"
+        in text
+    )
+    finished = run_cli(["run", *common], env=sandbox.env())
+    assert finished.exit_code == 0, finished.stderr
+    this_run = Decimal(summary_of(out)["this_run"]["cost_usd"])
+    assert 0 < this_run <= Decimal(e["worst_case_left_usd"])
+
+    other = prompts_csv(tmp_path / "other.csv", 20, start=100)
+    later = tmp_path / "later.parquet"
+    assert run_cli(["estimate", str(src), "-o", str(later), "--max-tokens", "64"]).exit_code == 0
+    ran = run_cli(
+        ["run", str(other), "-o", str(later), "--max-tokens", "64", "--rpm", "0"], env=sandbox.env()
+    )
+    assert ran.exit_code == 0, ran.stderr
+    assert "estimated before" not in ran.stderr
+    assert "estimate_vs_actual" not in json.loads(run_cli(["report", str(later), "--format", "json"]).stdout)
+
+
 def test_an_estimate_first_never_stands_in_the_way_of_the_run(sandbox, tmp_path: Path) -> None:
     """`estimate` keeps its figures in the output's journal. A run with other settings (the
     built-in sandbox, an edited template) still starts, as nothing was sent from that journal; the

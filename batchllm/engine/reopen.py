@@ -29,6 +29,9 @@ def open_journal(
     journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
     lost, lost_pico = journal.start_inflight()
     outside.on_open(journal, job.input)
+    estimate = journal.get_meta("estimate")  # of another input: no figure to compare this run with
+    if estimate and (estimate.get("input") != str(job.input) or estimate.get("rows") != p.rows):
+        journal.conn.execute("DELETE FROM meta WHERE key = 'estimate'")
     if lost:
         warn(
             f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,13 +25,14 @@ import pyarrow.parquet as pq
 
 from ..engine.admission import Admission
 from ..engine.checks import Prepared, prepare
-from ..engine.journal import Journal
+from ..engine.journal import DB_NAME, Journal
 from ..engine.packed import packs_for
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
 from ..labeling.parse import feedback_kinds
 from ..labeling.spec import Labeling
 from ..pricing import cost, usd_text
+from ..prompts import PromptBatch
 from ..records import Message
 from ..tokens import TokenCounter, counter_for
 from .pack_estimate import packed_figures
@@ -91,11 +93,14 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # its bytes, as run reserves it (Admission.prompt_bound); "expected" keeps the guess.
     bounds = None if admission.counter.exact else np.zeros(p.rows, dtype=np.int32)
     over: list[str] = []
-    over_count = empty = too_long = 0
+    over_count = empty = too_long = done = 0
     position = 0
+    journal = done_journal(job)  # rows a run of the output would not send again
+    done_mask = np.zeros(p.rows, dtype=bool)
     for batch in p.source.batches(p.builder.read_columns):
         pb = p.builder.build(batch, position)
         own: list[int | None] = [None] * batch.num_rows
+        skip = done_rows(journal, pb, job, p.builder.ids_embed_hash) if journal is not None else set()
         if pb.requests is not None:  # a request file: whole requests, counted as sent
             n = [admission.counter.count_messages(r.messages) for r in pb.requests]
             own = [r.max_tokens or job.max_tokens for r in pb.requests]
@@ -108,6 +113,9 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                 [u if c and u is not None else "" for u, c in zip(pb.users, countable, strict=True)]
             )
         for i, user in enumerate(pb.users):
+            if i in skip:  # done already: in the whole batch's figures, apart in the rest's
+                done += 1
+                done_mask[position + i] = True
             refused = admission.reject(user, n[i], position + i + 1, pb.requests is not None, own[i])
             tokens = n[i]
             if refused is not None:
@@ -128,9 +136,14 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             0 if h == "null" else int(h[:16], 16) for h in pb.hashes
         ]
         position += batch.num_rows
+    paid = None
+    if journal is not None:
+        paid = journal.spent_pico()
+        journal.conn.close()
     mask = counts > 0
     _, first = np.unique(digests[mask], return_index=True)
     sendable = counts[mask][np.sort(first)]
+    left = ~done_mask[mask][np.sort(first)]  # of the requests, those a run sends now
     if replies is not None:
         replies = replies[mask][np.sort(first)]
     if bounds is not None:
@@ -162,10 +175,17 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                 "worst_prompt_tokens"
             ]
         worst_requests = packed["worst_requests"]
-    worst = None
+    worst = worst_left = None
     if prompt_cost is not None:
         in_cost, out_cost = cost(model.prices, billed, worst_out)
         worst = (in_cost or 0) + (out_cost or 0)
+        if done and packed is None:  # what is left: the same worst case over the rows not done
+            rest = int((bounds if bounds is not None else sendable)[left].sum(dtype=np.int64))
+            out_left = per_row * (int(left.sum()) * mt if replies is None else int(replies[left].sum()))
+            in_left, out_cost_left = cost(
+                model.prices, _worst_prompt(rest, int(left.sum()), labeling, growth), out_left
+            )
+            worst_left = (in_left or 0) + (out_cost_left or 0)
     # --rpm 0 sets no request rate: the server's pace decides, and that is not known beforehand.
     rpm = int(p.provider.documented_rpm) if job.rpm is None else job.rpm
     minutes = worst_requests / rpm if rpm else None
@@ -179,6 +199,11 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "token_counts": admission.counter.label,
         "rows": p.rows,
         "rows_to_send": rows_sent,
+        # Done in the output's journal (same settings): a run sends the rest, at most this more.
+        "rows_already_done": done,
+        "already_paid_usd": usd_text(paid),
+        "rows_left_to_send": int(left.sum()),
+        "worst_case_left_usd": usd_text(worst_left),
         "rows_answered_by_identical_rows": duplicates,
         "rows_over_window": over_count,
         "rows_over_window_ids": over,
@@ -282,6 +307,39 @@ def completions_of_run(path: Path) -> Observed:
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
     """A fixed random sample of input positions, the same every time for the same input size."""
     return frozenset(random.Random(seed).sample(range(rows), min(n, rows)))
+
+
+def done_journal(job: Job) -> Journal | None:
+    """The output's journal, read-only, when it holds rows done with this job's settings (the
+    sandbox aside); else None. Its rows a run would not send again are left out of the estimate."""
+    if not (job.journal_dir / DB_NAME).is_file():
+        return None
+    try:
+        journal = Journal.open_readonly(job.journal_dir)
+        stored = journal.get_meta("settings") or {}
+        ours = job.request_settings()
+        same = {k: v for k, v in stored.items() if k != "sandbox"} == {
+            k: v for k, v in ours.items() if k != "sandbox"
+        }
+        if same and journal.status_counts():
+            return journal
+        journal.conn.close()
+    except (JobError, sqlite3.Error):
+        pass
+    return None
+
+
+def done_rows(journal: Journal, pb: PromptBatch, job: Job, ids_embed_hash: bool) -> set[int]:
+    """The rows of a batch a run would not send again: done, as the run's plan decides (plan.py)."""
+    again: set[int] = set()
+    for i, status, _ in journal.unfinished(pb.row_ids, None if ids_embed_hash else pb.hashes):
+        if (
+            status is None
+            or (status == "ok" and job.refresh_changed)
+            or (status != "ok" and job.retry_errors)
+        ):
+            again.add(i)
+    return set(range(len(pb.row_ids))) - again
 
 
 def record_estimate(job: Job, result: dict[str, Any]) -> bool:

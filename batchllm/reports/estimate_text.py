@@ -26,6 +26,18 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
     rows = [
         ("rows", f"{e['rows']:,}"),
         ("rows to send", f"{e['rows_to_send']:,}"),
+        *(
+            [
+                (
+                    "already done in the output",
+                    f"{e['rows_already_done']:,} rows, ${e['already_paid_usd']} paid; "
+                    f"{e['rows_left_to_send']:,} left to send"
+                    + (f", at most ${e['worst_case_left_usd']}" if e.get("worst_case_left_usd") else ""),
+                )
+            ]
+            if e.get("rows_already_done")
+            else []
+        ),
         ("rows answered by an identical row", f"{e.get('rows_answered_by_identical_rows', 0):,}"),
         (
             "rows over the context window",
