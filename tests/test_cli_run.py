@@ -15,7 +15,7 @@ import pytest
 
 from batchllm.engine.output import RESULT_NAMES
 
-from .conftest import PAGE_EXAMPLE, ROOT, run_cli, summary_of, write_csv
+from .conftest import PAGE_EXAMPLE, ROOT, prompts_csv, run_cli, spawn, summary_of, write_csv
 
 SAMPLE = ROOT / "sample_data" / "reviews.csv"
 TEMPLATE = "Classify the sentiment of this review as positive, negative or neutral: {review}"
@@ -623,3 +623,21 @@ def test_quotes_that_close_read_as_written(tmp_path: Path) -> None:
     result = run_cli(["estimate", str(src), "--format", "json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["rows"] == 3
+
+
+def test_a_reader_that_goes_away_leaves_the_run_and_its_exit_code_alone(tmp_path: Path) -> None:
+    """`batchllm run ... 2>&1 | head -1`: the reader closes the pipe after the first line; the run
+    finishes, writes its output, and exits 0, not as a broken pipe would."""
+    src = prompts_csv(tmp_path / "in.csv", 30)
+    out = tmp_path / "out.parquet"
+    proc = spawn(["run", str(src), "-o", str(out), "--sandbox", "--rpm", "0", "--progress", "lines"])
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("batchllm: 30 rows in")
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 0
+    assert pq.read_table(out).column("status").to_pylist() == ["ok"] * 30
+
+
+def test_spend_since_a_day_to_come_says_so(tmp_path: Path) -> None:
+    result = run_cli(["spend", "--ledger", str(tmp_path / "l.db"), "--since", "2999-01-01"])
+    assert result.exit_code == 2 and "--since 2999-01-01 is in the future" in result.stderr

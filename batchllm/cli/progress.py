@@ -69,7 +69,18 @@ class Reporter:
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:
-            print(text, file=self.stream, flush=True)
+            self._out(text + "\n")
+
+    def _out(self, text: str) -> None:
+        """Write to the stream, unless its reader has gone (``| head``): the run goes on, and
+        ends with its own exit code, not a broken pipe's."""
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.stream = None  # type: ignore[assignment]
 
     def start(self, info: dict[str, Any]) -> None:
         self._total = info["todo"]
@@ -131,7 +142,7 @@ class Reporter:
 
     def summary(self, summary: dict[str, Any], text: str) -> None:
         self.close()
-        print(text, file=self.stream, flush=True)
+        self._out(text + "\n")
 
 
 class JsonReporter(Reporter):
@@ -147,8 +158,7 @@ class JsonReporter(Reporter):
 
     def _emit(self, event: str, **fields: Any) -> None:
         record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
-        self.stream.write(orjson.dumps(record).decode() + "\n")
-        self.stream.flush()
+        self._out(orjson.dumps(record).decode() + "\n")
 
     def start(self, info: dict[str, Any]) -> None:
         self._total = info["todo"]

@@ -84,7 +84,9 @@ def spend_cmd(
     start = parse_when(since, now=now)
     end = parse_when(until, end=True, now=now) if until else now + 1
     if end <= start:
-        raise JobError(f"--until {until} is not after --since {since}")
+        raise JobError(
+            f"--until {until} is not after --since {since}" if until else f"--since {since} is in the future"
+        )
     report = build_spend(path, start, end, list(by), with_runs, now=now, sandbox=sandbox)
     if html is not None:
         from ..reports.spend_html import write_spend_html
