@@ -14,7 +14,7 @@ import pytest
 
 from batchllm.sandbox.replies import served_models
 
-from .conftest import prompts_csv, run_cli, spawn, write_csv
+from .conftest import prompts_csv, run_cli, spawn, summary_of, write_csv
 
 LIMIT = 20  # requests/s enforced by the sandbox
 
@@ -265,6 +265,9 @@ def test_rows_refused_before_sending_give_way_to_a_fixed_setting(tmp_path: Path)
     args = ["run", str(src), "-o", str(out), "--sandbox", "--progress", "none"]
     first = run_cli([*args, "--max-tokens", "24999"])
     assert first.exit_code == 1 and "2 rows failed" in first.stderr
+    assert "2 rows over the context window with max_tokens 24,999, not sent: a lower --max-tokens" in first.stderr
+    assert summary_of(out)["rows"]["over_window"] == 2
+    assert "--retry-errors" not in run_cli(["status", str(out)]).stdout  # would fail alike
     again = run_cli([*args, "--max-tokens", "100"])
     assert again.exit_code == 0, again.stderr
     assert f"discarded the 2 failed rows of {out}.batchllm written with other settings" in again.stderr

@@ -77,6 +77,7 @@ class Totals:
         self.input_cost_pico = self.output_cost_pico = 0
         self.invalid = 0  # labeling rows whose answers never validated
         self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
+        self.over_window = 0  # errors refused before sending: prompt + max_tokens over the window
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
         self.from_cache = self.copied = 0  # rows answered without a request (counts.py)
@@ -206,6 +207,7 @@ def _result_columns(
         if e.status == "error":
             totals.error += 1
             totals.no_prompt += e.error_class == "NoPrompt"
+            totals.over_window += e.error_class == "ContextWindowExceeded"
         elif e.status == "invalid":
             totals.invalid += 1
         else:

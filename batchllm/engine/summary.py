@@ -52,6 +52,12 @@ def build_summary(
                 + ([f"{empty:,} without a prompt (not sent)"] if empty else [])
             )
             + " (see the error column)"
+            + (  # refused before sending, each time alike: the setting is what to change
+                f"; {plural(totals.over_window, 'row')} over the context window with max_tokens "
+                f"{job.max_tokens:,}, not sent: a lower --max-tokens sends them"
+                if totals.over_window
+                else ""
+            )
         )
     priced = model.prices is not None
     out: dict[str, Any] = {
@@ -98,6 +104,7 @@ def build_summary(
             "error": totals.error,
             "invalid": totals.invalid,
             "no_prompt": totals.no_prompt,  # of the errors: never sent, nothing to ask
+            "over_window": totals.over_window,  # of the errors: never sent, max_tokens too high
             # What to alert on: errors and invalid rows a rerun may mend (--retry-errors), not the
             # rows with no prompt, which leave the exit code 0 (output.py ``Totals.failed``).
             "failed": totals.failed,

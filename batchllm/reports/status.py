@@ -71,9 +71,10 @@ def journal_status(directory: Path) -> str:
         lost = journal.maybe_billed(current=running is None)
         endpoints = journal.by_endpoint()
         found = RowCounts(*journal.conn.execute(JOURNAL_SQL).fetchone())
-        # Rows with no prompt were never sent: sending the failed rows again cannot answer them.
+        # Rows refused before sending (no prompt, over the window or too long) fail alike again.
         resendable = journal.conn.execute(
-            "SELECT COUNT(*) FROM rows WHERE status = 'error' AND COALESCE(error_class, '') != 'NoPrompt'"
+            "SELECT COUNT(*) FROM rows WHERE status = 'error' AND COALESCE(error_class, '') "
+            "NOT IN ('NoPrompt', 'ContextWindowExceeded', 'PromptTooLong')"
         ).fetchone()[0]
     finally:
         journal.conn.close()
