@@ -265,7 +265,10 @@ def test_rows_refused_before_sending_give_way_to_a_fixed_setting(tmp_path: Path)
     args = ["run", str(src), "-o", str(out), "--sandbox", "--progress", "none"]
     first = run_cli([*args, "--max-tokens", "24999"])
     assert first.exit_code == 1 and "2 rows failed" in first.stderr
-    assert "2 rows over the context window with max_tokens 24,999, not sent: a lower --max-tokens" in first.stderr
+    assert (
+        "2 rows over the context window with max_tokens 24,999, not sent: a lower --max-tokens"
+        in first.stderr
+    )
     assert summary_of(out)["rows"]["over_window"] == 2
     assert "--retry-errors" not in run_cli(["status", str(out)]).stdout  # would fail alike
     again = run_cli([*args, "--max-tokens", "100"])

@@ -142,6 +142,9 @@ def test_rows_that_leave_the_input_stay_paid_for_and_are_not_done_rows(sandbox, 
     assert _pico(gone["paid_in_all_usd"]) == billed and _pico(report["overall"]["cost_usd"]) == in_output
     text = run_cli(["report", str(out)]).stdout
     assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in text
+    csv_text = run_cli(["report", str(out), "--format", "csv"]).stdout
+    assert f"(no longer in the input),30,,,,,{gone['prompt_tokens']}," in csv_text
+    assert csv_text.splitlines()[-1].split(",")[8] == gone["cost_usd"]
     page = tmp_path / "report.html"
     assert run_cli(["report", str(out), "--html", str(page)]).exit_code == 0
     assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in page.read_text()

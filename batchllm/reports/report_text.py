@@ -77,6 +77,15 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         for name, s in sections:
             values = [s[k] for k in _FLAT] + [s["cost_per_row_usd"]["mean"], *s["latency_ms"].values()]
             buf.write(",".join(csv_cell(v) for v in [name, *values]) + "\n")
+        # Money the output's rows do not hold, each a row of its own beside "(all)".
+        blank = [""] * (len(_FLAT) + 3)
+        if gone := report.get("outside_input"):
+            cells = ["(no longer in the input)", gone["rows"], *blank[:4], gone["prompt_tokens"]]
+            cells += [gone["completion_tokens"], gone["cost_usd"], *blank[:4]]
+            buf.write(",".join(csv_cell(v) for v in cells) + "\n")
+        if lost := report.get("maybe_billed"):
+            cells = ["(maybe billed, at most)", *blank[:7], lost["worst_case_usd"], *blank[:4]]
+            buf.write(",".join(csv_cell(v) for v in cells) + "\n")
         return buf.getvalue().rstrip("\n")
     lines: list[str] = []
     md = fmt == "markdown"
