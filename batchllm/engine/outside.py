@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from .journal import Journal
-    from .output import Totals
 
 SEEN = "input_seen"
 STATUSES = ("ok", "error", "invalid")
@@ -49,6 +48,19 @@ class Outside(NamedTuple):
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.cost_pico)
+
+
+class Written(Protocol):
+    """What the output's rows add up to (output.py ``Totals``)."""
+
+    ok: int
+    error: int
+    invalid: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def cost_pico(self) -> int: ...
 
 
 def input_stamp(path: Path) -> list[int] | None:
@@ -80,7 +92,7 @@ def known(journal: Journal, path: Path) -> Outside | None:
     return Outside.of(seen)
 
 
-def count(journal: Journal, totals: Totals, path: Path) -> Outside:
+def count(journal: Journal, totals: Written, path: Path) -> Outside:
     """After writing the output (``totals``: its rows'), what the journal holds beyond them;
     stored for the runs and the ``status`` that follow."""
     t, by_status = journal.totals(), journal.status_counts()

@@ -151,16 +151,27 @@ class Snapshot(NamedTuple):
         )
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, tries: int = 3) -> sqlite3.Connection:
+    """The ledger, open for writing, made or mended first. Many runs starting at once on a new
+    ledger may find it locked while one of them sets it up (the switch to WAL takes the whole
+    file, and SQLite may say so at once rather than wait): each tries again, a few times."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=30000")
-    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
-    migrate(conn)
-    return conn
+    for attempt in range(tries):
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            migrate(conn)
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def has_sandbox_mark(conn: sqlite3.Connection) -> bool:
