@@ -226,8 +226,16 @@ class InputFile:
             return self._check_request_ids()
         # Every column: text that does not decode fails here, before a request is sent, and
         # not when the output is written (reading all columns costs no more than one).
-        rows = sum(b.num_rows for b in self.batches())
-        if (line := sniff.unclosed_quote(self.path, self.encoding, self.delimiter)) is not None:
+        rows, last = 0, None
+        for b in self.batches():
+            rows += b.num_rows
+            last = b.slice(b.num_rows - 1) if b.num_rows else last
+        # A quote left open runs to the end of the file: the last row then holds line breaks.
+        tail = [] if last is None else [v for c in last.columns for v in c.to_pylist()]
+        if (
+            any(isinstance(v, str) and "\n" in v for v in tail)
+            and (line := sniff.unclosed_quote(self.path, self.encoding, self.delimiter)) is not None
+        ):
             raise JobError(
                 f'{self.path}: line {line} opens a quoted value (") that never closes: every line '
                 "after it would be read as part of that value; close or remove the quote"

@@ -154,7 +154,7 @@ BAD_INPUTS = [
     ("rows.jsonl", b'{"prompt": \n{"prompt": "a"}\n', [], "rows.jsonl: line 1 is not valid JSON"),
     (  # a stray quote: Arrow would read every later line into row 2's prompt
         "stray.csv",
-        b'id,prompt\n1,fine\n2,"a stray quote\n3,fine\n4,fine\n',
+        b'id,prompt\n1,a 12" screen\n2,"a stray quote\n3,fine\n4,fine\n',  # two quotes in all
         [],
         'stray.csv: line 3 opens a quoted value (") that never closes',
     ),

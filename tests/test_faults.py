@@ -236,7 +236,10 @@ def test_the_first_rows_failing_alike_but_for_their_numbers_stop_the_run(
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 200}
 
 
-def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pace", [[], ["--rpm", "0"]], ids=["paced", "unpaced"])
+def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(
+    tmp_path: Path, pace: list[str]
+) -> None:
     """Nothing listens at the endpoint: no connection for 30 s stops the run (exit 4) within a
     minute, naming the address and the reason in words; nothing was sent, so nothing may have
     been billed. (Paced at the provider's documented rate, its refused retries once ran 150 s
@@ -247,7 +250,7 @@ def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(tmp_path: 
     src, out = prompts_csv(tmp_path / "in.csv", 200), tmp_path / "out.parquet"
     env = {"DATAOORTS_ENDPOINT": f"http://127.0.0.1:{port}/api/v1", "DATAOORTS_API_KEY": "k"}
     started = time.monotonic()
-    proc = spawn(["run", str(src), "-o", str(out), "--progress", "none"], env=env)
+    proc = spawn(["run", str(src), "-o", str(out), "--progress", "none", *pace], env=env)
     _, err = proc.communicate(timeout=200)
     took = time.monotonic() - started
     assert proc.returncode == 4, err
@@ -255,6 +258,8 @@ def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(tmp_path: 
     stopped = next(line for line in err.splitlines() if line.startswith("stopped: "))
     assert stopped.startswith(f"stopped: cannot connect to 127.0.0.1:{port}: connection refused"), stopped
     assert "ssl:default" not in err and "maybe billed" not in err, err
+    # Unpaced, a row's attempts end long before the 30 s: still the endpoint's fault, not the rows'.
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 200}
 
 
 def test_rows_refused_before_sending_give_way_to_a_fixed_setting(tmp_path: Path) -> None:

@@ -399,3 +399,17 @@ def test_a_mostly_cached_packed_run_is_counted_alike_by_summary_report_and_statu
     assert "1 row answered by an identical row's reply, 40 from the cache" in text
     status = run_cli(["status", str(out)]).stdout
     assert "never paid twice: 1 row answered by an identical row's reply, 40 from the cache" in status
+
+
+def test_rows_too_long_for_the_pack_tokens_say_what_sends_them(sandbox, tmp_path: Path) -> None:
+    """Rows longer than --pack-tokens allows are refused before sending; the summary names the
+    setting that sends them (a higher --pack-tokens), not --max-tokens."""
+    words = " ".join(f"word{i}" for i in range(300))
+    src = write_csv(tmp_path / "in.csv", [{"id": f"r{i}", "text": f"Review {i}: {words}"} for i in range(4)])
+    out = tmp_path / "o.parquet"
+    first = run_labels(sandbox, src, out, "--pack", "5", "--pack-tokens", "60")
+    least = re.search(r"give at least (\d+) tokens", first.output)
+    assert least is not None, first.output
+    result = run_labels(sandbox, src, out, "--pack", "5", "--pack-tokens", least.group(1))
+    assert result.exit_code == 1 and sandbox.count() == 0, result.output
+    assert "4 rows too long for a pack of --pack-tokens, not sent: a higher --pack-tokens" in result.output

@@ -339,9 +339,6 @@ class Dispatcher(Booking):
                     renew = True
                     if not self.budget.gave_up(worst, renews=True):
                         self.request_stop(StopReason.BUDGET, "budget reached")
-                if member is None and (why := self.unreached.failed(exc)) is not None:
-                    self.request_stop(StopReason.API, why)
-                    return None, attempt, 0.0  # the endpoint's fault, not the row's: pending
                 elapsed = time.monotonic() - first
                 if exc.throttled:
                     stats.throttled += 1
@@ -357,6 +354,9 @@ class Dispatcher(Booking):
                     failures += 1
                     delay = backoff.delay(failures, exc.retry_after)
                     give_up = backoff.gives_up(failures, elapsed, delay)
+                if member is None and (why := self.unreached.failed(exc, last=give_up)) is not None:
+                    self.request_stop(StopReason.API, why)
+                    return None, attempt, 0.0  # the endpoint's fault, not the row's: pending
                 if give_up:
                     return exc, attempt, 0.0
                 if self.stopping:

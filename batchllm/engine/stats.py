@@ -148,14 +148,18 @@ class Unreached:
         self.seconds = seconds
         self.since: float | None = None  # the first failure to connect since one connected
 
-    def failed(self, exc: RetryableAPIError) -> str | None:
-        """A request failed: the stop message once nothing has connected for ``seconds``."""
+    def failed(self, exc: RetryableAPIError, last: bool = False) -> str | None:
+        """A request failed: the stop message once nothing has connected for ``seconds``, or
+        when a row gives up (``last``) on attempts none of which connected: unpaced (--rpm 0),
+        a row's attempts end well before ``seconds``, and every row would fail so."""
         if not exc.unsent:
             self.since = None
             return None
         now = time.monotonic()
         if self.since is None:
             self.since = now
-        elif now - self.since >= self.seconds:
+        if now - self.since >= self.seconds:
             return f"{exc.message}, for {now - self.since:.0f} s: is the endpoint right and its server up?"
+        if last:
+            return f"{exc.message}: a row's every attempt failed so: is the endpoint right and its server up?"
         return None

@@ -53,8 +53,13 @@ def build_summary(
             )
             + " (see the error column)"
             + (  # refused before sending, each time alike: the setting is what to change
-                f"; {plural(totals.over_window, 'row')} over the context window with max_tokens "
-                f"{job.max_tokens:,}, not sent: a lower --max-tokens sends them"
+                (
+                    f"; {plural(totals.over_window, 'row')} too long for a pack of --pack-tokens, not "
+                    "sent: a higher --pack-tokens (or a lower --max-tokens) and --retry-errors send them"
+                    if job.labeling is not None and job.labeling.pack > 1
+                    else f"; {plural(totals.over_window, 'row')} over the context window with max_tokens "
+                    f"{job.max_tokens:,}, not sent: a lower --max-tokens sends them"
+                )
                 if totals.over_window
                 else ""
             )
