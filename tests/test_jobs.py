@@ -149,7 +149,10 @@ def test_rows_that_leave_the_input_stay_paid_for_and_are_not_done_rows(sandbox, 
     assert run_cli(["report", str(out), "--html", str(page)]).exit_code == 0
     assert f"also paid: ${gone['cost_usd']} for 30 rows no longer in the input" in page.read_text()
     status = run_cli(["status", str(out)]).stdout
-    assert "0 not done of 100 (30 more done, no longer in the input)" in status
+    assert (
+        "rows: 130 done (130 ok, 0 error): 100 of the input's 100 rows, 0 not done, and 30 no longer"
+        in status
+    )
     assert f"cost so far: ${gone['paid_in_all_usd']}" in status
     again = run_cli(args, env=sandbox.env())  # the same file: counted without a pass
     assert "0 to send (100 already done)" in again.stderr and sandbox.count() == 130

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import orjson
 from tqdm import tqdm
 
+from ..engine.counts import plural
 from ..pricing import format_usd
 
 RECENT = 60.0  # seconds of progress a line's rate and time left are taken over
@@ -86,7 +87,7 @@ class Reporter:
         self._total = info["todo"]
         done_before = info["done_before"]
         self._write(
-            f"batchllm: {info['rows']:,} rows in {info['input']}, {info['todo']:,} to send"
+            f"batchllm: {plural(info['rows'], 'row')} in {info['input']}, {info['todo']:,} to send"
             + (f" ({done_before:,} already done)" if done_before else "")
             + (
                 f"; fleet: {info['fleet']}"

@@ -25,7 +25,10 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
     pt, money = e["prompt_tokens"], e["cost_usd"]
     rows = [
         ("rows", f"{e['rows']:,}"),
-        ("rows to send", f"{e['rows_to_send']:,}"),
+        (
+            "rows to send" + (", all of the input" if e.get("rows_already_done") else ""),
+            f"{e['rows_to_send']:,}",
+        ),
         *(
             [
                 (

@@ -84,7 +84,10 @@ def journal_status(directory: Path) -> str:
     done = t["rows"] - gone  # of the input's rows
     remaining = f", {max(0, total_rows - done):,} not done of {total_rows:,}" if total_rows else ""
     if total_rows and gone:
-        remaining += f" ({gone:,} more done, no longer in the input)"
+        remaining = (
+            f": {done:,} of the input's {total_rows:,} rows, {max(0, total_rows - done):,} not done, "
+            f"and {gone:,} no longer in the input"
+        )
     elif total_rows and seen and seen.get("stamp") is None:  # counted against an earlier input
         remaining = f" of the input's {total_rows:,} (it changed since: the next run counts them)"
     if total_rows and directory.parent.name == "pilots":  # a pack size's pilot (pilot.py): all it does
