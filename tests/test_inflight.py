@@ -151,8 +151,9 @@ def test_a_request_that_never_connected_is_not_maybe_billed(tmp_path: Path) -> N
         port = s.getsockname()[1]  # closed again: connections to it are refused
     src, out = prompts_csv(tmp_path / "in.csv", 6), tmp_path / "out.parquet"
     env = {"DATAOORTS_ENDPOINT": f"http://127.0.0.1:{port}/api/v1", "DATAOORTS_API_KEY": "k"}
-    _run(src, out, env, "--max-attempts", "2")
-    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"error"}
+    result = run_cli(["run", str(src), "-o", str(out), *TIMEOUT, "--max-attempts", "2"], env=env)
+    assert result.exit_code == 4, result.output  # the endpoint's fault, not the rows': a stop
+    assert {r["status"] for r in pq.read_table(out).to_pylist()} == {"pending"}
     assert "maybe_billed" not in summary_of(out)
     assert "may have been billed" not in run_cli(["status", str(out)]).output
 
