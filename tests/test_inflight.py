@@ -73,7 +73,10 @@ def check_gave_up(out: Path, *boxes) -> dict:
     never_arrived = sum(r["requests"] for r in runs) - sum(b.sandbox.stats["requests"] for b in boxes)
     where += f", sent but never arrived {never_arrived}"
     assert unheard > 0, where  # the sandbox was slower than --timeout
-    assert never_arrived >= 0 and maybe.get("requests") == unheard + never_arrived, where
+    # Every request answered after the client left is counted; so may be one whose answer left
+    # the server as the client gave up (the server saw it heard, the client never read it): on a
+    # loaded machine a few cross so. The bill stays within what is counted (below).
+    assert never_arrived >= 0 and maybe.get("requests", 0) >= unheard + never_arrived, where
     assert report.get("maybe_billed") == maybe, where
     assert said is not None and int(said.group(1)) == maybe["requests"], where
     worst = _pico(maybe["worst_case_usd"])
