@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from .journal import Journal
 
 SEEN = "input_seen"
-STATUSES = ("ok", "error", "invalid")
 
 
 class Outside(NamedTuple):
