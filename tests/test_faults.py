@@ -204,7 +204,7 @@ def test_the_first_rows_failing_alike_stop_the_run(sandbox_factory, tmp_path: Pa
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 200}
     assert box.count() - before == 20  # each of the 20 prompts once, with the new setting
     # A journal with answers is never discarded so: another setting is refused.
-    refused = run_cli([*args, "--max-tokens", "2"], env=box.openai_env())
+    refused = run_cli([*args, "--max-tokens", "3", "--temperature", "0.5"], env=box.openai_env())
     assert refused.exit_code == 2 and "run with --restart to discard it" in refused.stderr
 
 

@@ -297,3 +297,54 @@ def test_a_sandbox_journal_is_not_resumed_by_a_real_run(sandbox, tmp_path: Path)
         == 0
     )
     assert sandbox.count() == 5
+
+
+def test_a_lower_max_tokens_keeps_what_was_paid_for_and_sends_the_rows_over_the_window(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """The summary's hint for rows over the window ("a lower --max-tokens sends them"), followed
+    on a journal with paid answers: they stand (no --restart, nothing paid twice), the refused row
+    is sent with the new max_tokens, and the output's cost is the sandbox's bill exactly."""
+    from batchllm.pricing import resolve_model
+
+    from .conftest import write_csv
+
+    box = sandbox_factory()
+    rows = [{"id": f"r{i}", "prompt": f"Say something about the number {i}."} for i in range(20)]
+    rows.append({"id": "long", "prompt": "x " * 24_850})  # fits with max_tokens 64, not 256
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--id-column", "id", "--rpm", "0", "--progress", "none"]
+    first = run_cli(args, env=box.env())
+    assert first.exit_code == 1, first.stderr
+    assert "1 row over the context window with max_tokens 256, not sent: a lower --max-tokens" in first.stderr
+    assert box.count() == 20
+    before = {r["id"]: r["response"] for r in pq.read_table(out).to_pylist() if r["status"] == "ok"}
+
+    again = run_cli([*args, "--max-tokens", "64"], env=box.env())
+    assert again.exit_code == 0, again.stderr
+    assert "max_tokens is 64, the journal's was 256: its 20 answered rows keep their replies" in again.stderr
+    assert "1 row refused over the context window weighed again" in again.stderr
+    assert "1 to send (20 already done)" in again.stderr
+    assert box.count() == 21  # the long row alone
+    table = pq.read_table(out).to_pylist()
+    assert Counter(r["status"] for r in table) == {"ok": 21}
+    assert {r["id"]: r["response"] for r in table if r["id"] != "long"} == before
+    assert next(r for r in table if r["id"] == "long")["completion_tokens"] <= 64
+    prices = resolve_model("dataoorts", "meta/llama-3.1-70b-instruct").prices
+    assert prices is not None
+    stats = box.sandbox.stats
+    billed = stats["prompt_tokens"] * prices.input_pico + stats["completion_tokens"] * prices.output_pico
+    assert billed == sum(r["input_cost_pico"] + r["output_cost_pico"] for r in _costs(out))
+    # The same command again: nothing to send, nothing to warn of.
+    third = run_cli([*args, "--max-tokens", "64"], env=box.env())
+    assert third.exit_code == 0 and box.count() == 21
+    assert "max_tokens is" not in third.stderr and "0 to send" in third.stderr
+
+
+def _costs(out: Path) -> list[dict]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{out}.batchllm/journal.sqlite?mode=ro", uri=True) as conn:
+        cur = conn.execute("SELECT input_cost_pico, output_cost_pico FROM rows")
+        return [{"input_cost_pico": a, "output_cost_pico": b} for a, b in cur]

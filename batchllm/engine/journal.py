@@ -54,6 +54,7 @@ from .journal_schema import (
     connect,
     db_path,
     insert_rows,
+    length_change,
     migrate,
     read_rescued,
     settings_diff,
@@ -87,6 +88,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         self.rescued = 0  # rows written to the rescue file instead
         self.imported = 0  # rows a previous run rescued, imported at open
         self.discarded: tuple[int, str] | None = None  # failures of other settings, paid nothing
+        self.resized: tuple[int, int, int] | None = None  # max_tokens old, new; rows reweighed
         self.unsaved: list[Entry] = []  # rows that could not be written anywhere
         self.keyed_to = 0  # rows up to this ``seq`` are in the request-key index (``index_keys``)
         self._unkeyed = 0
@@ -101,16 +103,12 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
 
     @classmethod
     def open(
-        cls,
-        directory: Path,
-        settings: dict[str, Any],
-        *,
-        restart: bool = False,
-        relabel: bool = False,
+        cls, directory: Path, settings: dict[str, Any], *, restart: bool = False, relabel: bool = False,
         adopt: bool = True,
-    ) -> Journal:
+    ) -> Journal:  # fmt: skip
         """Open or create the journal in ``directory``; refuse one written with other settings,
-        unless nothing was ever sent from it and ``adopt``: then these settings replace them.
+        unless ``adopt`` and nothing was paid from it, or only ``max_tokens`` differs: then these
+        settings replace them.
 
         ``relabel`` (``--reparse``) accepts another label set or schema: the stored replies are
         read again under the new one, and nothing is sent.
@@ -149,10 +147,16 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
             journal.set_meta("settings", settings)
         else:
             diffs = settings_diff(stored, settings)
-            if diffs:
-                # A run stopped as its first rows all failed (a setting to fix: the stop says so)
-                # answered and paid for nothing: its failures go, to be sent with these settings.
-                free = adopt and journal.paid_nothing(RESCUE_NAME)
+            # A run stopped as its first rows all failed (a setting to fix: the stop says so)
+            # answered and paid for nothing: its failures go, to be sent with these settings.
+            free = bool(diffs) and adopt and journal.paid_nothing(RESCUE_NAME)
+            resized = None if free or not adopt else length_change(stored, settings)
+            if resized is not None:
+                # Only max_tokens: what was answered stands, rows refused over the window are
+                # weighed again (the summary's hint to lower it must not end in --restart).
+                journal.set_meta("settings", settings)
+                journal.resized = (*resized, journal.reweigh_over_window())
+            elif diffs:
                 conn.close()
                 if free:
                     fresh = cls.open(directory, settings, restart=True, relabel=relabel)

@@ -287,6 +287,21 @@ def migrate(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+def length_change(stored: dict[str, Any], current: dict[str, Any]) -> tuple[int, int] | None:
+    """(old, new) ``max_tokens`` when that is all two request settings differ by, else None.
+
+    A reply made with another ``max_tokens`` still answers its prompt (``truncated`` says when
+    the limit cut it): a journal resumes across that change and keeps what it paid for, where
+    any other setting makes other requests (``--restart``)."""
+    old_params, new_params = dict(stored.get("params") or {}), dict(current.get("params") or {})
+    old, new = old_params.pop("max_tokens", None), new_params.pop("max_tokens", None)
+    if old == new or not isinstance(old, int) or not isinstance(new, int):
+        return None
+    if {**stored, "params": old_params} != {**current, "params": new_params}:
+        return None
+    return old, new
+
+
 def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming each request setting that differs: ``template: 'a' -> 'b'``."""
     flat_old, flat_new = _flatten(stored), _flatten(current)

@@ -43,6 +43,17 @@ def open_journal(
             f"discarded the {plural(failed, 'failed row')} of {job.journal_dir} written with other "
             f"settings ({diffs}): nothing in it was answered or paid for; sent again with these"
         )
+    if journal.resized is not None:
+        old, new, reweighed = journal.resized
+        answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+        again = (
+            f"; {plural(reweighed, 'row')} refused over the context window weighed again" if reweighed else ""
+        )
+        warn(
+            f"max_tokens is {new:,}, the journal's was {old:,}: its {plural(answered, 'answered row')} "
+            f"keep their replies, the rows sent now use {new:,}{again} (--restart sends every row "
+            "again, paid again)"
+        )
     if journal.imported:
         warn(f"imported {journal.imported:,} replies an earlier run could not write to the journal")
     prices = p.model.prices

@@ -38,7 +38,11 @@ class SpendBook:
     conn: sqlite3.Connection
     directory: Path
     counts_before: dict[str, int]
+    rows_before: int
     has_attempts: bool
+
+    def status_counts(self) -> dict[str, int]:
+        raise NotImplementedError  # journal.Journal's
 
     def maybe_billed(self, current: bool = True, add: tuple[int, int] = (0, 0)) -> dict[str, int]:
         raise NotImplementedError  # inflight.InflightBook's
@@ -174,6 +178,20 @@ class SpendBook:
             (ids,),
         ).rowcount
         conn.execute("COMMIT")
+        return gone
+
+    def reweigh_over_window(self) -> int:
+        """Rows refused as over the context window with an earlier ``max_tokens`` (never sent,
+        paid nothing): pending again, to be weighed with this run's. Returns how many."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        gone = conn.execute(
+            "DELETE FROM rows WHERE status = 'error' AND error_class = 'ContextWindowExceeded' "
+            "AND input_cost_pico IS NULL AND output_cost_pico IS NULL AND attempts = 0"
+        ).rowcount
+        conn.execute("COMMIT")
+        self.counts_before = self.status_counts()
+        self.rows_before = sum(self.counts_before.values())
         return gone
 
     def committed_pico(self) -> int:

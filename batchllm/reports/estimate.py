@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from ..engine.admission import Admission
 from ..engine.checks import Prepared, prepare
 from ..engine.journal import DB_NAME, Journal
+from ..engine.journal_schema import length_change
 from ..engine.packed import packs_for
 from ..errors import JobError, SettingsMismatch
 from ..job import Job
@@ -311,16 +312,18 @@ def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
 
 def done_journal(job: Job) -> Journal | None:
     """The output's journal, read-only, when it holds rows done with this job's settings (the
-    sandbox aside); else None. Its rows a run would not send again are left out of the estimate."""
+    sandbox and max_tokens aside, as a run resumes); else None. Its rows a run would not send again are left out of the estimate."""
     if not (job.journal_dir / DB_NAME).is_file():
         return None
     try:
         journal = Journal.open_readonly(job.journal_dir)
         stored = journal.get_meta("settings") or {}
         ours = job.request_settings()
-        same = {k: v for k, v in stored.items() if k != "sandbox"} == {
-            k: v for k, v in ours.items() if k != "sandbox"
-        }
+        stored, ours = (
+            {k: v for k, v in stored.items() if k != "sandbox"},
+            {k: v for k, v in ours.items() if k != "sandbox"},
+        )
+        same = stored == ours or length_change(stored, ours) is not None  # a run would resume it
         if same and journal.status_counts():
             return journal
         journal.conn.close()
