@@ -413,3 +413,27 @@ def test_rows_too_long_for_the_pack_tokens_say_what_sends_them(sandbox, tmp_path
     result = run_labels(sandbox, src, out, "--pack", "5", "--pack-tokens", least.group(1))
     assert result.exit_code == 1 and sandbox.count() == 0, result.output
     assert "4 rows too long for a pack of --pack-tokens, not sent: a higher --pack-tokens" in result.output
+
+
+def test_estimate_cuts_packs_by_pack_tokens_as_the_run_does(sandbox_factory, tmp_path: Path) -> None:
+    """`estimate --pack N --pack-tokens T` counts the packs a run makes: no more than N rows,
+    and no more tokens than T with their reply allowance (it said ceil(rows / N) whatever T
+    was); rows too long for any pack are counted as the run refuses them."""
+    rng = __import__("random").Random(7)
+    vocab = ["good", "bad", "fine", "slow", "great", "awful", "cheap", "sturdy", "late", "broken"]
+    rows = [{"id": f"r{i}", "text": " ".join(rng.choices(vocab, k=rng.randint(3, 70)))} for i in range(80)]
+    rows += [{"id": "long", "text": " ".join(vocab * 60)}]
+    src = write_csv(tmp_path / "in.csv", rows)
+    for limit in ("520", "800", "4000"):
+        box = sandbox_factory(**CLEAN)
+        out = tmp_path / f"o{limit}.parquet"
+        flags = ["--template", "Classify: {text}", "--labels", ",".join(LABELS), "--max-tokens", "16"]
+        flags += ["--pack", "10", "--pack-tokens", limit, "--id-column", "id"]
+        est = run_cli(["estimate", str(src), *flags, "--format", "json"], env=box.env())
+        assert est.exit_code == 0, est.output
+        packing = json.loads(est.stdout)["packing"]
+        run = run_cli(["run", str(src), "-o", str(out), *flags, "--rpm", "0"], env=box.env())
+        assert run.exit_code in (0, 1), run.output
+        assert packing["requests"] == box.sandbox.stats["packs"], (limit, packing, box.sandbox.stats)
+        assert packing["rows_too_long_for_a_pack"] == summary_of(out)["rows"]["over_window"], limit
+    assert packing["requests"] == 9  # 4,000 tokens: packs of 10, the long row among them

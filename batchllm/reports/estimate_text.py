@@ -107,7 +107,12 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             (
                 f"packed, {pk['pack']} rows a request",
                 f"{pk['requests']:,} requests, {pk['prompt_tokens']:,} prompt tokens "
-                f"({pk['prompt_tokens_one_row_a_request']:,} one row a request)",
+                f"({pk['prompt_tokens_one_row_a_request']:,} one row a request)"
+                + (
+                    f"; {pk['rows_too_long_for_a_pack']:,} rows too long for a pack (not sent)"
+                    if pk.get("rows_too_long_for_a_pack")
+                    else ""
+                ),
             )
         )
     if "prompt_cache" in e:
