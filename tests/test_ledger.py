@@ -20,7 +20,7 @@ from batchllm.ledger import month_bounds
 from batchllm.pricing import parse_usd, usd_text
 from batchllm.reports.spend import build_spend
 
-from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of
+from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of, write_csv
 from .test_resume import _wait_for_rows
 
 
@@ -802,3 +802,22 @@ def test_a_killed_runs_requests_are_what_its_journal_shows_it_sent(
         runs[0]["requests"] + runs[1]["requests"] == 1500 + lost >= sum(box.count() for box in boxes) >= 1500
     )
     assert runs[0]["prompt_tokens"] > 0 and runs[0]["rows_ok"] == saved
+
+
+def test_a_refresh_of_changed_rows_counts_the_rows_it_answered(sandbox, tmp_path: Path) -> None:
+    """--refresh-changed answers edited rows in place of their entries: the ledger's run counts
+    them (it said 0 rows, so its cost per 1,000 rows was unknown), and the runs' costs add up."""
+    ledger = tmp_path / "ledger.db"
+    rows = [{"id": f"r{i}", "prompt": f"Question {i}?"} for i in range(20)]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    base = [str(src), "-o", str(out), "--id-column", "id", "--ledger", str(ledger), "--rpm", "0"]
+    assert run_cli(["run", *base], env=sandbox.env()).exit_code == 0
+    for r in rows[:5]:
+        r["prompt"] += " Answer in French."
+    write_csv(src, rows)
+    refreshed = run_cli(["run", *base, "--refresh-changed"], env=sandbox.env())
+    assert refreshed.exit_code == 0, refreshed.output
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [r["rows_ok"] for r in runs] == [20, 5]
+    assert sum(Decimal(r["cost_usd"]) for r in runs) == _cost(out)

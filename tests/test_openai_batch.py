@@ -187,6 +187,9 @@ def test_a_cut_off_last_line_is_reported_and_the_rest_imported(sandbox, tmp_path
     assert "is cut off (not imported)" in result.output
     rows = table(out)
     assert sum(r["status"] == "ok" for r in rows) == 199 and sum(r["status"] == "pending" for r in rows) == 1
+    # status names the run that sends the pending row, not the import (which would send nothing).
+    status = run_cli(["status", str(out)]).stdout
+    assert "to send the rows not done live: batchllm run " in status and "import-batch" not in status, status
 
 
 def test_vllm_results_with_errors_inline(sandbox, tmp_path: Path) -> None:

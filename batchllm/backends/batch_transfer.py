@@ -155,7 +155,18 @@ def import_batch(
             paid = [add_splits(journal, splits, have), add_refused(journal, refused), tuple(-x for x in back)]
             journal.set_meta(
                 "last_run",
-                {"command": command, "input": str(job.input), "input_rows": p.rows, "started_at": started},
+                {
+                    "command": command,
+                    "input": str(job.input),
+                    "input_rows": p.rows,
+                    "started_at": started,
+                    # Importing the same files again sends nothing: status names the run that does.
+                    **(
+                        {"next": "to send the rows not done live", "resume": live_command}
+                        if live_command
+                        else {}
+                    ),
+                },
             )
             journal.flush()
             stats = Stats(ok=outcome.ok, error=outcome.error, invalid=outcome.invalid)

@@ -255,7 +255,8 @@ class RunRecord:
             "cached_tokens = ?, cached_saved_pico = ? WHERE run_id = ?",
             (
                 time.time(), summary.get("exit_code"), summary.get("stop_reason"), summary.get("message"),
-                rows.get("total"), max(delta.ok, 0), max(delta.error, 0), max(delta.invalid, 0),
+                # A row answered again in place of its entry (--refresh-changed) adds no entry.
+                rows.get("total"), max(delta.ok, this.get("rows_sent_ok", 0)), max(delta.error, 0), max(delta.invalid, 0),
                 rows.get("pending"), this.get("requests", 0), delta.prompt_tokens, delta.completion_tokens,
                 delta.spent_pico, this.get("answered_by_other_rows", 0), this.get("cache_hits", 0),
                 _pico(this.get("cache_saved_usd")), billed_requests, billed_pico,
