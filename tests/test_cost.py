@@ -168,6 +168,18 @@ def test_an_estimate_of_a_partly_done_output_says_what_is_left(sandbox, tmp_path
     assert finished.exit_code == 0, finished.stderr
     this_run = Decimal(summary_of(out)["this_run"]["cost_usd"])
     assert 0 < this_run <= Decimal(e["worst_case_left_usd"])
+    # The input loses its last 10 rows: what is done of it paid for its 50 rows alone; the
+    # journal's figure for the whole output is said apart.
+    costs = [Decimal(str(c)) for c in pq.read_table(out).column("cost_usd").to_pylist()]
+    src.write_text("".join(src.read_text().splitlines(keepends=True)[:51]))
+    e = json.loads(run_cli(["estimate", *common, "--format", "json"], env=sandbox.env()).stdout)
+    assert e["rows_already_done"] == 50 and e["rows_left_to_send"] == 0
+    assert Decimal(e["already_paid_usd"]) == sum(costs[:50]) < Decimal(e["output_paid_usd"]) == sum(costs)
+    text = run_cli(["estimate", *common], env=sandbox.env()).stdout
+    assert (
+        f"50 rows, ${e['already_paid_usd']} paid (the output's journal: ${e['output_paid_usd']} in all)"
+        in text
+    )
 
     other = prompts_csv(tmp_path / "other.csv", 20, start=100)
     later = tmp_path / "later.parquet"

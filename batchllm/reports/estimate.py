@@ -94,7 +94,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # its bytes, as run reserves it (Admission.prompt_bound); "expected" keeps the guess.
     bounds = None if admission.counter.exact else np.zeros(p.rows, dtype=np.int32)
     over: list[str] = []
-    over_count = empty = too_long = done = 0
+    over_count = empty = too_long = done = paid_done = 0
     position = 0
     journal = done_journal(job)  # rows a run of the output would not send again
     done_mask = np.zeros(p.rows, dtype=bool)
@@ -102,6 +102,9 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         pb = p.builder.build(batch, position)
         own: list[int | None] = [None] * batch.num_rows
         skip = done_rows(journal, pb, job, p.builder.ids_embed_hash) if journal is not None else set()
+        if skip and journal is not None:  # what these rows paid: the output may hold others too
+            entries = journal.fetch([pb.row_ids[i] for i in skip]).values()
+            paid_done += sum((e.input_cost_pico or 0) + (e.output_cost_pico or 0) for e in entries)
         if pb.requests is not None:  # a request file: whole requests, counted as sent
             n = [admission.counter.count_messages(r.messages) for r in pb.requests]
             own = [r.max_tokens or job.max_tokens for r in pb.requests]
@@ -202,7 +205,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "rows_to_send": rows_sent,
         # Done in the output's journal (same settings): a run sends the rest, at most this more.
         "rows_already_done": done,
-        "already_paid_usd": usd_text(paid),
+        "already_paid_usd": usd_text(None if paid is None else paid_done),
+        "output_paid_usd": usd_text(paid),  # with rows no longer in the input, and earlier answers
         "rows_left_to_send": int(left.sum()),
         "worst_case_left_usd": usd_text(worst_left),
         "rows_answered_by_identical_rows": duplicates,
@@ -312,7 +316,8 @@ def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
 
 def done_journal(job: Job) -> Journal | None:
     """The output's journal, read-only, when it holds rows done with this job's settings (the
-    sandbox and max_tokens aside, as a run resumes); else None. Its rows a run would not send again are left out of the estimate."""
+    sandbox and max_tokens aside, as a run resumes); else None. Its rows a run would not send
+    again are left out of the estimate."""
     if not (job.journal_dir / DB_NAME).is_file():
         return None
     try:

@@ -33,7 +33,13 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             [
                 (
                     "already done in the output",
-                    f"{e['rows_already_done']:,} rows, ${e['already_paid_usd']} paid; "
+                    f"{e['rows_already_done']:,} rows, ${e['already_paid_usd']} paid"
+                    + (
+                        f" (the output's journal: ${e['output_paid_usd']} in all)"
+                        if e.get("output_paid_usd") not in (None, e["already_paid_usd"])
+                        else ""
+                    )
+                    + "; "
                     f"{e['rows_left_to_send']:,} left to send"
                     + (f", at most ${e['worst_case_left_usd']}" if e.get("worst_case_left_usd") else ""),
                 )
