@@ -348,3 +348,21 @@ def _costs(out: Path) -> list[dict]:
     with sqlite3.connect(f"file:{out}.batchllm/journal.sqlite?mode=ro", uri=True) as conn:
         cur = conn.execute("SELECT input_cost_pico, output_cost_pico FROM rows")
         return [{"input_cost_pico": a, "output_cost_pico": b} for a, b in cur]
+
+
+def test_an_output_whose_journal_is_gone_is_not_paid_for_again(sandbox_factory, tmp_path: Path) -> None:
+    """The journal deleted as clutter: the same command would send every row again and write
+    over the answers. It is refused, naming the output and what it holds; --restart sends them."""
+    box = sandbox_factory()
+    src, out = prompts_csv(tmp_path / "in.csv", 30), tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--progress", "none"]
+    assert run_cli(args, env=box.env()).exit_code == 0
+    shutil.rmtree(f"{out}.batchllm")
+    before, sent = out.read_bytes(), box.count()
+    again = run_cli(args, env=box.env())
+    assert again.exit_code == 2, again.stderr
+    assert f"{out} holds 30 answered rows ($" in again.stderr and "journal" in again.stderr
+    assert "--restart" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert box.count() == sent and out.read_bytes() == before
+    restarted = run_cli([*args, "--restart"], env=box.env())
+    assert restarted.exit_code == 0 and box.count() == sent + 30

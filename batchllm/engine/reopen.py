@@ -16,6 +16,7 @@ from . import outside
 from .checks import Prepared
 from .counts import plural
 from .journal import DB_NAME, Journal
+from .output import read_summary
 
 
 def open_journal(
@@ -26,6 +27,8 @@ def open_journal(
     job = p.job
     if discarded := restart_notice(job):
         warn(discarded)
+    if not job.restart and not (job.journal_dir / DB_NAME).is_file():
+        refuse_orphaned_output(job)
     journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
     lost, lost_pico = journal.start_inflight()
     outside.on_open(journal, job.input)
@@ -73,6 +76,24 @@ def open_journal(
         },
     )
     return journal, (lost, lost_pico)
+
+
+def refuse_orphaned_output(job: Job) -> None:
+    """An output holding answers whose journal is gone (deleted as clutter, or the output copied
+    without it): a run would send every row again, paid again, and write over them. Refused;
+    ``--restart`` says that is meant."""
+    summary = read_summary(job.output) if job.output.exists() else None
+    rows = (summary or {}).get("rows") or {}
+    answered = int(rows.get("ok") or 0) + int(rows.get("invalid") or 0)
+    if not answered:
+        return
+    paid = ((summary or {}).get("cost_usd") or {}).get("total")
+    raise JobError(
+        f"{job.output} holds {plural(answered, 'answered row')}"
+        + (f" (${paid} paid)" if paid else "")
+        + f" but its journal {job.journal_dir} is gone: this run would send every row again and "
+        "write over them. Give another -o, or --restart to send them all again"
+    )
 
 
 def restart_notice(job: Job) -> str | None:
