@@ -355,3 +355,30 @@ def test_an_imported_batch_costs_the_bill_at_the_batchs_cached_price(
     saved = stats["cached_tokens"] * (batch.input_pico - batch.cached_input_pico)
     assert pico(summary["tokens"]["cached_saved_usd"]) == saved
     assert "prompt cache:" in result.output
+
+
+@pytest.mark.parametrize("pack", [[], ["--pack", "10"]], ids=["alone", "packed"])
+def test_a_pilots_expected_cost_is_at_the_cached_price(
+    sandbox_factory: Any, tmp_path: Path, pack: list[str]
+) -> None:
+    """A pilot of a job whose long shared instruction the server caches: the expected cost is
+    what the run then costs within 10%, not the price of uncached prompts (it said 1.8x the
+    bill), and one row a request, its interval holds the run's cost."""
+    # A Llama model at given prices: its token counts are exact, so the prompt's part is too.
+    box = sandbox_factory(latency=0.05, prices=(310_000, 340_000, 155_000))
+    args = job_args(tmp_path, 400, "pilot.parquet", "--concurrency", "16", "--labels",
+                    "positive,negative,neutral", "--max-tokens", "16", "--input-price", "0.31",
+                    "--output-price", "0.34", "--cached-input-price", "0.155", *pack)  # fmt: skip
+    args[args.index("gpt-4o-mini")] = "meta/llama-3.1-70b-instruct"
+    estimate = ["estimate", *args[1:], "--pilot", "60", "--format", "json"]
+    e = orjson.loads(run_cli(estimate, env=box.openai_env()).stdout)
+    money = e["cost_usd"]
+    assert "prompt_cache" in e, e
+    ran = run_cli(args, env=box.openai_env())
+    assert ran.exit_code == 0, ran.output
+    paid = pico(summary_of(tmp_path / "pilot.parquet")["cost_usd"]["total"])
+    assert paid == box.sandbox.stats["billed_pico"]
+    low, expected, high = (pico(money[k]) for k in ("expected_low", "expected", "expected_high"))
+    assert abs(expected - paid) / paid < 0.1, (money, paid)
+    if not pack:  # packs share more than the instruction: a little more is cached than projected
+        assert low <= paid <= high, (money, paid)

@@ -242,6 +242,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         result["requests"]["per_row_worst_case"] = round(worst_requests / max(rows_sent, 1), 2)
     requests = packed["requests"] if packed is not None else rows_sent
     cached = projected_cache(p, packs.prefix if packs is not None else p.maker().prefix, requests)
+    with_cache: int | None = None
     if cached is not None:
         first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens
         with_cache, _ = cost(model.prices, first_prompt, 0, cached["cached_tokens"])
@@ -255,13 +256,18 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     if observed is not None and model.prices is not None and prompt_cost is not None:
         # A row's requests as observed (a labeling row's re-asks and samples), the first request's
         # exact prompt cost for each of them; no more than the worst case allows.
-        mean_requests = min(float(np.mean(observed.requests)) if observed.requests else 1.0, per_row)
+        # At the cache's projected price when the server caches the shared prefix (each re-ask
+        # and sample repeats it too), and spread as much as the rows' requests were.
+        asked = np.asarray(observed.requests or [1.0], dtype=np.float64)
+        mean_requests = min(float(asked.mean()), per_row)
         result["requests"]["expected_per_row"] = round(mean_requests, 3)
+        first_cost = with_cache if cached is not None and with_cache is not None else prompt_cost
+        spread = float(asked.std(ddof=1)) if asked.size > 1 else 0.0
         result["cost_usd"].update(
             _expected(
                 np.asarray(observed.completions, dtype=np.float64),
                 rows_sent,
-                round(prompt_cost * max(mean_requests, 1.0)),
+                (round(first_cost * max(mean_requests, 1.0)), round(first_cost * spread / max(rows_sent, 1))),
                 model.prices.output_pico,
                 mt * per_row if replies is None else replies.astype(np.int64) * per_row,
             )
@@ -370,12 +376,14 @@ def _same(values: np.ndarray) -> bool:
 
 
 def _expected(
-    observed: np.ndarray, rows: int, prompt_cost: int, out_pico: int, caps: int | np.ndarray
+    observed: np.ndarray, rows: int, prompt: tuple[int, int], out_pico: int, caps: int | np.ndarray
 ) -> dict[str, Any]:
-    """Expected completion cost; ``caps``: a row's most completion tokens, one for all or each
-    row's own (a request file's lines), which no row's expected length exceeds."""
+    """Expected cost: ``prompt`` is the batch's expected prompt cost and the standard deviation
+    of a row's (from its requests'); ``caps``: a row's most completion tokens, one for all or
+    each row's own (a request file's lines), which no row's expected length exceeds."""
     if observed.size == 0:
         raise JobError("no completed rows to learn completion lengths from")
+    prompt_cost, prompt_sd = prompt
     if isinstance(caps, int):
         top, ceiling = caps, rows * caps
     else:
@@ -386,10 +394,12 @@ def _expected(
     half = 1.96 * sd * math.sqrt(rows) + 1.96 * sd / math.sqrt(observed.size) * rows
     total = rows * mean if isinstance(caps, int) else float(np.minimum(caps, mean).sum())
     low, high = math.floor(max(0.0, total - half)), math.ceil(min(ceiling, total + half))
+    # The same interval for the prompt's part, when rows took more requests than others.
+    spread = round(1.96 * prompt_sd * (math.sqrt(rows) + rows / math.sqrt(observed.size)))
     return {
         "expected": usd_text(prompt_cost + round(total) * out_pico),
-        "expected_low": usd_text(prompt_cost + low * out_pico),
-        "expected_high": usd_text(prompt_cost + high * out_pico),
+        "expected_low": usd_text(max(0, prompt_cost - spread) + low * out_pico),
+        "expected_high": usd_text(prompt_cost + spread + high * out_pico),
         "observed_rows": int(observed.size),
         "observed_mean_completion_tokens": round(mean, 1),
         "expected_completion_tokens": round(total),
