@@ -613,3 +613,14 @@ def test_an_approximate_worst_case_bounds_a_run_of_multibyte_text(sandbox, tmp_p
     llama = json.loads(run_cli(["estimate", src, "--id-column", "id", "--format", "json"]).stdout)
     assert llama["worst_case_prompts"] == "exact"
     assert "bytes" not in run_cli(["estimate", src, "--id-column", "id"]).stdout
+
+
+def test_a_pilots_usage_error_is_found_before_it_pays(sandbox, tmp_path: Path) -> None:
+    """--gold without --labels is refused before the pilot sends anything (exit 2: nothing sent)."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"Is {i} even?", "truth": "yes"} for i in range(30)])
+    out = tmp_path / "out.parquet"
+    result = run_cli(
+        ["estimate", str(src), "-o", str(out), "--pilot", "10", "--gold", "truth"], env=sandbox.env()
+    )
+    assert result.exit_code == 2 and "--gold goes with --pilot and --labels" in result.stderr
+    assert sandbox.count() == 0 and not out.with_name(out.name + ".batchllm").exists()

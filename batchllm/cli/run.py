@@ -147,6 +147,11 @@ def estimate_cmd(
     if sizes is not None:
         values["pack"] = sizes[0]
     job = build_job(values, job_file=job_file, flag_names=given)
+    # Usage errors before a pilot pays for anything.
+    if gold is not None and (pilot is None or job.labeling is None):
+        raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
+    if job.fleet is not None and compare:  # the plan is a fleet's comparison: its endpoints side by side
+        raise JobError("--compare goes without --fleet: the fleet's plan compares its endpoints; drop one")
     if sizes is not None:
         return _pack_table(job, sizes, pilot, gold, keep, fmt)
     observed, accuracy = None, None
@@ -162,13 +167,7 @@ def estimate_cmd(
             reporter.close()
         if code not in (ExitCode.OK, ExitCode.ROW_ERRORS):
             return fail(f"the pilot stopped: {message}", code)
-    if gold is not None and (pilot is None or job.labeling is None):
-        raise JobError("--gold goes with --pilot and --labels: it scores the pilot's labels")
     if job.fleet is not None:
-        if compare:  # the plan is a fleet's comparison: its endpoints side by side
-            raise JobError(
-                "--compare goes without --fleet: the fleet's plan compares its endpoints; drop one"
-            )
         return _fleet_plan(job, job.deadline, from_run, observed, fmt)
     if compare:
         from ..reports.compare import compare as compare_models
