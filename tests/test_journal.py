@@ -11,6 +11,7 @@ from batchllm.engine.client import Client
 from batchllm.engine.dispatch import Dispatcher, StopReason
 from batchllm.engine.inflight import LOG_NAME, InflightLog, count, read_log, replay
 from batchllm.engine.journal import KEY_BATCH, RESCUE_NAME, RESUME_ATTEMPTS, Journal, settings_diff
+from batchllm.engine.journal_schema import SCHEMA_VERSION
 from batchllm.engine.plan import WorkItem
 from batchllm.engine.ratelimit import Backoff, RateLimiter
 from batchllm.job import build_job
@@ -298,7 +299,7 @@ def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> No
     conn.commit()
     conn.close()
     journal = Journal.open(tmp_path, SETTINGS)
-    assert journal.get_meta("schema_version") == 11
+    assert journal.get_meta("schema_version") == SCHEMA_VERSION
     assert journal.attempts_for(["2-h"])["2-h"][0].confidence is None
     journal.add_attempt("2-h", 1, Attempt(0, "reask", "positive", 1, 2, 3, 4, False), '["positive",0.25]')
     journal.add_attempt("3-h", 0, Attempt(0, "first", "{}", 1, 2, 3, 4, False), '{"a":0.5,"b":null}')
@@ -314,4 +315,32 @@ def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> No
     journal.supersede("4-h", RESUME_ATTEMPTS)
     journal.flush()
     assert journal.attempts_for(["4-h"])["4-h"][0].confidence == ["positive", sure]
+    journal.close()
+
+
+def test_a_schema_11_journal_gains_the_attempts_cached_tokens(tmp_path: Path) -> None:
+    """Schema 12 added cached_tokens to attempts: an older journal's attempts read back with 0,
+    new ones keep theirs, and an entry made an attempt (a row re-asked) keeps its own."""
+    import sqlite3
+
+    from batchllm.labeling.rows import Attempt
+
+    journal = Journal.open(tmp_path, SETTINGS)
+    journal.add_attempt("2-h", 0, Attempt(0, "first", "x", 1, 2, 3, 4, False))
+    journal.close()
+    conn = sqlite3.connect(tmp_path / "journal.sqlite")
+    conn.execute("ALTER TABLE attempts DROP COLUMN cached_tokens")
+    conn.execute("UPDATE meta SET value = '11' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    journal = Journal.open(tmp_path, SETTINGS)
+    assert journal.get_meta("schema_version") == SCHEMA_VERSION == 12
+    assert journal.attempts_for(["2-h"])["2-h"][0].cached_tokens == 0
+    journal.add_attempt("2-h", 1, Attempt(0, "reask", "y", 1280, 2, 3, 4, False, cached_tokens=1024))
+    journal.add(record(3)._replace(cached_tokens=512, response="z"))
+    journal.flush()
+    assert [a.cached_tokens for a in journal.attempts_for(["2-h"])["2-h"]] == [0, 1024]
+    journal.supersede("3-h", RESUME_ATTEMPTS)
+    journal.flush()
+    assert [a.cached_tokens for a in journal.attempts_for(["3-h"])["3-h"]] == [512]
     journal.close()

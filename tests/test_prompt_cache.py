@@ -382,3 +382,29 @@ def test_a_pilots_expected_cost_is_at_the_cached_price(
     assert abs(expected - paid) / paid < 0.1, (money, paid)
     if not pack:  # packs share more than the instruction: a little more is cached than projected
         assert low <= paid <= high, (money, paid)
+
+
+def test_rows_re_asked_on_a_later_run_keep_their_earlier_cached_tokens(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Labels read again under a smaller set (--reparse), then the invalid rows re-asked
+    (--retry-errors): each row's cached tokens are all its requests' (its first reply's were
+    counted 0 once it was re-asked, while its cost kept them), so the column, the summary and
+    the saving add up to the server's count."""
+    box = sandbox_factory(prices=BILL)
+    out = tmp_path / "relabel.parquet"
+    three = job_args(tmp_path, 120, out.name, "--concurrency", "8", "--max-tokens", "8")
+    assert run_cli([*three, "--labels", "positive,negative,neutral"], env=box.openai_env()).exit_code in (
+        0,
+        1,
+    )
+    two = [*three, "--labels", "positive,negative"]
+    assert run_cli([*two, "--reparse"], env=box.openai_env()).exit_code in (0, 1)
+    reasked = run_cli([*two, "--retry-errors"], env=box.openai_env())
+    assert reasked.exit_code in (0, 1), reasked.output
+    table = read_output(out).to_pylist()
+    stats = box.sandbox.stats
+    assert any(r["reasks"] for r in table)
+    assert sum(r["cached_tokens"] for r in table) == stats["cached_tokens"] > 0
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
+    assert summary_of(out)["tokens"]["cached"] == stats["cached_tokens"]

@@ -25,7 +25,8 @@ class AttemptBook:
         """The journaled requests of these rows, in order (a labeling row resumes from them)."""
         cur = self.conn.execute(
             "SELECT row_id, sample, kind, text, prompt_tokens, completion_tokens, input_cost_pico, "
-            "output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, confidence "
+            "output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, confidence, "
+            "cached_tokens "
             "FROM attempts WHERE row_id IN (SELECT value FROM json_each(?)) ORDER BY row_id, seq",
             (orjson.dumps(list(row_ids)),),
         )
@@ -34,7 +35,20 @@ class AttemptBook:
             sure = None if r[13] is None else orjson.loads(r[13])  # labeling/confidence.py ``stored``
             out.setdefault(r[0], []).append(
                 Attempt(
-                    r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11], 0, r[12], sure
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    r[7],
+                    bool(r[8]),
+                    r[9],
+                    r[10],
+                    r[11],
+                    r[14] or 0,
+                    r[12],
+                    sure,
                 )
             )
         return out
@@ -47,7 +61,8 @@ class AttemptBook:
         return {
             r: [Attempt(0, "first", e.response, e.prompt_tokens or 0, e.completion_tokens or 0,
                         e.input_cost_pico, e.output_cost_pico, bool(e.truncated), endpoint=e.endpoint,
-                        served_model=e.served_model, confidence=_kept(e.extra))]
+                        cached_tokens=e.cached_tokens or 0, served_model=e.served_model,
+                        confidence=_kept(e.extra))]
             for r, e in self.fetch(row_ids).items()
             if e.response is not None
         }  # fmt: skip

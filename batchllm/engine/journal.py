@@ -227,7 +227,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         self._pending_attempts.append(
             (row_id, seq, a.sample, a.kind, a.text, a.prompt_tokens, a.completion_tokens,
              a.input_cost_pico, a.output_cost_pico, a.truncated, a.pack_id, a.pack_position, a.endpoint,
-             a.served_model, confidence)
+             a.served_model, confidence, a.cached_tokens)
         )  # fmt: skip
         self._schedule()
 
@@ -309,7 +309,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
             return 0
         records, attempts = read_rescued(path)
         self.conn.execute("BEGIN")
-        self.conn.executemany(INSERT_ATTEMPT, attempts)
+        self.conn.executemany(INSERT_ATTEMPT, [(*a, None)[:16] for a in attempts])  # older: no cached
         self.conn.executemany(INSERT_ROW, records)
         self.conn.execute("COMMIT")
         path.unlink()

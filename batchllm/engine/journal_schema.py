@@ -23,7 +23,9 @@ verdicts, review/verdicts.py) is created in any journal when opened. Schema 8 ad
 the rows of an older journal, and ``served_model`` to both (the model a reply named), added to an
 older journal when opened. Schema 11 added ``confidence`` to ``attempts`` (a reply's confidence,
 labeling/confidence.py ``stored``: a row resumed or read again by ``--reparse`` keeps it; a row's
-entry has it in ``extra``), NULL in an older journal's attempts. The ``refused`` table (the
+entry has it in ``extra``), NULL in an older journal's attempts. Schema 12 added ``cached_tokens``
+to ``attempts`` (a row resumed from its attempts counted 0 for them; their costs were exact), NULL
+in an older journal's attempts. The ``refused`` table (the
 result lines whose cost ``import-batch`` carried for a row it refused, spend.py ``add_refused``)
 is created in any journal when opened.
 """
@@ -41,7 +43,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -93,6 +95,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     endpoint TEXT,
     served_model TEXT,
     confidence TEXT,
+    cached_tokens INTEGER,
     PRIMARY KEY (row_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reviews (
@@ -143,7 +146,7 @@ CARRY_PAID = "INSERT INTO carried VALUES (?, ?, ?, ?, ?, ?)" + _ADD_UP
 AS_ATTEMPT = (
     "INSERT INTO attempts (row_id, seq, sample, kind, text, prompt_tokens, completion_tokens, "
     "input_cost_pico, output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, "
-    "confidence) SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
+    "confidence, cached_tokens) SELECT row_id, 0, 0, 'first', response, COALESCE(prompt_tokens, 0), "
     "COALESCE(completion_tokens, 0), input_cost_pico, output_cost_pico, COALESCE(truncated, 0), "
     "json_extract(extra, '$.pack_id'), json_extract(extra, '$.pack_position'), endpoint, served_model, "
     # A label's confidence kept with the label it measured (labeling/confidence.py ``stored``), as
@@ -151,7 +154,7 @@ AS_ATTEMPT = (
     "CASE WHEN json_type(extra, '$.confidence') IN ('real', 'integer') "
     "AND json_type(extra, '$.value') = 'text' "
     "THEN '[' || (extra -> '$.value') || ',' || (extra -> '$.confidence') || ']' "
-    "ELSE extra -> '$.confidence' END "
+    "ELSE extra -> '$.confidence' END, cached_tokens "
     "FROM rows WHERE row_id = ?1 AND response IS NOT NULL "
     "AND NOT EXISTS (SELECT 1 FROM attempts WHERE row_id = ?1)"
 )
@@ -188,7 +191,7 @@ _ADDED = {
 INSERT_ATTEMPT = (
     "INSERT OR REPLACE INTO attempts (row_id, seq, sample, kind, text, prompt_tokens, completion_tokens, "
     "input_cost_pico, output_cost_pico, truncated, pack_id, pack_position, endpoint, served_model, "
-    "confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "confidence, cached_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -243,20 +246,26 @@ def read_rescued(path: Path) -> tuple[list[Entry], list[tuple[Any, ...]]]:
     return records, [tuple(a + [None] * (15 - len(a))) for a in attempts]
 
 
+# Columns of ``attempts`` added since schema 6, in order.
+_ADDED_ATTEMPTS = {
+    "pack_id": "TEXT",
+    "pack_position": "INTEGER",
+    "endpoint": "TEXT",
+    "served_model": "TEXT",
+    "confidence": "TEXT",
+    "cached_tokens": "INTEGER",
+}
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring an older journal up to date: schema 1 gets the columns added since (``truncated``
     filled from the Dataoorts rule), and a journal before schema 5 its rows rebuilt with ``seq``
     (their request-key index is then built in bulk like any other, journal.py)."""
     packed = {r[1] for r in conn.execute("PRAGMA table_info(attempts)")}
-    if "pack_id" not in packed:
-        conn.execute("ALTER TABLE attempts ADD COLUMN pack_id TEXT")
-        conn.execute("ALTER TABLE attempts ADD COLUMN pack_position INTEGER")
-    if "endpoint" not in packed:
-        conn.execute("ALTER TABLE attempts ADD COLUMN endpoint TEXT")
-    if "served_model" not in packed:
-        conn.execute("ALTER TABLE attempts ADD COLUMN served_model TEXT")
-    if "confidence" not in packed:
-        conn.execute("ALTER TABLE attempts ADD COLUMN confidence TEXT")
+    added = [c for c in _ADDED_ATTEMPTS if c not in packed]
+    for column in added:
+        conn.execute(f"ALTER TABLE attempts ADD COLUMN {column} {_ADDED_ATTEMPTS[column]}")
+    if added:
         conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )

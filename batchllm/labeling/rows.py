@@ -44,8 +44,7 @@ class Attempt(NamedTuple):
     pack_id: str | None = None
     pack_position: int | None = None
     endpoint: str | None = None  # a fleet's endpoint that answered (engine/router.py)
-    # Of prompt_tokens, served from the server's prompt cache (not kept in the journal's attempts:
-    # a row resumed from them counts 0 for its earlier requests; their costs are kept exactly).
+    # Of prompt_tokens, served from the server's prompt cache.
     cached_tokens: int = 0
     served_model: str | None = None  # the model the reply named (records.Completion)
     # The probability the model gave its answer (labeling/confidence.py: a label's, or a schema's
