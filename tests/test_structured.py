@@ -278,3 +278,23 @@ def test_job_files_say_structured_as_a_word_or_a_boolean(tmp_path: Path) -> None
     assert build_job({**labeled, "structured": True}).structured == "on"
     assert not build_job({**labeled, "provider": "dataoorts"}).structured_output  # no JSON mode
     assert not build_job(base).structured_output  # nothing to hold a reply to
+
+
+@pytest.mark.parametrize("structured", ["on", "off"])
+def test_replies_longer_than_max_tokens_are_cut_as_a_server_cuts_them(
+    sandbox_factory, tmp_path: Path, structured: str
+) -> None:
+    """A schema's answer (JSON, no spaces) longer than max_tokens: the sandbox cuts it there as a
+    real server does (it sent it whole, marked truncated, and the row passed as ok), so the row
+    is invalid, every request billed at most max_tokens, and the bill is the rows' cost."""
+    box = sandbox_factory()
+    src = reviews(tmp_path, 20)
+    out = tmp_path / "o.parquet"
+    args = ["--json-schema", str(SCHEMA), "--max-tokens", "8", "--structured", structured]
+    result = run_openai(box, src, out, *args)
+    assert result.exit_code == 1, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "invalid" and r["truncated"] for r in rows)
+    stats = box.sandbox.stats
+    assert stats["completion_tokens"] <= 8 * box.count()
+    assert sum(r["completion_tokens"] for r in rows) == stats["completion_tokens"]

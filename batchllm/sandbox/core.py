@@ -357,6 +357,16 @@ class Sandbox:
         while len(words) > 1 and self.counter.completion_tokens(" ".join(words)) > max_tokens:
             words.pop()
         text = " ".join(words)
+        if self.counter.completion_tokens(text) > max_tokens:  # one word too long (JSON, no spaces)
+            low, high = 0, len(text)  # the longest start of it that fits
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (
+                    (mid, high)
+                    if self.counter.completion_tokens(text[:mid]) <= max_tokens
+                    else (low, mid - 1)
+                )
+            text = text[:low]
         return text, self.counter.completion_tokens(text), True
 
     def _fault(self) -> str | None:
