@@ -429,11 +429,15 @@ def test_estimate_cuts_packs_by_pack_tokens_as_the_run_does(sandbox_factory, tmp
         out = tmp_path / f"o{limit}.parquet"
         flags = ["--template", "Classify: {text}", "--labels", ",".join(LABELS), "--max-tokens", "16"]
         flags += ["--pack", "10", "--pack-tokens", limit, "--id-column", "id"]
-        est = run_cli(["estimate", str(src), *flags, "--format", "json"], env=box.env())
+        est = run_cli(["estimate", str(src), "-o", str(out), *flags, "--format", "json"], env=box.env())
         assert est.exit_code == 0, est.output
         packing = json.loads(est.stdout)["packing"]
         run = run_cli(["run", str(src), "-o", str(out), *flags, "--rpm", "0"], env=box.env())
         assert run.exit_code in (0, 1), run.output
         assert packing["requests"] == box.sandbox.stats["packs"], (limit, packing, box.sandbox.stats)
         assert packing["rows_too_long_for_a_pack"] == summary_of(out)["rows"]["over_window"], limit
+        # The report compares the packed estimate with the packed run (it took the unpacked one).
+        versus = json.loads(run_cli(["report", str(out), "--format", "json"]).stdout)["estimate_vs_actual"]
+        assert versus["prompt_tokens"]["estimated"] == packing["prompt_tokens"]
+        assert versus["prompt_tokens"]["of"] == "first pass"
     assert packing["requests"] == 9  # 4,000 tokens: packs of 10, the long row among them

@@ -285,9 +285,14 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     estimate = summary.get("estimate")
     if estimate:
         overall = report["overall"]
+        # Like for like: the pilot's expected tokens (re-asks and samples, packed or not), else the
+        # first pass as sent (packed, when packs were estimated).
+        expected = (estimate.get("tokens_expected") or {}).get("prompt")
+        first = (estimate.get("packing") or {}).get("prompt_tokens", estimate["prompt_tokens"]["total"])
         report["estimate_vs_actual"] = {
             "prompt_tokens": {
-                "estimated": estimate["prompt_tokens"]["total"],
+                "estimated": first if expected is None else expected,
+                "of": "first pass" if expected is None else "expected",
                 "actual": overall["prompt_tokens"],
             },
             "cost_usd": {

@@ -137,7 +137,8 @@ def write_html(path: Path, output: Path, by: str | None, gold: str | None = None
                 [
                     (
                         "prompt tokens",
-                        f"estimated {e['prompt_tokens']['estimated']:,}, actual {e['prompt_tokens']['actual']:,}",
+                        f"estimated {e['prompt_tokens']['estimated']:,} ({e['prompt_tokens']['of']}), "
+                        f"actual {e['prompt_tokens']['actual']:,}",
                     ),
                     (
                         "cost",

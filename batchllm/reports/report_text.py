@@ -171,7 +171,8 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             [
                 (
                     "prompt tokens",
-                    f"estimated {e['prompt_tokens']['estimated']:,}, actual {e['prompt_tokens']['actual']:,}",
+                    f"estimated {e['prompt_tokens']['estimated']:,} ({e['prompt_tokens']['of']}), "
+                    f"actual {e['prompt_tokens']['actual']:,}",
                 ),
                 (
                     "cost",
