@@ -50,7 +50,9 @@ class InputFile:
         # Another file than the input (--examples): --encoding is the input's, not offered for it.
         self.kind = kind
         self.format = "jsonl" if fmt == "jsonl-rows" else fmt or _format_of(path)  # which: below
-        self.delimiter = delimiter
+        # A .tsv file is tab-separated unless another --delimiter says otherwise.
+        tabbed = path.suffix.lower() in TAB_SUFFIXES and self.format == "csv"
+        self.delimiter = "\t" if tabbed and delimiter == "," else delimiter
         self.encoding = sniff.encoding_of(path, encoding)  # a byte-order mark's, or the given one
         if not path.exists():
             raise JobError(f"{path}: no such file")
@@ -287,9 +289,12 @@ def delimiter_hint(columns: list[str]) -> str:
     return ""
 
 
+TAB_SUFFIXES = (".tsv", ".tab")
+
+
 def _format_of(path: Path) -> str:
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix == ".csv" or suffix in TAB_SUFFIXES:
         return "csv"
     if suffix in (".parquet", ".pq"):
         return "parquet"

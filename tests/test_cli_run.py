@@ -297,6 +297,16 @@ def test_a_semicolon_csv_runs_with_delimiter(sandbox, tmp_path: Path) -> None:
     assert pq.read_table(out).column("prompt").to_pylist() == ["hello world", "bye"]
 
 
+def test_a_tsv_file_reads_with_tabs(sandbox, tmp_path: Path) -> None:
+    """`.tsv` (and `.tab`) files are CSV with tabs, without a --delimiter: commas stay in the text."""
+    src = tmp_path / "in.tsv"
+    src.write_bytes(b"id\tprompt\n1\thello, world\n2\tbye\n")
+    out = tmp_path / "out.parquet"
+    result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=sandbox.env())
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(out).column("prompt").to_pylist() == ["hello, world", "bye"]
+
+
 def test_status_and_cache_clear_name_what_is_wrong(tmp_path: Path) -> None:
     result = run_cli(["status", str(tmp_path / "nowhere" / "out.parquet")])
     assert result.exit_code == 2

@@ -403,7 +403,8 @@ def test_a_mostly_cached_packed_run_is_counted_alike_by_summary_report_and_statu
 
 def test_rows_too_long_for_the_pack_tokens_say_what_sends_them(sandbox, tmp_path: Path) -> None:
     """Rows longer than --pack-tokens allows are refused before sending; the summary names the
-    setting that sends them (a higher --pack-tokens), not --max-tokens."""
+    setting that sends them (a higher --pack-tokens, or a lower --max-tokens); without
+    --pack-tokens, a row over the model's window is said to be so."""
     words = " ".join(f"word{i}" for i in range(300))
     src = write_csv(tmp_path / "in.csv", [{"id": f"r{i}", "text": f"Review {i}: {words}"} for i in range(4)])
     out = tmp_path / "o.parquet"
@@ -413,6 +414,10 @@ def test_rows_too_long_for_the_pack_tokens_say_what_sends_them(sandbox, tmp_path
     result = run_labels(sandbox, src, out, "--pack", "5", "--pack-tokens", least.group(1))
     assert result.exit_code == 1 and sandbox.count() == 0, result.output
     assert "4 rows too long for a pack of --pack-tokens, not sent: a higher --pack-tokens" in result.output
+    huge = write_csv(tmp_path / "huge.csv", [{"id": "r0", "text": "x " * 25_000}, {"id": "r1", "text": "ok"}])
+    over = run_labels(sandbox, huge, tmp_path / "h.parquet", "--pack", "5")
+    assert over.exit_code == 1, over.output
+    assert "1 row over the context window with max_tokens 16, not sent: a lower --max-tokens" in over.output
 
 
 def test_estimate_cuts_packs_by_pack_tokens_as_the_run_does(sandbox_factory, tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def build_summary(
             + (  # refused before sending, each time alike: the setting is what to change
                 (
                     f"; {plural(totals.over_window, 'row')} too long for a pack of --pack-tokens, not "
-                    "sent: a higher --pack-tokens (or a lower --max-tokens) and --retry-errors send them"
-                    if job.labeling is not None and job.labeling.pack > 1
+                    "sent: a higher --pack-tokens with --retry-errors, or a lower --max-tokens, sends them"
+                    if job.labeling is not None and job.labeling.pack > 1 and job.labeling.pack_tokens
                     else f"; {plural(totals.over_window, 'row')} over the context window with max_tokens "
                     f"{job.max_tokens:,}, not sent: a lower --max-tokens sends them"
                 )
