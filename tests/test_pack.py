@@ -263,6 +263,14 @@ def test_pilot_table_shows_accuracy_falling_with_pack_size(sandbox_factory, tmp_
     text = run_cli(args, env=box.env())  # again, as text: answered from the journals, nothing sent
     assert text.exit_code == 0 and "cheapest within 1 point" in text.output, text.output
     assert box.count() == sent and f"{lines[20]['requests']:,}" in text.output
+    # Cheaper sizes this pilot cannot tell from pack 1 (its accuracy in their interval) are named.
+    marked = Decimal(lines[table["recommended"]]["projected_cost_usd"])
+    untold = [
+        k for k, x in lines.items()
+        if Decimal(x["projected_cost_usd"]) < marked and x["accuracy"]["low"] <= acc[1] <= x["accuracy"]["high"]
+    ]  # fmt: skip
+    assert ("a larger --pilot tells them apart" in text.output) == bool(untold), text.output
+    assert all(f"pack {k} ({acc[k]:.1%}" in text.output for k in untold)
     bad = run_cli([*args[:-2], "--pack", "1,0"], env=box.env())
     assert bad.exit_code == 2 and "'0' must be an integer from 1 to 100" in bad.output
 

@@ -107,6 +107,31 @@ def recommend(lines: list[dict[str, Any]]) -> int | None:
     return min(fine, key=lambda x: Decimal(x["projected_cost_usd"]))["pack"]
 
 
+def _untold(table: dict[str, Any]) -> str | None:
+    """The cheaper sizes than the one marked that lost more than a point, but whose 95% interval
+    holds the smallest size's accuracy: this pilot cannot tell them apart from it (a larger one
+    can). Said, not marked: the mark stays the point estimates' pick."""
+    sizes = table["sizes"]
+    marked = next((x for x in sizes if x["pack"] == table["recommended"]), None)
+    if marked is None:
+        return None
+    base = min(sizes, key=lambda x: x["pack"])["accuracy"]["accuracy"]
+    cost = Decimal(marked["projected_cost_usd"])
+    untold = [
+        x for x in sizes
+        if Decimal(x["projected_cost_usd"]) < cost and x["accuracy"]["low"] <= base <= x["accuracy"]["high"]
+    ]  # fmt: skip
+    if not untold:
+        return None
+    named = ", ".join(
+        f"pack {x['pack']} ({x['accuracy']['accuracy']:.1%}, ${x['projected_cost_usd']})" for x in untold
+    )
+    return (
+        f"cheaper, and within this pilot's 95% interval of pack {sizes[0]['pack']}'s {base:.1%}: {named}; "
+        f"a larger --pilot tells them apart"
+    )
+
+
 def format_table(table: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         import orjson
@@ -126,6 +151,8 @@ def format_table(table: dict[str, Any], fmt: str) -> str:
         ])  # fmt: skip
     title = f"pilot of {table['pilot_rows']:,} rows at each pack size, scored against {table['gold']!r}"
     lines = [title, *grid(header, body, fmt == "markdown")]
+    if (note := _untold(table)) is not None:
+        lines.append(note)
     cached = [x for x in table["sizes"] if x["replies_from_cache"]]
     if cached:
         lines.append(
