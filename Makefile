@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml
 
 demo: install
 	@mkdir -p out
-	@# The sandbox has no rate limit, so the demo lifts the job's 1200/min ceiling to finish in seconds.
-	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --rpm 6000 --summary-json out/reviews_sentiment.summary.json
+	@# The sandbox has no rate limit, so the demo lifts the job's 1200/min ceiling to finish in seconds;
+	@# --cache off: replies an earlier demo (another clone's) cached would show it a cost of $$0.
+	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --rpm 6000 --cache off --summary-json out/reviews_sentiment.summary.json
 	@echo
 	$(BIN)/batchllm eval out/reviews_sentiment.parquet --gold human_label
 	@echo
 	@# The same rows, ten to a request: each still labeled, checked and costed on its own.
-	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --rpm 6000 --pack 10 -o out/reviews_sentiment_pack10.parquet --summary-json out/reviews_sentiment_pack10.summary.json
+	$(BIN)/batchllm run --job jobs/sentiment.toml --sandbox --rpm 6000 --cache off --pack 10 -o out/reviews_sentiment_pack10.parquet --summary-json out/reviews_sentiment_pack10.summary.json
 	@echo
 	$(BIN)/batchllm eval out/reviews_sentiment_pack10.parquet --gold human_label
 	@echo

@@ -821,3 +821,20 @@ def test_a_refresh_of_changed_rows_counts_the_rows_it_answered(sandbox, tmp_path
     runs = _spend(ledger, "--runs")["runs"]
     assert [r["rows_ok"] for r in runs] == [20, 5]
     assert sum(Decimal(r["cost_usd"]) for r in runs) == _cost(out)
+
+
+def test_bad_input_found_mid_run_is_recorded_with_its_exit_code(sandbox, tmp_path: Path) -> None:
+    """An empty id past the first batch of rows stops the run with exit 2 after it paid for that
+    batch: the ledger records exit 2, the reason, the requests and their cost (it said "exit
+    None, the run failed" and 0 requests)."""
+    ledger = tmp_path / "ledger.db"
+    rows = [{"id": str(i), "prompt": f"Question {i}?"} for i in range(8300)] + [{"id": "", "prompt": "no id"}]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--id-column", "id", "--rpm", "0", "--ledger", str(ledger)]
+    result = run_cli(args, env=sandbox.env())
+    assert result.exit_code == 2 and "row 8301 has no value in the --id-column 'id'" in result.stderr
+    (run,) = _spend(ledger, "--runs")["runs"]
+    assert run["exit_code"] == 2 and "row 8301 has no value" in run["message"]
+    assert run["requests"] == sandbox.count() == run["rows_ok"] > 0
+    assert Decimal(run["cost_usd"]) > 0

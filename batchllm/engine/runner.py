@@ -6,8 +6,7 @@
 
 ``run_job`` is the engine's entry point: it is handed the endpoint to talk to (the real API, or a
 sandbox the caller started: see ``batchllm.api``) and an observer, and returns a ``RunResult``
-with the exit code and the summary. It raises ``BatchLLMError`` only for problems found before
-anything was sent.
+with the exit code and the summary; it raises ``BatchLLMError`` for bad input, mid-run too.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import orjson
 
 from .. import __version__
 from ..access import key_source
-from ..errors import ExitCode
+from ..errors import BatchLLMError, ExitCode
 from ..fleet import FleetEndpoint, fleet_text, parse_deadline
 from ..folders import write_atomic
 from ..ledger import RunRecord, Sent, Snapshot, of_job
@@ -163,8 +162,7 @@ class Run:
             lost=self.lost, warn=self.warn, priced=p.model.prices is not None,
             sent=Sent(journal.dead_sent, journal.requests_between, journal.cost_between),
         )  # fmt: skip
-        # What the cap counts: all this output paid for, and the worst case of every request a
-        # crash left in flight without a saved reply (it may have been billed).
+        # What the cap counts: all this output paid for, and what a crash may have left billed.
         billed_before = journal.maybe_billed(current=False)
         committed = start.spent_pico + billed_before["worst_pico"]
         budget = Budget(job.max_cost_pico, committed, job.max_cost_per_run_pico)
@@ -174,12 +172,16 @@ class Run:
             )
         try:
             result = await self._dispatch(journal, endpoint, limiter, budget, record)
-        except BaseException:
+        except BaseException as exc:
+            code = int(exc.exit_code) if isinstance(exc, BatchLLMError) else None  # bad input mid-run
+            failed: dict[str, Any] = {"message": f"the run failed: {exc}" if code else "the run failed",
+                                      "exit_code": code}  # fmt: skip
             try:
                 end: Snapshot | None = Snapshot.of(journal.totals())
-            except sqlite3.Error:
-                end = None  # the record keeps what the run said; the journal is past reading
-            record.finish({"message": "the run failed"}, start, end, billed_before)
+                failed["this_run"] = {"requests": journal.requests_between(self.started_at, time.time() + 1)}
+            except sqlite3.Error:  # the record keeps what the run said; the journal is past reading
+                end = None
+            record.finish(failed, start, end, billed_before)
             raise
         record.finish(result.summary, start, Snapshot.of(journal.totals()), billed_before)
         return result
@@ -292,8 +294,7 @@ class Run:
                 if deadline is not None:
                     deadline.cancel()
             await stop_asking(asking)
-        # The pool has ended: requests still without a saved reply were cancelled by a stop and
-        # may have been billed; the summary and the ledger count them (inflight.py).
+        # Requests still without a saved reply were cancelled by a stop: maybe billed (inflight.py).
         journal.flush()
         journal.stop_inflight()
         return self._finish(journal, dispatcher, budget, self.started_at)
