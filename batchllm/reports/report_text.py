@@ -56,7 +56,17 @@ def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> li
     )
 
 
-_FLAT = ["rows", "ok", "error", "pending", "truncated", "prompt_tokens", "completion_tokens", "cost_usd"]
+_FLAT = [
+    "rows",
+    "ok",
+    "error",
+    "invalid",
+    "pending",
+    "truncated",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+]
 
 
 def format_report(report: dict[str, Any], fmt: str) -> str:
@@ -80,11 +90,11 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         # Money the output's rows do not hold, each a row of its own beside "(all)".
         blank = [""] * (len(_FLAT) + 3)
         if gone := report.get("outside_input"):
-            cells = ["(no longer in the input)", gone["rows"], *blank[:4], gone["prompt_tokens"]]
+            cells = ["(no longer in the input)", gone["rows"], *blank[:5], gone["prompt_tokens"]]
             cells += [gone["completion_tokens"], gone["cost_usd"], *blank[:4]]
             buf.write(",".join(csv_cell(v) for v in cells) + "\n")
         if lost := report.get("maybe_billed"):
-            cells = ["(maybe billed, at most)", *blank[:7], lost["worst_case_usd"], *blank[:4]]
+            cells = ["(maybe billed, at most)", *blank[:8], lost["worst_case_usd"], *blank[:4]]
             buf.write(",".join(csv_cell(v) for v in cells) + "\n")
         return buf.getvalue().rstrip("\n")
     lines: list[str] = []
@@ -104,13 +114,14 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         col = report["by"]["column"]
         lines.append("")
         lines.append(f"## By {col}" if md else f"by {col}:")
-        header = [col, "rows", "ok", "error", "tokens", "cost", "mean/row", "p95 latency ms"]
+        header = [col, "rows", "ok", "error", "invalid", "tokens", "cost", "mean/row", "p95 latency ms"]
         body = [
             [
                 k,
                 f"{s['rows']:,}",
                 f"{s['ok']:,}",
                 f"{s['error']:,}",
+                f"{s['invalid']:,}",
                 f"{s['prompt_tokens'] + s['completion_tokens']:,}",
                 _usd(s["cost_usd"]),
                 _usd(s["cost_per_row_usd"]["mean"]),
