@@ -171,7 +171,8 @@ def _endpoint(
                     f"{model_name!r} has no price in the model table: give input_price and output_price",
                 )
             )
-    prices = Prices(got["input_price"], got["output_price"]) if len(priced) == 2 else None
+    # A price refused above is not in ``got``: the endpoint is unpriced while its error is said.
+    prices = Prices(got["input_price"], got["output_price"]) if {*priced} <= got.keys() and priced else None
     if "cached_input_price" in got:
         base = prices or (listed.prices if listed is not None else None)
         if base is None:

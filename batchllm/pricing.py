@@ -269,6 +269,6 @@ def parse_usd(text: str) -> int:
         value = Decimal(text.strip().lstrip("$"))
     except InvalidOperation:
         raise JobError(f"{text!r} is not a dollar amount") from None
-    if value < 0 or not value.is_finite():
+    if not value.is_finite() or value < 0:  # NaN first: comparing it raises
         raise JobError(f"{text!r} is not a dollar amount >= 0")
     return int(value * PICO_PER_USD)

@@ -651,3 +651,31 @@ def test_a_reader_that_goes_away_leaves_the_run_and_its_exit_code_alone(tmp_path
 def test_spend_since_a_day_to_come_says_so(tmp_path: Path) -> None:
     result = run_cli(["spend", "--ledger", str(tmp_path / "l.db"), "--since", "2999-01-01"])
     assert result.exit_code == 2 and "--since 2999-01-01 is in the future" in result.stderr
+
+
+def test_bad_money_values_and_a_broken_journal_are_one_line_errors(tmp_path: Path) -> None:
+    """NaN caps (flag or job key), a fleet price refused, and a journal that is not a database
+    under status and report: one line naming the value or file, exit 2, no traceback."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hi"}])
+    out = tmp_path / "o.parquet"
+    for flag in ("--max-cost", "--max-cost-per-run", "--max-cost-per-month"):
+        result = run_cli(["run", str(src), "-o", str(out), "--sandbox", flag, "nan"])
+        assert result.exit_code == 2 and f"{flag} 'nan' is not a dollar amount" in result.stderr, result.stderr
+    job = tmp_path / "j.toml"
+    job.write_text(f'input = "{src}"\noutput = "{out}"\nmax_cost = "nan"\n')
+    checked = run_cli(["validate", str(job)])
+    assert checked.exit_code == 2 and "key 'max_cost' 'nan' is not a dollar amount" in checked.output
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[endpoint]]\nname = "a"\nendpoint = "http://127.0.0.1:9/v1"\nprovider = "openai"\n'
+        'model = "m"\ninput_price = "abc"\noutput_price = "1"\nrpm = 60\n'
+    )
+    result = run_cli(["run", str(src), "-o", str(out), "--fleet", str(fleet)])
+    assert result.exit_code == 2 and "key 'input_price'" in result.stderr and "Traceback" not in result.stderr
+    broken = tmp_path / "b.parquet.batchllm"
+    broken.mkdir()
+    (broken / "journal.sqlite").write_text("not a database")
+    for command in ("status", "report"):
+        result = run_cli([command, str(tmp_path / "b.parquet")])
+        assert result.exit_code == 2, (command, result.output)
+        assert "journal.sqlite: cannot read the journal: file is not a database" in result.output

@@ -182,7 +182,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
             raise JobError(f"{directory}: no batchllm journal here")
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA busy_timeout=5000").execute("SELECT COUNT(*) FROM sqlite_master")
         except sqlite3.Error as exc:
             raise JobError(f"{path}: cannot read the journal: {exc}") from None
         return cls(directory, conn)
