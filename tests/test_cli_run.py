@@ -660,7 +660,9 @@ def test_bad_money_values_and_a_broken_journal_are_one_line_errors(tmp_path: Pat
     out = tmp_path / "o.parquet"
     for flag in ("--max-cost", "--max-cost-per-run", "--max-cost-per-month"):
         result = run_cli(["run", str(src), "-o", str(out), "--sandbox", flag, "nan"])
-        assert result.exit_code == 2 and f"{flag} 'nan' is not a dollar amount" in result.stderr, result.stderr
+        assert result.exit_code == 2 and f"{flag} 'nan' is not a dollar amount" in result.stderr, (
+            result.stderr
+        )
     job = tmp_path / "j.toml"
     job.write_text(f'input = "{src}"\noutput = "{out}"\nmax_cost = "nan"\n')
     checked = run_cli(["validate", str(job)])
@@ -679,3 +681,13 @@ def test_bad_money_values_and_a_broken_journal_are_one_line_errors(tmp_path: Pat
         result = run_cli([command, str(tmp_path / "b.parquet")])
         assert result.exit_code == 2, (command, result.output)
         assert "journal.sqlite: cannot read the journal: file is not a database" in result.output
+
+
+def test_an_output_that_is_the_input_is_refused(tmp_path: Path) -> None:
+    """-o naming the input file would replace the input with the output: refused, the input kept."""
+    converted = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), converted)
+    before = converted.read_bytes()
+    result = run_cli(["run", str(converted), "-o", str(tmp_path / "." / "in.parquet"), "--sandbox"])
+    assert result.exit_code == 2 and "is the input: the output would replace it" in result.stderr
+    assert converted.read_bytes() == before

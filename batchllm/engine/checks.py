@@ -48,6 +48,8 @@ class Prepared:
 def prepare(job: Job) -> Prepared:
     """Check the job against its provider and input: model, prices, file, columns, ids."""
     provider = get_provider(job.provider)
+    if job.output.resolve() == job.input.resolve():
+        raise JobError(f"-o {job.output} is the input: the output would replace it; give another -o")
     source = InputFile(job.input, job.input_format, job.delimiter, job.encoding)
     builder: Builder
     if source.format == "jsonl":
