@@ -691,3 +691,19 @@ def test_an_output_that_is_the_input_is_refused(tmp_path: Path) -> None:
     result = run_cli(["run", str(converted), "-o", str(tmp_path / "." / "in.parquet"), "--sandbox"])
     assert result.exit_code == 2 and "is the input: the output would replace it" in result.stderr
     assert converted.read_bytes() == before
+
+
+def test_a_refused_run_rewrites_its_summary_file(sandbox, tmp_path: Path) -> None:
+    """--summary-json after a refusal (a bad flag, a column the template names that is not
+    there): the file says exit 2 and why, not the last night's success a monitor would read."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hi"}])
+    out, summary = tmp_path / "o.parquet", tmp_path / "s.json"
+    base = ["run", str(src), "-o", str(out), "--summary-json", str(summary), "--rpm", "0"]
+    assert run_cli(base, env=sandbox.env()).exit_code == 0
+    assert json.loads(summary.read_text())["exit_code"] == 0
+    for bad in (["--temperature", "9"], ["--template", "Say {txt}"]):
+        result = run_cli([*base, *bad], env=sandbox.env())
+        assert result.exit_code == 2, result.output
+        written = json.loads(summary.read_text())
+        assert written["exit_code"] == 2 and written["complete"] is False
+        assert written["message"] in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     Re-running the same command resumes: rows already done are not sent (or paid for) again.
     With --engine ray, INPUT may be a directory or glob of files and OUTPUT is a directory.
     """
-    from ..api import run_job
+    from ..api import failure_summary, run_job
     from ..engine.summary import format_summary
     from .progress import make_reporter
 
@@ -63,18 +64,34 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     try:
         job = _job(ctx, input_path, params)
     except BatchLLMError as exc:
+        failed = {"complete": False, "exit_code": int(exc.exit_code), "message": str(exc)}
+        _summary_file(params.get("summary_json"), failed)
         return report_error(exc, log_format)
     reporter = make_reporter(job.log_format, job.progress)
     try:
         result = run_async(run_job(job, observer=reporter, command=command_line(), handle_signals=True))
     except BatchLLMError as exc:
         reporter.close()
+        _summary_file(job.summary_json, failure_summary(job, exc))
         return report_error(exc, job.log_format)
     except KeyboardInterrupt:
         reporter.close()
         return fail("interrupted before the run started", ExitCode.INTERRUPTED)
     reporter.summary(result.summary, format_summary(result.summary))
     return int(result.exit_code)
+
+
+def _summary_file(path: Path | None, summary: dict[str, Any]) -> None:
+    """A run refused or stopped before its end writes its --summary-json all the same: a
+    monitor reading the file must not find the last night's success there."""
+    if path is None:
+        return
+    import orjson
+
+    from ..folders import write_atomic
+
+    with contextlib.suppress(OSError, BatchLLMError):
+        write_atomic(Path(path), orjson.dumps(summary, option=orjson.OPT_INDENT_2), "--summary-json")
 
 
 @cli.command(
