@@ -172,7 +172,11 @@ def _endpoint(
                 )
             )
     # A price refused above is not in ``got``: the endpoint is unpriced while its error is said.
-    prices = Prices(got["input_price"], got["output_price"]) if {*priced} <= got.keys() and priced else None
+    prices = (
+        Prices(got["input_price"], got["output_price"])
+        if len(priced) == 2 <= len(got.keys() & {*priced})
+        else None
+    )
     if "cached_input_price" in got:
         base = prices or (listed.prices if listed is not None else None)
         if base is None:

@@ -281,3 +281,27 @@ def test_rows_refused_before_sending_give_way_to_a_fixed_setting(tmp_path: Path)
     assert f"discarded the 2 failed rows of {out}.batchllm written with other settings" in again.stderr
     assert "max_tokens: journal has 24999, this run has 100" in again.stderr
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 2}
+
+
+def test_rows_the_server_failed_are_sent_again_by_the_same_command(sandbox_factory, tmp_path: Path) -> None:
+    """A night of 5xx leaves rows failed for the server's reasons; once it is mended, the same
+    command (no --retry-errors) sends them and finishes, exit 0. It sent nothing and exited 1
+    every night after. A row's own failure (a 4xx) still waits for --retry-errors."""
+    box = sandbox_factory(fail_5xx=1.0)
+    src = prompts_csv(tmp_path / "in.csv", 200)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4", "--max-attempts", "1"]
+    first = run_cli(args, env=box.env())
+    assert first.exit_code == 4, first.stderr
+    statuses = Counter(pq.read_table(out).column("status").to_pylist())
+    failed = statuses["error"]
+    assert failed > 0, statuses
+    status = run_cli(["status", str(out)]).stdout
+    assert "--retry-errors" not in status, status
+    box.sandbox.config = dataclasses.replace(box.sandbox.config, fail_5xx=0.0)
+    before = box.count()
+    again = run_cli(args, env=box.env())
+    assert again.exit_code == 0, again.stderr
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 200}
+    assert box.count() - before == 200 - statuses["ok"]
+    assert summary_of(out)["rows"]["transient"] == 0

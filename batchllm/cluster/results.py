@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
-from ..engine.journal import DB_NAME, Journal
+from ..engine.journal import DB_NAME, TRANSIENT, Journal
 from ..engine.member import Counts
 from ..engine.observer import Observer
 from ..engine.output import SUMMARY_NAME, Totals, read_summary
@@ -62,7 +62,7 @@ def answered_already(job: Job, files: list[str], source: InputFile) -> RunResult
                 position += batch.num_rows
                 ids = pb.row_ids if job.id_column is not None else [f"p-{h}" for h in pb.hashes]
                 for _, status, _ in journal.unfinished(ids):
-                    if status is None or (status == "error" and job.retry_errors):
+                    if status in (None, TRANSIENT) or (status == "error" and job.retry_errors):
                         return None
     finally:
         journal.conn.close()

@@ -51,6 +51,8 @@ from .journal_schema import (
     RESCUE_NAME,
     SCHEMA,
     SCHEMA_VERSION,
+    STATUS,
+    TRANSIENT,
     connect,
     db_path,
     insert_rows,
@@ -64,8 +66,8 @@ from .key_index import KEY_BATCH, KeyIndex
 from .observed import ObservedBook
 from .spend import CARRY_ENTRY, RESUME_ATTEMPTS, SpendBook
 
-__all__ = ["KEY_BATCH", "CARRY_ENTRY", "COLUMNS", "DB_NAME", "RESCUE_NAME", "RESUME_ATTEMPTS", "Journal",
-           "db_path", "settings_diff"]  # fmt: skip
+__all__ = ["KEY_BATCH", "CARRY_ENTRY", "COLUMNS", "DB_NAME", "RESCUE_NAME", "RESUME_ATTEMPTS", "TRANSIENT",
+           "Journal", "db_path", "settings_diff"]  # fmt: skip
 
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
            "output_cost_pico", "last_written", "unpriced", "invalid", "cached_tokens")  # fmt: skip
@@ -328,22 +330,20 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         self, row_ids: Sequence[str], hashes: Sequence[str] | None = None
     ) -> list[tuple[int, str | None, bool]]:
         """The rows of a batch that are not done: (index, status, same content), status None for
-        a new row.
+        a new row, ``TRANSIENT`` for one that failed for the server's reasons (sent again).
 
-        "Done" is ``ok`` and, when ``hashes`` are given (ids that do not embed the content hash,
-        i.e. ``--id-column``), with the same content hash. The join runs inside SQLite, so resuming
-        over a million finished rows costs Python nothing per finished row.
-        """
+        "Done" is ``ok`` and, when ``hashes`` are given (``--id-column``), with the same content
+        hash. The join runs inside SQLite: a finished row costs Python nothing."""
         if hashes is None:
             cur = self.conn.execute(
-                "SELECT i.key, r.status, 1 FROM json_each(?) AS i "
+                f"SELECT i.key, {STATUS}, 1 FROM json_each(?) AS i "
                 "LEFT JOIN rows AS r ON r.row_id = i.value "
                 "WHERE r.row_id IS NULL OR r.status != 'ok'",
                 (orjson.dumps(list(row_ids)),),
             )
         else:
             cur = self.conn.execute(
-                "SELECT i.key, r.status, r.content_hash IS json_extract(i.value, '$[1]') "
+                f"SELECT i.key, {STATUS}, r.content_hash IS json_extract(i.value, '$[1]') "
                 "FROM json_each(?) AS i LEFT JOIN rows AS r ON r.row_id = json_extract(i.value, '$[0]') "
                 "WHERE r.row_id IS NULL OR r.status != 'ok' OR r.content_hash != json_extract(i.value, '$[1]')",
                 (orjson.dumps(list(zip(row_ids, hashes, strict=True))),),

@@ -159,6 +159,13 @@ AS_ATTEMPT = (
     "AND NOT EXISTS (SELECT 1 FROM attempts WHERE row_id = ?1)"
 )
 COLUMNS = Entry._fields
+# A row that failed for the server's reasons (5xx, timeouts, no connection, 429s past their
+# retries) failed for no fault of its own: the next run sends it again, --retry-errors or not.
+TRANSIENT = "transient"
+STATUS = (  # a row's status as a run decides on it (``Journal.unfinished``)
+    "CASE WHEN r.status = 'error' AND r.error_class IN ('RetryableAPIError', 'RequestTimeout') "
+    f"THEN '{TRANSIENT}' ELSE r.status END"
+)
 
 
 def _insert(columns: Sequence[str]) -> str:

@@ -78,6 +78,7 @@ class Totals:
         self.invalid = 0  # labeling rows whose answers never validated
         self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
         self.over_window = 0  # errors refused before sending: prompt + max_tokens over the window
+        self.transient = 0  # errors the server caused (5xx, timeouts...): the next run sends them
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
         self.from_cache = self.copied = 0  # rows answered without a request (counts.py)
@@ -208,6 +209,7 @@ def _result_columns(
             totals.error += 1
             totals.no_prompt += e.error_class == "NoPrompt"
             totals.over_window += e.error_class == "ContextWindowExceeded"
+            totals.transient += e.error_class in ("RetryableAPIError", "RequestTimeout")
         elif e.status == "invalid":
             totals.invalid += 1
         else:

@@ -23,7 +23,7 @@ from . import outside
 from .admission import Admission, Rejection
 from .checks import Prepared
 from .counts import plural
-from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, Journal
+from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, TRANSIENT, Journal
 from .reuse import Reuse
 
 # Rows made ready at a time. The workers wait while a chunk is prepared (about 5 us a row), so a
@@ -104,7 +104,7 @@ class Plan:
                         changed_kept += 1
                         continue
                     replaces[i] = CARRY_ENTRY
-                elif not job.retry_errors:
+                elif not job.retry_errors and status != TRANSIENT:  # the server's failure: sent again
                     continue
                 else:
                     if status == "invalid":

@@ -63,6 +63,12 @@ def build_summary(
                 if totals.over_window
                 else ""
             )
+            + (
+                f"; {plural(totals.transient, 'row')} failed for the server's reasons (5xx, timeouts, "
+                "no connection): the same command sends them again"
+                if totals.transient
+                else ""
+            )
         )
     priced = model.prices is not None
     out: dict[str, Any] = {
@@ -110,6 +116,7 @@ def build_summary(
             "invalid": totals.invalid,
             "no_prompt": totals.no_prompt,  # of the errors: never sent, nothing to ask
             "over_window": totals.over_window,  # of the errors: never sent, max_tokens too high
+            "transient": totals.transient,  # of the errors: the server's, the next run sends them
             # What to alert on: errors and invalid rows a rerun may mend (--retry-errors), not the
             # rows with no prompt, which leave the exit code 0 (output.py ``Totals.failed``).
             "failed": totals.failed,

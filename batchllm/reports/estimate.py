@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..engine.admission import Admission
 from ..engine.checks import Prepared, prepare
-from ..engine.journal import DB_NAME, Journal
+from ..engine.journal import DB_NAME, TRANSIENT, Journal
 from ..engine.journal_schema import length_change
 from ..engine.packed import packs_for
 from ..errors import JobError, SettingsMismatch
@@ -350,6 +350,7 @@ def done_rows(journal: Journal, pb: PromptBatch, job: Job, ids_embed_hash: bool)
         if (
             status is None
             or (status == "ok" and job.refresh_changed)
+            or status == TRANSIENT  # sent again by any run
             or (status != "ok" and job.retry_errors)
         ):
             again.add(i)

@@ -76,6 +76,9 @@ def journal_status(directory: Path) -> str:
             "SELECT COUNT(*) FROM rows WHERE status = 'error' AND COALESCE(error_class, '') "
             "NOT IN ('NoPrompt', 'ContextWindowExceeded', 'PromptTooLong')"
         ).fetchone()[0]
+        transient = journal.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE status = 'error' AND error_class IN ('RetryableAPIError', 'RequestTimeout')"
+        ).fetchone()[0]
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]
@@ -136,8 +139,11 @@ def journal_status(directory: Path) -> str:
     if run.get("command") and (not total_rows or done < total_rows):
         # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
         lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
-    elif run.get("command") and (resendable or invalid):  # every row done: a resume sends nothing
-        lines.append(f"send the failed rows again with: {run['command']} --retry-errors")
+    elif run.get("command") and (resendable or invalid):  # every row has an entry
+        if transient == resendable and not invalid:  # the server's failures go again as they are
+            lines.append(f"resume with: {run['command']}")
+        else:
+            lines.append(f"send the failed rows again with: {run['command']} --retry-errors")
     return "\n".join(lines)
 
 
