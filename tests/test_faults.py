@@ -305,3 +305,22 @@ def test_rows_the_server_failed_are_sent_again_by_the_same_command(sandbox_facto
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 200}
     assert box.count() - before == 200 - statuses["ok"]
     assert summary_of(out)["rows"]["transient"] == 0
+
+
+def test_a_server_that_takes_connections_and_never_answers_stops_the_run(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """Every request hangs until --timeout: after 30 s with no answer the run stops, exit 4, its
+    rows pending and the requests given up on counted as maybe billed. It went on for as long
+    as its rows had attempts (hours at the default --timeout), and the next night's run found it
+    still holding the lock."""
+    box = sandbox_factory(fail_hang=1.0)
+    src = prompts_csv(tmp_path / "in.csv", 300)
+    out = tmp_path / "out.parquet"
+    started = time.monotonic()
+    result = run_cli(["run", str(src), "-o", str(out), "--timeout", "3", "--rpm", "0"], env=box.env())
+    took = time.monotonic() - started
+    assert result.exit_code == 4, result.stderr
+    assert "the server has answered nothing for 3" in result.stderr and took < 60
+    assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 300}
+    assert summary_of(out)["maybe_billed"]["requests"] > 0

@@ -310,7 +310,7 @@ class Dispatcher(Booking):
                 try:
                     if member is None:
                         completion = await self.client.complete(body)
-                        self.unreached.since = None
+                        self.unreached.heard()
                     else:
                         member.counts.requests += 1
                         completion = await member.complete(body)
@@ -380,7 +380,7 @@ class Dispatcher(Booking):
                 self.request_stop(StopReason.API, exc.describe())
                 return None, attempt, 0.0
             except FatalAPIError as exc:
-                self.unreached.since = None
+                self.unreached.heard()
                 if member is not None:
                     router.heard(member)  # type: ignore[union-attr]
                     if member.refused(exc, body):  # off for that endpoint alone (member.py)

@@ -141,21 +141,38 @@ class FirstFailures:
 
 
 class Unreached:
-    """One endpoint no request has connected to: after ``seconds`` of that the run stops,
-    saying why, as every request would only fail the same way (a wrong endpoint, a server down)."""
+    """One endpoint that no request has connected to, or that has answered nothing (a server
+    that takes connections and hangs): after ``seconds`` of that the run stops, saying why, as
+    every request would only fail the same way (a wrong endpoint, a server down or hung), its
+    rows pending for the run after the fix."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.since: float | None = None  # the first failure to connect since one connected
+        self.heard_at = time.monotonic()  # the last answer, or the run's start
+
+    def heard(self) -> None:
+        """The server answered (a reply, or an error status)."""
+        self.since = None
+        self.heard_at = time.monotonic()
 
     def failed(self, exc: RetryableAPIError, last: bool = False) -> str | None:
-        """A request failed: the stop message once nothing has connected for ``seconds``, or
-        when a row gives up (``last``) on attempts none of which connected: unpaced (--rpm 0),
-        a row's attempts end well before ``seconds``, and every row would fail so."""
-        if not exc.unsent:
-            self.since = None
+        """A request failed: the stop message once nothing has connected, or nothing has been
+        answered, for ``seconds``; or when a row gives up (``last``) on attempts none of which
+        connected: unpaced (--rpm 0), a row's attempts end well before ``seconds``, and every
+        row would fail so."""
+        if exc.status is not None:  # an answer, if an error one
+            self.heard()
             return None
         now = time.monotonic()
+        if not exc.unsent:  # connected, and no answer in time (a timeout, a dropped connection)
+            self.since = None
+            if now - self.heard_at >= self.seconds:
+                return (
+                    f"the server has answered nothing for {now - self.heard_at:.0f} s ({exc.message}): "
+                    "is it up, and --timeout long enough for a reply?"
+                )
+            return None
         if self.since is None:
             self.since = now
         if now - self.since >= self.seconds:
