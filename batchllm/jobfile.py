@@ -45,6 +45,11 @@ def load_job_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(JOB_KEYS))
     if unknown:
         raise JobError(unknown_key(path, unknown[0]))
+    return _relative_to(raw, path)
+
+
+def _relative_to(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Paths in a job file are relative to its folder, as ``run --job`` reads them."""
     for key in _PATH_KEYS & set(raw):
         if isinstance(raw[key], str) and raw[key] != "off":
             raw[key] = os.path.normpath(path.parent / Path(raw[key]).expanduser())
@@ -66,6 +71,7 @@ def job_file_problems(path: Path) -> list[str]:
     except JobError as exc:
         return [str(exc)]
     problems = [f"{path}: {_NO_KEY}"] if "api_key" in raw else []
+    raw = _relative_to(raw, path)  # a fleet file's path, as run reads it (not from the shell's folder)
     for key in sorted(set(raw) - {"api_key"}):
         if key not in JOB_KEYS:
             problems.append(unknown_key(path, key))

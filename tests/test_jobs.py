@@ -297,3 +297,18 @@ def test_the_encoding_key_and_the_output_folder_are_checked_by_validate(sandbox,
     assert "made the folder" in result.stderr
     table = pq.read_table(tmp_path / "out" / "latin.parquet")
     assert table.column("prompt").to_pylist() == ["say café", "say thé"]
+
+
+def test_validate_reads_a_job_files_fleet_from_its_folder_as_run_does(tmp_path: Path) -> None:
+    """`fleet = "f.toml"` in a job file is the file beside it, for validate as for run (validate
+    looked for it in the shell's folder and said it was not there)."""
+    folder = tmp_path / "nightly"
+    folder.mkdir()
+    (folder / "f.toml").write_text((ROOT / "jobs" / "fleets" / "three_endpoints.toml").read_text())
+    job = folder / "job.toml"
+    job.write_text(
+        f'input = "{ROOT / "sample_data" / "reviews.csv"}"\noutput = "o.parquet"\n'
+        'template = "Classify: {review}"\nfleet = "f.toml"\n'
+    )
+    result = run_cli(["validate", str(job)])
+    assert result.exit_code == 0 and "fleet: dataoorts" in result.output, result.output
