@@ -257,6 +257,22 @@ def parse_deadline(text: str, now: float | None = None) -> float:
     return at - now
 
 
+def deadline_note(text: str, seconds: float) -> str | None:
+    """What to say of a clock-time deadline that passed today: it is taken as tomorrow's, which a
+    run started late (or sent again in the morning) may not mean."""
+    try:
+        datetime.strptime(text.strip(), "%H:%M")
+    except ValueError:
+        return None
+    if seconds <= 12 * 3600:
+        return None
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return (
+        f"--deadline {text.strip()} has passed today: it is taken as tomorrow's, {hours} h {minutes} min "
+        "from now (a duration, such as 2h, sets one from now)"
+    )
+
+
 def fleet_value(raw: Any) -> tuple[FleetEndpoint, ...]:
     """A fleet file's path, or a job file's ``[[fleet]]`` tables."""
     if isinstance(raw, list):

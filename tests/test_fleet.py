@@ -578,3 +578,20 @@ def test_run_with_a_fleet_and_sandbox_labels_packs_dedups_and_caches(tmp_path: P
     from_cache = {r["row_id"] for r in second if r["cached"]}
     assert sum(1 for r in second if r["row_id"] in from_cache or r["answered_by"] in from_cache) >= 60
     assert [r["label"] for r in second] == [r["label"] for r in rows]
+
+
+def test_a_clock_deadline_that_has_passed_is_said_to_be_tomorrows(tmp_path: Path) -> None:
+    """--deadline HH:MM five minutes ago is tomorrow's: said, not silently planned for (a run
+    started late would take the cheapest endpoint alone for a day)."""
+    import datetime as dt
+
+    passed = (dt.datetime.now() - dt.timedelta(minutes=5)).strftime("%H:%M")
+    soon = (dt.datetime.now() + dt.timedelta(minutes=30)).strftime("%H:%M")
+    base = ["estimate", "--job", str(ROOT / "jobs" / "sentiment.toml"), "--fleet"]
+    base += [str(ROOT / "jobs" / "fleets" / "three_endpoints.toml"), "--deadline"]
+    late = run_cli([*base, passed])
+    assert (
+        late.exit_code == 0
+        and f"--deadline {passed} has passed today: it is taken as tomorrow's" in late.stderr
+    )
+    assert "has passed today" not in run_cli([*base, soon]).stderr

@@ -216,7 +216,7 @@ def estimate_cmd(
 
 def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed: Any, fmt: str) -> int:
     """``estimate --fleet F [--deadline D]``: the plan (reports/fleet_plan.py)."""
-    from ..fleet import fleet_problems, parse_deadline
+    from ..fleet import deadline_note, fleet_problems, parse_deadline
     from ..reports.compare import observed_of
     from ..reports.estimate import completions_of_run
     from ..reports.fleet_plan import format_plan, plan
@@ -227,6 +227,8 @@ def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed:
     if problems:
         raise JobError("\n".join(problems))
     seconds = parse_deadline(deadline) if deadline is not None else None
+    if deadline is not None and seconds is not None and (note := deadline_note(deadline, seconds)):
+        click.echo(f"warning: {note}", err=True)
     if from_run is not None:
         observed = completions_of_run(from_run)
     click.echo(format_plan(plan(job, fleet, seconds, observed or observed_of(job)), fmt))

@@ -27,7 +27,7 @@ import orjson
 from .. import __version__
 from ..access import key_source
 from ..errors import BatchLLMError, ExitCode
-from ..fleet import FleetEndpoint, fleet_text, parse_deadline
+from ..fleet import FleetEndpoint, deadline_note, fleet_text, parse_deadline
 from ..folders import write_atomic
 from ..ledger import RunRecord, Sent, Snapshot, of_job
 from ..prompts import PromptBuilder
@@ -94,11 +94,9 @@ class Run:
         self.reuse: Reuse | None = None
         self.warnings: list[str] = []
         self.plan = Plan(prepared, self.warn, only)
-        # Built before anything starts: a --pack-tokens too small for one row is a usage error.
-        self.packs = packs_for(prepared, self.plan.admission)
+        self.packs = packs_for(prepared, self.plan.admission)  # a too small --pack-tokens: refused now
         self.write = write  # a pilot writes no output (reports/estimate.py)
-        # A pilot's rows are the output's (the run keeps them); a pack-size pilot's are not: they
-        # stay in a journal of their own, which its ledger record names as its output.
+        # A pilot's rows are the output's; a pack-size pilot's stay in a journal of their own.
         self.kind = "run" if only is None else "pack-pilot" if scratch else "pilot"
         self.lost = (0, 0)  # requests an earlier run left in flight, and their worst case
 
@@ -252,6 +250,8 @@ class Run:
             self.dispatcher = dispatcher
             if router is not None and job.deadline is not None:
                 seconds = parse_deadline(job.deadline) - (time.time() - self.started_at)
+                if note := deadline_note(job.deadline, seconds):
+                    self.warn(note)
                 todo = self.plan.todo(journal)
                 size = packs.size if packs is not None else 1  # the plan is in requests, not rows
                 router.meet(seconds, lambda: -(-max(0, todo - dispatcher.stats.done) // size))
