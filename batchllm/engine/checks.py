@@ -93,8 +93,13 @@ def check_model(job: Job, provider: Provider) -> Model:
             f"{model.context_window:,} tokens"
         )
     if job.budgeted and model.prices is None:
+        cap = next(
+            (f for f, v in (("--max-cost", job.max_cost_pico), ("--max-cost-per-run", job.max_cost_per_run_pico),
+                            ("--max-cost-per-month", job.max_cost_per_month_pico)) if v is not None),
+            "--max-cost",
+        )  # fmt: skip
         raise JobError(
-            f"--max-cost needs prices: {model.name!r} is not in the {provider.name} model table, so "
+            f"{cap} needs prices: {model.name!r} is not in the {provider.name} model table, so "
             "give --input-price and --output-price (USD per million tokens)"
         )
     return model
