@@ -283,9 +283,9 @@ def test_a_schema_9_journal_gains_served_model_and_keeps_its_attempts(tmp_path: 
     journal.close()
 
 
-def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> None:
-    """Schema 11 added confidence to attempts: an older journal's attempts read back with none,
-    new ones keep theirs (a label's with the label it measured, labeling/confidence.py)."""
+def _older_attempts(tmp_path: Path, column: str, version: int) -> Journal:
+    """A journal with one attempt, made as schema ``version`` wrote it (without ``column`` in
+    its attempts), opened again: migrated."""
     import sqlite3
 
     from batchllm.labeling.rows import Attempt
@@ -294,11 +294,19 @@ def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> No
     journal.add_attempt("2-h", 0, Attempt(0, "first", "x", 1, 2, 3, 4, False))
     journal.close()
     conn = sqlite3.connect(tmp_path / "journal.sqlite")
-    conn.execute("ALTER TABLE attempts DROP COLUMN confidence")
-    conn.execute("UPDATE meta SET value = '10' WHERE key = 'schema_version'")
+    conn.execute(f"ALTER TABLE attempts DROP COLUMN {column}")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
     conn.commit()
     conn.close()
-    journal = Journal.open(tmp_path, SETTINGS)
+    return Journal.open(tmp_path, SETTINGS)
+
+
+def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> None:
+    """Schema 11 added confidence to attempts: an older journal's attempts read back with none,
+    new ones keep theirs (a label's with the label it measured, labeling/confidence.py)."""
+    from batchllm.labeling.rows import Attempt
+
+    journal = _older_attempts(tmp_path, "confidence", 10)
     assert journal.get_meta("schema_version") == SCHEMA_VERSION
     assert journal.attempts_for(["2-h"])["2-h"][0].confidence is None
     journal.add_attempt("2-h", 1, Attempt(0, "reask", "positive", 1, 2, 3, 4, False), '["positive",0.25]')
@@ -321,19 +329,9 @@ def test_a_schema_10_journal_gains_the_attempts_confidence(tmp_path: Path) -> No
 def test_a_schema_11_journal_gains_the_attempts_cached_tokens(tmp_path: Path) -> None:
     """Schema 12 added cached_tokens to attempts: an older journal's attempts read back with 0,
     new ones keep theirs, and an entry made an attempt (a row re-asked) keeps its own."""
-    import sqlite3
-
     from batchllm.labeling.rows import Attempt
 
-    journal = Journal.open(tmp_path, SETTINGS)
-    journal.add_attempt("2-h", 0, Attempt(0, "first", "x", 1, 2, 3, 4, False))
-    journal.close()
-    conn = sqlite3.connect(tmp_path / "journal.sqlite")
-    conn.execute("ALTER TABLE attempts DROP COLUMN cached_tokens")
-    conn.execute("UPDATE meta SET value = '11' WHERE key = 'schema_version'")
-    conn.commit()
-    conn.close()
-    journal = Journal.open(tmp_path, SETTINGS)
+    journal = _older_attempts(tmp_path, "cached_tokens", 11)
     assert journal.get_meta("schema_version") == SCHEMA_VERSION == 12
     assert journal.attempts_for(["2-h"])["2-h"][0].cached_tokens == 0
     journal.add_attempt("2-h", 1, Attempt(0, "reask", "y", 1280, 2, 3, 4, False, cached_tokens=1024))
