@@ -41,7 +41,7 @@ def stop_message(
         others, this_run, cap = month.used_by_others, budget.spent_run, month.cap_pico
         if month.sandbox:  # play money: the real month's runs, and this run against itself
             whose = (
-                f"the real runs of job {month.job!r} have spent or hold {format_usd(others)} of its "
+                f"job {month.job!r}: its real runs have spent or hold {format_usd(others)} of its "
                 f"{format_usd(cap)} cap this month and this sandbox run {format_usd(this_run)} "
                 "(--max-cost-per-month; play money counts in no cap but its own)"
             )
