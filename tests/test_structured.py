@@ -298,3 +298,19 @@ def test_replies_longer_than_max_tokens_are_cut_as_a_server_cuts_them(
     stats = box.sandbox.stats
     assert stats["completion_tokens"] <= 8 * box.count()
     assert sum(r["completion_tokens"] for r in rows) == stats["completion_tokens"]
+
+
+def test_eval_of_a_list_field_says_what_it_scores(sandbox_factory, tmp_path: Path) -> None:
+    """`eval --field topics` (an array in the schema): one line saying eval scores enum, boolean
+    or string fields; it printed labels like "['quality' 'price']"."""
+    box = sandbox_factory()
+    rows = [{"id": f"r{i}", "text": f"Review {i}: {WORDS[i % len(WORDS)]}", "gold": "x"} for i in range(10)]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "o.parquet"
+    assert run_openai(box, src, out, "--json-schema", str(SCHEMA), "--max-tokens", "64").exit_code == 0
+    result = run_cli(["eval", str(out), "--gold", "gold", "--field", "topics"])
+    assert (
+        result.exit_code == 2
+        and "--field 'topics' is a list: eval scores an enum, boolean or string" in result.stderr
+    )
+    assert run_cli(["eval", str(out), "--gold", "gold", "--field", "sentiment"]).exit_code == 0

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..engine.checks import Prepared
@@ -51,6 +52,12 @@ def load(path: Path, gold: str, by: str | None, field: str = "label") -> pd.Data
             raise JobError(
                 f"{path}: no column {column!r} ({what}); the columns are: {', '.join(names)}{hint}"
             )
+    kind = read_schema(path).field(field).type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_struct(kind):
+        raise JobError(
+            f"{path}: --field {field!r} is a {'list' if not pa.types.is_struct(kind) else 'object'}: "
+            "eval scores an enum, boolean or string field"
+        )
     wanted = [field, "status", "input_cost_usd", "output_cost_usd", gold]
     wanted += [c for c in ("agreement", confidence_column(field)) if c in names]
     wanted += [by] if by and by not in wanted else []
