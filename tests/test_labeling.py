@@ -297,6 +297,7 @@ def test_bad_labeling_flags(sandbox, tmp_path: Path) -> None:
     base = ["run", str(src), "-o", str(tmp_path / "o.parquet"), "--template", "C: {text}"]
     for extra, message in [
         (["--labels", "onlyone"], "at least two labels"),
+        (["--labels", "pos,,neg"], "an empty label in 'pos,,neg'"),
         (["--reask", "2"], "goes with --labels or --json-schema"),
         (["--labels", "a,b", "--samples", "2", "--adaptive"], "--samples 3 or more"),
         (["--json-schema", str(tmp_path / "nope.json")], "nope.json"),

@@ -137,6 +137,8 @@ def parse_labels(text: str, where: str) -> tuple[tuple[str, ...], tuple[tuple[st
     labels: list[str] = []
     descriptions: list[tuple[str, str]] = []
     lines = text.splitlines() if "\n" in text.strip() else text.split(",")
+    if "\n" not in text.strip() and any(not x.strip() for x in lines):  # "a,,b": one left out?
+        raise JobError(f"{where}: an empty label in {text!r}: give each label between the commas")
     for raw in lines:
         name, _, desc = raw.partition(":") if "\n" in text.strip() else (raw, "", "")
         name = name.strip()
