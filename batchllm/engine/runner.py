@@ -132,8 +132,7 @@ class Run:
                 "output": str(job.output),
                 "rows": p.rows,
                 "todo": todo,
-                # What is not sent is done: the two add up to the input (a pilot sends a sample
-                # of it, so its rows done before are the journal's).
+                # What is not sent is done: the two add up to the input (a pilot's: the journal's).
                 "done_before": journal.rows_before if self.kind == "pilot" else max(0, p.rows - todo),
                 "provider": p.provider.name,
                 "model": p.model.name,
@@ -268,8 +267,9 @@ class Run:
                 )
             try:
                 if job.reparse and job.labeling is not None:  # read stored replies again; send nothing
+                    read = reparse(journal, job.labeling, p.model.name)
                     self.warn(
-                        f"read {reparse(journal, job.labeling, p.model.name):,} rows again under the new labels"
+                        f"read {read:,} rows' replies again under the job's {'schema' if job.labeling.is_schema else 'labels'}"
                     )
                 else:
                     endpoint_id = "sandbox" if job.sandbox else endpoint.url.rstrip("/")
