@@ -172,11 +172,8 @@ def _endpoint(
                 )
             )
     # A price refused above is not in ``got``: the endpoint is unpriced while its error is said.
-    prices = (
-        Prices(got["input_price"], got["output_price"])
-        if len(priced) == 2 <= len(got.keys() & {*priced})
-        else None
-    )
+    both = len(priced) == 2 and {"input_price", "output_price"} <= got.keys()
+    prices = Prices(got["input_price"], got["output_price"]) if both else None
     if "cached_input_price" in got:
         base = prices or (listed.prices if listed is not None else None)
         if base is None:

@@ -34,23 +34,9 @@ class AttemptBook:
         for r in cur:
             sure = None if r[13] is None else orjson.loads(r[13])  # labeling/confidence.py ``stored``
             out.setdefault(r[0], []).append(
-                Attempt(
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    r[7],
-                    bool(r[8]),
-                    r[9],
-                    r[10],
-                    r[11],
-                    r[14] or 0,
-                    r[12],
-                    sure,
-                )
-            )
+                Attempt(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10], r[11], r[14] or 0,
+                        r[12], sure)
+            )  # fmt: skip
         return out
 
     def first_attempts(self, row_ids: Sequence[str]) -> dict[str, list[Attempt]]:

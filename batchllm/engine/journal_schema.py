@@ -162,10 +162,9 @@ COLUMNS = Entry._fields
 # A row that failed for the server's reasons (5xx, timeouts, no connection, 429s past their
 # retries) failed for no fault of its own: the next run sends it again, --retry-errors or not.
 TRANSIENT = "transient"
-STATUS = (  # a row's status as a run decides on it (``Journal.unfinished``)
-    "CASE WHEN r.status = 'error' AND r.error_class IN ('RetryableAPIError', 'RequestTimeout') "
-    f"THEN '{TRANSIENT}' ELSE r.status END"
-)
+TRANSIENT_CLASSES = ("RetryableAPIError", "RequestTimeout")  # errors.py: the server's failures
+TRANSIENT_SQL = f"error_class IN ({', '.join(repr(c) for c in TRANSIENT_CLASSES)})"  # of ``rows``
+STATUS = f"CASE WHEN r.status = 'error' AND r.{TRANSIENT_SQL} THEN '{TRANSIENT}' ELSE r.status END"
 
 
 def _insert(columns: Sequence[str]) -> str:

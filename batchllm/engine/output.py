@@ -27,6 +27,7 @@ from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from . import counts
 from .journal import Journal
+from .journal_schema import TRANSIENT_CLASSES
 from .outside import Outside, count
 from .parquet_file import replacing
 
@@ -209,7 +210,7 @@ def _result_columns(
             totals.error += 1
             totals.no_prompt += e.error_class == "NoPrompt"
             totals.over_window += e.error_class == "ContextWindowExceeded"
-            totals.transient += e.error_class in ("RetryableAPIError", "RequestTimeout")
+            totals.transient += e.error_class in TRANSIENT_CLASSES
         elif e.status == "invalid":
             totals.invalid += 1
         else:

@@ -82,12 +82,12 @@ def refuse_orphaned_output(job: Job) -> None:
     """An output holding answers whose journal is gone (deleted as clutter, or the output copied
     without it): a run would send every row again, paid again, and write over them. Refused;
     ``--restart`` says that is meant."""
-    summary = read_summary(job.output) if job.output.exists() else None
-    rows = (summary or {}).get("rows") or {}
+    summary = (read_summary(job.output) if job.output.exists() else None) or {}
+    rows = summary.get("rows") or {}
     answered = int(rows.get("ok") or 0) + int(rows.get("invalid") or 0)
     if not answered:
         return
-    paid = ((summary or {}).get("cost_usd") or {}).get("total")
+    paid = (summary.get("cost_usd") or {}).get("total")
     raise JobError(
         f"{job.output} holds {plural(answered, 'answered row')}"
         + (f" (${paid} paid)" if paid else "")

@@ -261,7 +261,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         asked = np.asarray(observed.requests or [1.0], dtype=np.float64)
         mean_requests = min(float(asked.mean()), per_row)
         result["requests"]["expected_per_row"] = round(mean_requests, 3)
-        first_cost = with_cache if cached is not None and with_cache is not None else prompt_cost
+        first_cost = with_cache if with_cache is not None else prompt_cost
         spread = float(asked.std(ddof=1)) if asked.size > 1 else 0.0
         result["cost_usd"].update(
             _expected(

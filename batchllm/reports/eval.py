@@ -35,7 +35,8 @@ NONE = "(none)"
 
 def load(path: Path, gold: str, by: str | None, field: str = "label") -> pd.DataFrame:
     try:
-        names = read_schema(path).names
+        schema = read_schema(path)
+        names = schema.names
     except FileNotFoundError:
         raise JobError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
@@ -52,7 +53,7 @@ def load(path: Path, gold: str, by: str | None, field: str = "label") -> pd.Data
             raise JobError(
                 f"{path}: no column {column!r} ({what}); the columns are: {', '.join(names)}{hint}"
             )
-    kind = read_schema(path).field(field).type
+    kind = schema.field(field).type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_struct(kind):
         raise JobError(
             f"{path}: --field {field!r} is a {'list' if not pa.types.is_struct(kind) else 'object'}: "

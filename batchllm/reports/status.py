@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice, plural
 from ..engine.journal import DB_NAME, Journal
+from ..engine.journal_schema import TRANSIENT_SQL
 from ..engine.lock import holder
 from ..engine.outside import SEEN, Outside
 from ..engine.summary import prompt_cache_line
@@ -72,13 +73,10 @@ def journal_status(directory: Path) -> str:
         endpoints = journal.by_endpoint()
         found = RowCounts(*journal.conn.execute(JOURNAL_SQL).fetchone())
         # Rows refused before sending (no prompt, over the window or too long) fail alike again.
-        resendable = journal.conn.execute(
-            "SELECT COUNT(*) FROM rows WHERE status = 'error' AND COALESCE(error_class, '') "
-            "NOT IN ('NoPrompt', 'ContextWindowExceeded', 'PromptTooLong')"
-        ).fetchone()[0]
-        transient = journal.conn.execute(
-            "SELECT COUNT(*) FROM rows WHERE status = 'error' AND error_class IN ('RetryableAPIError', 'RequestTimeout')"
-        ).fetchone()[0]
+        resendable, transient = journal.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(" + TRANSIENT_SQL + "), 0) FROM rows WHERE status = 'error' "
+            "AND COALESCE(error_class, '') NOT IN ('NoPrompt', 'ContextWindowExceeded', 'PromptTooLong')"
+        ).fetchone()
     finally:
         journal.conn.close()
     lines = [f"journal: {directory}"]
