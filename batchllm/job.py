@@ -22,7 +22,7 @@ from typing import Any
 
 from . import sniff
 from .errors import JobError
-from .fleet import FleetEndpoint, dearest
+from .fleet import FleetEndpoint, dearest, parse_deadline
 from .folders import folders_to_make
 from .job_keys import PARSERS, SAMPLING_KEYS, check_endpoint
 from .job_labeling import check_structured_on, confidence_mode
@@ -298,6 +298,8 @@ def build_job(
         raise JobError(
             f"{where('deadline')}: the plan paces the rows left on one machine; use the local engine"
         )
+    if kwargs.get("deadline") is not None:
+        parse_deadline(kwargs["deadline"])  # refused here, before the run says it starts
     if "endpoint" not in kwargs:
         kwargs["endpoint"] = environ.get(provider.endpoint_env) or provider.default_endpoint
     kwargs["endpoint"] = check_endpoint(kwargs["endpoint"])

@@ -146,6 +146,11 @@ def test_an_endpoint_that_cannot_take_the_job_is_named(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "'eight'" in result.stderr and "8,000-token window" in result.stderr
     late = run_cli(["estimate", "--job", str(job), "--deadline", "1h"])
     assert late.exit_code == 2 and "--deadline goes with --fleet" in late.stderr
+    bad = run_cli(["run", "--job", str(job), "--fleet", str(fleet), "--deadline", "25:99", "--sandbox"])
+    assert bad.exit_code == 2 and bad.stderr.startswith(
+        "batchllm: error: --deadline '25:99' is not a duration"
+    )
+    assert "rows in" not in bad.output  # refused before the run's start line
 
 
 def _live_fleet(path: Path, *members: tuple[str, Any, int, str, str]) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ from batchllm.errors import FatalAPIError, RetryableAPIError, RunStopError
 from batchllm.providers import get_provider
 from batchllm.records import Message, RateHints, Request
 
-from .conftest import ROOT, run_cli, summary_of
+from .conftest import ROOT, prompts_csv, run_cli, summary_of
 
 openai = get_provider("openai")
 OK = b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"positive"},"finish_reason":"length"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}'
@@ -255,6 +256,35 @@ def test_prices_given_later_price_the_rows_done_without_one(sandbox, tmp_path: P
         r["cost_usd"] == pytest.approx((r["prompt_tokens"] * 0.31 + r["completion_tokens"] * 0.34) / 1e6)
         for r in rows
     )
+
+
+def test_new_prices_on_a_resume_are_said_and_each_row_keeps_the_price_it_was_answered_at(
+    sandbox, tmp_path: Path
+) -> None:
+    out = tmp_path / "o.parquet"
+    base = ["-o", str(out), "--rpm", "0", "--provider", "openai", "--max-tokens", "16"]
+    first = run_cli(
+        ["run", str(prompts_csv(tmp_path / "a.csv", 20)), *base, *PRICES], env=sandbox.openai_env()
+    )
+    assert first.exit_code == 0, first.output
+    dearer = ["--input-price", "1.5", "--output-price", "2.25"]
+    src = prompts_csv(tmp_path / "b.csv", 30)
+    result = run_cli(["run", str(src), *base, *dearer], env=sandbox.openai_env())
+    assert result.exit_code == 0, result.output
+    assert (
+        "prices changed since the last run ($0.31 in / $0.34 out per million tokens -> $1.5 in / $2.25 out "
+        "per million tokens): the 20 rows answered before keep their costs" in result.output
+    )
+    rows = pq.read_table(out).to_pylist()
+    total = 0
+    for r in rows:  # picodollars a token: $P a million tokens is P * 10**6
+        i, o = (310_000, 340_000) if int(r["id"][2:]) < 20 else (1_500_000, 2_250_000)
+        pico = r["prompt_tokens"] * i + r["completion_tokens"] * o
+        assert r["cost_usd"] == pytest.approx(pico / 1e12, rel=1e-12)
+        total += pico
+    assert summary_of(out)["cost_usd"]["total"] == str(Decimal(total) / 10**12)
+    again = run_cli(["run", str(src), *base, *dearer], env=sandbox.openai_env())
+    assert again.exit_code == 0 and "prices changed" not in again.output
 
 
 def test_a_key_never_travels_over_plain_http_to_another_host(tmp_path: Path) -> None:

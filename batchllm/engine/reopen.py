@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ..errors import JobError
 from ..job import Job
-from ..pricing import cached_saving, format_usd
+from ..pricing import Prices, cached_saving, format_usd
 from . import outside
 from .checks import Prepared
 from .counts import plural
@@ -64,6 +64,8 @@ def open_journal(
         priced := journal.price_unpriced(prices.input_pico, prices.output_pico, prices.cached_input_pico)
     ):
         warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
+    if changed := price_change(journal, prices):
+        warn(changed)
     journal.set_meta(
         "last_run",
         {
@@ -73,9 +75,35 @@ def open_journal(
             "started_at": started_at,
             # What a cached prompt token costs less (``status`` prices the saving).
             "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
+            "prices": prices.as_dict() if prices is not None else None,
         },
     )
     return journal, (lost, lost_pico)
+
+
+def price_change(journal: Journal, prices: Prices | None) -> str | None:
+    """Said when this run's prices differ from the last run's on a journal with answered rows:
+    their costs stay what they were (what was billed then), the rows answered now cost these, so
+    the output's total mixes both."""
+    last = journal.get_meta("last_run") or {}
+    before = Prices.from_dict(last.get("prices"))
+    answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+    if before is None or prices is None or before == prices or not answered:
+        return None
+    return (
+        f"prices changed since the last run ({_per_million(before)} -> {_per_million(prices)}): "
+        f"the {plural(answered, 'row')} answered before keep their costs, the rows answered now "
+        "cost the new prices"
+    )
+
+
+def _per_million(prices: Prices) -> str:
+    cached = prices.cached_input_per_million
+    return (
+        f"${prices.input_per_million} in / ${prices.output_per_million} out"
+        + ("" if cached is None else f" / ${cached} cached")
+        + " per million tokens"
+    )
 
 
 def refuse_orphaned_output(job: Job) -> None:
