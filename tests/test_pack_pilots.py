@@ -27,6 +27,10 @@ def _pilot(box, out: Path, *extra: str) -> dict[str, Any]:
     args = ["estimate", "--job", str(JOB), "-o", str(out), "--pilot", "40", "--gold", "human_label"]
     result = run_cli([*args, "--pack", "1,5", "--rpm", "0", "--format", "json", *extra], env=box.env())
     assert result.exit_code == 0, result.output
+    # One start line per size, naming it; the rows it leaves out are not "already done".
+    starts = [line for line in result.stderr.splitlines() if line.startswith("batchllm: pilot at pack")]
+    assert [line.split(":")[1] for line in starts] == [" pilot at pack 1", " pilot at pack 5"], starts
+    assert all("200 rows in" in line and "40 to send;" in line for line in starts), starts
     return json.loads(result.stdout[result.stdout.index("{") :])
 
 

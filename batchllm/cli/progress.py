@@ -86,8 +86,9 @@ class Reporter:
     def start(self, info: dict[str, Any]) -> None:
         self._total = info["todo"]
         done_before = info["done_before"]
+        pilot = f"pilot at pack {info['pack']}: " if "pack" in info else ""  # one line per size
         self._write(
-            f"batchllm: {plural(info['rows'], 'row')} in {info['input']}, {info['todo']:,} to send"
+            f"batchllm: {pilot}{plural(info['rows'], 'row')} in {info['input']}, {info['todo']:,} to send"
             + (f" ({done_before:,} already done)" if done_before else "")
             + (
                 f"; fleet: {info['fleet']}"

@@ -132,16 +132,16 @@ class Run:
                 "output": str(job.output),
                 "rows": p.rows,
                 "todo": todo,
-                # What is not sent is done: the two add up to the input (a pilot's: the journal's).
-                "done_before": journal.rows_before if self.kind == "pilot" else max(0, p.rows - todo),
+                # What is not sent is done (a pilot's: the journal's; what it leaves out is not).
+                "done_before": journal.rows_before if self.kind != "run" else max(0, p.rows - todo),
                 "provider": p.provider.name,
                 "model": p.model.name,
                 "endpoint": endpoint.url,
                 "checkpoint": str(job.journal_dir),
                 "version": __version__,
             }
-            # A fleet's endpoints have their own providers and models: the header names them.
-            | ({"fleet": fleet_text(endpoint.fleet or job.fleet)} if job.fleet else {})
+            | ({"fleet": fleet_text(endpoint.fleet or job.fleet)} if job.fleet else {})  # its models
+            | ({"pack": self.packs.size if self.packs else 1} if self.kind == "pack-pilot" else {})
         )
         if p.model.prices is None:
             self.warn(
