@@ -140,6 +140,11 @@ class Client:
             expired.add(task)
             task.cancel()
 
+    @property
+    def local(self) -> bool:
+        """Is the server on this machine or its network (where a served sandbox may be)?"""
+        return _local(urlsplit(self.url).hostname or "")
+
     async def identify(self, timeout: float = 2.0) -> None:
         """Ask a server on this machine or its network whether it is batchllm's sandbox before
         an answer says so: every request may time out, or the run be killed first, and its money
@@ -147,7 +152,7 @@ class Client:
         is never asked: a paid API is not the sandbox."""
         assert self._session is not None, "use `async with Client(...)`"
         parts = urlsplit(self.url)
-        if self.played is not None or not _local(parts.hostname or ""):
+        if self.played is not None or not self.local:
             return
         try:
             root = f"{parts.scheme}://{parts.netloc}/"
@@ -190,6 +195,8 @@ def watch_played(clients: Sequence[Client], mark: Callable[[bool], None]) -> lis
 
     for client in clients:
         client.on_played = played
+    if any(c.played is not None for c in clients):  # asked already (reopen.py)
+        played()
     return [asyncio.create_task(c.identify()) for c in clients]
 
 

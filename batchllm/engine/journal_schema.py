@@ -161,6 +161,7 @@ AS_ATTEMPT = (
 COLUMNS = Entry._fields
 # A row that failed for the server's reasons (5xx, timeouts, no connection, 429s past their
 # retries) failed for no fault of its own: the next run sends it again, --retry-errors or not.
+SANDBOX_ANSWERS = "sandbox_answers"  # meta: are the answers batchllm's sandbox's (reopen.py)?
 TRANSIENT = "transient"
 TRANSIENT_CLASSES = ("RetryableAPIError", "RequestTimeout")  # errors.py: the server's failures
 TRANSIENT_SQL = f"error_class IN ({', '.join(repr(c) for c in TRANSIENT_CLASSES)})"  # of ``rows``

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import JobError
 from ..job import Job
 from ..pricing import Prices, cached_saving, format_usd
 from . import outside
 from .checks import Prepared
+from .client import Client
 from .counts import plural
 from .journal import DB_NAME, Journal
+from .journal_schema import SANDBOX_ANSWERS
 from .output import read_summary
 
 
@@ -103,6 +107,46 @@ def _per_million(prices: Prices) -> str:
         f"${prices.input_per_million} in / ${prices.output_per_million} out"
         + ("" if cached is None else f" / ${cached} cached")
         + " per million tokens"
+    )
+
+
+def answers_mark(journal: Journal, mark: Callable[[bool], None]) -> Callable[[bool], None]:
+    """``mark`` (the ledger's), and the journal's own: whether the answers in it are batchllm's
+    sandbox's (play money) or a real server's, as the run's servers answer for the first time
+    (client.py ``watch_played``). ``refuse_mixed_answers`` reads it on the next run."""
+
+    def both(played: bool) -> None:
+        mark(played)
+        if journal.get_meta(SANDBOX_ANSWERS) != played:
+            journal.set_meta(SANDBOX_ANSWERS, played)
+
+    return both
+
+
+async def refuse_mixed_answers(journal: Journal, client: Client, output: Path) -> None:
+    """Refuse a run whose server is batchllm's sandbox when the journal holds a real server's
+    answers, or the other way round: an output's answers are all play money or all real. A
+    served sandbox (``batchllm sandbox``) is found by asking it (``identify``) before anything is
+    sent; a public host is never the sandbox. A journal written before the mark is not checked."""
+    before = journal.get_meta(SANDBOX_ANSWERS)
+    answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+    if before is None or not answered:
+        return
+    await client.identify()
+    now = client.played if client.played is not None or client.local else False
+    if now is None or now == before:  # a server here that did not say what it is: not known
+        return
+    host = urlsplit(client.url).hostname
+    rows = plural(answered, "answered row")
+    if before:
+        raise JobError(
+            f"{output} holds {rows} from batchllm's sandbox (play money, not the model's answers); "
+            f"the server at {host} is not the sandbox, and its answers would mix with them. Give "
+            "another -o, or --restart to send every row to it"
+        )
+    raise JobError(
+        f"{output} holds {rows} from a real server, and the server at {host} is batchllm's sandbox: "
+        "its play answers would mix with them. Give another -o for the sandbox's answers"
     )
 
 

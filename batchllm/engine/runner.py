@@ -46,7 +46,7 @@ from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .refusable import insisted_fields, optional_fields, refusable
-from .reopen import open_journal
+from .reopen import answers_mark, open_journal, refuse_mixed_answers
 from .reuse import Reuse
 from .router import fleet_router
 from .stops import STOP_EXIT, stop_message
@@ -201,9 +201,7 @@ class Run:
             # Unpaced (--rpm 0) the limiter never paces: reading each reply's headers is waste.
             on_hints=limiter.on_hints if limiter.rate is not None else None,
         )
-        cache = None
-        if job.cache != "off":
-            cache = ResponseCache(job.cache_dir or default_dir(), job.cache)
+        cache = ResponseCache(job.cache_dir or default_dir(), job.cache) if job.cache != "off" else None
         labeling, packs = job.labeling, self.packs
         router = None
         if job.fleet is not None:  # each endpoint paces itself (router.py); the pool does not
@@ -217,6 +215,7 @@ class Run:
         async with client, router or contextlib.nullcontext():
             window = None
             if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
+                await refuse_mixed_answers(journal, client, job.output)  # sandbox's, or real ones
                 probe = p.provider.slots_url(endpoint.url)
                 hint = await client.server_slots(probe) if probe else None
                 window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint, pace=limiter.enforced_rps)
@@ -242,7 +241,7 @@ class Run:
             )
             dispatcher.router = router
             clients = [m.client for m in router.members] if router else [client]
-            asking = watch_played(clients, record.mark_sandbox)  # and asks each server who it is
+            asking = watch_played(clients, answers_mark(journal, record.mark_sandbox))  # asks who
             if router is None:  # a fleet's endpoints each give up their own (member.py)
                 insist = insisted_fields(job.structured, job.logprobs_insisted)
                 dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn, insist)

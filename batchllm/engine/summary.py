@@ -18,6 +18,7 @@ from .client import all_played
 from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .journal import Journal
+from .journal_schema import SANDBOX_ANSWERS
 from .output import Totals
 from .ratelimit import RateLimiter
 from .stops import next_step
@@ -230,7 +231,7 @@ def run_summary(
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
     clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]
-    if all_played(clients):  # batchllm's sandbox served with `batchllm sandbox`: play money
+    if all_played(clients) or journal.get_meta(SANDBOX_ANSWERS):  # its answers now or before
         out["play_money"] = True
     if (w := dispatcher.window) is not None:
         out["concurrency"] = {"ceiling": w.ceiling, "server_slots": w.hint, "last": w.limit, "peak": w.peak,
@@ -273,6 +274,10 @@ def snapshot(s: Stats) -> dict[str, Any]:
     }
 
 
+# Said wherever an output's cost is, when batchllm's sandbox answered it (``play_money``).
+PLAY_MONEY = "play money: batchllm's sandbox answered (emulated replies, not the model's); nothing was billed"
+
+
 def _dollars(text: str | None) -> str:
     return "unknown (no price)" if text is None else f"${text}"
 
@@ -307,6 +312,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"cost: ${cost['total']} (input ${cost['input']}, output ${cost['output']}); "
                 f"this run {_dollars(summary['this_run']['cost_usd'])}"
             )
+            if summary.get("play_money"):
+                lines.append(PLAY_MONEY)
             if gone := summary.get("outside_input"):
                 lines.append(outside_line(gone))
             guess = (summary.get("estimate") or {}).get("cost_usd") or {}

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ..engine.checks import Prepared
 from ..engine.journal import Journal
-from ..engine.output import read_schema
+from ..engine.output import read_schema, read_summary
 from ..errors import JobError
 from ..pricing import PICO_PER_USD, format_usd, usd_text
 from .calibration import calibration, format_calibration
@@ -185,6 +185,7 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
         return metrics([as_label(g) or "" for g in part[gold]], labels, cost)
 
     out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent), "rows_pending": pending}
+    out["play_money"] = bool((read_summary(path) or {}).get("play_money"))
     out.update(cost_per_correct(spent, out["correct"], out["n"], rows, "the gold rows'", "rows"))
     out.update(calibrated(frame, gold, field))
     if "agreement" in frame.columns:
@@ -252,6 +253,8 @@ def format_eval(e: dict[str, Any], fmt: str) -> str:
         if md
         else f"eval of {e['output']} against {e['gold']}"
     ]
+    if e.get("play_money"):  # the sandbox draws its labels with an error rate of its own
+        lines.append("the sandbox's labels (emulated, with a built-in error rate): not the model's accuracy")
     width = max(len(k) for k, _ in head)
     lines += (
         ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in head]]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.counts import never_paid_twice
-from ..engine.summary import outside_line
+from ..engine.summary import PLAY_MONEY, outside_line
 from ..pricing import format_usd
 from .by_endpoint import endpoint_lines
 from .tables import csv_cell, grid, public, two_columns
@@ -107,6 +107,8 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
             f"(the output is not written yet: read from its journal, {report['from_journal']}; "
             "run the same command again to write it)"
         )
+    if report.get("play_money"):
+        lines.append(PLAY_MONEY)
     lines += two_columns(_rows(report["overall"]), md)
     if gone := report.get("outside_input"):  # the journal paid for more (engine/outside.py)
         lines += ["", outside_line(gone)]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice, plural
 from ..engine.journal import DB_NAME, Journal
-from ..engine.journal_schema import TRANSIENT_SQL
+from ..engine.journal_schema import SANDBOX_ANSWERS, TRANSIENT_SQL
 from ..engine.lock import holder
 from ..engine.outside import SEEN, Outside
-from ..engine.summary import prompt_cache_line
+from ..engine.summary import PLAY_MONEY, prompt_cache_line
 from ..errors import JobError
 from ..pricing import format_usd
 from .pilot import pilot_journals
@@ -67,6 +67,7 @@ def journal_status(directory: Path) -> str:
         t = journal.totals()
         run = journal.get_meta("last_run") or {}
         seen = journal.get_meta(SEEN)  # rows done and no longer in the input (engine/outside.py)
+        played = journal.get_meta(SANDBOX_ANSWERS)
         running = holder(directory)
         # While a run holds the journal, its log holds requests in flight now, not lost ones.
         lost = journal.maybe_billed(current=running is None)
@@ -111,6 +112,8 @@ def journal_status(directory: Path) -> str:
         f"tokens: {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion; "
         f"cost so far: {format_usd(None if t['unpriced'] else t['input_cost_pico'] + t['output_cost_pico'])}"
     )
+    if played:
+        lines.append(PLAY_MONEY)
     if t["cached_tokens"]:
         discount = run.get("cached_discount_pico")
         lines.append(

@@ -1,0 +1,74 @@
+"""Play money stays play money: an output batchllm's sandbox answered says so wherever its cost is
+shown (the run's summary, `status`, `report`, `eval`), and its answers never mix with a real
+server's in one output, whichever came first. The "real server" here is the test sandbox unmarked:
+its answers do not say they are the sandbox's, as a real server's do not (``marked``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .conftest import ROOT, prompts_csv, run_cli, summary_of
+
+PRICES = ["--provider", "openai", "--input-price", "0.31", "--output-price", "0.34", "--rpm", "0"]
+PLAY = "play money: batchllm's sandbox answered"
+
+
+def _run(src: Path, out: Path, env: dict[str, str], *extra: str):
+    return run_cli(["run", str(src), "-o", str(out), "--max-tokens", "16", *PRICES, *extra], env=env)
+
+
+def test_sandbox_answers_never_mix_with_real_ones_in_one_output(sandbox_factory, tmp_path: Path) -> None:
+    first, more = prompts_csv(tmp_path / "a.csv", 20), prompts_csv(tmp_path / "b.csv", 30)
+    sandbox, real = sandbox_factory(marked=True), sandbox_factory()
+    served, elsewhere = sandbox.openai_env(), real.openai_env()
+
+    # A real output: the sandbox may not add its answers to it.
+    real_out = tmp_path / "real.parquet"
+    result = _run(first, real_out, elsewhere)
+    assert result.exit_code == 0, result.output
+    assert PLAY not in result.output and "play_money" not in summary_of(real_out)
+    sent = sandbox.count()
+    refused = _run(more, real_out, served)
+    assert refused.exit_code == 2, refused.output
+    assert (
+        "real.parquet holds 20 answered rows from a real server, and the server at 127.0.0.1 is batchllm's "
+        "sandbox" in refused.stderr
+    )
+    assert sandbox.count() == sent  # nothing sent
+
+    # A sandbox output: a real server may not add its answers to it, until --restart.
+    play_out = tmp_path / "play.parquet"
+    result = _run(first, play_out, served)
+    assert result.exit_code == 0 and PLAY in result.output, result.output
+    assert summary_of(play_out)["play_money"] is True
+    forwarded = real.count()
+    refused = _run(more, play_out, elsewhere)
+    assert refused.exit_code == 2, refused.output
+    assert "play.parquet holds 20 answered rows from batchllm's sandbox (play money" in refused.stderr
+    assert real.count() == forwarded  # nothing sent
+    resumed = _run(more, play_out, served)  # the sandbox again: resumed
+    assert resumed.exit_code == 0 and "10 to send (20 already done)" in resumed.output, resumed.output
+    assert PLAY in run_cli(["status", str(play_out)]).output
+    report = run_cli(["report", str(play_out), "--format", "json"])
+    assert json.loads(report.stdout)["play_money"] is True
+    assert PLAY in run_cli(["report", str(play_out)]).output
+
+    restarted = _run(more, play_out, elsewhere, "--restart")
+    assert restarted.exit_code == 0, restarted.output
+    assert real.count() == forwarded + 30
+    assert PLAY not in restarted.output and "play_money" not in summary_of(play_out)
+    assert PLAY not in run_cli(["status", str(play_out)]).output
+
+
+def test_eval_of_sandbox_labels_says_they_are_not_the_models(sandbox_factory, tmp_path: Path) -> None:
+    sandbox = sandbox_factory(marked=True)
+    out = tmp_path / "labels.parquet"
+    job = ["run", "--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--rpm", "0"]
+    assert run_cli(job, env=sandbox.env()).exit_code == 0
+    result = run_cli(["eval", str(out), "--gold", "human_label"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "the sandbox's labels (emulated, with a built-in error rate): not the model's accuracy"
+        in result.output
+    )
