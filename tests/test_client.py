@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import socket
 
+import aiohttp
 import pytest
 
-from batchllm.engine.client import Client
+from batchllm.engine.client import Client, cannot_connect
 from batchllm.errors import FatalAPIError, RetryableAPIError, RunStopError
 from batchllm.providers.base import parse_retry_after
 from batchllm.providers.dataoorts import Dataoorts
@@ -125,6 +127,15 @@ def test_transport_failures_become_retryable(sandbox_factory) -> None:
                 await client.complete(b"{}")
 
     asyncio.run(go())
+
+
+def test_a_host_name_that_does_not_resolve_is_said_so() -> None:
+    """The resolver's errno is not an OS errno: read as one it said "unknown error -2"."""
+    key = aiohttp.client_reqrep.ConnectionKey("api.example.com", 443, True, True, None, None, None)
+    failed = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert cannot_connect(aiohttp.ClientConnectorError(key, failed)) == (
+        "cannot connect to api.example.com:443: the name does not resolve (Name or service not known)"
+    )
 
 
 def test_timeout_is_retryable(sandbox_factory) -> None:

@@ -259,6 +259,7 @@ def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(
     stopped = next(line for line in err.splitlines() if line.startswith("stopped: "))
     assert stopped.startswith(f"stopped: cannot connect to 127.0.0.1:{port}: connection refused"), stopped
     assert "ssl:default" not in err and "maybe billed" not in err, err
+    assert "this run: 0 requests, 0 retries" in err, err  # none connected: no request was made
     # Unpaced, a row's attempts end long before the 30 s: still the endpoint's fault, not the rows'.
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 200}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import socket
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -225,5 +226,7 @@ def cannot_connect(exc: aiohttp.ClientConnectorError) -> str:
     own text, "Cannot connect to host ... ssl:default [Connect call failed ...]", says neither
     plainly)."""
     err = exc.os_error
+    if isinstance(err, socket.gaierror):  # its errno is the resolver's, which strerror reads wrong
+        return f"cannot connect to {exc.host}:{exc.port}: the name does not resolve ({err.strerror})"
     reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
     return f"cannot connect to {exc.host}:{exc.port}: {reason[:1].lower()}{reason[1:]}"

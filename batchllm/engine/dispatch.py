@@ -265,8 +265,8 @@ class Dispatcher(Booking):
         worst = worst_pico  # its prompt (counted, or a bound) and max_tokens at the prices
         refusable = self.refusable
         attempt = failures = 0
-        renew = False  # given up on (a timeout): its retry reserves anew
-        retrying = False  # the next send is a retry after a failure
+        # Given up on (a timeout): its retry reserves anew. Retrying: the next send is a retry.
+        renew = retrying = False
         first = time.monotonic()
         while True:
             if self.stopping:
@@ -293,13 +293,11 @@ class Dispatcher(Booking):
                 return None, attempt, 0.0
             if refusable is not None and not refusable.on:  # refused since, maybe as this one waited
                 body = refusable.plain(body)
-            # Written down before it leaves (inflight.py).
-            self.journal.sent(row_id, worst)
+            self.journal.sent(row_id, worst)  # written down before it leaves (inflight.py)
             attempt += 1
             stats.requests += 1
-            if retrying:
-                stats.retries += 1
-                retrying = False
+            was_retry, retrying = retrying, False
+            stats.retries += was_retry
             t0 = time.perf_counter()
             self._on_wire += 1
             if self._on_wire > self.most_on_wire:
@@ -334,6 +332,8 @@ class Dispatcher(Booking):
                 # all the same. Either way the same request may go again, as a new one.
                 if exc.status is not None or exc.unsent:
                     self.journal.unbilled(row_id)
+                    if exc.unsent:  # no connection, so no request: counted as none
+                        attempt -= stats.unsent(was_retry, member.counts if member is not None else None)
                 else:
                     self.journal.gave_up(row_id, worst)
                     renew = True

@@ -6,8 +6,12 @@ import enum
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import APIError, FatalAPIError, RetryableAPIError
+
+if TYPE_CHECKING:
+    from .member import Counts
 
 FIRST_ROWS = 5  # rows that all fail alike before a run stops (``FirstFailures``)
 # What tells one request's error message from another's when they fail for the same reason: the
@@ -50,6 +54,16 @@ class Stats:
     @property
     def done(self) -> int:
         return self.ok + self.error + self.invalid
+
+    def unsent(self, retry: bool, member: Counts | None = None) -> int:
+        """Take back a request counted as it left that never did (no connection): the run's
+        counts, and its fleet endpoint's (``member``), are of requests a server received. 1, the
+        request taken back."""
+        self.requests -= 1
+        self.retries -= retry
+        if member is not None:
+            member.requests -= 1
+        return 1
 
 
 class ErrorWindow:
