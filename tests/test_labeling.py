@@ -230,6 +230,12 @@ def test_reparse_reads_stored_replies_again_without_requests(sandbox_factory, tm
         "--labels",
         "positive,negative,neutral,mixed",
     ]
+    # Without --reparse, the refusal names it: the free way on, before --restart's paid one.
+    refused = run_cli(
+        [*args, "--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--reask", "0"], env=box.env()
+    )
+    assert refused.exit_code == 2 and box.count() == sent
+    assert "--reparse reads its replies again under these labels or schema, sending nothing" in refused.stderr
     result = run_cli(
         [*args, "--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--reask", "0", "--reparse"],
         env=box.env(),

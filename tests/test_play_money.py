@@ -72,3 +72,19 @@ def test_eval_of_sandbox_labels_says_they_are_not_the_models(sandbox_factory, tm
         "the sandbox's labels (emulated, with a built-in error rate): not the model's accuracy"
         in result.output
     )
+
+
+def test_the_built_in_sandbox_is_play_money_and_resumes_its_own_output(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """--sandbox's emulator marks no answer (the served one does): the run knows it all the same."""
+    out = tmp_path / "o.parquet"
+    first = run_cli(
+        ["run", str(prompts_csv(tmp_path / "a.csv", 20)), "-o", str(out), "--sandbox", "--rpm", "0"]
+    )
+    assert first.exit_code == 0 and PLAY in first.output, first.output
+    more = run_cli(
+        ["run", str(prompts_csv(tmp_path / "b.csv", 30)), "-o", str(out), "--sandbox", "--rpm", "0"]
+    )
+    assert more.exit_code == 0 and "10 to send (20 already done)" in more.output, more.output
+    assert PLAY in more.output and summary_of(out)["play_money"] is True

@@ -58,6 +58,7 @@ from .journal_schema import (
     insert_rows,
     length_change,
     migrate,
+    mismatch,
     read_rescued,
     settings_diff,
     write_rescued,
@@ -164,11 +165,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
                     fresh = cls.open(directory, settings, restart=True, relabel=relabel)
                     fresh.discarded = (journal.rows_before, "; ".join(diffs))
                     return fresh
-                raise SettingsMismatch(
-                    f"{directory} was written with other settings ("
-                    + "; ".join(diffs)
-                    + "): run with --restart to discard it, or with the same settings to resume"
-                )
+                raise SettingsMismatch(mismatch(directory, stored, settings, diffs))
         journal.index_keys()  # what an earlier run left unindexed (or a migration)
         return journal
 

@@ -318,6 +318,18 @@ def length_change(stored: dict[str, Any], current: dict[str, Any]) -> tuple[int,
     return old, new
 
 
+def mismatch(directory: Path, stored: dict[str, Any], current: dict[str, Any], diffs: list[str]) -> str:
+    """Why a journal is refused, and the ways on: the same settings, ``--restart`` (paid again),
+    or, when only the label set or schema changed, ``--reparse`` (the replies read again, free)."""
+    ways = "run with --restart to discard it, or with the same settings to resume"
+    if {k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)} == {"labeling"}:
+        ways = (
+            "--reparse reads its replies again under these labels or schema, sending nothing; "
+            "or --restart to discard it and pay for every row again"
+        )
+    return f"{directory} was written with other settings ({'; '.join(diffs)}): {ways}"
+
+
 def settings_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming each request setting that differs: ``template: 'a' -> 'b'``."""
     flat_old, flat_new = _flatten(stored), _flatten(current)

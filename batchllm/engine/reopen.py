@@ -110,12 +110,14 @@ def _per_million(prices: Prices) -> str:
     )
 
 
-def answers_mark(journal: Journal, mark: Callable[[bool], None]) -> Callable[[bool], None]:
+def answers_mark(journal: Journal, mark: Callable[[bool], None], declared: bool) -> Callable[[bool], None]:
     """``mark`` (the ledger's), and the journal's own: whether the answers in it are batchllm's
     sandbox's (play money) or a real server's, as the run's servers answer for the first time
-    (client.py ``watch_played``). ``refuse_mixed_answers`` reads it on the next run."""
+    (client.py ``watch_played``; ``declared``: a ``--sandbox`` run, whose built-in sandbox is
+    known without its answers' mark). ``refuse_mixed_answers`` reads it on the next run."""
 
     def both(played: bool) -> None:
+        played = played or declared
         mark(played)
         if journal.get_meta(SANDBOX_ANSWERS) != played:
             journal.set_meta(SANDBOX_ANSWERS, played)
@@ -123,7 +125,7 @@ def answers_mark(journal: Journal, mark: Callable[[bool], None]) -> Callable[[bo
     return both
 
 
-async def refuse_mixed_answers(journal: Journal, client: Client, output: Path) -> None:
+async def refuse_mixed_answers(journal: Journal, client: Client, output: Path, declared: bool) -> None:
     """Refuse a run whose server is batchllm's sandbox when the journal holds a real server's
     answers, or the other way round: an output's answers are all play money or all real. A
     served sandbox (``batchllm sandbox``) is found by asking it (``identify``) before anything is
@@ -133,7 +135,7 @@ async def refuse_mixed_answers(journal: Journal, client: Client, output: Path) -
     if before is None or not answered:
         return
     await client.identify()
-    now = client.played if client.played is not None or client.local else False
+    now = True if declared else client.played if client.played is not None or client.local else False
     if now is None or now == before:  # a server here that did not say what it is: not known
         return
     host = urlsplit(client.url).hostname

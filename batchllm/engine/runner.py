@@ -215,7 +215,7 @@ class Run:
         async with client, router or contextlib.nullcontext():
             window = None
             if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
-                await refuse_mixed_answers(journal, client, job.output)  # sandbox's, or real ones
+                await refuse_mixed_answers(journal, client, job.output, job.sandbox)
                 probe = p.provider.slots_url(endpoint.url)
                 hint = await client.server_slots(probe) if probe else None
                 window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint, pace=limiter.enforced_rps)
@@ -241,7 +241,7 @@ class Run:
             )
             dispatcher.router = router
             clients = [m.client for m in router.members] if router else [client]
-            asking = watch_played(clients, answers_mark(journal, record.mark_sandbox))  # asks who
+            asking = watch_played(clients, answers_mark(journal, record.mark_sandbox, job.sandbox))
             if router is None:  # a fleet's endpoints each give up their own (member.py)
                 insist = insisted_fields(job.structured, job.logprobs_insisted)
                 dispatcher.refusable = refusable(job.structured_output, job.logprobs, self.warn, insist)
