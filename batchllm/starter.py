@@ -162,7 +162,12 @@ def draft_job(
         key("system", "Answer briefly.", notes.get("system"))
     key("provider", provider)
     key("model", model)
-    if listed is not None and listed.prices is not None:
+    priced = listed is not None and listed.prices is not None
+    if listed is None or listed.prices is None:  # written out, to fill in: a cost cap needs them
+        lines.append(f"# {model!r} has no price in the {provider} models table: give the prices you pay")
+        lines += ["# (USD per million tokens) for costs, and a cost cap:", '# input_price = "0.00"']
+        lines.append('# output_price = "0.00"')
+    else:
         pinned = "the models table's price today; delete the line to follow the table"
         key("input_price", str(listed.prices.input_per_million), f"USD per million input tokens: {pinned}.")
         key(
@@ -179,7 +184,13 @@ def draft_job(
         randomness = "How random replies are; 0: the same each time (and cached)."
         key("temperature", 0.0, f"{randomness} {notes.get('temperature', '')}")
     key("rpm", listed.rpm if listed is not None and listed.rpm else "auto")
-    key("max_cost", DEFAULT_MAX_COST)
+    if priced:
+        key("max_cost", DEFAULT_MAX_COST)
+    else:
+        lines += [
+            f"# {notes.get('max_cost', '')} It needs the prices above.",
+            f"# max_cost = {_toml(DEFAULT_MAX_COST)}",
+        ]
     return "\n".join(lines) + "\n"
 
 

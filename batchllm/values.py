@@ -168,6 +168,12 @@ def http_url(raw: Any) -> str:
 
 def read_toml(path: Path, kind: str) -> dict[str, Any]:
     """A TOML file (a job file, a fleet file), every problem one ``JobError`` naming it."""
+    if (
+        path.suffix.lower() in (".csv", ".tsv", ".tab", ".parquet", ".pq", ".jsonl", ".ndjson")
+        and path.is_file()
+    ):
+        # Data where a job file goes: `batchllm init` writes one from it.
+        raise JobError(f"{path} is data, not a {kind}: `batchllm init {path}` writes one from it")
     try:
         return tomllib.loads(read_text(path, kind))
     except FileNotFoundError:

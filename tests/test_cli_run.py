@@ -693,6 +693,22 @@ def test_an_output_that_is_the_input_is_refused(tmp_path: Path) -> None:
     assert converted.read_bytes() == before
 
 
+def test_a_job_file_as_the_input_and_data_as_the_job_file_are_named(tmp_path: Path) -> None:
+    """The two mix-ups of a first job: each names the way on (they said "missing --output" and
+    "not valid TOML")."""
+    job = ROOT / "jobs" / "sentiment.toml"
+    for command in ("run", "estimate"):
+        result = run_cli([command, str(job), "--sandbox"])
+        assert result.exit_code == 2 and f"{job} is a job file: give it with --job {job}" in result.stderr
+    data = ROOT / "sample_data" / "reviews.parquet"
+    result = run_cli(["validate", str(data)])
+    assert (
+        result.exit_code == 2 and f"{data} is data, not a job file: `batchllm init {data}`" in result.output
+    )
+    result = run_cli(["run", "--job", str(ROOT / "sample_data" / "reviews.csv"), "--sandbox"])
+    assert result.exit_code == 2 and "reviews.csv is data, not a job file" in result.stderr
+
+
 def test_a_refused_run_rewrites_its_summary_file(sandbox, tmp_path: Path) -> None:
     """--summary-json after a refusal (a bad flag, a column the template names that is not
     there): the file says exit 2 and why, not the last night's success a monitor would read."""

@@ -93,6 +93,24 @@ def test_a_parquet_input_with_a_schema_for_an_openai_server(tmp_path: Path) -> N
     assert run_cli(["validate", str(job)]).exit_code == 0
 
 
+def test_a_model_without_a_price_gets_a_job_that_validates(tmp_path: Path) -> None:
+    """An unlisted model (a self-hosted server's): no price and no cap to validate against, so
+    both are written for the user to fill in; the job validates as it is, and with them."""
+    job = tmp_path / "own.toml"
+    args = ["init", str(ROOT / "sample_data" / "reviews.csv"), "--provider", "openai", "--model", "smollm2"]
+    assert run_cli([*args, "-o", str(job)]).exit_code == 0
+    values = tomllib.loads(job.read_text())
+    assert "max_cost" not in values and "input_price" not in values
+    assert run_cli(["validate", str(job)]).exit_code == 0
+    text = job.read_text().replace('# input_price = "0.00"', 'input_price = "0.10"')
+    job.write_text(
+        text.replace('# output_price = "0.00"', 'output_price = "0.20"').replace("# max_cost", "max_cost")
+    )
+    assert tomllib.loads(job.read_text())["max_cost"] == "1.00"
+    result = run_cli(["validate", str(job)])
+    assert result.exit_code == 0, result.output
+
+
 def test_an_input_without_text_is_refused_in_one_line(tmp_path: Path) -> None:
     numbers = tmp_path / "numbers.csv"
     numbers.write_text("a,b\n1,2\n3,4\n")

@@ -12,6 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from ..errors import JobError
 from ..folders import made_note, make_folders
 from ..job import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MODEL, Job
 from ..job_keys import JOB_KEYS
@@ -355,6 +356,8 @@ def collect(
                 str(value) if isinstance(value, Path) else (list(value) if name == "stop" else value)
             )
     if input_path is not None:
+        if input_path.suffix.lower() == ".toml" and job_file is None:  # the job file as the input
+            raise JobError(f"{input_path} is a job file: give it with --job {input_path}")
         values["input"] = str(input_path)
         given.add("input")
     return values, job_file, frozenset(given)

@@ -67,7 +67,7 @@ class Booking:
         self.served.add(served)
         priced = self.model_of(c)
         if not same_model(served, priced):
-            costs = f": costs are at {priced!r}'s prices" if self.prices_of(c) is not None else ""
+            costs = f": costs are at the prices of {priced!r}" if self.prices_of(c) is not None else ""
             self.warn(
                 f"the server answered as model {served!r}, not {priced!r}{costs} (the served_model "
                 "column names the model that answered)"
