@@ -283,6 +283,26 @@ def test_status_reports_progress_and_the_resume_command(sandbox, tmp_path: Path)
     assert missing.exit_code == 2 and "no batchllm journal" in missing.stderr
 
 
+def test_status_and_report_of_a_run_going_on_offer_no_command_that_would_wait(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """While a run holds the output, the same command would wait for its lock (exit 75): what
+    `status` and `report` say is what the run does, not a command to run."""
+    box = sandbox_factory(latency=0.5)
+    src, out = prompts_csv(tmp_path / "in.csv", 400), tmp_path / "out.parquet"
+    proc = spawn(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "4"], env=box.env())
+    _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 4)
+    status = run_cli(["status", str(out)]).stdout
+    assert "running now: pid" in status and "resume with" not in status, status
+    report = run_cli(["report", str(out)]).stdout
+    assert "the run writing it now writes it as it ends" in report and "run the same command" not in report
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    status = run_cli(["status", str(out)]).stdout
+    assert "running now: no" in status and "resume with: batchllm run" in status, status
+    assert "run the same command again to write it" in run_cli(["report", str(out)]).stdout
+
+
 def test_a_sandbox_journal_is_not_resumed_by_a_real_run(sandbox, tmp_path: Path) -> None:
     src = prompts_csv(tmp_path / "in.csv", 5)
     out = tmp_path / "out.parquet"

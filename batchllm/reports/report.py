@@ -59,6 +59,7 @@ def output_of(path: Path) -> Path:
 def _from_journal(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
     """A run that died before writing its output: the same figures, from its journal."""
     from ..engine.journal import DB_NAME, Journal
+    from ..engine.lock import holder
     from ..engine.output import journal_table
 
     directory = path.with_name(path.name + ".batchllm")
@@ -80,7 +81,7 @@ def _from_journal(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, A
     pending = max(0, int(run.get("input_rows") or 0) - len(frame))
     if pending:
         frame = pd.concat([frame, pd.DataFrame({"status": ["pending"] * pending})], ignore_index=True)
-    summary = {"model": settings.get("model"), "from_journal": str(directory)}
+    summary = {"model": settings.get("model"), "from_journal": str(directory), "running": holder(directory)}
     return frame, summary
 
 
@@ -256,7 +257,7 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "output": str(path),
         "model": summary.get("model"),
-        **({"from_journal": summary["from_journal"]} if "from_journal" in summary else {}),
+        **({k: summary[k] for k in ("from_journal", "running")} if "from_journal" in summary else {}),
         "overall": _stats(frame, priced),
     }
     if by is not None:

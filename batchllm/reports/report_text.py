@@ -105,7 +105,11 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
     if report.get("from_journal"):
         lines.append(
             f"(the output is not written yet: read from its journal, {report['from_journal']}; "
-            "run the same command again to write it)"
+            + (
+                "the run writing it now writes it as it ends)"
+                if report.get("running")
+                else "run the same command again to write it)"
+            )
         )
     if report.get("play_money"):
         lines.append(PLAY_MONEY)

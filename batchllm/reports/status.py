@@ -137,7 +137,9 @@ def journal_status(directory: Path) -> str:
         lines.append(maybe_billed_line(lost["requests"], lost["worst_pico"]))
     who = holder(directory)
     lines.append(f"running now: {who}" if who else "running now: no")
-    if run.get("command") and (not total_rows or done < total_rows):
+    if who:  # its own end says what is next; the same command now would wait for the lock
+        pass
+    elif run.get("command") and (not total_rows or done < total_rows):
         # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
         lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
     elif run.get("command") and (resendable or invalid):  # every row has an entry
