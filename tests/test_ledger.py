@@ -21,6 +21,7 @@ from batchllm.pricing import parse_usd, usd_text
 from batchllm.reports.spend import build_spend
 
 from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of, write_csv
+from .test_prompt_cache import BILL, job_args
 from .test_resume import _wait_for_rows
 
 
@@ -838,3 +839,20 @@ def test_bad_input_found_mid_run_is_recorded_with_its_exit_code(sandbox, tmp_pat
     assert run["exit_code"] == 2 and "row 8301 has no value" in run["message"]
     assert run["requests"] == sandbox.count() == run["rows_ok"] > 0
     assert Decimal(run["cost_usd"]) > 0
+
+
+def test_a_killed_runs_cached_tokens_are_recorded_from_the_journal(sandbox_factory, tmp_path: Path) -> None:
+    """A run killed halfway through a job whose prompts share a cached prefix: the next run of its
+    output closes its record from the journal with its cached prompt tokens, as with its tokens
+    and cost, so the output's runs add up to the output's cached tokens."""
+    box = sandbox_factory(latency=0.2, prices=BILL)
+    ledger, out = tmp_path / "ledger.db", tmp_path / "out.parquet"
+    args = [*job_args(tmp_path, 400, "out.parquet", "--concurrency", "8"), "--ledger", str(ledger),
+            "--cache", "off", "--progress", "none"]  # fmt: skip
+    _kill_after(args, box.openai_env(), tmp_path / "out.parquet.batchllm" / "journal.sqlite", 40)
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [r["killed"] for r in runs] == [True, False]
+    assert runs[0]["cached_tokens"] >= 1024
+    assert sum(r["cached_tokens"] for r in runs) == summary_of(out)["tokens"]["cached"] > 0

@@ -148,7 +148,7 @@ def cells(conn: sqlite3.Connection, since: float, until: float) -> list[Cell]:
 
 
 # The run columns ``Run`` reads (``only``'s view gives an old ledger's missing ones their defaults).
-_RUN = ", ".join([_COLUMNS, *ADDED])
+_RUN = ", ".join([_COLUMNS, "cached_tokens", "cached_saved_pico", "priced"])
 
 
 def prompt_cache(conn: sqlite3.Connection, since: float, until: float) -> dict[str, Any]:
