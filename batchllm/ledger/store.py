@@ -8,7 +8,7 @@ cap a job across its runs.
     run starts   -> ``RunRecord.begin``: INSERT, with the journal's totals at the start
     while it runs -> ``progress`` (every few seconds) and ``MonthAllowance.extend`` (claims)
     run ends     -> ``finish``: end, exit code, this run's tokens and cost
-    run killed   -> the record stays open ("unfinished"); the next run of the same output
+    run killed   -> the record stays open (`spend`: "killed", not recorded yet); the next run of the output
                     (``recover``) closes it from the journal: its cost is what the journal gained
                     between its start and the next start, plus the in-flight bound the next run
                     found (the crash bound), and its requests what the journal shows it sent
@@ -240,17 +240,25 @@ def month_bounds(t: float) -> tuple[float, float]:
     return float(start), float(calendar.timegm((year, month, 1, 0, 0, 0)))
 
 
-def proc_start(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat``'s fields after the command name (Linux): state first; None where unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+            fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return fields if len(fields) > 19 else None
+
+
+def proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+    fields = _proc_stat(pid)
+    return None if fields is None else fields[19].decode()
 
 
 def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
-    """Is the process that wrote an open record still running? On another host: assumed so."""
+    """Is the process that wrote an open record still running? On another host: assumed so.
+    A process killed but not yet reaped by its parent (a zombie) is not: it runs no more."""
     if host != socket.gethostname():
         return True
     if pid is None:
@@ -261,7 +269,10 @@ def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    return pid_start is None or proc_start(pid) in (None, pid_start)
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: the pid answers, so assume it is the run
+    return fields[0] not in (b"Z", b"X", b"x") and (pid_start is None or fields[19].decode() == pid_start)
 
 
 class Sent(NamedTuple):
