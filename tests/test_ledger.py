@@ -913,3 +913,34 @@ def test_a_killed_run_not_recorded_yet_is_killed_in_every_list_and_format(
     assert [(r["status"], r["killed"], r["note"]) for r in runs] == [("finished", True, None),
                                                                       ("finished", False, None)]  # fmt: skip
     assert "killed (closed from the journal)" in _spend_text(ledger, "--runs")
+
+
+def test_a_killed_runs_claim_on_the_month_is_named_where_it_stops_a_run(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A run of a capped job killed while it holds a claim on the month: a run of the same job on
+    another output that the claim leaves no room stops (exit 3) saying which output's killed run
+    holds it and that running that output again settles it; it does, and the run then fits."""
+    sandbox = sandbox_factory(latency=0.2)
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 400)
+    job = _job_file(tmp_path / "capped.toml", src)
+    common = ["--job", str(job), "--ledger", str(ledger), "--cache", "off", "--progress", "none"]
+    held = tmp_path / "held.parquet"
+    # Capped at $2, it claims a chunk of the month ($0.01) beyond its need: more than the cap below.
+    first = ["run", "-o", str(held), *common, "--max-cost-per-month", "2"]
+    _kill_after(first, sandbox.env(), tmp_path / "held.parquet.batchllm" / "journal.sqlite", 20)
+    few = str(prompts_csv(tmp_path / "few.csv", 10))
+    other = ["run", few, "-o", str(tmp_path / "other.parquet"), *common, "--max-cost-per-month", "0.01"]
+    stopped = run_cli(other, env=sandbox.env())
+    assert stopped.exit_code == 3, stopped.output
+    message = " ".join(stopped.stderr.split())
+    assert re.search(
+        rf"is held by a run of {re.escape(str(held))} that was killed before it recorded what it spent: "
+        rf"running that output again \(batchllm run \.\.\. -o {re.escape(str(held))}\) records it and "
+        "settles its claim",
+        message,
+    ), message
+    again = run_cli(["run", "-o", str(held), *common], env=sandbox.env())
+    assert again.exit_code == 0, again.output
+    result = run_cli(other, env=sandbox.env())
+    assert result.exit_code == 0, result.output
