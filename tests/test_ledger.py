@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import calendar
+import csv
+import io
 import json
+import os
 import random
 import re
 import signal
@@ -21,6 +24,7 @@ from batchllm.pricing import parse_usd, usd_text
 from batchllm.reports.spend import build_spend
 
 from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of, write_csv
+from .test_prompt_cache import BILL, job_args
 from .test_resume import _wait_for_rows
 
 
@@ -44,8 +48,8 @@ def _cost(out: Path) -> Decimal:
 
 def test_eight_runs_of_two_jobs_at_once(sandbox_factory, tmp_path: Path) -> None:
     """Runs started together (two killed, one over its monthly cap, one with a wrong key): one
-    record each; the killed ones unfinished until their output runs again; spend per job equals
-    the sum of its outputs' cost_usd exactly."""
+    record each; the killed ones `killed` (not recorded yet) until their output runs again; spend
+    per job equals the sum of its outputs' cost_usd exactly."""
     box = sandbox_factory(latency=0.2)
     ledger = tmp_path / "ledger.db"
     src = prompts_csv(tmp_path / "in.csv", 600)
@@ -79,7 +83,7 @@ def test_eight_runs_of_two_jobs_at_once(sandbox_factory, tmp_path: Path) -> None
     runs = _spend(ledger, "--runs")["runs"]
     assert len(runs) == 8 and len({r["run_id"] for r in runs}) == 8
     by_output = {Path(r["output"]).stem: r for r in runs}
-    assert {by_output[n]["status"] for n in ("a2", "b2")} == {"unfinished"}
+    assert {by_output[n]["status"] for n in ("a2", "b2")} == {"killed"}
     assert by_output["a3"]["exit_code"] == 4 and by_output["a4"]["exit_code"] == 3
     assert "monthly budget" in by_output["a4"]["message"]
     assert all(TEST_KEY not in json.dumps(r) and "sk-wrong" not in json.dumps(r) for r in runs)
@@ -838,3 +842,105 @@ def test_bad_input_found_mid_run_is_recorded_with_its_exit_code(sandbox, tmp_pat
     assert run["exit_code"] == 2 and "row 8301 has no value" in run["message"]
     assert run["requests"] == sandbox.count() == run["rows_ok"] > 0
     assert Decimal(run["cost_usd"]) > 0
+
+
+def test_a_killed_runs_cached_tokens_are_recorded_from_the_journal(sandbox_factory, tmp_path: Path) -> None:
+    """A run killed halfway through a job whose prompts share a cached prefix: the next run of its
+    output closes its record from the journal with its cached prompt tokens, as with its tokens
+    and cost, so the output's runs add up to the output's cached tokens."""
+    box = sandbox_factory(latency=0.2, prices=BILL)
+    ledger, out = tmp_path / "ledger.db", tmp_path / "out.parquet"
+    args = [*job_args(tmp_path, 400, "out.parquet", "--concurrency", "8"), "--ledger", str(ledger),
+            "--cache", "off", "--progress", "none"]  # fmt: skip
+    _kill_after(args, box.openai_env(), tmp_path / "out.parquet.batchllm" / "journal.sqlite", 40)
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [r["killed"] for r in runs] == [True, False]
+    assert runs[0]["cached_tokens"] >= 1024
+    assert sum(r["cached_tokens"] for r in runs) == summary_of(out)["tokens"]["cached"] > 0
+
+
+def _spend_text(ledger: Path, *args: str) -> str:
+    result = run_cli(["spend", "--ledger", str(ledger), *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_a_killed_run_not_recorded_yet_is_killed_in_every_list_and_format(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """SIGKILLed, its process gone (not yet reaped by its parent, then reaped), a run whose record
+    its output's next run has not closed yet is `killed` in the runs and in the runs that failed
+    or were killed, in text, JSON and CSV, with a note: its figures are its last progress, and
+    running its output again records it. On another host it is taken to be running."""
+    sandbox = sandbox_factory(latency=0.2)
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 600)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--ledger", str(ledger), "--cache", "off", "--progress", "none"]
+    proc = spawn(args, env=sandbox.env())
+    _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 20)
+    proc.send_signal(signal.SIGKILL)
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead, and a zombie until reaped
+
+    def check() -> None:
+        report = _spend(ledger, "--runs")
+        (run,) = report["runs"]
+        (problem,) = report["problems"]["runs"]
+        assert run["status"] == problem["status"] == "killed" and run["killed"] and problem["killed"]
+        assert run["note"] == problem["note"] and str(out) in run["note"] and "batchllm run" in run["note"]
+        assert "last progress" in run["note"] and report["problems"]["count"] == 1
+        text = _spend_text(ledger, "--runs")
+        assert text.count("killed (not recorded yet)") == 2 and not re.search(r"  running  ", text)
+        assert f"-o {out}) resumes it" in text
+        rows = list(csv.DictReader(io.StringIO(_spend_text(ledger, "--runs", "--format", "csv"))))
+        assert [(r["status"], r["note"]) for r in rows] == [("killed", run["note"])]
+
+    check()
+    proc.communicate(timeout=60)  # reaped: gone for good
+    check()
+    elsewhere = tmp_path / "elsewhere.db"
+    with sqlite3.connect(ledger) as conn, sqlite3.connect(elsewhere) as copy:
+        conn.backup(copy)
+        copy.execute("UPDATE runs SET host = 'another-host'")
+    far = _spend(elsewhere, "--runs")
+    assert far["runs"][0]["status"] == "running" and far["runs"][0]["note"] is None
+    assert far["problems"]["count"] == 0
+
+    result = run_cli(args, env=sandbox.env())  # resumes it: the killed run is recorded
+    assert result.exit_code == 0, result.output
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [(r["status"], r["killed"], r["note"]) for r in runs] == [("finished", True, None),
+                                                                      ("finished", False, None)]  # fmt: skip
+    assert "killed (closed from the journal)" in _spend_text(ledger, "--runs")
+
+
+def test_a_killed_runs_claim_on_the_month_is_named_where_it_stops_a_run(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A run of a capped job killed while it holds a claim on the month: a run of the same job on
+    another output that the claim leaves no room stops (exit 3) saying which output's killed run
+    holds it and that running that output again settles it; it does, and the run then fits."""
+    sandbox = sandbox_factory(latency=0.2)
+    ledger, src = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 400)
+    job = _job_file(tmp_path / "capped.toml", src)
+    common = ["--job", str(job), "--ledger", str(ledger), "--cache", "off", "--progress", "none"]
+    held = tmp_path / "held.parquet"
+    # Capped at $2, it claims a chunk of the month ($0.01) beyond its need: more than the cap below.
+    first = ["run", "-o", str(held), *common, "--max-cost-per-month", "2"]
+    _kill_after(first, sandbox.env(), tmp_path / "held.parquet.batchllm" / "journal.sqlite", 20)
+    few = str(prompts_csv(tmp_path / "few.csv", 10))
+    other = ["run", few, "-o", str(tmp_path / "other.parquet"), *common, "--max-cost-per-month", "0.01"]
+    stopped = run_cli(other, env=sandbox.env())
+    assert stopped.exit_code == 3, stopped.output
+    message = " ".join(stopped.stderr.split())
+    assert re.search(
+        rf"is held by a run of {re.escape(str(held))} that was killed before it recorded what it spent: "
+        rf"running that output again \(batchllm run \.\.\. -o {re.escape(str(held))}\) records it and "
+        "settles its claim",
+        message,
+    ), message
+    again = run_cli(["run", "-o", str(held), *common], env=sandbox.env())
+    assert again.exit_code == 0, again.output
+    result = run_cli(other, env=sandbox.env())
+    assert result.exit_code == 0, result.output

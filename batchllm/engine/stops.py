@@ -57,7 +57,8 @@ def stop_message(
             if refused
             else ""
         )
-        return f"monthly budget reached: {whose}{nxt}; the month resets {month.resets_at}"
+        held = _held_by_killed(month.held_by_killed)
+        return f"monthly budget reached: {whose}{held}{nxt}; the month resets {month.resets_at}"
     if reason is StopReason.BUDGET and budget.run_cap_reached:
         return (
             f"budget reached: this run has spent {format_usd(budget.spent_run)} of its "
@@ -99,6 +100,27 @@ def stop_message(
             "imports them" + (f"; {unsaved:,} replies could not be saved anywhere" if unsaved else "")
         )
     return dispatcher.stop_message or reason.value
+
+
+def _held_by_killed(held: list[tuple[str, int]]) -> str:
+    """What runs killed before recording their spend hold of the month, and how to settle it."""
+    if not held:
+        return ""
+    named = ", ".join(f"{output} ({format_usd(pico)})" for output, pico in held[:3])
+    if len(held) > 3:
+        named += f" and {len(held) - 3:,} more (batchllm spend --runs lists them)"
+    if len(held) == 1:
+        output = held[0][0]
+        return (
+            f"; of that, {format_usd(held[0][1])} is held by a run of {output} that was killed before "
+            f"it recorded what it spent: running that output again (batchllm run ... -o {output}) "
+            "records it and settles its claim"
+        )
+    return (
+        f"; of that, {format_usd(sum(p for _, p in held))} is held by runs killed before they recorded "
+        f"what they spent, of {named}: running each output again (batchllm run ... -o OUTPUT) "
+        "records it and settles its claim"
+    )
 
 
 def next_step(

@@ -9,7 +9,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ from .store import (
     Sent,
     Snapshot,
     connect,
+    is_alive,
     ledger_path,
     month_bounds,
     proc_start,
@@ -55,6 +56,9 @@ class MonthAllowance:
     chunk_pico: int = 0  # claimed beyond the need each time: fewer transactions
     claimed: int = 0
     used_by_others: int = 0  # as of the last claim, for the stop message
+    # As of the last refusal: what killed runs not recorded yet hold, by output (the stop message
+    # names them: running such an output again closes the record and settles its claim).
+    held_by_killed: list[tuple[str, int]] = field(default_factory=list)
 
     def extend(self, need_pico: int) -> bool:
         """Hold ``need_pico`` more of the month (and up to a chunk beyond); False if it does not fit."""
@@ -66,6 +70,7 @@ class MonthAllowance:
                 self.used_by_others = int(others)
                 room = self.cap_pico - self.used_by_others - self.claimed
                 if room < need_pico:
+                    self.held_by_killed = killed_claims(conn, *self._month_used)
                     conn.execute("ROLLBACK")
                     return False
                 grant = min(room, need_pico + self.chunk_pico)
@@ -98,6 +103,21 @@ class MonthAllowance:
     @property
     def resets_at(self) -> str:
         return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.month[1]))
+
+
+def killed_claims(
+    conn: sqlite3.Connection, job: str, since: float, until: float, run_id: str
+) -> list[tuple[str, int]]:
+    """The outputs of the job's real runs this month that were killed before they closed their
+    record (``is_alive``) and hold part of its month (``MONTH_USED``: claim or progress), with
+    what each holds, most first; the next run of such an output closes it (``recover``)."""
+    found = conn.execute(
+        "SELECT output, MAX(COALESCE(claim_pico, 0), cost_pico), host, pid, pid_start FROM runs "
+        "WHERE job = ? AND started_at >= ? AND started_at < ? AND run_id != ? AND sandbox = 0 "
+        "AND ended_at IS NULL ORDER BY 2 DESC",
+        (job, since, until, run_id),
+    ).fetchall()
+    return [(output, int(held)) for output, held, *proc in found if held and not is_alive(*proc)]
 
 
 class RunRecord:
@@ -167,8 +187,8 @@ class RunRecord:
             conn.execute(
                 "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
                 "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "
-                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid, sandbox, "
-                "priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid, start_cached_tokens, "
+                "sandbox, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, kind, job, str(output.resolve()), checkpoint_text, provider,
                     urlsplit(endpoint).hostname or endpoint, model, engine, socket.gethostname(),

@@ -8,7 +8,7 @@ cap a job across its runs.
     run starts   -> ``RunRecord.begin``: INSERT, with the journal's totals at the start
     while it runs -> ``progress`` (every few seconds) and ``MonthAllowance.extend`` (claims)
     run ends     -> ``finish``: end, exit code, this run's tokens and cost
-    run killed   -> the record stays open ("unfinished"); the next run of the same output
+    run killed   -> the record stays open (`spend`: "killed", not recorded yet); the next run of the output
                     (``recover``) closes it from the journal: its cost is what the journal gained
                     between its start and the next start, plus the in-flight bound the next run
                     found (the crash bound), and its requests what the journal shows it sent
@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS runs (
     start_ok INTEGER NOT NULL DEFAULT 0,
     start_error INTEGER NOT NULL DEFAULT 0,
     start_invalid INTEGER NOT NULL DEFAULT 0,
+    start_cached_tokens INTEGER NOT NULL DEFAULT 0,
     recovered_by TEXT,                  -- the run that closed this record from the journal
     cached_tokens INTEGER NOT NULL DEFAULT 0,      -- prompt tokens served from the prompt cache
     cached_saved_pico INTEGER NOT NULL DEFAULT 0,  -- what they cost less than at the input price
@@ -137,6 +138,7 @@ class Snapshot(NamedTuple):
     ok: int = 0
     error: int = 0
     invalid: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, served from the server's prompt cache
 
     @classmethod
     def of(cls, totals: Mapping[str, Any]) -> Snapshot:
@@ -148,6 +150,7 @@ class Snapshot(NamedTuple):
             int(totals["ok"]),
             int(totals["error"]),
             int(totals.get("invalid", 0)),
+            int(totals.get("cached_tokens", 0)),
         )
 
 
@@ -185,6 +188,7 @@ ADDED = {
     "cached_tokens": "INTEGER NOT NULL DEFAULT 0",
     "cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
     "priced": "INTEGER NOT NULL DEFAULT 1",
+    "start_cached_tokens": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -236,17 +240,25 @@ def month_bounds(t: float) -> tuple[float, float]:
     return float(start), float(calendar.timegm((year, month, 1, 0, 0, 0)))
 
 
-def proc_start(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat``'s fields after the command name (Linux): state first; None where unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+            fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return fields if len(fields) > 19 else None
+
+
+def proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), None where unknown."""
+    fields = _proc_stat(pid)
+    return None if fields is None else fields[19].decode()
 
 
 def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
-    """Is the process that wrote an open record still running? On another host: assumed so."""
+    """Is the process that wrote an open record still running? On another host: assumed so.
+    A process killed but not yet reaped by its parent (a zombie) is not: it runs no more."""
     if host != socket.gethostname():
         return True
     if pid is None:
@@ -257,7 +269,10 @@ def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    return pid_start is None or proc_start(pid) in (None, pid_start)
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: the pid answers, so assume it is the run
+    return fields[0] not in (b"Z", b"X", b"x") and (pid_start is None or fields[19].decode() == pid_start)
 
 
 class Sent(NamedTuple):
@@ -298,7 +313,7 @@ def recover(
     """
     open_ = conn.execute(
         "SELECT run_id, host, pid, pid_start, started_at, start_spent_pico, start_prompt_tokens, "
-        "start_completion_tokens, start_ok, start_error, start_invalid, requests FROM runs "
+        "start_completion_tokens, start_ok, start_error, start_invalid, start_cached_tokens, requests FROM runs "
         "WHERE checkpoint = ? AND ended_at IS NULL ORDER BY started_at",
         (checkpoint,),
     ).fetchall()
@@ -307,19 +322,19 @@ def recover(
         return 0
     later = conn.execute(
         "SELECT started_at, start_spent_pico, start_prompt_tokens, start_completion_tokens, start_ok, "
-        "start_error, start_invalid FROM runs WHERE checkpoint = ? AND ended_at IS NOT NULL "
+        "start_error, start_invalid, start_cached_tokens FROM runs WHERE checkpoint = ? AND ended_at IS NOT NULL "
         "AND started_at > ? ORDER BY started_at",
         (checkpoint, dead[0][4]),
     ).fetchall()
-    starts = sorted([(r[4], Snapshot(*r[5:11])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
+    starts = sorted([(r[4], Snapshot(*r[5:12])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
     now_at = time.time()
     for r in dead:
-        began, start = r[4], Snapshot(*r[5:11])
+        began, start = r[4], Snapshot(*r[5:12])
         nxt = next(((t, s) for t, s in starts if t > began), (now_at, now))
         end = nxt[1]
         last = nxt[0] == now_at
         delta = Snapshot(*(max(b - a, 0) for a, b in zip(start, end, strict=True)))
-        requests = int(r[11])  # its last progress
+        requests = int(r[12])  # its last progress
         if last and sent.last is not None:
             requests = max(requests, sent.last)
         elif sent.between is not None:
@@ -327,11 +342,12 @@ def recover(
         conn.execute(
             "UPDATE runs SET ended_at = ?, message = ?, rows_ok = ?, rows_error = ?, rows_invalid = ?, "
             "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
-            "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0) WHERE run_id = ?",
+            "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0), cached_tokens = ? WHERE run_id = ?",
             (
                 nxt[0], "killed: recorded from the journal by the next run of its output",
                 delta.ok, delta.error, delta.invalid, requests, delta.prompt_tokens, delta.completion_tokens,
-                delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, delta.spent_pico, r[0],
+                delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, delta.spent_pico,
+                delta.cached_tokens, r[0],
             ),
         )  # fmt: skip
     return len(dead)

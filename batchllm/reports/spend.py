@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import JobError
 from ..ledger import month_bounds, open_readonly
+from ..ledger.record import PROGRESS_EVERY
 from ..ledger.store import ADDED, SANDBOX_BEFORE_MARK, added_default, is_alive
 from ..pricing import usd_text
 from .spend_figures import Cell, groups, per_thousand, sums
@@ -76,12 +77,27 @@ class Run:
 
     @property
     def status(self) -> str:
-        """running, finished, or unfinished (killed; the next run of its output closes it)."""
+        """running, finished, or killed: its record is open and its process gone (on this host:
+        a run on another host is taken to be running). A killed run is not recorded yet: its
+        figures are its last progress until the next run of its output closes its record from
+        the journal (ledger/store.py ``recover``); then it is finished, and ``killed`` still."""
         if self.ended_at is not None:
             return "finished"
-        return "running" if is_alive(self.host, self.pid, self.pid_start) else "unfinished"
+        return "running" if is_alive(self.host, self.pid, self.pid_start) else "killed"
+
+    @property
+    def note(self) -> str | None:
+        """What a killed run's figures are until it is recorded, and how it gets recorded."""
+        if self.status != "killed":
+            return None
+        return (
+            f"killed, not recorded yet: its figures are its last progress (written every "
+            f"{PROGRESS_EVERY:g} s); running its output again (batchllm run ... -o {self.output}) "
+            "resumes it and records what it spent from the output's journal"
+        )
 
     def as_dict(self) -> dict[str, Any]:
+        status = self.status
         return {
             "run_id": self.run_id,
             "kind": self.kind,
@@ -93,10 +109,11 @@ class Run:
             "endpoint_host": self.endpoint_host,
             "started_at": _iso(self.started_at),
             "ended_at": _iso(self.ended_at) if self.ended_at is not None else None,
-            "status": self.status,
-            "killed": self.recovered_by is not None,
+            "status": status,
+            "killed": self.recovered_by is not None or status == "killed",
             "exit_code": self.exit_code,
             "message": self.message,
+            "note": self.note,
             "rows_ok": self.rows_ok,
             "rows_error": self.rows_error,
             "rows_invalid": self.rows_invalid,
@@ -148,7 +165,7 @@ def cells(conn: sqlite3.Connection, since: float, until: float) -> list[Cell]:
 
 
 # The run columns ``Run`` reads (``only``'s view gives an old ledger's missing ones their defaults).
-_RUN = ", ".join([_COLUMNS, *ADDED])
+_RUN = ", ".join([_COLUMNS, "cached_tokens", "cached_saved_pico", "priced"])
 
 
 def prompt_cache(conn: sqlite3.Connection, since: float, until: float) -> dict[str, Any]:
@@ -163,7 +180,7 @@ def prompt_cache(conn: sqlite3.Connection, since: float, until: float) -> dict[s
 
 
 def _problems(conn: sqlite3.Connection, since: float, until: float) -> tuple[list[Run], int]:
-    """The latest runs that failed, were killed or are unfinished (not running), and how many."""
+    """The latest runs that failed or were killed (recorded or not yet), and how many."""
     open_ = [r for r in load(conn, since, until, "ended_at IS NULL") if r.status != "running"]
     (failed,) = conn.execute(
         f"SELECT COUNT(*) FROM runs WHERE started_at >= ? AND started_at < ? AND {_FAILED}", (since, until)

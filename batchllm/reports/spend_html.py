@@ -133,7 +133,7 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
         )
     p = report["problems"]
     if p["count"]:
-        sections.append(f"<h2>Runs that failed, were killed or are unfinished ({p['count']:,})</h2>")
+        sections.append(f"<h2>Runs that failed or were killed ({p['count']:,})</h2>")
         sections.append(
             _table(
                 ["started", "job", "status", "exit", "cost", "message"],
@@ -144,7 +144,7 @@ def write_spend_html(path: Path, report: dict[str, Any]) -> None:
                         "killed" if r["killed"] else r["status"],
                         "" if r["exit_code"] is None else str(r["exit_code"]),
                         svg.money(r["cost_usd"]) if r["priced"] else UNKNOWN,
-                        (r["message"] or "")[:160],
+                        (r["message"] or r.get("note") or "")[:240],
                     ]
                     for r in p["runs"]
                 ],  # fmt: skip

@@ -11,7 +11,7 @@ import orjson
 
 from .spend_figures import SUMS, rate_from, unpriced_text
 from .svg import money
-from .tables import csv_cell, grid, public
+from .tables import grid, public
 
 UNKNOWN = "unknown (no price)"
 
@@ -97,9 +97,10 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
         out.append(_table(["job", "rows ok", "per 1,000 rows", "moved"], rows, md))
     p = report["problems"]
     if p["count"]:
-        out += ["", f"runs that failed, were killed or are unfinished: {p['count']:,}"
+        out += ["", f"runs that failed or were killed: {p['count']:,}"
                 + (f" (the latest {len(p['runs'])})" if p["count"] > len(p["runs"]) else "")]  # fmt: skip
-        rows = [[r["started_at"], r["job"], _state(r), _clip(r["message"] or "", 120)] for r in p["runs"]]
+        rows = [[r["started_at"], r["job"], _state(r), _clip(r["message"], 120) if r["message"] else r.get("note") or ""]
+                for r in p["runs"]]  # fmt: skip
         out.append(_table(["started", "job", "state", "message"], rows, md))
     if "runs" in report:
         out += ["", f"runs: {len(report['runs']):,}"]
@@ -115,6 +116,7 @@ def format_spend(report: dict[str, Any], fmt: str) -> str:
                 md,
             )
         )
+        out += [f"{r['run_id'][:12]}: {r['note']}" for r in report["runs"] if r.get("note")]
     return "\n".join(out)
 
 
@@ -142,6 +144,8 @@ def _cost(r: dict[str, Any]) -> str:
 
 
 def _state(r: dict[str, Any]) -> str:
+    if r["status"] == "killed":
+        return "killed (not recorded yet)"
     if r["killed"]:
         return "killed (closed from the journal)"
     if r["status"] != "finished":
@@ -160,7 +164,7 @@ def _csv(report: dict[str, Any]) -> str:
         fields = list(report["runs"][0]) if report["runs"] else ["run_id"]
         w.writerow(fields)
         for r in report["runs"]:
-            w.writerow(["" if r[f] is None else csv_cell(r[f]) for f in fields])
+            w.writerow(["" if r[f] is None else r[f] for f in fields])  # the writer quotes
         return buf.getvalue().rstrip("\n")
     by = report["by"]
     w.writerow([*by, *SUMS, "cost_usd", "priced"])
