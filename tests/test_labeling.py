@@ -340,6 +340,53 @@ def test_replies_cut_at_max_tokens_are_one_count_everywhere(sandbox_factory, tmp
     assert f"{cut:,} replies cut at max_tokens" in run_cli(["status", str(out)]).stdout
 
 
+def test_an_object_cut_at_max_tokens_is_not_reasked_at_the_same_limit(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A --json-schema reply cut at max_tokens is "truncated" (not invalid_json), and not re-asked:
+    at the same limit it would be cut again, paid again. A higher --max-tokens names the rows, and
+    --retry-errors sends them at it; the bill is the rows' costs exactly."""
+    path = tmp_path / "schema.json"
+    path.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"stars": {"type": "integer"}, "note": {"type": "string"}},
+                "required": ["stars", "note"],
+            }
+        )
+    )
+    box = sandbox_factory()
+    src, out = labeling_input(tmp_path, 30), tmp_path / "o.parquet"
+    args = [
+        "run",
+        str(src),
+        "-o",
+        str(out),
+        "--template",
+        "Read: {text}",
+        "--json-schema",
+        str(path),
+        "--rpm",
+        "0",
+    ]
+    result = run_cli([*args, "--max-tokens", "4", "--max-error-rate", "1"], env=box.env())
+    assert result.exit_code == 1, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert {(r["status"], r["parse_error"], r["attempts"]) for r in rows} == {("invalid", "truncated", 1)}
+    assert box.count() == 30  # one request a row: none re-asked
+    wider = run_cli([*args, "--max-tokens", "64"], env=box.env())
+    assert wider.exit_code == 1 and box.count() == 30, wider.output
+    assert "30 invalid rows cut at 4: --retry-errors sends them at 64" in wider.output
+    result = run_cli([*args, "--max-tokens", "64", "--retry-errors"], env=box.env())
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["status"] == "ok" for r in rows) and box.count() == 60
+    stats = box.sandbox.stats
+    billed = stats["prompt_tokens"] * 310_000 + stats["completion_tokens"] * 340_000
+    assert billed == sum(round(r["cost_usd"] * 10**12) for r in rows)
+
+
 def test_retry_errors_says_what_is_left_of_the_whole_file(sandbox_factory, tmp_path: Path) -> None:
     box = sandbox_factory(label_out_of_set=0.3, seed=3)
     src, out = labeling_input(tmp_path, 24), tmp_path / "o.parquet"

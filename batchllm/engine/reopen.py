@@ -56,10 +56,18 @@ def open_journal(
         again = (
             f"; {plural(reweighed, 'row')} refused over the context window weighed again" if reweighed else ""
         )
+        cut = journal.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE status = 'invalid' AND truncated"
+        ).fetchone()[0]
+        cut_note = (
+            f"; {plural(cut, 'invalid row')} cut at {old:,}: --retry-errors sends them at {new:,}"
+            if cut
+            else ""
+        )
         warn(
             f"max_tokens is {new:,}, the journal's was {old:,}: its {plural(answered, 'answered row')} "
-            f"keep their replies, the rows sent now use {new:,}{again} (--restart sends every row "
-            "again, paid again)"
+            f"keep their replies, the rows sent now use {new:,}{again}{cut_note} (--restart sends "
+            "every row again, paid again)"
         )
     if journal.imported:
         warn(f"imported {journal.imported:,} replies an earlier run could not write to the journal")

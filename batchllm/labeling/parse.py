@@ -166,7 +166,8 @@ def parse_object(
 def parse(labeling: Labeling, text: str, truncated: bool) -> tuple[Any, str | None]:
     """A reply under a job's labeling: (label or object, None) or (None, error code)."""
     if labeling.is_schema:
-        return parse_object(text, labeling.fields, labeling.required)
+        value, error = parse_object(text, labeling.fields, labeling.required)
+        return (value, error) if error is None or not truncated else (None, "truncated")
     return parse_label(text, labeling.labels, truncated)
 
 

@@ -110,7 +110,10 @@ class RowLabeler:
     def _done(self, chain: list[Attempt]) -> bool:
         if not chain:
             return False
-        if self._read(chain[-1])[1] is None:
+        error = self._read(chain[-1])[1]
+        # An object cut at max_tokens is not re-asked: at the same limit it would be cut again
+        # (a label cut short is: the model said more than the label). --retry-errors asks again.
+        if error is None or (error == "truncated" and self.labeling.is_schema and not self.extra_reasks):
             return True
         return len(chain) - 1 >= self.labeling.reask + self.extra_reasks
 
