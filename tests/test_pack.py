@@ -454,3 +454,6 @@ def test_estimate_cuts_packs_by_pack_tokens_as_the_run_does(sandbox_factory, tmp
         assert versus["prompt_tokens"]["estimated"] == packing["prompt_tokens"]
         assert versus["prompt_tokens"]["of"] == "first pass"
     assert packing["requests"] == 9  # 4,000 tokens: packs of 10, the long row among them
+    # In text, the two prompt figures say which they are: the rows' tokens, and the packs' cost.
+    text = run_cli(["estimate", str(src), *flags]).stdout
+    assert "prompt tokens, one row a request" in text and "prompt cost, packed" in text, text

@@ -60,10 +60,11 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             else []
         ),
         (
-            "prompt tokens",
+            "prompt tokens" + (", one row a request" if "packing" in e else ""),
             f"{pt['total']:,} (mean {pt['mean']:,}, p50 {pt['p50']:,}, p95 {pt['p95']:,}, max {pt['max']:,})",
         ),
-        ("prompt cost", _usd(money["prompt"])),
+        # Packed, the prompts cost what the packs send (their tokens under "packed" below).
+        ("prompt cost" + (", packed" if "packing" in e else ""), _usd(money["prompt"])),
         (
             "worst case ("
             + ("every request re-asked, " if (e.get("requests") or {}).get("reasks") else "")
