@@ -264,6 +264,10 @@ def test_report_totals_equal_the_column_sums(sandbox, tmp_path: Path) -> None:
     assert report["overall"]["prompt_tokens"] == sum(
         t or 0 for t in table.column("prompt_tokens").to_pylist()
     )
+    # Per-row percentiles are rows' own costs, not figures between two rows' (...999 picodollars).
+    costs = {Decimal(repr(v)) for v in table.column("cost_usd").to_pylist() if v is not None}
+    per_row = report["overall"]["cost_per_row_usd"]
+    assert Decimal(per_row["p50"]) in costs and Decimal(per_row["p95"]) in costs, per_row
     groups = report["by"]["groups"]
     assert set(groups) == set(table.column("category").to_pylist())
     assert sum(Decimal(g["cost_usd"]) for g in groups.values()) == total

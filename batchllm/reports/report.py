@@ -218,6 +218,12 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
     def pct(values: np.ndarray, q: float) -> float:
         return float(np.percentile(values, q)) if values.size else 0.0
 
+    def cost_at(q: float) -> str | None:
+        """A row's own cost at percentile ``q``, never one between two rows' ($0.000045999999)."""
+        if not priced:
+            return None
+        return usd_text(int(np.percentile(costs, q, method="nearest")) if costs.size else 0)
+
     counts = frame["status"].value_counts()
     found = counts_of(frame)
     return {
@@ -235,8 +241,8 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
         "cost_usd": usd_text(total_pico if priced else None),
         "cost_per_row_usd": {
             "mean": usd_text((round(total_pico / costs.size) if costs.size else 0) if priced else None),
-            "p50": usd_text(int(pct(costs, 50)) if priced else None),
-            "p95": usd_text(int(pct(costs, 95)) if priced else None),
+            "p50": cost_at(50),
+            "p95": cost_at(95),
             "max": usd_text((int(costs.max()) if costs.size else 0) if priced else None),
         },
         "latency_ms": {
