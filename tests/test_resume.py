@@ -303,6 +303,26 @@ def test_status_and_report_of_a_run_going_on_offer_no_command_that_would_wait(
     assert "run the same command again to write it" in run_cli(["report", str(out)]).stdout
 
 
+def test_a_second_interrupt_still_says_what_the_run_spent(sandbox_factory, tmp_path: Path) -> None:
+    """Interrupted twice, a run stops at once and writes no output: its summary still says what
+    it spent and what may have been billed, and `status` has the same figure."""
+    box = sandbox_factory(latency=1.0)
+    src, out = prompts_csv(tmp_path / "in.csv", 400), tmp_path / "out.parquet"
+    proc = spawn(["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "8"], env=box.env())
+    _wait_for_rows(tmp_path / "out.parquet.batchllm" / "journal.sqlite", 8)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    spent = re.search(
+        r"output not written \(stopped at once\); its journal keeps every reply: this run \$([\d.]+)", err
+    )
+    assert spent is not None and re.search(r"maybe billed besides: up to [1-8] requests? without", err), err
+    assert not out.exists()
+    assert f"cost so far: ${spent.group(1)}" in run_cli(["status", str(out)]).stdout
+
+
 def test_a_sandbox_journal_is_not_resumed_by_a_real_run(sandbox, tmp_path: Path) -> None:
     src = prompts_csv(tmp_path / "in.csv", 5)
     out = tmp_path / "out.parquet"

@@ -322,11 +322,16 @@ def format_summary(summary: dict[str, Any]) -> str:
                 lines.append(
                     f"estimated before: {expected}at most ${guess['worst_case']} (batchllm estimate)"
                 )
-        if lost := summary.get("maybe_billed"):
-            lines.append(
-                f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "
-                f"(given up on after a timeout, or in flight at a stop), at most ${lost['worst_case_usd']}"
-            )
+    elif summary.get("stop_reason") == "interrupted":  # at once (a second interrupt): no output written
+        lines.append(
+            f"output not written (stopped at once); its journal keeps every reply: this run "
+            f"{_dollars(summary['this_run']['cost_usd'])}, `batchllm status {summary['output']}` has the totals"
+        )
+    if lost := summary.get("maybe_billed"):
+        lines.append(
+            f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "
+            f"(given up on after a timeout, or in flight at a stop), at most ${lost['worst_case_usd']}"
+        )
     t = summary["this_run"]
     window = summary.get("concurrency")  # engine/concurrency.py: what the server's pace allowed
     lines.append(
