@@ -102,7 +102,7 @@ def test_changed_rows_rerun_only_with_refresh_changed(sandbox, tmp_path: Path) -
     before = sandbox.count()
     result = run_cli(args, env=sandbox.env())
     assert result.exit_code == 0 and sandbox.count() == before
-    assert "1 row changed under the same --id-column value" in result.stderr
+    assert "1 row changed under the same --id-column value ('id3') and kept" in result.stderr
     result = run_cli([*args, "--refresh-changed"], env=sandbox.env())
     assert result.exit_code == 0 and sandbox.count() == before + 1
     assert "10 rows in" in result.stderr and "1 to send" in result.stderr  # as many as it sends

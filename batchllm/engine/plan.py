@@ -82,6 +82,7 @@ class Plan:
         the journal holds an entry for them (index -> how the entry's cost is kept, journal.py)."""
         job, builder = self.job, self.p.builder
         shared = changed_kept = 0
+        kept_ids: list[str] = []  # the first few, named in the warning
         resuming = journal.rows_before > 0
         labeling = job.labeling is not None
         for pb in self._built():
@@ -102,6 +103,8 @@ class Plan:
                 elif status == "ok":  # same id, other content
                     if not job.refresh_changed:
                         changed_kept += 1
+                        if len(kept_ids) < 3:
+                            kept_ids.append(pb.row_ids[i])
                         continue
                     replaces[i] = CARRY_ENTRY
                 elif not job.retry_errors and status != TRANSIENT:  # the server's failure: sent again
@@ -132,9 +135,10 @@ class Plan:
                 )
             )
         if changed_kept:
+            named = ", ".join(repr(r) for r in kept_ids) + (", ..." if changed_kept > len(kept_ids) else "")
             self.warn(
-                f"{plural(changed_kept, 'row')} changed under the same --id-column value and kept their "
-                "earlier results; pass --refresh-changed to send them again"
+                f"{plural(changed_kept, 'row')} changed under the same --id-column value ({named}) and kept "
+                "their earlier results, which are of the text before; pass --refresh-changed to send them again"
             )
 
     def _built(self) -> Iterator[PromptBatch]:
