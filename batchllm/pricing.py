@@ -139,7 +139,7 @@ def price_value(raw: Any) -> Decimal:
     try:
         return parse_price(raw, "price")
     except JobError as exc:
-        raise ValueError(str(exc).removeprefix("price: ")) from None
+        raise ValueError(str(exc).removeprefix("price: price ")) from None  # the key names it
 
 
 def load_models(provider: str | None = None, path: Path | None = None) -> dict[str, Model]:

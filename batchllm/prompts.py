@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import re
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +64,12 @@ class PromptBatch:
 # in braces (JSON in the prompt): the hint says how to write a brace.
 _NOT_A_NAME = re.compile(r"[\"':\s]")
 _BRACES = "; to write a literal brace, double it: {{ and }}"
+
+
+def _case_hint(missing: str, columns: Sequence[str]) -> str:
+    """A column named with other capitals ({Review} for review): the one meant, said."""
+    same = [c for c in columns if c.lower() == missing.lower()]
+    return f" (did you mean {same[0]!r}? names match case for case)" if same else ""
 
 
 def template_fields(template: str) -> list[str]:
@@ -143,6 +149,7 @@ class PromptBuilder:
                 f"{source}: no column {missing[0]!r} ({what}); the columns are: "
                 + ", ".join(repr(c) for c in columns)
                 + (_BRACES if job.template is not None and _NOT_A_NAME.search(missing[0]) else hint(missing))
+                + _case_hint(missing[0], columns)
             )
         if job.id_column is not None and job.id_column not in columns:
             raise JobError(

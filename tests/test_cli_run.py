@@ -166,6 +166,24 @@ BAD_INPUTS = [
         "no column 'prompt' (the --prompt-column); the columns are: 'text'",
     ),
     ("ok.csv", b"review\nhello\n", ["--template", "Say {missing}"], "no column 'missing'"),
+    (
+        "ok.csv",
+        b"review\nhello\n",
+        ["--template", "Say {Review}"],
+        "(did you mean 'review'? names match case for case)",
+    ),
+    (
+        "ok.csv",
+        b"prompt\nhello\n",
+        ["--input-price", "-1", "--output-price", "1"],
+        "--input-price '-1' must be >= 0",
+    ),
+    (
+        "ok.csv",
+        b"prompt\nhello\n",
+        ["--max-tokens", "100000"],
+        "window of 25,000 tokens (the prompt takes some): give less than 25,000",
+    ),
     (  # JSON in the prompt: its braces read as a column
         "ok.csv",
         b"review\nhello\n",

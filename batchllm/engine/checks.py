@@ -90,7 +90,7 @@ def check_model(job: Job, provider: Provider) -> Model:
     if model.context_window is not None and job.max_tokens >= model.context_window:
         raise JobError(
             f"--max-tokens {job.max_tokens} leaves no room in {model.name}'s window of "
-            f"{model.context_window:,} tokens"
+            f"{model.context_window:,} tokens (the prompt takes some): give less than {model.context_window:,}"
         )
     if job.budgeted and model.prices is None:
         cap = next(
