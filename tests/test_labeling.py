@@ -33,6 +33,22 @@ def labeling_input(tmp_path: Path, n: int) -> Path:
     return write_csv(tmp_path / "in.csv", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts(n))])
 
 
+def schema_args(src: Path, out: Path, schema: Path) -> list[str]:
+    """A --json-schema run of ``labeling_input``'s rows, unpaced."""
+    return [
+        "run",
+        str(src),
+        "-o",
+        str(out),
+        "--template",
+        "Read: {text}",
+        "--json-schema",
+        str(schema),
+        "--rpm",
+        "0",
+    ]
+
+
 def run_labels(box, src: Path, out: Path, *extra: str) -> object:
     args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--labels", ",".join(LABELS)]
     return run_cli([*args, "--rpm", "0", "--max-tokens", "16", "--id-column", "id", *extra], env=box.env())
@@ -167,18 +183,7 @@ def test_schema_gives_typed_columns(sandbox_factory, tmp_path: Path) -> None:
     path.write_text(json.dumps(schema))
     box = sandbox_factory()
     src, out = labeling_input(tmp_path, 30), tmp_path / "o.parquet"
-    args = [
-        "run",
-        str(src),
-        "-o",
-        str(out),
-        "--template",
-        "Read: {text}",
-        "--json-schema",
-        str(path),
-        "--rpm",
-        "0",
-    ]
+    args = schema_args(src, out, path)
     result = run_cli([*args, "--max-tokens", "64"], env=box.env())
     assert result.exit_code == 0, result.output
     table = pq.read_table(out)
@@ -358,18 +363,7 @@ def test_an_object_cut_at_max_tokens_is_not_reasked_at_the_same_limit(
     )
     box = sandbox_factory()
     src, out = labeling_input(tmp_path, 30), tmp_path / "o.parquet"
-    args = [
-        "run",
-        str(src),
-        "-o",
-        str(out),
-        "--template",
-        "Read: {text}",
-        "--json-schema",
-        str(path),
-        "--rpm",
-        "0",
-    ]
+    args = schema_args(src, out, path)
     result = run_cli([*args, "--max-tokens", "4", "--max-error-rate", "1"], env=box.env())
     assert result.exit_code == 1, result.output
     rows = pq.read_table(out).to_pylist()
