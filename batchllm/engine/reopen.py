@@ -146,7 +146,8 @@ async def refuse_mixed_answers(journal: Journal, client: Client, output: Path, d
     now = True if declared else client.played if client.played is not None or client.local else False
     if now is None or now == before:  # a server here that did not say what it is: not known
         return
-    host = urlsplit(client.url).hostname
+    parts = urlsplit(client.url)  # the host and port alone: a URL may carry a user and password
+    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
     rows = plural(answered, "answered row")
     if before:
         raise JobError(
