@@ -225,6 +225,32 @@ def test_a_rate_limit_and_the_slots_both_hold(sandbox_factory, tmp_path) -> None
     assert max(sum(1 for u in times if t <= u < t + 2.0) for t in times) <= 11
 
 
+@pytest.mark.parametrize("props", [True, False], ids=["total_slots", "no_hint"])
+def test_a_server_stating_its_slots_is_not_slow_started_by_rpm_auto(sandbox_factory, tmp_path, props) -> None:
+    """--rpm auto starts a server of unknown limits at 300/min and grows from there; a server that
+    states its slots is one's own, whose queue the in-flight window paces: no rate from the start."""
+    box = sandbox_factory(slots=SLOTS, slot_seconds=0.05, slots_props=props)
+    src, out = prompts_csv(tmp_path / "in.csv", 80), tmp_path / "out.parquet"
+    args = [
+        "run",
+        str(src),
+        "-o",
+        str(out),
+        "--provider",
+        "openai",
+        "--input-price",
+        "0.1",
+        "--output-price",
+        "0.1",
+    ]
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.stderr
+    times = [t for t, _, _ in box.log()]
+    first_second = sum(1 for t in times if t < times[0] + 1.0)
+    # Slow start lets about 6 leave in its first second; 4 slots of 0.05 s serve 80 a second.
+    assert first_second >= 20 if props else first_second <= 10, first_second
+
+
 @pytest.mark.parametrize("hint", [4, None], ids=["total_slots", "no_hint"])
 def test_a_timeout_near_the_service_time_keeps_the_slots_busy(hint) -> None:
     # 4 slots at 0.4 s, a 0.6 s timeout: 4 in flight wait in no queue, so the limit stays at the

@@ -198,6 +198,15 @@ class RateLimiter:
             return None
         return self.rate / 60.0
 
+    def self_hosted(self) -> None:
+        """The server states its slots (llama.cpp's ``/props``): a server of its own, whose queue,
+        not a rate, sets the pace; the in-flight window finds it (concurrency.py). ``--rpm auto``
+        then paces nothing from the start, where slow start held a short run to 5/s at first; a
+        429 still pauses the pool. A serverless API's pace stays the limit it enforces."""
+        if self.auto and not self.serverless:
+            self.rate = None
+            self.slow_start = False
+
     def on_hints(self, hints: RateHints) -> None:
         """A reply stated the account's limit: pace evenly just under it, and never above it."""
         limit = hints.limit_requests

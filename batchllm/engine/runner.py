@@ -217,7 +217,8 @@ class Run:
             if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
                 await refuse_mixed_answers(journal, client, job.output, job.sandbox)
                 probe = p.provider.slots_url(endpoint.url)
-                hint = await client.server_slots(probe) if probe else None
+                if (hint := await client.server_slots(probe) if probe else None) is not None:
+                    limiter.self_hosted()  # its slots, not a rate, set the pace
                 window = ConcurrencyLimit(job.concurrency, job.timeout, hint=hint, pace=limiter.enforced_rps)
             dispatcher = Dispatcher(
                 client=client,
