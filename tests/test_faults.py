@@ -262,6 +262,7 @@ def test_an_endpoint_that_refuses_connections_stops_the_run_saying_so(
     assert "this run: 0 requests, 0 retries" in err, err  # none connected: no request was made
     # Unpaced, a row's attempts end long before the 30 s: still the endpoint's fault, not the rows'.
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 200}
+    assert "n/a (no row answered)" in run_cli(["report", str(out)]).stdout  # not "p50 0.0 ms"
 
 
 def test_rows_refused_before_sending_give_way_to_a_fixed_setting(tmp_path: Path) -> None:

@@ -41,7 +41,12 @@ def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> li
             f"mean {_usd(c['mean'])}, p50 {_usd(c['p50'])}, p95 {_usd(c['p95'])}, max {_usd(c['max'])}",
         ),
         ("truncated replies", f"{stats['truncated']:,}"),
-        ("latency", f"p50 {lat['p50']:,} ms, p95 {lat['p95']:,} ms, p99 {lat['p99']:,} ms"),
+        (
+            "latency",
+            f"p50 {lat['p50']:,} ms, p95 {lat['p95']:,} ms, p99 {lat['p99']:,} ms"
+            if stats["ok"]
+            else "n/a (no row answered)",
+        ),
         ("errors by class", errors),
     ] + (
         [
