@@ -241,6 +241,12 @@ def test_reparse_reads_stored_replies_again_without_requests(sandbox_factory, tm
     )
     assert refused.exit_code == 2 and box.count() == sent
     assert "--reparse reads its replies again under these labels or schema, sending nothing" in refused.stderr
+    # A --reparse refused for another change (the template) leaves the journal as it was.
+    other = [a.replace("Classify: {text}", "CLASSIFY: {text}") for a in args]
+    tail = ["--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--reask", "0", "--reparse"]
+    assert run_cli([*other, *tail], env=box.env()).exit_code == 2
+    same = [a.replace(",mixed", "") for a in args]
+    assert run_cli([*same, *tail[:-1]], env=box.env()).exit_code == 1  # resumes: its invalid rows stay
     result = run_cli(
         [*args, "--rpm", "0", "--max-tokens", "16", "--id-column", "id", "--reask", "0", "--reparse"],
         env=box.env(),

@@ -944,3 +944,22 @@ def test_a_killed_runs_claim_on_the_month_is_named_where_it_stops_a_run(
     assert again.exit_code == 0, again.output
     result = run_cli(other, env=sandbox.env())
     assert result.exit_code == 0, result.output
+
+
+def test_a_killed_runs_spend_survives_a_restart_of_its_output(sandbox_factory, tmp_path: Path) -> None:
+    """SIGKILL, then --restart: the discarded journal is what the killed run's record is closed
+    from (the fresh one would give it $0), so `spend` and the month hold everything billed."""
+    box = sandbox_factory(latency=0.2)
+    ledger, src, out = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 300), tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--concurrency", "8", "--ledger", str(ledger)]
+    _kill_after(args, box.env(), tmp_path / "o.parquet.batchllm" / "journal.sqlite", 40)
+    with sqlite3.connect(tmp_path / "o.parquet.batchllm" / "journal.sqlite") as conn:
+        killed_pico = conn.execute("SELECT SUM(input_cost_pico + output_cost_pico) FROM rows").fetchone()[0]
+    result = run_cli([*args, "--restart"], env=box.env())
+    assert result.exit_code == 0, result.output
+    runs = _spend(ledger, "--runs")["runs"]
+    assert [r["killed"] for r in runs] == [True, False]
+    assert Decimal(runs[0]["cost_usd"]) * 10**12 == killed_pico > 0
+    billed = box.sandbox.stats["prompt_tokens"] * 310_000 + box.sandbox.stats["completion_tokens"] * 340_000
+    maybe = Decimal(runs[0].get("maybe_billed_usd") or 0) * 10**12
+    assert killed_pico + _cost(out) * 10**12 <= billed <= killed_pico + _cost(out) * 10**12 + maybe

@@ -62,6 +62,19 @@ def test_sandbox_answers_never_mix_with_real_ones_in_one_output(sandbox_factory,
     assert PLAY not in run_cli(["status", str(play_out)]).output
 
 
+def test_a_sandbox_run_that_answered_nothing_leaves_no_mark(sandbox_factory, tmp_path: Path) -> None:
+    """Stopped before any answer, a --sandbox run's output holds no play money: a real run that
+    takes it over (nothing was paid) is not called play money."""
+    src, out = prompts_csv(tmp_path / "a.csv", 20), tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--max-tokens", "16"]
+    stopped = run_cli([*args, "--sandbox", "--max-cost-per-run", "0.0000001"])
+    assert stopped.exit_code == 3, stopped.output
+    real = sandbox_factory()
+    result = run_cli(args, env=real.env())
+    assert result.exit_code == 0 and real.count() == 20, result.output
+    assert PLAY not in result.output and PLAY not in run_cli(["status", str(out)]).output
+
+
 def test_eval_of_sandbox_labels_says_they_are_not_the_models(sandbox_factory, tmp_path: Path) -> None:
     sandbox = sandbox_factory(marked=True)
     out = tmp_path / "labels.parquet"

@@ -49,6 +49,7 @@ from .journal_schema import (
     INSERT_ATTEMPT,
     INSERT_ROW,
     RESCUE_NAME,
+    SANDBOX_ANSWERS,
     SCHEMA,
     SCHEMA_VERSION,
     STATUS,
@@ -130,7 +131,8 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
         stored = journal.get_meta("settings")
         if relabel and stored is not None and stored.get("labeling") != settings.get("labeling"):
             stored = {**stored, "labeling": settings.get("labeling")}
-            journal.set_meta("settings", stored)
+            if stored == settings:  # the labels or schema alone: kept (any other change is refused)
+                journal.set_meta("settings", stored)
         if stored is not None and stored == settings:
             journal.imported = journal._import_rescued()
             if journal.imported:
@@ -147,6 +149,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
                 "sandbox"
             }:
                 conn.execute("DELETE FROM meta WHERE key = 'estimate'")
+            conn.execute("DELETE FROM meta WHERE key = ?", (SANDBOX_ANSWERS,))  # nothing answered yet
             journal.set_meta("settings", settings)
         else:
             diffs = settings_diff(stored, settings)

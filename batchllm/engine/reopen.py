@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from ..errors import JobError
 from ..job import Job
+from ..ledger import Snapshot
 from ..pricing import Prices, cached_saving, format_usd
 from . import outside
 from .checks import Prepared
@@ -21,6 +22,8 @@ from .counts import plural
 from .journal import DB_NAME, Journal
 from .journal_schema import SANDBOX_ANSWERS
 from .output import read_summary
+
+DISCARDED = "discarded_by_restart"  # meta: the totals of the journal --restart replaced
 
 
 def open_journal(
@@ -33,7 +36,10 @@ def open_journal(
         warn(discarded)
     if not job.restart and not (job.journal_dir / DB_NAME).is_file():
         refuse_orphaned_output(job)
+    before = _totals(job) if job.restart else None
     journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
+    if before is not None:  # the ledger's killed runs of it are measured against it (take_discarded)
+        journal.set_meta(DISCARDED, before)
     lost, lost_pico = journal.start_inflight()
     outside.on_open(journal, job.input)
     estimate = journal.get_meta("estimate")  # of another input: no figure to compare this run with
@@ -179,21 +185,37 @@ def refuse_orphaned_output(job: Job) -> None:
     )
 
 
-def restart_notice(job: Job) -> str | None:
-    """What ``--restart`` is about to discard, when the journal holds answered rows: they were
-    paid for, and ``--max-cost`` (which counts the whole output's cost) counts from $0 again."""
-    if not job.restart or not (job.journal_dir / DB_NAME).is_file():
+def take_discarded(journal: Journal) -> Snapshot | None:
+    """The totals of the journal this run's ``--restart`` discarded, once (the run's start
+    closes the ledger records of killed runs against them: ledger/store.py ``recover``)."""
+    before = journal.get_meta(DISCARDED)
+    if before is None:
+        return None
+    journal.conn.execute("DELETE FROM meta WHERE key = ?", (DISCARDED,))
+    return Snapshot.of(before)
+
+
+def _totals(job: Job) -> dict[str, int] | None:
+    """The totals of the output's journal as it is (None: none, or unreadable)."""
+    if not (job.journal_dir / DB_NAME).is_file():
         return None
     try:
         journal = Journal.open_readonly(job.journal_dir)
     except (JobError, sqlite3.Error):  # unreadable: discarded all the same, with nothing to say of it
         return None
     try:
-        t = journal.totals()  # its costs: rows', and what rows sent again paid before (spend.py)
+        return journal.totals()  # its costs: rows', and what rows sent again paid before (spend.py)
     except sqlite3.Error:
         return None
     finally:
         journal.conn.close()
+
+
+def restart_notice(job: Job) -> str | None:
+    """What ``--restart`` is about to discard, when the journal holds answered rows: they were
+    paid for, and ``--max-cost`` (which counts the whole output's cost) counts from $0 again."""
+    if not job.restart or (t := _totals(job)) is None:
+        return None
     answered, paid = t["ok"] + t["invalid"], t["input_cost_pico"] + t["output_cost_pico"]
     if not answered:
         return None

@@ -46,7 +46,7 @@ from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .refusable import insisted_fields, optional_fields, refusable
-from .reopen import answers_mark, open_journal, refuse_mixed_answers
+from .reopen import answers_mark, open_journal, refuse_mixed_answers, take_discarded
 from .reuse import Reuse
 from .router import fleet_router
 from .stops import STOP_EXIT, stop_message
@@ -157,7 +157,7 @@ class Run:
             **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
             lost=self.lost, warn=self.warn, priced=p.model.prices is not None,
-            sent=Sent(journal.dead_sent, journal.requests_between, journal.cost_between),
+            sent=Sent(journal.dead_sent, journal.requests_between, journal.cost_between, take_discarded(journal)),
         )  # fmt: skip
         # What the cap counts: all this output paid for, and what a crash may have left billed.
         billed_before = journal.maybe_billed(current=False)

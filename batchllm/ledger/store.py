@@ -286,6 +286,9 @@ class Sent(NamedTuple):
     # What the entries finished between two times cost now: a finished run's rows done without a
     # price and priced by the run starting now (engine/reopen.py) have a cost (``reprice``).
     cost_between: Callable[[float, float], int] | None = None
+    # The journal a --restart discarded as the run starting now began: what the last killed run
+    # is measured against (the new journal starts empty, and would give it nothing).
+    discarded: Snapshot | None = None
 
 
 UNKNOWN = Sent()  # nothing known beyond the runs' own progress
@@ -331,8 +334,8 @@ def recover(
     for r in dead:
         began, start = r[4], Snapshot(*r[5:12])
         nxt = next(((t, s) for t, s in starts if t > began), (now_at, now))
-        end = nxt[1]
         last = nxt[0] == now_at
+        end = sent.discarded if last and sent.discarded is not None else nxt[1]
         delta = Snapshot(*(max(b - a, 0) for a, b in zip(start, end, strict=True)))
         requests = int(r[12])  # its last progress
         if last and sent.last is not None:
