@@ -50,8 +50,9 @@ _CLEAN_ENV = {"DATAOORTS_API_KEY": "", "DATAOORTS_ENDPOINT": "", "OPENAI_API_KEY
 class SandboxThread:
     """A sandbox served from a background thread; ``url`` and ``key`` for clients."""
 
-    def __init__(self, config: SandboxConfig) -> None:
+    def __init__(self, config: SandboxConfig, port: int = 0) -> None:
         self.config = config
+        self.port = port  # 0: a free one
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -76,7 +77,7 @@ class SandboxThread:
             self.loop.close()
 
     async def _main(self) -> None:
-        runner, self.box, self.base = await start_sandbox(self.config)
+        runner, self.box, self.base = await start_sandbox(self.config, port=self.port)
         self.url = self.base + "/api/v1"
         self.openai_url = self.base + "/v1"
         self._stop = asyncio.Event()
@@ -135,9 +136,9 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 def sandbox_factory() -> Iterator[Callable[..., SandboxThread]]:
     started: list[SandboxThread] = []
 
-    def make(**options: Any) -> SandboxThread:
+    def make(port: int = 0, **options: Any) -> SandboxThread:
         options.setdefault("api_key", TEST_KEY)
-        box = SandboxThread(SandboxConfig(**options)).start()
+        box = SandboxThread(SandboxConfig(**options), port).start()
         started.append(box)
         return box
 

@@ -102,3 +102,22 @@ def test_the_built_in_sandbox_is_play_money_and_resumes_its_own_output(
     )
     assert more.exit_code == 0 and "10 to send (20 already done)" in more.output, more.output
     assert PLAY in more.output and summary_of(out)["play_money"] is True
+
+
+def test_the_sandboxs_cached_replies_never_answer_a_real_server_at_its_address(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """`batchllm sandbox --port 8000` first, a real server on port 8000 later (the README's own
+    way): the sandbox's replies are cached as the sandbox's, not as that address's."""
+    served = sandbox_factory(marked=True)
+    port = int(served.base.rsplit(":", 1)[1])
+    src = prompts_csv(tmp_path / "a.csv", 20)
+    played = _run(src, tmp_path / "play.parquet", served.openai_env(), "--temperature", "0")
+    assert played.exit_code == 0 and PLAY in played.output, played.output
+    served.stop()
+    real = sandbox_factory(port=port)  # unmarked: a real server, as batchllm sees it
+    result = _run(src, tmp_path / "real.parquet", real.openai_env(), "--temperature", "0")
+    assert result.exit_code == 0 and real.count() == 20, result.output  # none from the cache
+    assert PLAY not in result.output
+    again = _run(src, tmp_path / "real2.parquet", real.openai_env(), "--temperature", "0")
+    assert again.exit_code == 0 and real.count() == 20  # its own replies are cached as usual

@@ -165,6 +165,13 @@ class Client:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return
 
+    async def is_sandbox(self) -> bool:
+        """Is the server batchllm's sandbox? Asked now when it is on this machine or its network
+        (``identify``): its replies are play money, cached apart from a real server's at the same
+        address (a sandbox served on a port a real server takes later)."""
+        await self.identify()
+        return bool(self.played)
+
     async def server_slots(self, url: str, timeout: float = 2.0) -> int | None:
         """The slots a server states at ``url`` (llama.cpp's ``/props``: ``total_slots``), or None
         when it states none, in whatever way: a hint, never a reason to fail."""

@@ -272,7 +272,8 @@ class Run:
                         f"read {read:,} rows' replies again under the job's {'schema' if job.labeling.is_schema else 'labels'}"
                     )
                 else:
-                    endpoint_id = "sandbox" if job.sandbox else endpoint.url.rstrip("/")
+                    played = job.sandbox or (router is None and await client.is_sandbox())
+                    endpoint_id = "sandbox" if played else endpoint.url.rstrip("/")
                     reuse = Reuse(
                         journal,
                         cache,
@@ -294,9 +295,8 @@ class Run:
                 if deadline is not None:
                     deadline.cancel()
             await stop_asking(asking)
-        # Requests still without a saved reply were cancelled by a stop: maybe billed (inflight.py).
         journal.flush()
-        journal.stop_inflight()
+        journal.stop_inflight()  # requests with no saved reply were cancelled: maybe billed (inflight.py)
         return self._finish(journal, dispatcher, budget, self.started_at)
 
     async def _tick(self, dispatcher: Dispatcher, record: RunRecord) -> None:
