@@ -127,8 +127,14 @@ def parse_price(raw: object, where: str) -> Decimal:
         value = Decimal(str(raw).strip().lstrip("$"))
     except InvalidOperation:
         raise JobError(f"{where}: price {raw!r} is not a number") from None
-    if not value.is_finite() or value < 0 or (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 != 0:
-        raise JobError(f"{where}: price {raw!r} must be >= 0 with at most 6 decimal places")
+    try:  # a huge one (1e400) has no remainder Decimal can compute: refused as any bad price
+        whole = value.is_finite() and value >= 0 and (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 == 0
+    except InvalidOperation:
+        whole = False
+    if not whole or value > 10**9:  # $1,000,000,000 per million tokens: no model costs more
+        raise JobError(
+            f"{where}: price {raw!r} must be from 0 to 1,000,000,000 (USD per million tokens) with at most 6 decimal places"
+        )
     return value
 
 

@@ -176,7 +176,13 @@ BAD_INPUTS = [
         "ok.csv",
         b"prompt\nhello\n",
         ["--input-price", "-1", "--output-price", "1"],
-        "--input-price '-1' must be >= 0",
+        "--input-price '-1' must be from 0 to 1,000,000,000",
+    ),
+    (
+        "ok.csv",
+        b"prompt\nhello\n",
+        ["--input-price", "1e400", "--output-price", "1"],
+        "'1e400' must be from 0",
     ),
     (
         "ok.csv",
