@@ -99,24 +99,27 @@ def _share(
     value possible), at one token whose first ``cut`` characters come before the value."""
     if not top:
         return None
-    listed: dict[str, float] = {}
-    for x in top:  # two tokens of one text (a server lists ids) are one way to write it
-        listed[x["token"]] = listed.get(x["token"], 0.0) + math.exp(x["logprob"])
-    floor = min(math.exp(x["logprob"]) for x in top)
-    listed.setdefault(token, math.exp(logprob))
-    head, mine, anyone, seen, reached = token[:cut], 0.0, 0.0, 0.0, set()
-    for alt, p in listed.items():
-        seen += p
+    possible = [v for v in allowed if v.startswith(written)]
+    if possible == [value]:
+        return 0.0  # no other value is left: the rest of this one is the schema's, not a choice
+    head, mine, anyone, reached = token[:cut], 0.0, 0.0, set()
+    listed = top if any(x["token"] == token for x in top) else [*top, {"token": token, "logprob": logprob}]
+    for x in listed:  # two of one text (a server lists token ids) are two ways to write it
+        alt = x["token"]
         if not alt.startswith(head):
             continue  # another way to the value's start: not this path
         so_far = written + alt[cut:]
-        fits = [v for v in allowed if v.startswith(so_far) or so_far.startswith(v)]
+        fits = [v for v in possible if v.startswith(so_far) or so_far.startswith(v)]
         if fits:
+            p = math.exp(x["logprob"])
             anyone += p
             mine += p if value in fits else 0.0
             reached.update(fits)
-    unlisted = sum(1 for v in allowed if v not in reached and v.startswith(written))
-    anyone += min(unlisted * floor, max(0.0, 1.0 - seen))
+    unlisted = sum(1 for v in possible if v not in reached)
+    if unlisted:  # each had less than the least listed, and all of them no more than what is left
+        floor = math.exp(min(x["logprob"] for x in top))
+        left = 1.0 - sum(math.exp(x["logprob"]) for x in listed)
+        anyone += min(unlisted * floor, max(0.0, left))
     return math.log(mine / anyone) if mine > 0 else None
 
 
