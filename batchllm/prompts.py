@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from .errors import JobError
 from .inputs import delimiter_hint
 from .job import Job
-from .labeling.confidence import LOGPROBS
+from .labeling.confidence import LOGPROBS, TOP, TOP_LOGPROBS
 from .labeling.structured import PARAM, Formats
 from .providers import get_provider
 from .records import Message, Request
@@ -250,8 +250,10 @@ class RequestMaker:
         if job.structured_output:  # the same format for every row: built once, shared
             assert job.labeling is not None
             self.params = {**self.params, PARAM: Formats(job.labeling).row}
-        if job.logprobs:  # a labeling row's confidence (labeling/confidence.py); no top_logprobs
+        if job.logprobs:  # a labeling row's confidence (labeling/confidence.py)
             self.params = {**self.params, LOGPROBS: True}
+            if job.structured_output:  # its alternatives: the value among those the schema allows
+                self.params = {**self.params, TOP_LOGPROBS: TOP}
         system = job.full_system
         self.prefix: tuple[Message, ...] = (() if system is None else (Message("system", system),)) + examples
         self.cache_key = prompt_cache_key(job, self.prefix)

@@ -14,7 +14,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm.labeling.confidence import joint, of_pack, of_reply, value_span
+from batchllm.labeling.confidence import TOP, joint, of_pack, of_reply, value_span
 from batchllm.labeling.spec import Labeling, load_schema
 from batchllm.sandbox.labeler import truth
 
@@ -98,6 +98,72 @@ def test_the_value_tokens_joint_probability() -> None:
                     ("positive", math.log(0.2)), ('"}', -2.0), ("\n", 0.0), ("```", 0.0))  # fmt: skip
     assert of_reply(labels, '{"label": "positive"}', False, fenced) == pytest.approx(0.2)
     assert of_reply(labels, "neutral", False, tokens(("something else", -0.1))) is None
+
+
+def listed(token: str, p: float, *alternatives: tuple[str, float]) -> dict[str, object]:
+    """A token with its ``top_logprobs`` (itself and the alternatives, probabilities given)."""
+    top = [
+        {"token": t, "logprob": math.log(q)}
+        for t, q in sorted([(token, p), *alternatives], key=lambda x: -x[1])
+    ]
+    return {"token": token, "logprob": math.log(p), "top_logprobs": top}
+
+
+def test_held_to_a_schema_a_value_is_weighed_among_the_allowed_ones() -> None:
+    labels = Labeling(labels=tuple(LABELS), confidence="logprobs")
+    # llama.cpp (SmolLM2-135M) held to {"label": enum}: each token's probability before the grammar
+    # narrowed it (the fence, the forced closing quote; "Positive" is not in the enum), top 5.
+    text = '{\n  "label": "positive"\n}'
+    reply = [
+        listed("```", 0.0002, ("positive", 0.19), ("negative", 0.08)),
+        listed("json", 0.02, ("\n", 0.63)),
+        *tokens(("\n", 0.0), ("{", 0.0), ("\n ", -0.2)),
+        listed(' "', 0.9654, (" {", 0.0081), (' "[', 0.0078)),
+        listed("label", 0.0066, ("type", 0.37)),
+        listed('":', 0.98),
+        listed(' "', 0.97, (" {", 0.008)),
+        listed(
+            "positive",
+            0.4778,
+            ("Positive", 0.2985),
+            ("negative", 0.0127),
+            ("Negative", 0.0115),
+            ("Sent", 0.0097),
+        ),
+        listed('"', 0.0046, ('",', 0.9671), (",", 0.009)),
+        *tokens(("\n", -0.05), ("}", 0.0)),
+    ]
+    assert of_reply(labels, text, False, reply) == pytest.approx(0.4778)  # not held: as written
+    # Held: among the labels. "neutral" is not listed: at most the list's floor (0.0097).
+    assert of_reply(labels, text, False, reply, True) == pytest.approx(0.4778 / (0.4778 + 0.0127 + 0.0097))
+    # A server that lists only what the schema allows (masked) gives its own figure back.
+    masked = [*tokens(('{"label":', 0.0)), listed('"', 1.0),
+              listed("negative", 0.9, ("positive", 0.07), ("neutral", 0.03)), listed('"}', 1.0)]  # fmt: skip
+    assert of_reply(labels, '{"label":"negative"}', False, masked, True) == pytest.approx(0.9)
+    # Labels that share their first characters part ways later: weighed where they do.
+    split = [*tokens(('{"label":', 0.0)), listed('"', 1.0), listed("ne", 0.5, ("pos", 0.1), ("Ne", 0.3)),
+             listed("g", 0.4, ("ut", 0.2), ("w", 0.3)), listed("ative", 0.01, ("ated", 0.9)), listed('"}', 0.5)]  # fmt: skip
+    expected = 0.5 / (0.5 + 0.1) * 0.4 / (0.4 + 0.2)
+    assert of_reply(labels, '{"label":"negative"}', False, split, True) == pytest.approx(expected)
+    # No alternatives listed (a server that ignores top_logprobs): the tokens' joint probability.
+    bare = [{**t, "top_logprobs": []} for t in reply]
+    assert of_reply(labels, text, False, bare, True) == pytest.approx(0.4778)
+    # A pack's items and a schema's enum and boolean fields alike.
+    pack = [*tokens(('{"1":', 0.0)), listed('"', 1.0), listed("neutral", 0.3, ("Neutral", 0.5), ("negative", 0.1), ("positive", 0.05)),
+            listed('","2":', 1.0), listed("positive", 0.6), listed('"}', 1.0)]  # fmt: skip
+    got = of_pack(labels, '{"1":"neutral","2":"positive"}', ["neutral", "positive"], pack, True)
+    # "2" alone in its list: the two labels not listed have at most what is left (0.4) between them.
+    assert got == pytest.approx([0.3 / (0.3 + 0.1 + 0.05), 0.6 / (0.6 + 0.4)])
+    raw, fields, required = load_schema(SCHEMA)
+    schema = Labeling(fields=fields, required=required, schema=raw, confidence="logprobs")
+    fielded = [*tokens(('{"sentiment":', 0.0)), listed(' "', 0.9, (' null', 0.05)),
+               listed("negative", 0.2, ("Negative", 0.6), ("positive", 0.05), ("neutral", 0.05)),
+               listed('", "mentions_price":', 1.0), listed(" true", 0.3, (" True", 0.5), (" false", 0.1)),
+               listed("}", 1.0)]  # fmt: skip
+    reply_text = '{"sentiment": "negative", "mentions_price": true}'
+    got = of_reply(schema, reply_text, False, fielded, True)
+    assert got["sentiment"] == pytest.approx(0.2 / 0.3)  # required: null is not one of its values
+    assert got["mentions_price"] == pytest.approx(0.3 / 0.4)
 
 
 def test_600_rows_with_a_quarter_wrong_get_a_confidence_that_tracks_the_truth(
@@ -229,6 +295,59 @@ def test_packs_and_schemas_get_their_own_confidences(sandbox_factory, tmp_path: 
     assert names == ["confidence_sentiment", "confidence_mentions_price"]
     assert all(0 < x <= 1 for n in names for x in table.column(n).to_pylist() if x is not None)
     assert sum(x is not None for x in table.column(names[0]).to_pylist()) >= 95
+
+
+def test_held_to_a_schema_the_confidence_reads_as_it_does_unheld(sandbox_factory, tmp_path: Path) -> None:
+    # The sandbox held to a schema reports what llama.cpp does: probabilities before the grammar,
+    # much of the label's first token's on a form the enum forbids (sandbox/logprobs.py).
+    box = sandbox_factory(label_wrong=0.25, keep_bodies=True)
+    src = reviews(tmp_path, 300)
+
+    def mean(path: Path, column: str) -> float:
+        found = [x for x in pq.read_table(path).column(column).to_pylist() if x is not None]
+        assert len(found) >= 280
+        return sum(found) / len(found)
+
+    for n, how in enumerate((["--labels", ",".join(LABELS)], ["--labels", ",".join(LABELS), "--pack", "5"],
+                             ["--json-schema", str(SCHEMA)])):  # fmt: skip
+        column = "confidence" if how[0] == "--labels" else "confidence_sentiment"
+        box.sandbox.bodies.clear()
+        held, free = tmp_path / f"held{n}.parquet", tmp_path / f"free{n}.parquet"
+        assert run_openai(box, src, held, *how, "--max-tokens", "64").exit_code == 0
+        bodies = [orjson.loads(b) for b in box.sandbox.bodies]
+        assert all(
+            "response_format" in b and b["logprobs"] is True and b["top_logprobs"] == TOP for b in bodies
+        )
+        box.sandbox.bodies.clear()
+        assert run_openai(box, src, free, *how, "--max-tokens", "64", "--structured", "off").exit_code == 0
+        assert all("top_logprobs" not in orjson.loads(b) for b in box.sandbox.bodies)  # only held
+        print(how, f"held {mean(held, column):.3f}, free {mean(free, column):.3f}")
+        assert mean(held, column) == pytest.approx(mean(free, column), abs=0.04)
+        if how[0] == "--labels":
+            rows = [r for r in pq.read_table(held).to_pylist() if r["confidence"] is not None]
+            assert _ece([(r["confidence"], r["label"] == r["gold"]) for r in rows]) < 0.08
+    # --vote-below votes on the unsure rows, not on every row.
+    before = box.count()
+    args = ["--labels", ",".join(LABELS), "--samples", "3", "--vote-below", "0.8"]
+    assert run_openai(box, src, tmp_path / "votes.parquet", *args).exit_code in (0, 1)
+    assert 300 < box.count() - before < 2 * 300
+
+
+def test_a_server_refusing_the_schema_or_logprobs_is_asked_without_their_alternatives(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    src = reviews(tmp_path, 40)
+    for refuse in ("refuse_response_format", "refuse_logprobs"):
+        box = sandbox_factory(label_wrong=0.25, keep_bodies=True, **{refuse: True})
+        out = tmp_path / f"{refuse}.parquet"
+        result = run_openai(box, src, out, "--labels", ",".join(LABELS), "--concurrency", "1")
+        assert result.exit_code == 0, result.output
+        bodies = [orjson.loads(b) for b in box.sandbox.bodies]
+        assert "top_logprobs" in bodies[0] and all("top_logprobs" not in b for b in bodies[2:])
+        rows = pq.read_table(out).to_pylist()
+        assert all(r["status"] == "ok" for r in rows)
+        scored = [r["confidence"] for r in rows if r["confidence"] is not None]
+        assert len(scored) == (0 if refuse == "refuse_logprobs" else len(rows))
 
 
 def _ece(pairs: list[tuple[float, bool]]) -> float:

@@ -279,7 +279,8 @@ def _read_results(
             if entry is None:  # pending: whatever another line or file said stands
                 continue
             if p.job.labeling is not None and entry.status == "ok":
-                entry = labeled_entry(entry, p.job.labeling, tokens=result_logprobs(record))
+                tokens = result_logprobs(record)
+                entry = labeled_entry(entry, p.job.labeling, None, tokens, p.job.structured_output)
             previous = entries.get(custom_id)
             if previous is None or previous.status != "ok":
                 entries[custom_id] = entry
@@ -357,7 +358,11 @@ def _entry(
 
 
 def labeled_entry(
-    entry: Entry, labeling: Labeling, pack: tuple[str, int] | None = None, tokens: list[Any] | None = None
+    entry: Entry,
+    labeling: Labeling,
+    pack: tuple[str, int] | None = None,
+    tokens: list[Any] | None = None,
+    held: bool = False,
 ) -> Entry:
     """An imported reply of a labeling job, read like a run reads it: label (or fields), status
     ``ok`` or ``invalid`` with its parse error (``run --retry-errors`` re-asks those), and its
@@ -367,7 +372,7 @@ def labeled_entry(
     text = entry.response or ""
     sure = None
     if tokens is not None and labeling.confidence == "logprobs":
-        sure = of_reply(labeling, text, bool(entry.truncated), tokens)
+        sure = of_reply(labeling, text, bool(entry.truncated), tokens, held)
     attempt = Attempt(0, "first", text, entry.prompt_tokens or 0, entry.completion_tokens or 0,
                       entry.input_cost_pico, entry.output_cost_pico, bool(entry.truncated), pack_id,
                       position, None, entry.cached_tokens or 0, None, sure)  # fmt: skip

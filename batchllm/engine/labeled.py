@@ -120,7 +120,7 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         # Only the label's tokens are read, and only when the job asked for them.
         sure = None
         if tokens is not None and labeling.confidence == "logprobs":
-            sure = of_reply(labeling, result.text, truncated, tokens)
+            sure = of_reply(labeling, result.text, truncated, tokens, PARAM in step.request.params)
         if reuse is not None and reuse.cache is not None:  # with its confidence: a hit has the same
             reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated, sure)
         prices, cached = d.prices_of(result), result.cached_tokens  # a fleet: the answering endpoint's

@@ -19,7 +19,7 @@ from ..providers import Provider, get_provider
 from ..records import Completion
 from .client import Client
 from .ratelimit import RateLimiter
-from .refusable import Refusable, taken_by
+from .refusable import Refusable, dropped, taken_by
 
 MARGIN = 0.99  # of an endpoint's stated rpm
 BENCH_S = 5.0  # an endpoint's first bench (router.py doubles it while it keeps failing)
@@ -167,6 +167,6 @@ class Member:
     async def complete(self, body: bytes) -> Completion:
         drop = self._never if self.refusable is None else self._never + self.refusable.refused_fields
         if not self._same or drop:
-            body = rebody(body, self._primary, self.provider, self.model.name, drop)
+            body = rebody(body, self._primary, self.provider, self.model.name, dropped(drop))
         completion = await self.client.complete(body)
         return dataclasses.replace(completion, endpoint=self.name)

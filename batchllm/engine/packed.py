@@ -300,7 +300,8 @@ class Packs:
             pid = shape.pack_id(body)
             sure: list[Any] = [None] * len(rows)  # each item's own tokens (labeling/confidence.py)
             if items is not None and result.logprobs is not None and self.labeling.confidence == "logprobs":
-                sure = of_pack(self.labeling, result.text, items, result.logprobs)
+                held = PARAM in request.params  # the values' probabilities among those allowed
+                sure = of_pack(self.labeling, result.text, items, result.logprobs, held)
             prices, where = d.prices_of(result), result.endpoint  # a fleet: the answering endpoint's
             reuse = d.reuse
             keep = reuse is not None and reuse.cache is not None and kind == "first"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import orjson
 
 from ..errors import FatalAPIError, RunStopError
-from ..labeling.confidence import LOGPROBS
+from ..labeling.confidence import LOGPROBS, TOP_LOGPROBS
 from ..labeling.structured import PARAM
 from ..providers import Provider
 
@@ -96,9 +96,17 @@ class Refusable:
         if not any(self._keys[name] in body for name in self.refused_fields):
             return body
         payload = orjson.loads(body)
-        for name in self.refused_fields:
+        for name in dropped(self.refused_fields):
             payload.pop(name, None)
         return orjson.dumps(payload)
+
+
+def dropped(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The body's fields that go with ``fields``: ``top_logprobs`` with either (it is asked only
+    of requests held to a schema, and a server takes it only with ``logprobs``)."""
+    if TOP_LOGPROBS not in fields and (PARAM in fields or LOGPROBS in fields):
+        return (*fields, TOP_LOGPROBS)
+    return fields
 
 
 def optional_fields(structured: bool, logprobs: bool) -> tuple[str, ...]:

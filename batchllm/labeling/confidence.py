@@ -9,6 +9,17 @@ sum of their logprobs:
     a --json-schema     each enum or boolean field's value (``confidence_<field>``)
     a pack (--pack)     the same, inside the item's own value under its key "n"
 
+Held to a schema (``--structured``, labeling/structured.py), a server writes only what the
+schema allows, but llama.cpp and vLLM report each token's logprob from the model's distribution
+before the grammar narrowed it: a label the model chose among three reads 0.05 when most of the
+mass was on "Positive", which the enum forbids. So a held request asks for each token's
+``top_logprobs`` (``TOP``), and the value's probability is taken among the values its schema
+allows (``among``): at each of its tokens (quotes included), the mass of the listed tokens that
+keep it possible over the mass of those that keep any allowed value possible, a value none of the
+listed tokens reaches counted at most at the list's floor (what an unlisted token can have). A
+server that reports the narrowed distribution (masked tokens left out) gives the same figure; a
+token without alternatives listed falls back to the joint probability above.
+
 Only the tokens up to the value's end are walked, so a row costs a few dict lookups. With samples
 the row's confidence is the mean, over its voting answers, of the probability each gave the
 winning value (0 for an answer that chose another); where an answer has none (no logprobs:
@@ -24,15 +35,18 @@ under its key, whatever the schema. Pure functions; no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import orjson
 
 from .parse import LABEL_FIELD, object_end, parse_label
-from .spec import Labeling
+from .spec import Field, Labeling
 
 LOGPROBS = "logprobs"  # the request field, as the openai provider sends it
+TOP_LOGPROBS = "top_logprobs"  # asked with response_format: each token's likeliest alternatives
+TOP = 10  # alternatives a token: enough for a few values beside what the schema forbids
 
 
 def joint(tokens: list[Any], start: int, end: int) -> float | None:
@@ -49,6 +63,88 @@ def joint(tokens: list[Any], start: int, end: int) -> float | None:
         return math.exp(total) if hit else None
     except (KeyError, TypeError):  # a token without its text or logprob: no confidence
         return None
+
+
+def among(tokens: list[Any], start: int, end: int, value: str, allowed: tuple[str, ...]) -> float | None:
+    """The probability of ``value`` (JSON text, written at characters ``start`` to ``end``) among
+    the ``allowed`` values (JSON texts), from each token's ``top_logprobs``; None where a token has
+    none listed or the tokens do not write the value."""
+    if value not in allowed:
+        return None
+    pos, total, written = 0, 0.0, ""
+    try:
+        for t in tokens:
+            token = t["token"]
+            at, pos = pos, pos + len(token)
+            if pos <= start:
+                continue
+            share = _share(
+                token, t["logprob"], t["top_logprobs"], max(0, start - at), written, value, allowed
+            )
+            if share is None:
+                return None
+            total += share
+            written += token[max(0, start - at) : end - at]
+            if pos >= end:
+                return math.exp(total) if written == value else None
+    except (KeyError, TypeError, ValueError):  # a token without its text, logprob or list
+        return None
+    return None
+
+
+def _share(
+    token: str, logprob: float, top: list[Any], cut: int, written: str, value: str, allowed: tuple[str, ...]
+) -> float | None:
+    """log(mass of the listed tokens keeping ``value`` possible / mass of those keeping any allowed
+    value possible), at one token whose first ``cut`` characters come before the value."""
+    if not top:
+        return None
+    possible = [v for v in allowed if v.startswith(written)]
+    if possible == [value]:
+        return 0.0  # no other value is left: the rest of this one is the schema's, not a choice
+    head, mine, anyone, reached = token[:cut], 0.0, 0.0, set()
+    listed = top if any(x["token"] == token for x in top) else [*top, {"token": token, "logprob": logprob}]
+    for x in listed:  # two of one text (a server lists token ids) are two ways to write it
+        alt = x["token"]
+        if not alt.startswith(head):
+            continue  # another way to the value's start: not this path
+        so_far = written + alt[cut:]
+        fits = [v for v in possible if v.startswith(so_far) or so_far.startswith(v)]
+        if fits:
+            p = math.exp(x["logprob"])
+            anyone += p
+            mine += p if value in fits else 0.0
+            reached.update(fits)
+    unlisted = sum(1 for v in possible if v not in reached)
+    if unlisted:  # each had less than the least listed, and all of them no more than what is left
+        floor = math.exp(min(x["logprob"] for x in top))
+        left = 1.0 - sum(math.exp(x["logprob"]) for x in listed)
+        anyone += min(unlisted * floor, max(0.0, left))
+    return math.log(mine / anyone) if mine > 0 else None
+
+
+@functools.lru_cache(maxsize=256)
+def choices(values: tuple[Any, ...], nullable: bool = False) -> tuple[str, ...]:
+    """Values as the JSON texts a schema allows (null too when the field may be left out)."""
+    return tuple(orjson.dumps(v).decode() for v in values) + (("null",) if nullable else ())
+
+
+def _allowed(labeling: Labeling, f: Field) -> tuple[str, ...]:
+    values = (True, False) if f.type == "boolean" else f.enum or ()
+    return choices(tuple(values), f.name not in labeling.required)
+
+
+def _score(
+    text: str, tokens: list[Any], a: int, b: int, shift: int, allowed: tuple[str, ...] | None
+) -> float | None:
+    """The value at ``text[a:b]`` (a string's characters, or a literal): among ``allowed`` when held
+    to a schema (its quotes then part of it), else its tokens' joint probability."""
+    if allowed is not None:
+        qa, qb = (a - 1, b + 1) if a > 0 and b < len(text) and text[a - 1] == text[b] == '"' else (a, b)
+        found = among(tokens, qa + shift, qb + shift, text[qa:qb], allowed)
+        if found is not None:
+            return found
+    return joint(tokens, a + shift, b + shift)
 
 
 def _skip(text: str, i: int) -> int:
@@ -99,42 +195,50 @@ def offset(text: str, tokens: list[Any]) -> int | None:
     return at if at >= 0 else None
 
 
-def _label(text: str, label: str, tokens: list[Any], lo: int, hi: int, shift: int) -> float | None:
+def _label(
+    text: str, label: str, tokens: list[Any], lo: int, hi: int, shift: int, allowed: tuple[str, ...] | None
+) -> float | None:
     """A label's probability in ``text[lo:hi]``: under a "label" key when the reply is an object,
     else where the label stands (a bare label, or one in prose)."""
     if text.find("{", lo, hi) >= 0:
         span = value_span(text, LABEL_FIELD, lo, hi)
         if span is not None:
-            return joint(tokens, span[0] + shift, span[1] + shift)
+            return _score(text, tokens, *span, shift, allowed)
     at = text.lower().find(label.lower(), lo, hi)
     if at < 0:
         return None
-    return joint(tokens, at + shift, at + len(label) + shift)
+    return _score(text, tokens, at, at + len(label), shift, allowed)
 
 
 def _fields(
-    labeling: Labeling, text: str, tokens: list[Any], lo: int, hi: int, shift: int
+    labeling: Labeling, text: str, tokens: list[Any], lo: int, hi: int, shift: int, held: bool
 ) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for f in labeling.fields:
         if f.scored:
             span = value_span(text, f.name, lo, hi)
-            out[f.name] = None if span is None else joint(tokens, span[0] + shift, span[1] + shift)
+            allowed = _allowed(labeling, f) if held else None
+            out[f.name] = None if span is None else _score(text, tokens, *span, shift, allowed)
     return out
 
 
-def of_reply(labeling: Labeling, text: str, truncated: bool, tokens: list[Any]) -> Any:
-    """A reply's confidence: a label's probability, or each scored field's (None where unknown)."""
+def of_reply(labeling: Labeling, text: str, truncated: bool, tokens: list[Any], held: bool = False) -> Any:
+    """A reply's confidence: a label's probability, or each scored field's (None where unknown).
+    ``held``: the request carried a response_format (the value's probability among those allowed)."""
     shift = offset(text, tokens)
     if labeling.is_schema:
         if shift is None:
             return {f.name: None for f in labeling.fields if f.scored}
-        return _fields(labeling, text, tokens, 0, len(text), shift)
+        return _fields(labeling, text, tokens, 0, len(text), shift, held)
     label, error = parse_label(text, labeling.labels, truncated)
-    return None if label is None or shift is None else _label(text, label, tokens, 0, len(text), shift)
+    if label is None or shift is None:
+        return None
+    return _label(text, label, tokens, 0, len(text), shift, choices(labeling.labels) if held else None)
 
 
-def of_pack(labeling: Labeling, text: str, items: list[str], tokens: list[Any]) -> list[Any]:
+def of_pack(
+    labeling: Labeling, text: str, items: list[str], tokens: list[Any], held: bool = False
+) -> list[Any]:
     """Each item's confidence in a packed reply ``{"1": ..., "2": ...}``, from its own tokens."""
     out: list[Any] = []
     shift = offset(text, tokens)
@@ -148,10 +252,11 @@ def of_pack(labeling: Labeling, text: str, items: list[str], tokens: list[Any]) 
             continue
         lo = span[1]
         if labeling.is_schema:
-            out.append(_fields(labeling, text, tokens, *span, shift))
+            out.append(_fields(labeling, text, tokens, *span, shift, held))
             continue
         label, _ = parse_label(item, labeling.labels, False)
-        out.append(None if label is None else _label(text, label, tokens, *span, shift))
+        allowed = choices(labeling.labels) if held else None
+        out.append(None if label is None else _label(text, label, tokens, *span, shift, allowed))
     return out
 
 

@@ -338,7 +338,8 @@ class Sandbox:
                 self.prompt_cache.answered(prefix)
         if parsed.cache_key is not None:
             self.stats["prompt_cache_keyed"] += 1
-        tokens = content(text, marks, cfg.label_wrong, cfg.overconfident) if parsed.logprobs else None
+        odds = (cfg.label_wrong, cfg.overconfident, parsed.top_logprobs, parsed.held)  # logprobs.py
+        tokens = content(text, marks, *odds) if parsed.logprobs else None
         response = face.success(
             text, prompt_tokens, n, truncated, cfg.served_model or model.name, usage, cached, tokens
         )

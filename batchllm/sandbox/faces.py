@@ -31,6 +31,8 @@ class Parsed:
     seed_material: Any  # what the deterministic reply is derived from
     cache_key: str | None = None  # OpenAI's ``prompt_cache_key``: routing only, the reply ignores it
     logprobs: bool = False  # asked for the written tokens' logprobs (logprobs.py)
+    top_logprobs: int = 0  # and each token's likeliest alternatives, so many
+    held: bool = False  # the reply is held to a response_format (logprobs.py: what a server reports)
 
 
 def _json(
@@ -299,6 +301,11 @@ class OpenAIFace:
             )
         if logprobs and self.refuse_logprobs:  # as a server that cannot return them
             return "Invalid parameter: 'logprobs' is not supported with this model."
+        top = payload.get("top_logprobs", 0)
+        if type(top) is not int or not 0 <= top <= 20:
+            return "Invalid 'top_logprobs': expected an integer from 0 to 20."
+        if top and not logprobs:
+            return "Invalid 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set."
         cache_key = payload.get("prompt_cache_key")
         if cache_key is not None and not isinstance(cache_key, str):
             return "'prompt_cache_key' must be a string"
@@ -311,6 +318,8 @@ class OpenAIFace:
             seed_material,
             cache_key,
             logprobs,
+            top,
+            "response_format" in payload,
         )
 
     def success(

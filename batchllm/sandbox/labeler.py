@@ -133,7 +133,8 @@ def _roll(text: str, seed: Any, keys: tuple[str, ...]) -> tuple[float, float]:
 
 def label_mark(text: str, seed: Any, labels: list[str], value: str, keys: tuple[str, ...]) -> Mark:
     """Where a label answer stands in the reply, and whether it is right (logprobs.py)."""
-    return Mark(keys, value, value == truth(text, labels), _roll(text, seed, keys))
+    others = tuple(x for x in labels if x != value)
+    return Mark(keys, value, value == truth(text, labels), _roll(text, seed, keys), others)
 
 
 def field_marks(text: str, seed: Any, schema: dict[str, Any], obj: Any, keys: tuple[str, ...]) -> list[Mark]:
@@ -146,9 +147,10 @@ def field_marks(text: str, seed: Any, schema: dict[str, Any], obj: Any, keys: tu
         value = obj.get(name)
         if isinstance(value, bool) or ("enum" in spec and isinstance(value, str)):
             shown = ("true" if value else "false") if isinstance(value, bool) else value
-            marks.append(
-                Mark((*keys, name), shown, value == right.get(name), _roll(text, seed, (*keys, name)))
-            )
+            choices = ("true", "false") if isinstance(value, bool) else spec["enum"]
+            others = tuple(str(x) for x in choices if x != shown)
+            roll = _roll(text, seed, (*keys, name))
+            marks.append(Mark((*keys, name), shown, value == right.get(name), roll, others))
     return marks
 
 

@@ -7,7 +7,15 @@ sure band (0.9 to 1) or an unsure one (0.3 to 0.7), in shares such that the answ
 probability p are right a share p of the time, whatever the wrong-answer rate. ``overconfident``
 takes that share of the doubt away (p + (1 - p) x): the same answers, surer than they should be.
 The other tokens (keys, quotes, prose) are near certain. A reply is cut into tokens at word and
-punctuation boundaries, and its tokens laid end to end are the reply, as a server's are.
+punctuation boundaries, and its tokens laid end to end are the reply, as a server's are. An
+answer's first token carries its probability; the rest of it is then near certain.
+
+Held to a response_format, the sandbox reports what llama.cpp and vLLM report: each token's
+probability before the grammar narrowed the choice, a share ``STRAY`` of the answer's first token
+on a form the schema forbids (the answer capitalized, as small models write it), so the answer
+reads (1 - STRAY) p. Asked for ``top_logprobs`` (n), each token lists the n likeliest: at an
+answer's first token, itself, the forbidden form and the other allowed values (``Mark.others``,
+their first tokens) sharing 1 - p of the allowed mass; elsewhere the token alone (near certain).
 
 A ``Mark`` says where an answer stands: the keys leading to it (``("label",)``, ``("3",)`` in a
 pack, ``("3", "sentiment")`` for a field of a packed object; none for a bare label), its text,
@@ -23,6 +31,7 @@ from typing import Any, NamedTuple
 _TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
 SURE, UNSURE = (0.9, 1.0), (0.3, 0.7)
 _OTHER = -1e-4  # a token beside the answer: near certain
+STRAY = 0.4  # held to a schema: the first token's share on a form the schema forbids
 
 
 class Mark(NamedTuple):
@@ -30,6 +39,7 @@ class Mark(NamedTuple):
     value: str
     right: bool
     roll: tuple[float, float]  # two uniform draws in [0, 1) fixed by the request (labeler._fraction)
+    others: tuple[str, ...] = ()  # the other values allowed in its place (a label set, an enum)
 
 
 def probability(right: bool, wrong_rate: float, roll: tuple[float, float], overconfident: float) -> float:
@@ -61,25 +71,42 @@ def _find(text: str, mark: Mark, start: int) -> int:
     return text.find(mark.value, at)
 
 
-def content(text: str, marks: list[Mark], wrong_rate: float, overconfident: float) -> list[dict[str, Any]]:
-    """``choices[0].logprobs.content`` for a reply: its tokens, each marked answer's tokens jointly
-    at its probability."""
-    spans: list[tuple[int, int, float]] = []
-    start = 0
+def content(
+    text: str, marks: list[Mark], wrong_rate: float, overconfident: float, top: int = 0, held: bool = False
+) -> list[dict[str, Any]]:
+    """``choices[0].logprobs.content`` for a reply: its tokens, each marked answer's first token at
+    its probability (see the module docstring), with ``top`` alternatives each."""
+    tokens = [(m.start(), m.group(0)) for m in _TOKEN.finditer(text)]
+    logprobs = [_OTHER] * len(tokens)
+    tops: dict[int, dict[str, float]] = {}
+    start, n = 0, 0
     for mark in marks:
         at = _find(text, mark, start)
         if at < 0:
             continue
-        end = at + len(mark.value)
-        spans.append((at, end, probability(mark.right, wrong_rate, mark.roll, overconfident)))
-        start = end
-    tokens = [(m.start(), m.group(0)) for m in _TOKEN.finditer(text)]
-    logprobs = [_OTHER] * len(tokens)
-    for lo, hi, p in spans:
-        inside = [i for i, (at, tok) in enumerate(tokens) if at < hi and at + len(tok) > lo]
-        for i in inside:
-            logprobs[i] = math.log(max(p, 1e-12)) / len(inside)
-    return [
-        {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-        for (_, tok), lp in zip(tokens, logprobs, strict=True)
-    ]
+        start = at + len(mark.value)
+        while n < len(tokens) and tokens[n][0] + len(tokens[n][1]) <= at:
+            n += 1
+        if n == len(tokens):
+            break
+        p = probability(mark.right, wrong_rate, mark.roll, overconfident)
+        allowed = 1 - STRAY if held else 1.0
+        first = tokens[n][1]
+        logprobs[n] = math.log(max(p * allowed, 1e-12))
+        if top:
+            mass = {first: p * allowed}
+            if held:
+                stray = first.capitalize() if first.capitalize() != first else first.lower() + "_"
+                mass[stray] = STRAY
+            for other in mark.others:
+                head = _TOKEN.match(other)
+                if head is not None and head.group(0) != first:
+                    share = (1 - p) * allowed / len(mark.others)
+                    mass[head.group(0)] = mass.get(head.group(0), 0.0) + share
+            tops[n] = {tok: math.log(max(q, 1e-12)) for tok, q in mass.items()}
+    out = []
+    for i, ((_, tok), lp) in enumerate(zip(tokens, logprobs, strict=True)):
+        listed = sorted((tops.get(i) or {tok: lp}).items(), key=lambda x: -x[1])[:top]
+        alternatives = [{"token": t, "logprob": x, "bytes": list(t.encode())} for t, x in listed]
+        out.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": alternatives})
+    return out
