@@ -121,3 +121,16 @@ def test_the_sandboxs_cached_replies_never_answer_a_real_server_at_its_address(
     assert PLAY not in result.output
     again = _run(src, tmp_path / "real2.parquet", real.openai_env(), "--temperature", "0")
     assert again.exit_code == 0 and real.count() == 20  # its own replies are cached as usual
+
+
+def test_a_sandbox_pilot_says_its_figures_are_the_emulators(tmp_path: Path) -> None:
+    """`estimate --pilot --sandbox`: its accuracy and lengths are the emulator's; `status` of its
+    output names the command that sends the rest (the estimate again would send nothing)."""
+    out = tmp_path / "r.parquet"
+    args = ["estimate", str(ROOT / "sample_data" / "reviews.csv"), "--template", "Classify: {review}"]
+    args += ["--labels", "positive,negative,neutral", "--max-tokens", "16", "--pilot", "20", "-o", str(out)]
+    result = run_cli([*args, "--sandbox", "--gold", "human_label", "--rpm", "0"])
+    assert result.exit_code == 0, result.output
+    assert "the pilot ran on batchllm's sandbox: its lengths and accuracy are the emulator's" in result.stdout
+    status = run_cli(["status", str(out)]).stdout
+    assert "`batchllm run` with the same settings sends the rest" in status and "resume with" not in status

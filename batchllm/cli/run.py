@@ -153,6 +153,7 @@ def estimate_cmd(
     which the full run then does not send again.
     """
     from ..api import run_pilot
+    from ..engine.reopen import sandbox_answered
     from ..reports.estimate import estimate, record_estimate
     from ..reports.estimate_text import format_estimate
     from .progress import make_reporter
@@ -197,6 +198,8 @@ def estimate_cmd(
         report["expected_from"] = f"a pilot of {pilot:,} rows"
         if accuracy is not None:
             report["pilot_accuracy"] = accuracy
+        if job.sandbox or sandbox_answered(job.journal_dir):
+            report["play_money"] = True
     if job.labeling is not None and job.labeling.vote_below is not None and keep and job.journal_dir.exists():
         from ..reports.pilot import votes_share  # from a pilot's rows (this one's, or an earlier one's)
 

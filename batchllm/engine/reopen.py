@@ -27,10 +27,10 @@ DISCARDED = "discarded_by_restart"  # meta: the totals of the journal --restart 
 
 
 def open_journal(
-    p: Prepared, command: str, started_at: float, warn: Callable[[str], None]
+    p: Prepared, command: str, started_at: float, warn: Callable[[str], None], kind: str = "run"
 ) -> tuple[Journal, tuple[int, int]]:
     """The run's journal, open, and the requests an earlier run left in flight and their worst
-    case (inflight.py)."""
+    case (inflight.py). ``kind``: a run, a pilot (``status`` says how its rest is sent)..."""
     job = p.job
     if discarded := restart_notice(job):
         warn(discarded)
@@ -88,6 +88,7 @@ def open_journal(
         "last_run",
         {
             "command": command,
+            "kind": kind,
             "input": str(job.input),
             "input_rows": p.rows,
             "started_at": started_at,
@@ -183,6 +184,17 @@ def refuse_orphaned_output(job: Job) -> None:
         + f" but its journal {job.journal_dir} is gone: this run would send every row again and "
         "write over them. Give another -o, or --restart to send them all again"
     )
+
+
+def sandbox_answered(directory: Path) -> bool:
+    """Did batchllm's sandbox answer into the journal in ``directory`` (``answers_mark``)?"""
+    if not (directory / DB_NAME).is_file():
+        return False
+    journal = Journal.open_readonly(directory)
+    try:
+        return bool(journal.get_meta(SANDBOX_ANSWERS))
+    finally:
+        journal.conn.close()
 
 
 def take_discarded(journal: Journal) -> Snapshot | None:

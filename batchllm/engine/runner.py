@@ -114,7 +114,7 @@ class Run:
                 self.warn(
                     f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
                 )
-            journal, self.lost = open_journal(self.p, self.command, started_at, self.warn)
+            journal, self.lost = open_journal(self.p, self.command, started_at, self.warn, self.kind)
             try:
                 return await self._execute(journal, endpoint, started_at)
             finally:

@@ -327,6 +327,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"output not written (stopped at once); its journal keeps every reply: this run "
             f"{_dollars(summary['this_run']['cost_usd'])}, `batchllm status {summary['output']}` has the totals"
         )
+        if summary.get("play_money"):
+            lines.append(PLAY_MONEY)
     if lost := summary.get("maybe_billed"):
         lines.append(
             f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "

@@ -33,7 +33,9 @@ from .store import (
 if TYPE_CHECKING:
     from ..job import Job
 
-PROGRESS_EVERY = 5.0  # seconds between a running run's progress updates
+# Seconds between a running run's progress updates: what a killed run's open record (and the
+# month's cap, until the next run of its output closes it) holds is at most this old.
+PROGRESS_EVERY = 1.0
 Part = tuple[str, str, str]  # provider, endpoint host, model
 
 

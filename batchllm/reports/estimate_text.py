@@ -132,6 +132,14 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             )
         )
     rows.append(("token counts", e["token_counts"]))
+    if e.get("play_money"):
+        what = "lengths and accuracy" if "pilot_accuracy" in e else "lengths"
+        rows.append(
+            (
+                "play money",
+                f"the pilot ran on batchllm's sandbox: its {what} are the emulator's, not the model's",
+            )
+        )
     if "pilot_accuracy" in e:
         a = e["pilot_accuracy"]
         rows.append(

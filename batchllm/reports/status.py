@@ -139,6 +139,10 @@ def journal_status(directory: Path) -> str:
     lines.append(f"running now: {who}" if who else "running now: no")
     if who:  # its own end says what is next; the same command now would wait for the lock
         pass
+    elif run.get("kind") == "pilot":  # its command, the estimate, sends no other row
+        lines.append(
+            "a pilot's rows (batchllm estimate --pilot): `batchllm run` with the same settings sends the rest"
+        )
     elif run.get("command") and (not total_rows or done < total_rows):
         # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
         lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
