@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .conftest import ROOT, prompts_csv, run_cli, summary_of
+from .test_fleet import _live_fleet
 
 PRICES = ["--provider", "openai", "--input-price", "0.31", "--output-price", "0.34", "--rpm", "0"]
 PLAY = "play money: batchllm's sandbox answered"
@@ -134,3 +135,30 @@ def test_a_sandbox_pilot_says_its_figures_are_the_emulators(tmp_path: Path) -> N
     assert "the pilot ran on batchllm's sandbox: its lengths and accuracy are the emulator's" in result.stdout
     status = run_cli(["status", str(out)]).stdout
     assert "`batchllm run` with the same settings sends the rest" in status and "resume with" not in status
+
+
+def test_a_fleet_of_the_sandbox_and_a_real_server_is_refused(sandbox_factory, tmp_path: Path) -> None:
+    """A fleet file pointing one endpoint at a served sandbox and one at a real server would mix
+    play answers with real ones in one output, the sandbox's counted as spend: refused before
+    anything is sent. All of it the sandbox's: play money, as one endpoint's is."""
+    play, other, real = sandbox_factory(marked=True), sandbox_factory(marked=True), sandbox_factory()
+    src, env = (
+        prompts_csv(tmp_path / "a.csv", 20),
+        {"PLAY_KEY": play.key, "REAL_KEY": real.key, "OTHER_KEY": other.key},
+    )
+    mixed = _live_fleet(
+        tmp_path / "mixed.toml", ("play", play, 600, "0.1", "openai"), ("real", real, 600, "0.2", "openai")
+    )
+    args = ["run", str(src), "-o", str(tmp_path / "o.parquet"), "--max-tokens", "16", "--fleet"]
+    refused = run_cli([*args, str(mixed)], env=env)
+    assert refused.exit_code == 2, refused.output
+    assert (
+        f"the fleet mixes batchllm's sandbox ({play.base.removeprefix('http://')}) with real servers"
+        in refused.stderr
+    )
+    assert play.count() == real.count() == 0
+    both = _live_fleet(
+        tmp_path / "play.toml", ("play", play, 600, "0.1", "openai"), ("other", other, 600, "0.2", "openai")
+    )
+    result = run_cli([*args, str(both)], env=env)
+    assert result.exit_code == 0 and PLAY in result.output, result.output

@@ -6,6 +6,7 @@ are priced now; what ``--restart`` discards), and this run's start recorded as `
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -140,32 +141,44 @@ def answers_mark(journal: Journal, mark: Callable[[bool], None], declared: bool)
     return both
 
 
-async def refuse_mixed_answers(journal: Journal, client: Client, output: Path, declared: bool) -> None:
-    """Refuse a run whose server is batchllm's sandbox when the journal holds a real server's
-    answers, or the other way round: an output's answers are all play money or all real. A
-    served sandbox (``batchllm sandbox``) is found by asking it (``identify``) before anything is
-    sent; a public host is never the sandbox. A journal written before the mark is not checked."""
+async def refuse_mixed_answers(journal: Journal, clients: list[Client], output: Path, declared: bool) -> None:
+    """Refuse a run whose servers are batchllm's sandbox when the journal holds a real server's
+    answers, or the other way round, or a fleet of both: an output's answers are all play money or
+    all real. A served sandbox (``batchllm sandbox``) is found by asking it (``identify``) before
+    anything is sent; a public host is never the sandbox; ``declared``: ``--sandbox``. A journal
+    written before the mark is not checked."""
+    await asyncio.gather(*(c.identify() for c in clients))
+    kinds = [
+        (c, True if declared else c.played if c.played is not None or c.local else False) for c in clients
+    ]
+    play, real = [c for c, k in kinds if k is True], [c for c, k in kinds if k is False]
+    if play and real:
+        raise JobError(
+            f"the fleet mixes batchllm's sandbox ({_hosts(play)}) with real servers ({_hosts(real)}): "
+            f"play answers would mix with real ones in {output}; run them as two fleets"
+        )
     before = journal.get_meta(SANDBOX_ANSWERS)
     answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
-    if before is None or not answered:
+    now = bool(play) if play or real else None  # None: servers here that did not say what they are
+    if before is None or not answered or now is None or now == before:
         return
-    await client.identify()
-    now = True if declared else client.played if client.played is not None or client.local else False
-    if now is None or now == before:  # a server here that did not say what it is: not known
-        return
-    parts = urlsplit(client.url)  # the host and port alone: a URL may carry a user and password
-    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
     rows = plural(answered, "answered row")
     if before:
         raise JobError(
             f"{output} holds {rows} from batchllm's sandbox (play money, not the model's answers); "
-            f"the server at {host} is not the sandbox, and its answers would mix with them. Give "
+            f"the server at {_hosts(real)} is not the sandbox, and its answers would mix with them. Give "
             "another -o, or --restart to send every row to it"
         )
     raise JobError(
-        f"{output} holds {rows} from a real server, and the server at {host} is batchllm's sandbox: "
-        "its play answers would mix with them. Give another -o for the sandbox's answers"
+        f"{output} holds {rows} from a real server, and the server at {_hosts(play)} is batchllm's "
+        "sandbox: its play answers would mix with them. Give another -o for the sandbox's answers"
     )
+
+
+def _hosts(clients: list[Client]) -> str:
+    """The servers' hosts and ports (a URL may carry a user and password: never said)."""
+    parts = [urlsplit(c.url) for c in clients]
+    return ", ".join(dict.fromkeys(f"{u.hostname}:{u.port}" if u.port else str(u.hostname) for u in parts))
 
 
 def refuse_orphaned_output(job: Job) -> None:

@@ -214,8 +214,9 @@ class Run:
             limiter = RateLimiter(None)
         async with client, router or contextlib.nullcontext():
             window = None
+            clients = [m.client for m in router.members] if router else [client]
+            await refuse_mixed_answers(journal, clients, job.output, job.sandbox)  # all play, or all real
             if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
-                await refuse_mixed_answers(journal, client, job.output, job.sandbox)
                 probe = p.provider.slots_url(endpoint.url)
                 if (hint := await client.server_slots(probe) if probe else None) is not None:
                     limiter.self_hosted()  # its slots, not a rate, set the pace
@@ -241,7 +242,6 @@ class Run:
                 warn=self.warn,
             )
             dispatcher.router = router
-            clients = [m.client for m in router.members] if router else [client]
             asking = watch_played(clients, answers_mark(journal, record.mark_sandbox, job.sandbox))
             if router is None:  # a fleet's endpoints each give up their own (member.py)
                 insist = insisted_fields(job.structured, job.logprobs_insisted)
