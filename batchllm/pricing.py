@@ -122,30 +122,39 @@ def cached_saving(prices: Prices | None, cached_tokens: int) -> int:
     return 0 if prices is None else cached_tokens * (prices.input_pico - prices.cached_input_pico)
 
 
-def parse_price(raw: object, where: str) -> Decimal:
+def _price(raw: object) -> Decimal:
+    """``raw`` as a price, or ``ValueError`` saying what is wrong with it (the words after it)."""
     try:
         value = Decimal(str(raw).strip().lstrip("$"))
     except InvalidOperation:
-        raise JobError(f"{where}: price {raw!r} is not a number") from None
+        raise ValueError("is not a number") from None
     try:  # a huge one (1e400) has no remainder Decimal can compute: refused as any bad price
         whole = value.is_finite() and value >= 0 and (value * _PICO_PER_TOKEN_PER_USD_PER_MILLION) % 1 == 0
     except InvalidOperation:
         whole = False
     if not whole or value > 10**9:  # $1,000,000,000 per million tokens: no model costs more
-        raise JobError(
-            f"{where}: price {raw!r} must be from 0 to 1,000,000,000 (USD per million tokens) with at most 6 decimal places"
+        raise ValueError(
+            "must be from 0 to 1,000,000,000 (USD per million tokens) with at most 6 decimal places"
         )
     return value
 
 
+def parse_price(raw: object, where: str) -> Decimal:
+    try:
+        return _price(raw)
+    except ValueError as exc:
+        raise JobError(f"{where}: price {raw!r} {exc}") from None
+
+
 def price_value(raw: Any) -> Decimal:
-    """A job's or a fleet endpoint's ``input_price``/``output_price`` (``ValueError`` if bad)."""
+    """A job's or a fleet endpoint's ``input_price``/``output_price`` (``ValueError`` if bad; the
+    key names it, so the message starts at the value)."""
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ValueError("must be a price in USD per million tokens, such as 0.31")
     try:
-        return parse_price(raw, "price")
-    except JobError as exc:
-        raise ValueError(str(exc).removeprefix("price: price ")) from None  # the key names it
+        return _price(raw)
+    except ValueError as exc:
+        raise ValueError(f"{raw!r} {exc}") from None
 
 
 def load_models(provider: str | None = None, path: Path | None = None) -> dict[str, Model]:

@@ -56,6 +56,7 @@ class Client:
         # Did the server answer as batchllm's sandbox does (records.SANDBOX_HEADER)? Read from
         # the first answer only: None until then; ``on_played`` is told then (``watch_played``).
         self.played: bool | None = None
+        self._asked = False  # identify: the server was asked already
         self.on_played: Callable[[], None] | None = None
 
     async def __aenter__(self) -> Client:
@@ -153,8 +154,9 @@ class Client:
         is never asked: a paid API is not the sandbox."""
         assert self._session is not None, "use `async with Client(...)`"
         parts = urlsplit(self.url)
-        if self.played is not None or not self.local:
+        if self.played is not None or self._asked or not self.local:
             return
+        self._asked = True  # once: a server that does not answer is not asked again (is_sandbox)
         try:
             root = f"{parts.scheme}://{parts.netloc}/"
             async with self._session.head(root, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:

@@ -33,11 +33,11 @@ def open_journal(
     """The run's journal, open, and the requests an earlier run left in flight and their worst
     case (inflight.py). ``kind``: a run, a pilot (``status`` says how its rest is sent)..."""
     job = p.job
-    if discarded := restart_notice(job):
+    before = _totals(job) if job.restart else None  # what --restart discards, read once
+    if discarded := restart_notice(job, before):
         warn(discarded)
     if not job.restart and not (job.journal_dir / DB_NAME).is_file():
         refuse_orphaned_output(job)
-    before = _totals(job) if job.restart else None
     journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart, relabel=job.reparse)
     if before is not None:  # the ledger's killed runs of it are measured against it (take_discarded)
         journal.set_meta(DISCARDED, before)
@@ -236,10 +236,11 @@ def _totals(job: Job) -> dict[str, int] | None:
         journal.conn.close()
 
 
-def restart_notice(job: Job) -> str | None:
+def restart_notice(job: Job, totals: dict[str, int] | None = None) -> str | None:
     """What ``--restart`` is about to discard, when the journal holds answered rows: they were
-    paid for, and ``--max-cost`` (which counts the whole output's cost) counts from $0 again."""
-    if not job.restart or (t := _totals(job)) is None:
+    paid for, and ``--max-cost`` (which counts the whole output's cost) counts from $0 again.
+    ``totals``: the journal's, read already (else read here)."""
+    if not job.restart or (t := totals or _totals(job)) is None:
         return None
     answered, paid = t["ok"] + t["invalid"], t["input_cost_pico"] + t["output_cost_pico"]
     if not answered:
