@@ -597,7 +597,7 @@ def studio_round_trip(rows: int) -> dict:
     """`review export --to` and `review import --from` of `rows` tasks through a real Label
     Studio on loopback (tests/studio.py): seconds each; skipped where it cannot be installed."""
     sys.path.insert(0, str(ROOT))
-    from tests.studio import NotAvailable, running_studio
+    from tests.studio import DidNotStart, NotAvailable, running_studio
 
     box = Sandbox("--no-keep-log")
     out = WORK / f"studio-{rows}.parquet"
@@ -626,6 +626,8 @@ def studio_round_trip(rows: int) -> dict:
                 timings[f"{name}_s"] = round(time.monotonic() - started, 1)
     except NotAvailable as exc:
         return {"skipped": str(exc)}
+    except DidNotStart as exc:
+        return {"failed": str(exc)}
     return {"tasks": rows, **timings, "export_tasks_per_s": round(rows / timings["export_s"])}
 
 
