@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from click.testing import Result
+
 from .conftest import ROOT, prompts_csv, run_cli, summary_of
 from .test_fleet import _live_fleet
+from .test_openai_batch import BATCH_PRICES, JOB, LIVE_PRICES, answer_batch
 
 PRICES = ["--provider", "openai", "--input-price", "0.31", "--output-price", "0.34", "--rpm", "0"]
 PLAY = "play money: batchllm's sandbox answered"
@@ -162,3 +165,34 @@ def test_a_fleet_of_the_sandbox_and_a_real_server_is_refused(sandbox_factory, tm
     )
     result = run_cli([*args, str(both)], env=env)
     assert result.exit_code == 0 and PLAY in result.output, result.output
+
+
+def test_a_batchs_real_answers_never_mix_with_the_sandboxs(sandbox_factory, tmp_path: Path) -> None:
+    """import-batch results are a real server's: a served sandbox may not answer the rest of
+    that output, and they may not be imported into an output the sandbox answered."""
+    sandbox, real = sandbox_factory(marked=True), sandbox_factory()
+    requests, results, errors = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "err.jsonl"
+    assert run_cli(["export-batch", *JOB, "-o", str(requests)]).exit_code == 0
+    answer_batch(real, requests, results, errors, missing=frozenset({3, 7}))
+
+    def live(out: Path, box) -> Result:
+        return run_cli(["run", *JOB, "-o", str(out), "--rpm", "0", *LIVE_PRICES], env=box.openai_env())
+
+    out = tmp_path / "imported.parquet"
+    imported = run_cli(["import-batch", str(results), str(errors), *JOB, "-o", str(out), *BATCH_PRICES])
+    assert imported.exit_code == 0, imported.output
+    sent = sandbox.count()
+    refused = live(out, sandbox)
+    assert refused.exit_code == 2, refused.output
+    assert "imported.parquet holds 198 answered rows from a real server" in refused.stderr
+    assert sandbox.count() == sent  # nothing sent
+    assert PLAY not in run_cli(["status", str(out)]).output
+    rest = live(out, real)  # the real server answers the two left
+    assert rest.exit_code == 0 and "2 to send (198 already done)" in rest.output, rest.output
+
+    play_out = tmp_path / "play.parquet"
+    assert live(play_out, sandbox).exit_code == 0
+    into_play = run_cli(["import-batch", str(results), str(errors), *JOB, "-o", str(play_out), *BATCH_PRICES])
+    assert into_play.exit_code == 2, into_play.output
+    assert "play.parquet holds 200 answered rows from batchllm's sandbox" in into_play.stderr
+    assert "Traceback" not in into_play.output

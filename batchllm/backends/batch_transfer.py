@@ -30,7 +30,7 @@ from ..engine.dispatch import Stats
 from ..engine.journal import Journal
 from ..engine.lock import RunLock
 from ..engine.output import Totals, write_output
-from ..engine.reopen import restart_notice
+from ..engine.reopen import imported_answers_are_real, restart_notice
 from ..engine.spend import CARRY_ATTEMPTS
 from ..engine.summary import build_summary
 from ..errors import APIError, ExitCode, JobError
@@ -120,6 +120,7 @@ def import_batch(
         if discarded := restart_notice(job):
             warn(discarded)
         journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+        imported_answers_are_real(journal, job.output, sum(e.status != "error" for e in entries.values()))
         start = Snapshot.of(journal.totals())
         # The ledger names who answered: the fleet endpoint the file went to, else the job's.
         answered = (via.provider, via.endpoint, via.model.name) if via else (provider.name, "", p.model.name)

@@ -175,6 +175,22 @@ async def refuse_mixed_answers(journal: Journal, clients: list[Client], output: 
     )
 
 
+def imported_answers_are_real(journal: Journal, output: Path, answers: int) -> None:
+    """A batch API's results are a real server's answers: refuse to put them beside the
+    sandbox's, and mark the journal as holding real ones, so a served sandbox run on the same
+    output after the import is refused as it is after a real run (``refuse_mixed_answers``).
+    Refused, the journal is closed: the import stops before anything of it is read."""
+    answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+    if journal.get_meta(SANDBOX_ANSWERS) and answered:
+        journal.close()
+        raise JobError(
+            f"{output} holds {plural(answered, 'answered row')} from batchllm's sandbox (play money, not the "
+            "model's answers): the batch's real answers would mix with them. Give another -o"
+        )
+    if answers and journal.get_meta(SANDBOX_ANSWERS) is not False:
+        journal.set_meta(SANDBOX_ANSWERS, False)
+
+
 def _hosts(clients: list[Client]) -> str:
     """The servers' hosts and ports (a URL may carry a user and password: never said)."""
     parts = [urlsplit(c.url) for c in clients]
