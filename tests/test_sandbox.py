@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +14,7 @@ import pytest
 from batchllm.sandbox import WORDS as _WORDS
 from batchllm.tokens import get_counter
 
-from .conftest import PAGE_EXAMPLE
+from .conftest import BIN, PAGE_EXAMPLE
 
 MODEL = "meta/llama-3.1-70b-instruct"
 
@@ -201,3 +202,25 @@ def test_slots_without_props_and_a_client_that_gives_up(sandbox_factory) -> None
     while box.sandbox.stats["given_up"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert box.sandbox.stats["given_up"] == 1  # computed after its client left: wasted
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--port", "99999"], "'--port': 99999"),
+        (["--port", "-5"], "'--port': -5"),
+        (["--latency", "-1"], "'--latency'"),
+        (["--slot-seconds", "-1"], "'--slot-seconds'"),
+        (["--slots", "-1"], "'--slots'"),
+        (["--rate-limit", "-1"], "'--rate-limit'"),
+        (["--quota", "-1"], "'--quota'"),
+        (["--jitter", "5"], "'--jitter'"),
+        (["--reply-tokens", "50-10"], "--reply-tokens '50-10'"),
+        (["--fail-5xx", "2"], "--fail-5xx must be a share"),
+    ],
+)
+def test_bad_sandbox_flags_are_one_line_before_it_listens(args: list[str], named: str) -> None:
+    done = subprocess.run([str(BIN), "sandbox", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "listening" not in done.stderr

@@ -24,31 +24,45 @@ from . import CONTEXT, cli, fail, run_async
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only is wise)."
 )
-@click.option("--port", default=8787, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option(
+    "--port", default=8787, show_default=True, type=click.IntRange(0, 65535), help="Port; 0 picks a free one."
+)
 @click.option(
     "--api-key",
     envvar="BATCHLLM_SANDBOX_KEY",
     help="Key clients must send.  [env: BATCHLLM_SANDBOX_KEY; default: random, printed]",
 )
 @click.option("--no-auth", "no_auth", is_flag=True, help="Accept any key or none, like a local server.")
-@click.option("--latency", default=0.0, type=float, show_default=True, help="Seconds before each reply.")
+@click.option(
+    "--latency", default=0.0, type=click.FloatRange(0), show_default=True, help="Seconds before each reply."
+)
 @click.option(
     "--latency-per-token",
     default=0.0,
-    type=float,
+    type=click.FloatRange(0),
     show_default=True,
     help="Extra seconds per completion token.",
 )
-@click.option("--jitter", default=0.0, type=float, show_default=True, help="+/- fraction of the latency.")
+@click.option(
+    "--jitter",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    show_default=True,
+    help="+/- fraction of the latency.",
+)
 @click.option(
     "--slots",
     default=0,
-    type=int,
+    type=click.IntRange(0),
     show_default=True,
     help="Requests computed at once, the rest queued in order, as a self-hosted server; 0 = no limit.",
 )
 @click.option(
-    "--slot-seconds", default=0.0, type=float, show_default=True, help="Seconds each request holds its slot."
+    "--slot-seconds",
+    default=0.0,
+    type=click.FloatRange(0),
+    show_default=True,
+    help="Seconds each request holds its slot.",
 )
 @click.option(
     "--no-props",
@@ -65,25 +79,37 @@ from . import CONTEXT, cli, fail, run_async
     help="Natural reply length range in tokens (cut at max_tokens).",
 )
 @click.option(
-    "--rate-limit", default=0.0, type=float, show_default=True, help="Requests/second before 429s; 0 = none."
+    "--rate-limit",
+    default=0.0,
+    type=click.FloatRange(0),
+    show_default=True,
+    help="Requests/second before 429s; 0 = none.",
 )
 @click.option(
     "--rate-burst",
     default=2,
-    type=int,
+    type=click.IntRange(1),
     show_default=True,
     help="Requests allowed back to back under --rate-limit.",
 )
 @click.option(
-    "--throttle-first", default=0, type=int, show_default=True, help="Answer the first N requests 429."
+    "--throttle-first",
+    default=0,
+    type=click.IntRange(0),
+    show_default=True,
+    help="Answer the first N requests 429.",
 )
 @click.option(
-    "--throttle-ms", default=1000, type=int, show_default=True, help="The wait those 429s ask for, in ms."
+    "--throttle-ms",
+    default=1000,
+    type=click.IntRange(0),
+    show_default=True,
+    help="The wait those 429s ask for, in ms.",
 )
 @click.option(
     "--quota",
     default=0,
-    type=int,
+    type=click.IntRange(0),
     show_default=True,
     help="Successful requests before 429 quota used up; 0 = none.",
 )
@@ -152,7 +178,7 @@ from . import CONTEXT, cli, fail, run_async
 @click.option(
     "--pack-decay",
     default=0.004,
-    type=float,
+    type=click.FloatRange(0),
     show_default=True,
     help="Packs: wrong answers added per other row in the pack (and half per position).",
 )
@@ -218,14 +244,17 @@ def sandbox_cmd(
     **options: Any,
 ) -> int:
     """Serve a local emulator of the Dataoorts API (/api/v1) and of OpenAI's (/v1) until interrupted."""
+    from ..access import is_loopback
     from ..sandbox import SandboxConfig, serve
     from ..tokens import get_counter
 
     try:
         low, _, high = reply_tokens.partition("-")
         tokens = (int(low), int(high or low))
+        if not 1 <= tokens[0] <= tokens[1]:
+            raise ValueError
     except ValueError:
-        return fail(f"--reply-tokens {reply_tokens!r} must be N or MIN-MAX")
+        return fail(f"--reply-tokens {reply_tokens!r} must be N or MIN-MAX, from 1 up")
     rates = [
         k
         for k in options
@@ -246,6 +275,8 @@ def sandbox_cmd(
             f"batchllm sandbox listening on {base} (dataoorts: {base}/api/v1, openai: {base}/v1; key: {key})",
             err=True,
         )
+        if not is_loopback(host):  # the key is printed above: whoever reaches the port can use it
+            click.echo(f"batchllm sandbox: {host} is not loopback: other machines can reach it", err=True)
         counter = get_counter()
         if not counter.exact:
             click.echo(f"batchllm sandbox: usage token counts are {counter.label}", err=True)
