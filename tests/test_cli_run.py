@@ -69,7 +69,7 @@ def test_sample_run_costs_and_totals(sandbox, tmp_path: Path) -> None:
         "output_usd_per_million_tokens": "0.34",
     }
     assert sandbox.key not in json.dumps(summary)
-    assert "done (complete): 199 ok, 1 failed (1 without a prompt, not sent)" in result.stderr
+    assert "done (complete): 199 ok, 0 failed, 1 without a prompt (not sent)" in result.stderr
 
 
 def test_request_body_has_the_page_shape(sandbox_factory, tmp_path: Path) -> None:
@@ -472,7 +472,7 @@ def test_rows_without_a_prompt_are_never_sent_and_estimate_counts_them(
     summary = summary_of(out)
     assert summary["rows"]["error"] == summary["rows"]["no_prompt"] == blank
     assert summary["rows"]["failed"] == 0  # what a cron job alerts on: nothing a rerun may mend
-    assert f"2 ok, {blank} failed ({blank} without a prompt, not sent)" in result.stderr
+    assert f"2 ok, 0 failed, {blank} without a prompt (not sent)" in result.stderr
 
 
 def test_a_template_row_is_empty_when_every_column_it_names_is(sandbox_factory, tmp_path: Path) -> None:

@@ -83,15 +83,24 @@ def test_rejected_rows_are_recorded_and_the_run_completes(sandbox_factory, tmp_p
     box = sandbox_factory()
     rows = [{"prompt": f"fine {i}"} for i in range(20)]
     rows[5]["prompt"] = "y" * 140_000  # over the API's 131,072 characters: refused before sending
-    rows[9]["prompt"] = "word " * 26_000  # over the 25,000-token window: refused before sending
+    rows[9]["prompt"] = "word " * 26_000  # over the 25,000-token window alone: refused before sending
+    rows[12]["prompt"] = "word " * 24_950  # over it with max_tokens 256, under it alone
     src = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.parquet"
     result = run_cli(["run", str(src), "-o", str(out), "--rpm", "0"], env=box.env())
     assert result.exit_code == 1
     table = pq.read_table(out).to_pylist()
-    assert [r["status"] for r in table].count("ok") == 18
+    assert [r["status"] for r in table].count("ok") == 17
     assert "PromptTooLong" in table[5]["error"]
-    assert "ContextWindowExceeded" in table[9]["error"] and "25,000" in table[9]["error"]
+    assert "ContextWindowExceeded" in table[9]["error"] and "25,000 alone: no max_tokens makes room" in table[9]["error"]
+    assert "+ max_tokens 256 = " in table[12]["error"]
+    assert "2 rows over the context window with max_tokens 256" in result.output
+    assert "a lower --max-tokens sends those whose prompt alone fits" in result.output
+    assert box.count() == 17
+    # The row that fits alone is sent at a lower --max-tokens; the one over the window alone never.
+    again = run_cli(["run", str(src), "-o", str(out), "--rpm", "0", "--max-tokens", "8"], env=box.env())
+    table = pq.read_table(out).to_pylist()
+    assert table[12]["status"] == "ok" and table[9]["status"] == "error", again.output
     assert box.count() == 18
 
 

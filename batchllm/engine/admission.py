@@ -130,6 +130,12 @@ class Admission:
                 f"the prompt has {len(user):,} characters, over the API's {self.max_chars:,} (not sent)",
             )
         max_tokens = max_tokens or self.max_tokens
+        if self.window is not None and prompt_tokens >= self.window:
+            return Rejection(
+                "ContextWindowExceeded",
+                f"{prompt_tokens:,} prompt tokens are over {self.model_name}'s context window of "
+                f"{self.window:,} alone: no max_tokens makes room (not sent; shorten the prompt)",
+            )
         if self.window is not None and prompt_tokens + max_tokens > self.window:
             return Rejection(
                 "ContextWindowExceeded",

@@ -59,7 +59,8 @@ def build_summary(
                     "sent: a higher --pack-tokens with --retry-errors, or a lower --max-tokens, sends them"
                     if job.labeling is not None and job.labeling.pack > 1 and job.labeling.pack_tokens
                     else f"; {plural(totals.over_window, 'row')} over the context window with max_tokens "
-                    f"{job.max_tokens:,}, not sent: a lower --max-tokens sends them"
+                    f"{job.max_tokens:,}, not sent: a lower --max-tokens sends those whose prompt alone fits "
+                    "(the error column says which)"
                 )
                 if totals.over_window
                 else ""
@@ -289,8 +290,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if rows:
         state = "complete" if summary["complete"] else "INCOMPLETE"
         lines.append(
-            f"done ({state}): {rows['ok']:,} ok, {rows['error']:,} failed"
-            + (f" ({rows['no_prompt']:,} without a prompt, not sent)" if rows.get("no_prompt") else "")
+            f"done ({state}): {rows['ok']:,} ok, {rows['error'] - rows.get('no_prompt', 0):,} failed"
+            + (f", {rows['no_prompt']:,} without a prompt (not sent)" if rows.get("no_prompt") else "")
             + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
             + f" of {plural(rows['total'], 'row')}"
