@@ -48,11 +48,13 @@ demo: install
 # tests wait on rate limits, sockets and subprocesses, so a third worker uses the time the other
 # two wait (9 min 47 s on two cores, against 14 min with two workers).
 # Label Studio (tests/test_studio.py) and llama.cpp with a small model (tests/test_llamacpp.py)
-# are installed first, alone, each into a venv of its own (once).
+# are installed first, alone, each into a venv of its own (once). Files are handed out slowest
+# first (tests/conftest.py SLOW_FIRST; --no-loadscope-reorder keeps that order), so no worker is
+# left alone at the end with one long file.
 test: install
 	$(BIN)/python tests/studio.py
 	$(BIN)/python tests/llamacpp.py
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: install
 	$(BIN)/ruff check .
