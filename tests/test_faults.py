@@ -92,7 +92,10 @@ def test_rejected_rows_are_recorded_and_the_run_completes(sandbox_factory, tmp_p
     table = pq.read_table(out).to_pylist()
     assert [r["status"] for r in table].count("ok") == 17
     assert "PromptTooLong" in table[5]["error"]
-    assert "ContextWindowExceeded" in table[9]["error"] and "25,000 alone: no max_tokens makes room" in table[9]["error"]
+    assert (
+        "ContextWindowExceeded" in table[9]["error"]
+        and "25,000 alone: no max_tokens makes room" in table[9]["error"]
+    )
     assert "+ max_tokens 256 = " in table[12]["error"]
     assert "2 rows over the context window with max_tokens 256" in result.output
     assert "a lower --max-tokens sends those whose prompt alone fits" in result.output

@@ -408,3 +408,30 @@ def test_rows_re_asked_on_a_later_run_keep_their_earlier_cached_tokens(
     assert sum(r["cached_tokens"] for r in table) == stats["cached_tokens"] > 0
     assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
     assert summary_of(out)["tokens"]["cached"] == stats["cached_tokens"]
+
+
+def test_a_pilot_scales_guessed_prompt_tokens_by_what_the_server_counted(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """gpt-4o-mini's tokens are guessed (about 4 bytes a token), and a long shared instruction
+    makes the guess wrong by the same share on every row. A pilot's rows carry the server's own
+    count: the expected cost scales by it, within 5% of the bill (at the guess it was over 10%
+    off, with an interval of zero width), and the text says so."""
+    box = sandbox_factory(latency=0.02, prices=BILL)
+    args = job_args(tmp_path, 300, "pilot.parquet", "--concurrency", "16", "--labels", "positive,negative")
+    estimate = ["estimate", *args[1:], "--pilot", "40"]
+    said = run_cli([*estimate, "--format", "json"], env=box.openai_env())
+    assert said.exit_code == 0, said.output
+    e = orjson.loads(said.stdout)
+    assert e["prompt_scale"]["rows"] == 40 and abs(e["prompt_scale"]["ratio"] - 1) > 0.1, e["prompt_scale"]
+    assert (
+        "prompt tokens as the server counted 40 sent rows" in run_cli(estimate, env=box.openai_env()).output
+    )
+    ran = run_cli(args, env=box.openai_env())
+    assert ran.exit_code == 0, ran.output
+    paid = pico(summary_of(tmp_path / "pilot.parquet")["cost_usd"]["total"])
+    assert paid == box.sandbox.stats["billed_pico"]
+    expected = pico(e["cost_usd"]["expected"])
+    assert abs(expected - paid) / paid < 0.05, (e["cost_usd"], paid)
+    guessed = pico(e["cost_usd"]["prompt"])  # the prompts at the guess alone
+    assert abs(guessed - paid) / paid > 0.1, (e["cost_usd"], paid)

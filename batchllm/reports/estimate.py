@@ -37,6 +37,7 @@ from ..prompts import PromptBatch
 from ..records import Message
 from ..tokens import TokenCounter, counter_for
 from .pack_estimate import packed_figures
+from .prompt_scale import pilot_pairs, prompt_scale
 
 MAX_LISTED = 20
 PER_MESSAGE = 4  # a chat turn's header and end tokens (Llama 3 template, tokens.py)
@@ -94,6 +95,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     # its bytes, as run reserves it (Admission.prompt_bound); "expected" keeps the guess.
     bounds = None if admission.counter.exact else np.zeros(p.rows, dtype=np.int32)
     over: list[str] = []
+    pairs: list[tuple[int, int]] = []
     over_count = empty = too_long = done = paid_done = 0
     position = 0
     journal = done_journal(job)  # rows a run of the output would not send again
@@ -102,9 +104,10 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         pb = p.builder.build(batch, position)
         own: list[int | None] = [None] * batch.num_rows
         skip = done_rows(journal, pb, job, p.builder.ids_embed_hash) if journal is not None else set()
+        entries: dict[str, Any] = {}
         if skip and journal is not None:  # what these rows paid: the output may hold others too
-            entries = journal.fetch([pb.row_ids[i] for i in skip]).values()
-            paid_done += sum((e.input_cost_pico or 0) + (e.output_cost_pico or 0) for e in entries)
+            entries = journal.fetch([pb.row_ids[i] for i in skip])
+            paid_done += sum((e.input_cost_pico or 0) + (e.output_cost_pico or 0) for e in entries.values())
         if pb.requests is not None:  # a request file: whole requests, counted as sent
             n = [admission.counter.count_messages(r.messages) for r in pb.requests]
             own = [r.max_tokens or job.max_tokens for r in pb.requests]
@@ -116,6 +119,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             n = admission.count(
                 [u if c and u is not None else "" for u, c in zip(pb.users, countable, strict=True)]
             )
+        if entries and bounds is not None:  # a guess: what the server counted for the rows sent
+            pairs += pilot_pairs(entries, {pb.row_ids[i]: n[i] for i in skip})
         for i, user in enumerate(pb.users):
             if i in skip:  # done already: in the whole batch's figures, apart in the rest's
                 done += 1
@@ -258,23 +263,29 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         # exact prompt cost for each of them; no more than the worst case allows.
         # At the cache's projected price when the server caches the shared prefix (each re-ask
         # and sample repeats it too), and spread as much as the rows' requests were.
+        # A guessed count is scaled by what the server counted for the rows it answered.
         asked = np.asarray(observed.requests or [1.0], dtype=np.float64)
         mean_requests = min(float(asked.mean()), per_row)
         result["requests"]["expected_per_row"] = round(mean_requests, 3)
-        first_cost = with_cache if with_cache is not None else prompt_cost
+        scale = prompt_scale(pairs) if packed is None else None
+        ratio, ratio_sd = (scale.ratio, scale.sd) if scale is not None else (1.0, 0.0)
+        if scale is not None:
+            result["prompt_scale"] = scale.as_dict()
+        first_cost = (with_cache if with_cache is not None else prompt_cost) * ratio
         spread = float(asked.std(ddof=1)) if asked.size > 1 else 0.0
+        row_sd = math.hypot(spread, ratio_sd / ratio * max(mean_requests, 1.0)) if ratio else spread
         result["cost_usd"].update(
             _expected(
                 np.asarray(observed.completions, dtype=np.float64),
                 rows_sent,
-                (round(first_cost * max(mean_requests, 1.0)), round(first_cost * spread / max(rows_sent, 1))),
+                (round(first_cost * max(mean_requests, 1.0)), round(first_cost * row_sd / max(rows_sent, 1))),
                 model.prices.output_pico,
                 mt * per_row if replies is None else replies.astype(np.int64) * per_row,
             )
         )
         first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens
         result["tokens_expected"] = {
-            "prompt": round(first_prompt * max(mean_requests, 1.0)),
+            "prompt": round(first_prompt * ratio * max(mean_requests, 1.0)),
             "completion": result["cost_usd"].pop("expected_completion_tokens"),
         }
         sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
@@ -397,10 +408,11 @@ def _expected(
     low, high = math.floor(max(0.0, total - half)), math.ceil(min(ceiling, total + half))
     # The same interval for the prompt's part, when rows took more requests than others.
     spread = round(1.96 * prompt_sd * (math.sqrt(rows) + rows / math.sqrt(observed.size)))
+    micro = 10**6  # an estimate is said to the millionth of a dollar: low down, high up
     return {
-        "expected": usd_text(prompt_cost + round(total) * out_pico),
-        "expected_low": usd_text(max(0, prompt_cost - spread) + low * out_pico),
-        "expected_high": usd_text(prompt_cost + spread + high * out_pico),
+        "expected": usd_text(round((prompt_cost + round(total) * out_pico) / micro) * micro),
+        "expected_low": usd_text((max(0, prompt_cost - spread) + low * out_pico) // micro * micro),
+        "expected_high": usd_text(-(-(prompt_cost + spread + high * out_pico) // micro) * micro),
         "observed_rows": int(observed.size),
         "observed_mean_completion_tokens": round(mean, 1),
         "expected_completion_tokens": round(total),

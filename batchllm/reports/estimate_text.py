@@ -85,6 +85,14 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
                 f"${money['expected']} (95%: ${money['expected_low']} to ${money['expected_high']})",
             )
         )
+    if scale := e.get("prompt_scale"):
+        rows.append(
+            (
+                f"prompt tokens as the server counted {scale['rows']:,} sent rows",
+                f"{scale['ratio']:.3f} x the approximate count (row to row +-{scale['sd']:.3f}): "
+                "expected uses it",
+            )
+        )
     req = e.get("requests") or {}
     if req.get("per_row_worst_case", 1) > 1:
         rows.append(

@@ -1,0 +1,49 @@
+"""What a pilot's server said of the prompts, where batchllm could only guess their tokens.
+
+Without the model's tokenizer (``tokens.py``: about 4 bytes a token) an estimate's prompt tokens
+are a guess, and a long shared system prompt makes the guess wrong by the same share on every
+row, so its "expected" missed by 20% with an interval of zero width. The rows a pilot sent carry
+the server's own count (``usage.prompt_tokens``): the ratio of that count to the guess, row by
+row, scales the guess for the rows not sent, and its spread widens the interval. Only rows
+answered in one request, by the server (not the cache, not an identical row), are compared: a
+re-ask's prompt holds more than the row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+
+class PromptScale(NamedTuple):
+    ratio: float  # the server's prompt tokens over batchllm's guess, over the rows compared
+    sd: float  # of the rows' own ratios
+    rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ratio": round(self.ratio, 4), "sd": round(self.sd, 4), "rows": self.rows}
+
+
+def pilot_pairs(entries: Mapping[str, Any], guesses: Mapping[str, int]) -> list[tuple[int, int]]:
+    """(guessed, billed) prompt tokens of the rows a server answered in one request."""
+    return [
+        (guesses[row_id], int(e.prompt_tokens))
+        for row_id, e in entries.items()
+        if e.status in ("ok", "invalid")
+        and e.attempts == 1
+        and e.prompt_tokens
+        and e.answered_by is None
+        and not e.cached
+        and guesses.get(row_id, 0) > 0
+    ]
+
+
+def prompt_scale(pairs: list[tuple[int, int]]) -> PromptScale | None:
+    if not pairs:
+        return None
+    ratio = sum(b for _, b in pairs) / sum(g for g, _ in pairs)
+    own = [b / g for g, b in pairs]
+    mean = sum(own) / len(own)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in own) / (len(own) - 1)) if len(own) > 1 else 0.0
+    return PromptScale(ratio, sd, len(pairs))
