@@ -628,3 +628,18 @@ def test_a_pilots_usage_error_is_found_before_it_pays(sandbox, tmp_path: Path) -
     )
     assert result.exit_code == 2 and "--gold goes with --pilot and --labels" in result.stderr
     assert sandbox.count() == 0 and not out.with_name(out.name + ".batchllm").exists()
+
+
+def test_an_estimate_without_limits_uses_the_models_listed_ones_as_compare_does(tmp_path: Path) -> None:
+    """gpt-4o-mini is listed at 500 requests and 200,000 tokens a minute: the estimate's time is
+    at those, the same as --compare's line for the job's own model (it said 300/min and 4 min
+    against --compare's 15.7)."""
+    src = prompts_csv(tmp_path / "in.csv", 3000)
+    args = ["estimate", str(src), "--provider", "openai", "--model", "gpt-4o-mini", "--format", "json"]
+    alone = json.loads(run_cli(args).output)["time"]
+    assert (alone["rpm"], alone["tpm"]) == (500, 200_000), alone
+    listed = json.loads(run_cli([*args, "--compare"]).output)
+    own = next(x for x in listed["models"] if x["model"] == "gpt-4o-mini" and x["provider"] == "openai")
+    assert own["minutes_worst_case"] == alone["minutes"] >= 3000 / 500, (own, alone)
+    given = json.loads(run_cli([*args, "--rpm", "60"]).output)["time"]
+    assert given["rpm"] == 60 and given["minutes"] >= 50

@@ -195,11 +195,13 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
                 model.prices, _worst_prompt(rest, int(left.sum()), labeling, growth), out_left
             )
             worst_left = (in_left or 0) + (out_cost_left or 0)
-    # --rpm 0 sets no request rate: the server's pace decides, and that is not known beforehand.
-    rpm = int(p.provider.documented_rpm) if job.rpm is None else job.rpm
+    # Unset, the model's listed limits (its tier's requests and tokens a minute), as --compare
+    # says; --rpm 0 sets no request rate: the server's pace decides, not known beforehand.
+    rpm = (model.rpm or int(p.provider.documented_rpm)) if job.rpm is None else job.rpm
+    tpm = job.tpm if job.tpm is not None else model.tpm
     minutes = worst_requests / rpm if rpm else None
-    if job.tpm:
-        by_tokens = (worst_prompt + worst_out) / job.tpm
+    if tpm:
+        by_tokens = (worst_prompt + worst_out) / tpm
         minutes = by_tokens if minutes is None else max(minutes, by_tokens)
     result: dict[str, Any] = {
         "input": str(job.input),
@@ -236,7 +238,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         "cost_usd": {"prompt": usd_text(prompt_cost), "worst_case": usd_text(worst)},
         # How the worst case counts prompts: "exact" tokens, or "bytes" (a token is at least one).
         "worst_case_prompts": "exact" if bounds is None else "bytes",
-        "time": {"rpm": rpm, "tpm": job.tpm, "minutes": None if minutes is None else round(minutes, 1)},
+        "time": {"rpm": rpm, "tpm": tpm, "minutes": None if minutes is None else round(minutes, 1)},
         "tokens_worst_case": {"prompt": billed, "completion": worst_out},
     }
     if replies is not None and not _same(replies):
@@ -289,8 +291,11 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             "completion": result["cost_usd"].pop("expected_completion_tokens"),
         }
         sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
-        if rpm:
-            result["time"]["expected_minutes"] = round(sent * max(mean_requests, 1.0) / rpm, 1)
+        expected = [sent * max(mean_requests, 1.0) / rpm] if rpm else []
+        if tpm:
+            expected.append(sum(result["tokens_expected"].values()) / tpm)
+        if expected:
+            result["time"]["expected_minutes"] = round(max(expected), 1)
     return result
 
 
