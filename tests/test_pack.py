@@ -457,3 +457,6 @@ def test_estimate_cuts_packs_by_pack_tokens_as_the_run_does(sandbox_factory, tmp
     # In text, the two prompt figures say which they are: the rows' tokens, and the packs' cost.
     text = run_cli(["estimate", str(src), *flags]).stdout
     assert "prompt tokens, one row a request" in text and "prompt cost, packed" in text, text
+    # The worst case above one row a request's says why: the packs' sizes, then the rows alone.
+    assert "worst case (every pack unreadable at every size, then every row alone, " in text, text
+    assert "requests (samples x (1 + re-asks), each pack at every size, then each row alone)" in text

@@ -67,6 +67,7 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
         ("prompt cost" + (", packed" if "packing" in e else ""), _usd(money["prompt"])),
         (
             "worst case ("
+            + ("every pack unreadable at every size, then every row alone, " if "packing" in e else "")
             + ("every request re-asked, " if (e.get("requests") or {}).get("reasks") else "")
             + _replies(e)
             + (
@@ -97,7 +98,8 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
     if req.get("per_row_worst_case", 1) > 1:
         rows.append(
             (
-                "requests (samples x (1 + re-asks))",
+                "requests (samples x (1 + re-asks)"
+                + (", each pack at every size, then each row alone)" if "packing" in e else ")"),
                 f"at most {req['worst_case']:,} ({req['per_row_worst_case']} a row)"
                 + (f", expected {req['expected_per_row']:g} a row" if "expected_per_row" in req else ""),
             )
