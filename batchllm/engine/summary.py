@@ -332,7 +332,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(PLAY_MONEY)
     if lost := summary.get("maybe_billed"):
         lines.append(
-            f"maybe billed besides: up to {lost['requests']:,} requests without a saved reply "
+            f"maybe billed besides: up to {plural(lost['requests'], 'request')} without a saved reply "
             f"(given up on after a timeout, or in flight at a stop), at most ${lost['worst_case_usd']}"
         )
     t = summary["this_run"]

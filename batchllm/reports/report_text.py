@@ -8,7 +8,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from ..engine.counts import never_paid_twice
+from ..engine.counts import never_paid_twice, plural
 from ..engine.summary import PLAY_MONEY, outside_line
 from ..pricing import format_usd
 from .by_endpoint import endpoint_lines
@@ -182,7 +182,7 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         lost = report["maybe_billed"]
         lines.append("")
         lines.append(
-            f"up to {lost['requests']:,} requests, at most ${lost['worst_case_usd']}, may have been billed "
+            f"up to {plural(lost['requests'], 'request')}, at most ${lost['worst_case_usd']}, may have been billed "
             "without a saved reply (given up on after a timeout, or in flight when a run stopped)"
         )
     if "estimate_vs_actual" in report:

@@ -156,7 +156,7 @@ def journal_status(directory: Path) -> str:
 
 def maybe_billed_line(requests: int, worst_pico: int) -> str:
     return (
-        f"up to {requests:,} requests, at most {format_usd(worst_pico)}, may have been billed without a "
+        f"up to {plural(requests, 'request')}, at most {format_usd(worst_pico)}, may have been billed without a "
         "saved reply (given up on after a timeout, or in flight when a run stopped; their rows were "
         "or will be sent again)"
     )
