@@ -89,6 +89,15 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+def template_head(template: str | None) -> str:
+    """The template's text before its first column: the same in every row's prompt."""
+    if not template:
+        return ""
+    for literal, _, _, _ in string.Formatter().parse(template):
+        return literal
+    return ""
+
+
 def _positional(template: str, names: list[str]) -> str:
     out = []
     for literal, name, spec, conversion in string.Formatter().parse(template):
@@ -256,7 +265,11 @@ class RequestMaker:
                 self.params = {**self.params, TOP_LOGPROBS: TOP}
         system = job.full_system
         self.prefix: tuple[Message, ...] = (() if system is None else (Message("system", system),)) + examples
-        self.cache_key = prompt_cache_key(job, self.prefix)
+        # What every row's prompt opens with, as the server's cache matches it (token by token):
+        # the messages before the row's, and the template's text before its first column.
+        head = template_head(job.template)
+        self.cache_prefix = self.prefix + ((Message("user", head),) if head else ())
+        self.cache_key = prompt_cache_key(job, self.cache_prefix)
 
     def make(self, user: str) -> Request:
         return Request(

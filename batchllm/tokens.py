@@ -102,6 +102,11 @@ class TokenCounter:
             return 1 + math.ceil(len(text.encode("utf-8")) / 4)
         return len(self._encoding.encode_ordinary("\n\n" + text))
 
+    def token_ids(self, text: str) -> list[int] | None:
+        """The tokens of one message body (as ``text_tokens`` counts them), or None without the
+        tokenizer."""
+        return None if self._encoding is None else self._encoding.encode_ordinary("\n\n" + text)
+
     def texts_tokens(self, texts: Sequence[str]) -> list[int]:
         """``text_tokens`` of many texts, in slices over a few threads (``_THREADS``)."""
         if self._encoding is None:

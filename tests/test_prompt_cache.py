@@ -435,3 +435,33 @@ def test_a_pilot_scales_guessed_prompt_tokens_by_what_the_server_counted(
     assert abs(expected - paid) / paid < 0.05, (e["cost_usd"], paid)
     guessed = pico(e["cost_usd"]["prompt"])  # the prompts at the guess alone
     assert abs(guessed - paid) / paid > 0.1, (e["cost_usd"], paid)
+
+
+def test_a_long_instruction_at_the_head_of_a_template_is_cached_as_a_system_prompt_is(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The same instruction at the start of --template-file instead of --system: the server
+    caches it token by token inside the row's message (it reported 0 for all 200 rows), batchllm
+    warms it up and keys it, the estimate projects it, and the cost is the bill exactly."""
+    box = sandbox_factory(latency=0.2, prices=BILL, keep_bodies=True)
+    template = tmp_path / "template.txt"
+    template.write_text(long_system() + "\n\nReview: {text}\n")
+    args = job_args(tmp_path, 300, "head.parquet", "--concurrency", "64")
+    args[args.index("--system") : args.index("--system") + 2] = []
+    args[args.index("--template") : args.index("--template") + 2] = ["--template-file", str(template)]
+    said = orjson.loads(run_cli(["estimate", *args[1:], "--format", "json"], env=box.openai_env()).stdout)
+    projected = said["prompt_cache"]
+    result = run_cli(args, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "head.parquet").to_pylist()
+    stats = box.sandbox.stats
+    cached = [r["cached_tokens"] for r in table]
+    cacheable = max(cached)
+    assert 1024 <= cacheable < table[0]["prompt_tokens"] and cacheable % 128 == 0
+    # Warmed up: one request paid the prefix in full, every other found it cached.
+    assert sum(cached) == cacheable * (len(table) - 1) == stats["cached_tokens"], (sum(cached), cacheable)
+    # Projected from gpt-4o-mini's guessed counts (4 bytes a token), the same share of the prompts.
+    assert projected["prefix_tokens"] >= 1024 and projected["share"] > 0.9, projected
+    assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
+    keys = {orjson.loads(b).get("prompt_cache_key") for b in box.sandbox.bodies}
+    assert len(keys) == 1 and None not in keys

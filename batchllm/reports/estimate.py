@@ -248,7 +248,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         result["packing"] = packed
         result["requests"]["per_row_worst_case"] = round(worst_requests / max(rows_sent, 1), 2)
     requests = packed["requests"] if packed is not None else rows_sent
-    cached = projected_cache(p, packs.prefix if packs is not None else p.maker().prefix, requests)
+    cached = projected_cache(p, packs.prefix if packs is not None else p.maker().cache_prefix, requests)
     with_cache: int | None = None
     if cached is not None:
         first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens

@@ -315,7 +315,8 @@ class Sandbox:
         if self.slots is not None:
             await self.slots.serve()
         # Looked up as a slot takes the request, stored once it is answered (prompt_cache.py).
-        prefix, cached = None, 0
+        prefix: list[bytes] = []
+        cached = 0
         if self.prompt_cache is not None and face.caches_prompts:
             prefix, cached = self.prompt_cache.lookup(model.name, parsed.messages)
         delay = cfg.latency + cfg.latency_per_token * n
