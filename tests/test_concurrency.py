@@ -316,3 +316,50 @@ def test_a_run_held_back_by_its_concurrency_says_so(sandbox_factory, tmp_path) -
     assert concurrency["held_the_pace"] is True and concurrency["most_in_flight"] == 4
     assert "at most 4 in flight (all that --concurrency allows" in result.output
     assert "a higher --concurrency goes faster" in result.output
+
+
+@pytest.mark.parametrize("timeout", [1.2, 1.5, 2.0])
+def test_the_queue_past_a_servers_stated_slots_fits_in_half_the_timeout(timeout) -> None:
+    # 4 slots at 0.4 s answer 4 replies at a time: a round of 7 that caught two bursts in 0.4 s
+    # measured 17.5 replies/s from a server of 10, and the queue that rate allowed took the limit
+    # to 12 (1.2 s round trips at --timeout 1.5). Past the slots, requests wait whole service
+    # times: as many slots-full as fit in half the timeout (1 at 1.2 and 1.5, 2 at 2.0).
+    clock = Clock()
+    limit = ConcurrencyLimit(128, timeout, hint=4, clock=clock)
+    trips: list[float] = []
+    seen = serve(limit, clock, slots=4, seconds=lambda n: 0.4 + 0.003 * (n % 3), replies=1000, trips=trips)
+    assert max(seen) <= 4 * math.floor(timeout / 2 / 0.4), max(seen)
+    assert max(trips) <= timeout / 2
+    assert 1000 / clock.now > 0.95 * 4 / 0.4  # the slots kept busy
+
+
+SLOT_RUN_ROWS = 120
+
+
+def test_a_tight_timeout_against_stated_slots_gives_up_no_request_in_our_own_queue(
+    sandbox_factory, tmp_path
+) -> None:
+    """--timeout 1.5 against 4 stated slots at 0.4 s: half of it fits one service time, so no
+    queue. The limit climbed to 13 (a queue of 1.2 s): four requests timed out and were sent
+    again, perhaps billed twice. Bursts of replies make it depend on timing: three runs."""
+    src = prompts_csv(tmp_path / "in.csv", SLOT_RUN_ROWS)
+    for attempt in range(3):
+        box = sandbox_factory(slots=SLOTS, slot_seconds=SECONDS)
+        out = tmp_path / f"out{attempt}.parquet"
+        args = ["run", str(src), "-o", str(out), "--provider", "openai", "--timeout", "1.5"]
+        result = run_cli([*args, "--input-price", "0.1", "--output-price", "0.1"], env=box.openai_env())
+        assert result.exit_code == 0, result.stderr
+        stats = box.sandbox.stats
+        # Every row sent once, answered, none given up or retried.
+        assert stats["requests"] == SLOT_RUN_ROWS and stats["200"] == SLOT_RUN_ROWS, (attempt, result.output)
+        assert set(Counter(key for _, _, key in box.log()).values()) == {1}
+        assert stats["given_up"] == 0
+        assert summary_of(out)["this_run"]["retries"] == 0
+        assert pq.read_table(out).column("status").to_pylist() == ["ok"] * SLOT_RUN_ROWS
+        assert "maybe billed besides" not in result.output
+        concurrency = summary_of(out)["concurrency"]
+        assert concurrency["server_slots"] == SLOTS and concurrency["peak"] == SLOTS, concurrency
+        # The slots kept busy (loosely: a loaded machine).
+        log = box.log()
+        assert log[-1][0] - log[0][0] < 1.3 * SLOT_RUN_ROWS * SECONDS / SLOTS
+        box.stop()

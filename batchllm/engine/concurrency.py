@@ -28,7 +28,13 @@ counts against ``--timeout``. A self-hosted server with 4 slots and 0.4 s a requ
 - Never a round trip, queue included, past half of ``--timeout``: the limit is at most the
   estimate plus what the rate serves in the rest of that half, and a request with no answer in
   time halves it at once. A request is then not given up for waiting behind others batchllm
-  sent itself.
+  sent itself. That rate is the last rounds' average, not their best: a server with slots
+  answers in bursts (4 replies each 0.4 s), and a round that caught two bursts in one round trip
+  measured 17.5 replies/s from a server of 10, so the best of ten rounds was a burst's, and the
+  queue it allowed took 1.6 s. A server that states its slots queues whole service times: the
+  requests past its slots wait one round trip for each further time its slots are filled, so
+  it has its slots times the round trips that fit in the half, and no more (4 slots at 0.4 s
+  and a 1.5 s timeout: 4, where the bursts took the limit to 13 and four requests timed out).
 - A server that states its slots (llama.cpp's ``GET /props``: ``total_slots``) is taken at its word
   for the first round, and needs no growth phase; otherwise the first round has ``START``.
 - A rate the server enforces (``pace``: one its replies state, or a serverless API's documented
@@ -89,6 +95,7 @@ class ConcurrencyLimit:
         self.peak = self.limit  # the highest limit reached, for the run's summary
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._rates: deque[float] = deque(maxlen=WINDOW)
+        self._spans: deque[tuple[int, float]] = deque(maxlen=WINDOW)  # each round's replies, seconds
         self._limits: deque[int] = deque(maxlen=WINDOW)  # each of those rounds' limit
         self._trips: deque[float] = deque(maxlen=WINDOW + PROBE_ROUNDS)
         self._probe = 0  # rounds left with only the estimate in flight
@@ -172,6 +179,7 @@ class ConcurrencyLimit:
         rate = self._delivered / elapsed if elapsed > 0 else math.inf
         best_before = max(self._rates, default=0.0)
         self._rates.append(rate)
+        self._spans.append((self._delivered, elapsed))
         self._limits.append(self._round_limit)
         self._trips.append(self._shortest)
         self._rounds += 1
@@ -209,9 +217,25 @@ class ConcurrencyLimit:
         # Never under the slots a server states either: they serve that many with no queue, and
         # an estimate a little low (a slow round) would otherwise take the limit down with it;
         # nor under what an enforced rate needs (its server serves that rate, so no queue).
-        queue = math.floor(served * max(0.0, self.timeout * TIMEOUT_SHARE - min(self._trips)))
-        limit = min(limit, max(1, self.hint or 0, paced, math.ceil(estimate) + queue))
+        # The queue drains at the rate the server keeps up, the last rounds' average: one
+        # round's rate may be a burst's (see the docstring). A server that states its slots
+        # serves them at once and queues the rest by whole round trips (``_stated_most``).
+        trip, share = min(self._trips), self.timeout * TIMEOUT_SHARE
+        average = sum(n for n, _ in self._spans) / sum(s for _, s in self._spans)
+        queue = math.floor(average * max(0.0, share - trip))
+        # Unstated slots: at least what the best rate served with no queue (an estimate a little
+        # low would otherwise take the limit down with the rate it brings).
+        unstated = max(math.ceil(estimate), math.ceil(average * trip) + queue)
+        most = self._stated_most(trip, share) if self.hint else unstated
+        limit = min(limit, max(1, self.hint or 0, paced, most))
         self._set(limit)
+
+    def _stated_most(self, trip: float, share: float) -> int:
+        """The most in flight on a server of the slots it states, a round trip ``trip`` long with
+        no queue: requests past the slots wait whole round trips, so as many slots-full as fit in
+        ``share`` seconds (at least one: its slots serve with no queue)."""
+        assert self.hint is not None
+        return self.hint * max(1, math.floor(share / trip))
 
     def _cut(self) -> None:
         """No answer in time: the queue may be ours; halve the limit and stop growing."""
