@@ -465,3 +465,20 @@ def test_a_long_instruction_at_the_head_of_a_template_is_cached_as_a_system_prom
     assert sum(pico(r["cost_usd"]) for r in table) == stats["billed_pico"]
     keys = {orjson.loads(b).get("prompt_cache_key") for b in box.sandbox.bodies}
     assert len(keys) == 1 and None not in keys
+
+
+def test_a_pilot_on_a_server_that_caches_nothing_expects_no_hit(sandbox_factory: Any, tmp_path: Path) -> None:
+    """The estimate projects the shared instruction as cached (OpenAI caches it); a server without
+    a prompt cache billed about twice the expected cost. A pilot that saw no cached token says so,
+    and the expected cost assumes no hit: within 5% of the bill."""
+    box = sandbox_factory(latency=0.02, prices=BILL, prompt_cache=False)
+    args = job_args(tmp_path, 200, "nocache.parquet", "--concurrency", "16", "--labels", "positive,negative")
+    estimate = ["estimate", *args[1:], "--pilot", "30"]
+    e = orjson.loads(run_cli([*estimate, "--format", "json"], env=box.openai_env()).stdout)
+    assert e["prompt_cache"]["server_cached_none_of"] == 30, e["prompt_cache"]
+    assert "but the server cached none of the 30 rows sent" in run_cli(estimate, env=box.openai_env()).output
+    ran = run_cli(args, env=box.openai_env())
+    assert ran.exit_code == 0, ran.output
+    paid = pico(summary_of(tmp_path / "nocache.parquet")["cost_usd"]["total"])
+    assert paid == box.sandbox.stats["billed_pico"] and box.sandbox.stats["cached_tokens"] == 0
+    assert abs(pico(e["cost_usd"]["expected"]) - paid) / paid < 0.05, (e["cost_usd"], paid)

@@ -37,7 +37,7 @@ from ..prompts import PromptBatch
 from ..records import Message
 from ..tokens import TokenCounter, counter_for
 from .pack_estimate import packed_figures
-from .prompt_scale import pilot_pairs, prompt_scale
+from .prompt_scale import pilot_pairs, prompt_scale, server_cached
 
 MAX_LISTED = 20
 PER_MESSAGE = 4  # a chat turn's header and end tokens (Llama 3 template, tokens.py)
@@ -96,6 +96,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
     bounds = None if admission.counter.exact else np.zeros(p.rows, dtype=np.int32)
     over: list[str] = []
     pairs: list[tuple[int, int]] = []
+    seen = (0, 0)  # rows sent before (a pilot's) that the server answered, their cached tokens
     over_count = empty = too_long = done = paid_done = 0
     position = 0
     journal = done_journal(job)  # rows a run of the output would not send again
@@ -121,6 +122,7 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             )
         if entries and bounds is not None:  # a guess: what the server counted for the rows sent
             pairs += pilot_pairs(entries, {pb.row_ids[i]: n[i] for i in skip})
+        seen = tuple(a + b for a, b in zip(seen, server_cached(entries), strict=True))
         for i, user in enumerate(pb.users):
             if i in skip:  # done already: in the whole batch's figures, apart in the rest's
                 done += 1
@@ -257,6 +259,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         cached["prompt_cost_usd"] = usd_text(with_cache)
         cached["saved_usd"] = usd_text(None if with_cache is None else (prompt_cost or 0) - with_cache)
         result["prompt_cache"] = cached
+        if seen[0] >= 2 and not seen[1]:  # the server cached nothing: expect no hit
+            cached["server_cached_none_of"], with_cache = seen[0], None
     if from_run is not None:
         observed = completions_of_run(from_run)
         result["expected_from"] = f"the run in {from_run}"

@@ -138,7 +138,13 @@ def format_estimate(e: dict[str, Any], fmt: str) -> str:
             (
                 f"prompt cache (a shared prefix of {c['prefix_tokens']:,} tokens)",
                 f"{c['cached_tokens']:,} prompt tokens cached ({c['share']:.0%}): prompt cost "
-                f"{_usd(c['prompt_cost_usd'])}, {_usd(c['saved_usd'])} less",
+                f"{_usd(c['prompt_cost_usd'])}, {_usd(c['saved_usd'])} less"
+                + (
+                    f"; but the server cached none of the {c['server_cached_none_of']:,} rows sent: "
+                    "expected assumes no hit"
+                    if c.get("server_cached_none_of")
+                    else ""
+                ),
             )
         )
     rows.append(("token counts", e["token_counts"]))

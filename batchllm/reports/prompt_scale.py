@@ -7,6 +7,10 @@ the server's own count (``usage.prompt_tokens``): the ratio of that count to the
 row, scales the guess for the rows not sent, and its spread widens the interval. Only rows
 answered in one request, by the server (not the cache, not an identical row), are compared: a
 re-ask's prompt holds more than the row.
+
+The same rows say whether the server caches prompts at all: the estimate projects a shared
+prefix as cached (OpenAI does), and a server that cached none of a pilot's rows (a vLLM without
+prefix caching) billed twice the expected cost; its expected cost then assumes no hit.
 """
 
 from __future__ import annotations
@@ -47,3 +51,13 @@ def prompt_scale(pairs: list[tuple[int, int]]) -> PromptScale | None:
     mean = sum(own) / len(own)
     sd = math.sqrt(sum((x - mean) ** 2 for x in own) / (len(own) - 1)) if len(own) > 1 else 0.0
     return PromptScale(ratio, sd, len(pairs))
+
+
+def server_cached(entries: Mapping[str, Any]) -> tuple[int, int]:
+    """(rows the server answered, their cached prompt tokens)."""
+    answered = [
+        e
+        for e in entries.values()
+        if e.status in ("ok", "invalid") and e.answered_by is None and not e.cached
+    ]
+    return len(answered), sum(e.cached_tokens or 0 for e in answered)
