@@ -122,7 +122,8 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
             )
         if entries and bounds is not None:  # a guess: what the server counted for the rows sent
             pairs += pilot_pairs(entries, {pb.row_ids[i]: n[i] for i in skip})
-        seen = tuple(a + b for a, b in zip(seen, server_cached(entries), strict=True))
+        rows_seen, cached_seen = server_cached(entries)
+        seen = (seen[0] + rows_seen, seen[1] + cached_seen)
         for i, user in enumerate(pb.users):
             if i in skip:  # done already: in the whole batch's figures, apart in the rest's
                 done += 1
