@@ -123,3 +123,44 @@ def test_imported_rows_keep_their_batch_saving_after_a_live_run(sandbox_factory:
     live_saving = _row_saving(table[30:], MINI.input_pico, MINI.cached_input_pico)
     assert live_saving > 0
     assert pico(summary_of(out)["tokens"]["cached_saved_usd"]) == batch_saving + live_saving
+
+
+def test_older_journals_and_caches_keep_working(sandbox_factory: Any, tmp_path: Path) -> None:
+    """A journal from before rows kept their saving (schema 12) resumes: its rows' saving is at
+    the run's prices, the new rows' their own; a response cache from before it kept cached tokens
+    serves its replies, their saving at the input price (all that is known of them)."""
+    import sqlite3
+
+    box = sandbox_factory(prices=BILL)
+    cache = tmp_path / "responses"
+    args = job_args(
+        tmp_path, 10, "old.parquet", "--concurrency", "4", "--temperature", "0", "--cache", str(cache)
+    )
+    assert run_cli(args, env=box.openai_env()).exit_code == 0
+    with sqlite3.connect(tmp_path / "old.parquet.batchllm" / "journal.sqlite") as conn:
+        conn.execute("ALTER TABLE rows DROP COLUMN cached_saved_pico")
+    with sqlite3.connect(cache / "responses.sqlite") as conn:
+        conn.execute("ALTER TABLE responses DROP COLUMN cached_tokens")
+    more = job_args(
+        tmp_path, 20, "old.parquet", "--concurrency", "4", "--temperature", "0", "--cache", str(cache)
+    )
+    result = run_cli(more, env=box.openai_env())
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "old.parquet").to_pylist()
+    discount = MINI.input_pico - MINI.cached_input_pico
+    assert sum(r["cached_tokens"] for r in table) == box.sandbox.stats["cached_tokens"] > 0
+    assert pico(summary_of(tmp_path / "old.parquet")["tokens"]["cached_saved_usd"]) == (
+        box.sandbox.stats["cached_tokens"] * discount
+    )
+    again = run_cli(
+        job_args(tmp_path, 10, "again.parquet", "--temperature", "0", "--cache", str(cache)),
+        env=box.openai_env(),
+    )
+    assert again.exit_code == 0, again.output
+    hits = summary_of(tmp_path / "again.parquet")["this_run"]
+    first = table[:10]
+    full = (
+        sum(r["prompt_tokens"] for r in first) * MINI.input_pico
+        + sum(r["completion_tokens"] for r in first) * MINI.output_pico
+    )
+    assert hits["cache_hits"] == 10 and pico(hits["cache_saved_usd"]) == full
