@@ -9,7 +9,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from batchllm.pricing import load_models
+import orjson
+
+from batchllm.pricing import format_usd, load_models
 
 from .conftest import read_output, run_cli, spawn, summary_of, write_csv
 from .test_ledger import _kill_after, _spend
@@ -93,6 +95,10 @@ def test_a_resumed_run_keeps_each_rows_saving_at_its_own_prices(sandbox_factory:
         [r for r in table if r["id"] not in before], MINI.input_pico, 50_000
     )
     assert pico(summary_of(out)["tokens"]["cached_saved_usd"]) == expected
+    # report and status say the same figure, not the output's cached tokens at today's price.
+    report = orjson.loads(run_cli(["report", str(out), "--format", "json"]).output)
+    assert pico(report["cached_saved_usd"]) == expected
+    assert f"saving {format_usd(expected)} against the input price" in run_cli(["status", str(out)]).output
 
 
 def test_imported_rows_keep_their_batch_saving_after_a_live_run(sandbox_factory: Any, tmp_path: Path) -> None:

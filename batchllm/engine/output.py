@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..inputs import InputFile
 from ..labeling.spec import Labeling
-from ..pricing import Prices, cached_saving, to_usd
+from ..pricing import Prices, cached_saving, rows_saving, to_usd
 from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from . import counts
@@ -101,9 +101,8 @@ class Totals:
     def cached_saved(self, prices: Prices | None) -> int | None:
         """What the prompt cache saved over these rows, each row at the prices it was answered
         at; a row that kept no saving (an older journal's) at ``prices``, None without them."""
-        if not self.cached_unkept:
-            return self.cached_saved_pico
-        return None if prices is None else self.cached_saved_pico + cached_saving(prices, self.cached_unkept)
+        discount = None if prices is None else cached_saving(prices, 1)
+        return rows_saving(self.cached_saved_pico, self.cached_unkept, discount)
 
     def cost_or_none(self, pico: int) -> int | None:
         """A cost total, or None when no answered row had a price."""
