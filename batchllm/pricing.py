@@ -118,8 +118,19 @@ def cost(
 
 
 def cached_saving(prices: Prices | None, cached_tokens: int) -> int:
-    """Picodollars ``cached_tokens`` saved against the input price (0 without prices)."""
+    """Picodollars ``cached_tokens`` saved against the input price (0 without prices): the one
+    place a saving is priced. A reply's is kept with its row (``Entry.cached_saved_pico``) at the
+    prices it was answered at; totals add the rows' (``rows_saving``), never re-price them."""
     return 0 if prices is None else cached_tokens * (prices.input_pico - prices.cached_input_pico)
+
+
+def rows_saving(kept_pico: int, unkept_tokens: int, discount_pico: int | None) -> int | None:
+    """What rows' cached prompt tokens saved: the savings they kept, plus, for the cached tokens
+    of rows that kept none (written before rows kept it), ``discount_pico`` a token (the cached
+    price's discount now, all that is known of them); None when those need a discount unknown."""
+    if not unkept_tokens:
+        return kept_pico
+    return None if discount_pico is None else kept_pico + unkept_tokens * discount_pico
 
 
 def _price(raw: object) -> Decimal:

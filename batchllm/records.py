@@ -130,3 +130,6 @@ class Entry(NamedTuple):
     # Of prompt_tokens, those the server served from its prompt cache (billed at the cached price).
     cached_tokens: int | None = None
     served_model: str | None = None  # the model the reply named (``model`` is the one asked for)
+    # What cached_tokens cost less than at the input price, at the prices the row was answered
+    # at (pricing.cached_saving); None in a row from before it was kept, or without prices.
+    cached_saved_pico: int | None = None

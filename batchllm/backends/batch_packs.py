@@ -24,7 +24,7 @@ from ..engine.packed import Packs
 from ..labeling import pack as shape
 from ..labeling.rows import SPLIT, Attempt
 from ..labeling.spec import Labeling
-from ..pricing import Prices, cost
+from ..pricing import Prices, cached_saving, cost
 from ..records import Entry, Message, Request
 from ..tokens import TokenCounter, counter_for
 from .openai_batch import batch_line
@@ -142,6 +142,7 @@ def split_entry(
             input_cost_pico=ic,
             output_cost_pico=oc,
             cached_tokens=cached[n],
+            cached_saved_pico=None if ic is None else cached_saving(prices, cached[n]),
         )
         entries.append(label(entry, labeling, (pid, 0 if items is None else n + 1)))
     return entries, attempts

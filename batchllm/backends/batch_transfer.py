@@ -41,7 +41,7 @@ from ..labeling.confidence import of_reply
 from ..labeling.rows import Attempt, RowLabeler
 from ..labeling.spec import Labeling
 from ..ledger import RunRecord, Snapshot, of_job
-from ..pricing import Prices, cached_saving, cost, usd_text
+from ..pricing import Prices, cached_saving, cost
 from ..providers import get_provider
 from ..records import Entry, Request
 from ..tokens import counter_for
@@ -184,9 +184,6 @@ def import_batch(
                 out = build_summary(p, t, stats, None, None, started, code, [], journal, command)
                 out["imported_from"] = [str(r) for r in results]
                 out["prices"] = prices.as_dict() if prices else None
-                if t is not None and prices is not None and out["tokens"].get("cached_saved_usd"):
-                    # At the batch's prices the rows were costed at, not the model's live ones.
-                    out["tokens"]["cached_saved_usd"] = usd_text(cached_saving(prices, t.cached_tokens))
                 if t is not None and t.pending and live_command:
                     # Nothing more comes from these files: the pending rows go live (or come from
                     # more result files), never from importing the same ones again.
@@ -340,6 +337,7 @@ def _entry(
             counted,
             cached_tokens=cached,
             served_model=completion.model,
+            cached_saved_pico=None if in_cost is None else cached_saving(prices, cached),  # batch prices
         )
     if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
         message = result_message(body, error) or f"HTTP {status}"

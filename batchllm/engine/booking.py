@@ -8,7 +8,7 @@ it has loaded, whatever was asked) is said once per name, in the run's warnings.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import APIError
@@ -21,6 +21,7 @@ from .plan import WorkItem
 from .stats import ErrorWindow, FirstFailures, Stats, StopReason
 
 if TYPE_CHECKING:
+    from ..labeling.rows import Attempt
     from ..providers import Provider
     from .ratelimit import RateLimiter
     from .router import Router
@@ -111,7 +112,8 @@ class Booking:
             item,
             Entry(item.row_id, item.content_hash, "ok", c.text, prompt_tokens, completion_tokens, in_cost,
                   out_cost, None, None, attempts, latency_ms, time.time(), self.model_of(c), truncated,
-                  counted, None, item.key or None, None, None, c.endpoint, cached, c.model),
+                  counted, None, item.key or None, None, None, c.endpoint, cached, c.model,
+                  None if in_cost is None else cached_saving(prices, cached)),
         )  # fmt: skip
         billed = (in_cost or 0) + (out_cost or 0)
         self.charged(c, billed, prompt_tokens, completion_tokens)
@@ -143,6 +145,17 @@ class Booking:
         """Prompt tokens a reply had served from the server's prompt cache, and what they saved."""
         self.stats.cached_tokens += cached
         self.stats.cached_saved_pico += cached_saving(prices, cached)
+
+    def attempts_saving(self, attempts: Sequence[Attempt]) -> int:
+        """What a labeling row's requests' cached tokens saved, each at the prices of the endpoint
+        that answered it (an attempt keeps no prices: a row resumed from its attempts has its
+        earlier ones at this run's)."""
+        return sum(cached_saving(self.prices_at(a.endpoint), a.cached_tokens) for a in attempts)
+
+    def prices_at(self, endpoint: str | None) -> Prices | None:
+        """The prices of a fleet endpoint, else the model's (``prices_of`` by name)."""
+        member = None if endpoint is None or self.router is None else self.router.by_name.get(endpoint)
+        return self._prices if member is None else member.model.prices
 
     def add_error(
         self,

@@ -41,12 +41,13 @@ CREATE TABLE IF NOT EXISTS responses (
     completion_tokens INTEGER NOT NULL,
     truncated INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    confidence TEXT
+    confidence TEXT,
+    cached_tokens INTEGER
 ) WITHOUT ROWID;
 """
 _INSERT = (
     "INSERT OR REPLACE INTO responses (key, response, prompt_tokens, completion_tokens, truncated, "
-    "created_at, confidence) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "created_at, confidence, cached_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -57,6 +58,7 @@ class Cached:
     completion_tokens: int
     truncated: bool
     confidence: Any = None  # a labeling reply's (labeling/confidence.py): a label's, or fields'
+    cached_tokens: int = 0  # of prompt_tokens, those the server had cached (billed at the cached price)
 
 
 def default_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -72,13 +74,16 @@ def repeatable(request: Request) -> bool:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """A cache written before replies kept their confidence gains the column (NULL in old rows)."""
-    if "confidence" not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:
-        try:
-            conn.execute("ALTER TABLE responses ADD COLUMN confidence TEXT")
-        except sqlite3.OperationalError:  # another run opening it added it first
-            if "confidence" not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:
-                raise
+    """A cache written before replies kept their confidence, or their cached prompt tokens, gains
+    the column (NULL in old rows: no confidence; no cached tokens known, so a hit's saving is at
+    the input price)."""
+    for column, kind in (("confidence", "TEXT"), ("cached_tokens", "INTEGER")):
+        if column not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:
+            try:
+                conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError:  # another run opening it added it first
+                if column not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:
+                    raise
 
 
 def cache_key(endpoint: str, request_key: str) -> str:
@@ -111,12 +116,15 @@ class ResponseCache:
         if not keys:
             return {}
         cur = self.conn.execute(
-            "SELECT key, response, prompt_tokens, completion_tokens, truncated, confidence FROM responses "
+            "SELECT key, response, prompt_tokens, completion_tokens, truncated, confidence, cached_tokens "
+            "FROM responses "
             "WHERE key IN (SELECT value FROM json_each(?))",
             (orjson.dumps(list(keys)),),
         )
         return {
-            r[0]: Cached(r[1], r[2], r[3], bool(r[4]), None if r[5] is None else orjson.loads(r[5]))
+            r[0]: Cached(
+                r[1], r[2], r[3], bool(r[4]), None if r[5] is None else orjson.loads(r[5]), r[6] or 0
+            )
             for r in cur
         }
 
@@ -128,10 +136,20 @@ class ResponseCache:
         completion_tokens: int,
         truncated: bool,
         confidence: Any = None,
+        cached_tokens: int = 0,
     ) -> None:
         sure = None if confidence is None else orjson.dumps(confidence).decode()
         self._pending.append(
-            (key, response, prompt_tokens, completion_tokens, int(truncated), time.time(), sure)
+            (
+                key,
+                response,
+                prompt_tokens,
+                completion_tokens,
+                int(truncated),
+                time.time(),
+                sure,
+                cached_tokens,
+            )
         )
         if not self._scheduled:
             self._scheduled = True

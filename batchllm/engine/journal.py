@@ -72,7 +72,7 @@ __all__ = ["KEY_BATCH", "CARRY_ENTRY", "COLUMNS", "DB_NAME", "RESCUE_NAME", "RES
            "Journal", "db_path", "settings_diff"]  # fmt: skip
 
 _TOTALS = ("rows", "ok", "error", "prompt_tokens", "completion_tokens", "input_cost_pico",
-           "output_cost_pico", "last_written", "unpriced", "invalid", "cached_tokens")  # fmt: skip
+           "output_cost_pico", "last_written", "unpriced", "invalid", "cached_tokens", "cached_saved_pico", "cached_unkept")  # fmt: skip
 
 
 class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
@@ -385,7 +385,7 @@ class Journal(KeyIndex, InflightBook, SpendBook, AttemptBook, ObservedBook):
             "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
             "COALESCE(SUM(input_cost_pico), 0), COALESCE(SUM(output_cost_pico), 0), MAX(finished_at), "
             "SUM(status = 'ok' AND input_cost_pico IS NULL), SUM(status = 'invalid'), "
-            "COALESCE(SUM(cached_tokens), 0) FROM rows"
+            "COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cached_saved_pico), 0), COALESCE(SUM(CASE WHEN cached_saved_pico IS NULL THEN cached_tokens END), 0) FROM rows"
         ).fetchone()
         totals = {k: v or 0 for k, v in zip(_TOTALS, row, strict=True)}
         totals["last_written"] = row[7]  # None for an empty journal

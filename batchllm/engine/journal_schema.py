@@ -25,7 +25,8 @@ older journal when opened. Schema 11 added ``confidence`` to ``attempts`` (a rep
 labeling/confidence.py ``stored``: a row resumed or read again by ``--reparse`` keeps it; a row's
 entry has it in ``extra``), NULL in an older journal's attempts. Schema 12 added ``cached_tokens``
 to ``attempts`` (a row resumed from its attempts counted 0 for them; their costs were exact), NULL
-in an older journal's attempts. The ``refused`` table (the
+in an older journal's attempts. Schema 13 added ``cached_saved_pico`` to ``rows`` (what a row's
+cached tokens saved at the prices it was answered at), NULL in an older journal's rows. The ``refused`` table (the
 result lines whose cost ``import-batch`` carried for a row it refused, spend.py ``add_refused``)
 is created in any journal when opened.
 """
@@ -43,7 +44,7 @@ import orjson
 
 from ..records import Entry
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 DB_NAME = "journal.sqlite"
 RESCUE_NAME = "rescued-rows.jsonl"
 
@@ -73,7 +74,8 @@ ROWS_TABLE = """CREATE TABLE IF NOT EXISTS rows (
     cached INTEGER,
     endpoint TEXT,
     cached_tokens INTEGER,
-    served_model TEXT
+    served_model TEXT,
+    cached_saved_pico INTEGER
 )"""
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -193,6 +195,7 @@ _ADDED = {
     "endpoint": "TEXT",
     "cached_tokens": "INTEGER",
     "served_model": "TEXT",
+    "cached_saved_pico": "INTEGER",
 }
 # Columns named: a journal migrated from an older schema has them in the order they were added.
 INSERT_ATTEMPT = (

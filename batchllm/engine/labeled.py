@@ -122,7 +122,9 @@ async def _ask(d: Dispatcher, item: WorkItem, step: Step) -> tuple[Attempt | API
         if tokens is not None and labeling.confidence == "logprobs":
             sure = of_reply(labeling, result.text, truncated, tokens, PARAM in step.request.params)
         if reuse is not None and reuse.cache is not None:  # with its confidence: a hit has the same
-            reuse.keep(step.request, first, item.key, result.text, pt, ct, truncated, sure)
+            reuse.keep(
+                step.request, first, item.key, result.text, pt, ct, truncated, sure, result.cached_tokens
+            )
         prices, cached = d.prices_of(result), result.cached_tokens  # a fleet: the answering endpoint's
         in_cost, out_cost = cost(prices, pt, ct, cached)
         billed = (in_cost or 0) + (out_cost or 0)
@@ -239,7 +241,8 @@ def book(
               in_cost if some and priced else None, out_cost if some and priced else None, message,
               error_class, calls, latency_ms or None, time.time(), model,
               attempts[-1].truncated if some else None, None, orjson.dumps(extra).decode(),
-              item.key or None, None, from_cache, where, cached if some else None, served),
+              item.key or None, None, from_cache, where, cached if some else None, served,
+              d.attempts_saving(attempts) if some and priced else None),
     )  # fmt: skip
 
 

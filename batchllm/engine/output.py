@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..inputs import InputFile
 from ..labeling.spec import Labeling
-from ..pricing import to_usd
+from ..pricing import Prices, cached_saving, rows_saving, to_usd
 from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from . import counts
@@ -75,6 +75,9 @@ class Totals:
         self.rows = self.ok = self.error = self.pending = self.truncated = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.cached_tokens = 0
+        # What the rows' cached tokens saved, each at the prices it was answered at; and the
+        # cached tokens of rows that kept no saving (written before it was kept: ``cached_saved``).
+        self.cached_saved_pico = self.cached_unkept = 0
         self.input_cost_pico = self.output_cost_pico = 0
         self.invalid = 0  # labeling rows whose answers never validated
         self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
@@ -94,6 +97,12 @@ class Totals:
     @property
     def cost_pico(self) -> int:
         return self.input_cost_pico + self.output_cost_pico
+
+    def cached_saved(self, prices: Prices | None) -> int | None:
+        """What the prompt cache saved over these rows, each row at the prices it was answered
+        at; a row that kept no saving (an older journal's) at ``prices``, None without them."""
+        discount = None if prices is None else cached_saving(prices, 1)
+        return rows_saving(self.cached_saved_pico, self.cached_unkept, discount)
 
     def cost_or_none(self, pico: int) -> int | None:
         """A cost total, or None when no answered row had a price."""
@@ -233,6 +242,10 @@ def _costs(
         cached = e.cached_tokens or 0
         cols["cached_tokens"][i] = cached
         totals.cached_tokens += cached
+        if e.cached_saved_pico is None:
+            totals.cached_unkept += cached
+        else:
+            totals.cached_saved_pico += e.cached_saved_pico
         cols["truncated"][i] = bool(e.truncated)
         cols["tokens_counted"][i] = bool(e.tokens_counted)
         totals.truncated += counts.truncated(e)

@@ -324,10 +324,11 @@ class Packs:
                     # reply left out is kept too, and with it what the row's unreadable packs
                     # cost it: a run the cache answers takes the same path (the same re-ask)
                     # and a pilot projects the same tokens as the run that paid (pilot.py).
-                    split_pt, split_ct = _split_tokens(row.attempts, sample)
+                    split_pt, split_ct, split_cached = _split_tokens(row.attempts, sample)
                     reuse.keep(
                         row.item.request, True, row.item.key, items[n],
                         split_pt + prompt[n], split_ct + completion[n], False, sure[n],
+                        split_cached + cached[n],
                     )  # fmt: skip
                 row.attempts.append(a)
                 row.todo = row.labeler.next(row.attempts)
@@ -359,16 +360,17 @@ def _splits(attempts: list[Attempt], sample: int) -> int:
     return n
 
 
-def _split_tokens(attempts: list[Attempt], sample: int) -> tuple[int, int]:
-    """The prompt and completion tokens of this sample's last unreadable packs (the row's shares)."""
-    pt = ct = 0
+def _split_tokens(attempts: list[Attempt], sample: int) -> tuple[int, int, int]:
+    """The prompt, completion and cached prompt tokens of this sample's last unreadable packs
+    (the row's shares)."""
+    pt = ct = cached = 0
     for a in reversed(attempts):
         if a.sample != sample:
             continue
         if a.kind != SPLIT:
             break
-        pt, ct = pt + a.prompt_tokens, ct + a.completion_tokens
-    return pt, ct
+        pt, ct, cached = pt + a.prompt_tokens, ct + a.completion_tokens, cached + a.cached_tokens
+    return pt, ct, cached
 
 
 def _last(attempts: list[Attempt], sample: int) -> str:

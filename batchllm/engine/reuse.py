@@ -135,6 +135,7 @@ class Reuse:
                 entry.prompt_tokens or 0,
                 entry.completion_tokens or 0,
                 bool(entry.truncated),
+                cached_tokens=entry.cached_tokens or 0,
             )
 
     def abandoned(self, key: str) -> None:
@@ -154,6 +155,7 @@ class Reuse:
                 prompt_tokens=0 if source.prompt_tokens is not None else None,
                 completion_tokens=0 if source.completion_tokens is not None else None,
                 cached_tokens=0 if source.cached_tokens is not None else None,
+                cached_saved_pico=0 if source.cached_saved_pico is not None else None,
                 input_cost_pico=zero_in if source.prompt_tokens is not None else None,
                 output_cost_pico=zero_out if source.prompt_tokens is not None else None,
                 attempts=0,
@@ -166,7 +168,11 @@ class Reuse:
         self.copies += 1
 
     def _saved(self, hit: Cached, more: bool = False) -> None:
-        would_in, would_out = cost(self.model.prices, hit.prompt_tokens, hit.completion_tokens)
+        """A reply the cache served: what it cost when it was paid (its prompt tokens the server
+        had cached at the cached price; a reply cached before they were kept, at the input price)."""
+        would_in, would_out = cost(
+            self.model.prices, hit.prompt_tokens, hit.completion_tokens, hit.cached_tokens
+        )
         self.saved_pico += (would_in or 0) + (would_out or 0)
         self.hits += 1
         if more:
@@ -213,6 +219,7 @@ class Reuse:
         ct: int,
         truncated: bool,
         confidence: Any = None,
+        cached_tokens: int = 0,
     ) -> None:
         """A labeling request's reply and its confidence, into the cache if its policy could ever
         serve it. A row's first request was screened (``screen``): its cache key is kept when it
@@ -224,7 +231,7 @@ class Reuse:
         else:
             ck = self._cache_key(request) if self.cache.serves(request) else None
         if ck is not None:
-            self.cache.put(ck, text, pt, ct, truncated, confidence)
+            self.cache.put(ck, text, pt, ct, truncated, confidence, cached_tokens)
 
     def _cached(self, row_id: str, content_hash: str, key: str, hit: Cached) -> Entry:
         zero_in, zero_out = self._free()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ExitCode
-from ..pricing import cached_saving, format_usd, parse_usd, usd_text
+from ..pricing import format_usd, parse_usd, usd_text
 from .budget import Budget, advice
 from .client import all_played
 from .counts import never_paid_twice, plural
@@ -131,11 +131,11 @@ def build_summary(
             "prompt": totals.prompt_tokens,
             "completion": totals.completion_tokens,
             "total": totals.prompt_tokens + totals.completion_tokens,
-            # Of the prompt tokens, served from the server's prompt cache, and what that saved
-            # at the model's prices (a fleet's endpoints: ``endpoints``, each at its own).
+            # Of the prompt tokens, served from the server's prompt cache, and what that saved:
+            # each row at the prices it was answered at (live, a batch's, a fleet endpoint's).
             "cached": totals.cached_tokens,
             "cached_saved_usd": usd_text(
-                cached_saving(model.prices, totals.cached_tokens) if priced and job.fleet is None else None
+                totals.cached_saved(None if job.fleet else model.prices) if priced or totals.priced else None
             ),
         }
         # Unknown, not $0, when the model has no price and no row brought one (a batch import can).

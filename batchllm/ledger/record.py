@@ -190,7 +190,7 @@ class RunRecord:
                 "INSERT INTO runs (run_id, kind, job, output, checkpoint, provider, endpoint_host, model, "
                 "engine, host, pid, pid_start, started_at, rows_total, month_cap_pico, start_spent_pico, "
                 "start_prompt_tokens, start_completion_tokens, start_ok, start_error, start_invalid, start_cached_tokens, "
-                "sandbox, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "start_cached_saved_pico, sandbox, priced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, kind, job, str(output.resolve()), checkpoint_text, provider,
                     urlsplit(endpoint).hostname or endpoint, model, engine, socket.gethostname(),

@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS runs (
     start_error INTEGER NOT NULL DEFAULT 0,
     start_invalid INTEGER NOT NULL DEFAULT 0,
     start_cached_tokens INTEGER NOT NULL DEFAULT 0,
+    start_cached_saved_pico INTEGER NOT NULL DEFAULT 0,
     recovered_by TEXT,                  -- the run that closed this record from the journal
     cached_tokens INTEGER NOT NULL DEFAULT 0,      -- prompt tokens served from the prompt cache
     cached_saved_pico INTEGER NOT NULL DEFAULT 0,  -- what they cost less than at the input price
@@ -139,6 +140,7 @@ class Snapshot(NamedTuple):
     error: int = 0
     invalid: int = 0
     cached_tokens: int = 0  # of the prompt tokens, served from the server's prompt cache
+    cached_saved_pico: int = 0  # what they saved, each row at the prices it was answered at
 
     @classmethod
     def of(cls, totals: Mapping[str, Any]) -> Snapshot:
@@ -151,6 +153,7 @@ class Snapshot(NamedTuple):
             int(totals["error"]),
             int(totals.get("invalid", 0)),
             int(totals.get("cached_tokens", 0)),
+            int(totals.get("cached_saved_pico", 0)),
         )
 
 
@@ -189,6 +192,7 @@ ADDED = {
     "cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
     "priced": "INTEGER NOT NULL DEFAULT 1",
     "start_cached_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "start_cached_saved_pico": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -316,7 +320,7 @@ def recover(
     """
     open_ = conn.execute(
         "SELECT run_id, host, pid, pid_start, started_at, start_spent_pico, start_prompt_tokens, "
-        "start_completion_tokens, start_ok, start_error, start_invalid, start_cached_tokens, requests FROM runs "
+        "start_completion_tokens, start_ok, start_error, start_invalid, start_cached_tokens, start_cached_saved_pico, requests FROM runs "
         "WHERE checkpoint = ? AND ended_at IS NULL ORDER BY started_at",
         (checkpoint,),
     ).fetchall()
@@ -325,19 +329,19 @@ def recover(
         return 0
     later = conn.execute(
         "SELECT started_at, start_spent_pico, start_prompt_tokens, start_completion_tokens, start_ok, "
-        "start_error, start_invalid, start_cached_tokens FROM runs WHERE checkpoint = ? AND ended_at IS NOT NULL "
+        "start_error, start_invalid, start_cached_tokens, start_cached_saved_pico FROM runs WHERE checkpoint = ? AND ended_at IS NOT NULL "
         "AND started_at > ? ORDER BY started_at",
         (checkpoint, dead[0][4]),
     ).fetchall()
-    starts = sorted([(r[4], Snapshot(*r[5:12])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
+    starts = sorted([(r[4], Snapshot(*r[5:13])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
     now_at = time.time()
     for r in dead:
-        began, start = r[4], Snapshot(*r[5:12])
+        began, start = r[4], Snapshot(*r[5:13])
         nxt = next(((t, s) for t, s in starts if t > began), (now_at, now))
         last = nxt[0] == now_at
         end = sent.discarded if last and sent.discarded is not None else nxt[1]
         delta = Snapshot(*(max(b - a, 0) for a, b in zip(start, end, strict=True)))
-        requests = int(r[12])  # its last progress
+        requests = int(r[13])  # its last progress
         if last and sent.last is not None:
             requests = max(requests, sent.last)
         elif sent.between is not None:
@@ -345,12 +349,12 @@ def recover(
         conn.execute(
             "UPDATE runs SET ended_at = ?, message = ?, rows_ok = ?, rows_error = ?, rows_invalid = ?, "
             "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
-            "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0), cached_tokens = ? WHERE run_id = ?",
+            "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0), cached_tokens = ?, cached_saved_pico = ? WHERE run_id = ?",
             (
                 nxt[0], "killed: recorded from the journal by the next run of its output",
                 delta.ok, delta.error, delta.invalid, requests, delta.prompt_tokens, delta.completion_tokens,
                 delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, delta.spent_pico,
-                delta.cached_tokens, r[0],
+                delta.cached_tokens, delta.cached_saved_pico, r[0],
             ),
         )  # fmt: skip
     return len(dead)

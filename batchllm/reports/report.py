@@ -313,8 +313,12 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
 
 
 def _cached_saved(cached_tokens: int, summary: dict[str, Any]) -> str | None:
-    """What the prompt cache saved against the input price, at the prices the run summary names
-    (None without a cached price: a fleet's summary names none, its endpoints' are their own)."""
+    """What the prompt cache saved against the input price: the summary's, each row's at the
+    prices it was answered at; from a summary of other rows (none), at the prices it names (None
+    without a cached price: a fleet's summary names none, its endpoints' are their own)."""
+    tokens = summary.get("tokens") or {}
+    if cached_tokens and tokens.get("cached") == cached_tokens and tokens.get("cached_saved_usd") is not None:
+        return str(tokens["cached_saved_usd"])
     prices = Prices.from_dict(summary.get("prices"))
     if not cached_tokens or prices is None or prices.cached_input_per_million is None:
         return None

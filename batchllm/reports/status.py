@@ -12,7 +12,7 @@ from ..engine.lock import holder
 from ..engine.outside import SEEN, Outside
 from ..engine.summary import PLAY_MONEY, prompt_cache_line
 from ..errors import JobError
-from ..pricing import format_usd
+from ..pricing import format_usd, rows_saving
 from .pilot import pilot_journals
 
 
@@ -120,7 +120,7 @@ def journal_status(directory: Path) -> str:
             prompt_cache_line(
                 t["cached_tokens"],
                 t["prompt_tokens"],
-                None if discount is None else t["cached_tokens"] * discount,
+                rows_saving(t["cached_saved_pico"], t["cached_unkept"], discount),
             )
         )
     for name, rows, ok, error, pico, latency in endpoints:  # a fleet's run (engine/router.py)
