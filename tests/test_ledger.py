@@ -24,7 +24,7 @@ from batchllm.pricing import parse_usd, usd_text
 from batchllm.reports.spend import build_spend
 
 from .conftest import TEST_KEY, prompts_csv, run_cli, spawn, summary_of, write_csv
-from .test_prompt_cache import BILL, job_args
+from .test_prompt_cache import BILL, MINI, job_args, pico
 from .test_resume import _wait_for_rows
 
 
@@ -846,8 +846,9 @@ def test_bad_input_found_mid_run_is_recorded_with_its_exit_code(sandbox, tmp_pat
 
 def test_a_killed_runs_cached_tokens_are_recorded_from_the_journal(sandbox_factory, tmp_path: Path) -> None:
     """A run killed halfway through a job whose prompts share a cached prefix: the next run of its
-    output closes its record from the journal with its cached prompt tokens, as with its tokens
-    and cost, so the output's runs add up to the output's cached tokens."""
+    output closes its record from the journal with its cached prompt tokens and what they saved,
+    as with its tokens and cost, so the output's runs add up to the output's cached tokens and
+    saving, and spend's total adds it (the saving was $0 for the killed run)."""
     box = sandbox_factory(latency=0.2, prices=BILL)
     ledger, out = tmp_path / "ledger.db", tmp_path / "out.parquet"
     args = [*job_args(tmp_path, 400, "out.parquet", "--concurrency", "8"), "--ledger", str(ledger),
@@ -855,10 +856,17 @@ def test_a_killed_runs_cached_tokens_are_recorded_from_the_journal(sandbox_facto
     _kill_after(args, box.openai_env(), tmp_path / "out.parquet.batchllm" / "journal.sqlite", 40)
     result = run_cli(args, env=box.openai_env())
     assert result.exit_code == 0, result.output
-    runs = _spend(ledger, "--runs")["runs"]
+    spend = _spend(ledger, "--runs")
+    runs = spend["runs"]
     assert [r["killed"] for r in runs] == [True, False]
     assert runs[0]["cached_tokens"] >= 1024
-    assert sum(r["cached_tokens"] for r in runs) == summary_of(out)["tokens"]["cached"] > 0
+    summary = summary_of(out)
+    assert sum(r["cached_tokens"] for r in runs) == summary["tokens"]["cached"] > 0
+    discount = MINI.input_pico - MINI.cached_input_pico
+    assert pico(runs[0]["cached_saved_usd"]) == runs[0]["cached_tokens"] * discount
+    saved = pico(summary["tokens"]["cached_saved_usd"])  # the requests lost in the kill: not in it
+    assert sum(pico(r["cached_saved_usd"]) for r in runs) == saved == summary["tokens"]["cached"] * discount
+    assert pico(spend["prompt_cache"]["saved_usd"]) == saved
 
 
 def _spend_text(ledger: Path, *args: str) -> str:

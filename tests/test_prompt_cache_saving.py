@@ -14,7 +14,6 @@ import orjson
 from batchllm.pricing import format_usd, load_models
 
 from .conftest import read_output, run_cli, spawn, summary_of, write_csv
-from .test_ledger import _kill_after, _spend
 from .test_openai_batch import answer_batch
 from .test_prompt_cache import BILL, MINI, job_args, long_system, pico
 from .test_resume import _wait_for_rows
@@ -41,32 +40,6 @@ def test_a_reply_from_the_response_cache_saved_what_it_cost_when_paid(
     assert c2["this_run"]["cache_hits"] == 40 and box.sandbox.stats["requests"] == 40  # nothing sent
     assert pico(c2["this_run"]["cache_saved_usd"]) == pico(c1["cost_usd"]["total"])
     assert f"this run's cache hits saved ${c1['cost_usd']['total']}" in second.output
-
-
-def test_a_killed_runs_record_keeps_its_prompt_cache_saving(sandbox_factory: Any, tmp_path: Path) -> None:
-    """SIGKILLed halfway, the run's record closed by the next run of its output carries what its
-    cached prompt tokens saved, as read from the journal's rows, and spend's total adds it."""
-    box = sandbox_factory(latency=0.2, prices=BILL)
-    ledger, out = tmp_path / "ledger.db", tmp_path / "out.parquet"
-    args = [*job_args(tmp_path, 300, "out.parquet", "--concurrency", "8"), "--ledger", str(ledger),
-            "--cache", "off", "--progress", "none"]  # fmt: skip
-    _kill_after(args, box.openai_env(), tmp_path / "out.parquet.batchllm" / "journal.sqlite", 40)
-    result = run_cli(args, env=box.openai_env())
-    assert result.exit_code == 0, result.output
-    spend = _spend(ledger, "--runs")
-    runs = spend["runs"]
-    assert [r["killed"] for r in runs] == [True, False]
-    discount = MINI.input_pico - MINI.cached_input_pico
-    assert runs[0]["cached_tokens"] >= 1024
-    assert pico(runs[0]["cached_saved_usd"]) == runs[0]["cached_tokens"] * discount
-    summary = summary_of(out)
-    saved = summary["tokens"]["cached_saved_usd"]  # the requests lost in the kill: not in it
-    assert (
-        sum(pico(r["cached_saved_usd"]) for r in runs)
-        == pico(saved)
-        == summary["tokens"]["cached"] * discount
-    )
-    assert pico(spend["prompt_cache"]["saved_usd"]) == pico(saved)
 
 
 def _row_saving(rows: list[dict[str, Any]], input_pico: int, cached_pico: int) -> int:
