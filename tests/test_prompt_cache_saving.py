@@ -1,7 +1,7 @@
 """What the caches saved, end to end: a reply the response cache serves saved what it cost when it
-was paid (its cached prompt tokens at the cached price), a killed run's ledger record keeps its
-prompt-cache saving, and the prompt cache's saving is each row's at the prices it was answered at
-(a run resumed at another cached price, a batch imported at the batch's prices)."""
+was paid (its cached prompt tokens at the cached price), and the prompt cache's saving is each
+row's at the prices it was answered at (a run resumed at another cached price, a batch imported
+at the batch's prices). A killed run's ledger record keeps its saving: test_ledger.py."""
 
 from __future__ import annotations
 
