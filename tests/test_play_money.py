@@ -190,6 +190,21 @@ def test_a_batchs_real_answers_never_mix_with_the_sandboxs(sandbox_factory, tmp_
     rest = live(out, real)  # the real server answers the two left
     assert rest.exit_code == 0 and "2 to send (198 already done)" in rest.output, rest.output
 
+    # Imported under other settings, every reply is refused as changed, no row answered, the
+    # replies' cost counted in the output's: still a real server's money.
+    changed = tmp_path / "changed.parquet"
+    other = ["--max-tokens", "32"]
+    imported = run_cli(
+        ["import-batch", str(results), str(errors), *JOB, *other, "-o", str(changed), *BATCH_PRICES]
+    )
+    assert imported.exit_code == 0 and "differ" in imported.output, imported.output
+    refused = run_cli(
+        ["run", *JOB, *other, "-o", str(changed), "--rpm", "0", *LIVE_PRICES], env=sandbox.openai_env()
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "changed.parquet holds replies paid for from a real server" in refused.stderr
+    assert sandbox.count() == sent
+
     play_out = tmp_path / "play.parquet"
     assert live(play_out, sandbox).exit_code == 0
     into_play = run_cli(["import-batch", str(results), str(errors), *JOB, "-o", str(play_out), *BATCH_PRICES])

@@ -95,6 +95,10 @@ def test_imported_rows_keep_their_batch_saving_after_a_live_run(sandbox_factory:
     assert imported.exit_code == 0, imported.output
     batch_saving = _row_saving(read_output(out).to_pylist(), batch.input_pico, batch.cached_input_pico)
     assert batch_saving > 0 and pico(summary_of(out)["tokens"]["cached_saved_usd"]) == batch_saving
+    # The import's ledger record says so too (it said 0 cached tokens, $0.00 saved).
+    (record,) = orjson.loads(run_cli(["spend", "--runs", "--format", "json"]).output)["runs"]
+    assert record["cached_tokens"] == summary_of(out)["tokens"]["cached"] > 0, record
+    assert pico(record["cached_saved_usd"]) == batch_saving
     more = job_args(tmp_path, 50, "out.parquet", "--concurrency", "4", "--cache", "off")  # 20 more rows, live
     result = run_cli(more, env=box.openai_env())
     assert result.exit_code == 0, result.output

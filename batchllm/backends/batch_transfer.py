@@ -120,7 +120,7 @@ def import_batch(
         if discarded := restart_notice(job):
             warn(discarded)
         journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
-        imported_answers_are_real(journal, job.output, sum(e.status != "error" for e in entries.values()))
+        imported_answers_are_real(journal, job.output, bool(entries or splits or lines))
         start = Snapshot.of(journal.totals())
         # The ledger names who answered: the fleet endpoint the file went to, else the job's.
         answered = (via.provider, via.endpoint, via.model.name) if via else (provider.name, "", p.model.name)
@@ -179,6 +179,8 @@ def import_batch(
                     stats.prompt_tokens += e.prompt_tokens or 0
                     stats.completion_tokens += e.completion_tokens or 0
                     stats.cost_pico += (e.input_cost_pico or 0) + (e.output_cost_pico or 0)
+                    stats.cached_tokens += e.cached_tokens or 0  # the ledger's (spend) figures too
+                    stats.cached_saved_pico += e.cached_saved_pico or 0
 
             def summary(t: Totals | None, code: ExitCode | None) -> dict[str, Any]:
                 out = build_summary(p, t, stats, None, None, started, code, [], journal, command)

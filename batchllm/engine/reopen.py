@@ -160,9 +160,10 @@ async def refuse_mixed_answers(journal: Journal, clients: list[Client], output: 
     before = journal.get_meta(SANDBOX_ANSWERS)
     answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
     now = bool(play) if play or real else None  # None: servers here that did not say what they are
-    if before is None or not answered or now is None or now == before:
+    # Paid with no row answered (replies refused as changed, counted in the output's cost): theirs too.
+    if before is None or now is None or now == before or not (answered or journal.spent_pico()):
         return
-    rows = plural(answered, "answered row")
+    rows = plural(answered, "answered row") if answered else "replies paid for"
     if before:
         raise JobError(
             f"{output} holds {rows} from batchllm's sandbox (play money, not the model's answers); "
@@ -175,7 +176,7 @@ async def refuse_mixed_answers(journal: Journal, clients: list[Client], output: 
     )
 
 
-def imported_answers_are_real(journal: Journal, output: Path, answers: int) -> None:
+def imported_answers_are_real(journal: Journal, output: Path, answers: bool) -> None:
     """A batch API's results are a real server's answers: refuse to put them beside the
     sandbox's, and mark the journal as holding real ones, so a served sandbox run on the same
     output after the import is refused as it is after a real run (``refuse_mixed_answers``).
