@@ -14,7 +14,7 @@ import pytest
 from batchllm.sandbox import WORDS as _WORDS
 from batchllm.tokens import get_counter
 
-from .conftest import BIN, PAGE_EXAMPLE
+from .conftest import BIN, PAGE_EXAMPLE, ROOT
 
 MODEL = "meta/llama-3.1-70b-instruct"
 
@@ -217,10 +217,16 @@ def test_slots_without_props_and_a_client_that_gives_up(sandbox_factory) -> None
         (["--jitter", "5"], "'--jitter'"),
         (["--reply-tokens", "50-10"], "--reply-tokens '50-10'"),
         (["--fail-5xx", "2"], "--fail-5xx must be a share"),
+        (
+            ["--fleet", "jobs/fleets/three_endpoints.toml", "--port", "65535"],
+            "3 endpoints need ports up to 65535",
+        ),
+        (["--port-file", "/nonexistent-folder/port"], "--port-file /nonexistent-folder/port: no folder"),
+        (["--write-fleet", "served.toml"], "--write-fleet writes the served fleet's file: give --fleet too"),
     ],
 )
 def test_bad_sandbox_flags_are_one_line_before_it_listens(args: list[str], named: str) -> None:
-    done = subprocess.run([str(BIN), "sandbox", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(BIN), "sandbox", *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2, done.stderr
     assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "listening" not in done.stderr

@@ -263,6 +263,11 @@ def sandbox_cmd(
     ]
     if rates:
         return fail(f"--{rates[0].replace('_', '-')} must be a share from 0 to 1")
+    for flag, path in (("--port-file", port_file), ("--write-fleet", write_fleet)):
+        if path is not None and not path.parent.is_dir():  # said before listening, not as a bind error
+            return fail(f"{flag} {path}: no folder {path.parent}")
+    if write_fleet is not None and fleet is None:
+        return fail("--write-fleet writes the served fleet's file: give --fleet too")
     if options["api_key"] is None:
         options.pop("api_key")
     config = SandboxConfig(reply_tokens=tokens, require_key=not no_auth, marked=True, **options)
@@ -292,10 +297,15 @@ def sandbox_cmd(
 
 
 async def _serve_fleet(path: Path, out: Path | None, config: Any, host: str, port: int) -> None:
+    from ..errors import JobError
     from ..fleet import fleet_toml, load_fleet
     from ..sandbox.fleet import SandboxFleet, serve_fleet
 
     endpoints = tuple(load_fleet(path))
+    if port and port + len(endpoints) - 1 > 65535:  # one port an endpoint, from --port on
+        raise JobError(
+            f"--port {port}: {len(endpoints)} endpoints need ports up to 65535; give a lower one, or 0"
+        )
 
     def ready(served: SandboxFleet) -> None:
         for e in served.endpoints:
