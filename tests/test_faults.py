@@ -105,6 +105,12 @@ def test_rejected_rows_are_recorded_and_the_run_completes(sandbox_factory, tmp_p
     table = pq.read_table(out).to_pylist()
     assert table[12]["status"] == "ok" and table[9]["status"] == "error", again.output
     assert box.count() == 18
+    # Left: one row over the window alone, for which no --max-tokens is advised.
+    assert (
+        "1 row over the context window with max_tokens 8, not sent: each prompt alone is over it"
+        in again.output
+    )
+    assert "a lower --max-tokens" not in again.output
 
 
 def test_api_rejections_are_recorded_with_the_api_message(sandbox_factory, tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ def format_bytes(job: Job) -> int:
     return len(orjson.dumps(Formats(job.labeling).row))
 
 
+ALONE = "no max_tokens makes room"  # a prompt over the window by itself (output.py counts them)
+
+
 class Rejection(NamedTuple):
     error_class: str
     message: str
@@ -134,7 +137,7 @@ class Admission:
             return Rejection(
                 "ContextWindowExceeded",
                 f"{prompt_tokens:,} prompt tokens are over {self.model_name}'s context window of "
-                f"{self.window:,} alone: no max_tokens makes room (not sent; shorten the prompt)",
+                f"{self.window:,} alone: {ALONE} (not sent; shorten the prompt)",
             )
         if self.window is not None and prompt_tokens + max_tokens > self.window:
             return Rejection(

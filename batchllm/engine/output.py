@@ -26,6 +26,7 @@ from ..pricing import Prices, cached_saving, rows_saving, to_usd
 from ..records import Entry
 from ..review.verdicts import has_reviews, review_columns, review_fields, reviews_for
 from . import counts
+from .admission import ALONE
 from .journal import Journal
 from .journal_schema import TRANSIENT_CLASSES
 from .outside import Outside, count
@@ -82,6 +83,7 @@ class Totals:
         self.invalid = 0  # labeling rows whose answers never validated
         self.no_prompt = 0  # errors that are rows with nothing to send (prompts.py): never sent
         self.over_window = 0  # errors refused before sending: prompt + max_tokens over the window
+        self.over_window_alone = 0  # of them, the prompt alone over it: no max_tokens sends them
         self.transient = 0  # errors the server caused (5xx, timeouts...): the next run sends them
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
@@ -103,6 +105,23 @@ class Totals:
         at; a row that kept no saving (an older journal's) at ``prices``, None without them."""
         discount = None if prices is None else cached_saving(prices, 1)
         return rows_saving(self.cached_saved_pico, self.cached_unkept, discount)
+
+    def refused_advice(self, labeling: Labeling | None, max_tokens: int) -> str:
+        """What sends the rows refused before sending (each time alike: a setting is what to change)."""
+        n = counts.plural(self.over_window, "row")
+        if not self.over_window:
+            return ""
+        if labeling is not None and labeling.pack > 1 and labeling.pack_tokens:
+            return (
+                f"; {n} too long for a pack of --pack-tokens, not sent: a higher --pack-tokens with "
+                "--retry-errors, or a lower --max-tokens, sends them"
+            )
+        if self.over_window_alone == self.over_window:
+            return f"; {n} over the context window with max_tokens {max_tokens:,}, not sent: each prompt alone is over it (shorten them)"
+        return (
+            f"; {n} over the context window with max_tokens {max_tokens:,}, not sent: a lower --max-tokens "
+            "sends those whose prompt alone fits (the error column says which)"
+        )
 
     def cost_or_none(self, pico: int) -> int | None:
         """A cost total, or None when no answered row had a price."""
@@ -219,6 +238,7 @@ def _result_columns(
             totals.error += 1
             totals.no_prompt += e.error_class == "NoPrompt"
             totals.over_window += e.error_class == "ContextWindowExceeded"
+            totals.over_window_alone += e.error_class == "ContextWindowExceeded" and ALONE in (e.error or "")
             totals.transient += e.error_class in TRANSIENT_CLASSES
         elif e.status == "invalid":
             totals.invalid += 1

@@ -53,18 +53,7 @@ def build_summary(
                 + ([f"{empty:,} without a prompt (not sent)"] if empty else [])
             )
             + " (see the error column)"
-            + (  # refused before sending, each time alike: the setting is what to change
-                (
-                    f"; {plural(totals.over_window, 'row')} too long for a pack of --pack-tokens, not "
-                    "sent: a higher --pack-tokens with --retry-errors, or a lower --max-tokens, sends them"
-                    if job.labeling is not None and job.labeling.pack > 1 and job.labeling.pack_tokens
-                    else f"; {plural(totals.over_window, 'row')} over the context window with max_tokens "
-                    f"{job.max_tokens:,}, not sent: a lower --max-tokens sends those whose prompt alone fits "
-                    "(the error column says which)"
-                )
-                if totals.over_window
-                else ""
-            )
+            + totals.refused_advice(job.labeling, job.max_tokens)
             + (
                 f"; {plural(totals.transient, 'row')} failed for the server's reasons (5xx, timeouts, "
                 "no connection): the same command sends them again"
