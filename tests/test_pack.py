@@ -425,7 +425,10 @@ def test_rows_too_long_for_the_pack_tokens_say_what_sends_them(sandbox, tmp_path
     huge = write_csv(tmp_path / "huge.csv", [{"id": "r0", "text": "x " * 25_000}, {"id": "r1", "text": "ok"}])
     over = run_labels(sandbox, huge, tmp_path / "h.parquet", "--pack", "5")
     assert over.exit_code == 1, over.output
-    assert "1 row over the context window with max_tokens 16, not sent: each prompt alone is over it" in over.output
+    assert (
+        "1 row over the context window with max_tokens 16, not sent: each prompt alone is over it"
+        in over.output
+    )
 
 
 def test_estimate_cuts_packs_by_pack_tokens_as_the_run_does(sandbox_factory, tmp_path: Path) -> None:
