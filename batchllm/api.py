@@ -23,8 +23,9 @@ from .errors import BatchLLMError, ExitCode
 from .folders import made_note, make_folders
 from .job import Job
 from .notify import notify
-from .reports.estimate import Observed, pilot_positions
+from .reports.estimate import pilot_positions
 from .reports.eval import pilot_accuracy
+from .reports.expected import Observed
 from .reports.pilot import pilot_dir, recommend, size_line
 from .sandbox import SandboxConfig, endpoint_for, start_sandbox
 from .sandbox.fleet import sandbox_fleet

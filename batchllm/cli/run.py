@@ -221,7 +221,7 @@ def _fleet_plan(job: Job, deadline: str | None, from_run: Path | None, observed:
     """``estimate --fleet F [--deadline D]``: the plan (reports/fleet_plan.py)."""
     from ..fleet import deadline_note, fleet_problems, parse_deadline
     from ..reports.compare import observed_of
-    from ..reports.estimate import completions_of_run
+    from ..reports.expected import completions_of_run
     from ..reports.fleet_plan import format_plan, plan
 
     assert job.fleet is not None

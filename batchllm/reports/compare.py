@@ -21,7 +21,8 @@ from ..errors import JobError
 from ..job import Job
 from ..pricing import Model, Prices, cost, load_models, usd_text
 from ..providers import get_provider
-from .estimate import Observed, estimate
+from .estimate import estimate
+from .expected import Observed
 from .tables import grid
 
 

@@ -4,7 +4,7 @@ The input is streamed once; each batch's prompts are rendered exactly as ``run``
 counted with the model family's tokenizer (tokens.py: exact for Llama 3.x, so the estimated prompt
 tokens equal what the API will bill) and admitted by the same rules (engine/plan.py). Completion tokens are unknown before a run: the worst case prices every row at
 ``max_tokens`` (a request file's line at its own, as run reserves it); ``--from-run`` prices them at the completion lengths a previous run observed (mean,
-with a 95% interval for the total). A labeling job's worst case is every request a row may take:
+with a 95% interval for the total; expected.py, as for a pilot's rows). A labeling job's worst case is every request a row may take:
 each of ``--samples`` asked and re-asked ``--reask`` times, every re-ask's prompt grown by the
 model's answer (``max_tokens``) and the longest feedback, every reply ``max_tokens`` long; its
 expected cost and time use the requests per row a pilot or a previous run observed. Per-row counts are kept as a compact int32 array (4 bytes a
@@ -13,15 +13,12 @@ row) for the percentiles, so memory stays flat in practice.
 
 from __future__ import annotations
 
-import math
 import random
 import sqlite3
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..engine.admission import Admission
 from ..engine.checks import Prepared, prepare
@@ -36,19 +33,12 @@ from ..pricing import cost, usd_text
 from ..prompts import PromptBatch
 from ..records import Message
 from ..tokens import TokenCounter, counter_for
+from .expected import Observed, completions_of_run, expected_figures
 from .pack_estimate import packed_figures
 from .prompt_scale import pilot_pairs, prompt_scale, server_cached
 
 MAX_LISTED = 20
 PER_MESSAGE = 4  # a chat turn's header and end tokens (Llama 3 template, tokens.py)
-
-
-class Observed(NamedTuple):
-    """What finished rows of this job (a pilot's, or a previous run's) say: per row, completion
-    tokens (all its requests) and requests made."""
-
-    completions: Sequence[float]
-    requests: Sequence[float]
 
 
 def reask_growth(labeling: Labeling, counter: TokenCounter, max_tokens: int) -> int:
@@ -266,41 +256,15 @@ def estimate(job: Job, from_run: Path | None = None, observed: Observed | None =
         observed = completions_of_run(from_run)
         result["expected_from"] = f"the run in {from_run}"
     if observed is not None and model.prices is not None and prompt_cost is not None:
-        # A row's requests as observed (a labeling row's re-asks and samples), the first request's
-        # exact prompt cost for each of them; no more than the worst case allows.
-        # At the cache's projected price when the server caches the shared prefix (each re-ask
-        # and sample repeats it too), and spread as much as the rows' requests were.
         # A guessed count is scaled by what the server counted for the rows it answered.
-        asked = np.asarray(observed.requests or [1.0], dtype=np.float64)
-        mean_requests = min(float(asked.mean()), per_row)
-        result["requests"]["expected_per_row"] = round(mean_requests, 3)
-        scale = prompt_scale(pairs) if packed is None else None
-        ratio, ratio_sd = (scale.ratio, scale.sd) if scale is not None else (1.0, 0.0)
-        if scale is not None:
-            result["prompt_scale"] = scale.as_dict()
-        first_cost = (with_cache if with_cache is not None else prompt_cost) * ratio
-        spread = float(asked.std(ddof=1)) if asked.size > 1 else 0.0
-        row_sd = math.hypot(spread, ratio_sd / ratio * max(mean_requests, 1.0)) if ratio else spread
-        result["cost_usd"].update(
-            _expected(
-                np.asarray(observed.completions, dtype=np.float64),
-                rows_sent,
-                (round(first_cost * max(mean_requests, 1.0)), round(first_cost * row_sd / max(rows_sent, 1))),
-                model.prices.output_pico,
-                mt * per_row if replies is None else replies.astype(np.int64) * per_row,
-            )
-        )
-        first_prompt = packed["prompt_tokens"] if packed is not None else prompt_tokens
-        result["tokens_expected"] = {
-            "prompt": round(first_prompt * ratio * max(mean_requests, 1.0)),
-            "completion": result["cost_usd"].pop("expected_completion_tokens"),
-        }
-        sent = packed["requests"] if packed is not None else rows_sent  # a pack is one request
-        expected = [sent * max(mean_requests, 1.0) / rpm] if rpm else []
-        if tpm:
-            expected.append(sum(result["tokens_expected"].values()) / tpm)
-        if expected:
-            result["time"]["expected_minutes"] = round(max(expected), 1)
+        expected_figures(
+            observed, result, rows_sent=rows_sent, per_row=per_row,
+            sent=packed["requests"] if packed is not None else rows_sent,  # a pack is one request
+            first_cost=with_cache if with_cache is not None else prompt_cost,
+            first_prompt=packed["prompt_tokens"] if packed is not None else prompt_tokens,
+            scale=prompt_scale(pairs) if packed is None else None, out_pico=model.prices.output_pico,
+            caps=mt * per_row if replies is None else replies.astype(np.int64) * per_row, rpm=rpm, tpm=tpm,
+        )  # fmt: skip
     return result
 
 
@@ -320,20 +284,6 @@ def projected_cache(p: Prepared, prefix: tuple[Message, ...], requests: int) -> 
     cacheable = tokens // step * step
     cold = 1 if p.job.warmup else p.job.concurrency
     return {"prefix_tokens": cacheable, "cached_tokens": cacheable * max(0, requests - cold)}
-
-
-def completions_of_run(path: Path) -> Observed:
-    try:
-        table = pq.read_table(path, columns=["status", "completion_tokens", "attempts"])
-    except (OSError, ValueError) as exc:
-        raise JobError(f"--from-run {path}: cannot read it ({exc})") from None
-    ok = table.filter(table.column("status").to_numpy(zero_copy_only=False) != "pending")
-    ok = ok.filter(ok.column("completion_tokens").is_valid())
-    values = [int(v) for v in ok.column("completion_tokens").to_pylist()]
-    if not values:
-        raise JobError(f"--from-run {path}: no answered rows to learn completion lengths from")
-    # A row answered needed a request, even one the cache or an identical row answered here.
-    return Observed(values, [max(1, int(v or 0)) for v in ok.column("attempts").to_pylist()])
 
 
 def pilot_positions(rows: int, n: int, seed: int = 0) -> frozenset[int]:
@@ -395,35 +345,3 @@ def record_estimate(job: Job, result: dict[str, Any]) -> bool:
 
 def _same(values: np.ndarray) -> bool:
     return values.size == 0 or bool((values == values[0]).all())
-
-
-def _expected(
-    observed: np.ndarray, rows: int, prompt: tuple[int, int], out_pico: int, caps: int | np.ndarray
-) -> dict[str, Any]:
-    """Expected cost: ``prompt`` is the batch's expected prompt cost and the standard deviation
-    of a row's (from its requests'); ``caps``: a row's most completion tokens, one for all or
-    each row's own (a request file's lines), which no row's expected length exceeds."""
-    if observed.size == 0:
-        raise JobError("no completed rows to learn completion lengths from")
-    prompt_cost, prompt_sd = prompt
-    if isinstance(caps, int):
-        top, ceiling = caps, rows * caps
-    else:
-        top, ceiling = (int(caps.max()) if caps.size else 0), int(caps.sum())
-    observed = np.minimum(observed, top)
-    mean, sd = float(observed.mean()), float(observed.std(ddof=1)) if observed.size > 1 else 0.0
-    # 95% interval for the batch total: the sum of `rows` draws from the observed distribution.
-    half = 1.96 * sd * math.sqrt(rows) + 1.96 * sd / math.sqrt(observed.size) * rows
-    total = rows * mean if isinstance(caps, int) else float(np.minimum(caps, mean).sum())
-    low, high = math.floor(max(0.0, total - half)), math.ceil(min(ceiling, total + half))
-    # The same interval for the prompt's part, when rows took more requests than others.
-    spread = round(1.96 * prompt_sd * (math.sqrt(rows) + rows / math.sqrt(observed.size)))
-    micro = 10**6  # an estimate is said to the millionth of a dollar: low down, high up
-    return {
-        "expected": usd_text(round((prompt_cost + round(total) * out_pico) / micro) * micro),
-        "expected_low": usd_text((max(0, prompt_cost - spread) + low * out_pico) // micro * micro),
-        "expected_high": usd_text(-(-(prompt_cost + spread + high * out_pico) // micro) * micro),
-        "observed_rows": int(observed.size),
-        "observed_mean_completion_tokens": round(mean, 1),
-        "expected_completion_tokens": round(total),
-    }

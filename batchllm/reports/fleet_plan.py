@@ -26,7 +26,8 @@ from ..errors import JobError
 from ..fleet import FleetEndpoint
 from ..job import Job
 from ..pricing import parse_usd, usd_text
-from .estimate import Observed, estimate
+from .estimate import estimate
+from .expected import Observed
 from .svg import money
 from .tables import grid
 
