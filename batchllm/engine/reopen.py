@@ -59,7 +59,7 @@ def open_journal(
         )
     if journal.resized is not None:
         old, new, reweighed = journal.resized
-        answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+        answered = _answered(journal)
         again = (
             f"; {plural(reweighed, 'row')} refused over the context window weighed again" if reweighed else ""
         )
@@ -107,7 +107,7 @@ def price_change(journal: Journal, prices: Prices | None) -> str | None:
     the output's total mixes both."""
     last = journal.get_meta("last_run") or {}
     before = Prices.from_dict(last.get("prices"))
-    answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+    answered = _answered(journal)
     if before is None or prices is None or before == prices or not answered:
         return None
     return (
@@ -158,7 +158,7 @@ async def refuse_mixed_answers(journal: Journal, clients: list[Client], output: 
             f"play answers would mix with real ones in {output}; run them as two fleets"
         )
     before = journal.get_meta(SANDBOX_ANSWERS)
-    answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+    answered = _answered(journal)
     now = bool(play) if play or real else None  # None: servers here that did not say what they are
     # Paid with no row answered (replies refused as changed, counted in the output's cost): theirs too.
     if before is None or now is None or now == before or not (answered or journal.spent_pico()):
@@ -181,7 +181,7 @@ def imported_answers_are_real(journal: Journal, output: Path, answers: bool) -> 
     sandbox's, and mark the journal as holding real ones, so a served sandbox run on the same
     output after the import is refused as it is after a real run (``refuse_mixed_answers``).
     Refused, the journal is closed: the import stops before anything of it is read."""
-    answered = journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
+    answered = _answered(journal)
     if journal.get_meta(SANDBOX_ANSWERS) and answered:
         journal.close()
         raise JobError(
@@ -190,6 +190,11 @@ def imported_answers_are_real(journal: Journal, output: Path, answers: bool) -> 
         )
     if answers and journal.get_meta(SANDBOX_ANSWERS) is not False:
         journal.set_meta(SANDBOX_ANSWERS, False)
+
+
+def _answered(journal: Journal) -> int:
+    """The rows the journal held answered (ok or invalid) when this run opened it."""
+    return journal.counts_before.get("ok", 0) + journal.counts_before.get("invalid", 0)
 
 
 def _hosts(clients: list[Client]) -> str:

@@ -29,17 +29,17 @@ class PromptScale(NamedTuple):
         return {"ratio": round(self.ratio, 4), "sd": round(self.sd, 4), "rows": self.rows}
 
 
+def _by_server(e: Any) -> bool:
+    """A row the server answered (not batchllm's response cache, not an identical row)."""
+    return e.status in ("ok", "invalid") and e.answered_by is None and not e.cached
+
+
 def pilot_pairs(entries: Mapping[str, Any], guesses: Mapping[str, int]) -> list[tuple[int, int]]:
     """(guessed, billed) prompt tokens of the rows a server answered in one request."""
     return [
         (guesses[row_id], int(e.prompt_tokens))
         for row_id, e in entries.items()
-        if e.status in ("ok", "invalid")
-        and e.attempts == 1
-        and e.prompt_tokens
-        and e.answered_by is None
-        and not e.cached
-        and guesses.get(row_id, 0) > 0
+        if _by_server(e) and e.attempts == 1 and e.prompt_tokens and guesses.get(row_id, 0) > 0
     ]
 
 
@@ -55,9 +55,5 @@ def prompt_scale(pairs: list[tuple[int, int]]) -> PromptScale | None:
 
 def server_cached(entries: Mapping[str, Any]) -> tuple[int, int]:
     """(rows the server answered, their cached prompt tokens)."""
-    answered = [
-        e
-        for e in entries.values()
-        if e.status in ("ok", "invalid") and e.answered_by is None and not e.cached
-    ]
+    answered = [e for e in entries.values() if _by_server(e)]
     return len(answered), sum(e.cached_tokens or 0 for e in answered)
