@@ -213,6 +213,27 @@ def test_max_runtime_exits_75_and_the_next_run_finishes(sandbox_factory, tmp_pat
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"ok": 300}
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--log-format", "json", "--no-such-flag"], "--no-such-flag"),
+        (["--concurrency", "many", "--log-format=json"], "'--concurrency'"),
+        (["--log-format", "json", "--job", "missing.toml"], "missing.toml"),
+    ],
+)
+def test_json_logs_cover_a_command_line_that_cannot_be_read(
+    tmp_path: Path, flags: list[str], named: str
+) -> None:
+    """A scheduler that asked for JSON logs gets JSON even when click refuses the line."""
+    src = prompts_csv(tmp_path / "in.csv", 3)
+    proc = spawn(["run", str(src), "-o", str(tmp_path / "out.parquet"), *flags], cwd=tmp_path)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    events = [json.loads(line) for line in stderr.splitlines()]
+    assert len(events) == 1 and events[0]["event"] == "error" and named in events[0]["message"], stderr
+    assert not (tmp_path / "out.parquet").exists()
+
+
 def test_json_logs_and_the_key_never_appears(sandbox_factory, tmp_path: Path) -> None:
     key = "sk-DISTINCTIVE-7f3a9c2e1b"
     box = sandbox_factory(api_key=key)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from click.testing import Result
 
+from batchllm.engine.journal import Journal
+
 from .conftest import ROOT, prompts_csv, run_cli, summary_of
 from .test_fleet import _live_fleet
 from .test_openai_batch import BATCH_PRICES, JOB, LIVE_PRICES, answer_batch
@@ -41,6 +43,10 @@ def test_sandbox_answers_never_mix_with_real_ones_in_one_output(sandbox_factory,
         in (refused.stderr)
     )
     assert sandbox.count() == sent  # nothing sent
+    # The refused run is not the one to resume with: `status` keeps the last run that ran.
+    journal = Journal.open_readonly(real_out.with_name(real_out.name + ".batchllm"))
+    assert journal.get_meta("last_run")["input"] == str(first)
+    journal.conn.close()
 
     # A sandbox output: a real server may not add its answers to it, until --restart.
     play_out = tmp_path / "play.parquet"

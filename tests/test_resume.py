@@ -168,6 +168,25 @@ def test_outputs_follow_the_umask(sandbox, tmp_path: Path) -> None:
     assert stat.S_IMODE(summary.stat().st_mode) == 0o644
 
 
+def test_restart_says_what_may_have_been_billed_without_a_reply(sandbox_factory, tmp_path: Path) -> None:
+    """Requests given up on (no reply saved) may have been billed: --restart says so when it
+    discards them, even with no answered row (it said nothing)."""
+    box = sandbox_factory(fail_hang=1.0)
+    src = prompts_csv(tmp_path / "in.csv", 3)
+    out = tmp_path / "out.parquet"
+    base = ["run", str(src), "-o", str(out), "--rpm", "0", "--timeout", "0.5", "--max-attempts", "1"]
+    first = run_cli(base, env=box.env())
+    maybe = summary_of(out)["maybe_billed"]
+    assert maybe["requests"] == 3, first.stderr
+    again = run_cli([*base, "--restart"], env=box.env())
+    said = re.findall(
+        r"--restart: discarding the journal of \S+ \(up to "
+        r"\$([\d.]+) maybe billed for 3 requests with no saved reply; --max-cost counts from \$0 again\)",
+        again.stderr,
+    )
+    assert len(said) == 1 and Decimal(said[0]) == Decimal(maybe["worst_case_usd"]), again.stderr
+
+
 def test_changed_template_is_refused_then_restart(sandbox, tmp_path: Path) -> None:
     src = prompts_csv(tmp_path / "in.csv", 20)
     out = tmp_path / "out.parquet"

@@ -217,6 +217,9 @@ def test_slots_without_props_and_a_client_that_gives_up(sandbox_factory) -> None
         (["--jitter", "5"], "'--jitter'"),
         (["--reply-tokens", "50-10"], "--reply-tokens '50-10'"),
         (["--fail-5xx", "2"], "--fail-5xx must be a share"),
+        (["--latency", "nan"], "--latency must be a finite number, got nan"),
+        (["--slot-seconds", "inf"], "--slot-seconds must be a finite number, got inf"),
+        (["--fail-hang", "nan"], "--fail-hang must be a finite number"),
         (
             ["--fleet", "jobs/fleets/three_endpoints.toml", "--port", "65535"],
             "3 endpoints need ports up to 65535",

@@ -105,13 +105,28 @@ def _main() -> int:
     except click.UsageError as exc:
         # One line, like every other error: what is wrong and where to read more.
         command = exc.ctx.command_path if exc.ctx is not None else "batchllm"
-        return fail(f"{exc.format_message()} (see `{command} --help`)", exc.exit_code)
+        return _refuse(f"{exc.format_message()} (see `{command} --help`)", exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except JobError as exc:
-        return fail(str(exc))
+        return _refuse(str(exc), ExitCode.USAGE)
     return code if isinstance(code, int) else 0
+
+
+def _refuse(message: str, code: int) -> int:
+    """An error found while the command line was read: JSON when the line asked for JSON logs,
+    though it could not be read (a scheduler parsing stderr must not meet a plain line)."""
+    args = sys.argv[1:]
+    asked = "--log-format=json" in args or any(
+        a == "--log-format" and b == "json" for a, b in zip(args, args[1:], strict=False)
+    )
+    if asked:
+        from .progress import JsonReporter
+
+        JsonReporter().error(message)
+        return int(code)
+    return fail(message, code)
 
 
 def _leave(code: int) -> NoReturn:

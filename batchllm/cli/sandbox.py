@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,10 @@ def sandbox_cmd(
             raise ValueError
     except ValueError:
         return fail(f"--reply-tokens {reply_tokens!r} must be N or MIN-MAX, from 1 up")
+    # click's FloatRange lets nan and inf through (no comparison with nan is false)
+    endless = next((k for k, v in options.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if endless is not None:
+        return fail(f"--{endless.replace('_', '-')} must be a finite number, got {options[endless]}")
     rates = [
         k
         for k in options

@@ -27,11 +27,9 @@ from .output import read_summary
 DISCARDED = "discarded_by_restart"  # meta: the totals of the journal --restart replaced
 
 
-def open_journal(
-    p: Prepared, command: str, started_at: float, warn: Callable[[str], None], kind: str = "run"
-) -> tuple[Journal, tuple[int, int]]:
+def open_journal(p: Prepared, warn: Callable[[str], None]) -> tuple[Journal, tuple[int, int]]:
     """The run's journal, open, and the requests an earlier run left in flight and their worst
-    case (inflight.py). ``kind``: a run, a pilot (``status`` says how its rest is sent)..."""
+    case (inflight.py)."""
     job = p.job
     before = _totals(job) if job.restart else None  # what --restart discards, read once
     if discarded := restart_notice(job, before):
@@ -85,6 +83,14 @@ def open_journal(
         warn(f"priced the {priced:,} rows done earlier without a price at this run's prices")
     if changed := price_change(journal, prices):
         warn(changed)
+    return journal, (lost, lost_pico)
+
+
+def record_run(p: Prepared, journal: Journal, command: str, started_at: float, kind: str = "run") -> None:
+    """This run, as ``status`` reads it (its command is the one to resume with): written once
+    nothing refuses it (``refuse_mixed_answers``), so a refused command never replaces the last
+    good one. ``kind``: a run, a pilot (``status`` says how its rest is sent)..."""
+    job, prices = p.job, p.model.prices
     journal.set_meta(
         "last_run",
         {
@@ -98,7 +104,6 @@ def open_journal(
             "prices": prices.as_dict() if prices is not None else None,
         },
     )
-    return journal, (lost, lost_pico)
 
 
 def price_change(journal: Journal, prices: Prices | None) -> str | None:
@@ -251,7 +256,9 @@ def _totals(job: Job) -> dict[str, int] | None:
     except (JobError, sqlite3.Error):  # unreadable: discarded all the same, with nothing to say of it
         return None
     try:
-        return journal.totals()  # its costs: rows', and what rows sent again paid before (spend.py)
+        totals = journal.totals()  # its costs: rows', and what rows sent again paid before (spend.py)
+        maybe = journal.maybe_billed()  # and what requests without a saved reply may have cost
+        return {**totals, "maybe_requests": maybe["requests"], "maybe_pico": maybe["worst_pico"]}
     except sqlite3.Error:
         return None
     finally:
@@ -265,9 +272,15 @@ def restart_notice(job: Job, totals: dict[str, int] | None = None) -> str | None
     if not job.restart or (t := totals or _totals(job)) is None:
         return None
     answered, paid = t["ok"] + t["invalid"], t["input_cost_pico"] + t["output_cost_pico"]
-    if not answered:
+    maybe, maybe_pico = t.get("maybe_requests", 0), t.get("maybe_pico", 0)
+    if not answered and not maybe:
         return None
-    return (
-        f"--restart: discarding {plural(answered, 'answered row')} of {job.output} ({format_usd(paid)} "
-        "already paid for them; --max-cost counts from $0 again)"
+    unsaved = (
+        f"up to {format_usd(maybe_pico)} maybe billed for {plural(maybe, 'request')} with no saved reply"
     )
+    if not answered:
+        what = f"the journal of {job.output} ({unsaved}"
+    else:
+        besides = f", and {unsaved}" if maybe else ""
+        what = f"{plural(answered, 'answered row')} of {job.output} ({format_usd(paid)} already paid for them{besides}"
+    return f"--restart: discarding {what}; --max-cost counts from $0 again)"

@@ -46,7 +46,7 @@ from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .refusable import insisted_fields, optional_fields, refusable
-from .reopen import answers_mark, open_journal, refuse_mixed_answers, take_discarded
+from .reopen import answers_mark, open_journal, record_run, refuse_mixed_answers, take_discarded
 from .reuse import Reuse
 from .router import fleet_router
 from .stops import STOP_EXIT, stop_message
@@ -114,7 +114,7 @@ class Run:
                 self.warn(
                     f"took over the lock left by a run that is no longer running ({lock.took_over_from})"
                 )
-            journal, self.lost = open_journal(self.p, self.command, started_at, self.warn, self.kind)
+            journal, self.lost = open_journal(self.p, self.warn)
             try:
                 return await self._execute(journal, endpoint, started_at)
             finally:
@@ -216,6 +216,7 @@ class Run:
             window = None
             clients = [m.client for m in router.members] if router else [client]
             await refuse_mixed_answers(journal, clients, job.output, job.sandbox)  # all play, or all real
+            record_run(p, journal, self.command, self.started_at, self.kind)
             if router is None:  # --concurrency is the ceiling; the server's pace sets the limit
                 probe = p.provider.slots_url(endpoint.url)
                 if (hint := await client.server_slots(probe) if probe else None) is not None:
