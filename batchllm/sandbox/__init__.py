@@ -2,7 +2,8 @@
 
 from collections.abc import Callable
 
-from .core import Sandbox, SandboxConfig
+from .config import SandboxConfig
+from .core import Sandbox
 from .serving import PATHS, endpoint_for, start_sandbox, until_stopped
 from .words import WORDS
 

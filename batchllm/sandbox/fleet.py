@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from ..fleet import FleetEndpoint
-from .core import Sandbox, SandboxConfig
+from .config import SandboxConfig
+from .core import Sandbox
 from .replies import served_models
 from .serving import endpoint_for, start_sandbox, until_stopped
 

@@ -9,7 +9,8 @@ import signal
 from aiohttp import web
 
 from ..pricing import Model
-from .core import Sandbox, SandboxConfig
+from .config import SandboxConfig
+from .core import Sandbox
 
 PATHS = {"dataoorts": "/api/v1", "openai": "/v1"}
 
