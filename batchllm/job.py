@@ -277,16 +277,17 @@ def build_job(
     if kwargs.get("reparse") and kwargs["labeling"] is None:
         raise JobError(f"{where('reparse')}: re-reading stored replies needs --labels or --json-schema")
 
-    if values.get("template") is not None and values.get("template_file") is not None:
-        raise JobError("give --template or --template-file, not both")
-    if values.get("template_file") is not None:
-        template_path = Path(values["template_file"])
-        try:
-            kwargs["template"] = read_text(template_path, "template file")
-        except OSError as exc:
-            raise JobError(f"{template_path}: cannot read the template file: {exc.strerror}") from None
-        if not kwargs["template"].strip():
-            raise JobError(f"{template_path}: the template file is empty")
+    for key, what in (("template", "template"), ("system", "system prompt")):
+        if values.get(key) is not None and values.get(f"{key}_file") is not None:
+            raise JobError(f"give {where(key)} or {where(key + '_file')}, not both")
+        if values.get(f"{key}_file") is not None:  # the text is the setting: a changed file is a change
+            path = Path(values[f"{key}_file"])
+            try:
+                kwargs[key] = read_text(path, f"{what} file")
+            except OSError as exc:
+                raise JobError(f"{path}: cannot read the {what} file: {exc.strerror}") from None
+            if not kwargs[key].strip():
+                raise JobError(f"{path}: the {what} file is empty")
     for key in ("input", "output"):
         if key not in kwargs:
             raise JobError(f"missing {where(key)}: say which file to {'read' if key == 'input' else 'write'}")
@@ -316,13 +317,14 @@ def build_job(
         folders_to_make(kwargs["summary_json"], where("summary_json"))
     limit = provider.max_content_chars
     if limit is not None and kwargs.get("system") is not None and len(kwargs["system"]) > limit:
-        raise JobError(f"{where('system')}: the system prompt is over {limit:,} characters")
+        flag = "system_file" if "system_file" in values else "system"
+        raise JobError(f"{where(flag)}: the system prompt is over {limit:,} characters")
     kwargs.setdefault("max_tokens", provider.default_max_tokens)
     kwargs["model_given"] = "model" in kwargs
     if _is_request_file(kwargs):
         for key in ("template", "system", "prompt_column", "id_column"):
             if key in kwargs:
-                flag = "template_file" if key == "template" and "template_file" in values else key
+                flag = f"{key}_file" if f"{key}_file" in values else key
                 raise JobError(
                     f"{where(flag)}: {kwargs['input']} is a request file: its lines carry their own "
                     "messages and custom_ids"

@@ -77,6 +77,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "template": ("template", v.text),
     "template_file": ("template", _path),  # read below
     "system": ("system", v.text),
+    "system_file": ("system", _path),  # read below
     "id_column": ("id_column", v.text),
     "provider": ("provider", v.choice(*PROVIDERS)),
     "model": ("model", v.text),

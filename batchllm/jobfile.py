@@ -21,6 +21,7 @@ _PATH_KEYS = {
     "input",
     "output",
     "template_file",
+    "system_file",
     "api_key_file",
     "checkpoint",
     "summary_json",

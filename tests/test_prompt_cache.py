@@ -14,7 +14,7 @@ import pytest
 from batchllm.pricing import load_models
 from batchllm.tokens import counter_for, get_counter
 
-from .conftest import read_output, run_cli, summary_of, write_csv
+from .conftest import read_output, run_cli, spawn, summary_of, write_csv
 from .test_openai_batch import answer_batch
 
 MINI = load_models("openai")["gpt-4o-mini"].prices
@@ -482,3 +482,26 @@ def test_a_pilot_on_a_server_that_caches_nothing_expects_no_hit(sandbox_factory:
     paid = pico(summary_of(tmp_path / "nocache.parquet")["cost_usd"]["total"])
     assert paid == box.sandbox.stats["billed_pico"] and box.sandbox.stats["cached_tokens"] == 0
     assert abs(pico(e["cost_usd"]["expected"]) - paid) / paid < 0.05, (e["cost_usd"], paid)
+
+
+def test_a_long_system_prompt_from_a_file_is_sent_whole_and_resumed_by_its_name(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """--system-file: the file's text is the system prompt (cached as --system's is), and the
+    command to resume with names the file: with `--system "$(cat f)"` it held 10 KB of text."""
+    box = sandbox_factory(prices=BILL, keep_bodies=True)
+    instruction = tmp_path / "instruction.txt"
+    instruction.write_text(long_system())
+    args = job_args(tmp_path, 60, "file.parquet", "--concurrency", "8", "--max-cost-per-run", "0.003")
+    args[args.index("--system") : args.index("--system") + 2] = ["--system-file", str(instruction)]
+    stopped = spawn(args, env=box.openai_env())
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 3, err  # the cap stops it part-way: rows are left to resume
+    system = {orjson.loads(b)["messages"][0]["content"] for b in box.sandbox.bodies}
+    assert system == {long_system()}
+    assert box.sandbox.stats["cached_tokens"] > 0
+    said = run_cli(["status", str(tmp_path / "file.parquet")]).output
+    resume = next(line for line in said.splitlines() if line.startswith("resume with: "))
+    assert f"--system-file {instruction}" in resume and len(resume) < 600, resume
+    both = run_cli([*args, "--system", "hi"], env=box.openai_env())
+    assert both.exit_code == 2 and "give --system or --system-file, not both" in both.stderr

@@ -21,7 +21,7 @@ Groups = tuple[tuple[str, tuple[str, ...]], ...]
 # first screen (tests/test_help.py holds that).
 HELP_GROUPS: Groups = (
     ("Input and output", ("job_file", "input_path", "output")),
-    ("Prompt", ("template", "template_file", "system")),
+    ("Prompt", ("template", "template_file", "system", "system_file")),
     ("Model and endpoint", ("provider", "model", "sandbox", "endpoint")),
     (
         "Money",

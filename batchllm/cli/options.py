@@ -85,6 +85,11 @@ PROMPT_OPTIONS = [
         help="Read the template from a file.",
     ),
     click.option("--system", help="System prompt sent with every row."),
+    click.option(
+        "--system-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Read the system prompt from a file (a long instruction: resume lines stay short).",
+    ),
     PROVIDER_OPTION,
     MODEL_OPTION,
     click.option("--max-tokens", type=int, help="Most completion tokens per row.  [default: 256]"),
