@@ -22,6 +22,7 @@ from .engine.counts import plural
 from .errors import JobError
 from .inputs import InputFile
 from .job import DEFAULT_MODEL
+from .labeling.spec import labeling_from
 from .pricing import load_models
 from .providers import DEFAULT_PROVIDER
 
@@ -114,6 +115,7 @@ def draft_job(
 ) -> str:
     """The text of a commented job file for ``input_path``, to be written at ``job_path``."""
     found = look_at(input_path, encoding)
+    _no_clash(input_path, found, labels, json_schema)
     provider = provider or DEFAULT_PROVIDER
     table = load_models(provider)
     if model is None:
@@ -192,6 +194,26 @@ def draft_job(
             f"# max_cost = {_toml(DEFAULT_MAX_COST)}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _no_clash(input_path: Path, found: Columns, labels: str | None, json_schema: Path | None) -> None:
+    """Refuse a job whose labels would be written over an input column (a gold ``label``, a
+    labeler's own ``sentiment``): ``validate`` would refuse the file init wrote."""
+    settings = {"labels": labels} if labels is not None else {"json_schema": json_schema}
+    labeling = labeling_from(
+        {k: v for k, v in settings.items() if v is not None}, lambda k: f"--{k.replace('_', '-')}"
+    )
+    if labeling is None:
+        return
+    own = set(labeling.confidence_columns())  # written only where the provider gives logprobs
+    clash = [c.name for c in labeling.columns() if c.name in found.names and c.name not in own]
+    if clash:
+        name = clash[0]
+        raise JobError(
+            f"{input_path}: column {name!r} has the name of a column batchllm writes its labels to: "
+            f"rename it in the input (to gold_{name}, say: `batchllm eval --gold gold_{name}` scores "
+            "the labels against it), then run init again"
+        )
 
 
 def _relative(path: Path, start: Path) -> str:

@@ -120,6 +120,23 @@ def test_an_input_without_text_is_refused_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "n.toml").exists()
 
 
+def test_a_gold_column_named_as_batchllms_labels_is_refused_before_a_job_validate_refuses(
+    tmp_path: Path,
+) -> None:
+    """A labeler's gold answers in a column named ``label`` (or a schema field's name): init wrote
+    a job that `validate` refused. It says what to rename now; renamed, the job validates."""
+    data = tmp_path / "gold.csv"
+    data.write_text("id,text,label\n1,this is great stuff,positive\n2,really bad thing here,negative\n")
+    job = tmp_path / "gold.toml"
+    refused = run_cli(["init", str(data), "--labels", "positive,negative", "-o", str(job)])
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "gold.csv: column 'label'" in refused.stderr and "--gold gold_label" in refused.stderr
+    assert not job.exists()
+    data.write_text(data.read_text().replace(",label\n", ",gold_label\n"))
+    assert run_cli(["init", str(data), "--labels", "positive,negative", "-o", str(job)]).exit_code == 0
+    assert run_cli(["validate", str(job)]).exit_code == 0
+
+
 def test_a_column_of_ready_prompts_is_sent_as_it_is(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("id,prompt\nq1,What is two and two?\nq2,Name a colour of the sky.\n")
