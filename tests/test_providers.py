@@ -158,6 +158,20 @@ def test_a_reply_without_usage_is_counted_and_says_so(sandbox_factory, tmp_path:
     rows = pq.read_table(out).to_pylist()
     assert all(r["tokens_counted"] for r in rows)
     assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in rows if not r["answered_by"])
+    # Said where the cost is: how many replies' tokens are batchllm's count, and how exact it is.
+    counted = sum(1 for r in rows if r["tokens_counted"])
+    tokens = summary_of(out)["tokens"]
+    assert tokens["counted_rows"] == counted and tokens["counted_exactly"] is True
+    said = f"the server reported no usage for {counted} replies: batchllm counted their tokens exactly"
+    assert said in result.output
+    assert f"tokens of {counted} replies counted by batchllm" in run_cli(["report", str(out)]).output
+    guessed = tmp_path / "mini.parquet"
+    mini = run_cli(
+        [*JOB, "-o", str(guessed), "--rpm", "0", "--provider", "openai", "--model", "gpt-4o-mini"],
+        env=box.openai_env(),
+    )
+    assert mini.exit_code == 0, mini.output
+    assert "counted their tokens approximately" in mini.output and "their cost is an estimate" in mini.output
 
 
 def test_unpriced_model_has_null_costs_and_one_warning(sandbox, tmp_path: Path) -> None:

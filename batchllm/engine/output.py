@@ -74,6 +74,7 @@ class Totals:
 
     def __init__(self) -> None:
         self.rows = self.ok = self.error = self.pending = self.truncated = 0
+        self.counted = 0  # replies whose usage batchllm counted: the server reported none
         self.prompt_tokens = self.completion_tokens = 0
         self.cached_tokens = 0
         # What the rows' cached tokens saved, each at the prices it was answered at; and the
@@ -268,6 +269,7 @@ def _costs(
             totals.cached_saved_pico += e.cached_saved_pico
         cols["truncated"][i] = bool(e.truncated)
         cols["tokens_counted"][i] = bool(e.tokens_counted)
+        totals.counted += bool(e.tokens_counted)
         totals.truncated += counts.truncated(e)
     totals.prompt_tokens += pt
     totals.completion_tokens += ct

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import ExitCode
 from ..pricing import format_usd, parse_usd, usd_text
+from ..tokens import counter_for
 from .budget import Budget, advice
 from .client import all_played
 from .counts import never_paid_twice, plural
@@ -127,6 +128,9 @@ def build_summary(
                 totals.cached_saved(None if job.fleet else model.prices) if priced or totals.priced else None
             ),
         }
+        if totals.counted:  # the server reported no usage for them: their figures are batchllm's count
+            out["tokens"]["counted_rows"] = totals.counted
+            out["tokens"]["counted_exactly"] = counter_for(model.name).exact
         # Unknown, not $0, when the model has no price and no row brought one (a batch import can).
         known = priced or totals.priced > 0
         out["cost_usd"] = {
@@ -290,6 +294,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}"
         )
+        if counted := tok.get("counted_rows"):
+            how = (
+                "exactly, with the model's tokenizer"
+                if tok.get("counted_exactly")
+                else (
+                    "approximately (no tokenizer for the model: about 4 bytes a token), so their cost is an estimate"
+                )
+            )
+            lines.append(
+                f"the server reported no usage for {plural(counted, 'reply')}: batchllm counted "
+                f"their tokens {how} (the tokens_counted column)"
+            )
         if tok.get("cached"):
             saved = tok.get("cached_saved_usd")
             lines.append(

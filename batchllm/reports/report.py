@@ -40,6 +40,7 @@ _BASE_COLUMNS = [
 _SPLIT = ["reask_cost_usd", "sample_cost_usd"]  # a labeling run's spend beyond first answers
 _REUSE = ["answered_by", "cached"]  # rows answered without a request of their own
 _CACHED = ["cached_tokens"]  # prompt tokens served from the server's prompt cache (not in old outputs)
+_COUNTED = ["tokens_counted"]  # the server reported no usage: batchllm counted the tokens
 _CLASS = re.compile(r"^(\w+)")
 
 
@@ -129,7 +130,7 @@ def load(path: Path, by: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
                 + ", ".join(repr(c) for c in schema.names)
             )
         columns.append(by)
-    columns += [c for c in _SPLIT + _REUSE + _CACHED if c in schema.names]
+    columns += [c for c in _SPLIT + _REUSE + _CACHED + _COUNTED if c in schema.names]
     if "endpoint" in schema.names and by != "endpoint":  # a fleet's output (by_endpoint.py)
         columns.append("endpoint")
     frame = pq.read_table(path, columns=columns).to_pandas()
@@ -237,6 +238,9 @@ def _stats(frame: pd.DataFrame, priced: bool = True) -> dict[str, Any]:
         "completion_tokens": int(frame["completion_tokens"].fillna(0).sum()),
         "cached_tokens": int(frame["cached_tokens"].fillna(0).sum())
         if "cached_tokens" in frame.columns
+        else 0,
+        "tokens_counted": int(frame["tokens_counted"].fillna(False).astype(bool).sum())
+        if "tokens_counted" in frame.columns
         else 0,
         "cost_usd": usd_text(total_pico if priced else None),
         "cost_per_row_usd": {

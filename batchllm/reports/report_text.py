@@ -33,7 +33,12 @@ def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> li
         (
             "tokens",
             f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"
-            + (f" ({stats['cached_tokens']:,} prompt tokens cached)" if stats.get("cached_tokens") else ""),
+            + (f" ({stats['cached_tokens']:,} prompt tokens cached)" if stats.get("cached_tokens") else "")
+            + (
+                f"; tokens of {plural(stats['tokens_counted'], 'reply')} counted by batchllm (the server reported no usage)"
+                if stats.get("tokens_counted")
+                else ""
+            ),
         ),
         ("cost", _usd(stats["cost_usd"])),
         (
