@@ -367,7 +367,7 @@ def test_openai_results_import_under_a_dataoorts_job(sandbox, tmp_path: Path) ->
     answer_batch(sandbox, requests, results, errors, missing=frozenset({3}), failed=frozenset({5}))
     result = run_cli(["import-batch", str(results), str(errors), *job, "-o", str(out)])
     assert result.exit_code == 1, result.output  # one failed request
-    assert "imported 198 replies and 1 failed requests" in result.stderr
+    assert "imported 198 replies and 1 failed request" in result.stderr
     assert "done (INCOMPLETE): 198 ok, 1 failed, 1 pending of 200 rows" in result.stderr
     rows = table(out)
     assert sum(r["status"] == "ok" and bool(r["response"]) for r in rows) == 198

@@ -220,7 +220,7 @@ def import_cmd(
             if done.invalid
             else ""
         )
-        + f" and {done.error:,} failed requests"
+        + f" and {plural(done.error, 'failed request')}"
         + (f"; {done.unchanged:,} were in the journal already" if done.unchanged else "")
         + (
             f"; {done.unreadable:,} success lines had no readable reply (left pending)"

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
+from ..engine.counts import plural
 from ..engine.journal import DB_NAME, TRANSIENT, Journal
 from ..engine.member import Counts
 from ..engine.observer import Observer
@@ -102,7 +103,7 @@ def result(
     lost, lost_pico = done["lost_before"]
     if lost:
         warnings.append(
-            f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
+            f"an earlier run stopped with {plural(lost, 'request')} in flight and no saved reply: they may have "
             f"been billed (at most {format_usd(lost_pico)}); they are sent again"
         )
         observer.warning(warnings[-1])

@@ -46,7 +46,7 @@ def open_journal(p: Prepared, warn: Callable[[str], None]) -> tuple[Journal, tup
         journal.conn.execute("DELETE FROM meta WHERE key = 'estimate'")
     if lost:
         warn(
-            f"an earlier run stopped with {lost:,} requests in flight and no saved reply: they may have "
+            f"an earlier run stopped with {plural(lost, 'request')} in flight and no saved reply: they may have "
             f"been billed (at most {format_usd(lost_pico)}); they are sent again"
         )
     if journal.discarded is not None:

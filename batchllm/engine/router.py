@@ -40,6 +40,7 @@ from ..access import is_loopback
 from ..errors import APIError, JobError, RunStopError
 from ..fleet import FleetEndpoint
 from ..providers import Provider
+from .counts import plural
 from .deadline import paces
 from .member import BENCH_S, Member
 from .ratelimit import RateLimiter
@@ -100,7 +101,9 @@ class Router:
         self.plan_note = None
         if plan is None:
             plan = [None] * len(live)
-            self.plan_note = f"no mix of endpoints ends {left:,} requests by the deadline: all at full pace"
+            self.plan_note = (
+                f"no mix of endpoints ends {plural(left, 'request')} by the deadline: all at full pace"
+            )
         for m, pace in zip(live, plan, strict=True):
             m.idle = pace == 0
             if pace is None or m.idle:
@@ -279,7 +282,7 @@ class Router:
         causes = []
         for m in self.members:
             if m.gone is None and m.quiet_since is not None:
-                cause = m.cause or f"{m.in_flight} requests in flight, no reply yet"
+                cause = m.cause or f"{plural(m.in_flight, 'request')} in flight, no reply yet"
                 causes.append(f"{m.name!r} has answered nothing for {now - m.quiet_since:.0f} s ({cause})")
             else:
                 causes.append(f"{m.name!r} {m.cause}")

@@ -368,7 +368,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     for name, e in (summary.get("endpoints") or {}).items():
         lines.append(
-            f"endpoint {name}: {e['requests']:,} requests, {e['ok']:,} ok, {e['errors']:,} failed, "
+            f"endpoint {name}: {plural(e['requests'], 'request')}, {e['ok']:,} ok, {e['errors']:,} failed, "
             f"{e['throttled']:,} throttled, ${e['cost_usd']}"
             + (f", mean {e['mean_latency_ms']:,} ms" if e["mean_latency_ms"] is not None else "")
             + (f"; out of the run ({e['out']})" if e["out"] else "")
