@@ -42,7 +42,7 @@ demo: install
 	@echo "                 out/reviews_sentiment_fleet.parquet (three endpoints: its endpoint column says which)"
 	@echo "Cost summary:    out/reviews_sentiment.summary.json, out/reviews_sentiment_pack10.summary.json"
 	@echo "Cost report:     $(BIN)/batchllm report out/reviews_sentiment_pack10.parquet"
-	@echo "Spend so far:    $(BIN)/batchllm spend --by job   (every run is in the ledger)"
+	@echo "Spend so far:    $(BIN)/batchllm spend --by job --sandbox   (every run is in the ledger; the demo's are play money, kept apart)"
 
 # Three workers, one test file each at a time: Ray's tests share one cluster per file, and most
 # tests wait on rate limits, sockets and subprocesses, so a third worker uses the time the other

@@ -74,6 +74,8 @@ def test_plan_fills_the_cheapest_and_meets_a_deadline_at_least_cost(tmp_path: Pa
     text = run_cli(["estimate", str(src), "--provider", "openai", "--model", "meta-llama/Llama-3.1-70B-Instruct",
                     "--input-price", "0.5", "--output-price", "0.5", "--fleet", str(fleet), "--deadline", "20s"])  # fmt: skip
     assert text.exit_code == 0 and "no mix ends within" in text.stdout
+    # No row observed: every figure is a worst case, and the plan says so (it read as a forecast).
+    assert "cost (worst case)" in text.stdout and "costs and times are worst cases" in text.stdout
 
 
 def test_fleet_file_problems_are_one_line_naming_file_endpoint_and_key(tmp_path: Path) -> None:

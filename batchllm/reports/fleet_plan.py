@@ -130,7 +130,11 @@ def format_plan(p: dict[str, Any], fmt: str) -> str:
 
         return orjson.dumps(p, option=orjson.OPT_INDENT_2).decode()
     md = fmt == "markdown"
-    header = ["endpoint", "model", "rows", "cost", "rows/s at its limit", "busy for"]
+    # Without observations (a pilot's, --from-run's) each figure is the worst case: every reply at
+    # max_tokens, every re-ask taken (a row's most requests slow its pace too). Said as such.
+    worst = any(x["cost_basis"] == "worst case" for x in p["endpoints"])
+    header = ["endpoint", "model", "rows", "cost (worst case)" if worst else "cost (expected)",
+              "rows/s at its limit", "busy for"]  # fmt: skip
     body = [
         [x["endpoint"], f"{x['provider']}:{x['model']}", f"{x['rows']:,}", money(x["cost_usd"]),
          f"{x['rows_per_s']:,}", f"{x['minutes']:,} min"]
@@ -153,4 +157,10 @@ def format_plan(p: dict[str, Any], fmt: str) -> str:
         )
     alone = p["cheapest_alone"]
     tail = f"the cheapest endpoint alone ({alone['endpoint']}): {money(alone['cost_usd'])} in {alone['minutes']:,} min"
-    return "\n".join([head, "", *grid(header, body, md), "", verdict, tail])
+    basis = (
+        "costs and times are worst cases (every reply at max_tokens, every re-ask); --pilot N -o OUT or "
+        "--from-run gives the expected ones"
+        if worst
+        else "costs and times are expected, from the rows observed"
+    )
+    return "\n".join([head, "", *grid(header, body, md), "", verdict, tail, basis])
