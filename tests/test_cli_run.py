@@ -344,6 +344,20 @@ def test_status_and_cache_clear_name_what_is_wrong(tmp_path: Path) -> None:
     assert result.exit_code == 2 and not (Path.cwd() / "sometimes").exists()
 
 
+def test_status_finds_a_journal_kept_elsewhere_with_checkpoint(sandbox, tmp_path: Path) -> None:
+    """`status OUT` of an output written with --checkpoint elsewhere: its summary names the
+    journal (it said "no batchllm journal here" while `report OUT` found it)."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": f"hi {i}"} for i in range(5)])
+    out, kept = tmp_path / "o.parquet", tmp_path / "journals" / "o"
+    ran = run_cli(
+        ["run", str(src), "-o", str(out), "--checkpoint", str(kept), "--rpm", "0"], env=sandbox.env()
+    )
+    assert ran.exit_code == 0, ran.output
+    said = run_cli(["status", str(out)])
+    assert said.exit_code == 0 and f"journal: {kept}" in said.stdout, said.output
+    assert "rows: 5 done (5 ok, 0 error)" in said.stdout
+
+
 def test_the_readme_names_only_files_that_ship() -> None:
     text = (ROOT / "README.md").read_text()
     named = set(re.findall(r"(?:sample_data|jobs|docs)/[\w.]+\.\w+", text))

@@ -9,6 +9,7 @@ from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice, plural
 from ..engine.journal import DB_NAME, Journal
 from ..engine.journal_schema import SANDBOX_ANSWERS, TRANSIENT_SQL
 from ..engine.lock import holder
+from ..engine.output import read_summary
 from ..engine.outside import SEEN, Outside
 from ..engine.summary import PLAY_MONEY, prompt_cache_line
 from ..errors import JobError
@@ -29,6 +30,10 @@ def find_journal(path: Path) -> Path:
         raise JobError(f"{path}: not run yet; {folder}/ is there but holds no batchllm journal")
     if not path.exists():
         raise JobError(f"{path}: no such file, and no batchllm journal at {path}.batchllm/")
+    # An output written with --checkpoint elsewhere names its journal in its summary.
+    kept = (read_summary(path) or {}).get("checkpoint")
+    if kept and (Path(kept) / DB_NAME).is_file():
+        return Path(kept)
     raise JobError(f"{path}: no batchllm journal here or at {path}.batchllm/")
 
 
