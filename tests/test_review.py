@@ -249,7 +249,11 @@ def test_bad_verdict_imports_change_nothing(sandbox, tmp_path: Path) -> None:
         {"result": [{"from_name": "label", "value": {"choices": ["positive"]}}], "was_cancelled": False}]}]))  # fmt: skip
     notours = tmp_path / "notours.json"
     notours.write_text(json.dumps([{"id": 1, "data": {"text": "x"}}]))
+    other = tmp_path / "other.json"  # annotated in another project's controls: read as nothing, exit 0
+    other.write_text(json.dumps([{"id": 1, "data": {"row_id": "r1"}, "annotations": [
+        {"result": [{"from_name": "sentiment", "value": {"choices": ["positive"]}}], "was_cancelled": False}]}]))  # fmt: skip
     for source, message in [(stranger, "row_id 'nope'"), (notours, "task 1 is not a batchllm review task"),
+                            (other, "1 annotated task, none answering this review's label (task 1 answers sentiment)"),
                             (tmp_path / "missing.json", "missing.json")]:  # fmt: skip
         result = run_cli(["review", "import", str(out), "--from", str(source)])
         assert result.exit_code == 2 and message in result.output, result.output

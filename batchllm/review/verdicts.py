@@ -21,6 +21,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..engine.counts import plural
 from ..errors import JobError
 from ..labeling.spec import Field, Labeling
 from ..sniff import read_text
@@ -55,6 +56,7 @@ def verdicts_of(
     if not isinstance(tasks, list):
         raise JobError(f"{where}: not a Label Studio JSON export (a list of tasks)")
     out = []
+    unread: list[tuple[int, list[str]]] = []  # annotated tasks naming no field of this review
     for n, t in enumerate(tasks, 1):
         data = t.get("data") if isinstance(t, dict) else None
         row_id = data.get("row_id") if isinstance(data, dict) else None
@@ -70,6 +72,17 @@ def verdicts_of(
         if value:
             who = _who(last.get("completed_by"), people or {})
             out.append(Verdict(row_id, value, who, _when(last), data.get("pick")))
+        elif last.get("result"):
+            unread.append(
+                (n, sorted({str(r.get("from_name")) for r in last["result"] if isinstance(r, dict)}))
+            )
+    if unread and not out:  # "imported 0 verdicts" and exit 0 hid a whole export read as nothing
+        n, names = unread[0]
+        asked = ", ".join(f.name for f in labeling.fields) or LABEL
+        raise JobError(
+            f"{where}: {plural(len(unread), 'annotated task')}, none answering this review's {asked} (task {n} "
+            f"answers {', '.join(names) or 'nothing named'}): an export of another project or labeling?"
+        )
     return out
 
 
