@@ -484,6 +484,91 @@ def test_a_budget_stop_says_why_and_the_cap_it_suggests_finishes(sandbox, tmp_pa
     assert fourth.returncode == 0 and summary_of(tiny)["rows"]["ok"] == 200, err  # sure to finish
 
 
+def _reviews(path: Path, edited: range = range(0)) -> Path:
+    """300 short reviews to label, those at ``edited`` with other text (an input changed since)."""
+    moods = ["great", "bad", "fine"]
+    return write_csv(
+        path,
+        [
+            {"id": f"id{i}", "text": f"{'edited ' * (i in edited)}review {i}: it was {moods[i % 3]}"}
+            for i in range(300)
+        ],
+    )
+
+
+def _stop_then_suggested(box: SandboxThread, args: list[str], room: str) -> tuple[str, list[str]]:
+    """Run ``args`` with a --max-cost ``room`` dollars over what the output has cost: it stops at
+    that cap (exit 3); its summary, and the command it suggests, whose cap is over the one given
+    and whose flags are each given once, as in the command ``status`` suggests."""
+    out = Path(args[args.index("-o") + 1])
+    cap = Decimal(summary_of(out)["cost_usd"]["total"]) + Decimal(room)
+    stopped = spawn([*args, "--max-cost", str(cap)], env=box.env())
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 3, err
+    suggested = _suggested(err)
+    assert Decimal(suggested[suggested.index("--max-cost") + 1]) > cap, err
+    status = run_cli(["status", str(out)]).stdout
+    assert status.rstrip().endswith(shlex.join(["batchllm", *suggested])), status
+    flags = [a for a in suggested if a.startswith("--")]
+    assert sorted(flags) == sorted(set(flags)), suggested
+    return err, suggested
+
+
+def test_a_budget_stop_retrying_rows_suggests_a_cap_that_finishes_them(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """With --retry-errors the invalid rows keep their entries until sent again: a cap that stops
+    them counts them as left (the summary, `status`) and suggests a higher cap than the one that
+    stopped it, which the suggested command then does not hit again (a cron loop's exit 3)."""
+    box = sandbox_factory(label_out_of_set=0.1)
+    src = _reviews(tmp_path / "in.csv")
+    out = tmp_path / "re.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--labels",
+            "positive,negative,neutral", "--reask", "0", "--rpm", "0", "--progress", "none"]  # fmt: skip
+    assert run_cli(args, env=box.env()).exit_code == 1
+    invalid = summary_of(out)["rows"]["invalid"]
+    assert invalid > 3
+    err, suggested = _stop_then_suggested(box, [*args, "--retry-errors"], "0.00015")
+    left = summary_of(out)["rows"]
+    assert left["pending"] == 0 and left["to_send_again"] == left["invalid"] > 0, left
+    assert f"of 300 rows, {left['invalid']:,} of them left to send again" in err
+    assert f"covers the {left['invalid']:,} rows to send again, at the next request's worst case" in err
+    status = run_cli(["status", str(out)]).stdout
+    assert f"{left['invalid']:,} not done of 300" in status, status
+    again = spawn(suggested, env=box.env())
+    _, err = again.communicate(timeout=120)
+    assert again.returncode in (0, 1), err
+    assert summary_of(out)["complete"] is True
+    status = run_cli(["status", str(out)]).stdout  # rows still invalid: the same command, flag once
+    line = next((x for x in status.splitlines() if x.startswith("send the failed rows again")), "")
+    assert line.count("--retry-errors") == (1 if summary_of(out)["rows"]["invalid"] else 0), status
+
+
+def test_a_budget_stop_refreshing_changed_rows_suggests_a_cap_that_finishes_them(
+    sandbox, tmp_path: Path
+) -> None:
+    """With --refresh-changed, rows whose input changed under their id keep their old answers
+    until sent again: a cap that stops them counts the rest as left and suggests a higher cap."""
+    src = _reviews(tmp_path / "in.csv")
+    out = tmp_path / "ch.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", "Classify: {text}", "--labels",
+            "positive,negative,neutral", "--rpm", "0", "--progress", "none", "--id-column", "id"]  # fmt: skip
+    assert run_cli(args, env=sandbox.env()).exit_code == 0
+    _reviews(src, edited=range(100, 140))
+    err, suggested = _stop_then_suggested(sandbox, [*args, "--refresh-changed"], "0.00015")
+    left = summary_of(out)["rows"]
+    assert left["pending"] == 0 and 0 < left["to_send_again"] < 40, left
+    status = run_cli(["status", str(out)]).stdout
+    assert f"{left['to_send_again']:,} not done of 300" in status, status
+    again = spawn(suggested, env=sandbox.env())
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert f"{left['to_send_again']:,} to send" in err and summary_of(out)["complete"] is True
+    assert "0 not done of 300" in run_cli(["status", str(out)]).stdout
+    sent = sandbox.count()  # every changed row was answered again: nothing is left to send
+    assert run_cli([*args, "--refresh-changed"], env=sandbox.env()).exit_code == 0 and sandbox.count() == sent
+
+
 def test_an_estimate_without_a_rate_says_the_server_sets_the_pace(tmp_path: Path) -> None:
     """--rpm 0 sets no rate: the estimate gives no time from the provider's documented one."""
     src = prompts_csv(tmp_path / "in.csv", 30)

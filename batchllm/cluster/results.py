@@ -118,7 +118,10 @@ def result(
             if reason is StopReason.BUDGET and not done["run_cap_reached"]:
                 # Rows answered by a request of their own: the journal's (copies are output rows).
                 paid = done["totals"]["ok"] + done["totals"]["invalid"]
-                cap_advice(summary, totals, paid, done["spent_pico"], done["refused_pico"], command, journal)
+                cap_advice(
+                    summary, totals, paid, done["spent_pico"], done["refused_pico"], command, journal,
+                    job.max_cost_pico,
+                )  # fmt: skip
     finally:
         journal.close()
     if job.fleet is not None:

@@ -27,6 +27,7 @@ import asyncio
 import math
 import re
 from decimal import ROUND_CEILING, Decimal
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from ..pricing import PICO_PER_USD
@@ -160,29 +161,57 @@ class Budget:
 
 
 def advice(
-    spent_pico: int, refused_pico: int, pending: int, cost_pico: int, paid_rows: int, command: str
+    spent_pico: int,
+    refused_pico: int,
+    rows: tuple[int, int],
+    cost_pico: int,
+    paid_rows: int,
+    command: str,
+    cap_pico: int | None = None,
 ) -> tuple[str, str] | None:
     """After a --max-cost stop: what to do, and the command to do it with (``command`` with a
-    cap that finishes the ``pending`` rows), or None when there is nothing to project from.
-    ``spent_pico`` is what the output has spent in all (``Budget.spent``), ``refused_pico`` the
-    worst case of the request that did not fit (``Budget.refused``); one machine's run and a
+    cap that finishes the rows left), or None when nothing is left or there is nothing to
+    project from. ``rows``: the rows pending and the rows to send again (engine/left.py: the
+    invalid and failed rows under --retry-errors, the changed ones under --refresh-changed,
+    which keep their entries until replaced). ``spent_pico`` is what the output has spent in
+    all (``Budget.spent``), ``refused_pico`` the worst case of the request that did not fit
+    (``Budget.refused``), ``cap_pico`` the cap that stopped the run; one machine's run and a
     cluster's (cluster/results.py) give the same advice.
 
-    The cap is what is spent, the rows left at the output's cost a paid row so far (rows an
-    identical row or the cache answered cost nothing and are left out) plus a quarter, and
-    room for the worst case of the request that did not fit: a cap stops a run only when one
-    more request cannot fit. Before any row was paid for, the rows left are counted at that
-    request's worst case (every reply max_tokens long), which is sure to finish them."""
-    if pending == 0 or (paid_rows == 0 and refused_pico == 0):
+    The cap is what is spent (never less than the cap that stopped it), the pending rows at the
+    output's cost a paid row so far (rows an identical row or the cache answered cost nothing
+    and are left out) plus a quarter, the rows to send again at the worst case of the request
+    that did not fit (an invalid row took every re-ask, a changed row's text is new: neither is
+    a row like the others), and room for that worst case: a cap stops a run only when one more
+    request cannot fit. Before any row was paid for, every row left is counted at that
+    request's worst case (every reply max_tokens long), which is sure to finish them. So the
+    cap is higher than the one that stopped the run by at least what the rows left need, and
+    running the command it gives does not stop at the same cap again."""
+    pending, again = rows
+    if pending + again == 0 or (paid_rows == 0 and refused_pico == 0):
         return None
-    per_row = cost_pico / paid_rows * 1.25 if paid_rows else refused_pico
-    cap = _two_figures_up(spent_pico + pending * per_row + refused_pico)
-    rows = plural(pending, "row")
-    said = (
-        f"about ${cap} finishes the {rows} left, at this output's cost a row so far"
-        if paid_rows
-        else f"${cap} covers the {rows} left at the next one's worst case, every reply max_tokens long"
-    )
+    # A quarter more than the mean paid row, exact: picodollars as a fraction (no float).
+    per_row = Fraction(cost_pico * 5, paid_rows * 4) if paid_rows else Fraction(refused_pico)
+    need = pending * per_row + again * max(per_row, Fraction(refused_pico))
+    cap = _two_figures_up(max(spent_pico + refused_pico, cap_pico or 0) + need)
+    left = plural(pending + again, "row")
+    if not paid_rows:
+        said = f"${cap} covers the {left} left at the next one's worst case, every reply max_tokens long"
+    elif not again:
+        said = f"about ${cap} finishes the {left} left, at this output's cost a row so far"
+    else:
+        worst = (
+            "at the next request's worst case"
+            if refused_pico > per_row
+            else "at this output's cost a row so far"
+        )
+        sent = f"{plural(again, 'row')} to send again, {worst}"
+        said = (
+            f"about ${cap} finishes the {left} left: {pending:,} pending at this output's cost a row so far "
+            f"and {sent}"
+            if pending
+            else f"${cap} covers the {sent}"
+        )
     return f"to continue, run it with a higher --max-cost ({said})", with_max_cost(command, cap)
 
 
@@ -195,7 +224,7 @@ def grown_margin(margin: int, worst_pico: int, actual_pico: int) -> int:
     return max(margin, actual_pico - worst_pico)
 
 
-def _two_figures_up(pico: float) -> str:
+def _two_figures_up(pico: Fraction | int) -> str:
     """Dollars to two significant figures, rounded up: 0.00313 -> 0.0032."""
     usd = Decimal(math.ceil(pico)) / PICO_PER_USD
     step = Decimal(1).scaleb(usd.adjusted() - 1)

@@ -12,7 +12,7 @@ the same whichever provider answered; cost columns are null for a model without 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +86,7 @@ class Totals:
         self.over_window = 0  # errors refused before sending: prompt + max_tokens over the window
         self.over_window_alone = 0  # of them, the prompt alone over it: no max_tokens sends them
         self.transient = 0  # errors the server caused (5xx, timeouts...): the next run sends them
+        self.changed = 0  # ok rows whose input changed under their --id-column value (--refresh-changed)
         self.priced = 0  # rows with a cost
         self.unpriced = 0  # answered rows without a cost (no price for the model)
         self.from_cache = self.copied = 0  # rows answered without a request (counts.py)
@@ -179,7 +180,9 @@ def write_output(
             position += batch.num_rows
             entries = journal.fetch(prompts.row_ids)
             paid = journal.unsettled(prompts.row_ids) if unsettled else None
-            results = _result_columns(prompts.row_ids, entries, totals, paid)
+            # Under --id-column an edited row keeps its id: its hash says it changed (plan.py).
+            hashes = None if builder.ids_embed_hash else prompts.hashes
+            results = _result_columns(prompts.row_ids, entries, totals, paid, hashes)
             if fleet:
                 results.append(pa.array([_endpoint(entries.get(r)) for r in prompts.row_ids], pa.string()))
             if labeling is not None:
@@ -204,10 +207,12 @@ def _result_columns(
     entries: dict[str, Entry],
     totals: Totals,
     unsettled: dict[str, tuple[int, int, int, int]] | None = None,
+    hashes: Sequence[str] | None = None,
 ) -> list[pa.Array]:
     """The result columns of one batch. A row's tokens and costs are everything it paid for:
     its entry, plus what it cost before it was sent again and the requests of a labeling row
-    not finished yet (``unsettled``, journal.py), so the rows' costs add up to what was billed."""
+    not finished yet (``unsettled``, journal.py), so the rows' costs add up to what was billed.
+    ``hashes``: the rows' content hashes, to count the rows answered before their input changed."""
     n = len(row_ids)
     cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_NAMES}
     cols["row_id"] = row_ids
@@ -245,6 +250,7 @@ def _result_columns(
             totals.invalid += 1
         else:
             totals.ok += 1
+            totals.changed += hashes is not None and e.content_hash != hashes[i]
         _costs(cols, i, e, totals, unsettled.get(row_id, _NOTHING) if unsettled else _NOTHING)
     totals.rows += n
     return [pa.array(cols[f.name], type=f.type) for f in RESULT_FIELDS]

@@ -99,6 +99,7 @@ def record_run(p: Prepared, journal: Journal, command: str, started_at: float, k
             "input": str(job.input),
             "input_rows": p.rows,
             "started_at": started_at,
+            "retry_errors": job.retry_errors,  # ``status`` adds it to the command only if not set
             # What a cached prompt token costs less (``status`` prices the saving).
             "cached_discount_pico": cached_saving(prices, 1) if prices is not None else None,
             "prices": prices.as_dict() if prices is not None else None,

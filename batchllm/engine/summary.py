@@ -20,6 +20,7 @@ from .counts import never_paid_twice, plural
 from .dispatch import Dispatcher, Stats, StopReason
 from .journal import Journal
 from .journal_schema import SANDBOX_ANSWERS
+from .left import again, note
 from .output import Totals
 from .ratelimit import RateLimiter
 from .stops import next_step
@@ -101,6 +102,9 @@ def build_summary(
     if lost["requests"]:
         out["maybe_billed"] = {"requests": lost["requests"], "worst_case_usd": usd_text(lost["worst_pico"])}
     if totals is not None:
+        left = 0 if reason is None else again(totals, job)  # left as pending rows are (left.py)
+        if reason is not None:
+            note(journal, left)
         out["rows"] = {
             "total": totals.rows,
             "ok": totals.ok,
@@ -113,6 +117,7 @@ def build_summary(
             # rows with no prompt, which leave the exit code 0 (output.py ``Totals.failed``).
             "failed": totals.failed,
             "pending": totals.pending,
+            "to_send_again": left,  # a stopped run's rows it was asked to send again (left.py)
             "truncated": totals.truncated,
             "from_cache": totals.from_cache,
             "answered_by_identical_rows": totals.copied,
@@ -169,11 +174,14 @@ def cap_advice(
     refused_pico: int,
     command: str,
     journal: Journal,
+    cap_pico: int | None,
 ) -> None:
-    """After a --max-cost stop, the summary's next step: the command with a cap that finishes
-    the rows left (budget.advice), kept in the journal for ``status`` until the next run starts
-    (reopen.py). ``paid_rows``: the rows answered by a request of their own."""
-    found = advice(spent_pico, refused_pico, totals.pending, totals.cost_pico, paid_rows, command)
+    """After a --max-cost stop, the summary's next step: the command with a cap over
+    ``cap_pico`` that finishes the rows left, pending and to send again (budget.advice), kept in
+    the journal for ``status`` until the next run starts (reopen.py). ``paid_rows``: the rows
+    answered by a request of their own."""
+    rows = totals.pending, out["rows"]["to_send_again"]
+    found = advice(spent_pico, refused_pico, rows, totals.cost_pico, paid_rows, command, cap_pico)
     if found is not None:
         out["next"], out["resume"] = found
         journal.set_meta(
@@ -221,7 +229,7 @@ def run_summary(
             and not budget.run_cap_reached
         ):
             paid = totals.ok + totals.invalid - totals.from_cache - totals.copied
-            cap_advice(out, totals, paid, budget.spent, budget.refused, command, journal)
+            cap_advice(out, totals, paid, budget.spent, budget.refused, command, journal, budget.cap)
     if dispatcher.router is not None:
         out["endpoints"] = dispatcher.router.summary()
     clients = [m.client for m in dispatcher.router.members] if dispatcher.router else [dispatcher.client]
@@ -288,6 +296,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f", {rows['invalid']:,} invalid" if rows.get("invalid") else "")
             + (f", {rows['pending']:,} pending" if rows["pending"] else "")
             + f" of {plural(rows['total'], 'row')}"
+            + (f", {rows['to_send_again']:,} of them left to send again" if rows.get("to_send_again") else "")
             + (f"; {plural(rows['truncated'], 'reply')} cut at max_tokens" if rows["truncated"] else "")
         )
         tok, cost = summary["tokens"], summary["cost_usd"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 from ..engine.counts import JOURNAL_SQL, RowCounts, never_paid_twice, plural
 from ..engine.journal import DB_NAME, Journal
 from ..engine.journal_schema import SANDBOX_ANSWERS, TRANSIENT_SQL
+from ..engine.left import AGAIN
 from ..engine.lock import holder
 from ..engine.output import read_summary
 from ..engine.outside import SEEN, Outside
@@ -89,10 +91,15 @@ def journal_status(directory: Path) -> str:
     total_rows = run.get("input_rows")
     gone = 0 if not seen or seen.get("stamp") is None else Outside.of(seen).rows
     done = t["rows"] - gone  # of the input's rows
-    remaining = f", {max(0, total_rows - done):,} not done of {total_rows:,}" if total_rows else ""
+    # Rows a stopped run was asked to send again keep their entries until then (engine/left.py).
+    again = run.get(AGAIN, 0)
+    not_done = max(0, total_rows - done) + again if total_rows else 0
+    remaining = f", {not_done:,} not done of {total_rows:,}" if total_rows else ""
+    if again:
+        remaining += f" ({again:,} of the rows done, which the run that stopped was to send again)"
     if total_rows and gone:
         remaining = (
-            f": {done:,} of the input's {total_rows:,} rows, {max(0, total_rows - done):,} not done, "
+            f": {done:,} of the input's {total_rows:,} rows, {not_done:,} not done, "
             f"and {gone:,} no longer in the input"
         )
     elif total_rows and seen and seen.get("stamp") is None:  # counted against an earlier input
@@ -148,15 +155,25 @@ def journal_status(directory: Path) -> str:
         lines.append(
             "a pilot's rows (batchllm estimate --pilot): `batchllm run` with the same settings sends the rest"
         )
-    elif run.get("command") and (not total_rows or done < total_rows):
+    elif run.get("command") and (not total_rows or done < total_rows or again):
         # A budget stop's advice (summary.py): a higher cap; else the same command resumes.
         lines.append(f"{run.get('next', 'resume with')}: {run.get('resume', run['command'])}")
     elif run.get("command") and (resendable or invalid):  # every row has an entry
         if transient == resendable and not invalid:  # the server's failures go again as they are
             lines.append(f"resume with: {run['command']}")
         else:
-            lines.append(f"send the failed rows again with: {run['command']} --retry-errors")
+            lines.append(f"send the failed rows again with: {retrying(run['command'], run)}")
     return "\n".join(lines)
+
+
+def retrying(command: str, run: dict[str, object]) -> str:
+    """The command with --retry-errors, added only when it (or its job file) does not say it."""
+    if run.get("retry_errors") or _RETRY_ERRORS.search(command):
+        return command
+    return f"{command} --retry-errors"
+
+
+_RETRY_ERRORS = re.compile(r"(?:^|\s)--retry-errors(?:[=\s]|$)")
 
 
 def maybe_billed_line(requests: int, worst_pico: int) -> str:
