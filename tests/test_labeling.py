@@ -6,6 +6,7 @@ import json
 import signal
 import time
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -412,3 +413,58 @@ def test_too_many_invalid_answers_stop_the_run_as_failures_do(sandbox_factory, t
     statuses = Counter(pq.read_table(out).column("status").to_pylist())
     assert statuses["invalid"] == box.count() and statuses["ok"] == 0
     assert summary_of(out)["rows"]["failed"] == statuses["invalid"]  # what a cron job alerts on
+
+
+def test_eval_of_a_stopped_output_costs_a_correct_label_over_the_rows_answered(
+    sandbox_factory, tmp_path: Path
+) -> None:
+    """A labeling run stopped by --max-cost part way: its cost paid for the rows answered only, so
+    a correct label costs the output's cost over the correct labels among them, exactly (not over
+    the correct labels its accuracy would project to in all its rows, pending ones included); with
+    gold on some rows only, over the correct labels their accuracy projects to in the rows answered."""
+    box = sandbox_factory(label_wrong=0.4)
+    n = 300
+    all_texts = texts(n)
+    gold = [truth(f"Classify: {t}", LABELS) for t in all_texts]
+    src = tmp_path / "in.parquet"  # "half": gold on every other row, null on the rest
+    pq.write_table(pa.Table.from_pylist(
+        [{"id": f"r{i}", "text": t, "gold": g, "half": g if i % 2 else None}
+         for i, (t, g) in enumerate(zip(all_texts, gold, strict=True))]), src)  # fmt: skip
+    out = tmp_path / "o.parquet"
+    result = run_labels(box, src, out, "--reask", "0", "--max-cost", "0.0015", "--concurrency", "4")
+    assert result.exit_code == 3, result.output
+    rows = pq.read_table(out).to_pylist()
+    answered = [r for r in rows if r["status"] != "pending"]
+    assert 0 < len(answered) < n // 2
+    cost = sum(round(r[c] * 10**12) for r in answered for c in ("input_cost_usd", "output_cost_usd"))
+    stats = box.sandbox.stats
+    assert cost == stats["prompt_tokens"] * 310_000 + stats["completion_tokens"] * 340_000  # the bill
+    correct = sum(r["status"] == "ok" and r["label"] == r["gold"] for r in answered)
+    assert 0 < correct < len(answered)
+
+    e = json.loads(run_cli(["eval", str(out), "--gold", "gold", "--format", "json"]).stdout)
+    assert e["correct"] == correct and e["n"] == len(answered) and pico(e["cost_usd"]) == cost
+    assert pico(e["cost_per_correct_usd"]) == (2 * cost + correct) // (2 * correct)  # cost / correct, rounded
+    pending = n - len(answered)
+    assert e["cost_per_correct_basis"] == (
+        f"counted: the output's cost over the {correct:,} correct labels among its {len(answered):,} rows "
+        f"answered ({pending:,} not sent yet, left out)"
+    )
+    text = " ".join(run_cli(["eval", str(out), "--gold", "gold"]).stdout.split())
+    assert f"${e['cost_per_correct_usd']} (counted: the output's cost over the {correct:,} correct" in text
+
+    half = json.loads(run_cli(["eval", str(out), "--gold", "half", "--format", "json"]).stdout)
+    scored = [r for r in answered if r["half"] is not None]
+    right = sum(r["status"] == "ok" and r["label"] == r["half"] for r in scored)
+    assert half["n"] == len(scored) < len(answered) and half["correct"] == right > 0
+    # cost / (accuracy x rows answered) = cost x scored / (right x answered), rounded
+    estimate = right * len(answered)
+    assert pico(half["cost_per_correct_usd"]) == (2 * cost * len(scored) + estimate) // (2 * estimate)
+    assert half["cost_per_correct_basis"].endswith(
+        f"projects to among its {len(answered):,} rows answered ({pending:,} not sent yet, left out)"
+    )
+
+
+def pico(usd: str) -> int:
+    """Picodollars of a report's exact dollars."""
+    return round(Decimal(usd) * 10**12)

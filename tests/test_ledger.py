@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -971,3 +972,47 @@ def test_a_killed_runs_spend_survives_a_restart_of_its_output(sandbox_factory, t
     billed = box.sandbox.stats["prompt_tokens"] * 310_000 + box.sandbox.stats["completion_tokens"] * 340_000
     maybe = Decimal(runs[0].get("maybe_billed_usd") or 0) * 10**12
     assert killed_pico + _cost(out) * 10**12 <= billed <= killed_pico + _cost(out) * 10**12 + maybe
+
+
+def test_a_killed_runs_spend_survives_its_journal_deleted(sandbox_factory, tmp_path: Path) -> None:
+    """SIGKILL, then the user starts over: ``rm -rf OUTPUT*`` and the same run again. The journal
+    the killed run wrote in is gone, so its record keeps its last progress, marked as a lower
+    bound: a cost > 0 and at most what the sandbox billed for it, with its rows ok (never the
+    $0.00 the new, empty journal would give it). Before that, its open record shows its rows ok
+    beside its cost, so its job has a cost per 1,000 rows."""
+    box = sandbox_factory(latency=0.2, prices=(310_000, 340_000))
+    ledger, src, out = tmp_path / "ledger.db", prompts_csv(tmp_path / "in.csv", 200), tmp_path / "r9.parquet"
+    args = ["run", str(src), "-o", str(out), "--template", "R9:{prompt}", "--max-tokens", "8", "--rpm", "0",
+            "--concurrency", "8", "--ledger", str(ledger), "--cache", "off", "--progress", "none"]  # fmt: skip
+    proc = spawn(args, env=box.env())
+    _wait_for_rows(tmp_path / "r9.parquet.batchllm" / "journal.sqlite", 30)
+    time.sleep(1.5)  # a progress record or two after the first replies
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    time.sleep(0.5)  # what the sandbox answered after the kill is billed too: the bound is above it
+    billed, sent = box.sandbox.stats["billed_pico"], box.count()
+
+    report = _spend(ledger, "--runs")  # not closed yet: its last progress, rows ok included
+    (open_run,) = report["runs"]
+    assert open_run["status"] == "killed" and 0 < pico(open_run["cost_usd"]) <= billed
+    assert 0 < open_run["rows_ok"] <= open_run["requests"] <= sent
+    (rate,) = report["cost_per_1k_rows"]
+    assert rate["rows_ok"] == open_run["rows_ok"] and rate["cost_per_1k_rows_usd"] is not None
+
+    for gone in tmp_path.glob("r9.parquet*"):  # the user starting over
+        shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
+    result = run_cli(args, env=box.env())
+    assert result.exit_code == 0, result.output
+    killed, again = _spend(ledger, "--runs")["runs"]
+    assert killed["killed"] and not again["killed"] and killed["status"] == "finished"
+    cost = pico(killed["cost_usd"])
+    assert cost == pico(open_run["cost_usd"]) and 0 < cost <= billed  # a lower bound of its bill
+    assert (killed["rows_ok"], killed["requests"]) == (open_run["rows_ok"], open_run["requests"])
+    assert killed["message"] == (
+        f"killed: its journal was gone when the next run of its output started; at least "
+        f"${killed['cost_usd']}, as last recorded"
+    )
+    assert pico(again["cost_usd"]) == pico(str(_cost(out))) > 0
+    assert cost + pico(again["cost_usd"]) <= box.sandbox.stats["billed_pico"]
+    text = _spend_text(ledger, "--runs")
+    assert "killed (journal gone: its last progress)" in text and f"at least ${killed['cost_usd']}" in text

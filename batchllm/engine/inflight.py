@@ -21,7 +21,7 @@ later as a SIGBUS on a page of a sparse file. Lines are complete up to the first
 line cut short by a kill (no newline yet) is one whose request had not left. When the file fills,
 it is rewritten with only what is in flight, so it stays small however long the run; its first
 line then says how many requests the lines it dropped had sent (``R <count>``), so the log always
-knows how many requests its run sent (a killed run's record in the ledger: ledger/store.py).
+knows how many requests its run sent (a killed run's record in the ledger: ledger/recover.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from ..errors import JobError
 from ..job import Job
-from ..ledger import Snapshot
+from ..ledger import Sent, Snapshot
 from ..pricing import Prices, cached_saving, format_usd
 from . import outside
 from .checks import Prepared
@@ -238,9 +238,19 @@ def sandbox_answered(directory: Path) -> bool:
         journal.conn.close()
 
 
+def killed_sent(journal: Journal) -> Sent:
+    """What the ledger closes the records of the output's killed runs with (ledger/recover.py):
+    what the journal shows they sent, the journal a --restart discarded, and when the journal
+    was made (a killed run older than it wrote in a journal since deleted)."""
+    return Sent(
+        journal.dead_sent, journal.requests_between, journal.cost_between, take_discarded(journal),
+        journal.get_meta("created_at"),
+    )  # fmt: skip
+
+
 def take_discarded(journal: Journal) -> Snapshot | None:
     """The totals of the journal this run's ``--restart`` discarded, once (the run's start
-    closes the ledger records of killed runs against them: ledger/store.py ``recover``)."""
+    closes the ledger records of killed runs against them: ledger/recover.py)."""
     before = journal.get_meta(DISCARDED)
     if before is None:
         return None

@@ -29,7 +29,7 @@ from ..access import key_source
 from ..errors import BatchLLMError, ExitCode
 from ..fleet import FleetEndpoint, deadline_note, fleet_text, parse_deadline
 from ..folders import write_atomic
-from ..ledger import RunRecord, Sent, Snapshot, of_job
+from ..ledger import RunRecord, Snapshot, of_job
 from ..prompts import PromptBuilder
 from .budget import Budget
 from .cache import ResponseCache, default_dir
@@ -46,7 +46,7 @@ from .packed import packs_for
 from .plan import Plan
 from .ratelimit import Backoff, RateLimiter
 from .refusable import insisted_fields, optional_fields, refusable
-from .reopen import answers_mark, open_journal, record_run, refuse_mixed_answers, take_discarded
+from .reopen import answers_mark, killed_sent, open_journal, record_run, refuse_mixed_answers
 from .reuse import Reuse
 from .router import fleet_router
 from .stops import STOP_EXIT, stop_message
@@ -157,7 +157,7 @@ class Run:
             **of_job(job, scratch=self.kind == "pack-pilot"), kind=self.kind, provider=p.provider.name, model=p.model.name, engine="local",
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=p.rows, start=start,
             lost=self.lost, warn=self.warn, priced=p.model.prices is not None,
-            sent=Sent(journal.dead_sent, journal.requests_between, journal.cost_between, take_discarded(journal)),
+            sent=killed_sent(journal),
         )  # fmt: skip
         # What the cap counts: all this output paid for, and what a crash may have left billed.
         billed_before = journal.maybe_billed(current=False)
@@ -305,7 +305,7 @@ class Run:
             await asyncio.sleep(self.observer.interval)
             s = dispatcher.stats
             self.observer.progress(snapshot(s))
-            record.progress(s.requests, s.prompt_tokens, s.completion_tokens, s.cost_pico)
+            record.progress(s.requests, s.prompt_tokens, s.completion_tokens, s.cost_pico, (s.ok, s.error, s.invalid))  # fmt: skip
 
     def _finish(
         self, journal: Journal, dispatcher: Dispatcher, budget: Budget, started_at: float

@@ -1,7 +1,8 @@
 """The spend ledger: every run's record across outputs, jobs and months (see store.py)."""
 
 from .record import MonthAllowance, RunRecord, of_job
-from .store import Sent, Snapshot, ledger_path, month_bounds, open_readonly
+from .recover import Sent
+from .store import Snapshot, ledger_path, month_bounds, open_readonly
 
 __all__ = [
     "MonthAllowance",

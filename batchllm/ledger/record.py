@@ -16,19 +16,8 @@ from urllib.parse import urlsplit
 
 from ..errors import JobError
 from ..pricing import parse_usd
-from .store import (
-    MONTH_USED,
-    UNKNOWN,
-    Sent,
-    Snapshot,
-    connect,
-    is_alive,
-    ledger_path,
-    month_bounds,
-    proc_start,
-    recover,
-    reprice,
-)
+from .recover import UNKNOWN, Sent, recover, reprice
+from .store import MONTH_USED, Snapshot, connect, is_alive, ledger_path, month_bounds, proc_start
 
 if TYPE_CHECKING:
     from ..job import Job
@@ -232,16 +221,21 @@ class RunRecord:
         if self.conn is not None:
             self._write("UPDATE runs SET sandbox = ? WHERE run_id = ?", (int(played), self.run_id))
 
-    def progress(self, requests: int, prompt_tokens: int, completion_tokens: int, cost_pico: int) -> None:
-        """What the run has spent so far, every ``PROGRESS_EVERY`` seconds at most."""
+    def progress(
+        self, requests: int, prompt_tokens: int, completion_tokens: int, cost_pico: int,
+        rows: tuple[int, int, int] = (0, 0, 0),
+    ) -> None:  # fmt: skip
+        """What the run has spent so far, and its rows ok, failed and invalid, every
+        ``PROGRESS_EVERY`` seconds at most (from the progress ticks, never per row): a killed
+        run's open record shows them, and keeps them if its journal is gone (recover.py)."""
         now = time.monotonic()
         if self.conn is None or now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
         self._write(
-            "UPDATE runs SET requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ? "
-            "WHERE run_id = ?",
-            (requests, prompt_tokens, completion_tokens, cost_pico, self.run_id),
+            "UPDATE runs SET requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, "
+            "rows_ok = ?, rows_error = ?, rows_invalid = ? WHERE run_id = ?",
+            (requests, prompt_tokens, completion_tokens, cost_pico, *rows, self.run_id),
         )
 
     def finish(

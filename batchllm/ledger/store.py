@@ -6,12 +6,14 @@ spend`` can answer "what did the nightly jobs cost this month" and ``--max-cost-
 cap a job across its runs.
 
     run starts   -> ``RunRecord.begin``: INSERT, with the journal's totals at the start
-    while it runs -> ``progress`` (every few seconds) and ``MonthAllowance.extend`` (claims)
+    while it runs -> ``progress`` (every second: rows, requests, tokens, cost) and
+                    ``MonthAllowance.extend`` (claims)
     run ends     -> ``finish``: end, exit code, this run's tokens and cost
     run killed   -> the record stays open (`spend`: "killed", not recorded yet); the next run of the output
-                    (``recover``) closes it from the journal: its cost is what the journal gained
+                    (recover.py) closes it from the journal: its cost is what the journal gained
                     between its start and the next start, plus the in-flight bound the next run
-                    found (the crash bound), and its requests what the journal shows it sent
+                    found (the crash bound), and its requests what the journal shows it sent; if
+                    that journal is gone (deleted), from its last progress, a lower bound
 
 A run's cost is the journal's spend at its end less its spend at its start, so the runs of an
 output add up to the output's ``cost_usd`` exactly (integer picodollars throughout).
@@ -32,7 +34,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -277,106 +279,6 @@ def is_alive(host: str | None, pid: int | None, pid_start: str | None) -> bool:
     if fields is None:
         return True  # no /proc: the pid answers, so assume it is the run
     return fields[0] not in (b"Z", b"X", b"x") and (pid_start is None or fields[19].decode() == pid_start)
-
-
-class Sent(NamedTuple):
-    """What an output's journal shows its killed runs sent (engine/reopen.py): ``last``, the
-    requests the last one wrote down in its in-flight log (engine/inflight.py: exact; None when it
-    left no log), and ``between``, the requests the entries finished between two times took (a
-    floor: a packed request counts once for each of its rows)."""
-
-    last: int | None = None
-    between: Callable[[float, float], int] | None = None
-    # What the entries finished between two times cost now: a finished run's rows done without a
-    # price and priced by the run starting now (engine/reopen.py) have a cost (``reprice``).
-    cost_between: Callable[[float, float], int] | None = None
-    # The journal a --restart discarded as the run starting now began: what the last killed run
-    # is measured against (the new journal starts empty, and would give it nothing).
-    discarded: Snapshot | None = None
-
-
-UNKNOWN = Sent()  # nothing known beyond the runs' own progress
-
-
-def recover(
-    conn: sqlite3.Connection,
-    checkpoint: str,
-    now: Snapshot,
-    lost: tuple[int, int],
-    by: str,
-    sent: Sent = UNKNOWN,
-) -> int:
-    """Close the open records of killed runs of this output from its journal; how many.
-
-    Called with the output's lock held, so every open record of it is a run that died.
-
-    Runs of one output never overlap (the journal's lock), so each killed run's part is what the
-    journal gained between its start and the start of the run after it; the last one also takes
-    the requests the run starting now found in flight (they may have been billed). Its requests
-    are what the journal shows it sent (``Sent``), never fewer than its last progress said.
-
-    A killed run without prices whose rows the run starting now priced (engine/reopen.py prices
-    every row done without a price) has a cost now: its part of the journal, priced.
-    """
-    open_ = conn.execute(
-        "SELECT run_id, host, pid, pid_start, started_at, start_spent_pico, start_prompt_tokens, "
-        "start_completion_tokens, start_ok, start_error, start_invalid, start_cached_tokens, start_cached_saved_pico, requests FROM runs "
-        "WHERE checkpoint = ? AND ended_at IS NULL ORDER BY started_at",
-        (checkpoint,),
-    ).fetchall()
-    dead = open_  # the caller holds the output's lock: no run of it is alive
-    if not dead:
-        return 0
-    later = conn.execute(
-        "SELECT started_at, start_spent_pico, start_prompt_tokens, start_completion_tokens, start_ok, "
-        "start_error, start_invalid, start_cached_tokens, start_cached_saved_pico FROM runs WHERE checkpoint = ? AND ended_at IS NOT NULL "
-        "AND started_at > ? ORDER BY started_at",
-        (checkpoint, dead[0][4]),
-    ).fetchall()
-    starts = sorted([(r[4], Snapshot(*r[5:13])) for r in dead] + [(r[0], Snapshot(*r[1:])) for r in later])
-    now_at = time.time()
-    for r in dead:
-        began, start = r[4], Snapshot(*r[5:13])
-        nxt = next(((t, s) for t, s in starts if t > began), (now_at, now))
-        last = nxt[0] == now_at
-        end = sent.discarded if last and sent.discarded is not None else nxt[1]
-        delta = Snapshot(*(max(b - a, 0) for a, b in zip(start, end, strict=True)))
-        requests = int(r[13])  # its last progress
-        if last and sent.last is not None:
-            requests = max(requests, sent.last)
-        elif sent.between is not None:
-            requests = max(requests, sent.between(began, nxt[0]))
-        conn.execute(
-            "UPDATE runs SET ended_at = ?, message = ?, rows_ok = ?, rows_error = ?, rows_invalid = ?, "
-            "requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_pico = ?, maybe_billed_requests = ?, "
-            "maybe_billed_pico = ?, recovered_by = ?, priced = (priced OR ? > 0), cached_tokens = ?, cached_saved_pico = ? WHERE run_id = ?",
-            (
-                nxt[0], "killed: recorded from the journal by the next run of its output",
-                delta.ok, delta.error, delta.invalid, requests, delta.prompt_tokens, delta.completion_tokens,
-                delta.spent_pico, lost[0] if last else 0, lost[1] if last else 0, by, delta.spent_pico,
-                delta.cached_tokens, delta.cached_saved_pico, r[0],
-            ),
-        )  # fmt: skip
-    return len(dead)
-
-
-def reprice(conn: sqlite3.Connection, checkpoint: str, sent: Sent) -> int:
-    """Give finished runs of this output that had no prices the cost of their rows, which the
-    run starting now priced (engine/reopen.py prices every row done without a price); how many.
-    Runs of one output never overlap, so a run's rows are the entries finished while it ran."""
-    if sent.cost_between is None:
-        return 0
-    done = 0
-    for run_id, began, ended in conn.execute(
-        "SELECT run_id, started_at, ended_at FROM runs WHERE checkpoint = ? AND priced = 0 "
-        "AND ended_at IS NOT NULL",
-        (checkpoint,),
-    ).fetchall():
-        pico = sent.cost_between(began, ended)
-        if pico:
-            conn.execute("UPDATE runs SET cost_pico = ?, priced = 1 WHERE run_id = ?", (pico, run_id))
-            done += 1
-    return done
 
 
 # What a run of a job counts against its month: a closed record its cost and crash bound, an

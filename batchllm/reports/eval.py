@@ -5,9 +5,9 @@ Reads a labeling run's output (the ``label`` column, ``status``, costs and, with
 F1 and support, macro-F1, Cohen's kappa and the confusion matrix. Rows without a label (invalid,
 failed, pending) count as wrong and appear in the matrix as ``(none)``; rows without a gold label
 are left out. Money is exact: the spend is summed in integer picodollars, re-asks and samples
-included, and divided by the number of correct labels: counted when every row has a gold label,
-else estimated as the gold rows' accuracy times all the rows (``cost_per_correct``; the output
-says which). An output with a confidence column is also scored for calibration (calibration.py).
+included, and divided by the number of correct labels: counted when every row answered has a
+gold label, else estimated as the gold rows' accuracy times the rows answered (``cost_per_correct``;
+the output says which). Rows a stopped run has not sent yet paid for nothing: left out of both. An output with a confidence column is also scored for calibration (calibration.py).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def metrics(gold: list[str], predicted: list[str | None], cost_pico: int) -> dic
         "per_label": per_label,
         "confusion": confusion,
         "cost_usd": usd_text(cost_pico),
-        "cost_per_correct_usd": usd_text(round(cost_pico / correct)) if correct else None,
+        "cost_per_correct_usd": usd_text((2 * cost_pico + correct) // (2 * correct)) if correct else None,
     }
 
 
@@ -141,29 +141,43 @@ def as_label(value: Any) -> str | None:
     return text.lower() if text.lower() in ("true", "false") else text
 
 
-def cost_per_correct(spent: int, correct: int, n: int, rows: int, sample: str, of: str) -> dict[str, Any]:
+def cost_per_correct(
+    spent: int, correct: int, n: int, rows: int, sample: str, of: str, unsent: int = 0
+) -> dict[str, Any]:
     """What a correct label cost: ``spent`` (every row's) over the correct labels, counted when
     the ``n`` rows scored are all ``rows``, else estimated as their accuracy times ``rows``
-    (``sample`` and ``of`` name them in the words that say which)."""
+    (``sample`` and ``of`` name them in the words that say which).
+
+    ``rows`` are the rows answered: the ``unsent`` rows a stopped run has not sent yet paid for
+    nothing and have no label, so they are left out (counting them would project correct labels
+    nobody paid for, and understate the cost of one by the share of rows still pending)."""
     if not correct:
         return {"cost_per_correct_usd": None, "cost_per_correct_basis": "no correct label"}
+    among = f"among its {rows:,} {of} answered" if unsent else f"in its {rows:,} {of}"
+    left = f" ({unsent:,} not sent yet, left out)" if unsent else ""
     if n == rows:
+        counted = (
+            f"counted: the output's cost over the {correct:,} correct labels {among}{left}"
+            if unsent
+            else f"counted: all {rows:,} rows' cost over their {correct:,} correct labels"
+        )
         return {
             "cost_per_correct_usd": usd_text((2 * spent + correct) // (2 * correct)),
-            "cost_per_correct_basis": f"counted: all {rows:,} rows' cost over their {correct:,} correct labels",
+            "cost_per_correct_basis": counted,
         }
     estimate = correct * rows
     return {
         "cost_per_correct_usd": usd_text((2 * spent * n + estimate) // (2 * estimate)),
         "cost_per_correct_basis": f"estimated: the output's cost over the {estimate / n:,.0f} correct "
-        f"labels that {sample} accuracy, {correct / n:.1%}, projects to in its {rows:,} {of}",
+        f"labels that {sample} accuracy, {correct / n:.1%}, projects to {among}{left}",
     }
 
 
 def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label") -> dict[str, Any]:
     frame = load(path, gold, by, field)
     spent = spent_pico(frame)  # every row's spend, rows without gold included
-    rows = len(frame)
+    unsent_rows = int((frame["status"] == "pending").sum())  # a stopped run's: no label, no cost
+    rows = len(frame) - unsent_rows  # the rows answered: what the spend paid for
     frame = frame[frame[gold].notna()]
     if frame.empty:
         raise JobError(f"{path}: no row has a gold label in {gold!r}")
@@ -186,7 +200,7 @@ def evaluate(path: Path, gold: str, by: str | None = None, field: str = "label")
 
     out = {"output": str(path), "gold": gold, "field": field, **scored(frame, spent), "rows_pending": pending}
     out["play_money"] = bool((read_summary(path) or {}).get("play_money"))
-    out.update(cost_per_correct(spent, out["correct"], out["n"], rows, "the gold rows'", "rows"))
+    out.update(cost_per_correct(spent, out["correct"], out["n"], rows, "the gold rows'", "rows", unsent_rows))
     out.update(calibrated(frame, gold, field))
     if "agreement" in frame.columns:
         levels: dict[str, Any] = {}

@@ -80,7 +80,7 @@ class Run:
         """running, finished, or killed: its record is open and its process gone (on this host:
         a run on another host is taken to be running). A killed run is not recorded yet: its
         figures are its last progress until the next run of its output closes its record from
-        the journal (ledger/store.py ``recover``); then it is finished, and ``killed`` still."""
+        the journal (ledger/recover.py); then it is finished, and ``killed`` still."""
         if self.ended_at is not None:
             return "finished"
         return "running" if is_alive(self.host, self.pid, self.pid_start) else "killed"

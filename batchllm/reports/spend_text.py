@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from ..ledger.recover import GONE
 from .spend_figures import SUMS, rate_from, unpriced_text
 from .svg import money
 from .tables import grid, public
@@ -140,12 +141,20 @@ def _cost(r: dict[str, Any]) -> str:
     flight: their worst case, which a monthly cap counts too); unknown without prices."""
     maybe = r.get("maybe_billed_usd")
     cost = _money(r["cost_usd"]) if r["priced"] else UNKNOWN
+    cost = f"at least {cost}" if _gone(r) and r["priced"] else cost
     return cost + (f" (+ up to {_money(maybe)} maybe billed)" if maybe else "")
+
+
+def _gone(r: dict[str, Any]) -> bool:
+    """A killed run whose journal was gone: its figures are its last progress, a lower bound."""
+    return bool(r["killed"]) and (r["message"] or "").startswith(GONE)
 
 
 def _state(r: dict[str, Any]) -> str:
     if r["status"] == "killed":
         return "killed (not recorded yet)"
+    if _gone(r):
+        return "killed (journal gone: its last progress)"
     if r["killed"]:
         return "killed (closed from the journal)"
     if r["status"] != "finished":
