@@ -5,7 +5,8 @@ Each run is the real ``batchllm`` executable in a subprocess. One test starts a 
 module with ``ray start --head``, as on an existing cluster, to keep Ray's start-up (seconds) out
 of every test. Checked: every row once and the same replies and costs as a local run, no window
 over the rate limit, a second run sends nothing, ``--max-cost`` over 4 actors never exceeded,
-an actor killed mid-run, labeling columns, and bad input before Ray starts.
+an actor killed mid-run, labeling columns, bad input before Ray starts, the local engine's refusals
+and errors (exit 2, its line), and play money said as locally.
 """
 
 from __future__ import annotations
@@ -251,8 +252,9 @@ def test_ray_actor_killed_mid_run(sandbox_factory, cluster: str, tmp_path: Path)
 
 
 def test_ray_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None:
-    """The sample labeling job on Ray writes its label columns, like a local run."""
-    box = sandbox_factory()
+    """The sample labeling job on Ray writes its label columns, like a local run. Its server is a
+    served sandbox (`batchllm sandbox`, ``marked``): play money, which `report` and `eval` say."""
+    box = sandbox_factory(marked=True)
     out = tmp_path / "labels"
     code, _, err = run(
         ["run", "--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--engine", "ray",
@@ -272,8 +274,21 @@ def test_ray_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None
     summary = json.loads((out / "_batchllm_summary.json").read_text())
     assert report["overall"]["rows"] == 200 == summary["rows"]["total"]
     assert report["overall"]["cost_usd"] == summary["cost_usd"]["total"]  # exact, from row costs
+    assert report["play_money"] is True and summary["play_money"] is True
     code, text, err = run(["eval", str(out), "--gold", "human_label"], box.env(), timeout=60)
     assert code == 0 and "accuracy" in text, err
+    assert "the sandbox's labels (emulated, with a built-in error rate): not the model's accuracy" in text
+    # A real server (the test sandbox unmarked) is refused over these play answers, as locally.
+    real = sandbox_factory()
+    code, _, err = run(["run", "--job", str(ROOT / "jobs" / "sentiment.toml"), "-o", str(out), "--engine", "ray",
+                        "--ray-address", cluster, "--progress", "none", "--rpm", "0"], real.env())  # fmt: skip
+    assert code == 2 and real.count() == 0, err[-3000:]
+    at = real.base.removeprefix("http://")
+    assert err.strip() == (
+        f"batchllm: error: {out} holds 200 answered rows from batchllm's sandbox (play money, not the "
+        f"model's answers); the server at {at} is not the sandbox, and its answers would mix with "
+        "them. Give another -o, or --restart to send every row to it"
+    ), err[-3000:]
 
 
 def test_ray_packed_labeling_job(sandbox_factory, cluster: str, tmp_path: Path) -> None:
@@ -329,6 +344,66 @@ def test_ray_bad_input_is_one_line_before_ray_starts(sandbox, tmp_path: Path) ->
     assert code == 2 and "no CSV or Parquet files" in err and "Traceback" not in err
     code, _, err = run(["run", str(data), "-o", str(tmp_path / "o.parquet"), "--actors", "3"], sandbox.env())
     assert code == 2 and "--engine ray" in err
+
+
+PLAY = "play money: batchllm's sandbox answered (emulated replies, not the model's); nothing was billed"
+
+
+def test_ray_sandbox_is_play_money_and_refusals_are_a_local_runs(
+    sandbox_factory, cluster: str, tmp_path: Path
+) -> None:
+    """A --sandbox run on Ray is play money wherever its cost is said (summary, `status`,
+    `report`); a journal written with other settings (another template; a real server after the
+    sandbox) is refused as a local run refuses it: exit 2 and the local engine's whole line, before
+    Ray starts (never "the Ray job failed", exit 75, which a scheduler retries for ever)."""
+    data, out = prompts_csv(tmp_path / "in.csv", 20), tmp_path / "play"
+    args = ["run", str(data), "-o", str(out), "--engine", "ray", "--ray-address", cluster, "--rpm", "0",
+            "--progress", "none", "--template", "Classify: {prompt}"]  # fmt: skip
+    code, text, err = run([*args, "--sandbox"], {})
+    assert code == 0, err[-3000:]
+    assert PLAY in err  # the run's summary
+    assert json.loads((out / "_batchllm_summary.json").read_text())["play_money"] is True
+    code, text, err = run(["status", str(out)], {}, timeout=60)
+    assert code == 0 and PLAY in text, text + err
+    code, text, err = run(["report", str(out)], {}, timeout=60)
+    assert code == 0 and PLAY in text, text + err
+    code, text, err = run(["report", str(out), "--format", "json"], {}, timeout=60)
+    assert code == 0 and json.loads(text)["play_money"] is True, err
+
+    # The same runs on the local engine, for its exit codes and words.
+    local = tmp_path / "local.parquet"
+    here = ["run", str(data), "-o", str(local), "--rpm", "0", "--progress", "none"]
+    assert run([*here, "--template", "Classify: {prompt}", "--sandbox"], {})[0] == 0
+    other = [a if a != "Classify: {prompt}" else "Label: {prompt}" for a in args]
+    real = sandbox_factory()  # unmarked: it stands in for a real server
+    for ray_args, local_args, env in (
+        ([*other, "--sandbox"], [*here, "--template", "Label: {prompt}", "--sandbox"], {}),
+        (args, [*here, "--template", "Classify: {prompt}"], real.env()),
+    ):
+        local_code, _, local_err = run(local_args, env, timeout=60)
+        code, _, err = run(ray_args, env, timeout=60)
+        assert (code, local_code) == (2, 2), err[-3000:]
+        assert err.strip().startswith("batchllm: error: ") and len(err.strip().splitlines()) == 1, err
+        assert err.replace(str(out), "OUT") == local_err.replace(str(local), "OUT"), (err, local_err)
+    assert real.count() == 0
+
+
+def test_ray_an_error_of_ours_in_an_actor_is_said_as_itself(sandbox, cluster: str, tmp_path: Path) -> None:
+    """A row with no --id-column value is found by an actor: the run fails with the local engine's
+    line and exit 2, not as a failed Ray job (exit 75, "run the same command again")."""
+    src = write_csv(
+        tmp_path / "in.csv", [{"key": "" if i == 7 else f"k{i}", "text": f"t {i}"} for i in range(12)]
+    )
+    code, _, err = run(
+        ["run", str(src), "-o", str(tmp_path / "o"), "--engine", "ray", "--ray-address", cluster,
+         "--id-column", "key", "--template", "Q: {text}", "--rpm", "0", "--progress", "none"],
+        sandbox.env(),
+    )  # fmt: skip
+    assert code == 2, err[-3000:]
+    assert (
+        err.strip().splitlines()[-1] == f"batchllm: error: {src}: row 8 has no value in the --id-column 'key'"
+    )
+    assert "Ray job failed" not in err and "ERROR" not in err, err[-3000:]
 
 
 class FakeClock:

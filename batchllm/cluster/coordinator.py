@@ -36,6 +36,7 @@ from ..engine.budget import Budget
 from ..engine.journal import Journal
 from ..engine.ratelimit import RateLimiter
 from ..engine.stats import StopReason
+from ..errors import BatchLLMError
 from ..job import Job
 from ..providers import get_provider
 from ..records import Entry, RateHints
@@ -65,7 +66,14 @@ class Coordinator:
             start_rpm=provider.documented_rpm,
             clock=clock,
         )
-        self.journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+        # An error of ours opening the journal is kept for the driver (``failed``): raised here,
+        # Ray would report it only as the text of a dead actor's traceback, exit 75.
+        self.failure: BatchLLMError | None = None
+        try:
+            self.journal = Journal.open(job.journal_dir, job.request_settings(), restart=job.restart)
+        except BatchLLMError as exc:
+            self.failure = exc
+            return
         self.lost = self.journal.start_inflight()  # a killed local run's requests in flight
         self.budget = Budget(job.max_cost_pico, self.journal.committed_pico(), job.max_cost_per_run_pico)
         self.counts: Counter[str] = Counter()
@@ -110,6 +118,17 @@ class Coordinator:
                 # Its output was lost with it: the batch Ray runs again shows these rows.
                 for row_id in [r for r, o in self.shown.items() if o == owner]:
                     del self.shown[row_id]
+
+    # -- failing -----------------------------------------------------------------------------
+
+    def fail(self, error: BatchLLMError) -> None:
+        """An actor met an error of ours (it fails the Ray job): the first is the one reported."""
+        if self.failure is None:
+            self.failure = error
+
+    def failed(self) -> BatchLLMError | None:
+        """The error of ours that failed the run, if one did (cluster/opening.py)."""
+        return self.failure
 
     # -- stopping ----------------------------------------------------------------------------
 

@@ -30,14 +30,12 @@ from typing import Any
 from .. import DISTRIBUTION
 from ..access import resolve_api_key
 from ..engine.checks import check_columns, check_model
-from ..engine.journal import Journal
-from ..engine.journal_schema import DB_NAME
 from ..engine.lock import RunLock
 from ..engine.observer import Observer, Silent
 from ..engine.reopen import restart_notice
 from ..engine.runner import Endpoint, RunResult
 from ..engine.stats import StopReason
-from ..errors import ClusterError, JobError
+from ..errors import BatchLLMError, ClusterError, JobError
 from ..inputs import InputFile
 from ..job import Job
 from ..ledger import RunRecord, Snapshot, of_job
@@ -47,6 +45,7 @@ from ..providers import Provider, get_provider
 from ..sniff import is_utf8
 from .coordinator import Coordinator
 from .input_files import count_rows, input_files, read_dataset
+from .opening import check_servers, journal_snapshot, maybe_billed, open_journal, raise_failure
 from .results import ClusterSetup, answered_already, result
 from .worker import Completer, fleet_keys, fleet_share, per_actor
 
@@ -116,6 +115,8 @@ def complete(
         endpoint = Endpoint(job.endpoint, resolve_api_key(job))
     if coordinator is None:
         coordinator = start_coordinator(ray, job)
+        if (failure := ray.get(coordinator.failed.remote())) is not None:  # its journal refused
+            raise failure
     concurrency = per_actor(job.concurrency, job.actors)
     return ds.map_batches(
         Completer,
@@ -173,10 +174,12 @@ def _quiet() -> None:
 
     Ray's C++ core worker logs at error level that Ray Data's actors keep their constructor
     arguments in the object store (ray-project/ray#53727): true of every run, and no error of
-    ours; a failed run is reported by the driver (``ClusterError``) all the same.
+    ours; a failed run is reported by the driver (``ClusterError``) all the same. Ray Data's
+    errors are said by the driver too (an error of ours as itself, opening.py): not twice.
     """
-    for name in ("ray", "ray.data", "ray.data._internal"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for name in ("ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"ray\..*")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
@@ -202,7 +205,7 @@ async def run_on_ray(
 ) -> RunResult:
     """Run a job on Ray to the end (or a stop) and write OUTPUT as a directory of Parquet files."""
     ray = import_ray()
-    job = _absolute(job)
+    given, job = job, _absolute(job)  # the paths as given, for messages as a local run's
     files, source, provider, model = check_input(job)
     observer = observer or Silent()
     lock = RunLock(job.journal_dir)
@@ -210,6 +213,12 @@ async def run_on_ray(
     try:
         if discarded := restart_notice(job):
             observer.warning(discarded)
+        # Checked here, before Ray starts, as a local run checks before it sends (opening.py).
+        journal = open_journal(given, observer.warning)  # written with other settings: exit 2
+        try:
+            played = await check_servers(given, journal, endpoint, provider)  # play money, or real
+        finally:
+            journal.close()  # the coordinator's on the cluster
         start = Snapshot() if job.restart else journal_snapshot(job.journal_dir)
         billed_before = {"requests": 0, "worst_pico": 0} if job.restart else maybe_billed(job.journal_dir)
         record = RunRecord.begin(
@@ -217,6 +226,8 @@ async def run_on_ray(
             endpoint="sandbox" if job.sandbox else endpoint.url, rows_total=None, start=start,
             lost=(0, 0), warn=observer.warning, priced=model.prices is not None,
         )  # fmt: skip
+        if played is not None:
+            record.mark_sandbox(played)
         if job.max_cost_per_month_pico is not None:
             # The actors lease from one budget: the month's rest is held once, as this run's cap.
             month = record.month_allowance(job.name, job.max_cost_per_month_pico, 0)
@@ -226,10 +237,10 @@ async def run_on_ray(
         try:
             done = await _send(ray, job, files, source, provider, model, endpoint, observer, command,
                                handle_signals)  # fmt: skip
-        except BaseException:
-            record.finish(
-                {"message": "the run failed"}, start, journal_snapshot(job.journal_dir), billed_before
-            )
+        except BaseException as exc:
+            code = int(exc.exit_code) if isinstance(exc, BatchLLMError) else None  # as a local run's
+            failed = {"message": f"the run failed: {exc}" if code else "the run failed", "exit_code": code}
+            record.finish(failed, start, journal_snapshot(job.journal_dir), billed_before)
             raise
         record.finish(done.summary, start, journal_snapshot(job.journal_dir), billed_before)
         return done
@@ -264,28 +275,6 @@ async def _send(
         ) from None
 
 
-def journal_snapshot(directory: Path) -> Snapshot:
-    """The journal's totals now (read-only; the coordinator owns it while Ray runs), zeros if none."""
-    if not (directory / DB_NAME).is_file():
-        return Snapshot()
-    journal = Journal.open_readonly(directory)
-    try:
-        return Snapshot.of(journal.totals())
-    finally:
-        journal.conn.close()
-
-
-def maybe_billed(directory: Path) -> dict[str, int]:
-    """Requests the journal counts as maybe billed now, a dead run's in flight among them."""
-    if not (directory / DB_NAME).is_file():
-        return {"requests": 0, "worst_pico": 0}
-    journal = Journal.open_readonly(directory)
-    try:
-        return journal.maybe_billed()
-    finally:
-        journal.conn.close()
-
-
 async def _run(
     ray: Any,
     job: Job,
@@ -302,11 +291,14 @@ async def _run(
     own = not ray.is_initialized()
     if own:
         await asyncio.to_thread(_init_ray, ray, job.ray_address)
+    coordinator = None
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the output in input order
         ctx.enable_progress_bars = False
-        coordinator = start_coordinator(ray, job)
+        # The driver opened the journal (and discarded it for --restart) already: opening.py.
+        coordinator = start_coordinator(ray, dataclasses.replace(job, restart=False))
+        await raise_failure(coordinator)
         ds = complete(read_dataset(ray, files, source), job, endpoint=endpoint, coordinator=coordinator,
                       columns=source.columns)  # fmt: skip
         rows = count_rows(files, source)
@@ -344,6 +336,10 @@ async def _run(
             uninstall()
         _replace_dir(tmp, job.output)
         done = await coordinator.finish.remote()
+    except ray.exceptions.RayError as exc:  # an error of ours inside the job is said as itself
+        if coordinator is not None:
+            await raise_failure(coordinator, exc)
+        raise
     finally:
         if own:
             ray.shutdown()

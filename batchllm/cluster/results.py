@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from ..engine.counts import plural
 from ..engine.journal import DB_NAME, TRANSIENT, Journal
+from ..engine.journal_schema import SANDBOX_ANSWERS
 from ..engine.member import Counts
 from ..engine.observer import Observer
 from ..engine.output import SUMMARY_NAME, Totals, read_summary
@@ -113,6 +114,8 @@ def result(
         summary = build_summary(
             setup, totals, stats, reason, message, started_at, code, warnings, journal, command
         )
+        if journal.get_meta(SANDBOX_ANSWERS):  # marked before the run sent (opening.py)
+            summary["play_money"] = True
         if not summary["complete"]:
             summary["next"] = next_step(reason, run_cap=bool(done["run_cap_reached"]))
             if reason is StopReason.BUDGET and not done["run_cap_reached"]:

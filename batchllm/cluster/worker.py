@@ -15,6 +15,7 @@ sent once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -37,7 +38,7 @@ from ..engine.plan import WorkItem
 from ..engine.ratelimit import Backoff
 from ..engine.refusable import insisted_fields, optional_fields, refusable
 from ..engine.router import Router, fleet_router
-from ..errors import JobError
+from ..errors import BatchLLMError, JobError
 from ..fleet import FleetEndpoint
 from ..job import Job
 from ..pricing import cost
@@ -63,6 +64,27 @@ class Completer:
         concurrency: int,
         fleet: tuple[FleetEndpoint, ...] | None = None,
         keys: dict[str, str] | None = None,
+    ) -> None:
+        try:
+            self._setup(job, url, key, coordinator, columns, examples, concurrency, fleet, keys)
+        except BatchLLMError as exc:  # the driver reports it as itself (cluster/opening.py)
+            import ray
+
+            with contextlib.suppress(ray.exceptions.RayError):  # told before the job fails
+                ray.get(coordinator.fail.remote(exc), timeout=5.0)
+            raise
+
+    def _setup(
+        self,
+        job: Job,
+        url: str,
+        key: str | None,
+        coordinator: Any,
+        columns: list[str],
+        examples: tuple[Message, ...],
+        concurrency: int,
+        fleet: tuple[FleetEndpoint, ...] | None,
+        keys: dict[str, str] | None,
     ) -> None:
         self.job = job
         self.fleet, self.keys = fleet, keys
@@ -111,6 +133,13 @@ class Completer:
         self.schema: pa.Schema | None = None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return await self._call(batch)
+        except BatchLLMError as exc:  # it fails the Ray job: the driver reports it as itself
+            await self.coordinator.fail.remote(exc)  # told before the job fails
+            raise
+
+    async def _call(self, batch: pa.Table) -> pa.Table:
         if self.client is None:
             self.client = Client(
                 self.provider,
