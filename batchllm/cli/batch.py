@@ -198,7 +198,7 @@ def import_cmd(
     Costs are at the model's batch prices (models.toml) or --input-price/--output-price.
     """
     from ..backends.batch_transfer import import_batch
-    from ..engine.summary import format_summary
+    from ..engine.summary_text import format_summary
     from . import command_line
 
     input_path, results = _input_and_results(files, input_path)

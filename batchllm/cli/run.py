@@ -57,7 +57,7 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
     With --engine ray, INPUT may be a directory or glob of files and OUTPUT is a directory.
     """
     from ..api import failure_summary, run_job
-    from ..engine.summary import format_summary
+    from ..engine.summary_text import format_summary
     from .progress import make_reporter
 
     log_format = params.get("log_format")

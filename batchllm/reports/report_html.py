@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..engine.summary import outside_line
+from ..engine.summary_text import outside_line
 from ..folders import make_folders
 from ..pricing import to_usd as usd
 from . import svg

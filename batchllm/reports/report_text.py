@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.counts import never_paid_twice, plural
-from ..engine.summary import PLAY_MONEY, outside_line
+from ..engine.summary_text import PLAY_MONEY, outside_line
 from ..pricing import format_usd
 from .by_endpoint import endpoint_lines
 from .tables import csv_cell, grid, public, two_columns

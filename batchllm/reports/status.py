@@ -13,7 +13,7 @@ from ..engine.left import AGAIN
 from ..engine.lock import holder
 from ..engine.output import read_summary
 from ..engine.outside import SEEN, Outside
-from ..engine.summary import PLAY_MONEY, prompt_cache_line
+from ..engine.summary_text import PLAY_MONEY, prompt_cache_line
 from ..errors import JobError
 from ..pricing import format_usd, rows_saving
 from .pilot import pilot_journals
