@@ -63,7 +63,10 @@ async def check_servers(job: Job, journal: Journal, endpoint: Endpoint, provider
         for client in clients:
             await stack.enter_async_context(client)
         await refuse_mixed_answers(journal, clients, job.output, job.sandbox)
-    answered = [c.played for c in clients if c.played is not None]
+    # A public host is never the sandbox (as its first answer would say); a server here that did
+    # not answer the question is not known yet.
+    said = [c.played if c.played is not None else None if c.local else False for c in clients]
+    answered = [played for played in said if played is not None]
     if not answered and not job.sandbox:
         return None
     marked: list[bool] = []  # as a local run's first answers mark it (client.watch_played)
