@@ -358,6 +358,18 @@ def test_status_finds_a_journal_kept_elsewhere_with_checkpoint(sandbox, tmp_path
     assert "rows: 5 done (5 ok, 0 error)" in said.stdout
 
 
+def test_sandbox_says_the_endpoint_and_key_file_given_are_not_used(tmp_path: Path) -> None:
+    """--sandbox answers every request: an --endpoint or --api-key-file given beside it is said
+    to be unused (it was ignored in silence)."""
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hi"}])
+    key = tmp_path / "key.txt"
+    key.write_text("not-used\n")
+    result = run_cli(["run", str(src), "-o", str(tmp_path / "o.parquet"), "--sandbox",
+                      "--endpoint", "http://127.0.0.1:9/v1", "--api-key-file", str(key)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "--sandbox answers every request: --endpoint and --api-key-file not used" in result.stderr
+
+
 def test_the_readme_names_only_files_that_ship() -> None:
     text = (ROOT / "README.md").read_text()
     named = set(re.findall(r"(?:sample_data|jobs|docs)/[\w.]+\.\w+", text))

@@ -68,6 +68,10 @@ def run_cmd(ctx: click.Context, input_path: Path | None, **params: Any) -> int:
         _summary_file(params.get("summary_json"), failed)
         return report_error(exc, log_format)
     reporter = make_reporter(job.log_format, job.progress)
+    if job.sandbox and (
+        unused := [f"--{k.replace('_', '-')}" for k in ("endpoint", "api_key_file") if params.get(k)]
+    ):
+        reporter.warning(f"--sandbox answers every request: {' and '.join(unused)} not used")
     try:
         result = run_async(run_job(job, observer=reporter, command=command_line(), handle_signals=True))
     except BatchLLMError as exc:
