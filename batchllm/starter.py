@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .engine.checks import check_unique_ids
+from .engine.checks import check_labeling_clash, check_no_clash, check_unique_ids
 from .engine.counts import plural
 from .errors import JobError
 from .inputs import InputFile
@@ -197,23 +197,34 @@ def draft_job(
 
 
 def _no_clash(input_path: Path, found: Columns, labels: str | None, json_schema: Path | None) -> None:
-    """Refuse a job whose labels would be written over an input column (a gold ``label``, a
-    labeler's own ``sentiment``): ``validate`` would refuse the file init wrote."""
+    """Refuse, as a run would, an input column or a schema field named as a column batchllm
+    writes: ``validate`` would refuse the file init wrote. A gold column (a labeler's ``label``)
+    is told what to be renamed to."""
+    check_no_clash(found.names, str(input_path))
     settings = {"labels": labels} if labels is not None else {"json_schema": json_schema}
     labeling = labeling_from(
         {k: v for k, v in settings.items() if v is not None}, lambda k: f"--{k.replace('_', '-')}"
     )
     if labeling is None:
         return
+    check_labeling_clash(labeling, [], str(input_path))  # the schema's own fields
     own = set(labeling.confidence_columns())  # written only where the provider gives logprobs
     clash = [c.name for c in labeling.columns() if c.name in found.names and c.name not in own]
-    if clash:
-        name = clash[0]
+    if not clash:
+        return
+    name = clash[0]
+    gold = f"(a gold column: to gold_{name}, say; `batchllm eval --gold gold_{name}` scores against it)"
+    if labeling.is_schema and name in {f.name for f in labeling.fields}:
         raise JobError(
-            f"{input_path}: column {name!r} has the name of a column batchllm writes its labels to: "
-            f"rename it in the input (to gold_{name}, say: `batchllm eval --gold gold_{name}` scores "
-            "the labels against it), then run init again"
+            f"{input_path}: column {name!r} has the name of a field of {json_schema}: rename the field, "
+            f"or the column {gold}, then run init again"
         )
+    if name == "label":
+        raise JobError(
+            f"{input_path}: column 'label' has the name of the column batchllm writes its labels to: "
+            f"rename it in the input {gold}, then run init again"
+        )
+    raise JobError(f"{input_path}: column {name!r} has the name of a column batchllm writes; rename it")
 
 
 def _relative(path: Path, start: Path) -> str:

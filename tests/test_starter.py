@@ -137,6 +137,49 @@ def test_a_gold_column_named_as_batchllms_labels_is_refused_before_a_job_validat
     assert run_cli(["validate", str(job)]).exit_code == 0
 
 
+def test_names_batchllm_writes_are_refused_in_a_schema_and_by_init(tmp_path: Path) -> None:
+    """A schema field named as a column batchllm writes (cost_usd, reasks) wrote two columns of
+    one name: a model's cost_usd summed as the cost, `report` a traceback, or a run that paid for
+    every row and could write no output. Refused before anything is sent, by run, validate and
+    init; init also refuses an input column named as an output column, and a schema field named
+    as an input column says to rename the field."""
+    fields = json.loads((ROOT / "sample_data" / "review_fields.json").read_text())
+    data = tmp_path / "rows.csv"
+    data.write_text("id,text\n1,this is great stuff\n2,really bad thing here\n")
+    for name in ("cost_usd", "reasks", "status"):
+        schema = tmp_path / f"{name}.json"
+        schema.write_text(
+            json.dumps({**fields, "properties": {**fields["properties"], name: {"type": "number"}}})
+        )
+        out = tmp_path / f"{name}.parquet"
+        ran = run_cli(["run", str(data), "-o", str(out), "--template", "{text}", "--json-schema", str(schema),
+                       "--sandbox"])  # fmt: skip
+        assert (
+            ran.exit_code == 2 and f"--json-schema: the field {name!r} has the name of a column" in ran.stderr
+        )
+        assert not out.exists() and not out.with_name(out.name + ".batchllm").exists()
+        job = tmp_path / f"{name}.toml"
+        refused = run_cli(["init", str(data), "--json-schema", str(schema), "-o", str(job)])
+        assert refused.exit_code == 2 and f"the field {name!r}" in refused.stderr and not job.exists()
+    (tmp_path / "answered.csv").write_text("id,text,response\n1,this is great stuff,x\n")
+    said = run_cli(["init", str(tmp_path / "answered.csv"), "-o", str(tmp_path / "a.toml")])
+    assert said.exit_code == 2 and "input column 'response' has the name of an output column" in said.stderr
+    (tmp_path / "sentiment.csv").write_text("id,text,sentiment\n1,this is great stuff,positive\n")
+    schema = ROOT / "sample_data" / "review_fields.json"
+    said = run_cli(
+        [
+            "init",
+            str(tmp_path / "sentiment.csv"),
+            "--json-schema",
+            str(schema),
+            "-o",
+            str(tmp_path / "s.toml"),
+        ]
+    )
+    assert said.exit_code == 2 and "'sentiment' has the name of a field of" in said.stderr
+    assert "rename the field, or the column" in said.stderr
+
+
 def test_a_column_of_ready_prompts_is_sent_as_it_is(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("id,prompt\nq1,What is two and two?\nq2,Name a colour of the sky.\n")

@@ -22,11 +22,13 @@ import pyarrow.compute as pc
 from ..errors import JobError
 from ..inputs import InputFile
 from ..job import Job
+from ..labeling.spec import Labeling
 from ..pricing import Model, resolve_model
 from ..prompts import Builder, PromptBuilder, RequestMaker, load_examples
 from ..providers import Provider, get_provider
 from ..records import Message
-from .output import RESULT_NAMES
+from ..review.verdicts import review_fields
+from .output import ENDPOINT_FIELD, RESULT_NAMES
 
 
 @dataclass
@@ -74,7 +76,7 @@ def prepare(job: Job) -> Prepared:
         if job.id_column is not None:
             check_unique_ids(source, job.id_column)
     model = check_model(job, provider)
-    check_labeling_clash(job, source.output_columns, str(job.input))
+    check_labeling_clash(job.labeling, source.output_columns, str(job.input))
     return Prepared(job, provider, model, source, builder, rows, load_examples(job))
 
 
@@ -105,13 +107,25 @@ def check_model(job: Job, provider: Provider) -> Model:
     return model
 
 
-def check_labeling_clash(job: Job, columns: Sequence[str], source: str) -> None:
-    if job.labeling is not None:
-        clash = [c.name for c in job.labeling.columns() if c.name in columns]
-        if clash:
-            raise JobError(
-                f"{source}: input column {clash[0]!r} has the name of a labeling output column; rename it"
-            )
+def check_labeling_clash(labeling: Labeling | None, columns: Sequence[str], source: str) -> None:
+    if labeling is None:
+        return
+    # A schema field named as a column batchllm writes beside it (cost_usd, status, reasks...)
+    # wrote two columns of one name: a model's "cost_usd" summed as the cost, a report that
+    # could not read the file, a run that failed to write its output after paying for it.
+    beside = labeling.columns()[len(labeling.fields) :]  # a schema's own columns come first
+    ours = [*RESULT_NAMES, ENDPOINT_FIELD.name, *(c.name for c in beside)]
+    reviews = [f.name for f in review_fields(labeling)]  # written by `review import`
+    if taken := next((f.name for f in labeling.fields if f.name in ours or f.name in reviews), None):
+        raise JobError(
+            f"--json-schema: the field {taken!r} has the name of a column batchllm writes itself; "
+            f"rename the field (batchllm's columns: {', '.join(dict.fromkeys(ours))}, and review_*)"
+        )
+    clash = [c.name for c in labeling.columns() if c.name in columns]
+    if clash:
+        raise JobError(
+            f"{source}: input column {clash[0]!r} has the name of a labeling output column; rename it"
+        )
 
 
 def check_unique_ids(source: InputFile, column: str) -> None:
@@ -133,7 +147,7 @@ def check_columns(job: Job, columns: Sequence[str], source: str) -> None:
     column. (The local engine builds its prompt builder itself, with a delimiter hint.)"""
     PromptBuilder(job, list(columns), source)
     check_no_clash(columns, source)
-    check_labeling_clash(job, columns, source)
+    check_labeling_clash(job.labeling, columns, source)
 
 
 def check_no_clash(columns: Sequence[str], source: str) -> None:
