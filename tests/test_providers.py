@@ -172,6 +172,11 @@ def test_a_reply_without_usage_is_counted_and_says_so(sandbox_factory, tmp_path:
     )
     assert mini.exit_code == 0, mini.output
     assert "counted their tokens approximately" in mini.output and "their cost is an estimate" in mini.output
+    reported = run_cli(["report", str(guessed)]).output
+    assert (
+        "counted by batchllm (the server reported no usage; approximately: their cost is an estimate)"
+        in reported
+    )
 
 
 def test_unpriced_model_has_null_costs_and_one_warning(sandbox, tmp_path: Path) -> None:

@@ -281,6 +281,8 @@ def build_report(path: Path, by: str | None = None) -> dict[str, Any]:
     if endpoints:
         report["endpoints"] = endpoints
     report["play_money"] = bool(summary.get("play_money"))  # batchllm's sandbox answered
+    if report["overall"]["tokens_counted"]:  # their count is exact only with the model's tokenizer
+        report["overall"]["tokens_counted_exactly"] = (summary.get("tokens") or {}).get("counted_exactly")
     report["cache_saved_usd"] = (summary.get("this_run") or {}).get("cache_saved_usd")
     report["cached_saved_usd"] = _cached_saved(report["overall"]["cached_tokens"], summary)
     if gone := summary.get("outside_input"):  # rows the journal paid for that the output lacks

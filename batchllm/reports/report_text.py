@@ -35,7 +35,12 @@ def _rows(stats: dict[str, Any], _usd: Callable[[str | None], str] = _usd) -> li
             f"{stats['prompt_tokens']:,} prompt + {stats['completion_tokens']:,} completion"
             + (f" ({stats['cached_tokens']:,} prompt tokens cached)" if stats.get("cached_tokens") else "")
             + (
-                f"; tokens of {plural(stats['tokens_counted'], 'reply')} counted by batchllm (the server reported no usage)"
+                f"; tokens of {plural(stats['tokens_counted'], 'reply')} counted by batchllm (the server reported no usage"
+                + (
+                    "; approximately: their cost is an estimate)"
+                    if stats.get("tokens_counted_exactly") is False
+                    else ")"
+                )
                 if stats.get("tokens_counted")
                 else ""
             ),
