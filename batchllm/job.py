@@ -279,7 +279,17 @@ def build_job(
 
     for key, what in (("template", "template"), ("system", "system prompt")):
         if values.get(key) is not None and values.get(f"{key}_file") is not None:
-            raise JobError(f"give {where(key)} or {where(key + '_file')}, not both")
+            flags = {key, f"{key}_file"} & flag_names  # a flag stands over the job file's other key
+            if len(flags) != 1:
+                both = (
+                    f"give --{key} or --{key}-file"
+                    if flags
+                    else f"{job_file}: give key '{key}' or '{key}_file'"
+                )
+                raise JobError(f"{both}, not both")
+            if key in flags:
+                kwargs[key] = PARSERS[key][1](values[key])
+                continue
         if values.get(f"{key}_file") is not None:  # the text is the setting: a changed file is a change
             path = Path(values[f"{key}_file"])
             try:

@@ -505,3 +505,37 @@ def test_a_long_system_prompt_from_a_file_is_sent_whole_and_resumed_by_its_name(
     assert f"--system-file {instruction}" in resume and len(resume) < 600, resume
     both = run_cli([*args, "--system", "hi"], env=box.openai_env())
     assert both.exit_code == 2 and "give --system or --system-file, not both" in both.stderr
+
+
+def test_a_system_flag_stands_over_the_job_files_system_file_and_the_other_way_round(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Flags override a job file's keys: --system-file over its `system`, --system over its
+    `system_file` (refused as "give ... not both", in words naming neither rightly); both keys in
+    one file are refused, naming the file."""
+    box = sandbox_factory(keep_bodies=True)
+    write_csv(tmp_path / "rows.csv", [{"text": "it works"}])
+    (tmp_path / "instruction.txt").write_text("From the file.")
+    for n, (keys, flag, sent) in enumerate(
+        [
+            (
+                'system = "From the job."',
+                ["--system-file", str(tmp_path / "instruction.txt")],
+                "From the file.",
+            ),
+            ('system_file = "instruction.txt"', ["--system", "From the flag."], "From the flag."),
+        ]
+    ):
+        job = tmp_path / f"job{n}.toml"
+        job.write_text(f'input = "rows.csv"\noutput = "o{n}.parquet"\ntemplate = "{{text}}"\n{keys}\n')
+        ran = run_cli(
+            ["run", "--job", str(job), "--rpm", "0", "--provider", "openai", *flag], env=box.openai_env()
+        )
+        assert ran.exit_code == 0, ran.output
+        assert orjson.loads(box.sandbox.bodies[-1])["messages"][0]["content"] == sent
+    both = tmp_path / "both.toml"
+    both.write_text(
+        'input = "rows.csv"\noutput = "b.parquet"\ntemplate = "{text}"\nsystem = "x"\nsystem_file = "instruction.txt"\n'
+    )
+    said = run_cli(["validate", str(both)])
+    assert said.exit_code == 2 and f"{both}: give key 'system' or 'system_file', not both" in said.output
