@@ -356,6 +356,15 @@ def test_status_finds_a_journal_kept_elsewhere_with_checkpoint(sandbox, tmp_path
     said = run_cli(["status", str(out)])
     assert said.exit_code == 0 and f"journal: {kept}" in said.stdout, said.output
     assert "rows: 5 done (5 ok, 0 error)" in said.stdout
+    # A relative --checkpoint, and `status` asked from another folder.
+    rel = spawn(
+        ["run", "in.csv", "-o", "rel.parquet", "--checkpoint", "relck", "--rpm", "0"],
+        env=sandbox.env(),
+        cwd=tmp_path,
+    )
+    assert rel.wait(timeout=60) == 0
+    said = run_cli(["status", str(tmp_path / "rel.parquet")])
+    assert said.exit_code == 0 and f"journal: {tmp_path / 'relck'}" in said.stdout, said.output
 
 
 def test_sandbox_says_the_endpoint_and_key_file_given_are_not_used(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def build_summary(
         "job": job.name,
         "input": str(job.input),
         "output": str(job.output),
-        "checkpoint": str(job.journal_dir),
+        "checkpoint": str(job.journal_dir.absolute()),  # found from anywhere (status OUT)
         "provider": p.provider.name,
         "model": model.name,
         "settings": job.request_settings(),
