@@ -357,3 +357,20 @@ def test_a_server_that_takes_connections_and_never_answers_stops_the_run(
     assert "the server has answered nothing for 3" in result.stderr and took < 60
     assert Counter(pq.read_table(out).column("status").to_pylist()) == {"pending": 300}
     assert summary_of(out)["maybe_billed"]["requests"] > 0
+
+
+def test_a_rerun_counts_the_servers_failures_as_rows_to_send(sandbox_factory, tmp_path: Path) -> None:
+    """Rows the server failed (5xx, --max-attempts 1) are sent again by the next run, without
+    --retry-errors: its header counted them as done ("0 to send (40 already done)", then sent 10)."""
+    src = prompts_csv(tmp_path / "in.csv", 40)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--rpm", "0", "--max-attempts", "1"]
+    flaky = sandbox_factory(fail_5xx=0.3, seed=5)
+    assert run_cli(args, env=flaky.env()).exit_code == 1
+    failed = Counter(pq.read_table(out).column("status").to_pylist())["error"]
+    assert failed > 0
+    good = sandbox_factory()
+    again = run_cli(args, env=good.env())
+    assert again.exit_code == 0, again.output
+    assert f"{failed} to send ({40 - failed} already done)" in again.output, again.output
+    assert good.count() == failed

@@ -24,6 +24,7 @@ from .admission import Admission, Rejection
 from .checks import Prepared
 from .counts import plural
 from .journal import CARRY_ENTRY, RESUME_ATTEMPTS, TRANSIENT, Journal
+from .journal_schema import TRANSIENT_SQL
 from .reuse import Reuse
 
 # Rows made ready at a time. The workers wait while a chunk is prepared (about 5 us a row), so a
@@ -166,8 +167,17 @@ class Plan:
             return sum(len(send) for _, send, _, _ in self._decide(journal, quiet=True))
         counts = journal.counts_before
         done = counts.get("ok", 0) - gone.ok
-        if not self.job.retry_errors:
-            done += counts.get("error", 0) - gone.error + counts.get("invalid", 0) - gone.invalid
+        if not self.job.retry_errors:  # failed rows stay failed, but the server's failures go again
+            transient = journal.conn.execute(
+                f"SELECT COUNT(*) FROM rows WHERE status = 'error' AND {TRANSIENT_SQL}"
+            )
+            done += (
+                counts.get("error", 0)
+                - gone.error
+                - transient.fetchone()[0]
+                + counts.get("invalid", 0)
+                - gone.invalid
+            )
         return max(0, self.p.rows - done)
 
     def items(
