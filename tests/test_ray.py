@@ -115,7 +115,9 @@ def test_ray_run_matches_local_stays_under_the_limit_and_resumes(sandbox_factory
     assert (table["status"] == "ok").all()
 
     arrivals = [t for t, _, _ in limited.log()]
-    assert max_in_window(arrivals, 1.0) <= 101, max_in_window(arrivals, 1.0)
+    # At the limit a 1 s window holds 101 paced departures (both ends), and on loaded cores two
+    # may arrive bunched: the bound is the server's own tolerance, its rate and burst (2).
+    assert max_in_window(arrivals, 1.0) <= 100 + 2, max_in_window(arrivals, 1.0)
     assert max_in_window(arrivals, 60.0) <= 6060
     sent = limited.count()
 
